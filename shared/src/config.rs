@@ -1,0 +1,299 @@
+//! Reading TOML config files so that an operator sees every problem at once.
+//!
+//! serde stops at the first error; an operator fixing a device over a slow
+//! link wants the whole list. A [`Section`] hands out typed values key by
+//! key, records each failure with its key path (`uplink.backoff_max`), and at
+//! [`Section::finish`] reports every key nobody asked for as unknown. The
+//! binaries print the list and exit with status 64 (`EX_USAGE`).
+
+use serde::de::DeserializeOwned;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit status for configuration errors (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`uplink.hub`), or empty for the file as a whole.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file the errors are about.
+    pub file: PathBuf,
+    /// The problems, in the order they were found.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "{}: {n} error{}", self.file.display(), if n == 1 { "" } else { "s" })?;
+        for e in &self.errors {
+            if e.path.is_empty() {
+                write!(f, "\n  - {}", e.message)?;
+            } else {
+                write!(f, "\n  - {}: {}", e.path, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `path` and builds a config from it with `build`, which reads the
+/// document through the given [`Section`].
+pub fn load_file<T>(
+    path: &Path,
+    build: impl FnOnce(&Section<'_>) -> T,
+) -> Result<T, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(path, &text, build),
+        Err(e) => Err(ConfigErrors {
+            file: path.to_owned(),
+            errors: vec![ConfigError { path: String::new(), message: format!("cannot read: {e}") }],
+        }),
+    }
+}
+
+/// Like [`load_file`], on text already read; `file` names it in errors.
+pub fn load_str<T>(
+    file: &Path,
+    text: &str,
+    build: impl FnOnce(&Section<'_>) -> T,
+) -> Result<T, ConfigErrors> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigErrors {
+        file: file.to_owned(),
+        errors: vec![ConfigError {
+            path: String::new(),
+            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+        }],
+    })?;
+    let sink = Sink::default();
+    let root = Section::new(String::new(), &table, &sink);
+    let value = build(&root);
+    root.finish();
+    let errors = sink.0.into_inner();
+    if errors.is_empty() { Ok(value) } else { Err(ConfigErrors { file: file.to_owned(), errors }) }
+}
+
+#[derive(Debug, Default)]
+struct Sink(RefCell<Vec<ConfigError>>);
+
+/// A table of the document, read key by key.
+#[derive(Debug)]
+pub struct Section<'a> {
+    path: String,
+    table: &'a toml::Table,
+    used: RefCell<BTreeSet<String>>,
+    sink: &'a Sink,
+}
+
+impl<'a> Section<'a> {
+    fn new(path: String, table: &'a toml::Table, sink: &'a Sink) -> Self {
+        Section { path, table, used: RefCell::default(), sink }
+    }
+
+    /// The dotted path of `key` in this section.
+    pub fn path_of(&self, key: &str) -> String {
+        if self.path.is_empty() { key.to_owned() } else { format!("{}.{key}", self.path) }
+    }
+
+    /// Records a problem with `key` of this section.
+    pub fn error(&self, key: &str, message: impl Into<String>) {
+        self.sink.0.borrow_mut().push(ConfigError { path: self.path_of(key), message: message.into() });
+    }
+
+    fn take(&self, key: &str) -> Option<&'a toml::Value> {
+        self.used.borrow_mut().insert(key.to_owned());
+        self.table.get(key)
+    }
+
+    /// The value of an optional key; a value of the wrong type is recorded
+    /// and reads as absent.
+    pub fn get<T: FromConfig>(&self, key: &str) -> Option<T> {
+        let value = self.take(key)?;
+        match T::from_config(value) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.error(key, message);
+                None
+            }
+        }
+    }
+
+    /// The value of an optional key, or `default`.
+    pub fn get_or<T: FromConfig>(&self, key: &str, default: T) -> T {
+        self.get(key).unwrap_or(default)
+    }
+
+    /// The value of a required key; a missing key is recorded.
+    pub fn require<T: FromConfig>(&self, key: &str) -> Option<T> {
+        if !self.table.contains_key(key) {
+            self.used.borrow_mut().insert(key.to_owned());
+            self.error(key, "missing required key");
+            return None;
+        }
+        self.get(key)
+    }
+
+    /// A sub-table; absent reads as empty. Call [`Section::finish`] on it.
+    pub fn table(&self, key: &str) -> Section<'a> {
+        static EMPTY: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+        let empty = EMPTY.get_or_init(toml::Table::new);
+        let table = match self.take(key) {
+            None => empty,
+            Some(toml::Value::Table(t)) => t,
+            Some(other) => {
+                self.error(key, format!("expected a table, found {}", other.type_str()));
+                empty
+            }
+        };
+        Section::new(self.path_of(key), table, self.sink)
+    }
+
+    /// Records every key of this section that was never read as unknown.
+    pub fn finish(&self) {
+        let used = self.used.borrow();
+        for key in self.table.keys().filter(|k| !used.contains(*k)) {
+            self.error(key, "unknown key");
+        }
+    }
+
+    /// Records `message` against `key` unless `ok`.
+    pub fn check(&self, key: &str, ok: bool, message: &str) {
+        if !ok {
+            self.error(key, message);
+        }
+    }
+}
+
+/// A type a config value can be read as. The error is the message shown to
+/// the operator.
+pub trait FromConfig: Sized {
+    /// Converts one TOML value.
+    fn from_config(value: &toml::Value) -> Result<Self, String>;
+}
+
+/// Plain serde types (strings, numbers, booleans, lists, enums).
+macro_rules! via_serde {
+    ($($t:ty),*) => {$(
+        impl FromConfig for $t {
+            fn from_config(value: &toml::Value) -> Result<Self, String> {
+                serde_value(value)
+            }
+        }
+    )*};
+}
+via_serde!(String, bool, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf);
+
+fn serde_value<T: DeserializeOwned>(value: &toml::Value) -> Result<T, String> {
+    value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_owned())
+}
+
+/// Durations are written the humantime way: `"30s"`, `"5m"`, `"1h 30m"`.
+impl FromConfig for Duration {
+    fn from_config(value: &toml::Value) -> Result<Self, String> {
+        let text = value
+            .as_str()
+            .ok_or_else(|| format!("expected a duration such as \"30s\", found {}", value.type_str()))?;
+        humantime::parse_duration(text)
+            .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\""))
+    }
+}
+
+/// Sizes: a whole number of bytes, or a string with a unit (`"64 MiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromConfig for ByteSize {
+    fn from_config(value: &toml::Value) -> Result<Self, String> {
+        if let Some(n) = value.as_integer() {
+            return u64::try_from(n).map(ByteSize).map_err(|_| "a size cannot be negative".into());
+        }
+        let text = value
+            .as_str()
+            .ok_or_else(|| format!("expected a size such as \"64 MiB\", found {}", value.type_str()))?;
+        parse_size(text).map(ByteSize).ok_or_else(|| {
+            format!("invalid size {text:?}; write e.g. 1048576, \"512 KiB\", \"64 MiB\", \"1 GiB\"")
+        })
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Demo {
+        name: Option<String>,
+        timeout: Duration,
+        hub: Option<String>,
+        max: ByteSize,
+    }
+
+    fn build(root: &Section<'_>) -> Demo {
+        let net = root.table("net");
+        let demo = Demo {
+            name: root.get("name"),
+            timeout: net.get_or("timeout", Duration::from_secs(5)),
+            hub: net.require("hub"),
+            max: net.get_or("max", ByteSize(1)),
+        };
+        net.finish();
+        demo
+    }
+
+    #[test]
+    fn reads_a_good_document() {
+        let text = "name = \"a\"\n[net]\nhub = \"h:1\"\ntimeout = \"1m 30s\"\nmax = \"2 MiB\"\n";
+        let d = load_str(Path::new("x.toml"), text, build).unwrap();
+        assert_eq!(d.name.as_deref(), Some("a"));
+        assert_eq!(d.timeout, Duration::from_secs(90));
+        assert_eq!(d.hub.as_deref(), Some("h:1"));
+        assert_eq!(d.max, ByteSize(2 << 20));
+    }
+
+    #[test]
+    fn reports_every_error_with_its_path() {
+        let text = "nmae = \"a\"\nname = 5\n[net]\ntimeout = \"3 fortnights\"\nmax = \"big\"\n";
+        let err = load_str(Path::new("x.toml"), text, build).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["name", "net.timeout", "net.hub", "net.max", "nmae"], "{err}");
+        let shown = err.to_string();
+        assert!(shown.starts_with("x.toml: 5 errors"), "{shown}");
+        assert!(shown.contains("net.hub: missing required key"), "{shown}");
+        assert!(shown.contains("nmae: unknown key"), "{shown}");
+        assert!(shown.contains("invalid duration \"3 fortnights\""), "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let err = load_str(Path::new("x.toml"), "name = ", build).unwrap_err();
+        assert_eq!(err.errors.len(), 1);
+        assert!(err.errors[0].message.contains("not valid TOML"));
+    }
+}

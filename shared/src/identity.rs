@@ -1,0 +1,127 @@
+//! Identities: device ids as the hub assigns them and certificate
+//! fingerprints as enrollment tokens pin them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The TLS server name every hub certificate carries. Agents verify the hub
+/// against the fleet CA under this name, whatever address they dial.
+pub const HUB_SERVER_NAME: &str = "hub.outpost.invalid";
+
+/// ALPN protocol id of the Outpost QUIC protocol.
+pub const ALPN: &[u8] = b"outpost/1";
+
+/// A device's id, assigned by the hub at enrollment and carried in the
+/// device certificate's common name. Lowercase ASCII letters, digits and
+/// `-`, 1 to 64 characters, so it is safe in file names, URLs and MQTT
+/// topics.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+/// Why a string is not a valid device id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid device id {0:?}: expected 1-64 characters of a-z, 0-9 and '-'")]
+pub struct InvalidDeviceId(pub String);
+
+impl DeviceId {
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Makes a fresh random id (`dev-` and 16 hex digits) from 8 random bytes.
+    pub fn from_random(bytes: [u8; 8]) -> Self {
+        DeviceId(format!("dev-{}", hex(&bytes)))
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = InvalidDeviceId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok { Ok(DeviceId(s.to_owned())) } else { Err(InvalidDeviceId(s.to_owned())) }
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = InvalidDeviceId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(id: DeviceId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// SHA-256 of a certificate's DER encoding. Shown as `sha256:` and 64 hex
+/// digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a DER-encoded certificate.
+    pub fn of_der(der: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        Fingerprint(out)
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex(&self.0))
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_are_validated() {
+        assert!("dev-0123abcd".parse::<DeviceId>().is_ok());
+        for bad in ["", "Dev-1", "a/b", "a b", &"x".repeat(65)] {
+            assert!(bad.parse::<DeviceId>().is_err(), "{bad:?} accepted");
+        }
+        let id = DeviceId::from_random([0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3]);
+        assert_eq!(id.as_str(), "dev-deadbeef00010203");
+    }
+
+    #[test]
+    fn device_id_deserialization_validates() {
+        let bytes = postcard::to_stdvec(&"../etc".to_string()).unwrap();
+        assert!(postcard::from_bytes::<DeviceId>(&bytes).is_err());
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_hex() {
+        // SHA-256 of the empty string.
+        assert_eq!(
+            Fingerprint::of_der(b"").to_string(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

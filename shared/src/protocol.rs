@@ -1,0 +1,288 @@
+//! The one envelope every Outpost peer exchanges, and its messages.
+//!
+//! An envelope is `postcard(version: u16, message: Message)`. The version is
+//! decoded first, on its own, so a peer speaking a version we do not know is
+//! told apart from a corrupt frame. Framing (length prefixes and the size
+//! limit) is in [`crate::frame`]. The byte layout is documented in
+//! `docs/PROTOCOL.md` and pinned by the golden vectors in the tests below.
+//!
+//! Conversation on a QUIC control stream:
+//! - enrollment (no client certificate yet): `Enroll` → `Enrolled` | `Refused`;
+//! - session (client certificate from the fleet CA): `Hello` → `Welcome` |
+//!   `Refused`, then `Heartbeat` and `Telemetry` from the agent.
+
+use crate::identity::DeviceId;
+use crate::telemetry::Sample;
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A versioned message, as carried in one frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version of the sender; always [`PROTOCOL_VERSION`] when made
+    /// by [`Envelope::new`].
+    pub version: u16,
+    /// The message itself.
+    pub message: Message,
+}
+
+/// Every message of the protocol. New variants are only ever appended, so
+/// existing discriminants keep their encoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Agent → hub, on a connection without a client certificate: redeem an
+    /// enrollment token for a certificate.
+    Enroll(EnrollRequest),
+    /// Hub → agent: the signed certificate.
+    Enrolled(Enrolled),
+    /// Agent → hub: first message of a session.
+    Hello(Hello),
+    /// Hub → agent: the session is accepted.
+    Welcome(Welcome),
+    /// Either side: the request is refused; the connection closes after it.
+    Refused(Refusal),
+    /// Agent → hub: liveness, sent every heartbeat interval.
+    Heartbeat(Heartbeat),
+    /// Agent → hub: one telemetry sample.
+    Telemetry(Sample),
+}
+
+/// Redeems an enrollment token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The token as the operator got it from `outpost-hub token create`.
+    pub token: String,
+    /// PKCS#10 certificate signing request (DER) for a key made on the device.
+    pub csr_der: Vec<u8>,
+    /// Human-readable name the device asks for (its hostname by default).
+    pub name: String,
+}
+
+/// The hub's answer to a valid [`EnrollRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The id the hub assigned; also the certificate's common name.
+    pub device_id: DeviceId,
+    /// The device certificate (DER), signed by the fleet CA.
+    pub cert_der: Vec<u8>,
+    /// The fleet CA certificate (DER).
+    pub ca_der: Vec<u8>,
+}
+
+/// Opens a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's software version.
+    pub agent_version: String,
+    /// The device's human-readable name.
+    pub name: String,
+    /// When this agent process started.
+    pub started_at: Timestamp,
+}
+
+/// Accepts a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The device id the hub read from the client certificate.
+    pub device_id: DeviceId,
+    /// The hub's software version.
+    pub hub_version: String,
+    /// The hub's clock when it answered.
+    pub server_time: Timestamp,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The enrollment token is not one this hub issued, or is damaged.
+    UnknownToken,
+    /// The enrollment token's lifetime is over.
+    ExpiredToken,
+    /// The enrollment token has been redeemed as often as it allows.
+    UsedUpToken,
+    /// The certificate signing request could not be used.
+    BadCsr,
+    /// A message arrived that is not valid at this point of the conversation.
+    UnexpectedMessage,
+    /// The device is not (or no longer) registered.
+    UnknownDevice,
+    /// The hub failed internally; the request may be retried later.
+    Internal,
+}
+
+/// A refusal with a human-readable explanation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Machine-readable reason.
+    pub reason: RefusalReason,
+    /// What an operator should read.
+    pub message: String,
+}
+
+/// Liveness signal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The agent's clock when it was sent.
+    pub at: Timestamp,
+}
+
+/// Why bytes could not be read as an envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The peer speaks a protocol version this build does not know.
+    #[error("unsupported protocol version {got} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion {
+        /// The version the peer sent.
+        got: u16,
+    },
+    /// The bytes are not a valid envelope.
+    #[error("malformed envelope: {0}")]
+    Malformed(#[source] postcard::Error),
+    /// A valid envelope was followed by extra bytes.
+    #[error("malformed envelope: {0} trailing bytes")]
+    TrailingBytes(usize),
+}
+
+impl Envelope {
+    /// Wraps `message` in an envelope of the current version.
+    pub fn new(message: Message) -> Self {
+        Envelope { version: PROTOCOL_VERSION, message }
+    }
+
+    /// Encodes the envelope (without a frame header).
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing into a Vec cannot fail for these types: every field is
+        // plain data with a known length.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes one envelope that must fill `bytes` exactly.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let (version, rest) =
+            postcard::take_from_bytes::<u16>(bytes).map_err(ProtocolError::Malformed)?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::UnsupportedVersion { got: version });
+        }
+        let (message, rest) =
+            postcard::take_from_bytes::<Message>(rest).map_err(ProtocolError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(ProtocolError::TrailingBytes(rest.len()));
+        }
+        Ok(Envelope { version, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{DiskSample, NetSample};
+
+    fn hexs(bytes: &[u8]) -> String {
+        crate::identity::hex(bytes)
+    }
+
+    fn sample() -> Sample {
+        Sample {
+            at: Timestamp(1_700_000_000_000),
+            cpu_percent: 12.5,
+            mem_used_bytes: 512 << 20,
+            mem_total_bytes: 2048 << 20,
+            swap_used_bytes: 0,
+            load: [0.5, 0.25, 0.125],
+            uptime_secs: 3600,
+            disks: vec![DiskSample { mount: "/".into(), used_bytes: 10, total_bytes: 20 }],
+            net: vec![NetSample { iface: "eth0".into(), rx_bytes: 1, tx_bytes: 2 }],
+            temperatures: vec![],
+        }
+    }
+
+    /// Golden vectors: the exact bytes of one envelope per message kind. If
+    /// one of these changes, the wire format changed: bump
+    /// [`PROTOCOL_VERSION`] and update `docs/PROTOCOL.md`.
+    #[test]
+    fn golden_vectors() {
+        let id: DeviceId = "dev-01".parse().unwrap();
+        let cases: Vec<(Message, &str)> = vec![
+            (
+                Message::Enroll(EnrollRequest {
+                    token: "t".into(),
+                    csr_der: vec![0xAA],
+                    name: "n".into(),
+                }),
+                "0100017401aa016e",
+            ),
+            (
+                Message::Enrolled(Enrolled {
+                    device_id: id.clone(),
+                    cert_der: vec![1],
+                    ca_der: vec![2],
+                }),
+                "0101066465762d303101010102",
+            ),
+            (
+                Message::Hello(Hello {
+                    agent_version: "0.1".into(),
+                    name: "gw".into(),
+                    started_at: Timestamp(1),
+                }),
+                "010203302e3102677701",
+            ),
+            (
+                Message::Welcome(Welcome {
+                    device_id: id,
+                    hub_version: "0.1".into(),
+                    server_time: Timestamp(300),
+                }),
+                "0103066465762d303103302e31ac02",
+            ),
+            (
+                Message::Refused(Refusal {
+                    reason: RefusalReason::ExpiredToken,
+                    message: "x".into(),
+                }),
+                "0104010178",
+            ),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "010502"),
+            (
+                Message::Telemetry(sample()),
+                "010680d095ffbc310000484180808080028080808008000000\
+                 003f0000803e0000003e901c01012f0a14010465746830010200",
+            ),
+        ];
+        for (message, golden) in cases {
+            let env = Envelope::new(message);
+            let bytes = env.encode();
+            if std::env::var_os("PRINT_GOLDEN").is_some() {
+                eprintln!("{}", hexs(&bytes));
+            }
+            assert_eq!(hexs(&bytes), golden, "encoding of {:?}", env.message);
+            assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_told_apart_from_garbage() {
+        let mut bytes = Envelope::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })).encode();
+        bytes[0] = 9;
+        assert!(matches!(
+            Envelope::decode(&bytes),
+            Err(ProtocolError::UnsupportedVersion { got: 9 })
+        ));
+        assert!(matches!(Envelope::decode(&[1, 0xEE]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(Envelope::decode(&[]), Err(ProtocolError::Malformed(_))));
+    }
+
+    #[test]
+    fn truncated_and_padded_envelopes_are_rejected() {
+        let bytes = Envelope::new(Message::Telemetry(sample())).encode();
+        for cut in 0..bytes.len() {
+            assert!(Envelope::decode(&bytes[..cut]).is_err(), "accepted a cut at {cut}");
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(matches!(Envelope::decode(&padded), Err(ProtocolError::TrailingBytes(1))));
+    }
+}
