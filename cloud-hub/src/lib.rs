@@ -1,1 +1,150 @@
+//! The Outpost hub: fleet registry, enrollment CA, QUIC endpoint for agents
+//! and HTTP API for fleet managers.
+//!
+//! Data flow: agents dial the QUIC endpoint ([`quic`]); enrollment redeems a
+//! token ([`enroll`]) for a certificate from the fleet CA ([`ca`]); sessions
+//! update [`fleet::Fleet`], which keeps presence in memory and facts in the
+//! sled [`store`]. The HTTP API ([`http`]) reads the same `Fleet`.
+//! [`client`] is the API client `outpostctl` and the demo use.
 
+pub mod api;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod enroll;
+pub mod fleet;
+pub mod http;
+pub mod quic;
+pub mod store;
+
+use crate::ca::FleetCa;
+use crate::config::HubConfig;
+use crate::fleet::Fleet;
+use crate::quic::QuicContext;
+use crate::store::{ApiToken, Role, Store};
+use base64::Engine;
+use outpost_shared::fsutil::write_atomic;
+use outpost_shared::time::Timestamp;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Errors starting or initialising a hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The CA could not be made or loaded.
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The enrollment key could not be made or read.
+    #[error(transparent)]
+    Token(#[from] enroll::TokenCreateError),
+    /// The QUIC endpoint could not be configured.
+    #[error(transparent)]
+    QuicSetup(#[from] quic::QuicSetupError),
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HubError {
+    let what = what.into();
+    move |source| HubError::Io { what, source }
+}
+
+/// Initialises a data dir: fleet CA, enrollment key, store, and a first
+/// admin API token, which is returned (and stored only as a hash).
+pub fn init(data_dir: &Path) -> Result<String, HubError> {
+    std::fs::create_dir_all(data_dir).map_err(io(format!("create {}", data_dir.display())))?;
+    FleetCa::init(data_dir)?;
+    enroll::init_key(data_dir).map_err(io("write enroll.key"))?;
+    let store = Store::open(data_dir)?;
+    let mut secret = [0u8; 32];
+    rand::fill(&mut secret[..]);
+    let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+    let record = ApiToken { role: Role::Admin, name: "initial admin".into(), created_at: Timestamp::now() };
+    store.put_api_token(&http::token_hash(&token), &record)?;
+    Ok(token)
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct RunningHub {
+    /// Where the QUIC endpoint listens.
+    pub quic_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    shutdown: CancellationToken,
+    quic_task: tokio::task::JoinHandle<()>,
+    http: actix_web::dev::ServerHandle,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Store,
+}
+
+/// Starts a hub. Must be called inside an actix System running on a tokio
+/// runtime (see `outpost-hub serve`).
+pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
+    let data_dir = &config.data_dir;
+    let ca = FleetCa::load(data_dir)?;
+    let token_key = enroll::load_key(data_dir)?;
+    let store = Store::open(data_dir)?;
+    let fleet = Arc::new(Fleet::new(store.clone(), config.heartbeat_timeout));
+
+    let server_config = quic::server_config(&ca, config.quic.idle_timeout)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
+        .map_err(io(format!("bind QUIC on {}", config.quic.listen)))?;
+    let quic_addr = endpoint.local_addr().map_err(io("read QUIC address"))?;
+    let advertise = config.quic.advertise.clone().unwrap_or_else(|| quic_addr.to_string());
+    write_atomic(&data_dir.join(enroll::ADVERTISE_FILE), advertise.as_bytes(), 0o644)
+        .map_err(io("record the advertised address"))?;
+
+    let ctx = Arc::new(QuicContext { fleet: fleet.clone(), ca, token_key, max_frame: config.quic.max_frame });
+    let shutdown = CancellationToken::new();
+    let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
+
+    let routes_fleet = fleet.clone();
+    let server = actix_web::HttpServer::new(move || actix_web::App::new().configure(http::routes(routes_fleet.clone())))
+        .workers(config.http.workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(config.http.listen)
+        .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
+    let http_addr = server.addrs().first().copied().ok_or_else(|| HubError::Io {
+        what: "bind HTTP".into(),
+        source: std::io::Error::other("no address bound"),
+    })?;
+    let server = server.run();
+    let http = server.handle();
+    let http_task = tokio::spawn(server);
+    tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, "Hub serving.");
+    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, http, http_task, store })
+}
+
+impl RunningHub {
+    /// Stops accepting, closes sessions, stops the API and flushes the store,
+    /// within about `limit`.
+    pub async fn stop(self, limit: Duration) {
+        self.shutdown.cancel();
+        let stop = async {
+            self.http.stop(true).await;
+            let _ = self.http_task.await;
+            let _ = self.quic_task.await;
+        };
+        if tokio::time::timeout(limit, stop).await.is_err() {
+            tracing::warn!("Hub shutdown exceeded its time limit.");
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "Final store flush failed.");
+        }
+    }
+}

@@ -1,1 +1,123 @@
-fn main() {}
+//! `outpost-hub`: initialise a data dir, make enrollment tokens, serve.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_hub::config::HubConfig;
+use outpost_shared::config::EXIT_CONFIG;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "outpost-hub", version, about = "Outpost cloud hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the fleet CA and a first admin API token in a new data dir.
+    Init {
+        /// The hub's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Serve agents (QUIC) and the API (HTTP).
+    Serve {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file without starting.
+    Validate {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new enrollment token.
+    Create {
+        /// The hub's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long the token stays valid (e.g. 1h, 7d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// host:port devices dial; default: the address `serve` recorded.
+        #[arg(long)]
+        hub_addr: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init { data_dir } => report(init(&data_dir)),
+        Command::Token { command: TokenCommand::Create { data_dir, ttl, uses, hub_addr } } => {
+            report(outpost_hub::enroll::create_token(&data_dir, ttl, uses, hub_addr).map(|t| println!("{t}")).map_err(Into::into))
+        }
+        Command::Validate { config } => match HubConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => config_failure(&errors),
+        },
+        Command::Serve { config } => match HubConfig::load(&config) {
+            Ok(config) => report(serve(config)),
+            Err(errors) => config_failure(&errors),
+        },
+    }
+}
+
+fn config_failure(errors: &outpost_shared::config::ConfigErrors) -> ExitCode {
+    eprintln!("{errors}");
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpost-hub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let token = outpost_hub::init(data_dir)?;
+    println!("Initialised {}.", data_dir.display());
+    println!("Admin API token (shown once, stored only as a hash):");
+    println!("{token}");
+    Ok(())
+}
+
+fn serve(config: HubConfig) -> anyhow::Result<()> {
+    outpost_shared::logging::init(&config.log);
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"))
+    });
+    system.block_on(async move {
+        let hub = outpost_hub::start(&config).await.context("hub failed to start")?;
+        outpost_shared::logging::wait_for_signal().await;
+        tracing::info!("Shutting down.");
+        hub.stop(Duration::from_secs(10)).await;
+        Ok(())
+    })
+}

@@ -9,9 +9,12 @@
 
 pub mod config;
 pub mod frame;
+pub mod fsutil;
 pub mod identity;
 #[cfg(feature = "io")]
 pub mod io;
+#[cfg(feature = "io")]
+pub mod logging;
 pub mod protocol;
 pub mod telemetry;
 pub mod time;

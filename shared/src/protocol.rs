@@ -146,6 +146,21 @@ pub enum ProtocolError {
     TrailingBytes(usize),
 }
 
+impl Message {
+    /// The variant's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Enroll(_) => "Enroll",
+            Message::Enrolled(_) => "Enrolled",
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Refused(_) => "Refused",
+            Message::Heartbeat(_) => "Heartbeat",
+            Message::Telemetry(_) => "Telemetry",
+        }
+    }
+}
+
 impl Envelope {
     /// Wraps `message` in an envelope of the current version.
     pub fn new(message: Message) -> Self {

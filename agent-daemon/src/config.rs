@@ -1,0 +1,145 @@
+//! The agent's config file (TOML). `configs/agent.toml` is the annotated
+//! reference; every key there is read here.
+
+use outpost_shared::config::{ByteSize, ConfigErrors, Section, load_file, load_str};
+use outpost_shared::frame::DEFAULT_MAX_FRAME;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Identity (key, certificates) and local state. Required.
+    pub data_dir: PathBuf,
+    /// Name shown in the fleet. Default: the host name.
+    pub name: Option<String>,
+    /// Link to the hub.
+    pub uplink: UplinkConfig,
+    /// Telemetry sampling.
+    pub telemetry: TelemetryConfig,
+    /// Log filter. Default `info`.
+    pub log: String,
+}
+
+/// `[uplink]`
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// `host:port` of the hub's QUIC endpoint. Default: the address in the
+    /// enrollment token.
+    pub hub: Option<String>,
+    /// Give up a connection attempt after this long. Default 10s.
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles per failure, with full jitter.
+    /// Default 500ms.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay. Default 30s.
+    pub backoff_max: Duration,
+    /// Heartbeat interval while connected. Default 5s.
+    pub heartbeat: Duration,
+    /// QUIC keep-alive interval. Default 5s.
+    pub keepalive: Duration,
+    /// Drop a silent connection after this long. Default 30s.
+    pub idle_timeout: Duration,
+    /// Hard maximum frame size. Default 1 MiB.
+    pub max_frame: usize,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Sampling interval. Default 10s.
+    pub interval: Duration,
+    /// Samples kept while the hub is unreachable; the oldest are dropped
+    /// first. Default 360.
+    pub queue: usize,
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file, reporting every problem.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        load_file(path, Self::read)
+    }
+
+    /// Reads and validates config text; `file` names it in errors.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        load_str(file, text, Self::read)
+    }
+
+    /// Defaults for an agent whose state lives in `data_dir`.
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        let path = Path::new("<defaults>");
+        let text = format!("data_dir = {:?}", data_dir.display().to_string());
+        // The defaults plus one valid key always read cleanly.
+        Self::parse(path, &text).unwrap_or_else(|e| panic!("built-in defaults are invalid: {e}"))
+    }
+
+    fn read(root: &Section<'_>) -> Self {
+        let uplink = root.table("uplink");
+        let telemetry = root.table("telemetry");
+        let transport: String = uplink.get_or("transport", "quic".to_owned());
+        uplink.check("transport", transport == "quic", "unknown transport; this build supports \"quic\"");
+        let config = AgentConfig {
+            data_dir: root.require("data_dir").unwrap_or_default(),
+            name: root.get("name"),
+            uplink: UplinkConfig {
+                hub: uplink.get("hub"),
+                connect_timeout: uplink.get_or("connect_timeout", Duration::from_secs(10)),
+                backoff_initial: uplink.get_or("backoff_initial", Duration::from_millis(500)),
+                backoff_max: uplink.get_or("backoff_max", Duration::from_secs(30)),
+                heartbeat: uplink.get_or("heartbeat", Duration::from_secs(5)),
+                keepalive: uplink.get_or("keepalive", Duration::from_secs(5)),
+                idle_timeout: uplink.get_or("idle_timeout", Duration::from_secs(30)),
+                max_frame: uplink.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
+            },
+            telemetry: TelemetryConfig {
+                interval: telemetry.get_or("interval", Duration::from_secs(10)),
+                queue: telemetry.get_or("queue", 360usize),
+            },
+            log: root.get_or("log", "info".to_owned()),
+        };
+        let u = &config.uplink;
+        for (key, value) in [
+            ("connect_timeout", u.connect_timeout),
+            ("backoff_initial", u.backoff_initial),
+            ("heartbeat", u.heartbeat),
+            ("keepalive", u.keepalive),
+        ] {
+            uplink.check(key, !value.is_zero(), "must be more than zero");
+        }
+        uplink.check("backoff_max", u.backoff_max >= u.backoff_initial, "must not be less than backoff_initial");
+        uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
+        uplink.check("max_frame", (1024..=64 << 20).contains(&u.max_frame), "must be between 1 KiB and 64 MiB");
+        if let Some(name) = &config.name {
+            root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
+        }
+        telemetry.check("interval", config.telemetry.interval >= Duration::from_millis(100), "must be at least 100ms");
+        telemetry.check("queue", config.telemetry.queue >= 1, "must be at least 1");
+        uplink.finish();
+        telemetry.finish();
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = AgentConfig::with_data_dir("/tmp/x".into());
+        assert_eq!(c.uplink.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.telemetry.interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_bad_duration_and_missing_field_are_all_reported() {
+        let text = "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
+        let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["data_dir", "uplink.heartbeat", "telemetry.interval", "uplink.hubb"],
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! A small blocking client of the hub's HTTP API, and the fleet table both
+//! `outpostctl` and the demo print.
+
+use crate::api::{ApiError, DeviceView};
+use std::time::Duration;
+
+/// Errors talking to the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The hub could not be reached or answered garbage.
+    #[error("request to {url} failed: {source}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// The cause.
+        source: Box<ureq::Error>,
+    },
+    /// The hub answered with an error status.
+    #[error("{url}: HTTP {status}: {message}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The hub's explanation.
+        message: String,
+    },
+}
+
+/// API client for one hub and one bearer token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the hub at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str, token: &str) -> Self {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build();
+        Client { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), agent: config.into() }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let message = response
+                .body_mut()
+                .read_json::<ApiError>()
+                .map(|e| e.error)
+                .unwrap_or_else(|_| "no explanation".into());
+            return Err(ClientError::Status { url, status, message });
+        }
+        response.body_mut().read_json().map_err(transport)
+    }
+
+    /// `GET /api/v1/devices`
+    pub fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
+        self.get("/api/v1/devices")
+    }
+
+    /// `GET /api/v1/devices/{id}`
+    pub fn device(&self, id: &str) -> Result<DeviceView, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}"))
+    }
+}
+
+/// The fleet as a text table: id, name, online, last seen, version, CPU %,
+/// memory %.
+pub fn render_table(devices: &[DeviceView]) -> String {
+    let rows: Vec<[String; 7]> = devices
+        .iter()
+        .map(|d| {
+            [
+                d.id.clone(),
+                d.name.clone(),
+                if d.online { "yes".into() } else { "no".into() },
+                d.last_seen.clone().unwrap_or_else(|| "never".into()),
+                d.agent_version.clone().unwrap_or_else(|| "-".into()),
+                d.cpu_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.mem_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+            ]
+        })
+        .collect();
+    let header = ["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let d = DeviceView {
+            id: "dev-1".into(),
+            name: "gateway-long-name".into(),
+            online: true,
+            connected: true,
+            last_seen: Some("2026-11-21T05:00:00Z".into()),
+            last_seen_ms: Some(1),
+            agent_version: Some("0.1.0".into()),
+            enrolled_at: "2026-11-21T04:00:00Z".into(),
+            address: None,
+            cpu_percent: Some(3.14159),
+            mem_percent: None,
+            telemetry: None,
+        };
+        let table = render_table(&[d]);
+        let lines: Vec<_> = table.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("ID     NAME               ONLINE"), "{table}");
+        assert!(lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'), "{table}");
+    }
+}

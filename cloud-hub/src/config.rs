@@ -1,0 +1,127 @@
+//! The hub's config file (TOML). See `configs/hub.toml` for the annotated
+//! reference; every key there is read here.
+
+use outpost_shared::config::{ByteSize, ConfigErrors, Section, load_file, load_str};
+use outpost_shared::frame::DEFAULT_MAX_FRAME;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Where the CA, enrollment key and database live. Required.
+    pub data_dir: PathBuf,
+    /// QUIC endpoint for agents.
+    pub quic: QuicConfig,
+    /// HTTP API.
+    pub http: HttpConfig,
+    /// A device is shown offline when nothing arrived from it for this long.
+    /// Default 15s.
+    pub heartbeat_timeout: Duration,
+    /// Log filter (`info`, `outpost_hub=debug`, ...). Default `info`.
+    pub log: String,
+}
+
+/// `[quic]`
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// Address to bind. Default `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// `host:port` agents dial, written into enrollment tokens. Default: the
+    /// bound address.
+    pub advertise: Option<String>,
+    /// Hard maximum frame size. Default 1 MiB.
+    pub max_frame: usize,
+    /// Close a connection silent for this long. Default 30s.
+    pub idle_timeout: Duration,
+}
+
+/// `[http]`
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Address to bind. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Worker threads. Default 2.
+    pub workers: usize,
+}
+
+impl HubConfig {
+    /// Reads and validates a config file, reporting every problem.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        load_file(path, Self::read)
+    }
+
+    /// Reads and validates config text; `file` names it in errors.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        load_str(file, text, Self::read)
+    }
+
+    /// Defaults for a hub whose state lives in `data_dir`, listening on
+    /// loopback ports the OS picks (tests, the demo).
+    pub fn ephemeral(data_dir: PathBuf) -> Self {
+        HubConfig {
+            data_dir,
+            quic: QuicConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
+                max_frame: DEFAULT_MAX_FRAME,
+                idle_timeout: Duration::from_secs(30),
+            },
+            http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
+            heartbeat_timeout: Duration::from_secs(15),
+            log: "info".into(),
+        }
+    }
+
+    fn read(root: &Section<'_>) -> Self {
+        let quic = root.table("quic");
+        let http = root.table("http");
+        let fleet = root.table("fleet");
+        let config = HubConfig {
+            data_dir: root.require("data_dir").unwrap_or_default(),
+            quic: QuicConfig {
+                listen: socket_addr(&quic, "listen", "0.0.0.0:7443"),
+                advertise: quic.get("advertise"),
+                max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
+                idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
+            },
+            http: HttpConfig {
+                listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
+                workers: http.get_or("workers", 2usize),
+            },
+            heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
+            log: root.get_or("log", "info".to_owned()),
+        };
+        quic.check("max_frame", (1024..=64 << 20).contains(&config.quic.max_frame), "must be between 1 KiB and 64 MiB");
+        quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
+        http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
+        fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
+        for s in [quic, http, fleet] {
+            s.finish();
+        }
+        config
+    }
+}
+
+/// Reads a socket address, recording a parse failure against `key`.
+fn socket_addr(section: &Section<'_>, key: &str, default: &str) -> SocketAddr {
+    let text: String = section.get_or(key, default.to_owned());
+    text.parse().unwrap_or_else(|_| {
+        section.error(key, format!("invalid socket address {text:?}; write e.g. \"0.0.0.0:7443\""));
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_listed() {
+        let text = "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
+        let err = HubConfig::parse(Path::new("hub.toml"), text).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["data_dir", "quic.listen", "quic.idle_timeout", "http.workers", "extra"], "{err}");
+    }
+}

@@ -1,0 +1,99 @@
+//! Live fleet state: the durable store plus who is connected right now.
+//!
+//! Presence (last message time, current connection) is kept in memory and
+//! updated on every message; the store keeps the durable facts and is
+//! updated on hello and on telemetry. A device is *online* when something
+//! arrived from it within the heartbeat timeout, so a device that vanished
+//! without closing its connection (power cut, SIGKILL) turns offline after
+//! that timeout, not after QUIC's idle timeout.
+
+use crate::api::DeviceView;
+use crate::store::{DeviceRecord, Store, StoreError};
+use outpost_shared::DeviceId;
+use outpost_shared::time::Timestamp;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Close code sent to a connection replaced by a newer one of the same device.
+pub const CLOSE_REPLACED: u32 = 3;
+
+#[derive(Debug)]
+struct Presence {
+    last_seen: Timestamp,
+    connection: Option<quinn::Connection>,
+}
+
+/// Fleet state shared by the QUIC endpoint and the HTTP API.
+#[derive(Debug)]
+pub struct Fleet {
+    store: Store,
+    presence: Mutex<HashMap<DeviceId, Presence>>,
+    heartbeat_timeout: Duration,
+}
+
+impl Fleet {
+    /// Fleet state over `store`.
+    pub fn new(store: Store, heartbeat_timeout: Duration) -> Self {
+        Fleet { store, presence: Mutex::default(), heartbeat_timeout }
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Presence>> {
+        // A panic while holding this lock leaves plain data behind; keep going.
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A device opened a session on `connection`; an older connection of the
+    /// same device is closed.
+    pub fn connected(&self, id: &DeviceId, connection: quinn::Connection) {
+        let old = self.presence().insert(
+            id.clone(),
+            Presence { last_seen: Timestamp::now(), connection: Some(connection) },
+        );
+        if let Some(old) = old.and_then(|p| p.connection) {
+            old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
+        }
+    }
+
+    /// The session on `connection` ended.
+    pub fn disconnected(&self, id: &DeviceId, connection: &quinn::Connection) {
+        if let Some(p) = self.presence().get_mut(id) {
+            if p.connection.as_ref().is_some_and(|c| c.stable_id() == connection.stable_id()) {
+                p.connection = None;
+            }
+        }
+    }
+
+    /// Something arrived from the device.
+    pub fn seen(&self, id: &DeviceId) {
+        if let Some(p) = self.presence().get_mut(id) {
+            p.last_seen = Timestamp::now();
+        }
+    }
+
+    /// The API's view of one device record.
+    pub fn view(&self, record: DeviceRecord) -> DeviceView {
+        let now = Timestamp::now();
+        let (last_seen, connected) = match self.presence().get(&record.id) {
+            Some(p) => (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.connection.is_some()),
+            None => (record.last_seen, false),
+        };
+        let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
+        DeviceView::new(record, last_seen, online, connected)
+    }
+
+    /// Every device, as the API shows them.
+    pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
+        Ok(self.store.devices()?.into_iter().map(|r| self.view(r)).collect())
+    }
+
+    /// One device, as the API shows it.
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceView>, StoreError> {
+        Ok(self.store.device(id)?.map(|r| self.view(r)))
+    }
+}
