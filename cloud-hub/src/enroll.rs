@@ -19,6 +19,9 @@ use std::time::Duration;
 const KEY_FILE: &str = "enroll.key";
 /// File where `serve` records the address agents should dial.
 pub const ADVERTISE_FILE: &str = "quic.advertise";
+/// File where `serve` records the address its HTTP API is bound to, for
+/// scripts and tests that let the OS pick the port.
+pub const HTTP_ADDR_FILE: &str = "http.addr";
 
 /// Why a token could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -123,6 +123,8 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         what: "bind HTTP".into(),
         source: std::io::Error::other("no address bound"),
     })?;
+    write_atomic(&data_dir.join(enroll::HTTP_ADDR_FILE), http_addr.to_string().as_bytes(), 0o644)
+        .map_err(io("record the HTTP address"))?;
     let server = server.run();
     let http = server.handle();
     let http_task = tokio::spawn(server);

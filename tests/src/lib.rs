@@ -1,1 +1,338 @@
+//! Fleet harness: starts a hub and agents as real processes with throw-away
+//! data dirs and certificates, on ports the OS picks.
+//!
+//! Every process is killed when its handle drops, so a failing test leaves
+//! nothing behind. Each process logs to a file in the test's temporary
+//! directory; when a test fails, the tail of every log is printed and the
+//! directory is kept.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the
+//! test executable (`target/<profile>/`).
 
+use anyhow::{Context, Result, bail};
+use outpost_hub::api::DeviceView;
+use outpost_hub::client::Client;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, built by `cargo test --workspace` or
+/// `cargo build --workspace --bins`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, failing after `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop, logging to a file.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Self> {
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Proc { child, log })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for exit (SIGKILL after that).
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
+        // SAFETY: plain kill(2) on our own child's pid.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command to completion, output captured.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))
+}
+
+/// Timings the tests use: short, so failures show within seconds.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// Hub: offline after this much silence.
+    pub heartbeat_timeout: &'static str,
+    /// Agent: heartbeat interval.
+    pub heartbeat: &'static str,
+    /// Agent: telemetry interval.
+    pub telemetry: &'static str,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings { heartbeat_timeout: "2s", heartbeat: "250ms", telemetry: "500ms" }
+    }
+}
+
+/// A hub process and its data dir.
+#[derive(Debug)]
+pub struct Hub {
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+    /// Admin API token from `init`.
+    pub admin_token: String,
+    /// QUIC address.
+    pub quic_addr: String,
+    /// API base URL.
+    pub api: String,
+    /// The serving process, if running.
+    pub proc: Option<Proc>,
+    timings: Timings,
+    root: PathBuf,
+}
+
+impl Hub {
+    /// Initialises a data dir under `root` and starts serving.
+    pub fn start(root: &Path, timings: Timings) -> Result<Self> {
+        let data_dir = root.join("hub");
+        let out = run(Command::new(bin("outpost-hub")).arg("init").arg("--data-dir").arg(&data_dir))?;
+        if !out.status.success() {
+            bail!("hub init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let admin_token = stdout.lines().last().unwrap_or_default().trim().to_owned();
+        let mut hub = Hub {
+            config: root.join("hub.toml"),
+            data_dir,
+            admin_token,
+            quic_addr: "127.0.0.1:0".into(),
+            api: String::new(),
+            proc: None,
+            timings,
+            root: root.to_owned(),
+        };
+        hub.serve()?;
+        Ok(hub)
+    }
+
+    /// (Re)starts `serve` on the same data dir and QUIC port.
+    pub fn serve(&mut self) -> Result<()> {
+        let text = format!(
+            "data_dir = {:?}\n[quic]\nlisten = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[fleet]\nheartbeat_timeout = {:?}\n",
+            self.data_dir.display().to_string(),
+            self.quic_addr,
+            self.timings.heartbeat_timeout,
+        );
+        fs::write(&self.config, text)?;
+        let http_file = self.data_dir.join("http.addr");
+        let _ = fs::remove_file(&http_file);
+        let mut proc = Proc::spawn(
+            Command::new(bin("outpost-hub")).arg("serve").arg("--config").arg(&self.config),
+            self.root.join("hub.log"),
+        )?;
+        let http = wait_for(Duration::from_secs(20), "the hub to record its HTTP address", || {
+            if !proc.running() {
+                return Some(Err(anyhow::anyhow!("hub exited; see {}", proc.log.display())));
+            }
+            fs::read_to_string(&http_file).ok().map(Ok)
+        })??;
+        self.quic_addr = fs::read_to_string(self.data_dir.join("quic.advertise"))?.trim().to_owned();
+        self.api = format!("http://{}", http.trim());
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// An API client with the admin token.
+    pub fn client(&self) -> Client {
+        Client::new(&self.api, &self.admin_token)
+    }
+
+    /// `outpost-hub token create` output.
+    pub fn token(&self, ttl: &str, uses: u32) -> Result<String> {
+        let out = run(Command::new(bin("outpost-hub"))
+            .args(["token", "create", "--ttl", ttl, "--uses", &uses.to_string(), "--data-dir"])
+            .arg(&self.data_dir))?;
+        if !out.status.success() {
+            bail!("token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// All devices, as the API lists them.
+    pub fn devices(&self) -> Result<Vec<DeviceView>> {
+        Ok(self.client().devices()?)
+    }
+}
+
+/// An enrolled agent and, when running, its process.
+#[derive(Debug)]
+pub struct Agent {
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+    /// The id the hub assigned.
+    pub id: String,
+    /// Name given at enrollment.
+    pub name: String,
+    /// The daemon, if running.
+    pub proc: Option<Proc>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Enrolls a new agent called `name` under `root` with a fresh token.
+    pub fn enroll(root: &Path, hub: &Hub, name: &str, timings: &Timings) -> Result<Self> {
+        let data_dir = root.join(name);
+        let token = hub.token("10m", 1)?;
+        let out = run(Command::new(bin("outpost-agent"))
+            .args(["enroll", "--name", name, "--token", &token, "--data-dir"])
+            .arg(&data_dir))?;
+        if !out.status.success() {
+            bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let meta = fs::read_to_string(data_dir.join("identity/device.toml"))?;
+        let id = meta
+            .lines()
+            .find_map(|l| l.strip_prefix("device_id = "))
+            .map(|v| v.trim_matches('"').to_owned())
+            .context("no device id in identity")?;
+        let config = root.join(format!("{name}.toml"));
+        let text = format!(
+            "data_dir = {:?}\nname = {name:?}\n[uplink]\nheartbeat = {:?}\nbackoff_initial = \"100ms\"\nbackoff_max = \"1s\"\nkeepalive = \"1s\"\nidle_timeout = \"5s\"\n[telemetry]\ninterval = {:?}\n",
+            data_dir.display().to_string(),
+            timings.heartbeat,
+            timings.telemetry,
+        );
+        fs::write(&config, text)?;
+        Ok(Agent { data_dir, config, id, name: name.to_owned(), proc: None, log: root.join(format!("{name}.log")) })
+    }
+
+    /// Starts the daemon.
+    pub fn start(&mut self) -> Result<()> {
+        let proc = Proc::spawn(
+            Command::new(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config),
+            self.log.clone(),
+        )?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+}
+
+/// A temporary directory that is kept, with process logs printed, when the
+/// test fails.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    /// A new scratch directory.
+    pub fn new() -> Result<Self> {
+        Ok(Scratch { dir: Some(tempfile::Builder::new().prefix("outpost-test-").tempdir()?) })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(dir) = self.dir.take() else { return };
+        let path = dir.keep();
+        eprintln!("test failed; scratch directory kept at {}", path.display());
+        if let Ok(entries) = fs::read_dir(&path) {
+            for entry in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+                let text = fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<_> = text.lines().rev().take(30).collect();
+                eprintln!("--- {} (last {} lines)", entry.path().display(), tail.len());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// A hub with `n` enrolled, running agents.
+pub fn fleet(scratch: &Scratch, n: usize, timings: Timings) -> Result<(Hub, Vec<Agent>)> {
+    let hub = Hub::start(scratch.path(), timings.clone())?;
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let mut agent = Agent::enroll(scratch.path(), &hub, &format!("agent-{i}"), &timings)?;
+        agent.start()?;
+        agents.push(agent);
+    }
+    Ok((hub, agents))
+}
+
+/// Waits until the API shows the devices `ids` with `online == want`.
+pub fn wait_online(hub: &Hub, ids: &[&str], want: bool, limit: Duration) -> Result<Vec<DeviceView>> {
+    let what = format!("{ids:?} online={want}");
+    wait_for(limit, &what, || {
+        let devices = hub.devices().ok()?;
+        let all = ids.iter().all(|id| devices.iter().any(|d| d.id == *id && d.online == want));
+        all.then_some(devices)
+    })
+}
