@@ -77,7 +77,11 @@ impl AgentConfig {
         let uplink = root.table("uplink");
         let telemetry = root.table("telemetry");
         let transport: String = uplink.get_or("transport", "quic".to_owned());
-        uplink.check("transport", transport == "quic", "unknown transport; this build supports \"quic\"");
+        uplink.check(
+            "transport",
+            transport == "quic",
+            "unknown transport; this build supports \"quic\"",
+        );
         let config = AgentConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             name: root.get("name"),
@@ -89,7 +93,9 @@ impl AgentConfig {
                 heartbeat: uplink.get_or("heartbeat", Duration::from_secs(5)),
                 keepalive: uplink.get_or("keepalive", Duration::from_secs(5)),
                 idle_timeout: uplink.get_or("idle_timeout", Duration::from_secs(30)),
-                max_frame: uplink.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
+                max_frame: uplink
+                    .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
+                    .0 as usize,
             },
             telemetry: TelemetryConfig {
                 interval: telemetry.get_or("interval", Duration::from_secs(10)),
@@ -106,13 +112,33 @@ impl AgentConfig {
         ] {
             uplink.check(key, !value.is_zero(), "must be more than zero");
         }
-        uplink.check("backoff_max", u.backoff_max >= u.backoff_initial, "must not be less than backoff_initial");
-        uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
-        uplink.check("max_frame", (1024..=64 << 20).contains(&u.max_frame), "must be between 1 KiB and 64 MiB");
+        uplink.check(
+            "backoff_max",
+            u.backoff_max >= u.backoff_initial,
+            "must not be less than backoff_initial",
+        );
+        uplink.check(
+            "idle_timeout",
+            u.idle_timeout > u.keepalive,
+            "must be longer than keepalive",
+        );
+        uplink.check(
+            "max_frame",
+            (1024..=64 << 20).contains(&u.max_frame),
+            "must be between 1 KiB and 64 MiB",
+        );
         if let Some(name) = &config.name {
-            root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
+            root.check(
+                "name",
+                !name.trim().is_empty() && name.len() <= 64,
+                "must be 1 to 64 characters",
+            );
         }
-        telemetry.check("interval", config.telemetry.interval >= Duration::from_millis(100), "must be at least 100ms");
+        telemetry.check(
+            "interval",
+            config.telemetry.interval >= Duration::from_millis(100),
+            "must be at least 100ms",
+        );
         telemetry.check("queue", config.telemetry.queue >= 1, "must be at least 1");
         uplink.finish();
         telemetry.finish();
@@ -133,12 +159,18 @@ mod tests {
 
     #[test]
     fn unknown_key_bad_duration_and_missing_field_are_all_reported() {
-        let text = "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
+        let text =
+            "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
         let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
         let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["data_dir", "uplink.heartbeat", "telemetry.interval", "uplink.hubb"],
+            [
+                "data_dir",
+                "uplink.heartbeat",
+                "telemetry.interval",
+                "uplink.hubb"
+            ],
             "{err}"
         );
     }

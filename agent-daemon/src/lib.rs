@@ -55,12 +55,18 @@ pub fn device_name(config: &AgentConfig) -> String {
 
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
-pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
+pub fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> Result<(), AgentError> {
     let identity = Identity::load(&config.data_dir)?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
     let runtime = std::sync::Mutex::new(None);
     let system = actix::System::with_tokio_rt(|| {
-        let built = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+        let built = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
         match built {
             Ok(rt) => rt,
             Err(e) => {
@@ -79,7 +85,11 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) ->
         let queue = TelemetryQueue::new(config.telemetry.queue);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let params = LinkParams {
-            hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
+            hub: config
+                .uplink
+                .hub
+                .clone()
+                .unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
             name: device_name(&config),
             identity,
@@ -90,8 +100,12 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) ->
         let interval = config.telemetry.interval;
         let uplink_tasks = tasks.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
-            .child("uplink", move || UplinkActor::new(params.clone(), uplink_tasks.clone()).start())
-            .child("telemetry", move || TelemetryActor::new(interval, queue.clone(), sampler.clone()).start())
+            .child("uplink", move || {
+                UplinkActor::new(params.clone(), uplink_tasks.clone()).start()
+            })
+            .child("telemetry", move || {
+                TelemetryActor::new(interval, queue.clone(), sampler.clone()).start()
+            })
             .status_from(state_rx)
             .start();
         shutdown.await;
@@ -100,7 +114,10 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) ->
         drop(supervisor);
         actix::System::current().stop();
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("Shutdown exceeded its time limit.");
         }
     });

@@ -43,7 +43,11 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
+        Command::Enroll {
+            token,
+            data_dir,
+            name,
+        } => enroll(&token, data_dir, name),
         Command::Validate { config } => match AgentConfig::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -74,8 +78,13 @@ fn config_failure(errors: &ConfigErrors) -> ExitCode {
 }
 
 fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {
-    let name = name.or_else(|| sysinfo::System::host_name().ok()).unwrap_or_else(|| "unnamed".into());
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let name = name
+        .or_else(|| sysinfo::System::host_name().ok())
+        .unwrap_or_else(|| "unnamed".into());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost-agent: cannot start the runtime: {e}");
@@ -84,7 +93,10 @@ fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {
     };
     match runtime.block_on(outpost_agent::enroll::enroll(token, &data_dir, &name)) {
         Ok(identity) => {
-            println!("Enrolled as {} with hub {}.", identity.device_id, identity.hub);
+            println!(
+                "Enrolled as {} with hub {}.",
+                identity.device_id, identity.hub
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

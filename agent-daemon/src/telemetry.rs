@@ -52,7 +52,9 @@ impl Sampler {
         self.disks.refresh(true);
         self.networks.refresh(true);
         self.components.refresh(true);
-        let load = System::load_average().map_or([0.0; 3], |l| [l.one as f32, l.five as f32, l.fifteen as f32]);
+        let load = System::load_average().map_or([0.0; 3], |l| {
+            [l.one as f32, l.five as f32, l.fifteen as f32]
+        });
         let mut disks: Vec<DiskSample> = self
             .disks
             .iter()
@@ -76,7 +78,12 @@ impl Sampler {
         let temperatures = self
             .components
             .iter()
-            .filter_map(|c| Some(TempSample { label: c.label().to_owned(), celsius: c.temperature()? }))
+            .filter_map(|c| {
+                Some(TempSample {
+                    label: c.label().to_owned(),
+                    celsius: c.temperature()?,
+                })
+            })
             .collect();
         let total = self.system.total_memory();
         Sample {
@@ -111,8 +118,15 @@ struct QueueState {
 impl TelemetryQueue {
     /// A queue holding at most `capacity` samples.
     pub fn new(capacity: usize) -> Self {
-        let state = QueueState { samples: VecDeque::new(), capacity: capacity.max(1), dropped: 0 };
-        TelemetryQueue { inner: Arc::new(Mutex::new(state)), ready: Arc::default() }
+        let state = QueueState {
+            samples: VecDeque::new(),
+            capacity: capacity.max(1),
+            dropped: 0,
+        };
+        TelemetryQueue {
+            inner: Arc::new(Mutex::new(state)),
+            ready: Arc::default(),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -174,7 +188,11 @@ impl TelemetryActor {
     /// An actor sampling every `interval` into `queue` with `sampler`
     /// (shared across restarts, so the CPU baseline survives them).
     pub fn new(interval: Duration, queue: TelemetryQueue, sampler: Arc<Mutex<Sampler>>) -> Self {
-        TelemetryActor { interval, queue, sampler }
+        TelemetryActor {
+            interval,
+            queue,
+            sampler,
+        }
     }
 
     fn take_sample(&self, ctx: &mut Context<Self>) {
@@ -220,7 +238,10 @@ mod tests {
         assert!(s.mem_used_bytes <= s.mem_total_bytes);
         assert!(s.uptime_secs > 0);
         assert!((0.0..=100.0).contains(&s.cpu_percent));
-        assert!(!s.net.is_empty(), "no network interfaces seen (lo should be there)");
+        assert!(
+            !s.net.is_empty(),
+            "no network interfaces seen (lo should be there)"
+        );
     }
 
     #[test]

@@ -10,12 +10,13 @@ use crate::identity::Identity;
 use outpost_shared::Fingerprint;
 use outpost_shared::identity::ALPN;
 use quinn::crypto::rustls::QuicClientConfig;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Errors building a TLS configuration.
@@ -40,7 +41,10 @@ pub struct Timings {
     pub idle_timeout: Duration,
 }
 
-fn quic_client(mut tls: rustls::ClientConfig, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
+fn quic_client(
+    mut tls: rustls::ClientConfig,
+    timings: Timings,
+) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -52,7 +56,10 @@ fn quic_client(mut tls: rustls::ClientConfig, timings: Timings) -> Result<quinn:
 }
 
 /// Client config for an authenticated session.
-pub fn session_config(identity: &Identity, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
+pub fn session_config(
+    identity: &Identity,
+    timings: Timings,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(identity.ca.clone()).map_err(tls_err)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -64,17 +71,37 @@ pub fn session_config(identity: &Identity, timings: Timings) -> Result<quinn::Cl
     quic_client(tls, timings)
 }
 
+/// Set when the hub presented a chain without the pinned CA, so the caller
+/// can say so plainly instead of quoting a TLS alert.
+#[derive(Debug, Clone, Default)]
+pub struct PinOutcome(Arc<AtomicBool>);
+
+impl PinOutcome {
+    /// True if the hub's chain did not hold the pinned CA.
+    pub fn mismatched(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// Client config for enrollment: no client certificate, hub pinned by the
 /// CA fingerprint from the token.
-pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
-    let verifier = Arc::new(PinnedCa { pin, provider: provider() });
+pub fn enrollment_config(
+    pin: Fingerprint,
+    timings: Timings,
+) -> Result<(quinn::ClientConfig, PinOutcome), TlsError> {
+    let outcome = PinOutcome::default();
+    let verifier = Arc::new(PinnedCa {
+        pin,
+        provider: provider(),
+        outcome: outcome.clone(),
+    });
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    quic_client(tls, timings)
+    Ok((quic_client(tls, timings)?, outcome))
 }
 
 /// Accepts a server whose chain holds the pinned CA and verifies against it.
@@ -82,6 +109,7 @@ pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<quinn::Cl
 struct PinnedCa {
     pin: Fingerprint,
     provider: Arc<CryptoProvider>,
+    outcome: PinOutcome,
 }
 
 impl ServerCertVerifier for PinnedCa {
@@ -93,15 +121,21 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
+        let Some(ca) = intermediates
             .iter()
             .find(|c| Fingerprint::of_der(c) == self.pin)
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+        else {
+            self.outcome.0.store(true, Ordering::SeqCst);
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ));
+        };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -111,7 +145,12 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -120,11 +159,18 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

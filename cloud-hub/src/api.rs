@@ -43,7 +43,12 @@ pub fn rfc3339(t: Timestamp) -> String {
 
 impl DeviceView {
     /// Builds the view of `record` with its live presence.
-    pub fn new(record: DeviceRecord, last_seen: Option<Timestamp>, online: bool, connected: bool) -> Self {
+    pub fn new(
+        record: DeviceRecord,
+        last_seen: Option<Timestamp>,
+        online: bool,
+        connected: bool,
+    ) -> Self {
         DeviceView {
             id: record.id.to_string(),
             name: record.name,

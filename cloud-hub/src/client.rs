@@ -42,12 +42,19 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
             .build();
-        Client { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), agent: config.into() }
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            agent: config.into(),
+        }
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
+        let transport = |e: ureq::Error| ClientError::Transport {
+            url: url.clone(),
+            source: Box::new(e),
+        };
         let mut response = self
             .agent
             .get(&url)
@@ -61,7 +68,11 @@ impl Client {
                 .read_json::<ApiError>()
                 .map(|e| e.error)
                 .unwrap_or_else(|_| "no explanation".into());
-            return Err(ClientError::Status { url, status, message });
+            return Err(ClientError::Status {
+                url,
+                status,
+                message,
+            });
         }
         response.body_mut().read_json().map_err(transport)
     }
@@ -89,12 +100,23 @@ pub fn render_table(devices: &[DeviceView]) -> String {
                 if d.online { "yes".into() } else { "no".into() },
                 d.last_seen.clone().unwrap_or_else(|| "never".into()),
                 d.agent_version.clone().unwrap_or_else(|| "-".into()),
-                d.cpu_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-                d.mem_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.cpu_percent
+                    .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.mem_percent
+                    .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             ]
         })
         .collect();
-    let header = ["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"].map(String::from);
+    let header = [
+        "ID",
+        "NAME",
+        "ONLINE",
+        "LAST SEEN",
+        "VERSION",
+        "CPU %",
+        "MEM %",
+    ]
+    .map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -103,7 +125,11 @@ pub fn render_table(devices: &[DeviceView]) -> String {
     }
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -126,14 +152,20 @@ mod tests {
             agent_version: Some("0.1.0".into()),
             enrolled_at: "2026-11-21T04:00:00Z".into(),
             address: None,
-            cpu_percent: Some(3.14159),
+            cpu_percent: Some(3.125),
             mem_percent: None,
             telemetry: None,
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("ID     NAME               ONLINE"), "{table}");
-        assert!(lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'), "{table}");
+        assert!(
+            lines[0].starts_with("ID     NAME               ONLINE"),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'),
+            "{table}"
+        );
     }
 }

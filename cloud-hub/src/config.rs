@@ -68,7 +68,10 @@ impl HubConfig {
                 max_frame: DEFAULT_MAX_FRAME,
                 idle_timeout: Duration::from_secs(30),
             },
-            http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
+            http: HttpConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                workers: 1,
+            },
             heartbeat_timeout: Duration::from_secs(15),
             log: "info".into(),
         }
@@ -83,7 +86,9 @@ impl HubConfig {
             quic: QuicConfig {
                 listen: socket_addr(&quic, "listen", "0.0.0.0:7443"),
                 advertise: quic.get("advertise"),
-                max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
+                max_frame: quic
+                    .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
+                    .0 as usize,
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
             },
             http: HttpConfig {
@@ -93,10 +98,26 @@ impl HubConfig {
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
             log: root.get_or("log", "info".to_owned()),
         };
-        quic.check("max_frame", (1024..=64 << 20).contains(&config.quic.max_frame), "must be between 1 KiB and 64 MiB");
-        quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
-        http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
-        fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
+        quic.check(
+            "max_frame",
+            (1024..=64 << 20).contains(&config.quic.max_frame),
+            "must be between 1 KiB and 64 MiB",
+        );
+        quic.check(
+            "idle_timeout",
+            !config.quic.idle_timeout.is_zero(),
+            "must be more than zero",
+        );
+        http.check(
+            "workers",
+            (1..=64).contains(&config.http.workers),
+            "must be between 1 and 64",
+        );
+        fleet.check(
+            "heartbeat_timeout",
+            !config.heartbeat_timeout.is_zero(),
+            "must be more than zero",
+        );
         for s in [quic, http, fleet] {
             s.finish();
         }
@@ -108,7 +129,10 @@ impl HubConfig {
 fn socket_addr(section: &Section<'_>, key: &str, default: &str) -> SocketAddr {
     let text: String = section.get_or(key, default.to_owned());
     text.parse().unwrap_or_else(|_| {
-        section.error(key, format!("invalid socket address {text:?}; write e.g. \"0.0.0.0:7443\""));
+        section.error(
+            key,
+            format!("invalid socket address {text:?}; write e.g. \"0.0.0.0:7443\""),
+        );
         SocketAddr::from(([0, 0, 0, 0], 0))
     })
 }
@@ -119,9 +143,20 @@ mod tests {
 
     #[test]
     fn every_error_is_listed() {
-        let text = "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
+        let text =
+            "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
         let err = HubConfig::parse(Path::new("hub.toml"), text).unwrap_err();
         let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["data_dir", "quic.listen", "quic.idle_timeout", "http.workers", "extra"], "{err}");
+        assert_eq!(
+            paths,
+            [
+                "data_dir",
+                "quic.listen",
+                "quic.idle_timeout",
+                "http.workers",
+                "extra"
+            ],
+            "{err}"
+        );
     }
 }

@@ -35,7 +35,11 @@ pub struct Fleet {
 impl Fleet {
     /// Fleet state over `store`.
     pub fn new(store: Store, heartbeat_timeout: Duration) -> Self {
-        Fleet { store, presence: Mutex::default(), heartbeat_timeout }
+        Fleet {
+            store,
+            presence: Mutex::default(),
+            heartbeat_timeout,
+        }
     }
 
     /// The durable store.
@@ -53,7 +57,10 @@ impl Fleet {
     pub fn connected(&self, id: &DeviceId, connection: quinn::Connection) {
         let old = self.presence().insert(
             id.clone(),
-            Presence { last_seen: Timestamp::now(), connection: Some(connection) },
+            Presence {
+                last_seen: Timestamp::now(),
+                connection: Some(connection),
+            },
         );
         if let Some(old) = old.and_then(|p| p.connection) {
             old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
@@ -62,10 +69,12 @@ impl Fleet {
 
     /// The session on `connection` ended.
     pub fn disconnected(&self, id: &DeviceId, connection: &quinn::Connection) {
-        if let Some(p) = self.presence().get_mut(id) {
-            if p.connection.as_ref().is_some_and(|c| c.stable_id() == connection.stable_id()) {
-                p.connection = None;
-            }
+        if let Some(p) = self.presence().get_mut(id)
+            && p.connection
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == connection.stable_id())
+        {
+            p.connection = None;
         }
     }
 
@@ -80,7 +89,10 @@ impl Fleet {
     pub fn view(&self, record: DeviceRecord) -> DeviceView {
         let now = Timestamp::now();
         let (last_seen, connected) = match self.presence().get(&record.id) {
-            Some(p) => (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.connection.is_some()),
+            Some(p) => (
+                Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))),
+                p.connection.is_some(),
+            ),
             None => (record.last_seen, false),
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
@@ -89,7 +101,12 @@ impl Fleet {
 
     /// Every device, as the API shows them.
     pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        Ok(self.store.devices()?.into_iter().map(|r| self.view(r)).collect())
+        Ok(self
+            .store
+            .devices()?
+            .into_iter()
+            .map(|r| self.view(r))
+            .collect())
     }
 
     /// One device, as the API shows it.

@@ -54,7 +54,9 @@ impl ResponseError for HttpError {
         if matches!(self, HttpError::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        response.json(ApiError { error: self.to_string() })
+        response.json(ApiError {
+            error: self.to_string(),
+        })
     }
 }
 
@@ -68,7 +70,11 @@ pub struct Caller {
 impl Caller {
     /// Fails unless the caller has at least `role`.
     pub fn require(&self, role: Role) -> Result<(), HttpError> {
-        if self.token.role >= role { Ok(()) } else { Err(HttpError::Forbidden(role)) }
+        if self.token.role >= role {
+            Ok(())
+        } else {
+            Err(HttpError::Forbidden(role))
+        }
     }
 }
 
@@ -78,15 +84,22 @@ impl FromRequest for Caller {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let lookup = || {
-            let fleet = req.app_data::<web::Data<Fleet>>().ok_or(HttpError::Unauthorized)?;
-            let header = req.headers().get("authorization").ok_or(HttpError::Unauthorized)?;
+            let fleet = req
+                .app_data::<web::Data<Fleet>>()
+                .ok_or(HttpError::Unauthorized)?;
+            let header = req
+                .headers()
+                .get("authorization")
+                .ok_or(HttpError::Unauthorized)?;
             let secret = header
                 .to_str()
                 .ok()
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .ok_or(HttpError::Unauthorized)?;
             let token = fleet.store().api_token(&token_hash(secret.trim()))?;
-            token.map(|token| Caller { token }).ok_or(HttpError::Unauthorized)
+            token
+                .map(|token| Caller { token })
+                .ok_or(HttpError::Unauthorized)
         };
         ready(lookup())
     }

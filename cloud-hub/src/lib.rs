@@ -71,8 +71,15 @@ pub fn init(data_dir: &Path) -> Result<String, HubError> {
     let store = Store::open(data_dir)?;
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
-    let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
-    let record = ApiToken { role: Role::Admin, name: "initial admin".into(), created_at: Timestamp::now() };
+    let token = format!(
+        "opa_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let record = ApiToken {
+        role: Role::Admin,
+        name: "initial admin".into(),
+        created_at: Timestamp::now(),
+    };
     store.put_api_token(&http::token_hash(&token), &record)?;
     Ok(token)
 }
@@ -104,32 +111,63 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
         .map_err(io(format!("bind QUIC on {}", config.quic.listen)))?;
     let quic_addr = endpoint.local_addr().map_err(io("read QUIC address"))?;
-    let advertise = config.quic.advertise.clone().unwrap_or_else(|| quic_addr.to_string());
-    write_atomic(&data_dir.join(enroll::ADVERTISE_FILE), advertise.as_bytes(), 0o644)
-        .map_err(io("record the advertised address"))?;
+    let advertise = config
+        .quic
+        .advertise
+        .clone()
+        .unwrap_or_else(|| quic_addr.to_string());
+    write_atomic(
+        &data_dir.join(enroll::ADVERTISE_FILE),
+        advertise.as_bytes(),
+        0o644,
+    )
+    .map_err(io("record the advertised address"))?;
 
-    let ctx = Arc::new(QuicContext { fleet: fleet.clone(), ca, token_key, max_frame: config.quic.max_frame });
+    let ctx = Arc::new(QuicContext {
+        fleet: fleet.clone(),
+        ca,
+        token_key,
+        max_frame: config.quic.max_frame,
+    });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
 
     let routes_fleet = fleet.clone();
-    let server = actix_web::HttpServer::new(move || actix_web::App::new().configure(http::routes(routes_fleet.clone())))
-        .workers(config.http.workers)
-        .disable_signals()
-        .shutdown_timeout(5)
-        .bind(config.http.listen)
-        .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
-    let http_addr = server.addrs().first().copied().ok_or_else(|| HubError::Io {
-        what: "bind HTTP".into(),
-        source: std::io::Error::other("no address bound"),
-    })?;
-    write_atomic(&data_dir.join(enroll::HTTP_ADDR_FILE), http_addr.to_string().as_bytes(), 0o644)
-        .map_err(io("record the HTTP address"))?;
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new().configure(http::routes(routes_fleet.clone()))
+    })
+    .workers(config.http.workers)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(config.http.listen)
+    .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
+    let http_addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| HubError::Io {
+            what: "bind HTTP".into(),
+            source: std::io::Error::other("no address bound"),
+        })?;
+    write_atomic(
+        &data_dir.join(enroll::HTTP_ADDR_FILE),
+        http_addr.to_string().as_bytes(),
+        0o644,
+    )
+    .map_err(io("record the HTTP address"))?;
     let server = server.run();
     let http = server.handle();
     let http_task = tokio::spawn(server);
     tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, "Hub serving.");
-    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, http, http_task, store })
+    Ok(RunningHub {
+        quic_addr,
+        http_addr,
+        shutdown,
+        quic_task,
+        http,
+        http_task,
+        store,
+    })
 }
 
 impl RunningHub {

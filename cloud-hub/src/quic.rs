@@ -57,7 +57,10 @@ pub struct QuicContext {
 
 /// The endpoint's server config: hub certificate from the fleet CA, client
 /// certificates verified against the same CA (optional, for enrollment).
-pub fn server_config(ca: &FleetCa, idle_timeout: Duration) -> Result<quinn::ServerConfig, QuicSetupError> {
+pub fn server_config(
+    ca: &FleetCa,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
     let (chain, key) = ca.hub_identity()?;
     let mut roots = rustls::RootCertStore::empty();
@@ -83,7 +86,11 @@ pub fn server_config(ca: &FleetCa, idle_timeout: Duration) -> Result<quinn::Serv
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits
 /// (at most 5 s) for connection tasks to finish.
-pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<QuicContext>, shutdown: CancellationToken) {
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<QuicContext>,
+    shutdown: CancellationToken,
+) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -95,17 +102,20 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<QuicContext>, shutd
                 tasks.spawn(handle(incoming, ctx).instrument(info_span!("conn", %remote)));
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = done {
-                    if e.is_panic() {
-                        tracing::error!(error = %e, "Connection task panicked.");
-                    }
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "Connection task panicked.");
                 }
             }
         }
     }
     endpoint.close(CLOSE_OK.into(), b"hub shutting down");
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         tasks.abort_all();
     }
     endpoint.wait_idle().await;
@@ -209,7 +219,11 @@ async fn session(connection: quinn::Connection, id: DeviceId, ctx: &QuicContext)
     }
 }
 
-async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicContext) -> SessionEnd {
+async fn run_session(
+    connection: &quinn::Connection,
+    id: &DeviceId,
+    ctx: &QuicContext,
+) -> SessionEnd {
     let (mut send, recv) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(e) => return SessionEnd::Closed(e.to_string()),
@@ -234,7 +248,10 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
     match known {
         Ok(Some(_)) => {}
         Ok(None) => {
-            let refusal = Refusal { reason: RefusalReason::UnknownDevice, message: "device is not registered".into() };
+            let refusal = Refusal {
+                reason: RefusalReason::UnknownDevice,
+                message: "device is not registered".into(),
+            };
             let _ = write_message(&mut send, Message::Refused(refusal), ctx.max_frame).await;
             let _ = send.finish();
             warn!("Certificate is valid but the device is not registered.");
@@ -273,7 +290,9 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
                     tracing::error!(error = %e, "Telemetry could not be stored.");
                 }
             }
-            other => return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind())),
+            other => {
+                return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
+            }
         }
     }
 }

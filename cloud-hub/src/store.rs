@@ -129,13 +129,21 @@ impl Store {
 
     /// Looks up an API token by the SHA-256 of its secret.
     pub fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
-        self.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()
+        self.api_tokens
+            .get(hash)?
+            .map(|v| decode("api_tokens", &v))
+            .transpose()
     }
 
     /// Enrolls a device with one redemption of token `token_id`, atomically:
     /// either the use is counted and the device recorded, or nothing is
     /// written.
-    pub fn enroll(&self, token_id: &[u8; 16], allowed: u32, record: &DeviceRecord) -> Result<(), StoreError> {
+    pub fn enroll(
+        &self,
+        token_id: &[u8; 16],
+        allowed: u32,
+        record: &DeviceRecord,
+    ) -> Result<(), StoreError> {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
         let result = (&self.enroll_uses, &self.devices).transaction(|(uses, devices)| {
@@ -162,12 +170,19 @@ impl Store {
 
     /// One device.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.devices.get(id.as_str())?.map(|v| decode("devices", &v)).transpose()
+        self.devices
+            .get(id.as_str())?
+            .map(|v| decode("devices", &v))
+            .transpose()
     }
 
     /// Every device, ordered by id.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.devices.iter().values().map(|v| decode("devices", &v?)).collect()
+        self.devices
+            .iter()
+            .values()
+            .map(|v| decode("devices", &v?))
+            .collect()
     }
 
     /// Changes one device's record in place. Returns the new record, or
@@ -222,8 +237,19 @@ mod tests {
         store.enroll(&[1; 16], 2, &record("dev-a")).unwrap();
         store.enroll(&[1; 16], 2, &record("dev-b")).unwrap();
         let err = store.enroll(&[1; 16], 2, &record("dev-c")).unwrap_err();
-        assert!(matches!(err, StoreError::UsedUp { used: 2, allowed: 2 }));
-        let ids: Vec<_> = store.devices().unwrap().into_iter().map(|d| d.id.to_string()).collect();
+        assert!(matches!(
+            err,
+            StoreError::UsedUp {
+                used: 2,
+                allowed: 2
+            }
+        ));
+        let ids: Vec<_> = store
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect();
         assert_eq!(ids, ["dev-a", "dev-b"]);
     }
 
@@ -234,12 +260,27 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.enroll(&[2; 16], 1, &record("dev-a")).unwrap();
             let id = "dev-a".parse().unwrap();
-            let new = store.update_device(&id, |r| r.name = "renamed".into()).unwrap().unwrap();
+            let new = store
+                .update_device(&id, |r| r.name = "renamed".into())
+                .unwrap()
+                .unwrap();
             assert_eq!(new.name, "renamed");
-            assert!(store.update_device(&"dev-z".parse().unwrap(), |_| {}).unwrap().is_none());
+            assert!(
+                store
+                    .update_device(&"dev-z".parse().unwrap(), |_| {})
+                    .unwrap()
+                    .is_none()
+            );
             store.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.device(&"dev-a".parse().unwrap()).unwrap().unwrap().name, "renamed");
+        assert_eq!(
+            store
+                .device(&"dev-a".parse().unwrap())
+                .unwrap()
+                .unwrap()
+                .name,
+            "renamed"
+        );
     }
 }

@@ -164,7 +164,10 @@ impl Message {
 impl Envelope {
     /// Wraps `message` in an envelope of the current version.
     pub fn new(message: Message) -> Self {
-        Envelope { version: PROTOCOL_VERSION, message }
+        Envelope {
+            version: PROTOCOL_VERSION,
+            message,
+        }
     }
 
     /// Encodes the envelope (without a frame header).
@@ -208,8 +211,16 @@ mod tests {
             swap_used_bytes: 0,
             load: [0.5, 0.25, 0.125],
             uptime_secs: 3600,
-            disks: vec![DiskSample { mount: "/".into(), used_bytes: 10, total_bytes: 20 }],
-            net: vec![NetSample { iface: "eth0".into(), rx_bytes: 1, tx_bytes: 2 }],
+            disks: vec![DiskSample {
+                mount: "/".into(),
+                used_bytes: 10,
+                total_bytes: 20,
+            }],
+            net: vec![NetSample {
+                iface: "eth0".into(),
+                rx_bytes: 1,
+                tx_bytes: 2,
+            }],
             temperatures: vec![],
         }
     }
@@ -286,18 +297,30 @@ mod tests {
             Envelope::decode(&bytes),
             Err(ProtocolError::UnsupportedVersion { got: 9 })
         ));
-        assert!(matches!(Envelope::decode(&[1, 0xEE]), Err(ProtocolError::Malformed(_))));
-        assert!(matches!(Envelope::decode(&[]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            Envelope::decode(&[1, 0xEE]),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(&[]),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]
     fn truncated_and_padded_envelopes_are_rejected() {
         let bytes = Envelope::new(Message::Telemetry(sample())).encode();
         for cut in 0..bytes.len() {
-            assert!(Envelope::decode(&bytes[..cut]).is_err(), "accepted a cut at {cut}");
+            assert!(
+                Envelope::decode(&bytes[..cut]).is_err(),
+                "accepted a cut at {cut}"
+            );
         }
         let mut padded = bytes.clone();
         padded.push(0);
-        assert!(matches!(Envelope::decode(&padded), Err(ProtocolError::TrailingBytes(1))));
+        assert!(matches!(
+            Envelope::decode(&padded),
+            Err(ProtocolError::TrailingBytes(1))
+        ));
     }
 }

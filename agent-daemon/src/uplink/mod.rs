@@ -48,7 +48,11 @@ impl std::fmt::Display for LinkState {
             LinkState::Connecting { attempt } => write!(f, "connecting to hub (attempt {attempt})"),
             LinkState::Connected => f.write_str("connected to hub"),
             LinkState::Waiting { reason, retry_in } => {
-                write!(f, "hub unreachable ({reason}); retrying in {}s", retry_in.as_secs())
+                write!(
+                    f,
+                    "hub unreachable ({reason}); retrying in {}s",
+                    retry_in.as_secs()
+                )
             }
         }
     }
@@ -82,7 +86,11 @@ pub struct UplinkActor {
 impl UplinkActor {
     /// An uplink with `params`; its task is tracked by `tasks`.
     pub fn new(params: LinkParams, tasks: TaskTracker) -> Self {
-        UplinkActor { params, tasks, cancel: None }
+        UplinkActor {
+            params,
+            tasks,
+            cancel: None,
+        }
     }
 }
 
@@ -128,7 +136,10 @@ async fn link_loop(params: LinkParams, cancel: CancellationToken) {
         }
         last_error = reason.clone();
         let delay = backoff.next_delay();
-        params.state.send_replace(LinkState::Waiting { reason, retry_in: delay });
+        params.state.send_replace(LinkState::Waiting {
+            reason,
+            retry_in: delay,
+        });
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}

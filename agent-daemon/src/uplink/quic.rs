@@ -84,14 +84,26 @@ impl Session {
         let cfg = &p.config;
         let remote = tokio::net::lookup_host(&p.hub)
             .await
-            .map_err(|e| LinkError::Resolve { addr: p.hub.clone(), reason: e.to_string() })?
+            .map_err(|e| LinkError::Resolve {
+                addr: p.hub.clone(),
+                reason: e.to_string(),
+            })?
             .next()
-            .ok_or_else(|| LinkError::Resolve { addr: p.hub.clone(), reason: "no addresses".into() })?;
-        let timings = Timings { keepalive: cfg.keepalive, idle_timeout: cfg.idle_timeout };
-        let mut endpoint = tls::client_endpoint(remote).map_err(|e| LinkError::Connect(e.to_string()))?;
+            .ok_or_else(|| LinkError::Resolve {
+                addr: p.hub.clone(),
+                reason: "no addresses".into(),
+            })?;
+        let timings = Timings {
+            keepalive: cfg.keepalive,
+            idle_timeout: cfg.idle_timeout,
+        };
+        let mut endpoint =
+            tls::client_endpoint(remote).map_err(|e| LinkError::Connect(e.to_string()))?;
         endpoint.set_default_client_config(tls::session_config(&p.identity, timings)?);
         let endpoint = self.endpoint.insert(endpoint);
-        let connecting = endpoint.connect(remote, HUB_SERVER_NAME).map_err(|e| LinkError::Connect(e.to_string()))?;
+        let connecting = endpoint
+            .connect(remote, HUB_SERVER_NAME)
+            .map_err(|e| LinkError::Connect(e.to_string()))?;
         let connection = tokio::time::timeout(cfg.connect_timeout, connecting)
             .await
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
@@ -114,12 +126,26 @@ impl Session {
             Some(env) => match env.message {
                 Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => {}
                 Message::Welcome(welcome) => {
-                    return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
+                    return Err(LinkError::Protocol(format!(
+                        "hub welcomed {} instead of us",
+                        welcome.device_id
+                    )));
                 }
-                Message::Refused(Refusal { reason, message }) => return Err(LinkError::Refused(reason, message)),
-                other => return Err(LinkError::Protocol(format!("expected Welcome, got {}", other.kind()))),
+                Message::Refused(Refusal { reason, message }) => {
+                    return Err(LinkError::Refused(reason, message));
+                }
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Welcome, got {}",
+                        other.kind()
+                    )));
+                }
             },
-            None => return Err(LinkError::Protocol("hub closed the stream before welcoming".into())),
+            None => {
+                return Err(LinkError::Protocol(
+                    "hub closed the stream before welcoming".into(),
+                ));
+            }
         }
         self.connected = true;
         p.state.send_replace(LinkState::Connected);

@@ -5,7 +5,11 @@ use outpost_hub::client::{Client, render_table};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "outpostctl", version, about = "Manage an Outpost fleet through the hub's API")]
+#[command(
+    name = "outpostctl",
+    version,
+    about = "Manage an Outpost fleet through the hub's API"
+)]
 struct Cli {
     /// The hub's API base URL.
     #[arg(long, env = "OUTPOST_HUB", default_value = "http://127.0.0.1:8080")]
@@ -36,7 +40,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = Client::new(&cli.hub, &cli.token);
     let result = match cli.command {
-        Command::Devices { json: false } => client.devices().map(|d| print!("{}", render_table(&d))),
+        Command::Devices { json: false } => {
+            client.devices().map(|d| print!("{}", render_table(&d)))
+        }
         Command::Devices { json: true } => client.devices().map(|d| print_json(&d)),
         Command::Device { id } => client.device(&id).map(|d| print_json(&d)),
     };
