@@ -82,6 +82,7 @@ pub fn run(
     }
     system.block_on(async move {
         let tasks = TaskTracker::new();
+        let shutdown_token = tokio_util::sync::CancellationToken::new();
         let queue = TelemetryQueue::new(config.telemetry.queue);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let params = LinkParams {
@@ -99,9 +100,15 @@ pub fn run(
         tracing::info!(device = %params.identity.device_id, hub = %params.hub, "Agent starting.");
         let interval = config.telemetry.interval;
         let uplink_tasks = tasks.clone();
+        let uplink_shutdown = shutdown_token.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
-                UplinkActor::new(params.clone(), uplink_tasks.clone()).start()
+                UplinkActor::new(
+                    params.clone(),
+                    uplink_tasks.clone(),
+                    uplink_shutdown.clone(),
+                )
+                .start()
             })
             .child("telemetry", move || {
                 TelemetryActor::new(interval, queue.clone(), sampler.clone()).start()
@@ -111,6 +118,7 @@ pub fn run(
         shutdown.await;
         tracing::info!("Agent stopping.");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        shutdown_token.cancel();
         drop(supervisor);
         actix::System::current().stop();
         tasks.close();

@@ -142,3 +142,36 @@ fn a_sigkilled_hub_comes_back_with_its_fleet() {
     let late = Agent::enroll(scratch.path(), &hub, "late", &Timings::default()).unwrap();
     assert_eq!(hub.devices().unwrap().len(), 3, "{late:?}");
 }
+
+#[test]
+fn an_agent_stops_cleanly_on_sigterm_and_the_hub_notices() {
+    let scratch = Scratch::new().unwrap();
+    let (hub, mut agents) = fleet(&scratch, 1, Timings::default()).unwrap();
+    let id = agents[0].id.clone();
+    wait_online(&hub, &[&id], true, Duration::from_secs(10)).unwrap();
+    let stopping = Instant::now();
+    let status = agents[0]
+        .proc
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent did not exit cleanly: {status:?}"
+    );
+    eprintln!("agent stopped {:?} after SIGTERM", stopping.elapsed());
+    // The session is closed, not left to time out.
+    wait_for(
+        Duration::from_secs(5),
+        "the hub to see the session closed",
+        || {
+            hub.devices()
+                .ok()?
+                .iter()
+                .find(|d| d.id == id)
+                .filter(|d| !d.connected)
+                .map(|_| ())
+        },
+    )
+    .unwrap();
+}

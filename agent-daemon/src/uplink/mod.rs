@@ -80,15 +80,18 @@ pub struct LinkParams {
 pub struct UplinkActor {
     params: LinkParams,
     tasks: TaskTracker,
+    shutdown: CancellationToken,
     cancel: Option<DropGuard>,
 }
 
 impl UplinkActor {
-    /// An uplink with `params`; its task is tracked by `tasks`.
-    pub fn new(params: LinkParams, tasks: TaskTracker) -> Self {
+    /// An uplink with `params`; its task is tracked by `tasks` and ends when
+    /// `shutdown` is cancelled or the actor goes away.
+    pub fn new(params: LinkParams, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
         UplinkActor {
             params,
             tasks,
+            shutdown,
             cancel: None,
         }
     }
@@ -98,7 +101,7 @@ impl Actor for UplinkActor {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Self::Context) {
-        let token = CancellationToken::new();
+        let token = self.shutdown.child_token();
         let params = self.params.clone();
         self.tasks.spawn(link_loop(params, token.clone()));
         self.cancel = Some(token.drop_guard());
