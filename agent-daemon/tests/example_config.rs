@@ -1,0 +1,20 @@
+//! The annotated reference config parses and validates, so it never rots.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_agent::config::AgentConfig;
+use std::path::Path;
+use std::time::Duration;
+
+#[test]
+fn configs_agent_toml_is_valid_and_documents_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/agent.toml");
+    let config = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let defaults = AgentConfig::with_data_dir(config.data_dir.clone());
+    assert_eq!(config.uplink.heartbeat, defaults.uplink.heartbeat);
+    assert_eq!(config.uplink.backoff_max, defaults.uplink.backoff_max);
+    assert_eq!(config.uplink.max_frame, defaults.uplink.max_frame);
+    assert_eq!(config.telemetry.interval, defaults.telemetry.interval);
+    assert_eq!(config.telemetry.queue, defaults.telemetry.queue);
+    assert_eq!(config.uplink.idle_timeout, Duration::from_secs(30));
+}

@@ -1,0 +1,17 @@
+//! The annotated reference config parses and validates, so it never rots.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_hub::config::HubConfig;
+use std::path::Path;
+use std::time::Duration;
+
+#[test]
+fn configs_hub_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/hub.toml");
+    let config = HubConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.quic.listen.port(), 7443);
+    assert_eq!(config.http.listen.port(), 8080);
+    assert_eq!(config.heartbeat_timeout, Duration::from_secs(15));
+    assert_eq!(config.quic.max_frame, 1 << 20);
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need on a fresh Debian machine,
+# then builds and runs every test of the workspace.
+#
+#   tests/run.sh            # everything
+#   tests/run.sh -- NAME    # only tests whose name contains NAME
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${need_apt[*]}"
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "tests/run.sh: cargo is missing; install Rust 1.95 or later (rustup.rs) first" >&2
+    exit 1
+fi
+
+# The multi-process tests run the binaries next to the test executables.
+cargo build --locked --workspace --bins
+cargo test --locked --workspace "$@"
