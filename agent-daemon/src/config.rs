@@ -1,7 +1,7 @@
 //! The agent's config file (TOML). `configs/agent.toml` is the annotated
 //! reference; every key there is read here.
 
-use outpost_shared::config::{ByteSize, ConfigErrors, Section, load_file, load_str};
+use outpost_shared::config::{ByteSize, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,24 +55,19 @@ pub struct TelemetryConfig {
 }
 
 impl AgentConfig {
-    /// Reads and validates a config file, reporting every problem.
-    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        load_file(path, Self::read)
-    }
-
-    /// Reads and validates config text; `file` names it in errors.
-    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
-        load_str(file, text, Self::read)
-    }
-
     /// Defaults for an agent whose state lives in `data_dir`.
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         let path = Path::new("<defaults>");
-        let text = format!("data_dir = {:?}", data_dir.display().to_string());
+        let text = format!(
+            "data_dir = {}",
+            toml::Value::String(data_dir.display().to_string())
+        );
         // The defaults plus one valid key always read cleanly.
         Self::parse(path, &text).unwrap_or_else(|e| panic!("built-in defaults are invalid: {e}"))
     }
+}
 
+impl ConfigFile for AgentConfig {
     fn read(root: &Section<'_>) -> Self {
         let uplink = root.table("uplink");
         let telemetry = root.table("telemetry");
@@ -145,7 +140,6 @@ impl AgentConfig {
         config
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

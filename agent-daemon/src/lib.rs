@@ -39,9 +39,6 @@ pub enum AgentError {
     /// The OS offers no system information.
     #[error("cannot read system information: {0}")]
     Telemetry(#[from] sysinfo::Error),
-    /// The runtime could not start.
-    #[error("cannot start the runtime: {0}")]
-    Runtime(std::io::Error),
 }
 
 /// The name a device reports: from config, else the host name.
@@ -61,25 +58,13 @@ pub fn run(
 ) -> Result<(), AgentError> {
     let identity = Identity::load(&config.data_dir)?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
-    let runtime = std::sync::Mutex::new(None);
     let system = actix::System::with_tokio_rt(|| {
-        let built = tokio::runtime::Builder::new_multi_thread()
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
-            .build();
-        match built {
-            Ok(rt) => rt,
-            Err(e) => {
-                *runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .unwrap_or_else(|e| panic!("cannot build any tokio runtime: {e}"))
-            }
-        }
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"))
     });
-    if let Some(e) = runtime.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(AgentError::Runtime(e));
-    }
     system.block_on(async move {
         let tasks = TaskTracker::new();
         let shutdown_token = tokio_util::sync::CancellationToken::new();

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use outpost_agent::config::AgentConfig;
-use outpost_shared::config::{ConfigErrors, EXIT_CONFIG};
+use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,14 +48,8 @@ fn main() -> ExitCode {
             data_dir,
             name,
         } => enroll(&token, data_dir, name),
-        Command::Validate { config } => match AgentConfig::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => config_failure(&errors),
-        },
-        Command::Run { config } => match AgentConfig::load(&config) {
+        Command::Validate { config } => AgentConfig::validate_command(&config),
+        Command::Run { config } => match AgentConfig::load_or_exit(&config) {
             Ok(config) => {
                 outpost_shared::logging::init(&config.log);
                 match outpost_agent::run(config, outpost_shared::logging::wait_for_signal()) {
@@ -67,14 +61,9 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Err(errors) => config_failure(&errors),
+            Err(code) => code,
         },
     }
-}
-
-fn config_failure(errors: &ConfigErrors) -> ExitCode {
-    eprintln!("{errors}");
-    ExitCode::from(EXIT_CONFIG as u8)
 }
 
 fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {

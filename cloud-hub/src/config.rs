@@ -1,10 +1,10 @@
 //! The hub's config file (TOML). See `configs/hub.toml` for the annotated
 //! reference; every key there is read here.
 
-use outpost_shared::config::{ByteSize, ConfigErrors, Section, load_file, load_str};
+use outpost_shared::config::{ByteSize, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Hub settings.
@@ -47,16 +47,6 @@ pub struct HttpConfig {
 }
 
 impl HubConfig {
-    /// Reads and validates a config file, reporting every problem.
-    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        load_file(path, Self::read)
-    }
-
-    /// Reads and validates config text; `file` names it in errors.
-    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
-        load_str(file, text, Self::read)
-    }
-
     /// Defaults for a hub whose state lives in `data_dir`, listening on
     /// loopback ports the OS picks (tests, the demo).
     pub fn ephemeral(data_dir: PathBuf) -> Self {
@@ -76,7 +66,9 @@ impl HubConfig {
             log: "info".into(),
         }
     }
+}
 
+impl ConfigFile for HubConfig {
     fn read(root: &Section<'_>) -> Self {
         let quic = root.table("quic");
         let http = root.table("http");
@@ -140,6 +132,7 @@ fn socket_addr(section: &Section<'_>, key: &str, default: &str) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn every_error_is_listed() {

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_hub::config::HubConfig;
-use outpost_shared::config::EXIT_CONFIG;
+use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -78,23 +78,12 @@ fn main() -> ExitCode {
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
         ),
-        Command::Validate { config } => match HubConfig::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => config_failure(&errors),
-        },
-        Command::Serve { config } => match HubConfig::load(&config) {
+        Command::Validate { config } => HubConfig::validate_command(&config),
+        Command::Serve { config } => match HubConfig::load_or_exit(&config) {
             Ok(config) => report(serve(config)),
-            Err(errors) => config_failure(&errors),
+            Err(code) => code,
         },
     }
-}
-
-fn config_failure(errors: &outpost_shared::config::ConfigErrors) -> ExitCode {
-    eprintln!("{errors}");
-    ExitCode::from(EXIT_CONFIG as u8)
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

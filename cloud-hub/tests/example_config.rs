@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::config::HubConfig;
+use outpost_shared::config::ConfigFile;
 use std::path::Path;
 use std::time::Duration;
 

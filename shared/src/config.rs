@@ -54,6 +54,43 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// A config type read from a TOML file through a [`Section`].
+pub trait ConfigFile: Sized {
+    /// Builds the config from the document's root, recording every problem
+    /// in `root`.
+    fn read(root: &Section<'_>) -> Self;
+
+    /// Reads and validates a config file, reporting every problem.
+    fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        load_file(path, Self::read)
+    }
+
+    /// Reads and validates config text; `file` names it in errors.
+    fn parse(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        load_str(file, text, Self::read)
+    }
+
+    /// Loads `path` for a command line tool: on errors, prints them all to
+    /// standard error and returns exit status 64.
+    fn load_or_exit(path: &Path) -> Result<Self, std::process::ExitCode> {
+        Self::load(path).map_err(|errors| {
+            eprintln!("{errors}");
+            std::process::ExitCode::from(EXIT_CONFIG as u8)
+        })
+    }
+
+    /// The `validate --config F` command: prints `F: ok` or every error.
+    fn validate_command(path: &Path) -> std::process::ExitCode {
+        match Self::load_or_exit(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        }
+    }
+}
+
 /// Reads `path` and builds a config from it with `build`, which reads the
 /// document through the given [`Section`].
 pub fn load_file<T>(path: &Path, build: impl FnOnce(&Section<'_>) -> T) -> Result<T, ConfigErrors> {
