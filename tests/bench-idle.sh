@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 idle=${1:-60}
 
-if ! command -v prometheus-node-exporter >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-node-exporter >/dev/null
+if ! command -v prometheus-node-exporter >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-node-exporter curl >/dev/null
 fi
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=target/release
@@ -36,9 +36,20 @@ token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 10m)
 # The example config, pointed at the scratch data dir.
 sed "s|^data_dir = .*|data_dir = \"$work/agent\"|" configs/agent.toml > "$work/agent.toml"
 "$bin/outpost-agent" run --config "$work/agent.toml" 2>"$work/agent.log" & agent=$!; pids+=($agent)
+# Two node_exporters: one left alone, one scraped every 10 s (what Prometheus
+# would do; the agent samples every 10 s with the example config).
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
-
-sleep "$idle"
+prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne2.log" & ne2=$!; pids+=($ne2)
+port=""
+for _ in $(seq 100); do
+    port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne2.log" | head -1 | cut -d: -f2) && [ -n "$port" ] && break
+    sleep 0.1
+done
+end=$((SECONDS + idle))
+while [ $SECONDS -lt "$end" ]; do
+    curl -s "http://127.0.0.1:$port/metrics" >/dev/null || true
+    sleep 10
+done
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
@@ -48,7 +59,9 @@ grep -q "Connected to the hub" "$work/agent.log" || { echo "agent never connecte
 echo "| process | RSS after ${idle}s idle | peak RSS (VmHWM) | threads |"
 echo "|---|---|---|---|"
 echo "| outpost-agent (configs/agent.toml, connected to a hub) | $(kib_to_mib "$(rss $agent)") MiB | $(kib_to_mib "$(hwm $agent)") MiB | $(threads $agent) |"
-echo "| prometheus-node-exporter $(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}') (defaults, not scraped) | $(kib_to_mib "$(rss $ne)") MiB | $(kib_to_mib "$(hwm $ne)") MiB | $(threads $ne) |"
+version=$(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}')
+echo "| prometheus-node-exporter $version (defaults, not scraped) | $(kib_to_mib "$(rss $ne)") MiB | $(kib_to_mib "$(hwm $ne)") MiB | $(threads $ne) |"
+echo "| prometheus-node-exporter $version (defaults, scraped every 10 s) | $(kib_to_mib "$(rss $ne2)") MiB | $(kib_to_mib "$(hwm $ne2)") MiB | $(threads $ne2) |"
 echo
 echo "| binary | stripped size |"
 echo "|---|---|"
