@@ -7,7 +7,10 @@
 //! `io` feature adds two small helpers that read and write frames on any tokio
 //! `AsyncRead`/`AsyncWrite`, so both sides share one framing loop.
 
+#[cfg(feature = "io")]
+pub mod commit;
 pub mod config;
+pub mod desired;
 pub mod frame;
 pub mod fsutil;
 pub mod identity;

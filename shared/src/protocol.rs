@@ -8,16 +8,21 @@
 //!
 //! Conversation on a QUIC control stream:
 //! - enrollment (no client certificate yet): `Enroll` → `Enrolled` | `Refused`;
-//! - session (client certificate from the fleet CA): `Hello` → `Welcome` |
-//!   `Refused`, then `Heartbeat` and `Telemetry` from the agent.
+//! - session (client certificate from the fleet CA): `Hello` → `Welcome`
+//!   (carrying the last sequence number the hub holds) | `Refused`; then the
+//!   agent sends `Heartbeat` and `Batch`es of outbox records, the hub answers
+//!   each batch with a cumulative `Ack` after its durable write, and sends
+//!   `Deliver` (commands, desired state), which the agent confirms with
+//!   `Received` once it has persisted them.
 
 use crate::identity::DeviceId;
 use crate::telemetry::Sample;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 replaced v1's
+/// fire-and-forget `Telemetry` message with sequenced, acknowledged batches.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,8 +51,156 @@ pub enum Message {
     Refused(Refusal),
     /// Agent → hub: liveness, sent every heartbeat interval.
     Heartbeat(Heartbeat),
-    /// Agent → hub: one telemetry sample.
+    /// Agent → hub: outbox records in sequence order.
+    Batch(Batch),
+    /// Hub → agent: every record up to `upto` is durably stored.
+    Ack(Ack),
+    /// Hub → agent: commands and desired state.
+    Deliver(Deliver),
+    /// Agent → hub: these commands are persisted on the device.
+    Received(Received),
+}
+
+/// Outbox records, in increasing sequence order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The records.
+    pub records: Vec<Record>,
+}
+
+/// One durable record from a device's outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Per-device sequence number, from 1, increasing by one per record
+    /// (gaps only where the device thinned telemetry).
+    pub seq: u64,
+    /// When the record was made (device clock).
+    pub at: Timestamp,
+    /// What it says.
+    pub body: RecordBody,
+}
+
+/// Kinds of records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RecordBody {
+    /// A telemetry sample (may be thinned when the outbox is full).
     Telemetry(Sample),
+    /// The outcome of a command (never dropped).
+    CommandResult(CommandResult),
+    /// Which desired-state version the device applied (never dropped).
+    StateReport(StateReport),
+    /// Something needs attention (never dropped).
+    Alarm(Alarm),
+}
+
+impl RecordBody {
+    /// True for records that may be thinned under pressure.
+    pub fn is_telemetry(&self) -> bool {
+        matches!(self, RecordBody::Telemetry(_))
+    }
+}
+
+/// Cumulative acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The hub durably holds every record of this device up to here.
+    pub upto: u64,
+}
+
+/// Work for the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deliver {
+    /// Commands to run, each once.
+    pub commands: Vec<Command>,
+    /// The latest desired state, if any.
+    pub desired: Option<Desired>,
+}
+
+/// A command from a fleet manager.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Hub-assigned id, unique in the fleet.
+    pub id: u64,
+    /// What to do (`echo`, `exec`).
+    pub kind: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Not to be started after this time.
+    pub expires_at: Timestamp,
+}
+
+/// A versioned desired-state document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    /// Version; higher replaces lower.
+    pub version: u64,
+    /// The document as JSON (see [`crate::desired::DesiredDoc`]).
+    pub doc: String,
+}
+
+/// Confirms that commands are persisted on the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Received {
+    /// Their ids.
+    pub commands: Vec<u64>,
+}
+
+/// The outcome of one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The command's id.
+    pub id: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Captured output (capped).
+    pub output: String,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// It ran and succeeded.
+    Succeeded,
+    /// It ran and failed (exit status, or -1 if killed).
+    Failed {
+        /// Exit status.
+        code: i32,
+    },
+    /// Its expiry passed before it could start.
+    Expired,
+    /// The agent stopped while it ran; it is not run again.
+    Interrupted,
+    /// The device does not run this kind of command.
+    Rejected,
+}
+
+/// The desired-state version a device applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    /// The version now in force.
+    pub applied_version: u64,
+    /// Why the latest version was not applied, if it was not.
+    pub error: Option<String>,
+}
+
+/// A condition that needs a human.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alarm {
+    /// What kind.
+    pub kind: AlarmKind,
+    /// True when raised, false when cleared.
+    pub raised: bool,
+    /// Explanation.
+    pub message: String,
+}
+
+/// Kinds of alarms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlarmKind {
+    /// Records that are never dropped alone exceed the outbox budget.
+    OutboxFull,
+    /// Telemetry was thinned to stay within the outbox budget.
+    TelemetryThinned,
 }
 
 /// Redeems an enrollment token.
@@ -92,6 +245,9 @@ pub struct Welcome {
     pub hub_version: String,
     /// The hub's clock when it answered.
     pub server_time: Timestamp,
+    /// The highest sequence number of this device the hub holds; the agent
+    /// resumes after it.
+    pub acked_seq: u64,
 }
 
 /// Why a request was refused.
@@ -156,7 +312,10 @@ impl Message {
             Message::Welcome(_) => "Welcome",
             Message::Refused(_) => "Refused",
             Message::Heartbeat(_) => "Heartbeat",
-            Message::Telemetry(_) => "Telemetry",
+            Message::Batch(_) => "Batch",
+            Message::Ack(_) => "Ack",
+            Message::Deliver(_) => "Deliver",
+            Message::Received(_) => "Received",
         }
     }
 }
@@ -233,50 +392,76 @@ mod tests {
         let id: DeviceId = "dev-01".parse().unwrap();
         let cases: Vec<(Message, &str)> = vec![
             (
-                Message::Enroll(EnrollRequest {
-                    token: "t".into(),
-                    csr_der: vec![0xAA],
-                    name: "n".into(),
-                }),
-                "0100017401aa016e",
+                Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
+                "0200017401aa016e",
             ),
             (
-                Message::Enrolled(Enrolled {
-                    device_id: id.clone(),
-                    cert_der: vec![1],
-                    ca_der: vec![2],
-                }),
-                "0101066465762d303101010102",
+                Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
+                "0201066465762d303101010102",
             ),
             (
-                Message::Hello(Hello {
-                    agent_version: "0.1".into(),
-                    name: "gw".into(),
-                    started_at: Timestamp(1),
-                }),
-                "010203302e3102677701",
+                Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
+                "020203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
                     device_id: id,
                     hub_version: "0.1".into(),
                     server_time: Timestamp(300),
+                    acked_seq: 7,
                 }),
-                "0103066465762d303103302e31ac02",
+                "0203066465762d303103302e31ac0207",
             ),
             (
-                Message::Refused(Refusal {
-                    reason: RefusalReason::ExpiredToken,
-                    message: "x".into(),
-                }),
-                "0104010178",
+                Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }),
+                "0204010178",
             ),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "010502"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "020502"),
             (
-                Message::Telemetry(sample()),
-                "010680d095ffbc310000484180808080028080808008000000\
-                 003f0000803e0000003e901c01012f0a14010465746830010200",
+                Message::Batch(Batch {
+                    records: vec![
+                        Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) },
+                        Record {
+                            seq: 2,
+                            at: Timestamp(6),
+                            body: RecordBody::CommandResult(CommandResult {
+                                id: 3,
+                                outcome: Outcome::Failed { code: -1 },
+                                output: "e".into(),
+                            }),
+                        },
+                        Record {
+                            seq: 3,
+                            at: Timestamp(7),
+                            body: RecordBody::StateReport(StateReport { applied_version: 4, error: None }),
+                        },
+                        Record {
+                            seq: 4,
+                            at: Timestamp(8),
+                            body: RecordBody::Alarm(Alarm {
+                                kind: AlarmKind::OutboxFull,
+                                raised: true,
+                                message: "m".into(),
+                            }),
+                        },
+                    ],
+                }),
+                GOLDEN_BATCH,
             ),
+            (Message::Ack(Ack { upto: 300 }), "0207ac02"),
+            (
+                Message::Deliver(Deliver {
+                    commands: vec![Command {
+                        id: 9,
+                        kind: "echo".into(),
+                        args: vec!["hi".into()],
+                        expires_at: Timestamp(10),
+                    }],
+                    desired: Some(Desired { version: 2, doc: "{}".into() }),
+                }),
+                "02080109046563686f010268690a0102027b7d",
+            ),
+            (Message::Received(Received { commands: vec![9, 10] }), "020902090a"),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -289,6 +474,9 @@ mod tests {
         }
     }
 
+    const GOLDEN_BATCH: &str = "02060401050080d095ffbc310000484180808080028080808008000000003f0000803e0000003e901c\
+        01012f0a14010465746830010200020601030101016503070204000408030001016d";
+
     #[test]
     fn unknown_version_is_told_apart_from_garbage() {
         let mut bytes = Envelope::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })).encode();
@@ -298,7 +486,7 @@ mod tests {
             Err(ProtocolError::UnsupportedVersion { got: 9 })
         ));
         assert!(matches!(
-            Envelope::decode(&[1, 0xEE]),
+            Envelope::decode(&[PROTOCOL_VERSION as u8, 0xEE]),
             Err(ProtocolError::Malformed(_))
         ));
         assert!(matches!(
@@ -309,7 +497,8 @@ mod tests {
 
     #[test]
     fn truncated_and_padded_envelopes_are_rejected() {
-        let bytes = Envelope::new(Message::Telemetry(sample())).encode();
+        let record = Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) };
+        let bytes = Envelope::new(Message::Batch(Batch { records: vec![record] })).encode();
         for cut in 0..bytes.len() {
             assert!(
                 Envelope::decode(&bytes[..cut]).is_err(),

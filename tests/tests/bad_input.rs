@@ -99,7 +99,7 @@ fn malformed_truncated_and_oversized_frames_close_only_that_connection() {
         (
             "malformed",
             true,
-            vec![0, 0, 0, 3, 1, 0xEE, 0xFF],
+            vec![0, 0, 0, 3, 2, 0xEE, 0xFF],
             false,
             "malformed envelope",
         ),
