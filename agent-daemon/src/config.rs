@@ -17,6 +17,10 @@ pub struct AgentConfig {
     pub uplink: UplinkConfig,
     /// Telemetry sampling.
     pub telemetry: TelemetryConfig,
+    /// Local durable store.
+    pub store: StoreConfig,
+    /// Commands from the hub.
+    pub commands: CommandsConfig,
     /// Log filter. Default `info`.
     pub log: String,
 }
@@ -47,11 +51,31 @@ pub struct UplinkConfig {
 /// `[telemetry]`
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
-    /// Sampling interval. Default 10s.
+    /// Sampling interval. Default 10s. The hub's desired state may
+    /// override it.
     pub interval: Duration,
-    /// Samples kept while the hub is unreachable; the oldest are dropped
-    /// first. Default 360.
-    pub queue: usize,
+}
+
+/// `[store]`
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Bytes the outbox may hold before telemetry is thinned. Results,
+    /// reports and alarms are never dropped. Default 64 MiB.
+    pub outbox_budget: u64,
+    /// sled page cache. Default 4 MiB.
+    pub cache: u64,
+}
+
+/// `[commands]`
+#[derive(Debug, Clone)]
+pub struct CommandsConfig {
+    /// Run `exec` commands (a program with arguments, no shell) from the
+    /// hub. Default false.
+    pub allow_exec: bool,
+    /// Kill an `exec` command's process group after this long. Default 5m.
+    pub timeout: Duration,
+    /// Captured output kept per command. Default 64 KiB.
+    pub max_output: usize,
 }
 
 impl AgentConfig {
@@ -71,6 +95,8 @@ impl ConfigFile for AgentConfig {
     fn read(root: &Section<'_>) -> Self {
         let uplink = root.table("uplink");
         let telemetry = root.table("telemetry");
+        let store = root.table("store");
+        let commands = root.table("commands");
         let transport: String = uplink.get_or("transport", "quic".to_owned());
         uplink.check(
             "transport",
@@ -92,9 +118,15 @@ impl ConfigFile for AgentConfig {
                     .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
                     .0 as usize,
             },
-            telemetry: TelemetryConfig {
-                interval: telemetry.get_or("interval", Duration::from_secs(10)),
-                queue: telemetry.get_or("queue", 360usize),
+            telemetry: TelemetryConfig { interval: telemetry.get_or("interval", Duration::from_secs(10)) },
+            store: StoreConfig {
+                outbox_budget: store.get_or("outbox_budget", ByteSize(64 << 20)).0,
+                cache: store.get_or("cache", ByteSize(4 << 20)).0,
+            },
+            commands: CommandsConfig {
+                allow_exec: commands.get_or("allow_exec", false),
+                timeout: commands.get_or("timeout", Duration::from_secs(300)),
+                max_output: commands.get_or("max_output", ByteSize(64 << 10)).0 as usize,
             },
             log: root.get_or("log", "info".to_owned()),
         };
@@ -134,9 +166,13 @@ impl ConfigFile for AgentConfig {
             config.telemetry.interval >= Duration::from_millis(100),
             "must be at least 100ms",
         );
-        telemetry.check("queue", config.telemetry.queue >= 1, "must be at least 1");
-        uplink.finish();
-        telemetry.finish();
+        store.check("outbox_budget", config.store.outbox_budget >= 64 << 10, "must be at least 64 KiB");
+        store.check("cache", config.store.cache >= 256 << 10, "must be at least 256 KiB");
+        commands.check("timeout", !config.commands.timeout.is_zero(), "must be more than zero");
+        commands.check("max_output", config.commands.max_output <= 1 << 20, "must be at most 1 MiB");
+        for section in [uplink, telemetry, store, commands] {
+            section.finish();
+        }
         config
     }
 }

@@ -1,8 +1,10 @@
 //! The Outpost agent: an actix System of actors under one supervisor.
 //!
-//! Data flow: [`telemetry::TelemetryActor`] samples the OS into the
-//! [`telemetry::TelemetryQueue`]; [`uplink::UplinkActor`]'s link task drains
-//! it to the hub over QUIC with mutual TLS and sends heartbeats; the
+//! Data flow: [`telemetry::TelemetryActor`] samples the OS into the durable
+//! outbox of the [`store`]; the uplink task ([`uplink::link_loop`]) drains
+//! the outbox to the hub over QUIC with mutual TLS in acknowledged batches
+//! and puts what the hub delivers into the inbox; the command executor
+//! ([`inbox::executor`]) runs commands and applies desired state; the
 //! [`supervisor::SupervisorActor`] restarts whichever stops and reports
 //! health to systemd. [`enroll`] turns a token into the [`identity`] on disk.
 
@@ -10,6 +12,10 @@ pub mod backoff;
 pub mod config;
 pub mod enroll;
 pub mod identity;
+pub mod inbox;
+pub mod process;
+pub mod store;
+pub mod task_actor;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
@@ -18,8 +24,12 @@ pub mod uplink;
 use crate::config::AgentConfig;
 use crate::identity::{Identity, IdentityError};
 use crate::supervisor::{RestartPolicy, SupervisorActor};
-use crate::telemetry::{Sampler, TelemetryActor, TelemetryQueue};
-use crate::uplink::{LinkParams, LinkState, UplinkActor};
+use crate::inbox::Settings;
+use crate::store::AgentStore;
+use crate::task_actor::TaskActor;
+use crate::telemetry::{Sampler, TelemetryActor};
+use crate::uplink::{LinkParams, LinkState};
+use tokio_util::sync::CancellationToken;
 use actix::Actor;
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +46,9 @@ pub enum AgentError {
     /// The identity is missing or unreadable.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The local store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// The OS offers no system information.
     #[error("cannot read system information: {0}")]
     Telemetry(#[from] sysinfo::Error),
@@ -52,11 +65,19 @@ pub fn device_name(config: &AgentConfig) -> String {
 
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
-pub fn run(
+pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
+    run_with(config, shutdown, |_| {})
+}
+
+/// Like [`run`]; `extra` is called inside the running System with the store,
+/// so a caller can add its own producers of records (load generators, tests).
+pub fn run_with(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + 'static,
+    extra: impl FnOnce(&AgentStore),
 ) -> Result<(), AgentError> {
     let identity = Identity::load(&config.data_dir)?;
+    let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -67,51 +88,58 @@ pub fn run(
     });
     system.block_on(async move {
         let tasks = TaskTracker::new();
-        let shutdown_token = tokio_util::sync::CancellationToken::new();
-        let queue = TelemetryQueue::new(config.telemetry.queue);
+        let stop = CancellationToken::new();
+        let defaults = Settings { telemetry_interval: config.telemetry.interval };
+        let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
+        let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let params = LinkParams {
-            hub: config
-                .uplink
-                .hub
-                .clone()
-                .unwrap_or_else(|| identity.hub.clone()),
+            hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
             name: device_name(&config),
             identity,
-            queue: queue.clone(),
+            store: store.clone(),
             state: Arc::new(state_tx),
         };
-        tracing::info!(device = %params.identity.device_id, hub = %params.hub, "Agent starting.");
-        let interval = config.telemetry.interval;
-        let uplink_tasks = tasks.clone();
-        let uplink_shutdown = shutdown_token.clone();
+        let stats = store.stats();
+        tracing::info!(
+            device = %params.identity.device_id,
+            hub = %params.hub,
+            outbox_records = stats.records,
+            next_seq = stats.next_seq,
+            "Agent starting."
+        );
+        let (t1, s1) = (tasks.clone(), stop.clone());
+        let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
+        let store3 = store.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
-                UplinkActor::new(
-                    params.clone(),
-                    uplink_tasks.clone(),
-                    uplink_shutdown.clone(),
-                )
+                let params = params.clone();
+                TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| uplink::link_loop(params.clone(), cancel)).start()
+            })
+            .child("commands", move || {
+                let (store, commands, defaults, settings) = (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone());
+                TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
+                    inbox::executor(store.clone(), commands.clone(), defaults.clone(), settings.clone(), cancel)
+                })
                 .start()
             })
-            .child("telemetry", move || {
-                TelemetryActor::new(interval, queue.clone(), sampler.clone()).start()
-            })
+            .child("telemetry", move || TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start())
             .status_from(state_rx)
             .start();
+        extra(&store);
         shutdown.await;
         tracing::info!("Agent stopping.");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        shutdown_token.cancel();
+        stop.cancel();
         drop(supervisor);
         actix::System::current().stop();
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait()).await.is_err() {
             tracing::warn!("Shutdown exceeded its time limit.");
+        }
+        if let Err(e) = store.flush() {
+            tracing::error!(error = %e, "Final store flush failed.");
         }
     });
     Ok(())

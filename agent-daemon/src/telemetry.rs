@@ -1,20 +1,20 @@
-//! Telemetry: the sampler (sysinfo), the queue of samples waiting for the
-//! uplink, and the actor that samples on an interval.
+//! Telemetry: the sampler (sysinfo) and the actor that samples on an
+//! interval into the durable outbox.
 //!
 //! Sampling reads `/proc` and `/sys` and runs on tokio's blocking pool, never
-//! on the actor's thread. Samples go into the [`TelemetryQueue`], which the
-//! uplink drains while connected. The queue outlives both actors, so a
-//! restart of either loses nothing queued. It is bounded and in memory: the
-//! oldest samples are dropped when it is full.
+//! on the actor's thread. The interval comes from [`Settings`], which the
+//! hub's desired state can change while the agent runs.
 
 use actix::prelude::*;
 use outpost_shared::telemetry::{DiskSample, NetSample, Sample, TempSample};
 use outpost_shared::time::Timestamp;
-use std::collections::VecDeque;
+use crate::inbox::Settings;
+use crate::store::AgentStore;
+use outpost_shared::protocol::RecordBody;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sysinfo::{Components, Disks, Networks, System};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 /// Reads the device's health from the OS.
 pub struct Sampler {
@@ -101,114 +101,64 @@ impl Sampler {
     }
 }
 
-/// Samples waiting for the uplink; bounded, oldest dropped first.
-#[derive(Debug, Clone)]
-pub struct TelemetryQueue {
-    inner: Arc<Mutex<QueueState>>,
-    ready: Arc<Notify>,
-}
-
-#[derive(Debug)]
-struct QueueState {
-    samples: VecDeque<Sample>,
-    capacity: usize,
-    dropped: u64,
-}
-
-impl TelemetryQueue {
-    /// A queue holding at most `capacity` samples.
-    pub fn new(capacity: usize) -> Self {
-        let state = QueueState {
-            samples: VecDeque::new(),
-            capacity: capacity.max(1),
-            dropped: 0,
-        };
-        TelemetryQueue {
-            inner: Arc::new(Mutex::new(state)),
-            ready: Arc::default(),
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds a sample, dropping the oldest if full.
-    pub fn push(&self, sample: Sample) {
-        let mut state = self.state();
-        if state.samples.len() >= state.capacity {
-            state.samples.pop_front();
-            state.dropped += 1;
-        }
-        state.samples.push_back(sample);
-        drop(state);
-        self.ready.notify_one();
-    }
-
-    /// The oldest sample, left in the queue.
-    pub fn front(&self) -> Option<Sample> {
-        self.state().samples.front().cloned()
-    }
-
-    /// Removes the oldest sample once it has been sent.
-    pub fn pop_front(&self) {
-        self.state().samples.pop_front();
-    }
-
-    /// Samples waiting.
-    pub fn len(&self) -> usize {
-        self.state().samples.len()
-    }
-
-    /// True if nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Samples dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.state().dropped
-    }
-
-    /// Resolves once a sample is pushed after the last wake-up.
-    pub async fn wait(&self) {
-        self.ready.notified().await;
-    }
-}
-
-/// Samples the device on an interval into the queue.
+/// Samples the device on an interval into the outbox.
 #[derive(Debug)]
 pub struct TelemetryActor {
-    interval: Duration,
-    queue: TelemetryQueue,
+    store: AgentStore,
     sampler: Arc<Mutex<Sampler>>,
+    settings: watch::Receiver<Settings>,
+    ticker: Option<SpawnHandle>,
 }
 
 impl TelemetryActor {
-    /// An actor sampling every `interval` into `queue` with `sampler`
-    /// (shared across restarts, so the CPU baseline survives them).
-    pub fn new(interval: Duration, queue: TelemetryQueue, sampler: Arc<Mutex<Sampler>>) -> Self {
-        TelemetryActor {
-            interval,
-            queue,
-            sampler,
-        }
+    /// An actor sampling with `sampler` (shared across restarts, so the CPU
+    /// baseline survives them) into `store`, at the interval `settings` say.
+    pub fn new(store: AgentStore, sampler: Arc<Mutex<Sampler>>, settings: watch::Receiver<Settings>) -> Self {
+        TelemetryActor { store, sampler, settings, ticker: None }
     }
 
     fn take_sample(&self, ctx: &mut Context<Self>) {
         let sampler = self.sampler.clone();
-        let queue = self.queue.clone();
+        let store = self.store.clone();
         let work = async move {
-            let result = tokio::task::spawn_blocking(move || {
-                sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()
-            })
-            .await;
-            match result {
-                Ok(sample) => queue.push(sample),
+            let sampled = tokio::task::spawn_blocking(move || sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()).await;
+            match sampled {
+                Ok(sample) => {
+                    if let Err(e) = store.append(vec![RecordBody::Telemetry(sample)]).await {
+                        tracing::error!(error = %e, "Telemetry sample could not be stored.");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "Telemetry sampling failed."),
             }
         };
         ctx.spawn(work.into_actor(self));
+    }
+
+    /// (Re)starts the sampling schedule at the current interval.
+    fn schedule(&mut self, ctx: &mut Context<Self>, first: Duration) {
+        if let Some(handle) = self.ticker.take() {
+            ctx.cancel_future(handle);
+        }
+        let interval = self.settings.borrow().telemetry_interval;
+        self.ticker = Some(ctx.run_later(first.min(interval), move |act, ctx| {
+            act.take_sample(ctx);
+            act.ticker = Some(ctx.run_interval(interval, |act, ctx| act.take_sample(ctx)));
+        }));
+    }
+
+    /// Reschedules whenever the settings change.
+    fn watch_settings(&self, ctx: &mut Context<Self>) {
+        let mut settings = self.settings.clone();
+        let changed = async move { settings.changed().await.is_ok() };
+        ctx.spawn(changed.into_actor(self).map(|ok, act, ctx| {
+            if ok {
+                act.settings.mark_unchanged();
+                let interval = act.settings.borrow().telemetry_interval;
+                tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
+                act.schedule(ctx, interval);
+                act.watch_settings(ctx);
+            }
+        }));
     }
 }
 
@@ -218,11 +168,8 @@ impl Actor for TelemetryActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The first sample soon after start, so a new device shows figures
         // without waiting a whole interval.
-        let first = self.interval.min(Duration::from_secs(1));
-        ctx.run_later(first, |act, ctx| {
-            act.take_sample(ctx);
-            ctx.run_interval(act.interval, |act, ctx| act.take_sample(ctx));
-        });
+        self.schedule(ctx, Duration::from_secs(1));
+        self.watch_settings(ctx);
     }
 }
 
@@ -242,21 +189,5 @@ mod tests {
             !s.net.is_empty(),
             "no network interfaces seen (lo should be there)"
         );
-    }
-
-    #[test]
-    fn queue_drops_oldest_when_full() {
-        let mut sampler = Sampler::new().unwrap();
-        let q = TelemetryQueue::new(2);
-        let mut samples = Vec::new();
-        for i in 0..3 {
-            let mut s = sampler.sample();
-            s.at = Timestamp(i);
-            samples.push(s.clone());
-            q.push(s);
-        }
-        assert_eq!(q.len(), 2);
-        assert_eq!(q.dropped(), 1);
-        assert_eq!(q.front().map(|s| s.at), Some(Timestamp(1)));
     }
 }

@@ -12,8 +12,9 @@ use crate::store::{DeviceRecord, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::time::Timestamp;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// Close code sent to a connection replaced by a newer one of the same device.
 pub const CLOSE_REPLACED: u32 = 3;
@@ -22,6 +23,8 @@ pub const CLOSE_REPLACED: u32 = 3;
 struct Presence {
     last_seen: Timestamp,
     connection: Option<quinn::Connection>,
+    /// Wakes the device's session when commands or desired state change.
+    downlink: Arc<Notify>,
 }
 
 /// Fleet state shared by the QUIC endpoint and the HTTP API.
@@ -53,17 +56,26 @@ impl Fleet {
     }
 
     /// A device opened a session on `connection`; an older connection of the
-    /// same device is closed.
-    pub fn connected(&self, id: &DeviceId, connection: quinn::Connection) {
-        let old = self.presence().insert(
-            id.clone(),
-            Presence {
-                last_seen: Timestamp::now(),
-                connection: Some(connection),
-            },
-        );
-        if let Some(old) = old.and_then(|p| p.connection) {
+    /// same device is closed. Returns the notifier that [`Fleet::poke`]
+    /// wakes for this device.
+    pub fn connected(&self, id: &DeviceId, connection: quinn::Connection) -> Arc<Notify> {
+        let mut presence = self.presence();
+        let entry = presence.entry(id.clone()).or_insert_with(|| Presence {
+            last_seen: Timestamp::now(),
+            connection: None,
+            downlink: Arc::default(),
+        });
+        entry.last_seen = Timestamp::now();
+        if let Some(old) = entry.connection.replace(connection) {
             old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
+        }
+        entry.downlink.clone()
+    }
+
+    /// Tells the device's session (if any) that there is something to deliver.
+    pub fn poke(&self, id: &DeviceId) {
+        if let Some(p) = self.presence().get(id) {
+            p.downlink.notify_one();
         }
     }
 

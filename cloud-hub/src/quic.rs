@@ -13,7 +13,8 @@ use crate::fleet::Fleet;
 use outpost_shared::DeviceId;
 use outpost_shared::identity::ALPN;
 use outpost_shared::io::{FrameReader, StreamError, write_message};
-use outpost_shared::protocol::{Message, Refusal, RefusalReason, Welcome};
+use crate::store::CommandState;
+use outpost_shared::protocol::{Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome};
 use outpost_shared::time::Timestamp;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -262,37 +263,127 @@ async fn run_session(
             return SessionEnd::Closed("store error".into());
         }
     }
-    ctx.fleet.connected(id, connection.clone());
+    let downlink = ctx.fleet.connected(id, connection.clone());
+    let acked_seq = match store.high_water(id) {
+        Ok(seq) => seq,
+        Err(e) => {
+            tracing::error!(error = %e, "High-water mark could not be read.");
+            return SessionEnd::Closed("store error".into());
+        }
+    };
     let welcome = Welcome {
         device_id: id.clone(),
         hub_version: env!("CARGO_PKG_VERSION").into(),
         server_time: Timestamp::now(),
+        acked_seq,
     };
     if let Err(e) = write_message(&mut send, Message::Welcome(welcome), ctx.max_frame).await {
         return e.into();
     }
-    info!(name = %hello.name, version = %hello.agent_version, %addr, "Session opened.");
+    info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after = acked_seq, "Session opened.");
+    let mut outbound = Outbound::default();
     loop {
-        let envelope = match reader.next().await {
-            Ok(Some(env)) => env,
-            Ok(None) => return SessionEnd::Closed("agent finished the control stream".into()),
-            Err(e) => return e.into(),
+        if let Some(deliver) = outbound.pending(store, id) {
+            if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {
+                return e.into();
+            }
+        }
+        let envelope = tokio::select! {
+            () = downlink.notified() => continue,
+            next = reader.next() => match next {
+                Ok(Some(env)) => env,
+                Ok(None) => return SessionEnd::Closed("agent finished the control stream".into()),
+                Err(e) => return e.into(),
+            },
         };
         ctx.fleet.seen(id);
         match envelope.message {
             Message::Heartbeat(_) => {}
-            Message::Telemetry(sample) => {
-                let stored = store.update_device(id, |r| {
-                    r.last_seen = Some(Timestamp::now());
-                    r.last_sample = Some(sample.clone());
-                });
-                if let Err(e) = stored {
-                    tracing::error!(error = %e, "Telemetry could not be stored.");
+            Message::Batch(batch) => {
+                if !batch.records.windows(2).all(|w| w[0].seq < w[1].seq) || batch.records.first().is_some_and(|r| r.seq == 0) {
+                    return SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into());
+                }
+                let (device, records) = (id.clone(), batch.records);
+                let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
+                    Ok(Ok(ingested)) => ingested,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "Ingest failed; the agent will resend.");
+                        return SessionEnd::Closed("store error".into());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "Ingest could not be made durable; the agent will resend.");
+                        return SessionEnd::Closed("store error".into());
+                    }
+                };
+                for (from, to) in &ingested.gaps {
+                    info!(from, to, "Sequence gap (records the device thinned).");
+                }
+                if ingested.duplicates > 0 {
+                    debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
+                }
+                let ack = Ack { upto: ingested.upto };
+                if let Err(e) = write_message(&mut send, Message::Ack(ack), ctx.max_frame).await {
+                    return e.into();
                 }
             }
-            other => {
-                return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
+            Message::Received(received) => {
+                let (device, ids) = (id.clone(), received.commands);
+                let marked = store
+                    .writer()
+                    .run(move |s| {
+                        s.transition_commands(&device, &ids, |st| *st == CommandState::Queued, CommandState::Delivered { at: Timestamp::now() })
+                    })
+                    .await;
+                match marked {
+                    Ok(Ok(ids)) if !ids.is_empty() => info!(commands = ?ids, "Commands delivered."),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "Delivery could not be recorded."),
+                    Err(e) => tracing::error!(error = %e, "Delivery could not be recorded."),
+                }
             }
+            other => return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind())),
         }
+    }
+}
+
+/// What this session has already sent the device, so a wake-up sends only
+/// what is new.
+#[derive(Debug, Default)]
+struct Outbound {
+    sent_commands: std::collections::HashSet<u64>,
+    sent_desired: u64,
+}
+
+impl Outbound {
+    /// Commands queued and unexpired, and a desired state newer than the
+    /// device reported, that this session has not sent yet.
+    fn pending(&mut self, store: &crate::store::Store, id: &DeviceId) -> Option<Deliver> {
+        let now = Timestamp::now();
+        let commands: Vec<Command> = match store.device_commands(id) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|c| c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id))
+                .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "Pending commands could not be read.");
+                Vec::new()
+            }
+        };
+        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
+        let desired = store
+            .desired(id)
+            .ok()
+            .flatten()
+            .filter(|d| d.version > reported.max(self.sent_desired))
+            .map(|d| Desired { version: d.version, doc: d.doc });
+        if commands.is_empty() && desired.is_none() {
+            return None;
+        }
+        self.sent_commands.extend(commands.iter().map(|c| c.id));
+        if let Some(d) = &desired {
+            self.sent_desired = d.version;
+        }
+        Some(Deliver { commands, desired })
     }
 }

@@ -1,15 +1,31 @@
 //! The hub's fleet state in sled, behind a narrow typed interface.
 //!
-//! Trees: `devices` (device id → [`DeviceRecord`]), `api_tokens` (SHA-256 of
-//! a bearer token → [`ApiToken`]), `enroll_uses` (enrollment token id →
-//! redemptions so far). Values are postcard. Everything the fleet keeps goes
+//! Trees (values are postcard):
+//! - `devices`: device id → [`DeviceRecord`]
+//! - `api_tokens`: SHA-256 of a bearer token → [`ApiToken`]
+//! - `enroll_uses`: enrollment token id → redemptions so far
+//! - `seq`: device id → highest record sequence number stored (the ingest
+//!   high-water mark; a record at or below it is a duplicate)
+//! - `telemetry`: device id, 0, sample time (u64 BE), seq (u64 BE) → sample
+//! - `alarms`: device id, 0, seq (u64 BE) → [`AlarmRecord`]
+//! - `reported`: device id → [`ReportedState`]
+//! - `desired`: device id → [`DesiredRecord`]
+//! - `commands`: command id (u64 BE) → [`CommandRecord`]; `device_commands`:
+//!   device id, 0, command id → () as the per-device index
+//!
+//! Writes that must be durable before they are acknowledged run on the
+//! group-commit writer ([`Store::writer`]). Everything the fleet keeps goes
 //! through this type so that a distributed engine can take sled's place
 //! later without touching callers.
 
+use outpost_shared::commit::GroupCommit;
+use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody, StateReport};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use outpost_shared::{DeviceId, Fingerprint};
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use std::path::Path;
 
 /// What the hub knows about one device.
@@ -31,6 +47,99 @@ pub struct DeviceRecord {
     pub last_addr: Option<String>,
     /// The latest telemetry sample.
     pub last_sample: Option<Sample>,
+}
+
+/// An alarm a device raised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmRecord {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When the device raised it.
+    pub at: Timestamp,
+    /// The alarm.
+    pub alarm: Alarm,
+}
+
+/// The desired-state version a device reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportedState {
+    /// Version in force on the device.
+    pub applied_version: u64,
+    /// Why the latest version was refused, if it was.
+    pub error: Option<String>,
+    /// When the device reported it.
+    pub at: Timestamp,
+}
+
+/// A device's desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    /// Version, from 1.
+    pub version: u64,
+    /// The document (JSON).
+    pub doc: String,
+    /// When it was set.
+    pub updated_at: Timestamp,
+}
+
+/// Where a command stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandState {
+    /// Waiting for the device.
+    Queued,
+    /// The device holds it durably.
+    Delivered {
+        /// When it confirmed.
+        at: Timestamp,
+    },
+    /// The device reported its outcome.
+    Completed {
+        /// When the result arrived.
+        at: Timestamp,
+        /// How it ended.
+        outcome: Outcome,
+        /// Captured output.
+        output: String,
+    },
+    /// Its expiry passed before delivery; it will never run.
+    Expired {
+        /// When it was found expired.
+        at: Timestamp,
+    },
+}
+
+/// A command for one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Fleet-unique id.
+    pub id: u64,
+    /// The device.
+    pub device: DeviceId,
+    /// Kind (`echo`, `exec`).
+    pub kind: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// When it was queued.
+    pub created_at: Timestamp,
+    /// Not to be started after this.
+    pub expires_at: Timestamp,
+    /// Who queued it (API token name).
+    pub created_by: String,
+    /// Where it stands.
+    pub state: CommandState,
+}
+
+/// What one ingested batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// The device's high-water mark after the batch: the ack to send.
+    pub upto: u64,
+    /// Records stored.
+    pub stored: usize,
+    /// Records already held (re-sent after a lost ack).
+    pub duplicates: usize,
+    /// Sequence ranges skipped (telemetry the device thinned).
+    pub gaps: Vec<(u64, u64)>,
 }
 
 /// Roles of API callers, from least to most powerful.
@@ -70,6 +179,17 @@ pub enum StoreError {
         /// The cause.
         source: postcard::Error,
     },
+    /// The desired state changed since the caller read it.
+    #[error("desired state is at version {current}, not {expected}")]
+    VersionConflict {
+        /// Version the caller based its change on.
+        expected: u64,
+        /// Version in the store.
+        current: u64,
+    },
+    /// The group-commit writer failed.
+    #[error("hub store: {0}")]
+    Commit(#[from] outpost_shared::commit::CommitError),
     /// The enrollment token has no redemptions left.
     #[error("enrollment token has been used {used} of {allowed} times")]
     UsedUp {
@@ -81,12 +201,56 @@ pub enum StoreError {
 }
 
 /// The hub's store. Cheap to clone; clones share one database.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     devices: sled::Tree,
     api_tokens: sled::Tree,
     enroll_uses: sled::Tree,
+    seq: sled::Tree,
+    telemetry: sled::Tree,
+    alarms: sled::Tree,
+    reported: sled::Tree,
+    desired: sled::Tree,
+    commands: sled::Tree,
+    device_commands: sled::Tree,
+    writer: Option<GroupCommit<Store>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+fn device_prefix(id: &DeviceId) -> Vec<u8> {
+    let mut key = id.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn telemetry_key(id: &DeviceId, at: Timestamp, seq: u64) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(&at.0.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_key(id: &DeviceId, seq: u64) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -106,12 +270,278 @@ impl Store {
             .cache_capacity(64 << 20)
             .flush_every_ms(Some(500))
             .open()?;
-        Ok(Store {
+        let mut store = Store {
             devices: db.open_tree("devices")?,
             api_tokens: db.open_tree("api_tokens")?,
             enroll_uses: db.open_tree("enroll_uses")?,
+            seq: db.open_tree("seq")?,
+            telemetry: db.open_tree("telemetry")?,
+            alarms: db.open_tree("alarms")?,
+            reported: db.open_tree("reported")?,
+            desired: db.open_tree("desired")?,
+            commands: db.open_tree("commands")?,
+            device_commands: db.open_tree("device_commands")?,
             db,
+            writer: None,
+        };
+        let writer = GroupCommit::start("hub-store", store.clone(), |s: &Store| {
+            s.db.flush().map(drop).map_err(|e| e.to_string())
         })
+        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        store.writer = Some(writer);
+        Ok(store)
+    }
+
+    /// The group-commit writer: jobs run in order on one thread, and their
+    /// results are handed out after one fsync per group.
+    pub fn writer(&self) -> &GroupCommit<Store> {
+        // Set in `open` before the store is handed out; clones made for the
+        // writer itself never call this.
+        self.writer.as_ref().unwrap_or_else(|| unreachable!("store writer not started"))
+    }
+
+    /// The ingest high-water mark of a device.
+    pub fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
+        Ok(self.seq.get(id.as_str())?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    }
+
+    /// Stores a batch of a device's records, each exactly once: records at
+    /// or below the high-water mark are duplicates and skipped. Run on the
+    /// writer, so the caller acknowledges only durable records.
+    pub fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
+        let trees = (&self.seq, &self.telemetry, &self.alarms, &self.reported, &self.commands, &self.devices);
+        let now = Timestamp::now();
+        let result = trees.transaction(
+            |(seq, telemetry, alarms, reported, commands, devices): &(
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+            )| {
+                let mut out = Ingested::default();
+                let mut hwm = seq
+                    .get(id.as_str())?
+                    .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                    .unwrap_or(0);
+                let mut newest: Option<&Sample> = None;
+                for record in records {
+                    if record.seq <= hwm {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    if record.seq > hwm + 1 {
+                        out.gaps.push((hwm + 1, record.seq - 1));
+                    }
+                    match &record.body {
+                        RecordBody::Telemetry(sample) => {
+                            telemetry.insert(telemetry_key(id, sample.at, record.seq), encode(sample))?;
+                            if newest.is_none_or(|n| n.at <= sample.at) {
+                                newest = Some(sample);
+                            }
+                        }
+                        RecordBody::Alarm(alarm) => {
+                            let rec = AlarmRecord { seq: record.seq, at: record.at, alarm: alarm.clone() };
+                            alarms.insert(seq_key(id, record.seq), encode(&rec))?;
+                        }
+                        RecordBody::StateReport(StateReport { applied_version, error }) => {
+                            let rec = ReportedState { applied_version: *applied_version, error: error.clone(), at: record.at };
+                            reported.insert(id.as_str().as_bytes(), encode(&rec))?;
+                        }
+                        RecordBody::CommandResult(result) => {
+                            let key = result.id.to_be_bytes();
+                            if let Some(bytes) = commands.get(key)? {
+                                let mut cmd: CommandRecord = decode("commands", &bytes).map_err(abort)?;
+                                if &cmd.device == id {
+                                    cmd.state = CommandState::Completed {
+                                        at: now,
+                                        outcome: result.outcome.clone(),
+                                        output: result.output.clone(),
+                                    };
+                                    commands.insert(&key[..], encode(&cmd))?;
+                                } else {
+                                    tracing::warn!(device = %id, command = result.id, "Result for another device's command ignored.");
+                                }
+                            } else {
+                                tracing::warn!(device = %id, command = result.id, "Result for an unknown command ignored.");
+                            }
+                        }
+                    }
+                    hwm = record.seq;
+                    out.stored += 1;
+                }
+                seq.insert(id.as_str().as_bytes(), &hwm.to_be_bytes()[..])?;
+                if let Some(bytes) = devices.get(id.as_str())? {
+                    let mut device: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
+                    device.last_seen = Some(now);
+                    if let Some(sample) = newest
+                        && device.last_sample.as_ref().is_none_or(|s| s.at <= sample.at)
+                    {
+                        device.last_sample = Some(sample.clone());
+                    }
+                    devices.insert(id.as_str().as_bytes(), encode(&device))?;
+                }
+                out.upto = hwm;
+                Ok(out)
+            },
+        );
+        tx_result(result)
+    }
+
+    /// Telemetry of a device with sample times in `[since, until)`, oldest
+    /// first, at most `limit`: `(time, seq, sample)`.
+    pub fn telemetry(
+        &self,
+        id: &DeviceId,
+        since: Timestamp,
+        until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let from = telemetry_key(id, since, 0);
+        let to = telemetry_key(id, until, 0);
+        let mut out = Vec::new();
+        for entry in self.telemetry.range(from..to).take(limit) {
+            let (key, value) = entry?;
+            let seq = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            out.push((seq, decode("telemetry", &value)?));
+        }
+        Ok(out)
+    }
+
+    /// Deletes telemetry sampled before `before`; returns how many samples.
+    pub fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for device in self.devices.iter().keys() {
+            let id: DeviceId = match std::str::from_utf8(&device?).ok().and_then(|s| s.parse().ok()) {
+                Some(id) => id,
+                None => continue,
+            };
+            let mut batch = sled::Batch::default();
+            for key in self.telemetry.range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0)).keys() {
+                batch.remove(key?);
+                removed += 1;
+            }
+            self.telemetry.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// The newest alarms of a device, newest first.
+    pub fn alarms(&self, id: &DeviceId, limit: usize) -> Result<Vec<AlarmRecord>, StoreError> {
+        self.alarms.scan_prefix(device_prefix(id)).values().rev().take(limit).map(|v| decode("alarms", &v?)).collect()
+    }
+
+    /// What the device last reported about its desired state.
+    pub fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
+        self.reported.get(id.as_str())?.map(|v| decode("reported", &v)).transpose()
+    }
+
+    /// The device's desired state.
+    pub fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
+        self.desired.get(id.as_str())?.map(|v| decode("desired", &v)).transpose()
+    }
+
+    /// Replaces the desired state if it is still at `expected` (0 for none);
+    /// the new version is `expected + 1`.
+    pub fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
+        let result = self.desired.transaction(|tree| {
+            let current = match tree.get(id.as_str())? {
+                Some(v) => decode::<DesiredRecord>("desired", &v).map_err(abort)?.version,
+                None => 0,
+            };
+            if current != expected {
+                return Err(ConflictableTransactionError::Abort(StoreError::VersionConflict { expected, current }));
+            }
+            let record = DesiredRecord { version: expected + 1, doc: doc.clone(), updated_at: Timestamp::now() };
+            tree.insert(id.as_str().as_bytes(), encode(&record))?;
+            Ok(record)
+        });
+        tx_result(result)
+    }
+
+    /// Queues a command.
+    pub fn create_command(
+        &self,
+        device: &DeviceId,
+        kind: String,
+        args: Vec<String>,
+        expires_at: Timestamp,
+        created_by: String,
+    ) -> Result<CommandRecord, StoreError> {
+        let id = self.db.generate_id()? + 1;
+        let record = CommandRecord {
+            id,
+            device: device.clone(),
+            kind,
+            args,
+            created_at: Timestamp::now(),
+            expires_at,
+            created_by,
+            state: CommandState::Queued,
+        };
+        let trees = (&self.commands, &self.device_commands);
+        let result = trees.transaction(|(commands, index)| {
+            commands.insert(&id.to_be_bytes()[..], encode(&record))?;
+            index.insert(seq_key(device, id), &[][..])?;
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        tx_result(result)?;
+        Ok(record)
+    }
+
+    /// One command.
+    pub fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.commands.get(id.to_be_bytes())?.map(|v| decode("commands", &v)).transpose()
+    }
+
+    /// A device's commands, oldest first.
+    pub fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
+            let key = key?;
+            let id = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            if let Some(cmd) = self.command(id)? {
+                out.push(cmd);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the state of commands `ids` of `device` that are in a state
+    /// `from` accepts.
+    pub fn transition_commands(
+        &self,
+        device: &DeviceId,
+        ids: &[u64],
+        from: impl Fn(&CommandState) -> bool,
+        to: CommandState,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut changed = Vec::new();
+        for id in ids {
+            let Some(mut cmd) = self.command(*id)? else { continue };
+            if &cmd.device == device && from(&cmd.state) {
+                cmd.state = to.clone();
+                self.commands.insert(id.to_be_bytes(), encode(&cmd))?;
+                changed.push(*id);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Marks queued commands whose expiry has passed as expired; returns
+    /// them.
+    pub fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut expired = Vec::new();
+        for value in self.commands.iter().values() {
+            let mut cmd: CommandRecord = decode("commands", &value?)?;
+            if cmd.state == CommandState::Queued && cmd.expires_at <= now {
+                cmd.state = CommandState::Expired { at: now };
+                self.commands.insert(cmd.id.to_be_bytes(), encode(&cmd))?;
+                expired.push(cmd);
+            }
+        }
+        Ok(expired)
     }
 
     /// Waits until everything written so far is on disk.

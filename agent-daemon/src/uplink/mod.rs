@@ -1,24 +1,22 @@
 //! The uplink: the agent's one link to the hub.
 //!
-//! [`UplinkActor`] owns a link task (spawned on the runtime, tracked by the
-//! agent's task tracker, cancelled when the actor stops or is dropped, even
-//! after a panic). The task connects, holds a session, drains the telemetry
-//! queue, sends heartbeats, and on any failure reconnects with exponential
-//! backoff and full jitter. Its state is published on a watch channel that
-//! the supervisor turns into systemd `STATUS=` lines.
+//! [`link_loop`] runs as the task of the "uplink" [`crate::task_actor::TaskActor`].
+//! It connects, holds a session (see [`quic`]) that drains the outbox in
+//! acknowledged batches and takes deliveries into the inbox, and on any
+//! failure reconnects with exponential backoff and full jitter. Its state is
+//! published on a watch channel that the supervisor turns into systemd
+//! `STATUS=` lines.
 
 pub mod quic;
 
 use crate::backoff::Backoff;
 use crate::config::UplinkConfig;
 use crate::identity::Identity;
-use crate::telemetry::TelemetryQueue;
-use actix::prelude::*;
+use crate::store::AgentStore;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
+use tokio_util::sync::CancellationToken;
 
 /// What the uplink is doing.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,46 +67,14 @@ pub struct LinkParams {
     pub identity: Identity,
     /// Name sent in the hello.
     pub name: String,
-    /// Samples to send.
-    pub queue: TelemetryQueue,
+    /// The outbox and inbox.
+    pub store: AgentStore,
     /// Where the state is published.
     pub state: Arc<watch::Sender<LinkState>>,
 }
 
-/// Owns the link task.
-#[derive(Debug)]
-pub struct UplinkActor {
-    params: LinkParams,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-    cancel: Option<DropGuard>,
-}
-
-impl UplinkActor {
-    /// An uplink with `params`; its task is tracked by `tasks` and ends when
-    /// `shutdown` is cancelled or the actor goes away.
-    pub fn new(params: LinkParams, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
-        UplinkActor {
-            params,
-            tasks,
-            shutdown,
-            cancel: None,
-        }
-    }
-}
-
-impl Actor for UplinkActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, _ctx: &mut Self::Context) {
-        let token = self.shutdown.child_token();
-        let params = self.params.clone();
-        self.tasks.spawn(link_loop(params, token.clone()));
-        self.cancel = Some(token.drop_guard());
-    }
-}
-
-async fn link_loop(params: LinkParams, cancel: CancellationToken) {
+/// Connects, serves sessions and reconnects until `cancel`.
+pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
     let mut backoff = Backoff::new(params.config.backoff_initial, params.config.backoff_max);
     let mut attempt = 0u32;
     let mut last_error = String::new();

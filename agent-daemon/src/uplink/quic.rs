@@ -1,11 +1,14 @@
 //! One QUIC session with the hub: connect with mutual TLS, hello/welcome on
-//! the control stream, then heartbeats and telemetry until something fails.
+//! the control stream, then until something fails: outbox batches out (up
+//! to [`WINDOW`] unacknowledged), trimmed as the hub acknowledges them;
+//! deliveries in, persisted before `Received` goes back; heartbeats.
 
 use super::{LinkParams, LinkState};
 use crate::tls::{self, Timings};
 use outpost_shared::identity::HUB_SERVER_NAME;
 use outpost_shared::io::{FrameReader, StreamError, write_message};
-use outpost_shared::protocol::{Heartbeat, Hello, Message, Refusal};
+use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal};
+use std::collections::VecDeque;
 use outpost_shared::time::Timestamp;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -42,7 +45,15 @@ pub enum LinkError {
     /// TLS could not be configured.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
+
+/// Batches sent but not yet acknowledged.
+pub const WINDOW: usize = 4;
+/// Records per batch.
+pub const BATCH_RECORDS: usize = 2000;
 
 impl From<quinn::WriteError> for LinkError {
     fn from(e: quinn::WriteError) -> Self {
@@ -122,51 +133,63 @@ impl Session {
         let reply = tokio::time::timeout(cfg.connect_timeout, reader.next())
             .await
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
-        match reply {
+        let acked = match reply {
             Some(env) => match env.message {
-                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => {}
+                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => welcome.acked_seq,
                 Message::Welcome(welcome) => {
-                    return Err(LinkError::Protocol(format!(
-                        "hub welcomed {} instead of us",
-                        welcome.device_id
-                    )));
+                    return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
                 }
-                Message::Refused(Refusal { reason, message }) => {
-                    return Err(LinkError::Refused(reason, message));
-                }
-                other => {
-                    return Err(LinkError::Protocol(format!(
-                        "expected Welcome, got {}",
-                        other.kind()
-                    )));
-                }
+                Message::Refused(Refusal { reason, message }) => return Err(LinkError::Refused(reason, message)),
+                other => return Err(LinkError::Protocol(format!("expected Welcome, got {}", other.kind()))),
             },
-            None => {
-                return Err(LinkError::Protocol(
-                    "hub closed the stream before welcoming".into(),
-                ));
-            }
-        }
+            None => return Err(LinkError::Protocol("hub closed the stream before welcoming".into())),
+        };
         self.connected = true;
         p.state.send_replace(LinkState::Connected);
-        tracing::info!(hub = %p.hub, device = %p.identity.device_id, "Connected to the hub.");
+        let store = &p.store;
+        store.ack(acked).await?;
+        let mut next_seq = acked.max(store.stats().acked_seq) + 1;
+        tracing::info!(hub = %p.hub, device = %p.identity.device_id, resume_after = acked, "Connected to the hub.");
 
+        let max_bytes = cfg.max_frame.saturating_sub(4096).max(1024);
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut heartbeat = tokio::time::interval(cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            while let Some(sample) = p.queue.front() {
-                write_message(&mut send, Message::Telemetry(sample), cfg.max_frame).await?;
-                p.queue.pop_front();
+            while in_flight.len() < WINDOW {
+                let s = store.clone();
+                let records = tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
+                    .await
+                    .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
+                let Some(last) = records.last().map(|r| r.seq) else { break };
+                write_message(&mut send, Message::Batch(Batch { records }), cfg.max_frame).await?;
+                in_flight.push_back(last);
+                next_seq = last + 1;
             }
             tokio::select! {
                 _ = heartbeat.tick() => {
                     let beat = Heartbeat { at: Timestamp::now() };
                     write_message(&mut send, Message::Heartbeat(beat), cfg.max_frame).await?;
                 }
-                () = p.queue.wait() => {}
+                () = store.appended(), if in_flight.len() < WINDOW => {}
                 incoming = reader.next() => match incoming? {
                     None => return Ok(()),
                     Some(env) => match env.message {
+                        Message::Ack(ack) => {
+                            if ack.upto >= next_seq {
+                                return Err(LinkError::Protocol(format!("hub acknowledged {} before it was sent", ack.upto)));
+                            }
+                            store.ack(ack.upto).await?;
+                            while in_flight.front().is_some_and(|&last| last <= ack.upto) {
+                                in_flight.pop_front();
+                            }
+                        }
+                        Message::Deliver(deliver) => {
+                            let commands = crate::inbox::accept(store, deliver).await?;
+                            if !commands.is_empty() {
+                                write_message(&mut send, Message::Received(Received { commands }), cfg.max_frame).await?;
+                            }
+                        }
                         Message::Refused(Refusal { reason, message }) => return Err(LinkError::Refused(reason, message)),
                         other => return Err(LinkError::Protocol(format!("unexpected {} from the hub", other.kind()))),
                     },

@@ -1,0 +1,243 @@
+//! What the hub asks of the device: commands and desired state.
+//!
+//! [`accept`] persists a delivery before anything acts on it: commands go to
+//! the inbox as `Pending` (a command already there is not added again, so a
+//! re-delivery is harmless), a newer desired state replaces the stored one.
+//! Only then does the uplink confirm receipt to the hub.
+//!
+//! [`executor`] runs as a task: it marks a command `Running` (durably) before
+//! starting it, and writes its result to the outbox and `Done` to the inbox in
+//! one transaction. A command found `Running` at start was cut off by a crash:
+//! it is reported `Interrupted`, never started twice. A command whose expiry
+//! has passed is reported `Expired` and not started. Desired state is applied
+//! (today: the telemetry interval) and the applied version reported.
+
+use crate::config::CommandsConfig;
+use crate::store::{AgentStore, Changes, InboxEntry, InboxState, StoreError};
+use outpost_shared::desired::DesiredDoc;
+use outpost_shared::protocol::{CommandResult, Deliver, Desired, Outcome, RecordBody, StateReport};
+use outpost_shared::time::Timestamp;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const DESIRED: &str = "desired";
+const APPLIED: &str = "desired.applied";
+
+/// Settings the hub's desired state may change at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Telemetry sampling interval.
+    pub telemetry_interval: Duration,
+}
+
+/// Persists a delivery; returns the ids of the commands now held (new or
+/// already known), for the `Received` reply.
+pub async fn accept(store: &AgentStore, deliver: Deliver) -> Result<Vec<u64>, StoreError> {
+    let mut changes = Changes::default();
+    let mut ids = Vec::new();
+    for command in deliver.commands {
+        ids.push(command.id);
+        if store.inbox_entry(command.id)?.is_none() {
+            changes.inbox.push(InboxEntry { command, state: InboxState::Pending });
+        }
+    }
+    if let Some(desired) = deliver.desired {
+        let current = stored_desired(store)?.map_or(0, |d| d.version);
+        if desired.version > current {
+            changes.kv.push((DESIRED.into(), postcard::to_stdvec(&desired).unwrap_or_default()));
+        }
+    }
+    let wake = !changes.kv.is_empty();
+    if !changes.inbox.is_empty() || wake {
+        store.commit(changes).await?;
+        if wake {
+            // A new desired state with no command: the executor applies it.
+            store.wake_inbox();
+        }
+    }
+    Ok(ids)
+}
+
+fn stored_desired(store: &AgentStore) -> Result<Option<Desired>, StoreError> {
+    Ok(store.get(DESIRED)?.and_then(|b| postcard::from_bytes(&b).ok()))
+}
+
+fn applied_version(store: &AgentStore) -> Result<u64, StoreError> {
+    Ok(store.get(APPLIED)?.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+}
+
+/// The settings in force: the config's, overridden by the applied desired
+/// state.
+pub fn current_settings(store: &AgentStore, defaults: &Settings) -> Settings {
+    let mut settings = defaults.clone();
+    let applied = applied_version(store).unwrap_or(0);
+    if let Ok(Some(desired)) = stored_desired(store)
+        && desired.version == applied
+        && let Ok(doc) = DesiredDoc::parse(&desired.doc)
+        && let Ok(Some(interval)) = doc.telemetry_interval()
+    {
+        settings.telemetry_interval = interval;
+    }
+    settings
+}
+
+/// Runs commands and applies desired state until `cancel`.
+pub async fn executor(
+    store: AgentStore,
+    config: CommandsConfig,
+    defaults: Settings,
+    settings: std::sync::Arc<watch::Sender<Settings>>,
+    cancel: CancellationToken,
+) {
+    if let Err(e) = run_executor(&store, &config, &defaults, &settings, &cancel).await {
+        tracing::error!(error = %e, "Command executor failed.");
+    }
+}
+
+async fn run_executor(
+    store: &AgentStore,
+    config: &CommandsConfig,
+    defaults: &Settings,
+    settings: &watch::Sender<Settings>,
+    cancel: &CancellationToken,
+) -> Result<(), StoreError> {
+    for entry in store.inbox_in(&InboxState::Running)? {
+        tracing::warn!(command = entry.command.id, "Command was cut off by a restart; reporting it interrupted.");
+        finish(store, entry, Outcome::Interrupted, "the agent stopped while this command ran; it is not run again".into())
+            .await?;
+    }
+    loop {
+        apply_desired(store, defaults, settings).await?;
+        for entry in store.inbox_in(&InboxState::Pending)? {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            run_one(store, config, entry, cancel).await?;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = store.inbox_changed() => {}
+        }
+    }
+}
+
+async fn apply_desired(store: &AgentStore, defaults: &Settings, settings: &watch::Sender<Settings>) -> Result<(), StoreError> {
+    let Some(desired) = stored_desired(store)? else { return Ok(()) };
+    let applied = applied_version(store)?;
+    if desired.version <= applied {
+        return Ok(());
+    }
+    let (report, new_applied) = match DesiredDoc::parse(&desired.doc) {
+        Ok(doc) => {
+            let mut next = defaults.clone();
+            if let Ok(Some(interval)) = doc.telemetry_interval() {
+                next.telemetry_interval = interval;
+            }
+            settings.send_replace(next);
+            tracing::info!(version = desired.version, "Desired state applied.");
+            (StateReport { applied_version: desired.version, error: None }, desired.version)
+        }
+        Err(e) => {
+            tracing::warn!(version = desired.version, error = %e, "Desired state refused; keeping the last good one.");
+            // Remember the refusal as applied-or-refused, so it is reported once.
+            (StateReport { applied_version: applied, error: Some(e) }, desired.version)
+        }
+    };
+    let changes = Changes {
+        records: vec![RecordBody::StateReport(report)],
+        kv: vec![(APPLIED.into(), new_applied.to_be_bytes().to_vec())],
+        ..Changes::default()
+    };
+    store.commit(changes).await?;
+    Ok(())
+}
+
+async fn finish(store: &AgentStore, mut entry: InboxEntry, outcome: Outcome, output: String) -> Result<(), StoreError> {
+    let result = CommandResult { id: entry.command.id, outcome, output };
+    entry.state = InboxState::Done;
+    store.commit(Changes { records: vec![RecordBody::CommandResult(result)], inbox: vec![entry], ..Changes::default() }).await?;
+    Ok(())
+}
+
+async fn run_one(store: &AgentStore, config: &CommandsConfig, mut entry: InboxEntry, cancel: &CancellationToken) -> Result<(), StoreError> {
+    let command = entry.command.clone();
+    if Timestamp::now() >= command.expires_at {
+        tracing::info!(command = command.id, "Command expired before it could start.");
+        return finish(store, entry, Outcome::Expired, String::new()).await;
+    }
+    entry.state = InboxState::Running;
+    store.commit(Changes { inbox: vec![entry.clone()], ..Changes::default() }).await?;
+    tracing::info!(command = command.id, kind = %command.kind, "Running command.");
+    let (outcome, output) = match command.kind.as_str() {
+        "echo" => (Outcome::Succeeded, command.args.join(" ")),
+        "exec" if config.allow_exec => exec(&command.args, config, cancel).await,
+        "exec" => (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into()),
+        other => (Outcome::Rejected, format!("unknown command kind {other:?}")),
+    };
+    finish(store, entry, outcome, output).await
+}
+
+/// Runs a program in its own process group with a timeout and an output cap;
+/// on timeout the whole group is killed.
+async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationToken) -> (Outcome, String) {
+    let Some((program, rest)) = args.split_first() else {
+        return (Outcome::Rejected, "exec needs a program".into());
+    };
+    let mut child = match tokio::process::Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return (Outcome::Failed { code: 127 }, format!("cannot start {program:?}: {e}")),
+    };
+    let cap = config.max_output;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let read = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.take(cap as u64).read_to_end(&mut out).await;
+        }
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.take(cap as u64).read_to_end(&mut err).await;
+        }
+        out.extend_from_slice(&err);
+        out.truncate(cap);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let pid = child.id();
+    let run = async {
+        let output = read.await;
+        (child.wait().await, output)
+    };
+    let kill_group = || {
+        if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+            crate::process::kill_group(pid);
+        }
+    };
+    tokio::select! {
+        (status, output) = run => match status {
+            Ok(s) if s.success() => (Outcome::Succeeded, output),
+            Ok(s) => (Outcome::Failed { code: s.code().unwrap_or(-1) }, output),
+            Err(e) => (Outcome::Failed { code: -1 }, format!("waiting for the command failed: {e}")),
+        },
+        () = tokio::time::sleep(config.timeout) => {
+            kill_group();
+            (Outcome::Failed { code: -1 }, format!("killed after the timeout of {:?}", config.timeout))
+        }
+        () = cancel.cancelled() => {
+            // Leave the process to finish on its own; at the next start the
+            // command is reported interrupted, not run again.
+            (Outcome::Interrupted, "the agent stopped while this command ran".into())
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! The agent's durable state in sled: the outbox, the inbox and a small
+//! key-value tree, behind a typed interface.
+//!
+//! Every write goes through one writer thread ([`GroupCommit`]), which syncs
+//! once per group of writes: an append returns only when its records are on
+//! disk, and a burst of appends costs one fsync. Writes that belong together
+//! (a command's result and the inbox entry that marks it done) are one sled
+//! transaction, so a crash leaves both or neither.
+//!
+//! Outbox keys are `seq (u64 BE) ++ class (0 telemetry, 1 precious)`, so
+//! trimming by sequence is a range delete and thinning can tell telemetry
+//! apart without decoding. `meta` holds `next_seq` and `acked_seq`.
+//!
+//! Budget: when the outbox exceeds its byte budget, telemetry is thinned
+//! oldest-first (every other sample, then the oldest dropped) down to 90 % of
+//! the budget. Precious records (command results, state reports, alarms) are
+//! never dropped; if they alone exceed the budget an `OutboxFull` alarm is
+//! raised once and the outbox keeps growing.
+
+use outpost_shared::commit::{CommitError, GroupCommit};
+use outpost_shared::protocol::{Alarm, AlarmKind, Command, Record, RecordBody};
+use outpost_shared::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption, or another process holds the data dir).
+    #[error("agent store: {0}")]
+    Sled(#[from] sled::Error),
+    /// The writer could not make a change durable.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A stored value does not decode.
+    #[error("agent store: corrupt value in {tree}: {source}")]
+    Corrupt {
+        /// The tree.
+        tree: &'static str,
+        /// The cause.
+        source: postcard::Error,
+    },
+}
+
+/// Where a received command stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum InboxState {
+    /// Persisted, not started.
+    Pending,
+    /// Started; if the agent dies now it is reported as interrupted, not
+    /// run again.
+    Running,
+    /// Its result is in the outbox.
+    Done,
+}
+
+/// A command in the inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    /// The command.
+    pub command: Command,
+    /// Its state.
+    pub state: InboxState,
+}
+
+/// Outbox figures, kept in memory and rebuilt from disk at open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// The sequence number the next record gets.
+    pub next_seq: u64,
+    /// The hub holds everything up to here.
+    pub acked_seq: u64,
+    /// Records waiting.
+    pub records: u64,
+    /// Bytes of records waiting.
+    pub bytes: u64,
+    /// Bytes of precious (never dropped) records waiting.
+    pub precious_bytes: u64,
+    /// Telemetry records thinned since the process started.
+    pub thinned: u64,
+    /// True while precious records alone exceed the budget.
+    pub full: bool,
+}
+
+/// One durable change: records to append, inbox entries to set, keys to set.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Appended to the outbox, in order.
+    pub records: Vec<RecordBody>,
+    /// Inbox entries written (by command id).
+    pub inbox: Vec<InboxEntry>,
+    /// Key-value pairs written.
+    pub kv: Vec<(String, Vec<u8>)>,
+}
+
+struct Trees {
+    db: sled::Db,
+    outbox: sled::Tree,
+    meta: sled::Tree,
+    inbox: sled::Tree,
+    kv: sled::Tree,
+    stats: Arc<Mutex<OutboxStats>>,
+    budget: u64,
+}
+
+/// The agent's store. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentStore {
+    db: sled::Db,
+    outbox: sled::Tree,
+    inbox: sled::Tree,
+    kv: sled::Tree,
+    writer: GroupCommit<Trees>,
+    stats: Arc<Mutex<OutboxStats>>,
+    appended: Arc<Notify>,
+    inbox_changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for AgentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStore").field("stats", &self.stats()).finish()
+    }
+}
+
+const NEXT_SEQ: &[u8] = b"next_seq";
+const ACKED_SEQ: &[u8] = b"acked_seq";
+
+fn outbox_key(seq: u64, telemetry: bool) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&seq.to_be_bytes());
+    key[8] = u8::from(!telemetry);
+    key
+}
+
+fn key_seq(key: &[u8]) -> u64 {
+    key.first_chunk::<8>().map_or(0, |b| u64::from_be_bytes(*b))
+}
+
+fn key_is_telemetry(key: &[u8]) -> bool {
+    key.get(8) == Some(&0)
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
+    Ok(tree.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data; serialization into a Vec cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+impl AgentStore {
+    /// Opens (or creates) the store in `data_dir/store`, with an outbox
+    /// budget of `budget` bytes and a sled page cache of `cache` bytes.
+    pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(data_dir.join("store")).cache_capacity(cache).open()?;
+        let outbox = db.open_tree("outbox")?;
+        let meta = db.open_tree("meta")?;
+        let inbox = db.open_tree("inbox")?;
+        let kv = db.open_tree("kv")?;
+        let mut stats = OutboxStats {
+            next_seq: read_u64(&meta, NEXT_SEQ)?.max(1),
+            acked_seq: read_u64(&meta, ACKED_SEQ)?,
+            ..OutboxStats::default()
+        };
+        for entry in outbox.iter() {
+            let (key, value) = entry?;
+            stats.records += 1;
+            stats.bytes += value.len() as u64;
+            if !key_is_telemetry(&key) {
+                stats.precious_bytes += value.len() as u64;
+            }
+            stats.next_seq = stats.next_seq.max(key_seq(&key) + 1);
+        }
+        stats.full = stats.precious_bytes > budget;
+        let stats = Arc::new(Mutex::new(stats));
+        let trees = Trees {
+            db: db.clone(),
+            outbox: outbox.clone(),
+            meta,
+            inbox: inbox.clone(),
+            kv: kv.clone(),
+            stats: stats.clone(),
+            budget,
+        };
+        let writer = GroupCommit::start("outpost-store", trees, |t: &Trees| {
+            t.db.flush().map(drop).map_err(|e| e.to_string())
+        })
+        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(AgentStore {
+            db,
+            outbox,
+            inbox,
+            kv,
+            writer,
+            stats,
+            appended: Arc::default(),
+            inbox_changed: Arc::default(),
+        })
+    }
+
+    /// Current outbox figures.
+    pub fn stats(&self) -> OutboxStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies `changes` durably and atomically; returns the sequence
+    /// numbers of the appended records.
+    pub async fn commit(&self, changes: Changes) -> Result<Vec<u64>, StoreError> {
+        let notify_inbox = !changes.inbox.is_empty();
+        let notify_outbox = !changes.records.is_empty();
+        let seqs = self.writer.run(move |t: &Trees| t.apply(changes)).await??;
+        if notify_outbox {
+            self.appended.notify_one();
+        }
+        if notify_inbox {
+            self.inbox_changed.notify_one();
+        }
+        Ok(seqs)
+    }
+
+    /// Appends records durably.
+    pub async fn append(&self, records: Vec<RecordBody>) -> Result<Vec<u64>, StoreError> {
+        self.commit(Changes { records, ..Changes::default() }).await
+    }
+
+    /// Resolves after the next append.
+    pub async fn appended(&self) {
+        self.appended.notified().await;
+    }
+
+    /// Wakes whoever waits in [`AgentStore::inbox_changed`].
+    pub fn wake_inbox(&self) {
+        self.inbox_changed.notify_one();
+    }
+
+    /// Resolves after the next inbox change.
+    pub async fn inbox_changed(&self) {
+        self.inbox_changed.notified().await;
+    }
+
+    /// Up to `max_records` records from `from_seq` on whose stored sizes add
+    /// up to at most `max_bytes` (at least one record if any is waiting).
+    pub fn peek(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in self.outbox.range(outbox_key(from_seq, true)..) {
+            let (_, value) = entry?;
+            if !out.is_empty() && (out.len() >= max_records || bytes + value.len() > max_bytes) {
+                break;
+            }
+            bytes += value.len();
+            out.push(postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?);
+        }
+        Ok(out)
+    }
+
+    /// The hub holds everything up to `upto`: trim it.
+    pub async fn ack(&self, upto: u64) -> Result<(), StoreError> {
+        self.writer.run(move |t: &Trees| t.trim(upto)).await??;
+        Ok(())
+    }
+
+    /// An inbox entry.
+    pub fn inbox_entry(&self, id: u64) -> Result<Option<InboxEntry>, StoreError> {
+        self.inbox
+            .get(id.to_be_bytes())?
+            .map(|v| postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt { tree: "inbox", source }))
+            .transpose()
+    }
+
+    /// Inbox entries in a given state, oldest first.
+    pub fn inbox_in(&self, state: &InboxState) -> Result<Vec<InboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.inbox.iter() {
+            let (_, value) = entry?;
+            let entry: InboxEntry =
+                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "inbox", source })?;
+            if &entry.state == state {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A key-value entry.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.kv.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Waits until everything is on disk (shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Trees {
+    fn stats(&self) -> std::sync::MutexGuard<'_, OutboxStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply(&self, changes: Changes) -> Result<Vec<u64>, StoreError> {
+        let first = self.stats().next_seq;
+        let now = Timestamp::now();
+        let encoded: Vec<(u64, bool, Vec<u8>)> = changes
+            .records
+            .into_iter()
+            .zip(first..)
+            .map(|(body, seq)| {
+                let telemetry = body.is_telemetry();
+                (seq, telemetry, encode(&Record { seq, at: now, body }))
+            })
+            .collect();
+        let next = first + encoded.len() as u64;
+        let trees = (&self.outbox, &self.meta, &self.inbox, &self.kv);
+        let result = trees.transaction(|(outbox, meta, inbox, kv): &(TransactionalTree, TransactionalTree, TransactionalTree, TransactionalTree)| {
+            for (seq, telemetry, bytes) in &encoded {
+                outbox.insert(&outbox_key(*seq, *telemetry)[..], bytes.as_slice())?;
+            }
+            meta.insert(NEXT_SEQ, &next.to_be_bytes()[..])?;
+            for entry in &changes.inbox {
+                inbox.insert(&entry.command.id.to_be_bytes()[..], encode(entry))?;
+            }
+            for (key, value) in &changes.kv {
+                kv.insert(key.as_bytes(), value.as_slice())?;
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
+        }
+        {
+            let mut stats = self.stats();
+            stats.next_seq = next;
+            for (_, telemetry, bytes) in &encoded {
+                stats.records += 1;
+                stats.bytes += bytes.len() as u64;
+                if !telemetry {
+                    stats.precious_bytes += bytes.len() as u64;
+                }
+            }
+        }
+        let seqs = encoded.iter().map(|(seq, ..)| *seq).collect();
+        self.enforce_budget()?;
+        Ok(seqs)
+    }
+
+    fn trim(&self, upto: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let (mut records, mut bytes, mut precious) = (0u64, 0u64, 0u64);
+        for entry in self.outbox.range(..outbox_key(upto.saturating_add(1), true)) {
+            let (key, value) = entry?;
+            records += 1;
+            bytes += value.len() as u64;
+            if !key_is_telemetry(&key) {
+                precious += value.len() as u64;
+            }
+            batch.remove(key);
+        }
+        self.outbox.apply_batch(batch)?;
+        let mut stats = self.stats();
+        if upto > stats.acked_seq {
+            stats.acked_seq = upto;
+            self.meta.insert(ACKED_SEQ, &upto.to_be_bytes()[..])?;
+        }
+        stats.records -= records.min(stats.records);
+        stats.bytes -= bytes.min(stats.bytes);
+        stats.precious_bytes -= precious.min(stats.precious_bytes);
+        if stats.full && stats.precious_bytes <= self.budget {
+            stats.full = false;
+        }
+        Ok(())
+    }
+
+    /// Thins telemetry until the outbox is within 90 % of its budget; raises
+    /// an alarm record when precious records alone exceed it.
+    fn enforce_budget(&self) -> Result<(), StoreError> {
+        if self.stats().bytes <= self.budget {
+            return Ok(());
+        }
+        let target = self.budget / 10 * 9;
+        let mut thinned = 0u64;
+        // Pass 1: every other telemetry sample, oldest first. Pass 2: the
+        // oldest telemetry samples outright.
+        for keep_every_other in [true, false] {
+            let mut keep = true;
+            let mut batch = sled::Batch::default();
+            let mut freed = 0u64;
+            let over = self.stats().bytes;
+            for entry in self.outbox.iter() {
+                if over - freed <= target {
+                    break;
+                }
+                let (key, value) = entry?;
+                if !key_is_telemetry(&key) {
+                    continue;
+                }
+                if keep_every_other && keep {
+                    keep = false;
+                    continue;
+                }
+                keep = true;
+                freed += value.len() as u64;
+                thinned += 1;
+                batch.remove(key);
+            }
+            self.outbox.apply_batch(batch)?;
+            let mut stats = self.stats();
+            stats.bytes -= freed.min(stats.bytes);
+            stats.records -= thinned.min(stats.records);
+            if stats.bytes <= target {
+                break;
+            }
+        }
+        let mut alarms = Vec::new();
+        {
+            let mut stats = self.stats();
+            if thinned > 0 {
+                if stats.thinned == 0 {
+                    alarms.push(Alarm {
+                        kind: AlarmKind::TelemetryThinned,
+                        raised: true,
+                        message: format!("outbox over its budget of {} bytes: thinning telemetry", self.budget),
+                    });
+                }
+                stats.thinned += thinned;
+            }
+            if !stats.full && stats.precious_bytes > self.budget {
+                stats.full = true;
+                alarms.push(Alarm {
+                    kind: AlarmKind::OutboxFull,
+                    raised: true,
+                    message: format!(
+                        "results, reports and alarms alone hold {} bytes, over the outbox budget of {} bytes; keeping them all",
+                        stats.precious_bytes, self.budget
+                    ),
+                });
+            }
+        }
+        if !alarms.is_empty() {
+            for alarm in &alarms {
+                tracing::error!(kind = ?alarm.kind, message = %alarm.message, "Outbox alarm.");
+            }
+            // Alarms are precious and small; appending them cannot recurse
+            // into thinning more than once per condition.
+            self.apply(Changes { records: alarms.into_iter().map(RecordBody::Alarm).collect(), ..Changes::default() })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::protocol::{CommandResult, Outcome};
+    use outpost_shared::telemetry::Sample;
+
+    fn sample(i: u64) -> RecordBody {
+        RecordBody::Telemetry(Sample {
+            at: Timestamp(i),
+            cpu_percent: 1.0,
+            mem_used_bytes: i,
+            mem_total_bytes: 100,
+            swap_used_bytes: 0,
+            load: [0.0; 3],
+            uptime_secs: i,
+            disks: vec![],
+            net: vec![],
+            temperatures: vec![],
+        })
+    }
+
+    fn result(id: u64) -> RecordBody {
+        RecordBody::CommandResult(CommandResult { id, outcome: Outcome::Succeeded, output: "x".repeat(40) })
+    }
+
+    #[tokio::test]
+    async fn appends_are_sequenced_durable_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+            assert_eq!(store.append(vec![sample(1), sample(2)]).await.unwrap(), vec![1, 2]);
+            assert_eq!(store.append(vec![result(7)]).await.unwrap(), vec![3]);
+            store.ack(1).await.unwrap();
+        }
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let stats = store.stats();
+        assert_eq!((stats.next_seq, stats.acked_seq, stats.records), (4, 1, 2));
+        let seqs: Vec<u64> = store.peek(2, 10, 1 << 20).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        // Sequence numbers are never reused, even after everything is acked.
+        store.ack(3).await.unwrap();
+        assert_eq!(store.append(vec![sample(9)]).await.unwrap(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn over_budget_thins_telemetry_and_keeps_every_precious_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 4096, 1 << 20).unwrap();
+        for i in 0..200 {
+            store.append(vec![sample(i), result(i)]).await.unwrap();
+        }
+        let records = store.peek(0, 10_000, usize::MAX).unwrap();
+        let results: Vec<u64> = records
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::CommandResult(c) => Some(c.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results, (0..200).collect::<Vec<_>>(), "a precious record was dropped");
+        let telemetry = records.iter().filter(|r| r.body.is_telemetry()).count();
+        assert!(telemetry < 200, "telemetry was not thinned ({telemetry} kept)");
+        let alarms: Vec<AlarmKind> = records
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::Alarm(a) => Some(a.kind),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alarms, [AlarmKind::TelemetryThinned, AlarmKind::OutboxFull]);
+        assert!(store.stats().full);
+    }
+
+    #[tokio::test]
+    async fn thinning_keeps_recent_telemetry_under_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 8192, 1 << 20).unwrap();
+        for i in 0..500 {
+            store.append(vec![sample(i)]).await.unwrap();
+        }
+        let stats = store.stats();
+        assert!(stats.bytes <= 8192, "{stats:?}");
+        assert!(!stats.full);
+        let kept: Vec<u64> = store
+            .peek(0, 10_000, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::Telemetry(s) => Some(s.uptime_secs),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept.last(), Some(&499), "the newest sample must survive");
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+    }
+}
