@@ -118,7 +118,9 @@ impl ConfigFile for AgentConfig {
                     .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
                     .0 as usize,
             },
-            telemetry: TelemetryConfig { interval: telemetry.get_or("interval", Duration::from_secs(10)) },
+            telemetry: TelemetryConfig {
+                interval: telemetry.get_or("interval", Duration::from_secs(10)),
+            },
             store: StoreConfig {
                 outbox_budget: store.get_or("outbox_budget", ByteSize(64 << 20)).0,
                 cache: store.get_or("cache", ByteSize(4 << 20)).0,
@@ -166,10 +168,26 @@ impl ConfigFile for AgentConfig {
             config.telemetry.interval >= Duration::from_millis(100),
             "must be at least 100ms",
         );
-        store.check("outbox_budget", config.store.outbox_budget >= 64 << 10, "must be at least 64 KiB");
-        store.check("cache", config.store.cache >= 256 << 10, "must be at least 256 KiB");
-        commands.check("timeout", !config.commands.timeout.is_zero(), "must be more than zero");
-        commands.check("max_output", config.commands.max_output <= 1 << 20, "must be at most 1 MiB");
+        store.check(
+            "outbox_budget",
+            config.store.outbox_budget >= 64 << 10,
+            "must be at least 64 KiB",
+        );
+        store.check(
+            "cache",
+            config.store.cache >= 256 << 10,
+            "must be at least 256 KiB",
+        );
+        commands.check(
+            "timeout",
+            !config.commands.timeout.is_zero(),
+            "must be more than zero",
+        );
+        commands.check(
+            "max_output",
+            config.commands.max_output <= 1 << 20,
+            "must be at most 1 MiB",
+        );
         for section in [uplink, telemetry, store, commands] {
             section.finish();
         }

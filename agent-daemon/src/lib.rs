@@ -15,26 +15,26 @@ pub mod identity;
 pub mod inbox;
 pub mod process;
 pub mod store;
-pub mod task_actor;
 pub mod supervisor;
+pub mod task_actor;
 pub mod telemetry;
 pub mod tls;
 pub mod uplink;
 
 use crate::config::AgentConfig;
 use crate::identity::{Identity, IdentityError};
-use crate::supervisor::{RestartPolicy, SupervisorActor};
 use crate::inbox::Settings;
 use crate::store::AgentStore;
+use crate::supervisor::{RestartPolicy, SupervisorActor};
 use crate::task_actor::TaskActor;
 use crate::telemetry::{Sampler, TelemetryActor};
 use crate::uplink::{LinkParams, LinkState};
-use tokio_util::sync::CancellationToken;
 use actix::Actor;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long shutdown may take before remaining tasks are abandoned.
@@ -65,7 +65,10 @@ pub fn device_name(config: &AgentConfig) -> String {
 
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
-pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
+pub fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + 'static,
+) -> Result<(), AgentError> {
     run_with(config, shutdown, |_| {})
 }
 
@@ -77,7 +80,11 @@ pub fn run_with(
     extra: impl FnOnce(&AgentStore),
 ) -> Result<(), AgentError> {
     let identity = Identity::load(&config.data_dir)?;
-    let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
+    let store = AgentStore::open(
+        &config.data_dir,
+        config.store.outbox_budget,
+        config.store.cache,
+    )?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -89,12 +96,18 @@ pub fn run_with(
     system.block_on(async move {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
-        let defaults = Settings { telemetry_interval: config.telemetry.interval };
+        let defaults = Settings {
+            telemetry_interval: config.telemetry.interval,
+        };
         let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
         let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let params = LinkParams {
-            hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
+            hub: config
+                .uplink
+                .hub
+                .clone()
+                .unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
             name: device_name(&config),
             identity,
@@ -110,21 +123,42 @@ pub fn run_with(
             "Agent starting."
         );
         let (t1, s1) = (tasks.clone(), stop.clone());
-        let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
+        let (t2, s2, store2, commands) = (
+            tasks.clone(),
+            stop.clone(),
+            store.clone(),
+            config.commands.clone(),
+        );
         let store3 = store.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
                 let params = params.clone();
-                TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| uplink::link_loop(params.clone(), cancel)).start()
-            })
-            .child("commands", move || {
-                let (store, commands, defaults, settings) = (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone());
-                TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
-                    inbox::executor(store.clone(), commands.clone(), defaults.clone(), settings.clone(), cancel)
+                TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| {
+                    uplink::link_loop(params.clone(), cancel)
                 })
                 .start()
             })
-            .child("telemetry", move || TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start())
+            .child("commands", move || {
+                let (store, commands, defaults, settings) = (
+                    store2.clone(),
+                    commands.clone(),
+                    defaults.clone(),
+                    settings_tx.clone(),
+                );
+                TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
+                    inbox::executor(
+                        store.clone(),
+                        commands.clone(),
+                        defaults.clone(),
+                        settings.clone(),
+                        cancel,
+                    )
+                })
+                .start()
+            })
+            .child("telemetry", move || {
+                TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start()
+            })
             .status_from(state_rx)
             .start();
         extra(&store);
@@ -135,7 +169,10 @@ pub fn run_with(
         drop(supervisor);
         actix::System::current().stop();
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("Shutdown exceeded its time limit.");
         }
         if let Err(e) = store.flush() {

@@ -122,7 +122,9 @@ pub struct AgentStore {
 
 impl std::fmt::Debug for AgentStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentStore").field("stats", &self.stats()).finish()
+        f.debug_struct("AgentStore")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -145,7 +147,10 @@ fn key_is_telemetry(key: &[u8]) -> bool {
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
-    Ok(tree.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+    Ok(tree
+        .get(key)?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -157,7 +162,10 @@ impl AgentStore {
     /// Opens (or creates) the store in `data_dir/store`, with an outbox
     /// budget of `budget` bytes and a sled page cache of `cache` bytes.
     pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(data_dir.join("store")).cache_capacity(cache).open()?;
+        let db = sled::Config::new()
+            .path(data_dir.join("store"))
+            .cache_capacity(cache)
+            .open()?;
         let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let inbox = db.open_tree("inbox")?;
@@ -225,7 +233,11 @@ impl AgentStore {
 
     /// Appends records durably.
     pub async fn append(&self, records: Vec<RecordBody>) -> Result<Vec<u64>, StoreError> {
-        self.commit(Changes { records, ..Changes::default() }).await
+        self.commit(Changes {
+            records,
+            ..Changes::default()
+        })
+        .await
     }
 
     /// Resolves after the next append.
@@ -245,7 +257,12 @@ impl AgentStore {
 
     /// Up to `max_records` records from `from_seq` on whose stored sizes add
     /// up to at most `max_bytes` (at least one record if any is waiting).
-    pub fn peek(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, StoreError> {
+    pub fn peek(
+        &self,
+        from_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
         for entry in self.outbox.range(outbox_key(from_seq, true)..) {
@@ -254,7 +271,12 @@ impl AgentStore {
                 break;
             }
             bytes += value.len();
-            out.push(postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?);
+            out.push(
+                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt {
+                    tree: "outbox",
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -269,7 +291,12 @@ impl AgentStore {
     pub fn inbox_entry(&self, id: u64) -> Result<Option<InboxEntry>, StoreError> {
         self.inbox
             .get(id.to_be_bytes())?
-            .map(|v| postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt { tree: "inbox", source }))
+            .map(|v| {
+                postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt {
+                    tree: "inbox",
+                    source,
+                })
+            })
             .transpose()
     }
 
@@ -279,7 +306,10 @@ impl AgentStore {
         for entry in self.inbox.iter() {
             let (_, value) = entry?;
             let entry: InboxEntry =
-                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "inbox", source })?;
+                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt {
+                    tree: "inbox",
+                    source,
+                })?;
             if &entry.state == state {
                 out.push(entry);
             }
@@ -295,6 +325,14 @@ impl AgentStore {
     /// Waits until everything is on disk (shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Flushes, stops the writer and releases the database, so it can be
+    /// opened again in this process. Other clones must be dropped first.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.writer.close();
         Ok(())
     }
 }
@@ -318,19 +356,26 @@ impl Trees {
             .collect();
         let next = first + encoded.len() as u64;
         let trees = (&self.outbox, &self.meta, &self.inbox, &self.kv);
-        let result = trees.transaction(|(outbox, meta, inbox, kv): &(TransactionalTree, TransactionalTree, TransactionalTree, TransactionalTree)| {
-            for (seq, telemetry, bytes) in &encoded {
-                outbox.insert(&outbox_key(*seq, *telemetry)[..], bytes.as_slice())?;
-            }
-            meta.insert(NEXT_SEQ, &next.to_be_bytes()[..])?;
-            for entry in &changes.inbox {
-                inbox.insert(&entry.command.id.to_be_bytes()[..], encode(entry))?;
-            }
-            for (key, value) in &changes.kv {
-                kv.insert(key.as_bytes(), value.as_slice())?;
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
+        let result = trees.transaction(
+            |(outbox, meta, inbox, kv): &(
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+            )| {
+                for (seq, telemetry, bytes) in &encoded {
+                    outbox.insert(&outbox_key(*seq, *telemetry)[..], bytes.as_slice())?;
+                }
+                meta.insert(NEXT_SEQ, &next.to_be_bytes()[..])?;
+                for entry in &changes.inbox {
+                    inbox.insert(&entry.command.id.to_be_bytes()[..], encode(entry))?;
+                }
+                for (key, value) in &changes.kv {
+                    kv.insert(key.as_bytes(), value.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            },
+        );
         match result {
             Ok(()) => {}
             Err(TransactionError::Storage(e)) => return Err(e.into()),
@@ -355,7 +400,10 @@ impl Trees {
     fn trim(&self, upto: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let (mut records, mut bytes, mut precious) = (0u64, 0u64, 0u64);
-        for entry in self.outbox.range(..outbox_key(upto.saturating_add(1), true)) {
+        for entry in self
+            .outbox
+            .range(..outbox_key(upto.saturating_add(1), true))
+        {
             let (key, value) = entry?;
             records += 1;
             bytes += value.len() as u64;
@@ -427,7 +475,10 @@ impl Trees {
                     alarms.push(Alarm {
                         kind: AlarmKind::TelemetryThinned,
                         raised: true,
-                        message: format!("outbox over its budget of {} bytes: thinning telemetry", self.budget),
+                        message: format!(
+                            "outbox over its budget of {} bytes: thinning telemetry",
+                            self.budget
+                        ),
                     });
                 }
                 stats.thinned += thinned;
@@ -450,7 +501,10 @@ impl Trees {
             }
             // Alarms are precious and small; appending them cannot recurse
             // into thinning more than once per condition.
-            self.apply(Changes { records: alarms.into_iter().map(RecordBody::Alarm).collect(), ..Changes::default() })?;
+            self.apply(Changes {
+                records: alarms.into_iter().map(RecordBody::Alarm).collect(),
+                ..Changes::default()
+            })?;
         }
         Ok(())
     }
@@ -478,7 +532,11 @@ mod tests {
     }
 
     fn result(id: u64) -> RecordBody {
-        RecordBody::CommandResult(CommandResult { id, outcome: Outcome::Succeeded, output: "x".repeat(40) })
+        RecordBody::CommandResult(CommandResult {
+            id,
+            outcome: Outcome::Succeeded,
+            output: "x".repeat(40),
+        })
     }
 
     #[tokio::test]
@@ -486,14 +544,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
-            assert_eq!(store.append(vec![sample(1), sample(2)]).await.unwrap(), vec![1, 2]);
+            assert_eq!(
+                store.append(vec![sample(1), sample(2)]).await.unwrap(),
+                vec![1, 2]
+            );
             assert_eq!(store.append(vec![result(7)]).await.unwrap(), vec![3]);
             store.ack(1).await.unwrap();
+            store.close().unwrap();
         }
         let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         let stats = store.stats();
         assert_eq!((stats.next_seq, stats.acked_seq, stats.records), (4, 1, 2));
-        let seqs: Vec<u64> = store.peek(2, 10, 1 << 20).unwrap().iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = store
+            .peek(2, 10, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(seqs, [2, 3]);
         // Sequence numbers are never reused, even after everything is acked.
         store.ack(3).await.unwrap();
@@ -515,9 +582,16 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(results, (0..200).collect::<Vec<_>>(), "a precious record was dropped");
+        assert_eq!(
+            results,
+            (0..200).collect::<Vec<_>>(),
+            "a precious record was dropped"
+        );
         let telemetry = records.iter().filter(|r| r.body.is_telemetry()).count();
-        assert!(telemetry < 200, "telemetry was not thinned ({telemetry} kept)");
+        assert!(
+            telemetry < 200,
+            "telemetry was not thinned ({telemetry} kept)"
+        );
         let alarms: Vec<AlarmKind> = records
             .iter()
             .filter_map(|r| match &r.body {

@@ -5,12 +5,12 @@
 //! on the actor's thread. The interval comes from [`Settings`], which the
 //! hub's desired state can change while the agent runs.
 
-use actix::prelude::*;
-use outpost_shared::telemetry::{DiskSample, NetSample, Sample, TempSample};
-use outpost_shared::time::Timestamp;
 use crate::inbox::Settings;
 use crate::store::AgentStore;
+use actix::prelude::*;
 use outpost_shared::protocol::RecordBody;
+use outpost_shared::telemetry::{DiskSample, NetSample, Sample, TempSample};
+use outpost_shared::time::Timestamp;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sysinfo::{Components, Disks, Networks, System};
@@ -113,15 +113,27 @@ pub struct TelemetryActor {
 impl TelemetryActor {
     /// An actor sampling with `sampler` (shared across restarts, so the CPU
     /// baseline survives them) into `store`, at the interval `settings` say.
-    pub fn new(store: AgentStore, sampler: Arc<Mutex<Sampler>>, settings: watch::Receiver<Settings>) -> Self {
-        TelemetryActor { store, sampler, settings, ticker: None }
+    pub fn new(
+        store: AgentStore,
+        sampler: Arc<Mutex<Sampler>>,
+        settings: watch::Receiver<Settings>,
+    ) -> Self {
+        TelemetryActor {
+            store,
+            sampler,
+            settings,
+            ticker: None,
+        }
     }
 
     fn take_sample(&self, ctx: &mut Context<Self>) {
         let sampler = self.sampler.clone();
         let store = self.store.clone();
         let work = async move {
-            let sampled = tokio::task::spawn_blocking(move || sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()).await;
+            let sampled = tokio::task::spawn_blocking(move || {
+                sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()
+            })
+            .await;
             match sampled {
                 Ok(sample) => {
                     if let Err(e) = store.append(vec![RecordBody::Telemetry(sample)]).await {
@@ -154,7 +166,10 @@ impl TelemetryActor {
             if ok {
                 act.settings.mark_unchanged();
                 let interval = act.settings.borrow().telemetry_interval;
-                tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
+                tracing::info!(
+                    interval_ms = interval.as_millis() as u64,
+                    "Telemetry interval changed."
+                );
                 act.schedule(ctx, interval);
                 act.watch_settings(ctx);
             }

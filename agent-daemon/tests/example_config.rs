@@ -16,6 +16,10 @@ fn configs_agent_toml_is_valid_and_documents_the_defaults() {
     assert_eq!(config.uplink.backoff_max, defaults.uplink.backoff_max);
     assert_eq!(config.uplink.max_frame, defaults.uplink.max_frame);
     assert_eq!(config.telemetry.interval, defaults.telemetry.interval);
-    assert_eq!(config.telemetry.queue, defaults.telemetry.queue);
+    assert_eq!(config.store.outbox_budget, defaults.store.outbox_budget);
+    assert_eq!(config.store.cache, defaults.store.cache);
+    assert_eq!(config.commands.allow_exec, defaults.commands.allow_exec);
+    assert_eq!(config.commands.timeout, defaults.commands.timeout);
+    assert_eq!(config.commands.max_output, defaults.commands.max_output);
     assert_eq!(config.uplink.idle_timeout, Duration::from_secs(30));
 }

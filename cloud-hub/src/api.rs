@@ -1,7 +1,7 @@
 //! JSON shapes of the HTTP API (`/api/v1`), shared by the server and by
 //! `outpostctl`.
 
-use crate::store::DeviceRecord;
+use crate::store::{AlarmRecord, DesiredRecord, DeviceRecord, ReportedState};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,108 @@ pub struct DeviceView {
     pub mem_percent: Option<f32>,
     /// The latest telemetry sample.
     pub telemetry: Option<Sample>,
+    /// The newest alarms, newest first.
+    #[serde(default)]
+    pub alarms: Vec<AlarmRecord>,
+}
+
+/// Query of `GET /api/v1/devices/{id}/metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetricsQuery {
+    /// Earliest sample time (RFC 3339 or ms since the epoch), inclusive.
+    pub since: Option<String>,
+    /// Latest sample time, exclusive.
+    pub until: Option<String>,
+    /// Most samples returned (default 10 000).
+    pub limit: Option<usize>,
+}
+
+/// One stored sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleView {
+    /// The record's sequence number on the device.
+    pub seq: u64,
+    /// Sample time (device clock), RFC 3339.
+    pub at: String,
+    /// Sample time, ms since the epoch.
+    pub at_ms: u64,
+    /// The sample.
+    pub sample: Sample,
+}
+
+impl SampleView {
+    /// The view of a stored sample.
+    pub fn new(seq: u64, sample: Sample) -> Self {
+        SampleView {
+            seq,
+            at: rfc3339(sample.at),
+            at_ms: sample.at.0,
+            sample,
+        }
+    }
+}
+
+/// Answer of `GET /api/v1/devices/{id}/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsView {
+    /// The device.
+    pub device: String,
+    /// Samples, oldest first.
+    pub samples: Vec<SampleView>,
+}
+
+/// Body of `PUT /api/v1/devices/{id}/desired`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DesiredPut {
+    /// The version the change is based on (0 if none was set).
+    pub version: u64,
+    /// The new document.
+    pub doc: serde_json::Value,
+}
+
+/// Desired and reported state side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredView {
+    /// Desired version (0 if never set).
+    pub version: u64,
+    /// Desired document.
+    pub doc: serde_json::Value,
+    /// Version the device applied (0 if none reported).
+    pub reported_version: u64,
+    /// Why the device refused the latest version, if it did.
+    pub reported_error: Option<String>,
+    /// True when the device runs the desired version.
+    pub in_sync: bool,
+}
+
+impl DesiredView {
+    /// Joins the desired record with the device's report.
+    pub fn new(desired: Option<DesiredRecord>, reported: Option<ReportedState>) -> Self {
+        let version = desired.as_ref().map_or(0, |d| d.version);
+        let doc = desired
+            .and_then(|d| serde_json::from_str(&d.doc).ok())
+            .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+        let reported_version = reported.as_ref().map_or(0, |r| r.applied_version);
+        DesiredView {
+            version,
+            doc,
+            reported_version,
+            reported_error: reported.and_then(|r| r.error),
+            in_sync: reported_version == version,
+        }
+    }
+}
+
+/// Body of `POST /api/v1/devices/{id}/commands`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommandRequest {
+    /// `echo` or `exec`.
+    pub kind: String,
+    /// Arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Lifetime before it expires undelivered, e.g. `"10m"` (default 1h).
+    pub expires_in: Option<String>,
 }
 
 /// RFC 3339 text of a timestamp, to the second.
@@ -48,6 +150,7 @@ impl DeviceView {
         last_seen: Option<Timestamp>,
         online: bool,
         connected: bool,
+        alarms: Vec<AlarmRecord>,
     ) -> Self {
         DeviceView {
             id: record.id.to_string(),
@@ -62,6 +165,7 @@ impl DeviceView {
             cpu_percent: record.last_sample.as_ref().map(|s| s.cpu_percent),
             mem_percent: record.last_sample.as_ref().map(Sample::mem_percent),
             telemetry: record.last_sample,
+            alarms,
         }
     }
 }

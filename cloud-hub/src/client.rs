@@ -1,7 +1,8 @@
 //! A small blocking client of the hub's HTTP API, and the fleet table both
 //! `outpostctl` and the demo print.
 
-use crate::api::{ApiError, DeviceView};
+use crate::api::{ApiError, CommandRequest, DesiredPut, DesiredView, DeviceView, MetricsView};
+use crate::store::CommandRecord;
 use std::time::Duration;
 
 /// Errors talking to the API.
@@ -49,18 +50,32 @@ impl Client {
         }
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+    fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         let transport = |e: ureq::Error| ClientError::Transport {
             url: url.clone(),
             source: Box::new(e),
         };
-        let mut response = self
-            .agent
-            .get(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .call()
-            .map_err(transport)?;
+        let auth = format!("Bearer {}", self.token);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("PUT", Some(b)) => self
+                .agent
+                .put(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            (_, b) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b.unwrap_or_default()),
+        };
+        let mut response = result.map_err(transport)?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
             let message = response
@@ -74,7 +89,77 @@ impl Client {
                 message,
             });
         }
-        response.body_mut().read_json().map_err(transport)
+        response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_json()
+            .map_err(transport)
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("GET", path, None)
+    }
+
+    /// `GET /api/v1/devices/{id}/metrics`
+    pub fn metrics(
+        &self,
+        id: &str,
+        since: Option<&str>,
+        until: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<MetricsView, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = since {
+            query.push(format!("since={s}"));
+        }
+        if let Some(u) = until {
+            query.push(format!("until={u}"));
+        }
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        self.get(&format!("/api/v1/devices/{id}/metrics?{}", query.join("&")))
+    }
+
+    /// `GET /api/v1/devices/{id}/desired`
+    pub fn desired(&self, id: &str) -> Result<DesiredView, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/desired"))
+    }
+
+    /// `PUT /api/v1/devices/{id}/desired`
+    pub fn put_desired(
+        &self,
+        id: &str,
+        version: u64,
+        doc: serde_json::Value,
+    ) -> Result<DesiredView, ClientError> {
+        let body = serde_json::to_value(DesiredPut { version, doc }).unwrap_or_default();
+        self.call("PUT", &format!("/api/v1/devices/{id}/desired"), Some(body))
+    }
+
+    /// `POST /api/v1/devices/{id}/commands`
+    pub fn send_command(
+        &self,
+        id: &str,
+        request: &CommandRequest,
+    ) -> Result<CommandRecord, ClientError> {
+        let body = serde_json::to_value(request).unwrap_or_default();
+        self.call(
+            "POST",
+            &format!("/api/v1/devices/{id}/commands"),
+            Some(body),
+        )
+    }
+
+    /// `GET /api/v1/devices/{id}/commands`
+    pub fn commands(&self, id: &str) -> Result<Vec<CommandRecord>, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/commands"))
+    }
+
+    /// `GET /api/v1/commands/{id}`
+    pub fn command(&self, id: u64) -> Result<CommandRecord, ClientError> {
+        self.get(&format!("/api/v1/commands/{id}"))
     }
 
     /// `GET /api/v1/devices`
@@ -155,6 +240,7 @@ mod tests {
             cpu_percent: Some(3.125),
             mem_percent: None,
             telemetry: None,
+            alarms: vec![],
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();

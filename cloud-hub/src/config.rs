@@ -19,6 +19,8 @@ pub struct HubConfig {
     /// A device is shown offline when nothing arrived from it for this long.
     /// Default 15s.
     pub heartbeat_timeout: Duration,
+    /// Telemetry history is kept this long. Default 30 days.
+    pub telemetry_retention: Duration,
     /// Log filter (`info`, `outpost_hub=debug`, ...). Default `info`.
     pub log: String,
 }
@@ -63,6 +65,7 @@ impl HubConfig {
                 workers: 1,
             },
             heartbeat_timeout: Duration::from_secs(15),
+            telemetry_retention: Duration::from_secs(30 * 86400),
             log: "info".into(),
         }
     }
@@ -73,6 +76,7 @@ impl ConfigFile for HubConfig {
         let quic = root.table("quic");
         let http = root.table("http");
         let fleet = root.table("fleet");
+        let telemetry = root.table("telemetry");
         let config = HubConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             quic: QuicConfig {
@@ -88,6 +92,7 @@ impl ConfigFile for HubConfig {
                 workers: http.get_or("workers", 2usize),
             },
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
+            telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             log: root.get_or("log", "info".to_owned()),
         };
         quic.check(
@@ -110,7 +115,12 @@ impl ConfigFile for HubConfig {
             !config.heartbeat_timeout.is_zero(),
             "must be more than zero",
         );
-        for s in [quic, http, fleet] {
+        telemetry.check(
+            "retention",
+            config.telemetry_retention >= Duration::from_secs(60),
+            "must be at least 1m",
+        );
+        for s in [quic, http, fleet, telemetry] {
             s.finish();
         }
         config

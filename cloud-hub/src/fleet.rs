@@ -108,7 +108,8 @@ impl Fleet {
             None => (record.last_seen, false),
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
-        DeviceView::new(record, last_seen, online, connected)
+        let alarms = self.store.alarms(&record.id, 10).unwrap_or_default();
+        DeviceView::new(record, last_seen, online, connected, alarms)
     }
 
     /// Every device, as the API shows them.

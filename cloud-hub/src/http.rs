@@ -5,12 +5,15 @@
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
 use crate::api::ApiError;
+use crate::api::{CommandRequest, DesiredPut, DesiredView, MetricsQuery, MetricsView, SampleView};
 use crate::fleet::Fleet;
-use crate::store::{ApiToken, Role};
+use crate::store::{ApiToken, Role, StoreError};
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use outpost_shared::DeviceId;
+use outpost_shared::desired::DesiredDoc;
+use outpost_shared::time::Timestamp;
 use std::future::{Ready, ready};
 use std::sync::Arc;
 
@@ -31,9 +34,33 @@ pub enum HttpError {
     /// No such thing.
     #[error("{0} not found")]
     NotFound(String),
+    /// The request is well-formed but its content is not acceptable.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The desired state changed since the caller read it.
+    #[error("desired state is at version {current}; read it again and retry")]
+    Conflict {
+        /// The version in force.
+        current: u64,
+    },
     /// The hub's store failed.
     #[error("internal error")]
-    Internal(#[from] crate::store::StoreError),
+    Internal(crate::store::StoreError),
+}
+
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::VersionConflict { current, .. } => HttpError::Conflict { current },
+            other => HttpError::Internal(other),
+        }
+    }
+}
+
+impl From<outpost_shared::commit::CommitError> for HttpError {
+    fn from(e: outpost_shared::commit::CommitError) -> Self {
+        HttpError::Internal(StoreError::Commit(e))
+    }
 }
 
 impl ResponseError for HttpError {
@@ -42,6 +69,8 @@ impl ResponseError for HttpError {
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            HttpError::Conflict { .. } => StatusCode::CONFLICT,
             HttpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,17 +143,171 @@ async fn list_devices(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpRes
     Ok(HttpResponse::Ok().json(fleet.devices()?))
 }
 
+/// Parses a device id from the path and checks the device exists.
+fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
+    let not_found = || HttpError::NotFound(format!("device {raw:?}"));
+    let id: DeviceId = raw.parse().map_err(|_| not_found())?;
+    fleet.store().device(&id)?.ok_or_else(not_found)?;
+    Ok(id)
+}
+
 async fn get_device(
     caller: Caller,
     fleet: web::Data<Fleet>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let raw = path.into_inner();
-    let not_found = || HttpError::NotFound(format!("device {raw:?}"));
-    let id: DeviceId = raw.parse().map_err(|_| not_found())?;
-    let view = fleet.device(&id)?.ok_or_else(not_found)?;
+    let id = known_device(&fleet, &path)?;
+    let view = fleet
+        .device(&id)?
+        .ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
+}
+
+/// Reads a time bound: milliseconds since the epoch, or RFC 3339.
+fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(Timestamp(ms));
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(Timestamp::from_system)
+        .map_err(|_| {
+            HttpError::Unprocessable(format!(
+                "invalid time {text:?}: use RFC 3339 or milliseconds since the epoch"
+            ))
+        })
+}
+
+async fn get_metrics(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    query: web::Query<MetricsQuery>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let since = query
+        .since
+        .as_deref()
+        .map(time_bound)
+        .transpose()?
+        .unwrap_or(Timestamp(0));
+    let until = query
+        .until
+        .as_deref()
+        .map(time_bound)
+        .transpose()?
+        .unwrap_or(Timestamp(u64::MAX));
+    let limit = query.limit.unwrap_or(10_000).min(1_000_000);
+    let samples = fleet.store().telemetry(&id, since, until, limit)?;
+    let samples = samples
+        .into_iter()
+        .map(|(seq, sample)| SampleView::new(seq, sample))
+        .collect();
+    Ok(HttpResponse::Ok().json(MetricsView {
+        device: id.to_string(),
+        samples,
+    }))
+}
+
+async fn get_desired(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let store = fleet.store();
+    Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id)?, store.reported(&id)?)))
+}
+
+async fn put_desired(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    body: web::Json<DesiredPut>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let id = known_device(&fleet, &path)?;
+    let DesiredPut { version, doc } = body.into_inner();
+    let text = doc.to_string();
+    DesiredDoc::parse(&text)
+        .map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
+    let device = id.clone();
+    let record = fleet
+        .store()
+        .writer()
+        .run(move |s| s.put_desired(&device, version, text))
+        .await??;
+    tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state changed.");
+    fleet.poke(&id);
+    let store = fleet.store();
+    Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id)?)))
+}
+
+/// Command kinds devices understand.
+const COMMAND_KINDS: &[&str] = &["echo", "exec"];
+
+async fn post_command(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    body: web::Json<CommandRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let id = known_device(&fleet, &path)?;
+    let request = body.into_inner();
+    if !COMMAND_KINDS.contains(&request.kind.as_str()) {
+        return Err(HttpError::Unprocessable(format!(
+            "unknown command kind {:?}; known: {COMMAND_KINDS:?}",
+            request.kind
+        )));
+    }
+    let ttl = match &request.expires_in {
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            HttpError::Unprocessable(format!("expires_in: invalid duration {text:?}: {e}"))
+        })?,
+        None => std::time::Duration::from_secs(3600),
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
+        return Err(HttpError::Unprocessable(
+            "expires_in must be between 1s and 30d".into(),
+        ));
+    }
+    let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl.as_millis() as u64));
+    let (device, by) = (id.clone(), caller.token.name.clone());
+    let record = fleet
+        .store()
+        .writer()
+        .run(move |s| s.create_command(&device, request.kind, request.args, expires_at, by))
+        .await??;
+    tracing::info!(device = %id, command = record.id, kind = %record.kind, by = %caller.token.name, "Command queued.");
+    fleet.poke(&id);
+    Ok(HttpResponse::Created().json(record))
+}
+
+async fn list_commands(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    Ok(HttpResponse::Ok().json(fleet.store().device_commands(&id)?))
+}
+
+async fn get_command(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<u64>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = path.into_inner();
+    let record = fleet
+        .store()
+        .command(id)?
+        .ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
+    Ok(HttpResponse::Ok().json(record))
 }
 
 /// Registers the routes on an actix-web app.
@@ -134,8 +317,25 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/healthz", web::get().to(healthz))
             .service(
                 web::scope("/api/v1")
+                    .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(
+                        |err, _| {
+                            let message = err.to_string();
+                            actix_web::error::InternalError::from_response(
+                                err,
+                                HttpResponse::BadRequest()
+                                    .json(crate::api::ApiError { error: message }),
+                            )
+                            .into()
+                        },
+                    ))
                     .route("/devices", web::get().to(list_devices))
-                    .route("/devices/{id}", web::get().to(get_device)),
+                    .route("/devices/{id}", web::get().to(get_device))
+                    .route("/devices/{id}/metrics", web::get().to(get_metrics))
+                    .route("/devices/{id}/desired", web::get().to(get_desired))
+                    .route("/devices/{id}/desired", web::put().to(put_desired))
+                    .route("/devices/{id}/commands", web::get().to(list_commands))
+                    .route("/devices/{id}/commands", web::post().to(post_command))
+                    .route("/commands/{id}", web::get().to(get_command)),
             );
     }
 }

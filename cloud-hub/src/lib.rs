@@ -81,6 +81,7 @@ pub fn init(data_dir: &Path) -> Result<String, HubError> {
         created_at: Timestamp::now(),
     };
     store.put_api_token(&http::token_hash(&token), &record)?;
+    store.close()?;
     Ok(token)
 }
 
@@ -93,6 +94,7 @@ pub struct RunningHub {
     pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     quic_task: tokio::task::JoinHandle<()>,
+    maintenance_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
@@ -131,6 +133,11 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
+    let maintenance_task = tokio::spawn(maintenance(
+        fleet.clone(),
+        config.telemetry_retention,
+        shutdown.clone(),
+    ));
 
     let routes_fleet = fleet.clone();
     let server = actix_web::HttpServer::new(move || {
@@ -164,10 +171,50 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         http_addr,
         shutdown,
         quic_task,
+        maintenance_task,
         http,
         http_task,
         store,
     })
+}
+
+/// Expires undelivered commands every second and prunes telemetry older
+/// than `retention` every minute, until `shutdown`.
+async fn maintenance(fleet: Arc<Fleet>, retention: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Timestamp::now();
+        match fleet
+            .store()
+            .writer()
+            .run(move |s| s.expire_commands(now))
+            .await
+        {
+            Ok(Ok(expired)) => {
+                for cmd in expired {
+                    tracing::info!(device = %cmd.device, command = cmd.id, "Command expired before delivery.");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "Command expiry failed."),
+            Err(e) => tracing::error!(error = %e, "Command expiry failed."),
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            last_prune = Some(tokio::time::Instant::now());
+            let cutoff = Timestamp(now.0.saturating_sub(retention.as_millis() as u64));
+            let store = fleet.store().clone();
+            match tokio::task::spawn_blocking(move || store.prune_telemetry(cutoff)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(samples = n, "Telemetry past its retention pruned."),
+                Ok(Err(e)) => tracing::error!(error = %e, "Telemetry pruning failed."),
+                Err(e) => tracing::error!(error = %e, "Telemetry pruning task failed."),
+            }
+        }
+    }
 }
 
 impl RunningHub {
@@ -179,6 +226,7 @@ impl RunningHub {
             self.http.stop(true).await;
             let _ = self.http_task.await;
             let _ = self.quic_task.await;
+            let _ = self.maintenance_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {
             tracing::warn!("Hub shutdown exceeded its time limit.");
@@ -186,5 +234,6 @@ impl RunningHub {
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "Final store flush failed.");
         }
+        self.store.writer().close();
     }
 }

@@ -10,11 +10,13 @@
 use crate::ca::{FleetCa, device_id_of};
 use crate::enroll;
 use crate::fleet::Fleet;
+use crate::store::CommandState;
 use outpost_shared::DeviceId;
 use outpost_shared::identity::ALPN;
 use outpost_shared::io::{FrameReader, StreamError, write_message};
-use crate::store::CommandState;
-use outpost_shared::protocol::{Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome};
+use outpost_shared::protocol::{
+    Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome,
+};
 use outpost_shared::time::Timestamp;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -284,7 +286,8 @@ async fn run_session(
     let mut outbound = Outbound::default();
     loop {
         if let Some(deliver) = outbound.pending(store, id) {
-            if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {
+            if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await
+            {
                 return e.into();
             }
         }
@@ -300,11 +303,19 @@ async fn run_session(
         match envelope.message {
             Message::Heartbeat(_) => {}
             Message::Batch(batch) => {
-                if !batch.records.windows(2).all(|w| w[0].seq < w[1].seq) || batch.records.first().is_some_and(|r| r.seq == 0) {
-                    return SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into());
+                if !batch.records.windows(2).all(|w| w[0].seq < w[1].seq)
+                    || batch.records.first().is_some_and(|r| r.seq == 0)
+                {
+                    return SessionEnd::Protocol(
+                        "batch sequence numbers are not increasing from 1".into(),
+                    );
                 }
                 let (device, records) = (id.clone(), batch.records);
-                let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
+                let ingested = match store
+                    .writer()
+                    .run(move |s| s.ingest(&device, &records))
+                    .await
+                {
                     Ok(Ok(ingested)) => ingested,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "Ingest failed; the agent will resend.");
@@ -319,9 +330,14 @@ async fn run_session(
                     info!(from, to, "Sequence gap (records the device thinned).");
                 }
                 if ingested.duplicates > 0 {
-                    debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
+                    debug!(
+                        duplicates = ingested.duplicates,
+                        "Duplicate records acknowledged again."
+                    );
                 }
-                let ack = Ack { upto: ingested.upto };
+                let ack = Ack {
+                    upto: ingested.upto,
+                };
                 if let Err(e) = write_message(&mut send, Message::Ack(ack), ctx.max_frame).await {
                     return e.into();
                 }
@@ -331,7 +347,14 @@ async fn run_session(
                 let marked = store
                     .writer()
                     .run(move |s| {
-                        s.transition_commands(&device, &ids, |st| *st == CommandState::Queued, CommandState::Delivered { at: Timestamp::now() })
+                        s.transition_commands(
+                            &device,
+                            &ids,
+                            |st| *st == CommandState::Queued,
+                            CommandState::Delivered {
+                                at: Timestamp::now(),
+                            },
+                        )
                     })
                     .await;
                 match marked {
@@ -341,7 +364,9 @@ async fn run_session(
                     Err(e) => tracing::error!(error = %e, "Delivery could not be recorded."),
                 }
             }
-            other => return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind())),
+            other => {
+                return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
+            }
         }
     }
 }
@@ -362,21 +387,37 @@ impl Outbound {
         let commands: Vec<Command> = match store.device_commands(id) {
             Ok(all) => all
                 .into_iter()
-                .filter(|c| c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id))
-                .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
+                .filter(|c| {
+                    c.state == CommandState::Queued
+                        && c.expires_at > now
+                        && !self.sent_commands.contains(&c.id)
+                })
+                .map(|c| Command {
+                    id: c.id,
+                    kind: c.kind,
+                    args: c.args,
+                    expires_at: c.expires_at,
+                })
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "Pending commands could not be read.");
                 Vec::new()
             }
         };
-        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
+        let reported = store
+            .reported(id)
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.applied_version);
         let desired = store
             .desired(id)
             .ok()
             .flatten()
             .filter(|d| d.version > reported.max(self.sent_desired))
-            .map(|d| Desired { version: d.version, doc: d.doc });
+            .map(|d| Desired {
+                version: d.version,
+                doc: d.doc,
+            });
         if commands.is_empty() && desired.is_none() {
             return None;
         }

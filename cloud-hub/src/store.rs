@@ -297,19 +297,32 @@ impl Store {
     pub fn writer(&self) -> &GroupCommit<Store> {
         // Set in `open` before the store is handed out; clones made for the
         // writer itself never call this.
-        self.writer.as_ref().unwrap_or_else(|| unreachable!("store writer not started"))
+        self.writer
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("store writer not started"))
     }
 
     /// The ingest high-water mark of a device.
     pub fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
-        Ok(self.seq.get(id.as_str())?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
+        Ok(self
+            .seq
+            .get(id.as_str())?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
     }
 
     /// Stores a batch of a device's records, each exactly once: records at
     /// or below the high-water mark are duplicates and skipped. Run on the
     /// writer, so the caller acknowledges only durable records.
     pub fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let trees = (&self.seq, &self.telemetry, &self.alarms, &self.reported, &self.commands, &self.devices);
+        let trees = (
+            &self.seq,
+            &self.telemetry,
+            &self.alarms,
+            &self.reported,
+            &self.commands,
+            &self.devices,
+        );
         let now = Timestamp::now();
         let result = trees.transaction(
             |(seq, telemetry, alarms, reported, commands, devices): &(
@@ -403,7 +416,10 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.telemetry.range(from..to).take(limit) {
             let (key, value) = entry?;
-            let seq = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            let seq = key
+                .get(key.len() - 8..)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
             out.push((seq, decode("telemetry", &value)?));
         }
         Ok(out)
@@ -413,12 +429,19 @@ impl Store {
     pub fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
         let mut removed = 0;
         for device in self.devices.iter().keys() {
-            let id: DeviceId = match std::str::from_utf8(&device?).ok().and_then(|s| s.parse().ok()) {
+            let id: DeviceId = match std::str::from_utf8(&device?)
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
                 Some(id) => id,
                 None => continue,
             };
             let mut batch = sled::Batch::default();
-            for key in self.telemetry.range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0)).keys() {
+            for key in self
+                .telemetry
+                .range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0))
+                .keys()
+            {
                 batch.remove(key?);
                 removed += 1;
             }
@@ -429,31 +452,58 @@ impl Store {
 
     /// The newest alarms of a device, newest first.
     pub fn alarms(&self, id: &DeviceId, limit: usize) -> Result<Vec<AlarmRecord>, StoreError> {
-        self.alarms.scan_prefix(device_prefix(id)).values().rev().take(limit).map(|v| decode("alarms", &v?)).collect()
+        self.alarms
+            .scan_prefix(device_prefix(id))
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode("alarms", &v?))
+            .collect()
     }
 
     /// What the device last reported about its desired state.
     pub fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
-        self.reported.get(id.as_str())?.map(|v| decode("reported", &v)).transpose()
+        self.reported
+            .get(id.as_str())?
+            .map(|v| decode("reported", &v))
+            .transpose()
     }
 
     /// The device's desired state.
     pub fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
-        self.desired.get(id.as_str())?.map(|v| decode("desired", &v)).transpose()
+        self.desired
+            .get(id.as_str())?
+            .map(|v| decode("desired", &v))
+            .transpose()
     }
 
     /// Replaces the desired state if it is still at `expected` (0 for none);
     /// the new version is `expected + 1`.
-    pub fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
+    pub fn put_desired(
+        &self,
+        id: &DeviceId,
+        expected: u64,
+        doc: String,
+    ) -> Result<DesiredRecord, StoreError> {
         let result = self.desired.transaction(|tree| {
             let current = match tree.get(id.as_str())? {
-                Some(v) => decode::<DesiredRecord>("desired", &v).map_err(abort)?.version,
+                Some(v) => {
+                    decode::<DesiredRecord>("desired", &v)
+                        .map_err(abort)?
+                        .version
+                }
                 None => 0,
             };
             if current != expected {
-                return Err(ConflictableTransactionError::Abort(StoreError::VersionConflict { expected, current }));
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::VersionConflict { expected, current },
+                ));
             }
-            let record = DesiredRecord { version: expected + 1, doc: doc.clone(), updated_at: Timestamp::now() };
+            let record = DesiredRecord {
+                version: expected + 1,
+                doc: doc.clone(),
+                updated_at: Timestamp::now(),
+            };
             tree.insert(id.as_str().as_bytes(), encode(&record))?;
             Ok(record)
         });
@@ -492,15 +542,25 @@ impl Store {
 
     /// One command.
     pub fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.commands.get(id.to_be_bytes())?.map(|v| decode("commands", &v)).transpose()
+        self.commands
+            .get(id.to_be_bytes())?
+            .map(|v| decode("commands", &v))
+            .transpose()
     }
 
     /// A device's commands, oldest first.
     pub fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
         let mut out = Vec::new();
-        for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
+        for key in self
+            .device_commands
+            .scan_prefix(device_prefix(device))
+            .keys()
+        {
             let key = key?;
-            let id = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            let id = key
+                .get(key.len() - 8..)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
             if let Some(cmd) = self.command(id)? {
                 out.push(cmd);
             }
@@ -519,7 +579,9 @@ impl Store {
     ) -> Result<Vec<u64>, StoreError> {
         let mut changed = Vec::new();
         for id in ids {
-            let Some(mut cmd) = self.command(*id)? else { continue };
+            let Some(mut cmd) = self.command(*id)? else {
+                continue;
+            };
             if &cmd.device == device && from(&cmd.state) {
                 cmd.state = to.clone();
                 self.commands.insert(id.to_be_bytes(), encode(&cmd))?;
@@ -542,6 +604,14 @@ impl Store {
             }
         }
         Ok(expired)
+    }
+
+    /// Flushes, stops the writer and releases the database, so it can be
+    /// opened again in this process. Other clones must be dropped first.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.writer().close();
+        Ok(())
     }
 
     /// Waits until everything written so far is on disk.
@@ -701,7 +771,7 @@ mod tests {
                     .unwrap()
                     .is_none()
             );
-            store.flush().unwrap();
+            store.close().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(

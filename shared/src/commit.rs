@@ -26,14 +26,23 @@ pub enum CommitError {
 type Done = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 type Job<S> = Box<dyn FnOnce(&S) -> Done + Send>;
 
+enum Msg<S> {
+    Job(Job<S>),
+    Stop,
+}
+
 /// Handle to a writer thread. Cheap to clone.
 pub struct GroupCommit<S> {
-    jobs: mpsc::Sender<Job<S>>,
+    jobs: mpsc::Sender<Msg<S>>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl<S> Clone for GroupCommit<S> {
     fn clone(&self) -> Self {
-        GroupCommit { jobs: self.jobs.clone() }
+        GroupCommit {
+            jobs: self.jobs.clone(),
+            thread: self.thread.clone(),
+        }
     }
 }
 
@@ -55,23 +64,46 @@ impl<S: Send + 'static> GroupCommit<S> {
         state: S,
         sync: impl Fn(&S) -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job<S>>();
-        std::thread::Builder::new().name(name.to_owned()).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut done = vec![run_job(first, &state)];
-                while done.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(job) => done.push(run_job(job, &state)),
-                        Err(_) => break,
+        let (tx, rx) = mpsc::channel::<Msg<S>>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let mut stop = false;
+                while !stop {
+                    let Ok(Msg::Job(first)) = rx.recv() else {
+                        break;
+                    };
+                    let mut done = vec![run_job(first, &state)];
+                    while done.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(Msg::Job(job)) => done.push(run_job(job, &state)),
+                            Ok(Msg::Stop) => {
+                                stop = true;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let synced = sync(&state).map_err(|e| CommitError::Sync(e.into()));
+                    for d in done {
+                        d(synced.clone());
                     }
                 }
-                let synced = sync(&state).map_err(|e| CommitError::Sync(e.into()));
-                for d in done {
-                    d(synced.clone());
-                }
-            }
-        })?;
-        Ok(GroupCommit { jobs: tx })
+            })?;
+        Ok(GroupCommit {
+            jobs: tx,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Finishes the jobs already submitted, stops the writer and waits for
+    /// it to exit (dropping its state). Later jobs fail with `Stopped`.
+    pub fn close(&self) {
+        let _ = self.jobs.send(Msg::Stop);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
     }
 
     fn submit<R: Send + 'static>(
@@ -87,13 +119,16 @@ impl<S: Send + 'static> GroupCommit<S> {
         });
         // If the writer is gone, the sender is dropped and the receiver
         // reports it as `Stopped`.
-        let _ = self.jobs.send(wrapped);
+        let _ = self.jobs.send(Msg::Job(wrapped));
         rx
     }
 
     /// Runs `job` on the writer thread and returns its result once it is
     /// durable.
-    pub async fn run<R: Send + 'static>(&self, job: impl FnOnce(&S) -> R + Send + 'static) -> Result<R, CommitError> {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&S) -> R + Send + 'static,
+    ) -> Result<R, CommitError> {
         self.submit(job).await.unwrap_or(Err(CommitError::Stopped))
     }
 
@@ -102,7 +137,9 @@ impl<S: Send + 'static> GroupCommit<S> {
         &self,
         job: impl FnOnce(&S) -> R + Send + 'static,
     ) -> Result<R, CommitError> {
-        self.submit(job).blocking_recv().unwrap_or(Err(CommitError::Stopped))
+        self.submit(job)
+            .blocking_recv()
+            .unwrap_or(Err(CommitError::Stopped))
     }
 }
 
@@ -142,7 +179,9 @@ mod tests {
         let handles: Vec<_> = (0..50)
             .map(|i| {
                 let w = writer.clone();
-                std::thread::spawn(move || w.run_blocking(move |v: &Mutex<Vec<i32>>| v.lock().unwrap().push(i)))
+                std::thread::spawn(move || {
+                    w.run_blocking(move |v: &Mutex<Vec<i32>>| v.lock().unwrap().push(i))
+                })
             })
             .collect();
         for h in handles {
@@ -150,8 +189,14 @@ mod tests {
         }
         let n = syncs.load(Ordering::SeqCst);
         assert!(n < 50, "50 concurrent jobs took {n} syncs: no grouping");
-        assert!(matches!(writer.run_blocking(|_| -> () { panic!("boom") }), Err(CommitError::Stopped)));
-        assert_eq!(writer.run_blocking(|v| v.lock().unwrap().len()).unwrap(), 50);
+        assert!(matches!(
+            writer.run_blocking(|_| -> () { panic!("boom") }),
+            Err(CommitError::Stopped)
+        ));
+        assert_eq!(
+            writer.run_blocking(|v| v.lock().unwrap().len()).unwrap(),
+            50
+        );
     }
 
     #[test]

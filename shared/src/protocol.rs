@@ -392,15 +392,27 @@ mod tests {
         let id: DeviceId = "dev-01".parse().unwrap();
         let cases: Vec<(Message, &str)> = vec![
             (
-                Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
+                Message::Enroll(EnrollRequest {
+                    token: "t".into(),
+                    csr_der: vec![0xAA],
+                    name: "n".into(),
+                }),
                 "0200017401aa016e",
             ),
             (
-                Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
+                Message::Enrolled(Enrolled {
+                    device_id: id.clone(),
+                    cert_der: vec![1],
+                    ca_der: vec![2],
+                }),
                 "0201066465762d303101010102",
             ),
             (
-                Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
+                Message::Hello(Hello {
+                    agent_version: "0.1".into(),
+                    name: "gw".into(),
+                    started_at: Timestamp(1),
+                }),
                 "020203302e3102677701",
             ),
             (
@@ -413,14 +425,21 @@ mod tests {
                 "0203066465762d303103302e31ac0207",
             ),
             (
-                Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }),
+                Message::Refused(Refusal {
+                    reason: RefusalReason::ExpiredToken,
+                    message: "x".into(),
+                }),
                 "0204010178",
             ),
             (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "020502"),
             (
                 Message::Batch(Batch {
                     records: vec![
-                        Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) },
+                        Record {
+                            seq: 1,
+                            at: Timestamp(5),
+                            body: RecordBody::Telemetry(sample()),
+                        },
                         Record {
                             seq: 2,
                             at: Timestamp(6),
@@ -433,7 +452,10 @@ mod tests {
                         Record {
                             seq: 3,
                             at: Timestamp(7),
-                            body: RecordBody::StateReport(StateReport { applied_version: 4, error: None }),
+                            body: RecordBody::StateReport(StateReport {
+                                applied_version: 4,
+                                error: None,
+                            }),
                         },
                         Record {
                             seq: 4,
@@ -457,11 +479,19 @@ mod tests {
                         args: vec!["hi".into()],
                         expires_at: Timestamp(10),
                     }],
-                    desired: Some(Desired { version: 2, doc: "{}".into() }),
+                    desired: Some(Desired {
+                        version: 2,
+                        doc: "{}".into(),
+                    }),
                 }),
                 "02080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "020902090a"),
+            (
+                Message::Received(Received {
+                    commands: vec![9, 10],
+                }),
+                "020902090a",
+            ),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -497,8 +527,15 @@ mod tests {
 
     #[test]
     fn truncated_and_padded_envelopes_are_rejected() {
-        let record = Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) };
-        let bytes = Envelope::new(Message::Batch(Batch { records: vec![record] })).encode();
+        let record = Record {
+            seq: 1,
+            at: Timestamp(5),
+            body: RecordBody::Telemetry(sample()),
+        };
+        let bytes = Envelope::new(Message::Batch(Batch {
+            records: vec![record],
+        }))
+        .encode();
         for cut in 0..bytes.len() {
             assert!(
                 Envelope::decode(&bytes[..cut]).is_err(),

@@ -8,8 +8,8 @@ use crate::tls::{self, Timings};
 use outpost_shared::identity::HUB_SERVER_NAME;
 use outpost_shared::io::{FrameReader, StreamError, write_message};
 use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal};
-use std::collections::VecDeque;
 use outpost_shared::time::Timestamp;
+use std::collections::VecDeque;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -135,14 +135,30 @@ impl Session {
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
         let acked = match reply {
             Some(env) => match env.message {
-                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => welcome.acked_seq,
-                Message::Welcome(welcome) => {
-                    return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
+                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => {
+                    welcome.acked_seq
                 }
-                Message::Refused(Refusal { reason, message }) => return Err(LinkError::Refused(reason, message)),
-                other => return Err(LinkError::Protocol(format!("expected Welcome, got {}", other.kind()))),
+                Message::Welcome(welcome) => {
+                    return Err(LinkError::Protocol(format!(
+                        "hub welcomed {} instead of us",
+                        welcome.device_id
+                    )));
+                }
+                Message::Refused(Refusal { reason, message }) => {
+                    return Err(LinkError::Refused(reason, message));
+                }
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Welcome, got {}",
+                        other.kind()
+                    )));
+                }
             },
-            None => return Err(LinkError::Protocol("hub closed the stream before welcoming".into())),
+            None => {
+                return Err(LinkError::Protocol(
+                    "hub closed the stream before welcoming".into(),
+                ));
+            }
         };
         self.connected = true;
         p.state.send_replace(LinkState::Connected);
@@ -158,10 +174,15 @@ impl Session {
         loop {
             while in_flight.len() < WINDOW {
                 let s = store.clone();
-                let records = tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
-                    .await
-                    .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
-                let Some(last) = records.last().map(|r| r.seq) else { break };
+                let records =
+                    tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
+                        .await
+                        .map_err(|e| {
+                            LinkError::Protocol(format!("outbox read task failed: {e}"))
+                        })??;
+                let Some(last) = records.last().map(|r| r.seq) else {
+                    break;
+                };
                 write_message(&mut send, Message::Batch(Batch { records }), cfg.max_frame).await?;
                 in_flight.push_back(last);
                 next_seq = last + 1;

@@ -1,7 +1,9 @@
 //! `outpostctl`: the fleet manager's CLI for the hub's API.
 
 use clap::{Parser, Subcommand};
+use outpost_hub::api::CommandRequest;
 use outpost_hub::client::{Client, render_table};
+use outpost_hub::store::CommandState;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -34,6 +36,78 @@ enum Command {
         /// Device id.
         id: String,
     },
+    /// Commands: send, list, show.
+    Command {
+        #[command(subcommand)]
+        command: CommandCmd,
+    },
+    /// Desired state: get, set.
+    Desired {
+        #[command(subcommand)]
+        command: DesiredCmd,
+    },
+    /// Telemetry history of a device (JSON).
+    Metrics {
+        /// Device id.
+        id: String,
+        /// Earliest sample (RFC 3339 or ms since the epoch).
+        #[arg(long)]
+        since: Option<String>,
+        /// Latest sample, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// Most samples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandCmd {
+    /// Queue a command; it is delivered when the device is online, once.
+    Send {
+        /// Device id.
+        device: String,
+        /// `echo` or `exec`.
+        kind: String,
+        /// Arguments (for exec: the program and its arguments).
+        args: Vec<String>,
+        /// Give up if undelivered after this long.
+        #[arg(long, default_value = "1h")]
+        expires_in: String,
+        /// Wait this long for the outcome and print it.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
+    /// A device's commands.
+    List {
+        /// Device id.
+        device: String,
+    },
+    /// One command.
+    Show {
+        /// Command id.
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DesiredCmd {
+    /// Desired and reported state side by side.
+    Get {
+        /// Device id.
+        device: String,
+    },
+    /// Replace the desired state (optimistic: fails if it changed meanwhile).
+    Set {
+        /// Device id.
+        device: String,
+        /// The document, JSON (e.g. '{"telemetry_interval":"30s"}').
+        doc: String,
+        /// Version the change is based on; default: the current one.
+        #[arg(long)]
+        version: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +119,57 @@ fn main() -> ExitCode {
         }
         Command::Devices { json: true } => client.devices().map(|d| print_json(&d)),
         Command::Device { id } => client.device(&id).map(|d| print_json(&d)),
+        Command::Metrics {
+            id,
+            since,
+            until,
+            limit,
+        } => client
+            .metrics(&id, since.as_deref(), until.as_deref(), limit)
+            .map(|m| print_json(&m)),
+        Command::Command {
+            command: CommandCmd::List { device },
+        } => client.commands(&device).map(|c| print_json(&c)),
+        Command::Command {
+            command: CommandCmd::Show { id },
+        } => client.command(id).map(|c| print_json(&c)),
+        Command::Command {
+            command:
+                CommandCmd::Send {
+                    device,
+                    kind,
+                    args,
+                    expires_in,
+                    wait,
+                },
+        } => {
+            let request = CommandRequest {
+                kind,
+                args,
+                expires_in: Some(expires_in),
+            };
+            send_and_wait(&client, &device, &request, wait)
+        }
+        Command::Desired {
+            command: DesiredCmd::Get { device },
+        } => client.desired(&device).map(|d| print_json(&d)),
+        Command::Desired {
+            command:
+                DesiredCmd::Set {
+                    device,
+                    doc,
+                    version,
+                },
+        } => match serde_json::from_str(&doc) {
+            Err(e) => {
+                eprintln!("outpostctl: the document is not JSON: {e}");
+                return ExitCode::from(64);
+            }
+            Ok(doc) => version
+                .map_or_else(|| client.desired(&device).map(|d| d.version), Ok)
+                .and_then(|v| client.put_desired(&device, v, doc))
+                .map(|d| print_json(&d)),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,6 +177,32 @@ fn main() -> ExitCode {
             eprintln!("outpostctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn send_and_wait(
+    client: &Client,
+    device: &str,
+    request: &CommandRequest,
+    wait: Option<std::time::Duration>,
+) -> Result<(), outpost_hub::client::ClientError> {
+    let record = client.send_command(device, request)?;
+    let Some(wait) = wait else {
+        print_json(&record);
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let now = client.command(record.id)?;
+        let settled = matches!(
+            now.state,
+            CommandState::Completed { .. } | CommandState::Expired { .. }
+        );
+        if settled || std::time::Instant::now() >= deadline {
+            print_json(&now);
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 
