@@ -285,11 +285,10 @@ async fn run_session(
     info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after = acked_seq, "Session opened.");
     let mut outbound = Outbound::default();
     loop {
-        if let Some(deliver) = outbound.pending(store, id) {
-            if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await
-            {
-                return e.into();
-            }
+        if let Some(deliver) = outbound.pending(store, id)
+            && let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await
+        {
+            return e.into();
         }
         let envelope = tokio::select! {
             () = downlink.notified() => continue,
