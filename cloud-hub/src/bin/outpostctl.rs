@@ -24,6 +24,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::enum_variant_names)] // `outpostctl command` is the natural verb.
 enum Command {
     /// List devices: id, name, online, last seen, version, CPU %, memory %.
     Devices {
