@@ -16,11 +16,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, capped at `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            failures: 0,
-        }
+        Backoff { initial, max: max.max(initial), failures: 0 }
     }
 
     /// The ceiling of the next delay.

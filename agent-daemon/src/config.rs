@@ -82,10 +82,7 @@ impl AgentConfig {
     /// Defaults for an agent whose state lives in `data_dir`.
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         let path = Path::new("<defaults>");
-        let text = format!(
-            "data_dir = {}",
-            toml::Value::String(data_dir.display().to_string())
-        );
+        let text = format!("data_dir = {}", toml::Value::String(data_dir.display().to_string()));
         // The defaults plus one valid key always read cleanly.
         Self::parse(path, &text).unwrap_or_else(|e| panic!("built-in defaults are invalid: {e}"))
     }
@@ -98,11 +95,7 @@ impl ConfigFile for AgentConfig {
         let store = root.table("store");
         let commands = root.table("commands");
         let transport: String = uplink.get_or("transport", "quic".to_owned());
-        uplink.check(
-            "transport",
-            transport == "quic",
-            "unknown transport; this build supports \"quic\"",
-        );
+        uplink.check("transport", transport == "quic", "unknown transport; this build supports \"quic\"");
         let config = AgentConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             name: root.get("name"),
@@ -114,13 +107,9 @@ impl ConfigFile for AgentConfig {
                 heartbeat: uplink.get_or("heartbeat", Duration::from_secs(5)),
                 keepalive: uplink.get_or("keepalive", Duration::from_secs(5)),
                 idle_timeout: uplink.get_or("idle_timeout", Duration::from_secs(30)),
-                max_frame: uplink
-                    .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
-                    .0 as usize,
+                max_frame: uplink.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
             },
-            telemetry: TelemetryConfig {
-                interval: telemetry.get_or("interval", Duration::from_secs(10)),
-            },
+            telemetry: TelemetryConfig { interval: telemetry.get_or("interval", Duration::from_secs(10)) },
             store: StoreConfig {
                 outbox_budget: store.get_or("outbox_budget", ByteSize(64 << 20)).0,
                 cache: store.get_or("cache", ByteSize(4 << 20)).0,
@@ -141,53 +130,17 @@ impl ConfigFile for AgentConfig {
         ] {
             uplink.check(key, !value.is_zero(), "must be more than zero");
         }
-        uplink.check(
-            "backoff_max",
-            u.backoff_max >= u.backoff_initial,
-            "must not be less than backoff_initial",
-        );
-        uplink.check(
-            "idle_timeout",
-            u.idle_timeout > u.keepalive,
-            "must be longer than keepalive",
-        );
-        uplink.check(
-            "max_frame",
-            (1024..=64 << 20).contains(&u.max_frame),
-            "must be between 1 KiB and 64 MiB",
-        );
+        uplink.check("backoff_max", u.backoff_max >= u.backoff_initial, "must not be less than backoff_initial");
+        uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
+        uplink.check("max_frame", (1024..=64 << 20).contains(&u.max_frame), "must be between 1 KiB and 64 MiB");
         if let Some(name) = &config.name {
-            root.check(
-                "name",
-                !name.trim().is_empty() && name.len() <= 64,
-                "must be 1 to 64 characters",
-            );
+            root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
         }
-        telemetry.check(
-            "interval",
-            config.telemetry.interval >= Duration::from_millis(100),
-            "must be at least 100ms",
-        );
-        store.check(
-            "outbox_budget",
-            config.store.outbox_budget >= 64 << 10,
-            "must be at least 64 KiB",
-        );
-        store.check(
-            "cache",
-            config.store.cache >= 256 << 10,
-            "must be at least 256 KiB",
-        );
-        commands.check(
-            "timeout",
-            !config.commands.timeout.is_zero(),
-            "must be more than zero",
-        );
-        commands.check(
-            "max_output",
-            config.commands.max_output <= 1 << 20,
-            "must be at most 1 MiB",
-        );
+        telemetry.check("interval", config.telemetry.interval >= Duration::from_millis(100), "must be at least 100ms");
+        store.check("outbox_budget", config.store.outbox_budget >= 64 << 10, "must be at least 64 KiB");
+        store.check("cache", config.store.cache >= 256 << 10, "must be at least 256 KiB");
+        commands.check("timeout", !config.commands.timeout.is_zero(), "must be more than zero");
+        commands.check("max_output", config.commands.max_output <= 1 << 20, "must be at most 1 MiB");
         for section in [uplink, telemetry, store, commands] {
             section.finish();
         }
@@ -207,19 +160,9 @@ mod tests {
 
     #[test]
     fn unknown_key_bad_duration_and_missing_field_are_all_reported() {
-        let text =
-            "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
+        let text = "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
         let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
         let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "data_dir",
-                "uplink.heartbeat",
-                "telemetry.interval",
-                "uplink.hubb"
-            ],
-            "{err}"
-        );
+        assert_eq!(paths, ["data_dir", "uplink.heartbeat", "telemetry.interval", "uplink.hubb"], "{err}");
     }
 }

@@ -68,11 +68,7 @@ pub enum EnrollError {
 }
 
 /// Enrolls this device with `token_text`, storing the identity in `data_dir`.
-pub async fn enroll(
-    token_text: &str,
-    data_dir: &Path,
-    name: &str,
-) -> Result<Identity, EnrollError> {
+pub async fn enroll(token_text: &str, data_dir: &Path, name: &str) -> Result<Identity, EnrollError> {
     Identity::ensure_absent(data_dir)?;
     let parsed = token::parse(token_text)?;
     let hub = parsed.claims.hub.clone();
@@ -85,23 +81,11 @@ pub async fn enroll(
 
     let remote = tokio::net::lookup_host(&hub)
         .await
-        .map_err(|e| EnrollError::Resolve {
-            addr: hub.clone(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| EnrollError::Resolve { addr: hub.clone(), reason: e.to_string() })?
         .next()
-        .ok_or_else(|| EnrollError::Resolve {
-            addr: hub.clone(),
-            reason: "no addresses".into(),
-        })?;
-    let connect_err = |reason: String| EnrollError::Connect {
-        addr: hub.clone(),
-        reason,
-    };
-    let timings = Timings {
-        keepalive: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(20),
-    };
+        .ok_or_else(|| EnrollError::Resolve { addr: hub.clone(), reason: "no addresses".into() })?;
+    let connect_err = |reason: String| EnrollError::Connect { addr: hub.clone(), reason };
+    let timings = Timings { keepalive: Duration::from_secs(5), idle_timeout: Duration::from_secs(20) };
     let mut endpoint = tls::client_endpoint(remote).map_err(|e| connect_err(e.to_string()))?;
     let (client_config, pin_outcome) = tls::enrollment_config(pin, timings)?;
     endpoint.set_default_client_config(client_config);
@@ -112,27 +96,17 @@ pub async fn enroll(
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-        let (mut send, recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let request = EnrollRequest {
-            token: token_text.trim().to_owned(),
-            csr_der: csr.der().to_vec(),
-            name: name.to_owned(),
-        };
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        let request =
+            EnrollRequest { token: token_text.trim().to_owned(), csr_der: csr.der().to_vec(), name: name.to_owned() };
         let max = outpost_shared::frame::DEFAULT_MAX_FRAME;
-        write_message(&mut send, Message::Enroll(request), max)
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
+        write_message(&mut send, Message::Enroll(request), max).await.map_err(|e| connect_err(e.to_string()))?;
         let _ = send.finish();
         let reply = FrameReader::new(recv, max).next().await;
         connection.close(0u32.into(), b"");
         match reply {
             Ok(Some(envelope)) => Ok(envelope.message),
-            Ok(None) => Err(EnrollError::BadReply(
-                "the hub closed the stream without answering".into(),
-            )),
+            Ok(None) => Err(EnrollError::BadReply("the hub closed the stream without answering".into())),
             Err(StreamError::Io(e)) => Err(connect_err(e.to_string())),
             Err(e) => Err(EnrollError::BadReply(e.to_string())),
         }
@@ -141,24 +115,13 @@ pub async fn enroll(
         .await
         .map_err(|_| connect_err("no answer within 30s".into()))
         .and_then(|r| r)
-        .map_err(|e| {
-            if pin_outcome.mismatched() {
-                EnrollError::PinMismatch {
-                    addr: hub.clone(),
-                    pin,
-                }
-            } else {
-                e
-            }
-        })?;
+        .map_err(|e| if pin_outcome.mismatched() { EnrollError::PinMismatch { addr: hub.clone(), pin } } else { e })?;
     endpoint.wait_idle().await;
 
     match reply {
         Message::Enrolled(enrolled) => {
             if Fingerprint::of_der(&enrolled.ca_der) != pin {
-                return Err(EnrollError::BadReply(
-                    "the CA sent differs from the one the token pins".into(),
-                ));
+                return Err(EnrollError::BadReply("the CA sent differs from the one the token pins".into()));
             }
             Ok(Identity::store(
                 data_dir,
@@ -169,13 +132,7 @@ pub async fn enroll(
                 enrolled.ca_der.into(),
             )?)
         }
-        Message::Refused(refusal) => Err(EnrollError::Refused {
-            reason: refusal.reason,
-            message: refusal.message,
-        }),
-        other => Err(EnrollError::BadReply(format!(
-            "unexpected {}",
-            other.kind()
-        ))),
+        Message::Refused(refusal) => Err(EnrollError::Refused { reason: refusal.reason, message: refusal.message }),
+        other => Err(EnrollError::BadReply(format!("unexpected {}", other.kind()))),
     }
 }

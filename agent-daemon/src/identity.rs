@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// The device has not enrolled.
-    #[error(
-        "not enrolled: {0} has no identity; run `outpost-agent enroll --token T --data-dir {0}`"
-    )]
+    #[error("not enrolled: {0} has no identity; run `outpost-agent enroll --token T --data-dir {0}`")]
     NotEnrolled(PathBuf),
     /// The device is already enrolled; enrolling again would replace its key.
     #[error("already enrolled as {0}; remove the identity directory to enroll again")]
@@ -71,10 +69,7 @@ impl Clone for Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("device_id", &self.device_id)
-            .field("hub", &self.hub)
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("device_id", &self.device_id).field("hub", &self.hub).finish_non_exhaustive()
     }
 }
 
@@ -83,17 +78,11 @@ fn dir(data_dir: &Path) -> PathBuf {
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
-    std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Io { path: path.to_owned(), source })
 }
 
 fn invalid(path: &Path, message: impl ToString) -> IdentityError {
-    IdentityError::Invalid {
-        path: path.to_owned(),
-        message: message.to_string(),
-    }
+    IdentityError::Invalid { path: path.to_owned(), message: message.to_string() }
 }
 
 impl Identity {
@@ -107,20 +96,11 @@ impl Identity {
         let meta: Meta = toml::from_str(&read(&meta_path)?).map_err(|e| invalid(&meta_path, e))?;
         let cert_path = dir.join("device.crt");
         let ca_path = dir.join("ca.crt");
-        let cert = CertificateDer::from_pem_slice(read(&cert_path)?.as_bytes())
-            .map_err(|e| invalid(&cert_path, e))?;
-        let ca = CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes())
-            .map_err(|e| invalid(&ca_path, e))?;
+        let cert = CertificateDer::from_pem_slice(read(&cert_path)?.as_bytes()).map_err(|e| invalid(&cert_path, e))?;
+        let ca = CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|e| invalid(&ca_path, e))?;
         let key_path = dir.join("device.key");
-        let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes())
-            .map_err(|e| invalid(&key_path, e))?;
-        Ok(Identity {
-            device_id: meta.device_id,
-            hub: meta.hub,
-            cert,
-            ca,
-            key,
-        })
+        let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
+        Ok(Identity { device_id: meta.device_id, hub: meta.hub, cert, ca, key })
     }
 
     /// Fails if `data_dir` already holds an identity.
@@ -146,10 +126,7 @@ impl Identity {
         ca: CertificateDer<'static>,
     ) -> Result<Self, IdentityError> {
         let dir = dir(data_dir);
-        std::fs::create_dir_all(&dir).map_err(|source| IdentityError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| IdentityError::Io { path: dir.clone(), source })?;
         let write = |name: &str, bytes: &[u8], mode: u32| {
             let path = dir.join(name);
             write_atomic(&path, bytes, mode).map_err(|source| IdentityError::Io { path, source })
@@ -157,21 +134,11 @@ impl Identity {
         write("device.key", key_pem.as_bytes(), 0o600)?;
         write("device.crt", pem("CERTIFICATE", &cert).as_bytes(), 0o600)?;
         write("ca.crt", pem("CERTIFICATE", &ca).as_bytes(), 0o644)?;
-        let meta = Meta {
-            device_id: device_id.clone(),
-            hub: hub.clone(),
-        };
+        let meta = Meta { device_id: device_id.clone(), hub: hub.clone() };
         let text = toml::to_string(&meta).map_err(|e| invalid(&dir, e))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| invalid(&dir.join("device.key"), e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(&dir.join("device.key"), e))?;
         write("device.toml", text.as_bytes(), 0o644)?;
-        Ok(Identity {
-            device_id,
-            hub,
-            cert,
-            ca,
-            key,
-        })
+        Ok(Identity { device_id, hub, cert, ca, key })
     }
 
     /// The private key, for TLS.

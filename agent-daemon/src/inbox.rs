@@ -41,19 +41,13 @@ pub async fn accept(store: &AgentStore, deliver: Deliver) -> Result<Vec<u64>, St
     for command in deliver.commands {
         ids.push(command.id);
         if store.inbox_entry(command.id)?.is_none() {
-            changes.inbox.push(InboxEntry {
-                command,
-                state: InboxState::Pending,
-            });
+            changes.inbox.push(InboxEntry { command, state: InboxState::Pending });
         }
     }
     if let Some(desired) = deliver.desired {
         let current = stored_desired(store)?.map_or(0, |d| d.version);
         if desired.version > current {
-            changes.kv.push((
-                DESIRED.into(),
-                postcard::to_stdvec(&desired).unwrap_or_default(),
-            ));
+            changes.kv.push((DESIRED.into(), postcard::to_stdvec(&desired).unwrap_or_default()));
         }
     }
     let wake = !changes.kv.is_empty();
@@ -68,16 +62,11 @@ pub async fn accept(store: &AgentStore, deliver: Deliver) -> Result<Vec<u64>, St
 }
 
 fn stored_desired(store: &AgentStore) -> Result<Option<Desired>, StoreError> {
-    Ok(store
-        .get(DESIRED)?
-        .and_then(|b| postcard::from_bytes(&b).ok()))
+    Ok(store.get(DESIRED)?.and_then(|b| postcard::from_bytes(&b).ok()))
 }
 
 fn applied_version(store: &AgentStore) -> Result<u64, StoreError> {
-    Ok(store
-        .get(APPLIED)?
-        .and_then(|b| b.try_into().ok().map(u64::from_be_bytes))
-        .unwrap_or(0))
+    Ok(store.get(APPLIED)?.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
 }
 
 /// The settings in force: the config's, overridden by the applied desired
@@ -116,10 +105,7 @@ async fn run_executor(
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
     for entry in store.inbox_in(&InboxState::Running)? {
-        tracing::warn!(
-            command = entry.command.id,
-            "Command was cut off by a restart; reporting it interrupted."
-        );
+        tracing::warn!(command = entry.command.id, "Command was cut off by a restart; reporting it interrupted.");
         finish(
             store,
             entry,
@@ -163,24 +149,12 @@ async fn apply_desired(
             }
             settings.send_replace(next);
             tracing::info!(version = desired.version, "Desired state applied.");
-            (
-                StateReport {
-                    applied_version: desired.version,
-                    error: None,
-                },
-                desired.version,
-            )
+            (StateReport { applied_version: desired.version, error: None }, desired.version)
         }
         Err(e) => {
             tracing::warn!(version = desired.version, error = %e, "Desired state refused; keeping the last good one.");
             // Remember the refusal as applied-or-refused, so it is reported once.
-            (
-                StateReport {
-                    applied_version: applied,
-                    error: Some(e),
-                },
-                desired.version,
-            )
+            (StateReport { applied_version: applied, error: Some(e) }, desired.version)
         }
     };
     let changes = Changes {
@@ -192,24 +166,11 @@ async fn apply_desired(
     Ok(())
 }
 
-async fn finish(
-    store: &AgentStore,
-    mut entry: InboxEntry,
-    outcome: Outcome,
-    output: String,
-) -> Result<(), StoreError> {
-    let result = CommandResult {
-        id: entry.command.id,
-        outcome,
-        output,
-    };
+async fn finish(store: &AgentStore, mut entry: InboxEntry, outcome: Outcome, output: String) -> Result<(), StoreError> {
+    let result = CommandResult { id: entry.command.id, outcome, output };
     entry.state = InboxState::Done;
     store
-        .commit(Changes {
-            records: vec![RecordBody::CommandResult(result)],
-            inbox: vec![entry],
-            ..Changes::default()
-        })
+        .commit(Changes { records: vec![RecordBody::CommandResult(result)], inbox: vec![entry], ..Changes::default() })
         .await?;
     Ok(())
 }
@@ -222,27 +183,16 @@ async fn run_one(
 ) -> Result<(), StoreError> {
     let command = entry.command.clone();
     if Timestamp::now() >= command.expires_at {
-        tracing::info!(
-            command = command.id,
-            "Command expired before it could start."
-        );
+        tracing::info!(command = command.id, "Command expired before it could start.");
         return finish(store, entry, Outcome::Expired, String::new()).await;
     }
     entry.state = InboxState::Running;
-    store
-        .commit(Changes {
-            inbox: vec![entry.clone()],
-            ..Changes::default()
-        })
-        .await?;
+    store.commit(Changes { inbox: vec![entry.clone()], ..Changes::default() }).await?;
     tracing::info!(command = command.id, kind = %command.kind, "Running command.");
     let (outcome, output) = match command.kind.as_str() {
         "echo" => (Outcome::Succeeded, command.args.join(" ")),
         "exec" if config.allow_exec => exec(&command.args, config, cancel).await,
-        "exec" => (
-            Outcome::Rejected,
-            "exec commands are disabled on this device (commands.allow_exec)".into(),
-        ),
+        "exec" => (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into()),
         other => (Outcome::Rejected, format!("unknown command kind {other:?}")),
     };
     finish(store, entry, outcome, output).await
@@ -250,11 +200,7 @@ async fn run_one(
 
 /// Runs a program in its own process group with a timeout and an output cap;
 /// on timeout the whole group is killed.
-async fn exec(
-    args: &[String],
-    config: &CommandsConfig,
-    cancel: &CancellationToken,
-) -> (Outcome, String) {
+async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationToken) -> (Outcome, String) {
     let Some((program, rest)) = args.split_first() else {
         return (Outcome::Rejected, "exec needs a program".into());
     };
@@ -269,10 +215,7 @@ async fn exec(
     {
         Ok(c) => c,
         Err(e) => {
-            return (
-                Outcome::Failed { code: 127 },
-                format!("cannot start {program:?}: {e}"),
-            );
+            return (Outcome::Failed { code: 127 }, format!("cannot start {program:?}: {e}"));
         }
     };
     let cap = config.max_output;

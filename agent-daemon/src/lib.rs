@@ -56,19 +56,12 @@ pub enum AgentError {
 
 /// The name a device reports: from config, else the host name.
 pub fn device_name(config: &AgentConfig) -> String {
-    config
-        .name
-        .clone()
-        .or_else(|| sysinfo::System::host_name().ok())
-        .unwrap_or_else(|| "unnamed".into())
+    config.name.clone().or_else(|| sysinfo::System::host_name().ok()).unwrap_or_else(|| "unnamed".into())
 }
 
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
-pub fn run(
-    config: AgentConfig,
-    shutdown: impl Future<Output = ()> + 'static,
-) -> Result<(), AgentError> {
+pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
     run_with(config, shutdown, |_| {})
 }
 
@@ -80,11 +73,7 @@ pub fn run_with(
     extra: impl FnOnce(&AgentStore),
 ) -> Result<(), AgentError> {
     let identity = Identity::load(&config.data_dir)?;
-    let store = AgentStore::open(
-        &config.data_dir,
-        config.store.outbox_budget,
-        config.store.cache,
-    )?;
+    let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -96,18 +85,12 @@ pub fn run_with(
     system.block_on(async move {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
-        let defaults = Settings {
-            telemetry_interval: config.telemetry.interval,
-        };
+        let defaults = Settings { telemetry_interval: config.telemetry.interval };
         let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
         let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let params = LinkParams {
-            hub: config
-                .uplink
-                .hub
-                .clone()
-                .unwrap_or_else(|| identity.hub.clone()),
+            hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
             name: device_name(&config),
             identity,
@@ -123,12 +106,7 @@ pub fn run_with(
             "Agent starting."
         );
         let (t1, s1) = (tasks.clone(), stop.clone());
-        let (t2, s2, store2, commands) = (
-            tasks.clone(),
-            stop.clone(),
-            store.clone(),
-            config.commands.clone(),
-        );
+        let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
         let store3 = store.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
@@ -139,20 +117,10 @@ pub fn run_with(
                 .start()
             })
             .child("commands", move || {
-                let (store, commands, defaults, settings) = (
-                    store2.clone(),
-                    commands.clone(),
-                    defaults.clone(),
-                    settings_tx.clone(),
-                );
+                let (store, commands, defaults, settings) =
+                    (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone());
                 TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
-                    inbox::executor(
-                        store.clone(),
-                        commands.clone(),
-                        defaults.clone(),
-                        settings.clone(),
-                        cancel,
-                    )
+                    inbox::executor(store.clone(), commands.clone(), defaults.clone(), settings.clone(), cancel)
                 })
                 .start()
             })
@@ -169,10 +137,7 @@ pub fn run_with(
         drop(supervisor);
         actix::System::current().stop();
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait()).await.is_err() {
             tracing::warn!("Shutdown exceeded its time limit.");
         }
         if let Err(e) = store.flush() {

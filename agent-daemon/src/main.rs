@@ -43,11 +43,7 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Enroll {
-            token,
-            data_dir,
-            name,
-        } => enroll(&token, data_dir, name),
+        Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
         Command::Run { config } => match AgentConfig::load_or_exit(&config) {
             Ok(config) => {
@@ -67,13 +63,8 @@ fn main() -> ExitCode {
 }
 
 fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {
-    let name = name
-        .or_else(|| sysinfo::System::host_name().ok())
-        .unwrap_or_else(|| "unnamed".into());
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let name = name.or_else(|| sysinfo::System::host_name().ok()).unwrap_or_else(|| "unnamed".into());
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outpost-agent: cannot start the runtime: {e}");
@@ -82,10 +73,7 @@ fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {
     };
     match runtime.block_on(outpost_agent::enroll::enroll(token, &data_dir, &name)) {
         Ok(identity) => {
-            println!(
-                "Enrolled as {} with hub {}.",
-                identity.device_id, identity.hub
-            );
+            println!("Enrolled as {} with hub {}.", identity.device_id, identity.hub);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -122,9 +122,7 @@ pub struct AgentStore {
 
 impl std::fmt::Debug for AgentStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentStore")
-            .field("stats", &self.stats())
-            .finish()
+        f.debug_struct("AgentStore").field("stats", &self.stats()).finish()
     }
 }
 
@@ -147,10 +145,7 @@ fn key_is_telemetry(key: &[u8]) -> bool {
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
-    Ok(tree
-        .get(key)?
-        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-        .unwrap_or(0))
+    Ok(tree.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -162,10 +157,7 @@ impl AgentStore {
     /// Opens (or creates) the store in `data_dir/store`, with an outbox
     /// budget of `budget` bytes and a sled page cache of `cache` bytes.
     pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(data_dir.join("store"))
-            .cache_capacity(cache)
-            .open()?;
+        let db = sled::Config::new().path(data_dir.join("store")).cache_capacity(cache).open()?;
         let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let inbox = db.open_tree("inbox")?;
@@ -195,20 +187,10 @@ impl AgentStore {
             stats: stats.clone(),
             budget,
         };
-        let writer = GroupCommit::start("outpost-store", trees, |t: &Trees| {
-            t.db.flush().map(drop).map_err(|e| e.to_string())
-        })
-        .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        Ok(AgentStore {
-            db,
-            outbox,
-            inbox,
-            kv,
-            writer,
-            stats,
-            appended: Arc::default(),
-            inbox_changed: Arc::default(),
-        })
+        let writer =
+            GroupCommit::start("outpost-store", trees, |t: &Trees| t.db.flush().map(drop).map_err(|e| e.to_string()))
+                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(AgentStore { db, outbox, inbox, kv, writer, stats, appended: Arc::default(), inbox_changed: Arc::default() })
     }
 
     /// Current outbox figures.
@@ -233,11 +215,7 @@ impl AgentStore {
 
     /// Appends records durably.
     pub async fn append(&self, records: Vec<RecordBody>) -> Result<Vec<u64>, StoreError> {
-        self.commit(Changes {
-            records,
-            ..Changes::default()
-        })
-        .await
+        self.commit(Changes { records, ..Changes::default() }).await
     }
 
     /// Resolves after the next append.
@@ -257,12 +235,7 @@ impl AgentStore {
 
     /// Up to `max_records` records from `from_seq` on whose stored sizes add
     /// up to at most `max_bytes` (at least one record if any is waiting).
-    pub fn peek(
-        &self,
-        from_seq: u64,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, StoreError> {
+    pub fn peek(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
         for entry in self.outbox.range(outbox_key(from_seq, true)..) {
@@ -271,12 +244,7 @@ impl AgentStore {
                 break;
             }
             bytes += value.len();
-            out.push(
-                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt {
-                    tree: "outbox",
-                    source,
-                })?,
-            );
+            out.push(postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?);
         }
         Ok(out)
     }
@@ -291,12 +259,7 @@ impl AgentStore {
     pub fn inbox_entry(&self, id: u64) -> Result<Option<InboxEntry>, StoreError> {
         self.inbox
             .get(id.to_be_bytes())?
-            .map(|v| {
-                postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt {
-                    tree: "inbox",
-                    source,
-                })
-            })
+            .map(|v| postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt { tree: "inbox", source }))
             .transpose()
     }
 
@@ -306,10 +269,7 @@ impl AgentStore {
         for entry in self.inbox.iter() {
             let (_, value) = entry?;
             let entry: InboxEntry =
-                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt {
-                    tree: "inbox",
-                    source,
-                })?;
+                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "inbox", source })?;
             if &entry.state == state {
                 out.push(entry);
             }
@@ -400,10 +360,7 @@ impl Trees {
     fn trim(&self, upto: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let (mut records, mut bytes, mut precious) = (0u64, 0u64, 0u64);
-        for entry in self
-            .outbox
-            .range(..outbox_key(upto.saturating_add(1), true))
-        {
+        for entry in self.outbox.range(..outbox_key(upto.saturating_add(1), true)) {
             let (key, value) = entry?;
             records += 1;
             bytes += value.len() as u64;
@@ -475,10 +432,7 @@ impl Trees {
                     alarms.push(Alarm {
                         kind: AlarmKind::TelemetryThinned,
                         raised: true,
-                        message: format!(
-                            "outbox over its budget of {} bytes: thinning telemetry",
-                            self.budget
-                        ),
+                        message: format!("outbox over its budget of {} bytes: thinning telemetry", self.budget),
                     });
                 }
                 stats.thinned += thinned;
@@ -501,10 +455,7 @@ impl Trees {
             }
             // Alarms are precious and small; appending them cannot recurse
             // into thinning more than once per condition.
-            self.apply(Changes {
-                records: alarms.into_iter().map(RecordBody::Alarm).collect(),
-                ..Changes::default()
-            })?;
+            self.apply(Changes { records: alarms.into_iter().map(RecordBody::Alarm).collect(), ..Changes::default() })?;
         }
         Ok(())
     }
@@ -532,11 +483,7 @@ mod tests {
     }
 
     fn result(id: u64) -> RecordBody {
-        RecordBody::CommandResult(CommandResult {
-            id,
-            outcome: Outcome::Succeeded,
-            output: "x".repeat(40),
-        })
+        RecordBody::CommandResult(CommandResult { id, outcome: Outcome::Succeeded, output: "x".repeat(40) })
     }
 
     #[tokio::test]
@@ -544,10 +491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
-            assert_eq!(
-                store.append(vec![sample(1), sample(2)]).await.unwrap(),
-                vec![1, 2]
-            );
+            assert_eq!(store.append(vec![sample(1), sample(2)]).await.unwrap(), vec![1, 2]);
             assert_eq!(store.append(vec![result(7)]).await.unwrap(), vec![3]);
             store.ack(1).await.unwrap();
             store.close().unwrap();
@@ -555,12 +499,7 @@ mod tests {
         let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         let stats = store.stats();
         assert_eq!((stats.next_seq, stats.acked_seq, stats.records), (4, 1, 2));
-        let seqs: Vec<u64> = store
-            .peek(2, 10, 1 << 20)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs: Vec<u64> = store.peek(2, 10, 1 << 20).unwrap().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [2, 3]);
         // Sequence numbers are never reused, even after everything is acked.
         store.ack(3).await.unwrap();
@@ -582,16 +521,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(
-            results,
-            (0..200).collect::<Vec<_>>(),
-            "a precious record was dropped"
-        );
+        assert_eq!(results, (0..200).collect::<Vec<_>>(), "a precious record was dropped");
         let telemetry = records.iter().filter(|r| r.body.is_telemetry()).count();
-        assert!(
-            telemetry < 200,
-            "telemetry was not thinned ({telemetry} kept)"
-        );
+        assert!(telemetry < 200, "telemetry was not thinned ({telemetry} kept)");
         let alarms: Vec<AlarmKind> = records
             .iter()
             .filter_map(|r| match &r.body {

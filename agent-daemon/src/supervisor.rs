@@ -50,10 +50,7 @@ pub struct RestartPolicy {
 
 impl Default for RestartPolicy {
     fn default() -> Self {
-        RestartPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        }
+        RestartPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(30) }
     }
 }
 
@@ -68,9 +65,7 @@ pub struct SupervisorActor {
 impl std::fmt::Debug for SupervisorActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<_> = self.children.iter().map(|c| c.name).collect();
-        f.debug_struct("SupervisorActor")
-            .field("children", &names)
-            .finish()
+        f.debug_struct("SupervisorActor").field("children", &names).finish()
     }
 }
 
@@ -78,12 +73,7 @@ impl SupervisorActor {
     /// A supervisor with no children yet.
     pub fn new(policy: RestartPolicy) -> Self {
         let watchdog = sd_notify::watchdog_enabled().is_some();
-        SupervisorActor {
-            children: Vec::new(),
-            policy,
-            link: None,
-            watchdog,
-        }
+        SupervisorActor { children: Vec::new(), policy, link: None, watchdog }
     }
 
     /// Adds a child started (and restarted) by `start`.
@@ -136,10 +126,7 @@ impl SupervisorActor {
                 None => {}
             }
         }
-        let all_alive = self
-            .children
-            .iter()
-            .all(|c| c.running.as_ref().is_some_and(|(child, _)| child.alive()));
+        let all_alive = self.children.iter().all(|c| c.running.as_ref().is_some_and(|(child, _)| child.alive()));
         if self.watchdog && all_alive {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
@@ -174,13 +161,7 @@ impl Handler<ChildStatus> for SupervisorActor {
         MessageResult(
             self.children
                 .iter()
-                .map(|c| {
-                    (
-                        c.name,
-                        c.running.as_ref().is_some_and(|(child, _)| child.alive()),
-                        c.restarts,
-                    )
-                })
+                .map(|c| (c.name, c.running.as_ref().is_some_and(|(child, _)| child.alive()), c.restarts))
                 .collect(),
         )
     }
@@ -238,10 +219,7 @@ mod tests {
         let starts = Arc::new(AtomicU32::new(0));
         let current: Arc<std::sync::Mutex<Option<Addr<Fragile>>>> = Arc::default();
         let (s, c) = (starts.clone(), current.clone());
-        let policy = RestartPolicy {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        };
+        let policy = RestartPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50) };
         let sup = SupervisorActor::new(policy)
             .child("fragile", move || {
                 let addr = Fragile { starts: s.clone() }.start();
@@ -252,16 +230,10 @@ mod tests {
         wait_for("first start", || starts.load(Ordering::SeqCst) == 1).await;
 
         current.lock().unwrap().as_ref().unwrap().do_send(Explode);
-        wait_for("restart after a panic", || {
-            starts.load(Ordering::SeqCst) == 2
-        })
-        .await;
+        wait_for("restart after a panic", || starts.load(Ordering::SeqCst) == 2).await;
 
         current.lock().unwrap().as_ref().unwrap().do_send(Quit);
-        wait_for("restart after a stop", || {
-            starts.load(Ordering::SeqCst) == 3
-        })
-        .await;
+        wait_for("restart after a stop", || starts.load(Ordering::SeqCst) == 3).await;
 
         let status = sup.send(ChildStatus).await.unwrap();
         assert_eq!(status, vec![("fragile", true, 2)]);

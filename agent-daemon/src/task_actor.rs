@@ -23,32 +23,19 @@ pub struct TaskActor {
 
 impl std::fmt::Debug for TaskActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskActor")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("TaskActor").field("name", &self.name).finish()
     }
 }
 
 impl TaskActor {
     /// An actor running `task(cancel)`; `cancel` fires on `shutdown` or when
     /// the actor is dropped.
-    pub fn new<F, Fut>(
-        name: &'static str,
-        tasks: TaskTracker,
-        shutdown: CancellationToken,
-        task: F,
-    ) -> Self
+    pub fn new<F, Fut>(name: &'static str, tasks: TaskTracker, shutdown: CancellationToken, task: F) -> Self
     where
         F: Fn(CancellationToken) -> Fut + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        TaskActor {
-            name,
-            factory: Box::new(move |c| Box::pin(task(c))),
-            tasks,
-            shutdown,
-            guard: None,
-        }
+        TaskActor { name, factory: Box::new(move |c| Box::pin(task(c))), tasks, shutdown, guard: None }
     }
 }
 

@@ -52,9 +52,7 @@ impl Sampler {
         self.disks.refresh(true);
         self.networks.refresh(true);
         self.components.refresh(true);
-        let load = System::load_average().map_or([0.0; 3], |l| {
-            [l.one as f32, l.five as f32, l.fifteen as f32]
-        });
+        let load = System::load_average().map_or([0.0; 3], |l| [l.one as f32, l.five as f32, l.fifteen as f32]);
         let mut disks: Vec<DiskSample> = self
             .disks
             .iter()
@@ -78,12 +76,7 @@ impl Sampler {
         let temperatures = self
             .components
             .iter()
-            .filter_map(|c| {
-                Some(TempSample {
-                    label: c.label().to_owned(),
-                    celsius: c.temperature()?,
-                })
-            })
+            .filter_map(|c| Some(TempSample { label: c.label().to_owned(), celsius: c.temperature()? }))
             .collect();
         let total = self.system.total_memory();
         Sample {
@@ -113,27 +106,16 @@ pub struct TelemetryActor {
 impl TelemetryActor {
     /// An actor sampling with `sampler` (shared across restarts, so the CPU
     /// baseline survives them) into `store`, at the interval `settings` say.
-    pub fn new(
-        store: AgentStore,
-        sampler: Arc<Mutex<Sampler>>,
-        settings: watch::Receiver<Settings>,
-    ) -> Self {
-        TelemetryActor {
-            store,
-            sampler,
-            settings,
-            ticker: None,
-        }
+    pub fn new(store: AgentStore, sampler: Arc<Mutex<Sampler>>, settings: watch::Receiver<Settings>) -> Self {
+        TelemetryActor { store, sampler, settings, ticker: None }
     }
 
     fn take_sample(&self, ctx: &mut Context<Self>) {
         let sampler = self.sampler.clone();
         let store = self.store.clone();
         let work = async move {
-            let sampled = tokio::task::spawn_blocking(move || {
-                sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()
-            })
-            .await;
+            let sampled =
+                tokio::task::spawn_blocking(move || sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()).await;
             match sampled {
                 Ok(sample) => {
                     if let Err(e) = store.append(vec![RecordBody::Telemetry(sample)]).await {
@@ -166,10 +148,7 @@ impl TelemetryActor {
             if ok {
                 act.settings.mark_unchanged();
                 let interval = act.settings.borrow().telemetry_interval;
-                tracing::info!(
-                    interval_ms = interval.as_millis() as u64,
-                    "Telemetry interval changed."
-                );
+                tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
                 act.schedule(ctx, interval);
                 act.watch_settings(ctx);
             }
@@ -200,9 +179,6 @@ mod tests {
         assert!(s.mem_used_bytes <= s.mem_total_bytes);
         assert!(s.uptime_secs > 0);
         assert!((0.0..=100.0).contains(&s.cpu_percent));
-        assert!(
-            !s.net.is_empty(),
-            "no network interfaces seen (lo should be there)"
-        );
+        assert!(!s.net.is_empty(), "no network interfaces seen (lo should be there)");
     }
 }

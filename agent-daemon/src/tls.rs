@@ -41,10 +41,7 @@ pub struct Timings {
     pub idle_timeout: Duration,
 }
 
-fn quic_client(
-    mut tls: rustls::ClientConfig,
-    timings: Timings,
-) -> Result<quinn::ClientConfig, TlsError> {
+fn quic_client(mut tls: rustls::ClientConfig, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -56,10 +53,7 @@ fn quic_client(
 }
 
 /// Client config for an authenticated session.
-pub fn session_config(
-    identity: &Identity,
-    timings: Timings,
-) -> Result<quinn::ClientConfig, TlsError> {
+pub fn session_config(identity: &Identity, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(identity.ca.clone()).map_err(tls_err)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -85,16 +79,9 @@ impl PinOutcome {
 
 /// Client config for enrollment: no client certificate, hub pinned by the
 /// CA fingerprint from the token.
-pub fn enrollment_config(
-    pin: Fingerprint,
-    timings: Timings,
-) -> Result<(quinn::ClientConfig, PinOutcome), TlsError> {
+pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<(quinn::ClientConfig, PinOutcome), TlsError> {
     let outcome = PinOutcome::default();
-    let verifier = Arc::new(PinnedCa {
-        pin,
-        provider: provider(),
-        outcome: outcome.clone(),
-    });
+    let verifier = Arc::new(PinnedCa { pin, provider: provider(), outcome: outcome.clone() });
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -121,21 +108,15 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates
-            .iter()
-            .find(|c| Fingerprint::of_der(c) == self.pin)
-        else {
+        let Some(ca) = intermediates.iter().find(|c| Fingerprint::of_der(c) == self.pin) else {
             self.outcome.0.store(true, Ordering::SeqCst);
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            ));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -145,12 +126,7 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -159,18 +135,11 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

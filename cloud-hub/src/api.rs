@@ -37,6 +37,9 @@ pub struct DeviceView {
     /// The newest alarms, newest first.
     #[serde(default)]
     pub alarms: Vec<AlarmRecord>,
+    /// Highest record sequence number stored for this device.
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
@@ -66,12 +69,7 @@ pub struct SampleView {
 impl SampleView {
     /// The view of a stored sample.
     pub fn new(seq: u64, sample: Sample) -> Self {
-        SampleView {
-            seq,
-            at: rfc3339(sample.at),
-            at_ms: sample.at.0,
-            sample,
-        }
+        SampleView { seq, at: rfc3339(sample.at), at_ms: sample.at.0, sample }
     }
 }
 
@@ -151,6 +149,7 @@ impl DeviceView {
         online: bool,
         connected: bool,
         alarms: Vec<AlarmRecord>,
+        last_seq: u64,
     ) -> Self {
         DeviceView {
             id: record.id.to_string(),
@@ -166,6 +165,7 @@ impl DeviceView {
             mem_percent: record.last_sample.as_ref().map(Sample::mem_percent),
             telemetry: record.last_sample,
             alarms,
+            last_seq,
         }
     }
 }

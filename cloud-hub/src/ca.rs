@@ -9,8 +9,8 @@ use outpost_shared::fsutil::write_atomic;
 use outpost_shared::identity::HUB_SERVER_NAME;
 use outpost_shared::{DeviceId, Fingerprint};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
@@ -52,17 +52,12 @@ pub struct FleetCa {
 
 impl std::fmt::Debug for FleetCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FleetCa")
-            .field("fingerprint", &self.fingerprint().to_string())
-            .finish()
+        f.debug_struct("FleetCa").field("fingerprint", &self.fingerprint().to_string()).finish()
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CaError::Io { path: path.to_owned(), source }
 }
 
 impl FleetCa {
@@ -73,9 +68,7 @@ impl FleetCa {
             return Err(CaError::AlreadyInitialised(crt));
         }
         let mut params = CertificateParams::new(Vec::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Outpost fleet CA");
+        params.distinguished_name.push(DnType::CommonName, "Outpost fleet CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = OffsetDateTime::now_utc();
@@ -85,10 +78,7 @@ impl FleetCa {
         let cert = params.self_signed(&key_pair)?;
         write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io_err(&key))?;
         write_atomic(&crt, cert.pem().as_bytes(), 0o644).map_err(io_err(&crt))?;
-        Ok(FleetCa {
-            cert_der: cert.der().clone(),
-            issuer: Issuer::new(params, key_pair),
-        })
+        Ok(FleetCa { cert_der: cert.der().clone(), issuer: Issuer::new(params, key_pair) })
     }
 
     /// Loads the CA from `data_dir`.
@@ -119,45 +109,27 @@ impl FleetCa {
     /// Signs a device certificate for the key in `csr_der`. The subject is
     /// the hub's choice (`CN = device id`); whatever the CSR asks for besides
     /// its public key is ignored.
-    pub fn sign_device(
-        &self,
-        csr_der: &[u8],
-        id: &DeviceId,
-    ) -> Result<CertificateDer<'static>, CaError> {
+    pub fn sign_device(&self, csr_der: &[u8], id: &DeviceId) -> Result<CertificateDer<'static>, CaError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::new(Vec::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, id.as_str());
-        params.subject_alt_names = vec![SanType::DnsName(
-            format!("{id}.device.outpost.invalid").try_into()?,
-        )];
+        params.distinguished_name.push(DnType::CommonName, id.as_str());
+        params.subject_alt_names = vec![SanType::DnsName(format!("{id}.device.outpost.invalid").try_into()?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + DEVICE_CERT_LIFETIME;
-        let request = CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        };
+        let request = CertificateSigningRequestParams { params, public_key: csr.public_key };
         Ok(request.signed_by(&self.issuer)?.der().clone())
     }
 
     /// Makes a fresh TLS identity for the hub's QUIC endpoint: the chain
     /// (hub certificate, CA) and its key.
-    pub fn hub_identity(
-        &self,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+    pub fn hub_identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let mut params = CertificateParams::new(vec![HUB_SERVER_NAME.to_owned()])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Outpost hub");
+        params.distinguished_name.push(DnType::CommonName, "Outpost hub");
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
@@ -187,10 +159,7 @@ mod tests {
     fn signs_device_certificates_with_the_hub_chosen_id() {
         let dir = tempfile::tempdir().unwrap();
         let ca = FleetCa::init(dir.path()).unwrap();
-        assert!(matches!(
-            FleetCa::init(dir.path()),
-            Err(CaError::AlreadyInitialised(_))
-        ));
+        assert!(matches!(FleetCa::init(dir.path()), Err(CaError::AlreadyInitialised(_))));
         let ca = {
             drop(ca);
             FleetCa::load(dir.path()).unwrap()
@@ -198,18 +167,13 @@ mod tests {
 
         let device_key = KeyPair::generate().unwrap();
         let mut asked = CertificateParams::new(vec!["evil".into()]).unwrap();
-        asked
-            .distinguished_name
-            .push(DnType::CommonName, "dev-admin");
+        asked.distinguished_name.push(DnType::CommonName, "dev-admin");
         let csr = asked.serialize_request(&device_key).unwrap();
         let id: DeviceId = "dev-0001".parse().unwrap();
         let cert = ca.sign_device(csr.der(), &id).unwrap();
         assert_eq!(device_id_of(&cert), Some(id));
 
-        assert!(matches!(
-            ca.sign_device(b"not a csr", &"dev-x".parse().unwrap()),
-            Err(CaError::BadCsr(_))
-        ));
+        assert!(matches!(ca.sign_device(b"not a csr", &"dev-x".parse().unwrap()), Err(CaError::BadCsr(_))));
     }
 
     #[test]
@@ -217,10 +181,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         FleetCa::init(dir.path()).unwrap();
-        let mode = std::fs::metadata(dir.path().join("ca.key"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

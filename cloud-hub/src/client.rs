@@ -43,11 +43,7 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
             .build();
-        Client {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            agent: config.into(),
-        }
+        Client { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), agent: config.into() }
     }
 
     fn call<T: serde::de::DeserializeOwned>(
@@ -57,23 +53,12 @@ impl Client {
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let transport = |e: ureq::Error| ClientError::Transport {
-            url: url.clone(),
-            source: Box::new(e),
-        };
+        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("PUT", Some(b)) => self
-                .agent
-                .put(&url)
-                .header("Authorization", &auth)
-                .send_json(b),
-            (_, b) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(b.unwrap_or_default()),
+            ("PUT", Some(b)) => self.agent.put(&url).header("Authorization", &auth).send_json(b),
+            (_, b) => self.agent.post(&url).header("Authorization", &auth).send_json(b.unwrap_or_default()),
         };
         let mut response = result.map_err(transport)?;
         let status = response.status().as_u16();
@@ -83,18 +68,9 @@ impl Client {
                 .read_json::<ApiError>()
                 .map(|e| e.error)
                 .unwrap_or_else(|_| "no explanation".into());
-            return Err(ClientError::Status {
-                url,
-                status,
-                message,
-            });
+            return Err(ClientError::Status { url, status, message });
         }
-        response
-            .body_mut()
-            .with_config()
-            .limit(256 << 20)
-            .read_json()
-            .map_err(transport)
+        response.body_mut().with_config().limit(256 << 20).read_json().map_err(transport)
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -122,34 +98,26 @@ impl Client {
         self.get(&format!("/api/v1/devices/{id}/metrics?{}", query.join("&")))
     }
 
+    /// `GET /api/v1/devices/{id}/events`
+    pub fn events(&self, id: &str, limit: usize) -> Result<Vec<crate::store::EventRecord>, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/events?limit={limit}"))
+    }
+
     /// `GET /api/v1/devices/{id}/desired`
     pub fn desired(&self, id: &str) -> Result<DesiredView, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/desired"))
     }
 
     /// `PUT /api/v1/devices/{id}/desired`
-    pub fn put_desired(
-        &self,
-        id: &str,
-        version: u64,
-        doc: serde_json::Value,
-    ) -> Result<DesiredView, ClientError> {
+    pub fn put_desired(&self, id: &str, version: u64, doc: serde_json::Value) -> Result<DesiredView, ClientError> {
         let body = serde_json::to_value(DesiredPut { version, doc }).unwrap_or_default();
         self.call("PUT", &format!("/api/v1/devices/{id}/desired"), Some(body))
     }
 
     /// `POST /api/v1/devices/{id}/commands`
-    pub fn send_command(
-        &self,
-        id: &str,
-        request: &CommandRequest,
-    ) -> Result<CommandRecord, ClientError> {
+    pub fn send_command(&self, id: &str, request: &CommandRequest) -> Result<CommandRecord, ClientError> {
         let body = serde_json::to_value(request).unwrap_or_default();
-        self.call(
-            "POST",
-            &format!("/api/v1/devices/{id}/commands"),
-            Some(body),
-        )
+        self.call("POST", &format!("/api/v1/devices/{id}/commands"), Some(body))
     }
 
     /// `GET /api/v1/devices/{id}/commands`
@@ -185,23 +153,12 @@ pub fn render_table(devices: &[DeviceView]) -> String {
                 if d.online { "yes".into() } else { "no".into() },
                 d.last_seen.clone().unwrap_or_else(|| "never".into()),
                 d.agent_version.clone().unwrap_or_else(|| "-".into()),
-                d.cpu_percent
-                    .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-                d.mem_percent
-                    .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.cpu_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.mem_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             ]
         })
         .collect();
-    let header = [
-        "ID",
-        "NAME",
-        "ONLINE",
-        "LAST SEEN",
-        "VERSION",
-        "CPU %",
-        "MEM %",
-    ]
-    .map(String::from);
+    let header = ["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -210,11 +167,7 @@ pub fn render_table(devices: &[DeviceView]) -> String {
     }
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -241,17 +194,12 @@ mod tests {
             mem_percent: None,
             telemetry: None,
             alarms: vec![],
+            last_seq: 0,
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(
-            lines[0].starts_with("ID     NAME               ONLINE"),
-            "{table}"
-        );
-        assert!(
-            lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'),
-            "{table}"
-        );
+        assert!(lines[0].starts_with("ID     NAME               ONLINE"), "{table}");
+        assert!(lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'), "{table}");
     }
 }

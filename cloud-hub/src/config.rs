@@ -60,10 +60,7 @@ impl HubConfig {
                 max_frame: DEFAULT_MAX_FRAME,
                 idle_timeout: Duration::from_secs(30),
             },
-            http: HttpConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                workers: 1,
-            },
+            http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
             heartbeat_timeout: Duration::from_secs(15),
             telemetry_retention: Duration::from_secs(30 * 86400),
             log: "info".into(),
@@ -82,9 +79,7 @@ impl ConfigFile for HubConfig {
             quic: QuicConfig {
                 listen: socket_addr(&quic, "listen", "0.0.0.0:7443"),
                 advertise: quic.get("advertise"),
-                max_frame: quic
-                    .get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64))
-                    .0 as usize,
+                max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
             },
             http: HttpConfig {
@@ -95,31 +90,11 @@ impl ConfigFile for HubConfig {
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             log: root.get_or("log", "info".to_owned()),
         };
-        quic.check(
-            "max_frame",
-            (1024..=64 << 20).contains(&config.quic.max_frame),
-            "must be between 1 KiB and 64 MiB",
-        );
-        quic.check(
-            "idle_timeout",
-            !config.quic.idle_timeout.is_zero(),
-            "must be more than zero",
-        );
-        http.check(
-            "workers",
-            (1..=64).contains(&config.http.workers),
-            "must be between 1 and 64",
-        );
-        fleet.check(
-            "heartbeat_timeout",
-            !config.heartbeat_timeout.is_zero(),
-            "must be more than zero",
-        );
-        telemetry.check(
-            "retention",
-            config.telemetry_retention >= Duration::from_secs(60),
-            "must be at least 1m",
-        );
+        quic.check("max_frame", (1024..=64 << 20).contains(&config.quic.max_frame), "must be between 1 KiB and 64 MiB");
+        quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
+        http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
+        fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
+        telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
         for s in [quic, http, fleet, telemetry] {
             s.finish();
         }
@@ -131,10 +106,7 @@ impl ConfigFile for HubConfig {
 fn socket_addr(section: &Section<'_>, key: &str, default: &str) -> SocketAddr {
     let text: String = section.get_or(key, default.to_owned());
     text.parse().unwrap_or_else(|_| {
-        section.error(
-            key,
-            format!("invalid socket address {text:?}; write e.g. \"0.0.0.0:7443\""),
-        );
+        section.error(key, format!("invalid socket address {text:?}; write e.g. \"0.0.0.0:7443\""));
         SocketAddr::from(([0, 0, 0, 0], 0))
     })
 }
@@ -146,20 +118,9 @@ mod tests {
 
     #[test]
     fn every_error_is_listed() {
-        let text =
-            "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
+        let text = "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
         let err = HubConfig::parse(Path::new("hub.toml"), text).unwrap_err();
         let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "data_dir",
-                "quic.listen",
-                "quic.idle_timeout",
-                "http.workers",
-                "extra"
-            ],
-            "{err}"
-        );
+        assert_eq!(paths, ["data_dir", "quic.listen", "quic.idle_timeout", "http.workers", "extra"], "{err}");
     }
 }

@@ -38,9 +38,7 @@ pub enum TokenCreateError {
         source: std::io::Error,
     },
     /// Nobody said where the hub is.
-    #[error(
-        "no hub address: pass --hub-addr HOST:PORT, or start `outpost-hub serve` once so it records its address"
-    )]
+    #[error("no hub address: pass --hub-addr HOST:PORT, or start `outpost-hub serve` once so it records its address")]
     NoAddress,
     /// Zero uses or a zero lifetime.
     #[error("a token needs at least one use and a lifetime above zero")]
@@ -84,9 +82,7 @@ pub fn create_token(
         id,
         hub,
         ca: ca.fingerprint(),
-        expires_at: Timestamp::now()
-            .as_secs()
-            .saturating_add(ttl.as_secs().max(1)),
+        expires_at: Timestamp::now().as_secs().saturating_add(ttl.as_secs().max(1)),
         uses,
     };
     Ok(token::issue(&claims, &key))
@@ -102,47 +98,25 @@ pub struct Refused {
 }
 
 fn refuse(reason: RefusalReason, message: impl Into<String>) -> Refused {
-    Refused {
-        reason,
-        message: message.into(),
-    }
+    Refused { reason, message: message.into() }
 }
 
 /// Checks a token and signs the device's CSR. Writes to the store only when
 /// everything checks out, in one transaction.
-pub fn redeem(
-    ca: &FleetCa,
-    key: &[u8],
-    store: &Store,
-    request: &EnrollRequest,
-) -> Result<Enrolled, Refused> {
-    let parsed = token::parse(&request.token)
-        .map_err(|e| refuse(RefusalReason::UnknownToken, e.to_string()))?;
+pub fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) -> Result<Enrolled, Refused> {
+    let parsed = token::parse(&request.token).map_err(|e| refuse(RefusalReason::UnknownToken, e.to_string()))?;
     if !parsed.verify(key) || parsed.claims.ca != ca.fingerprint() {
-        return Err(refuse(
-            RefusalReason::UnknownToken,
-            "enrollment token was not issued by this hub",
-        ));
+        return Err(refuse(RefusalReason::UnknownToken, "enrollment token was not issued by this hub"));
     }
     let claims = &parsed.claims;
     if Timestamp::now().as_secs() >= claims.expires_at {
-        return Err(refuse(
-            RefusalReason::ExpiredToken,
-            "enrollment token has expired",
-        ));
+        return Err(refuse(RefusalReason::ExpiredToken, "enrollment token has expired"));
     }
     let mut random = [0u8; 8];
     rand::fill(&mut random[..]);
     let id = DeviceId::from_random(random);
-    let cert = ca
-        .sign_device(&request.csr_der, &id)
-        .map_err(|e| refuse(RefusalReason::BadCsr, e.to_string()))?;
-    let name: String = request
-        .name
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    let cert = ca.sign_device(&request.csr_der, &id).map_err(|e| refuse(RefusalReason::BadCsr, e.to_string()))?;
+    let name: String = request.name.chars().filter(|c| !c.is_control()).take(64).collect();
     let record = DeviceRecord {
         id: id.clone(),
         name,
@@ -154,21 +128,13 @@ pub fn redeem(
         last_sample: None,
     };
     match store.enroll(&claims.id, claims.uses, &record) {
-        Ok(()) => Ok(Enrolled {
-            device_id: id,
-            cert_der: cert.to_vec(),
-            ca_der: ca.cert_der().to_vec(),
-        }),
-        Err(StoreError::UsedUp { used, allowed }) => Err(refuse(
-            RefusalReason::UsedUpToken,
-            format!("enrollment token is used up ({used} of {allowed} uses)"),
-        )),
+        Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca.cert_der().to_vec() }),
+        Err(StoreError::UsedUp { used, allowed }) => {
+            Err(refuse(RefusalReason::UsedUpToken, format!("enrollment token is used up ({used} of {allowed} uses)")))
+        }
         Err(e) => {
             tracing::error!(error = %e, "Enrollment could not be stored.");
-            Err(refuse(
-                RefusalReason::Internal,
-                "the hub could not store the enrollment; try again",
-            ))
+            Err(refuse(RefusalReason::Internal, "the hub could not store the enrollment; try again"))
         }
     }
 }

@@ -38,11 +38,7 @@ pub struct Fleet {
 impl Fleet {
     /// Fleet state over `store`.
     pub fn new(store: Store, heartbeat_timeout: Duration) -> Self {
-        Fleet {
-            store,
-            presence: Mutex::default(),
-            heartbeat_timeout,
-        }
+        Fleet { store, presence: Mutex::default(), heartbeat_timeout }
     }
 
     /// The durable store.
@@ -82,9 +78,7 @@ impl Fleet {
     /// The session on `connection` ended.
     pub fn disconnected(&self, id: &DeviceId, connection: &quinn::Connection) {
         if let Some(p) = self.presence().get_mut(id)
-            && p.connection
-                .as_ref()
-                .is_some_and(|c| c.stable_id() == connection.stable_id())
+            && p.connection.as_ref().is_some_and(|c| c.stable_id() == connection.stable_id())
         {
             p.connection = None;
         }
@@ -101,25 +95,18 @@ impl Fleet {
     pub fn view(&self, record: DeviceRecord) -> DeviceView {
         let now = Timestamp::now();
         let (last_seen, connected) = match self.presence().get(&record.id) {
-            Some(p) => (
-                Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))),
-                p.connection.is_some(),
-            ),
+            Some(p) => (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.connection.is_some()),
             None => (record.last_seen, false),
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
         let alarms = self.store.alarms(&record.id, 10).unwrap_or_default();
-        DeviceView::new(record, last_seen, online, connected, alarms)
+        let last_seq = self.store.high_water(&record.id).unwrap_or(0);
+        DeviceView::new(record, last_seen, online, connected, alarms, last_seq)
     }
 
     /// Every device, as the API shows them.
     pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        Ok(self
-            .store
-            .devices()?
-            .into_iter()
-            .map(|r| self.view(r))
-            .collect())
+        Ok(self.store.devices()?.into_iter().map(|r| self.view(r)).collect())
     }
 
     /// One device, as the API shows it.

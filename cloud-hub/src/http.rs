@@ -83,9 +83,7 @@ impl ResponseError for HttpError {
         if matches!(self, HttpError::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        response.json(ApiError {
-            error: self.to_string(),
-        })
+        response.json(ApiError { error: self.to_string() })
     }
 }
 
@@ -99,11 +97,7 @@ pub struct Caller {
 impl Caller {
     /// Fails unless the caller has at least `role`.
     pub fn require(&self, role: Role) -> Result<(), HttpError> {
-        if self.token.role >= role {
-            Ok(())
-        } else {
-            Err(HttpError::Forbidden(role))
-        }
+        if self.token.role >= role { Ok(()) } else { Err(HttpError::Forbidden(role)) }
     }
 }
 
@@ -113,22 +107,11 @@ impl FromRequest for Caller {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let lookup = || {
-            let fleet = req
-                .app_data::<web::Data<Fleet>>()
-                .ok_or(HttpError::Unauthorized)?;
-            let header = req
-                .headers()
-                .get("authorization")
-                .ok_or(HttpError::Unauthorized)?;
-            let secret = header
-                .to_str()
-                .ok()
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .ok_or(HttpError::Unauthorized)?;
+            let fleet = req.app_data::<web::Data<Fleet>>().ok_or(HttpError::Unauthorized)?;
+            let header = req.headers().get("authorization").ok_or(HttpError::Unauthorized)?;
+            let secret = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(HttpError::Unauthorized)?;
             let token = fleet.store().api_token(&token_hash(secret.trim()))?;
-            token
-                .map(|token| Caller { token })
-                .ok_or(HttpError::Unauthorized)
+            token.map(|token| Caller { token }).ok_or(HttpError::Unauthorized)
         };
         ready(lookup())
     }
@@ -158,9 +141,7 @@ async fn get_device(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path)?;
-    let view = fleet
-        .device(&id)?
-        .ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
+    let view = fleet.device(&id)?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -169,13 +150,9 @@ fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
     if let Ok(ms) = text.parse::<u64>() {
         return Ok(Timestamp(ms));
     }
-    humantime::parse_rfc3339_weak(text)
-        .map(Timestamp::from_system)
-        .map_err(|_| {
-            HttpError::Unprocessable(format!(
-                "invalid time {text:?}: use RFC 3339 or milliseconds since the epoch"
-            ))
-        })
+    humantime::parse_rfc3339_weak(text).map(Timestamp::from_system).map_err(|_| {
+        HttpError::Unprocessable(format!("invalid time {text:?}: use RFC 3339 or milliseconds since the epoch"))
+    })
 }
 
 async fn get_metrics(
@@ -186,28 +163,24 @@ async fn get_metrics(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path)?;
-    let since = query
-        .since
-        .as_deref()
-        .map(time_bound)
-        .transpose()?
-        .unwrap_or(Timestamp(0));
-    let until = query
-        .until
-        .as_deref()
-        .map(time_bound)
-        .transpose()?
-        .unwrap_or(Timestamp(u64::MAX));
+    let since = query.since.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(0));
+    let until = query.until.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(u64::MAX));
     let limit = query.limit.unwrap_or(10_000).min(1_000_000);
     let samples = fleet.store().telemetry(&id, since, until, limit)?;
-    let samples = samples
-        .into_iter()
-        .map(|(seq, sample)| SampleView::new(seq, sample))
-        .collect();
-    Ok(HttpResponse::Ok().json(MetricsView {
-        device: id.to_string(),
-        samples,
-    }))
+    let samples = samples.into_iter().map(|(seq, sample)| SampleView::new(seq, sample)).collect();
+    Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples }))
+}
+
+async fn get_events(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    query: web::Query<MetricsQuery>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let limit = query.limit.unwrap_or(1000).min(1_000_000);
+    Ok(HttpResponse::Ok().json(fleet.store().events(&id, limit)?))
 }
 
 async fn get_desired(
@@ -231,14 +204,9 @@ async fn put_desired(
     let id = known_device(&fleet, &path)?;
     let DesiredPut { version, doc } = body.into_inner();
     let text = doc.to_string();
-    DesiredDoc::parse(&text)
-        .map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
+    DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
     let device = id.clone();
-    let record = fleet
-        .store()
-        .writer()
-        .run(move |s| s.put_desired(&device, version, text))
-        .await??;
+    let record = fleet.store().writer().run(move |s| s.put_desired(&device, version, text)).await??;
     tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state changed.");
     fleet.poke(&id);
     let store = fleet.store();
@@ -264,15 +232,12 @@ async fn post_command(
         )));
     }
     let ttl = match &request.expires_in {
-        Some(text) => humantime::parse_duration(text).map_err(|e| {
-            HttpError::Unprocessable(format!("expires_in: invalid duration {text:?}: {e}"))
-        })?,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| HttpError::Unprocessable(format!("expires_in: invalid duration {text:?}: {e}")))?,
         None => std::time::Duration::from_secs(3600),
     };
     if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
-        return Err(HttpError::Unprocessable(
-            "expires_in must be between 1s and 30d".into(),
-        ));
+        return Err(HttpError::Unprocessable("expires_in must be between 1s and 30d".into()));
     }
     let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl.as_millis() as u64));
     let (device, by) = (id.clone(), caller.token.name.clone());
@@ -296,46 +261,35 @@ async fn list_commands(
     Ok(HttpResponse::Ok().json(fleet.store().device_commands(&id)?))
 }
 
-async fn get_command(
-    caller: Caller,
-    fleet: web::Data<Fleet>,
-    path: web::Path<u64>,
-) -> Result<HttpResponse, HttpError> {
+async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u64>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = path.into_inner();
-    let record = fleet
-        .store()
-        .command(id)?
-        .ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
+    let record = fleet.store().command(id)?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
     Ok(HttpResponse::Ok().json(record))
 }
 
 /// Registers the routes on an actix-web app.
 pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.app_data(web::Data::from(fleet))
-            .route("/healthz", web::get().to(healthz))
-            .service(
-                web::scope("/api/v1")
-                    .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(
-                        |err, _| {
-                            let message = err.to_string();
-                            actix_web::error::InternalError::from_response(
-                                err,
-                                HttpResponse::BadRequest()
-                                    .json(crate::api::ApiError { error: message }),
-                            )
-                            .into()
-                        },
-                    ))
-                    .route("/devices", web::get().to(list_devices))
-                    .route("/devices/{id}", web::get().to(get_device))
-                    .route("/devices/{id}/metrics", web::get().to(get_metrics))
-                    .route("/devices/{id}/desired", web::get().to(get_desired))
-                    .route("/devices/{id}/desired", web::put().to(put_desired))
-                    .route("/devices/{id}/commands", web::get().to(list_commands))
-                    .route("/devices/{id}/commands", web::post().to(post_command))
-                    .route("/commands/{id}", web::get().to(get_command)),
-            );
+        cfg.app_data(web::Data::from(fleet)).route("/healthz", web::get().to(healthz)).service(
+            web::scope("/api/v1")
+                .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(|err, _| {
+                    let message = err.to_string();
+                    actix_web::error::InternalError::from_response(
+                        err,
+                        HttpResponse::BadRequest().json(crate::api::ApiError { error: message }),
+                    )
+                    .into()
+                }))
+                .route("/devices", web::get().to(list_devices))
+                .route("/devices/{id}", web::get().to(get_device))
+                .route("/devices/{id}/metrics", web::get().to(get_metrics))
+                .route("/devices/{id}/events", web::get().to(get_events))
+                .route("/devices/{id}/desired", web::get().to(get_desired))
+                .route("/devices/{id}/desired", web::put().to(put_desired))
+                .route("/devices/{id}/commands", web::get().to(list_commands))
+                .route("/devices/{id}/commands", web::post().to(post_command))
+                .route("/commands/{id}", web::get().to(get_command)),
+        );
     }
 }

@@ -71,18 +71,26 @@ pub fn init(data_dir: &Path) -> Result<String, HubError> {
     let store = Store::open(data_dir)?;
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
-    let token = format!(
-        "opa_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-    );
-    let record = ApiToken {
-        role: Role::Admin,
-        name: "initial admin".into(),
-        created_at: Timestamp::now(),
-    };
+    let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+    let record = ApiToken { role: Role::Admin, name: "initial admin".into(), created_at: Timestamp::now() };
     store.put_api_token(&http::token_hash(&token), &record)?;
     store.close()?;
     Ok(token)
+}
+
+/// Reads a 32-byte secret from `path`, creating it (mode 0600) if absent.
+fn secret_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+        Ok(_) => Err(std::io::Error::other(format!("{} is not a 32-byte key", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::fill(&mut key[..]);
+            write_atomic(path, &key, 0o600)?;
+            Ok(key.to_vec())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A running hub.
@@ -110,72 +118,52 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let fleet = Arc::new(Fleet::new(store.clone(), config.heartbeat_timeout));
 
     let server_config = quic::server_config(&ca, config.quic.idle_timeout)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
-        .map_err(io(format!("bind QUIC on {}", config.quic.listen)))?;
+    // Stateless resets signed with a key that survives restarts: after a hub
+    // crash, the new process tells agents at once that their connection is
+    // gone, instead of leaving them to wait for the idle timeout.
+    let reset_key = secret_file(&data_dir.join("quic-reset.key")).map_err(io("read or create quic-reset.key"))?;
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
+    // Connection ids are checked with a key too; it must survive restarts
+    // as well, or the new process drops old connections' packets silently
+    // instead of resetting them.
+    let cid_tag = ring::hmac::sign(&hmac, b"outpost connection id key");
+    let cid_key = u64::from_be_bytes(cid_tag.as_ref()[..8].try_into().unwrap_or([0; 8]));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let socket =
+        std::net::UdpSocket::bind(config.quic.listen).map_err(io(format!("bind QUIC on {}", config.quic.listen)))?;
+    let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(io(format!("start QUIC on {}", config.quic.listen)))?;
     let quic_addr = endpoint.local_addr().map_err(io("read QUIC address"))?;
-    let advertise = config
-        .quic
-        .advertise
-        .clone()
-        .unwrap_or_else(|| quic_addr.to_string());
-    write_atomic(
-        &data_dir.join(enroll::ADVERTISE_FILE),
-        advertise.as_bytes(),
-        0o644,
-    )
-    .map_err(io("record the advertised address"))?;
+    let advertise = config.quic.advertise.clone().unwrap_or_else(|| quic_addr.to_string());
+    write_atomic(&data_dir.join(enroll::ADVERTISE_FILE), advertise.as_bytes(), 0o644)
+        .map_err(io("record the advertised address"))?;
 
-    let ctx = Arc::new(QuicContext {
-        fleet: fleet.clone(),
-        ca,
-        token_key,
-        max_frame: config.quic.max_frame,
-    });
+    let ctx = Arc::new(QuicContext { fleet: fleet.clone(), ca, token_key, max_frame: config.quic.max_frame });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
-    let maintenance_task = tokio::spawn(maintenance(
-        fleet.clone(),
-        config.telemetry_retention,
-        shutdown.clone(),
-    ));
+    let maintenance_task = tokio::spawn(maintenance(fleet.clone(), config.telemetry_retention, shutdown.clone()));
 
     let routes_fleet = fleet.clone();
-    let server = actix_web::HttpServer::new(move || {
-        actix_web::App::new().configure(http::routes(routes_fleet.clone()))
-    })
-    .workers(config.http.workers)
-    .disable_signals()
-    .shutdown_timeout(5)
-    .bind(config.http.listen)
-    .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
+    let server =
+        actix_web::HttpServer::new(move || actix_web::App::new().configure(http::routes(routes_fleet.clone())))
+            .workers(config.http.workers)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .bind(config.http.listen)
+            .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
     let http_addr = server
         .addrs()
         .first()
         .copied()
-        .ok_or_else(|| HubError::Io {
-            what: "bind HTTP".into(),
-            source: std::io::Error::other("no address bound"),
-        })?;
-    write_atomic(
-        &data_dir.join(enroll::HTTP_ADDR_FILE),
-        http_addr.to_string().as_bytes(),
-        0o644,
-    )
-    .map_err(io("record the HTTP address"))?;
+        .ok_or_else(|| HubError::Io { what: "bind HTTP".into(), source: std::io::Error::other("no address bound") })?;
+    write_atomic(&data_dir.join(enroll::HTTP_ADDR_FILE), http_addr.to_string().as_bytes(), 0o644)
+        .map_err(io("record the HTTP address"))?;
     let server = server.run();
     let http = server.handle();
     let http_task = tokio::spawn(server);
     tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, "Hub serving.");
-    Ok(RunningHub {
-        quic_addr,
-        http_addr,
-        shutdown,
-        quic_task,
-        maintenance_task,
-        http,
-        http_task,
-        store,
-    })
+    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, maintenance_task, http, http_task, store })
 }
 
 /// Expires undelivered commands every second and prunes telemetry older
@@ -189,12 +177,7 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Duration, shutdown: Cancellat
             _ = tick.tick() => {}
         }
         let now = Timestamp::now();
-        match fleet
-            .store()
-            .writer()
-            .run(move |s| s.expire_commands(now))
-            .await
-        {
+        match fleet.store().writer().run(move |s| s.expire_commands(now)).await {
             Ok(Ok(expired)) => {
                 for cmd in expired {
                     tracing::info!(device = %cmd.device, command = cmd.id, "Command expired before delivery.");

@@ -65,15 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Init { data_dir } => report(init(&data_dir)),
-        Command::Token {
-            command:
-                TokenCommand::Create {
-                    data_dir,
-                    ttl,
-                    uses,
-                    hub_addr,
-                },
-        } => report(
+        Command::Token { command: TokenCommand::Create { data_dir, ttl, uses, hub_addr } } => report(
             outpost_hub::enroll::create_token(&data_dir, ttl, uses, hub_addr)
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
@@ -113,9 +105,7 @@ fn serve(config: HubConfig) -> anyhow::Result<()> {
             .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"))
     });
     system.block_on(async move {
-        let hub = outpost_hub::start(&config)
-            .await
-            .context("hub failed to start")?;
+        let hub = outpost_hub::start(&config).await.context("hub failed to start")?;
         outpost_shared::logging::wait_for_signal().await;
         tracing::info!("Shutting down.");
         hub.stop(Duration::from_secs(10)).await;

@@ -14,9 +14,7 @@ use crate::store::CommandState;
 use outpost_shared::DeviceId;
 use outpost_shared::identity::ALPN;
 use outpost_shared::io::{FrameReader, StreamError, write_message};
-use outpost_shared::protocol::{
-    Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome,
-};
+use outpost_shared::protocol::{Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome};
 use outpost_shared::time::Timestamp;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -60,18 +58,13 @@ pub struct QuicContext {
 
 /// The endpoint's server config: hub certificate from the fleet CA, client
 /// certificates verified against the same CA (optional, for enrollment).
-pub fn server_config(
-    ca: &FleetCa,
-    idle_timeout: Duration,
-) -> Result<quinn::ServerConfig, QuicSetupError> {
+pub fn server_config(ca: &FleetCa, idle_timeout: Duration) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
     let (chain, key) = ca.hub_identity()?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert_der().clone()).map_err(|e| tls_err(&e))?;
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| tls_err(&e))?;
+    let verifier =
+        WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))?;
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
@@ -89,11 +82,7 @@ pub fn server_config(
 
 /// Accepts connections until `shutdown`, then closes the endpoint and waits
 /// (at most 5 s) for connection tasks to finish.
-pub async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    ctx: Arc<QuicContext>,
-    shutdown: CancellationToken,
-) {
+pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<QuicContext>, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -115,10 +104,7 @@ pub async fn accept_loop(
     }
     endpoint.close(CLOSE_OK.into(), b"hub shutting down");
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         tasks.abort_all();
     }
     endpoint.wait_idle().await;
@@ -222,11 +208,7 @@ async fn session(connection: quinn::Connection, id: DeviceId, ctx: &QuicContext)
     }
 }
 
-async fn run_session(
-    connection: &quinn::Connection,
-    id: &DeviceId,
-    ctx: &QuicContext,
-) -> SessionEnd {
+async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicContext) -> SessionEnd {
     let (mut send, recv) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(e) => return SessionEnd::Closed(e.to_string()),
@@ -251,10 +233,7 @@ async fn run_session(
     match known {
         Ok(Some(_)) => {}
         Ok(None) => {
-            let refusal = Refusal {
-                reason: RefusalReason::UnknownDevice,
-                message: "device is not registered".into(),
-            };
+            let refusal = Refusal { reason: RefusalReason::UnknownDevice, message: "device is not registered".into() };
             let _ = write_message(&mut send, Message::Refused(refusal), ctx.max_frame).await;
             let _ = send.finish();
             warn!("Certificate is valid but the device is not registered.");
@@ -305,16 +284,10 @@ async fn run_session(
                 if !batch.records.windows(2).all(|w| w[0].seq < w[1].seq)
                     || batch.records.first().is_some_and(|r| r.seq == 0)
                 {
-                    return SessionEnd::Protocol(
-                        "batch sequence numbers are not increasing from 1".into(),
-                    );
+                    return SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into());
                 }
                 let (device, records) = (id.clone(), batch.records);
-                let ingested = match store
-                    .writer()
-                    .run(move |s| s.ingest(&device, &records))
-                    .await
-                {
+                let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
                     Ok(Ok(ingested)) => ingested,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "Ingest failed; the agent will resend.");
@@ -329,14 +302,9 @@ async fn run_session(
                     info!(from, to, "Sequence gap (records the device thinned).");
                 }
                 if ingested.duplicates > 0 {
-                    debug!(
-                        duplicates = ingested.duplicates,
-                        "Duplicate records acknowledged again."
-                    );
+                    debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
                 }
-                let ack = Ack {
-                    upto: ingested.upto,
-                };
+                let ack = Ack { upto: ingested.upto };
                 if let Err(e) = write_message(&mut send, Message::Ack(ack), ctx.max_frame).await {
                     return e.into();
                 }
@@ -350,9 +318,7 @@ async fn run_session(
                             &device,
                             &ids,
                             |st| *st == CommandState::Queued,
-                            CommandState::Delivered {
-                                at: Timestamp::now(),
-                            },
+                            CommandState::Delivered { at: Timestamp::now() },
                         )
                     })
                     .await;
@@ -387,36 +353,22 @@ impl Outbound {
             Ok(all) => all
                 .into_iter()
                 .filter(|c| {
-                    c.state == CommandState::Queued
-                        && c.expires_at > now
-                        && !self.sent_commands.contains(&c.id)
+                    c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id)
                 })
-                .map(|c| Command {
-                    id: c.id,
-                    kind: c.kind,
-                    args: c.args,
-                    expires_at: c.expires_at,
-                })
+                .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "Pending commands could not be read.");
                 Vec::new()
             }
         };
-        let reported = store
-            .reported(id)
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.applied_version);
+        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
         let desired = store
             .desired(id)
             .ok()
             .flatten()
             .filter(|d| d.version > reported.max(self.sent_desired))
-            .map(|d| Desired {
-                version: d.version,
-                doc: d.doc,
-            });
+            .map(|d| Desired { version: d.version, doc: d.doc });
         if commands.is_empty() && desired.is_none() {
             return None;
         }

@@ -7,7 +7,9 @@
 //! - `seq`: device id → highest record sequence number stored (the ingest
 //!   high-water mark; a record at or below it is a duplicate)
 //! - `telemetry`: device id, 0, sample time (u64 BE), seq (u64 BE) → sample
-//! - `alarms`: device id, 0, seq (u64 BE) → [`AlarmRecord`]
+//! - `events`: device id, 0, seq (u64 BE) → [`EventRecord`]: every record
+//!   that is not telemetry (command results, state reports, alarms), as the
+//!   device's log
 //! - `reported`: device id → [`ReportedState`]
 //! - `desired`: device id → [`DesiredRecord`]
 //! - `commands`: command id (u64 BE) → [`CommandRecord`]; `device_commands`:
@@ -47,6 +49,17 @@ pub struct DeviceRecord {
     pub last_addr: Option<String>,
     /// The latest telemetry sample.
     pub last_sample: Option<Sample>,
+}
+
+/// A non-telemetry record of a device, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When the device made it.
+    pub at: Timestamp,
+    /// The record.
+    pub body: RecordBody,
 }
 
 /// An alarm a device raised.
@@ -209,7 +222,7 @@ pub struct Store {
     enroll_uses: sled::Tree,
     seq: sled::Tree,
     telemetry: sled::Tree,
-    alarms: sled::Tree,
+    events: sled::Tree,
     reported: sled::Tree,
     desired: sled::Tree,
     commands: sled::Tree,
@@ -265,18 +278,15 @@ fn decode<T: for<'de> Deserialize<'de>>(tree: &'static str, bytes: &[u8]) -> Res
 impl Store {
     /// Opens (or creates) the store under `data_dir/db`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(data_dir.join("db"))
-            .cache_capacity(64 << 20)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db =
+            sled::Config::new().path(data_dir.join("db")).cache_capacity(64 << 20).flush_every_ms(Some(500)).open()?;
         let mut store = Store {
             devices: db.open_tree("devices")?,
             api_tokens: db.open_tree("api_tokens")?,
             enroll_uses: db.open_tree("enroll_uses")?,
             seq: db.open_tree("seq")?,
             telemetry: db.open_tree("telemetry")?,
-            alarms: db.open_tree("alarms")?,
+            events: db.open_tree("events")?,
             reported: db.open_tree("reported")?,
             desired: db.open_tree("desired")?,
             commands: db.open_tree("commands")?,
@@ -297,35 +307,22 @@ impl Store {
     pub fn writer(&self) -> &GroupCommit<Store> {
         // Set in `open` before the store is handed out; clones made for the
         // writer itself never call this.
-        self.writer
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("store writer not started"))
+        self.writer.as_ref().unwrap_or_else(|| unreachable!("store writer not started"))
     }
 
     /// The ingest high-water mark of a device.
     pub fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
-        Ok(self
-            .seq
-            .get(id.as_str())?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0))
+        Ok(self.seq.get(id.as_str())?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
     }
 
     /// Stores a batch of a device's records, each exactly once: records at
     /// or below the high-water mark are duplicates and skipped. Run on the
     /// writer, so the caller acknowledges only durable records.
     pub fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let trees = (
-            &self.seq,
-            &self.telemetry,
-            &self.alarms,
-            &self.reported,
-            &self.commands,
-            &self.devices,
-        );
+        let trees = (&self.seq, &self.telemetry, &self.events, &self.reported, &self.commands, &self.devices);
         let now = Timestamp::now();
         let result = trees.transaction(
-            |(seq, telemetry, alarms, reported, commands, devices): &(
+            |(seq, telemetry, events, reported, commands, devices): &(
                 TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
@@ -347,6 +344,10 @@ impl Store {
                     if record.seq > hwm + 1 {
                         out.gaps.push((hwm + 1, record.seq - 1));
                     }
+                    if !record.body.is_telemetry() {
+                        let event = EventRecord { seq: record.seq, at: record.at, body: record.body.clone() };
+                        events.insert(seq_key(id, record.seq), encode(&event))?;
+                    }
                     match &record.body {
                         RecordBody::Telemetry(sample) => {
                             telemetry.insert(telemetry_key(id, sample.at, record.seq), encode(sample))?;
@@ -355,8 +356,7 @@ impl Store {
                             }
                         }
                         RecordBody::Alarm(alarm) => {
-                            let rec = AlarmRecord { seq: record.seq, at: record.at, alarm: alarm.clone() };
-                            alarms.insert(seq_key(id, record.seq), encode(&rec))?;
+                            tracing::warn!(device = %id, kind = ?alarm.kind, raised = alarm.raised, message = %alarm.message, "Device alarm.");
                         }
                         RecordBody::StateReport(StateReport { applied_version, error }) => {
                             let rec = ReportedState { applied_version: *applied_version, error: error.clone(), at: record.at };
@@ -377,7 +377,7 @@ impl Store {
                                     tracing::warn!(device = %id, command = result.id, "Result for another device's command ignored.");
                                 }
                             } else {
-                                tracing::warn!(device = %id, command = result.id, "Result for an unknown command ignored.");
+                                tracing::debug!(device = %id, command = result.id, "Result for a command this hub does not know (kept in the event log).");
                             }
                         }
                     }
@@ -416,10 +416,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.telemetry.range(from..to).take(limit) {
             let (key, value) = entry?;
-            let seq = key
-                .get(key.len() - 8..)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
+            let seq = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
             out.push((seq, decode("telemetry", &value)?));
         }
         Ok(out)
@@ -429,19 +426,12 @@ impl Store {
     pub fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
         let mut removed = 0;
         for device in self.devices.iter().keys() {
-            let id: DeviceId = match std::str::from_utf8(&device?)
-                .ok()
-                .and_then(|s| s.parse().ok())
-            {
+            let id: DeviceId = match std::str::from_utf8(&device?).ok().and_then(|s| s.parse().ok()) {
                 Some(id) => id,
                 None => continue,
             };
             let mut batch = sled::Batch::default();
-            for key in self
-                .telemetry
-                .range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0))
-                .keys()
-            {
+            for key in self.telemetry.range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0)).keys() {
                 batch.remove(key?);
                 removed += 1;
             }
@@ -450,60 +440,47 @@ impl Store {
         Ok(removed)
     }
 
-    /// The newest alarms of a device, newest first.
+    /// The newest events of a device, newest first.
+    pub fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.events.scan_prefix(device_prefix(id)).values().rev().take(limit).map(|v| decode("events", &v?)).collect()
+    }
+
+    /// The newest alarms of a device (among its last 1000 events), newest
+    /// first.
     pub fn alarms(&self, id: &DeviceId, limit: usize) -> Result<Vec<AlarmRecord>, StoreError> {
-        self.alarms
-            .scan_prefix(device_prefix(id))
-            .values()
-            .rev()
+        Ok(self
+            .events(id, 1000)?
+            .into_iter()
+            .filter_map(|e| match e.body {
+                RecordBody::Alarm(alarm) => Some(AlarmRecord { seq: e.seq, at: e.at, alarm }),
+                _ => None,
+            })
             .take(limit)
-            .map(|v| decode("alarms", &v?))
-            .collect()
+            .collect())
     }
 
     /// What the device last reported about its desired state.
     pub fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
-        self.reported
-            .get(id.as_str())?
-            .map(|v| decode("reported", &v))
-            .transpose()
+        self.reported.get(id.as_str())?.map(|v| decode("reported", &v)).transpose()
     }
 
     /// The device's desired state.
     pub fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
-        self.desired
-            .get(id.as_str())?
-            .map(|v| decode("desired", &v))
-            .transpose()
+        self.desired.get(id.as_str())?.map(|v| decode("desired", &v)).transpose()
     }
 
     /// Replaces the desired state if it is still at `expected` (0 for none);
     /// the new version is `expected + 1`.
-    pub fn put_desired(
-        &self,
-        id: &DeviceId,
-        expected: u64,
-        doc: String,
-    ) -> Result<DesiredRecord, StoreError> {
+    pub fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
         let result = self.desired.transaction(|tree| {
             let current = match tree.get(id.as_str())? {
-                Some(v) => {
-                    decode::<DesiredRecord>("desired", &v)
-                        .map_err(abort)?
-                        .version
-                }
+                Some(v) => decode::<DesiredRecord>("desired", &v).map_err(abort)?.version,
                 None => 0,
             };
             if current != expected {
-                return Err(ConflictableTransactionError::Abort(
-                    StoreError::VersionConflict { expected, current },
-                ));
+                return Err(ConflictableTransactionError::Abort(StoreError::VersionConflict { expected, current }));
             }
-            let record = DesiredRecord {
-                version: expected + 1,
-                doc: doc.clone(),
-                updated_at: Timestamp::now(),
-            };
+            let record = DesiredRecord { version: expected + 1, doc: doc.clone(), updated_at: Timestamp::now() };
             tree.insert(id.as_str().as_bytes(), encode(&record))?;
             Ok(record)
         });
@@ -542,25 +519,15 @@ impl Store {
 
     /// One command.
     pub fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.commands
-            .get(id.to_be_bytes())?
-            .map(|v| decode("commands", &v))
-            .transpose()
+        self.commands.get(id.to_be_bytes())?.map(|v| decode("commands", &v)).transpose()
     }
 
     /// A device's commands, oldest first.
     pub fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
         let mut out = Vec::new();
-        for key in self
-            .device_commands
-            .scan_prefix(device_prefix(device))
-            .keys()
-        {
+        for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
             let key = key?;
-            let id = key
-                .get(key.len() - 8..)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
+            let id = key.get(key.len() - 8..).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
             if let Some(cmd) = self.command(id)? {
                 out.push(cmd);
             }
@@ -629,28 +596,18 @@ impl Store {
 
     /// Looks up an API token by the SHA-256 of its secret.
     pub fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
-        self.api_tokens
-            .get(hash)?
-            .map(|v| decode("api_tokens", &v))
-            .transpose()
+        self.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()
     }
 
     /// Enrolls a device with one redemption of token `token_id`, atomically:
     /// either the use is counted and the device recorded, or nothing is
     /// written.
-    pub fn enroll(
-        &self,
-        token_id: &[u8; 16],
-        allowed: u32,
-        record: &DeviceRecord,
-    ) -> Result<(), StoreError> {
+    pub fn enroll(&self, token_id: &[u8; 16], allowed: u32, record: &DeviceRecord) -> Result<(), StoreError> {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
         let result = (&self.enroll_uses, &self.devices).transaction(|(uses, devices)| {
-            let used = uses
-                .get(token_id)?
-                .and_then(|v| v.as_ref().try_into().ok().map(u32::from_le_bytes))
-                .unwrap_or(0);
+            let used =
+                uses.get(token_id)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_le_bytes)).unwrap_or(0);
             if used >= allowed {
                 return Err(Abort::Abort(StoreError::UsedUp { used, allowed }));
             }
@@ -670,19 +627,12 @@ impl Store {
 
     /// One device.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.devices
-            .get(id.as_str())?
-            .map(|v| decode("devices", &v))
-            .transpose()
+        self.devices.get(id.as_str())?.map(|v| decode("devices", &v)).transpose()
     }
 
     /// Every device, ordered by id.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.devices
-            .iter()
-            .values()
-            .map(|v| decode("devices", &v?))
-            .collect()
+        self.devices.iter().values().map(|v| decode("devices", &v?)).collect()
     }
 
     /// Changes one device's record in place. Returns the new record, or
@@ -737,19 +687,8 @@ mod tests {
         store.enroll(&[1; 16], 2, &record("dev-a")).unwrap();
         store.enroll(&[1; 16], 2, &record("dev-b")).unwrap();
         let err = store.enroll(&[1; 16], 2, &record("dev-c")).unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::UsedUp {
-                used: 2,
-                allowed: 2
-            }
-        ));
-        let ids: Vec<_> = store
-            .devices()
-            .unwrap()
-            .into_iter()
-            .map(|d| d.id.to_string())
-            .collect();
+        assert!(matches!(err, StoreError::UsedUp { used: 2, allowed: 2 }));
+        let ids: Vec<_> = store.devices().unwrap().into_iter().map(|d| d.id.to_string()).collect();
         assert_eq!(ids, ["dev-a", "dev-b"]);
     }
 
@@ -760,27 +699,12 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.enroll(&[2; 16], 1, &record("dev-a")).unwrap();
             let id = "dev-a".parse().unwrap();
-            let new = store
-                .update_device(&id, |r| r.name = "renamed".into())
-                .unwrap()
-                .unwrap();
+            let new = store.update_device(&id, |r| r.name = "renamed".into()).unwrap().unwrap();
             assert_eq!(new.name, "renamed");
-            assert!(
-                store
-                    .update_device(&"dev-z".parse().unwrap(), |_| {})
-                    .unwrap()
-                    .is_none()
-            );
+            assert!(store.update_device(&"dev-z".parse().unwrap(), |_| {}).unwrap().is_none());
             store.close().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store
-                .device(&"dev-a".parse().unwrap())
-                .unwrap()
-                .unwrap()
-                .name,
-            "renamed"
-        );
+        assert_eq!(store.device(&"dev-a".parse().unwrap()).unwrap().unwrap().name, "renamed");
     }
 }

@@ -39,10 +39,7 @@ pub struct GroupCommit<S> {
 
 impl<S> Clone for GroupCommit<S> {
     fn clone(&self) -> Self {
-        GroupCommit {
-            jobs: self.jobs.clone(),
-            thread: self.thread.clone(),
-        }
+        GroupCommit { jobs: self.jobs.clone(), thread: self.thread.clone() }
     }
 }
 
@@ -65,35 +62,30 @@ impl<S: Send + 'static> GroupCommit<S> {
         sync: impl Fn(&S) -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Msg<S>>();
-        let thread = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                let mut stop = false;
-                while !stop {
-                    let Ok(Msg::Job(first)) = rx.recv() else {
-                        break;
-                    };
-                    let mut done = vec![run_job(first, &state)];
-                    while done.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(Msg::Job(job)) => done.push(run_job(job, &state)),
-                            Ok(Msg::Stop) => {
-                                stop = true;
-                                break;
-                            }
-                            Err(_) => break,
+        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+            let mut stop = false;
+            while !stop {
+                let Ok(Msg::Job(first)) = rx.recv() else {
+                    break;
+                };
+                let mut done = vec![run_job(first, &state)];
+                while done.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(Msg::Job(job)) => done.push(run_job(job, &state)),
+                        Ok(Msg::Stop) => {
+                            stop = true;
+                            break;
                         }
-                    }
-                    let synced = sync(&state).map_err(|e| CommitError::Sync(e.into()));
-                    for d in done {
-                        d(synced.clone());
+                        Err(_) => break,
                     }
                 }
-            })?;
-        Ok(GroupCommit {
-            jobs: tx,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
-        })
+                let synced = sync(&state).map_err(|e| CommitError::Sync(e.into()));
+                for d in done {
+                    d(synced.clone());
+                }
+            }
+        })?;
+        Ok(GroupCommit { jobs: tx, thread: Arc::new(std::sync::Mutex::new(Some(thread))) })
     }
 
     /// Finishes the jobs already submitted, stops the writer and waits for
@@ -125,10 +117,7 @@ impl<S: Send + 'static> GroupCommit<S> {
 
     /// Runs `job` on the writer thread and returns its result once it is
     /// durable.
-    pub async fn run<R: Send + 'static>(
-        &self,
-        job: impl FnOnce(&S) -> R + Send + 'static,
-    ) -> Result<R, CommitError> {
+    pub async fn run<R: Send + 'static>(&self, job: impl FnOnce(&S) -> R + Send + 'static) -> Result<R, CommitError> {
         self.submit(job).await.unwrap_or(Err(CommitError::Stopped))
     }
 
@@ -137,9 +126,7 @@ impl<S: Send + 'static> GroupCommit<S> {
         &self,
         job: impl FnOnce(&S) -> R + Send + 'static,
     ) -> Result<R, CommitError> {
-        self.submit(job)
-            .blocking_recv()
-            .unwrap_or(Err(CommitError::Stopped))
+        self.submit(job).blocking_recv().unwrap_or(Err(CommitError::Stopped))
     }
 }
 
@@ -179,9 +166,7 @@ mod tests {
         let handles: Vec<_> = (0..50)
             .map(|i| {
                 let w = writer.clone();
-                std::thread::spawn(move || {
-                    w.run_blocking(move |v: &Mutex<Vec<i32>>| v.lock().unwrap().push(i))
-                })
+                std::thread::spawn(move || w.run_blocking(move |v: &Mutex<Vec<i32>>| v.lock().unwrap().push(i)))
             })
             .collect();
         for h in handles {
@@ -189,14 +174,8 @@ mod tests {
         }
         let n = syncs.load(Ordering::SeqCst);
         assert!(n < 50, "50 concurrent jobs took {n} syncs: no grouping");
-        assert!(matches!(
-            writer.run_blocking(|_| -> () { panic!("boom") }),
-            Err(CommitError::Stopped)
-        ));
-        assert_eq!(
-            writer.run_blocking(|v| v.lock().unwrap().len()).unwrap(),
-            50
-        );
+        assert!(matches!(writer.run_blocking(|_| -> () { panic!("boom") }), Err(CommitError::Stopped)));
+        assert_eq!(writer.run_blocking(|v| v.lock().unwrap().len()).unwrap(), 50);
     }
 
     #[test]

@@ -37,12 +37,7 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        write!(
-            f,
-            "{}: {n} error{}",
-            self.file.display(),
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "{}: {n} error{}", self.file.display(), if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
             if e.path.is_empty() {
                 write!(f, "\n  - {}", e.message)?;
@@ -98,20 +93,13 @@ pub fn load_file<T>(path: &Path, build: impl FnOnce(&Section<'_>) -> T) -> Resul
         Ok(text) => load_str(path, &text, build),
         Err(e) => Err(ConfigErrors {
             file: path.to_owned(),
-            errors: vec![ConfigError {
-                path: String::new(),
-                message: format!("cannot read: {e}"),
-            }],
+            errors: vec![ConfigError { path: String::new(), message: format!("cannot read: {e}") }],
         }),
     }
 }
 
 /// Like [`load_file`], on text already read; `file` names it in errors.
-pub fn load_str<T>(
-    file: &Path,
-    text: &str,
-    build: impl FnOnce(&Section<'_>) -> T,
-) -> Result<T, ConfigErrors> {
+pub fn load_str<T>(file: &Path, text: &str, build: impl FnOnce(&Section<'_>) -> T) -> Result<T, ConfigErrors> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigErrors {
         file: file.to_owned(),
         errors: vec![ConfigError {
@@ -124,14 +112,7 @@ pub fn load_str<T>(
     let value = build(&root);
     root.finish();
     let errors = sink.0.into_inner();
-    if errors.is_empty() {
-        Ok(value)
-    } else {
-        Err(ConfigErrors {
-            file: file.to_owned(),
-            errors,
-        })
-    }
+    if errors.is_empty() { Ok(value) } else { Err(ConfigErrors { file: file.to_owned(), errors }) }
 }
 
 #[derive(Debug, Default)]
@@ -148,29 +129,17 @@ pub struct Section<'a> {
 
 impl<'a> Section<'a> {
     fn new(path: String, table: &'a toml::Table, sink: &'a Sink) -> Self {
-        Section {
-            path,
-            table,
-            used: RefCell::default(),
-            sink,
-        }
+        Section { path, table, used: RefCell::default(), sink }
     }
 
     /// The dotted path of `key` in this section.
     pub fn path_of(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
-        }
+        if self.path.is_empty() { key.to_owned() } else { format!("{}.{key}", self.path) }
     }
 
     /// Records a problem with `key` of this section.
     pub fn error(&self, key: &str, message: impl Into<String>) {
-        self.sink.0.borrow_mut().push(ConfigError {
-            path: self.path_of(key),
-            message: message.into(),
-        });
+        self.sink.0.borrow_mut().push(ConfigError { path: self.path_of(key), message: message.into() });
     }
 
     fn take(&self, key: &str) -> Option<&'a toml::Value> {
@@ -254,38 +223,19 @@ macro_rules! via_serde {
         }
     )*};
 }
-via_serde!(
-    String,
-    bool,
-    u16,
-    u32,
-    u64,
-    usize,
-    i64,
-    f64,
-    Vec<String>,
-    PathBuf
-);
+via_serde!(String, bool, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf);
 
 fn serde_value<T: DeserializeOwned>(value: &toml::Value) -> Result<T, String> {
-    value
-        .clone()
-        .try_into()
-        .map_err(|e: toml::de::Error| e.message().to_owned())
+    value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_owned())
 }
 
 /// Durations are written the humantime way: `"30s"`, `"5m"`, `"1h 30m"`.
 impl FromConfig for Duration {
     fn from_config(value: &toml::Value) -> Result<Self, String> {
-        let text = value.as_str().ok_or_else(|| {
-            format!(
-                "expected a duration such as \"30s\", found {}",
-                value.type_str()
-            )
-        })?;
-        humantime::parse_duration(text).map_err(|e| {
-            format!("invalid duration {text:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\"")
-        })
+        let text =
+            value.as_str().ok_or_else(|| format!("expected a duration such as \"30s\", found {}", value.type_str()))?;
+        humantime::parse_duration(text)
+            .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\""))
     }
 }
 
@@ -296,27 +246,19 @@ pub struct ByteSize(pub u64);
 impl FromConfig for ByteSize {
     fn from_config(value: &toml::Value) -> Result<Self, String> {
         if let Some(n) = value.as_integer() {
-            return u64::try_from(n)
-                .map(ByteSize)
-                .map_err(|_| "a size cannot be negative".into());
+            return u64::try_from(n).map(ByteSize).map_err(|_| "a size cannot be negative".into());
         }
-        let text = value.as_str().ok_or_else(|| {
-            format!(
-                "expected a size such as \"64 MiB\", found {}",
-                value.type_str()
-            )
-        })?;
-        parse_size(text).map(ByteSize).ok_or_else(|| {
-            format!("invalid size {text:?}; write e.g. 1048576, \"512 KiB\", \"64 MiB\", \"1 GiB\"")
-        })
+        let text =
+            value.as_str().ok_or_else(|| format!("expected a size such as \"64 MiB\", found {}", value.type_str()))?;
+        parse_size(text)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {text:?}; write e.g. 1048576, \"512 KiB\", \"64 MiB\", \"1 GiB\""))
     }
 }
 
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits.parse().ok()?;
     let mult: u64 = match unit.trim() {
@@ -368,19 +310,12 @@ mod tests {
         let text = "nmae = \"a\"\nname = 5\n[net]\ntimeout = \"3 fortnights\"\nmax = \"big\"\n";
         let err = load_str(Path::new("x.toml"), text, build).unwrap_err();
         let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            ["name", "net.timeout", "net.hub", "net.max", "nmae"],
-            "{err}"
-        );
+        assert_eq!(paths, ["name", "net.timeout", "net.hub", "net.max", "nmae"], "{err}");
         let shown = err.to_string();
         assert!(shown.starts_with("x.toml: 5 errors"), "{shown}");
         assert!(shown.contains("net.hub: missing required key"), "{shown}");
         assert!(shown.contains("nmae: unknown key"), "{shown}");
-        assert!(
-            shown.contains("invalid duration \"3 fortnights\""),
-            "{shown}"
-        );
+        assert!(shown.contains("invalid duration \"3 fortnights\""), "{shown}");
     }
 
     #[test]

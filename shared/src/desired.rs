@@ -31,9 +31,7 @@ impl DesiredDoc {
         let d = humantime::parse_duration(text)
             .map_err(|e| format!("telemetry_interval: invalid duration {text:?}: {e}"))?;
         if d < Duration::from_millis(100) {
-            return Err(format!(
-                "telemetry_interval: {text:?} is below the minimum of 100ms"
-            ));
+            return Err(format!("telemetry_interval: {text:?} is below the minimum of 100ms"));
         }
         Ok(Some(d))
     }
@@ -52,24 +50,9 @@ mod tests {
     fn validates_documents() {
         assert_eq!(DesiredDoc::parse("{}").unwrap(), DesiredDoc::default());
         let d = DesiredDoc::parse(r#"{"telemetry_interval":"2s"}"#).unwrap();
-        assert_eq!(
-            d.telemetry_interval().unwrap(),
-            Some(Duration::from_secs(2))
-        );
-        assert!(
-            DesiredDoc::parse(r#"{"telemetry_interval":"1ms"}"#)
-                .unwrap_err()
-                .contains("minimum")
-        );
-        assert!(
-            DesiredDoc::parse(r#"{"telemetry_interval":"soon"}"#)
-                .unwrap_err()
-                .contains("invalid duration")
-        );
-        assert!(
-            DesiredDoc::parse(r#"{"jobs":[]}"#)
-                .unwrap_err()
-                .contains("unknown field")
-        );
+        assert_eq!(d.telemetry_interval().unwrap(), Some(Duration::from_secs(2)));
+        assert!(DesiredDoc::parse(r#"{"telemetry_interval":"1ms"}"#).unwrap_err().contains("minimum"));
+        assert!(DesiredDoc::parse(r#"{"telemetry_interval":"soon"}"#).unwrap_err().contains("invalid duration"));
+        assert!(DesiredDoc::parse(r#"{"jobs":[]}"#).unwrap_err().contains("unknown field"));
     }
 }

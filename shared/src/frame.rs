@@ -40,11 +40,7 @@ pub fn encode_frame(payload: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
     check_len(payload.len(), max)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     // check_len bounds the length by `max`, which callers keep below 4 GiB.
-    out.extend_from_slice(
-        &u32::try_from(payload.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(payload);
     Ok(out)
 }
@@ -69,10 +65,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames larger than `max` bytes.
     pub fn new(max: usize) -> Self {
-        FrameDecoder {
-            buf: Buf::default(),
-            max,
-        }
+        FrameDecoder { buf: Buf::default(), max }
     }
 
     /// Appends received bytes.
@@ -167,14 +160,8 @@ mod tests {
     fn oversized_frame_is_refused_from_its_header() {
         let mut dec = FrameDecoder::new(16);
         dec.extend(&17u32.to_be_bytes());
-        assert_eq!(
-            dec.next_frame(),
-            Err(FrameError::TooLarge { len: 17, max: 16 })
-        );
-        assert_eq!(
-            encode_frame(&[0; 17], 16),
-            Err(FrameError::TooLarge { len: 17, max: 16 })
-        );
+        assert_eq!(dec.next_frame(), Err(FrameError::TooLarge { len: 17, max: 16 }));
+        assert_eq!(encode_frame(&[0; 17], 16), Err(FrameError::TooLarge { len: 17, max: 16 }));
     }
 
     #[test]

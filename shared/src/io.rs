@@ -30,11 +30,7 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads from `inner`, refusing frames over `max_frame` bytes.
     pub fn new(inner: R, max_frame: usize) -> Self {
-        FrameReader {
-            inner,
-            decoder: FrameDecoder::new(max_frame),
-            buf: vec![0; 16 * 1024].into(),
-        }
+        FrameReader { inner, decoder: FrameDecoder::new(max_frame), buf: vec![0; 16 * 1024].into() }
     }
 
     /// The next envelope, or `None` when the peer finished the stream

@@ -323,10 +323,7 @@ impl Message {
 impl Envelope {
     /// Wraps `message` in an envelope of the current version.
     pub fn new(message: Message) -> Self {
-        Envelope {
-            version: PROTOCOL_VERSION,
-            message,
-        }
+        Envelope { version: PROTOCOL_VERSION, message }
     }
 
     /// Encodes the envelope (without a frame header).
@@ -338,13 +335,11 @@ impl Envelope {
 
     /// Decodes one envelope that must fill `bytes` exactly.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        let (version, rest) =
-            postcard::take_from_bytes::<u16>(bytes).map_err(ProtocolError::Malformed)?;
+        let (version, rest) = postcard::take_from_bytes::<u16>(bytes).map_err(ProtocolError::Malformed)?;
         if version != PROTOCOL_VERSION {
             return Err(ProtocolError::UnsupportedVersion { got: version });
         }
-        let (message, rest) =
-            postcard::take_from_bytes::<Message>(rest).map_err(ProtocolError::Malformed)?;
+        let (message, rest) = postcard::take_from_bytes::<Message>(rest).map_err(ProtocolError::Malformed)?;
         if !rest.is_empty() {
             return Err(ProtocolError::TrailingBytes(rest.len()));
         }
@@ -370,16 +365,8 @@ mod tests {
             swap_used_bytes: 0,
             load: [0.5, 0.25, 0.125],
             uptime_secs: 3600,
-            disks: vec![DiskSample {
-                mount: "/".into(),
-                used_bytes: 10,
-                total_bytes: 20,
-            }],
-            net: vec![NetSample {
-                iface: "eth0".into(),
-                rx_bytes: 1,
-                tx_bytes: 2,
-            }],
+            disks: vec![DiskSample { mount: "/".into(), used_bytes: 10, total_bytes: 20 }],
+            net: vec![NetSample { iface: "eth0".into(), rx_bytes: 1, tx_bytes: 2 }],
             temperatures: vec![],
         }
     }
@@ -392,27 +379,15 @@ mod tests {
         let id: DeviceId = "dev-01".parse().unwrap();
         let cases: Vec<(Message, &str)> = vec![
             (
-                Message::Enroll(EnrollRequest {
-                    token: "t".into(),
-                    csr_der: vec![0xAA],
-                    name: "n".into(),
-                }),
+                Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
                 "0200017401aa016e",
             ),
             (
-                Message::Enrolled(Enrolled {
-                    device_id: id.clone(),
-                    cert_der: vec![1],
-                    ca_der: vec![2],
-                }),
+                Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
                 "0201066465762d303101010102",
             ),
             (
-                Message::Hello(Hello {
-                    agent_version: "0.1".into(),
-                    name: "gw".into(),
-                    started_at: Timestamp(1),
-                }),
+                Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
                 "020203302e3102677701",
             ),
             (
@@ -424,22 +399,12 @@ mod tests {
                 }),
                 "0203066465762d303103302e31ac0207",
             ),
-            (
-                Message::Refused(Refusal {
-                    reason: RefusalReason::ExpiredToken,
-                    message: "x".into(),
-                }),
-                "0204010178",
-            ),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0204010178"),
             (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "020502"),
             (
                 Message::Batch(Batch {
                     records: vec![
-                        Record {
-                            seq: 1,
-                            at: Timestamp(5),
-                            body: RecordBody::Telemetry(sample()),
-                        },
+                        Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) },
                         Record {
                             seq: 2,
                             at: Timestamp(6),
@@ -452,10 +417,7 @@ mod tests {
                         Record {
                             seq: 3,
                             at: Timestamp(7),
-                            body: RecordBody::StateReport(StateReport {
-                                applied_version: 4,
-                                error: None,
-                            }),
+                            body: RecordBody::StateReport(StateReport { applied_version: 4, error: None }),
                         },
                         Record {
                             seq: 4,
@@ -479,19 +441,11 @@ mod tests {
                         args: vec!["hi".into()],
                         expires_at: Timestamp(10),
                     }],
-                    desired: Some(Desired {
-                        version: 2,
-                        doc: "{}".into(),
-                    }),
+                    desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
                 "02080109046563686f010268690a0102027b7d",
             ),
-            (
-                Message::Received(Received {
-                    commands: vec![9, 10],
-                }),
-                "020902090a",
-            ),
+            (Message::Received(Received { commands: vec![9, 10] }), "020902090a"),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -511,42 +465,20 @@ mod tests {
     fn unknown_version_is_told_apart_from_garbage() {
         let mut bytes = Envelope::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })).encode();
         bytes[0] = 9;
-        assert!(matches!(
-            Envelope::decode(&bytes),
-            Err(ProtocolError::UnsupportedVersion { got: 9 })
-        ));
-        assert!(matches!(
-            Envelope::decode(&[PROTOCOL_VERSION as u8, 0xEE]),
-            Err(ProtocolError::Malformed(_))
-        ));
-        assert!(matches!(
-            Envelope::decode(&[]),
-            Err(ProtocolError::Malformed(_))
-        ));
+        assert!(matches!(Envelope::decode(&bytes), Err(ProtocolError::UnsupportedVersion { got: 9 })));
+        assert!(matches!(Envelope::decode(&[PROTOCOL_VERSION as u8, 0xEE]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(Envelope::decode(&[]), Err(ProtocolError::Malformed(_))));
     }
 
     #[test]
     fn truncated_and_padded_envelopes_are_rejected() {
-        let record = Record {
-            seq: 1,
-            at: Timestamp(5),
-            body: RecordBody::Telemetry(sample()),
-        };
-        let bytes = Envelope::new(Message::Batch(Batch {
-            records: vec![record],
-        }))
-        .encode();
+        let record = Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) };
+        let bytes = Envelope::new(Message::Batch(Batch { records: vec![record] })).encode();
         for cut in 0..bytes.len() {
-            assert!(
-                Envelope::decode(&bytes[..cut]).is_err(),
-                "accepted a cut at {cut}"
-            );
+            assert!(Envelope::decode(&bytes[..cut]).is_err(), "accepted a cut at {cut}");
         }
         let mut padded = bytes.clone();
         padded.push(0);
-        assert!(matches!(
-            Envelope::decode(&padded),
-            Err(ProtocolError::TrailingBytes(1))
-        ));
+        assert!(matches!(Envelope::decode(&padded), Err(ProtocolError::TrailingBytes(1))));
     }
 }

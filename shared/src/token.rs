@@ -54,29 +54,17 @@ pub fn issue(claims: &TokenClaims, key: &[u8]) -> String {
     // Plain data; serialization into a Vec cannot fail.
     let bytes = postcard::to_stdvec(claims).unwrap_or_default();
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &bytes);
-    format!(
-        "{PREFIX}{}.{}",
-        URL_SAFE_NO_PAD.encode(&bytes),
-        URL_SAFE_NO_PAD.encode(tag.as_ref())
-    )
+    format!("{PREFIX}{}.{}", URL_SAFE_NO_PAD.encode(&bytes), URL_SAFE_NO_PAD.encode(tag.as_ref()))
 }
 
 /// Reads a token's claims without checking its tag.
 pub fn parse(text: &str) -> Result<ParsedToken, TokenError> {
     let rest = text.trim().strip_prefix(PREFIX).ok_or(TokenError::Format)?;
     let (claims_b64, tag_b64) = rest.split_once('.').ok_or(TokenError::Format)?;
-    let claim_bytes = URL_SAFE_NO_PAD
-        .decode(claims_b64)
-        .map_err(|_| TokenError::Format)?;
-    let tag = URL_SAFE_NO_PAD
-        .decode(tag_b64)
-        .map_err(|_| TokenError::Format)?;
+    let claim_bytes = URL_SAFE_NO_PAD.decode(claims_b64).map_err(|_| TokenError::Format)?;
+    let tag = URL_SAFE_NO_PAD.decode(tag_b64).map_err(|_| TokenError::Format)?;
     let claims = postcard::from_bytes(&claim_bytes).map_err(TokenError::Claims)?;
-    Ok(ParsedToken {
-        claims,
-        claim_bytes,
-        tag,
-    })
+    Ok(ParsedToken { claims, claim_bytes, tag })
 }
 
 impl ParsedToken {
@@ -125,13 +113,7 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_token() {
-        for bad in [
-            "",
-            "outpost1.",
-            "outpost1.abc",
-            "hello.a.b",
-            "outpost1.!!!.AAAA",
-        ] {
+        for bad in ["", "outpost1.", "outpost1.abc", "hello.a.b", "outpost1.!!!.AAAA"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

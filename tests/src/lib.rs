@@ -22,17 +22,9 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
     path
 }
 
@@ -60,19 +52,13 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Self> {
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
         Ok(Proc { child, log })
@@ -122,9 +108,7 @@ impl Drop for Proc {
 
 /// Runs a command to completion, output captured.
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd:?}"))
+    cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))
 }
 
 /// Timings the tests use: short, so failures show within seconds.
@@ -140,11 +124,7 @@ pub struct Timings {
 
 impl Default for Timings {
     fn default() -> Self {
-        Timings {
-            heartbeat_timeout: "2s",
-            heartbeat: "250ms",
-            telemetry: "500ms",
-        }
+        Timings { heartbeat_timeout: "2s", heartbeat: "250ms", telemetry: "500ms" }
     }
 }
 
@@ -171,10 +151,7 @@ impl Hub {
     /// Initialises a data dir under `root` and starts serving.
     pub fn start(root: &Path, timings: Timings) -> Result<Self> {
         let data_dir = root.join("hub");
-        let out = run(Command::new(bin("outpost-hub"))
-            .arg("init")
-            .arg("--data-dir")
-            .arg(&data_dir))?;
+        let out = run(Command::new(bin("outpost-hub")).arg("init").arg("--data-dir").arg(&data_dir))?;
         if !out.status.success() {
             bail!("hub init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -206,31 +183,31 @@ impl Hub {
         let http_file = self.data_dir.join("http.addr");
         let _ = fs::remove_file(&http_file);
         let mut proc = Proc::spawn(
-            Command::new(bin("outpost-hub"))
-                .arg("serve")
-                .arg("--config")
-                .arg(&self.config),
+            Command::new(bin("outpost-hub")).arg("serve").arg("--config").arg(&self.config),
             self.root.join("hub.log"),
         )?;
-        let http = wait_for(
-            Duration::from_secs(20),
-            "the hub to record its HTTP address",
-            || {
-                if !proc.running() {
-                    return Some(Err(anyhow::anyhow!(
-                        "hub exited; see {}",
-                        proc.log.display()
-                    )));
-                }
-                fs::read_to_string(&http_file).ok().map(Ok)
-            },
-        )??;
-        self.quic_addr = fs::read_to_string(self.data_dir.join("quic.advertise"))?
-            .trim()
-            .to_owned();
+        let http = wait_for(Duration::from_secs(20), "the hub to record its HTTP address", || {
+            if !proc.running() {
+                return Some(Err(anyhow::anyhow!("hub exited; see {}", proc.log.display())));
+            }
+            fs::read_to_string(&http_file).ok().map(Ok)
+        })??;
+        self.quic_addr = fs::read_to_string(self.data_dir.join("quic.advertise"))?.trim().to_owned();
         self.api = format!("http://{}", http.trim());
         self.proc = Some(proc);
         Ok(())
+    }
+
+    /// Kills the serving process (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// One device, as the API shows it.
+    pub fn device(&self, id: &str) -> Result<DeviceView> {
+        Ok(self.client().device(id)?)
     }
 
     /// An API client with the admin token.
@@ -241,21 +218,10 @@ impl Hub {
     /// `outpost-hub token create` output.
     pub fn token(&self, ttl: &str, uses: u32) -> Result<String> {
         let out = run(Command::new(bin("outpost-hub"))
-            .args([
-                "token",
-                "create",
-                "--ttl",
-                ttl,
-                "--uses",
-                &uses.to_string(),
-                "--data-dir",
-            ])
+            .args(["token", "create", "--ttl", ttl, "--uses", &uses.to_string(), "--data-dir"])
             .arg(&self.data_dir))?;
         if !out.status.success() {
-            bail!(
-                "token create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("token create failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
@@ -285,6 +251,11 @@ pub struct Agent {
 impl Agent {
     /// Enrolls a new agent called `name` under `root` with a fresh token.
     pub fn enroll(root: &Path, hub: &Hub, name: &str, timings: &Timings) -> Result<Self> {
+        Self::enroll_with(root, hub, name, timings, "")
+    }
+
+    /// Like [`Agent::enroll`], appending `extra` (TOML tables) to its config.
+    pub fn enroll_with(root: &Path, hub: &Hub, name: &str, timings: &Timings, extra: &str) -> Result<Self> {
         let data_dir = root.join(name);
         let token = hub.token("10m", 1)?;
         let out = run(Command::new(bin("outpost-agent"))
@@ -306,24 +277,30 @@ impl Agent {
             timings.heartbeat,
             timings.telemetry,
         );
-        fs::write(&config, text)?;
-        Ok(Agent {
-            data_dir,
-            config,
-            id,
-            name: name.to_owned(),
-            proc: None,
-            log: root.join(format!("{name}.log")),
-        })
+        fs::write(&config, format!("{text}{extra}"))?;
+        Ok(Agent { data_dir, config, id, name: name.to_owned(), proc: None, log: root.join(format!("{name}.log")) })
+    }
+
+    /// Starts the load generator (the real agent plus a synthetic
+    /// producer) instead of the daemon, with `args`.
+    pub fn start_loadgen<S: AsRef<std::ffi::OsStr>>(&mut self, args: &[S]) -> Result<()> {
+        let proc = Proc::spawn(
+            Command::new(bin("outpost-loadgen")).arg("--config").arg(&self.config).args(args),
+            self.log.clone(),
+        )?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Starts the daemon.
     pub fn start(&mut self) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-agent"))
-                .arg("run")
-                .arg("--config")
-                .arg(&self.config),
+            Command::new(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config),
             self.log.clone(),
         )?;
         self.proc = Some(proc);
@@ -341,17 +318,12 @@ pub struct Scratch {
 impl Scratch {
     /// A new scratch directory.
     pub fn new() -> Result<Self> {
-        Ok(Scratch {
-            dir: Some(tempfile::Builder::new().prefix("outpost-test-").tempdir()?),
-        })
+        Ok(Scratch { dir: Some(tempfile::Builder::new().prefix("outpost-test-").tempdir()?) })
     }
 
     /// Its path.
     pub fn path(&self) -> &Path {
-        self.dir
-            .as_ref()
-            .map(|d| d.path())
-            .unwrap_or(Path::new("/nonexistent"))
+        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
     }
 }
 
@@ -364,10 +336,7 @@ impl Drop for Scratch {
         let path = dir.keep();
         eprintln!("test failed; scratch directory kept at {}", path.display());
         if let Ok(entries) = fs::read_dir(&path) {
-            for entry in entries
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            {
+            for entry in entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
                 let text = fs::read_to_string(entry.path()).unwrap_or_default();
                 let tail: Vec<_> = text.lines().rev().take(30).collect();
                 eprintln!("--- {} (last {} lines)", entry.path().display(), tail.len());
@@ -392,18 +361,11 @@ pub fn fleet(scratch: &Scratch, n: usize, timings: Timings) -> Result<(Hub, Vec<
 }
 
 /// Waits until the API shows the devices `ids` with `online == want`.
-pub fn wait_online(
-    hub: &Hub,
-    ids: &[&str],
-    want: bool,
-    limit: Duration,
-) -> Result<Vec<DeviceView>> {
+pub fn wait_online(hub: &Hub, ids: &[&str], want: bool, limit: Duration) -> Result<Vec<DeviceView>> {
     let what = format!("{ids:?} online={want}");
     wait_for(limit, &what, || {
         let devices = hub.devices().ok()?;
-        let all = ids
-            .iter()
-            .all(|id| devices.iter().any(|d| d.id == *id && d.online == want));
+        let all = ids.iter().all(|id| devices.iter().any(|d| d.id == *id && d.online == want));
         all.then_some(devices)
     })
 }

@@ -16,38 +16,21 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const TLS: TlsTimings = TlsTimings {
-    keepalive: Duration::from_secs(1),
-    idle_timeout: Duration::from_secs(5),
-};
+const TLS: TlsTimings = TlsTimings { keepalive: Duration::from_secs(1), idle_timeout: Duration::from_secs(5) };
 
 fn hello_frame() -> Vec<u8> {
-    let hello = Hello {
-        agent_version: "test".into(),
-        name: "raw".into(),
-        started_at: Timestamp::now(),
-    };
+    let hello = Hello { agent_version: "test".into(), name: "raw".into(), started_at: Timestamp::now() };
     encode_frame(&Envelope::new(Message::Hello(hello)).encode(), 1 << 20).unwrap()
 }
 
 /// Opens a session as `identity`, sends `hello` (if set) then `bytes`
 /// (finishing the stream if `finish`), and returns how the hub closed the
 /// connection.
-async fn send_raw(
-    hub: &str,
-    identity: &Identity,
-    hello: bool,
-    bytes: &[u8],
-    finish: bool,
-) -> quinn::ConnectionError {
+async fn send_raw(hub: &str, identity: &Identity, hello: bool, bytes: &[u8], finish: bool) -> quinn::ConnectionError {
     let remote = hub.parse().unwrap();
     let mut endpoint = tls::client_endpoint(remote).unwrap();
     endpoint.set_default_client_config(tls::session_config(identity, TLS).unwrap());
-    let connection = endpoint
-        .connect(remote, HUB_SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let connection = endpoint.connect(remote, HUB_SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     if hello {
         send.write_all(&hello_frame()).await.unwrap();
@@ -59,19 +42,13 @@ async fn send_raw(
     if finish {
         let _ = send.finish();
     }
-    tokio::time::timeout(Duration::from_secs(10), connection.closed())
-        .await
-        .expect("hub did not close")
+    tokio::time::timeout(Duration::from_secs(10), connection.closed()).await.expect("hub did not close")
 }
 
 fn protocol_close_reason(err: &quinn::ConnectionError) -> String {
     match err {
         quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                outpost_hub::quic::CLOSE_PROTOCOL.into(),
-                "{close:?}"
-            );
+            assert_eq!(close.error_code, outpost_hub::quic::CLOSE_PROTOCOL.into(), "{close:?}");
             String::from_utf8_lossy(&close.reason).into_owned()
         }
         other => panic!("expected an application close with a reason, got {other:?}"),
@@ -89,59 +66,23 @@ fn malformed_truncated_and_oversized_frames_close_only_that_connection() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cases: Vec<(&str, bool, Vec<u8>, bool, &str)> = vec![
-        (
-            "oversized",
-            true,
-            (2u32 << 20).to_be_bytes().to_vec(),
-            false,
-            "exceeds the limit",
-        ),
-        (
-            "malformed",
-            true,
-            vec![0, 0, 0, 3, 2, 0xEE, 0xFF],
-            false,
-            "malformed envelope",
-        ),
-        (
-            "unknown version",
-            true,
-            vec![0, 0, 0, 3, 9, 5, 2],
-            false,
-            "unsupported protocol version 9",
-        ),
-        (
-            "truncated",
-            true,
-            vec![0, 0, 0, 100, 1, 2, 3],
-            true,
-            "stream ended inside a frame",
-        ),
-        (
-            "garbage instead of hello",
-            false,
-            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
-            false,
-            "exceeds the limit",
-        ),
+        ("oversized", true, (2u32 << 20).to_be_bytes().to_vec(), false, "exceeds the limit"),
+        ("malformed", true, vec![0, 0, 0, 3, 2, 0xEE, 0xFF], false, "malformed envelope"),
+        ("unknown version", true, vec![0, 0, 0, 3, 9, 5, 2], false, "unsupported protocol version 9"),
+        ("truncated", true, vec![0, 0, 0, 100, 1, 2, 3], true, "stream ended inside a frame"),
+        ("garbage instead of hello", false, b"GET / HTTP/1.1\r\n\r\n".to_vec(), false, "exceeds the limit"),
         ("empty frame", true, vec![0, 0, 0, 0], false, "empty frame"),
     ];
     for (name, hello, bytes, finish, expect) in cases {
         let closed = rt.block_on(send_raw(&hub.quic_addr, &identity, hello, &bytes, finish));
         let reason = protocol_close_reason(&closed);
-        assert!(
-            reason.contains(expect),
-            "{name}: close reason {reason:?} lacks {expect:?}"
-        );
+        assert!(reason.contains(expect), "{name}: close reason {reason:?} lacks {expect:?}");
     }
     // The hub is still serving: the good agent is online and a new session works.
     assert!(hub.proc.as_ref().is_some(), "hub handle gone");
     wait_online(&hub, &[good], true, Duration::from_secs(5)).unwrap();
     let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
-    assert!(
-        log.contains("Closing session: protocol violation."),
-        "no logged reason in the hub log"
-    );
+    assert!(log.contains("Closing session: protocol violation."), "no logged reason in the hub log");
 }
 
 #[test]
@@ -154,10 +95,7 @@ fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
     outpost_hub::init(&foreign_dir).unwrap();
     let foreign = FleetCa::load(&foreign_dir).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::new()).unwrap().serialize_request(&key).unwrap();
     let id = "dev-impostor".parse().unwrap();
     let cert = foreign.sign_device(csr.der(), &id).unwrap();
     // It trusts the real hub's CA, so only the client side is foreign.
@@ -179,11 +117,7 @@ fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
         endpoint.set_default_client_config(tls::session_config(&identity, TLS).unwrap());
         // TLS 1.3: the client believes the handshake done; the refusal
         // arrives on the first exchange.
-        let connection = endpoint
-            .connect(remote, HUB_SERVER_NAME)
-            .unwrap()
-            .await
-            .unwrap();
+        let connection = endpoint.connect(remote, HUB_SERVER_NAME).unwrap().await.unwrap();
         let (mut send, mut recv) = match connection.open_bi().await {
             Ok(s) => s,
             Err(e) => return e.to_string(),
@@ -196,10 +130,7 @@ fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
             Err(_) => panic!("no refusal within 10s"),
         }
     });
-    assert!(
-        err.contains("certificate") || err.contains("handshake"),
-        "{err}"
-    );
+    assert!(err.contains("certificate") || err.contains("handshake"), "{err}");
     assert!(hub.devices().unwrap().is_empty());
     let log_has_refusal = wait_for(Duration::from_secs(5), "the refusal in the hub log", || {
         let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
@@ -213,10 +144,7 @@ fn enroll_cli(token: &str, data_dir: &Path) -> (bool, String) {
         .args(["enroll", "--name", "x", "--token", token, "--data-dir"])
         .arg(data_dir))
     .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -235,94 +163,55 @@ fn expired_unknown_and_used_up_tokens_are_refused_and_nothing_is_written() {
     // Expired.
     let short = hub.token("1s", 5).unwrap();
     let expires = token::parse(&short).unwrap().claims.expires_at;
-    wait_for(Duration::from_secs(5), "the token to expire", || {
-        (Timestamp::now().as_secs() > expires).then_some(())
-    })
-    .unwrap();
+    wait_for(Duration::from_secs(5), "the token to expire", || (Timestamp::now().as_secs() > expires).then_some(()))
+        .unwrap();
     let (ok, err) = enroll_cli(&short, &dir("late"));
     assert!(!ok && err.contains("enrollment token has expired"), "{err}");
     assert!(!dir("late").exists() || !dir("late").join("identity").exists());
 
     // Unknown: the right CA pin and address, but not tagged by this hub.
     let real = token::parse(&hub.token("10m", 1).unwrap()).unwrap();
-    let forged = token::issue(
-        &token::TokenClaims {
-            uses: 1000,
-            ..real.claims
-        },
-        b"guessed key",
-    );
+    let forged = token::issue(&token::TokenClaims { uses: 1000, ..real.claims }, b"guessed key");
     let (ok, err) = enroll_cli(&forged, &dir("forged"));
     assert!(!ok && err.contains("not issued by this hub"), "{err}");
 
     // Unknown: a token of another fleet pointing at this hub.
     let other = dir("other-hub");
     outpost_hub::init(&other).unwrap();
-    let foreign = outpost_hub::enroll::create_token(
-        &other,
-        Duration::from_secs(600),
-        1,
-        Some(hub.quic_addr.clone()),
-    )
-    .unwrap();
+    let foreign =
+        outpost_hub::enroll::create_token(&other, Duration::from_secs(600), 1, Some(hub.quic_addr.clone())).unwrap();
     let (ok, err) = enroll_cli(&foreign, &dir("foreign"));
-    assert!(
-        !ok && err.contains("does not hold the fleet CA the token pins"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("does not hold the fleet CA the token pins"), "{err}");
 
     // Not a token at all.
     let (ok, err) = enroll_cli("hello", &dir("garbage"));
-    assert!(
-        !ok && err.contains("not an Outpost enrollment token"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("not an Outpost enrollment token"), "{err}");
 
     for n in ["forged", "foreign", "garbage"] {
         assert!(!dir(n).join("identity").exists(), "{n} wrote an identity");
     }
-    assert_eq!(
-        hub.devices().unwrap().len(),
-        1,
-        "only the first enrollment may be recorded"
-    );
+    assert_eq!(hub.devices().unwrap().len(), 1, "only the first enrollment may be recorded");
 }
 
 #[test]
 fn bad_config_lists_every_error_with_its_path_and_exits_64() {
     let scratch = Scratch::new().unwrap();
     let agent_cfg = scratch.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        "nmae = \"x\"\n[uplink]\nheartbeat = \"5 parsecs\"\n",
-    )
-    .unwrap();
+    std::fs::write(&agent_cfg, "nmae = \"x\"\n[uplink]\nheartbeat = \"5 parsecs\"\n").unwrap();
     let hub_cfg = scratch.path().join("hub.toml");
-    std::fs::write(
-        &hub_cfg,
-        "[quic]\nidle_timeout = \"forever\"\nlisten_on = \"x\"\n",
-    )
-    .unwrap();
+    std::fs::write(&hub_cfg, "[quic]\nidle_timeout = \"forever\"\nlisten_on = \"x\"\n").unwrap();
     let cases = [
         (
             "outpost-agent",
             "validate",
             &agent_cfg,
-            vec![
-                "data_dir: missing required key",
-                "uplink.heartbeat: invalid duration",
-                "nmae: unknown key",
-            ],
+            vec!["data_dir: missing required key", "uplink.heartbeat: invalid duration", "nmae: unknown key"],
         ),
         (
             "outpost-agent",
             "run",
             &agent_cfg,
-            vec![
-                "data_dir: missing required key",
-                "uplink.heartbeat: invalid duration",
-                "nmae: unknown key",
-            ],
+            vec!["data_dir: missing required key", "uplink.heartbeat: invalid duration", "nmae: unknown key"],
         ),
         (
             "outpost-hub",
@@ -351,10 +240,7 @@ fn bad_config_lists_every_error_with_its_path_and_exits_64() {
         assert_eq!(out.status.code(), Some(64), "{binary} {verb}: {stderr}");
         assert!(stderr.contains("3 errors"), "{binary} {verb}: {stderr}");
         for e in expected {
-            assert!(
-                stderr.contains(e),
-                "{binary} {verb}: {e:?} missing from {stderr}"
-            );
+            assert!(stderr.contains(e), "{binary} {verb}: {e:?} missing from {stderr}");
         }
     }
 }
@@ -362,21 +248,11 @@ fn bad_config_lists_every_error_with_its_path_and_exits_64() {
 fn raw_get(api: &str, auth: Option<&str>) -> u16 {
     let addr = api.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let auth = auth
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET /api/v1/devices HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET /api/v1/devices HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -386,17 +262,10 @@ fn api_calls_without_a_valid_token_get_401() {
     assert_eq!(raw_get(&hub.api, None), 401);
     assert_eq!(raw_get(&hub.api, Some("Bearer opa_wrong")), 401);
     assert_eq!(raw_get(&hub.api, Some("Basic YWRtaW46YWRtaW4=")), 401);
-    assert_eq!(
-        raw_get(&hub.api, Some(&format!("Bearer {}", hub.admin_token))),
-        200
-    );
+    assert_eq!(raw_get(&hub.api, Some(&format!("Bearer {}", hub.admin_token))), 200);
     let addr = hub.api.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");

@@ -6,24 +6,12 @@ use std::process::Command;
 
 #[test]
 fn demo_brings_three_agents_online_and_exits_zero() {
-    let out = Command::new(outpost_tests::bin("outpost-demo"))
-        .args(["--agents", "3", "--for", "6s"])
-        .output()
-        .unwrap();
+    let out = Command::new(outpost_tests::bin("outpost-demo")).args(["--agents", "3", "--for", "6s"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("Summary: 3 of 3 agents came online."),
-        "{stdout}"
-    );
+    assert!(stdout.contains("Summary: 3 of 3 agents came online."), "{stdout}");
     assert!(stdout.contains("API:   http://127.0.0.1:"), "{stdout}");
-    let online_rows = stdout
-        .lines()
-        .filter(|l| l.starts_with("dev-") && l.contains(" yes "))
-        .count();
-    assert!(
-        online_rows >= 3,
-        "no table with the agents online:\n{stdout}"
-    );
+    let online_rows = stdout.lines().filter(|l| l.starts_with("dev-") && l.contains(" yes ")).count();
+    assert!(online_rows >= 3, "no table with the agents online:\n{stdout}");
 }

@@ -13,35 +13,22 @@ fn three_agents_are_online_with_telemetry_within_five_seconds() {
     let (hub, agents) = fleet(&scratch, 3, Timings::default()).unwrap();
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     let launched = Instant::now();
-    let devices = wait_for(
-        Duration::from_secs(5),
-        "3 agents online with telemetry",
-        || {
-            let devices = hub.devices().ok()?;
-            let ready = ids.iter().all(|id| {
-                devices.iter().any(|d| {
-                    d.id == *id && d.online && d.telemetry.is_some() && d.cpu_percent.is_some()
-                })
-            });
-            ready.then_some(devices)
-        },
-    )
+    let devices = wait_for(Duration::from_secs(5), "3 agents online with telemetry", || {
+        let devices = hub.devices().ok()?;
+        let ready = ids.iter().all(|id| {
+            devices.iter().any(|d| d.id == *id && d.online && d.telemetry.is_some() && d.cpu_percent.is_some())
+        });
+        ready.then_some(devices)
+    })
     .unwrap();
-    eprintln!(
-        "set-up {:?}, online with telemetry {:?} after start",
-        launched - started,
-        launched.elapsed()
-    );
+    eprintln!("set-up {:?}, online with telemetry {:?} after start", launched - started, launched.elapsed());
     assert_eq!(devices.len(), 3);
     for agent in &agents {
         let d = devices.iter().find(|d| d.id == agent.id).unwrap();
         assert_eq!(d.name, agent.name);
         assert_eq!(d.agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
         let t = d.telemetry.as_ref().unwrap();
-        assert!(
-            t.mem_total_bytes > 0 && t.uptime_secs > 0 && !t.net.is_empty(),
-            "{t:?}"
-        );
+        assert!(t.mem_total_bytes > 0 && t.uptime_secs > 0 && !t.net.is_empty(), "{t:?}");
         assert!(d.mem_percent.unwrap() > 0.0);
     }
     // The CLI shows the same fleet.
@@ -49,18 +36,11 @@ fn three_agents_are_online_with_telemetry_within_five_seconds() {
         .args(["--hub", &hub.api, "--token", &hub.admin_token, "devices"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("ID"), "{table}");
     for agent in &agents {
-        let row = table
-            .lines()
-            .find(|l| l.starts_with(&agent.id))
-            .unwrap_or_else(|| panic!("{table}"));
+        let row = table.lines().find(|l| l.starts_with(&agent.id)).unwrap_or_else(|| panic!("{table}"));
         assert!(row.contains(&agent.name) && row.contains(" yes "), "{row}");
     }
 }
@@ -79,23 +59,13 @@ fn killed_agent_goes_offline_after_the_heartbeat_timeout_and_returns_with_its_id
     let offline_after = killed.elapsed();
     eprintln!("offline {offline_after:?} after SIGKILL (heartbeat timeout 2s)");
     // Not before the timeout minus one heartbeat interval.
-    assert!(
-        offline_after >= Duration::from_millis(1500),
-        "offline too early: {offline_after:?}"
-    );
+    assert!(offline_after >= Duration::from_millis(1500), "offline too early: {offline_after:?}");
     let devices = hub.devices().unwrap();
-    assert!(
-        devices.iter().any(|d| d.id == other && d.online),
-        "the other agent went offline too"
-    );
+    assert!(devices.iter().any(|d| d.id == other && d.online), "the other agent went offline too");
 
     agents[0].start().unwrap();
     wait_online(&hub, &[victim], true, Duration::from_secs(10)).unwrap();
-    assert_eq!(
-        hub.devices().unwrap().len(),
-        2,
-        "restart must not register a new device"
-    );
+    assert_eq!(hub.devices().unwrap().len(), 2, "restart must not register a new device");
 }
 
 #[test]
@@ -106,15 +76,8 @@ fn agents_reconnect_by_themselves_after_a_hub_restart() {
     wait_online(&hub, &ids, true, Duration::from_secs(10)).unwrap();
     let before = hub.devices().unwrap();
 
-    let status = hub
-        .proc
-        .as_mut()
-        .unwrap()
-        .terminate(Duration::from_secs(15));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "hub did not stop cleanly on SIGTERM: {status:?}"
-    );
+    let status = hub.proc.as_mut().unwrap().terminate(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "hub did not stop cleanly on SIGTERM: {status:?}");
     hub.proc = None;
     hub.serve().unwrap();
 
@@ -150,28 +113,12 @@ fn an_agent_stops_cleanly_on_sigterm_and_the_hub_notices() {
     let id = agents[0].id.clone();
     wait_online(&hub, &[&id], true, Duration::from_secs(10)).unwrap();
     let stopping = Instant::now();
-    let status = agents[0]
-        .proc
-        .as_mut()
-        .unwrap()
-        .terminate(Duration::from_secs(5));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "agent did not exit cleanly: {status:?}"
-    );
+    let status = agents[0].proc.as_mut().unwrap().terminate(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "agent did not exit cleanly: {status:?}");
     eprintln!("agent stopped {:?} after SIGTERM", stopping.elapsed());
     // The session is closed, not left to time out.
-    wait_for(
-        Duration::from_secs(5),
-        "the hub to see the session closed",
-        || {
-            hub.devices()
-                .ok()?
-                .iter()
-                .find(|d| d.id == id)
-                .filter(|d| !d.connected)
-                .map(|_| ())
-        },
-    )
+    wait_for(Duration::from_secs(5), "the hub to see the session closed", || {
+        hub.devices().ok()?.iter().find(|d| d.id == id).filter(|d| !d.connected).map(|_| ())
+    })
     .unwrap();
 }

@@ -46,11 +46,7 @@ impl std::fmt::Display for LinkState {
             LinkState::Connecting { attempt } => write!(f, "connecting to hub (attempt {attempt})"),
             LinkState::Connected => f.write_str("connected to hub"),
             LinkState::Waiting { reason, retry_in } => {
-                write!(
-                    f,
-                    "hub unreachable ({reason}); retrying in {}s",
-                    retry_in.as_secs()
-                )
+                write!(f, "hub unreachable ({reason}); retrying in {}s", retry_in.as_secs())
             }
         }
     }
@@ -105,10 +101,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
         }
         last_error = reason.clone();
         let delay = backoff.next_delay();
-        params.state.send_replace(LinkState::Waiting {
-            reason,
-            retry_in: delay,
-        });
+        params.state.send_replace(LinkState::Waiting { reason, retry_in: delay });
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}

@@ -95,26 +95,14 @@ impl Session {
         let cfg = &p.config;
         let remote = tokio::net::lookup_host(&p.hub)
             .await
-            .map_err(|e| LinkError::Resolve {
-                addr: p.hub.clone(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| LinkError::Resolve { addr: p.hub.clone(), reason: e.to_string() })?
             .next()
-            .ok_or_else(|| LinkError::Resolve {
-                addr: p.hub.clone(),
-                reason: "no addresses".into(),
-            })?;
-        let timings = Timings {
-            keepalive: cfg.keepalive,
-            idle_timeout: cfg.idle_timeout,
-        };
-        let mut endpoint =
-            tls::client_endpoint(remote).map_err(|e| LinkError::Connect(e.to_string()))?;
+            .ok_or_else(|| LinkError::Resolve { addr: p.hub.clone(), reason: "no addresses".into() })?;
+        let timings = Timings { keepalive: cfg.keepalive, idle_timeout: cfg.idle_timeout };
+        let mut endpoint = tls::client_endpoint(remote).map_err(|e| LinkError::Connect(e.to_string()))?;
         endpoint.set_default_client_config(tls::session_config(&p.identity, timings)?);
         let endpoint = self.endpoint.insert(endpoint);
-        let connecting = endpoint
-            .connect(remote, HUB_SERVER_NAME)
-            .map_err(|e| LinkError::Connect(e.to_string()))?;
+        let connecting = endpoint.connect(remote, HUB_SERVER_NAME).map_err(|e| LinkError::Connect(e.to_string()))?;
         let connection = tokio::time::timeout(cfg.connect_timeout, connecting)
             .await
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
@@ -124,40 +112,27 @@ impl Session {
         // certificate shows it here, on the first exchange.
         let (mut send, recv) = connection.open_bi().await?;
         let mut reader = FrameReader::new(recv, cfg.max_frame);
-        let hello = Hello {
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            name: p.name.clone(),
-            started_at: started_at(),
-        };
+        let hello =
+            Hello { agent_version: env!("CARGO_PKG_VERSION").into(), name: p.name.clone(), started_at: started_at() };
         write_message(&mut send, Message::Hello(hello), cfg.max_frame).await?;
         let reply = tokio::time::timeout(cfg.connect_timeout, reader.next())
             .await
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
         let acked = match reply {
             Some(env) => match env.message {
-                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => {
-                    welcome.acked_seq
-                }
+                Message::Welcome(welcome) if welcome.device_id == p.identity.device_id => welcome.acked_seq,
                 Message::Welcome(welcome) => {
-                    return Err(LinkError::Protocol(format!(
-                        "hub welcomed {} instead of us",
-                        welcome.device_id
-                    )));
+                    return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
                 }
                 Message::Refused(Refusal { reason, message }) => {
                     return Err(LinkError::Refused(reason, message));
                 }
                 other => {
-                    return Err(LinkError::Protocol(format!(
-                        "expected Welcome, got {}",
-                        other.kind()
-                    )));
+                    return Err(LinkError::Protocol(format!("expected Welcome, got {}", other.kind())));
                 }
             },
             None => {
-                return Err(LinkError::Protocol(
-                    "hub closed the stream before welcoming".into(),
-                ));
+                return Err(LinkError::Protocol("hub closed the stream before welcoming".into()));
             }
         };
         self.connected = true;
@@ -174,12 +149,9 @@ impl Session {
         loop {
             while in_flight.len() < WINDOW {
                 let s = store.clone();
-                let records =
-                    tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
-                        .await
-                        .map_err(|e| {
-                            LinkError::Protocol(format!("outbox read task failed: {e}"))
-                        })??;
+                let records = tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
+                    .await
+                    .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
                 let Some(last) = records.last().map(|r| r.seq) else {
                     break;
                 };

@@ -7,11 +7,7 @@ use outpost_hub::store::CommandState;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "outpostctl",
-    version,
-    about = "Manage an Outpost fleet through the hub's API"
-)]
+#[command(name = "outpostctl", version, about = "Manage an Outpost fleet through the hub's API")]
 struct Cli {
     /// The hub's API base URL.
     #[arg(long, env = "OUTPOST_HUB", default_value = "http://127.0.0.1:8080")]
@@ -115,53 +111,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = Client::new(&cli.hub, &cli.token);
     let result = match cli.command {
-        Command::Devices { json: false } => {
-            client.devices().map(|d| print!("{}", render_table(&d)))
-        }
+        Command::Devices { json: false } => client.devices().map(|d| print!("{}", render_table(&d))),
         Command::Devices { json: true } => client.devices().map(|d| print_json(&d)),
         Command::Device { id } => client.device(&id).map(|d| print_json(&d)),
-        Command::Metrics {
-            id,
-            since,
-            until,
-            limit,
-        } => client
-            .metrics(&id, since.as_deref(), until.as_deref(), limit)
-            .map(|m| print_json(&m)),
-        Command::Command {
-            command: CommandCmd::List { device },
-        } => client.commands(&device).map(|c| print_json(&c)),
-        Command::Command {
-            command: CommandCmd::Show { id },
-        } => client.command(id).map(|c| print_json(&c)),
-        Command::Command {
-            command:
-                CommandCmd::Send {
-                    device,
-                    kind,
-                    args,
-                    expires_in,
-                    wait,
-                },
-        } => {
-            let request = CommandRequest {
-                kind,
-                args,
-                expires_in: Some(expires_in),
-            };
+        Command::Metrics { id, since, until, limit } => {
+            client.metrics(&id, since.as_deref(), until.as_deref(), limit).map(|m| print_json(&m))
+        }
+        Command::Command { command: CommandCmd::List { device } } => client.commands(&device).map(|c| print_json(&c)),
+        Command::Command { command: CommandCmd::Show { id } } => client.command(id).map(|c| print_json(&c)),
+        Command::Command { command: CommandCmd::Send { device, kind, args, expires_in, wait } } => {
+            let request = CommandRequest { kind, args, expires_in: Some(expires_in) };
             send_and_wait(&client, &device, &request, wait)
         }
-        Command::Desired {
-            command: DesiredCmd::Get { device },
-        } => client.desired(&device).map(|d| print_json(&d)),
-        Command::Desired {
-            command:
-                DesiredCmd::Set {
-                    device,
-                    doc,
-                    version,
-                },
-        } => match serde_json::from_str(&doc) {
+        Command::Desired { command: DesiredCmd::Get { device } } => client.desired(&device).map(|d| print_json(&d)),
+        Command::Desired { command: DesiredCmd::Set { device, doc, version } } => match serde_json::from_str(&doc) {
             Err(e) => {
                 eprintln!("outpostctl: the document is not JSON: {e}");
                 return ExitCode::from(64);
@@ -195,10 +158,7 @@ fn send_and_wait(
     let deadline = std::time::Instant::now() + wait;
     loop {
         let now = client.command(record.id)?;
-        let settled = matches!(
-            now.state,
-            CommandState::Completed { .. } | CommandState::Expired { .. }
-        );
+        let settled = matches!(now.state, CommandState::Completed { .. } | CommandState::Expired { .. });
         if settled || std::time::Instant::now() >= deadline {
             print_json(&now);
             return Ok(());

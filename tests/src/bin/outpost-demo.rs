@@ -17,10 +17,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(
-    name = "outpost-demo",
-    about = "A hub and agents on this machine, nothing to install"
-)]
+#[command(name = "outpost-demo", about = "A hub and agents on this machine, nothing to install")]
 struct Cli {
     /// How many agents to start.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=200))]
@@ -49,10 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let root = cli
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| temp.path().to_owned());
+    let root = cli.data_dir.clone().unwrap_or_else(|| temp.path().to_owned());
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -74,9 +68,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
     let admin_token = outpost_hub::init(&hub_dir).context("initialise the hub")?;
     let mut hub_config = HubConfig::ephemeral(hub_dir.clone());
     hub_config.heartbeat_timeout = Duration::from_secs(5);
-    let hub = outpost_hub::start(&hub_config)
-        .await
-        .context("start the hub")?;
+    let hub = outpost_hub::start(&hub_config).await.context("start the hub")?;
     let api = format!("http://{}", hub.http_addr);
 
     let mut agents = Vec::new();
@@ -84,11 +76,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
         agents.push(start_agent(&root, &hub_dir, &format!("demo-agent-{i}")).await?);
     }
 
-    println!(
-        "Outpost demo: hub and {} agents on this machine (data in {}).",
-        agents.len(),
-        root.display()
-    );
+    println!("Outpost demo: hub and {} agents on this machine (data in {}).", agents.len(), root.display());
     println!("  API:   {api}   (QUIC for agents on {})", hub.quic_addr);
     println!("  Token: {admin_token}");
     println!("  Try:   cargo run --bin outpostctl -- --hub {api} --token {admin_token} devices");
@@ -149,11 +137,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
     println!(
         "Summary: {} of {ids_wanted} agents came online{}.",
         ever_online.len(),
-        if failures > 0 {
-            format!(", {failures} failed")
-        } else {
-            String::new()
-        }
+        if failures > 0 { format!(", {failures} failed") } else { String::new() }
     );
     Ok(all_online && failures == 0)
 }
@@ -161,9 +145,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
 async fn start_agent(root: &Path, hub_dir: &Path, name: &str) -> anyhow::Result<RunningAgent> {
     let token = outpost_hub::enroll::create_token(hub_dir, Duration::from_secs(600), 1, None)?;
     let data_dir = root.join(name);
-    outpost_agent::enroll::enroll(&token, &data_dir, name)
-        .await
-        .with_context(|| format!("enroll {name}"))?;
+    outpost_agent::enroll::enroll(&token, &data_dir, name).await.with_context(|| format!("enroll {name}"))?;
     let mut config = AgentConfig::with_data_dir(data_dir);
     config.name = Some(name.to_owned());
     config.uplink.heartbeat = Duration::from_secs(1);
@@ -177,9 +159,5 @@ async fn start_agent(root: &Path, hub_dir: &Path, name: &str) -> anyhow::Result<
             })
         })
         .context("start an agent thread")?;
-    Ok(RunningAgent {
-        name: name.to_owned(),
-        stop,
-        thread,
-    })
+    Ok(RunningAgent { name: name.to_owned(), stop, thread })
 }

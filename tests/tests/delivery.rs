@@ -1,0 +1,242 @@
+//! Offline-first delivery: every record reaches the hub exactly once and in
+//! order, whatever is killed when; commands and desired state arrive once.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_hub::api::SampleView;
+use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for, wait_online};
+use rand::RngExt;
+use std::time::{Duration, Instant};
+
+/// Sample time of the load generator's record 0 (see outpost-loadgen): a
+/// day ago, well inside the hub's retention and apart from real samples.
+fn base_ms() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| outpost_shared::time::Timestamp::now().0 - 86_400_000)
+}
+
+/// Load generator arguments plus its base time.
+fn loadgen_args(args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(["--base-ms".to_owned(), base_ms().to_string()]);
+    all
+}
+
+/// The load generator's samples the hub holds, oldest first.
+fn synthetic(hub: &Hub, id: &str, n: u64) -> Vec<SampleView> {
+    let until = (base_ms() + n).to_string();
+    hub.client().metrics(id, Some(&base_ms().to_string()), Some(&until), Some(1_000_000)).unwrap().samples
+}
+
+/// Every synthetic record `0..n` exactly once, in order of both index and
+/// sequence number.
+fn assert_exactly_once_in_order(samples: &[SampleView], n: u64) {
+    let markers: Vec<u64> = samples.iter().map(|s| s.sample.uptime_secs).collect();
+    let expected: Vec<u64> = (0..n).collect();
+    if markers != expected {
+        let dups = markers.windows(2).filter(|w| w[0] == w[1]).count();
+        let missing = expected.iter().filter(|i| markers.binary_search(i).is_err()).count();
+        panic!("{} records at the hub for {n} produced: {dups} duplicated, {missing} missing", markers.len());
+    }
+    assert!(samples.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers out of order");
+    assert!(samples.iter().all(|s| s.at_ms == base_ms() + s.sample.uptime_secs), "timestamps changed in transit");
+}
+
+fn wait_all(hub: &Hub, id: &str, n: u64, limit: Duration) -> Vec<SampleView> {
+    wait_for(limit, &format!("{n} records at the hub"), || {
+        let samples = synthetic(hub, id, n);
+        (samples.len() as u64 >= n).then_some(samples)
+    })
+    .unwrap_or_else(|e| {
+        let have = synthetic(hub, id, n).len();
+        panic!("{e}: the hub holds {have}")
+    })
+}
+
+/// Waits until the hub's high-water mark of `id` reaches `target`.
+fn wait_progress(hub: &Hub, id: &str, target: u64, limit: Duration) -> u64 {
+    wait_for(limit, &format!("the hub to reach seq {target}"), || {
+        let seq = hub.device(id).ok()?.last_seq;
+        (seq >= target).then_some(seq)
+    })
+    .unwrap()
+}
+
+/// Load generator arguments: 20 000 records over about 25 s, so the kills
+/// land while it produces.
+const LOADGEN: [&str; 6] = ["--records", "20000", "--batch", "20", "--appends-per-sec", "40"];
+
+/// The next kill point: a random amount of progress after `seen`, before the
+/// end of production.
+fn next_kill_point(rng: &mut impl rand::Rng, seen: u64) -> u64 {
+    (seen + rng.random_range(1..=RECORDS / CYCLES as u64)).min(RECORDS - 1)
+}
+
+const RECORDS: u64 = 20_000;
+const CYCLES: usize = 20;
+
+#[test]
+fn agent_sigkilled_twenty_times_while_producing_loses_and_doubles_nothing() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "gen", &timings).unwrap();
+    agent.start_loadgen(&loadgen_args(&LOADGEN)).unwrap();
+    let mut rng = rand::rng();
+    let mut seen = 0;
+    for cycle in 0..CYCLES {
+        seen = wait_progress(&hub, &agent.id, next_kill_point(&mut rng, seen), Duration::from_secs(30));
+        agent.proc.as_mut().unwrap().kill();
+        eprintln!("cycle {cycle}: killed the agent at hub seq {seen}");
+        agent.start_loadgen(&loadgen_args(&LOADGEN)).unwrap();
+    }
+    let samples = wait_all(&hub, &agent.id, RECORDS, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, RECORDS);
+}
+
+#[test]
+fn hub_sigkilled_twenty_times_during_ingest_loses_and_doubles_nothing() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "gen", &timings).unwrap();
+    agent.start_loadgen(&loadgen_args(&LOADGEN)).unwrap();
+    let mut rng = rand::rng();
+    let mut seen = 0;
+    for cycle in 0..CYCLES {
+        seen = wait_progress(&hub, &agent.id, next_kill_point(&mut rng, seen), Duration::from_secs(30));
+        hub.kill();
+        eprintln!("cycle {cycle}: killed the hub at seq {seen}");
+        hub.serve().unwrap();
+    }
+    let samples = wait_all(&hub, &agent.id, RECORDS, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, RECORDS);
+}
+
+/// All samples of a device at the hub, oldest first.
+fn all_samples(hub: &Hub, id: &str) -> Vec<SampleView> {
+    hub.client().metrics(id, None, None, Some(1_000_000)).unwrap().samples
+}
+
+fn assert_contiguous_once(samples: &[SampleView]) {
+    let mut seqs: Vec<u64> = samples.iter().map(|s| s.seq).collect();
+    seqs.sort_unstable();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "a record was stored twice");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "a record is missing: {seqs:?}");
+}
+
+#[test]
+fn a_minute_without_the_hub_is_backfilled_with_original_timestamps() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "field", &timings).unwrap();
+    agent.start().unwrap();
+    wait_for(Duration::from_secs(10), "a few samples", || (all_samples(&hub, &agent.id).len() >= 3).then_some(()))
+        .unwrap();
+
+    hub.kill();
+    let down = outpost_shared::time::Timestamp::now();
+    // The scenario is a 60 s outage; nothing to poll while it lasts.
+    std::thread::sleep(Duration::from_secs(60));
+    let up = outpost_shared::time::Timestamp::now();
+    hub.serve().unwrap();
+
+    // Telemetry every 500 ms: about 120 samples were taken while the hub was down.
+    let during = wait_for(Duration::from_secs(30), "the outage to be backfilled", || {
+        let during: Vec<SampleView> =
+            all_samples(&hub, &agent.id).into_iter().filter(|s| s.at_ms > down.0 && s.at_ms < up.0).collect();
+        (during.len() >= 100).then_some(during)
+    })
+    .unwrap();
+    eprintln!("{} samples backfilled from the 60 s outage", during.len());
+    let gaps: Vec<u64> = during.windows(2).map(|w| w[1].at_ms - w[0].at_ms).collect();
+    assert!(gaps.iter().all(|&g| g < 2_000), "a hole in the backfilled samples: {gaps:?}");
+    assert_contiguous_once(&all_samples(&hub, &agent.id));
+}
+
+#[test]
+fn an_agent_booted_offline_works_and_delivers_everything_when_the_hub_appears() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "cold", &timings).unwrap();
+    hub.kill();
+    agent.start().unwrap();
+    let booted = Instant::now();
+    wait_for(Duration::from_secs(10), "the agent to notice the hub is away", || {
+        agent.log_text().contains("Cannot reach the hub").then_some(())
+    })
+    .unwrap();
+    // Let it work alone for a while: several samples taken offline.
+    wait_for(Duration::from_secs(10), "3 s of offline work", || {
+        (booted.elapsed() >= Duration::from_secs(3)).then_some(())
+    })
+    .unwrap();
+    let hub_back = outpost_shared::time::Timestamp::now();
+    hub.serve().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    let samples = wait_for(Duration::from_secs(10), "the offline samples", || {
+        let all = all_samples(&hub, &agent.id);
+        (all.iter().filter(|s| s.at_ms < hub_back.0).count() >= 4).then_some(all)
+    })
+    .unwrap();
+    assert_eq!(samples.first().map(|s| s.seq), Some(1), "the first record is missing");
+    assert_contiguous_once(&samples);
+}
+
+#[test]
+fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let extra = "[store]\noutbox_budget = \"64 KiB\"\n";
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "full", &timings, extra).unwrap();
+    hub.kill();
+    // 4000 records, every 4th a 100-byte result: 1000 results, about 120 KiB
+    // of them alone, over the 64 KiB budget.
+    agent
+        .start_loadgen(&loadgen_args(&[
+            "--records",
+            "4000",
+            "--batch",
+            "10",
+            "--precious-every",
+            "4",
+            "--precious-bytes",
+            "100",
+        ]))
+        .unwrap();
+    wait_for(Duration::from_secs(60), "the load generator to finish offline", || {
+        agent.log_text().contains("Load generator done.").then_some(())
+    })
+    .unwrap();
+    hub.serve().unwrap();
+    let events = wait_for(Duration::from_secs(30), "all results at the hub", || {
+        let events = hub.client().events(&agent.id, 100_000).ok()?;
+        let results =
+            events.iter().filter(|e| matches!(e.body, outpost_shared::protocol::RecordBody::CommandResult(_))).count();
+        (results >= 1000).then_some(events)
+    })
+    .unwrap();
+    let mut ids: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            outpost_shared::protocol::RecordBody::CommandResult(r) => Some(r.id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    let expected: Vec<u64> = (0..4000).filter(|i| i % 4 == 3).map(|i| 1_000_000 + i).collect();
+    assert_eq!(ids, expected, "results lost or doubled");
+    let telemetry = synthetic(&hub, &agent.id, 4000).len();
+    eprintln!("telemetry kept: {telemetry} of 3000");
+    assert!(telemetry < 3000, "telemetry was not thinned");
+    let device = hub.device(&agent.id).unwrap();
+    let kinds: Vec<_> = device.alarms.iter().map(|a| a.alarm.kind).collect();
+    use outpost_shared::protocol::AlarmKind;
+    assert!(kinds.contains(&AlarmKind::OutboxFull), "no OutboxFull alarm in the API: {kinds:?}");
+    assert!(kinds.contains(&AlarmKind::TelemetryThinned), "no TelemetryThinned alarm in the API: {kinds:?}");
+}
