@@ -3,7 +3,7 @@
 //! tests kill it at random moments and check that the hub ends with every
 //! record exactly once, in order.
 //!
-//! Record `i` (from 0) is a telemetry sample with `at = base + i` ms (`--base-ms`,
+//! Record `i` (from 0) is a copy of a real telemetry sample of this machine with `at = base + i` ms (`--base-ms`,
 //! so tests can tell these samples from real ones) and `uptime_secs = i`; with `--precious-every K`, every K-th record is
 //! instead a command result with id `1_000_000 + i` and `--precious-bytes`
 //! of output. The number produced so far is committed in the same
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn record(i: u64, cli: &Cli) -> RecordBody {
+fn record(i: u64, cli: &Cli, template: &Sample) -> RecordBody {
     if cli.precious_every > 0 && i % cli.precious_every == cli.precious_every - 1 {
         return RecordBody::CommandResult(CommandResult {
             id: 1_000_000 + i,
@@ -81,27 +81,20 @@ fn record(i: u64, cli: &Cli) -> RecordBody {
             output: "p".repeat(cli.precious_bytes),
         });
     }
-    RecordBody::Telemetry(Sample {
-        at: Timestamp(cli.base_ms + i),
-        cpu_percent: 0.0,
-        mem_used_bytes: 0,
-        mem_total_bytes: 1,
-        swap_used_bytes: 0,
-        load: [0.0; 3],
-        uptime_secs: i,
-        disks: vec![],
-        net: vec![],
-        temperatures: vec![],
-    })
+    RecordBody::Telemetry(Sample { at: Timestamp(cli.base_ms + i), uptime_secs: i, ..template.clone() })
 }
 
 async fn produce(store: &AgentStore, cli: &Cli) -> Result<(), outpost_agent::store::StoreError> {
     let mut produced = store.get(PRODUCED)?.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
     tracing::info!(produced, total = cli.records, "Load generator resuming.");
+    // Real-sized samples: this machine's own, renumbered.
+    let template = outpost_agent::telemetry::Sampler::new()
+        .map(|mut s| s.sample())
+        .map_err(|e| outpost_agent::store::StoreError::Sled(sled_io(e.to_string())))?;
     let pause = (cli.appends_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / cli.appends_per_sec as f64));
     while produced < cli.records {
         let end = (produced + cli.batch).min(cli.records);
-        let records = (produced..end).map(|i| record(i, cli)).collect();
+        let records = (produced..end).map(|i| record(i, cli, &template)).collect();
         let kv = vec![(PRODUCED.to_owned(), end.to_be_bytes().to_vec())];
         store.commit(Changes { records, kv, ..Changes::default() }).await?;
         produced = end;
@@ -111,4 +104,8 @@ async fn produce(store: &AgentStore, cli: &Cli) -> Result<(), outpost_agent::sto
     }
     tracing::info!(produced, "Load generator done.");
     Ok(())
+}
+
+fn sled_io(message: String) -> sled::Error {
+    sled::Error::Io(std::io::Error::other(message))
 }

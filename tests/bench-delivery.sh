@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Benchmarks of offline-first delivery, with release binaries:
+#  1. drain: one agent's backlog of N telemetry records (produced while the hub
+#     was down) delivered after the hub appears: time from the hub serving to
+#     the hub holding all N durably;
+#  2. ingest: A agents with R records each, all pushing at once when the hub
+#     appears: records stored durably per second.
+#
+#   tests/bench-delivery.sh [N] [A] [R]     (defaults 1000000 100 10000)
+#
+# The backlogs are made by outpost-loadgen (the real agent with a synthetic
+# producer of real-sized samples) while no hub runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-1000000}; A=${2:-100}; R=${3:-10000}
+cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=$PWD/target/release
+work=$(mktemp -d /tmp/outpost-bench-XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+now_ms() { date +%s%3N; }
+base=$(( $(now_ms) - 86400000 ))
+
+"$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
+admin=$(tail -1 "$work/init.out")
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/hub.toml" <<CFG
+data_dir = "$work/hub"
+log = "warn"
+[quic]
+listen = "127.0.0.1:$port"
+[http]
+listen = "127.0.0.1:0"
+CFG
+token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses $((A + 1)) --hub-addr "127.0.0.1:$port")
+
+agent_config() { # name
+    cat > "$work/$1.toml" <<CFG
+data_dir = "$work/$1"
+log = "warn"
+[uplink]
+backoff_initial = "100ms"
+backoff_max = "500ms"
+[store]
+outbox_budget = "2 GiB"
+CFG
+}
+enroll() { "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null; agent_config "$1"; }
+# The enrollment needs the hub once.
+"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!
+for _ in $(seq 100); do [ -s "$work/hub/http.addr" ] && break; sleep 0.1; done
+enroll drain
+for i in $(seq 1 "$A"); do enroll "a$i"; done
+kill "$hub"; wait "$hub" 2>/dev/null || true
+
+produce() { # name records
+    "$bin/outpost-loadgen" --config "$work/$1.toml" --records "$2" --batch 1000 --base-ms "$base" 2>"$work/$1.log" & pids+=($!)
+}
+wait_produced() { # name
+    until grep -q "Load generator done" "$work/$1.log"; do sleep 0.2; done
+}
+serve() {
+    rm -f "$work/hub/http.addr"
+    "$bin/outpost-hub" serve --config "$work/hub.toml" 2>>"$work/hub.log" & hub=$!; pids+=($hub)
+    until [ -s "$work/hub/http.addr" ]; do sleep 0.01; done
+    api="http://$(cat "$work/hub/http.addr")"
+}
+last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices" | python3 -c '
+import json, sys
+for d in json.load(sys.stdin): print(d["name"], d["last_seq"])'; }
+
+echo "## drain: $N records of one agent"
+t=$(now_ms); produce drain "$N"; wait_produced drain
+echo "produced offline in $(( $(now_ms) - t )) ms; outbox on disk: $(du -sh "$work/drain/store" | cut -f1)"
+serve; t0=$(now_ms)
+while :; do
+    seq=$(last_seqs | awk '$1 == "drain" {print $2}')
+    [ "${seq:-0}" -ge "$N" ] && break
+    sleep 0.2
+done
+t1=$(now_ms)
+echo "| drain $N records after reconnect | $(( t1 - t0 )) ms | $(( N * 1000 / (t1 - t0) )) records/s | hub peak RSS $(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$hub/status) |"
+kill "$hub"; wait "$hub" 2>/dev/null || true
+
+echo "## ingest: $A agents x $R records"
+t=$(now_ms)
+for i in $(seq 1 "$A"); do produce "a$i" "$R"; done
+for i in $(seq 1 "$A"); do wait_produced "a$i"; done
+echo "produced offline in $(( $(now_ms) - t )) ms"
+serve; t0=$(now_ms)
+while :; do
+    done_agents=$(last_seqs | awk -v r="$R" '$1 ~ /^a[0-9]+$/ && $2 >= r' | wc -l)
+    [ "$done_agents" -ge "$A" ] && break
+    sleep 0.2
+done
+t1=$(now_ms)
+total=$(( A * R ))
+echo "| $A agents pushing $R records each at once | $(( t1 - t0 )) ms | $(( total * 1000 / (t1 - t0) )) records/s stored durably | hub peak RSS $(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$hub/status) |"
