@@ -17,8 +17,9 @@ cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=$PWD/target/release
 work=$(mktemp -d /tmp/outpost-bench-XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 now_ms() { date +%s%3N; }
 base=$(( $(now_ms) - 86400000 ))
 
@@ -38,6 +39,7 @@ token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses $
 agent_config() { # name
     cat > "$work/$1.toml" <<CFG
 data_dir = "$work/$1"
+name = "$1"
 log = "warn"
 [uplink]
 backoff_initial = "100ms"
@@ -55,7 +57,7 @@ for i in $(seq 1 "$A"); do enroll "a$i"; done
 kill "$hub"; wait "$hub" 2>/dev/null || true
 
 produce() { # name records
-    "$bin/outpost-loadgen" --config "$work/$1.toml" --records "$2" --batch 1000 --base-ms "$base" 2>"$work/$1.log" & pids+=($!)
+    RUST_LOG=warn,outpost_loadgen=info "$bin/outpost-loadgen" --config "$work/$1.toml" --records "$2" --batch 1000 --base-ms "$base" 2>"$work/$1.log" & pids+=($!)
 }
 wait_produced() { # name
     until grep -q "Load generator done" "$work/$1.log"; do sleep 0.2; done

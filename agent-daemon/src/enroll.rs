@@ -127,6 +127,7 @@ pub async fn enroll(token_text: &str, data_dir: &Path, name: &str) -> Result<Ide
                 data_dir,
                 enrolled.device_id,
                 hub,
+                Some(name.to_owned()),
                 key.serialize_pem(),
                 enrolled.cert_der.into(),
                 enrolled.ca_der.into(),

@@ -40,6 +40,8 @@ pub enum IdentityError {
 struct Meta {
     device_id: DeviceId,
     hub: String,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 /// A loaded identity.
@@ -48,6 +50,8 @@ pub struct Identity {
     pub device_id: DeviceId,
     /// The hub address from enrollment.
     pub hub: String,
+    /// The name the device enrolled with.
+    pub name: Option<String>,
     /// The device certificate.
     pub cert: CertificateDer<'static>,
     /// The fleet CA certificate.
@@ -60,6 +64,7 @@ impl Clone for Identity {
         Identity {
             device_id: self.device_id.clone(),
             hub: self.hub.clone(),
+            name: self.name.clone(),
             cert: self.cert.clone(),
             ca: self.ca.clone(),
             key: self.key.clone_key(),
@@ -100,7 +105,7 @@ impl Identity {
         let ca = CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|e| invalid(&ca_path, e))?;
         let key_path = dir.join("device.key");
         let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
-        Ok(Identity { device_id: meta.device_id, hub: meta.hub, cert, ca, key })
+        Ok(Identity { device_id: meta.device_id, hub: meta.hub, name: meta.name, cert, ca, key })
     }
 
     /// Fails if `data_dir` already holds an identity.
@@ -117,10 +122,12 @@ impl Identity {
 
     /// Writes a new identity; the metadata file goes last, so a crash midway
     /// leaves the device not enrolled rather than half enrolled.
+    #[allow(clippy::too_many_arguments)]
     pub fn store(
         data_dir: &Path,
         device_id: DeviceId,
         hub: String,
+        name: Option<String>,
         key_pem: String,
         cert: CertificateDer<'static>,
         ca: CertificateDer<'static>,
@@ -134,11 +141,11 @@ impl Identity {
         write("device.key", key_pem.as_bytes(), 0o600)?;
         write("device.crt", pem("CERTIFICATE", &cert).as_bytes(), 0o600)?;
         write("ca.crt", pem("CERTIFICATE", &ca).as_bytes(), 0o644)?;
-        let meta = Meta { device_id: device_id.clone(), hub: hub.clone() };
+        let meta = Meta { device_id: device_id.clone(), hub: hub.clone(), name: name.clone() };
         let text = toml::to_string(&meta).map_err(|e| invalid(&dir, e))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(&dir.join("device.key"), e))?;
         write("device.toml", text.as_bytes(), 0o644)?;
-        Ok(Identity { device_id, hub, cert, ca, key })
+        Ok(Identity { device_id, hub, name, cert, ca, key })
     }
 
     /// The private key, for TLS.

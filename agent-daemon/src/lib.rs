@@ -54,9 +54,15 @@ pub enum AgentError {
     Telemetry(#[from] sysinfo::Error),
 }
 
-/// The name a device reports: from config, else the host name.
-pub fn device_name(config: &AgentConfig) -> String {
-    config.name.clone().or_else(|| sysinfo::System::host_name().ok()).unwrap_or_else(|| "unnamed".into())
+/// The name a device reports: from config, else the one it enrolled with,
+/// else the host name.
+pub fn device_name(config: &AgentConfig, identity: &Identity) -> String {
+    config
+        .name
+        .clone()
+        .or_else(|| identity.name.clone())
+        .or_else(|| sysinfo::System::host_name().ok())
+        .unwrap_or_else(|| "unnamed".into())
 }
 
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
@@ -92,7 +98,7 @@ pub fn run_with(
         let params = LinkParams {
             hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
-            name: device_name(&config),
+            name: device_name(&config, &identity),
             identity,
             store: store.clone(),
             state: Arc::new(state_tx),

@@ -104,6 +104,7 @@ fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
         &scratch.path().join("impostor"),
         id,
         hub.quic_addr.clone(),
+        None,
         key.serialize_pem(),
         cert,
         real_ca,

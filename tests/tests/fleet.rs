@@ -122,3 +122,16 @@ fn an_agent_stops_cleanly_on_sigterm_and_the_hub_notices() {
     })
     .unwrap();
 }
+
+#[test]
+fn without_a_name_in_its_config_an_agent_keeps_the_name_it_enrolled_with() {
+    let scratch = Scratch::new().unwrap();
+    let hub = outpost_tests::Hub::start(scratch.path(), Timings::default()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "enrolled-name", &Timings::default()).unwrap();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let without: String = text.lines().filter(|l| !l.starts_with("name =")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&agent.config, without).unwrap();
+    agent.start().unwrap();
+    let devices = wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    assert_eq!(devices[0].name, "enrolled-name");
+}
