@@ -76,5 +76,8 @@ async fn main() {
     for _ in 0..commits {
         store.append(vec![record.clone(); batch]).await.unwrap_or_else(|e| panic!("{e}"));
     }
-    println!("| outbox, {batch} records per commit, one producer | {batch} | {:.0} |", rate(commits * batch as u64, t.elapsed()));
+    println!(
+        "| outbox, {batch} records per commit, one producer | {batch} | {:.0} |",
+        rate(commits * batch as u64, t.elapsed())
+    );
 }

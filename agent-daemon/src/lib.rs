@@ -65,6 +65,21 @@ pub fn device_name(config: &AgentConfig, identity: &Identity) -> String {
         .unwrap_or_else(|| "unnamed".into())
 }
 
+/// The systemd `STATUS=` line: the link, the backlog, and any outbox alarm.
+pub fn status_line(link: &LinkState, outbox: &store::OutboxStats) -> String {
+    let mut line = link.to_string();
+    if outbox.records > 0 && *link != LinkState::Connected {
+        line.push_str(&format!("; {} records waiting ({} KiB)", outbox.records, outbox.bytes / 1024));
+    }
+    if outbox.full {
+        line.push_str(&format!(
+            "; ALARM outbox full: {} KiB of results, reports and alarms exceed the budget; all kept",
+            outbox.precious_bytes / 1024
+        ));
+    }
+    line
+}
+
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
 pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
@@ -114,6 +129,7 @@ pub fn run_with(
         let (t1, s1) = (tasks.clone(), stop.clone());
         let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
         let store3 = store.clone();
+        let status_store = store.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
                 let params = params.clone();
@@ -133,7 +149,7 @@ pub fn run_with(
             .child("telemetry", move || {
                 TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start()
             })
-            .status_from(state_rx)
+            .status_from(move || status_line(&state_rx.borrow(), &status_store.stats()))
             .start();
         extra(&store);
         shutdown.await;

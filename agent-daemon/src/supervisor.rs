@@ -6,13 +6,13 @@
 //! and `STATUS=` with the uplink's state.
 
 use crate::backoff::Backoff;
-use crate::uplink::LinkState;
 use actix::prelude::*;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// How often children are checked.
 const TICK: Duration = Duration::from_millis(200);
+/// Least time between two `STATUS=` lines.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// A child that ran this long is considered healthy again.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -58,7 +58,8 @@ impl Default for RestartPolicy {
 pub struct SupervisorActor {
     children: Vec<ChildSlot>,
     policy: RestartPolicy,
-    link: Option<watch::Receiver<LinkState>>,
+    status: Option<Box<dyn Fn() -> String>>,
+    last_status: (String, Option<Instant>),
     watchdog: bool,
 }
 
@@ -73,7 +74,7 @@ impl SupervisorActor {
     /// A supervisor with no children yet.
     pub fn new(policy: RestartPolicy) -> Self {
         let watchdog = sd_notify::watchdog_enabled().is_some();
-        SupervisorActor { children: Vec::new(), policy, link: None, watchdog }
+        SupervisorActor { children: Vec::new(), policy, status: None, last_status: (String::new(), None), watchdog }
     }
 
     /// Adds a child started (and restarted) by `start`.
@@ -93,9 +94,10 @@ impl SupervisorActor {
         self
     }
 
-    /// Reports this uplink state in systemd `STATUS=` lines.
-    pub fn status_from(mut self, link: watch::Receiver<LinkState>) -> Self {
-        self.link = Some(link);
+    /// Reports what `status` says in systemd `STATUS=` lines, when it
+    /// changes (at most every 2 s, so a busy device does not flood systemd).
+    pub fn status_from(mut self, status: impl Fn() -> String + 'static) -> Self {
+        self.status = Some(Box::new(status));
         self
     }
 
@@ -130,11 +132,13 @@ impl SupervisorActor {
         if self.watchdog && all_alive {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
-        if let Some(link) = &mut self.link
-            && link.has_changed().unwrap_or(false)
-        {
-            let status = link.borrow_and_update().to_string();
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+        if let Some(status) = &self.status {
+            let text = status();
+            let (last, when) = &self.last_status;
+            if &text != last && when.is_none_or(|w| w.elapsed() >= STATUS_EVERY) {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
+                self.last_status = (text, Some(Instant::now()));
+            }
         }
     }
 }

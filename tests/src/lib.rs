@@ -245,6 +245,8 @@ pub struct Agent {
     pub name: String,
     /// The daemon, if running.
     pub proc: Option<Proc>,
+    /// Extra environment for the processes it starts.
+    pub env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -278,14 +280,22 @@ impl Agent {
             timings.telemetry,
         );
         fs::write(&config, format!("{text}{extra}"))?;
-        Ok(Agent { data_dir, config, id, name: name.to_owned(), proc: None, log: root.join(format!("{name}.log")) })
+        Ok(Agent {
+            data_dir,
+            config,
+            id,
+            name: name.to_owned(),
+            proc: None,
+            env: Vec::new(),
+            log: root.join(format!("{name}.log")),
+        })
     }
 
     /// Starts the load generator (the real agent plus a synthetic
     /// producer) instead of the daemon, with `args`.
     pub fn start_loadgen<S: AsRef<std::ffi::OsStr>>(&mut self, args: &[S]) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-loadgen")).arg("--config").arg(&self.config).args(args),
+            Command::new(bin("outpost-loadgen")).arg("--config").arg(&self.config).args(args).envs(self.env.clone()),
             self.log.clone(),
         )?;
         self.proc = Some(proc);
@@ -300,7 +310,7 @@ impl Agent {
     /// Starts the daemon.
     pub fn start(&mut self) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config),
+            Command::new(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config).envs(self.env.clone()),
             self.log.clone(),
         )?;
         self.proc = Some(proc);

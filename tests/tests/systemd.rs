@@ -1,0 +1,57 @@
+//! The agent speaks systemd's notify protocol: READY once its actors run,
+//! WATCHDOG while they are alive, STATUS with the link and outbox state,
+//! including the outbox-full alarm.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for};
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// Every notify message received so far, as text.
+fn drain(socket: &UnixDatagram, seen: &mut Vec<String>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+}
+
+#[test]
+fn ready_watchdog_and_status_reach_systemd() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let extra = "[store]\noutbox_budget = \"64 KiB\"\n";
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "unit", &timings, extra).unwrap();
+    let path = scratch.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    agent.env = vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "2000000".into())];
+
+    agent.start().unwrap();
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(10), "READY, WATCHDOG and a connected STATUS", || {
+        drain(&socket, &mut seen);
+        let ready = seen.iter().any(|m| m.contains("READY=1"));
+        let watchdog = seen.iter().any(|m| m.contains("WATCHDOG=1"));
+        let connected = seen.iter().any(|m| m.contains("STATUS=connected to hub"));
+        (ready && watchdog && connected).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
+
+    // Offline with more results than the budget holds: the alarm shows in STATUS.
+    agent.proc.as_mut().unwrap().kill();
+    hub.kill();
+    seen.clear();
+    let base = (outpost_shared::time::Timestamp::now().0 - 86_400_000).to_string();
+    let args = ["--records", "2000", "--batch", "10", "--precious-every", "1", "--precious-bytes", "100"];
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--base-ms".into(), base]);
+    agent.start_loadgen(&args).unwrap();
+    wait_for(Duration::from_secs(30), "the outbox-full alarm in STATUS", || {
+        drain(&socket, &mut seen);
+        seen.iter().any(|m| m.contains("ALARM outbox full")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
+    assert!(seen.iter().any(|m| m.contains("records waiting")), "{seen:?}");
+}
