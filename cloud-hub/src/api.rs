@@ -53,6 +53,13 @@ pub struct MetricsQuery {
     pub limit: Option<usize>,
 }
 
+/// Query of list endpoints that only page by count.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LimitQuery {
+    /// Most items returned.
+    pub limit: Option<usize>,
+}
+
 /// One stored sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleView {

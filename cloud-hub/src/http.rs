@@ -5,7 +5,7 @@
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
 use crate::api::ApiError;
-use crate::api::{CommandRequest, DesiredPut, DesiredView, MetricsQuery, MetricsView, SampleView};
+use crate::api::{CommandRequest, DesiredPut, DesiredView, LimitQuery, MetricsQuery, MetricsView, SampleView};
 use crate::fleet::Fleet;
 use crate::store::{ApiToken, Role, StoreError};
 use actix_web::dev::Payload;
@@ -175,7 +175,7 @@ async fn get_events(
     caller: Caller,
     fleet: web::Data<Fleet>,
     path: web::Path<String>,
-    query: web::Query<MetricsQuery>,
+    query: web::Query<LimitQuery>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path)?;
