@@ -132,7 +132,7 @@ impl ConfigFile for AgentConfig {
         }
         uplink.check("backoff_max", u.backoff_max >= u.backoff_initial, "must not be less than backoff_initial");
         uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
-        uplink.check("max_frame", (1024..=64 << 20).contains(&u.max_frame), "must be between 1 KiB and 64 MiB");
+        uplink.check("max_frame", (256 << 10..=64 << 20).contains(&u.max_frame), "must be between 256 KiB and 64 MiB");
         if let Some(name) = &config.name {
             root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
         }

@@ -90,7 +90,11 @@ impl ConfigFile for HubConfig {
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             log: root.get_or("log", "info".to_owned()),
         };
-        quic.check("max_frame", (1024..=64 << 20).contains(&config.quic.max_frame), "must be between 1 KiB and 64 MiB");
+        quic.check(
+            "max_frame",
+            (256 << 10..=64 << 20).contains(&config.quic.max_frame),
+            "must be between 256 KiB and 64 MiB",
+        );
         quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");

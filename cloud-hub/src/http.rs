@@ -213,6 +213,9 @@ async fn put_desired(
     Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id)?)))
 }
 
+/// Largest command (kind and arguments) the API accepts.
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+
 /// Command kinds devices understand.
 const COMMAND_KINDS: &[&str] = &["echo", "exec"];
 
@@ -230,6 +233,10 @@ async fn post_command(
             "unknown command kind {:?}; known: {COMMAND_KINDS:?}",
             request.kind
         )));
+    }
+    let size = request.kind.len() + request.args.iter().map(String::len).sum::<usize>();
+    if size > MAX_COMMAND_BYTES {
+        return Err(HttpError::Unprocessable(format!("command of {size} bytes exceeds {MAX_COMMAND_BYTES} bytes")));
     }
     let ttl = match &request.expires_in {
         Some(text) => humantime::parse_duration(text)

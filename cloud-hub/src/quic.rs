@@ -263,14 +263,26 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
     }
     info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after = acked_seq, "Session opened.");
     let mut outbound = Outbound::default();
+    // Look for work to deliver at session start and when the API pokes the
+    // session, not on every incoming message.
+    let mut check_downlink = true;
     loop {
-        if let Some(deliver) = outbound.pending(store, id)
-            && let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await
-        {
-            return e.into();
+        if check_downlink {
+            check_downlink = false;
+            if let Some(deliver) = outbound.pending(store, id, ctx.max_frame / 2) {
+                // A full delivery may have left more behind: look again.
+                check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
+                if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {
+                    return e.into();
+                }
+                continue;
+            }
         }
         let envelope = tokio::select! {
-            () = downlink.notified() => continue,
+            () = downlink.notified() => {
+                check_downlink = true;
+                continue;
+            }
             next = reader.next() => match next {
                 Ok(Some(env)) => env,
                 Ok(None) => return SessionEnd::Closed("agent finished the control stream".into()),
@@ -336,6 +348,11 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
     }
 }
 
+/// Most commands per `Deliver`. A delivery also stops at half the frame
+/// limit; the API caps one command at [`crate::http::MAX_COMMAND_BYTES`] and
+/// frames are at least 256 KiB, so one command always fits.
+const MAX_COMMANDS_PER_DELIVERY: usize = 100;
+
 /// What this session has already sent the device, so a wake-up sends only
 /// what is new.
 #[derive(Debug, Default)]
@@ -347,15 +364,21 @@ struct Outbound {
 impl Outbound {
     /// Commands queued and unexpired, and a desired state newer than the
     /// device reported, that this session has not sent yet.
-    fn pending(&mut self, store: &crate::store::Store, id: &DeviceId) -> Option<Deliver> {
+    fn pending(&mut self, store: &crate::store::Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
         let now = Timestamp::now();
+        let mut bytes = 0;
         let commands: Vec<Command> = match store.device_commands(id) {
             Ok(all) => all
                 .into_iter()
                 .filter(|c| {
                     c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id)
                 })
+                .take(MAX_COMMANDS_PER_DELIVERY)
                 .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
+                .take_while(|c| {
+                    bytes += c.kind.len() + c.args.iter().map(|a| a.len() + 5).sum::<usize>() + 32;
+                    bytes <= max_bytes
+                })
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "Pending commands could not be read.");

@@ -143,3 +143,42 @@ fn desired_state_is_versioned_applied_reported_and_kept_across_restarts() {
     assert!(spacing < Duration::from_millis(400), "desired state lost on restart: median spacing {spacing:?}");
     assert_eq!(client.desired(&id).unwrap().reported_version, 1);
 }
+
+#[test]
+fn a_long_queue_of_commands_is_delivered_in_several_deliveries_each_run_once() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "busy", &timings).unwrap();
+    let client = hub.client();
+    // Queued offline: more than one delivery holds.
+    let ids: Vec<u64> = (0..250)
+        .map(|i| {
+            let request = CommandRequest { kind: "echo".into(), args: vec![i.to_string()], expires_in: None };
+            client.send_command(&agent.id, &request).unwrap().id
+        })
+        .collect();
+    let too_big = CommandRequest { kind: "echo".into(), args: vec!["x".repeat(70_000)], expires_in: None };
+    assert!(matches!(client.send_command(&agent.id, &too_big), Err(ClientError::Status { status: 422, .. })));
+
+    agent.start().unwrap();
+    let done = wait_for(Duration::from_secs(30), "all 250 commands completed", || {
+        let all = client.commands(&agent.id).ok()?;
+        let completed = all.iter().filter(|c| matches!(c.state, CommandState::Completed { .. })).count();
+        (completed == ids.len()).then_some(all)
+    })
+    .unwrap();
+    for (i, cmd) in done.iter().enumerate() {
+        match &cmd.state {
+            CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, &i.to_string()),
+            other => panic!("command {i}: {other:?}"),
+        }
+    }
+    let results = client
+        .events(&agent.id, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| matches!(e.body, outpost_shared::protocol::RecordBody::CommandResult(_)))
+        .count();
+    assert_eq!(results, 250, "a command ran more than once");
+}
