@@ -24,6 +24,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const DESIRED: &str = "desired";
+/// Finished commands remembered to recognise re-deliveries. The hub resends
+/// a command only until it records its receipt or result, so a re-delivery
+/// of anything older than the last thousand commands cannot happen.
+const KEEP_DONE: usize = 1000;
 const APPLIED: &str = "desired.applied";
 
 /// Settings the hub's desired state may change at run time.
@@ -122,11 +126,22 @@ async fn run_executor(
             }
             run_one(store, config, entry, cancel).await?;
         }
+        prune_done(store).await?;
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             () = store.inbox_changed() => {}
         }
     }
+}
+
+/// Forgets the oldest finished commands beyond [`KEEP_DONE`].
+async fn prune_done(store: &AgentStore) -> Result<(), StoreError> {
+    let done = store.inbox_in(&InboxState::Done)?;
+    if done.len() > KEEP_DONE {
+        let inbox_remove = done[..done.len() - KEEP_DONE].iter().map(|e| e.command.id).collect();
+        store.commit(Changes { inbox_remove, ..Changes::default() }).await?;
+    }
+    Ok(())
 }
 
 async fn apply_desired(
@@ -259,5 +274,52 @@ async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationTok
             // command is reported interrupted, not run again.
             (Outcome::Interrupted, "the agent stopped while this command ran".into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::protocol::Command;
+
+    #[tokio::test]
+    async fn commands_run_once_and_old_finished_ones_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 30, 1 << 20).unwrap();
+        let far = Timestamp(Timestamp::now().0 + 3_600_000);
+        let command = |id| Command { id, kind: "echo".into(), args: vec![id.to_string()], expires_at: far };
+        let deliver = |ids: std::ops::Range<u64>| Deliver { commands: ids.map(command).collect(), desired: None };
+        assert_eq!(accept(&store, deliver(1..1101)).await.unwrap().len(), 1100);
+        let config = CommandsConfig { allow_exec: false, timeout: Duration::from_secs(1), max_output: 1024 };
+        let defaults = Settings { telemetry_interval: Duration::from_secs(1) };
+        let (tx, _rx) = watch::channel(defaults.clone());
+        let cancel = CancellationToken::new();
+        let run = {
+            let (store, cancel) = (store.clone(), cancel.clone());
+            tokio::spawn(async move { executor(store, config, defaults, std::sync::Arc::new(tx), cancel).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.inbox_in(&InboxState::Pending).unwrap().len() + store.inbox_in(&InboxState::Done).unwrap().len()
+            > KEEP_DONE
+        {
+            let (p, d) =
+                (store.inbox_in(&InboxState::Pending).unwrap().len(), store.inbox_in(&InboxState::Done).unwrap().len());
+            assert!(std::time::Instant::now() < deadline, "executor did not finish: {p} pending, {d} done");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A re-delivery of a remembered command is confirmed but not queued again.
+        assert_eq!(accept(&store, deliver(1090..1101)).await.unwrap().len(), 11);
+        assert!(store.inbox_in(&InboxState::Pending).unwrap().is_empty(), "a re-delivered command was queued again");
+        cancel.cancel();
+        run.await.unwrap();
+        assert_eq!(store.inbox_in(&InboxState::Done).unwrap().len(), KEEP_DONE);
+        assert!(store.inbox_in(&InboxState::Pending).unwrap().is_empty());
+        let results = store
+            .peek(0, 10_000, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|r| matches!(r.body, RecordBody::CommandResult(_)))
+            .count();
+        assert_eq!(results, 1100, "every command ran exactly once");
     }
 }

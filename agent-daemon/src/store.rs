@@ -93,6 +93,8 @@ pub struct Changes {
     pub records: Vec<RecordBody>,
     /// Inbox entries written (by command id).
     pub inbox: Vec<InboxEntry>,
+    /// Inbox entries removed (by command id).
+    pub inbox_remove: Vec<u64>,
     /// Key-value pairs written.
     pub kv: Vec<(String, Vec<u8>)>,
 }
@@ -329,6 +331,9 @@ impl Trees {
                 meta.insert(NEXT_SEQ, &next.to_be_bytes()[..])?;
                 for entry in &changes.inbox {
                     inbox.insert(&entry.command.id.to_be_bytes()[..], encode(entry))?;
+                }
+                for id in &changes.inbox_remove {
+                    inbox.remove(&id.to_be_bytes()[..])?;
                 }
                 for (key, value) in &changes.kv {
                     kv.insert(key.as_bytes(), value.as_slice())?;
