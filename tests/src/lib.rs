@@ -28,6 +28,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Sample time of the load generator's record 0 in this test process: a day
+/// ago, well inside the hub's retention and apart from real samples.
+pub fn loadgen_base_ms() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| outpost_shared::time::Timestamp::now().0 - 86_400_000)
+}
+
 /// Polls `probe` every 50 ms until it returns `Some`, failing after `limit`.
 pub fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + limit;
@@ -292,10 +299,17 @@ impl Agent {
     }
 
     /// Starts the load generator (the real agent plus a synthetic
-    /// producer) instead of the daemon, with `args`.
-    pub fn start_loadgen<S: AsRef<std::ffi::OsStr>>(&mut self, args: &[S]) -> Result<()> {
+    /// producer) instead of the daemon, with `args`; its samples are dated
+    /// from [`loadgen_base_ms`].
+    pub fn start_loadgen(&mut self, args: &[&str]) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-loadgen")).arg("--config").arg(&self.config).args(args).envs(self.env.clone()),
+            Command::new(bin("outpost-loadgen"))
+                .arg("--config")
+                .arg(&self.config)
+                .args(args)
+                .arg("--base-ms")
+                .arg(loadgen_base_ms().to_string())
+                .envs(self.env.clone()),
             self.log.clone(),
         )?;
         self.proc = Some(proc);

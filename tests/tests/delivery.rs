@@ -4,28 +4,14 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::api::SampleView;
-use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for, wait_online};
+use outpost_tests::{Agent, Hub, Scratch, Timings, loadgen_base_ms, wait_for, wait_online};
 use rand::RngExt;
 use std::time::{Duration, Instant};
 
-/// Sample time of the load generator's record 0 (see outpost-loadgen): a
-/// day ago, well inside the hub's retention and apart from real samples.
-fn base_ms() -> u64 {
-    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| outpost_shared::time::Timestamp::now().0 - 86_400_000)
-}
-
-/// Load generator arguments plus its base time.
-fn loadgen_args(args: &[&str]) -> Vec<String> {
-    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    all.extend(["--base-ms".to_owned(), base_ms().to_string()]);
-    all
-}
-
 /// The load generator's samples the hub holds, oldest first.
 fn synthetic(hub: &Hub, id: &str, n: u64) -> Vec<SampleView> {
-    let until = (base_ms() + n).to_string();
-    hub.client().metrics(id, Some(&base_ms().to_string()), Some(&until), Some(1_000_000)).unwrap().samples
+    let until = (loadgen_base_ms() + n).to_string();
+    hub.client().metrics(id, Some(&loadgen_base_ms().to_string()), Some(&until), Some(1_000_000)).unwrap().samples
 }
 
 /// Every synthetic record `0..n` exactly once, in order of both index and
@@ -39,7 +25,10 @@ fn assert_exactly_once_in_order(samples: &[SampleView], n: u64) {
         panic!("{} records at the hub for {n} produced: {dups} duplicated, {missing} missing", markers.len());
     }
     assert!(samples.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers out of order");
-    assert!(samples.iter().all(|s| s.at_ms == base_ms() + s.sample.uptime_secs), "timestamps changed in transit");
+    assert!(
+        samples.iter().all(|s| s.at_ms == loadgen_base_ms() + s.sample.uptime_secs),
+        "timestamps changed in transit"
+    );
 }
 
 fn wait_all(hub: &Hub, id: &str, n: u64, limit: Duration) -> Vec<SampleView> {
@@ -90,7 +79,7 @@ fn survives_sigkills(victim: Victim) {
     let timings = Timings::default();
     let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
     let mut agent = Agent::enroll(scratch.path(), &hub, "gen", &timings).unwrap();
-    agent.start_loadgen(&loadgen_args(&LOADGEN)).unwrap();
+    agent.start_loadgen(&LOADGEN).unwrap();
     let mut rng = rand::rng();
     let mut seen = 0;
     for cycle in 0..CYCLES {
@@ -98,7 +87,7 @@ fn survives_sigkills(victim: Victim) {
         match victim {
             Victim::Agent => {
                 agent.proc.as_mut().unwrap().kill();
-                agent.start_loadgen(&loadgen_args(&LOADGEN)).unwrap();
+                agent.start_loadgen(&LOADGEN).unwrap();
             }
             Victim::Hub => {
                 hub.kill();
@@ -206,16 +195,7 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     // 4000 records, every 4th a 100-byte result: 1000 results, about 120 KiB
     // of them alone, over the 64 KiB budget.
     agent
-        .start_loadgen(&loadgen_args(&[
-            "--records",
-            "4000",
-            "--batch",
-            "10",
-            "--precious-every",
-            "4",
-            "--precious-bytes",
-            "100",
-        ]))
+        .start_loadgen(&["--records", "4000", "--batch", "10", "--precious-every", "4", "--precious-bytes", "100"])
         .unwrap();
     wait_for(Duration::from_secs(60), "the load generator to finish offline", || {
         agent.log_text().contains("Load generator done.").then_some(())

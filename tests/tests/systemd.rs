@@ -43,11 +43,9 @@ fn ready_watchdog_and_status_reach_systemd() {
     agent.proc.as_mut().unwrap().kill();
     hub.kill();
     seen.clear();
-    let base = (outpost_shared::time::Timestamp::now().0 - 86_400_000).to_string();
-    let args = ["--records", "2000", "--batch", "10", "--precious-every", "1", "--precious-bytes", "100"];
-    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    args.extend(["--base-ms".into(), base]);
-    agent.start_loadgen(&args).unwrap();
+    agent
+        .start_loadgen(&["--records", "2000", "--batch", "10", "--precious-every", "1", "--precious-bytes", "100"])
+        .unwrap();
     wait_for(Duration::from_secs(30), "the outbox-full alarm in STATUS", || {
         drain(&socket, &mut seen);
         seen.iter().any(|m| m.contains("ALARM outbox full")).then_some(())
