@@ -3,6 +3,7 @@
 
 use outpost_shared::config::{ByteSize, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
+use outpost_shared::job::{JobSpec, read_jobs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +24,9 @@ pub struct AgentConfig {
     pub commands: CommandsConfig,
     /// Log filter. Default `info`.
     pub log: String,
+    /// Scheduled jobs (`[[job]]`); the hub's desired state may add more and
+    /// replace these by name.
+    pub jobs: Vec<JobSpec>,
 }
 
 /// `[uplink]`
@@ -120,6 +124,7 @@ impl ConfigFile for AgentConfig {
                 max_output: commands.get_or("max_output", ByteSize(64 << 10)).0 as usize,
             },
             log: root.get_or("log", "info".to_owned()),
+            jobs: read_jobs(root, "job"),
         };
         let u = &config.uplink;
         for (key, value) in [

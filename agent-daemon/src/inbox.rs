@@ -13,13 +13,14 @@
 //! (today: the telemetry interval) and the applied version reported.
 
 use crate::config::CommandsConfig;
+use crate::jobs::Jobs;
+use crate::process::{self, ProcessEnd, ProcessSpec};
 use crate::store::{AgentStore, Changes, InboxEntry, InboxState, StoreError};
 use outpost_shared::desired::DesiredDoc;
+use outpost_shared::job::{JobSpec, Trigger};
 use outpost_shared::protocol::{CommandResult, Deliver, Desired, Outcome, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +30,49 @@ const DESIRED: &str = "desired";
 /// of anything older than the last thousand commands cannot happen.
 const KEEP_DONE: usize = 1000;
 const APPLIED: &str = "desired.applied";
+/// The last desired-state document that was applied (the one in force).
+const GOOD: &str = "desired.good";
 
 /// Settings the hub's desired state may change at run time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Telemetry sampling interval.
     pub telemetry_interval: Duration,
+    /// Jobs from the hub (they replace config jobs of the same name).
+    pub hub_jobs: Vec<JobSpec>,
+}
+
+impl Settings {
+    /// `defaults` (the config's) with what `doc` sets.
+    fn with(defaults: &Settings, doc: DesiredDoc) -> Settings {
+        Settings {
+            telemetry_interval: doc.telemetry_interval.unwrap_or(defaults.telemetry_interval),
+            hub_jobs: doc.jobs,
+        }
+    }
+}
+
+/// Calls `on_change` on the actor each time the settings in `rx` change,
+/// for as long as the actor runs (it reads the new value from its own
+/// receiver).
+pub fn follow_settings<A>(
+    ctx: &mut actix::Context<A>,
+    mut rx: watch::Receiver<Settings>,
+    on_change: fn(&mut A, &mut actix::Context<A>),
+) where
+    A: actix::Actor<Context = actix::Context<A>>,
+{
+    use actix::{ActorFutureExt, AsyncContext};
+    let changed = async move {
+        let ok = rx.changed().await.is_ok();
+        (ok, rx)
+    };
+    ctx.spawn(actix::fut::wrap_future::<_, A>(changed).map(move |(ok, rx), act, ctx| {
+        if ok {
+            on_change(act, ctx);
+            follow_settings(ctx, rx, on_change);
+        }
+    }));
 }
 
 /// Persists a delivery; returns the ids of the commands now held (new or
@@ -76,27 +114,29 @@ fn applied_version(store: &AgentStore) -> Result<u64, StoreError> {
 /// The settings in force: the config's, overridden by the applied desired
 /// state.
 pub fn current_settings(store: &AgentStore, defaults: &Settings) -> Settings {
-    let mut settings = defaults.clone();
-    let applied = applied_version(store).unwrap_or(0);
-    if let Ok(Some(desired)) = stored_desired(store)
-        && desired.version == applied
-        && let Ok(doc) = DesiredDoc::parse(&desired.doc)
-        && let Ok(Some(interval)) = doc.telemetry_interval()
-    {
-        settings.telemetry_interval = interval;
+    // The document in force is the last one applied; a refused newer one
+    // does not replace it (agents from before `GOOD` existed only kept the
+    // applied document under DESIRED).
+    let good = store.get(GOOD).ok().flatten().and_then(|b| String::from_utf8(b).ok()).or_else(|| {
+        let applied = applied_version(store).unwrap_or(0);
+        stored_desired(store).ok().flatten().filter(|d| d.version == applied).map(|d| d.doc)
+    });
+    match good.map(|text| DesiredDoc::parse(&text)) {
+        Some(Ok(doc)) => Settings::with(defaults, doc),
+        _ => defaults.clone(),
     }
-    settings
 }
 
 /// Runs commands and applies desired state until `cancel`.
 pub async fn executor(
     store: AgentStore,
     config: CommandsConfig,
+    jobs: Jobs,
     defaults: Settings,
     settings: std::sync::Arc<watch::Sender<Settings>>,
     cancel: CancellationToken,
 ) {
-    if let Err(e) = run_executor(&store, &config, &defaults, &settings, &cancel).await {
+    if let Err(e) = run_executor(&store, &config, &jobs, &defaults, &settings, &cancel).await {
         tracing::error!(error = %e, "Command executor failed.");
     }
 }
@@ -104,6 +144,7 @@ pub async fn executor(
 async fn run_executor(
     store: &AgentStore,
     config: &CommandsConfig,
+    jobs: &Jobs,
     defaults: &Settings,
     settings: &watch::Sender<Settings>,
     cancel: &CancellationToken,
@@ -124,7 +165,7 @@ async fn run_executor(
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            run_one(store, config, entry, cancel).await?;
+            run_one(store, config, jobs, entry, cancel).await?;
         }
         prune_done(store).await?;
         tokio::select! {
@@ -156,14 +197,12 @@ async fn apply_desired(
     if desired.version <= applied {
         return Ok(());
     }
+    let mut good = None;
     let (report, new_applied) = match DesiredDoc::parse(&desired.doc) {
         Ok(doc) => {
-            let mut next = defaults.clone();
-            if let Ok(Some(interval)) = doc.telemetry_interval() {
-                next.telemetry_interval = interval;
-            }
-            settings.send_replace(next);
+            settings.send_replace(Settings::with(defaults, doc));
             tracing::info!(version = desired.version, "Desired state applied.");
+            good = Some(desired.doc.clone());
             (StateReport { applied_version: desired.version, error: None }, desired.version)
         }
         Err(e) => {
@@ -172,11 +211,9 @@ async fn apply_desired(
             (StateReport { applied_version: applied, error: Some(e) }, desired.version)
         }
     };
-    let changes = Changes {
-        records: vec![RecordBody::StateReport(report)],
-        kv: vec![(APPLIED.into(), new_applied.to_be_bytes().to_vec())],
-        ..Changes::default()
-    };
+    let mut kv = vec![(APPLIED.into(), new_applied.to_be_bytes().to_vec())];
+    kv.extend(good.map(|doc| (GOOD.to_owned(), doc.into_bytes())));
+    let changes = Changes { records: vec![RecordBody::StateReport(report)], kv, ..Changes::default() };
     store.commit(changes).await?;
     Ok(())
 }
@@ -193,6 +230,7 @@ async fn finish(store: &AgentStore, mut entry: InboxEntry, outcome: Outcome, out
 async fn run_one(
     store: &AgentStore,
     config: &CommandsConfig,
+    jobs: &Jobs,
     mut entry: InboxEntry,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
@@ -208,72 +246,44 @@ async fn run_one(
         "echo" => (Outcome::Succeeded, command.args.join(" ")),
         "exec" if config.allow_exec => exec(&command.args, config, cancel).await,
         "exec" => (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into()),
+        "run_job" => match command.args.as_slice() {
+            [name] => match jobs.run_now(name, Trigger::Command { id: command.id }).await {
+                Ok(run_id) => (Outcome::Succeeded, format!("run {run_id} of job {name:?} started")),
+                Err(e) => (Outcome::Rejected, e.to_string()),
+            },
+            _ => (Outcome::Rejected, "run_job takes one argument: the job's name".into()),
+        },
         other => (Outcome::Rejected, format!("unknown command kind {other:?}")),
     };
     finish(store, entry, outcome, output).await
 }
 
-/// Runs a program in its own process group with a timeout and an output cap;
-/// on timeout the whole group is killed.
+/// Runs a program in its own process group with a timeout and an output cap
+/// (the tail is kept); on timeout the whole group is killed.
 async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationToken) -> (Outcome, String) {
-    let Some((program, rest)) = args.split_first() else {
-        return (Outcome::Rejected, "exec needs a program".into());
+    let env = std::collections::BTreeMap::new();
+    let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None }) {
+        Ok(s) => s,
+        Err(e) => return (Outcome::Failed { code: 127 }, e),
     };
-    let mut child = match tokio::process::Command::new(program)
-        .args(rest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            return (Outcome::Failed { code: 127 }, format!("cannot start {program:?}: {e}"));
-        }
-    };
-    let cap = config.max_output;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let read = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.take(cap as u64).read_to_end(&mut out).await;
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.take(cap as u64).read_to_end(&mut err).await;
-        }
-        out.extend_from_slice(&err);
-        out.truncate(cap);
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    let pid = child.id();
-    let run = async {
-        let output = read.await;
-        (child.wait().await, output)
-    };
-    let kill_group = || {
-        if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-            crate::process::kill_group(pid);
-        }
-    };
-    tokio::select! {
-        (status, output) = run => match status {
-            Ok(s) if s.success() => (Outcome::Succeeded, output),
-            Ok(s) => (Outcome::Failed { code: s.code().unwrap_or(-1) }, output),
-            Err(e) => (Outcome::Failed { code: -1 }, format!("waiting for the command failed: {e}")),
-        },
-        () = tokio::time::sleep(config.timeout) => {
-            kill_group();
-            (Outcome::Failed { code: -1 }, format!("killed after the timeout of {:?}", config.timeout))
-        }
+    // On shutdown the command is left to finish on its own; at the next start
+    // it is reported interrupted, not run again.
+    let detached = CancellationToken::new();
+    let run = spawned.wait(config.timeout, config.max_output, &detached);
+    let result = tokio::select! {
+        r = run => r,
         () = cancel.cancelled() => {
-            // Leave the process to finish on its own; at the next start the
-            // command is reported interrupted, not run again.
-            (Outcome::Interrupted, "the agent stopped while this command ran".into())
+            return (Outcome::Interrupted, "the agent stopped while this command ran".into());
         }
+    };
+    match result.end {
+        ProcessEnd::Exited(0) => (Outcome::Succeeded, result.output),
+        ProcessEnd::Exited(code) => (Outcome::Failed { code }, result.output),
+        ProcessEnd::Signaled(_) | ProcessEnd::Stopped => (Outcome::Failed { code: -1 }, result.output),
+        ProcessEnd::TimedOut => (
+            Outcome::Failed { code: -1 },
+            format!("{}\nkilled after the timeout of {:?}", result.output, config.timeout),
+        ),
     }
 }
 
@@ -291,12 +301,13 @@ mod tests {
         let deliver = |ids: std::ops::Range<u64>| Deliver { commands: ids.map(command).collect(), desired: None };
         assert_eq!(accept(&store, deliver(1..1101)).await.unwrap().len(), 1100);
         let config = CommandsConfig { allow_exec: false, timeout: Duration::from_secs(1), max_output: 1024 };
-        let defaults = Settings { telemetry_interval: Duration::from_secs(1) };
+        let defaults = Settings { telemetry_interval: Duration::from_secs(1), hub_jobs: Vec::new() };
         let (tx, _rx) = watch::channel(defaults.clone());
         let cancel = CancellationToken::new();
         let run = {
             let (store, cancel) = (store.clone(), cancel.clone());
-            tokio::spawn(async move { executor(store, config, defaults, std::sync::Arc::new(tx), cancel).await })
+            let jobs = Jobs::new(store.clone(), dir.path().into(), Default::default(), cancel.clone());
+            tokio::spawn(async move { executor(store, config, jobs, defaults, std::sync::Arc::new(tx), cancel).await })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while store.inbox_in(&InboxState::Pending).unwrap().len() + store.inbox_in(&InboxState::Done).unwrap().len()

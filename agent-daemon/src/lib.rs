@@ -10,9 +10,11 @@
 
 pub mod backoff;
 pub mod config;
+pub mod control;
 pub mod enroll;
 pub mod identity;
 pub mod inbox;
+pub mod jobs;
 pub mod process;
 pub mod store;
 pub mod supervisor;
@@ -24,6 +26,7 @@ pub mod uplink;
 use crate::config::AgentConfig;
 use crate::identity::{Identity, IdentityError};
 use crate::inbox::Settings;
+use crate::jobs::{Jobs, SchedulerActor};
 use crate::store::AgentStore;
 use crate::supervisor::{RestartPolicy, SupervisorActor};
 use crate::task_actor::TaskActor;
@@ -106,7 +109,7 @@ pub fn run_with(
     system.block_on(async move {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
-        let defaults = Settings { telemetry_interval: config.telemetry.interval };
+        let defaults = Settings { telemetry_interval: config.telemetry.interval, hub_jobs: Vec::new() };
         let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
         let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
@@ -126,9 +129,13 @@ pub fn run_with(
             next_seq = stats.next_seq,
             "Agent starting."
         );
+        let jobs = Jobs::new(store.clone(), config.data_dir.clone(), tasks.clone(), stop.clone());
         let (t1, s1) = (tasks.clone(), stop.clone());
         let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
         let store3 = store.clone();
+        let (jobs2, jobs3, jobs4) = (jobs.clone(), jobs.clone(), jobs.clone());
+        let (local_jobs, jobs_settings) = (config.jobs.clone(), settings_rx.clone());
+        let (t3, s3, control_dir) = (tasks.clone(), stop.clone(), config.data_dir.clone());
         let status_store = store.clone();
         let supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
@@ -139,10 +146,21 @@ pub fn run_with(
                 .start()
             })
             .child("commands", move || {
-                let (store, commands, defaults, settings) =
-                    (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone());
+                let (store, commands, defaults, settings, jobs) =
+                    (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone(), jobs2.clone());
                 TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
-                    inbox::executor(store.clone(), commands.clone(), defaults.clone(), settings.clone(), cancel)
+                    let settings = settings.clone();
+                    inbox::executor(store.clone(), commands.clone(), jobs.clone(), defaults.clone(), settings, cancel)
+                })
+                .start()
+            })
+            .child("scheduler", move || {
+                SchedulerActor::new(jobs3.clone(), local_jobs.clone(), jobs_settings.clone()).start()
+            })
+            .child("control", move || {
+                let (dir, jobs) = (control_dir.clone(), jobs4.clone());
+                TaskActor::new("control", t3.clone(), s3.clone(), move |cancel| {
+                    control::serve(dir.clone(), jobs.clone(), cancel)
                 })
                 .start()
             })

@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use outpost_agent::config::AgentConfig;
+use outpost_agent::control::{self, Reply, Request};
+use outpost_agent::jobs::JobView;
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,12 +41,60 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List the running daemon's jobs with their next and last runs.
+    Jobs {
+        /// The daemon's config file (for its data dir).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a job now through the running daemon; waits for it and exits 0
+    /// if it succeeded.
+    RunJob {
+        /// The job's name.
+        name: String,
+        /// The daemon's config file (for its data dir).
+        #[arg(long)]
+        config: PathBuf,
+        /// Return once the run has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
+        Command::Jobs { config, json } => match AgentConfig::load_or_exit(&config) {
+            Ok(config) => local(&config, Request::Jobs, |reply| match reply {
+                Reply::Jobs(jobs) if json => println!("{}", serde_json::to_string_pretty(jobs).unwrap_or_default()),
+                Reply::Jobs(jobs) => print!("{}", jobs_table(jobs)),
+                _ => {}
+            }),
+            Err(code) => code,
+        },
+        Command::RunJob { name, config, no_wait } => match AgentConfig::load_or_exit(&config) {
+            Ok(config) => {
+                let mut ok = no_wait;
+                let code = local(&config, Request::RunJob { name, wait: !no_wait }, |reply| match reply {
+                    Reply::Started(id) => println!("run {id} started"),
+                    Reply::Attempt(run) => {
+                        println!("attempt {}: {} after {:?}", run.attempt, run.outcome, run.started.until(run.ended));
+                        if !run.output.is_empty() {
+                            println!("--- output ({} bytes, last {} shown) ---", run.output_bytes, run.output.len());
+                            println!("{}", run.output.trim_end());
+                        }
+                        ok = run.outcome.succeeded();
+                    }
+                    _ => {}
+                });
+                if code == ExitCode::SUCCESS && !ok { ExitCode::FAILURE } else { code }
+            }
+            Err(code) => code,
+        },
         Command::Run { config } => match AgentConfig::load_or_exit(&config) {
             Ok(config) => {
                 outpost_shared::logging::init(&config.log);
@@ -60,6 +110,63 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
     }
+}
+
+/// Sends `request` to the daemon's control socket; prints errors.
+fn local(config: &AgentConfig, request: Request, mut each: impl FnMut(&Reply)) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    let result = runtime.block_on(control::request(&config.data_dir, &request, |reply| {
+        if let Reply::Error(e) = reply {
+            eprintln!("outpost-agent: {e}");
+            failed = true;
+        }
+        each(reply);
+    }));
+    match result {
+        Ok(()) if !failed => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("outpost-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn jobs_table(jobs: &[JobView]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let next = match (j.spec.enabled, j.next_run) {
+                (false, _) => "disabled".into(),
+                (true, Some(t)) => t.rfc3339(),
+                (true, None) => "-".into(),
+            };
+            let last =
+                j.last.as_ref().map_or_else(|| "never".into(), |l| format!("{} ({})", l.ended.rfc3339(), l.outcome));
+            let running = if j.running.is_empty() { "-".into() } else { j.running.len().to_string() };
+            vec![
+                j.spec.name.clone(),
+                j.source.to_string(),
+                j.spec.kind().into(),
+                j.spec.schedule.to_string(),
+                j.spec.overlap.to_string(),
+                next,
+                running,
+                last,
+            ]
+        })
+        .collect();
+    outpost_shared::table::render(
+        &["NAME", "SOURCE", "KIND", "SCHEDULE", "OVERLAP", "NEXT RUN", "RUNNING", "LAST RUN"],
+        &rows,
+    )
 }
 
 fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {

@@ -1,4 +1,26 @@
-//! Process-group signalling for commands the agent runs.
+//! Running a program for a command or a job: its own process group, a
+//! timeout, output capture with a cap, and the whole group killed when the
+//! run ends.
+//!
+//! Output: stdout and stderr are read together as they come and only the
+//! last `max_output` bytes are kept; reading never stops, so a program that
+//! floods its output is never blocked on a full pipe, and memory stays at
+//! the cap. When the program exits, is timed out or is stopped, whatever is
+//! left of its process group is killed (as systemd does when a oneshot
+//! service ends), so no child outlives its run.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+/// How long to wait for the output pipes to close after the group is gone
+/// (a process that left the group may still hold them).
+const PIPE_GRACE: Duration = Duration::from_secs(2);
 
 /// Sends SIGKILL to every process in group `pgid`.
 #[allow(unsafe_code)]
@@ -9,5 +31,226 @@ pub fn kill_group(pgid: i32) {
         unsafe {
             libc::kill(-pgid, libc::SIGKILL);
         }
+    }
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`): with the pid it names one process even after the
+/// pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessSpec<'a> {
+    /// Program and arguments.
+    pub argv: &'a [String],
+    /// Extra environment variables.
+    pub env: &'a BTreeMap<String, String>,
+    /// Working directory.
+    pub working_dir: Option<&'a Path>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEnd {
+    /// Exit status.
+    Exited(i32),
+    /// Killed by a signal the agent did not send.
+    Signaled(i32),
+    /// Killed with its group at the timeout.
+    TimedOut,
+    /// Killed with its group because the caller asked.
+    Stopped,
+}
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct ProcessResult {
+    /// How it ended.
+    pub end: ProcessEnd,
+    /// The last bytes of its output, stdout and stderr interleaved.
+    pub output: String,
+    /// All bytes it wrote.
+    pub output_bytes: u64,
+}
+
+/// A started program.
+#[derive(Debug)]
+pub struct Spawned {
+    child: tokio::process::Child,
+    pid: u32,
+}
+
+/// Starts `spec` in a new process group with stdin from /dev/null.
+pub fn spawn(spec: ProcessSpec<'_>) -> Result<Spawned, String> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err("no program given".into());
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .envs(spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(dir) = spec.working_dir {
+        command.current_dir(dir);
+    }
+    let child = command.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
+    let pid = child.id().ok_or_else(|| format!("{program:?} exited before it could be watched"))?;
+    Ok(Spawned { child, pid })
+}
+
+impl Spawned {
+    /// The process id, which is also its process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the end (at most `timeout`, or until `stop`), keeping the
+    /// last `max_output` bytes of output; then kills what is left of the
+    /// group.
+    pub async fn wait(mut self, timeout: Duration, max_output: usize, stop: &CancellationToken) -> ProcessResult {
+        let tail = Arc::new(Mutex::new(Tail::new(max_output)));
+        let readers = [
+            self.child.stdout.take().map(|s| tokio::spawn(drain(s, tail.clone()))),
+            self.child.stderr.take().map(|s| tokio::spawn(drain(s, tail.clone()))),
+        ];
+        let pgid = i32::try_from(self.pid).unwrap_or(0);
+        let end = tokio::select! {
+            status = self.child.wait() => match status {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(code), _) => ProcessEnd::Exited(code),
+                    (None, Some(signal)) => ProcessEnd::Signaled(signal),
+                    (None, None) => ProcessEnd::Exited(-1),
+                },
+                Err(_) => ProcessEnd::Exited(-1),
+            },
+            () = tokio::time::sleep(timeout) => ProcessEnd::TimedOut,
+            () = stop.cancelled() => ProcessEnd::Stopped,
+        };
+        kill_group(pgid);
+        let _ = self.child.wait().await;
+        for reader in readers.into_iter().flatten() {
+            let abort = reader.abort_handle();
+            if tokio::time::timeout(PIPE_GRACE, reader).await.is_err() {
+                abort.abort();
+            }
+        }
+        let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+        ProcessResult { end, output: tail.text(), output_bytes: tail.total }
+    }
+}
+
+/// The last `cap` bytes of a stream, and how many bytes it had.
+#[derive(Debug)]
+struct Tail {
+    cap: usize,
+    bytes: VecDeque<u8>,
+    total: u64,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Self {
+        Tail { cap, bytes: VecDeque::new(), total: 0 }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.total += data.len() as u64;
+        let data = &data[data.len().saturating_sub(self.cap)..];
+        let overflow = (self.bytes.len() + data.len()).saturating_sub(self.cap);
+        self.bytes.drain(..overflow.min(self.bytes.len()));
+        self.bytes.extend(data);
+    }
+
+    fn text(&self) -> String {
+        let (a, b) = self.bytes.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
+}
+
+async fn drain(mut stream: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        tail.lock().unwrap_or_else(|p| p.into_inner()).push(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    async fn run(script: &str, timeout: Duration, cap: usize) -> ProcessResult {
+        let argv = argv(script);
+        let env = BTreeMap::new();
+        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None }).unwrap();
+        spawned.wait(timeout, cap, &CancellationToken::new()).await
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut t = Tail::new(4);
+        t.push(b"abc");
+        t.push(b"def");
+        assert_eq!(t.text(), "cdef");
+        t.push(b"0123456789");
+        assert_eq!(t.text(), "6789");
+        assert_eq!(t.total, 16);
+    }
+
+    #[tokio::test]
+    async fn exit_status_signal_and_output() {
+        let r = run("echo out; echo err >&2; exit 3", Duration::from_secs(10), 1024).await;
+        assert_eq!(r.end, ProcessEnd::Exited(3));
+        assert!(r.output.contains("out") && r.output.contains("err"), "{:?}", r.output);
+        let r = run("kill -TERM $$", Duration::from_secs(10), 1024).await;
+        assert_eq!(r.end, ProcessEnd::Signaled(libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn flood_is_capped_and_does_not_block() {
+        let r = run("head -c 5000000 /dev/zero | tr '\\0' x; echo END", Duration::from_secs(30), 100).await;
+        assert_eq!(r.end, ProcessEnd::Exited(0));
+        assert_eq!(r.output_bytes, 5_000_004);
+        assert_eq!(r.output.len(), 100);
+        assert!(r.output.ends_with("xEND\n"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let r = run(&script, Duration::from_millis(500), 1024).await;
+        assert_eq!(r.end, ProcessEnd::TimedOut);
+        let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        // Killed and reaped by init (or a zombie of a dead parent): no longer running.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            assert!(std::time::Instant::now() < deadline, "the background child survived the timeout");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn start_time_names_a_process() {
+        let me = std::process::id();
+        assert!(start_time(me).is_some());
+        assert_eq!(start_time(me), start_time(me));
+        assert!(start_time(u32::MAX).is_none());
     }
 }

@@ -97,6 +97,8 @@ pub struct Changes {
     pub inbox_remove: Vec<u64>,
     /// Key-value pairs written.
     pub kv: Vec<(String, Vec<u8>)>,
+    /// Keys removed (after `kv` is written).
+    pub kv_remove: Vec<String>,
 }
 
 struct Trees {
@@ -136,6 +138,10 @@ fn outbox_key(seq: u64, telemetry: bool) -> [u8; 9] {
     key[..8].copy_from_slice(&seq.to_be_bytes());
     key[8] = u8::from(!telemetry);
     key
+}
+
+fn hex(bytes: &[u8]) -> String {
+    outpost_shared::identity::hex(bytes)
 }
 
 fn key_seq(key: &[u8]) -> u64 {
@@ -284,6 +290,51 @@ impl AgentStore {
         Ok(self.kv.get(key)?.map(|v| v.to_vec()))
     }
 
+    /// Key-value entries whose keys start with `prefix`, in key order.
+    pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.kv.scan_prefix(prefix) {
+            let (key, value) = entry?;
+            out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// A number never handed out before by this store (it survives
+    /// restarts; numbers may skip).
+    pub fn unique_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Reads every record of every tree and checks that each decodes; the
+    /// `store-check` job. Returns a summary, or the keys that failed.
+    pub fn check(&self) -> Result<String, String> {
+        let mut problems = Vec::new();
+        let mut count = |tree: &sled::Tree, name: &str, decode: &dyn Fn(&[u8]) -> bool| {
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for entry in tree.iter() {
+                match entry {
+                    Ok((key, value)) => {
+                        n += 1;
+                        bytes += (key.len() + value.len()) as u64;
+                        if !decode(&value) {
+                            problems.push(format!("{name}: value under key {} does not decode", hex(&key)));
+                        }
+                    }
+                    Err(e) => problems.push(format!("{name}: read error: {e}")),
+                }
+            }
+            format!("{name}: {n} entries, {bytes} bytes")
+        };
+        let summary = [
+            count(&self.outbox, "outbox", &|v| postcard::from_bytes::<Record>(v).is_ok()),
+            count(&self.inbox, "inbox", &|v| postcard::from_bytes::<InboxEntry>(v).is_ok()),
+            count(&self.kv, "kv", &|_| true),
+        ]
+        .join("; ");
+        if problems.is_empty() { Ok(summary) } else { Err(problems.join("\n")) }
+    }
+
     /// Waits until everything is on disk (shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
@@ -337,6 +388,9 @@ impl Trees {
                 }
                 for (key, value) in &changes.kv {
                     kv.insert(key.as_bytes(), value.as_slice())?;
+                }
+                for key in &changes.kv_remove {
+                    kv.remove(key.as_bytes())?;
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             },

@@ -101,13 +101,15 @@ pub struct TelemetryActor {
     sampler: Arc<Mutex<Sampler>>,
     settings: watch::Receiver<Settings>,
     ticker: Option<SpawnHandle>,
+    /// The interval the schedule runs at.
+    interval: Duration,
 }
 
 impl TelemetryActor {
     /// An actor sampling with `sampler` (shared across restarts, so the CPU
     /// baseline survives them) into `store`, at the interval `settings` say.
     pub fn new(store: AgentStore, sampler: Arc<Mutex<Sampler>>, settings: watch::Receiver<Settings>) -> Self {
-        TelemetryActor { store, sampler, settings, ticker: None }
+        TelemetryActor { store, sampler, settings, ticker: None, interval: Duration::ZERO }
     }
 
     fn take_sample(&self, ctx: &mut Context<Self>) {
@@ -134,25 +136,20 @@ impl TelemetryActor {
             ctx.cancel_future(handle);
         }
         let interval = self.settings.borrow().telemetry_interval;
+        self.interval = interval;
         self.ticker = Some(ctx.run_later(first.min(interval), move |act, ctx| {
             act.take_sample(ctx);
             act.ticker = Some(ctx.run_interval(interval, |act, ctx| act.take_sample(ctx)));
         }));
     }
 
-    /// Reschedules whenever the settings change.
-    fn watch_settings(&self, ctx: &mut Context<Self>) {
-        let mut settings = self.settings.clone();
-        let changed = async move { settings.changed().await.is_ok() };
-        ctx.spawn(changed.into_actor(self).map(|ok, act, ctx| {
-            if ok {
-                act.settings.mark_unchanged();
-                let interval = act.settings.borrow().telemetry_interval;
-                tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
-                act.schedule(ctx, interval);
-                act.watch_settings(ctx);
-            }
-        }));
+    /// Reschedules when the interval changes.
+    fn settings_changed(&mut self, ctx: &mut Context<Self>) {
+        let interval = self.settings.borrow().telemetry_interval;
+        if self.interval != interval {
+            tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
+            self.schedule(ctx, interval);
+        }
     }
 }
 
@@ -163,7 +160,7 @@ impl Actor for TelemetryActor {
         // The first sample soon after start, so a new device shows figures
         // without waiting a whole interval.
         self.schedule(ctx, Duration::from_secs(1));
-        self.watch_settings(ctx);
+        crate::inbox::follow_settings(ctx, self.settings.clone(), Self::settings_changed);
     }
 }
 

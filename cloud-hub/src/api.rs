@@ -2,10 +2,10 @@
 //! `outpostctl`.
 
 use crate::store::{AlarmRecord, DesiredRecord, DeviceRecord, ReportedState};
+use outpost_shared::job::{Action, JobRun, JobSource, JobSpec, RunOutcome, Schedule, Trigger};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, UNIX_EPOCH};
 
 /// One device as `GET /api/v1/devices` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,7 +134,7 @@ impl DesiredView {
 /// Body of `POST /api/v1/devices/{id}/commands`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandRequest {
-    /// `echo` or `exec`.
+    /// `echo`, `exec` or `run_job` (one argument: the job's name).
     pub kind: String,
     /// Arguments.
     #[serde(default)]
@@ -145,7 +145,7 @@ pub struct CommandRequest {
 
 /// RFC 3339 text of a timestamp, to the second.
 pub fn rfc3339(t: Timestamp) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(t.0)).to_string()
+    t.rfc3339()
 }
 
 impl DeviceView {
@@ -182,4 +182,142 @@ impl DeviceView {
 pub struct ApiError {
     /// What went wrong.
     pub error: String,
+}
+
+/// `GET /api/v1/devices/{id}/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsView {
+    /// Device id.
+    pub device: String,
+    /// When the device reported this list (none: never reported).
+    pub reported_at: Option<String>,
+    /// The jobs in force on the device.
+    pub jobs: Vec<JobView>,
+}
+
+/// One job in force on a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    /// Name.
+    pub name: String,
+    /// `config` (the device's file) or `hub` (desired state).
+    pub source: String,
+    /// `command` or a built-in kind.
+    pub kind: String,
+    /// `@every 30s` or a cron expression (UTC).
+    pub schedule: String,
+    /// Program and arguments, for commands.
+    pub command: Option<Vec<String>>,
+    /// `forbid`, `allow` or `replace`.
+    pub overlap: String,
+    /// Runs missed while the device was off are made up once at start.
+    pub catch_up: bool,
+    /// Further attempts after a failure.
+    pub retries: u32,
+    /// Per-attempt time limit.
+    pub timeout: String,
+    /// Random start delay limit.
+    pub jitter: String,
+    /// False when switched off.
+    pub enabled: bool,
+    /// The next scheduled run as the hub computes it (for `@every`, one
+    /// interval after the last run's start).
+    pub next_run: Option<String>,
+    /// The newest attempt the hub holds.
+    pub last_run: Option<JobRunView>,
+}
+
+impl JobView {
+    /// The view of `spec`, with its newest attempt.
+    pub fn new(spec: &JobSpec, source: JobSource, last: Option<JobRun>, now: Timestamp) -> Self {
+        let next_run = match &spec.schedule {
+            _ if !spec.enabled => None,
+            Schedule::Cron(_) => spec.schedule.next_cron_after(now),
+            Schedule::Every(d) => last.as_ref().map(|r| Schedule::next_every(*d, r.started).max(now)),
+        };
+        JobView {
+            name: spec.name.clone(),
+            source: source.to_string(),
+            kind: spec.kind().into(),
+            schedule: spec.schedule.to_string(),
+            command: match &spec.action {
+                Action::Command { argv, .. } => Some(argv.clone()),
+                Action::Builtin(_) => None,
+            },
+            overlap: spec.overlap.to_string(),
+            catch_up: spec.catch_up,
+            retries: spec.retries,
+            timeout: humantime::format_duration(spec.timeout).to_string(),
+            jitter: humantime::format_duration(spec.jitter).to_string(),
+            enabled: spec.enabled,
+            next_run: next_run.map(rfc3339),
+            last_run: last.map(JobRunView::from),
+        }
+    }
+}
+
+/// One attempt of a job run, as `GET .../jobs/{name}/runs` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRunView {
+    /// Run id (all attempts of a run share it).
+    pub run_id: u64,
+    /// The job.
+    pub job: String,
+    /// `schedule`, `catch_up`, `manual` or `command`.
+    pub trigger: String,
+    /// The command that asked for it, for `command`.
+    pub command_id: Option<u64>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Start (RFC 3339).
+    pub started: String,
+    /// End (RFC 3339).
+    pub ended: String,
+    /// Milliseconds from start to end.
+    pub duration_ms: u64,
+    /// True if it exited with status 0.
+    pub succeeded: bool,
+    /// How it ended, in words.
+    pub outcome: String,
+    /// Exit status, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, if a signal (not the agent) killed it.
+    pub signal: Option<i32>,
+    /// The tail of its output.
+    pub output: String,
+    /// All bytes of output it produced.
+    pub output_bytes: u64,
+}
+
+impl From<JobRun> for JobRunView {
+    fn from(run: JobRun) -> Self {
+        let (trigger, command_id) = match run.trigger {
+            Trigger::Schedule => ("schedule", None),
+            Trigger::CatchUp => ("catch_up", None),
+            Trigger::Manual => ("manual", None),
+            Trigger::Command { id } => ("command", Some(id)),
+        };
+        JobRunView {
+            run_id: run.run_id,
+            job: run.job,
+            trigger: trigger.into(),
+            command_id,
+            attempt: run.attempt,
+            started: rfc3339(run.started),
+            ended: rfc3339(run.ended),
+            duration_ms: run.ended.0.saturating_sub(run.started.0),
+            succeeded: run.outcome.succeeded(),
+            exit_code: match run.outcome {
+                RunOutcome::Exited { code } => Some(code),
+                _ => None,
+            },
+            signal: match run.outcome {
+                RunOutcome::Signaled { signal } => Some(signal),
+                _ => None,
+            },
+            outcome: run.outcome.to_string(),
+            output: run.output,
+            output_bytes: run.output_bytes,
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! A small blocking client of the hub's HTTP API, and the fleet table both
 //! `outpostctl` and the demo print.
 
-use crate::api::{ApiError, CommandRequest, DesiredPut, DesiredView, DeviceView, MetricsView};
+use crate::api::{ApiError, CommandRequest, DesiredPut, DesiredView, DeviceView, JobRunView, JobsView, MetricsView};
 use crate::store::CommandRecord;
 use std::time::Duration;
 
@@ -103,6 +103,16 @@ impl Client {
         self.get(&format!("/api/v1/devices/{id}/events?limit={limit}"))
     }
 
+    /// `GET /api/v1/devices/{id}/jobs`
+    pub fn jobs(&self, id: &str) -> Result<JobsView, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/jobs"))
+    }
+
+    /// `GET /api/v1/devices/{id}/jobs/{name}/runs`, newest first.
+    pub fn job_runs(&self, id: &str, job: &str, limit: usize) -> Result<Vec<JobRunView>, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/jobs/{job}/runs?limit={limit}"))
+    }
+
     /// `GET /api/v1/devices/{id}/desired`
     pub fn desired(&self, id: &str) -> Result<DesiredView, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/desired"))
@@ -144,10 +154,10 @@ impl Client {
 /// The fleet as a text table: id, name, online, last seen, version, CPU %,
 /// memory %.
 pub fn render_table(devices: &[DeviceView]) -> String {
-    let rows: Vec<[String; 7]> = devices
+    let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
-            [
+            vec![
                 d.id.clone(),
                 d.name.clone(),
                 if d.online { "yes".into() } else { "no".into() },
@@ -158,20 +168,21 @@ pub fn render_table(devices: &[DeviceView]) -> String {
             ]
         })
         .collect();
-    let header = ["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    outpost_shared::table::render(&["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"], &rows)
+}
+
+/// The `outpostctl jobs` table.
+pub fn render_jobs(jobs: &JobsView) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .jobs
+        .iter()
+        .map(|j| {
+            let next = if j.enabled { j.next_run.clone().unwrap_or_else(|| "-".into()) } else { "disabled".into() };
+            let last = j.last_run.as_ref().map_or_else(|| "never".into(), |r| format!("{} ({})", r.ended, r.outcome));
+            vec![j.name.clone(), j.source.clone(), j.kind.clone(), j.schedule.clone(), j.overlap.clone(), next, last]
+        })
+        .collect();
+    outpost_shared::table::render(&["NAME", "SOURCE", "KIND", "SCHEDULE", "OVERLAP", "NEXT RUN", "LAST RUN"], &rows)
 }
 
 #[cfg(test)]

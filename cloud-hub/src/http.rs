@@ -5,7 +5,10 @@
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
 use crate::api::ApiError;
-use crate::api::{CommandRequest, DesiredPut, DesiredView, LimitQuery, MetricsQuery, MetricsView, SampleView};
+use crate::api::{
+    CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
+    SampleView,
+};
 use crate::fleet::Fleet;
 use crate::store::{ApiToken, Role, StoreError};
 use actix_web::dev::Payload;
@@ -183,6 +186,34 @@ async fn get_events(
     Ok(HttpResponse::Ok().json(fleet.store().events(&id, limit)?))
 }
 
+async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<String>) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let store = fleet.store();
+    let record = store.jobs(&id)?;
+    let now = Timestamp::now();
+    let mut jobs = Vec::new();
+    for (spec, source) in record.as_ref().map(|r| r.jobs.as_slice()).unwrap_or_default() {
+        let last = store.job_runs(&id, &spec.name, 1)?.pop();
+        jobs.push(JobView::new(spec, *source, last, now));
+    }
+    Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
+}
+
+async fn get_job_runs(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<(String, String)>,
+    query: web::Query<LimitQuery>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let (raw, job) = path.into_inner();
+    let id = known_device(&fleet, &raw)?;
+    let limit = query.limit.unwrap_or(100).min(crate::store::MAX_RUNS_PER_JOB);
+    let runs: Vec<JobRunView> = fleet.store().job_runs(&id, &job, limit)?.into_iter().map(JobRunView::from).collect();
+    Ok(HttpResponse::Ok().json(runs))
+}
+
 async fn get_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -217,7 +248,7 @@ async fn put_desired(
 pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
 /// Command kinds devices understand.
-const COMMAND_KINDS: &[&str] = &["echo", "exec"];
+const COMMAND_KINDS: &[&str] = &["echo", "exec", "run_job"];
 
 async fn post_command(
     caller: Caller,
@@ -233,6 +264,9 @@ async fn post_command(
             "unknown command kind {:?}; known: {COMMAND_KINDS:?}",
             request.kind
         )));
+    }
+    if request.kind == "run_job" && request.args.len() != 1 {
+        return Err(HttpError::Unprocessable("run_job takes one argument: the job's name".into()));
     }
     let size = request.kind.len() + request.args.iter().map(String::len).sum::<usize>();
     if size > MAX_COMMAND_BYTES {
@@ -292,6 +326,8 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}", web::get().to(get_device))
                 .route("/devices/{id}/metrics", web::get().to(get_metrics))
                 .route("/devices/{id}/events", web::get().to(get_events))
+                .route("/devices/{id}/jobs", web::get().to(get_jobs))
+                .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
                 .route("/devices/{id}/desired", web::get().to(get_desired))
                 .route("/devices/{id}/desired", web::put().to(put_desired))
                 .route("/devices/{id}/commands", web::get().to(list_commands))

@@ -7,13 +7,17 @@
 //! - `seq`: device id → highest record sequence number stored (the ingest
 //!   high-water mark; a record at or below it is a duplicate)
 //! - `telemetry`: device id, 0, sample time (u64 BE), seq (u64 BE) → sample
-//! - `events`: device id, 0, seq (u64 BE) → [`EventRecord`]: every record
-//!   that is not telemetry (command results, state reports, alarms), as the
-//!   device's log
+//! - `events`: device id, 0, seq (u64 BE) → [`EventRecord`]: command
+//!   results, state reports and alarms, as the device's log (telemetry and
+//!   job records have their own trees)
 //! - `reported`: device id → [`ReportedState`]
 //! - `desired`: device id → [`DesiredRecord`]
 //! - `commands`: command id (u64 BE) → [`CommandRecord`]; `device_commands`:
 //!   device id, 0, command id → () as the per-device index
+//! - `jobs`: device id → [`JobsRecord`], the device's latest job list
+//! - `job_runs`: device id, 0, job name, 0, run id (u64 BE), attempt (u32
+//!   BE) → [`JobRun`]; run ids grow on a device, so a job's runs are in
+//!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
 //!
 //! Writes that must be durable before they are acknowledged run on the
 //! group-commit writer ([`Store::writer`]). Everything the fleet keeps goes
@@ -21,6 +25,7 @@
 //! later without touching callers.
 
 use outpost_shared::commit::GroupCommit;
+use outpost_shared::job::{JobRun, JobSource, JobSpec};
 use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody, StateReport};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
@@ -61,6 +66,18 @@ pub struct EventRecord {
     /// The record.
     pub body: RecordBody,
 }
+
+/// A device's job list as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsRecord {
+    /// When the device made the report.
+    pub at: Timestamp,
+    /// Each job and where it came from.
+    pub jobs: Vec<(JobSpec, JobSource)>,
+}
+
+/// Attempts kept per job and device.
+pub const MAX_RUNS_PER_JOB: usize = 1000;
 
 /// An alarm a device raised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +244,8 @@ pub struct Store {
     desired: sled::Tree,
     commands: sled::Tree,
     device_commands: sled::Tree,
+    jobs: sled::Tree,
+    job_runs: sled::Tree,
     writer: Option<GroupCommit<Store>>,
 }
 
@@ -252,6 +271,20 @@ fn telemetry_key(id: &DeviceId, at: Timestamp, seq: u64) -> Vec<u8> {
 fn seq_key(id: &DeviceId, seq: u64) -> Vec<u8> {
     let mut key = device_prefix(id);
     key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn job_prefix(id: &DeviceId, job: &str) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(job.as_bytes());
+    key.push(0);
+    key
+}
+
+fn run_key(id: &DeviceId, job: &str, run_id: u64, attempt: u32) -> Vec<u8> {
+    let mut key = job_prefix(id, job);
+    key.extend_from_slice(&run_id.to_be_bytes());
+    key.extend_from_slice(&attempt.to_be_bytes());
     key
 }
 
@@ -291,6 +324,8 @@ impl Store {
             desired: db.open_tree("desired")?,
             commands: db.open_tree("commands")?,
             device_commands: db.open_tree("device_commands")?,
+            jobs: db.open_tree("jobs")?,
+            job_runs: db.open_tree("job_runs")?,
             db,
             writer: None,
         };
@@ -319,10 +354,21 @@ impl Store {
     /// or below the high-water mark are duplicates and skipped. Run on the
     /// writer, so the caller acknowledges only durable records.
     pub fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let trees = (&self.seq, &self.telemetry, &self.events, &self.reported, &self.commands, &self.devices);
+        let trees = (
+            &self.seq,
+            &self.telemetry,
+            &self.events,
+            &self.reported,
+            &self.commands,
+            &self.devices,
+            &self.jobs,
+            &self.job_runs,
+        );
         let now = Timestamp::now();
         let result = trees.transaction(
-            |(seq, telemetry, events, reported, commands, devices): &(
+            |(seq, telemetry, events, reported, commands, devices, jobs, job_runs): &(
+                TransactionalTree,
+                TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
@@ -344,7 +390,10 @@ impl Store {
                     if record.seq > hwm + 1 {
                         out.gaps.push((hwm + 1, record.seq - 1));
                     }
-                    if !record.body.is_telemetry() {
+                    if !matches!(
+                        record.body,
+                        RecordBody::Telemetry(_) | RecordBody::JobRun(_) | RecordBody::JobsReport(_)
+                    ) {
                         let event = EventRecord { seq: record.seq, at: record.at, body: record.body.clone() };
                         events.insert(seq_key(id, record.seq), encode(&event))?;
                     }
@@ -354,6 +403,16 @@ impl Store {
                             if newest.is_none_or(|n| n.at <= sample.at) {
                                 newest = Some(sample);
                             }
+                        }
+                        RecordBody::JobRun(run) => {
+                            job_runs.insert(run_key(id, &run.job, run.run_id, run.attempt), encode(run))?;
+                            if !run.outcome.succeeded() {
+                                tracing::info!(device = %id, job = %run.job, run = run.run_id, attempt = run.attempt, outcome = %run.outcome, "Job run failed on a device.");
+                            }
+                        }
+                        RecordBody::JobsReport(report) => {
+                            let rec = JobsRecord { at: record.at, jobs: report.jobs.clone() };
+                            jobs.insert(id.as_str().as_bytes(), encode(&rec))?;
                         }
                         RecordBody::Alarm(alarm) => {
                             tracing::warn!(device = %id, kind = ?alarm.kind, raised = alarm.raised, message = %alarm.message, "Device alarm.");
@@ -399,7 +458,20 @@ impl Store {
                 Ok(out)
             },
         );
-        tx_result(result)
+        let ingested = tx_result(result)?;
+        let mut touched: Vec<&str> = records
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::JobRun(run) => Some(run.job.as_str()),
+                _ => None,
+            })
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for job in touched {
+            self.prune_job_runs(id, job)?;
+        }
+        Ok(ingested)
     }
 
     /// Telemetry of a device with sample times in `[since, until)`, oldest
@@ -457,6 +529,36 @@ impl Store {
             })
             .take(limit)
             .collect())
+    }
+
+    /// The device's latest job list.
+    pub fn jobs(&self, id: &DeviceId) -> Result<Option<JobsRecord>, StoreError> {
+        self.jobs.get(id.as_str())?.map(|v| decode("jobs", &v)).transpose()
+    }
+
+    /// The newest attempts of a device's job, newest first.
+    pub fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
+        self.job_runs
+            .scan_prefix(job_prefix(id, job))
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode("job_runs", &v?))
+            .collect()
+    }
+
+    /// Forgets all but the newest [`MAX_RUNS_PER_JOB`] attempts of a job.
+    fn prune_job_runs(&self, id: &DeviceId, job: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for key in self.job_runs.scan_prefix(job_prefix(id, job)).keys().rev().skip(MAX_RUNS_PER_JOB) {
+            batch.remove(key?);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.job_runs.apply_batch(batch)?;
+        }
+        Ok(())
     }
 
     /// What the device last reported about its desired state.

@@ -115,6 +115,54 @@ pub fn load_str<T>(file: &Path, text: &str, build: impl FnOnce(&Section<'_>) -> 
     if errors.is_empty() { Ok(value) } else { Err(ConfigErrors { file: file.to_owned(), errors }) }
 }
 
+/// Reads an already parsed document (a JSON document converted with
+/// [`json_to_toml`], say) through [`Section`]s; the errors carry key paths
+/// only.
+pub fn read_table<T>(table: &toml::Table, build: impl FnOnce(&Section<'_>) -> T) -> Result<T, Vec<ConfigError>> {
+    let sink = Sink::default();
+    let root = Section::new(String::new(), table, &sink);
+    let value = build(&root);
+    root.finish();
+    let errors = sink.0.into_inner();
+    if errors.is_empty() { Ok(value) } else { Err(errors) }
+}
+
+/// Converts a JSON value to TOML so that JSON documents are read by the same
+/// [`Section`] code as config files. JSON `null` has no TOML form and is
+/// refused with the path where it occurs.
+pub fn json_to_toml(value: &serde_json::Value, path: &str) -> Result<toml::Value, ConfigError> {
+    use serde_json::Value as J;
+    Ok(match value {
+        J::Null => {
+            return Err(ConfigError {
+                path: path.to_owned(),
+                message: "null is not allowed; leave the key out".into(),
+            });
+        }
+        J::Bool(b) => toml::Value::Boolean(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => toml::Value::String(s.clone()),
+        J::Array(items) => toml::Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| json_to_toml(v, &format!("{path}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        J::Object(map) => toml::Value::Table(
+            map.iter()
+                .map(|(k, v)| {
+                    let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    json_to_toml(v, &sub).map(|v| (k.clone(), v))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
 #[derive(Debug, Default)]
 struct Sink(RefCell<Vec<ConfigError>>);
 
@@ -190,6 +238,46 @@ impl<'a> Section<'a> {
         Section::new(self.path_of(key), table, self.sink)
     }
 
+    /// An array of tables (`[[job]]` in TOML); absent reads as empty. Each
+    /// element's path is `key[name]` when it has a string `name`, else
+    /// `key[index]`, so errors point at the element an operator recognises.
+    /// Call [`Section::finish`] on each.
+    pub fn array(&self, key: &str) -> Vec<Section<'a>> {
+        let items = match self.take(key) {
+            None => return Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(other) => {
+                self.error(key, format!("expected a list of tables, found {}", other.type_str()));
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let label = match item.get("name").and_then(toml::Value::as_str) {
+                Some(name) => format!("{}[{name}]", self.path_of(key)),
+                None => format!("{}[{i}]", self.path_of(key)),
+            };
+            match item {
+                toml::Value::Table(t) => out.push(Section::new(label, t, self.sink)),
+                other => self.sink.0.borrow_mut().push(ConfigError {
+                    path: label,
+                    message: format!("expected a table, found {}", other.type_str()),
+                }),
+            }
+        }
+        out
+    }
+
+    /// True if the section has `key` (whether or not it was read).
+    pub fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    /// This section's own path (`job[nightly]`), for messages.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// Records every key of this section that was never read as unknown.
     pub fn finish(&self) {
         let used = self.used.borrow();
@@ -223,7 +311,7 @@ macro_rules! via_serde {
         }
     )*};
 }
-via_serde!(String, bool, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf);
+via_serde!(String, bool, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf, std::collections::BTreeMap<String, String>);
 
 fn serde_value<T: DeserializeOwned>(value: &toml::Value) -> Result<T, String> {
     value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_owned())

@@ -16,9 +16,11 @@ pub mod fsutil;
 pub mod identity;
 #[cfg(feature = "io")]
 pub mod io;
+pub mod job;
 #[cfg(feature = "io")]
 pub mod logging;
 pub mod protocol;
+pub mod table;
 pub mod telemetry;
 pub mod time;
 pub mod token;

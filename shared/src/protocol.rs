@@ -16,13 +16,15 @@
 //!   `Received` once it has persisted them.
 
 use crate::identity::DeviceId;
+use crate::job::{JobRun, JobsReport};
 use crate::telemetry::Sample;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Version 2 replaced v1's
-/// fire-and-forget `Telemetry` message with sequenced, acknowledged batches.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// fire-and-forget `Telemetry` message with sequenced, acknowledged batches;
+/// version 3 added the `JobRun` and `JobsReport` records.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +93,10 @@ pub enum RecordBody {
     StateReport(StateReport),
     /// Something needs attention (never dropped).
     Alarm(Alarm),
+    /// One attempt of a scheduled job (never dropped).
+    JobRun(JobRun),
+    /// The jobs in force, sent when they change (never dropped).
+    JobsReport(JobsReport),
 }
 
 impl RecordBody {
@@ -350,7 +356,10 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::{Action, JobSource, JobSpec, Overlap, RunOutcome, Schedule, Trigger};
     use crate::telemetry::{DiskSample, NetSample};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
 
     fn hexs(bytes: &[u8]) -> String {
         crate::identity::hex(bytes)
@@ -380,15 +389,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0200017401aa016e",
+                "0300017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0201066465762d303101010102",
+                "0301066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "020203302e3102677701",
+                "030203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -397,10 +406,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0203066465762d303103302e31ac0207",
+                "0303066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0204010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "020502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0304010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "030502"),
             (
                 Message::Batch(Batch {
                     records: vec![
@@ -428,11 +437,52 @@ mod tests {
                                 message: "m".into(),
                             }),
                         },
+                        Record {
+                            seq: 5,
+                            at: Timestamp(9),
+                            body: RecordBody::JobRun(JobRun {
+                                run_id: 6,
+                                job: "j".into(),
+                                trigger: Trigger::Command { id: 2 },
+                                attempt: 1,
+                                started: Timestamp(3),
+                                ended: Timestamp(4),
+                                outcome: RunOutcome::Exited { code: 1 },
+                                output: "o".into(),
+                                output_bytes: 1,
+                            }),
+                        },
+                        Record {
+                            seq: 6,
+                            at: Timestamp(10),
+                            body: RecordBody::JobsReport(JobsReport {
+                                jobs: vec![(
+                                    JobSpec {
+                                        name: "j".into(),
+                                        schedule: Schedule::Every(Duration::from_secs(30)),
+                                        action: Action::Command {
+                                            argv: vec!["true".into()],
+                                            env: BTreeMap::from([("A".into(), "b".into())]),
+                                            working_dir: Some("/tmp".into()),
+                                        },
+                                        timeout: Duration::from_secs(60),
+                                        retries: 2,
+                                        retry_backoff: Duration::from_secs(1),
+                                        overlap: Overlap::Replace,
+                                        catch_up: true,
+                                        jitter: Duration::ZERO,
+                                        max_output: 100,
+                                        enabled: true,
+                                    },
+                                    JobSource::Hub,
+                                )],
+                            }),
+                        },
                     ],
                 }),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0207ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0307ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -443,9 +493,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "02080109046563686f010268690a0102027b7d",
+                "03080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "020902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "030902090a"),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -458,8 +508,10 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "02060401050080d095ffbc310000484180808080028080808008000000003f0000803e0000003e901c\
-        01012f0a14010465746830010200020601030101016503070204000408030001016d";
+    const GOLDEN_BATCH: &str = "03060601050080d095ffbc310000484180808080028080808008000000003f0000803e0000003e90\
+        1c01012f0a14010465746830010200020601030101016503070204000408030001016d0509040601\
+        6a03020103040002016f01060a0501016a011e0000010474727565010141016201042f746d703c00\
+        02010002010000640101";
 
     #[test]
     fn unknown_version_is_told_apart_from_garbage() {

@@ -25,6 +25,11 @@ impl Timestamp {
         Duration::from_millis(later.0.saturating_sub(self.0))
     }
 
+    /// RFC 3339 in UTC, to the second (`2026-11-21T10:00:00Z`).
+    pub fn rfc3339(self) -> String {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(self.0)).to_string()
+    }
+
     /// Seconds since the epoch.
     pub fn as_secs(self) -> u64 {
         self.0 / 1000

@@ -316,6 +316,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs `outpost-agent ARGS --config <its config>` (the local CLI that
+    /// talks to the running daemon).
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new(bin("outpost-agent")).args(args).arg("--config").arg(&self.config))
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

@@ -7,7 +7,7 @@ use outpost_agent::identity::Identity;
 use outpost_agent::tls::{self, Timings as TlsTimings};
 use outpost_hub::ca::FleetCa;
 use outpost_shared::identity::HUB_SERVER_NAME;
-use outpost_shared::protocol::{Envelope, Hello, Message};
+use outpost_shared::protocol::{Envelope, Hello, Message, PROTOCOL_VERSION};
 use outpost_shared::time::Timestamp;
 use outpost_shared::{encode_frame, token};
 use outpost_tests::{Agent, Hub, Scratch, Timings, bin, fleet, run, wait_for, wait_online};
@@ -67,7 +67,7 @@ fn malformed_truncated_and_oversized_frames_close_only_that_connection() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cases: Vec<(&str, bool, Vec<u8>, bool, &str)> = vec![
         ("oversized", true, (2u32 << 20).to_be_bytes().to_vec(), false, "exceeds the limit"),
-        ("malformed", true, vec![0, 0, 0, 3, 2, 0xEE, 0xFF], false, "malformed envelope"),
+        ("malformed", true, vec![0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xEE, 0xFF], false, "malformed envelope"),
         ("unknown version", true, vec![0, 0, 0, 3, 9, 5, 2], false, "unsupported protocol version 9"),
         ("truncated", true, vec![0, 0, 0, 100, 1, 2, 3], true, "stream ended inside a frame"),
         ("garbage instead of hello", false, b"GET / HTTP/1.1\r\n\r\n".to_vec(), false, "exceeds the limit"),

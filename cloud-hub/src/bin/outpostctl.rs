@@ -2,8 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use outpost_hub::api::CommandRequest;
-use outpost_hub::client::{Client, render_table};
+use outpost_hub::client::{Client, render_jobs, render_table};
 use outpost_hub::store::CommandState;
+use outpost_shared::protocol::Outcome;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -42,6 +43,38 @@ enum Command {
     Desired {
         #[command(subcommand)]
         command: DesiredCmd,
+    },
+    /// A device's jobs: schedule, next run, last run.
+    Jobs {
+        /// Device id.
+        device: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest attempts of one job on a device (JSON).
+    JobRuns {
+        /// Device id.
+        device: String,
+        /// Job name.
+        job: String,
+        /// Most attempts.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Run a job on a device now (a `run_job` command), wait for its
+    /// attempts and print them; exits 0 if the run succeeded.
+    RunJob {
+        /// Device id.
+        device: String,
+        /// Job name.
+        job: String,
+        /// Give up waiting after this long (the run goes on).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Give up if undelivered after this long.
+        #[arg(long, default_value = "1h")]
+        expires_in: String,
     },
     /// Telemetry history of a device (JSON).
     Metrics {
@@ -123,6 +156,12 @@ fn main() -> ExitCode {
             let request = CommandRequest { kind, args, expires_in: Some(expires_in) };
             send_and_wait(&client, &device, &request, wait)
         }
+        Command::Jobs { device, json: false } => client.jobs(&device).map(|j| print!("{}", render_jobs(&j))),
+        Command::Jobs { device, json: true } => client.jobs(&device).map(|j| print_json(&j)),
+        Command::JobRuns { device, job, limit } => client.job_runs(&device, &job, limit).map(|r| print_json(&r)),
+        Command::RunJob { device, job, wait, expires_in } => {
+            return run_job(&client, &device, &job, wait, expires_in);
+        }
         Command::Desired { command: DesiredCmd::Get { device } } => client.desired(&device).map(|d| print_json(&d)),
         Command::Desired { command: DesiredCmd::Set { device, doc, version } } => match serde_json::from_str(&doc) {
             Err(e) => {
@@ -165,6 +204,68 @@ fn send_and_wait(
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+/// Queues `run_job`, then follows the run's attempts at the hub until the
+/// last one (success, no retries left, or replaced/interrupted).
+fn run_job(client: &Client, device: &str, job: &str, wait: std::time::Duration, expires_in: String) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("outpostctl: {e}");
+        ExitCode::FAILURE
+    };
+    let retries = match client.jobs(device) {
+        Ok(jobs) => match jobs.jobs.iter().find(|j| j.name == job) {
+            Some(j) => j.retries,
+            None => return fail(&format!("device {device} has reported no job named {job:?}")),
+        },
+        Err(e) => return fail(&e),
+    };
+    let request = CommandRequest { kind: "run_job".into(), args: vec![job.into()], expires_in: Some(expires_in) };
+    let command = match client.send_command(device, &request) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    println!("command {} queued", command.id);
+    let deadline = std::time::Instant::now() + wait;
+    let mut shown = 0;
+    while std::time::Instant::now() < deadline {
+        match client.command(command.id) {
+            Ok(c) => match c.state {
+                CommandState::Completed { outcome: Outcome::Succeeded, .. } => {}
+                CommandState::Completed { output, .. } => return fail(&format!("the device refused: {output}")),
+                CommandState::Expired { .. } => return fail(&"the command expired before the device got it"),
+                _ => {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    continue;
+                }
+            },
+            Err(e) => return fail(&e),
+        }
+        let mut runs = match client.job_runs(device, job, 200) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        runs.retain(|r| r.command_id == Some(command.id));
+        runs.sort_by_key(|r| r.attempt);
+        for run in runs.iter().skip(shown) {
+            println!("run {} attempt {}: {} ({} ms)", run.run_id, run.attempt, run.outcome, run.duration_ms);
+            if !run.output.is_empty() {
+                println!("{}", run.output.trim_end());
+            }
+        }
+        shown = runs.len();
+        if let Some(last) = runs.last() {
+            let over = last.succeeded
+                || last.attempt > retries
+                || last.outcome.starts_with("replaced")
+                || last.outcome.starts_with("interrupted");
+            if over {
+                return if last.succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    fail(&"gave up waiting; the run goes on (see `outpostctl job-runs`)")
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -1,0 +1,325 @@
+//! Scheduled jobs on real agents: schedules fire on time, overlap policies
+//! hold, retries back off, hung jobs die with their children, missed runs
+//! are caught up once, hub schedules replace local ones and survive a
+//! restart, and every run reaches the hub.
+//!
+//! tokio-cron-scheduler reads the wall clock, so tokio's paused clock cannot
+//! drive it: these tests use short real schedules and deadlines.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_hub::api::{JobRunView, JobsView};
+use outpost_tests::{Agent, Hub, Scratch, Timings, bin, run, wait_for, wait_online};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn sh(script: &str) -> String {
+    format!("[\"sh\", \"-c\", {script:?}]")
+}
+
+fn job(name: &str, schedule: &str, script: &str, extra: &str) -> String {
+    format!("[[job]]\nname = {name:?}\nschedule = {schedule:?}\ncommand = {}\n{extra}\n", sh(script))
+}
+
+fn runs(hub: &Hub, agent: &Agent, job: &str) -> Vec<JobRunView> {
+    let mut runs = hub.client().job_runs(&agent.id, job, 1000).unwrap_or_default();
+    runs.reverse(); // oldest first
+    runs
+}
+
+fn wait_runs(hub: &Hub, agent: &Agent, job: &str, what: &str, ok: impl Fn(&[JobRunView]) -> bool) -> Vec<JobRunView> {
+    wait_for(Duration::from_secs(30), what, || Some(runs(hub, agent, job)).filter(|r| ok(r))).unwrap()
+}
+
+fn ms(rfc: &str) -> u64 {
+    humantime::parse_rfc3339(rfc).unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+}
+
+#[test]
+fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config = [
+        job("cron2", "*/2 * * * * *", "date +%s%3N >> cron2.txt", ""),
+        job("every1", "@every 1s", "date +%s%3N >> every1.txt", ""),
+        job("nightly", "0 30 2 * * *", "true", "kind = \"command\""),
+    ]
+    .concat();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "clock", &timings, &config).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+
+    let cron2 = agent.data_dir.join("cron2.txt");
+    let every1 = agent.data_dir.join("every1.txt");
+    wait_for(Duration::from_secs(20), "five cron runs and eight interval runs", || {
+        (lines(&cron2).len() >= 5 && lines(&every1).len() >= 8).then_some(())
+    })
+    .unwrap();
+    let cron: Vec<u64> = lines(&cron2).iter().map(|l| l.parse().unwrap()).collect();
+    for t in &cron {
+        // At an even second; the library polls every 500 ms, so up to ~1 s late.
+        assert!(t % 2000 < 1200, "cron run at {t} is not near an even second: {cron:?}");
+    }
+    for pair in cron.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!((1000..=3000).contains(&gap), "cron runs {gap} ms apart: {cron:?}");
+    }
+    let every: Vec<u64> = lines(&every1).iter().map(|l| l.parse().unwrap()).collect();
+    for pair in every.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!((700..=1300).contains(&gap), "@every 1s runs {gap} ms apart: {every:?}");
+    }
+
+    // Every run is recorded at the hub, with exit status and output.
+    let recorded = wait_runs(&hub, &agent, "cron2", "cron runs at the hub", |r| r.len() >= cron.len());
+    assert!(recorded.iter().all(|r| r.succeeded && r.trigger == "schedule" && r.attempt == 1), "{recorded:?}");
+    let view: JobsView = hub.client().jobs(&agent.id).unwrap();
+    let names: Vec<&str> = view.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["cron2", "every1", "nightly"]);
+    let nightly = &view.jobs[2];
+    assert_eq!(nightly.source, "config");
+    assert!(nightly.next_run.as_deref().unwrap().ends_with("T02:30:00Z"), "{nightly:?}");
+    assert!(nightly.last_run.is_none());
+
+    // The same, locally, with no hub involved.
+    let out = agent.cli(&["jobs"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("nightly") && table.contains("02:30:00Z") && table.contains("succeeded"), "{table}");
+}
+
+#[test]
+fn overlap_policies_retries_timeouts_and_bad_commands_behave_as_configured() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config = [
+        // Two at once would find the lock taken and exit 99.
+        job("forbid", "@every 1s", "mkdir lock || exit 99; sleep 2.5; rmdir lock", "overlap = \"forbid\""),
+        job("replace", "@every 2s", "echo $$ >> replace.pids; sleep 60", "overlap = \"replace\""),
+        job("flaky", "0 0 0 1 1 *", "echo try; exit 3", "retries = 2\nretry_backoff = \"500ms\""),
+        job("hang", "0 0 0 1 1 *", "sleep 300 & echo $! > hang.pid; wait", "timeout = \"1s\""),
+        "[[job]]\nname = \"missing\"\nschedule = \"0 0 0 1 1 *\"\ncommand = [\"/nonexistent/program\"]\n".into(),
+        job("flood", "0 0 0 1 1 *", "head -c 10000000 /dev/zero", "max_output = \"1 KiB\""),
+    ]
+    .concat();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "busy", &timings, &config).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+
+    // Retries: three attempts, the gaps growing 0.5 s then 1 s.
+    let out = agent.cli(&["run-job", "flaky"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a failed run must exit non-zero: {text}");
+    assert_eq!(text.matches("exited with status 3").count(), 3, "{text}");
+    let flaky = wait_runs(&hub, &agent, "flaky", "three attempts", |r| r.len() == 3);
+    assert_eq!(flaky.iter().map(|r| r.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(flaky.iter().all(|r| r.trigger == "manual" && r.exit_code == Some(3) && r.output == "try\n"));
+    let gap = |a: &JobRunView, b: &JobRunView| ms(&b.started) as i64 - ms(&a.ended) as i64;
+    assert!(gap(&flaky[0], &flaky[1]) >= 0, "{flaky:?}");
+    // RFC 3339 to the second: compare with a second's slack.
+    assert!(ms(&flaky[2].started) >= ms(&flaky[0].started) + 1000, "backoff too short: {flaky:?}");
+
+    // A hung job is killed at its timeout together with its child.
+    let out = agent.cli(&["run-job", "hang"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"), "{out:?}");
+    let pid: u32 = std::fs::read_to_string(agent.data_dir.join("hang.pid")).unwrap().trim().parse().unwrap();
+    wait_for(Duration::from_secs(5), "the hung job's child to die", || (!process_alive(pid)).then_some(())).unwrap();
+
+    // A missing program and a flood are recorded; the daemon carries on.
+    let out = agent.cli(&["run-job", "missing"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("failed to start"), "{out:?}");
+    let out = agent.cli(&["run-job", "flood"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let flood = wait_runs(&hub, &agent, "flood", "the flood's record", |r| !r.is_empty());
+    assert_eq!(flood[0].output_bytes, 10_000_000);
+    assert_eq!(flood[0].output.len(), 1024);
+    let missing = wait_runs(&hub, &agent, "missing", "the missing program's record", |r| !r.is_empty());
+    assert!(missing[0].outcome.contains("failed to start"), "{missing:?}");
+    let out = agent.cli(&["run-job", "nonesuch"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job named \"nonesuch\""), "{out:?}");
+
+    // Overlap: by now several seconds of schedules have passed.
+    let replaced = wait_runs(&hub, &agent, "replace", "replaced runs", |r| r.len() >= 2);
+    assert!(replaced.iter().all(|r| r.outcome.starts_with("replaced")), "{replaced:?}");
+    let pids: Vec<u32> = lines(&agent.data_dir.join("replace.pids")).iter().map(|l| l.parse().unwrap()).collect();
+    // A new run starts only once the one it replaces is gone: never two
+    // alive (the newest two may be mid-replacement, the rest long dead).
+    assert!(pids.iter().filter(|p| process_alive(**p)).count() <= 1, "two runs alive: {pids:?}");
+    let old = &pids[..pids.len().saturating_sub(2)];
+    assert!(old.iter().all(|p| !process_alive(*p)), "a replaced run survived: {pids:?}");
+    let forbid = wait_runs(&hub, &agent, "forbid", "forbid runs", |r| r.len() >= 2);
+    assert!(forbid.iter().all(|r| r.succeeded), "two forbid runs overlapped: {forbid:?}");
+    for pair in forbid.windows(2) {
+        assert!(ms(&pair[1].started) + 1000 >= ms(&pair[0].ended), "overlapping runs: {forbid:?}");
+    }
+    // Asked twice in a row, the second finds the first (or a scheduled one)
+    // running: a 2.5 s job cannot have ended in between.
+    agent.cli(&["run-job", "forbid", "--no-wait"]).unwrap();
+    let out = agent.cli(&["run-job", "forbid", "--no-wait"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("still running"), "{err}");
+}
+
+#[test]
+fn a_run_cut_off_by_a_crash_is_reported_interrupted_and_its_processes_do_not_linger() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config = job("long", "0 0 0 1 1 *", "echo $$ > long.pid; sleep 300", "");
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "crashy", &timings, &config).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    let out = agent.cli(&["run-job", "long", "--no-wait"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pidfile = agent.data_dir.join("long.pid");
+    let pid: u32 = wait_for(Duration::from_secs(10), "the job to start", || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    })
+    .unwrap();
+    agent.proc.as_mut().unwrap().kill();
+    assert!(process_alive(pid), "the job runs on after the agent died (own process group)");
+    agent.start().unwrap();
+    wait_for(Duration::from_secs(10), "the orphaned job to be killed", || (!process_alive(pid)).then_some(())).unwrap();
+    let long = wait_runs(&hub, &agent, "long", "the interrupted run's record", |r| !r.is_empty());
+    assert_eq!(long.len(), 1);
+    assert!(long[0].outcome.starts_with("interrupted") && long[0].output.contains("killed"), "{long:?}");
+}
+
+#[test]
+fn a_run_missed_while_stopped_is_caught_up_once_at_start_only_when_asked() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config =
+        [job("cu", "@every 4s", "true", "catch_up = true"), job("nocu", "@every 4s", "true", "catch_up = false")]
+            .concat();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "sleeper", &timings, &config).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    wait_runs(&hub, &agent, "cu", "a first scheduled run", |r| !r.is_empty());
+    wait_runs(&hub, &agent, "nocu", "a first scheduled run", |r| !r.is_empty());
+    agent.proc.as_mut().unwrap().terminate(Duration::from_secs(10));
+    // Longer than the interval: each job misses a run.
+    std::thread::sleep(Duration::from_secs(5));
+    let restarted_ms = outpost_shared::time::Timestamp::now().0;
+    agent.start().unwrap();
+    let cu = wait_runs(&hub, &agent, "cu", "the catch-up run", |r| r.iter().any(|r| r.trigger == "catch_up"));
+    let caught: Vec<_> = cu.iter().filter(|r| r.trigger == "catch_up").collect();
+    assert_eq!(caught.len(), 1, "{cu:?}");
+    assert!(ms(&caught[0].started) < restarted_ms + 3000, "the catch-up run came late: {caught:?}");
+    // Let a scheduled run of each happen after the restart (they keep their
+    // 4 s rhythm across the restart), then check: no catch-up for nocu.
+    wait_runs(&hub, &agent, "nocu", "a scheduled run after the restart", |r| {
+        r.iter().any(|r| ms(&r.started) + 1000 >= restarted_ms)
+    });
+    let nocu = runs(&hub, &agent, "nocu");
+    assert!(nocu.iter().all(|r| r.trigger == "schedule"), "{nocu:?}");
+    let cu = runs(&hub, &agent, "cu");
+    assert_eq!(cu.iter().filter(|r| r.trigger == "catch_up").count(), 1, "{cu:?}");
+}
+
+#[test]
+fn a_schedule_from_the_hub_replaces_the_local_one_by_name_and_survives_a_restart() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config = job("greet", "@every 1s", "echo local >> greet.txt", "");
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "managed", &timings, &config).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    let greet = agent.data_dir.join("greet.txt");
+    wait_for(Duration::from_secs(10), "the local job", || lines(&greet).contains(&"local".to_owned()).then_some(()))
+        .unwrap();
+    let client = hub.client();
+
+    // Invalid schedules are refused with the reason; nothing changes.
+    let bad = serde_json::json!({"jobs": [
+        {"name": "greet", "schedule": "every second", "command": ["true"]},
+        {"name": "other", "schedule": "@every 1m", "kind": "teleport"},
+        {"name": "zero", "schedule": "@every 1m", "command": ["true"], "timeout": "0s"},
+    ]});
+    let err = client.put_desired(&agent.id, 0, bad).unwrap_err().to_string();
+    for reason in ["jobs[greet].schedule: invalid cron", "jobs[other].kind: unknown job kind", "jobs[zero].timeout"] {
+        assert!(err.contains("422") && err.contains(reason), "{reason} missing from: {err}");
+    }
+
+    let doc = serde_json::json!({"jobs": [
+        {"name": "greet", "schedule": "@every 1s", "command": ["sh", "-c", "echo hub >> greet.txt"]},
+    ]});
+    client.put_desired(&agent.id, 0, doc).unwrap();
+    let view = wait_for(Duration::from_secs(10), "the hub's job in the device's list", || {
+        client.jobs(&agent.id).ok().filter(|v| v.jobs.first().is_some_and(|j| j.source == "hub"))
+    })
+    .unwrap();
+    assert_eq!(view.jobs.len(), 1);
+    wait_for(Duration::from_secs(10), "the hub's job to run", || {
+        lines(&greet).last().is_some_and(|l| l == "hub").then_some(())
+    })
+    .unwrap();
+
+    // `outpostctl run-job` runs it now through the hub.
+    let out = run(Command::new(bin("outpostctl")).args([
+        "--hub",
+        &hub.api,
+        "--token",
+        &hub.admin_token,
+        "run-job",
+        &agent.id,
+        "greet",
+    ]))
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("succeeded"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let by_command = runs(&hub, &agent, "greet");
+    assert_eq!(by_command.iter().filter(|r| r.trigger == "command").count(), 1);
+
+    // The hub goes away; the agent restarts on its own and keeps the hub's job.
+    hub.kill();
+    agent.proc.as_mut().unwrap().kill();
+    let before = lines(&greet).len();
+    agent.start().unwrap();
+    wait_for(Duration::from_secs(10), "runs after the restart", || (lines(&greet).len() >= before + 3).then_some(()))
+        .unwrap();
+    let after = &lines(&greet)[before..];
+    assert!(after.iter().all(|l| l == "hub"), "the local job came back: {after:?}");
+    let out = agent.cli(&["jobs", "--json"]).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["source"], "Hub", "{listed}");
+}
+
+#[test]
+fn invalid_jobs_in_the_config_are_all_reported_with_their_names_and_exit_64() {
+    let scratch = Scratch::new().unwrap();
+    let path = scratch.path().join("agent.toml");
+    let text = format!(
+        "data_dir = \"/tmp/x\"\n{}{}{}{}",
+        job("a", "*/5 * * * *", "true", ""),
+        "[[job]]\nname = \"b\"\nschedule = \"@every 1m\"\nkind = \"teleport\"\n",
+        job("c", "@every 1m", "true", "timeout = \"0s\""),
+        job("c", "@every 1m", "true", ""),
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = run(Command::new(bin("outpost-agent")).args(["validate", "--config"]).arg(&path)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for needle in [
+        "4 errors",
+        "job[a].schedule: invalid cron expression",
+        "job[b].kind: unknown job kind \"teleport\"",
+        "job[c].timeout: must be more than zero",
+        "job[c].name: duplicate job name",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}
