@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# libfaketime steps the agent's wall clock in the scheduler's clock test.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || [ -n "$(find /usr/lib -name libfaketimeMT.so.1 2>/dev/null | head -1)" ] || need_apt+=(libfaketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -323,3 +323,63 @@ fn invalid_jobs_in_the_config_are_all_reported_with_their_names_and_exit_64() {
         assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
     }
 }
+
+/// libfaketime's multi-threaded library (Debian's `libfaketime`, installed by
+/// tests/run.sh).
+fn libfaketime() -> std::path::PathBuf {
+    let found = ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"]
+        .iter()
+        .map(|d| Path::new(d).join("libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.expect("libfaketime is missing: run the tests through tests/run.sh, which installs it")
+}
+
+fn uptime_lines(path: &Path) -> Vec<f64> {
+    lines(path).iter().filter_map(|l| l.parse().ok()).collect()
+}
+
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn wall_clock_steps_neither_burst_nor_silence_the_schedules() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    // The jobs log the real monotonic time (/proc/uptime is not faked).
+    let config = [
+        job("every", "@every 1s", "cut -d' ' -f1 /proc/uptime >> every.txt", ""),
+        job("cron", "*/2 * * * * *", "cut -d' ' -f1 /proc/uptime >> cron.txt", ""),
+    ]
+    .concat();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "clocky", &timings, &config).unwrap();
+    let offset = scratch.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    agent.env = vec![
+        ("LD_PRELOAD".into(), libfaketime().display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), offset.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    agent.start().unwrap();
+    let (every, cron) = (agent.data_dir.join("every.txt"), agent.data_dir.join("cron.txt"));
+    wait_for(Duration::from_secs(15), "both jobs running", || {
+        (uptime_lines(&every).len() >= 3 && uptime_lines(&cron).len() >= 2).then_some(())
+    })
+    .unwrap();
+    let count_since = |path: &Path, t: f64| uptime_lines(path).iter().filter(|&&u| u >= t).count();
+
+    for (step, label) in [("+1h", "forward"), ("+0", "back")] {
+        std::fs::write(&offset, format!("{step}\n")).unwrap();
+        let at = uptime();
+        std::thread::sleep(Duration::from_secs(7));
+        let (e, c) = (count_since(&every, at), count_since(&cron, at));
+        // @every 1s: about 7 runs, no burst of the hour's 3600 and no pause.
+        assert!((5..=9).contains(&e), "clock stepped {label}: {e} @every-1s runs in 7 s");
+        // Cron every 2 s: about 3 runs, plus at most one for the skipped
+        // time; not silent for an hour after a backward step.
+        assert!((2..=5).contains(&c), "clock stepped {label}: {c} cron runs in 7 s");
+    }
+    assert!(agent.log_text().contains("wall clock stepped back"), "the backward step went unnoticed");
+}

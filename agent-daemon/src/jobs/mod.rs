@@ -47,6 +47,10 @@ use uuid::Uuid;
 const STATE_PREFIX: &str = "job.state.";
 const RUN_PREFIX: &str = "job.run.";
 const REPORTED: &str = "jobs.reported";
+/// How often the wall clock is compared with the monotonic clock.
+const CLOCK_CHECK: Duration = Duration::from_secs(2);
+/// A backward step of the wall clock larger than this reschedules cron jobs.
+const CLOCK_STEP: Duration = Duration::from_secs(1);
 
 fn state_key(name: &str) -> String {
     format!("{STATE_PREFIX}{name}")
@@ -293,6 +297,8 @@ pub struct SchedulerActor {
     slots: BTreeMap<String, Slot>,
     generation: u64,
     booted: bool,
+    /// Wall clock and monotonic clock at the last clock check.
+    clock: (Timestamp, Instant),
 }
 
 struct Slot {
@@ -309,7 +315,16 @@ struct Slot {
 impl SchedulerActor {
     /// A scheduler for the config's jobs plus the hub's from `settings`.
     pub fn new(jobs: Jobs, local: Vec<JobSpec>, settings: watch::Receiver<Settings>) -> Self {
-        SchedulerActor { jobs, local, settings, cron: None, slots: BTreeMap::new(), generation: 0, booted: false }
+        SchedulerActor {
+            jobs,
+            local,
+            settings,
+            cron: None,
+            slots: BTreeMap::new(),
+            generation: 0,
+            booted: false,
+            clock: (Timestamp::now(), Instant::now()),
+        }
     }
 
     /// The config's jobs, each replaced by the hub's job of the same name.
@@ -366,6 +381,43 @@ impl SchedulerActor {
             self.catch_up(now, ctx);
         }
         self.report(effective, armed, ctx);
+    }
+
+    /// Notices the wall clock stepping backwards (an NTP correction, an
+    /// operator) and reschedules the cron jobs from the new time: the cron
+    /// library keeps each job's next time as computed before the step and
+    /// would leave it silent until the clock reaches that time again. A
+    /// forward step needs nothing: the library runs each job whose time was
+    /// skipped once and carries on (as cron does for steps under 3 hours).
+    /// `@every` jobs follow the monotonic clock and are unaffected.
+    fn check_clock(&mut self, ctx: &mut Context<Self>) {
+        let (wall, mono) = (Timestamp::now(), Instant::now());
+        let expected = self.clock.0.0 + mono.duration_since(self.clock.1).as_millis() as u64;
+        self.clock = (wall, mono);
+        if wall.0 + CLOCK_STEP.as_millis() as u64 >= expected {
+            return;
+        }
+        let back = Duration::from_millis(expected - wall.0);
+        tracing::warn!(
+            stepped_back_ms = back.as_millis() as u64,
+            "The wall clock stepped back; rescheduling cron jobs."
+        );
+        let cron: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.spec.enabled && matches!(s.spec.schedule, Schedule::Cron(_)))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        for name in cron {
+            self.unschedule(&name, ctx);
+            self.generation += 1;
+            let generation = self.generation;
+            if let Some(slot) = self.slots.get_mut(&name) {
+                slot.generation = generation;
+            }
+            let state = self.jobs.state(&name);
+            self.schedule(&name, &state, ctx);
+        }
     }
 
     /// At start: runs once each `catch_up` job whose schedule fired while
@@ -618,6 +670,8 @@ impl Actor for SchedulerActor {
             Ok(cron) => {
                 act.cron = Some(cron);
                 act.apply(ctx);
+                act.clock = (Timestamp::now(), Instant::now());
+                ctx.run_interval(CLOCK_CHECK, Self::check_clock);
                 crate::inbox::follow_settings(ctx, act.settings.clone(), Self::apply);
             }
             Err(e) => {
