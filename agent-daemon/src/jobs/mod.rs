@@ -11,9 +11,10 @@
 //! exists to avoid.
 //!
 //! Durable state, in the store's key-value tree:
-//! - `job.state.<name>`: when the job was first set up and last fired, and
-//!   its last run's outcome: catch-up after downtime compares these with
-//!   the schedule.
+//! - `job.fire.<name>`: when the job was first set up and last fired
+//!   (written by the actor only): catch-up after downtime compares these
+//!   with the schedule, and `@every` jobs keep their rhythm across restarts.
+//! - `job.last.<name>`: its last finished attempt (written by runs only).
 //! - `job.run.<id>`: a run in progress (written before the program starts,
 //!   updated with its pid). One left over at start belongs to an agent that
 //!   died: its process group, if still alive (pid and start time match), is
@@ -44,7 +45,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-const STATE_PREFIX: &str = "job.state.";
+const FIRE_PREFIX: &str = "job.fire.";
+const LAST_PREFIX: &str = "job.last.";
 const RUN_PREFIX: &str = "job.run.";
 const REPORTED: &str = "jobs.reported";
 /// How often the wall clock is compared with the monotonic clock.
@@ -52,23 +54,32 @@ const CLOCK_CHECK: Duration = Duration::from_secs(2);
 /// A backward step of the wall clock larger than this reschedules cron jobs.
 const CLOCK_STEP: Duration = Duration::from_secs(1);
 
-fn state_key(name: &str) -> String {
-    format!("{STATE_PREFIX}{name}")
+fn fire_key(name: &str) -> String {
+    format!("{FIRE_PREFIX}{name}")
+}
+
+fn last_key(name: &str) -> String {
+    format!("{LAST_PREFIX}{name}")
 }
 
 fn run_key(run_id: u64) -> String {
     format!("{RUN_PREFIX}{run_id:020}")
 }
 
-/// What the store remembers about a job between runs and restarts.
+/// When a job was set up and last fired.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct JobState {
+pub struct FireState {
     /// When the job was first scheduled on this device.
     pub armed_at: Option<Timestamp>,
     /// When its schedule last fired.
     pub last_fire: Option<Timestamp>,
-    /// Its last finished attempt.
-    pub last: Option<LastRun>,
+}
+
+impl FireState {
+    /// The later of the two: the point missed runs are counted from.
+    fn since(&self) -> Option<Timestamp> {
+        self.last_fire.into_iter().chain(self.armed_at).max()
+    }
 }
 
 /// A finished attempt, in brief.
@@ -219,14 +230,12 @@ impl Jobs {
         self.0.finished.subscribe()
     }
 
-    fn state(&self, name: &str) -> JobState {
-        self.0
-            .store
-            .get(&state_key(name))
-            .ok()
-            .flatten()
-            .and_then(|b| postcard::from_bytes(&b).ok())
-            .unwrap_or_default()
+    fn fire_state(&self, name: &str) -> FireState {
+        self.0.store.get(&fire_key(name)).ok().flatten().and_then(|b| postcard::from_bytes(&b).ok()).unwrap_or_default()
+    }
+
+    fn last_run(&self, name: &str) -> Option<LastRun> {
+        self.0.store.get(&last_key(name)).ok().flatten().and_then(|b| postcard::from_bytes(&b).ok())
     }
 
     /// Reports runs left over by an agent that died, killing their process
@@ -270,19 +279,17 @@ impl Jobs {
     /// job's last run, the running record removed. `next` is the running
     /// record of the following attempt, if one follows at once.
     async fn record_end(&self, run: &JobRun, next: Option<(String, Vec<u8>)>) -> Result<(), StoreError> {
-        let mut state = self.state(&run.job);
-        state.last =
-            Some(LastRun { run_id: run.run_id, attempt: run.attempt, ended: run.ended, outcome: run.outcome.clone() });
-        let mut kv = vec![(state_key(&run.job), postcard::to_stdvec(&state).unwrap_or_default())];
+        let last = LastRun { run_id: run.run_id, attempt: run.attempt, ended: run.ended, outcome: run.outcome.clone() };
+        let mut kv = vec![(last_key(&run.job), postcard::to_stdvec(&last).unwrap_or_default())];
         let mut kv_remove = vec![run_key(run.run_id)];
-        let last = next.is_none();
+        let final_attempt = next.is_none();
         if let Some(next) = next {
             kv_remove.clear();
             kv.push(next);
         }
         let changes = Changes { records: vec![RecordBody::JobRun(run.clone())], kv, kv_remove, ..Changes::default() };
         self.0.store.commit(changes).await?;
-        let _ = self.0.finished.send((run.clone(), last));
+        let _ = self.0.finished.send((run.clone(), final_attempt));
         Ok(())
     }
 }
@@ -309,6 +316,8 @@ struct Slot {
     timer: Option<SpawnHandle>,
     /// Next `@every` fire, on the monotonic clock.
     every_due: Option<Instant>,
+    /// What `job.fire.<name>` holds.
+    fire: FireState,
     skipped: u64,
 }
 
@@ -343,10 +352,12 @@ impl SchedulerActor {
         let effective = self.effective();
         let names: Vec<&str> = effective.iter().map(|(j, _)| j.name.as_str()).collect();
         let gone: Vec<String> = self.slots.keys().filter(|n| !names.contains(&n.as_str())).cloned().collect();
+        let mut forget = Vec::new();
         for name in gone {
             tracing::info!(job = %name, "Job removed.");
             self.unschedule(&name, ctx);
             self.slots.remove(&name);
+            forget.extend([fire_key(&name), last_key(&name)]);
         }
         let now = Timestamp::now();
         let mut armed = Vec::new();
@@ -356,6 +367,11 @@ impl SchedulerActor {
             }
             self.unschedule(&spec.name, ctx);
             self.generation += 1;
+            let mut fire = self.jobs.fire_state(&spec.name);
+            if fire.armed_at.is_none() {
+                fire.armed_at = Some(now);
+                armed.push((fire_key(&spec.name), postcard::to_stdvec(&fire).unwrap_or_default()));
+            }
             let slot = Slot {
                 spec: spec.clone(),
                 source: *source,
@@ -363,24 +379,20 @@ impl SchedulerActor {
                 cron_id: None,
                 timer: None,
                 every_due: None,
+                fire,
                 skipped: 0,
             };
             self.slots.insert(spec.name.clone(), slot);
-            let mut state = self.jobs.state(&spec.name);
-            if state.armed_at.is_none() {
-                state.armed_at = Some(now);
-                armed.push((state_key(&spec.name), postcard::to_stdvec(&state).unwrap_or_default()));
-            }
             if spec.enabled {
                 tracing::info!(job = %spec.name, schedule = %spec.schedule, %source, "Job scheduled.");
-                self.schedule(&spec.name, &state, ctx);
+                self.schedule(&spec.name, ctx);
             }
         }
         let catch_up = !std::mem::replace(&mut self.booted, true);
         if catch_up {
             self.catch_up(now, ctx);
         }
-        self.report(effective, armed, ctx);
+        self.report(effective, armed, forget, ctx);
     }
 
     /// Notices the wall clock stepping backwards (an NTP correction, an
@@ -415,8 +427,7 @@ impl SchedulerActor {
             if let Some(slot) = self.slots.get_mut(&name) {
                 slot.generation = generation;
             }
-            let state = self.jobs.state(&name);
-            self.schedule(&name, &state, ctx);
+            self.schedule(&name, ctx);
         }
     }
 
@@ -427,11 +438,7 @@ impl SchedulerActor {
             .slots
             .values()
             .filter(|s| s.spec.enabled && s.spec.catch_up)
-            .filter(|s| {
-                let state = self.jobs.state(&s.spec.name);
-                let since = state.last_fire.into_iter().chain(state.armed_at).max();
-                since.is_some_and(|since| s.spec.schedule.missed_between(since, now))
-            })
+            .filter(|s| s.fire.since().is_some_and(|since| s.spec.schedule.missed_between(since, now)))
             .map(|s| s.spec.name.clone())
             .collect();
         for name in due {
@@ -441,7 +448,13 @@ impl SchedulerActor {
     }
 
     /// Sends the hub the job list if it differs from the one last sent.
-    fn report(&self, jobs: Vec<(JobSpec, JobSource)>, mut kv: Vec<(String, Vec<u8>)>, ctx: &mut Context<Self>) {
+    fn report(
+        &self,
+        jobs: Vec<(JobSpec, JobSource)>,
+        mut kv: Vec<(String, Vec<u8>)>,
+        kv_remove: Vec<String>,
+        ctx: &mut Context<Self>,
+    ) {
         let report = JobsReport { jobs };
         let encoded = postcard::to_stdvec(&report).unwrap_or_default();
         let store = self.jobs.0.store.clone();
@@ -455,11 +468,11 @@ impl SchedulerActor {
             records.push(RecordBody::JobsReport(report));
             kv.push((REPORTED.into(), encoded));
         }
-        if kv.is_empty() {
+        if kv.is_empty() && kv_remove.is_empty() {
             return;
         }
         let commit = async move {
-            if let Err(e) = store.commit(Changes { records, kv, ..Changes::default() }).await {
+            if let Err(e) = store.commit(Changes { records, kv, kv_remove, ..Changes::default() }).await {
                 tracing::error!(error = %e, "Cannot record the job list.");
             }
         };
@@ -483,7 +496,7 @@ impl SchedulerActor {
         }
     }
 
-    fn schedule(&mut self, name: &str, state: &JobState, ctx: &mut Context<Self>) {
+    fn schedule(&mut self, name: &str, ctx: &mut Context<Self>) {
         let addr = ctx.address();
         let Some(slot) = self.slots.get_mut(name) else { return };
         let generation = slot.generation;
@@ -515,7 +528,7 @@ impl SchedulerActor {
                 // agent restarted in between; missed fires are not made up
                 // here (that is catch-up's job).
                 let now = Timestamp::now();
-                let base = state.last_fire.into_iter().chain(state.armed_at).max().unwrap_or(now).min(now);
+                let base = slot.fire.since().unwrap_or(now).min(now);
                 let mut due = Schedule::next_every(interval, base);
                 if due <= now {
                     let behind = now.0 - base.0;
@@ -550,15 +563,14 @@ impl SchedulerActor {
 
     /// A schedule fired: remember it, then start after the jitter.
     fn fire(&mut self, name: &str, generation: Option<u64>, trigger: Trigger, ctx: &mut Context<Self>) {
-        let Some(slot) = self.slots.get(name) else { return };
+        let Some(slot) = self.slots.get_mut(name) else { return };
         if generation.is_some_and(|g| g != slot.generation) || !slot.spec.enabled {
             return;
         }
         let jitter = slot.spec.jitter;
-        let mut state = self.jobs.state(name);
-        state.last_fire = Some(Timestamp::now());
+        slot.fire.last_fire = Some(Timestamp::now());
         let store = self.jobs.0.store.clone();
-        let kv = vec![(state_key(name), postcard::to_stdvec(&state).unwrap_or_default())];
+        let kv = vec![(fire_key(name), postcard::to_stdvec(&slot.fire).unwrap_or_default())];
         ctx.spawn(
             async move {
                 if let Err(e) = store.commit(Changes { kv, ..Changes::default() }).await {
@@ -629,7 +641,6 @@ impl SchedulerActor {
         self.slots
             .values()
             .map(|slot| {
-                let state = self.jobs.state(&slot.spec.name);
                 let next_run = slot.spec.enabled.then(|| match &slot.spec.schedule {
                     Schedule::Cron(_) => slot.spec.schedule.next_cron_after(now),
                     Schedule::Every(_) => slot
@@ -644,7 +655,7 @@ impl SchedulerActor {
                     source: slot.source,
                     next_run: next_run.flatten(),
                     running,
-                    last: state.last,
+                    last: self.jobs.last_run(&slot.spec.name),
                     skipped: slot.skipped,
                 }
             })
