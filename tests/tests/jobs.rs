@@ -55,6 +55,16 @@ fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
         job("nightly", "0 30 2 * * *", "true", "kind = \"command\""),
     ]
     .concat();
+    let elsewhere = scratch.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let config = config
+        + &job(
+            "envdir",
+            "0 0 0 1 1 *",
+            "echo \"$GREETING from $(pwd)\" > out.txt",
+            &format!("env = {{ GREETING = \"hello\" }}\nworking_dir = {:?}", elsewhere.display().to_string()),
+        )
+        + "[[job]]\nname = \"check\"\nschedule = \"0 0 0 1 1 *\"\nkind = \"store-check\"\n";
     let mut agent = Agent::enroll_with(scratch.path(), &hub, "clock", &timings, &config).unwrap();
     agent.start().unwrap();
     wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
@@ -85,8 +95,8 @@ fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
     assert!(recorded.iter().all(|r| r.succeeded && r.trigger == "schedule" && r.attempt == 1), "{recorded:?}");
     let view: JobsView = hub.client().jobs(&agent.id).unwrap();
     let names: Vec<&str> = view.jobs.iter().map(|j| j.name.as_str()).collect();
-    assert_eq!(names, ["cron2", "every1", "nightly"]);
-    let nightly = &view.jobs[2];
+    assert_eq!(names, ["check", "cron2", "envdir", "every1", "nightly"]);
+    let nightly = &view.jobs[4];
     assert_eq!(nightly.source, "config");
     assert!(nightly.next_run.as_deref().unwrap().ends_with("T02:30:00Z"), "{nightly:?}");
     assert!(nightly.last_run.is_none());
@@ -96,6 +106,15 @@ fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}");
     assert!(table.contains("nightly") && table.contains("02:30:00Z") && table.contains("succeeded"), "{table}");
+
+    // Environment and working directory; the built-in store check.
+    let out = agent.cli(&["run-job", "envdir"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let written = std::fs::read_to_string(elsewhere.join("out.txt")).unwrap();
+    assert_eq!(written.trim(), format!("hello from {}", elsewhere.display()));
+    let out = agent.cli(&["run-job", "check"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("outbox:") && text.contains("entries"), "{text}");
 }
 
 #[test]
@@ -281,6 +300,11 @@ fn a_schedule_from_the_hub_replaces_the_local_one_by_name_and_survives_a_restart
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("succeeded"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        run(Command::new(bin("outpostctl")).args(["--hub", &hub.api, "--token", &hub.admin_token, "jobs", &agent.id]))
+            .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("greet") && table.contains("hub") && table.contains("@every 1s"), "{table}");
     let by_command = runs(&hub, &agent, "greet");
     assert_eq!(by_command.iter().filter(|r| r.trigger == "command").count(), 1);
 
