@@ -147,7 +147,14 @@ async fn handle(stream: UnixStream, jobs: &Jobs) {
                             return;
                         }
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if !jobs.is_running(run_id) {
+                            let lost = "the run ended while its records were crowded out; see `outpost-agent jobs`";
+                            send(Reply::Error(lost.into())).await;
+                            return;
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }

@@ -188,7 +188,9 @@ impl std::fmt::Debug for Jobs {
 impl Jobs {
     /// Jobs whose runs are tracked by `tasks` and stopped on `shutdown`.
     pub fn new(store: AgentStore, data_dir: PathBuf, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
-        let (finished, _) = broadcast::channel(256);
+        // Attempts carry up to 1 MiB of output each: a short queue; a slow
+        // listener sees `Lagged` rather than holding memory.
+        let (finished, _) = broadcast::channel(16);
         Jobs(Arc::new(Shared {
             store,
             data_dir,
@@ -204,24 +206,36 @@ impl Jobs {
         self.0.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn scheduler(&self) -> Result<Addr<SchedulerActor>, JobsError> {
-        self.0
-            .scheduler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(Addr::connected)
-            .ok_or(JobsError::NotRunning)
+    /// The scheduler, waiting a moment for it if the agent is starting (a
+    /// `run_job` command from the inbox may come first).
+    async fn scheduler(&self) -> Result<Addr<SchedulerActor>, JobsError> {
+        for _ in 0..50 {
+            let current = self.0.scheduler.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(addr) = current.filter(Addr::connected) {
+                return Ok(addr);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(JobsError::NotRunning)
     }
 
     /// Every job with its next run and last outcome.
     pub async fn list(&self) -> Result<Vec<JobView>, JobsError> {
-        self.scheduler()?.send(List).await.map_err(|_| JobsError::NotRunning)?
+        self.scheduler().await?.send(List).await.map_err(|_| JobsError::NotRunning)?
     }
 
     /// Runs `name` now (its overlap policy applies); returns the run id.
     pub async fn run_now(&self, name: &str, trigger: Trigger) -> Result<u64, JobsError> {
-        self.scheduler()?.send(RunNow { name: name.to_owned(), trigger }).await.map_err(|_| JobsError::NotRunning)?
+        self.scheduler()
+            .await?
+            .send(RunNow { name: name.to_owned(), trigger })
+            .await
+            .map_err(|_| JobsError::NotRunning)?
+    }
+
+    /// True while run `run_id` is in progress.
+    pub fn is_running(&self, run_id: u64) -> bool {
+        self.live().contains_key(&run_id)
     }
 
     /// Every attempt that finishes from now on, and whether it was the
