@@ -40,7 +40,8 @@ start_agent() { # name count schedule
     local token
     token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 10m)
     "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$name" --name "$name" >/dev/null
-    sed "s|^data_dir = .*|data_dir = \"$work/$name\"|" configs/agent.toml > "$work/$name.toml"
+    # The reference config without its own jobs, then exactly COUNT jobs.
+    sed -e "s|^data_dir = .*|data_dir = \"$work/$name\"|" -e '/^\[\[job\]\]/,$d' configs/agent.toml > "$work/$name.toml"
     for i in $(seq "$count"); do
         printf '[[job]]\nname = "job-%d"\nschedule = "%s"\ncommand = ["true"]\n' "$i" "$schedule" >> "$work/$name.toml"
     done

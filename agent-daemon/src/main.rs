@@ -65,6 +65,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    outpost_agent::process::return_freed_memory();
     match Cli::parse().command {
         Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
