@@ -113,6 +113,14 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
         }
     }
 
+    // Each agent runs a scheduled job (the built-in store check every 2 s);
+    // count the runs the hub has received.
+    let c = client.clone();
+    let ids: Vec<String> = ever_online.iter().cloned().collect();
+    let job_runs = tokio::task::spawn_blocking(move || {
+        ids.iter().map(|id| c.job_runs(id, "store-check", 1000).map_or(0, |r| r.len())).sum::<usize>()
+    })
+    .await?;
     println!("Stopping.");
     for agent in &agents {
         tracing::debug!(agent = %agent.name, "Stopping agent.");
@@ -139,6 +147,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
         ever_online.len(),
         if failures > 0 { format!(", {failures} failed") } else { String::new() }
     );
+    println!("Jobs: {job_runs} scheduled runs of store-check reached the hub.");
     Ok(all_online && failures == 0)
 }
 
@@ -150,6 +159,10 @@ async fn start_agent(root: &Path, hub_dir: &Path, name: &str) -> anyhow::Result<
     config.name = Some(name.to_owned());
     config.uplink.heartbeat = Duration::from_secs(1);
     config.telemetry.interval = Duration::from_secs(2);
+    let job = "[[job]]\nname = \"store-check\"\nschedule = \"@every 2s\"\nkind = \"store-check\"\n";
+    let table: toml::Table = job.parse().context("demo job")?;
+    config.jobs = outpost_shared::config::read_table(&table, |root| outpost_shared::job::read_jobs(root, "job"))
+        .map_err(|e| anyhow::anyhow!("demo job: {e:?}"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name(name.to_owned())
