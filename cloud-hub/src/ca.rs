@@ -151,6 +151,13 @@ pub fn device_id_of(cert: &CertificateDer<'_>) -> Option<DeviceId> {
     cn.parse().ok()
 }
 
+/// The public key in a certificate (for P-256: the uncompressed point), as
+/// batch signatures are verified with it.
+pub fn public_key_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.public_key().subject_public_key.data.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

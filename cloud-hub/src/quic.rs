@@ -7,7 +7,7 @@
 //! bad input (malformed, truncated or oversized frames, unknown versions,
 //! unexpected messages) closes that one connection with a logged reason.
 
-use crate::ca::{FleetCa, device_id_of};
+use crate::ca::{FleetCa, device_id_of, public_key_of};
 use crate::enroll;
 use crate::fleet::Fleet;
 use crate::store::CommandState;
@@ -124,12 +124,12 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
         .and_then(|chain| chain.first().cloned());
     match identity {
         None => enrollment(connection, &ctx).await,
-        Some(cert) => match device_id_of(&cert) {
-            Some(id) => {
+        Some(cert) => match (device_id_of(&cert), public_key_of(&cert)) {
+            (Some(id), Some(key)) => {
                 let span = info_span!("session", device = %id);
-                session(connection, id, &ctx).instrument(span).await
+                session(connection, id, key, &ctx).instrument(span).await
             }
-            None => {
+            _ => {
                 warn!("Client certificate from the fleet CA has no valid device id.");
                 connection.close(CLOSE_REFUSED.into(), b"certificate names no device");
             }
@@ -194,8 +194,8 @@ impl From<StreamError> for SessionEnd {
 }
 
 /// An authenticated session: hello, then heartbeats and telemetry.
-async fn session(connection: quinn::Connection, id: DeviceId, ctx: &QuicContext) {
-    let end = run_session(&connection, &id, ctx).await;
+async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx: &QuicContext) {
+    let end = run_session(&connection, &id, &key, ctx).await;
     ctx.fleet.disconnected(&id, &connection);
     match end {
         SessionEnd::Closed(reason) => info!(%reason, "Session ended."),
@@ -208,7 +208,7 @@ async fn session(connection: quinn::Connection, id: DeviceId, ctx: &QuicContext)
     }
 }
 
-async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicContext) -> SessionEnd {
+async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], ctx: &QuicContext) -> SessionEnd {
     let (mut send, recv) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(e) => return SessionEnd::Closed(e.to_string()),
@@ -243,6 +243,10 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
             tracing::error!(error = %e, "Device record could not be updated.");
             return SessionEnd::Closed("store error".into());
         }
+    }
+    if let Err(e) = store.put_device_key(id, key) {
+        tracing::error!(error = %e, "Device key could not be stored.");
+        return SessionEnd::Closed("store error".into());
     }
     let downlink = ctx.fleet.connected(id, connection.clone());
     let acked_seq = match store.high_water(id) {
@@ -293,12 +297,22 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, ctx: &QuicCo
         match envelope.message {
             Message::Heartbeat(_) => {}
             Message::Batch(batch) => {
-                if !batch.records.windows(2).all(|w| w[0].seq < w[1].seq)
-                    || batch.records.first().is_some_and(|r| r.seq == 0)
-                {
+                if batch.origin != *id {
+                    return SessionEnd::Protocol(format!("batch of device {} on {id}'s session", batch.origin));
+                }
+                if !batch.verify(key) {
+                    return SessionEnd::Protocol(
+                        "batch signature does not verify with the device's certificate".into(),
+                    );
+                }
+                let records = match batch.records() {
+                    Ok(records) => records,
+                    Err(e) => return SessionEnd::Protocol(format!("signed batch does not decode: {e}")),
+                };
+                if !records.windows(2).all(|w| w[0].seq < w[1].seq) || records.first().is_some_and(|r| r.seq == 0) {
                     return SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into());
                 }
-                let (device, records) = (id.clone(), batch.records);
+                let device = id.clone();
                 let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
                     Ok(Ok(ingested)) => ingested,
                     Ok(Err(e)) => {

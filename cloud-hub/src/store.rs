@@ -15,6 +15,8 @@
 //! - `commands`: command id (u64 BE) → [`CommandRecord`]; `device_commands`:
 //!   device id, 0, command id → () as the per-device index
 //! - `jobs`: device id → [`JobsRecord`], the device's latest job list
+//! - `device_keys`: device id → the public key of its certificate, taken
+//!   from the TLS handshake of its sessions, to verify its signed batches
 //! - `job_runs`: device id, 0, job name, 0, run id (u64 BE), attempt (u32
 //!   BE) → [`JobRun`]; run ids grow on a device, so a job's runs are in
 //!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
@@ -246,6 +248,7 @@ pub struct Store {
     device_commands: sled::Tree,
     jobs: sled::Tree,
     job_runs: sled::Tree,
+    device_keys: sled::Tree,
     writer: Option<GroupCommit<Store>>,
 }
 
@@ -326,6 +329,7 @@ impl Store {
             device_commands: db.open_tree("device_commands")?,
             jobs: db.open_tree("jobs")?,
             job_runs: db.open_tree("job_runs")?,
+            device_keys: db.open_tree("device_keys")?,
             db,
             writer: None,
         };
@@ -529,6 +533,20 @@ impl Store {
             })
             .take(limit)
             .collect())
+    }
+
+    /// Records the public key of a device's certificate (unchanged keys are
+    /// not rewritten).
+    pub fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        if self.device_keys.get(id.as_str())?.as_deref() != Some(key) {
+            self.device_keys.insert(id.as_str(), key)?;
+        }
+        Ok(())
+    }
+
+    /// The public key of a device's certificate, once it has held a session.
+    pub fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.device_keys.get(id.as_str())?.map(|v| v.to_vec()))
     }
 
     /// The device's latest job list.

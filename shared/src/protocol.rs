@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Version 2 replaced v1's
 /// fire-and-forget `Telemetry` message with sequenced, acknowledged batches;
-/// version 3 added the `JobRun` and `JobsReport` records.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// version 3 added the `JobRun` and `JobsReport` records; version 4 signs
+/// each `Batch` with the origin device's key.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,11 +64,48 @@ pub enum Message {
     Received(Received),
 }
 
-/// Outbox records, in increasing sequence order.
+/// Outbox records of one device, in increasing sequence order, signed with
+/// that device's own key, so that whoever carries them (the direct link
+/// today; a LAN peer or a broker later) cannot forge or alter them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
-    /// The records.
-    pub records: Vec<Record>,
+    /// The device whose records these are.
+    pub origin: DeviceId,
+    /// `postcard(Vec<Record>)`, exactly the bytes signed.
+    pub payload: Vec<u8>,
+    /// ECDSA P-256 with SHA-256 (ASN.1 DER) over [`Batch::signing_input`],
+    /// by the key of `origin`'s certificate.
+    pub signature: Vec<u8>,
+}
+
+impl Batch {
+    /// What the signature covers: a context string, the origin, the payload.
+    pub fn signing_input(origin: &DeviceId, payload: &[u8]) -> Vec<u8> {
+        let mut input = b"outpost batch v1\0".to_vec();
+        input.extend_from_slice(origin.as_str().as_bytes());
+        input.push(0);
+        input.extend_from_slice(payload);
+        input
+    }
+
+    /// A batch of `records`, signed by `sign`.
+    pub fn new(origin: DeviceId, records: &[Record], sign: impl FnOnce(&[u8]) -> Vec<u8>) -> Self {
+        let payload = postcard::to_stdvec(records).unwrap_or_default();
+        let signature = sign(&Self::signing_input(&origin, &payload));
+        Batch { origin, payload, signature }
+    }
+
+    /// True if the signature verifies with `public_key` (an uncompressed
+    /// P-256 point, as in the certificate).
+    pub fn verify(&self, public_key: &[u8]) -> bool {
+        let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key);
+        key.verify(&Self::signing_input(&self.origin, &self.payload), &self.signature).is_ok()
+    }
+
+    /// The records (check the signature first).
+    pub fn records(&self) -> Result<Vec<Record>, ProtocolError> {
+        postcard::from_bytes(&self.payload).map_err(ProtocolError::Malformed)
+    }
 }
 
 /// One durable record from a device's outbox.
@@ -389,15 +427,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0300017401aa016e",
+                "0400017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0301066465762d303101010102",
+                "0401066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "030203302e3102677701",
+                "040203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -406,13 +444,14 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0303066465762d303103302e31ac0207",
+                "0403066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0304010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "030502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0404010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "040502"),
             (
-                Message::Batch(Batch {
-                    records: vec![
+                Message::Batch(Batch::new(
+                    "dev-01".parse().unwrap(),
+                    &[
                         Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) },
                         Record {
                             seq: 2,
@@ -479,10 +518,11 @@ mod tests {
                             }),
                         },
                     ],
-                }),
+                    |_| vec![0x5A],
+                )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0307ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0407ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -493,9 +533,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "03080109046563686f010268690a0102027b7d",
+                "04080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "030902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "040902090a"),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -508,10 +548,33 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "03060601050080d095ffbc310000484180808080028080808008000000003f0000803e0000003e90\
-        1c01012f0a14010465746830010200020601030101016503070204000408030001016d0509040601\
-        6a03020103040002016f01060a0501016a011e0000010474727565010141016201042f746d703c00\
-        02010002010000640101";
+    const GOLDEN_BATCH: &str = "0406066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+        0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
+        0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
+        6201042f746d703c0002010002010000640101015a";
+
+    #[test]
+    fn batches_verify_only_unaltered_and_with_the_origins_key() {
+        use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let key = |rng| {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng).unwrap();
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), rng).unwrap()
+        };
+        let (mine, other) = (key(&rng), key(&rng));
+        let record = Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) };
+        let sign = |input: &[u8]| mine.sign(&rng, input).unwrap().as_ref().to_vec();
+        let batch = Batch::new("dev-01".parse().unwrap(), std::slice::from_ref(&record), sign);
+        assert!(batch.verify(mine.public_key().as_ref()));
+        assert_eq!(batch.records().unwrap(), vec![record.clone()]);
+        assert!(!batch.verify(other.public_key().as_ref()), "verified with another device's key");
+        let mut altered = batch.clone();
+        altered.payload[3] ^= 1;
+        assert!(!altered.verify(mine.public_key().as_ref()), "an altered payload verified");
+        let mut moved = batch.clone();
+        moved.origin = "dev-02".parse().unwrap();
+        assert!(!moved.verify(mine.public_key().as_ref()), "a batch passed off as another device's verified");
+    }
 
     #[test]
     fn unknown_version_is_told_apart_from_garbage() {
@@ -525,7 +588,8 @@ mod tests {
     #[test]
     fn truncated_and_padded_envelopes_are_rejected() {
         let record = Record { seq: 1, at: Timestamp(5), body: RecordBody::Telemetry(sample()) };
-        let bytes = Envelope::new(Message::Batch(Batch { records: vec![record] })).encode();
+        let bytes =
+            Envelope::new(Message::Batch(Batch::new("dev-01".parse().unwrap(), &[record], |_| vec![1]))).encode();
         for cut in 0..bytes.len() {
             assert!(Envelope::decode(&bytes[..cut]).is_err(), "accepted a cut at {cut}");
         }

@@ -7,7 +7,7 @@ use outpost_agent::identity::Identity;
 use outpost_agent::tls::{self, Timings as TlsTimings};
 use outpost_hub::ca::FleetCa;
 use outpost_shared::identity::HUB_SERVER_NAME;
-use outpost_shared::protocol::{Envelope, Hello, Message, PROTOCOL_VERSION};
+use outpost_shared::protocol::{Batch, Envelope, Hello, Message, PROTOCOL_VERSION, Record, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
 use outpost_shared::{encode_frame, token};
 use outpost_tests::{Agent, Hub, Scratch, Timings, bin, fleet, run, wait_for, wait_online};
@@ -65,7 +65,24 @@ fn malformed_truncated_and_oversized_frames_close_only_that_connection() {
     let identity = Identity::load(&raw.data_dir).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Batches: one with a signature that is not the device's, one signed
+    // properly then altered, one passed off as another device's.
+    let record = Record {
+        seq: 1,
+        at: Timestamp::now(),
+        body: RecordBody::StateReport(StateReport { applied_version: 1, error: None }),
+    };
+    let signer = identity.signer().unwrap();
+    let frame = |batch: Batch| encode_frame(&Envelope::new(Message::Batch(batch)).encode(), 1 << 20).unwrap();
+    let forged = frame(Batch::new(identity.device_id.clone(), std::slice::from_ref(&record), |_| vec![0x30, 0x00]));
+    let mut altered = Batch::new(identity.device_id.clone(), std::slice::from_ref(&record), |i| signer.sign(i));
+    *altered.payload.last_mut().unwrap() ^= 1;
+    let altered = frame(altered);
+    let other = frame(Batch::new(good.parse().unwrap(), std::slice::from_ref(&record), |i| signer.sign(i)));
     let cases: Vec<(&str, bool, Vec<u8>, bool, &str)> = vec![
+        ("forged signature", true, forged, false, "signature does not verify"),
+        ("altered batch", true, altered, false, "signature does not verify"),
+        ("another device's batch", true, other, false, "on dev-"),
         ("oversized", true, (2u32 << 20).to_be_bytes().to_vec(), false, "exceeds the limit"),
         ("malformed", true, vec![0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xEE, 0xFF], false, "malformed envelope"),
         ("unknown version", true, vec![0, 0, 0, 3, 9, 5, 2], false, "unsupported protocol version 9"),
@@ -78,6 +95,8 @@ fn malformed_truncated_and_oversized_frames_close_only_that_connection() {
         let reason = protocol_close_reason(&closed);
         assert!(reason.contains(expect), "{name}: close reason {reason:?} lacks {expect:?}");
     }
+    // Nothing of the refused batches was stored.
+    assert_eq!(hub.device(&raw.id).unwrap().last_seq, 0, "a refused batch was stored");
     // The hub is still serving: the good agent is online and a new session works.
     assert!(hub.proc.as_ref().is_some(), "hub handle gone");
     wait_online(&hub, &[good], true, Duration::from_secs(5)).unwrap();

@@ -142,6 +142,7 @@ impl Session {
         let mut next_seq = acked.max(store.stats().acked_seq) + 1;
         tracing::info!(hub = %p.hub, device = %p.identity.device_id, resume_after = acked, "Connected to the hub.");
 
+        let signer = p.identity.signer().map_err(|e| LinkError::Protocol(format!("cannot sign batches: {e}")))?;
         let max_bytes = cfg.max_frame.saturating_sub(4096).max(1024);
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut heartbeat = tokio::time::interval(cfg.heartbeat);
@@ -155,7 +156,8 @@ impl Session {
                 let Some(last) = records.last().map(|r| r.seq) else {
                     break;
                 };
-                write_message(&mut send, Message::Batch(Batch { records }), cfg.max_frame).await?;
+                let batch = Batch::new(p.identity.device_id.clone(), &records, |input| signer.sign(input));
+                write_message(&mut send, Message::Batch(batch), cfg.max_frame).await?;
                 in_flight.push_back(last);
                 next_seq = last + 1;
             }
