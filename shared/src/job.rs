@@ -111,6 +111,7 @@ pub fn cron(text: &str) -> Result<croner::Cron, String> {
 
 /// What to do when a run is due while the previous one still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Overlap {
     /// Skip the new run.
     Forbid,
@@ -327,6 +328,7 @@ pub fn describe_errors(errors: &[ConfigError]) -> String {
 
 /// Why a run started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// Its schedule.
     Schedule,
@@ -420,6 +422,7 @@ pub struct JobRun {
 
 /// Where a job's definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum JobSource {
     /// The agent's config file.
     Config,

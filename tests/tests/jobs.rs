@@ -319,7 +319,7 @@ fn a_schedule_from_the_hub_replaces_the_local_one_by_name_and_survives_a_restart
     assert!(after.iter().all(|l| l == "hub"), "the local job came back: {after:?}");
     let out = agent.cli(&["jobs", "--json"]).unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(listed[0]["source"], "Hub", "{listed}");
+    assert_eq!(listed[0]["source"], "hub", "{listed}");
 }
 
 #[test]
