@@ -77,8 +77,9 @@ fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
     .unwrap();
     let cron: Vec<u64> = lines(&cron2).iter().map(|l| l.parse().unwrap()).collect();
     for t in &cron {
-        // At an even second; the library polls every 500 ms, so up to ~1 s late.
-        assert!(t % 2000 < 1200, "cron run at {t} is not near an even second: {cron:?}");
+        // At an even second; the library polls every 500 ms, so up to ~1 s
+        // late, plus the time to start a shell on a loaded CI machine.
+        assert!(t % 2000 < 1500, "cron run at {t} is not near an even second: {cron:?}");
     }
     for pair in cron.windows(2) {
         let gap = pair[1] - pair[0];
@@ -87,7 +88,7 @@ fn schedules_fire_on_time_and_every_run_reaches_the_hub() {
     let every: Vec<u64> = lines(&every1).iter().map(|l| l.parse().unwrap()).collect();
     for pair in every.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((700..=1300).contains(&gap), "@every 1s runs {gap} ms apart: {every:?}");
+        assert!((500..=1500).contains(&gap), "@every 1s runs {gap} ms apart: {every:?}");
     }
 
     // Every run is recorded at the hub, with exit status and output.
