@@ -279,6 +279,13 @@ pub struct JobRunView {
     pub succeeded: bool,
     /// How it ended, in words.
     pub outcome: String,
+    /// How it ended, as a keyword: `exited`, `signaled`, `timed_out`,
+    /// `failed_to_start`, `replaced`, `interrupted` or `failed`.
+    pub outcome_kind: String,
+    /// True if no further attempt of this run can follow (it succeeded, or
+    /// it was replaced or interrupted; otherwise it depends on the job's
+    /// retries).
+    pub ends_run: bool,
     /// Exit status, if it exited.
     pub exit_code: Option<i32>,
     /// Signal, if a signal (not the agent) killed it.
@@ -315,6 +322,17 @@ impl From<JobRun> for JobRunView {
                 RunOutcome::Signaled { signal } => Some(signal),
                 _ => None,
             },
+            outcome_kind: match run.outcome {
+                RunOutcome::Exited { .. } => "exited",
+                RunOutcome::Signaled { .. } => "signaled",
+                RunOutcome::TimedOut => "timed_out",
+                RunOutcome::FailedToStart { .. } => "failed_to_start",
+                RunOutcome::Replaced => "replaced",
+                RunOutcome::Interrupted => "interrupted",
+                RunOutcome::Failed { .. } => "failed",
+            }
+            .into(),
+            ends_run: run.outcome.ends_run(),
             outcome: run.outcome.to_string(),
             output: run.output,
             output_bytes: run.output_bytes,

@@ -379,6 +379,12 @@ impl RunOutcome {
     pub fn succeeded(&self) -> bool {
         matches!(self, RunOutcome::Exited { code: 0 })
     }
+
+    /// True if no retry follows, whatever the job's retries: it succeeded,
+    /// or it was replaced or interrupted.
+    pub fn ends_run(&self) -> bool {
+        self.succeeded() || matches!(self, RunOutcome::Replaced | RunOutcome::Interrupted)
+    }
 }
 
 impl std::fmt::Display for RunOutcome {

@@ -49,6 +49,8 @@ const FIRE_PREFIX: &str = "job.fire.";
 const LAST_PREFIX: &str = "job.last.";
 const RUN_PREFIX: &str = "job.run.";
 const REPORTED: &str = "jobs.reported";
+/// How long a request waits for a starting scheduler.
+const SCHEDULER_WAIT: Duration = Duration::from_secs(5);
 /// How often the wall clock is compared with the monotonic clock.
 const CLOCK_CHECK: Duration = Duration::from_secs(2);
 /// A backward step of the wall clock larger than this reschedules cron jobs.
@@ -168,7 +170,8 @@ struct Shared {
     store: AgentStore,
     data_dir: PathBuf,
     runs: Mutex<HashMap<u64, LiveRun>>,
-    scheduler: Mutex<Option<Addr<SchedulerActor>>>,
+    /// The running scheduler actor, set by it when it starts.
+    scheduler: watch::Sender<Option<Addr<SchedulerActor>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     finished: broadcast::Sender<(JobRun, bool)>,
@@ -195,7 +198,7 @@ impl Jobs {
             store,
             data_dir,
             runs: Mutex::default(),
-            scheduler: Mutex::default(),
+            scheduler: watch::Sender::new(None),
             tasks,
             shutdown,
             finished,
@@ -206,17 +209,16 @@ impl Jobs {
         self.0.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The scheduler, waiting a moment for it if the agent is starting (a
-    /// `run_job` command from the inbox may come first).
+    /// The scheduler, waiting up to [`SCHEDULER_WAIT`] for it if the agent
+    /// is starting (a `run_job` command from the inbox may come first) or it
+    /// is being restarted.
     async fn scheduler(&self) -> Result<Addr<SchedulerActor>, JobsError> {
-        for _ in 0..50 {
-            let current = self.0.scheduler.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if let Some(addr) = current.filter(Addr::connected) {
-                return Ok(addr);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut current = self.0.scheduler.subscribe();
+        let ready = current.wait_for(|a| a.as_ref().is_some_and(Addr::connected));
+        match tokio::time::timeout(SCHEDULER_WAIT, ready).await {
+            Ok(Ok(addr)) => addr.clone().ok_or(JobsError::NotRunning),
+            _ => Err(JobsError::NotRunning),
         }
-        Err(JobsError::NotRunning)
     }
 
     /// Every job with its next run and last outcome.
@@ -681,7 +683,7 @@ impl Actor for SchedulerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        *self.jobs.0.scheduler.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx.address());
+        self.jobs.0.scheduler.send_replace(Some(ctx.address()));
         let jobs = self.jobs.clone();
         let setup = async move {
             if let Err(e) = jobs.recover().await {

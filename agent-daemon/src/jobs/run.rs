@@ -51,9 +51,7 @@ impl Run {
         let attempts = self.spec.retries + 1;
         for attempt in 1..=attempts {
             let (outcome, output, output_bytes) = self.attempt(attempt, started).await;
-            let retry = attempt < attempts
-                && !outcome.succeeded()
-                && !matches!(outcome, RunOutcome::Replaced | RunOutcome::Interrupted);
+            let retry = attempt < attempts && !outcome.ends_run();
             let run = JobRun {
                 run_id: self.run_id,
                 job: self.spec.name.clone(),

@@ -255,10 +255,7 @@ fn run_job(client: &Client, device: &str, job: &str, wait: std::time::Duration, 
         }
         shown = runs.len();
         if let Some(last) = runs.last() {
-            let over = last.succeeded
-                || last.attempt > retries
-                || last.outcome.starts_with("replaced")
-                || last.outcome.starts_with("interrupted");
+            let over = last.ends_run || last.attempt > retries;
             if over {
                 return if last.succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE };
             }
