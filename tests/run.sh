@@ -12,6 +12,9 @@ command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # libfaketime steps the agent's wall clock in the scheduler's clock test.
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || [ -n "$(find /usr/lib -name libfaketimeMT.so.1 2>/dev/null | head -1)" ] || need_apt+=(libfaketime)
+# The MQTT tests start their own Mosquitto (the Debian package's service,
+# if it starts, is not used).
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

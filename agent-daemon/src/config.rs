@@ -4,6 +4,7 @@
 use outpost_shared::config::{ByteSize, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use outpost_shared::job::{JobSpec, read_jobs};
+use outpost_shared::mqtt::BrokerUrl;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,9 +30,33 @@ pub struct AgentConfig {
     pub jobs: Vec<JobSpec>,
 }
 
+/// How the agent reaches the hub.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// QUIC straight to the hub (default).
+    Quic,
+    /// Through an MQTT broker (`[uplink.mqtt]`).
+    Mqtt(MqttConfig),
+}
+
+/// `[uplink.mqtt]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    /// The broker: `mqtts://host:port` (TLS; the device's certificate is its
+    /// client certificate) or `mqtt://host:port`. Required.
+    pub broker: BrokerUrl,
+    /// PEM file with the CA of the broker's certificate. Default: the fleet
+    /// CA.
+    pub ca_file: Option<PathBuf>,
+    /// MQTT keep-alive. Default 30s.
+    pub keep_alive: Duration,
+}
+
 /// `[uplink]`
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
+    /// `quic` (default) or `mqtt`.
+    pub transport: Transport,
     /// `host:port` of the hub's QUIC endpoint. Default: the address in the
     /// enrollment token.
     pub hub: Option<String>,
@@ -98,12 +123,27 @@ impl ConfigFile for AgentConfig {
         let telemetry = root.table("telemetry");
         let store = root.table("store");
         let commands = root.table("commands");
-        let transport: String = uplink.get_or("transport", "quic".to_owned());
-        uplink.check("transport", transport == "quic", "unknown transport; this build supports \"quic\"");
+        let mqtt = uplink.table("mqtt");
+        let transport = match uplink.get_or("transport", "quic".to_owned()).as_str() {
+            "quic" => Transport::Quic,
+            "mqtt" => Transport::Mqtt(MqttConfig {
+                broker: mqtt.require("broker").unwrap_or_else(|| BrokerUrl { tls: true, host: String::new(), port: 0 }),
+                ca_file: mqtt.get("ca_file"),
+                keep_alive: mqtt.get_or("keep_alive", Duration::from_secs(30)),
+            }),
+            _ => {
+                uplink.error("transport", "unknown transport; write \"quic\" or \"mqtt\"");
+                Transport::Quic
+            }
+        };
+        if let Transport::Mqtt(m) = &transport {
+            mqtt.check("keep_alive", m.keep_alive >= Duration::from_secs(1), "must be at least 1s");
+        }
         let config = AgentConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             name: root.get("name"),
             uplink: UplinkConfig {
+                transport,
                 hub: uplink.get("hub"),
                 connect_timeout: uplink.get_or("connect_timeout", Duration::from_secs(10)),
                 backoff_initial: uplink.get_or("backoff_initial", Duration::from_millis(500)),
@@ -146,6 +186,9 @@ impl ConfigFile for AgentConfig {
         store.check("cache", config.store.cache >= 256 << 10, "must be at least 256 KiB");
         commands.check("timeout", !config.commands.timeout.is_zero(), "must be more than zero");
         commands.check("max_output", config.commands.max_output <= 1 << 20, "must be at most 1 MiB");
+        if matches!(config.uplink.transport, Transport::Mqtt(_)) {
+            mqtt.finish();
+        }
         for section in [uplink, telemetry, store, commands] {
             section.finish();
         }

@@ -4,6 +4,7 @@
 
 use outpost_shared::DeviceId;
 use outpost_shared::fsutil::write_atomic;
+pub use outpost_shared::identity::Signer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
@@ -153,29 +154,11 @@ impl Identity {
         self.key.clone_key()
     }
 
-    /// A signer with the device key, for the batches the hub must be able
-    /// to attribute to this device whoever carries them.
+    /// A signer with the device key, for what the hub must be able to
+    /// attribute to this device whoever carries it.
     pub fn signer(&self) -> Result<Signer, IdentityError> {
-        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, self.key.secret_der(), &rng)
-            .map_err(|e| IdentityError::Invalid { path: PathBuf::from("device.key"), message: e.to_string() })?;
-        Ok(Signer { key, rng })
-    }
-}
-
-/// Signs with the device key: ECDSA P-256, SHA-256, ASN.1 DER signatures.
-#[derive(Debug)]
-pub struct Signer {
-    key: ring::signature::EcdsaKeyPair,
-    rng: ring::rand::SystemRandom,
-}
-
-impl Signer {
-    /// The signature of `input` (empty if the system's randomness fails,
-    /// which the hub then refuses).
-    pub fn sign(&self, input: &[u8]) -> Vec<u8> {
-        self.key.sign(&self.rng, input).map(|s| s.as_ref().to_vec()).unwrap_or_default()
+        Signer::from_pkcs8(self.key.secret_der())
+            .map_err(|message| IdentityError::Invalid { path: PathBuf::from("device.key"), message })
     }
 }
 

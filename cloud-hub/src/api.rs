@@ -16,8 +16,12 @@ pub struct DeviceView {
     pub name: String,
     /// Something arrived from it within the heartbeat timeout.
     pub online: bool,
-    /// It holds an open QUIC session.
+    /// It holds a live session (QUIC, or MQTT messages within the
+    /// heartbeat timeout).
     pub connected: bool,
+    /// The live session's transport: `quic` or `mqtt`.
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Last message, RFC 3339.
     pub last_seen: Option<String>,
     /// Last message, milliseconds since the epoch.
@@ -154,7 +158,7 @@ impl DeviceView {
         record: DeviceRecord,
         last_seen: Option<Timestamp>,
         online: bool,
-        connected: bool,
+        transport: Option<&str>,
         alarms: Vec<AlarmRecord>,
         last_seq: u64,
     ) -> Self {
@@ -162,7 +166,8 @@ impl DeviceView {
             id: record.id.to_string(),
             name: record.name,
             online,
-            connected,
+            connected: transport.is_some(),
+            transport: transport.map(str::to_owned),
             last_seen: last_seen.map(rfc3339),
             last_seen_ms: last_seen.map(|t| t.0),
             agent_version: record.agent_version,

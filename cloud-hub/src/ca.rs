@@ -6,7 +6,7 @@
 //! names [`HUB_SERVER_NAME`] so agents verify it whatever address they dial.
 
 use outpost_shared::fsutil::write_atomic;
-use outpost_shared::identity::HUB_SERVER_NAME;
+use outpost_shared::identity::{HUB_SERVER_NAME, Signer};
 use outpost_shared::{DeviceId, Fingerprint};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -15,6 +15,11 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
+
+/// Common name of the hub's certificate: its user name at an MQTT broker
+/// that takes user names from client certificates. It has a dot, which no
+/// [`DeviceId`] may contain, so no device certificate can carry it.
+pub const HUB_MQTT_USER: &str = "hub.outpost";
 
 /// Lifetime of device certificates.
 pub const DEVICE_CERT_LIFETIME: Duration = Duration::days(365);
@@ -48,12 +53,19 @@ pub enum CaError {
 pub struct FleetCa {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// The CA key as a signer of messages to devices over carriers that do
+    /// not authenticate the hub (MQTT).
+    signer: Signer,
 }
 
 impl std::fmt::Debug for FleetCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FleetCa").field("fingerprint", &self.fingerprint().to_string()).finish()
     }
+}
+
+fn signer_of(key_pair: &KeyPair) -> Result<Signer, CaError> {
+    Signer::from_pkcs8(&key_pair.serialize_der()).map_err(|e| CaError::BadCsr(format!("CA key: {e}")))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -78,7 +90,8 @@ impl FleetCa {
         let cert = params.self_signed(&key_pair)?;
         write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io_err(&key))?;
         write_atomic(&crt, cert.pem().as_bytes(), 0o644).map_err(io_err(&crt))?;
-        Ok(FleetCa { cert_der: cert.der().clone(), issuer: Issuer::new(params, key_pair) })
+        let signer = signer_of(&key_pair)?;
+        Ok(FleetCa { cert_der: cert.der().clone(), issuer: Issuer::new(params, key_pair), signer })
     }
 
     /// Loads the CA from `data_dir`.
@@ -92,8 +105,14 @@ impl FleetCa {
         let key_pair = KeyPair::from_pem(&key_pem)?;
         let cert_der = rustls_pki_types::pem::PemObject::from_pem_slice(crt_pem.as_bytes())
             .map_err(|e| CaError::BadCsr(format!("{}: {e}", crt.display())))?;
+        let signer = signer_of(&key_pair)?;
         let issuer = Issuer::from_ca_cert_pem(&crt_pem, key_pair)?;
-        Ok(FleetCa { cert_der, issuer })
+        Ok(FleetCa { cert_der, issuer, signer })
+    }
+
+    /// Signs messages to devices (see [`outpost_shared::protocol::Signed`]).
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     /// The CA certificate (DER).
@@ -125,13 +144,16 @@ impl FleetCa {
         Ok(request.signed_by(&self.issuer)?.der().clone())
     }
 
-    /// Makes a fresh TLS identity for the hub's QUIC endpoint: the chain
-    /// (hub certificate, CA) and its key.
+    /// Makes a fresh TLS identity for the hub: the chain (hub certificate,
+    /// CA) and its key. It serves the QUIC endpoint and is the hub's client
+    /// certificate at an MQTT broker, where its common name
+    /// [`HUB_MQTT_USER`] is the user the broker's ACL grants the fleet's
+    /// topics.
     pub fn hub_identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let mut params = CertificateParams::new(vec![HUB_SERVER_NAME.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, "Outpost hub");
+        params.distinguished_name.push(DnType::CommonName, HUB_MQTT_USER);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
@@ -143,20 +165,7 @@ impl FleetCa {
     }
 }
 
-/// Reads the device id from a client certificate the TLS layer has already
-/// verified against the fleet CA: its common name.
-pub fn device_id_of(cert: &CertificateDer<'_>) -> Option<DeviceId> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
-    cn.parse().ok()
-}
-
-/// The public key in a certificate (for P-256: the uncompressed point), as
-/// batch signatures are verified with it.
-pub fn public_key_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    Some(parsed.public_key().subject_public_key.data.to_vec())
-}
+pub use outpost_shared::identity::{device_id_of, public_key_of};
 
 #[cfg(test)]
 mod tests {

@@ -196,6 +196,7 @@ mod tests {
             name: "gateway-long-name".into(),
             online: true,
             connected: true,
+            transport: Some("quic".into()),
             last_seen: Some("2026-11-21T05:00:00Z".into()),
             last_seen_ms: Some(1),
             agent_version: Some("0.1.0".into()),

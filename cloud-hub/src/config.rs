@@ -1,8 +1,10 @@
 //! The hub's config file (TOML). See `configs/hub.toml` for the annotated
 //! reference; every key there is read here.
 
+use crate::mqtt::MqttConfig;
 use outpost_shared::config::{ByteSize, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
+use outpost_shared::mqtt::BrokerUrl;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +18,8 @@ pub struct HubConfig {
     pub quic: QuicConfig,
     /// HTTP API.
     pub http: HttpConfig,
+    /// MQTT bridge; off unless `[mqtt]` names a broker.
+    pub mqtt: Option<MqttConfig>,
     /// A device is shown offline when nothing arrived from it for this long.
     /// Default 15s.
     pub heartbeat_timeout: Duration,
@@ -61,6 +65,7 @@ impl HubConfig {
                 idle_timeout: Duration::from_secs(30),
             },
             http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
+            mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
             telemetry_retention: Duration::from_secs(30 * 86400),
             log: "info".into(),
@@ -74,6 +79,7 @@ impl ConfigFile for HubConfig {
         let http = root.table("http");
         let fleet = root.table("fleet");
         let telemetry = root.table("telemetry");
+        let mqtt = root.table("mqtt");
         let config = HubConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             quic: QuicConfig {
@@ -86,6 +92,14 @@ impl ConfigFile for HubConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
                 workers: http.get_or("workers", 2usize),
             },
+            mqtt: root.has("mqtt").then(|| MqttConfig {
+                broker: mqtt.require("broker").unwrap_or_else(|| BrokerUrl { tls: true, host: String::new(), port: 0 }),
+                ca_file: mqtt.get("ca_file"),
+                username: mqtt.get("username"),
+                password: mqtt.get("password"),
+                shared_group: mqtt.get_or("shared_group", "outpost-hub".to_owned()),
+                keep_alive: mqtt.get_or("keep_alive", Duration::from_secs(30)),
+            }),
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             log: root.get_or("log", "info".to_owned()),
@@ -99,7 +113,12 @@ impl ConfigFile for HubConfig {
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
         telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
-        for s in [quic, http, fleet, telemetry] {
+        if let Some(m) = &config.mqtt {
+            mqtt.check("keep_alive", m.keep_alive >= Duration::from_secs(1), "must be at least 1s");
+            mqtt.check("shared_group", !m.shared_group.contains(['/', '+', '#']), "must not contain '/', '+' or '#'");
+            mqtt.check("password", m.password.is_none() || m.username.is_some(), "needs username");
+        }
+        for s in [quic, http, fleet, telemetry, mqtt] {
             s.finish();
         }
         config

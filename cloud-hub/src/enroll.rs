@@ -5,7 +5,7 @@
 //! `token create` works while the hub is serving (sled is locked by the
 //! serving process); only redemptions are counted, in the store.
 
-use crate::ca::{CaError, FleetCa};
+use crate::ca::{CaError, FleetCa, public_key_of};
 use crate::store::{DeviceRecord, Store, StoreError};
 use outpost_shared::fsutil::write_atomic;
 use outpost_shared::protocol::{EnrollRequest, Enrolled, RefusalReason};
@@ -127,7 +127,9 @@ pub fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) 
         last_addr: None,
         last_sample: None,
     };
-    match store.enroll(&claims.id, claims.uses, &record) {
+    let public_key = public_key_of(&cert)
+        .ok_or_else(|| refuse(RefusalReason::BadCsr, "the signed certificate has no public key"))?;
+    match store.enroll(&claims.id, claims.uses, &record, &public_key) {
         Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca.cert_der().to_vec() }),
         Err(StoreError::UsedUp { used, allowed }) => {
             Err(refuse(RefusalReason::UsedUpToken, format!("enrollment token is used up ({used} of {allowed} uses)")))

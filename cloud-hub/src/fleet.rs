@@ -19,11 +19,39 @@ use tokio::sync::Notify;
 /// Close code sent to a connection replaced by a newer one of the same device.
 pub const CLOSE_REPLACED: u32 = 3;
 
+/// What carries a device's live session.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// A QUIC connection to this hub.
+    Quic(quinn::Connection),
+    /// Messages through an MQTT broker; the number tells sessions apart.
+    Mqtt(u64),
+}
+
+impl Link {
+    fn same(&self, other: &Link) -> bool {
+        match (self, other) {
+            (Link::Quic(a), Link::Quic(b)) => a.stable_id() == b.stable_id(),
+            (Link::Mqtt(a), Link::Mqtt(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// `quic` or `mqtt`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Link::Quic(_) => "quic",
+            Link::Mqtt(_) => "mqtt",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Presence {
     last_seen: Timestamp,
-    connection: Option<quinn::Connection>,
-    /// Wakes the device's session when commands or desired state change.
+    link: Option<Link>,
+    /// Wakes the device's current session when commands or desired state
+    /// change; each session gets its own, so a replaced one is never woken.
     downlink: Arc<Notify>,
 }
 
@@ -51,21 +79,27 @@ impl Fleet {
         self.presence.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A device opened a session on `connection`; an older connection of the
+    /// A device opened a session on `link`; an older QUIC connection of the
     /// same device is closed. Returns the notifier that [`Fleet::poke`]
-    /// wakes for this device.
-    pub fn connected(&self, id: &DeviceId, connection: quinn::Connection) -> Arc<Notify> {
+    /// wakes for this session.
+    pub fn connected(&self, id: &DeviceId, link: Link) -> Arc<Notify> {
         let mut presence = self.presence();
         let entry = presence.entry(id.clone()).or_insert_with(|| Presence {
             last_seen: Timestamp::now(),
-            connection: None,
+            link: None,
             downlink: Arc::default(),
         });
         entry.last_seen = Timestamp::now();
-        if let Some(old) = entry.connection.replace(connection) {
+        if let Some(Link::Quic(old)) = entry.link.replace(link) {
             old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
         }
+        entry.downlink = Arc::default();
         entry.downlink.clone()
+    }
+
+    /// True while `link` is the device's current session.
+    pub fn is_current(&self, id: &DeviceId, link: &Link) -> bool {
+        self.presence().get(id).and_then(|p| p.link.as_ref()).is_some_and(|l| l.same(link))
     }
 
     /// Tells the device's session (if any) that there is something to deliver.
@@ -75,12 +109,12 @@ impl Fleet {
         }
     }
 
-    /// The session on `connection` ended.
-    pub fn disconnected(&self, id: &DeviceId, connection: &quinn::Connection) {
+    /// The session on `link` ended.
+    pub fn disconnected(&self, id: &DeviceId, link: &Link) {
         if let Some(p) = self.presence().get_mut(id)
-            && p.connection.as_ref().is_some_and(|c| c.stable_id() == connection.stable_id())
+            && p.link.as_ref().is_some_and(|l| l.same(link))
         {
-            p.connection = None;
+            p.link = None;
         }
     }
 
@@ -94,14 +128,16 @@ impl Fleet {
     /// The API's view of one device record.
     pub fn view(&self, record: DeviceRecord) -> DeviceView {
         let now = Timestamp::now();
-        let (last_seen, connected) = match self.presence().get(&record.id) {
-            Some(p) => (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.connection.is_some()),
-            None => (record.last_seen, false),
+        let (last_seen, transport) = match self.presence().get(&record.id) {
+            Some(p) => {
+                (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.link.as_ref().map(Link::transport))
+            }
+            None => (record.last_seen, None),
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
         let alarms = self.store.alarms(&record.id, 10).unwrap_or_default();
         let last_seq = self.store.high_water(&record.id).unwrap_or(0);
-        DeviceView::new(record, last_seen, online, connected, alarms, last_seq)
+        DeviceView::new(record, last_seen, online, transport, alarms, last_seq)
     }
 
     /// Every device, as the API shows them.

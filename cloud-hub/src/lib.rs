@@ -14,7 +14,9 @@ pub mod config;
 pub mod enroll;
 pub mod fleet;
 pub mod http;
+pub mod mqtt;
 pub mod quic;
+pub mod session;
 pub mod store;
 
 use crate::ca::FleetCa;
@@ -47,6 +49,9 @@ pub enum HubError {
     /// The QUIC endpoint could not be configured.
     #[error(transparent)]
     QuicSetup(#[from] quic::QuicSetupError),
+    /// The MQTT bridge could not be configured.
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::BridgeError),
     /// A file or socket operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -102,6 +107,7 @@ pub struct RunningHub {
     pub http_addr: SocketAddr,
     shutdown: CancellationToken,
     quic_task: tokio::task::JoinHandle<()>,
+    mqtt_task: Option<tokio::task::JoinHandle<()>>,
     maintenance_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -139,9 +145,25 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     write_atomic(&data_dir.join(enroll::ADVERTISE_FILE), advertise.as_bytes(), 0o644)
         .map_err(io("record the advertised address"))?;
 
-    let ctx = Arc::new(QuicContext { fleet: fleet.clone(), ca, token_key, max_frame: config.quic.max_frame });
+    let ca = Arc::new(ca);
+    let ctx =
+        Arc::new(QuicContext { fleet: fleet.clone(), ca: ca.clone(), token_key, max_frame: config.quic.max_frame });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
+    let mqtt_task = match &config.mqtt {
+        Some(mqtt) => {
+            let ctx = Arc::new(mqtt::BridgeContext {
+                fleet: fleet.clone(),
+                ca,
+                max_frame: config.quic.max_frame,
+                heartbeat_timeout: config.heartbeat_timeout,
+            });
+            // Fail at start on settings that cannot work (CA file, TLS).
+            let task = mqtt::Bridge::new(mqtt.clone(), ctx)?;
+            Some(tokio::spawn(task.run(shutdown.clone())))
+        }
+        None => None,
+    };
     let maintenance_task = tokio::spawn(maintenance(fleet.clone(), config.telemetry_retention, shutdown.clone()));
 
     let routes_fleet = fleet.clone();
@@ -163,7 +185,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let http = server.handle();
     let http_task = tokio::spawn(server);
     tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, "Hub serving.");
-    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, maintenance_task, http, http_task, store })
+    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, mqtt_task, maintenance_task, http, http_task, store })
 }
 
 /// Expires undelivered commands every second and prunes telemetry older
@@ -209,6 +231,9 @@ impl RunningHub {
             self.http.stop(true).await;
             let _ = self.http_task.await;
             let _ = self.quic_task.await;
+            if let Some(task) = self.mqtt_task {
+                let _ = task.await;
+            }
             let _ = self.maintenance_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {

@@ -9,13 +9,12 @@
 
 use crate::ca::{FleetCa, device_id_of, public_key_of};
 use crate::enroll;
-use crate::fleet::Fleet;
-use crate::store::CommandState;
+use crate::fleet::{Fleet, Link};
+use crate::session::{self, MAX_COMMANDS_PER_DELIVERY, Outbound, SessionEnd};
 use outpost_shared::DeviceId;
 use outpost_shared::identity::ALPN;
-use outpost_shared::io::{FrameReader, StreamError, write_message};
-use outpost_shared::protocol::{Ack, Command, Deliver, Desired, Message, Refusal, RefusalReason, Welcome};
-use outpost_shared::time::Timestamp;
+use outpost_shared::io::{FrameReader, write_message};
+use outpost_shared::protocol::{Message, Refusal, RefusalReason};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
@@ -49,7 +48,7 @@ pub struct QuicContext {
     /// Fleet state.
     pub fleet: Arc<Fleet>,
     /// The CA, for enrollment.
-    pub ca: FleetCa,
+    pub ca: Arc<FleetCa>,
     /// The enrollment token key.
     pub token_key: Vec<u8>,
     /// Hard maximum frame size.
@@ -176,29 +175,17 @@ async fn enrollment(connection: quinn::Connection, ctx: &QuicContext) {
     connection.close(CLOSE_OK.into(), b"");
 }
 
-/// Why a session ended.
-enum SessionEnd {
-    /// The peer closed or the connection dropped.
-    Closed(String),
-    /// The peer broke the protocol; close with a reason.
-    Protocol(String),
-}
-
-impl From<StreamError> for SessionEnd {
-    fn from(e: StreamError) -> Self {
-        match e {
-            StreamError::Io(io) => SessionEnd::Closed(io.to_string()),
-            other => SessionEnd::Protocol(other.to_string()),
-        }
-    }
-}
-
-/// An authenticated session: hello, then heartbeats and telemetry.
+/// An authenticated session: hello, then batches, heartbeats and
+/// deliveries until the connection ends.
 async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx: &QuicContext) {
     let end = run_session(&connection, &id, &key, ctx).await;
-    ctx.fleet.disconnected(&id, &connection);
+    ctx.fleet.disconnected(&id, &Link::Quic(connection.clone()));
     match end {
         SessionEnd::Closed(reason) => info!(%reason, "Session ended."),
+        SessionEnd::Refused(refusal) => {
+            warn!(message = %refusal.message, "Session refused.");
+            connection.close(CLOSE_REFUSED.into(), refusal.message.as_bytes());
+        }
         SessionEnd::Protocol(reason) => {
             warn!(%reason, "Closing session: protocol violation.");
             let mut bytes = reason.into_bytes();
@@ -224,48 +211,26 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
     };
     let addr = connection.remote_address().to_string();
     let store = ctx.fleet.store();
-    let known = store.update_device(id, |r| {
-        r.name.clone_from(&hello.name);
-        r.agent_version = Some(hello.agent_version.clone());
-        r.last_seen = Some(Timestamp::now());
-        r.last_addr = Some(addr.clone());
-    });
-    match known {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            let refusal = Refusal { reason: RefusalReason::UnknownDevice, message: "device is not registered".into() };
+    let welcome = match session::hello(store, id, &hello, &addr) {
+        Ok(welcome) => welcome,
+        Err(SessionEnd::Refused(refusal)) => {
+            warn!("Certificate is valid but the device is not registered.");
             let _ = write_message(&mut send, Message::Refused(refusal), ctx.max_frame).await;
             let _ = send.finish();
-            warn!("Certificate is valid but the device is not registered.");
             return SessionEnd::Closed("unknown device".into());
         }
-        Err(e) => {
-            tracing::error!(error = %e, "Device record could not be updated.");
-            return SessionEnd::Closed("store error".into());
-        }
-    }
+        Err(end) => return end,
+    };
     if let Err(e) = store.put_device_key(id, key) {
         tracing::error!(error = %e, "Device key could not be stored.");
         return SessionEnd::Closed("store error".into());
     }
-    let downlink = ctx.fleet.connected(id, connection.clone());
-    let acked_seq = match store.high_water(id) {
-        Ok(seq) => seq,
-        Err(e) => {
-            tracing::error!(error = %e, "High-water mark could not be read.");
-            return SessionEnd::Closed("store error".into());
-        }
-    };
-    let welcome = Welcome {
-        device_id: id.clone(),
-        hub_version: env!("CARGO_PKG_VERSION").into(),
-        server_time: Timestamp::now(),
-        acked_seq,
-    };
+    let downlink = ctx.fleet.connected(id, Link::Quic(connection.clone()));
+    let resume_after = welcome.acked_seq;
     if let Err(e) = write_message(&mut send, Message::Welcome(welcome), ctx.max_frame).await {
         return e.into();
     }
-    info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after = acked_seq, "Session opened.");
+    info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after, "Session opened.");
     let mut outbound = Outbound::default();
     // Look for work to deliver at session start and when the API pokes the
     // session, not on every incoming message.
@@ -297,122 +262,18 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         match envelope.message {
             Message::Heartbeat(_) => {}
             Message::Batch(batch) => {
-                if batch.origin != *id {
-                    return SessionEnd::Protocol(format!("batch of device {} on {id}'s session", batch.origin));
-                }
-                if !batch.verify(key) {
-                    return SessionEnd::Protocol(
-                        "batch signature does not verify with the device's certificate".into(),
-                    );
-                }
-                let records = match batch.records() {
-                    Ok(records) => records,
-                    Err(e) => return SessionEnd::Protocol(format!("signed batch does not decode: {e}")),
+                let ack = match session::ingest(store, id, key, batch).await {
+                    Ok(ack) => ack,
+                    Err(end) => return end,
                 };
-                if !records.windows(2).all(|w| w[0].seq < w[1].seq) || records.first().is_some_and(|r| r.seq == 0) {
-                    return SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into());
-                }
-                let device = id.clone();
-                let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
-                    Ok(Ok(ingested)) => ingested,
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "Ingest failed; the agent will resend.");
-                        return SessionEnd::Closed("store error".into());
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "Ingest could not be made durable; the agent will resend.");
-                        return SessionEnd::Closed("store error".into());
-                    }
-                };
-                for (from, to) in &ingested.gaps {
-                    info!(from, to, "Sequence gap (records the device thinned).");
-                }
-                if ingested.duplicates > 0 {
-                    debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
-                }
-                let ack = Ack { upto: ingested.upto };
                 if let Err(e) = write_message(&mut send, Message::Ack(ack), ctx.max_frame).await {
                     return e.into();
                 }
             }
-            Message::Received(received) => {
-                let (device, ids) = (id.clone(), received.commands);
-                let marked = store
-                    .writer()
-                    .run(move |s| {
-                        s.transition_commands(
-                            &device,
-                            &ids,
-                            |st| *st == CommandState::Queued,
-                            CommandState::Delivered { at: Timestamp::now() },
-                        )
-                    })
-                    .await;
-                match marked {
-                    Ok(Ok(ids)) if !ids.is_empty() => info!(commands = ?ids, "Commands delivered."),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "Delivery could not be recorded."),
-                    Err(e) => tracing::error!(error = %e, "Delivery could not be recorded."),
-                }
-            }
+            Message::Received(received) => session::received(store, id, received.commands).await,
             other => {
                 return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
             }
         }
-    }
-}
-
-/// Most commands per `Deliver`. A delivery also stops at half the frame
-/// limit; the API caps one command at [`crate::http::MAX_COMMAND_BYTES`] and
-/// frames are at least 256 KiB, so one command always fits.
-const MAX_COMMANDS_PER_DELIVERY: usize = 100;
-
-/// What this session has already sent the device, so a wake-up sends only
-/// what is new.
-#[derive(Debug, Default)]
-struct Outbound {
-    sent_commands: std::collections::HashSet<u64>,
-    sent_desired: u64,
-}
-
-impl Outbound {
-    /// Commands queued and unexpired, and a desired state newer than the
-    /// device reported, that this session has not sent yet.
-    fn pending(&mut self, store: &crate::store::Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
-        let now = Timestamp::now();
-        let mut bytes = 0;
-        let commands: Vec<Command> = match store.device_commands(id) {
-            Ok(all) => all
-                .into_iter()
-                .filter(|c| {
-                    c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id)
-                })
-                .take(MAX_COMMANDS_PER_DELIVERY)
-                .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
-                .take_while(|c| {
-                    bytes += c.kind.len() + c.args.iter().map(|a| a.len() + 5).sum::<usize>() + 32;
-                    bytes <= max_bytes
-                })
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "Pending commands could not be read.");
-                Vec::new()
-            }
-        };
-        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
-        let desired = store
-            .desired(id)
-            .ok()
-            .flatten()
-            .filter(|d| d.version > reported.max(self.sent_desired))
-            .map(|d| Desired { version: d.version, doc: d.doc });
-        if commands.is_empty() && desired.is_none() {
-            return None;
-        }
-        self.sent_commands.extend(commands.iter().map(|c| c.id));
-        if let Some(d) = &desired {
-            self.sent_desired = d.version;
-        }
-        Some(Deliver { commands, desired })
     }
 }

@@ -544,7 +544,8 @@ impl Store {
         Ok(())
     }
 
-    /// The public key of a device's certificate, once it has held a session.
+    /// The public key of a device's certificate (stored at enrollment, and
+    /// by each QUIC session from its certificate).
     pub fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.device_keys.get(id.as_str())?.map(|v| v.to_vec()))
     }
@@ -722,10 +723,17 @@ impl Store {
     /// Enrolls a device with one redemption of token `token_id`, atomically:
     /// either the use is counted and the device recorded, or nothing is
     /// written.
-    pub fn enroll(&self, token_id: &[u8; 16], allowed: u32, record: &DeviceRecord) -> Result<(), StoreError> {
+    /// `key` is the public key of the device's new certificate.
+    pub fn enroll(
+        &self,
+        token_id: &[u8; 16],
+        allowed: u32,
+        record: &DeviceRecord,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
-        let result = (&self.enroll_uses, &self.devices).transaction(|(uses, devices)| {
+        let result = (&self.enroll_uses, &self.devices, &self.device_keys).transaction(|(uses, devices, keys)| {
             let used =
                 uses.get(token_id)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_le_bytes)).unwrap_or(0);
             if used >= allowed {
@@ -733,6 +741,7 @@ impl Store {
             }
             uses.insert(&token_id[..], &(used + 1).to_le_bytes()[..])?;
             devices.insert(record.id.as_str().as_bytes(), encode(record))?;
+            keys.insert(record.id.as_str().as_bytes(), key)?;
             Ok(())
         });
         match result {
@@ -804,9 +813,9 @@ mod tests {
     fn enrollment_counts_uses_and_writes_nothing_when_used_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.enroll(&[1; 16], 2, &record("dev-a")).unwrap();
-        store.enroll(&[1; 16], 2, &record("dev-b")).unwrap();
-        let err = store.enroll(&[1; 16], 2, &record("dev-c")).unwrap_err();
+        store.enroll(&[1; 16], 2, &record("dev-a"), b"key").unwrap();
+        store.enroll(&[1; 16], 2, &record("dev-b"), b"key").unwrap();
+        let err = store.enroll(&[1; 16], 2, &record("dev-c"), b"key").unwrap_err();
         assert!(matches!(err, StoreError::UsedUp { used: 2, allowed: 2 }));
         let ids: Vec<_> = store.devices().unwrap().into_iter().map(|d| d.id.to_string()).collect();
         assert_eq!(ids, ["dev-a", "dev-b"]);
@@ -817,7 +826,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.enroll(&[2; 16], 1, &record("dev-a")).unwrap();
+            store.enroll(&[2; 16], 1, &record("dev-a"), b"key").unwrap();
             let id = "dev-a".parse().unwrap();
             let new = store.update_device(&id, |r| r.name = "renamed".into()).unwrap().unwrap();
             assert_eq!(new.name, "renamed");

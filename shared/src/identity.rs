@@ -125,3 +125,50 @@ mod tests {
         );
     }
 }
+
+/// Signs with an ECDSA P-256 key: SHA-256, ASN.1 DER signatures. Devices
+/// sign their batches and MQTT messages with their own key, the hub its MQTT
+/// messages with the fleet CA's key.
+#[derive(Debug)]
+pub struct Signer {
+    key: ring::signature::EcdsaKeyPair,
+    rng: ring::rand::SystemRandom,
+}
+
+impl Signer {
+    /// A signer with the PKCS#8 (DER) key `pkcs8`.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, String> {
+        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8, &rng)
+            .map_err(|e| format!("not an ECDSA P-256 key: {e}"))?;
+        Ok(Signer { key, rng })
+    }
+
+    /// The signature of `input` (empty if the system's randomness fails,
+    /// which the verifier then refuses).
+    pub fn sign(&self, input: &[u8]) -> Vec<u8> {
+        self.key.sign(&self.rng, input).map(|s| s.as_ref().to_vec()).unwrap_or_default()
+    }
+
+    /// The public key (an uncompressed P-256 point).
+    pub fn public_key(&self) -> &[u8] {
+        use ring::signature::KeyPair;
+        self.key.public_key().as_ref()
+    }
+}
+
+/// The device id in a certificate already verified against the fleet CA:
+/// its common name.
+pub fn device_id_of(cert_der: &[u8]) -> Option<DeviceId> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.parse().ok()
+}
+
+/// The public key in a certificate (for P-256: the uncompressed point), as
+/// signatures are verified with it.
+pub fn public_key_of(cert_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(parsed.public_key().subject_public_key.data.to_vec())
+}

@@ -19,6 +19,7 @@ pub mod io;
 pub mod job;
 #[cfg(feature = "io")]
 pub mod logging;
+pub mod mqtt;
 pub mod protocol;
 pub mod table;
 pub mod telemetry;

@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this build speaks. Version 2 replaced v1's
 /// fire-and-forget `Telemetry` message with sequenced, acknowledged batches;
 /// version 3 added the `JobRun` and `JobsReport` records; version 4 signs
-/// each `Batch` with the origin device's key.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// each `Batch` with the origin device's key; version 5 added `Signed`
+/// messages for carriers that do not authenticate the sender (MQTT).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,88 @@ pub enum Message {
     Deliver(Deliver),
     /// Agent → hub: these commands are persisted on the device.
     Received(Received),
+    /// Either way, through a carrier that does not prove who sent a message
+    /// (an MQTT broker): a message signed by its sender.
+    Signed(Signed),
+}
+
+/// Which way a [`Signed`] message travels. It is part of what is signed, so
+/// a signature made for one direction is worthless in the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Device → hub, signed with the device's key.
+    Up,
+    /// Hub → device, signed with the fleet CA's key.
+    Down,
+}
+
+/// A message with its sender's signature. Up, `device` is the sender and
+/// the key is the one in its certificate; down, `device` is the addressee and
+/// the key is the fleet CA's, so a message for one device cannot be replayed
+/// to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signed {
+    /// The device the message is from (up) or for (down).
+    pub device: DeviceId,
+    /// `postcard(Message)`, exactly the bytes signed; never itself `Signed`
+    /// or a `Batch` (which carries its own signature).
+    pub body: Vec<u8>,
+    /// ECDSA P-256 with SHA-256 (ASN.1 DER) over [`Signed::signing_input`].
+    pub signature: Vec<u8>,
+}
+
+impl Signed {
+    /// What the signature covers: a context string naming the direction,
+    /// the device, the body.
+    pub fn signing_input(direction: Direction, device: &DeviceId, body: &[u8]) -> Vec<u8> {
+        let context: &[u8] = match direction {
+            Direction::Up => b"outpost up v1\0",
+            Direction::Down => b"outpost down v1\0",
+        };
+        signing_input(context, device, body)
+    }
+
+    /// `message`, signed by `sign`.
+    pub fn new(direction: Direction, device: DeviceId, message: &Message, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> Self {
+        let body = postcard::to_stdvec(message).unwrap_or_default();
+        let signature = sign(&Self::signing_input(direction, &device, &body));
+        Signed { device, body, signature }
+    }
+
+    /// True if the signature verifies with `public_key` (an uncompressed
+    /// P-256 point).
+    pub fn verify(&self, direction: Direction, public_key: &[u8]) -> bool {
+        verify_p256(public_key, &Self::signing_input(direction, &self.device, &self.body), &self.signature)
+    }
+
+    /// The message (check the signature first). Nested `Signed` messages and
+    /// batches are refused.
+    pub fn message(&self) -> Result<Message, ProtocolError> {
+        let (message, rest) = postcard::take_from_bytes::<Message>(&self.body).map_err(ProtocolError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(ProtocolError::TrailingBytes(rest.len()));
+        }
+        match message {
+            Message::Signed(_) | Message::Batch(_) => Err(ProtocolError::NotSignable(message.kind())),
+            message => Ok(message),
+        }
+    }
+}
+
+fn signing_input(context: &[u8], device: &DeviceId, payload: &[u8]) -> Vec<u8> {
+    let mut input = Vec::with_capacity(context.len() + device.as_str().len() + 1 + payload.len());
+    input.extend_from_slice(context);
+    input.extend_from_slice(device.as_str().as_bytes());
+    input.push(0);
+    input.extend_from_slice(payload);
+    input
+}
+
+/// True if `signature` (ECDSA P-256 SHA-256, ASN.1 DER) over `input`
+/// verifies with `public_key` (an uncompressed P-256 point).
+pub fn verify_p256(public_key: &[u8], input: &[u8], signature: &[u8]) -> bool {
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key);
+    key.verify(input, signature).is_ok()
 }
 
 /// Outbox records of one device, in increasing sequence order, signed with
@@ -81,11 +164,7 @@ pub struct Batch {
 impl Batch {
     /// What the signature covers: a context string, the origin, the payload.
     pub fn signing_input(origin: &DeviceId, payload: &[u8]) -> Vec<u8> {
-        let mut input = b"outpost batch v1\0".to_vec();
-        input.extend_from_slice(origin.as_str().as_bytes());
-        input.push(0);
-        input.extend_from_slice(payload);
-        input
+        signing_input(b"outpost batch v1\0", origin, payload)
     }
 
     /// A batch of `records`, signed by `sign`.
@@ -98,8 +177,7 @@ impl Batch {
     /// True if the signature verifies with `public_key` (an uncompressed
     /// P-256 point, as in the certificate).
     pub fn verify(&self, public_key: &[u8]) -> bool {
-        let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key);
-        key.verify(&Self::signing_input(&self.origin, &self.payload), &self.signature).is_ok()
+        verify_p256(public_key, &Self::signing_input(&self.origin, &self.payload), &self.signature)
     }
 
     /// The records (check the signature first).
@@ -344,6 +422,9 @@ pub enum ProtocolError {
     /// A valid envelope was followed by extra bytes.
     #[error("malformed envelope: {0} trailing bytes")]
     TrailingBytes(usize),
+    /// A `Signed` message wraps a message that may not be wrapped.
+    #[error("a {0} cannot travel inside a Signed message")]
+    NotSignable(&'static str),
 }
 
 impl Message {
@@ -360,6 +441,7 @@ impl Message {
             Message::Ack(_) => "Ack",
             Message::Deliver(_) => "Deliver",
             Message::Received(_) => "Received",
+            Message::Signed(_) => "Signed",
         }
     }
 }
@@ -427,15 +509,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0400017401aa016e",
+                "0500017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0401066465762d303101010102",
+                "0501066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "040203302e3102677701",
+                "050203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -444,10 +526,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0403066465762d303103302e31ac0207",
+                "0503066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0404010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "040502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0504010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "050502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -522,7 +604,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0407ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0507ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -533,9 +615,18 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "04080109046563686f010268690a0102027b7d",
+                "05080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "040902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "050902090a"),
+            (
+                Message::Signed(Signed::new(
+                    Direction::Up,
+                    "dev-01".parse().unwrap(),
+                    &Message::Received(Received { commands: vec![9] }),
+                    |_| vec![0x5A],
+                )),
+                "050a066465762d303103090109015a",
+            ),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -548,7 +639,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0406066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0506066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";
@@ -574,6 +665,29 @@ mod tests {
         let mut moved = batch.clone();
         moved.origin = "dev-02".parse().unwrap();
         assert!(!moved.verify(mine.public_key().as_ref()), "a batch passed off as another device's verified");
+    }
+
+    #[test]
+    fn signed_messages_verify_only_in_their_direction_for_their_device() {
+        use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        let public = key.public_key().as_ref();
+        let sign = |input: &[u8]| key.sign(&rng, input).unwrap().as_ref().to_vec();
+        let message = Message::Ack(Ack { upto: 7 });
+        let signed = Signed::new(Direction::Down, "dev-01".parse().unwrap(), &message, sign);
+        assert!(signed.verify(Direction::Down, public));
+        assert_eq!(signed.message().unwrap(), message);
+        assert!(!signed.verify(Direction::Up, public), "a down signature verified up");
+        let mut other = signed.clone();
+        other.device = "dev-02".parse().unwrap();
+        assert!(!other.verify(Direction::Down, public), "a message for dev-01 verified for dev-02");
+        let mut altered = signed.clone();
+        altered.body[1] ^= 1;
+        assert!(!altered.verify(Direction::Down, public), "an altered body verified");
+        let nested = Signed::new(Direction::Down, "dev-01".parse().unwrap(), &Message::Signed(signed), sign);
+        assert!(matches!(nested.message(), Err(ProtocolError::NotSignable("Signed"))));
     }
 
     #[test]

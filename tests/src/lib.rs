@@ -10,7 +10,7 @@
 //! test executable (`target/<profile>/`).
 
 use anyhow::{Context, Result, bail};
-use outpost_hub::api::DeviceView;
+use outpost_hub::api::{DeviceView, SampleView};
 use outpost_hub::client::Client;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -150,6 +150,8 @@ pub struct Hub {
     pub api: String,
     /// The serving process, if running.
     pub proc: Option<Proc>,
+    /// TOML tables appended to its config at each (re)start.
+    pub extra_config: String,
     timings: Timings,
     root: PathBuf,
 }
@@ -171,6 +173,7 @@ impl Hub {
             quic_addr: "127.0.0.1:0".into(),
             api: String::new(),
             proc: None,
+            extra_config: String::new(),
             timings,
             root: root.to_owned(),
         };
@@ -186,7 +189,7 @@ impl Hub {
             self.quic_addr,
             self.timings.heartbeat_timeout,
         );
-        fs::write(&self.config, text)?;
+        fs::write(&self.config, format!("{text}{}", self.extra_config))?;
         let http_file = self.data_dir.join("http.addr");
         let _ = fs::remove_file(&http_file);
         let mut proc = Proc::spawn(
@@ -231,6 +234,17 @@ impl Hub {
             bail!("token create failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Waits (20 s at most) until command `id` is in a state `done` accepts.
+    pub fn wait_command(
+        &self,
+        id: u64,
+        what: &str,
+        done: impl Fn(&outpost_hub::store::CommandState) -> bool,
+    ) -> outpost_hub::store::CommandRecord {
+        wait_for(Duration::from_secs(20), what, || self.client().command(id).ok().filter(|c| done(&c.state)))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// All devices, as the API lists them.
@@ -327,6 +341,28 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Rewrites its config to reach the hub through `broker` (MQTT over
+    /// TLS), or straight over QUIC when `None`. Takes effect at the next
+    /// start.
+    pub fn use_transport(&self, broker: Option<&Broker>) -> Result<()> {
+        let text = fs::read_to_string(&self.config)?;
+        let mut text = match text.split_once("\n[uplink.mqtt]\n") {
+            Some((before, _)) => before.to_owned() + "\n",
+            None => text,
+        };
+        text = text.replace("[uplink]\ntransport = \"mqtt\"\n", "[uplink]\n");
+        if let Some(broker) = broker {
+            text = text.replace("[uplink]\n", "[uplink]\ntransport = \"mqtt\"\n");
+            text.push_str(&format!(
+                "\n[uplink.mqtt]\nbroker = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nkeep_alive = \"5s\"\n",
+                broker.tls_port,
+                broker.ca_file.display().to_string()
+            ));
+        }
+        fs::write(&self.config, text)?;
+        Ok(())
+    }
+
     /// Starts the daemon.
     pub fn start(&mut self) -> Result<()> {
         let proc = Proc::spawn(
@@ -376,6 +412,165 @@ impl Drop for Scratch {
             }
         }
     }
+}
+
+/// A private Mosquitto for a test, on free ports:
+/// - a TLS listener that takes client certificates from the fleet CA as
+///   identities (`use_identity_as_username`) and enforces
+///   `configs/mosquitto-acl`, as a production broker would;
+/// - a plain, permissive listener (anonymous, no ACL) for clients that play
+///   an attacker on a careless broker.
+#[derive(Debug)]
+pub struct Broker {
+    /// The TLS listener's port.
+    pub tls_port: u16,
+    /// The permissive listener's port.
+    pub plain_port: u16,
+    /// CA of the broker's own certificate (for `ca_file` settings).
+    pub ca_file: PathBuf,
+    conf: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Broker {
+    /// Writes a broker certificate (from its own CA) and config under `root`
+    /// and starts Mosquitto. Client certificates are checked against the
+    /// hub's fleet CA.
+    pub fn start(root: &Path, hub: &Hub) -> Result<Self> {
+        let dir = root.join("broker");
+        fs::create_dir_all(&dir)?;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new())?;
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test broker CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "broker");
+        let cert = params.signed_by(&key, &issuer)?;
+        let ca_file = dir.join("broker-ca.crt");
+        fs::write(&ca_file, ca_cert.pem())?;
+        fs::write(dir.join("broker.crt"), cert.pem())?;
+        fs::write(dir.join("broker.key"), key.serialize_pem())?;
+        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mosquitto-acl");
+        let (tls_port, plain_port) = (free_port()?, free_port()?);
+        let conf = dir.join("mosquitto.conf");
+        fs::write(
+            &conf,
+            format!(
+                "per_listener_settings true\npersistence false\nlog_dest stdout\nlog_type all\nset_tcp_nodelay true\n\
+                 listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+                 use_identity_as_username true\nacl_file {}\n\
+                 listener {plain_port} 127.0.0.1\nallow_anonymous true\n",
+                hub.data_dir.join("ca.crt").display(),
+                dir.join("broker.crt").display(),
+                dir.join("broker.key").display(),
+                acl.canonicalize()?.display(),
+            ),
+        )?;
+        let mut broker = Broker { tls_port, plain_port, ca_file, conf, log: root.join("mosquitto.log"), proc: None };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// (Re)starts Mosquitto on the same ports and waits until both listeners
+    /// accept connections.
+    pub fn restart(&mut self) -> Result<()> {
+        let mut proc = Proc::spawn(Command::new(mosquitto()?).arg("-c").arg(&self.conf), self.log.clone())?;
+        let ports = [self.tls_port, self.plain_port];
+        wait_for(Duration::from_secs(10), "Mosquitto to listen", || {
+            if !proc.running() {
+                return Some(Err(anyhow::anyhow!("mosquitto exited; see {}", self.log.display())));
+            }
+            ports.iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok()).then_some(Ok(()))
+        })??;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Kills Mosquitto (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// The `[mqtt]` table that points a hub at this broker (TLS listener).
+    pub fn hub_config(&self) -> String {
+        format!(
+            "[mqtt]\nbroker = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nkeep_alive = \"5s\"\n",
+            self.tls_port,
+            self.ca_file.display().to_string()
+        )
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The Mosquitto binary (tests/run.sh installs it).
+fn mosquitto() -> Result<PathBuf> {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("mosquitto is not installed: run tests/run.sh, which installs it")
+}
+
+/// The load generator's samples the hub holds, oldest first.
+pub fn synthetic(hub: &Hub, id: &str, n: u64) -> Vec<SampleView> {
+    let until = (loadgen_base_ms() + n).to_string();
+    hub.client()
+        .metrics(id, Some(&loadgen_base_ms().to_string()), Some(&until), Some(1_000_000))
+        .unwrap_or_else(|e| panic!("metrics of {id}: {e}"))
+        .samples
+}
+
+/// Panics unless every synthetic record `0..n` exactly once, in order of both index and
+/// sequence number.
+pub fn assert_exactly_once_in_order(samples: &[SampleView], n: u64) {
+    let markers: Vec<u64> = samples.iter().map(|s| s.sample.uptime_secs).collect();
+    let expected: Vec<u64> = (0..n).collect();
+    if markers != expected {
+        let dups = markers.windows(2).filter(|w| w[0] == w[1]).count();
+        let missing = expected.iter().filter(|i| markers.binary_search(i).is_err()).count();
+        panic!("{} records at the hub for {n} produced: {dups} duplicated, {missing} missing", markers.len());
+    }
+    assert!(samples.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers out of order");
+    assert!(
+        samples.iter().all(|s| s.at_ms == loadgen_base_ms() + s.sample.uptime_secs),
+        "timestamps changed in transit"
+    );
+}
+
+/// Waits (panicking after `limit`) for the first `n` synthetic records.
+pub fn wait_all(hub: &Hub, id: &str, n: u64, limit: Duration) -> Vec<SampleView> {
+    wait_for(limit, &format!("{n} records at the hub"), || {
+        let samples = synthetic(hub, id, n);
+        (samples.len() as u64 >= n).then_some(samples)
+    })
+    .unwrap_or_else(|e| {
+        let have = synthetic(hub, id, n).len();
+        panic!("{e}: the hub holds {have}")
+    })
+}
+
+/// Waits (panicking after `limit`) until the hub's high-water mark of `id` reaches `target`.
+pub fn wait_progress(hub: &Hub, id: &str, target: u64, limit: Duration) -> u64 {
+    wait_for(limit, &format!("the hub to reach seq {target}"), || {
+        let seq = hub.device(id).ok()?.last_seq;
+        (seq >= target).then_some(seq)
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A hub with `n` enrolled, running agents.

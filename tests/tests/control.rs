@@ -6,7 +6,7 @@
 
 use outpost_hub::api::CommandRequest;
 use outpost_hub::client::ClientError;
-use outpost_hub::store::{CommandRecord, CommandState};
+use outpost_hub::store::CommandState;
 use outpost_shared::protocol::Outcome;
 use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for, wait_online};
 use std::time::Duration;
@@ -17,10 +17,6 @@ fn exec(script: String, expires_in: &str) -> CommandRequest {
         args: vec!["sh".into(), "-c".into(), script],
         expires_in: Some(expires_in.into()),
     }
-}
-
-fn wait_state(hub: &Hub, id: u64, what: &str, done: impl Fn(&CommandState) -> bool) -> CommandRecord {
-    wait_for(Duration::from_secs(20), what, || hub.client().command(id).ok().filter(|c| done(&c.state))).unwrap()
 }
 
 #[test]
@@ -38,15 +34,15 @@ fn a_command_sent_offline_runs_exactly_once_even_if_the_agent_dies_on_receipt_an
     let once = client.send_command(&agent.id, &exec(format!("echo ran >> {}", ran.display()), "10m")).unwrap();
     let late = client.send_command(&agent.id, &exec(format!("echo ran >> {}", expired.display()), "1s")).unwrap();
     assert_eq!(once.state, CommandState::Queued);
-    wait_state(&hub, late.id, "the short-lived command to expire", |s| matches!(s, CommandState::Expired { .. }));
+    hub.wait_command(late.id, "the short-lived command to expire", |s| matches!(s, CommandState::Expired { .. }));
 
     // The device comes back and is killed as soon as it confirmed receipt.
     agent.start().unwrap();
-    wait_state(&hub, once.id, "delivery", |s| !matches!(s, CommandState::Queued));
+    hub.wait_command(once.id, "delivery", |s| !matches!(s, CommandState::Queued));
     agent.proc.as_mut().unwrap().kill();
     agent.start().unwrap();
 
-    let done = wait_state(&hub, once.id, "the outcome", |s| matches!(s, CommandState::Completed { .. }));
+    let done = hub.wait_command(once.id, "the outcome", |s| matches!(s, CommandState::Completed { .. }));
     let lines = wait_for(Duration::from_secs(10), "the command's effect", || {
         std::fs::read_to_string(&ran).ok().filter(|t| !t.is_empty())
     })
@@ -55,7 +51,7 @@ fn a_command_sent_offline_runs_exactly_once_even_if_the_agent_dies_on_receipt_an
     let again = client
         .send_command(&agent.id, &CommandRequest { kind: "echo".into(), args: vec!["after".into()], expires_in: None });
     let again = again.unwrap();
-    let echoed = wait_state(&hub, again.id, "a later command", |s| matches!(s, CommandState::Completed { .. }));
+    let echoed = hub.wait_command(again.id, "a later command", |s| matches!(s, CommandState::Completed { .. }));
     match echoed.state {
         CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, "after"),
         other => panic!("echo: {other:?}"),
@@ -79,7 +75,7 @@ fn exec_is_refused_unless_the_device_allows_it() {
     agent.start().unwrap();
     let marker = scratch.path().join("never.txt");
     let cmd = hub.client().send_command(&agent.id, &exec(format!("touch {}", marker.display()), "1m")).unwrap();
-    let done = wait_state(&hub, cmd.id, "the refusal", |s| matches!(s, CommandState::Completed { .. }));
+    let done = hub.wait_command(cmd.id, "the refusal", |s| matches!(s, CommandState::Completed { .. }));
     assert!(matches!(done.state, CommandState::Completed { outcome: Outcome::Rejected, .. }), "{done:?}");
     assert!(!marker.exists());
     let bad =

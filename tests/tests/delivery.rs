@@ -4,52 +4,12 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::api::SampleView;
-use outpost_tests::{Agent, Hub, Scratch, Timings, loadgen_base_ms, wait_for, wait_online};
+use outpost_tests::{
+    Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, synthetic, wait_all, wait_for, wait_online,
+    wait_progress,
+};
 use rand::RngExt;
 use std::time::{Duration, Instant};
-
-/// The load generator's samples the hub holds, oldest first.
-fn synthetic(hub: &Hub, id: &str, n: u64) -> Vec<SampleView> {
-    let until = (loadgen_base_ms() + n).to_string();
-    hub.client().metrics(id, Some(&loadgen_base_ms().to_string()), Some(&until), Some(1_000_000)).unwrap().samples
-}
-
-/// Every synthetic record `0..n` exactly once, in order of both index and
-/// sequence number.
-fn assert_exactly_once_in_order(samples: &[SampleView], n: u64) {
-    let markers: Vec<u64> = samples.iter().map(|s| s.sample.uptime_secs).collect();
-    let expected: Vec<u64> = (0..n).collect();
-    if markers != expected {
-        let dups = markers.windows(2).filter(|w| w[0] == w[1]).count();
-        let missing = expected.iter().filter(|i| markers.binary_search(i).is_err()).count();
-        panic!("{} records at the hub for {n} produced: {dups} duplicated, {missing} missing", markers.len());
-    }
-    assert!(samples.windows(2).all(|w| w[0].seq < w[1].seq), "sequence numbers out of order");
-    assert!(
-        samples.iter().all(|s| s.at_ms == loadgen_base_ms() + s.sample.uptime_secs),
-        "timestamps changed in transit"
-    );
-}
-
-fn wait_all(hub: &Hub, id: &str, n: u64, limit: Duration) -> Vec<SampleView> {
-    wait_for(limit, &format!("{n} records at the hub"), || {
-        let samples = synthetic(hub, id, n);
-        (samples.len() as u64 >= n).then_some(samples)
-    })
-    .unwrap_or_else(|e| {
-        let have = synthetic(hub, id, n).len();
-        panic!("{e}: the hub holds {have}")
-    })
-}
-
-/// Waits until the hub's high-water mark of `id` reaches `target`.
-fn wait_progress(hub: &Hub, id: &str, target: u64, limit: Duration) -> u64 {
-    wait_for(limit, &format!("the hub to reach seq {target}"), || {
-        let seq = hub.device(id).ok()?.last_seq;
-        (seq >= target).then_some(seq)
-    })
-    .unwrap()
-}
 
 /// Load generator arguments: 20 000 records over about 25 s, so the kills
 /// land while it produces.

@@ -1,18 +1,23 @@
 //! The uplink: the agent's one link to the hub.
 //!
 //! [`link_loop`] runs as the task of the "uplink" [`crate::task_actor::TaskActor`].
-//! It connects, holds a session (see [`quic`]) that drains the outbox in
-//! acknowledged batches and takes deliveries into the inbox, and on any
+//! It connects over the configured transport ([`quic`] straight to the hub,
+//! or [`mqtt`] through a broker), holds a [`session`] that drains the outbox
+//! in acknowledged batches and takes deliveries into the inbox, and on any
 //! failure reconnects with exponential backoff and full jitter. Its state is
 //! published on a watch channel that the supervisor turns into systemd
 //! `STATUS=` lines.
 
+pub mod mqtt;
 pub mod quic;
+pub mod session;
 
 use crate::backoff::Backoff;
-use crate::config::UplinkConfig;
+use crate::config::{Transport, UplinkConfig};
 use crate::identity::Identity;
 use crate::store::AgentStore;
+use crate::tls;
+use outpost_shared::io::StreamError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -52,6 +57,89 @@ impl std::fmt::Display for LinkState {
     }
 }
 
+/// Why a session attempt or a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The hub address does not resolve.
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No QUIC connection could be made.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection failed or was closed by the hub.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The control stream broke: I/O, framing or a malformed message.
+    #[error("control stream: {0}")]
+    Stream(#[from] StreamError),
+    /// The hub refused the session.
+    #[error("hub refused: {0:?}: {1}")]
+    Refused(outpost_shared::protocol::RefusalReason, String),
+    /// The hub sent something out of place.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The hub did not answer in time.
+    #[error("hub did not answer within {0:?}")]
+    Timeout(Duration),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The MQTT broker connection failed or refused us.
+    #[error("MQTT broker: {0}")]
+    Mqtt(String),
+}
+
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        LinkError::Stream(StreamError::Io(e.into()))
+    }
+}
+
+/// A session over either transport.
+#[derive(Debug)]
+enum Session {
+    Quic(quic::Session),
+    Mqtt(mqtt::Session),
+}
+
+impl Session {
+    fn new(config: &UplinkConfig) -> Self {
+        match &config.transport {
+            Transport::Quic => Session::Quic(quic::Session::default()),
+            Transport::Mqtt(mqtt) => Session::Mqtt(mqtt::Session::new(mqtt.clone())),
+        }
+    }
+
+    fn was_connected(&self) -> bool {
+        match self {
+            Session::Quic(s) => s.was_connected(),
+            Session::Mqtt(s) => s.was_connected(),
+        }
+    }
+
+    async fn run(&mut self, p: &LinkParams) -> Result<(), LinkError> {
+        match self {
+            Session::Quic(s) => s.run(p).await,
+            Session::Mqtt(s) => s.run(p).await,
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Session::Quic(s) => s.close().await,
+            Session::Mqtt(s) => s.close().await,
+        }
+    }
+}
+
 /// Everything the link task needs; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct LinkParams {
@@ -77,7 +165,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
     loop {
         attempt += 1;
         params.state.send_replace(LinkState::Connecting { attempt });
-        let mut session = quic::Session::default();
+        let mut session = Session::new(&params.config);
         let result = tokio::select! {
             () = cancel.cancelled() => None,
             result = session.run(&params) => Some(result),

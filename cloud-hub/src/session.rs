@@ -1,0 +1,183 @@
+//! What a device session does, whatever carries it: the QUIC endpoint
+//! ([`crate::quic`]) and the MQTT bridge ([`crate::mqtt`]) both call these.
+//!
+//! - [`hello`]: the device says who it is; the hub answers with a `Welcome`
+//!   carrying the last sequence number it holds.
+//! - [`ingest`]: a signed batch is checked (origin, signature, order) and
+//!   stored idempotently per `(device, seq)`; the `Ack` is made only after
+//!   the durable write.
+//! - [`received`]: the device persisted some commands.
+//! - [`Outbound`]: what to deliver next (commands, desired state).
+
+use crate::store::{CommandState, Store};
+use outpost_shared::DeviceId;
+use outpost_shared::protocol::{Ack, Batch, Command, Deliver, Desired, Hello, Refusal, RefusalReason, Welcome};
+use outpost_shared::time::Timestamp;
+use tracing::{debug, info};
+
+/// Why a session (or, over MQTT, one message) ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The peer closed, the connection dropped, or the hub could not go on.
+    Closed(String),
+    /// The peer broke the protocol.
+    Protocol(String),
+    /// The hub refuses the device.
+    Refused(Refusal),
+}
+
+impl From<outpost_shared::io::StreamError> for SessionEnd {
+    fn from(e: outpost_shared::io::StreamError) -> Self {
+        match e {
+            outpost_shared::io::StreamError::Io(io) => SessionEnd::Closed(io.to_string()),
+            other => SessionEnd::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Records a device's hello (name, version, address) and makes its
+/// `Welcome`. Refuses devices the store does not know.
+pub fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<Welcome, SessionEnd> {
+    let known = store.update_device(id, |r| {
+        r.name.clone_from(&hello.name);
+        r.agent_version = Some(hello.agent_version.clone());
+        r.last_seen = Some(Timestamp::now());
+        r.last_addr = Some(addr.to_owned());
+    });
+    match known {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(SessionEnd::Refused(Refusal {
+                reason: RefusalReason::UnknownDevice,
+                message: "device is not registered".into(),
+            }));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Device record could not be updated.");
+            return Err(SessionEnd::Closed("store error".into()));
+        }
+    }
+    let acked_seq = store.high_water(id).map_err(|e| {
+        tracing::error!(error = %e, "High-water mark could not be read.");
+        SessionEnd::Closed("store error".into())
+    })?;
+    Ok(Welcome {
+        device_id: id.clone(),
+        hub_version: env!("CARGO_PKG_VERSION").into(),
+        server_time: Timestamp::now(),
+        acked_seq,
+    })
+}
+
+/// Checks and stores a batch from device `id`, whose certificate key is
+/// `key`: the origin must be `id`, the signature must verify, and sequence
+/// numbers must increase from 1. Returns the acknowledgement to send once
+/// the records are durable.
+pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> Result<Ack, SessionEnd> {
+    if batch.origin != *id {
+        return Err(SessionEnd::Protocol(format!("batch of device {} on {id}'s session", batch.origin)));
+    }
+    if !batch.verify(key) {
+        return Err(SessionEnd::Protocol("batch signature does not verify with the device's certificate".into()));
+    }
+    let records = batch.records().map_err(|e| SessionEnd::Protocol(format!("signed batch does not decode: {e}")))?;
+    if !records.windows(2).all(|w| w[0].seq < w[1].seq) || records.first().is_some_and(|r| r.seq == 0) {
+        return Err(SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into()));
+    }
+    let device = id.clone();
+    let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
+        Ok(Ok(ingested)) => ingested,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "Ingest failed; the agent will resend.");
+            return Err(SessionEnd::Closed("store error".into()));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Ingest could not be made durable; the agent will resend.");
+            return Err(SessionEnd::Closed("store error".into()));
+        }
+    };
+    for (from, to) in &ingested.gaps {
+        info!(from, to, "Sequence gap (records the device thinned).");
+    }
+    if ingested.duplicates > 0 {
+        debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
+    }
+    Ok(Ack { upto: ingested.upto })
+}
+
+/// The device persisted these commands: queued ones become delivered.
+pub async fn received(store: &Store, id: &DeviceId, commands: Vec<u64>) {
+    let device = id.clone();
+    let marked = store
+        .writer()
+        .run(move |s| {
+            s.transition_commands(
+                &device,
+                &commands,
+                |st| *st == CommandState::Queued,
+                CommandState::Delivered { at: Timestamp::now() },
+            )
+        })
+        .await;
+    match marked {
+        Ok(Ok(ids)) if !ids.is_empty() => info!(commands = ?ids, "Commands delivered."),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "Delivery could not be recorded."),
+        Err(e) => tracing::error!(error = %e, "Delivery could not be recorded."),
+    }
+}
+
+/// Most commands per `Deliver`. A delivery also stops at half the frame
+/// limit; the API caps one command at [`crate::http::MAX_COMMAND_BYTES`] and
+/// frames are at least 256 KiB, so one command always fits.
+pub const MAX_COMMANDS_PER_DELIVERY: usize = 100;
+
+/// What this session has already sent the device, so a wake-up sends only
+/// what is new.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    sent_commands: std::collections::HashSet<u64>,
+    sent_desired: u64,
+}
+
+impl Outbound {
+    /// Commands queued and unexpired, and a desired state newer than the
+    /// device reported, that this session has not sent yet.
+    pub fn pending(&mut self, store: &Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
+        let now = Timestamp::now();
+        let mut bytes = 0;
+        let commands: Vec<Command> = match store.device_commands(id) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|c| {
+                    c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id)
+                })
+                .take(MAX_COMMANDS_PER_DELIVERY)
+                .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
+                .take_while(|c| {
+                    bytes += c.kind.len() + c.args.iter().map(|a| a.len() + 5).sum::<usize>() + 32;
+                    bytes <= max_bytes
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "Pending commands could not be read.");
+                Vec::new()
+            }
+        };
+        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
+        let desired = store
+            .desired(id)
+            .ok()
+            .flatten()
+            .filter(|d| d.version > reported.max(self.sent_desired))
+            .map(|d| Desired { version: d.version, doc: d.doc });
+        if commands.is_empty() && desired.is_none() {
+            return None;
+        }
+        self.sent_commands.extend(commands.iter().map(|c| c.id));
+        if let Some(d) = &desired {
+            self.sent_desired = d.version;
+        }
+        Some(Deliver { commands, desired })
+    }
+}

@@ -1,0 +1,262 @@
+//! The MQTT uplink against a real Mosquitto: the same guarantees as QUIC.
+//! Every test starts its own broker on free ports (see
+//! [`outpost_tests::Broker`]): a TLS listener enforcing
+//! `configs/mosquitto-acl`, and a permissive one for playing an attacker.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_agent::identity::Identity;
+use outpost_hub::api::CommandRequest;
+use outpost_hub::store::CommandState;
+use outpost_shared::DeviceId;
+use outpost_shared::mqtt::{UpKind, up_topic};
+use outpost_shared::protocol::{
+    Batch, Direction, Envelope, Hello, Message, Outcome, Record, RecordBody, Signed, StateReport,
+};
+use outpost_shared::time::Timestamp;
+use outpost_tests::{
+    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, wait_all, wait_for, wait_online, wait_progress,
+};
+use std::time::Duration;
+
+/// A hub whose bridge uses a fresh broker, and the broker.
+fn hub_with_broker(scratch: &Scratch, timings: &Timings) -> (Hub, Broker) {
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let broker = Broker::start(scratch.path(), &hub).unwrap();
+    hub.extra_config = broker.hub_config();
+    hub.kill();
+    hub.serve().unwrap();
+    (hub, broker)
+}
+
+fn mqtt_agent(scratch: &Scratch, hub: &Hub, broker: &Broker, name: &str, extra: &str) -> Agent {
+    let agent = Agent::enroll_with(scratch.path(), hub, name, &Timings::default(), extra).unwrap();
+    agent.use_transport(Some(broker)).unwrap();
+    agent
+}
+
+#[test]
+fn a_fleet_over_mqtt_works_as_over_quic() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    let mut agents: Vec<Agent> =
+        (0..2).map(|i| mqtt_agent(&scratch, &hub, &broker, &format!("mqtt-{i}"), "")).collect();
+    for agent in &mut agents {
+        agent.start().unwrap();
+    }
+    let owned: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+    let ids: Vec<&str> = owned.iter().map(String::as_str).collect();
+    wait_for(Duration::from_secs(15), "both agents online over MQTT with telemetry", || {
+        let devices = hub.devices().ok()?;
+        ids.iter()
+            .all(|id| {
+                devices
+                    .iter()
+                    .any(|d| d.id == *id && d.online && d.transport.as_deref() == Some("mqtt") && d.telemetry.is_some())
+            })
+            .then_some(())
+    })
+    .unwrap();
+    // Through the broker, with the device ids from the certificates.
+    let log = broker.log_text();
+    for id in &ids {
+        assert!(log.contains(&format!("u'{id}'")), "{id} did not connect to the broker:\n{log}");
+    }
+    let first = hub.device(ids[0]).unwrap();
+    assert_eq!(first.name, "mqtt-0");
+    assert_eq!(first.agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+
+    // Commands.
+    let client = hub.client();
+    let request = CommandRequest { kind: "echo".into(), args: vec!["over mqtt".into()], expires_in: None };
+    let cmd = client.send_command(ids[0], &request).unwrap();
+    let done = hub.wait_command(cmd.id, "the echo's result", |s| matches!(s, CommandState::Completed { .. }));
+    match done.state {
+        CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, "over mqtt"),
+        other => panic!("echo: {other:?}"),
+    }
+
+    // Desired state: applied and reported.
+    client.put_desired(ids[1], 0, serde_json::json!({ "telemetry_interval": "1s" })).unwrap();
+    wait_for(Duration::from_secs(15), "desired state applied over MQTT", || {
+        client.desired(ids[1]).ok().filter(|d| d.in_sync && d.reported_version == 1)
+    })
+    .unwrap();
+
+    // Telemetry keeps flowing; records arrive in sequence.
+    let before = hub.device(ids[1]).unwrap().last_seq;
+    wait_progress(&hub, ids[1], before + 2, Duration::from_secs(10));
+
+    // A stopped agent goes offline after the heartbeat timeout.
+    agents[0].proc.as_mut().unwrap().kill();
+    wait_online(&hub, &[ids[0]], false, Duration::from_secs(10)).unwrap();
+    assert!(hub.device(ids[1]).unwrap().online, "the other agent went offline too");
+}
+
+/// 20 000 records over about 25 s, so the broker restarts land while the
+/// agent produces.
+const LOADGEN: [&str; 6] = ["--records", "20000", "--batch", "20", "--appends-per-sec", "40"];
+const RECORDS: u64 = 20_000;
+
+#[test]
+fn broker_killed_and_restarted_while_the_agent_produces_loses_and_doubles_nothing() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, mut broker) = hub_with_broker(&scratch, &timings);
+    let mut agent = mqtt_agent(&scratch, &hub, &broker, "gen", "");
+    agent.start_loadgen(&LOADGEN).unwrap();
+    let mut seen = 0;
+    for cycle in 1..=4u64 {
+        seen = wait_progress(&hub, &agent.id, cycle * RECORDS / 5, Duration::from_secs(60));
+        let noticed = |agent: &Agent| agent.log_text().matches("MQTT broker").count();
+        let before = noticed(&agent);
+        broker.kill();
+        // Production goes on into the outbox while the broker is away.
+        let produced = seen;
+        wait_for(Duration::from_secs(10), "the agent to notice", || (noticed(&agent) > before).then_some(())).unwrap();
+        broker.restart().unwrap();
+        eprintln!("cycle {cycle}: broker killed at hub seq {produced} and restarted");
+    }
+    let samples = wait_all(&hub, &agent.id, RECORDS, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, RECORDS);
+    assert!(seen > 0);
+}
+
+#[test]
+fn switching_between_mqtt_and_quic_mid_stream_is_exactly_once_in_order() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    let mut agent = mqtt_agent(&scratch, &hub, &broker, "switcher", "");
+    agent.start_loadgen(&LOADGEN).unwrap();
+    for (step, to_mqtt) in [(1u64, false), (2, true), (3, false)] {
+        wait_progress(&hub, &agent.id, step * RECORDS / 4, Duration::from_secs(60));
+        let want = if to_mqtt { "mqtt" } else { "quic" };
+        agent.proc.as_mut().unwrap().terminate(Duration::from_secs(10));
+        agent.use_transport(to_mqtt.then_some(&broker)).unwrap();
+        agent.start_loadgen(&LOADGEN).unwrap();
+        wait_for(Duration::from_secs(15), &format!("the agent on {want}"), || {
+            hub.device(&agent.id).ok().filter(|d| d.transport.as_deref() == Some(want))
+        })
+        .unwrap();
+        eprintln!("step {step}: switched to {want}");
+    }
+    let samples = wait_all(&hub, &agent.id, RECORDS, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, RECORDS);
+}
+
+/// Publishes `payload` to `topic` through the broker's permissive listener,
+/// as any client on a careless broker could.
+fn publish_anonymously(broker: &Broker, topic: &str, payload: Vec<u8>) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let options = rumqttc::MqttOptions::new("intruder", "127.0.0.1", broker.plain_port);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+        let acked = async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), acked).await.unwrap();
+    });
+}
+
+#[test]
+fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    // The victim never runs: anything stored for it came from the intruder.
+    let victim = mqtt_agent(&scratch, &hub, &broker, "victim", "");
+    let intruder = mqtt_agent(&scratch, &hub, &broker, "intruder", "");
+    let victim_id: DeviceId = victim.id.parse().unwrap();
+    let intruder_id: DeviceId = intruder.id.parse().unwrap();
+    let identity = Identity::load(&intruder.data_dir).unwrap();
+    let signer = identity.signer().unwrap();
+    let sign = |input: &[u8]| signer.sign(input);
+    let record = Record {
+        seq: 1,
+        at: Timestamp::now(),
+        body: RecordBody::StateReport(StateReport { applied_version: 9, error: None }),
+    };
+    let batch_topic = up_topic(&victim_id, UpKind::Batch);
+    let hello_topic = up_topic(&victim_id, UpKind::Hello);
+    let hello = Message::Hello(Hello { agent_version: "x".into(), name: "hijacked".into(), started_at: Timestamp(1) });
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        (
+            "the intruder's own valid batch on the victim's topic",
+            batch_topic.clone(),
+            Envelope::new(Message::Batch(Batch::new(intruder_id.clone(), std::slice::from_ref(&record), sign)))
+                .encode(),
+            "batch of device",
+        ),
+        (
+            "a batch claiming the victim as origin, signed by the intruder",
+            batch_topic.clone(),
+            Envelope::new(Message::Batch(Batch::new(victim_id.clone(), std::slice::from_ref(&record), sign))).encode(),
+            "batch signature does not verify",
+        ),
+        (
+            "a hello in the victim's name, signed by the intruder",
+            hello_topic.clone(),
+            Envelope::new(Message::Signed(Signed::new(Direction::Up, victim_id.clone(), &hello, sign))).encode(),
+            "signature does not verify",
+        ),
+        (
+            "the intruder's own signed hello on the victim's topic",
+            hello_topic.clone(),
+            Envelope::new(Message::Signed(Signed::new(Direction::Up, intruder_id.clone(), &hello, sign))).encode(),
+            "on dev-",
+        ),
+        ("garbage", batch_topic.clone(), vec![5, 0xFF, 0xFF, 0xFF], "malformed envelope"),
+    ];
+    for (what, topic, payload, reason) in cases {
+        publish_anonymously(&broker, &topic, payload);
+        wait_for(Duration::from_secs(10), &format!("the hub to reject {what}"), || {
+            let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+            log.lines()
+                .any(|l| l.contains("Rejected MQTT message") && l.contains(&victim.id) && l.contains(reason))
+                .then_some(())
+        })
+        .unwrap();
+        eprintln!("rejected: {what}");
+    }
+    let view = hub.device(&victim.id).unwrap();
+    assert_eq!(view.last_seq, 0, "a forged record was stored");
+    assert_eq!(view.name, "victim", "a forged hello renamed the device");
+    assert!(!view.online, "forged messages made the device look online");
+    assert_eq!(hub.client().desired(&victim.id).unwrap().reported_version, 0);
+
+    // On the TLS listener the ACL stops a device at the broker already.
+    let mut intruder = intruder;
+    let topic_of_victim = batch_topic;
+    intruder.start().unwrap();
+    wait_online(&hub, &[&intruder.id], true, Duration::from_secs(15)).unwrap();
+    // The intruder device's own traffic is allowed; now play a compromised
+    // device publishing into the victim's topic with its own certificate.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut options = rumqttc::MqttOptions::new("intruder-2", "127.0.0.1", broker.tls_port);
+        let roots = outpost_shared::mqtt::read_pem_certs(&broker.ca_file).unwrap();
+        let tls = outpost_shared::mqtt::tls_client_config(&roots, vec![identity.cert.clone()], identity.key()).unwrap();
+        options.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        client.publish(topic_of_victim.clone(), rumqttc::QoS::AtLeastOnce, false, vec![1, 2, 3]).await.unwrap();
+        let acked = async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), acked).await.unwrap();
+    });
+    wait_for(Duration::from_secs(5), "the broker to deny the publish", || {
+        broker.log_text().lines().any(|l| l.contains("Denied PUBLISH") && l.contains(&topic_of_victim)).then_some(())
+    })
+    .unwrap();
+}
