@@ -207,6 +207,25 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_transport_is_read_and_every_problem_listed() {
+        let text =
+            "data_dir = \"/x\"\n[uplink]\ntransport = \"mqtt\"\n[uplink.mqtt]\nbroker = \"mqtts://b.example:8884\"\n";
+        let c = AgentConfig::parse(Path::new("agent.toml"), text).unwrap();
+        let Transport::Mqtt(m) = c.uplink.transport else { panic!("not mqtt") };
+        assert_eq!((m.broker.host.as_str(), m.broker.port, m.keep_alive), ("b.example", 8884, Duration::from_secs(30)));
+        let text = "data_dir = \"/x\"\n[uplink]\ntransport = \"mqtt\"\n[uplink.mqtt]\nbroker = \"tcp://b\"\nkeep_alive = \"0s\"\nqos = 2\n";
+        let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["uplink.mqtt.broker", "uplink.mqtt.keep_alive", "uplink.mqtt.qos"], "{err}");
+        let text = "data_dir = \"/x\"\n[uplink]\ntransport = \"mqtt\"\n";
+        let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
+        assert_eq!(err.errors[0].path, "uplink.mqtt.broker", "{err}");
+        let text = "data_dir = \"/x\"\n[uplink]\ntransport = \"carrier pigeon\"\n";
+        let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
+        assert_eq!(err.errors[0].path, "uplink.transport", "{err}");
+    }
+
+    #[test]
     fn unknown_key_bad_duration_and_missing_field_are_all_reported() {
         let text = "[uplink]\nheartbeat = \"5 parsecs\"\nhubb = \"x\"\n[telemetry]\ninterval = \"0s\"\n";
         let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();

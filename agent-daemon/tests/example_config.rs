@@ -23,3 +23,16 @@ fn configs_agent_toml_is_valid_and_documents_the_defaults() {
     assert_eq!(config.commands.max_output, defaults.commands.max_output);
     assert_eq!(config.uplink.idle_timeout, Duration::from_secs(30));
 }
+
+/// The reference file's commented-out `[uplink.mqtt]` example, switched on.
+#[test]
+fn the_mqtt_example_in_configs_agent_toml_is_valid() {
+    use outpost_agent::config::Transport;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/agent.toml");
+    let text = outpost_shared::config::uncomment_block(&std::fs::read_to_string(&path).unwrap(), "[uplink.mqtt]")
+        .replace("transport = \"quic\"", "transport = \"mqtt\"");
+    let config = AgentConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let Transport::Mqtt(mqtt) = config.uplink.transport else { panic!("the example does not select MQTT") };
+    assert_eq!(mqtt.broker.to_string(), "mqtts://broker.example.com:8883");
+    assert_eq!(mqtt.keep_alive, Duration::from_secs(30));
+}

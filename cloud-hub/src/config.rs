@@ -140,6 +140,19 @@ mod tests {
     use std::path::Path;
 
     #[test]
+    fn mqtt_bridge_settings_are_read_and_checked() {
+        let c = HubConfig::parse(Path::new("hub.toml"), "data_dir = \"/x\"\n").unwrap();
+        assert!(c.mqtt.is_none(), "the bridge must be off by default");
+        let text = "data_dir = \"/x\"\n[mqtt]\nbroker = \"mqtt://127.0.0.1\"\nshared_group = \"\"\n";
+        let m = HubConfig::parse(Path::new("hub.toml"), text).unwrap().mqtt.unwrap();
+        assert_eq!((m.broker.tls, m.broker.port, m.shared_group.as_str()), (false, 1883, ""));
+        let text = "data_dir = \"/x\"\n[mqtt]\nshared_group = \"a/b\"\npassword = \"p\"\nkeep_alive = \"0s\"\n";
+        let err = HubConfig::parse(Path::new("hub.toml"), text).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["mqtt.broker", "mqtt.keep_alive", "mqtt.shared_group", "mqtt.password"], "{err}");
+    }
+
+    #[test]
     fn every_error_is_listed() {
         let text = "[quic]\nlisten = \"nowhere\"\nidle_timeout = \"soon\"\n[http]\nworkers = 0\n[extra]\n";
         let err = HubConfig::parse(Path::new("hub.toml"), text).unwrap_err();

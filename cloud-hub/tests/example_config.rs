@@ -16,3 +16,14 @@ fn configs_hub_toml_is_valid() {
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(15));
     assert_eq!(config.quic.max_frame, 1 << 20);
 }
+
+/// The reference file's commented-out `[mqtt]` example, switched on.
+#[test]
+fn the_mqtt_example_in_configs_hub_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/hub.toml");
+    let text = outpost_shared::config::uncomment_block(&std::fs::read_to_string(&path).unwrap(), "[mqtt]");
+    let config = HubConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let mqtt = config.mqtt.expect("the example does not switch the bridge on");
+    assert_eq!(mqtt.broker.to_string(), "mqtts://broker.example.com:8883");
+    assert_eq!((mqtt.shared_group.as_str(), mqtt.keep_alive), ("outpost-hub", Duration::from_secs(30)));
+}

@@ -301,6 +301,23 @@ pub trait FromConfig: Sized {
     fn from_config(value: &toml::Value) -> Result<Self, String>;
 }
 
+/// `text` with the commented-out example table `header` (a line `# [header]`
+/// and the `# key = value` lines after it, up to the next blank line)
+/// switched on: how the reference configs' optional examples are checked.
+pub fn uncomment_block(text: &str, header: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in text.lines() {
+        inside = (inside && !line.trim().is_empty()) || line == format!("# {header}");
+        match line.strip_prefix("# ") {
+            Some(rest) if inside && (rest.starts_with('[') || rest.contains(" = ")) => out.push_str(rest),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Plain serde types (strings, numbers, booleans, lists, enums).
 macro_rules! via_serde {
     ($($t:ty),*) => {$(
