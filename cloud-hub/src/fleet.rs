@@ -81,20 +81,26 @@ impl Fleet {
 
     /// A device opened a session on `link`; an older QUIC connection of the
     /// same device is closed. Returns the notifier that [`Fleet::poke`]
-    /// wakes for this session.
-    pub fn connected(&self, id: &DeviceId, link: Link) -> Arc<Notify> {
+    /// wakes for this session, or `None` for an MQTT session while a QUIC
+    /// session of the device is open: a QUIC session proved the device's
+    /// identity in its handshake, while a signed MQTT hello may be a replay,
+    /// so MQTT takes over only once the QUIC session has ended.
+    pub fn connected(&self, id: &DeviceId, link: Link) -> Option<Arc<Notify>> {
         let mut presence = self.presence();
         let entry = presence.entry(id.clone()).or_insert_with(|| Presence {
             last_seen: Timestamp::now(),
             link: None,
             downlink: Arc::default(),
         });
+        if matches!((&link, &entry.link), (Link::Mqtt(_), Some(Link::Quic(_)))) {
+            return None;
+        }
         entry.last_seen = Timestamp::now();
         if let Some(Link::Quic(old)) = entry.link.replace(link) {
             old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
         }
         entry.downlink = Arc::default();
-        entry.downlink.clone()
+        Some(entry.downlink.clone())
     }
 
     /// True while `link` is the device's current session.

@@ -362,7 +362,9 @@ impl DeviceTask {
 
     /// Makes this task the device's session in the fleet: at each hello (a
     /// new session: everything pending is offered again), or at the first
-    /// valid message of a device whose hello went to an earlier hub process.
+    /// valid message of a device whose hello went to an earlier hub process
+    /// or came while its QUIC session was still open (see
+    /// [`Fleet::connected`]; each later message tries again).
     fn attach(&mut self, hello: bool) {
         if !hello && self.link.is_some() {
             // Attached already, or another session took over since (the
@@ -370,7 +372,11 @@ impl DeviceTask {
             return;
         }
         let link = Link::Mqtt(SESSIONS.fetch_add(1, Ordering::Relaxed));
-        self.downlink = self.ctx.fleet.connected(&self.id, link.clone());
+        let Some(downlink) = self.ctx.fleet.connected(&self.id, link.clone()) else {
+            debug!("The device's QUIC session is still open; deliveries wait for it to end.");
+            return;
+        };
+        self.downlink = downlink;
         self.link = Some(link);
         self.outbound = Outbound::default();
         if !hello {

@@ -225,7 +225,10 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         tracing::error!(error = %e, "Device key could not be stored.");
         return SessionEnd::Closed("store error".into());
     }
-    let downlink = ctx.fleet.connected(id, Link::Quic(connection.clone()));
+    // A QUIC session is never refused by the fleet (only MQTT ones wait).
+    let Some(downlink) = ctx.fleet.connected(id, Link::Quic(connection.clone())) else {
+        return SessionEnd::Closed("session not registered".into());
+    };
     let resume_after = welcome.acked_seq;
     if let Err(e) = write_message(&mut send, Message::Welcome(welcome), ctx.max_frame).await {
         return e.into();

@@ -461,11 +461,13 @@ impl Broker {
         fs::write(dir.join("broker.key"), key.serialize_pem())?;
         let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mosquitto-acl");
         let (tls_port, plain_port) = (free_port()?, free_port()?);
+        // `user root`: started as root, Mosquitto would switch to its own
+        // user, which may not read the test's files; no effect otherwise.
         let conf = dir.join("mosquitto.conf");
         fs::write(
             &conf,
             format!(
-                "per_listener_settings true\npersistence false\nlog_dest stdout\nlog_type all\nset_tcp_nodelay true\n\
+                "per_listener_settings true\nuser root\npersistence false\nlog_dest stdout\nlog_type all\nset_tcp_nodelay true\n\
                  listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
                  use_identity_as_username true\nacl_file {}\n\
                  listener {plain_port} 127.0.0.1\nallow_anonymous true\n",

@@ -259,4 +259,29 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
         broker.log_text().lines().any(|l| l.contains("Denied PUBLISH") && l.contains(&topic_of_victim)).then_some(())
     })
     .unwrap();
+
+    // A replayed (validly signed) hello cannot take a device's deliveries
+    // away from its open QUIC session.
+    let mut victim = victim;
+    victim.use_transport(None).unwrap();
+    victim.start().unwrap();
+    wait_for(Duration::from_secs(15), "the victim online over QUIC", || {
+        hub.device(&victim.id).ok().filter(|d| d.online && d.transport.as_deref() == Some("quic"))
+    })
+    .unwrap();
+    let victim_identity = Identity::load(&victim.data_dir).unwrap();
+    let victim_signer = victim_identity.signer().unwrap();
+    let replayed = Signed::new(Direction::Up, victim_id.clone(), &hello, |input| victim_signer.sign(input));
+    publish_anonymously(&broker, &hello_topic, Envelope::new(Message::Signed(replayed)).encode());
+    wait_for(Duration::from_secs(10), "the hub to take the replayed hello", || {
+        let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+        log.lines().any(|l| l.contains("MQTT session opened") && l.contains(&victim.id)).then_some(())
+    })
+    .unwrap();
+    assert_eq!(hub.device(&victim.id).unwrap().transport.as_deref(), Some("quic"));
+    let request = CommandRequest { kind: "echo".into(), args: vec!["still quic".into()], expires_in: None };
+    let cmd = hub.client().send_command(&victim.id, &request).unwrap();
+    let done = hub.wait_command(cmd.id, "the echo over QUIC", |s| matches!(s, CommandState::Completed { .. }));
+    assert!(matches!(done.state, CommandState::Completed { outcome: Outcome::Succeeded, .. }), "{done:?}");
+    assert!(!victim.log_text().contains("replaced"), "the replay closed the device's QUIC session");
 }
