@@ -148,8 +148,8 @@ pub fn verify_p256(public_key: &[u8], input: &[u8], signature: &[u8]) -> bool {
 }
 
 /// Outbox records of one device, in increasing sequence order, signed with
-/// that device's own key, so that whoever carries them (the direct link
-/// today; a LAN peer or a broker later) cannot forge or alter them.
+/// that device's own key, so that whoever carries them (the direct
+/// link, an MQTT broker, later a LAN peer) cannot forge or alter them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     /// The device whose records these are.
