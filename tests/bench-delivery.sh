@@ -46,6 +46,9 @@ backoff_initial = "100ms"
 backoff_max = "500ms"
 [store]
 outbox_budget = "2 GiB"
+[peers]
+# Many agents on one host: LAN peers would only find each other.
+enabled = false
 CFG
 }
 enroll() { "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null; agent_config "$1"; }

@@ -41,7 +41,7 @@ start_agent() { # name count schedule
     token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 10m)
     "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$name" --name "$name" >/dev/null
     # The reference config without its own jobs, then exactly COUNT jobs.
-    sed -e "s|^data_dir = .*|data_dir = \"$work/$name\"|" -e '/^\[\[job\]\]/,$d' configs/agent.toml > "$work/$name.toml"
+    sed -e "s|^data_dir = .*|data_dir = \"$work/$name\"|" -e '/^\[\[job\]\]/,$d' -e 's/^port = 7444/port = 0/' configs/agent.toml > "$work/$name.toml"
     for i in $(seq "$count"); do
         printf '[[job]]\nname = "job-%d"\nschedule = "%s"\ncommand = ["true"]\n' "$i" "$schedule" >> "$work/$name.toml"
     done

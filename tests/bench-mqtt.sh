@@ -95,6 +95,9 @@ broker = "mqtts://127.0.0.1:$tls_port"
 ca_file = "$work/broker/ca.crt"
 [store]
 outbox_budget = "2 GiB"
+[peers]
+# Many agents on one host: LAN peers would only find each other.
+enabled = false
 CFG
 }
 enroll() { "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null; agent_config "$1" "$2"; }

@@ -28,6 +28,29 @@ pub struct AgentConfig {
     /// Scheduled jobs (`[[job]]`); the hub's desired state may add more and
     /// replace these by name.
     pub jobs: Vec<JobSpec>,
+    /// LAN peers: discovery and relay.
+    pub peers: PeersConfig,
+}
+
+/// `[peers]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeersConfig {
+    /// Advertise, discover and relay. Default true.
+    pub enabled: bool,
+    /// Interfaces to advertise and browse on. Default: every non-loopback
+    /// interface with multicast.
+    pub interfaces: Vec<String>,
+    /// UDP port of the peer endpoint; 0 lets the OS pick. Default 7444.
+    pub port: u16,
+    /// Keep-alive of peer links. Default 2s.
+    pub probe_interval: Duration,
+    /// A peer whose link is silent this long is gone. Default 10s.
+    pub gone_after: Duration,
+    /// Relay the outbox through a trusted peer while the uplink is down.
+    /// Default true.
+    pub relay: bool,
+    /// Start relaying after the uplink has been down this long. Default 5s.
+    pub relay_after: Duration,
 }
 
 /// How the agent reaches the hub.
@@ -123,6 +146,7 @@ impl ConfigFile for AgentConfig {
         let telemetry = root.table("telemetry");
         let store = root.table("store");
         let commands = root.table("commands");
+        let peers = root.table("peers");
         let mqtt = uplink.table("mqtt");
         let transport = match uplink.get_or("transport", "quic".to_owned()).as_str() {
             "quic" => Transport::Quic,
@@ -165,7 +189,19 @@ impl ConfigFile for AgentConfig {
             },
             log: root.get_or("log", "info".to_owned()),
             jobs: read_jobs(root, "job"),
+            peers: PeersConfig {
+                enabled: peers.get_or("enabled", true),
+                interfaces: peers.get_or("interfaces", Vec::new()),
+                port: peers.get_or("port", 7444u16),
+                probe_interval: peers.get_or("probe_interval", Duration::from_secs(2)),
+                gone_after: peers.get_or("gone_after", Duration::from_secs(10)),
+                relay: peers.get_or("relay", true),
+                relay_after: peers.get_or("relay_after", Duration::from_secs(5)),
+            },
         };
+        let pc = &config.peers;
+        peers.check("probe_interval", pc.probe_interval >= Duration::from_millis(100), "must be at least 100ms");
+        peers.check("gone_after", pc.gone_after > pc.probe_interval, "must be longer than probe_interval");
         let u = &config.uplink;
         for (key, value) in [
             ("connect_timeout", u.connect_timeout),
@@ -189,7 +225,7 @@ impl ConfigFile for AgentConfig {
         if matches!(config.uplink.transport, Transport::Mqtt(_)) {
             mqtt.finish();
         }
-        for section in [uplink, telemetry, store, commands] {
+        for section in [uplink, telemetry, store, commands, peers] {
             section.finish();
         }
         config

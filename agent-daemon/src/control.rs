@@ -5,11 +5,13 @@
 //! the agent's own). One request per connection, one JSON line; the answer
 //! is one or more JSON lines, then the daemon closes the connection:
 //! - `{"op":"jobs"}` → `{"jobs":[JobView...]}`
+//! - `{"op":"peers"}` → `{"peers":[PeerEntry...]}`
 //! - `{"op":"run_job","name":N,"wait":true}` → `{"started":RUN_ID}`, then
 //!   with `wait` one `{"attempt":JobRun}` per attempt until the last.
 //! - errors: `{"error":"..."}`.
 
 use crate::jobs::{JobView, Jobs};
+use crate::peers::PeerTable;
 use outpost_shared::job::{JobRun, Trigger};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +35,8 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub enum Request {
     /// List the jobs.
     Jobs,
+    /// List the LAN peers.
+    Peers,
     /// Run a job now.
     RunJob {
         /// Its name.
@@ -49,6 +53,8 @@ pub enum Request {
 pub enum Reply {
     /// The jobs.
     Jobs(Vec<JobView>),
+    /// The LAN peers.
+    Peers(Vec<outpost_shared::peers::PeerEntry>),
     /// The run started with this id.
     Started(u64),
     /// An attempt ended.
@@ -58,7 +64,7 @@ pub enum Reply {
 }
 
 /// Serves the socket until `cancel`.
-pub async fn serve(data_dir: PathBuf, jobs: Jobs, cancel: CancellationToken) {
+pub async fn serve(data_dir: PathBuf, jobs: Jobs, peers: PeerTable, cancel: CancellationToken) {
     let path = socket_path(&data_dir);
     let listener = match bind(&path).await {
         Ok(l) => l,
@@ -75,10 +81,10 @@ pub async fn serve(data_dir: PathBuf, jobs: Jobs, cancel: CancellationToken) {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (jobs, cancel) = (jobs.clone(), cancel.clone());
+                    let (jobs, peers, cancel) = (jobs.clone(), peers.clone(), cancel.clone());
                     tokio::spawn(async move {
                         tokio::select! {
-                            () = handle(stream, &jobs) => {}
+                            () = handle(stream, &jobs, &peers) => {}
                             () = cancel.cancelled() => {}
                         }
                     });
@@ -107,7 +113,7 @@ async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn handle(stream: UnixStream, jobs: &Jobs) {
+async fn handle(stream: UnixStream, jobs: &Jobs, peers: &PeerTable) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
@@ -126,6 +132,9 @@ async fn handle(stream: UnixStream, jobs: &Jobs) {
         }
         Ok(Request::Jobs) => {
             send(jobs.list().await.map_or_else(|e| Reply::Error(e.to_string()), Reply::Jobs)).await;
+        }
+        Ok(Request::Peers) => {
+            send(Reply::Peers(peers.snapshot())).await;
         }
         Ok(Request::RunJob { name, wait }) => {
             // Subscribe first so no attempt can end unseen.

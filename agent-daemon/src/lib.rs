@@ -15,6 +15,7 @@ pub mod enroll;
 pub mod identity;
 pub mod inbox;
 pub mod jobs;
+pub mod peers;
 pub mod process;
 pub mod store;
 pub mod supervisor;
@@ -27,6 +28,7 @@ use crate::config::AgentConfig;
 use crate::identity::{Identity, IdentityError};
 use crate::inbox::Settings;
 use crate::jobs::{Jobs, SchedulerActor};
+use crate::peers::{PeerParams, PeerTable};
 use crate::store::AgentStore;
 use crate::supervisor::{RestartPolicy, SupervisorActor};
 use crate::task_actor::TaskActor;
@@ -113,6 +115,8 @@ pub fn run_with(
         let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
         let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
+        let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(16);
+        let peer_table = PeerTable::default();
         let params = LinkParams {
             hub: config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone()),
             config: config.uplink.clone(),
@@ -120,6 +124,17 @@ pub fn run_with(
             identity,
             store: store.clone(),
             state: Arc::new(state_tx),
+            relay: Arc::new(tokio::sync::Mutex::new(relay_rx)),
+        };
+        let peer_params = PeerParams {
+            config: config.peers.clone(),
+            identity: params.identity.clone(),
+            store: store.clone(),
+            link: state_rx.clone(),
+            relay_tx,
+            table: peer_table.clone(),
+            max_frame: config.uplink.max_frame,
+            ack_timeout: config.uplink.idle_timeout,
         };
         let stats = store.stats();
         tracing::info!(
@@ -136,8 +151,9 @@ pub fn run_with(
         let (jobs2, jobs3, jobs4) = (jobs.clone(), jobs.clone(), jobs.clone());
         let (local_jobs, jobs_settings) = (config.jobs.clone(), settings_rx.clone());
         let (t3, s3, control_dir) = (tasks.clone(), stop.clone(), config.data_dir.clone());
+        let (t4, s4, control_peers) = (tasks.clone(), stop.clone(), peer_table.clone());
         let status_store = store.clone();
-        let supervisor = SupervisorActor::new(RestartPolicy::default())
+        let mut supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
                 let params = params.clone();
                 TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| {
@@ -158,17 +174,24 @@ pub fn run_with(
                 SchedulerActor::new(jobs3.clone(), local_jobs.clone(), jobs_settings.clone()).start()
             })
             .child("control", move || {
-                let (dir, jobs) = (control_dir.clone(), jobs4.clone());
+                let (dir, jobs, peers) = (control_dir.clone(), jobs4.clone(), control_peers.clone());
                 TaskActor::new("control", t3.clone(), s3.clone(), move |cancel| {
-                    control::serve(dir.clone(), jobs.clone(), cancel)
+                    control::serve(dir.clone(), jobs.clone(), peers.clone(), cancel)
                 })
                 .start()
             })
             .child("telemetry", move || {
                 TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start()
             })
-            .status_from(move || status_line(&state_rx.borrow(), &status_store.stats()))
-            .start();
+            .status_from(move || status_line(&state_rx.borrow(), &status_store.stats()));
+        if config.peers.enabled {
+            supervisor = supervisor.child("peers", move || {
+                let params = peer_params.clone();
+                TaskActor::new("peers", t4.clone(), s4.clone(), move |cancel| peers::run(params.clone(), cancel))
+                    .start()
+            });
+        }
+        let supervisor = supervisor.start();
         extra(&store);
         shutdown.await;
         tracing::info!("Agent stopping.");

@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the LAN peers the running daemon knows (works with no hub).
+    Peers {
+        /// The daemon's config file (for its data dir).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a job now through the running daemon; waits for it and exits 0
     /// if it succeeded.
     RunJob {
@@ -73,6 +82,14 @@ fn main() -> ExitCode {
             Ok(config) => local(&config, Request::Jobs, |reply| match reply {
                 Reply::Jobs(jobs) if json => println!("{}", serde_json::to_string_pretty(jobs).unwrap_or_default()),
                 Reply::Jobs(jobs) => print!("{}", jobs_table(jobs)),
+                _ => {}
+            }),
+            Err(code) => code,
+        },
+        Command::Peers { config, json } => match AgentConfig::load_or_exit(&config) {
+            Ok(config) => local(&config, Request::Peers, |reply| match reply {
+                Reply::Peers(peers) if json => println!("{}", serde_json::to_string_pretty(peers).unwrap_or_default()),
+                Reply::Peers(peers) => print!("{}", outpost_shared::peers::render(peers)),
                 _ => {}
             }),
             Err(code) => code,

@@ -189,6 +189,18 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// `GET /api/v1/devices/{id}/peers`: the device's LAN neighbours as it
+/// last reported them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersView {
+    /// Device id.
+    pub device: String,
+    /// When the device reported this table (none: never reported).
+    pub reported_at: Option<String>,
+    /// The peers.
+    pub peers: Vec<outpost_shared::peers::PeerEntry>,
+}
+
 /// `GET /api/v1/devices/{id}/jobs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobsView {

@@ -133,7 +133,8 @@ impl FleetCa {
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::new(Vec::new())?;
         params.distinguished_name.push(DnType::CommonName, id.as_str());
-        params.subject_alt_names = vec![SanType::DnsName(format!("{id}.device.outpost.invalid").try_into()?)];
+        let san = outpost_shared::identity::device_server_name(id.as_str());
+        params.subject_alt_names = vec![SanType::DnsName(san.try_into()?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;

@@ -108,6 +108,11 @@ impl Client {
         self.get(&format!("/api/v1/devices/{id}/jobs"))
     }
 
+    /// `GET /api/v1/devices/{id}/peers`.
+    pub fn peers(&self, id: &str) -> Result<crate::api::PeersView, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/peers"))
+    }
+
     /// `GET /api/v1/devices/{id}/jobs/{name}/runs`, newest first.
     pub fn job_runs(&self, id: &str, job: &str, limit: usize) -> Result<Vec<JobRunView>, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/jobs/{job}/runs?limit={limit}"))

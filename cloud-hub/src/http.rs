@@ -7,7 +7,7 @@
 use crate::api::ApiError;
 use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
-    SampleView,
+    PeersView, SampleView,
 };
 use crate::fleet::Fleet;
 use crate::store::{ApiToken, Role, StoreError};
@@ -200,6 +200,18 @@ async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<Strin
     Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
 }
 
+async fn get_peers(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let record = fleet.store().peers(&id)?;
+    let (reported_at, peers) = record.map_or((None, Vec::new()), |r| (Some(r.at.rfc3339()), r.peers));
+    Ok(HttpResponse::Ok().json(PeersView { device: id.to_string(), reported_at, peers }))
+}
+
 async fn get_job_runs(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -328,6 +340,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}/events", web::get().to(get_events))
                 .route("/devices/{id}/jobs", web::get().to(get_jobs))
                 .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
+                .route("/devices/{id}/peers", web::get().to(get_peers))
                 .route("/devices/{id}/desired", web::get().to(get_desired))
                 .route("/devices/{id}/desired", web::put().to(put_desired))
                 .route("/devices/{id}/commands", web::get().to(list_commands))

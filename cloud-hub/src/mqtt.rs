@@ -312,8 +312,9 @@ impl DeviceTask {
         let message = Envelope::decode(payload).map_err(|e| SessionEnd::Protocol(e.to_string()))?.message;
         let message = match (kind, message) {
             (UpKind::Batch, Message::Batch(batch)) => Message::Batch(batch),
-            (UpKind::Batch, other) => {
-                return Err(SessionEnd::Protocol(format!("expected a Batch, got {}", other.kind())));
+            (UpKind::Relay, Message::Relay(batch)) => Message::Relay(batch),
+            (UpKind::Batch | UpKind::Relay, other) => {
+                return Err(SessionEnd::Protocol(format!("expected a {}, got {}", kind.as_str(), other.kind())));
             }
             (_, Message::Signed(signed)) => self.open(kind, &signed, key)?,
             (_, other) => return Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind()))),
@@ -333,6 +334,13 @@ impl DeviceTask {
                 self.attach(true);
                 hello_now = true;
                 self.publish(Message::Welcome(welcome)).await;
+            }
+            Message::Relay(batch) => {
+                // The batch carries its origin's signature; the carrier is
+                // the topic's device.
+                let ack = session::relay(&store, &self.id, batch).await?;
+                self.attach(false);
+                self.publish(Message::RelayAck(ack)).await;
             }
             Message::Heartbeat(_) => self.attach(false),
             Message::Received(received) => {

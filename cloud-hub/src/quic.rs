@@ -274,6 +274,15 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
                 }
             }
             Message::Received(received) => session::received(store, id, received.commands).await,
+            Message::Relay(batch) => {
+                let ack = match session::relay(store, id, batch).await {
+                    Ok(ack) => ack,
+                    Err(end) => return end,
+                };
+                if let Err(e) = write_message(&mut send, Message::RelayAck(ack), ctx.max_frame).await {
+                    return e.into();
+                }
+            }
             other => {
                 return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
             }

@@ -11,7 +11,9 @@
 
 use crate::store::{CommandState, Store};
 use outpost_shared::DeviceId;
-use outpost_shared::protocol::{Ack, Batch, Command, Deliver, Desired, Hello, Refusal, RefusalReason, Welcome};
+use outpost_shared::protocol::{
+    Ack, Batch, Command, Deliver, Desired, Hello, Refusal, RefusalReason, RelayAck, Welcome,
+};
 use outpost_shared::time::Timestamp;
 use tracing::{debug, info};
 
@@ -103,6 +105,41 @@ pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> R
         debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
     }
     Ok(Ack { upto: ingested.upto })
+}
+
+/// Stores a batch that device `carrier` relays for its origin (a LAN peer
+/// whose own uplink is down): checked with the origin's key (from
+/// enrollment) and ingested exactly as if the origin had sent it, so the
+/// same records arriving later on the origin's own link are duplicates.
+///
+/// A batch that fails a check is refused in the answer (and logged), not by
+/// ending the carrier's session: the carrier cannot check another device's
+/// signature itself.
+pub async fn relay(store: &Store, carrier: &DeviceId, batch: Batch) -> Result<RelayAck, SessionEnd> {
+    let origin = batch.origin.clone();
+    let refuse = |reason: String| {
+        tracing::warn!(%origin, %reason, "Relayed batch refused.");
+        Ok(RelayAck { origin: origin.clone(), upto: 0, refused: Some(reason) })
+    };
+    if origin == *carrier {
+        return refuse("a device relayed its own batch".into());
+    }
+    let key = match store.device_key(&origin) {
+        Ok(Some(key)) => key,
+        Ok(None) => return refuse(format!("relayed batch of unknown device {origin}")),
+        Err(e) => {
+            tracing::error!(error = %e, "Device key could not be read.");
+            return Err(SessionEnd::Closed("store error".into()));
+        }
+    };
+    match ingest(store, &origin, &key, batch).await {
+        Ok(ack) => {
+            info!(%origin, upto = ack.upto, "Relayed batch stored.");
+            Ok(RelayAck { origin, upto: ack.upto, refused: None })
+        }
+        Err(SessionEnd::Protocol(reason)) => refuse(reason),
+        Err(end) => Err(end),
+    }
 }
 
 /// The device persisted these commands: queued ones become delivered.

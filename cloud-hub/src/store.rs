@@ -78,6 +78,15 @@ pub struct JobsRecord {
     pub jobs: Vec<(JobSpec, JobSource)>,
 }
 
+/// A device's LAN peer table as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersRecord {
+    /// When the device made the report.
+    pub at: Timestamp,
+    /// The peers.
+    pub peers: Vec<outpost_shared::peers::PeerEntry>,
+}
+
 /// Attempts kept per job and device.
 pub const MAX_RUNS_PER_JOB: usize = 1000;
 
@@ -249,6 +258,7 @@ pub struct Store {
     jobs: sled::Tree,
     job_runs: sled::Tree,
     device_keys: sled::Tree,
+    peers: sled::Tree,
     writer: Option<GroupCommit<Store>>,
 }
 
@@ -329,6 +339,7 @@ impl Store {
             device_commands: db.open_tree("device_commands")?,
             jobs: db.open_tree("jobs")?,
             job_runs: db.open_tree("job_runs")?,
+            peers: db.open_tree("peers")?,
             device_keys: db.open_tree("device_keys")?,
             db,
             writer: None,
@@ -367,10 +378,12 @@ impl Store {
             &self.devices,
             &self.jobs,
             &self.job_runs,
+            &self.peers,
         );
         let now = Timestamp::now();
         let result = trees.transaction(
-            |(seq, telemetry, events, reported, commands, devices, jobs, job_runs): &(
+            |(seq, telemetry, events, reported, commands, devices, jobs, job_runs, peers): &(
+                TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
@@ -396,7 +409,10 @@ impl Store {
                     }
                     if !matches!(
                         record.body,
-                        RecordBody::Telemetry(_) | RecordBody::JobRun(_) | RecordBody::JobsReport(_)
+                        RecordBody::Telemetry(_)
+                            | RecordBody::JobRun(_)
+                            | RecordBody::JobsReport(_)
+                            | RecordBody::PeersReport(_)
                     ) {
                         let event = EventRecord { seq: record.seq, at: record.at, body: record.body.clone() };
                         events.insert(seq_key(id, record.seq), encode(&event))?;
@@ -417,6 +433,10 @@ impl Store {
                         RecordBody::JobsReport(report) => {
                             let rec = JobsRecord { at: record.at, jobs: report.jobs.clone() };
                             jobs.insert(id.as_str().as_bytes(), encode(&rec))?;
+                        }
+                        RecordBody::PeersReport(report) => {
+                            let rec = PeersRecord { at: record.at, peers: report.peers.clone() };
+                            peers.insert(id.as_str().as_bytes(), encode(&rec))?;
                         }
                         RecordBody::Alarm(alarm) => {
                             tracing::warn!(device = %id, kind = ?alarm.kind, raised = alarm.raised, message = %alarm.message, "Device alarm.");
@@ -548,6 +568,11 @@ impl Store {
     /// by each QUIC session from its certificate).
     pub fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.device_keys.get(id.as_str())?.map(|v| v.to_vec()))
+    }
+
+    /// The device's latest peer table.
+    pub fn peers(&self, id: &DeviceId) -> Result<Option<PeersRecord>, StoreError> {
+        self.peers.get(id.as_str())?.map(|v| decode("peers", &v)).transpose()
     }
 
     /// The device's latest job list.

@@ -158,6 +158,12 @@ impl Signer {
     }
 }
 
+/// The DNS name in a device certificate's SAN (`<id>.device.outpost.invalid`):
+/// the server name a LAN peer dials, so the handshake proves the id.
+pub fn device_server_name(id: &str) -> String {
+    format!("{id}.device.outpost.invalid")
+}
+
 /// The device id in a certificate already verified against the fleet CA:
 /// its common name.
 pub fn device_id_of(cert_der: &[u8]) -> Option<DeviceId> {

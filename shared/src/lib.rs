@@ -20,6 +20,7 @@ pub mod job;
 #[cfg(feature = "io")]
 pub mod logging;
 pub mod mqtt;
+pub mod peers;
 pub mod protocol;
 pub mod table;
 pub mod telemetry;

@@ -3,6 +3,8 @@
 //!
 //! - `outpost/v1/<device>/up/<kind>`: device → hub, QoS 1. `batch` carries
 //!   an envelope with a [`crate::protocol::Batch`] (signed by the device);
+//!   `relay` one with a `Relay` of another device's batch (signed by that
+//!   device);
 //!   `hello`, `heartbeat` and `received` carry an envelope with a
 //!   [`crate::protocol::Signed`] message (direction up, signed by the device).
 //! - `outpost/v1/<device>/down`: hub → device, QoS 1, an envelope with a
@@ -31,6 +33,8 @@ pub enum UpKind {
     Heartbeat,
     /// `Received` commands.
     Received,
+    /// `Relay`: another device's batch, carried for it.
+    Relay,
 }
 
 impl UpKind {
@@ -41,6 +45,7 @@ impl UpKind {
             UpKind::Batch => "batch",
             UpKind::Heartbeat => "heartbeat",
             UpKind::Received => "received",
+            UpKind::Relay => "relay",
         }
     }
 
@@ -51,12 +56,15 @@ impl UpKind {
             Message::Batch(_) => Some(UpKind::Batch),
             Message::Heartbeat(_) => Some(UpKind::Heartbeat),
             Message::Received(_) => Some(UpKind::Received),
+            Message::Relay(_) => Some(UpKind::Relay),
             _ => None,
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received].into_iter().find(|k| k.as_str() == s)
+        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received, UpKind::Relay]
+            .into_iter()
+            .find(|k| k.as_str() == s)
     }
 }
 

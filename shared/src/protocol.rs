@@ -17,6 +17,7 @@
 
 use crate::identity::DeviceId;
 use crate::job::{JobRun, JobsReport};
+use crate::peers::PeersReport;
 use crate::telemetry::Sample;
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -25,8 +26,10 @@ use serde::{Deserialize, Serialize};
 /// fire-and-forget `Telemetry` message with sequenced, acknowledged batches;
 /// version 3 added the `JobRun` and `JobsReport` records; version 4 signs
 /// each `Batch` with the origin device's key; version 5 added `Signed`
-/// messages for carriers that do not authenticate the sender (MQTT).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// messages for carriers that do not authenticate the sender (MQTT);
+/// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
+/// record.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +69,22 @@ pub enum Message {
     /// Either way, through a carrier that does not prove who sent a message
     /// (an MQTT broker): a message signed by its sender.
     Signed(Signed),
+    /// Agent → hub: another device's batch, carried for it (LAN relay).
+    Relay(Batch),
+    /// Hub → agent: the relayed batch's origin is stored up to `upto`.
+    RelayAck(RelayAck),
+}
+
+/// Answer to a relayed batch, for its origin. A refused relay does not end
+/// the carrier's session: the carrier only passes the refusal on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayAck {
+    /// The device whose records were relayed.
+    pub origin: DeviceId,
+    /// The hub durably holds every record of `origin` up to here.
+    pub upto: u64,
+    /// Why the batch was not stored (unknown origin, bad signature, ...).
+    pub refused: Option<String>,
 }
 
 /// Which way a [`Signed`] message travels. It is part of what is signed, so
@@ -213,6 +232,8 @@ pub enum RecordBody {
     JobRun(JobRun),
     /// The jobs in force, sent when they change (never dropped).
     JobsReport(JobsReport),
+    /// The LAN peer table, sent when it changes (never dropped).
+    PeersReport(PeersReport),
 }
 
 impl RecordBody {
@@ -442,6 +463,8 @@ impl Message {
             Message::Deliver(_) => "Deliver",
             Message::Received(_) => "Received",
             Message::Signed(_) => "Signed",
+            Message::Relay(_) => "Relay",
+            Message::RelayAck(_) => "RelayAck",
         }
     }
 }
@@ -509,15 +532,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0500017401aa016e",
+                "0600017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0501066465762d303101010102",
+                "0601066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "050203302e3102677701",
+                "060203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -526,10 +549,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0503066465762d303103302e31ac0207",
+                "0603066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0504010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "050502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0604010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "060502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -604,7 +627,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0507ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0607ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -615,9 +638,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "05080109046563686f010268690a0102027b7d",
+                "06080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "050902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "060902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -625,7 +648,11 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "050a066465762d303103090109015a",
+                "060a066465762d303103090109015a",
+            ),
+            (
+                Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
+                "060c066465762d3031ac0200",
             ),
         ];
         for (message, golden) in cases {
@@ -639,7 +666,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0506066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0606066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";

@@ -9,6 +9,8 @@
 //! The binaries are the ones `cargo test --workspace` builds next to the
 //! test executable (`target/<profile>/`).
 
+pub mod netns;
+
 use anyhow::{Context, Result, bail};
 use outpost_hub::api::{DeviceView, SampleView};
 use outpost_hub::client::Client;
@@ -157,8 +159,16 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Initialises a data dir under `root` and starts serving.
+    /// Initialises a data dir under `root` and starts serving (QUIC on
+    /// loopback).
     pub fn start(root: &Path, timings: Timings) -> Result<Self> {
+        Self::start_on(root, timings, "127.0.0.1:0")
+    }
+
+    /// Like [`Hub::start`], with QUIC bound to `listen` (which it keeps
+    /// across restarts; tokens carry the bound address).
+    pub fn start_on(root: &Path, timings: Timings, listen: &str) -> Result<Self> {
+        fs::create_dir_all(root)?;
         let data_dir = root.join("hub");
         let out = run(Command::new(bin("outpost-hub")).arg("init").arg("--data-dir").arg(&data_dir))?;
         if !out.status.success() {
@@ -170,7 +180,7 @@ impl Hub {
             config: root.join("hub.toml"),
             data_dir,
             admin_token,
-            quic_addr: "127.0.0.1:0".into(),
+            quic_addr: listen.into(),
             api: String::new(),
             proc: None,
             extra_config: String::new(),
@@ -268,6 +278,8 @@ pub struct Agent {
     pub proc: Option<Proc>,
     /// Extra environment for the processes it starts.
     pub env: Vec<(String, String)>,
+    /// Network namespace its processes run in (`ip netns exec`).
+    pub netns: Option<String>,
     log: PathBuf,
 }
 
@@ -300,7 +312,10 @@ impl Agent {
             timings.heartbeat,
             timings.telemetry,
         );
-        fs::write(&config, format!("{text}{extra}"))?;
+        // LAN peers are off unless a test asks: agents of unrelated tests
+        // would otherwise find each other on this host's interfaces.
+        let peers = if extra.contains("[peers]") { "" } else { "[peers]\nenabled = false\n" };
+        fs::write(&config, format!("{text}{peers}{extra}"))?;
         Ok(Agent {
             data_dir,
             config,
@@ -308,6 +323,7 @@ impl Agent {
             name: name.to_owned(),
             proc: None,
             env: Vec::new(),
+            netns: None,
             log: root.join(format!("{name}.log")),
         })
     }
@@ -317,7 +333,7 @@ impl Agent {
     /// from [`loadgen_base_ms`].
     pub fn start_loadgen(&mut self, args: &[&str]) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-loadgen"))
+            self.command(bin("outpost-loadgen"))
                 .arg("--config")
                 .arg(&self.config)
                 .args(args)
@@ -339,6 +355,27 @@ impl Agent {
     /// Its log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A command for `program`, inside the agent's namespace if it has one.
+    fn command(&self, program: PathBuf) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// The peers the running daemon lists (`outpost-agent peers --json`).
+    pub fn peers(&self) -> Result<Vec<outpost_shared::peers::PeerEntry>> {
+        let out = self.cli(&["peers", "--json"])?;
+        if !out.status.success() {
+            bail!("peers: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// Rewrites its config to reach the hub through `broker` (MQTT over
@@ -366,7 +403,7 @@ impl Agent {
     /// Starts the daemon.
     pub fn start(&mut self) -> Result<()> {
         let proc = Proc::spawn(
-            Command::new(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config).envs(self.env.clone()),
+            self.command(bin("outpost-agent")).arg("run").arg("--config").arg(&self.config).envs(self.env.clone()),
             self.log.clone(),
         )?;
         self.proc = Some(proc);

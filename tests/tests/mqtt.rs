@@ -212,7 +212,12 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
             Envelope::new(Message::Signed(Signed::new(Direction::Up, intruder_id.clone(), &hello, sign))).encode(),
             "on dev-",
         ),
-        ("garbage", batch_topic.clone(), vec![5, 0xFF, 0xFF, 0xFF], "malformed envelope"),
+        (
+            "garbage after a valid version",
+            batch_topic.clone(),
+            vec![outpost_shared::protocol::PROTOCOL_VERSION as u8, 0xFF, 0xFF, 0xFF],
+            "malformed envelope",
+        ),
     ];
     for (what, topic, payload, reason) in cases {
         publish_anonymously(&broker, &topic, payload);

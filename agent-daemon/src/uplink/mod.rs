@@ -140,6 +140,19 @@ impl Session {
     }
 }
 
+/// A batch a LAN peer asked this device to carry to the hub; the reply is
+/// the hub's acknowledgement for the batch's origin, or why there is none.
+#[derive(Debug)]
+pub struct RelayRequest {
+    /// The peer's own signed batch.
+    pub batch: outpost_shared::protocol::Batch,
+    /// Where the outcome goes.
+    pub reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// Relay requests waiting for the uplink; successive sessions take turns.
+pub type RelayQueue = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<RelayRequest>>>;
+
 /// Everything the link task needs; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct LinkParams {
@@ -155,6 +168,8 @@ pub struct LinkParams {
     pub store: AgentStore,
     /// Where the state is published.
     pub state: Arc<watch::Sender<LinkState>>,
+    /// Batches LAN peers ask this device to relay.
+    pub relay: RelayQueue,
 }
 
 /// Connects, serves sessions and reconnects until `cancel`.

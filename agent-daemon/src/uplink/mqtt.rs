@@ -183,7 +183,9 @@ impl Channel for MqttChannel {
         let kind = UpKind::of(&message)
             .ok_or_else(|| LinkError::Protocol(format!("a {} cannot be sent over MQTT", message.kind())))?;
         let payload = match message {
+            // Batches carry their origin's signature already.
             Message::Batch(batch) => Envelope::new(Message::Batch(batch)),
+            Message::Relay(batch) => Envelope::new(Message::Relay(batch)),
             other => {
                 let signed = Signed::new(Direction::Up, self.id.clone(), &other, |input| self.signer.sign(input));
                 Envelope::new(Message::Signed(signed))

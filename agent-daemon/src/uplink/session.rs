@@ -7,13 +7,18 @@
 //! they implement [`Channel`].
 
 use super::{LinkError, LinkParams, LinkState};
+use outpost_shared::DeviceId;
 use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal};
 use outpost_shared::time::Timestamp;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
+use tokio::sync::oneshot;
 
 /// Records per batch.
 pub const BATCH_RECORDS: usize = 2000;
+
+/// Relayed batches (of different peers) in flight at once.
+const MAX_RELAYED: usize = 8;
 
 /// Moves messages between the session and the hub.
 pub trait Channel {
@@ -73,6 +78,11 @@ pub async fn serve(
     // high-water mark.
     let ack_deadline = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(ack_deadline);
+    // Batches relayed for LAN peers: one in flight per origin, answered
+    // when the hub's RelayAck for that origin arrives. Dropped (the peer
+    // hears "session ended") if this session ends first.
+    let mut relay = p.relay.lock().await;
+    let mut relaying: HashMap<DeviceId, oneshot::Sender<Result<u64, String>>> = HashMap::new();
     loop {
         while in_flight.len() < window {
             let s = store.clone();
@@ -95,6 +105,17 @@ pub async fn serve(
                 channel.send(Message::Heartbeat(Heartbeat { at: Timestamp::now() })).await?;
             }
             () = store.appended(), if in_flight.len() < window => {}
+            Some(request) = relay.recv(), if relaying.len() < MAX_RELAYED => {
+                match relaying.entry(request.batch.origin.clone()) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        let _ = request.reply.send(Err("a batch of this device is already being relayed".into()));
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        channel.send(Message::Relay(request.batch)).await?;
+                        slot.insert(request.reply);
+                    }
+                }
+            }
             () = &mut ack_deadline, if !in_flight.is_empty() => {
                 return Err(LinkError::Protocol(format!(
                     "hub did not acknowledge a batch within {}s", cfg.idle_timeout.as_secs()
@@ -113,6 +134,14 @@ pub async fn serve(
                     }
                     if in_flight.len() < before {
                         ack_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    }
+                }
+                Some(Message::RelayAck(ack)) => {
+                    if let Some(reply) = relaying.remove(&ack.origin) {
+                        let _ = reply.send(match ack.refused {
+                            None => Ok(ack.upto),
+                            Some(reason) => Err(format!("hub refused: {reason}")),
+                        });
                     }
                 }
                 Some(Message::Deliver(deliver)) => {

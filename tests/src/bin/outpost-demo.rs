@@ -159,6 +159,9 @@ async fn start_agent(root: &Path, hub_dir: &Path, name: &str) -> anyhow::Result<
     config.name = Some(name.to_owned());
     config.uplink.heartbeat = Duration::from_secs(1);
     config.telemetry.interval = Duration::from_secs(2);
+    // The demo's agents share one host, where LAN discovery shows nothing
+    // a fleet manager would want to see; `tests/tests/peers.rs` shows it.
+    config.peers.enabled = false;
     let job = "[[job]]\nname = \"store-check\"\nschedule = \"@every 2s\"\nkind = \"store-check\"\n";
     let table: toml::Table = job.parse().context("demo job")?;
     config.jobs = outpost_shared::config::read_table(&table, |root| outpost_shared::job::read_jobs(root, "job"))

@@ -1,0 +1,585 @@
+//! LAN peers: discovery by mDNS (mdns-sd), authenticated peer links (QUIC
+//! with mutual TLS against the fleet CA), and relay of the outbox through a
+//! peer while this device's own uplink is down.
+//!
+//! - Every agent advertises `_outpost._udp.local.` (instance = device id)
+//!   with TXT `v` (protocol version), `fleet` (from the CA fingerprint),
+//!   `port` (peer port) and `uplink` (`up`/`down`), and browses for the
+//!   same service.
+//! - What a peer advertises is a claim. A peer of another fleet is listed as
+//!   foreign and ignored. A peer claiming this fleet is dialled: the
+//!   handshake must show a certificate from the fleet CA issued to the
+//!   advertised device id (its SAN), and the dialler presents its own
+//!   certificate. Only then is the peer trusted. The link's keep-alive
+//!   (`probe_interval`) and idle timeout (`gone_after`) tell when it went
+//!   silent; goodbye packets and mDNS expiry tell the rest.
+//! - Relay: while the uplink has not been connected for `relay_after` and a
+//!   trusted peer advertises an uplink, the outbox goes to that peer one
+//!   signed batch at a time; the peer hands it to its own hub session as a
+//!   `Relay`, and the hub's acknowledgement for this device comes back the
+//!   same way. The hub checks the batch with this device's key and
+//!   de-duplicates it by sequence number, so records sent both ways are
+//!   stored once. One batch in flight, starting after what the hub
+//!   acknowledged, keeps the hub's view in order whichever path wins.
+
+use crate::config::PeersConfig;
+use crate::identity::Identity;
+use crate::store::AgentStore;
+use crate::uplink::session::BATCH_RECORDS;
+use crate::uplink::{LinkState, RelayRequest};
+use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
+use outpost_shared::io::{FrameReader, write_message};
+use outpost_shared::peers::{
+    PeerEntry, PeerState, PeersReport, SERVICE_TYPE, TXT_FLEET, TXT_PORT, TXT_UPLINK, TXT_VERSION, fleet_id,
+};
+use outpost_shared::protocol::{Ack, Batch, Message, PROTOCOL_VERSION, RecordBody, Refusal, RefusalReason};
+use outpost_shared::time::Timestamp;
+use outpost_shared::{DeviceId, Fingerprint};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// ALPN of peer links.
+pub const PEER_ALPN: &[u8] = b"outpost-peer/1";
+
+/// One peer as this agent knows it.
+#[derive(Debug)]
+struct Peer {
+    entry: PeerEntry,
+    /// mDNS full name, for verification queries.
+    fullname: String,
+    /// Where its peer endpoint listens.
+    targets: Vec<SocketAddr>,
+    /// The trusted link, once proved.
+    connection: Option<quinn::Connection>,
+    /// A dial is under way.
+    dialling: bool,
+    /// No new dial before this.
+    retry_at: Option<Instant>,
+}
+
+/// The peer table, shared with the control socket.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTable(Arc<Mutex<BTreeMap<String, Peer>>>);
+
+impl PeerTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Peer>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every peer seen since start, by id.
+    pub fn snapshot(&self) -> Vec<PeerEntry> {
+        self.lock()
+            .values()
+            .map(|p| {
+                let mut entry = p.entry.clone();
+                entry.rtt_ms = p.connection.as_ref().map(|c| c.rtt().as_millis().min(u32::MAX as u128) as u32);
+                entry
+            })
+            .collect()
+    }
+}
+
+/// Everything the peers task needs; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PeerParams {
+    /// `[peers]`.
+    pub config: PeersConfig,
+    /// The device's identity.
+    pub identity: Identity,
+    /// The outbox, for relaying it.
+    pub store: AgentStore,
+    /// The uplink's state.
+    pub link: watch::Receiver<LinkState>,
+    /// Where relayed batches go to the uplink.
+    pub relay_tx: mpsc::Sender<RelayRequest>,
+    /// The table.
+    pub table: PeerTable,
+    /// Frame limit.
+    pub max_frame: usize,
+    /// How long to wait for a relayed batch's acknowledgement.
+    pub ack_timeout: Duration,
+}
+
+/// Runs discovery, the peer endpoint and relay until `cancel`.
+pub async fn run(p: PeerParams, cancel: CancellationToken) {
+    if let Err(e) = serve(&p, &cancel).await {
+        tracing::error!(error = %e, "LAN peers stopped; retrying.");
+        // Ending lets the supervisor restart the task after its backoff.
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+struct Dialled {
+    id: String,
+    result: Result<quinn::Connection, String>,
+}
+
+async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String> {
+    let cfg = &p.config;
+    let endpoint = endpoint(p)?;
+    let port = endpoint.local_addr().map_err(|e| e.to_string())?.port();
+    let ca = Fingerprint::of_der(&p.identity.ca);
+    let fleet = fleet_id(&ca);
+    let me = p.identity.device_id.to_string();
+    let mdns = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+    let result = async {
+        if cfg.interfaces.is_empty() {
+            let _ = mdns.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]);
+        } else {
+            let _ = mdns.disable_interface(IfKind::All);
+            let names: Vec<IfKind> = cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
+            mdns.enable_interface(names).map_err(|e| format!("mDNS interfaces: {e}"))?;
+        }
+        let mut uplink = *p.link.borrow() == LinkState::Connected;
+        let fullname = advertise(&mdns, &me, &fleet, port, uplink)?;
+        let events = mdns.browse(SERVICE_TYPE).map_err(|e| format!("mDNS browse: {e}"))?;
+        tracing::info!(port, %fleet, "LAN peers: advertising and browsing.");
+        let (dialled_tx, mut dialled_rx) = mpsc::channel::<Dialled>(16);
+        let mut link = p.link.clone();
+        let mut tick = tokio::time::interval(cfg.probe_interval.min(Duration::from_secs(1)));
+        let mut down_since = (!uplink).then(Instant::now);
+        let mut relay: Option<(String, CancellationToken)> = None;
+        let mut reported: Vec<(String, &'static str, bool)> = Vec::new();
+        let mut servers = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                event = events.recv_async() => match event {
+                    Ok(event) => on_event(p, &me, &fleet, event),
+                    Err(e) => return Err(format!("mDNS browse ended: {e}")),
+                },
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { return Err("peer endpoint closed".into()) };
+                    servers.spawn(relay_server(incoming, p.clone()));
+                }
+                Some(_) = servers.join_next(), if !servers.is_empty() => {}
+                Some(done) = dialled_rx.recv() => on_dialled(p, done),
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now_up = *link.borrow() == LinkState::Connected;
+                    if now_up != uplink {
+                        uplink = now_up;
+                        down_since = (!uplink).then(Instant::now);
+                        advertise(&mdns, &me, &fleet, port, uplink)?;
+                        if uplink && let Some((peer, stop)) = relay.take() {
+                            tracing::info!(%peer, "Uplink back: relay through the peer stops.");
+                            stop.cancel();
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    housekeeping(p, &mdns, &endpoint, &dialled_tx);
+                    if relay.as_ref().is_some_and(|(_, stop)| stop.is_cancelled()) {
+                        relay = None;
+                    }
+                    if cfg.relay
+                        && relay.is_none()
+                        && down_since.is_some_and(|t| t.elapsed() >= cfg.relay_after)
+                        && let Some((peer, connection)) = relay_peer(&p.table)
+                    {
+                        tracing::info!(%peer, "Uplink down: relaying the outbox through a LAN peer.");
+                        let stop = cancel.child_token();
+                        tokio::spawn(relay_client(p.clone(), peer.clone(), connection, stop.clone()));
+                        relay = Some((peer, stop));
+                    }
+                    report(p, &mut reported).await;
+                }
+            }
+        }
+        if let Some((_, stop)) = relay.take() {
+            stop.cancel();
+        }
+        if let Ok(done) = mdns.unregister(&fullname) {
+            // The goodbye packets go out before the daemon stops.
+            let _ = tokio::time::timeout(Duration::from_secs(1), done.recv_async()).await;
+        }
+        endpoint.close(0u32.into(), b"agent stopping");
+        Ok(())
+    }
+    .await;
+    let _ = mdns.shutdown();
+    result
+}
+
+/// (Re-)registers this device's advertisement; returns its full name.
+fn advertise(mdns: &ServiceDaemon, me: &str, fleet: &str, port: u16, uplink: bool) -> Result<String, String> {
+    let version = PROTOCOL_VERSION.to_string();
+    let port_text = port.to_string();
+    let txt = [
+        (TXT_VERSION, version.as_str()),
+        (TXT_FLEET, fleet),
+        (TXT_PORT, port_text.as_str()),
+        (TXT_UPLINK, if uplink { "up" } else { "down" }),
+    ];
+    let host = format!("{me}.local.");
+    let info = ServiceInfo::new(SERVICE_TYPE, me, &host, "", port, &txt[..])
+        .map_err(|e| format!("mDNS service: {e}"))?
+        .enable_addr_auto();
+    let fullname = info.get_fullname().to_owned();
+    mdns.register(info).map_err(|e| format!("mDNS register: {e}"))?;
+    Ok(fullname)
+}
+
+fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
+    let now = Timestamp::now();
+    match event {
+        ServiceEvent::ServiceResolved(service) => {
+            let Some(id) = service.fullname.strip_suffix(&format!(".{SERVICE_TYPE}")).map(str::to_owned) else {
+                return;
+            };
+            if id == me {
+                return;
+            }
+            let txt = |key: &str| service.get_property_val_str(key).map(str::to_owned);
+            let their_fleet = txt(TXT_FLEET).unwrap_or_default();
+            let port: u16 = txt(TXT_PORT).and_then(|p| p.parse().ok()).unwrap_or(service.port);
+            let ips: Vec<IpAddr> = service.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
+            let targets: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+            let mut table = p.table.lock();
+            let peer = table.entry(id.clone()).or_insert_with(|| Peer {
+                entry: PeerEntry {
+                    id: id.clone(),
+                    addresses: Vec::new(),
+                    first_seen: now,
+                    last_seen: now,
+                    uplink: false,
+                    state: PeerState::Unverified,
+                    rtt_ms: None,
+                },
+                fullname: service.fullname.clone(),
+                targets: Vec::new(),
+                connection: None,
+                dialling: false,
+                retry_at: None,
+            });
+            peer.entry.last_seen = now;
+            peer.entry.addresses = targets.iter().map(ToString::to_string).collect();
+            peer.entry.uplink = txt(TXT_UPLINK).as_deref() == Some("up");
+            peer.targets = targets;
+            if their_fleet != fleet || id.parse::<DeviceId>().is_err() {
+                if peer.entry.state != PeerState::Foreign {
+                    tracing::info!(peer = %id, fleet = %their_fleet, "LAN peer of another fleet (ignored).");
+                }
+                peer.entry.state = PeerState::Foreign;
+                peer.connection = None;
+                return;
+            }
+            if matches!(peer.entry.state, PeerState::Gone | PeerState::Foreign) {
+                peer.entry.state = PeerState::Unverified;
+                peer.retry_at = None;
+            }
+        }
+        ServiceEvent::ServiceRemoved(_, fullname) => {
+            let mut table = p.table.lock();
+            if let Some(peer) = table.values_mut().find(|peer| peer.fullname == fullname) {
+                if peer.entry.state != PeerState::Gone {
+                    tracing::info!(peer = %peer.entry.id, "LAN peer left.");
+                }
+                peer.entry.state = PeerState::Gone;
+                if let Some(c) = peer.connection.take() {
+                    c.close(0u32.into(), b"peer left");
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Dials peers that need proving, notices silent links.
+fn housekeeping(p: &PeerParams, mdns: &ServiceDaemon, endpoint: &quinn::Endpoint, dialled: &mpsc::Sender<Dialled>) {
+    let now = Instant::now();
+    let mut table = p.table.lock();
+    for peer in table.values_mut() {
+        if let Some(connection) = &peer.connection {
+            if let Some(reason) = connection.close_reason() {
+                tracing::info!(peer = %peer.entry.id, %reason, "LAN peer link lost; peer gone.");
+                peer.connection = None;
+                peer.entry.state = PeerState::Gone;
+                // Ask the LAN; a peer that does not answer is flushed from
+                // the mDNS cache, one that does is dialled again.
+                let _ = mdns.verify(peer.fullname.clone(), Duration::from_secs(1));
+                peer.retry_at = Some(now + p.config.probe_interval);
+            } else {
+                peer.entry.last_seen = Timestamp::now();
+            }
+            continue;
+        }
+        let wants_dial = matches!(peer.entry.state, PeerState::Unverified | PeerState::Untrusted { .. });
+        if !wants_dial || peer.dialling || peer.retry_at.is_some_and(|t| now < t) || peer.targets.is_empty() {
+            continue;
+        }
+        peer.dialling = true;
+        let (id, targets, tx, endpoint) =
+            (peer.entry.id.clone(), peer.targets.clone(), dialled.clone(), endpoint.clone());
+        let limit = p.config.gone_after;
+        tokio::spawn(async move {
+            let result = dial(&endpoint, &id, &targets, limit).await;
+            let _ = tx.send(Dialled { id, result }).await;
+        });
+    }
+}
+
+/// Connects to a peer; the handshake proves the fleet and the device id.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    id: &str,
+    targets: &[SocketAddr],
+    limit: Duration,
+) -> Result<quinn::Connection, String> {
+    let server_name = outpost_shared::identity::device_server_name(id);
+    let mut last = String::from("no address");
+    for target in targets {
+        let connecting = match endpoint.connect(*target, &server_name) {
+            Ok(c) => c,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        match tokio::time::timeout(limit, connecting).await {
+            Ok(Ok(connection)) => {
+                // TLS 1.3: the server's verdict on our certificate shows on
+                // the first exchange, so make one.
+                match tokio::time::timeout(limit, probe(&connection)).await {
+                    Ok(Ok(())) => return Ok(connection),
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = "no answer to the probe".into(),
+                }
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("no handshake within {limit:?}"),
+        }
+    }
+    Err(last)
+}
+
+/// One round trip on a fresh stream: a heartbeat, answered by a heartbeat.
+async fn probe(connection: &quinn::Connection) -> Result<(), String> {
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let beat = Message::Heartbeat(outpost_shared::protocol::Heartbeat { at: Timestamp::now() });
+    write_message(&mut send, beat, 1024).await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv, 1024);
+    match reader.next().await.map_err(|e| e.to_string())? {
+        Some(env) if matches!(env.message, Message::Heartbeat(_)) => Ok(()),
+        Some(env) => Err(format!("unexpected {} from the peer", env.message.kind())),
+        None => Err("the peer closed the probe".into()),
+    }
+}
+
+fn on_dialled(p: &PeerParams, done: Dialled) {
+    let mut table = p.table.lock();
+    let Some(peer) = table.get_mut(&done.id) else { return };
+    peer.dialling = false;
+    match done.result {
+        Ok(connection) if peer.entry.state != PeerState::Foreign && peer.entry.state != PeerState::Gone => {
+            tracing::info!(peer = %done.id, addr = %connection.remote_address(), "LAN peer trusted.");
+            peer.entry.state = PeerState::Trusted;
+            peer.entry.last_seen = Timestamp::now();
+            peer.connection = Some(connection);
+        }
+        Ok(connection) => connection.close(0u32.into(), b"not wanted"),
+        Err(reason) => {
+            if !matches!(&peer.entry.state, PeerState::Untrusted { reason: old } if *old == reason) {
+                tracing::warn!(peer = %done.id, %reason, "LAN peer not trusted.");
+            }
+            peer.entry.state = PeerState::Untrusted { reason };
+            peer.retry_at = Some(Instant::now() + p.config.gone_after);
+        }
+    }
+}
+
+/// A trusted peer that advertises an uplink, and its link.
+fn relay_peer(table: &PeerTable) -> Option<(String, quinn::Connection)> {
+    let table = table.lock();
+    let peer = table.values().find(|p| p.entry.state == PeerState::Trusted && p.entry.uplink)?;
+    Some((peer.entry.id.clone(), peer.connection.clone()?))
+}
+
+/// Sends a `PeersReport` through the outbox when who is there, their trust
+/// or their uplink changed.
+async fn report(p: &PeerParams, last: &mut Vec<(String, &'static str, bool)>) {
+    let peers = p.table.snapshot();
+    let now: Vec<(String, &'static str, bool)> =
+        peers.iter().map(|e| (e.id.clone(), e.state.as_str(), e.uplink)).collect();
+    if now == *last {
+        return;
+    }
+    let changes =
+        crate::store::Changes { records: vec![RecordBody::PeersReport(PeersReport { peers })], ..Default::default() };
+    match p.store.commit(changes).await {
+        Ok(_) => *last = now,
+        Err(e) => tracing::warn!(error = %e, "Peer table could not be reported."),
+    }
+}
+
+/// Relays this device's outbox through `peer` until `stop` or a failure.
+async fn relay_client(p: PeerParams, peer: String, connection: quinn::Connection, stop: CancellationToken) {
+    let result = tokio::select! {
+        () = stop.cancelled() => Ok(()),
+        r = relay_batches(&p, &connection) => r,
+    };
+    if let Err(reason) = result {
+        tracing::warn!(%peer, %reason, "Relay through the LAN peer stopped.");
+    }
+    stop.cancel();
+}
+
+async fn relay_batches(p: &PeerParams, connection: &quinn::Connection) -> Result<(), String> {
+    let signer = p.identity.signer().map_err(|e| e.to_string())?;
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv, p.max_frame);
+    let max_bytes = p.max_frame.saturating_sub(4096).max(1024);
+    loop {
+        let from = p.store.stats().acked_seq + 1;
+        let store = p.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.peek(from, BATCH_RECORDS, max_bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            p.store.appended().await;
+            continue;
+        }
+        let last = records.last().map_or(from, |r| r.seq);
+        let batch = Batch::new(p.identity.device_id.clone(), &records, |input| signer.sign(input));
+        write_message(&mut send, Message::Batch(batch), p.max_frame).await.map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(p.ack_timeout, reader.next())
+            .await
+            .map_err(|_| format!("no acknowledgement within {:?}", p.ack_timeout))?
+            .map_err(|e| e.to_string())?;
+        match reply.map(|env| env.message) {
+            Some(Message::Ack(Ack { upto })) if upto <= last => {
+                p.store.ack(upto).await.map_err(|e| e.to_string())?;
+                tracing::debug!(upto, "Relayed batch acknowledged by the hub.");
+            }
+            Some(Message::Ack(Ack { upto })) => return Err(format!("acknowledged {upto}, beyond what was sent")),
+            Some(Message::Refused(Refusal { message, .. })) => return Err(format!("peer refused: {message}")),
+            Some(other) => return Err(format!("unexpected {} from the peer", other.kind())),
+            None => return Err("the peer closed the relay stream".into()),
+        }
+    }
+}
+
+/// Serves one peer's connection: probes are answered, batches of that peer
+/// are carried to the hub while this device's uplink is connected.
+async fn relay_server(incoming: quinn::Incoming, p: PeerParams) {
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(error = %e, "LAN peer handshake refused.");
+            return;
+        }
+    };
+    let peer = connection
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(|c| outpost_shared::identity::device_id_of(c)));
+    let Some(peer) = peer else {
+        connection.close(2u32.into(), b"certificate names no device");
+        return;
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(relay_stream(send, recv, peer.clone(), p.clone()));
+                }
+                Err(_) => break,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+async fn relay_stream(mut send: quinn::SendStream, recv: quinn::RecvStream, peer: DeviceId, p: PeerParams) {
+    let mut reader = FrameReader::new(recv, p.max_frame);
+    loop {
+        let message = match reader.next().await {
+            Ok(Some(env)) => env.message,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "LAN peer stream closed.");
+                return;
+            }
+        };
+        let reply = match message {
+            Message::Heartbeat(beat) => Message::Heartbeat(beat),
+            Message::Batch(batch) if batch.origin != peer => refusal(format!("batch of {} from {peer}", batch.origin)),
+            Message::Batch(_) if *p.link.borrow() != LinkState::Connected => refusal("no uplink here".into()),
+            Message::Batch(batch) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let request = RelayRequest { batch, reply: reply_tx };
+                if p.relay_tx.send(request).await.is_err() {
+                    return;
+                }
+                match tokio::time::timeout(p.ack_timeout, reply_rx).await {
+                    Ok(Ok(Ok(upto))) => Message::Ack(Ack { upto }),
+                    Ok(Ok(Err(reason))) => refusal(reason),
+                    Ok(Err(_)) => refusal("the uplink session ended".into()),
+                    Err(_) => refusal("the hub did not acknowledge in time".into()),
+                }
+            }
+            other => refusal(format!("unexpected {}", other.kind())),
+        };
+        if write_message(&mut send, reply, p.max_frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn refusal(message: String) -> Message {
+    Message::Refused(Refusal { reason: RefusalReason::UnexpectedMessage, message })
+}
+
+/// One QUIC endpoint for both roles: it serves peers (device certificate,
+/// client certificates from the fleet CA required) and dials them
+/// (verifying the fleet CA and the advertised device id).
+fn endpoint(p: &PeerParams) -> Result<quinn::Endpoint, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(p.identity.ca.clone()).map_err(|e| e.to_string())?;
+    let roots = Arc::new(roots);
+    let chain = vec![p.identity.cert.clone()];
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), p.identity.key())
+        .map_err(|e| e.to_string())?;
+    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, p.identity.key())
+        .map_err(|e| e.to_string())?;
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(p.config.probe_interval));
+    transport.max_idle_timeout(Some(p.config.gone_after.try_into().map_err(|e| format!("gone_after: {e}"))?));
+    let transport = Arc::new(transport);
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server).map_err(|e| e.to_string())?));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(|e| e.to_string())?));
+    client.transport_config(transport);
+    let bind = SocketAddr::from(([0, 0, 0, 0], p.config.port));
+    let mut endpoint = quinn::Endpoint::server(server, bind).map_err(|e| format!("peer endpoint on {bind}: {e}"))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}

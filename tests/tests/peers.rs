@@ -1,0 +1,222 @@
+//! LAN peers over real multicast: agents in separate network namespaces
+//! joined by a bridge ([`outpost_tests::netns::Lan`]) find each other by
+//! mDNS, trust only members of their fleet, and relay for each other. These
+//! tests need root; they create and delete their own namespaces.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_shared::peers::{PeerEntry, PeerState};
+use outpost_tests::netns::Lan;
+use outpost_tests::{Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, wait_all, wait_for, wait_progress};
+use std::time::{Duration, Instant};
+
+/// Peer settings of the test agents: quick probes, gone after 3 s.
+const PEERS: &str = "[peers]\nenabled = true\nprobe_interval = \"500ms\"\ngone_after = \"3s\"\nrelay_after = \"1s\"\n";
+
+fn agent_in(scratch: &Scratch, hub: &Hub, lan: &Lan, i: usize, name: &str) -> Agent {
+    let mut agent = Agent::enroll_with(scratch.path(), hub, name, &Timings::default(), PEERS).unwrap();
+    agent.netns = Some(lan.ns(i).to_owned());
+    agent
+}
+
+fn state_of<'a>(peers: &'a [PeerEntry], id: &str) -> Option<&'a PeerState> {
+    peers.iter().find(|p| p.id == id).map(|p| &p.state)
+}
+
+/// Waits until `agent` lists every id of `others` in a state `want` accepts.
+fn wait_states(agent: &Agent, others: &[&str], limit: Duration, what: &str, want: impl Fn(&PeerState) -> bool) {
+    wait_for(limit, &format!("{} to see {others:?} {what}", agent.name), || {
+        let peers = agent.peers().ok()?;
+        others.iter().all(|id| state_of(&peers, id).is_some_and(&want)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; it lists {:?}", agent.peers().ok()));
+}
+
+#[test]
+fn three_agents_discover_and_trust_each_other_and_notice_one_leaving() {
+    let lan = Lan::new(3).unwrap();
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start_on(scratch.path(), Timings::default(), &format!("{}:0", lan.hub_ip())).unwrap();
+    let mut agents: Vec<Agent> = (0..3).map(|i| agent_in(&scratch, &hub, &lan, i, &format!("lan-{i}"))).collect();
+    let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+    let started = Instant::now();
+    for agent in &mut agents {
+        agent.start().unwrap();
+    }
+    for (i, agent) in agents.iter().enumerate() {
+        let others: Vec<&str> = ids.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, id)| id.as_str()).collect();
+        wait_states(agent, &others, Duration::from_secs(20), "trusted", |s| *s == PeerState::Trusted);
+    }
+    eprintln!("three agents trust each other {:?} after start", started.elapsed());
+
+    // The hub shows the LAN topology each device reported.
+    for id in &ids {
+        wait_for(Duration::from_secs(15), &format!("the hub to show {id}'s two trusted peers"), || {
+            let view = hub.client().peers(id).ok()?;
+            (view.peers.iter().filter(|p| p.state == PeerState::Trusted).count() == 2).then_some(())
+        })
+        .unwrap();
+    }
+    let peers = agents[0].peers().unwrap();
+    let other = peers.iter().find(|p| p.id == ids[1]).unwrap();
+    assert!(other.uplink, "peer should advertise its uplink: {other:?}");
+    assert!(other.addresses.iter().any(|a| a.starts_with(&lan.hub_ip()[..lan.hub_ip().len() - 3])), "{other:?}");
+
+    // A peer that dies without a goodbye is gone within gone_after (3 s)
+    // plus a probe.
+    agents[2].proc.as_mut().unwrap().kill();
+    let killed = Instant::now();
+    for agent in &agents[..2] {
+        wait_states(agent, &[&ids[2]], Duration::from_secs(10), "gone", |s| *s == PeerState::Gone);
+    }
+    let gone_after = killed.elapsed();
+    eprintln!("a SIGKILLed peer was marked gone {gone_after:?} after it died (gone_after 3s)");
+    assert!(gone_after < Duration::from_secs(6), "took {gone_after:?}");
+    // The survivors still trust each other.
+    wait_states(&agents[0], &[&ids[1]], Duration::from_secs(5), "trusted", |s| *s == PeerState::Trusted);
+}
+
+#[test]
+fn relay_through_a_peer_delivers_exactly_once_in_order_and_the_direct_link_can_return_mid_stream() {
+    const RECORDS: u64 = 20_000;
+    let lan = Lan::new(2).unwrap();
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start_on(scratch.path(), Timings::default(), &format!("{}:0", lan.hub_ip())).unwrap();
+    let mut cut = agent_in(&scratch, &hub, &lan, 0, "cut-off");
+    let mut carrier = agent_in(&scratch, &hub, &lan, 1, "carrier");
+    lan.cut(0).unwrap();
+    carrier.start().unwrap();
+    cut.start_loadgen(&["--records", "20000", "--batch", "20", "--appends-per-sec", "40"]).unwrap();
+    // Only the relay can bring records now.
+    let relayed = wait_progress(&hub, &cut.id, RECORDS / 3, Duration::from_secs(60));
+    let hub_log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
+    assert!(
+        hub_log.lines().any(|l| l.contains("Relayed batch stored") && l.contains(&cut.id)),
+        "records arrived, but not relayed?"
+    );
+    eprintln!("{relayed} records reached the hub through the peer; restoring the direct link");
+    lan.restore(0).unwrap();
+    wait_for(Duration::from_secs(20), "the direct link back", || {
+        hub.device(&cut.id).ok().filter(|d| d.transport.as_deref() == Some("quic"))
+    })
+    .unwrap();
+    let samples = wait_all(&hub, &cut.id, RECORDS, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, RECORDS);
+}
+
+/// A fake peer in the root namespace, on the LAN's bridge (its second
+/// address, which the cut does not affect): it advertises
+/// `claimed` (a real device id of the fleet) with the fleet's id and an
+/// uplink, but holds a certificate from its own CA. Counts what reaches it.
+struct FakePeer {
+    _mdns: mdns_sd::ServiceDaemon,
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    streams: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FakePeer {
+    fn start(lan: &Lan, hub: &Hub, claimed: &str) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let name = outpost_shared::identity::device_server_name(claimed);
+        let mut params = rcgen::CertificateParams::new(vec![name]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, claimed);
+        let cert = params.self_signed(&key).unwrap();
+        let chain = vec![cert.der().clone()];
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tls.alpn_protocols = vec![outpost_agent::peers::PEER_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let bind: std::net::SocketAddr = format!("{}:0", lan.root_ip()).parse().unwrap();
+        let endpoint = runtime.block_on(async { quinn::Endpoint::server(server, bind) }).unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        let (handshakes, streams) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (h, s) = (handshakes.clone(), streams.clone());
+        runtime.spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let (h, s) = (h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(connection) = incoming.await else { return };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    while connection.accept_bi().await.is_ok() {
+                        s.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        use rustls_pki_types::pem::PemObject;
+        let ca = rustls_pki_types::CertificateDer::from_pem_file(hub.data_dir.join("ca.crt")).unwrap();
+        let fleet = outpost_shared::peers::fleet_id(&outpost_shared::Fingerprint::of_der(&ca));
+        let mdns = mdns_sd::ServiceDaemon::new().unwrap();
+        mdns.disable_interface(mdns_sd::IfKind::All).unwrap();
+        mdns.enable_interface(mdns_sd::IfKind::Addr(lan.root_ip().parse().unwrap())).unwrap();
+        let port_text = port.to_string();
+        let version = outpost_shared::protocol::PROTOCOL_VERSION.to_string();
+        let txt = [("v", version.as_str()), ("fleet", fleet.as_str()), ("port", port_text.as_str()), ("uplink", "up")];
+        let info = mdns_sd::ServiceInfo::new(
+            outpost_shared::peers::SERVICE_TYPE,
+            claimed,
+            "fake.local.",
+            lan.root_ip().as_str(),
+            port,
+            &txt[..],
+        )
+        .unwrap();
+        mdns.register(info).unwrap();
+        FakePeer { _mdns: mdns, handshakes, streams, _runtime: runtime }
+    }
+
+    fn received(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (self.handshakes.load(Ordering::SeqCst), self.streams.load(Ordering::SeqCst))
+    }
+}
+
+#[test]
+fn a_fake_peer_with_a_foreign_certificate_is_not_trusted_and_a_foreign_fleet_is_ignored() {
+    let lan = Lan::new(2).unwrap();
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start_on(scratch.path(), Timings::default(), &format!("{}:0", lan.hub_ip())).unwrap();
+    let mut agent = agent_in(&scratch, &hub, &lan, 0, "honest");
+    // A real member of the fleet, never started: the fake claims its id.
+    let absent = Agent::enroll(scratch.path(), &hub, "absent", &Timings::default()).unwrap();
+    // A device of another fleet on the same LAN.
+    let other_root = scratch.path().join("other-fleet");
+    let other_hub = Hub::start_on(&other_root, Timings::default(), "127.0.0.1:0").unwrap();
+    let mut stranger = Agent::enroll_with(&other_root, &other_hub, "stranger", &Timings::default(), PEERS).unwrap();
+    stranger.netns = Some(lan.ns(1).to_owned());
+    // The honest agent has no uplink, so it would relay to anyone trusted
+    // who claims one; the fake claims one.
+    lan.cut(0).unwrap();
+    let fake = FakePeer::start(&lan, &hub, &absent.id);
+    agent.start().unwrap();
+    stranger.start().unwrap();
+
+    wait_states(&agent, &[&absent.id], Duration::from_secs(20), "untrusted", |s| {
+        matches!(s, PeerState::Untrusted { .. })
+    });
+    wait_states(&agent, &[&stranger.id], Duration::from_secs(20), "foreign", |s| *s == PeerState::Foreign);
+    let peers = agent.peers().unwrap();
+    eprintln!("honest agent lists: {peers:?}");
+    let Some(PeerState::Untrusted { reason }) = state_of(&peers, &absent.id) else { unreachable!() };
+    assert!(reason.to_lowercase().contains("certificate"), "unexpected reason: {reason}");
+    // Watch for a while (the agent re-dials and re-decides on relay every
+    // second): the fake never completes a handshake nor gets a stream.
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watch_until {
+        assert_eq!(fake.received(), (0, 0), "the fake peer got a handshake or a stream");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(hub.device(&agent.id).unwrap().last_seq, 0, "records left the honest agent");
+    assert!(agent.log_text().contains("LAN peer not trusted"), "the refusal is not logged");
+}
