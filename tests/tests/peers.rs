@@ -57,6 +57,16 @@ fn three_agents_discover_and_trust_each_other_and_notice_one_leaving() {
         })
         .unwrap();
     }
+    let out = std::process::Command::new(outpost_tests::bin("outpostctl"))
+        .args(["--hub", &hub.api, "--token", &hub.admin_token, "peers", &ids[0]])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.starts_with("ID"), "{table}");
+    for id in &ids[1..] {
+        let row = table.lines().find(|l| l.starts_with(id.as_str())).unwrap_or_else(|| panic!("{table}"));
+        assert!(row.contains("trusted") && row.contains(" up "), "{row}");
+    }
     let peers = agents[0].peers().unwrap();
     let other = peers.iter().find(|p| p.id == ids[1]).unwrap();
     assert!(other.uplink, "peer should advertise its uplink: {other:?}");

@@ -44,6 +44,14 @@ enum Command {
         #[command(subcommand)]
         command: DesiredCmd,
     },
+    /// A device's LAN peers as it last reported them: trust, uplink, addresses.
+    Peers {
+        /// Device id.
+        device: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A device's jobs: schedule, next run, last run.
     Jobs {
         /// Device id.
@@ -156,6 +164,10 @@ fn main() -> ExitCode {
             let request = CommandRequest { kind, args, expires_in: Some(expires_in) };
             send_and_wait(&client, &device, &request, wait)
         }
+        Command::Peers { device, json: false } => {
+            client.peers(&device).map(|p| print!("{}", outpost_shared::peers::render(&p.peers)))
+        }
+        Command::Peers { device, json: true } => client.peers(&device).map(|p| print_json(&p)),
         Command::Jobs { device, json: false } => client.jobs(&device).map(|j| print!("{}", render_jobs(&j))),
         Command::Jobs { device, json: true } => client.jobs(&device).map(|j| print_json(&j)),
         Command::JobRuns { device, job, limit } => client.job_runs(&device, &job, limit).map(|r| print_json(&r)),
