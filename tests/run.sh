@@ -15,6 +15,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The MQTT tests start their own Mosquitto (the Debian package's service,
 # if it starts, is not used).
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# The LAN tests build network namespaces with ip(8) (and need root).
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

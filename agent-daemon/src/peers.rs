@@ -448,7 +448,9 @@ async fn relay_batches(p: &PeerParams, connection: &quinn::Connection) -> Result
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         if records.is_empty() {
-            p.store.appended().await;
+            // An append between the peek and this wait would go unnoticed
+            // until the next one; look again after a second at most.
+            let _ = tokio::time::timeout(Duration::from_secs(1), p.store.appended()).await;
             continue;
         }
         let last = records.last().map_or(from, |r| r.seq);
