@@ -30,6 +30,105 @@ pub struct AgentConfig {
     pub jobs: Vec<JobSpec>,
     /// LAN peers: discovery and relay.
     pub peers: PeersConfig,
+    /// Backup sets (`[[backup]]`).
+    pub backups: Vec<BackupSet>,
+    /// `[backups]`: the repository and its key.
+    pub backup_repo: BackupRepoConfig,
+}
+
+/// `[backups]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupRepoConfig {
+    /// File with the fleet backup key (64 hex digits), set by the operator.
+    /// Required when a backup set exists.
+    pub key_file: Option<PathBuf>,
+    /// Repository directory. Default `<data_dir>/backups`.
+    pub dir: PathBuf,
+}
+
+/// One `[[backup]]` set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupSet {
+    /// Its name.
+    pub name: String,
+    /// Absolute paths backed up (files or directories, recursively).
+    pub paths: Vec<String>,
+    /// Glob patterns of paths left out (`**/*.tmp`, `/var/cache/**`).
+    pub exclude: Vec<String>,
+    /// When it runs (cron or `@every`), if scheduled.
+    pub schedule: Option<String>,
+    /// Which snapshots `prune` keeps.
+    pub retention: Retention,
+    /// Send new chunks to the hub (not built yet; read and reported).
+    pub upload: bool,
+}
+
+impl BackupSet {
+    /// The exclude patterns, compiled (checked when the config is read).
+    pub fn exclude_matcher(&self) -> globset::GlobSet {
+        let mut builder = globset::GlobSetBuilder::new();
+        for pattern in &self.exclude {
+            if let Ok(glob) = globset::Glob::new(pattern) {
+                builder.add(glob);
+            }
+        }
+        builder.build().unwrap_or_else(|_| globset::GlobSet::empty())
+    }
+}
+
+/// `retention` of a backup set: snapshots to keep, counted as restic's
+/// `forget` does: the newest `last`, and the newest of each of the latest
+/// `hourly` hours, `daily` days, `weekly` weeks and `monthly` months that
+/// have one. A snapshot kept by any rule stays. All zero keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Newest snapshots kept.
+    pub last: usize,
+    /// Hours with a snapshot kept.
+    pub hourly: usize,
+    /// Days.
+    pub daily: usize,
+    /// Weeks (from Monday, UTC).
+    pub weekly: usize,
+    /// Months.
+    pub monthly: usize,
+}
+
+impl Retention {
+    /// Indexes (into `times`, oldest first) of the snapshots to keep.
+    pub fn keep(&self, times: &[outpost_shared::time::Timestamp]) -> std::collections::BTreeSet<usize> {
+        use chrono::Datelike;
+        let mut keep = std::collections::BTreeSet::new();
+        if *self == Retention::default() {
+            keep.extend(0..times.len());
+            return keep;
+        }
+        let newest_first: Vec<usize> = (0..times.len()).rev().collect();
+        keep.extend(newest_first.iter().take(self.last));
+        /// Maps a time (ms) to its hour, day, week or month.
+        type Bucket = fn(i64) -> i64;
+        let rules: [(usize, Bucket); 4] = [
+            (self.hourly, |ms| ms.div_euclid(3_600_000)),
+            (self.daily, |ms| ms.div_euclid(86_400_000)),
+            (self.weekly, |ms| (ms.div_euclid(86_400_000) + 3).div_euclid(7)),
+            (self.monthly, |ms| {
+                let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+                i64::from(t.year()) * 12 + i64::from(t.month0())
+            }),
+        ];
+        for (count, bucket) in rules {
+            let mut seen = std::collections::BTreeSet::new();
+            for &i in &newest_first {
+                if seen.len() >= count {
+                    break;
+                }
+                if seen.insert(bucket(times[i].0 as i64)) {
+                    keep.insert(i);
+                }
+            }
+        }
+        keep
+    }
 }
 
 /// `[peers]`
@@ -147,6 +246,7 @@ impl ConfigFile for AgentConfig {
         let store = root.table("store");
         let commands = root.table("commands");
         let peers = root.table("peers");
+        let backups_section = root.table("backups");
         let mqtt = uplink.table("mqtt");
         let transport = match uplink.get_or("transport", "quic".to_owned()).as_str() {
             "quic" => Transport::Quic,
@@ -189,6 +289,13 @@ impl ConfigFile for AgentConfig {
             },
             log: root.get_or("log", "info".to_owned()),
             jobs: read_jobs(root, "job"),
+            backups: root.array("backup").iter().map(read_backup_set).collect(),
+            backup_repo: BackupRepoConfig {
+                key_file: backups_section.get("key_file"),
+                dir: backups_section
+                    .get("dir")
+                    .unwrap_or_else(|| root.get::<PathBuf>("data_dir").unwrap_or_default().join("backups")),
+            },
             peers: PeersConfig {
                 enabled: peers.get_or("enabled", true),
                 interfaces: peers.get_or("interfaces", Vec::new()),
@@ -225,12 +332,55 @@ impl ConfigFile for AgentConfig {
         if matches!(config.uplink.transport, Transport::Mqtt(_)) {
             mqtt.finish();
         }
-        for section in [uplink, telemetry, store, commands, peers] {
+        let mut names = std::collections::BTreeSet::new();
+        for set in &config.backups {
+            if !names.insert(set.name.clone()) {
+                root.error(&format!("backup[{}].name", set.name), "another backup set has this name");
+            }
+        }
+        if !config.backups.is_empty() && config.backup_repo.key_file.is_none() {
+            backups_section.error("key_file", "required when [[backup]] sets exist");
+        }
+        for section in [uplink, telemetry, store, commands, peers, backups_section] {
             section.finish();
         }
         config
     }
 }
+/// Reads one `[[backup]]` table, recording every problem with its path.
+fn read_backup_set(t: &Section<'_>) -> BackupSet {
+    let name: String = t.require("name").unwrap_or_default();
+    let paths: Vec<String> = t.require("paths").unwrap_or_default();
+    let exclude: Vec<String> = t.get_or("exclude", Vec::new());
+    let name_ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    t.check("name", name_ok, "must be letters, digits, '-' or '_'");
+    let paths_ok = !paths.is_empty() && paths.iter().all(|p| p.starts_with('/'));
+    t.check("paths", paths_ok, "must be a non-empty list of absolute paths");
+    for pattern in &exclude {
+        if let Err(e) = globset::Glob::new(pattern) {
+            t.error("exclude", format!("{pattern:?}: {e}"));
+        }
+    }
+    let schedule: Option<String> = t.get("schedule");
+    if let Some(s) = &schedule
+        && let Err(e) = outpost_shared::job::Schedule::parse(s)
+    {
+        t.error("schedule", e);
+    }
+    let r = t.table("retention");
+    let retention = Retention {
+        last: r.get_or("last", 0usize),
+        hourly: r.get_or("hourly", 0usize),
+        daily: r.get_or("daily", 0usize),
+        weekly: r.get_or("weekly", 0usize),
+        monthly: r.get_or("monthly", 0usize),
+    };
+    r.finish();
+    let upload = t.get_or("upload", false);
+    t.finish();
+    BackupSet { name, paths, exclude, schedule, retention, upload }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +390,44 @@ mod tests {
         let c = AgentConfig::with_data_dir("/tmp/x".into());
         assert_eq!(c.uplink.heartbeat, Duration::from_secs(5));
         assert_eq!(c.telemetry.interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_per_rule_and_everything_when_empty() {
+        use outpost_shared::time::Timestamp;
+        const H: u64 = 3_600_000;
+        // 2026-11-01 00:00 UTC, then snapshots at +0h, +1h, +1h30, +25h,
+        // +26h, +24 days (another week, same month), +31 days (next month).
+        let base = 1_793_491_200_000u64;
+        let times: Vec<Timestamp> =
+            [0, H, H + H / 2, 25 * H, 26 * H, 24 * 24 * H, 31 * 24 * H].iter().map(|d| Timestamp(base + d)).collect();
+        let keep = |r: Retention| r.keep(&times).into_iter().collect::<Vec<_>>();
+        assert_eq!(keep(Retention::default()), (0..7).collect::<Vec<_>>());
+        assert_eq!(keep(Retention { last: 2, ..Default::default() }), [5, 6]);
+        // The newest of each of the last 3 hours that have one: 6, 5, 4.
+        assert_eq!(keep(Retention { hourly: 3, ..Default::default() }), [4, 5, 6]);
+        // Days: 6 (day 31), 5 (day 24), 4 (day 1, newest of 3 and 4), 2 (day 0).
+        assert_eq!(keep(Retention { daily: 4, ..Default::default() }), [2, 4, 5, 6]);
+        assert_eq!(keep(Retention { monthly: 2, ..Default::default() }), [5, 6]);
+        assert_eq!(keep(Retention { last: 1, daily: 2, ..Default::default() }), [5, 6]);
+    }
+
+    #[test]
+    fn backup_sets_are_checked_and_every_problem_listed() {
+        let text = "data_dir = \"/x\"\n[[backup]]\nname = \"a b\"\npaths = [\"rel\"]\nexclude = [\"[\"]\nschedule = \"often\"\n[backup.retention]\nyearly = 1\n[[backup]]\nname = \"ok\"\npaths = [\"/srv\"]\n[[backup]]\nname = \"ok\"\npaths = [\"/etc\"]\n";
+        let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "backup[a b].name",
+            "backup[a b].paths",
+            "backup[a b].exclude",
+            "backup[a b].schedule",
+            "backup[a b].retention.yearly",
+            "backup[ok].name",
+            "backups.key_file",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! health to systemd. [`enroll`] turns a token into the [`identity`] on disk.
 
 pub mod backoff;
+pub mod backup;
 pub mod config;
 pub mod control;
 pub mod enroll;

@@ -16,6 +16,39 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum BackupCmd {
+    /// Back up a set now.
+    Run {
+        /// The set's name (`[[backup]] name`).
+        set: String,
+    },
+    /// List the snapshots.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot into a directory.
+    Restore {
+        /// Snapshot name, or `latest`.
+        snapshot: String,
+        /// Directory to restore into.
+        #[arg(long)]
+        target: PathBuf,
+        /// With `latest`: the newest snapshot of this set.
+        #[arg(long)]
+        set: Option<String>,
+        /// Only this path and what is under it (repeatable).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+    },
+    /// Re-read, decrypt and re-hash every chunk; name the bad ones.
+    Verify,
+    /// Keep what each set's retention says; drop chunks no snapshot needs.
+    Prune,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Enroll this device with a token from `outpost-hub token create`.
     Enroll {
@@ -40,6 +73,14 @@ enum Command {
         /// Config file.
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Backups on this device (works with no hub and no daemon).
+    Backup {
+        /// Config file (backup sets, repository, key).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        op: BackupCmd,
     },
     /// List the running daemon's jobs with their next and last runs.
     Jobs {
@@ -110,6 +151,28 @@ fn main() -> ExitCode {
                     _ => {}
                 });
                 if code == ExitCode::SUCCESS && !ok { ExitCode::FAILURE } else { code }
+            }
+            Err(code) => code,
+        },
+        Command::Backup { config, op } => match AgentConfig::load_or_exit(&config) {
+            Ok(config) => {
+                use outpost_agent::backup::Operation;
+                let op = match op {
+                    BackupCmd::Run { set } => Operation::Run { set },
+                    BackupCmd::List { json } => Operation::List { json },
+                    BackupCmd::Restore { snapshot, target, set, paths } => {
+                        Operation::Restore { snapshot, target, set, paths }
+                    }
+                    BackupCmd::Verify => Operation::Verify,
+                    BackupCmd::Prune => Operation::Prune,
+                };
+                match outpost_agent::backup::command(&config, op) {
+                    Ok(code) => ExitCode::from(code),
+                    Err(e) => {
+                        eprintln!("outpost-agent backup: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(code) => code,
         },

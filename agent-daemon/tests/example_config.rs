@@ -36,3 +36,18 @@ fn the_mqtt_example_in_configs_agent_toml_is_valid() {
     assert_eq!(mqtt.broker.to_string(), "mqtts://broker.example.com:8883");
     assert_eq!(mqtt.keep_alive, Duration::from_secs(30));
 }
+
+/// The reference file's commented-out backup example, switched on.
+#[test]
+fn the_backup_example_in_configs_agent_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/agent.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = outpost_shared::config::uncomment_block(&text, "[backups]");
+    let text = outpost_shared::config::uncomment_block(&text, "[[backup]]");
+    let config = AgentConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.backups.len(), 1);
+    let set = &config.backups[0];
+    assert_eq!((set.name.as_str(), set.paths.len(), set.retention.daily), ("data", 2, 7));
+    assert!(set.exclude_matcher().is_match("/srv/data/cache/x/y"));
+    assert_eq!(config.backup_repo.key_file.as_deref(), Some(Path::new("/etc/outpost/backup.key")));
+}

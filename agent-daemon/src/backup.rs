@@ -1,0 +1,869 @@
+//! Local backups: a deduplicating, compressed, encrypted repository under
+//! the data dir, with snapshots of backup sets, restore, verify and prune.
+//!
+//! Layout of `<data_dir>/backups/`:
+//! - `config`: repository version and a check value of the key, so a wrong
+//!   key is refused before anything is written.
+//! - `chunks/<2 hex>/<64 hex>`: one blob per chunk. Files are cut by
+//!   content-defined chunking (FastCDC, 256 KiB min / 1 MiB average / 4 MiB
+//!   max), so an edit moves only the chunks around it. A chunk's id is the
+//!   BLAKE3 hash of its plaintext keyed with a key derived from the backup
+//!   key, so ids reveal nothing to whoever stores the blobs. A blob is
+//!   `nonce (24 bytes) || XChaCha20-Poly1305(zstd(chunk))`, with the id as
+//!   associated data: a blob cannot be swapped for another.
+//! - `snapshots/<name>`: one encrypted manifest per snapshot (files with
+//!   path, mode, owner, mtime, size and chunk list; directories; symlinks)
+//!   and its report of problems.
+//! - `lock`: an exclusive `flock` while an operation writes.
+//!
+//! Incremental: a file whose size, mtime and inode match the set's previous
+//! snapshot is not read again; its chunk list is reused.
+//!
+//! Writes are crash-safe: blobs and manifests are written to a temporary
+//! file, synced and renamed; a snapshot exists only once its manifest is in
+//! place, after every chunk it names. A failed run (a full disk, a crash)
+//! leaves at most unreferenced chunks, which `prune` removes.
+
+use crate::config::BackupSet;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use outpost_shared::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Chunk size bounds (bytes).
+const MIN_CHUNK: usize = 256 << 10;
+const AVG_CHUNK: usize = 1 << 20;
+const MAX_CHUNK: usize = 4 << 20;
+/// zstd level: fast, still compresses text well.
+const ZSTD_LEVEL: i32 = 3;
+const REPO_VERSION: u32 = 1;
+
+/// A chunk id: keyed BLAKE3 of the plaintext.
+pub type ChunkId = [u8; 32];
+
+/// Errors of backup operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A file or directory of the repository could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The key does not open this repository.
+    #[error("the backup key does not match this repository (wrong key_file?)")]
+    WrongKey,
+    /// The key file is not 32 bytes in hex.
+    #[error("backup key {0}: expected 64 hex digits (32 bytes)")]
+    BadKey(PathBuf),
+    /// Data in the repository does not decrypt, decode or hash to its id.
+    #[error("corrupt {what}: {why}")]
+    Corrupt {
+        /// Which blob.
+        what: String,
+        /// Why.
+        why: String,
+    },
+    /// No such snapshot.
+    #[error("no snapshot {0}")]
+    NoSnapshot(String),
+    /// No such backup set in the config.
+    #[error("no backup set {0:?} in the config")]
+    NoSet(String),
+    /// A restore could not write every file correctly.
+    #[error("restore incomplete: {0} file(s) not restored (see above)")]
+    RestoreIncomplete(usize),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io { path: path.to_owned(), source }
+}
+
+/// One entry of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Absolute path on the device.
+    pub path: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Permission bits (and setuid/setgid/sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+/// Kinds of entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File {
+        /// Bytes.
+        size: u64,
+        /// Inode at backup time (for the incremental check).
+        inode: u64,
+        /// Its chunks, in order.
+        chunks: Vec<ChunkId>,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points.
+        target: String,
+    },
+}
+
+/// A snapshot manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its name (file name in `snapshots/`).
+    pub name: String,
+    /// The backup set.
+    pub set: String,
+    /// When it started.
+    pub started: Timestamp,
+    /// When it ended.
+    pub ended: Timestamp,
+    /// The set's paths at the time.
+    pub paths: Vec<String>,
+    /// Everything backed up.
+    pub entries: Vec<Entry>,
+    /// What could not be backed up, or changed while read.
+    pub problems: Vec<String>,
+    /// Bytes of file content in the snapshot.
+    pub bytes: u64,
+    /// Files read this time (the others were unchanged).
+    pub files_read: u64,
+    /// Chunks this snapshot added to the repository.
+    pub new_chunks: u64,
+    /// Bytes those new chunks take on disk (compressed, encrypted).
+    pub new_stored_bytes: u64,
+}
+
+/// A snapshot's summary, for lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Name.
+    pub name: String,
+    /// Backup set.
+    pub set: String,
+    /// Start, RFC 3339.
+    pub started: String,
+    /// Files, directories and links.
+    pub entries: usize,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Problems reported.
+    pub problems: usize,
+}
+
+impl From<&Snapshot> for SnapshotInfo {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotInfo {
+            name: s.name.clone(),
+            set: s.set.clone(),
+            started: s.started.rfc3339(),
+            entries: s.entries.len(),
+            bytes: s.bytes,
+            problems: s.problems.len(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RepoConfig {
+    version: u32,
+    key_check: String,
+}
+
+/// Reads the operator's backup key: 64 hex digits (whitespace ignored).
+pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if hex.len() != 64 {
+        return Err(BackupError::BadKey(path.to_owned()));
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| BackupError::BadKey(path.to_owned()))?;
+    }
+    Ok(key)
+}
+
+/// An open repository, held exclusively while it lives.
+pub struct Repository {
+    root: PathBuf,
+    cipher: XChaCha20Poly1305,
+    id_key: [u8; 32],
+    _lock: fs::File,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("root", &self.root).finish()
+    }
+}
+
+fn hex(id: &[u8]) -> String {
+    outpost_shared::identity::hex(id)
+}
+
+impl Repository {
+    /// Opens (creating if needed) the repository at `root` with `key`.
+    /// Waits for the lock if another operation holds it.
+    pub fn open(root: &Path, key: &[u8; 32]) -> Result<Self, BackupError> {
+        for dir in [root.to_owned(), root.join("chunks"), root.join("snapshots"), root.join("tmp")] {
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        let lock_path = root.join("lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        lock_exclusive(&lock).map_err(io(&lock_path))?;
+        let enc_key = blake3::derive_key("outpost backup encryption v1", key);
+        let id_key = blake3::derive_key("outpost backup chunk id v1", key);
+        let check = hex(blake3::keyed_hash(&id_key, b"outpost backup key check").as_bytes());
+        let config_path = root.join("config");
+        match fs::read(&config_path) {
+            Ok(bytes) => {
+                let config: RepoConfig = serde_json::from_slice(&bytes)
+                    .map_err(|e| BackupError::Corrupt { what: "repository config".into(), why: e.to_string() })?;
+                if config.key_check != check {
+                    return Err(BackupError::WrongKey);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = RepoConfig { version: REPO_VERSION, key_check: check };
+                let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
+                outpost_shared::fsutil::write_atomic(&config_path, &text, 0o600).map_err(io(&config_path))?;
+            }
+            Err(e) => return Err(io(&config_path)(e)),
+        }
+        // Leftovers of an interrupted run.
+        let tmp = root.join("tmp");
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(Repository { root: root.to_owned(), cipher: XChaCha20Poly1305::new(&enc_key.into()), id_key, _lock: lock })
+    }
+
+    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let h = hex(id);
+        self.root.join("chunks").join(&h[..2]).join(h)
+    }
+
+    fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, BackupError> {
+        let mut nonce = [0u8; 24];
+        rand::fill(&mut nonce[..]);
+        let sealed = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
+            .map_err(|_| BackupError::Corrupt { what: "encryption".into(), why: "cipher failed".into() })?;
+        let mut out = Vec::with_capacity(24 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    fn open_blob(&self, blob: &[u8], aad: &[u8], what: &str) -> Result<Vec<u8>, BackupError> {
+        if blob.len() < 24 + 16 {
+            return Err(BackupError::Corrupt { what: what.into(), why: "too short".into() });
+        }
+        self.cipher.decrypt(XNonce::from_slice(&blob[..24]), Payload { msg: &blob[24..], aad }).map_err(|_| {
+            BackupError::Corrupt { what: what.into(), why: "does not decrypt (altered or wrong key)".into() }
+        })
+    }
+
+    /// Writes `bytes` to `path` through a synced temporary file.
+    fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+        let mut suffix = [0u8; 8];
+        rand::fill(&mut suffix[..]);
+        let tmp = self.root.join("tmp").join(hex(&suffix));
+        let result = (|| {
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io(path))
+    }
+
+    /// Stores a chunk unless present; returns the bytes written (0 if it
+    /// was there).
+    fn put_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<u64, BackupError> {
+        let path = self.chunk_path(id);
+        if path.exists() {
+            return Ok(0);
+        }
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL).map_err(io(&path))?;
+        let blob = self.seal(&compressed, id)?;
+        self.write_durably(&path, &blob)?;
+        Ok(blob.len() as u64)
+    }
+
+    /// Reads a chunk and checks it: decrypts, decompresses and re-hashes.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
+        let path = self.chunk_path(id);
+        let what = format!("chunk {}", hex(id));
+        let blob = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BackupError::Corrupt { what, why: "missing".into() });
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let compressed = self.open_blob(&blob, id, &what)?;
+        let plain = zstd::bulk::decompress(&compressed, MAX_CHUNK)
+            .map_err(|e| BackupError::Corrupt { what: what.clone(), why: format!("does not decompress: {e}") })?;
+        if blake3::keyed_hash(&self.id_key, &plain).as_bytes() != id {
+            return Err(BackupError::Corrupt { what, why: "content does not match its id".into() });
+        }
+        Ok(plain)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, BackupError> {
+        let dir = self.root.join("snapshots");
+        let mut names: Vec<String> =
+            fs::read_dir(&dir).map_err(io(&dir))?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+        names.sort();
+        names.iter().map(|n| self.snapshot(n)).collect()
+    }
+
+    /// One snapshot by name.
+    pub fn snapshot(&self, name: &str) -> Result<Snapshot, BackupError> {
+        let path = self.root.join("snapshots").join(name);
+        let blob = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BackupError::NoSnapshot(name.into())),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let what = format!("snapshot {name}");
+        let plain = self.open_blob(&blob, name.as_bytes(), &what)?;
+        postcard::from_bytes(&plain).map_err(|e| BackupError::Corrupt { what, why: e.to_string() })
+    }
+
+    /// The snapshot `name`, or the newest (of `set`, if given) for `latest`.
+    pub fn find(&self, name: &str, set: Option<&str>) -> Result<Snapshot, BackupError> {
+        if name != "latest" {
+            return self.snapshot(name);
+        }
+        self.snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| set.is_none_or(|set| s.set == set))
+            .ok_or_else(|| BackupError::NoSnapshot("latest".into()))
+    }
+
+    /// Backs up `set` and writes its snapshot.
+    pub fn backup(&self, set: &BackupSet) -> Result<Snapshot, BackupError> {
+        let started = Timestamp::now();
+        let previous: HashMap<String, Entry> = self
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.set == set.name)
+            .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
+            .unwrap_or_default();
+        let exclude = set.exclude_matcher();
+        let mut run =
+            Run { repo: self, previous, exclude, entries: Vec::new(), problems: Vec::new(), stats: Stats::default() };
+        for path in &set.paths {
+            run.walk(Path::new(path))?;
+        }
+        let mut random = [0u8; 4];
+        rand::fill(&mut random[..]);
+        let name = format!("{}-{}-{}", started.0, set.name, hex(&random));
+        let snapshot = Snapshot {
+            name: name.clone(),
+            set: set.name.clone(),
+            started,
+            ended: Timestamp::now(),
+            paths: set.paths.clone(),
+            entries: run.entries,
+            problems: run.problems,
+            bytes: run.stats.bytes,
+            files_read: run.stats.files_read,
+            new_chunks: run.stats.new_chunks,
+            new_stored_bytes: run.stats.new_stored_bytes,
+        };
+        let plain = postcard::to_stdvec(&snapshot).unwrap_or_default();
+        let blob = self.seal(&plain, name.as_bytes())?;
+        self.write_durably(&self.root.join("snapshots").join(&name), &blob)?;
+        Ok(snapshot)
+    }
+
+    /// Restores `snapshot` (or the entries under `only`) into `target`.
+    /// Each file is written to a temporary name and renamed only once every
+    /// chunk checked out; a file that cannot be restored is reported and
+    /// the restore fails at the end.
+    pub fn restore(&self, snapshot: &Snapshot, target: &Path, only: &[String]) -> Result<u64, BackupError> {
+        let wanted = |path: &str| {
+            only.is_empty()
+                || only.iter().any(|o| path == o || path.starts_with(&format!("{}/", o.trim_end_matches('/'))))
+        };
+        fs::create_dir_all(target).map_err(io(target))?;
+        let mut failed = 0usize;
+        let mut restored = 0u64;
+        let mut dirs = Vec::new();
+        for entry in snapshot.entries.iter().filter(|e| wanted(&e.path)) {
+            let dest = target.join(entry.path.trim_start_matches('/'));
+            let result = match &entry.kind {
+                EntryKind::Dir => {
+                    let r = fs::create_dir_all(&dest).map_err(io(&dest));
+                    dirs.push((dest.clone(), entry));
+                    r
+                }
+                EntryKind::Symlink { target: link } => (|| {
+                    if let Some(parent) = dest.parent() {
+                        fs::create_dir_all(parent).map_err(io(parent))?;
+                    }
+                    let _ = fs::remove_file(&dest);
+                    std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
+                })(),
+                EntryKind::File { chunks, .. } => {
+                    self.restore_file(&dest, chunks).and_then(|()| apply_meta(&dest, entry))
+                }
+            };
+            match result {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(path = %entry.path, error = %e, "Not restored.");
+                    eprintln!("not restored: {}: {e}", entry.path);
+                }
+            }
+        }
+        // Directory times last, after their contents were written.
+        for (dest, entry) in dirs.iter().rev() {
+            if let Err(e) = apply_meta(dest, entry) {
+                tracing::warn!(path = %entry.path, error = %e, "Directory metadata not restored.");
+            }
+        }
+        if failed > 0 {
+            return Err(BackupError::RestoreIncomplete(failed));
+        }
+        Ok(restored)
+    }
+
+    fn restore_file(&self, dest: &Path, chunks: &[ChunkId]) -> Result<(), BackupError> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let tmp = dest.with_file_name(format!(
+            ".{}.outpost-restore",
+            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let result = (|| {
+            let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+            for id in chunks {
+                let plain = self.chunk(id)?;
+                file.write_all(&plain).map_err(io(&tmp))?;
+            }
+            file.sync_all().map_err(io(&tmp))?;
+            fs::rename(&tmp, dest).map_err(io(dest))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Re-reads every chunk the snapshots name (and any other chunk in the
+    /// repository) and checks it. Returns the problems found, each naming
+    /// the chunk and the snapshots and files that need it.
+    pub fn verify(&self) -> Result<Vec<String>, BackupError> {
+        let mut users: BTreeMap<ChunkId, Vec<String>> = BTreeMap::new();
+        let mut problems = Vec::new();
+        let snapshots = match self.snapshots() {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(e.to_string());
+                Vec::new()
+            }
+        };
+        for s in &snapshots {
+            for e in &s.entries {
+                if let EntryKind::File { chunks, .. } = &e.kind {
+                    for id in chunks {
+                        users.entry(*id).or_default().push(format!("{}:{}", s.name, e.path));
+                    }
+                }
+            }
+        }
+        for id in self.stored_chunks()? {
+            users.entry(id).or_default();
+        }
+        for (id, needed_by) in &users {
+            if let Err(e) = self.chunk(id) {
+                let mut who: Vec<&String> = needed_by.iter().collect();
+                who.dedup();
+                let shown: Vec<String> = who.iter().take(3).map(|s| s.to_string()).collect();
+                let more = if who.len() > 3 { format!(" and {} more", who.len() - 3) } else { String::new() };
+                let needed = if who.is_empty() {
+                    "unreferenced".into()
+                } else {
+                    format!("needed by {}{more}", shown.join(", "))
+                };
+                problems.push(format!("{e} ({needed})"));
+            }
+        }
+        Ok(problems)
+    }
+
+    fn stored_chunks(&self) -> Result<Vec<ChunkId>, BackupError> {
+        let dir = self.root.join("chunks");
+        let mut ids = Vec::new();
+        for sub in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            for entry in fs::read_dir(sub.path()).map_err(io(&sub.path()))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(id) = parse_id(&name) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Applies each set's retention to its snapshots, then deletes chunks
+    /// no remaining snapshot needs. Returns (snapshots removed, chunks
+    /// removed).
+    pub fn prune(&self, sets: &[BackupSet]) -> Result<(Vec<String>, usize), BackupError> {
+        let snapshots = self.snapshots()?;
+        let mut removed = Vec::new();
+        for set in sets {
+            let mine: Vec<&Snapshot> = snapshots.iter().filter(|s| s.set == set.name).collect();
+            let keep = set.retention.keep(&mine.iter().map(|s| s.started).collect::<Vec<_>>());
+            for (i, s) in mine.iter().enumerate() {
+                if !keep.contains(&i) {
+                    let path = self.root.join("snapshots").join(&s.name);
+                    fs::remove_file(&path).map_err(io(&path))?;
+                    removed.push(s.name.clone());
+                }
+            }
+        }
+        let mut needed = BTreeSet::new();
+        for s in self.snapshots()? {
+            for e in s.entries {
+                if let EntryKind::File { chunks, .. } = e.kind {
+                    needed.extend(chunks);
+                }
+            }
+        }
+        let mut chunks_removed = 0;
+        for id in self.stored_chunks()? {
+            if !needed.contains(&id) {
+                let path = self.chunk_path(&id);
+                fs::remove_file(&path).map_err(io(&path))?;
+                chunks_removed += 1;
+            }
+        }
+        Ok((removed, chunks_removed))
+    }
+}
+
+fn parse_id(name: &str) -> Option<ChunkId> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+#[allow(unsafe_code)]
+fn lock_exclusive(file: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Sets mode, owner (when permitted) and mtime.
+fn apply_meta(dest: &Path, entry: &Entry) -> Result<(), BackupError> {
+    fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(dest))?;
+    let _ = std::os::unix::fs::chown(dest, Some(entry.uid), Some(entry.gid));
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(entry.mtime_ns).unwrap_or(0));
+    let file = fs::File::open(dest).map_err(io(dest))?;
+    file.set_modified(mtime).map_err(io(dest))
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    bytes: u64,
+    files_read: u64,
+    new_chunks: u64,
+    new_stored_bytes: u64,
+}
+
+struct Run<'a> {
+    repo: &'a Repository,
+    previous: HashMap<String, Entry>,
+    exclude: globset::GlobSet,
+    entries: Vec<Entry>,
+    problems: Vec<String>,
+    stats: Stats,
+}
+
+impl Run<'_> {
+    /// Backs up `path` and everything under it. Problems with single files
+    /// are recorded and skipped; a repository write failure ends the run.
+    fn walk(&mut self, path: &Path) -> Result<(), BackupError> {
+        let text = path.to_string_lossy().into_owned();
+        if self.exclude.is_match(path) {
+            return Ok(());
+        }
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                self.problems.push(format!("{text}: {e}"));
+                return Ok(());
+            }
+        };
+        let base = |kind| Entry {
+            path: text.clone(),
+            kind,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => {
+                    self.entries.push(base(EntryKind::Symlink { target: target.to_string_lossy().into_owned() }))
+                }
+                Err(e) => self.problems.push(format!("{text}: {e}")),
+            }
+        } else if ft.is_dir() {
+            self.entries.push(base(EntryKind::Dir));
+            let mut children: Vec<PathBuf> = match fs::read_dir(path) {
+                Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+                Err(e) => {
+                    self.problems.push(format!("{text}: {e}"));
+                    return Ok(());
+                }
+            };
+            children.sort();
+            for child in children {
+                self.walk(&child)?;
+            }
+        } else if ft.is_file() {
+            let entry = base(EntryKind::Dir);
+            let unchanged = self.previous.get(&text).and_then(|p| match &p.kind {
+                EntryKind::File { size, inode, chunks }
+                    if *size == meta.len() && *inode == meta.ino() && p.mtime_ns == entry.mtime_ns =>
+                {
+                    Some(chunks.clone())
+                }
+                _ => None,
+            });
+            let chunks = match unchanged {
+                Some(chunks) => chunks,
+                None => match self.read_file(path, &meta)? {
+                    Some(chunks) => chunks,
+                    None => return Ok(()),
+                },
+            };
+            self.stats.bytes += meta.len();
+            self.entries.push(Entry { kind: EntryKind::File { size: meta.len(), inode: meta.ino(), chunks }, ..entry });
+        } else {
+            self.problems.push(format!("{text}: skipped (not a file, directory or symlink)"));
+        }
+        Ok(())
+    }
+
+    /// Chunks and stores a file; `None` (with a problem recorded) if it
+    /// cannot be read.
+    fn read_file(&mut self, path: &Path, before: &fs::Metadata) -> Result<Option<Vec<ChunkId>>, BackupError> {
+        let text = path.to_string_lossy().into_owned();
+        let file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.problems.push(format!("{text}: {e}"));
+                return Ok(None);
+            }
+        };
+        self.stats.files_read += 1;
+        let mut chunks = Vec::new();
+        let mut read = 0u64;
+        for chunk in fastcdc::v2020::StreamCDC::new(
+            std::io::BufReader::with_capacity(1 << 20, file),
+            MIN_CHUNK,
+            AVG_CHUNK,
+            MAX_CHUNK,
+        ) {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    self.problems.push(format!("{text}: read failed: {e}"));
+                    return Ok(None);
+                }
+            };
+            read += chunk.data.len() as u64;
+            let id = *blake3::keyed_hash(&self.repo.id_key, &chunk.data).as_bytes();
+            let written = self.repo.put_chunk(&id, &chunk.data)?;
+            if written > 0 {
+                self.stats.new_chunks += 1;
+                self.stats.new_stored_bytes += written;
+            }
+            chunks.push(id);
+        }
+        match fs::symlink_metadata(path) {
+            Ok(after)
+                if after.len() == before.len()
+                    && after.mtime_nsec() == before.mtime_nsec()
+                    && after.mtime() == before.mtime()
+                    && read == before.len() => {}
+            _ => self.problems.push(format!("{text}: changed while read (stored as read)")),
+        }
+        Ok(Some(chunks))
+    }
+}
+
+/// Reads a whole file (for tests and small helpers).
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    fs::File::open(path)?.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// What `outpost-agent backup` does.
+#[derive(Debug, Clone)]
+pub enum Operation {
+    /// Back up one set now.
+    Run {
+        /// The set's name.
+        set: String,
+    },
+    /// List the snapshots.
+    List {
+        /// As JSON.
+        json: bool,
+    },
+    /// Restore a snapshot (a name or `latest`) into `target`.
+    Restore {
+        /// Snapshot name or `latest`.
+        snapshot: String,
+        /// Where to write.
+        target: PathBuf,
+        /// With `latest`: of this set.
+        set: Option<String>,
+        /// Only these paths (and what is under them).
+        paths: Vec<String>,
+    },
+    /// Re-read and check every chunk.
+    Verify,
+    /// Apply every set's retention and drop unneeded chunks.
+    Prune,
+}
+
+/// Runs `op` on the device's repository (no daemon and no hub needed; the
+/// repository lock keeps it apart from a scheduled backup). Returns the
+/// process exit status: 0 done, 1 failed, 3 a snapshot was written but some
+/// paths could not be backed up (as restic does).
+pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8, BackupError> {
+    let key_file = config
+        .backup_repo
+        .key_file
+        .clone()
+        .ok_or_else(|| BackupError::BadKey(PathBuf::from("(no [backups] key_file)")))?;
+    let key = read_key(&key_file)?;
+    let repo = Repository::open(&config.backup_repo.dir, &key)?;
+    match op {
+        Operation::Run { set } => {
+            let set = config.backups.iter().find(|s| s.name == set).ok_or(BackupError::NoSet(set))?;
+            let s = repo.backup(set)?;
+            println!(
+                "snapshot {}: {} entries, {} bytes, {} files read, {} new chunks ({} bytes stored), {:.1}s",
+                s.name,
+                s.entries.len(),
+                s.bytes,
+                s.files_read,
+                s.new_chunks,
+                s.new_stored_bytes,
+                s.started.until(s.ended).as_secs_f64()
+            );
+            for p in &s.problems {
+                println!("problem: {p}");
+            }
+            Ok(if s.problems.is_empty() { 0 } else { 3 })
+        }
+        Operation::List { json } => {
+            let infos: Vec<SnapshotInfo> = repo.snapshots()?.iter().map(SnapshotInfo::from).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&infos).unwrap_or_default());
+            } else {
+                let rows: Vec<Vec<String>> = infos
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.set.clone(),
+                            i.started.clone(),
+                            i.entries.to_string(),
+                            i.bytes.to_string(),
+                            i.problems.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    outpost_shared::table::render(
+                        &["SNAPSHOT", "SET", "STARTED", "ENTRIES", "BYTES", "PROBLEMS"],
+                        &rows
+                    )
+                );
+            }
+            Ok(0)
+        }
+        Operation::Restore { snapshot, target, set, paths } => {
+            let s = repo.find(&snapshot, set.as_deref())?;
+            let n = repo.restore(&s, &target, &paths)?;
+            println!("restored {n} entries of snapshot {} into {}", s.name, target.display());
+            Ok(0)
+        }
+        Operation::Verify => {
+            let problems = repo.verify()?;
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("every chunk checks out");
+                Ok(0)
+            } else {
+                println!("{} problem(s) found", problems.len());
+                Ok(1)
+            }
+        }
+        Operation::Prune => {
+            let (removed, chunks) = repo.prune(&config.backups)?;
+            for name in &removed {
+                println!("removed snapshot {name}");
+            }
+            println!("{} snapshot(s) and {chunks} chunk(s) removed", removed.len());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Local backups through `outpost-agent backup`: no hub, no daemon. Trees
+//! are compared byte for byte with their modes, mtimes and symlinks.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_tests::{Scratch, bin, run};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Setup {
+    config: PathBuf,
+    src: PathBuf,
+    repo: PathBuf,
+}
+
+fn setup(scratch: &Scratch, retention: &str) -> Setup {
+    let root = scratch.path();
+    let src = root.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let key = root.join("backup.key");
+    fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    let config = root.join("agent.toml");
+    let text = format!(
+        "data_dir = {:?}\n[backups]\nkey_file = {:?}\n[[backup]]\nname = \"data\"\npaths = [{:?}, {:?}]\nexclude = [\"**/*.tmp\"]\n[backup.retention]\n{retention}\n",
+        root.join("agent").display().to_string(),
+        key.display().to_string(),
+        src.display().to_string(),
+        root.join("does-not-exist").display().to_string(),
+    );
+    fs::write(&config, text).unwrap();
+    Setup { config, src, repo: root.join("agent/backups") }
+}
+
+fn backup(s: &Setup, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("outpost-agent"));
+    cmd.arg("backup").arg("--config").arg(&s.config).args(args);
+    run(&mut cmd).unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Random bytes (incompressible), deterministic per seed.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn populate(src: &Path) {
+    fs::create_dir_all(src.join("logs/old")).unwrap();
+    fs::write(src.join("big.bin"), noise(6 << 20, 1)).unwrap();
+    fs::write(src.join("logs/app.log"), "line of a log that compresses well\n".repeat(50_000)).unwrap();
+    fs::write(src.join("logs/old/empty"), b"").unwrap();
+    fs::write(src.join("secret.conf"), b"password=1\n").unwrap();
+    fs::set_permissions(src.join("secret.conf"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(src.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("logs/app.log", src.join("current.log")).unwrap();
+    fs::write(src.join("scratch.tmp"), b"excluded").unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
+    fs::File::open(src.join("logs/old/empty")).unwrap().set_modified(old).unwrap();
+}
+
+/// Relative path → (kind, mode, mtime ns, content or link target).
+fn describe(root: &Path) -> BTreeMap<String, (char, u32, i64, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mode = meta.mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap().display().to_string().into_bytes();
+                out.insert(rel, ('l', 0, 0, target));
+            } else if meta.is_dir() {
+                out.insert(rel, ('d', mode, mtime, Vec::new()));
+                stack.push(path);
+            } else {
+                out.insert(rel, ('f', mode, mtime, fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn assert_same_tree(expected: &Path, got: &Path) {
+    let (a, b) = (describe(expected), describe(got));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "different entries");
+    for (path, (kind, mode, mtime, data)) in &a {
+        let (k2, m2, t2, d2) = &b[path];
+        assert_eq!((kind, mode), (k2, m2), "{path}: kind or mode");
+        assert!(data == d2, "{path}: content differs");
+        if *kind == 'f' {
+            assert_eq!(mtime, t2, "{path}: mtime");
+        }
+    }
+}
+
+/// The snapshot names, oldest first.
+fn snapshots(s: &Setup) -> Vec<String> {
+    let out = backup(s, &["list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn backup_modify_backup_then_each_snapshot_restores_byte_identical() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    let out = backup(&s, &["run", "data"]);
+    // The missing path is a problem in the report; the rest is backed up.
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("does-not-exist"), "{}", text(&out));
+    let first_copy = scratch.path().join("expected-first");
+    assert!(Command::new("cp").arg("-a").arg(&s.src).arg(&first_copy).status().unwrap().success());
+    fs::remove_file(first_copy.join("scratch.tmp")).unwrap();
+
+    // Change one byte in the middle of the big file, add, delete, chmod.
+    let mut big = fs::read(s.src.join("big.bin")).unwrap();
+    big[3 << 20] ^= 0xFF;
+    fs::write(s.src.join("big.bin"), &big).unwrap();
+    fs::write(s.src.join("logs/new.log"), b"new\n").unwrap();
+    fs::remove_file(s.src.join("run.sh")).unwrap();
+    fs::set_permissions(s.src.join("secret.conf"), fs::Permissions::from_mode(0o640)).unwrap();
+    let out = backup(&s, &["run", "data"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    // Incremental: only the two changed or new files were read; the edit in
+    // the middle of 6 MiB added a few chunks, not the whole file.
+    assert!(report.contains(" 2 files read"), "{report}");
+    let new_chunks: u64 = report.split(" new chunks").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((1..=4).contains(&new_chunks), "{new_chunks} new chunks: {report}");
+
+    let names = snapshots(&s);
+    assert_eq!(names.len(), 2);
+    let first = scratch.path().join("restore-first");
+    let out = backup(&s, &["restore", &names[0], "--target", first.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_tree(&first_copy, &first.join(s.src.strip_prefix("/").unwrap()));
+    let latest = scratch.path().join("restore-latest");
+    let out = backup(&s, &["restore", "latest", "--target", latest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    fs::remove_file(s.src.join("scratch.tmp")).unwrap();
+    assert_same_tree(&s.src, &latest.join(s.src.strip_prefix("/").unwrap()));
+
+    // A subset.
+    let part = scratch.path().join("restore-part");
+    let only = s.src.join("logs").display().to_string();
+    let out = backup(&s, &["restore", "latest", "--target", part.to_str().unwrap(), "--path", &only]);
+    assert!(out.status.success(), "{}", text(&out));
+    let restored = part.join(s.src.strip_prefix("/").unwrap());
+    assert!(restored.join("logs/new.log").exists() && !restored.join("big.bin").exists());
+
+    let out = backup(&s, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Nothing readable without the key: no plaintext in the repository.
+    let mut stack = vec![s.repo.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                let bytes = fs::read(e.path()).unwrap();
+                assert!(!bytes.windows(10).any(|w| w == b"password=1"), "plaintext in {}", e.path().display());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_corrupted_chunk_is_named_by_verify_and_a_restore_that_needs_it_refuses() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    backup(&s, &["run", "data"]);
+    // The smallest chunk is a whole small file: corrupt it.
+    let mut chunks: Vec<PathBuf> = fs::read_dir(s.repo.join("chunks"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten().map(|e| e.path()))
+        .collect();
+    chunks.sort_by_key(|p| fs::metadata(p).unwrap().len());
+    let victim = &chunks[0];
+    let mut bytes = fs::read(victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    fs::write(victim, &bytes).unwrap();
+    let id = victim.file_name().unwrap().to_string_lossy().into_owned();
+
+    let out = backup(&s, &["verify"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains(&id) && report.contains("does not decrypt"), "{report}");
+    assert!(report.contains("needed by"), "{report}");
+
+    let target = scratch.path().join("restore");
+    let out = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    let report = text(&out);
+    assert!(!out.status.success(), "a restore with a corrupt chunk succeeded: {report}");
+    assert!(report.contains("not restored") && report.contains(&id), "{report}");
+    // The file that needed it is not there at all (no wrong data), the
+    // others are.
+    let bad: Vec<&str> = report.lines().filter(|l| l.starts_with("not restored:")).collect();
+    assert_eq!(bad.len(), 1, "{report}");
+    let bad_path = bad[0].trim_start_matches("not restored: ").split(": ").next().unwrap();
+    assert!(!target.join(bad_path.trim_start_matches('/')).exists(), "{bad_path} was written");
+    let big = target.join(s.src.strip_prefix("/").unwrap()).join("big.bin");
+    assert!(big.exists() || bad_path.ends_with("big.bin"));
+}
+
+#[test]
+fn prune_keeps_exactly_what_the_retention_says_and_drops_unneeded_chunks() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "last = 2");
+    for round in 0..4u64 {
+        fs::write(s.src.join(format!("round-{round}.bin")), noise(300 << 10, round + 10)).unwrap();
+        if round > 0 {
+            fs::remove_file(s.src.join(format!("round-{}.bin", round - 1))).unwrap();
+        }
+        backup(&s, &["run", "data"]);
+    }
+    let all = snapshots(&s);
+    assert_eq!(all.len(), 4);
+    let out = backup(&s, &["prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 snapshot(s) and 2 chunk(s) removed"), "{}", text(&out));
+    assert_eq!(snapshots(&s), all[2..].to_vec());
+    let out = backup(&s, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_wrong_key_is_refused_before_anything_is_written() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    backup(&s, &["run", "data"]);
+    fs::write(scratch.path().join("backup.key"), "ff".repeat(32)).unwrap();
+    let out = backup(&s, &["run", "data"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not match this repository"), "{}", text(&out));
+    assert_eq!(snapshots_with_key(&s), 1);
+}
+
+fn snapshots_with_key(s: &Setup) -> usize {
+    fs::read_dir(s.repo.join("snapshots")).unwrap().count()
+}
