@@ -307,16 +307,47 @@ impl Repository {
     }
 
     /// Stores a chunk unless present; returns the bytes written (0 if it
-    /// was there).
+    /// was there). Not synced: [`Repository::backup`] syncs the file system
+    /// once before it writes the manifest that names the chunks.
     fn put_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<u64, BackupError> {
         let path = self.chunk_path(id);
         if path.exists() {
             return Ok(0);
         }
         let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL).map_err(io(&path))?;
-        let blob = self.seal(&compressed, id)?;
-        self.write_durably(&path, &blob)?;
+        // Flag byte: 1 = zstd, 0 = stored (when compression does not help,
+        // as for random data), so a restore does not decompress in vain.
+        let mut framed = Vec::with_capacity(1 + compressed.len().min(plain.len()));
+        if compressed.len() < plain.len() {
+            framed.push(1);
+            framed.extend_from_slice(&compressed);
+        } else {
+            framed.push(0);
+            framed.extend_from_slice(plain);
+        }
+        let blob = self.seal(&framed, id)?;
+        let tmp = path.with_extension("tmp");
+        let result = (|| {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::write(&tmp, &blob)?;
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io(&path))?;
         Ok(blob.len() as u64)
+    }
+
+    /// Flushes everything written to the repository's file system.
+    fn sync_all(&self) -> Result<(), BackupError> {
+        let dir = fs::File::open(&self.root).map_err(io(&self.root))?;
+        #[allow(unsafe_code)]
+        // SAFETY: syncfs(2) on a descriptor we own.
+        let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+        if rc == 0 { Ok(()) } else { Err(io(&self.root)(std::io::Error::last_os_error())) }
     }
 
     /// Reads a chunk and checks it: decrypts, decompresses and re-hashes.
@@ -330,9 +361,13 @@ impl Repository {
             }
             Err(e) => return Err(io(&path)(e)),
         };
-        let compressed = self.open_blob(&blob, id, &what)?;
-        let plain = zstd::bulk::decompress(&compressed, MAX_CHUNK)
-            .map_err(|e| BackupError::Corrupt { what: what.clone(), why: format!("does not decompress: {e}") })?;
+        let framed = self.open_blob(&blob, id, &what)?;
+        let plain = match framed.split_first() {
+            Some((0, stored)) => stored.to_vec(),
+            Some((1, compressed)) => zstd::bulk::decompress(compressed, MAX_CHUNK)
+                .map_err(|e| BackupError::Corrupt { what: what.clone(), why: format!("does not decompress: {e}") })?,
+            _ => return Err(BackupError::Corrupt { what, why: "unknown chunk format".into() }),
+        };
         if blake3::keyed_hash(&self.id_key, &plain).as_bytes() != id {
             return Err(BackupError::Corrupt { what, why: "content does not match its id".into() });
         }
@@ -384,11 +419,44 @@ impl Repository {
             .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
             .unwrap_or_default();
         let exclude = set.exclude_matcher();
-        let mut run =
-            Run { repo: self, previous, exclude, entries: Vec::new(), problems: Vec::new(), stats: Stats::default() };
-        for path in &set.paths {
-            run.walk(Path::new(path))?;
-        }
+        // Two stages on two threads: this one walks, reads, chunks and
+        // hashes; the writer compresses, encrypts and stores new chunks.
+        let (entries, problems, stats) = std::thread::scope(|scope| {
+            let (sink, chunks) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(4);
+            let writer = scope.spawn(move || {
+                let (mut new_chunks, mut stored) = (0u64, 0u64);
+                for (id, data) in chunks {
+                    let written = self.put_chunk(&id, &data)?;
+                    if written > 0 {
+                        new_chunks += 1;
+                        stored += written;
+                    }
+                }
+                Ok::<_, BackupError>((new_chunks, stored))
+            });
+            let mut run = Run {
+                repo: self,
+                previous,
+                exclude,
+                entries: Vec::new(),
+                problems: Vec::new(),
+                stats: Stats::default(),
+                sink,
+            };
+            let walked = set.paths.iter().try_for_each(|path| run.walk(Path::new(path)));
+            let Run { entries, problems, mut stats, sink, .. } = run;
+            drop(sink);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(BackupError::Corrupt { what: "backup writer".into(), why: "panicked".into() }));
+            // A writer failure (a full disk) is the cause of a walk failure.
+            let (new_chunks, stored) = written?;
+            walked?;
+            stats.new_chunks = new_chunks;
+            stats.new_stored_bytes = stored;
+            Ok::<_, BackupError>((entries, problems, stats))
+        })?;
+        self.sync_all()?;
         let mut random = [0u8; 4];
         rand::fill(&mut random[..]);
         let name = format!("{}-{}-{}", started.0, set.name, hex(&random));
@@ -398,12 +466,12 @@ impl Repository {
             started,
             ended: Timestamp::now(),
             paths: set.paths.clone(),
-            entries: run.entries,
-            problems: run.problems,
-            bytes: run.stats.bytes,
-            files_read: run.stats.files_read,
-            new_chunks: run.stats.new_chunks,
-            new_stored_bytes: run.stats.new_stored_bytes,
+            entries,
+            problems,
+            bytes: stats.bytes,
+            files_read: stats.files_read,
+            new_chunks: stats.new_chunks,
+            new_stored_bytes: stats.new_stored_bytes,
         };
         let plain = postcard::to_stdvec(&snapshot).unwrap_or_default();
         let blob = self.seal(&plain, name.as_bytes())?;
@@ -623,6 +691,8 @@ struct Run<'a> {
     entries: Vec<Entry>,
     problems: Vec<String>,
     stats: Stats,
+    /// New chunks go to the writer thread.
+    sink: std::sync::mpsc::SyncSender<(ChunkId, Vec<u8>)>,
 }
 
 impl Run<'_> {
@@ -723,10 +793,9 @@ impl Run<'_> {
             };
             read += chunk.data.len() as u64;
             let id = *blake3::keyed_hash(&self.repo.id_key, &chunk.data).as_bytes();
-            let written = self.repo.put_chunk(&id, &chunk.data)?;
-            if written > 0 {
-                self.stats.new_chunks += 1;
-                self.stats.new_stored_bytes += written;
+            if !self.repo.chunk_path(&id).exists() && self.sink.send((id, chunk.data)).is_err() {
+                // The writer stopped on an error; `backup` reports it.
+                return Err(BackupError::Corrupt { what: "repository".into(), why: "the chunk writer stopped".into() });
             }
             chunks.push(id);
         }

@@ -115,8 +115,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    outpost_agent::process::return_freed_memory();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // The daemon gives freed heap back to the OS (it idles for months);
+    // a one-shot backup command keeps glibc's adaptive defaults, which reuse
+    // its chunk-sized buffers instead of mapping and faulting each one.
+    if !matches!(cli.command, Command::Backup { .. }) {
+        outpost_agent::process::return_freed_memory();
+    }
+    match cli.command {
         Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
         Command::Jobs { config, json } => match AgentConfig::load_or_exit(&config) {

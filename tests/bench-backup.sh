@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Backups: outpost-agent versus restic on the same generated data set, same
+# machine, same run: first snapshot, unchanged re-run, re-run after changing
+# 1 % of the data, repository size, peak memory (VmHWM via /usr/bin/time).
+#
+#   tests/bench-backup.sh [MIB]      (default 1024)
+#
+# The data set: MIB MiB in files of 64 KiB to 2 MiB under nested
+# directories, half random bytes (incompressible), half text (compressible).
+# The 1 % change overwrites 1 % of the bytes with random ones, a run in the
+# middle of each of a spread of files (see `change()`). Needs restic
+# (Debian's package) and /usr/bin/time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIB=${1:-1024}
+for tool in restic python3; do command -v "$tool" >/dev/null || { echo "bench-backup: $tool missing" >&2; exit 1; }; done
+[ -x /usr/bin/time ] || { echo "bench-backup: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
+cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/outpost-bench-backup-XXXXXX)
+cleanup() { [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+trap cleanup EXIT
+data=$work/data
+
+python3 - "$data" "$MIB" <<'PY'
+import os, random, sys
+root, mib = sys.argv[1], int(sys.argv[2])
+rng = random.Random(42)
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(5000)]
+total, n = 0, 0
+while total < mib << 20:
+    d = os.path.join(root, f"d{n % 40:02d}", f"s{n % 7}")
+    os.makedirs(d, exist_ok=True)
+    size = rng.randint(64 << 10, 2 << 20)
+    path = os.path.join(d, f"f{n:05d}")
+    with open(path, "wb") as f:
+        if n % 2:
+            f.write(os.urandom(size))
+        else:
+            out = bytearray()
+            while len(out) < size:
+                out += b" ".join(rng.choice(words) for _ in range(16)) + b"\n"
+            f.write(bytes(out[:size]))
+    total += size
+    n += 1
+print(f"data set: {n} files, {total / (1 << 20):.0f} MiB", file=sys.stderr)
+PY
+
+change() { # rewrite 1 % of the data: a run of random bytes inside files
+    python3 - "$data" <<'PY'
+import os, sys
+root = sys.argv[1]
+files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+total = sum(os.path.getsize(f) for f in files)
+budget, i = total // 100, 0
+while budget > 0:
+    path = files[(i * 37) % len(files)]
+    size = os.path.getsize(path)
+    n = min(budget, max(size // 10, 4096))
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(n))
+    budget -= n
+    i += 1
+print(f"changed {total // 100} bytes in {i} files", file=sys.stderr)
+PY
+}
+
+# outpost-agent: its own config, repository and key.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
+cat >"$work/agent.toml" <<CFG
+data_dir = "$work/agent"
+[backups]
+key_file = "$work/backup.key"
+dir = "$work/outpost-repo"
+[[backup]]
+name = "data"
+paths = ["$data"]
+CFG
+export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
+restic init >/dev/null
+
+measure() { # label command... → "| label | seconds | peak MiB |"
+    local label=$1; shift
+    # Cold page cache for every run (as root), so neither tool reads what
+    # the other just read; both write to the same disk.
+    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >"$work/cmd.out" 2>&1 || { cat "$work/cmd.out" >&2; exit 1; }
+    read -r secs kib <"$work/time.out"
+    echo "| $label | $secs s | $((kib / 1024)) MiB |"
+}
+echo "| run | time | peak RSS |"
+echo "|---|---|---|"
+for round in first unchanged changed; do
+    [ "$round" = changed ] && change
+    measure "outpost-agent backup run, $round" "$bin/outpost-agent" backup --config "$work/agent.toml" run data
+    measure "restic backup, $round" restic backup --quiet "$data"
+done
+echo "| repository size | outpost-agent $(du -sm "$work/outpost-repo" | cut -f1) MiB | restic $(du -sm "$work/restic-repo" | cut -f1) MiB |"
+echo "data set $(du -sm "$data" | cut -f1) MiB; restic $(restic version | cut -d' ' -f2), compression auto (repository v2 default in 0.14: $(restic cat config 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("version"))'))"
