@@ -936,3 +936,81 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
         }
     }
 }
+
+/// The command line that runs `outpost-agent backup --config PATH` as a
+/// separate, low-priority process: scheduled backups and backup commands
+/// from the hub use it, so a backup never blocks the daemon and is limited
+/// by `[backups] nice` and `io_class`. `None` without a config file.
+pub fn command_prefix(config: &crate::config::AgentConfig) -> Option<Vec<String>> {
+    let path = config.config_path.as_ref()?;
+    let exe = std::env::current_exe().ok()?;
+    let io_class = if config.backup_repo.io_class == "idle" { "3" } else { "2" };
+    Some(vec![
+        "nice".into(),
+        "-n".into(),
+        config.backup_repo.nice.to_string(),
+        "ionice".into(),
+        "-c".into(),
+        io_class.into(),
+        exe.display().to_string(),
+        "backup".into(),
+        "--config".into(),
+        path.display().to_string(),
+    ])
+}
+
+/// A scheduled job per backup set with a `schedule`: `backup-<name>`,
+/// running [`command_prefix`] + `run <name>`, never overlapping itself,
+/// caught up after downtime. Its runs reach the hub as job runs.
+pub fn scheduled_jobs(config: &crate::config::AgentConfig) -> Vec<outpost_shared::job::JobSpec> {
+    use outpost_shared::job::{Action, JobSpec, Overlap, Schedule};
+    let Some(prefix) = command_prefix(config) else { return Vec::new() };
+    config
+        .backups
+        .iter()
+        .filter_map(|set| {
+            let schedule = Schedule::parse(set.schedule.as_deref()?).ok()?;
+            let mut argv = prefix.clone();
+            argv.extend(["run".to_owned(), set.name.clone()]);
+            Some(JobSpec {
+                name: format!("backup-{}", set.name),
+                schedule,
+                action: Action::Command { argv, env: Default::default(), working_dir: None },
+                timeout: config.backup_repo.timeout,
+                retries: 0,
+                retry_backoff: std::time::Duration::from_secs(60),
+                overlap: Overlap::Forbid,
+                catch_up: true,
+                jitter: std::time::Duration::ZERO,
+                max_output: 64 << 10,
+                enabled: true,
+            })
+        })
+        .collect()
+}
+
+/// Checks the arguments of a `backup` command from the hub and returns the
+/// full command line, or why it is refused. Accepted: `run SET`, `list`,
+/// `verify`, `prune`, `restore SNAPSHOT --target DIR [--set S] [--path P]...`.
+pub fn hub_command(prefix: &[String], args: &[String]) -> Result<Vec<String>, String> {
+    let ok = match args.first().map(String::as_str) {
+        Some("run") => args.len() == 2,
+        Some("list") => args.len() == 1 || (args.len() == 2 && args[1] == "--json"),
+        Some("verify" | "prune") => args.len() == 1,
+        Some("restore") => {
+            args.len() >= 4
+                && args[2..]
+                    .chunks(2)
+                    .all(|pair| pair.len() == 2 && ["--target", "--set", "--path"].contains(&pair[0].as_str()))
+                && args.iter().any(|a| a == "--target")
+        }
+        _ => false,
+    };
+    if !ok || args.iter().any(|a| a.starts_with("--config")) {
+        return Err("backup takes: run SET | list [--json] | verify | prune | restore SNAPSHOT --target DIR [--set S] [--path P]..."
+            .into());
+    }
+    let mut argv = prefix.to_vec();
+    argv.extend(args.iter().cloned());
+    Ok(argv)
+}

@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub backups: Vec<BackupSet>,
     /// `[backups]`: the repository and its key.
     pub backup_repo: BackupRepoConfig,
+    /// The file this config was read from (set by the caller, not from
+    /// TOML); backup jobs and commands run `outpost-agent backup` with it.
+    pub config_path: Option<PathBuf>,
 }
 
 /// `[backups]`
@@ -44,6 +47,13 @@ pub struct BackupRepoConfig {
     pub key_file: Option<PathBuf>,
     /// Repository directory. Default `<data_dir>/backups`.
     pub dir: PathBuf,
+    /// CPU priority of backup processes (`nice`, 0 to 19). Default 10.
+    pub nice: u8,
+    /// I/O class of backup processes: `idle` (default), `best-effort`.
+    pub io_class: String,
+    /// A scheduled or commanded backup operation is killed after this long.
+    /// Default 24h.
+    pub timeout: Duration,
 }
 
 /// One `[[backup]]` set.
@@ -227,6 +237,11 @@ pub struct CommandsConfig {
     pub timeout: Duration,
     /// Captured output kept per command. Default 64 KiB.
     pub max_output: usize,
+    /// `outpost-agent backup --config ...` as a low-priority process, for
+    /// `backup` commands (set at start from `[backups]`, not read here).
+    pub backup_command: Option<Vec<String>>,
+    /// Timeout of `backup` commands (`[backups] timeout`).
+    pub backup_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -286,6 +301,8 @@ impl ConfigFile for AgentConfig {
                 allow_exec: commands.get_or("allow_exec", false),
                 timeout: commands.get_or("timeout", Duration::from_secs(300)),
                 max_output: commands.get_or("max_output", ByteSize(64 << 10)).0 as usize,
+                backup_command: None,
+                backup_timeout: Duration::from_secs(86_400),
             },
             log: root.get_or("log", "info".to_owned()),
             jobs: read_jobs(root, "job"),
@@ -295,7 +312,11 @@ impl ConfigFile for AgentConfig {
                 dir: backups_section
                     .get("dir")
                     .unwrap_or_else(|| root.get::<PathBuf>("data_dir").unwrap_or_default().join("backups")),
+                nice: backups_section.get_or("nice", 10u8),
+                io_class: backups_section.get_or("io_class", "idle".to_owned()),
+                timeout: backups_section.get_or("timeout", Duration::from_secs(86_400)),
             },
+            config_path: None,
             peers: PeersConfig {
                 enabled: peers.get_or("enabled", true),
                 interfaces: peers.get_or("interfaces", Vec::new()),
@@ -338,6 +359,14 @@ impl ConfigFile for AgentConfig {
                 root.error(&format!("backup[{}].name", set.name), "another backup set has this name");
             }
         }
+        let b = &config.backup_repo;
+        backups_section.check("nice", b.nice <= 19, "must be 0 to 19");
+        backups_section.check(
+            "io_class",
+            ["idle", "best-effort"].contains(&b.io_class.as_str()),
+            "must be \"idle\" or \"best-effort\"",
+        );
+        backups_section.check("timeout", !b.timeout.is_zero(), "must be more than zero");
         if !config.backups.is_empty() && config.backup_repo.key_file.is_none() {
             backups_section.error("key_file", "required when [[backup]] sets exist");
         }

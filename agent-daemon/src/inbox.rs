@@ -244,7 +244,14 @@ async fn run_one(
     tracing::info!(command = command.id, kind = %command.kind, "Running command.");
     let (outcome, output) = match command.kind.as_str() {
         "echo" => (Outcome::Succeeded, command.args.join(" ")),
-        "exec" if config.allow_exec => exec(&command.args, config, cancel).await,
+        "exec" if config.allow_exec => exec(&command.args, config.timeout, config.max_output, cancel).await,
+        "backup" => match &config.backup_command {
+            Some(prefix) => match crate::backup::hub_command(prefix, &command.args) {
+                Ok(argv) => exec(&argv, config.backup_timeout, config.max_output, cancel).await,
+                Err(e) => (Outcome::Rejected, e),
+            },
+            None => (Outcome::Rejected, "this agent runs without a config file; backups are unavailable".into()),
+        },
         "exec" => (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into()),
         "run_job" => match command.args.as_slice() {
             [name] => match jobs.run_now(name, Trigger::Command { id: command.id }).await {
@@ -260,7 +267,7 @@ async fn run_one(
 
 /// Runs a program in its own process group with a timeout and an output cap
 /// (the tail is kept); on timeout the whole group is killed.
-async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationToken) -> (Outcome, String) {
+async fn exec(args: &[String], timeout: Duration, max_output: usize, cancel: &CancellationToken) -> (Outcome, String) {
     let env = std::collections::BTreeMap::new();
     let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None }) {
         Ok(s) => s,
@@ -269,7 +276,7 @@ async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationTok
     // On shutdown the command is left to finish on its own; at the next start
     // it is reported interrupted, not run again.
     let detached = CancellationToken::new();
-    let run = spawned.wait(config.timeout, config.max_output, &detached);
+    let run = spawned.wait(timeout, max_output, &detached);
     let result = tokio::select! {
         r = run => r,
         () = cancel.cancelled() => {
@@ -280,10 +287,9 @@ async fn exec(args: &[String], config: &CommandsConfig, cancel: &CancellationTok
         ProcessEnd::Exited(0) => (Outcome::Succeeded, result.output),
         ProcessEnd::Exited(code) => (Outcome::Failed { code }, result.output),
         ProcessEnd::Signaled(_) | ProcessEnd::Stopped => (Outcome::Failed { code: -1 }, result.output),
-        ProcessEnd::TimedOut => (
-            Outcome::Failed { code: -1 },
-            format!("{}\nkilled after the timeout of {:?}", result.output, config.timeout),
-        ),
+        ProcessEnd::TimedOut => {
+            (Outcome::Failed { code: -1 }, format!("{}\nkilled after the timeout of {timeout:?}", result.output))
+        }
     }
 }
 
@@ -300,7 +306,13 @@ mod tests {
         let command = |id| Command { id, kind: "echo".into(), args: vec![id.to_string()], expires_at: far };
         let deliver = |ids: std::ops::Range<u64>| Deliver { commands: ids.map(command).collect(), desired: None };
         assert_eq!(accept(&store, deliver(1..1101)).await.unwrap().len(), 1100);
-        let config = CommandsConfig { allow_exec: false, timeout: Duration::from_secs(1), max_output: 1024 };
+        let config = CommandsConfig {
+            allow_exec: false,
+            timeout: Duration::from_secs(1),
+            max_output: 1024,
+            backup_command: None,
+            backup_timeout: Duration::from_secs(1),
+        };
         let defaults = Settings { telemetry_interval: Duration::from_secs(1), hub_jobs: Vec::new() };
         let (tx, _rx) = watch::channel(defaults.clone());
         let cancel = CancellationToken::new();

@@ -99,6 +99,9 @@ pub fn run_with(
     shutdown: impl Future<Output = ()> + 'static,
     extra: impl FnOnce(&AgentStore),
 ) -> Result<(), AgentError> {
+    let mut config = config;
+    config.commands.backup_command = backup::command_prefix(&config);
+    config.commands.backup_timeout = config.backup_repo.timeout;
     let identity = Identity::load(&config.data_dir)?;
     let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
@@ -150,7 +153,9 @@ pub fn run_with(
         let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
         let store3 = store.clone();
         let (jobs2, jobs3, jobs4) = (jobs.clone(), jobs.clone(), jobs.clone());
-        let (local_jobs, jobs_settings) = (config.jobs.clone(), settings_rx.clone());
+        let mut local_jobs = config.jobs.clone();
+        local_jobs.extend(backup::scheduled_jobs(&config));
+        let jobs_settings = settings_rx.clone();
         let (t3, s3, control_dir) = (tasks.clone(), stop.clone(), config.data_dir.clone());
         let (t4, s4, control_peers) = (tasks.clone(), stop.clone(), peer_table.clone());
         let status_store = store.clone();

@@ -182,8 +182,9 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => match AgentConfig::load_or_exit(&config) {
-            Ok(config) => {
+        Command::Run { config: path } => match AgentConfig::load_or_exit(&path) {
+            Ok(mut config) => {
+                config.config_path = Some(std::fs::canonicalize(&path).unwrap_or(path));
                 outpost_shared::logging::init(&config.log);
                 match outpost_agent::run(config, outpost_shared::logging::wait_for_signal()) {
                     Ok(()) => ExitCode::SUCCESS,

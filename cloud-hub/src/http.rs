@@ -260,7 +260,7 @@ async fn put_desired(
 pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
 /// Command kinds devices understand.
-const COMMAND_KINDS: &[&str] = &["echo", "exec", "run_job"];
+const COMMAND_KINDS: &[&str] = &["echo", "exec", "run_job", "backup"];
 
 async fn post_command(
     caller: Caller,

@@ -261,3 +261,103 @@ fn a_wrong_key_is_refused_before_anything_is_written() {
 fn snapshots_with_key(s: &Setup) -> usize {
     fs::read_dir(s.repo.join("snapshots")).unwrap().count()
 }
+
+#[test]
+fn scheduled_backups_run_as_jobs_and_the_hub_can_list_and_restore() {
+    use outpost_hub::api::CommandRequest;
+    use outpost_hub::store::CommandState;
+    use outpost_shared::protocol::Outcome;
+    use outpost_tests::{Agent, Hub, Timings, wait_for};
+    use std::time::Duration;
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let src = scratch.path().join("field-data");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/readings.csv"), "t,v\n1,2\n".repeat(1000)).unwrap();
+    let key = scratch.path().join("backup.key");
+    fs::write(&key, "ab".repeat(32)).unwrap();
+    let extra = format!(
+        "[backups]\nkey_file = {:?}\n[[backup]]\nname = \"field\"\npaths = [{:?}]\nschedule = \"@every 2s\"\n",
+        key.display().to_string(),
+        src.display().to_string()
+    );
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "backed-up", &timings, &extra).unwrap();
+    agent.start().unwrap();
+    let client = hub.client();
+    let run = wait_for(Duration::from_secs(30), "a scheduled backup at the hub", || {
+        client.job_runs(&agent.id, "backup-field", 10).ok()?.into_iter().find(|r| r.succeeded)
+    })
+    .unwrap();
+    assert!(run.outcome_kind == "exited", "{run:?}");
+
+    let send = |args: &[&str]| {
+        let request = CommandRequest {
+            kind: "backup".into(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            expires_in: None,
+        };
+        let cmd = client.send_command(&agent.id, &request).unwrap();
+        hub.wait_command(cmd.id, "the backup command's result", |s| matches!(s, CommandState::Completed { .. }))
+    };
+    let listed = send(&["list"]);
+    match &listed.state {
+        CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => {
+            assert!(output.contains("field") && output.contains("SNAPSHOT"), "{output}");
+        }
+        other => panic!("list: {other:?}"),
+    }
+    let target = scratch.path().join("restored-by-hub");
+    let restored = send(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(matches!(restored.state, CommandState::Completed { outcome: Outcome::Succeeded, .. }), "{restored:?}");
+    let copy = target.join(src.strip_prefix("/").unwrap()).join("sub/readings.csv");
+    assert_eq!(fs::read(copy).unwrap(), fs::read(src.join("sub/readings.csv")).unwrap());
+    let refused = send(&["rm", "-rf", "/"]);
+    assert!(matches!(refused.state, CommandState::Completed { outcome: Outcome::Rejected, .. }), "{refused:?}");
+}
+
+/// A tmpfs mounted for a test, unmounted on drop (also on failure).
+struct SmallDisk(PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_snapshot_cleanly_and_earlier_snapshots_stay_restorable() {
+    outpost_tests::netns::require_root();
+    let scratch = Scratch::new().unwrap();
+    let repo = scratch.path().join("small-disk");
+    fs::create_dir_all(&repo).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&repo).status().unwrap();
+    assert!(mounted.success(), "cannot mount a tmpfs (needs root)");
+    let _disk = SmallDisk(repo.clone());
+    let s = setup(&scratch, "");
+    let text_cfg = fs::read_to_string(&s.config).unwrap();
+    let text_cfg = text_cfg.replace("[backups]\n", &format!("[backups]\ndir = {:?}\n", repo.display().to_string()));
+    fs::write(&s.config, text_cfg).unwrap();
+    fs::write(s.src.join("first.bin"), noise(1 << 20, 7)).unwrap();
+    let first_copy = scratch.path().join("expected-first");
+    assert!(Command::new("cp").arg("-a").arg(&s.src).arg(&first_copy).status().unwrap().success());
+    let out = backup(&s, &["run", "data"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out)); // the missing path
+
+    fs::write(s.src.join("too-big.bin"), noise(8 << 20, 8)).unwrap();
+    let out = backup(&s, &["run", "data"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("No space left on device"), "{report}");
+    assert_eq!(snapshots(&s).len(), 1, "a failed run left a snapshot");
+    let out = backup(&s, &["verify"]);
+    assert!(out.status.success(), "the repository is inconsistent after the failure: {}", text(&out));
+    let target = scratch.path().join("restore");
+    let out = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_tree(&first_copy, &target.join(s.src.strip_prefix("/").unwrap()));
+    // Room again (the big file gone): the next run works.
+    fs::remove_file(s.src.join("too-big.bin")).unwrap();
+    let out = backup(&s, &["run", "data"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+}
