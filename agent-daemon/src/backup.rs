@@ -650,6 +650,15 @@ impl Repository {
                 }
             }
         }
+        // Chunk files a crash left half-written (`<id>.tmp`).
+        let dir = self.root.join("chunks");
+        for sub in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            for entry in fs::read_dir(sub.path()).map_err(io(&sub.path()))?.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "tmp") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         let mut chunks_removed = 0;
         for id in self.stored_chunks()? {
             if !needed.contains(&id) {

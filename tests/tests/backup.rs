@@ -237,7 +237,12 @@ fn prune_keeps_exactly_what_the_retention_says_and_drops_unneeded_chunks() {
     }
     let all = snapshots(&s);
     assert_eq!(all.len(), 4);
+    // What a crash in the middle of a chunk write leaves behind.
+    let some_dir = fs::read_dir(s.repo.join("chunks")).unwrap().flatten().next().unwrap().path();
+    let leftover = some_dir.join(format!("{}.tmp", "0".repeat(64)));
+    fs::write(&leftover, b"half a chunk").unwrap();
     let out = backup(&s, &["prune"]);
+    assert!(!leftover.exists(), "prune left a half-written chunk");
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("2 snapshot(s) and 2 chunk(s) removed"), "{}", text(&out));
     assert_eq!(snapshots(&s), all[2..].to_vec());
