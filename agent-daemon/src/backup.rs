@@ -611,18 +611,24 @@ impl Repository {
         Ok(problems)
     }
 
-    fn stored_chunks(&self) -> Result<Vec<ChunkId>, BackupError> {
+    /// Every file under `chunks/`: chunks, and `<id>.tmp` files a crash
+    /// left half-written.
+    fn chunk_files(&self) -> Result<Vec<PathBuf>, BackupError> {
         let dir = self.root.join("chunks");
-        let mut ids = Vec::new();
+        let mut files = Vec::new();
         for sub in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
-            for entry in fs::read_dir(sub.path()).map_err(io(&sub.path()))?.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(id) = parse_id(&name) {
-                    ids.push(id);
-                }
-            }
+            let sub = sub.path();
+            files.extend(fs::read_dir(&sub).map_err(io(&sub))?.flatten().map(|e| e.path()));
         }
-        Ok(ids)
+        Ok(files)
+    }
+
+    fn stored_chunks(&self) -> Result<Vec<ChunkId>, BackupError> {
+        Ok(self
+            .chunk_files()?
+            .iter()
+            .filter_map(|p| p.file_name().and_then(|n| parse_id(&n.to_string_lossy())))
+            .collect())
     }
 
     /// Applies each set's retention to its snapshots, then deletes chunks
@@ -650,14 +656,9 @@ impl Repository {
                 }
             }
         }
-        // Chunk files a crash left half-written (`<id>.tmp`).
-        let dir = self.root.join("chunks");
-        for sub in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
-            for entry in fs::read_dir(sub.path()).map_err(io(&sub.path()))?.flatten() {
-                if entry.path().extension().is_some_and(|e| e == "tmp") {
-                    let _ = fs::remove_file(entry.path());
-                }
-            }
+        // Chunk files a crash left half-written.
+        for leftover in self.chunk_files()?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "tmp")) {
+            let _ = fs::remove_file(leftover);
         }
         let mut chunks_removed = 0;
         for id in self.stored_chunks()? {
@@ -793,16 +794,8 @@ impl Run<'_> {
             }
         } else if ft.is_file() {
             let entry = base(EntryKind::Dir);
-            let unchanged = self.previous.get(&text).and_then(|p| match &p.kind {
-                EntryKind::File { size, inode, chunks }
-                    if *size == meta.len() && *inode == meta.ino() && p.mtime_ns == entry.mtime_ns =>
-                {
-                    Some(chunks.clone())
-                }
-                _ => None,
-            });
-            let chunks = match unchanged {
-                Some(chunks) => chunks,
+            let chunks = match self.unchanged(&text, &meta) {
+                Some(chunks) => chunks.clone(),
                 None => match self.read_file(path, &meta)? {
                     Some(chunks) => chunks,
                     None => return Ok(()),
@@ -818,15 +811,23 @@ impl Run<'_> {
 
     /// True for a regular file the previous snapshot does not cover.
     fn needs_reading(&self, path: &Path) -> bool {
-        let Ok(meta) = fs::symlink_metadata(path) else { return false };
-        if !meta.is_file() {
-            return false;
-        }
+        fs::symlink_metadata(path)
+            .is_ok_and(|meta| meta.is_file() && self.unchanged(&path.to_string_lossy(), &meta).is_none())
+    }
+
+    /// The chunk list of the previous snapshot's `path`, if the file is
+    /// unchanged since: same size, mtime and inode.
+    fn unchanged(&self, path: &str, meta: &fs::Metadata) -> Option<&Vec<ChunkId>> {
+        let previous = self.previous.get(path)?;
         let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-        !self.previous.get(&*path.to_string_lossy()).is_some_and(|p| {
-            p.mtime_ns == mtime_ns
-                && matches!(&p.kind, EntryKind::File { size, inode, .. } if *size == meta.len() && *inode == meta.ino())
-        })
+        match &previous.kind {
+            EntryKind::File { size, inode, chunks }
+                if *size == meta.len() && *inode == meta.ino() && previous.mtime_ns == mtime_ns =>
+            {
+                Some(chunks)
+            }
+            _ => None,
+        }
     }
 
     /// Chunks and stores a file; `None` (with a problem recorded) if it
