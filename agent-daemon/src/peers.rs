@@ -25,14 +25,14 @@
 use crate::config::PeersConfig;
 use crate::identity::Identity;
 use crate::store::AgentStore;
-use crate::uplink::session::BATCH_RECORDS;
+use crate::uplink::session::next_batch;
 use crate::uplink::{LinkState, RelayRequest};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::peers::{
     PeerEntry, PeerState, PeersReport, SERVICE_TYPE, TXT_FLEET, TXT_PORT, TXT_UPLINK, TXT_VERSION, fleet_id,
 };
-use outpost_shared::protocol::{Ack, Batch, Message, PROTOCOL_VERSION, RecordBody, Refusal, RefusalReason};
+use outpost_shared::protocol::{Ack, Message, PROTOCOL_VERSION, RecordBody, Refusal, RefusalReason};
 use outpost_shared::time::Timestamp;
 use outpost_shared::{DeviceId, Fingerprint};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -439,22 +439,15 @@ async fn relay_batches(p: &PeerParams, connection: &quinn::Connection) -> Result
     let signer = p.identity.signer().map_err(|e| e.to_string())?;
     let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(recv, p.max_frame);
-    let max_bytes = p.max_frame.saturating_sub(4096).max(1024);
     loop {
         let from = p.store.stats().acked_seq + 1;
-        let store = p.store.clone();
-        let records = tokio::task::spawn_blocking(move || store.peek(from, BATCH_RECORDS, max_bytes))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if records.is_empty() {
+        let next = next_batch(&p.store, &p.identity.device_id, &signer, from, p.max_frame).await;
+        let Some((batch, last)) = next.map_err(|e| e.to_string())? else {
             // An append between the peek and this wait would go unnoticed
             // until the next one; look again after a second at most.
             let _ = tokio::time::timeout(Duration::from_secs(1), p.store.appended()).await;
             continue;
-        }
-        let last = records.last().map_or(from, |r| r.seq);
-        let batch = Batch::new(p.identity.device_id.clone(), &records, |input| signer.sign(input));
+        };
         write_message(&mut send, Message::Batch(batch), p.max_frame).await.map_err(|e| e.to_string())?;
         let reply = tokio::time::timeout(p.ack_timeout, reader.next())
             .await

@@ -17,6 +17,26 @@ use tokio::sync::oneshot;
 /// Records per batch.
 pub const BATCH_RECORDS: usize = 2000;
 
+/// The next signed batch of this device's outbox from `from` (at most
+/// [`BATCH_RECORDS`] records, within `max_frame`), and its last sequence
+/// number; `None` when nothing is waiting. The direct session and the LAN
+/// relay both send what this makes.
+pub async fn next_batch(
+    store: &crate::store::AgentStore,
+    device: &DeviceId,
+    signer: &outpost_shared::identity::Signer,
+    from: u64,
+    max_frame: usize,
+) -> Result<Option<(Batch, u64)>, LinkError> {
+    let max_bytes = max_frame.saturating_sub(4096).max(1024);
+    let s = store.clone();
+    let records = tokio::task::spawn_blocking(move || s.peek(from, BATCH_RECORDS, max_bytes))
+        .await
+        .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
+    let Some(last) = records.last().map(|r| r.seq) else { return Ok(None) };
+    Ok(Some((Batch::new(device.clone(), &records, |input| signer.sign(input)), last)))
+}
+
 /// Relayed batches (of different peers) in flight at once.
 const MAX_RELAYED: usize = 8;
 
@@ -68,7 +88,6 @@ pub async fn serve(
     tracing::info!(device = %p.identity.device_id, resume_after = acked, "Connected to the hub.");
 
     let signer = p.identity.signer().map_err(|e| LinkError::Protocol(format!("cannot sign batches: {e}")))?;
-    let max_bytes = cfg.max_frame.saturating_sub(4096).max(1024);
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut heartbeat = tokio::time::interval(cfg.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,14 +104,11 @@ pub async fn serve(
     let mut relaying: HashMap<DeviceId, oneshot::Sender<Result<u64, String>>> = HashMap::new();
     loop {
         while in_flight.len() < window {
-            let s = store.clone();
-            let records = tokio::task::spawn_blocking(move || s.peek(next_seq, BATCH_RECORDS, max_bytes))
-                .await
-                .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
-            let Some(last) = records.last().map(|r| r.seq) else {
+            let Some((batch, last)) =
+                next_batch(store, &p.identity.device_id, &signer, next_seq, cfg.max_frame).await?
+            else {
                 break;
             };
-            let batch = Batch::new(p.identity.device_id.clone(), &records, |input| signer.sign(input));
             channel.send(Message::Batch(batch)).await?;
             if in_flight.is_empty() {
                 ack_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
