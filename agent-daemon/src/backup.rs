@@ -19,14 +19,26 @@
 //! Incremental: a file whose size, mtime and inode match the set's previous
 //! snapshot is not read again; its chunk list is reused.
 //!
+//! Upload (sets with `upload = true`): the blobs and manifests go to the hub
+//! as they are (the hub never sees plaintext), over a bulk connection
+//! ([`crate::bulk`]): the agent asks which chunks the hub lacks, sends only
+//! those, several at once, and catalogs the snapshot at the hub once every
+//! chunk arrived. A chunk the hub answered for is never sent again, so an
+//! interrupted upload resumes where it stopped. `upload-pending` in the
+//! repository marks that something is left to send; the daemon runs an
+//! upload when its uplink is connected and the mark is there.
+//!
 //! Writes are crash-safe: blobs and manifests are written to a temporary
 //! file, synced and renamed; a snapshot exists only once its manifest is in
 //! place, after every chunk it names. A failed run (a full disk, a crash)
 //! leaves at most unreferenced chunks, which `prune` removes.
 
+use crate::bulk::{BulkClient, BulkError};
 use crate::config::BackupSet;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use outpost_shared::DeviceId;
+use outpost_shared::protocol::{ChunkBlob, ChunkIds, ChunkRef, Message, SnapshotData, SnapshotRef, SnapshotSummary};
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -44,7 +56,14 @@ const ZSTD_LEVEL: i32 = 3;
 const REPO_VERSION: u32 = 1;
 
 /// A chunk id: keyed BLAKE3 of the plaintext.
-pub type ChunkId = [u8; 32];
+pub use outpost_shared::protocol::ChunkId;
+
+/// Chunk uploads in flight at once.
+const UPLOADS_IN_FLIGHT: usize = 4;
+/// Ids per "which of these do you lack" question.
+const IDS_PER_QUERY: usize = 16 * 1024;
+/// The file that marks snapshots waiting for upload.
+const UPLOAD_PENDING: &str = "upload-pending";
 
 /// Errors of backup operations.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +99,12 @@ pub enum BackupError {
     /// A restore could not write every file correctly.
     #[error("restore incomplete: {0} file(s) not restored (see above)")]
     RestoreIncomplete(usize),
+    /// The hub could not be reached or refused.
+    #[error("hub: {0}")]
+    Hub(#[from] BulkError),
+    /// The device's identity (for the hub) could not be loaded.
+    #[error("{0}")]
+    Setup(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -201,12 +226,13 @@ pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
     Ok(key)
 }
 
-/// An open repository, held exclusively while it lives.
+/// An open repository. Held exclusively while it lives, unless opened with
+/// [`Repository::open_unlocked`] to read (upload, restore from the hub).
 pub struct Repository {
     root: PathBuf,
     cipher: XChaCha20Poly1305,
     id_key: [u8; 32],
-    _lock: fs::File,
+    _lock: Option<fs::File>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -223,13 +249,34 @@ impl Repository {
     /// Opens (creating if needed) the repository at `root` with `key`.
     /// Waits for the lock if another operation holds it.
     pub fn open(root: &Path, key: &[u8; 32]) -> Result<Self, BackupError> {
+        Self::open_with(root, key, true)
+    }
+
+    /// Opens the repository without its lock, to read blobs and manifests
+    /// while a backup or prune may run: uploads and restores from the hub,
+    /// which must not hold up a scheduled backup for hours. What they read
+    /// is immutable; a snapshot pruned meanwhile is skipped.
+    pub fn open_unlocked(root: &Path, key: &[u8; 32]) -> Result<Self, BackupError> {
+        Self::open_with(root, key, false)
+    }
+
+    fn open_with(root: &Path, key: &[u8; 32], exclusive: bool) -> Result<Self, BackupError> {
         for dir in [root.to_owned(), root.join("chunks"), root.join("snapshots"), root.join("tmp")] {
             fs::create_dir_all(&dir).map_err(io(&dir))?;
         }
         let lock_path = root.join("lock");
-        let lock =
-            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
-        lock_exclusive(&lock).map_err(io(&lock_path))?;
+        let lock = if exclusive {
+            let lock = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io(&lock_path))?;
+            lock_exclusive(&lock).map_err(io(&lock_path))?;
+            Some(lock)
+        } else {
+            None
+        };
         let enc_key = blake3::derive_key("outpost backup encryption v1", key);
         let id_key = blake3::derive_key("outpost backup chunk id v1", key);
         let check = hex(blake3::keyed_hash(&id_key, b"outpost backup key check").as_bytes());
@@ -249,9 +296,10 @@ impl Repository {
             }
             Err(e) => return Err(io(&config_path)(e)),
         }
-        // Leftovers of an interrupted run.
+        // Leftovers of an interrupted run (only with the lock: without it,
+        // they may be a running backup's files).
         let tmp = root.join("tmp");
-        if let Ok(entries) = fs::read_dir(&tmp) {
+        if let Some(entries) = fs::read_dir(&tmp).ok().filter(|_| exclusive) {
             for entry in entries.flatten() {
                 let _ = fs::remove_file(entry.path());
             }
@@ -352,18 +400,28 @@ impl Repository {
         if rc == 0 { Ok(()) } else { Err(io(&self.root)(std::io::Error::last_os_error())) }
     }
 
+    /// A chunk's blob as stored (encrypted); `None` if it is not here.
+    fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, BackupError> {
+        let path = self.chunk_path(id);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
     /// Reads a chunk and checks it: decrypts, decompresses and re-hashes.
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
-        let path = self.chunk_path(id);
+        match self.chunk_blob(id)? {
+            Some(blob) => self.open_chunk(id, &blob),
+            None => Err(BackupError::Corrupt { what: format!("chunk {}", hex(id)), why: "missing".into() }),
+        }
+    }
+
+    /// Decrypts, decompresses and re-hashes a chunk's blob.
+    fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BackupError> {
         let what = format!("chunk {}", hex(id));
-        let blob = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BackupError::Corrupt { what, why: "missing".into() });
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let framed = self.open_blob(&blob, id, &what)?;
+        let framed = self.open_blob(blob, id, &what)?;
         let plain = match framed.split_first() {
             Some((0, stored)) => stored.to_vec(),
             Some((1, compressed)) => zstd::bulk::decompress(compressed, MAX_CHUNK)
@@ -376,25 +434,39 @@ impl Repository {
         Ok(plain)
     }
 
-    /// Every snapshot, oldest first.
-    pub fn snapshots(&self) -> Result<Vec<Snapshot>, BackupError> {
+    /// Every snapshot's name, oldest first.
+    fn snapshot_names(&self) -> Result<Vec<String>, BackupError> {
         let dir = self.root.join("snapshots");
         let mut names: Vec<String> =
             fs::read_dir(&dir).map_err(io(&dir))?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
         names.sort();
-        names.iter().map(|n| self.snapshot(n)).collect()
+        Ok(names)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, BackupError> {
+        self.snapshot_names()?.iter().map(|n| self.snapshot(n)).collect()
+    }
+
+    /// A snapshot's manifest as stored (encrypted).
+    fn snapshot_blob(&self, name: &str) -> Result<Vec<u8>, BackupError> {
+        let path = self.root.join("snapshots").join(name);
+        match fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BackupError::NoSnapshot(name.into())),
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
     /// One snapshot by name.
     pub fn snapshot(&self, name: &str) -> Result<Snapshot, BackupError> {
-        let path = self.root.join("snapshots").join(name);
-        let blob = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BackupError::NoSnapshot(name.into())),
-            Err(e) => return Err(io(&path)(e)),
-        };
+        self.decode_snapshot(name, &self.snapshot_blob(name)?)
+    }
+
+    /// Decrypts and decodes a manifest (from this repository or the hub).
+    fn decode_snapshot(&self, name: &str, blob: &[u8]) -> Result<Snapshot, BackupError> {
         let what = format!("snapshot {name}");
-        let plain = self.open_blob(&blob, name.as_bytes(), &what)?;
+        let plain = self.open_blob(blob, name.as_bytes(), &what)?;
         postcard::from_bytes(&plain).map_err(|e| BackupError::Corrupt { what, why: e.to_string() })
     }
 
@@ -498,6 +570,18 @@ impl Repository {
     /// chunk checked out; a file that cannot be restored is reported and
     /// the restore fails at the end.
     pub fn restore(&self, snapshot: &Snapshot, target: &Path, only: &[String]) -> Result<u64, BackupError> {
+        self.restore_with(snapshot, target, only, &|id| self.chunk(id))
+    }
+
+    /// Like [`Repository::restore`], with chunks from `chunk` (checked
+    /// plaintext by id), e.g. fetched from the hub.
+    fn restore_with(
+        &self,
+        snapshot: &Snapshot,
+        target: &Path,
+        only: &[String],
+        chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+    ) -> Result<u64, BackupError> {
         let wanted = |path: &str| {
             only.is_empty()
                 || only.iter().any(|o| path == o || path.starts_with(&format!("{}/", o.trim_end_matches('/'))))
@@ -522,7 +606,7 @@ impl Repository {
                     std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
                 })(),
                 EntryKind::File { chunks, .. } => {
-                    self.restore_file(&dest, chunks).and_then(|()| apply_meta(&dest, entry))
+                    restore_file(&dest, chunks, chunk).and_then(|()| apply_meta(&dest, entry))
                 }
             };
             match result {
@@ -545,30 +629,38 @@ impl Repository {
         }
         Ok(restored)
     }
+}
 
-    fn restore_file(&self, dest: &Path, chunks: &[ChunkId]) -> Result<(), BackupError> {
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        let tmp = dest.with_file_name(format!(
-            ".{}.outpost-restore",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        ));
-        let result = (|| {
-            let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-            for id in chunks {
-                let plain = self.chunk(id)?;
-                file.write_all(&plain).map_err(io(&tmp))?;
-            }
-            file.sync_all().map_err(io(&tmp))?;
-            fs::rename(&tmp, dest).map_err(io(dest))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+/// Writes a file from its chunks through a temporary name, renamed into
+/// place only once every chunk checked out.
+fn restore_file(
+    dest: &Path,
+    chunks: &[ChunkId],
+    chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+) -> Result<(), BackupError> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(io(parent))?;
     }
+    let tmp = dest.with_file_name(format!(
+        ".{}.outpost-restore",
+        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let result = (|| {
+        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        for id in chunks {
+            let plain = chunk(id)?;
+            file.write_all(&plain).map_err(io(&tmp))?;
+        }
+        file.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, dest).map_err(io(dest))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
 
+impl Repository {
     /// Re-reads every chunk the snapshots name (and any other chunk in the
     /// repository) and checks it. Returns the problems found, each naming
     /// the chunk and the snapshots and files that need it.
@@ -880,6 +972,301 @@ pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// What one upload did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UploadReport {
+    /// Snapshots catalogued at the hub.
+    pub snapshots: Vec<String>,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Bytes of chunks sent.
+    pub bytes_sent: u64,
+    /// Chunks the hub already had.
+    pub chunks_present: u64,
+}
+
+/// The hub's connection for this device: identity from the data dir, hub
+/// address from the config or enrollment.
+pub struct HubLink {
+    client: BulkClient,
+    device: DeviceId,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl HubLink {
+    /// Connects to the hub over a bulk connection.
+    pub fn connect(config: &crate::config::AgentConfig) -> Result<Self, BackupError> {
+        let identity = crate::identity::Identity::load(&config.data_dir)
+            .map_err(|e| BackupError::Setup(format!("this device's identity (is it enrolled?): {e}")))?;
+        let hub = config.uplink.hub.clone().unwrap_or_else(|| identity.hub.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| BackupError::Setup(format!("cannot start the tokio runtime: {e}")))?;
+        let timings =
+            crate::tls::Timings { keepalive: config.uplink.keepalive, idle_timeout: config.uplink.idle_timeout };
+        let client = runtime.block_on(BulkClient::connect(&identity, &hub, config.uplink.connect_timeout, timings))?;
+        Ok(HubLink { client, device: identity.device_id, runtime })
+    }
+
+    fn request(&self, message: Message) -> Result<Message, BulkError> {
+        self.runtime.block_on(self.client.request(message))
+    }
+
+    /// The snapshots the hub holds of `device`, oldest first.
+    fn catalog(&self, device: &DeviceId) -> Result<Vec<SnapshotSummary>, BackupError> {
+        match self.request(Message::ListBackups(device.clone()))? {
+            Message::Backups(list) => Ok(list),
+            other => Err(BulkError::Unexpected(other.kind(), "ListBackups").into()),
+        }
+    }
+
+    /// The ids among `ids` the hub lacks.
+    fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, BackupError> {
+        let mut missing = Vec::new();
+        for part in ids.chunks(IDS_PER_QUERY) {
+            match self.request(Message::HaveChunks(ChunkIds { ids: part.to_vec() }))? {
+                Message::MissingChunks(m) => missing.extend(m.ids),
+                other => return Err(BulkError::Unexpected(other.kind(), "HaveChunks").into()),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Closes the connection.
+    pub fn close(self) {
+        let HubLink { client, runtime, .. } = self;
+        runtime.block_on(client.close());
+    }
+}
+
+fn expect_done(answer: Result<Message, BulkError>, request: &'static str) -> Result<(), BackupError> {
+    match answer? {
+        Message::Done => Ok(()),
+        other => Err(BulkError::Unexpected(other.kind(), request).into()),
+    }
+}
+
+impl Repository {
+    fn pending_flag(&self) -> PathBuf {
+        self.root.join(UPLOAD_PENDING)
+    }
+
+    /// Marks that snapshots wait for upload.
+    fn mark_pending(&self) {
+        let flag = self.pending_flag();
+        if let Err(e) = fs::write(&flag, b"") {
+            tracing::warn!(path = %flag.display(), error = %e, "Cannot mark a pending upload.");
+        }
+    }
+
+    /// Sends the hub every snapshot of an uploading set it does not have,
+    /// oldest first, each after the chunks it lacks. The pending mark goes
+    /// only when everything is up and no backup marked it again meanwhile;
+    /// a failed or killed upload leaves it, so the daemon tries again. One upload at a time (`upload.lock`): a
+    /// second one waits, then finds little left to send.
+    pub fn upload(&self, sets: &[BackupSet], hub: &HubLink) -> Result<UploadReport, BackupError> {
+        let lock_path = self.root.join("upload.lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        lock_exclusive(&lock).map_err(io(&lock_path))?;
+        let flag = self.pending_flag();
+        let marked = || fs::metadata(&flag).and_then(|m| m.modified()).ok();
+        let before = marked();
+        let report = self.upload_all(sets, hub).inspect_err(|_| self.mark_pending())?;
+        // Marked again meanwhile (a backup ended): keep the mark.
+        if marked() == before {
+            let _ = fs::remove_file(&flag);
+        }
+        Ok(report)
+    }
+
+    fn upload_all(&self, sets: &[BackupSet], hub: &HubLink) -> Result<UploadReport, BackupError> {
+        let uploading: BTreeSet<&str> = sets.iter().filter(|s| s.upload).map(|s| s.name.as_str()).collect();
+        let at_hub: BTreeSet<String> = hub.catalog(&hub.device)?.into_iter().map(|s| s.name).collect();
+        let mut report = UploadReport::default();
+        for name in self.snapshot_names()? {
+            if at_hub.contains(&name) {
+                continue;
+            }
+            let snapshot = match self.snapshot(&name) {
+                Ok(s) => s,
+                // Pruned since the listing.
+                Err(BackupError::NoSnapshot(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if uploading.contains(snapshot.set.as_str()) && self.upload_snapshot(&snapshot, hub, &mut report)? {
+                report.snapshots.push(name);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Uploads one snapshot; false if it was pruned meanwhile.
+    fn upload_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        hub: &HubLink,
+        report: &mut UploadReport,
+    ) -> Result<bool, BackupError> {
+        let mut seen = BTreeSet::new();
+        let ids: Vec<ChunkId> = snapshot
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => Some(chunks.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|id| seen.insert(**id))
+            .copied()
+            .collect();
+        let missing = hub.missing(&ids)?;
+        report.chunks_present += (ids.len() - missing.len()) as u64;
+        let sent: Result<(u64, u64), BackupError> = hub.runtime.block_on(async {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let (mut chunks, mut bytes) = (0u64, 0u64);
+            let mut next = missing.iter();
+            loop {
+                while in_flight.len() < UPLOADS_IN_FLIGHT {
+                    let Some(id) = next.next() else { break };
+                    let Some(blob) = self.chunk_blob(id)? else {
+                        if !self.root.join("snapshots").join(&snapshot.name).exists() {
+                            return Ok((chunks, bytes));
+                        }
+                        return Err(BackupError::Corrupt {
+                            what: format!("chunk {}", hex(id)),
+                            why: format!("missing in the local repository, needed by {} (run verify)", snapshot.name),
+                        });
+                    };
+                    let (client, len) = (hub.client.clone(), blob.len() as u64);
+                    let put = Message::PutChunk(ChunkBlob { id: *id, blob });
+                    in_flight.spawn(async move { (client.request(put).await, len) });
+                }
+                let Some(done) = in_flight.join_next().await else { break };
+                let (answer, len) = done.map_err(|e| BackupError::Setup(format!("upload task failed: {e}")))?;
+                expect_done(answer, "PutChunk")?;
+                chunks += 1;
+                bytes += len;
+            }
+            Ok((chunks, bytes))
+        });
+        let (chunks, bytes) = sent?;
+        report.chunks_sent += chunks;
+        report.bytes_sent += bytes;
+        let manifest = match self.snapshot_blob(&snapshot.name) {
+            Ok(m) => m,
+            Err(BackupError::NoSnapshot(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let left = hub.missing(&ids)?;
+        if !left.is_empty() {
+            return Err(BulkError::Transfer(format!(
+                "the hub still lacks {} chunk(s) of {}",
+                left.len(),
+                snapshot.name
+            ))
+            .into());
+        }
+        let summary = SnapshotSummary {
+            name: snapshot.name.clone(),
+            set: snapshot.set.clone(),
+            started: snapshot.started,
+            ended: snapshot.ended,
+            entries: snapshot.entries.len() as u64,
+            bytes: snapshot.bytes,
+            chunks: ids.len() as u64,
+            problems: snapshot.problems.len() as u64,
+        };
+        expect_done(hub.request(Message::PutSnapshot(SnapshotData { summary, manifest })), "PutSnapshot")?;
+        Ok(true)
+    }
+
+    /// Restores `owner`'s snapshot (a name or `latest`, of `set` if given)
+    /// from the hub into `target`: manifest and chunks are fetched and
+    /// checked here, with this repository's key (the fleet backup key).
+    pub fn restore_from_hub(
+        &self,
+        hub: &HubLink,
+        owner: &DeviceId,
+        name: &str,
+        set: Option<&str>,
+        target: &Path,
+        only: &[String],
+    ) -> Result<(String, u64), BackupError> {
+        let catalog = hub.catalog(owner)?;
+        let summary = catalog
+            .iter()
+            .rev()
+            .find(|s| if name == "latest" { set.is_none_or(|set| s.set == set) } else { s.name == name })
+            .ok_or_else(|| BackupError::NoSnapshot(format!("{name} of {owner} at the hub")))?;
+        let data = match hub
+            .request(Message::GetSnapshot(SnapshotRef { device: owner.clone(), name: summary.name.clone() }))?
+        {
+            Message::Snapshot(data) => data,
+            other => return Err(BulkError::Unexpected(other.kind(), "GetSnapshot").into()),
+        };
+        let snapshot = self.decode_snapshot(&summary.name, &data.manifest)?;
+        let fetch = |id: &ChunkId| match hub.request(Message::GetChunk(ChunkRef { device: owner.clone(), id: *id }))? {
+            Message::Chunk(chunk) => self.open_chunk(id, &chunk.blob),
+            other => Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
+        };
+        let restored = self.restore_with(&snapshot, target, only, &fetch)?;
+        Ok((snapshot.name, restored))
+    }
+}
+
+/// Keeps uploading what waits for upload: whenever the uplink is connected
+/// (on connecting, then every `retry_every`) and the repository is marked
+/// pending, runs `argv` (`outpost-agent backup ... upload`, low priority)
+/// and waits for it, at most `timeout`.
+pub async fn upload_task(
+    argv: Vec<String>,
+    flag: PathBuf,
+    mut link: tokio::sync::watch::Receiver<crate::uplink::LinkState>,
+    timeout: std::time::Duration,
+    retry_every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use crate::uplink::LinkState;
+    let mut tick = tokio::time::interval(retry_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            changed = link.changed() => if changed.is_err() { return },
+        }
+        if *link.borrow_and_update() != LinkState::Connected || !flag.exists() {
+            continue;
+        }
+        let Some((program, args)) = argv.split_first() else { return };
+        tracing::info!("Uploading pending backups.");
+        let run = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return,
+            outcome = tokio::time::timeout(timeout, run) => outcome,
+        };
+        match outcome {
+            Ok(Ok(out)) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                tracing::info!(report = %text.trim(), "Pending backups uploaded.");
+            }
+            Ok(Ok(out)) => {
+                let text = String::from_utf8_lossy(&out.stderr);
+                tracing::warn!(status = %out.status, error = %text.trim(), "Backup upload failed; will retry.");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Backup upload could not start."),
+            Err(_) => tracing::warn!(?timeout, "Backup upload timed out; will retry."),
+        }
+    }
+}
+
 /// What `outpost-agent backup` does.
 #[derive(Debug, Clone)]
 pub enum Operation {
@@ -893,8 +1280,12 @@ pub enum Operation {
         /// As JSON.
         json: bool,
     },
+    /// Send the hub what it lacks of every uploading set's snapshots.
+    Upload,
     /// Restore a snapshot (a name or `latest`) into `target`.
     Restore {
+        /// Restore another device's snapshot from the hub (needs a grant).
+        from_device: Option<String>,
         /// Snapshot name or `latest`.
         snapshot: String,
         /// Where to write.
@@ -921,10 +1312,36 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
         .clone()
         .ok_or_else(|| BackupError::BadKey(PathBuf::from("(no [backups] key_file)")))?;
     let key = read_key(&key_file)?;
-    let repo = Repository::open(&config.backup_repo.dir, &key)?;
+    let dir = &config.backup_repo.dir;
     match op {
+        Operation::Upload => {
+            let repo = Repository::open_unlocked(dir, &key)?;
+            let hub = HubLink::connect(config).inspect_err(|_| repo.mark_pending())?;
+            let report = repo.upload(&config.backups, &hub);
+            hub.close();
+            let r = report?;
+            println!(
+                "uploaded {} snapshot(s): {} chunk(s) sent ({} bytes), {} already at the hub",
+                r.snapshots.len(),
+                r.chunks_sent,
+                r.bytes_sent,
+                r.chunks_present
+            );
+            Ok(0)
+        }
+        Operation::Restore { from_device: Some(owner), snapshot, target, set, paths } => {
+            let owner: DeviceId = owner.parse().map_err(|e| BackupError::Setup(format!("--from-device: {e}")))?;
+            let repo = Repository::open_unlocked(dir, &key)?;
+            let hub = HubLink::connect(config)?;
+            let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &target, &paths);
+            hub.close();
+            let (name, n) = restored?;
+            println!("restored {n} entries of {owner}'s snapshot {name} from the hub into {}", target.display());
+            Ok(0)
+        }
         Operation::Run { set } => {
             let set = config.backups.iter().find(|s| s.name == set).ok_or(BackupError::NoSet(set))?;
+            let repo = Repository::open(dir, &key)?;
             let s = repo.backup(set)?;
             println!(
                 "snapshot {}: {} entries, {} bytes, {} files read, {} new chunks ({} bytes stored), {:.1}s",
@@ -939,9 +1356,28 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             for p in &s.problems {
                 println!("problem: {p}");
             }
+            if set.upload {
+                repo.mark_pending();
+                drop(repo);
+                // The snapshot is safe here; an upload that fails now is
+                // retried by the daemon once the hub is reachable.
+                match Repository::open_unlocked(dir, &key).and_then(|repo| {
+                    let hub = HubLink::connect(config).inspect_err(|_| repo.mark_pending())?;
+                    let report = repo.upload(&config.backups, &hub);
+                    hub.close();
+                    report
+                }) {
+                    Ok(r) => println!(
+                        "uploaded to the hub: {} chunk(s) sent ({} bytes), {} already there",
+                        r.chunks_sent, r.bytes_sent, r.chunks_present
+                    ),
+                    Err(e) => println!("upload pending ({e}); the agent retries when the hub is reachable"),
+                }
+            }
             Ok(if s.problems.is_empty() { 0 } else { 3 })
         }
         Operation::List { json } => {
+            let repo = Repository::open(dir, &key)?;
             let infos: Vec<SnapshotInfo> = repo.snapshots()?.iter().map(SnapshotInfo::from).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos).unwrap_or_default());
@@ -969,13 +1405,15 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             }
             Ok(0)
         }
-        Operation::Restore { snapshot, target, set, paths } => {
+        Operation::Restore { from_device: None, snapshot, target, set, paths } => {
+            let repo = Repository::open(dir, &key)?;
             let s = repo.find(&snapshot, set.as_deref())?;
             let n = repo.restore(&s, &target, &paths)?;
             println!("restored {n} entries of snapshot {} into {}", s.name, target.display());
             Ok(0)
         }
         Operation::Verify => {
+            let repo = Repository::open(dir, &key)?;
             let problems = repo.verify()?;
             for p in &problems {
                 println!("{p}");
@@ -989,6 +1427,7 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             }
         }
         Operation::Prune => {
+            let repo = Repository::open(dir, &key)?;
             let (removed, chunks) = repo.prune(&config.backups)?;
             for name in &removed {
                 println!("removed snapshot {name}");
@@ -1019,6 +1458,17 @@ pub fn command_prefix(config: &crate::config::AgentConfig) -> Option<Vec<String>
         "--config".into(),
         path.display().to_string(),
     ])
+}
+
+/// The command line of a low-priority upload of pending snapshots, if any
+/// set uploads (see [`upload_task`]).
+pub fn upload_command(config: &crate::config::AgentConfig) -> Option<Vec<String>> {
+    if !config.backups.iter().any(|s| s.upload) {
+        return None;
+    }
+    let mut argv = command_prefix(config)?;
+    argv.push("upload".into());
+    Some(argv)
 }
 
 /// A scheduled job per backup set with a `schedule`: `backup-<name>`,
@@ -1053,26 +1503,69 @@ pub fn scheduled_jobs(config: &crate::config::AgentConfig) -> Vec<outpost_shared
 
 /// Checks the arguments of a `backup` command from the hub and returns the
 /// full command line, or why it is refused. Accepted: `run SET`, `list`,
-/// `verify`, `prune`, `restore SNAPSHOT --target DIR [--set S] [--path P]...`.
+/// `verify`, `prune`, `upload`, `restore SNAPSHOT --target DIR [--set S]
+/// [--path P]... [--from-device ID]`.
 pub fn hub_command(prefix: &[String], args: &[String]) -> Result<Vec<String>, String> {
     let ok = match args.first().map(String::as_str) {
         Some("run") => args.len() == 2,
         Some("list") => args.len() == 1 || (args.len() == 2 && args[1] == "--json"),
-        Some("verify" | "prune") => args.len() == 1,
+        Some("verify" | "prune" | "upload") => args.len() == 1,
         Some("restore") => {
             args.len() >= 4
-                && args[2..]
-                    .chunks(2)
-                    .all(|pair| pair.len() == 2 && ["--target", "--set", "--path"].contains(&pair[0].as_str()))
+                && args[2..].chunks(2).all(|pair| {
+                    pair.len() == 2 && ["--target", "--set", "--path", "--from-device"].contains(&pair[0].as_str())
+                })
                 && args.iter().any(|a| a == "--target")
         }
         _ => false,
     };
     if !ok || args.iter().any(|a| a.starts_with("--config")) {
-        return Err("backup takes: run SET | list [--json] | verify | prune | restore SNAPSHOT --target DIR [--set S] [--path P]..."
+        return Err("backup takes: run SET | list [--json] | verify | prune | upload | \
+                    restore SNAPSHOT --target DIR [--set S] [--path P]... [--from-device ID]"
             .into());
     }
     let mut argv = prefix.to_vec();
     argv.extend(args.iter().cloned());
     Ok(argv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn hub_commands_are_checked_before_they_run() {
+        let prefix = args("nice -n 10 outpost-agent backup --config /etc/outpost/agent.toml");
+        for ok in [
+            "run field",
+            "list",
+            "list --json",
+            "verify",
+            "prune",
+            "upload",
+            "restore latest --target /srv/restore",
+            "restore latest --target /srv/restore --set field --path /var/lib/app",
+            "restore latest --target /srv/restore --from-device dev-0123456789abcdef",
+        ] {
+            let argv = hub_command(&prefix, &args(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(argv, [prefix.clone(), args(ok)].concat());
+        }
+        for bad in [
+            "",
+            "run",
+            "rm -rf /",
+            "upload now",
+            "restore latest",
+            "restore latest --set field",
+            "restore latest --target /x --config /tmp/evil.toml",
+            "restore latest --target /x --exec sh",
+            "list --config=/tmp/evil.toml",
+        ] {
+            assert!(hub_command(&prefix, &args(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
 }

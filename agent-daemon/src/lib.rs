@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod backup;
+pub mod bulk;
 pub mod config;
 pub mod control;
 pub mod enroll;
@@ -45,6 +46,10 @@ use tokio_util::task::TaskTracker;
 
 /// How long shutdown may take before remaining tasks are abandoned.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+
+/// How often the daemon looks again for backups waiting for upload while
+/// its uplink is connected (it also looks each time the uplink connects).
+pub const UPLOAD_RETRY: Duration = Duration::from_secs(300);
 
 /// Errors that stop the agent from running.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +163,10 @@ pub fn run_with(
         let jobs_settings = settings_rx.clone();
         let (t3, s3, control_dir) = (tasks.clone(), stop.clone(), config.data_dir.clone());
         let (t4, s4, control_peers) = (tasks.clone(), stop.clone(), peer_table.clone());
+        let upload = backup::upload_command(&config).map(|argv| {
+            let flag = config.backup_repo.dir.join("upload-pending");
+            (argv, flag, state_rx.clone(), config.backup_repo.timeout, tasks.clone(), stop.clone())
+        });
         let status_store = store.clone();
         let mut supervisor = SupervisorActor::new(RestartPolicy::default())
             .child("uplink", move || {
@@ -195,6 +204,15 @@ pub fn run_with(
                 let params = peer_params.clone();
                 TaskActor::new("peers", t4.clone(), s4.clone(), move |cancel| peers::run(params.clone(), cancel))
                     .start()
+            });
+        }
+        if let Some((argv, flag, link, timeout, t5, s5)) = upload {
+            supervisor = supervisor.child("backup-upload", move || {
+                let (argv, flag, link) = (argv.clone(), flag.clone(), link.clone());
+                TaskActor::new("backup-upload", t5.clone(), s5.clone(), move |cancel| {
+                    backup::upload_task(argv.clone(), flag.clone(), link.clone(), timeout, UPLOAD_RETRY, cancel)
+                })
+                .start()
             });
         }
         let supervisor = supervisor.start();

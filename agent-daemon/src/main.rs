@@ -28,10 +28,20 @@ enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Restore a snapshot into a directory.
+    /// Restore a snapshot into a directory, from this device's repository
+    /// or, with `--from-device`, from the hub.
     Restore {
-        /// Snapshot name, or `latest`.
-        snapshot: String,
+        /// Snapshot name, or `latest` (the default).
+        #[arg(conflicts_with = "snapshot_opt")]
+        snapshot: Option<String>,
+        /// The same, as an option.
+        #[arg(long = "snapshot", id = "snapshot_opt", value_name = "SNAPSHOT")]
+        snapshot_opt: Option<String>,
+        /// Fetch the snapshot of this device (this one, or the dead device
+        /// this one replaces: an operator grants it with `outpostctl backups
+        /// grant OLD --to NEW`) from the hub.
+        #[arg(long)]
+        from_device: Option<String>,
         /// Directory to restore into.
         #[arg(long)]
         target: PathBuf,
@@ -44,6 +54,8 @@ enum BackupCmd {
     },
     /// Re-read, decrypt and re-hash every chunk; name the bad ones.
     Verify,
+    /// Send the hub the chunks and snapshots of uploading sets it lacks.
+    Upload,
     /// Keep what each set's retention says; drop chunks no snapshot needs.
     Prune,
 }
@@ -166,10 +178,12 @@ fn main() -> ExitCode {
                 let op = match op {
                     BackupCmd::Run { set } => Operation::Run { set },
                     BackupCmd::List { json } => Operation::List { json },
-                    BackupCmd::Restore { snapshot, target, set, paths } => {
-                        Operation::Restore { snapshot, target, set, paths }
+                    BackupCmd::Restore { snapshot, snapshot_opt, from_device, target, set, paths } => {
+                        let snapshot = snapshot.or(snapshot_opt).unwrap_or_else(|| "latest".into());
+                        Operation::Restore { from_device, snapshot, target, set, paths }
                     }
                     BackupCmd::Verify => Operation::Verify,
+                    BackupCmd::Upload => Operation::Upload,
                     BackupCmd::Prune => Operation::Prune,
                 };
                 match outpost_agent::backup::command(&config, op) {

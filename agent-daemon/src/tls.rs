@@ -8,7 +8,7 @@
 
 use crate::identity::Identity;
 use outpost_shared::Fingerprint;
-use outpost_shared::identity::ALPN;
+use outpost_shared::identity::{ALPN, ALPN_BULK};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -41,8 +41,8 @@ pub struct Timings {
     pub idle_timeout: Duration,
 }
 
-fn quic_client(mut tls: rustls::ClientConfig, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+fn quic_client(mut tls: rustls::ClientConfig, timings: Timings, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -54,6 +54,15 @@ fn quic_client(mut tls: rustls::ClientConfig, timings: Timings) -> Result<quinn:
 
 /// Client config for an authenticated session.
 pub fn session_config(identity: &Identity, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
+    device_config(identity, timings, ALPN)
+}
+
+/// Client config for a bulk connection (backup transfers).
+pub fn bulk_config(identity: &Identity, timings: Timings) -> Result<quinn::ClientConfig, TlsError> {
+    device_config(identity, timings, ALPN_BULK)
+}
+
+fn device_config(identity: &Identity, timings: Timings, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(identity.ca.clone()).map_err(tls_err)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -62,7 +71,7 @@ pub fn session_config(identity: &Identity, timings: Timings) -> Result<quinn::Cl
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
         .map_err(tls_err)?;
-    quic_client(tls, timings)
+    quic_client(tls, timings, alpn)
 }
 
 /// Set when the hub presented a chain without the pinned CA, so the caller
@@ -88,7 +97,7 @@ pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<(quinn::C
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    Ok((quic_client(tls, timings)?, outcome))
+    Ok((quic_client(tls, timings, ALPN)?, outcome))
 }
 
 /// Accepts a server whose chain holds the pinned CA and verifies against it.

@@ -189,6 +189,44 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// `GET /api/v1/devices/{id}/backups`: the device's uploaded snapshots and
+/// what its chunks take at the hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupsView {
+    /// Device id.
+    pub device: String,
+    /// Catalogued snapshots, oldest first.
+    pub snapshots: Vec<crate::backups::SnapshotView>,
+    /// Chunks at the hub.
+    pub stored_chunks: u64,
+    /// Their bytes on disk.
+    pub stored_bytes: u64,
+}
+
+/// `POST /api/v1/devices/{id}/backups/grants`: let another device (a
+/// replacement) fetch this device's backups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantRequest {
+    /// The device that may read.
+    pub to: String,
+    /// For how long, e.g. `24h` (default 24 hours).
+    #[serde(default)]
+    pub valid_for: Option<String>,
+}
+
+/// A restore grant as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// Whose backups.
+    pub owner: String,
+    /// Who may read them.
+    pub reader: String,
+    /// Until when, RFC 3339.
+    pub expires_at: String,
+    /// The API token that granted it.
+    pub by: String,
+}
+
 /// `GET /api/v1/devices/{id}/peers`: the device's LAN neighbours as it
 /// last reported them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -113,6 +113,31 @@ impl Client {
         self.get(&format!("/api/v1/devices/{id}/peers"))
     }
 
+    /// `GET /api/v1/devices/{id}/backups`.
+    pub fn backups(&self, id: &str) -> Result<crate::api::BackupsView, ClientError> {
+        self.get(&format!("/api/v1/devices/{id}/backups"))
+    }
+
+    /// `POST /api/v1/devices/{id}/backups/verify`.
+    pub fn verify_backups(&self, id: &str) -> Result<crate::backups::VerifyReport, ClientError> {
+        self.call("POST", &format!("/api/v1/devices/{id}/backups/verify"), None)
+    }
+
+    /// `POST /api/v1/devices/{id}/backups/grants`: `to` may fetch `id`'s backups.
+    pub fn grant_backups(
+        &self,
+        id: &str,
+        to: &str,
+        valid_for: Option<&str>,
+    ) -> Result<crate::api::GrantView, ClientError> {
+        let body = serde_json::to_value(crate::api::GrantRequest {
+            to: to.to_owned(),
+            valid_for: valid_for.map(str::to_owned),
+        })
+        .unwrap_or_default();
+        self.call("POST", &format!("/api/v1/devices/{id}/backups/grants"), Some(body))
+    }
+
     /// `GET /api/v1/devices/{id}/jobs/{name}/runs`, newest first.
     pub fn job_runs(&self, id: &str, job: &str, limit: usize) -> Result<Vec<JobRunView>, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/jobs/{job}/runs?limit={limit}"))

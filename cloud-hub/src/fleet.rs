@@ -59,14 +59,20 @@ struct Presence {
 #[derive(Debug)]
 pub struct Fleet {
     store: Store,
+    backups: crate::backups::Backups,
     presence: Mutex<HashMap<DeviceId, Presence>>,
     heartbeat_timeout: Duration,
 }
 
 impl Fleet {
     /// Fleet state over `store`.
-    pub fn new(store: Store, heartbeat_timeout: Duration) -> Self {
-        Fleet { store, presence: Mutex::default(), heartbeat_timeout }
+    pub fn new(store: Store, backups: crate::backups::Backups, heartbeat_timeout: Duration) -> Self {
+        Fleet { store, backups, presence: Mutex::default(), heartbeat_timeout }
+    }
+
+    /// Devices' backups at the hub.
+    pub fn backups(&self) -> &crate::backups::Backups {
+        &self.backups
     }
 
     /// The durable store.

@@ -5,10 +5,12 @@
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
 use crate::api::ApiError;
+use crate::api::{BackupsView, GrantRequest, GrantView};
 use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
     PeersView, SampleView,
 };
+use crate::backups::{BackupStoreError, SnapshotView};
 use crate::fleet::Fleet;
 use crate::store::{ApiToken, Role, StoreError};
 use actix_web::dev::Payload;
@@ -212,6 +214,84 @@ async fn get_peers(
     Ok(HttpResponse::Ok().json(PeersView { device: id.to_string(), reported_at, peers }))
 }
 
+impl From<BackupStoreError> for HttpError {
+    fn from(e: BackupStoreError) -> Self {
+        match e {
+            BackupStoreError::Store(e) => e.into(),
+            BackupStoreError::NotFound(m) => HttpError::NotFound(m),
+            other => HttpError::Unprocessable(other.to_string()),
+        }
+    }
+}
+
+/// Runs blocking work on the backups of device `id` off the server's
+/// threads.
+async fn on_backups<T: Send + 'static>(
+    fleet: &Fleet,
+    id: &DeviceId,
+    work: impl FnOnce(&crate::backups::Backups, &DeviceId) -> Result<T, BackupStoreError> + Send + 'static,
+) -> Result<T, HttpError> {
+    let (backups, id) = (fleet.backups().clone(), id.clone());
+    web::block(move || work(&backups, &id))
+        .await
+        .map_err(|e| HttpError::Unprocessable(format!("request failed: {e}")))?
+        .map_err(Into::into)
+}
+
+async fn get_backups(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let id = known_device(&fleet, &path)?;
+    let (catalog, usage) = on_backups(&fleet, &id, |b, id| Ok((b.catalog(id)?, b.usage(id)?))).await?;
+    Ok(HttpResponse::Ok().json(BackupsView {
+        device: id.to_string(),
+        snapshots: catalog.iter().map(SnapshotView::from).collect(),
+        stored_chunks: usage.chunks,
+        stored_bytes: usage.bytes,
+    }))
+}
+
+async fn verify_backups(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let id = known_device(&fleet, &path)?;
+    let report = on_backups(&fleet, &id, |b, id| b.verify(id)).await?;
+    tracing::info!(device = %id, chunks = report.chunks, problems = report.problems.len(), "Backups verified at the hub.");
+    Ok(HttpResponse::Ok().json(report))
+}
+
+async fn grant_backups(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    body: web::Json<GrantRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let owner = known_device(&fleet, &path)?;
+    let reader = known_device(&fleet, &body.to)?;
+    let valid_for = match &body.valid_for {
+        Some(text) => {
+            humantime::parse_duration(text).map_err(|e| HttpError::Unprocessable(format!("valid_for {text:?}: {e}")))?
+        }
+        None => std::time::Duration::from_secs(24 * 3600),
+    };
+    let (by, r) = (caller.token.name.clone(), reader.clone());
+    let grant = on_backups(&fleet, &owner, move |b, owner| b.grant(&r, owner, valid_for, &by)).await?;
+    tracing::info!(%owner, %reader, by = %grant.by, expires_at = %grant.expires_at.rfc3339(), "Restore grant made.");
+    Ok(HttpResponse::Created().json(GrantView {
+        owner: owner.to_string(),
+        reader: reader.to_string(),
+        expires_at: grant.expires_at.rfc3339(),
+        by: grant.by,
+    }))
+}
+
 async fn get_job_runs(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -341,6 +421,9 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}/jobs", web::get().to(get_jobs))
                 .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
                 .route("/devices/{id}/peers", web::get().to(get_peers))
+                .route("/devices/{id}/backups", web::get().to(get_backups))
+                .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
+                .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
                 .route("/devices/{id}/desired", web::get().to(get_desired))
                 .route("/devices/{id}/desired", web::put().to(put_desired))
                 .route("/devices/{id}/commands", web::get().to(list_commands))

@@ -8,6 +8,8 @@
 //! [`client`] is the API client `outpostctl` and the demo use.
 
 pub mod api;
+pub mod backups;
+pub mod bulk;
 pub mod ca;
 pub mod client;
 pub mod config;
@@ -121,7 +123,8 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let ca = FleetCa::load(data_dir)?;
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(data_dir)?;
-    let fleet = Arc::new(Fleet::new(store.clone(), config.heartbeat_timeout));
+    let backups = backups::Backups::new(data_dir, store.clone());
+    let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout));
 
     let server_config = quic::server_config(&ca, config.quic.idle_timeout)?;
     // Stateless resets signed with a key that survives restarts: after a hub

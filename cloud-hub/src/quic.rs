@@ -3,7 +3,9 @@
 //! Clients with a certificate from the fleet CA open a session; the device id
 //! is read from that certificate, never from a message. Clients without a
 //! certificate may only enroll. A certificate from any other CA fails the
-//! TLS handshake. Each connection runs as a task owned by the accept loop;
+//! TLS handshake. A device connecting with the bulk ALPN opens a bulk
+//! connection instead of a session: backup transfers, one request per
+//! stream, several streams at once, apart from the session's control stream. Each connection runs as a task owned by the accept loop;
 //! bad input (malformed, truncated or oversized frames, unknown versions,
 //! unexpected messages) closes that one connection with a logged reason.
 
@@ -12,7 +14,7 @@ use crate::enroll;
 use crate::fleet::{Fleet, Link};
 use crate::session::{self, MAX_COMMANDS_PER_DELIVERY, Outbound, SessionEnd};
 use outpost_shared::DeviceId;
-use outpost_shared::identity::ALPN;
+use outpost_shared::identity::{ALPN, ALPN_BULK};
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::protocol::{Message, Refusal, RefusalReason};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -68,7 +70,7 @@ pub fn server_config(ca: &FleetCa, idle_timeout: Duration) -> Result<quinn::Serv
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| tls_err(&e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![ALPN.to_vec(), ALPN_BULK.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -121,9 +123,18 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
+    let bulk = connection
+        .handshake_data()
+        .and_then(|any| any.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .is_some_and(|alpn| alpn == ALPN_BULK);
     match identity {
         None => enrollment(connection, &ctx).await,
         Some(cert) => match (device_id_of(&cert), public_key_of(&cert)) {
+            (Some(id), Some(_)) if bulk => {
+                let span = info_span!("bulk", device = %id);
+                crate::bulk::serve(connection, id, ctx).instrument(span).await
+            }
             (Some(id), Some(key)) => {
                 let span = info_span!("session", device = %id);
                 session(connection, id, key, &ctx).instrument(span).await

@@ -20,6 +20,11 @@
 //! - `job_runs`: device id, 0, job name, 0, run id (u64 BE), attempt (u32
 //!   BE) → [`JobRun`]; run ids grow on a device, so a job's runs are in
 //!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
+//! - `backups`: device id, 0, snapshot name → [`CatalogEntry`], the backup
+//!   catalog (the chunks and manifests themselves are files, see
+//!   [`crate::backups`])
+//! - `restore_grants`: reader device id, 0, owner device id → [`Grant`]:
+//!   the reader may fetch the owner's backups until the grant expires
 //!
 //! Writes that must be durable before they are acknowledged run on the
 //! group-commit writer ([`Store::writer`]). Everything the fleet keeps goes
@@ -85,6 +90,27 @@ pub struct PeersRecord {
     pub at: Timestamp,
     /// The peers.
     pub peers: Vec<outpost_shared::peers::PeerEntry>,
+}
+
+/// A snapshot in the hub's backup catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// What the device said about it.
+    pub summary: outpost_shared::protocol::SnapshotSummary,
+    /// When its upload completed.
+    pub uploaded_at: Timestamp,
+}
+
+/// Permission for one device to read another's backups (to restore a dead
+/// device's data onto its replacement).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    /// When an operator granted it.
+    pub granted_at: Timestamp,
+    /// When it ends.
+    pub expires_at: Timestamp,
+    /// The name of the API token that granted it.
+    pub by: String,
 }
 
 /// Attempts kept per job and device.
@@ -259,6 +285,8 @@ pub struct Store {
     job_runs: sled::Tree,
     device_keys: sled::Tree,
     peers: sled::Tree,
+    backups: sled::Tree,
+    restore_grants: sled::Tree,
     writer: Option<GroupCommit<Store>>,
 }
 
@@ -341,6 +369,8 @@ impl Store {
             job_runs: db.open_tree("job_runs")?,
             peers: db.open_tree("peers")?,
             device_keys: db.open_tree("device_keys")?,
+            backups: db.open_tree("backups")?,
+            restore_grants: db.open_tree("restore_grants")?,
             db,
             writer: None,
         };
@@ -568,6 +598,43 @@ impl Store {
     /// by each QUIC session from its certificate).
     pub fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.device_keys.get(id.as_str())?.map(|v| v.to_vec()))
+    }
+
+    /// Adds a snapshot to a device's backup catalog, durably (run on the
+    /// writer).
+    pub fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
+        let mut key = device_prefix(id);
+        key.extend_from_slice(entry.summary.name.as_bytes());
+        self.backups.insert(key, encode(entry))?;
+        Ok(())
+    }
+
+    /// A device's backup catalog, oldest first (names start with the start
+    /// time in milliseconds, all of the same width for centuries).
+    pub fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
+        self.backups.scan_prefix(device_prefix(id)).values().map(|v| decode("backups", &v?)).collect()
+    }
+
+    /// One snapshot of a device's catalog.
+    pub fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
+        let mut key = device_prefix(id);
+        key.extend_from_slice(name.as_bytes());
+        self.backups.get(key)?.map(|v| decode("backups", &v)).transpose()
+    }
+
+    /// Lets `reader` fetch `owner`'s backups (run on the writer).
+    pub fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
+        let mut key = device_prefix(reader);
+        key.extend_from_slice(owner.as_str().as_bytes());
+        self.restore_grants.insert(key, encode(grant))?;
+        Ok(())
+    }
+
+    /// The grant letting `reader` fetch `owner`'s backups, if any.
+    pub fn grant(&self, reader: &DeviceId, owner: &DeviceId) -> Result<Option<Grant>, StoreError> {
+        let mut key = device_prefix(reader);
+        key.extend_from_slice(owner.as_str().as_bytes());
+        self.restore_grants.get(key)?.map(|v| decode("restore_grants", &v)).transpose()
     }
 
     /// The device's latest peer table.

@@ -12,6 +12,10 @@ pub const HUB_SERVER_NAME: &str = "hub.outpost.invalid";
 /// ALPN protocol id of the Outpost QUIC protocol.
 pub const ALPN: &[u8] = b"outpost/1";
 
+/// ALPN protocol id of a bulk connection: backup transfers, one request
+/// per stream, apart from the session so they never hold up control traffic.
+pub const ALPN_BULK: &[u8] = b"outpost-bulk/1";
+
 /// A device's id, assigned by the hub at enrollment and carried in the
 /// device certificate's common name. Lowercase ASCII letters, digits and
 /// `-`, 1 to 64 characters, so it is safe in file names, URLs and MQTT

@@ -28,8 +28,9 @@ use serde::{Deserialize, Serialize};
 /// each `Batch` with the origin device's key; version 5 added `Signed`
 /// messages for carriers that do not authenticate the sender (MQTT);
 /// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
-/// record.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// record; version 7 added the backup transfer messages of bulk connections
+/// (`HaveChunks` ... `Chunk`).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,7 +74,103 @@ pub enum Message {
     Relay(Batch),
     /// Hub → agent: the relayed batch's origin is stored up to `upto`.
     RelayAck(RelayAck),
+    /// Agent → hub, bulk: which of these chunks of mine do you lack?
+    HaveChunks(ChunkIds),
+    /// Hub → agent, bulk: these (of the ones asked about) are missing.
+    MissingChunks(ChunkIds),
+    /// Agent → hub, bulk: store this chunk of mine. Answered with `Done`.
+    PutChunk(ChunkBlob),
+    /// Agent → hub, bulk: catalog this snapshot (every chunk it names was
+    /// sent before). Answered with `Done`.
+    PutSnapshot(SnapshotData),
+    /// Hub → agent, bulk: the request was carried out durably.
+    Done,
+    /// Agent → hub, bulk: the backup catalog of a device.
+    ListBackups(DeviceId),
+    /// Hub → agent, bulk: the catalog asked for, oldest first.
+    Backups(Vec<SnapshotSummary>),
+    /// Agent → hub, bulk: a device's snapshot manifest.
+    GetSnapshot(SnapshotRef),
+    /// Hub → agent, bulk: the manifest asked for.
+    Snapshot(SnapshotData),
+    /// Agent → hub, bulk: one of a device's chunks.
+    GetChunk(ChunkRef),
+    /// Hub → agent, bulk: the chunk asked for.
+    Chunk(ChunkBlob),
 }
+
+/// A backup chunk id: keyed BLAKE3 of the chunk's plaintext (the key is
+/// derived from the fleet backup key, which the hub never has).
+pub type ChunkId = [u8; 32];
+
+/// Chunk ids, in the order asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkIds {
+    /// The ids.
+    pub ids: Vec<ChunkId>,
+}
+
+/// One encrypted chunk, exactly as the device's repository stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkBlob {
+    /// Its id.
+    pub id: ChunkId,
+    /// `nonce || ciphertext`; opaque to the hub.
+    pub blob: Vec<u8>,
+}
+
+/// What the hub's catalog says about a snapshot (the device's own account;
+/// the manifest itself is encrypted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    /// Its name, unique on the device: `<start ms>-<set>-<random hex>`.
+    pub name: String,
+    /// The backup set.
+    pub set: String,
+    /// When it started.
+    pub started: Timestamp,
+    /// When it ended.
+    pub ended: Timestamp,
+    /// Files, directories and links.
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Distinct chunks it needs.
+    pub chunks: u64,
+    /// Problems the snapshot's report lists.
+    pub problems: u64,
+}
+
+/// A snapshot's summary and its encrypted manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotData {
+    /// The summary.
+    pub summary: SnapshotSummary,
+    /// `nonce || ciphertext` of the manifest; opaque to the hub.
+    pub manifest: Vec<u8>,
+}
+
+/// A snapshot of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// The device that made it.
+    pub device: DeviceId,
+    /// Its name.
+    pub name: String,
+}
+
+/// A chunk of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// The device that uploaded it.
+    pub device: DeviceId,
+    /// Its id.
+    pub id: ChunkId,
+}
+
+/// Hard limit of a frame on a bulk connection: a chunk of at most 4 MiB,
+/// its encryption overhead and the envelope, with room to spare.
+pub const MAX_BULK_FRAME: usize = 8 << 20;
 
 /// Answer to a relayed batch, for its origin. A refused relay does not end
 /// the carrier's session: the carrier only passes the refusal on.
@@ -410,6 +507,14 @@ pub enum RefusalReason {
     UnknownDevice,
     /// The hub failed internally; the request may be retried later.
     Internal,
+    /// The thing asked for does not exist.
+    NotFound,
+    /// The device may not read another device's backups (no grant).
+    NotAuthorised,
+    /// Stored data failed its integrity check.
+    Corrupt,
+    /// The request is malformed or incomplete (a bad name, missing chunks).
+    BadRequest,
 }
 
 /// A refusal with a human-readable explanation.
@@ -465,6 +570,17 @@ impl Message {
             Message::Signed(_) => "Signed",
             Message::Relay(_) => "Relay",
             Message::RelayAck(_) => "RelayAck",
+            Message::HaveChunks(_) => "HaveChunks",
+            Message::MissingChunks(_) => "MissingChunks",
+            Message::PutChunk(_) => "PutChunk",
+            Message::PutSnapshot(_) => "PutSnapshot",
+            Message::Done => "Done",
+            Message::ListBackups(_) => "ListBackups",
+            Message::Backups(_) => "Backups",
+            Message::GetSnapshot(_) => "GetSnapshot",
+            Message::Snapshot(_) => "Snapshot",
+            Message::GetChunk(_) => "GetChunk",
+            Message::Chunk(_) => "Chunk",
         }
     }
 }
@@ -532,15 +648,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0600017401aa016e",
+                "0700017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0601066465762d303101010102",
+                "0701066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "060203302e3102677701",
+                "070203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -549,10 +665,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0603066465762d303103302e31ac0207",
+                "0703066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0604010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "060502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0704010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "070502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -627,7 +743,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0607ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0707ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -638,9 +754,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "06080109046563686f010268690a0102027b7d",
+                "07080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "060902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "070902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -648,11 +764,36 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "060a066465762d303103090109015a",
+                "070a066465762d303103090109015a",
             ),
             (
                 Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
-                "060c066465762d3031ac0200",
+                "070c066465762d3031ac0200",
+            ),
+            (
+                Message::HaveChunks(ChunkIds { ids: vec![[7; 32]] }),
+                concat!("070d01", "0707070707070707070707070707070707070707070707070707070707070707"),
+            ),
+            (Message::Done, "0711"),
+            (
+                Message::GetChunk(ChunkRef { device: "dev-01".parse().unwrap(), id: [1; 32] }),
+                concat!("0716066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
+            ),
+            (
+                Message::PutSnapshot(SnapshotData {
+                    summary: SnapshotSummary {
+                        name: "1-s-ab".into(),
+                        set: "s".into(),
+                        started: Timestamp(1),
+                        ended: Timestamp(2),
+                        entries: 3,
+                        bytes: 4,
+                        chunks: 5,
+                        problems: 0,
+                    },
+                    manifest: vec![0xEE],
+                }),
+                "071006312d732d6162017301020304050001ee",
             ),
         ];
         for (message, golden) in cases {
@@ -666,7 +807,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0606066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0706066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";

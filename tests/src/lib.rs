@@ -10,6 +10,7 @@
 //! test executable (`target/<profile>/`).
 
 pub mod netns;
+pub mod trees;
 
 use anyhow::{Context, Result, bail};
 use outpost_hub::api::{DeviceView, SampleView};
@@ -101,6 +102,16 @@ impl Proc {
         }
         self.kill();
         None
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`).
+    pub fn signal(&self, signal: i32) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
+        // SAFETY: plain kill(2) on our own child's pid.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, signal);
+        }
     }
 
     /// True while the process runs.

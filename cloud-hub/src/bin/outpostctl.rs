@@ -52,6 +52,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Backups at the hub: list, verify, grant.
+    Backups {
+        #[command(subcommand)]
+        command: BackupsCmd,
+    },
     /// A device's jobs: schedule, next run, last run.
     Jobs {
         /// Device id.
@@ -97,6 +102,36 @@ enum Command {
         /// Most samples.
         #[arg(long)]
         limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupsCmd {
+    /// A device's uploaded snapshots.
+    List {
+        /// Device id.
+        device: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash every chunk of a device at the hub; exits 1 and
+    /// names each bad chunk if any.
+    Verify {
+        /// Device id.
+        device: String,
+    },
+    /// Let another device (a replacement) fetch a device's backups, for
+    /// `outpost-agent backup restore --from-device DEVICE` on it.
+    Grant {
+        /// Whose backups.
+        device: String,
+        /// The device that may fetch them.
+        #[arg(long)]
+        to: String,
+        /// For how long (default 24h).
+        #[arg(long)]
+        valid_for: Option<String>,
     },
 }
 
@@ -148,6 +183,30 @@ enum DesiredCmd {
     },
 }
 
+fn render_backups(view: &outpost_hub::api::BackupsView) -> String {
+    let rows: Vec<Vec<String>> = view
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.set.clone(),
+                s.started.clone(),
+                s.entries.to_string(),
+                s.bytes.to_string(),
+                s.problems.to_string(),
+                s.uploaded_at.clone(),
+            ]
+        })
+        .collect();
+    let mut out = outpost_shared::table::render(
+        &["SNAPSHOT", "SET", "STARTED", "ENTRIES", "BYTES", "PROBLEMS", "UPLOADED"],
+        &rows,
+    );
+    out.push_str(&format!("{} chunk(s), {} bytes at the hub\n", view.stored_chunks, view.stored_bytes));
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = Client::new(&cli.hub, &cli.token);
@@ -168,6 +227,32 @@ fn main() -> ExitCode {
             client.peers(&device).map(|p| print!("{}", outpost_shared::peers::render(&p.peers)))
         }
         Command::Peers { device, json: true } => client.peers(&device).map(|p| print_json(&p)),
+        Command::Backups { command: BackupsCmd::List { device, json: false } } => {
+            client.backups(&device).map(|b| print!("{}", render_backups(&b)))
+        }
+        Command::Backups { command: BackupsCmd::List { device, json: true } } => {
+            client.backups(&device).map(|b| print_json(&b))
+        }
+        Command::Backups { command: BackupsCmd::Verify { device } } => match client.verify_backups(&device) {
+            Ok(report) => {
+                for p in &report.problems {
+                    println!("{p}");
+                }
+                println!(
+                    "{} chunk(s), {} bytes checked, {} problem(s)",
+                    report.chunks,
+                    report.bytes,
+                    report.problems.len()
+                );
+                return if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
+            Err(e) => Err(e),
+        },
+        Command::Backups { command: BackupsCmd::Grant { device, to, valid_for } } => {
+            client.grant_backups(&device, &to, valid_for.as_deref()).map(|g| {
+                println!("{} may fetch {}'s backups until {} (granted by {})", g.reader, g.owner, g.expires_at, g.by)
+            })
+        }
         Command::Jobs { device, json: false } => client.jobs(&device).map(|j| print!("{}", render_jobs(&j))),
         Command::Jobs { device, json: true } => client.jobs(&device).map(|j| print_json(&j)),
         Command::JobRuns { device, job, limit } => client.job_runs(&device, &job, limit).map(|r| print_json(&r)),

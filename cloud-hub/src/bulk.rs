@@ -1,0 +1,126 @@
+//! Bulk connections: a device's backup transfers, apart from its session.
+//!
+//! The device connects with its certificate and the bulk ALPN and opens a
+//! bidirectional stream per transfer (several at once). On a stream, each
+//! request gets one answer, in order, until the device finishes the stream.
+//! A refused request (bad name, missing chunk, no grant, corrupt data at the
+//! hub) is answered with `Refused` and the stream goes on; a malformed frame
+//! ends that stream only.
+
+use crate::backups::{BackupStoreError, Backups};
+use crate::quic::{CLOSE_OK, CLOSE_REFUSED, QuicContext};
+use outpost_shared::DeviceId;
+use outpost_shared::io::{FrameReader, write_message};
+use outpost_shared::protocol::{ChunkIds, MAX_BULK_FRAME, Message, Refusal, RefusalReason};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, warn};
+
+/// Serves a bulk connection of `device` until it closes.
+pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<QuicContext>) {
+    match ctx.fleet.store().device(&device) {
+        Ok(Some(_)) => {}
+        _ => {
+            warn!("Bulk connection of a device that is not registered.");
+            connection.close(CLOSE_REFUSED.into(), b"unknown device");
+            return;
+        }
+    }
+    debug!("Bulk connection open.");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let backups = ctx.fleet.backups().clone();
+                    let device = device.clone();
+                    streams.spawn(stream(send, recv, device, backups).in_current_span());
+                }
+                Err(e) => {
+                    debug!(reason = %e, "Bulk connection ended.");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    streams.abort_all();
+    connection.close(CLOSE_OK.into(), b"");
+}
+
+async fn stream(mut send: quinn::SendStream, recv: quinn::RecvStream, device: DeviceId, backups: Backups) {
+    let mut reader = FrameReader::new(recv, MAX_BULK_FRAME);
+    loop {
+        let request = match reader.next().await {
+            Ok(Some(envelope)) => envelope.message,
+            Ok(None) => break,
+            Err(e) => {
+                warn!(error = %e, "Bulk stream dropped: bad frame.");
+                let _ = send.reset(1u32.into());
+                return;
+            }
+        };
+        let backups = backups.clone();
+        let device = device.clone();
+        let answer = tokio::task::spawn_blocking(move || answer(&backups, &device, request))
+            .await
+            .unwrap_or_else(|e| refused(RefusalReason::Internal, format!("request failed: {e}")));
+        if let Err(e) = write_message(&mut send, answer, MAX_BULK_FRAME).await {
+            debug!(error = %e, "Bulk stream closed by the device.");
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+fn refused(reason: RefusalReason, message: String) -> Message {
+    Message::Refused(Refusal { reason, message })
+}
+
+/// Answers one request of `device`.
+fn answer(backups: &Backups, device: &DeviceId, request: Message) -> Message {
+    let kind = request.kind();
+    let result = (|| match request {
+        Message::HaveChunks(ChunkIds { ids }) => {
+            Ok(Message::MissingChunks(ChunkIds { ids: backups.missing(device, &ids)? }))
+        }
+        Message::PutChunk(chunk) => {
+            if !backups.put_chunk(device, &chunk)? {
+                // The device asks before it sends; this is a resend after a
+                // lost answer, or a bug worth seeing.
+                info!(chunk = %outpost_shared::identity::hex(&chunk.id), "Chunk was already stored.");
+            }
+            Ok(Message::Done)
+        }
+        Message::PutSnapshot(data) => {
+            backups.put_snapshot(device, &data)?;
+            info!(snapshot = %data.summary.name, set = %data.summary.set, "Backup snapshot catalogued.");
+            Ok(Message::Done)
+        }
+        Message::ListBackups(owner) => {
+            backups.authorise(device, &owner)?;
+            Ok(Message::Backups(backups.catalog(&owner)?.into_iter().map(|e| e.summary).collect()))
+        }
+        Message::GetSnapshot(r) => {
+            backups.authorise(device, &r.device)?;
+            if &r.device != device {
+                info!(owner = %r.device, snapshot = %r.name, "Snapshot fetched under a restore grant.");
+            }
+            Ok(Message::Snapshot(backups.snapshot(&r.device, &r.name)?))
+        }
+        Message::GetChunk(r) => {
+            backups.authorise(device, &r.device)?;
+            Ok(Message::Chunk(outpost_shared::protocol::ChunkBlob { id: r.id, blob: backups.chunk(&r.device, &r.id)? }))
+        }
+        other => Err(BackupStoreError::BadRequest(format!("{} is not a bulk request", other.kind()))),
+    })();
+    result.unwrap_or_else(|e: BackupStoreError| {
+        match e.reason() {
+            RefusalReason::Internal | RefusalReason::Corrupt => {
+                warn!(request = kind, error = %e, "Bulk request failed.")
+            }
+            _ => info!(request = kind, error = %e, "Bulk request refused."),
+        }
+        refused(e.reason(), e.to_string())
+    })
+}

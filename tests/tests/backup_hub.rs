@@ -1,0 +1,259 @@
+//! Backups through the hub: upload of what the hub lacks, the catalog,
+//! restore onto a replacement device under an operator's grant, corruption
+//! at the hub, and uploads interrupted by a killed agent or a killed hub.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_tests::trees::{assert_same_tree, describe, noise, populate};
+use outpost_tests::{Agent, Hub, Scratch, Timings, bin, run, wait_for};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Config tables of an agent that backs `src` up as set `field`, uploading.
+fn backup_config(scratch: &Scratch, src: &Path) -> String {
+    let key = scratch.path().join("fleet-backup.key");
+    fs::write(&key, KEY).unwrap();
+    format!(
+        "[backups]\nkey_file = {:?}\n[[backup]]\nname = \"field\"\npaths = [{:?}]\nupload = true\n",
+        key.display().to_string(),
+        src.display().to_string()
+    )
+}
+
+fn backup(agent: &Agent, args: &[&str]) -> Output {
+    run(Command::new(bin("outpost-agent")).arg("backup").arg("--config").arg(&agent.config).args(args)).unwrap()
+}
+
+/// Where the restored copy of `src` is under `target`.
+fn restored(target: &Path, src: &Path) -> PathBuf {
+    target.join(src.strip_prefix("/").unwrap())
+}
+
+/// Starts `outpost-agent backup ARGS`, output captured.
+fn spawn_backup(agent: &Agent, args: &[&str]) -> std::process::Child {
+    Command::new(bin("outpost-agent"))
+        .arg("backup")
+        .arg("--config")
+        .arg(&agent.config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Chunk files the hub holds for `device` (not temporary files).
+fn hub_chunks(hub: &Hub, device: &str) -> Vec<PathBuf> {
+    let dir = hub.data_dir.join("backups").join(device).join("chunks");
+    let mut files = Vec::new();
+    for sub in fs::read_dir(dir).into_iter().flatten().flatten() {
+        for f in fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            if !f.file_name().to_string_lossy().starts_with('.') {
+                files.push(f.path());
+            }
+        }
+    }
+    files
+}
+
+/// Parses "N chunk(s) sent (B bytes), M already ..." of an upload.
+fn sent_and_present(out: &str) -> (u64, u64) {
+    let number_before = |marker: &str| -> u64 {
+        let at = out.find(marker).unwrap_or_else(|| panic!("no {marker:?} in {out}"));
+        out[..at].split_whitespace().last().unwrap().trim_start_matches(['(', ',']).parse().unwrap()
+    };
+    (number_before(" chunk(s) sent"), number_before(" already"))
+}
+
+#[test]
+fn a_replacement_device_restores_the_dead_devices_latest_snapshot_through_the_hub() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let src = scratch.path().join("field-data");
+    populate(&src);
+    let config = backup_config(&scratch, &src);
+    let old = Agent::enroll_with(scratch.path(), &hub, "old-gateway", &timings, &config).unwrap();
+
+    let first = backup(&old, &["run", "field"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let (first_sent, first_present) = sent_and_present(&text(&first));
+    assert_eq!(first_present, 0, "{}", text(&first));
+    // Change a little; the second upload sends only new chunks.
+    fs::write(src.join("logs/app.log"), "a changed log line\n".repeat(40_000)).unwrap();
+    fs::write(src.join("new.txt"), b"new file\n").unwrap();
+    let second = backup(&old, &["run", "field"]);
+    assert!(second.status.success(), "{}", text(&second));
+    let (sent, present) = sent_and_present(&text(&second));
+    assert!(present >= 1, "the unchanged 6 MiB file's chunks are at the hub already: {}", text(&second));
+    assert!(sent >= 1 && sent < first_sent, "{}", text(&second));
+
+    let client = hub.client();
+    let catalog = client.backups(&old.id).unwrap();
+    assert_eq!(catalog.snapshots.len(), 2, "{catalog:?}");
+    assert!(catalog.snapshots.iter().all(|s| s.set == "field" && s.problems == 0), "{catalog:?}");
+    assert_eq!(catalog.stored_chunks as usize, hub_chunks(&hub, &old.id).len());
+    // The hub holds no plaintext: the log's text is nowhere in its files.
+    for f in hub_chunks(&hub, &old.id) {
+        let bytes = fs::read(f).unwrap();
+        assert!(!bytes.windows(18).any(|w| w == b"a changed log line"), "plaintext at the hub");
+    }
+
+    // The old device dies; a new one is enrolled with the fleet's key.
+    let new = Agent::enroll_with(scratch.path(), &hub, "new-gateway", &timings, &config).unwrap();
+    let target = scratch.path().join("restore");
+    let args = ["restore", "--from-device", &old.id, "--snapshot", "latest", "--target", target.to_str().unwrap()];
+    let refused = backup(&new, &args);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("outpostctl backups grant"), "{}", text(&refused));
+    assert!(!target.exists() || describe(&target).is_empty(), "nothing restored without a grant");
+
+    let grant = run(Command::new(bin("outpostctl")).args([
+        "--hub",
+        &hub.api,
+        "--token",
+        &hub.admin_token,
+        "backups",
+        "grant",
+        &old.id,
+        "--to",
+        &new.id,
+    ]))
+    .unwrap();
+    assert!(grant.status.success(), "{}", text(&grant));
+    let done = backup(&new, &args);
+    assert!(done.status.success(), "{}", text(&done));
+    assert_same_tree(&src, &restored(&target, &src));
+
+    // A chunk changes on the hub's disk: verify names it, a restore that
+    // needs it fails loudly and writes nothing wrong.
+    let victim = hub_chunks(&hub, &old.id).into_iter().max_by_key(|f| fs::metadata(f).unwrap().len()).unwrap();
+    let mut bytes = fs::read(&victim).unwrap();
+    bytes[1000] ^= 0x40;
+    fs::write(&victim, bytes).unwrap();
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    let verify = run(Command::new(bin("outpostctl")).args([
+        "--hub",
+        &hub.api,
+        "--token",
+        &hub.admin_token,
+        "backups",
+        "verify",
+        &old.id,
+    ]))
+    .unwrap();
+    assert!(!verify.status.success(), "{}", text(&verify));
+    assert!(text(&verify).contains(&name) && text(&verify).contains("1 problem(s)"), "{}", text(&verify));
+    let target2 = scratch.path().join("restore-2");
+    let args2 = ["restore", "--from-device", &old.id, "--target", target2.to_str().unwrap()];
+    let failed = backup(&new, &args2);
+    assert!(!failed.status.success(), "{}", text(&failed));
+    assert!(text(&failed).contains(&name) && text(&failed).contains("corrupt"), "{}", text(&failed));
+    let expected = describe(&src);
+    for (path, entry) in describe(&restored(&target2, &src)) {
+        if entry.0 == 'f' {
+            assert_eq!(expected[&path].3, entry.3, "{path}: wrong data written");
+        }
+    }
+}
+
+/// Waits until the hub holds at least `n` chunks of `device`.
+fn wait_chunks(hub: &Hub, device: &str, n: usize) {
+    wait_for(Duration::from_secs(60), "chunks at the hub", || (hub_chunks(hub, device).len() >= n).then_some(()))
+        .unwrap();
+}
+
+/// Waits until the hub's chunk count of `device` stays the same for a
+/// second.
+fn settle(hub: &Hub, device: &str) {
+    let mut last = (usize::MAX, std::time::Instant::now());
+    wait_for(Duration::from_secs(30), "the hub's chunk count to settle", || {
+        let n = hub_chunks(hub, device).len();
+        if n != last.0 {
+            last = (n, std::time::Instant::now());
+        }
+        (last.1.elapsed() >= Duration::from_secs(1)).then_some(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn an_interrupted_upload_resumes_without_resending_what_arrived() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let src = scratch.path().join("field-data");
+    fs::create_dir_all(&src).unwrap();
+    // 60 files of 1 MiB random data: about 60 distinct chunks.
+    for i in 0..60u64 {
+        fs::write(src.join(format!("part-{i:03}.bin")), noise(1 << 20, i + 1)).unwrap();
+    }
+    let config = backup_config(&scratch, &src);
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "uploader", &timings, &config).unwrap();
+    let repo = agent.data_dir.join("backups");
+    let mut first = spawn_backup(&agent, &["run", "field"]);
+    // The agent is killed part-way through the upload (the hub stopped
+    // meanwhile, so the upload cannot finish before the kill).
+    wait_chunks(&hub, &agent.id, 12);
+    hub.proc.as_ref().unwrap().signal(libc::SIGSTOP);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    hub.proc.as_ref().unwrap().signal(libc::SIGCONT);
+    // The hub finishes what was in flight when the agent died (up to four
+    // chunks): those arrived, and must not be sent again either.
+    settle(&hub, &agent.id);
+    assert!(repo.join("upload-pending").exists(), "the killed upload leaves its mark");
+    let client = hub.client();
+    assert!(client.backups(&agent.id).unwrap().snapshots.is_empty(), "not catalogued before all chunks arrived");
+
+    // Resumed: only what had not arrived is sent.
+    let resumed = backup(&agent, &["upload"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (sent, present) = sent_and_present(&text(&resumed));
+    assert!(present >= 12, "{}", text(&resumed));
+    let total = hub_chunks(&hub, &agent.id).len() as u64;
+    assert_eq!(sent + present, total, "{}", text(&resumed));
+    assert!(!repo.join("upload-pending").exists());
+    assert_eq!(client.backups(&agent.id).unwrap().snapshots.len(), 1);
+
+    // More data; this time the hub is killed during the upload, and the
+    // daemon finishes it once the hub is back.
+    for i in 60..90u64 {
+        fs::write(src.join(format!("part-{i:03}.bin")), noise(1 << 20, i + 1)).unwrap();
+    }
+    let running = spawn_backup(&agent, &["run", "field"]);
+    wait_chunks(&hub, &agent.id, total as usize + 6);
+    hub.kill();
+    let out = running.wait_with_output().unwrap();
+    assert!(out.status.success(), "the snapshot itself succeeded: {}", text(&out));
+    assert!(text(&out).contains("upload pending"), "{}", text(&out));
+    assert!(repo.join("upload-pending").exists());
+    hub.serve().unwrap();
+    agent.start().unwrap();
+    let client = hub.client();
+    wait_for(Duration::from_secs(60), "the daemon to finish the upload", || {
+        (client.backups(&agent.id).ok()?.snapshots.len() == 2).then_some(())
+    })
+    .unwrap();
+    let hub_log = fs::read_to_string(scratch.path().join("hub.log")).unwrap();
+    assert!(!hub_log.contains("Chunk was already stored"), "a chunk that had arrived was sent again");
+    wait_for(Duration::from_secs(10), "the daemon's upload report", || {
+        agent.log_text().contains("Pending backups uploaded").then_some(())
+    })
+    .unwrap();
+
+    // What the hub has restores byte for byte.
+    let target = scratch.path().join("restore");
+    let id = agent.id.clone();
+    let out = backup(&agent, &["restore", "--from-device", &id, "--target", target.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_tree(&src, &restored(&target, &src));
+}
