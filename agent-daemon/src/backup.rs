@@ -58,8 +58,8 @@ const REPO_VERSION: u32 = 1;
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
 
-/// Chunk uploads in flight at once.
-const UPLOADS_IN_FLIGHT: usize = 4;
+/// Chunk transfers (uploads, fetches for a restore) in flight at once.
+const CHUNKS_IN_FLIGHT: usize = 4;
 /// Ids per "which of these do you lack" question.
 const IDS_PER_QUERY: usize = 16 * 1024;
 /// The file that marks snapshots waiting for upload.
@@ -582,15 +582,11 @@ impl Repository {
         only: &[String],
         chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
     ) -> Result<u64, BackupError> {
-        let wanted = |path: &str| {
-            only.is_empty()
-                || only.iter().any(|o| path == o || path.starts_with(&format!("{}/", o.trim_end_matches('/'))))
-        };
         fs::create_dir_all(target).map_err(io(target))?;
         let mut failed = 0usize;
         let mut restored = 0u64;
         let mut dirs = Vec::new();
-        for entry in snapshot.entries.iter().filter(|e| wanted(&e.path)) {
+        for entry in snapshot.selected(only) {
             let dest = target.join(entry.path.trim_start_matches('/'));
             let result = match &entry.kind {
                 EntryKind::Dir => {
@@ -628,6 +624,16 @@ impl Repository {
             return Err(BackupError::RestoreIncomplete(failed));
         }
         Ok(restored)
+    }
+}
+
+impl Snapshot {
+    /// The entries a restore of `only` (all if empty) writes, in order.
+    fn selected<'a>(&'a self, only: &'a [String]) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.entries.iter().filter(move |e| {
+            only.is_empty()
+                || only.iter().any(|o| e.path == *o || e.path.starts_with(&format!("{}/", o.trim_end_matches('/'))))
+        })
     }
 }
 
@@ -1129,7 +1135,7 @@ impl Repository {
             let (mut chunks, mut bytes) = (0u64, 0u64);
             let mut next = missing.iter();
             loop {
-                while in_flight.len() < UPLOADS_IN_FLIGHT {
+                while in_flight.len() < CHUNKS_IN_FLIGHT {
                     let Some(id) = next.next() else { break };
                     let Some(blob) = self.chunk_blob(id)? else {
                         if !self.root.join("snapshots").join(&snapshot.name).exists() {
@@ -1208,12 +1214,51 @@ impl Repository {
             other => return Err(BulkError::Unexpected(other.kind(), "GetSnapshot").into()),
         };
         let snapshot = self.decode_snapshot(&summary.name, &data.manifest)?;
-        let fetch = |id: &ChunkId| match hub.request(Message::GetChunk(ChunkRef { device: owner.clone(), id: *id }))? {
-            Message::Chunk(chunk) => self.open_chunk(id, &chunk.blob),
-            other => Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
+        // Chunks are fetched ahead, several at once, in the order the
+        // restore needs them, so a restore over a slow link is not one
+        // round trip per chunk.
+        let order: Vec<ChunkId> = snapshot
+            .selected(only)
+            .filter_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => Some(chunks.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(CHUNKS_IN_FLIGHT);
+        let (client, device) = (hub.client.clone(), owner.clone());
+        let fetcher = hub.runtime.spawn(async move {
+            let mut ids = order.into_iter();
+            let mut ahead = std::collections::VecDeque::new();
+            loop {
+                while ahead.len() < CHUNKS_IN_FLIGHT {
+                    let Some(id) = ids.next() else { break };
+                    let (client, device) = (client.clone(), device.clone());
+                    let get = Message::GetChunk(ChunkRef { device, id });
+                    ahead.push_back((id, tokio::spawn(async move { client.request(get).await })));
+                }
+                let Some((id, task)) = ahead.pop_front() else { break };
+                let answer = task.await.unwrap_or_else(|e| Err(BulkError::Transfer(e.to_string())));
+                if tx.send((id, answer)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let rx = std::cell::RefCell::new(rx);
+        // Chunks of a file that failed part-way are skipped.
+        let fetch = |id: &ChunkId| loop {
+            match rx.borrow_mut().blocking_recv() {
+                Some((got, answer)) if got == *id => match answer? {
+                    Message::Chunk(chunk) => return self.open_chunk(id, &chunk.blob),
+                    other => return Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
+                },
+                Some(_) => {}
+                None => return Err(BulkError::Transfer("the chunk fetcher stopped".into()).into()),
+            }
         };
-        let restored = self.restore_with(&snapshot, target, only, &fetch)?;
-        Ok((snapshot.name, restored))
+        let restored = self.restore_with(&snapshot, target, only, &fetch);
+        fetcher.abort();
+        Ok((snapshot.name, restored?))
     }
 }
 
