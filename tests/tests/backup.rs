@@ -185,6 +185,48 @@ fn prune_keeps_exactly_what_the_retention_says_and_drops_unneeded_chunks() {
 }
 
 #[test]
+fn a_file_that_changes_while_read_is_reported_and_the_backup_goes_on() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    let growing = s.src.join("growing.log");
+    fs::write(&growing, noise(4 << 20, 9)).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // A writer appending 64 KiB every 2 ms (a busy log) for the whole run.
+    let writer = {
+        let (path, stop) = (growing.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut file = fs::OpenOptions::new().append(true).open(path).unwrap();
+            let block = noise(64 << 10, 10);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                file.write_all(&block).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let out = backup(&s, &["run", "data"]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(report.contains("growing.log: changed while read"), "{report}");
+    // The rest of the set is in the snapshot and restores intact.
+    let target = scratch.path().join("restore");
+    let restored = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    fs::remove_file(&growing).unwrap();
+    let copy = target.join(s.src.strip_prefix("/").unwrap());
+    let got = copy.join("growing.log");
+    assert!(fs::metadata(&got).unwrap().len() >= 4 << 20, "stored as read");
+    fs::remove_file(got).unwrap();
+    fs::remove_file(s.src.join("scratch.tmp")).unwrap();
+    assert_same_tree(&s.src, &copy);
+}
+
+#[test]
 fn a_wrong_key_is_refused_before_anything_is_written() {
     let scratch = Scratch::new().unwrap();
     let s = setup(&scratch, "");
