@@ -185,12 +185,15 @@ fn prune_keeps_exactly_what_the_retention_says_and_drops_unneeded_chunks() {
 }
 
 #[test]
-fn a_file_that_changes_while_read_is_reported_and_the_backup_goes_on() {
+fn files_that_change_while_read_or_cannot_be_read_are_reported_and_the_backup_goes_on() {
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
     let scratch = Scratch::new().unwrap();
     let s = setup(&scratch, "");
     populate(&s.src);
+    // A file that opens but cannot be read (EIO at offset 0, even for root).
+    let config = fs::read_to_string(&s.config).unwrap().replace("paths = [", "paths = [\"/proc/self/mem\", ");
+    fs::write(&s.config, config).unwrap();
     let growing = s.src.join("growing.log");
     fs::write(&growing, noise(4 << 20, 9)).unwrap();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -213,6 +216,8 @@ fn a_file_that_changes_while_read_is_reported_and_the_backup_goes_on() {
     let report = text(&out);
     assert_eq!(out.status.code(), Some(3), "{report}");
     assert!(report.contains("growing.log: changed while read"), "{report}");
+    assert!(report.contains("/proc/self/mem: read failed"), "{report}");
+    assert!(report.contains("does-not-exist: No such file"), "{report}");
     // The rest of the set is in the snapshot and restores intact.
     let target = scratch.path().join("restore");
     let restored = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);

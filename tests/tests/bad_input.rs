@@ -290,3 +290,82 @@ fn api_calls_without_a_valid_token_get_401() {
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
 }
+
+#[test]
+fn bad_bulk_requests_are_refused_one_by_one_and_write_nothing() {
+    use outpost_agent::bulk::{BulkClient, BulkError};
+    use outpost_shared::protocol::{
+        ChunkBlob, ChunkIds, ChunkRef, MAX_BULK_FRAME, RefusalReason, SnapshotData, SnapshotSummary,
+    };
+    let scratch = Scratch::new().unwrap();
+    let (hub, agents) = fleet(&scratch, 1, Timings::default()).unwrap();
+    let other = agents[0].id.clone();
+    let raw = Agent::enroll(scratch.path(), &hub, "raw-bulk", &Timings::default()).unwrap();
+    let identity = Identity::load(&raw.data_dir).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = BulkClient::connect(&identity, &hub.quic_addr, Duration::from_secs(10), TLS).await.unwrap();
+        let refused = |r: Result<Message, BulkError>| match r {
+            Err(BulkError::Refused { reason, message }) => (reason, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let summary = |name: &str| SnapshotSummary {
+            name: name.into(),
+            set: "s".into(),
+            started: Timestamp(1),
+            ended: Timestamp(2),
+            entries: 0,
+            bytes: 0,
+            chunks: 0,
+            problems: 0,
+        };
+        for name in ["../../escape", ".hidden", "a/b", ""] {
+            let put = Message::PutSnapshot(SnapshotData { summary: summary(name), manifest: vec![1; 64] });
+            let (reason, message) = refused(client.request(put).await);
+            assert_eq!(reason, RefusalReason::BadRequest, "{name:?}: {message}");
+        }
+        let (reason, _) = refused(client.request(Message::PutChunk(ChunkBlob { id: [1; 32], blob: vec![0; 8] })).await);
+        assert_eq!(reason, RefusalReason::BadRequest, "a blob too short to be a chunk");
+        let (reason, _) = refused(client.request(Message::HaveChunks(ChunkIds { ids: vec![[0; 32]; 20_000] })).await);
+        assert_eq!(reason, RefusalReason::BadRequest, "too many ids");
+        // Another device's backups, without a grant.
+        let other_id = other.parse().unwrap();
+        let (reason, message) = refused(client.request(Message::ListBackups(other_id)).await);
+        assert_eq!(reason, RefusalReason::NotAuthorised, "{message}");
+        let get = Message::GetChunk(ChunkRef { device: other.parse().unwrap(), id: [2; 32] });
+        assert_eq!(refused(client.request(get).await).0, RefusalReason::NotAuthorised);
+        // Session messages are not bulk requests.
+        let hello = Message::Hello(Hello { agent_version: "x".into(), name: "x".into(), started_at: Timestamp(1) });
+        assert_eq!(refused(client.request(hello).await).0, RefusalReason::BadRequest);
+        // A malformed frame and an oversized one end their stream only.
+        let remote = hub.quic_addr.parse().unwrap();
+        let mut endpoint = tls::client_endpoint(remote).unwrap();
+        endpoint.set_default_client_config(tls::bulk_config(&identity, TLS).unwrap());
+        let connection = endpoint.connect(remote, HUB_SERVER_NAME).unwrap().await.unwrap();
+        for bytes in [
+            vec![0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xEE, 0xFF],
+            u32::try_from(MAX_BULK_FRAME + 1).unwrap().to_be_bytes().to_vec(),
+        ] {
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            let _ = send.finish();
+            let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20)).await;
+            assert!(matches!(read, Ok(Err(_))), "the stream is reset: {read:?}");
+        }
+        // The same connection still serves a good request.
+        let (mut send, recv) = connection.open_bi().await.unwrap();
+        let ask = Message::HaveChunks(ChunkIds { ids: vec![[3; 32]] });
+        send.write_all(&encode_frame(&Envelope::new(ask).encode(), MAX_BULK_FRAME).unwrap()).await.unwrap();
+        send.finish().unwrap();
+        let mut reader = outpost_shared::io::FrameReader::new(recv, MAX_BULK_FRAME);
+        let answer = reader.next().await.unwrap().unwrap().message;
+        assert_eq!(answer, Message::MissingChunks(ChunkIds { ids: vec![[3; 32]] }));
+        client.close().await;
+    });
+    // Nothing was written: no snapshot, no chunk, nothing outside the tree.
+    assert!(hub.client().backups(&identity.device_id.to_string()).unwrap().snapshots.is_empty());
+    assert_eq!(hub.client().backups(&identity.device_id.to_string()).unwrap().stored_chunks, 0);
+    for escaped in ["escape", "backups/escape", "backups/raw-bulk/escape"] {
+        assert!(!hub.data_dir.join(escaped).exists(), "{escaped}");
+    }
+}
