@@ -6,6 +6,11 @@
 //! A refused request (bad name, missing chunk, no grant, corrupt data at the
 //! hub) is answered with `Refused` and the stream goes on; a malformed frame
 //! ends that stream only.
+//!
+//! Memory is bounded: at most [`MAX_REQUESTS`] requests are read or served
+//! at once across all devices (each may carry an 8 MiB frame), and a request
+//! must arrive whole within [`REQUEST_TIMEOUT`] once its turn came, so a slow
+//! or stalled device cannot hold the turns of others.
 
 use crate::backups::{BackupStoreError, Backups};
 use crate::quic::{CLOSE_OK, CLOSE_REFUSED, QuicContext};
@@ -13,8 +18,15 @@ use outpost_shared::DeviceId;
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::protocol::{ChunkIds, MAX_BULK_FRAME, Message, Refusal, RefusalReason};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
+
+/// Bulk requests read or served at once, hub-wide.
+pub const MAX_REQUESTS: usize = 32;
+/// Time a request may take to arrive once it holds a turn.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves a bulk connection of `device` until it closes.
 pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<QuicContext>) {
@@ -33,8 +45,8 @@ pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<Qui
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let backups = ctx.fleet.backups().clone();
-                    let device = device.clone();
-                    streams.spawn(stream(send, recv, device, backups).in_current_span());
+                    let (device, turns) = (device.clone(), ctx.bulk_requests.clone());
+                    streams.spawn(stream(send, recv, device, backups, turns).in_current_span());
                 }
                 Err(e) => {
                     debug!(reason = %e, "Bulk connection ended.");
@@ -48,15 +60,27 @@ pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<Qui
     connection.close(CLOSE_OK.into(), b"");
 }
 
-async fn stream(mut send: quinn::SendStream, recv: quinn::RecvStream, device: DeviceId, backups: Backups) {
+async fn stream(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    device: DeviceId,
+    backups: Backups,
+    turns: Arc<Semaphore>,
+) {
     let mut reader = FrameReader::new(recv, MAX_BULK_FRAME);
     loop {
-        let request = match reader.next().await {
-            Ok(Some(envelope)) => envelope.message,
-            Ok(None) => break,
-            Err(e) => {
+        let Ok(_turn) = turns.acquire().await else { return };
+        let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await {
+            Ok(Ok(Some(envelope))) => envelope.message,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
                 warn!(error = %e, "Bulk stream dropped: bad frame.");
                 let _ = send.reset(1u32.into());
+                return;
+            }
+            Err(_) => {
+                warn!(timeout = ?REQUEST_TIMEOUT, "Bulk stream dropped: request too slow.");
+                let _ = send.reset(2u32.into());
                 return;
             }
         };

@@ -55,6 +55,9 @@ pub struct QuicContext {
     pub token_key: Vec<u8>,
     /// Hard maximum frame size.
     pub max_frame: usize,
+    /// Bulk requests being read or served at once, hub-wide: each may hold
+    /// a chunk of up to 8 MiB in memory (see [`crate::bulk`]).
+    pub bulk_requests: Arc<tokio::sync::Semaphore>,
 }
 
 /// The endpoint's server config: hub certificate from the fleet CA, client
