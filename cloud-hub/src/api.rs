@@ -214,6 +214,19 @@ pub struct GrantRequest {
     pub valid_for: Option<String>,
 }
 
+/// `DELETE /api/v1/devices/{id}/backups`: what was removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupsDeleted {
+    /// Device id.
+    pub device: String,
+    /// Snapshots removed from the catalog.
+    pub snapshots: usize,
+    /// Chunks removed.
+    pub chunks: u64,
+    /// Their bytes on disk.
+    pub bytes: u64,
+}
+
 /// A restore grant as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GrantView {

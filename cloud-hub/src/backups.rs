@@ -276,6 +276,23 @@ impl Backups {
         Ok(files)
     }
 
+    /// Deletes everything the hub holds of `device`'s backups (a retired
+    /// device whose data was restored elsewhere): the catalog first, so no
+    /// snapshot ever names a missing chunk, then the files. Returns the
+    /// snapshots and the usage removed.
+    pub fn delete_all(&self, device: &DeviceId) -> Result<(usize, Usage), BackupStoreError> {
+        let usage = self.usage(device)?;
+        let d = device.clone();
+        let snapshots = self.store.writer().run_blocking(move |s| s.delete_catalog(&d)).map_err(StoreError::from)??;
+        let dir = self.dir.join(device.as_str());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(dir.display())(e)),
+        }
+        Ok((snapshots, usage))
+    }
+
     /// Chunks and bytes a device has at the hub.
     pub fn usage(&self, device: &DeviceId) -> Result<Usage, BackupStoreError> {
         let mut usage = Usage::default();

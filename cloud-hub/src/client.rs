@@ -57,6 +57,7 @@ impl Client {
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
             ("PUT", Some(b)) => self.agent.put(&url).header("Authorization", &auth).send_json(b),
             (_, b) => self.agent.post(&url).header("Authorization", &auth).send_json(b.unwrap_or_default()),
         };
@@ -116,6 +117,11 @@ impl Client {
     /// `GET /api/v1/devices/{id}/backups`.
     pub fn backups(&self, id: &str) -> Result<crate::api::BackupsView, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/backups"))
+    }
+
+    /// `DELETE /api/v1/devices/{id}/backups`.
+    pub fn delete_backups(&self, id: &str) -> Result<crate::api::BackupsDeleted, ClientError> {
+        self.call("DELETE", &format!("/api/v1/devices/{id}/backups"), None)
     }
 
     /// `POST /api/v1/devices/{id}/backups/verify`.

@@ -5,7 +5,7 @@
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
 use crate::api::ApiError;
-use crate::api::{BackupsView, GrantRequest, GrantView};
+use crate::api::{BackupsDeleted, BackupsView, GrantRequest, GrantView};
 use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
     PeersView, SampleView,
@@ -266,6 +266,23 @@ async fn verify_backups(
     Ok(HttpResponse::Ok().json(report))
 }
 
+async fn delete_backups(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    let id = known_device(&fleet, &path)?;
+    let (snapshots, usage) = on_backups(&fleet, &id, |b, id| b.delete_all(id)).await?;
+    tracing::info!(device = %id, snapshots, chunks = usage.chunks, by = %caller.token.name, "Backups deleted.");
+    Ok(HttpResponse::Ok().json(BackupsDeleted {
+        device: id.to_string(),
+        snapshots,
+        chunks: usage.chunks,
+        bytes: usage.bytes,
+    }))
+}
+
 async fn grant_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -422,6 +439,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
                 .route("/devices/{id}/peers", web::get().to(get_peers))
                 .route("/devices/{id}/backups", web::get().to(get_backups))
+                .route("/devices/{id}/backups", web::delete().to(delete_backups))
                 .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
                 .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
                 .route("/devices/{id}/desired", web::get().to(get_desired))

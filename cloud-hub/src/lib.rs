@@ -149,14 +149,13 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         .map_err(io("record the advertised address"))?;
 
     let ca = Arc::new(ca);
-    let ctx =
-        Arc::new(QuicContext {
-            fleet: fleet.clone(),
-            ca: ca.clone(),
-            token_key,
-            max_frame: config.quic.max_frame,
-            bulk_requests: Arc::new(tokio::sync::Semaphore::new(bulk::MAX_REQUESTS)),
-        });
+    let ctx = Arc::new(QuicContext {
+        fleet: fleet.clone(),
+        ca: ca.clone(),
+        token_key,
+        max_frame: config.quic.max_frame,
+        bulk_requests: Arc::new(tokio::sync::Semaphore::new(bulk::MAX_REQUESTS)),
+    });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
     let mqtt_task = match &config.mqtt {

@@ -622,6 +622,16 @@ impl Store {
         self.backups.get(key)?.map(|v| decode("backups", &v)).transpose()
     }
 
+    /// Removes a device's whole backup catalog (run on the writer); returns
+    /// how many snapshots it listed.
+    pub fn delete_catalog(&self, id: &DeviceId) -> Result<usize, StoreError> {
+        let keys: Vec<sled::IVec> = self.backups.scan_prefix(device_prefix(id)).keys().collect::<Result<_, _>>()?;
+        for key in &keys {
+            self.backups.remove(key)?;
+        }
+        Ok(keys.len())
+    }
+
     /// Lets `reader` fetch `owner`'s backups (run on the writer).
     pub fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
         let mut key = device_prefix(reader);

@@ -163,6 +163,22 @@ fn a_replacement_device_restores_the_dead_devices_latest_snapshot_through_the_hu
             assert_eq!(expected[&path].3, entry.3, "{path}: wrong data written");
         }
     }
+
+    // The old device retired: its backups go from the hub, on request only.
+    let ctl = |args: &[&str]| {
+        run(Command::new(bin("outpostctl")).args(["--hub", &hub.api, "--token", &hub.admin_token]).args(args)).unwrap()
+    };
+    let unconfirmed = ctl(&["backups", "delete", &old.id]);
+    assert!(!unconfirmed.status.success() && text(&unconfirmed).contains("--yes"), "{}", text(&unconfirmed));
+    assert_eq!(client.backups(&old.id).unwrap().snapshots.len(), 2);
+    let deleted = ctl(&["backups", "delete", &old.id, "--yes"]);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    assert!(text(&deleted).contains("deleted 2 snapshot(s)"), "{}", text(&deleted));
+    let after = client.backups(&old.id).unwrap();
+    assert!(after.snapshots.is_empty() && after.stored_chunks == 0, "{after:?}");
+    assert!(!hub.data_dir.join("backups").join(&old.id).exists());
+    let gone = backup(&new, &args);
+    assert!(!gone.status.success() && text(&gone).contains("no snapshot latest"), "{}", text(&gone));
 }
 
 /// Waits until the hub holds at least `n` chunks of `device`.

@@ -121,6 +121,15 @@ enum BackupsCmd {
         /// Device id.
         device: String,
     },
+    /// Delete everything the hub holds of a device's backups (a retired
+    /// device whose data was restored elsewhere). Admin role.
+    Delete {
+        /// Device id.
+        device: String,
+        /// Required: there is no undo.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Let another device (a replacement) fetch a device's backups, for
     /// `outpost-agent backup restore --from-device DEVICE` on it.
     Grant {
@@ -248,6 +257,18 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Backups { command: BackupsCmd::Delete { device, yes: false } } => {
+            eprintln!("outpostctl: deleting {device}'s backups at the hub cannot be undone; add --yes");
+            return ExitCode::from(2);
+        }
+        Command::Backups { command: BackupsCmd::Delete { device, yes: true } } => {
+            client.delete_backups(&device).map(|d| {
+                println!(
+                    "deleted {} snapshot(s), {} chunk(s), {} bytes of {}",
+                    d.snapshots, d.chunks, d.bytes, d.device
+                )
+            })
+        }
         Command::Backups { command: BackupsCmd::Grant { device, to, valid_for } } => {
             client.grant_backups(&device, &to, valid_for.as_deref()).map(|g| {
                 println!("{} may fetch {}'s backups until {} (granted by {})", g.reader, g.owner, g.expires_at, g.by)
