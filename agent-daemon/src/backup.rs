@@ -31,7 +31,13 @@
 //! Writes are crash-safe: blobs and manifests are written to a temporary
 //! file, synced and renamed; a snapshot exists only once its manifest is in
 //! place, after every chunk it names. A failed run (a full disk, a crash)
-//! leaves at most unreferenced chunks, which `prune` removes.
+//! leaves at most unreferenced chunks, which `prune` removes. Chunks are
+//! synced once per run (one `syncfs` before the manifest), so a power cut
+//! during a run can leave chunk files that exist but are torn; the next run
+//! would take them for stored. A run therefore marks the repository
+//! `unsynced` (with its start time) until its sync, and opening a marked
+//! repository first checks every chunk written since that start and
+//! deletes the damaged ones, so they are stored again.
 
 use crate::bulk::{BulkClient, BulkError};
 use crate::config::BackupSet;
@@ -64,6 +70,9 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 const IDS_PER_QUERY: usize = 16 * 1024;
 /// The file that marks snapshots waiting for upload.
 const UPLOAD_PENDING: &str = "upload-pending";
+/// The file that marks a run whose chunks are not yet known to be on disk;
+/// holds the run's start (ms since the epoch).
+const UNSYNCED: &str = "unsynced";
 
 /// Errors of backup operations.
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +313,48 @@ impl Repository {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(Repository { root: root.to_owned(), cipher: XChaCha20Poly1305::new(&enc_key.into()), id_key, _lock: lock })
+        let repo =
+            Repository { root: root.to_owned(), cipher: XChaCha20Poly1305::new(&enc_key.into()), id_key, _lock: lock };
+        if exclusive {
+            repo.recover_interrupted_run()?;
+        }
+        Ok(repo)
+    }
+
+    /// After a run that ended before its sync (see the module docs): checks
+    /// the chunks written since it began (a minute of slack for the clock)
+    /// and deletes those that do not decrypt and hash to their id.
+    fn recover_interrupted_run(&self) -> Result<(), BackupError> {
+        let marker = self.root.join(UNSYNCED);
+        let started = match fs::read_to_string(&marker) {
+            Ok(text) => text.trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&marker)(e)),
+        };
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(started.saturating_sub(60_000));
+        let (mut checked, mut removed) = (0usize, 0usize);
+        for path in self.chunk_files()? {
+            let Some(id) = path.file_name().and_then(|n| parse_id(&n.to_string_lossy())) else {
+                // A half-written `<id>.tmp`.
+                let _ = fs::remove_file(&path);
+                continue;
+            };
+            if fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|m| m < since) {
+                continue;
+            }
+            checked += 1;
+            if let Err(e) = self.chunk(&id) {
+                eprintln!("removing a chunk an interrupted backup left damaged: {e}");
+                fs::remove_file(&path).map_err(io(&path))?;
+                removed += 1;
+            }
+        }
+        self.sync_all()?;
+        fs::remove_file(&marker).map_err(io(&marker))?;
+        eprintln!(
+            "an earlier backup was interrupted: checked the {checked} chunk(s) it may have written, removed {removed}"
+        );
+        Ok(())
     }
 
     fn chunk_path(&self, id: &ChunkId) -> PathBuf {
@@ -492,6 +542,8 @@ impl Repository {
             .find(|s| s.set == set.name)
             .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
             .unwrap_or_default();
+        let unsynced = self.root.join(UNSYNCED);
+        self.write_durably(&unsynced, started.0.to_string().as_bytes())?;
         let exclude = set.exclude_matcher();
         // Two stages: this thread walks, reads, chunks and hashes; writer
         // threads (one per CPU) compress, encrypt and store new chunks.
@@ -562,6 +614,9 @@ impl Repository {
         let plain = postcard::to_stdvec(&snapshot).unwrap_or_default();
         let blob = self.seal(&plain, name.as_bytes())?;
         self.write_durably(&self.root.join("snapshots").join(&name), &blob)?;
+        // Every chunk is on disk (synced above); losing this removal only
+        // costs the next run a check.
+        let _ = fs::remove_file(&unsynced);
         Ok(snapshot)
     }
 

@@ -231,6 +231,51 @@ fn files_that_change_while_read_or_cannot_be_read_are_reported_and_the_backup_go
     assert_same_tree(&s.src, &copy);
 }
 
+/// Every chunk file in the repository.
+fn chunk_files(s: &Setup) -> std::collections::BTreeSet<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    for sub in fs::read_dir(s.repo.join("chunks")).unwrap().flatten() {
+        out.extend(fs::read_dir(sub.path()).unwrap().flatten().map(|e| e.path()));
+    }
+    out
+}
+
+#[test]
+fn chunks_a_power_cut_left_torn_are_found_and_stored_again() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    assert_eq!(backup(&s, &["run", "data"]).status.code(), Some(3)); // the missing path
+    // A run that lost power after writing its chunks, before its sync and
+    // manifest: its new chunk files exist but are empty, its marker stays.
+    let before = chunk_files(&s);
+    fs::write(s.src.join("new.bin"), noise(3 << 20, 77)).unwrap();
+    let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    assert_eq!(backup(&s, &["run", "data"]).status.code(), Some(3));
+    let torn: Vec<PathBuf> = chunk_files(&s).difference(&before).cloned().collect();
+    assert!(!torn.is_empty());
+    let newest = snapshots(&s).pop().unwrap();
+    fs::remove_file(s.repo.join("snapshots").join(newest)).unwrap();
+    for chunk in &torn {
+        fs::write(chunk, b"").unwrap();
+    }
+    fs::write(s.repo.join("unsynced"), started_ms.to_string()).unwrap();
+
+    let out = backup(&s, &["run", "data"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{report}");
+    assert!(report.contains("an earlier backup was interrupted"), "{report}");
+    assert!(report.contains(&format!("removed {}", torn.len())), "{report}");
+    assert!(!s.repo.join("unsynced").exists());
+    let verify = backup(&s, &["verify"]);
+    assert!(verify.status.success(), "torn chunks were stored again: {}", text(&verify));
+    let target = scratch.path().join("restore");
+    let restored = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    fs::remove_file(s.src.join("scratch.tmp")).unwrap();
+    assert_same_tree(&s.src, &target.join(s.src.strip_prefix("/").unwrap()));
+}
+
 #[test]
 fn a_wrong_key_is_refused_before_anything_is_written() {
     let scratch = Scratch::new().unwrap();
