@@ -1456,6 +1456,20 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             for p in &s.problems {
                 println!("problem: {p}");
             }
+            // The set's retention applies after every run, so a device left
+            // alone keeps what its config says without anyone running prune.
+            let mut code = if s.problems.is_empty() { 0 } else { 3 };
+            if set.retention != crate::config::Retention::default() {
+                match repo.prune(std::slice::from_ref(set)) {
+                    Ok((removed, chunks)) => {
+                        println!("retention: {} snapshot(s) and {chunks} chunk(s) removed", removed.len())
+                    }
+                    Err(e) => {
+                        println!("retention not applied: {e}");
+                        code = 1;
+                    }
+                }
+            }
             if set.upload {
                 repo.mark_pending();
                 drop(repo);
@@ -1474,7 +1488,7 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
                     Err(e) => println!("upload pending ({e}); the agent retries when the hub is reachable"),
                 }
             }
-            Ok(if s.problems.is_empty() { 0 } else { 3 })
+            Ok(code)
         }
         Operation::List { json } => {
             let repo = Repository::open(dir, &key)?;
