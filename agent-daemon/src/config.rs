@@ -1,7 +1,7 @@
 //! The agent's config file (TOML). `configs/agent.toml` is the annotated
 //! reference; every key there is read here.
 
-use outpost_shared::config::{ByteSize, ConfigFile, Section};
+use outpost_shared::config::{ByteSize, ConfigError, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use outpost_shared::job::{JobSpec, read_jobs};
 use outpost_shared::mqtt::BrokerUrl;
@@ -345,7 +345,7 @@ impl ConfigFile for AgentConfig {
         if let Some(name) = &config.name {
             root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
         }
-        telemetry.check("interval", config.telemetry.interval >= Duration::from_millis(100), "must be at least 100ms");
+        outpost_shared::desired::check_telemetry_interval(&telemetry, "interval", config.telemetry.interval);
         store.check("outbox_budget", config.store.outbox_budget >= 64 << 10, "must be at least 64 KiB");
         store.check("cache", config.store.cache >= 256 << 10, "must be at least 256 KiB");
         commands.check("timeout", !config.commands.timeout.is_zero(), "must be more than zero");
@@ -370,10 +370,26 @@ impl ConfigFile for AgentConfig {
         if !config.backups.is_empty() && config.backup_repo.key_file.is_none() {
             backups_section.error("key_file", "required when [[backup]] sets exist");
         }
+        if let Some(Err(e)) = config.uplink.hub.as_deref().map(outpost_shared::config::check_host_port) {
+            uplink.error("hub", e);
+        }
         for section in [uplink, telemetry, store, commands, peers, backups_section] {
             section.finish();
         }
         config
+    }
+
+    fn check_environment(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        if let Err(e) = crate::identity::Identity::load(&self.data_dir) {
+            errors.push(ConfigError { path: "data_dir".into(), message: e.to_string() });
+        }
+        if let Some(key_file) = &self.backup_repo.key_file
+            && let Err(e) = crate::backup::read_key(key_file)
+        {
+            errors.push(ConfigError { path: "backups.key_file".into(), message: e.to_string() });
+        }
+        errors
     }
 }
 /// Reads one `[[backup]]` table, recording every problem with its path.

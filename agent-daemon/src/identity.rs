@@ -79,6 +79,9 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// Written at enrollment, removed once the identity's first store exists.
+const NEW_MARKER: &str = "new";
+
 fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")
 }
@@ -145,8 +148,23 @@ impl Identity {
         let meta = Meta { device_id: device_id.clone(), hub: hub.clone(), name: name.clone() };
         let text = toml::to_string(&meta).map_err(|e| invalid(&dir, e))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(&dir.join("device.key"), e))?;
+        // A new identity has no records at the hub: see `is_new`.
+        write(NEW_MARKER, b"", 0o644)?;
         write("device.toml", text.as_bytes(), 0o644)?;
         Ok(Identity { device_id, hub, name, cert, ca, key })
+    }
+
+    /// True from enrollment until [`Identity::settle_new`]: the hub holds no
+    /// record of this id yet, so a store made now may number from 1 and
+    /// need not wait for the hub's mark (`store::resume_plan`) before it
+    /// relays through a peer. A store deleted later finds no marker.
+    pub fn is_new(data_dir: &Path) -> bool {
+        dir(data_dir).join(NEW_MARKER).exists()
+    }
+
+    /// The first store of this identity exists: forget that it is new.
+    pub fn settle_new(data_dir: &Path) {
+        let _ = std::fs::remove_file(dir(data_dir).join(NEW_MARKER));
     }
 
     /// The private key, for TLS.

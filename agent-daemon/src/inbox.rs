@@ -43,12 +43,39 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// `defaults` (the config's) with what `doc` sets.
-    fn with(defaults: &Settings, doc: DesiredDoc) -> Settings {
-        Settings {
+    /// `defaults` (the config's) with what `doc` sets, if this device lets
+    /// the hub set it ([`hub_jobs_allowed`]).
+    fn with(defaults: &Settings, doc: DesiredDoc, allow_exec: bool) -> Result<Settings, String> {
+        hub_jobs_allowed(&doc, allow_exec)?;
+        Ok(Settings {
             telemetry_interval: doc.telemetry_interval.unwrap_or(defaults.telemetry_interval),
             hub_jobs: doc.jobs,
-        }
+        })
+    }
+}
+
+/// The one rule for programs the hub may start on a device: only with
+/// `commands.allow_exec = true`. That switch covers `exec` commands and
+/// jobs in desired state alike, so a device whose operator turned it off
+/// runs no program the hub names. Without it a hub job may still be a
+/// built-in kind (`store-check`), or switch a job off (`enabled = false`).
+pub fn hub_jobs_allowed(doc: &DesiredDoc, allow_exec: bool) -> Result<(), String> {
+    if allow_exec {
+        return Ok(());
+    }
+    let refused: Vec<String> = doc
+        .jobs
+        .iter()
+        .filter(|j| j.enabled && matches!(j.action, outpost_shared::job::Action::Command { .. }))
+        .map(|j| format!("jobs[{}].command", j.name))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: this device does not run programs named by the hub (commands.allow_exec = false in its config)",
+            refused.join(", ")
+        ))
     }
 }
 
@@ -75,13 +102,45 @@ pub fn follow_settings<A>(
     }));
 }
 
+/// The hub's clock as the device last saw it: the hub's time in `Welcome`
+/// and when it arrived on the device's monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub struct HubClock {
+    hub: Timestamp,
+    at: std::time::Instant,
+}
+
+impl HubClock {
+    /// The hub said its clock read `hub` just now.
+    pub fn new(hub: Timestamp) -> Self {
+        HubClock { hub, at: std::time::Instant::now() }
+    }
+
+    /// The hub's time now.
+    pub fn now(&self) -> Timestamp {
+        self.hub.saturating_add(self.at.elapsed())
+    }
+}
+
+/// When a command the hub set to expire at `expires_at` (hub clock)
+/// expires on the device's clock, given that the hub's clock reads
+/// `hub_now` while the device's reads `local_now`: the time it has left is
+/// counted from receipt, so a device without a real-time clock (booted
+/// near 1970) or one far ahead expires commands when the hub meant it to.
+pub fn local_expiry(expires_at: Timestamp, hub_now: Timestamp, local_now: Timestamp) -> Timestamp {
+    local_now.saturating_add(hub_now.until(expires_at))
+}
+
 /// Persists a delivery; returns the ids of the commands now held (new or
-/// already known), for the `Received` reply.
-pub async fn accept(store: &AgentStore, deliver: Deliver) -> Result<Vec<u64>, StoreError> {
+/// already known), for the `Received` reply. Each command's expiry is
+/// turned from the hub's clock into the device's ([`local_expiry`]).
+pub async fn accept(store: &AgentStore, deliver: Deliver, hub: &HubClock) -> Result<Vec<u64>, StoreError> {
     let mut changes = Changes::default();
     let mut ids = Vec::new();
-    for command in deliver.commands {
+    let (hub_now, local_now) = (hub.now(), Timestamp::now());
+    for mut command in deliver.commands {
         ids.push(command.id);
+        command.expires_at = local_expiry(command.expires_at, hub_now, local_now);
         if store.inbox_entry(command.id)?.is_none() {
             changes.inbox.push(InboxEntry { command, state: InboxState::Pending });
         }
@@ -113,7 +172,7 @@ fn applied_version(store: &AgentStore) -> Result<u64, StoreError> {
 
 /// The settings in force: the config's, overridden by the applied desired
 /// state.
-pub fn current_settings(store: &AgentStore, defaults: &Settings) -> Settings {
+pub fn current_settings(store: &AgentStore, defaults: &Settings, allow_exec: bool) -> Settings {
     // The document in force is the last one applied; a refused newer one
     // does not replace it (agents from before `GOOD` existed only kept the
     // applied document under DESIRED).
@@ -121,9 +180,16 @@ pub fn current_settings(store: &AgentStore, defaults: &Settings) -> Settings {
         let applied = applied_version(store).unwrap_or(0);
         stored_desired(store).ok().flatten().filter(|d| d.version == applied).map(|d| d.doc)
     });
-    match good.map(|text| DesiredDoc::parse(&text)) {
-        Some(Ok(doc)) => Settings::with(defaults, doc),
-        _ => defaults.clone(),
+    match good.map(|text| DesiredDoc::parse(&text).and_then(|doc| Settings::with(defaults, doc, allow_exec))) {
+        Some(Ok(settings)) => settings,
+        Some(Err(e)) => {
+            // Applied once, refused now: the config changed since (exec
+            // switched off). The config's settings hold until the hub
+            // sends a document this device accepts.
+            tracing::warn!(error = %e, "The desired state in force is not allowed by this config; using the config's settings.");
+            defaults.clone()
+        }
+        None => defaults.clone(),
     }
 }
 
@@ -160,7 +226,7 @@ async fn run_executor(
         .await?;
     }
     loop {
-        apply_desired(store, defaults, settings).await?;
+        apply_desired(store, defaults, config.allow_exec, settings).await?;
         for entry in store.inbox_in(&InboxState::Pending)? {
             if cancel.is_cancelled() {
                 return Ok(());
@@ -188,6 +254,7 @@ async fn prune_done(store: &AgentStore) -> Result<(), StoreError> {
 async fn apply_desired(
     store: &AgentStore,
     defaults: &Settings,
+    allow_exec: bool,
     settings: &watch::Sender<Settings>,
 ) -> Result<(), StoreError> {
     let Some(desired) = stored_desired(store)? else {
@@ -198,9 +265,11 @@ async fn apply_desired(
         return Ok(());
     }
     let mut good = None;
-    let (report, new_applied) = match DesiredDoc::parse(&desired.doc) {
-        Ok(doc) => {
-            settings.send_replace(Settings::with(defaults, doc));
+    let (report, new_applied) = match DesiredDoc::parse(&desired.doc)
+        .and_then(|d| Settings::with(defaults, d, allow_exec))
+    {
+        Ok(new) => {
+            settings.send_replace(new);
             tracing::info!(version = desired.version, "Desired state applied.");
             good = Some(desired.doc.clone());
             (StateReport { applied_version: desired.version, error: None }, desired.version)
@@ -298,6 +367,32 @@ mod tests {
     use super::*;
     use outpost_shared::protocol::Command;
 
+    #[test]
+    fn hub_jobs_run_programs_only_where_exec_is_allowed() {
+        let doc = |jobs: &str| DesiredDoc::parse(&format!(r#"{{"jobs":[{jobs}]}}"#)).unwrap();
+        let program = r#"{"name":"id","schedule":"@every 5s","command":["sh","-c","id"]}"#;
+        let err = hub_jobs_allowed(&doc(program), false).unwrap_err();
+        assert!(err.starts_with("jobs[id].command: ") && err.contains("commands.allow_exec = false"), "{err}");
+        assert!(hub_jobs_allowed(&doc(program), true).is_ok());
+        let builtin = r#"{"name":"check","schedule":"@every 5s","kind":"store-check"}"#;
+        let off = r#"{"name":"nightly","schedule":"@every 5s","command":["x"],"enabled":false}"#;
+        assert!(hub_jobs_allowed(&doc(&format!("{builtin},{off}")), false).is_ok());
+    }
+
+    #[test]
+    fn expiry_follows_the_hubs_clock_whatever_the_devices_says() {
+        let hub_now = Timestamp(1_800_000_000_000);
+        let expires = Timestamp(hub_now.0 + 60_000);
+        // A device that booted near 1970 without a real-time clock.
+        assert_eq!(local_expiry(expires, hub_now, Timestamp(5_000)), Timestamp(65_000));
+        // A device a year ahead.
+        let ahead = Timestamp(hub_now.0 + 31_536_000_000);
+        assert_eq!(local_expiry(expires, hub_now, ahead), Timestamp(ahead.0 + 60_000));
+        // Already expired at the hub: expired on arrival.
+        assert_eq!(local_expiry(Timestamp(1), hub_now, Timestamp(5_000)), Timestamp(5_000));
+        assert_eq!(local_expiry(Timestamp(u64::MAX), Timestamp(0), Timestamp(u64::MAX - 1)), Timestamp(u64::MAX));
+    }
+
     #[tokio::test]
     async fn commands_run_once_and_old_finished_ones_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
@@ -305,7 +400,8 @@ mod tests {
         let far = Timestamp(Timestamp::now().0 + 3_600_000);
         let command = |id| Command { id, kind: "echo".into(), args: vec![id.to_string()], expires_at: far };
         let deliver = |ids: std::ops::Range<u64>| Deliver { commands: ids.map(command).collect(), desired: None };
-        assert_eq!(accept(&store, deliver(1..1101)).await.unwrap().len(), 1100);
+        let hub = HubClock::new(Timestamp::now());
+        assert_eq!(accept(&store, deliver(1..1101), &hub).await.unwrap().len(), 1100);
         let config = CommandsConfig {
             allow_exec: false,
             timeout: Duration::from_secs(1),
@@ -331,7 +427,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // A re-delivery of a remembered command is confirmed but not queued again.
-        assert_eq!(accept(&store, deliver(1090..1101)).await.unwrap().len(), 11);
+        assert_eq!(accept(&store, deliver(1090..1101), &hub).await.unwrap().len(), 11);
         assert!(store.inbox_in(&InboxState::Pending).unwrap().is_empty(), "a re-delivered command was queued again");
         cancel.cancel();
         run.await.unwrap();

@@ -109,6 +109,11 @@ pub fn run_with(
     config.commands.backup_timeout = config.backup_repo.timeout;
     let identity = Identity::load(&config.data_dir)?;
     let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
+    if Identity::is_new(&config.data_dir) {
+        // Enrolled and never run: the store starts where the hub expects.
+        store.known_new()?;
+        Identity::settle_new(&config.data_dir);
+    }
     let sampler = Arc::new(std::sync::Mutex::new(Sampler::new()?));
     let system = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -121,7 +126,8 @@ pub fn run_with(
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
         let defaults = Settings { telemetry_interval: config.telemetry.interval, hub_jobs: Vec::new() };
-        let (settings_tx, settings_rx) = watch::channel(inbox::current_settings(&store, &defaults));
+        let (settings_tx, settings_rx) =
+            watch::channel(inbox::current_settings(&store, &defaults, config.commands.allow_exec));
         let settings_tx = Arc::new(settings_tx);
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(16);

@@ -196,7 +196,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config: path } => match AgentConfig::load_or_exit(&path) {
+        Command::Run { config: path } => match AgentConfig::load_checked_or_exit(&path) {
             Ok(mut config) => {
                 config.config_path = Some(std::fs::canonicalize(&path).unwrap_or(path));
                 outpost_shared::logging::init(&config.log);

@@ -183,8 +183,12 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
                     if relay.as_ref().is_some_and(|(_, stop)| stop.is_cancelled()) {
                         relay = None;
                     }
+                    // A store that has not met the hub since it was made
+                    // does not know where its numbers must start (see
+                    // `store::resume_plan`): it waits for a direct session.
                     if cfg.relay
                         && relay.is_none()
+                        && !p.store.stats().fresh
                         && down_since.is_some_and(|t| t.elapsed() >= cfg.relay_after)
                         && let Some((peer, connection)) = relay_peer(&p.table)
                     {
@@ -394,7 +398,10 @@ fn on_dialled(p: &PeerParams, done: Dialled) {
                 tracing::warn!(peer = %done.id, %reason, "LAN peer not trusted.");
             }
             peer.entry.state = PeerState::Untrusted { reason };
-            peer.retry_at = Some(Instant::now() + p.config.gone_after);
+            peer.retry_at = Some(Instant::from_std(outpost_shared::time::instant_after(
+                std::time::Instant::now(),
+                p.config.gone_after,
+            )));
         }
     }
 }

@@ -9,7 +9,19 @@
 //!
 //! Outbox keys are `seq (u64 BE) ++ class (0 telemetry, 1 precious)`, so
 //! trimming by sequence is a range delete and thinning can tell telemetry
-//! apart without decoding. `meta` holds `next_seq` and `acked_seq`.
+//! apart without decoding. `meta` holds `next_seq`, `acked_seq` and, until
+//! the first session with the hub, `fresh`.
+//!
+//! Sequence numbers belong to the device's identity, not to this store: a
+//! store that starts over (deleted, restored from an old copy, a disk image
+//! rolled back) while the identity stays would hand out numbers the hub
+//! already holds, and the hub would drop those records as duplicates. So a
+//! session starts with [`AgentStore::resume`], which decides with
+//! [`resume_plan`] from the hub's high-water mark: trim what the hub holds,
+//! or, when the hub holds numbers this store never handed out (or this
+//! store is new and the hub knows the device), renumber every waiting
+//! record after the hub's mark and raise a `StoreReset` alarm. Nothing is
+//! dropped; at worst a rolled-back store sends a few records twice.
 //!
 //! Budget: when the outbox exceeds its byte budget, telemetry is thinned
 //! oldest-first (every other sample, then the oldest dropped) down to 90 % of
@@ -84,6 +96,38 @@ pub struct OutboxStats {
     pub thinned: u64,
     /// True while precious records alone exceed the budget.
     pub full: bool,
+    /// True from the store's creation until its first session with the
+    /// hub: its numbers are not yet known to follow the hub's mark, so
+    /// nothing may be relayed through a peer before that.
+    pub fresh: bool,
+}
+
+/// What a session does with the hub's high-water mark when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The hub holds everything up to here: trim it (the usual case).
+    Trim(u64),
+    /// The hub holds numbers this store never handed out: every waiting
+    /// record gets a new number after `after`, in order.
+    Renumber {
+        /// The hub's mark.
+        after: u64,
+        /// True if this store is new (deleted and made again), false if it
+        /// is older than the hub's view of the device (restored, rolled back).
+        new_store: bool,
+    },
+}
+
+/// Decides how a session resumes from the hub's mark `hub_acked`, given
+/// this store's figures. Pure: unit-tested below.
+pub fn resume_plan(hub_acked: u64, stats: &OutboxStats) -> Resume {
+    if stats.fresh && hub_acked > 0 {
+        Resume::Renumber { after: hub_acked, new_store: true }
+    } else if hub_acked >= stats.next_seq {
+        Resume::Renumber { after: hub_acked, new_store: false }
+    } else {
+        Resume::Trim(hub_acked)
+    }
 }
 
 /// One durable change: records to append, inbox entries to set, keys to set.
@@ -132,6 +176,7 @@ impl std::fmt::Debug for AgentStore {
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const ACKED_SEQ: &[u8] = b"acked_seq";
+const FRESH: &[u8] = b"fresh";
 
 fn outbox_key(seq: u64, telemetry: bool) -> [u8; 9] {
     let mut key = [0u8; 9];
@@ -170,9 +215,16 @@ impl AgentStore {
         let meta = db.open_tree("meta")?;
         let inbox = db.open_tree("inbox")?;
         let kv = db.open_tree("kv")?;
+        if meta.get(NEXT_SEQ)?.is_none() && outbox.is_empty() {
+            // A new store: it has not met the hub yet (see `resume_plan`).
+            meta.insert(NEXT_SEQ, &1u64.to_be_bytes()[..])?;
+            meta.insert(FRESH, &[1u8][..])?;
+            db.flush()?;
+        }
         let mut stats = OutboxStats {
             next_seq: read_u64(&meta, NEXT_SEQ)?.max(1),
             acked_seq: read_u64(&meta, ACKED_SEQ)?,
+            fresh: meta.get(FRESH)?.is_some(),
             ..OutboxStats::default()
         };
         for entry in outbox.iter() {
@@ -255,6 +307,26 @@ impl AgentStore {
             out.push(postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?);
         }
         Ok(out)
+    }
+
+    /// This store belongs to an identity that has just enrolled: the hub
+    /// holds no record of it, so its numbers from 1 are right and it is
+    /// not `fresh`. Called at start, before anything else writes.
+    pub fn known_new(&self) -> Result<(), StoreError> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if stats.fresh {
+            self.db.open_tree("meta")?.remove(FRESH)?;
+            self.db.flush()?;
+            stats.fresh = false;
+        }
+        Ok(())
+    }
+
+    /// A session with the hub starts and the hub holds this device's
+    /// records up to `hub_acked`: trims them, or renumbers what waits if
+    /// the store started over (see [`resume_plan`]). Returns what it did.
+    pub async fn resume(&self, hub_acked: u64) -> Result<Resume, StoreError> {
+        self.writer.run(move |t: &Trees| t.resume(hub_acked)).await?
     }
 
     /// The hub holds everything up to `upto`: trim it.
@@ -416,6 +488,79 @@ impl Trees {
         Ok(seqs)
     }
 
+    fn resume(&self, hub_acked: u64) -> Result<Resume, StoreError> {
+        let plan = resume_plan(hub_acked, &self.stats());
+        match plan {
+            Resume::Trim(upto) => self.trim(upto)?,
+            Resume::Renumber { after, new_store } => self.renumber(after, new_store)?,
+        }
+        if self.stats().fresh {
+            self.meta.remove(FRESH)?;
+            self.stats().fresh = false;
+        }
+        Ok(plan)
+    }
+
+    /// Gives every waiting record a new number after `after`, in order, in
+    /// one transaction with the new marks, then raises a `StoreReset`
+    /// alarm. A crash before the commit leaves the old numbers and the
+    /// next session decides again; after it, the new ones.
+    fn renumber(&self, after: u64, new_store: bool) -> Result<(), StoreError> {
+        let mut old_keys = Vec::new();
+        let mut moved = Vec::new();
+        for (entry, seq) in self.outbox.iter().zip(after.saturating_add(1)..) {
+            let (key, value) = entry?;
+            let mut record: Record =
+                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?;
+            record.seq = seq;
+            moved.push((outbox_key(seq, key_is_telemetry(&key)), encode(&record)));
+            old_keys.push(key);
+        }
+        let count = moved.len() as u64;
+        let next = after.saturating_add(count).saturating_add(1);
+        let result = (&self.outbox, &self.meta).transaction(|(outbox, meta)| {
+            for key in &old_keys {
+                outbox.remove(key)?;
+            }
+            for (key, value) in &moved {
+                outbox.insert(&key[..], value.as_slice())?;
+            }
+            meta.insert(NEXT_SEQ, &next.to_be_bytes()[..])?;
+            meta.insert(ACKED_SEQ, &after.to_be_bytes()[..])?;
+            meta.remove(FRESH)?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
+        }
+        {
+            let mut stats = self.stats();
+            stats.next_seq = next;
+            stats.acked_seq = after;
+            stats.fresh = false;
+        }
+        let message = format!(
+            "this device's store started over ({}): the hub already holds its records up to {after}; \
+             the {count} records waiting were renumbered from {} and none was dropped",
+            if new_store {
+                "it was made anew under an existing identity"
+            } else {
+                "it is older than the hub's records"
+            },
+            after.saturating_add(1),
+        );
+        tracing::error!(
+            hub_acked = after,
+            renumbered = count,
+            "Store started over; records renumbered after the hub's mark."
+        );
+        let alarm = Alarm { kind: AlarmKind::StoreReset, raised: true, message };
+        self.apply(Changes { records: vec![RecordBody::Alarm(alarm)], ..Changes::default() })?;
+        Ok(())
+    }
+
     fn trim(&self, upto: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let (mut records, mut bytes, mut precious) = (0u64, 0u64, 0u64);
@@ -563,6 +708,56 @@ mod tests {
         // Sequence numbers are never reused, even after everything is acked.
         store.ack(3).await.unwrap();
         assert_eq!(store.append(vec![sample(9)]).await.unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn resume_plan_trims_or_renumbers() {
+        let stats = |next_seq, fresh| OutboxStats { next_seq, fresh, ..OutboxStats::default() };
+        assert_eq!(resume_plan(0, &stats(1, true)), Resume::Trim(0));
+        assert_eq!(resume_plan(5, &stats(9, false)), Resume::Trim(5));
+        assert_eq!(resume_plan(8, &stats(9, false)), Resume::Trim(8));
+        // The hub holds a number this store never handed out.
+        assert_eq!(resume_plan(9, &stats(9, false)), Resume::Renumber { after: 9, new_store: false });
+        // A new store under a known identity, even one that numbered past the hub's mark.
+        assert_eq!(resume_plan(3, &stats(50, true)), Resume::Renumber { after: 3, new_store: true });
+    }
+
+    #[tokio::test]
+    async fn a_store_that_started_over_renumbers_after_the_hub_and_raises_an_alarm() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert!(store.stats().fresh);
+        store.append(vec![sample(1), result(7), sample(2)]).await.unwrap();
+        let plan = store.resume(1_000_000).await.unwrap();
+        assert_eq!(plan, Resume::Renumber { after: 1_000_000, new_store: true });
+        let records = store.peek(0, 100, usize::MAX).unwrap();
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1_000_001, 1_000_002, 1_000_003, 1_000_004]);
+        assert!(matches!(&records[1].body, RecordBody::CommandResult(c) if c.id == 7));
+        assert!(matches!(&records[3].body, RecordBody::Alarm(a) if a.kind == AlarmKind::StoreReset));
+        let stats = store.stats();
+        assert_eq!((stats.next_seq, stats.acked_seq, stats.records, stats.fresh), (1_000_005, 1_000_000, 4, false));
+        // Survives a reopen; the next session trims normally.
+        store.close().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!((store.stats().next_seq, store.stats().fresh), (1_000_005, false));
+        assert_eq!(store.resume(1_000_002).await.unwrap(), Resume::Trim(1_000_002));
+        assert_eq!(store.stats().records, 2);
+        assert_eq!(store.append(vec![sample(3)]).await.unwrap(), vec![1_000_005]);
+        // A store rolled back behind the hub's mark renumbers too.
+        assert_eq!(store.resume(2_000_000).await.unwrap(), Resume::Renumber { after: 2_000_000, new_store: false });
+        let seqs: Vec<u64> = store.peek(0, 100, usize::MAX).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [2_000_001, 2_000_002, 2_000_003, 2_000_004]);
+    }
+
+    #[tokio::test]
+    async fn a_new_device_starts_at_one_and_is_not_fresh_after_its_first_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(store.append(vec![sample(1)]).await.unwrap(), vec![1]);
+        assert_eq!(store.resume(0).await.unwrap(), Resume::Trim(0));
+        assert!(!store.stats().fresh);
+        assert_eq!(store.peek(0, 10, usize::MAX).unwrap().len(), 1);
     }
 
     #[tokio::test]

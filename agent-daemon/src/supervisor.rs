@@ -114,7 +114,7 @@ impl SupervisorActor {
                     tracing::error!(
                         actor = slot.name,
                         restarts = slot.restarts,
-                        delay_ms = delay.as_millis() as u64,
+                        delay_ms = outpost_shared::time::millis(delay),
                         "Actor stopped; restarting."
                     );
                     slot.running = None;

@@ -147,7 +147,7 @@ impl TelemetryActor {
     fn settings_changed(&mut self, ctx: &mut Context<Self>) {
         let interval = self.settings.borrow().telemetry_interval;
         if self.interval != interval {
-            tracing::info!(interval_ms = interval.as_millis() as u64, "Telemetry interval changed.");
+            tracing::info!(interval_ms = outpost_shared::time::millis(interval), "Telemetry interval changed.");
             self.schedule(ctx, interval);
         }
     }

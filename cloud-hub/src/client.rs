@@ -59,6 +59,12 @@ impl Client {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
             ("PUT", Some(b)) => self.agent.put(&url).header("Authorization", &auth).send_json(b),
+            ("PATCH", Some(b)) => self
+                .agent
+                .patch(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/merge-patch+json")
+                .send(b.to_string()),
             (_, b) => self.agent.post(&url).header("Authorization", &auth).send_json(b.unwrap_or_default()),
         };
         let mut response = result.map_err(transport)?;
@@ -158,6 +164,11 @@ impl Client {
     pub fn put_desired(&self, id: &str, version: u64, doc: serde_json::Value) -> Result<DesiredView, ClientError> {
         let body = serde_json::to_value(DesiredPut { version, doc }).unwrap_or_default();
         self.call("PUT", &format!("/api/v1/devices/{id}/desired"), Some(body))
+    }
+
+    /// `PATCH /api/v1/devices/{id}/desired`: a JSON merge patch (RFC 7396).
+    pub fn patch_desired(&self, id: &str, patch: serde_json::Value) -> Result<DesiredView, ClientError> {
+        self.call("PATCH", &format!("/api/v1/devices/{id}/desired"), Some(patch))
     }
 
     /// `POST /api/v1/devices/{id}/commands`

@@ -2,7 +2,7 @@
 //! reference; every key there is read here.
 
 use crate::mqtt::MqttConfig;
-use outpost_shared::config::{ByteSize, ConfigFile, Section};
+use outpost_shared::config::{ByteSize, ConfigError, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use outpost_shared::mqtt::BrokerUrl;
 use std::net::SocketAddr;
@@ -110,6 +110,9 @@ impl ConfigFile for HubConfig {
             "must be between 256 KiB and 64 MiB",
         );
         quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
+        if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_host_port) {
+            quic.error("advertise", e);
+        }
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
         telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
@@ -122,6 +125,25 @@ impl ConfigFile for HubConfig {
             s.finish();
         }
         config
+    }
+
+    fn check_environment(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let dir = &self.data_dir;
+        let missing: Vec<&str> =
+            ["ca.crt", "ca.key", "enroll.key", "db"].into_iter().filter(|name| !dir.join(name).exists()).collect();
+        if !missing.is_empty() {
+            errors.push(ConfigError {
+                path: "data_dir".into(),
+                message: format!(
+                    "{} is not an initialised hub data dir (no {}); run `outpost-hub init --data-dir {}` once",
+                    dir.display(),
+                    missing.join(", "),
+                    dir.display()
+                ),
+            });
+        }
+        errors
     }
 }
 

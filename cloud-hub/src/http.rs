@@ -353,6 +353,48 @@ async fn put_desired(
     Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id)?)))
 }
 
+/// `PATCH /devices/{id}/desired`: a JSON merge patch (RFC 7396) on the
+/// current document (`null` removes a key), validated like `PUT`, stored as
+/// the next version. Retried on a concurrent change, so a patch never
+/// undoes another caller's change to keys it does not name.
+async fn patch_desired(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let id = known_device(&fleet, &path)?;
+    let patch: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
+    if !patch.is_object() {
+        return Err(HttpError::Unprocessable("a merge patch of a desired state must be a JSON object".into()));
+    }
+    let mut attempts = 0;
+    loop {
+        let current = fleet.store().desired(&id)?;
+        let (version, mut doc) = match &current {
+            Some(record) => {
+                (record.version, serde_json::from_str(&record.doc).unwrap_or_else(|_| serde_json::json!({})))
+            }
+            None => (0, serde_json::json!({})),
+        };
+        outpost_shared::desired::merge_patch(&mut doc, &patch);
+        let text = doc.to_string();
+        DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
+        let device = id.clone();
+        match fleet.store().writer().run(move |s| s.put_desired(&device, version, text)).await? {
+            Ok(record) => {
+                tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state patched.");
+                fleet.poke(&id);
+                return Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), fleet.store().reported(&id)?)));
+            }
+            Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Largest command (kind and arguments) the API accepts.
 pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
@@ -444,6 +486,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
                 .route("/devices/{id}/desired", web::get().to(get_desired))
                 .route("/devices/{id}/desired", web::put().to(put_desired))
+                .route("/devices/{id}/desired", web::patch().to(patch_desired))
                 .route("/devices/{id}/commands", web::get().to(list_commands))
                 .route("/devices/{id}/commands", web::post().to(post_command))
                 .route("/commands/{id}", web::get().to(get_command)),

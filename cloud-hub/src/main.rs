@@ -71,7 +71,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into),
         ),
         Command::Validate { config } => HubConfig::validate_command(&config),
-        Command::Serve { config } => match HubConfig::load_or_exit(&config) {
+        Command::Serve { config } => match HubConfig::load_checked_or_exit(&config) {
             Ok(config) => report(serve(config)),
             Err(code) => code,
         },

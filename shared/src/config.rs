@@ -65,24 +65,62 @@ pub trait ConfigFile: Sized {
         load_str(file, text, Self::read)
     }
 
+    /// What the file alone cannot show and the daemon needs before it can
+    /// run: files the config names, the state of the data dir (enrolled,
+    /// initialised). `validate` and the daemon's start both check it, so
+    /// what `validate` accepts starts, and what cannot start exits 64 with
+    /// the same messages instead of restarting in a loop. Default: nothing.
+    fn check_environment(&self) -> Vec<ConfigError> {
+        Vec::new()
+    }
+
+    /// [`ConfigFile::load`], then [`ConfigFile::check_environment`].
+    fn load_checked(path: &Path) -> Result<Self, ConfigErrors> {
+        let config = Self::load(path)?;
+        let errors = config.check_environment();
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors { file: path.to_owned(), errors }) }
+    }
+
     /// Loads `path` for a command line tool: on errors, prints them all to
     /// standard error and returns exit status 64.
     fn load_or_exit(path: &Path) -> Result<Self, std::process::ExitCode> {
-        Self::load(path).map_err(|errors| {
-            eprintln!("{errors}");
-            std::process::ExitCode::from(EXIT_CONFIG as u8)
-        })
+        Self::load(path).map_err(exit_config)
+    }
+
+    /// Like [`ConfigFile::load_or_exit`], with the environment checked too:
+    /// for a daemon about to start.
+    fn load_checked_or_exit(path: &Path) -> Result<Self, std::process::ExitCode> {
+        Self::load_checked(path).map_err(exit_config)
     }
 
     /// The `validate --config F` command: prints `F: ok` or every error.
     fn validate_command(path: &Path) -> std::process::ExitCode {
-        match Self::load_or_exit(path) {
+        match Self::load_checked_or_exit(path) {
             Ok(_) => {
                 println!("{}: ok", path.display());
                 std::process::ExitCode::SUCCESS
             }
             Err(code) => code,
         }
+    }
+}
+
+fn exit_config(errors: ConfigErrors) -> std::process::ExitCode {
+    eprintln!("{errors}");
+    std::process::ExitCode::from(EXIT_CONFIG as u8)
+}
+
+/// Checks a `host:port` address as devices dial it (a name or an IP
+/// address, and a port from 1 to 65535; IPv6 in brackets).
+pub fn check_host_port(text: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{text:?} {why}; write host:port, e.g. \"hub.example.com:7443\""));
+    let Some((host, port)) = text.rsplit_once(':') else { return bad("has no port") };
+    if host.is_empty() || host.contains(char::is_whitespace) || (host.contains(':') && !host.starts_with('[')) {
+        return bad("has no valid host");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => bad("has no valid port"),
     }
 }
 
@@ -334,13 +372,34 @@ fn serde_value<T: DeserializeOwned>(value: &toml::Value) -> Result<T, String> {
     value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_owned())
 }
 
-/// Durations are written the humantime way: `"30s"`, `"5m"`, `"1h 30m"`.
+/// The longest duration any setting accepts. Keys with a tighter meaning
+/// check their own bound as well; this one keeps every duration that
+/// reaches the daemons far from the range of clocks and timers.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parses a humantime duration (`"30s"`, `"1h 30m"`) of at most `max`.
+pub fn parse_duration(text: &str, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\""))?;
+    if d > max {
+        let secs = max.as_secs();
+        let most = if secs.is_multiple_of(86_400) {
+            format!("{} days", secs / 86_400)
+        } else {
+            humantime::format_duration(max).to_string()
+        };
+        return Err(format!("{text:?} is too long: at most {most}"));
+    }
+    Ok(d)
+}
+
+/// Durations are written the humantime way: `"30s"`, `"5m"`, `"1h 30m"`;
+/// at most [`MAX_DURATION`].
 impl FromConfig for Duration {
     fn from_config(value: &toml::Value) -> Result<Self, String> {
         let text =
             value.as_str().ok_or_else(|| format!("expected a duration such as \"30s\", found {}", value.type_str()))?;
-        humantime::parse_duration(text)
-            .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\""))
+        parse_duration(text, MAX_DURATION)
     }
 }
 
@@ -421,6 +480,28 @@ mod tests {
         assert!(shown.contains("net.hub: missing required key"), "{shown}");
         assert!(shown.contains("nmae: unknown key"), "{shown}");
         assert!(shown.contains("invalid duration \"3 fortnights\""), "{shown}");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_with_their_key() {
+        let text = "[net]\nhub = \"h:1\"\ntimeout = \"9223372036854775813s\"\n";
+        let err = load_str(Path::new("x.toml"), text, build).unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert_eq!(err.errors[0].path, "net.timeout");
+        assert!(err.errors[0].message.contains("too long: at most 3650 days"), "{err}");
+        let text = "[net]\nhub = \"h:1\"\ntimeout = \"3650days\"\n";
+        assert!(load_str(Path::new("x.toml"), text, build).is_ok());
+    }
+
+    #[test]
+    fn host_port_addresses_need_a_port() {
+        for good in ["hub.example.com:7443", "10.0.0.1:1", "[::1]:7443"] {
+            assert!(check_host_port(good).is_ok(), "{good}");
+        }
+        for bad in ["hub.example.com", "hub:0", "hub:99999", ":7443", "::1:7443", "hub :7443"] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(check_host_port("hub.example.com").unwrap_err().contains("has no port"));
     }
 
     #[test]

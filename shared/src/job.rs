@@ -26,6 +26,10 @@ pub const MAX_RETRIES: u32 = 100;
 pub const MIN_EVERY: Duration = Duration::from_secs(1);
 /// Longest delay between two attempts, however the backoff grows.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Longest `@every` interval (a year; longer schedules are cron's).
+pub const MAX_EVERY: Duration = Duration::from_secs(366 * 86_400);
+/// Longest time one attempt of a job may run.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
 
 /// When a job runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +45,8 @@ impl Schedule {
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if let Some(rest) = text.strip_prefix("@every") {
-            let d = humantime::parse_duration(rest.trim())
-                .map_err(|e| format!("invalid interval in {text:?} ({e}); write e.g. \"@every 30s\""))?;
+            let d = crate::config::parse_duration(rest, MAX_EVERY)
+                .map_err(|e| format!("invalid interval in {text:?}: {e}; write e.g. \"@every 30s\""))?;
             if d < MIN_EVERY {
                 return Err(format!("{text:?}: the shortest interval is 1s"));
             }
@@ -58,7 +62,7 @@ impl Schedule {
     pub fn next_cron_after(&self, after: Timestamp) -> Option<Timestamp> {
         let Schedule::Cron(text) = self else { return None };
         let cron = cron(text).ok()?;
-        let start: DateTime<Utc> = DateTime::from_timestamp_millis(after.0 as i64)?;
+        let start: DateTime<Utc> = DateTime::from_timestamp_millis(i64::try_from(after.0).ok()?)?;
         let next = cron.find_next_occurrence(&start, false).ok()?;
         Some(Timestamp(u64::try_from(next.timestamp_millis()).ok()?))
     }
@@ -75,7 +79,7 @@ impl Schedule {
 
     /// One `@every` interval after `last`.
     pub fn next_every(interval: Duration, last: Timestamp) -> Timestamp {
-        Timestamp(last.0.saturating_add(interval.as_millis() as u64))
+        last.saturating_add(interval)
     }
 
     /// True if a run was due after `since` and at or before `now`: the
@@ -271,9 +275,11 @@ pub fn read_job(s: &Section<'_>) -> Option<JobSpec> {
     }
     let timeout = s.get_or("timeout", Duration::from_secs(3600));
     s.check("timeout", !timeout.is_zero(), "must be more than zero");
+    s.check("timeout", timeout <= MAX_TIMEOUT, "must be at most 30 days");
     let retries = s.get_or("retries", 0u32);
     s.check("retries", retries <= MAX_RETRIES, &format!("must be at most {MAX_RETRIES}"));
     let retry_backoff = s.get_or("retry_backoff", Duration::from_secs(10));
+    s.check("retry_backoff", retry_backoff <= MAX_RETRY_DELAY, "must be at most 1h");
     let overlap = s.get_or("overlap", Overlap::Forbid);
     let catch_up = s.get_or("catch_up", false);
     let jitter = s.get_or("jitter", Duration::ZERO);
@@ -509,6 +515,30 @@ mod tests {
         assert!(!e.missed_between(Timestamp(0), Timestamp(9_999)));
         assert_eq!(e.to_string(), "@every 10s");
         assert!(Schedule::parse("@every 10ms").unwrap_err().contains("shortest"));
+    }
+
+    #[test]
+    fn absurd_intervals_and_timeouts_are_refused_with_their_key() {
+        // The desired-state push that crash-looped devices: it must never
+        // get past validation, on the hub or on the device.
+        let err = Schedule::parse("@every 9223372036854775813s").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+        assert!(Schedule::parse("@every 366days").is_ok());
+        let err = jobs(
+            "[[job]]\nname = \"a\"\nschedule = \"@every 1m\"\ncommand = [\"true\"]\ntimeout = \"31days\"\nretry_backoff = \"2h\"\njitter = \"99999999999999999s\"\n",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["job[a].timeout", "job[a].retry_backoff", "job[a].jitter"], "{err:?}");
+    }
+
+    #[test]
+    fn schedule_arithmetic_saturates() {
+        let e = Schedule::Every(Duration::from_secs(u64::MAX));
+        assert_eq!(e.next_due(Some(Timestamp(1)), Timestamp(2)), Some(Timestamp(u64::MAX)));
+        assert!(!e.missed_between(Timestamp(0), Timestamp(u64::MAX - 1)));
+        let c = Schedule::parse("0 0 * * * *").unwrap();
+        assert_eq!(c.next_cron_after(Timestamp(u64::MAX)), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 /// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
 /// record; version 7 added the backup transfer messages of bulk connections
 /// (`HaveChunks` ... `Chunk`).
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -441,6 +441,10 @@ pub enum AlarmKind {
     OutboxFull,
     /// Telemetry was thinned to stay within the outbox budget.
     TelemetryThinned,
+    /// The device's store started over under a kept identity (deleted,
+    /// restored, rolled back); its waiting records were renumbered after
+    /// the hub's mark so none is taken for a duplicate.
+    StoreReset,
 }
 
 /// Redeems an enrollment token.
@@ -648,15 +652,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0700017401aa016e",
+                "0800017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0701066465762d303101010102",
+                "0801066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "070203302e3102677701",
+                "080203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -665,10 +669,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0703066465762d303103302e31ac0207",
+                "0803066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0704010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "070502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0804010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "080502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -743,7 +747,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0707ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0807ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -754,9 +758,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "07080109046563686f010268690a0102027b7d",
+                "08080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "070902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "080902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -764,20 +768,20 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "070a066465762d303103090109015a",
+                "080a066465762d303103090109015a",
             ),
             (
                 Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
-                "070c066465762d3031ac0200",
+                "080c066465762d3031ac0200",
             ),
             (
                 Message::HaveChunks(ChunkIds { ids: vec![[7; 32]] }),
-                concat!("070d01", "0707070707070707070707070707070707070707070707070707070707070707"),
+                concat!("080d01", "0707070707070707070707070707070707070707070707070707070707070707"),
             ),
-            (Message::Done, "0711"),
+            (Message::Done, "0811"),
             (
                 Message::GetChunk(ChunkRef { device: "dev-01".parse().unwrap(), id: [1; 32] }),
-                concat!("0716066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
+                concat!("0816066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
             ),
             (
                 Message::PutSnapshot(SnapshotData {
@@ -793,7 +797,7 @@ mod tests {
                     },
                     manifest: vec![0xEE],
                 }),
-                "071006312d732d6162017301020304050001ee",
+                "081006312d732d6162017301020304050001ee",
             ),
         ];
         for (message, golden) in cases {
@@ -807,7 +811,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0706066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0806066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";

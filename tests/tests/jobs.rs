@@ -254,7 +254,9 @@ fn a_schedule_from_the_hub_replaces_the_local_one_by_name_and_survives_a_restart
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
     let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
-    let config = job("greet", "@every 1s", "echo local >> greet.txt", "");
+    // Hub jobs that run programs need the device's consent (see
+    // `hub_jobs_run_programs_only_with_allow_exec` in resilience.rs).
+    let config = job("greet", "@every 1s", "echo local >> greet.txt", "") + "[commands]\nallow_exec = true\n";
     let mut agent = Agent::enroll_with(scratch.path(), &hub, "managed", &timings, &config).unwrap();
     agent.start().unwrap();
     wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();

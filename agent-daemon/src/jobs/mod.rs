@@ -33,7 +33,7 @@ use crate::store::{AgentStore, Changes, StoreError};
 use actix::prelude::*;
 use outpost_shared::job::{JobRun, JobSource, JobSpec, JobsReport, RunOutcome, Schedule, Trigger};
 use outpost_shared::protocol::RecordBody;
-use outpost_shared::time::Timestamp;
+use outpost_shared::time::{Timestamp, instant_after, millis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -420,16 +420,13 @@ impl SchedulerActor {
     /// `@every` jobs follow the monotonic clock and are unaffected.
     fn check_clock(&mut self, ctx: &mut Context<Self>) {
         let (wall, mono) = (Timestamp::now(), Instant::now());
-        let expected = self.clock.0.0 + mono.duration_since(self.clock.1).as_millis() as u64;
+        let expected = self.clock.0.saturating_add(mono.duration_since(self.clock.1));
         self.clock = (wall, mono);
-        if wall.0 + CLOCK_STEP.as_millis() as u64 >= expected {
+        if wall.saturating_add(CLOCK_STEP) >= expected {
             return;
         }
-        let back = Duration::from_millis(expected - wall.0);
-        tracing::warn!(
-            stepped_back_ms = back.as_millis() as u64,
-            "The wall clock stepped back; rescheduling cron jobs."
-        );
+        let back = wall.until(expected);
+        tracing::warn!(stepped_back_ms = millis(back), "The wall clock stepped back; rescheduling cron jobs.");
         let cron: Vec<String> = self
             .slots
             .values()
@@ -545,14 +542,8 @@ impl SchedulerActor {
                 // here (that is catch-up's job).
                 let now = Timestamp::now();
                 let base = slot.fire.since().unwrap_or(now).min(now);
-                let mut due = Schedule::next_every(interval, base);
-                if due <= now {
-                    let behind = now.0 - base.0;
-                    let step = interval.as_millis().max(1) as u64;
-                    due = Timestamp(base.0 + (behind / step + 1) * step);
-                }
-                let delay = Duration::from_millis(due.0 - now.0);
-                slot.every_due = Some(Instant::now() + delay);
+                let delay = first_every_delay(interval, base, now);
+                slot.every_due = Some(instant_after(Instant::now(), delay));
                 self.arm_every(name, delay, ctx);
             }
         }
@@ -567,12 +558,9 @@ impl SchedulerActor {
             // Next due on the monotonic clock; if the agent fell behind by
             // more than an interval, skip ahead instead of firing a burst.
             let now = Instant::now();
-            let mut next = slot.every_due.unwrap_or(now) + interval;
-            while next <= now {
-                next += interval;
-            }
+            let next = next_every_instant(slot.every_due.unwrap_or(now), interval, now);
             slot.every_due = Some(next);
-            act.arm_every(&name, next - now, ctx);
+            act.arm_every(&name, next.saturating_duration_since(now), ctx);
             act.fire(&name, Some(generation), Trigger::Schedule, ctx);
         }));
     }
@@ -599,7 +587,7 @@ impl SchedulerActor {
         if jitter.is_zero() {
             let _ = self.start(&name, trigger);
         } else {
-            let delay = Duration::from_millis(rand::random_range(0..=jitter.as_millis() as u64));
+            let delay = Duration::from_millis(rand::random_range(0..=millis(jitter)));
             ctx.run_later(delay, move |act, _| {
                 let _ = act.start(&name, trigger);
             });
@@ -659,9 +647,9 @@ impl SchedulerActor {
             .map(|slot| {
                 let next_run = slot.spec.enabled.then(|| match &slot.spec.schedule {
                     Schedule::Cron(_) => slot.spec.schedule.next_cron_after(now),
-                    Schedule::Every(_) => slot
-                        .every_due
-                        .map(|due| Timestamp(now.0 + due.saturating_duration_since(Instant::now()).as_millis() as u64)),
+                    Schedule::Every(_) => {
+                        slot.every_due.map(|due| now.saturating_add(due.saturating_duration_since(Instant::now())))
+                    }
                 });
                 let mut running: Vec<(u64, Timestamp)> =
                     live.iter().filter(|(_, r)| r.job == slot.spec.name).map(|(id, r)| (*id, r.started)).collect();
@@ -753,5 +741,52 @@ impl Handler<RunNow> for SchedulerActor {
     type Result = Result<u64, JobsError>;
     fn handle(&mut self, msg: RunNow, _: &mut Self::Context) -> Self::Result {
         self.start(&msg.name, msg.trigger)
+    }
+}
+
+/// How long until the first fire of an `@every` job whose last fire (or
+/// set-up) was at `base`, keeping its rhythm: the first multiple of
+/// `interval` after `base` that lies after `now`.
+fn first_every_delay(interval: Duration, base: Timestamp, now: Timestamp) -> Duration {
+    let due = Schedule::next_every(interval, base);
+    if due > now {
+        return now.until(due);
+    }
+    let step = millis(interval).max(1);
+    let behind = now.0.saturating_sub(base.0);
+    let due = base.0.saturating_add((behind / step).saturating_add(1).saturating_mul(step));
+    Duration::from_millis(due.saturating_sub(now.0))
+}
+
+/// The next fire of an `@every` job after the one due at `due`: one
+/// interval later, or, if the agent fell behind by more than an interval,
+/// the first multiple after `now` (no burst of fires). Never overflows.
+fn next_every_instant(due: Instant, interval: Duration, now: Instant) -> Instant {
+    let next = instant_after(due, interval);
+    if next > now {
+        return next;
+    }
+    let step = interval.as_nanos().max(1);
+    let behind = now.duration_since(due).as_nanos();
+    let skip = (behind / step + 1).saturating_mul(step);
+    instant_after(due, Duration::from_nanos(u64::try_from(skip).unwrap_or(u64::MAX)))
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn every_delays_keep_the_rhythm_and_never_overflow() {
+        let s = Duration::from_secs;
+        assert_eq!(first_every_delay(s(10), Timestamp(0), Timestamp(3_000)), s(7));
+        assert_eq!(first_every_delay(s(10), Timestamp(0), Timestamp(25_000)), s(5));
+        assert_eq!(first_every_delay(s(10), Timestamp(0), Timestamp(30_000)), s(10));
+        let huge = Duration::from_secs(u64::MAX);
+        assert!(first_every_delay(huge, Timestamp(5), Timestamp(6)) > s(1 << 40));
+        let now = Instant::now();
+        assert_eq!(next_every_instant(now, s(10), now), now + s(10));
+        assert_eq!(next_every_instant(now, s(10), now + s(25)), now + s(30));
+        assert!(next_every_instant(now, huge, now) > now + s(1 << 30));
     }
 }

@@ -67,7 +67,7 @@ impl Run {
             // The next attempt's start is recorded with this one's end, so a
             // crash during the backoff still reports the run as interrupted.
             let next_start = retry.then(|| {
-                let at = Timestamp(Timestamp::now().0 + self.spec.retry_delay(attempt + 1).as_millis() as u64);
+                let at = Timestamp::now().saturating_add(self.spec.retry_delay(attempt + 1));
                 self.record(attempt + 1, at, None)
             });
             if let Err(e) = self.jobs.record_end(&run, next_start).await {
@@ -78,7 +78,7 @@ impl Run {
                 return;
             }
             let delay = self.spec.retry_delay(attempt + 1);
-            tracing::info!(job = %self.spec.name, run = self.run_id, next_attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "Retrying after a failed attempt.");
+            tracing::info!(job = %self.spec.name, run = self.run_id, next_attempt = attempt + 1, delay_ms = outpost_shared::time::millis(delay), "Retrying after a failed attempt.");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.stop.cancelled() => {

@@ -71,8 +71,10 @@ pub async fn serve(
     let reply = tokio::time::timeout(cfg.connect_timeout, channel.recv())
         .await
         .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
-    let acked = match reply {
-        Some(Message::Welcome(welcome)) if welcome.device_id == p.identity.device_id => welcome.acked_seq,
+    let (acked, hub_clock) = match reply {
+        Some(Message::Welcome(welcome)) if welcome.device_id == p.identity.device_id => {
+            (welcome.acked_seq, crate::inbox::HubClock::new(welcome.server_time))
+        }
         Some(Message::Welcome(welcome)) => {
             return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
         }
@@ -83,8 +85,8 @@ pub async fn serve(
     *connected = true;
     p.state.send_replace(LinkState::Connected);
     let store = &p.store;
-    store.ack(acked).await?;
-    let mut next_seq = acked.max(store.stats().acked_seq) + 1;
+    store.resume(acked).await?;
+    let mut next_seq = store.stats().acked_seq + 1;
     tracing::info!(device = %p.identity.device_id, resume_after = acked, "Connected to the hub.");
 
     let signer = p.identity.signer().map_err(|e| LinkError::Protocol(format!("cannot sign batches: {e}")))?;
@@ -161,7 +163,7 @@ pub async fn serve(
                     }
                 }
                 Some(Message::Deliver(deliver)) => {
-                    let commands = crate::inbox::accept(store, deliver).await?;
+                    let commands = crate::inbox::accept(store, deliver, &hub_clock).await?;
                     if !commands.is_empty() {
                         channel.send(Message::Received(Received { commands })).await?;
                     }

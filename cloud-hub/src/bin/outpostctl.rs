@@ -180,7 +180,9 @@ enum DesiredCmd {
         /// Device id.
         device: String,
     },
-    /// Replace the desired state (optimistic: fails if it changed meanwhile).
+    /// Replace the whole desired state (optimistic: fails if it changed
+    /// meanwhile). Keys and jobs the new document lacks are removed, and
+    /// named on standard error; use `patch` to change one key.
     Set {
         /// Device id.
         device: String,
@@ -189,6 +191,15 @@ enum DesiredCmd {
         /// Version the change is based on; default: the current one.
         #[arg(long)]
         version: Option<u64>,
+    },
+    /// Change part of the desired state: a JSON merge patch (RFC 7396) on
+    /// the current document; `null` removes a key
+    /// (e.g. '{"telemetry_interval":"30s"}' keeps the jobs).
+    Patch {
+        /// Device id.
+        device: String,
+        /// The patch, a JSON object.
+        patch: String,
     },
 }
 
@@ -286,10 +297,22 @@ fn main() -> ExitCode {
                 eprintln!("outpostctl: the document is not JSON: {e}");
                 return ExitCode::from(64);
             }
-            Ok(doc) => version
-                .map_or_else(|| client.desired(&device).map(|d| d.version), Ok)
-                .and_then(|v| client.put_desired(&device, v, doc))
-                .map(|d| print_json(&d)),
+            Ok(doc) => client.desired(&device).and_then(|current| {
+                let removed = outpost_shared::desired::removed_by(&current.doc, &doc);
+                let view = client.put_desired(&device, version.unwrap_or(current.version), doc)?;
+                if !removed.is_empty() {
+                    eprintln!("outpostctl: removed from the desired state: {}", removed.join(", "));
+                }
+                print_json(&view);
+                Ok(())
+            }),
+        },
+        Command::Desired { command: DesiredCmd::Patch { device, patch } } => match serde_json::from_str(&patch) {
+            Err(e) => {
+                eprintln!("outpostctl: the patch is not JSON: {e}");
+                return ExitCode::from(64);
+            }
+            Ok(patch) => client.patch_desired(&device, patch).map(|d| print_json(&d)),
         },
     };
     match result {
