@@ -47,7 +47,7 @@ use outpost_shared::DeviceId;
 use outpost_shared::protocol::{ChunkBlob, ChunkIds, ChunkRef, Message, SnapshotData, SnapshotRef, SnapshotSummary};
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -88,9 +88,23 @@ pub enum BackupError {
     /// The key does not open this repository.
     #[error("the backup key does not match this repository (wrong key_file?)")]
     WrongKey,
+    /// A restore refused an entry (it would leave the target, or replace
+    /// a file that differs).
+    #[error("{0}")]
+    Refused(String),
     /// The key file is not 32 bytes in hex.
-    #[error("backup key {0}: expected 64 hex digits (32 bytes)")]
+    #[error(
+        "[backups] key_file {0}: expected 64 hex digits (32 bytes); make one with `head -c 32 /dev/urandom | xxd -p -c 64`"
+    )]
     BadKey(PathBuf),
+    /// The key file cannot be read.
+    #[error("[backups] key_file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// Data in the repository does not decrypt, decode or hash to its id.
     #[error("corrupt {what}: {why}")]
     Corrupt {
@@ -223,7 +237,7 @@ struct RepoConfig {
 
 /// Reads the operator's backup key: 64 hex digits (whitespace ignored).
 pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
-    let text = fs::read_to_string(path).map_err(io(path))?;
+    let text = fs::read_to_string(path).map_err(|source| BackupError::KeyFile { path: path.to_owned(), source })?;
     let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     if hex.len() != 64 {
         return Err(BackupError::BadKey(path.to_owned()));
@@ -386,9 +400,7 @@ impl Repository {
 
     /// Writes `bytes` to `path` through a synced temporary file.
     fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
-        let mut suffix = [0u8; 8];
-        rand::fill(&mut suffix[..]);
-        let tmp = self.root.join("tmp").join(hex(&suffix));
+        let tmp = self.root.join("tmp").join(unique_suffix());
         let result = (|| {
             let mut file = fs::File::create(&tmp)?;
             file.write_all(bytes)?;
@@ -424,7 +436,10 @@ impl Repository {
             framed.extend_from_slice(plain);
         }
         let blob = self.seal(&framed, id)?;
-        let tmp = path.with_extension("tmp");
+        // A name of this writer's own: two writers never share a temporary
+        // file (a chunk is queued once per run, but an upload or a crash
+        // leftover must not meet it either).
+        let tmp = path.with_extension(format!("{}.tmp", unique_suffix()));
         let result = (|| {
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)?;
@@ -443,11 +458,7 @@ impl Repository {
 
     /// Flushes everything written to the repository's file system.
     fn sync_all(&self) -> Result<(), BackupError> {
-        let dir = fs::File::open(&self.root).map_err(io(&self.root))?;
-        #[allow(unsafe_code)]
-        // SAFETY: syncfs(2) on a descriptor we own.
-        let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
-        if rc == 0 { Ok(()) } else { Err(io(&self.root)(std::io::Error::last_os_error())) }
+        syncfs(&self.root)
     }
 
     /// A chunk's blob as stored (encrypted); `None` if it is not here.
@@ -577,6 +588,8 @@ impl Repository {
                 problems: Vec::new(),
                 stats: Stats::default(),
                 sink,
+                queued: HashSet::new(),
+                buffer: Vec::new(),
             };
             let walked = set.paths.iter().try_for_each(|path| run.walk(Path::new(path)));
             let Run { entries, problems, mut stats, sink, .. } = run;
@@ -620,46 +633,69 @@ impl Repository {
         Ok(snapshot)
     }
 
-    /// Restores `snapshot` (or the entries under `only`) into `target`.
-    /// Each file is written to a temporary name and renamed only once every
-    /// chunk checked out; a file that cannot be restored is reported and
-    /// the restore fails at the end.
-    pub fn restore(&self, snapshot: &Snapshot, target: &Path, only: &[String]) -> Result<u64, BackupError> {
-        self.restore_with(snapshot, target, only, &|id| self.chunk(id))
+    /// Restores `snapshot` (or the entries under `to.only`) into
+    /// `to.target`. Each file is written to a temporary name and renamed
+    /// only once every chunk checked out; a file that cannot be restored is
+    /// reported and the restore fails at the end.
+    pub fn restore(&self, snapshot: &Snapshot, to: &RestoreTo<'_>) -> Result<u64, BackupError> {
+        self.restore_with(snapshot, to, &|id| self.chunk(id))
     }
 
     /// Like [`Repository::restore`], with chunks from `chunk` (checked
     /// plaintext by id), e.g. fetched from the hub.
+    ///
+    /// A manifest is not trusted (every device holds the fleet's key, so a
+    /// compromised one can write any manifest): each entry's path is
+    /// confined to the target ([`confined_path`]), an entry under a
+    /// symbolic link this restore made is refused, and an existing file
+    /// that differs is kept unless `to.overwrite`. Durability: one `syncfs`
+    /// of the target's file system at the end, not one sync per file.
     fn restore_with(
         &self,
         snapshot: &Snapshot,
-        target: &Path,
-        only: &[String],
+        to: &RestoreTo<'_>,
         chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
     ) -> Result<u64, BackupError> {
+        let target = to.target;
         fs::create_dir_all(target).map_err(io(target))?;
         let mut failed = 0usize;
         let mut restored = 0u64;
         let mut dirs = Vec::new();
-        for entry in snapshot.selected(only) {
-            let dest = target.join(entry.path.trim_start_matches('/'));
-            let result = match &entry.kind {
-                EntryKind::Dir => {
-                    let r = fs::create_dir_all(&dest).map_err(io(&dest));
-                    dirs.push((dest.clone(), entry));
-                    r
-                }
-                EntryKind::Symlink { target: link } => (|| {
-                    if let Some(parent) = dest.parent() {
-                        fs::create_dir_all(parent).map_err(io(parent))?;
+        let mut links = BTreeSet::new();
+        for entry in snapshot.selected(to.only) {
+            let result = confined_path(&entry.path, &links).map_err(BackupError::Refused).and_then(|relative| {
+                let dest = target.join(&relative);
+                match existing(&dest, entry) {
+                    Existing::Same => return Ok(()),
+                    Existing::Differs if !to.overwrite => {
+                        return Err(BackupError::Refused(format!(
+                            "{} exists and differs from the backup (--overwrite replaces it)",
+                            dest.display()
+                        )));
                     }
-                    let _ = fs::remove_file(&dest);
-                    std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
-                })(),
-                EntryKind::File { chunks, .. } => {
-                    restore_file(&dest, chunks, chunk).and_then(|()| apply_meta(&dest, entry))
+                    Existing::Differs | Existing::Absent => {}
                 }
-            };
+                match &entry.kind {
+                    EntryKind::Dir => {
+                        let r = fs::create_dir_all(&dest).map_err(io(&dest));
+                        dirs.push((dest, entry));
+                        r
+                    }
+                    EntryKind::Symlink { target: link } => {
+                        links.insert(relative);
+                        (|| {
+                            if let Some(parent) = dest.parent() {
+                                fs::create_dir_all(parent).map_err(io(parent))?;
+                            }
+                            let _ = fs::remove_file(&dest);
+                            std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
+                        })()
+                    }
+                    EntryKind::File { chunks, .. } => {
+                        restore_file(&dest, chunks, chunk).and_then(|()| apply_meta(&dest, entry))
+                    }
+                }
+            });
             match result {
                 Ok(()) => restored += 1,
                 Err(e) => {
@@ -675,11 +711,87 @@ impl Repository {
                 tracing::warn!(path = %entry.path, error = %e, "Directory metadata not restored.");
             }
         }
+        syncfs(target)?;
         if failed > 0 {
             return Err(BackupError::RestoreIncomplete(failed));
         }
         Ok(restored)
     }
+}
+
+/// Where and how a restore writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTo<'a> {
+    /// The directory the snapshot's absolute paths are restored under
+    /// (`/` restores in place).
+    pub target: &'a Path,
+    /// Only these paths and what is under them (all if empty).
+    pub only: &'a [String],
+    /// Replace existing files that differ from the backup.
+    pub overwrite: bool,
+}
+
+/// The path under the target where a manifest entry goes: its absolute
+/// path made relative. Refused (with why) if it has a `..`, `.` or empty
+/// name, or lies under a symbolic link made earlier in the same restore
+/// (`links`, relative), since the restore would then write wherever the
+/// link points.
+pub fn confined_path(path: &str, links: &BTreeSet<PathBuf>) -> Result<PathBuf, String> {
+    if path.contains('\0') {
+        return Err(format!("{path:?}: a path with a NUL byte"));
+    }
+    let mut relative = PathBuf::new();
+    for (i, name) in path.trim_start_matches('/').split('/').enumerate() {
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(format!("{path:?} does not name a place under the target ({name:?} in it)"));
+        }
+        if i > 0 && links.contains(&relative) {
+            return Err(format!("{path:?} lies under {}, a symbolic link this restore made", relative.display()));
+        }
+        relative.push(name);
+    }
+    if links.contains(&relative) {
+        return Err(format!("{path:?} is a symbolic link this restore made"));
+    }
+    Ok(relative)
+}
+
+/// What is already where an entry is restored.
+enum Existing {
+    /// Nothing (or a directory where a directory goes).
+    Absent,
+    /// The same (a file of the same size and modification time, a link to
+    /// the same target): left as it is.
+    Same,
+    /// Something else.
+    Differs,
+}
+
+fn existing(dest: &Path, entry: &Entry) -> Existing {
+    let Ok(meta) = fs::symlink_metadata(dest) else { return Existing::Absent };
+    if matches!(entry.kind, EntryKind::Dir) && meta.is_dir() {
+        // An existing directory is used as it is; its metadata is still
+        // restored after its contents.
+        return Existing::Absent;
+    }
+    let same_time = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()) == entry.mtime_ns;
+    let same = match &entry.kind {
+        EntryKind::Dir => false,
+        EntryKind::File { size, .. } => meta.is_file() && meta.len() == *size && same_time,
+        EntryKind::Symlink { target } => {
+            meta.file_type().is_symlink() && fs::read_link(dest).is_ok_and(|t| t.as_os_str() == target.as_str())
+        }
+    };
+    if same { Existing::Same } else { Existing::Differs }
+}
+
+/// Flushes everything written to the file system that holds `path`.
+fn syncfs(path: &Path) -> Result<(), BackupError> {
+    let dir = fs::File::open(path).map_err(io(path))?;
+    #[allow(unsafe_code)]
+    // SAFETY: syncfs(2) on a descriptor we own.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+    if rc == 0 { Ok(()) } else { Err(io(path)(std::io::Error::last_os_error())) }
 }
 
 impl Snapshot {
@@ -703,16 +815,18 @@ fn restore_file(
         fs::create_dir_all(parent).map_err(io(parent))?;
     }
     let tmp = dest.with_file_name(format!(
-        ".{}.outpost-restore",
-        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ".{}.{}.outpost-restore",
+        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        unique_suffix()
     ));
     let result = (|| {
-        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        // create_new: never through a link or onto a file someone put there.
+        let mut file = fs::File::create_new(&tmp).map_err(io(&tmp))?;
         for id in chunks {
             let plain = chunk(id)?;
             file.write_all(&plain).map_err(io(&tmp))?;
         }
-        file.sync_all().map_err(io(&tmp))?;
+        // Synced with the whole restore (one syncfs at its end).
         fs::rename(&tmp, dest).map_err(io(dest))
     })();
     if result.is_err() {
@@ -825,6 +939,13 @@ impl Repository {
     }
 }
 
+/// Random hex for temporary file names no other writer uses.
+fn unique_suffix() -> String {
+    let mut suffix = [0u8; 8];
+    rand::fill(&mut suffix[..]);
+    hex(&suffix)
+}
+
 fn parse_id(name: &str) -> Option<ChunkId> {
     if name.len() != 64 {
         return None;
@@ -894,6 +1015,11 @@ struct Run<'a> {
     stats: Stats,
     /// New chunks go to the writer thread.
     sink: std::sync::mpsc::SyncSender<(ChunkId, Vec<u8>)>,
+    /// Chunks already sent to the writers or found stored in this run: a
+    /// chunk is written once however many files contain it.
+    queued: HashSet<ChunkId>,
+    /// Small files are read whole into this one buffer, reused.
+    buffer: Vec<u8>,
 }
 
 impl Run<'_> {
@@ -987,7 +1113,7 @@ impl Run<'_> {
     /// cannot be read.
     fn read_file(&mut self, path: &Path, before: &fs::Metadata) -> Result<Option<Vec<ChunkId>>, BackupError> {
         let text = path.to_string_lossy().into_owned();
-        let file = match fs::File::open(path) {
+        let mut file = match fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
                 self.problems.push(format!("{text}: {e}"));
@@ -997,22 +1123,42 @@ impl Run<'_> {
         self.stats.files_read += 1;
         let mut chunks = Vec::new();
         let mut read = 0u64;
-        // StreamCDC buffers by itself; no BufReader (it would copy twice).
-        for chunk in fastcdc::v2020::StreamCDC::new(file, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    self.problems.push(format!("{text}: read failed: {e}"));
-                    return Ok(None);
-                }
-            };
-            read += chunk.data.len() as u64;
-            let id = *blake3::keyed_hash(&self.repo.id_key, &chunk.data).as_bytes();
-            if !self.repo.chunk_path(&id).exists() && self.sink.send((id, chunk.data)).is_err() {
-                // The writer stopped on an error; `backup` reports it.
-                return Err(BackupError::Corrupt { what: "repository".into(), why: "the chunk writer stopped".into() });
+        // Most files of a real tree are small: read them whole into the
+        // reused buffer and cut them in place, instead of a fresh, zeroed
+        // streaming buffer of the largest chunk size per file.
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        if let Err(e) = (&mut file).take(MAX_CHUNK as u64 + 1).read_to_end(&mut buffer) {
+            self.problems.push(format!("{text}: read failed: {e}"));
+            self.buffer = buffer;
+            return Ok(None);
+        }
+        if buffer.len() <= MAX_CHUNK {
+            read = buffer.len() as u64;
+            for cut in fastcdc::v2020::FastCDC::new(&buffer, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let piece = &buffer[cut.offset..cut.offset + cut.length];
+                let id = *blake3::keyed_hash(&self.repo.id_key, piece).as_bytes();
+                self.queue(id, piece.to_vec())?;
+                chunks.push(id);
             }
-            chunks.push(id);
+            self.buffer = buffer;
+        } else {
+            // A large file: what was read goes first, the rest streams.
+            // StreamCDC buffers by itself; no BufReader (it would copy twice).
+            let source = std::io::Cursor::new(buffer).chain(file);
+            for chunk in fastcdc::v2020::StreamCDC::new(source, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.problems.push(format!("{text}: read failed: {e}"));
+                        return Ok(None);
+                    }
+                };
+                read += chunk.data.len() as u64;
+                let id = *blake3::keyed_hash(&self.repo.id_key, &chunk.data).as_bytes();
+                self.queue(id, chunk.data)?;
+                chunks.push(id);
+            }
         }
         match fs::symlink_metadata(path) {
             Ok(after)
@@ -1023,6 +1169,18 @@ impl Run<'_> {
             _ => self.problems.push(format!("{text}: changed while read (stored as read)")),
         }
         Ok(Some(chunks))
+    }
+}
+
+impl Run<'_> {
+    /// Sends a chunk to the writers unless this run already did or the
+    /// repository has it.
+    fn queue(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), BackupError> {
+        if self.queued.insert(id) && !self.repo.chunk_path(&id).exists() && self.sink.send((id, data)).is_err() {
+            // The writer stopped on an error; `backup` reports it.
+            return Err(BackupError::Corrupt { what: "repository".into(), why: "the chunk writer stopped".into() });
+        }
+        Ok(())
     }
 }
 
@@ -1253,9 +1411,9 @@ impl Repository {
         owner: &DeviceId,
         name: &str,
         set: Option<&str>,
-        target: &Path,
-        only: &[String],
+        to: &RestoreTo<'_>,
     ) -> Result<(String, u64), BackupError> {
+        let only = to.only;
         let catalog = hub.catalog(owner)?;
         let summary = catalog
             .iter()
@@ -1311,7 +1469,7 @@ impl Repository {
                 None => return Err(BulkError::Transfer("the chunk fetcher stopped".into()).into()),
             }
         };
-        let restored = self.restore_with(&snapshot, target, only, &fetch);
+        let restored = self.restore_with(&snapshot, to, &fetch);
         fetcher.abort();
         Ok((snapshot.name, restored?))
     }
@@ -1388,12 +1546,14 @@ pub enum Operation {
         from_device: Option<String>,
         /// Snapshot name or `latest`.
         snapshot: String,
-        /// Where to write.
+        /// Where to write (`/` restores in place).
         target: PathBuf,
         /// With `latest`: of this set.
         set: Option<String>,
         /// Only these paths (and what is under them).
         paths: Vec<String>,
+        /// Replace existing files that differ from the backup.
+        overwrite: bool,
     },
     /// Re-read and check every chunk.
     Verify,
@@ -1406,11 +1566,8 @@ pub enum Operation {
 /// process exit status: 0 done, 1 failed, 3 a snapshot was written but some
 /// paths could not be backed up (as restic does).
 pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8, BackupError> {
-    let key_file = config
-        .backup_repo
-        .key_file
-        .clone()
-        .ok_or_else(|| BackupError::BadKey(PathBuf::from("(no [backups] key_file)")))?;
+    let key_file =
+        config.backup_repo.key_file.clone().ok_or_else(|| BackupError::BadKey(PathBuf::from("(not set)")))?;
     let key = read_key(&key_file)?;
     let dir = &config.backup_repo.dir;
     match op {
@@ -1429,11 +1586,12 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             );
             Ok(0)
         }
-        Operation::Restore { from_device: Some(owner), snapshot, target, set, paths } => {
+        Operation::Restore { from_device: Some(owner), snapshot, target, set, paths, overwrite } => {
             let owner: DeviceId = owner.parse().map_err(|e| BackupError::Setup(format!("--from-device: {e}")))?;
             let repo = Repository::open_unlocked(dir, &key)?;
             let hub = HubLink::connect(config)?;
-            let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &target, &paths);
+            let to = RestoreTo { target: &target, only: &paths, overwrite };
+            let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &to);
             hub.close();
             let (name, n) = restored?;
             println!("restored {n} entries of {owner}'s snapshot {name} from the hub into {}", target.display());
@@ -1519,10 +1677,10 @@ pub fn command(config: &crate::config::AgentConfig, op: Operation) -> Result<u8,
             }
             Ok(0)
         }
-        Operation::Restore { from_device: None, snapshot, target, set, paths } => {
+        Operation::Restore { from_device: None, snapshot, target, set, paths, overwrite } => {
             let repo = Repository::open(dir, &key)?;
             let s = repo.find(&snapshot, set.as_deref())?;
-            let n = repo.restore(&s, &target, &paths)?;
+            let n = repo.restore(&s, &RestoreTo { target: &target, only: &paths, overwrite })?;
             println!("restored {n} entries of snapshot {} into {}", s.name, target.display());
             Ok(0)
         }
@@ -1617,25 +1775,29 @@ pub fn scheduled_jobs(config: &crate::config::AgentConfig) -> Vec<outpost_shared
 
 /// Checks the arguments of a `backup` command from the hub and returns the
 /// full command line, or why it is refused. Accepted: `run SET`, `list`,
-/// `verify`, `prune`, `upload`, `restore SNAPSHOT --target DIR [--set S]
-/// [--path P]... [--from-device ID]`.
+/// `verify`, `prune`, `upload`, `restore SNAPSHOT --target DIR|--in-place
+/// [--set S] [--path P]... [--from-device ID] [--overwrite]`.
 pub fn hub_command(prefix: &[String], args: &[String]) -> Result<Vec<String>, String> {
     let ok = match args.first().map(String::as_str) {
         Some("run") => args.len() == 2,
         Some("list") => args.len() == 1 || (args.len() == 2 && args[1] == "--json"),
         Some("verify" | "prune" | "upload") => args.len() == 1,
         Some("restore") => {
-            args.len() >= 4
-                && args[2..].chunks(2).all(|pair| {
+            let rest = args.get(2..).unwrap_or_default();
+            let flag = |a: &&String| ["--in-place", "--overwrite"].contains(&a.as_str());
+            let pairs: Vec<&String> = rest.iter().filter(|a| !flag(a)).collect();
+            let in_place = rest.iter().any(|a| a == "--in-place");
+            args.len() >= 3
+                && pairs.chunks(2).all(|pair| {
                     pair.len() == 2 && ["--target", "--set", "--path", "--from-device"].contains(&pair[0].as_str())
                 })
-                && args.iter().any(|a| a == "--target")
+                && (pairs.iter().any(|a| *a == "--target") != in_place)
         }
         _ => false,
     };
     if !ok || args.iter().any(|a| a.starts_with("--config")) {
         return Err("backup takes: run SET | list [--json] | verify | prune | upload | \
-                    restore SNAPSHOT --target DIR [--set S] [--path P]... [--from-device ID]"
+                    restore SNAPSHOT --target DIR|--in-place [--set S] [--path P]... [--from-device ID] [--overwrite]"
             .into());
     }
     let mut argv = prefix.to_vec();
@@ -1651,6 +1813,141 @@ mod tests {
         line.split_whitespace().map(str::to_owned).collect()
     }
 
+    const KEY: [u8; 32] = [7; 32];
+
+    fn set(paths: &[&Path]) -> BackupSet {
+        BackupSet {
+            name: "s".into(),
+            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+            exclude: Vec::new(),
+            schedule: None,
+            retention: crate::config::Retention::default(),
+            upload: false,
+        }
+    }
+
+    fn restore_all<'a>(target: &'a Path) -> RestoreTo<'a> {
+        RestoreTo { target, only: &[], overwrite: false }
+    }
+
+    /// Every file under `dir`, relative, with its content.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.strip_prefix(dir).unwrap().to_owned(), fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    /// The race of issue 13: identical files next to each other made two
+    /// writer threads store the same chunk under one temporary name, and
+    /// a first backup failed with "No such file or directory".
+    #[test]
+    fn a_first_backup_of_many_twin_files_stores_each_chunk_once_and_restores() {
+        let source = tempfile::tempdir().unwrap();
+        // Twins large enough that storing one (compress, encrypt, write)
+        // takes longer than reading and hashing the other.
+        let pairs = 120;
+        for i in 0..pairs {
+            let text: String = (0..6000).map(|n| format!("{i} licence line {}\n", n * 7919 % 1013)).collect();
+            fs::write(source.path().join(format!("a{i:03}.txt")), &text).unwrap();
+            fs::write(source.path().join(format!("b{i:03}.txt")), &text).unwrap();
+        }
+        for round in 0..6 {
+            let repo_dir = tempfile::tempdir().unwrap();
+            let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+            let snapshot = repo.backup(&set(&[source.path()])).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(snapshot.new_chunks, pairs, "round {round}: a chunk was stored twice or not at all");
+            assert!(repo.verify().unwrap().is_empty());
+            let leftovers: Vec<_> = repo
+                .chunk_files()
+                .unwrap()
+                .into_iter()
+                .filter(|p| parse_id(&p.file_name().unwrap().to_string_lossy()).is_none())
+                .collect();
+            assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+            let target = tempfile::tempdir().unwrap();
+            repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+            let restored = target.path().join(source.path().strip_prefix("/").unwrap());
+            assert!(tree(&restored) == tree(source.path()), "round {round}: the restore differs");
+        }
+    }
+
+    #[test]
+    fn manifest_paths_are_confined_to_the_target() {
+        let none = BTreeSet::new();
+        assert_eq!(confined_path("/srv/data/x", &none).unwrap(), Path::new("srv/data/x"));
+        for bad in ["/srv/../etc/passwd", "/..", "/srv/./x", "/srv//x", "", "/", "/a\0b"] {
+            assert!(confined_path(bad, &none).is_err(), "{bad:?} accepted");
+        }
+        let links: BTreeSet<PathBuf> = [PathBuf::from("srv/link")].into();
+        assert!(confined_path("/srv/link/passwd", &links).unwrap_err().contains("symbolic link this restore made"));
+        assert!(confined_path("/srv/link", &links).is_err());
+        assert!(confined_path("/srv/linked", &links).is_ok());
+    }
+
+    /// A manifest a compromised device wrote: entries that climb out of the
+    /// target or through a link it just made are refused, named, and
+    /// nothing is written outside the target.
+    #[test]
+    fn a_crafted_manifest_cannot_write_outside_the_target() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("f"), b"payload").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let mut snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let file = snapshot.entries.iter().find(|e| matches!(e.kind, EntryKind::File { .. })).unwrap().clone();
+        let outside = tempfile::tempdir().unwrap();
+        let escape = outside.path().join("escaped");
+        let entry = |path: String, kind: EntryKind| Entry { path, kind, ..file.clone() };
+        let up = "/..".repeat(outside.path().components().count() + 8);
+        snapshot.entries = vec![
+            entry(format!("{up}{}", escape.display()), file.kind.clone()),
+            entry("/x/link".into(), EntryKind::Symlink { target: outside.path().display().to_string() }),
+            entry("/x/link/escaped".into(), file.kind.clone()),
+            entry("/x/link".into(), EntryKind::Dir),
+            entry("/x/ok".into(), file.kind.clone()),
+        ];
+        let target = tempfile::tempdir().unwrap();
+        match repo.restore(&snapshot, &restore_all(target.path())) {
+            Err(BackupError::RestoreIncomplete(3)) => {}
+            other => panic!("expected three refusals, got {other:?}"),
+        }
+        assert!(!escape.exists(), "the restore wrote outside its target");
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "the restore wrote through its own link");
+        assert_eq!(fs::read(target.path().join("x/ok")).unwrap(), b"payload");
+    }
+
+    #[test]
+    fn a_restore_keeps_files_that_differ_unless_asked_to_overwrite() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("f"), b"backed up").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        // Unchanged files are left alone: a second restore succeeds.
+        repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("f");
+        fs::write(&restored, b"changed since").unwrap();
+        match repo.restore(&snapshot, &restore_all(target.path())) {
+            Err(BackupError::RestoreIncomplete(1)) => {}
+            other => panic!("a file that differs was not refused: {other:?}"),
+        }
+        assert_eq!(fs::read(&restored).unwrap(), b"changed since");
+        repo.restore(&snapshot, &RestoreTo { overwrite: true, ..restore_all(target.path()) }).unwrap();
+        assert_eq!(fs::read(&restored).unwrap(), b"backed up");
+    }
+
     #[test]
     fn hub_commands_are_checked_before_they_run() {
         let prefix = args("nice -n 10 outpost-agent backup --config /etc/outpost/agent.toml");
@@ -1664,6 +1961,7 @@ mod tests {
             "restore latest --target /srv/restore",
             "restore latest --target /srv/restore --set field --path /var/lib/app",
             "restore latest --target /srv/restore --from-device dev-0123456789abcdef",
+            "restore latest --in-place --from-device dev-0123456789abcdef --overwrite",
         ] {
             let argv = hub_command(&prefix, &args(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert_eq!(argv, [prefix.clone(), args(ok)].concat());
@@ -1675,6 +1973,9 @@ mod tests {
             "upload now",
             "restore latest",
             "restore latest --set field",
+            "restore latest --in-place --target /x",
+            "restore latest --overwrite",
+            "restore",
             "restore latest --target /x --config /tmp/evil.toml",
             "restore latest --target /x --exec sh",
             "list --config=/tmp/evil.toml",

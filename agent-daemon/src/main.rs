@@ -42,9 +42,17 @@ enum BackupCmd {
         /// grant OLD --to NEW`) from the hub.
         #[arg(long)]
         from_device: Option<String>,
-        /// Directory to restore into.
+        /// Directory to restore into: a file backed up as /srv/data/x is
+        /// restored as DIR/srv/data/x.
+        #[arg(long, required_unless_present = "in_place")]
+        target: Option<PathBuf>,
+        /// Restore every file to the path it was backed up from.
+        #[arg(long, conflicts_with = "target")]
+        in_place: bool,
+        /// Replace existing files that differ from the backup (without it
+        /// they are kept and reported, and the restore exits 1).
         #[arg(long)]
-        target: PathBuf,
+        overwrite: bool,
         /// With `latest`: the newest snapshot of this set.
         #[arg(long)]
         set: Option<String>,
@@ -134,6 +142,12 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Backup { .. }) {
         outpost_agent::process::return_freed_memory();
     }
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A one-shot command piped into `head` ends quietly when the reader
+        // goes, as Unix tools do, instead of panicking on EPIPE. The daemon
+        // keeps Rust's default (SIGPIPE ignored, EPIPE as an error).
+        outpost_agent::process::default_sigpipe();
+    }
     match cli.command {
         Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
@@ -178,9 +192,19 @@ fn main() -> ExitCode {
                 let op = match op {
                     BackupCmd::Run { set } => Operation::Run { set },
                     BackupCmd::List { json } => Operation::List { json },
-                    BackupCmd::Restore { snapshot, snapshot_opt, from_device, target, set, paths } => {
+                    BackupCmd::Restore {
+                        snapshot,
+                        snapshot_opt,
+                        from_device,
+                        target,
+                        in_place,
+                        overwrite,
+                        set,
+                        paths,
+                    } => {
                         let snapshot = snapshot.or(snapshot_opt).unwrap_or_else(|| "latest".into());
-                        Operation::Restore { from_device, snapshot, target, set, paths }
+                        let target = target.filter(|_| !in_place).unwrap_or_else(|| PathBuf::from("/"));
+                        Operation::Restore { from_device, snapshot, target, set, paths, overwrite }
                     }
                     BackupCmd::Verify => Operation::Verify,
                     BackupCmd::Upload => Operation::Upload,

@@ -53,6 +53,19 @@ pub fn return_freed_memory() {
     }
 }
 
+/// Restores the default action of SIGPIPE (end the process), which Rust's
+/// runtime sets to "ignore": for one-shot commands whose output may be
+/// piped into a reader that stops early (`| head`). Call first thing in
+/// `main`.
+#[allow(unsafe_code)]
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL installs no
+    // handler; called before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// When process `pid` started, in clock ticks since boot (field 22 of
 /// `/proc/<pid>/stat`): with the pid it names one process even after the
 /// pid is reused.

@@ -266,8 +266,8 @@ impl Backups {
         for sub in subs.flatten() {
             let sub = sub.path();
             for entry in std::fs::read_dir(&sub).map_err(io(sub.display()))?.flatten() {
-                // Temporary files of interrupted writes start with a dot.
-                if !entry.file_name().to_string_lossy().starts_with('.') {
+                // Temporary files of writes under way or interrupted.
+                if !outpost_shared::fsutil::is_temporary(&entry.file_name().to_string_lossy()) {
                     files.push(entry.path());
                 }
             }

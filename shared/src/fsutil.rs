@@ -5,20 +5,40 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename,
 /// fsync of the directory) with permission bits `mode` (e.g. `0o600`).
+///
+/// The temporary file's name is this writer's own (`.<name>.<pid>.<n>.tmp`:
+/// the process id and a counter), so writers of the same path, in one
+/// process or several, never write into or rename each other's file: the
+/// last rename wins and every reader sees one whole version. A crash may
+/// leave such a file behind; [`is_temporary`] recognises it.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.{}.{n}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
     fs::File::open(dir)?.sync_all()
+}
+
+/// True for a temporary file [`write_atomic`] makes (a crash's leftover if
+/// it is old).
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
 }
 
 #[cfg(test)]
@@ -36,5 +56,37 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two uploads of one chunk at once (a cloned device image, a re-run
+    /// upload) used to share one temporary name: one writer could rename
+    /// the other's half-written file into place.
+    #[test]
+    fn concurrent_writers_of_one_path_never_tear_it() {
+        let dir = tempfile_dir("concurrent");
+        let path = dir.join("chunk");
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..40 {
+                        write_atomic(path, &vec![t; 64 << 10], 0o600).unwrap();
+                        let now = fs::read(path).unwrap();
+                        assert!(now.len() == 64 << 10 && now.iter().all(|b| *b == now[0]), "a torn file was read");
+                    }
+                });
+            }
+        });
+        let names: Vec<String> =
+            fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["chunk"], "temporary files left behind");
+        assert!(is_temporary(".chunk.123.4.tmp") && !is_temporary("chunk"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(what: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("outpost-fsutil-{what}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

@@ -399,3 +399,39 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_earlier_snapshots_stay_restorable(
     let out = backup(&s, &["run", "data"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
 }
+
+#[test]
+fn an_in_place_restore_brings_back_what_was_lost_and_keeps_what_changed_unless_asked() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "");
+    populate(&s.src);
+    let out = backup(&s, &["run", "data"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let expected = scratch.path().join("expected");
+    assert!(Command::new("cp").arg("-a").arg(&s.src).arg(&expected).status().unwrap().success());
+    fs::remove_file(expected.join("scratch.tmp")).unwrap();
+
+    // One file lost, one changed since the snapshot.
+    fs::remove_file(s.src.join("logs/app.log")).unwrap();
+    fs::write(s.src.join("secret.conf"), b"edited after the backup\n").unwrap();
+    let out = backup(&s, &["restore", "latest", "--in-place"]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("secret.conf") && report.contains("--overwrite"), "{report}");
+    assert_eq!(fs::read(s.src.join("logs/app.log")).unwrap(), fs::read(expected.join("logs/app.log")).unwrap());
+    assert_eq!(fs::read(s.src.join("secret.conf")).unwrap(), b"edited after the backup\n");
+
+    let out = backup(&s, &["restore", "latest", "--in-place", "--overwrite"]);
+    assert!(out.status.success(), "{}", text(&out));
+    fs::remove_file(s.src.join("scratch.tmp")).unwrap();
+    assert_same_tree(&expected, &s.src);
+
+    // A listing piped into a reader that is already gone ends quietly.
+    let piped = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} backup --config {} list | true", bin("outpost-agent").display(), s.config.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
