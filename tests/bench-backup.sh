@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Backups: outpost-agent versus restic on the same generated data set, same
-# machine, same run: first snapshot, unchanged re-run, re-run after changing
-# 1 % of the data, repository size, peak memory (VmHWM via /usr/bin/time).
+# Backups: outpost-agent versus restic on the same data set, same machine,
+# same run: first snapshot, unchanged re-run, re-run after changing 1 % of
+# the data, restore of the latest snapshot into an empty directory,
+# repository size, peak memory (VmHWM via /usr/bin/time) of every step.
 #
-#   tests/bench-backup.sh [MIB]      (default 1024)
+#   tests/bench-backup.sh [MIB]      generated data (default 1024 MiB)
+#   tests/bench-backup.sh real       a real tree: a copy of this machine's
+#                                    documentation, translations, man pages,
+#                                    C headers, Python and Perl libraries
 #
-# The data set: MIB MiB in files of 64 KiB to 2 MiB under nested
+# The generated set: MIB MiB in files of 64 KiB to 2 MiB under nested
 # directories, half random bytes (incompressible), half text (compressible).
-# The 1 % change overwrites 1 % of the bytes with random ones, a run in the
-# middle of each of a spread of files (see `change()`). Needs restic
+# The real tree: tens of thousands of small files, many identical to
+# another (licences, translations), and symlinks; the project made none of
+# it. The 1 % change overwrites 1 % of the bytes with random ones, a run in
+# the middle of each of a spread of files (see `change()`). Needs restic
 # (Debian's package) and /usr/bin/time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${1:-1024}
+REAL_TREE=(/usr/share/doc /usr/share/locale /usr/share/man /usr/share/zoneinfo /usr/share/i18n /usr/share/perl
+    /usr/include /usr/lib/python3 /usr/lib/python3.11)
 for tool in restic python3; do command -v "$tool" >/dev/null || { echo "bench-backup: $tool missing" >&2; exit 1; }; done
 [ -x /usr/bin/time ] || { echo "bench-backup: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
@@ -22,6 +30,15 @@ cleanup() { [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 data=$work/data
 
+if [ "$MIB" = real ]; then
+    mkdir -p "$data"
+    for d in "${REAL_TREE[@]}"; do
+        [ -e "$d" ] && mkdir -p "$data$(dirname "$d")" && cp -a "$d" "$data$d"
+    done
+    echo "data set: real tree, $(find "$data" -type f | wc -l) files, $(find "$data" -type l | wc -l) symlinks," \
+        "$(find "$data" -type f -print0 | xargs -0 md5sum | cut -d' ' -f1 | sort | uniq -d | wc -l) contents that occur more than once," \
+        "$(du -sm --apparent-size "$data" | cut -f1) MiB, from: ${REAL_TREE[*]}" >&2
+else
 python3 - "$data" "$MIB" <<'PY'
 import os, random, sys
 root, mib = sys.argv[1], int(sys.argv[2])
@@ -45,6 +62,7 @@ while total < mib << 20:
     n += 1
 print(f"data set: {n} files, {total / (1 << 20):.0f} MiB", file=sys.stderr)
 PY
+fi
 
 change() { # rewrite 1 % of the data: a run of random bytes inside files
     python3 - "$data" <<'PY'
@@ -96,5 +114,10 @@ for round in first unchanged changed; do
     measure "outpost-agent backup run, $round" "$bin/outpost-agent" backup --config "$work/agent.toml" run data
     measure "restic backup, $round" restic backup --quiet "$data"
 done
-echo "| repository size | outpost-agent $(du -sm "$work/outpost-repo" | cut -f1) MiB | restic $(du -sm "$work/restic-repo" | cut -f1) MiB |"
+measure "outpost-agent restore latest" "$bin/outpost-agent" backup --config "$work/agent.toml" restore latest --target "$work/restore-outpost"
+measure "restic restore latest" restic restore latest --target "$work/restore-restic"
+# Both restores must equal the source (restic restores the absolute paths too).
+diff -r --no-dereference "$data" "$work/restore-outpost$data" >/dev/null || { echo "bench-backup: outpost's restore differs from the source" >&2; exit 1; }
+diff -r --no-dereference "$data" "$work/restore-restic$data" >/dev/null || { echo "bench-backup: restic's restore differs from the source" >&2; exit 1; }
+echo "| repository size | outpost-agent $(du -sm "$work/outpost-repo" | cut -f1) MiB, $(find "$work/outpost-repo" -type f | wc -l) files | restic $(du -sm "$work/restic-repo" | cut -f1) MiB, $(find "$work/restic-repo" -type f | wc -l) files |"
 echo "data set $(du -sm "$data" | cut -f1) MiB; restic $(restic version | cut -d' ' -f2), compression auto (repository v2 default in 0.14: $(restic cat config 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("version"))'))"

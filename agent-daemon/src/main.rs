@@ -1,9 +1,11 @@
 //! `outpost-agent`: enroll, validate a config, or run the daemon.
 
 use clap::{Parser, Subcommand};
+use outpost_agent::backup::{BackupError, HubLink, Repository, RestoreTo, SnapshotInfo, read_key};
 use outpost_agent::config::AgentConfig;
 use outpost_agent::control::{self, Reply, Request};
 use outpost_agent::jobs::JobView;
+use outpost_shared::DeviceId;
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,7 +190,6 @@ fn main() -> ExitCode {
         },
         Command::Backup { config, op } => match AgentConfig::load_or_exit(&config) {
             Ok(config) => {
-                use outpost_agent::backup::Operation;
                 let op = match op {
                     BackupCmd::Run { set } => Operation::Run { set },
                     BackupCmd::List { json } => Operation::List { json },
@@ -210,7 +211,7 @@ fn main() -> ExitCode {
                     BackupCmd::Upload => Operation::Upload,
                     BackupCmd::Prune => Operation::Prune,
                 };
-                match outpost_agent::backup::command(&config, op) {
+                match backup_command(&config, op) {
                     Ok(code) => ExitCode::from(code),
                     Err(e) => {
                         eprintln!("outpost-agent backup: {e}");
@@ -312,6 +313,192 @@ fn enroll(token: &str, data_dir: PathBuf, name: Option<String>) -> ExitCode {
         Err(e) => {
             eprintln!("outpost-agent: enrollment failed: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// What `outpost-agent backup` does.
+#[derive(Debug, Clone)]
+enum Operation {
+    /// Back up one set now.
+    Run {
+        /// The set's name.
+        set: String,
+    },
+    /// List the snapshots.
+    List {
+        /// As JSON.
+        json: bool,
+    },
+    /// Send the hub what it lacks of every uploading set's snapshots.
+    Upload,
+    /// Restore a snapshot (a name or `latest`) into `target`.
+    Restore {
+        /// Restore another device's snapshot from the hub (needs a grant).
+        from_device: Option<String>,
+        /// Snapshot name or `latest`.
+        snapshot: String,
+        /// Where to write (`/` restores in place).
+        target: PathBuf,
+        /// With `latest`: of this set.
+        set: Option<String>,
+        /// Only these paths (and what is under them).
+        paths: Vec<String>,
+        /// Replace existing files that differ from the backup.
+        overwrite: bool,
+    },
+    /// Re-read and check every chunk.
+    Verify,
+    /// Apply every set's retention and drop unneeded chunks.
+    Prune,
+}
+
+/// Runs a backup operation on the device's repository (no daemon and no hub needed; the
+/// repository lock keeps it apart from a scheduled backup). Returns the
+/// process exit status: 0 done, 1 failed, 3 a snapshot was written but some
+/// paths could not be backed up (as restic does).
+fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError> {
+    let key_file =
+        config.backup_repo.key_file.clone().ok_or_else(|| BackupError::BadKey(PathBuf::from("(not set)")))?;
+    let key = read_key(&key_file)?;
+    let dir = &config.backup_repo.dir;
+    match op {
+        Operation::Upload => {
+            let repo = Repository::open_unlocked(dir, &key)?;
+            let hub = HubLink::connect(&config.data_dir, &config.uplink).inspect_err(|_| repo.mark_pending())?;
+            let report = repo.upload(&config.backups, &hub);
+            hub.close();
+            let r = report?;
+            println!(
+                "uploaded {} snapshot(s): {} chunk(s) sent ({} bytes), {} already at the hub",
+                r.snapshots.len(),
+                r.chunks_sent,
+                r.bytes_sent,
+                r.chunks_present
+            );
+            Ok(0)
+        }
+        Operation::Restore { from_device: Some(owner), snapshot, target, set, paths, overwrite } => {
+            let owner: DeviceId = owner.parse().map_err(|e| BackupError::Setup(format!("--from-device: {e}")))?;
+            let repo = Repository::open_unlocked(dir, &key)?;
+            let hub = HubLink::connect(&config.data_dir, &config.uplink)?;
+            let to = RestoreTo { target: &target, only: &paths, overwrite };
+            let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &to);
+            hub.close();
+            let (name, n) = restored?;
+            println!("restored {n} entries of {owner}'s snapshot {name} from the hub into {}", target.display());
+            Ok(0)
+        }
+        Operation::Run { set } => {
+            let set = config.backups.iter().find(|s| s.name == set).ok_or(BackupError::NoSet(set))?;
+            let repo = Repository::open(dir, &key)?;
+            let s = repo.backup(set)?;
+            println!(
+                "snapshot {}: {} entries, {} bytes, {} files read, {} new chunks ({} bytes stored), {:.1}s",
+                s.name,
+                s.entries.len(),
+                s.bytes,
+                s.files_read,
+                s.new_chunks,
+                s.new_stored_bytes,
+                s.started.until(s.ended).as_secs_f64()
+            );
+            for p in &s.problems {
+                println!("problem: {p}");
+            }
+            // The set's retention applies after every run, so a device left
+            // alone keeps what its config says without anyone running prune.
+            let mut code = if s.problems.is_empty() { 0 } else { 3 };
+            if set.retention != outpost_agent::config::Retention::default() {
+                match repo.prune(std::slice::from_ref(set)) {
+                    Ok((removed, chunks)) => {
+                        println!("retention: {} snapshot(s) and {chunks} chunk(s) removed", removed.len())
+                    }
+                    Err(e) => {
+                        println!("retention not applied: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            if set.upload {
+                repo.mark_pending();
+                drop(repo);
+                // The snapshot is safe here; an upload that fails now is
+                // retried by the daemon once the hub is reachable.
+                match Repository::open_unlocked(dir, &key).and_then(|repo| {
+                    let hub =
+                        HubLink::connect(&config.data_dir, &config.uplink).inspect_err(|_| repo.mark_pending())?;
+                    let report = repo.upload(&config.backups, &hub);
+                    hub.close();
+                    report
+                }) {
+                    Ok(r) => println!(
+                        "uploaded to the hub: {} chunk(s) sent ({} bytes), {} already there",
+                        r.chunks_sent, r.bytes_sent, r.chunks_present
+                    ),
+                    Err(e) => println!("upload pending ({e}); the agent retries when the hub is reachable"),
+                }
+            }
+            Ok(code)
+        }
+        Operation::List { json } => {
+            let repo = Repository::open(dir, &key)?;
+            let infos: Vec<SnapshotInfo> = repo.snapshots()?.iter().map(SnapshotInfo::from).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&infos).unwrap_or_default());
+            } else {
+                let rows: Vec<Vec<String>> = infos
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.set.clone(),
+                            i.started.clone(),
+                            i.entries.to_string(),
+                            i.bytes.to_string(),
+                            i.problems.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    outpost_shared::table::render(
+                        &["SNAPSHOT", "SET", "STARTED", "ENTRIES", "BYTES", "PROBLEMS"],
+                        &rows
+                    )
+                );
+            }
+            Ok(0)
+        }
+        Operation::Restore { from_device: None, snapshot, target, set, paths, overwrite } => {
+            let repo = Repository::open(dir, &key)?;
+            let s = repo.find(&snapshot, set.as_deref())?;
+            let n = repo.restore(&s, &RestoreTo { target: &target, only: &paths, overwrite })?;
+            println!("restored {n} entries of snapshot {} into {}", s.name, target.display());
+            Ok(0)
+        }
+        Operation::Verify => {
+            let repo = Repository::open(dir, &key)?;
+            let problems = repo.verify()?;
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("every chunk checks out");
+                Ok(0)
+            } else {
+                println!("{} problem(s) found", problems.len());
+                Ok(1)
+            }
+        }
+        Operation::Prune => {
+            let repo = Repository::open(dir, &key)?;
+            let (removed, chunks) = repo.prune(&config.backups)?;
+            for name in &removed {
+                println!("removed snapshot {name}");
+            }
+            println!("{} snapshot(s) and {chunks} chunk(s) removed", removed.len());
+            Ok(0)
         }
     }
 }

@@ -1,0 +1,471 @@
+//! Local backups: a deduplicating, compressed, encrypted repository under
+//! the data dir, with snapshots of backup sets, restore, verify and prune.
+//!
+//! The subsystem: `repo` (format, key check, lock, blobs, chunks and
+//! manifests), `snapshot` (a backup run), `restore` (confined restore),
+//! `maintenance` (verify, prune, recovery after an interrupted run),
+//! `remote` (upload to and restore from the hub), `daemon` (scheduled
+//! sets as jobs, the upload task, hub commands). The data model (entries,
+//! snapshots) and the errors live here; the CLI's output is `main.rs`'s.
+//!
+//! Layout of `<data_dir>/backups/`:
+//! - `config`: repository version and a check value of the key, so a wrong
+//!   key is refused before anything is written.
+//! - `chunks/<2 hex>/<64 hex>`: one blob per chunk. Files are cut by
+//!   content-defined chunking (FastCDC, 256 KiB min / 1 MiB average / 4 MiB
+//!   max), so an edit moves only the chunks around it. A chunk's id is the
+//!   BLAKE3 hash of its plaintext keyed with a key derived from the backup
+//!   key, so ids reveal nothing to whoever stores the blobs. A blob is
+//!   `nonce (24 bytes) || XChaCha20-Poly1305(zstd(chunk))`, with the id as
+//!   associated data: a blob cannot be swapped for another.
+//! - `snapshots/<name>`: one encrypted manifest per snapshot (files with
+//!   path, mode, owner, mtime, size and chunk list; directories; symlinks)
+//!   and its report of problems.
+//! - `lock`: an exclusive `flock` while an operation writes.
+//!
+//! Incremental: a file whose size, mtime and inode match the set's previous
+//! snapshot is not read again; its chunk list is reused.
+//!
+//! Upload (sets with `upload = true`): the blobs and manifests go to the hub
+//! as they are (the hub never sees plaintext), over a bulk connection
+//! ([`crate::bulk`]): the agent asks which chunks the hub lacks, sends only
+//! those, several at once, and catalogs the snapshot at the hub once every
+//! chunk arrived. A chunk the hub answered for is never sent again, so an
+//! interrupted upload resumes where it stopped. `upload-pending` in the
+//! repository marks that something is left to send; the daemon runs an
+//! upload when its uplink is connected and the mark is there.
+//!
+//! Writes are crash-safe: blobs and manifests are written to a temporary
+//! file, synced and renamed; a snapshot exists only once its manifest is in
+//! place, after every chunk it names. A failed run (a full disk, a crash)
+//! leaves at most unreferenced chunks, which `prune` removes. Chunks are
+//! synced once per run (one `syncfs` before the manifest), so a power cut
+//! during a run can leave chunk files that exist but are torn; the next run
+//! would take them for stored. A run therefore marks the repository
+//! `unsynced` (with its start time) until its sync, and opening a marked
+//! repository first checks every chunk written since that start and
+//! deletes the damaged ones, so they are stored again.
+
+use crate::bulk::{BulkClient, BulkError};
+use crate::config::BackupSet;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use outpost_shared::DeviceId;
+use outpost_shared::protocol::{ChunkBlob, ChunkIds, ChunkRef, Message, SnapshotData, SnapshotRef, SnapshotSummary};
+use outpost_shared::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Chunk size bounds (bytes).
+mod daemon;
+mod maintenance;
+mod remote;
+mod repo;
+mod restore;
+mod snapshot;
+
+pub use daemon::{command_prefix, hub_command, scheduled_jobs, upload_command, upload_task};
+pub use remote::{HubLink, UploadReport};
+pub use repo::{Repository, read_key};
+pub use restore::{RestoreTo, confined_path};
+pub use snapshot::read_all;
+
+pub(crate) const MIN_CHUNK: usize = 256 << 10;
+pub(crate) const AVG_CHUNK: usize = 1 << 20;
+pub(crate) const MAX_CHUNK: usize = 4 << 20;
+/// zstd level: fast, still compresses text well.
+pub(crate) const ZSTD_LEVEL: i32 = 3;
+pub(crate) const REPO_VERSION: u32 = 1;
+
+/// A chunk id: keyed BLAKE3 of the plaintext.
+pub use outpost_shared::protocol::ChunkId;
+
+/// Chunk transfers (uploads, fetches for a restore) in flight at once.
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
+/// Ids per "which of these do you lack" question.
+pub(crate) const IDS_PER_QUERY: usize = 16 * 1024;
+/// The file that marks snapshots waiting for upload.
+pub(crate) const UPLOAD_PENDING: &str = "upload-pending";
+/// The file that marks a run whose chunks are not yet known to be on disk;
+/// holds the run's start (ms since the epoch).
+pub(crate) const UNSYNCED: &str = "unsynced";
+
+/// Errors of backup operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A file or directory of the repository could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The key does not open this repository.
+    #[error("the backup key does not match this repository (wrong key_file?)")]
+    WrongKey,
+    /// A restore refused an entry (it would leave the target, or replace
+    /// a file that differs).
+    #[error("{0}")]
+    Refused(String),
+    /// The key file is not 32 bytes in hex.
+    #[error(
+        "[backups] key_file {0}: expected 64 hex digits (32 bytes); make one with `head -c 32 /dev/urandom | xxd -p -c 64`"
+    )]
+    BadKey(PathBuf),
+    /// The key file cannot be read.
+    #[error("[backups] key_file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Data in the repository does not decrypt, decode or hash to its id.
+    #[error("corrupt {what}: {why}")]
+    Corrupt {
+        /// Which blob.
+        what: String,
+        /// Why.
+        why: String,
+    },
+    /// No such snapshot.
+    #[error("no snapshot {0}")]
+    NoSnapshot(String),
+    /// No such backup set in the config.
+    #[error("no backup set {0:?} in the config")]
+    NoSet(String),
+    /// A restore could not write every file correctly.
+    #[error("restore incomplete: {0} file(s) not restored (see above)")]
+    RestoreIncomplete(usize),
+    /// The hub could not be reached or refused.
+    #[error("hub: {0}")]
+    Hub(#[from] BulkError),
+    /// The device's identity (for the hub) could not be loaded.
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io { path: path.to_owned(), source }
+}
+
+/// One entry of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Absolute path on the device.
+    pub path: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Permission bits (and setuid/setgid/sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+/// Kinds of entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File {
+        /// Bytes.
+        size: u64,
+        /// Inode at backup time (for the incremental check).
+        inode: u64,
+        /// Its chunks, in order.
+        chunks: Vec<ChunkId>,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points.
+        target: String,
+    },
+}
+
+/// A snapshot manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its name (file name in `snapshots/`).
+    pub name: String,
+    /// The backup set.
+    pub set: String,
+    /// When it started.
+    pub started: Timestamp,
+    /// When it ended.
+    pub ended: Timestamp,
+    /// The set's paths at the time.
+    pub paths: Vec<String>,
+    /// Everything backed up.
+    pub entries: Vec<Entry>,
+    /// What could not be backed up, or changed while read.
+    pub problems: Vec<String>,
+    /// Bytes of file content in the snapshot.
+    pub bytes: u64,
+    /// Files read this time (the others were unchanged).
+    pub files_read: u64,
+    /// Chunks this snapshot added to the repository.
+    pub new_chunks: u64,
+    /// Bytes those new chunks take on disk (compressed, encrypted).
+    pub new_stored_bytes: u64,
+}
+
+/// A snapshot's summary, for lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Name.
+    pub name: String,
+    /// Backup set.
+    pub set: String,
+    /// Start, RFC 3339.
+    pub started: String,
+    /// Files, directories and links.
+    pub entries: usize,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Problems reported.
+    pub problems: usize,
+}
+
+impl From<&Snapshot> for SnapshotInfo {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotInfo {
+            name: s.name.clone(),
+            set: s.set.clone(),
+            started: s.started.rfc3339(),
+            entries: s.entries.len(),
+            bytes: s.bytes,
+            problems: s.problems.len(),
+        }
+    }
+}
+
+pub(crate) fn hex(id: &[u8]) -> String {
+    outpost_shared::identity::hex(id)
+}
+
+/// Random hex for temporary file names no other writer uses.
+pub(crate) fn unique_suffix() -> String {
+    let mut suffix = [0u8; 8];
+    rand::fill(&mut suffix[..]);
+    hex(&suffix)
+}
+
+pub(crate) fn parse_id(name: &str) -> Option<ChunkId> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// Flushes everything written to the file system that holds `path`.
+pub(crate) fn syncfs(path: &Path) -> Result<(), BackupError> {
+    let dir = fs::File::open(path).map_err(io(path))?;
+    #[allow(unsafe_code)]
+    // SAFETY: syncfs(2) on a descriptor we own.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+    if rc == 0 { Ok(()) } else { Err(io(path)(std::io::Error::last_os_error())) }
+}
+
+impl Snapshot {
+    /// The entries a restore of `only` (all if empty) writes, in order.
+    fn selected<'a>(&'a self, only: &'a [String]) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.entries.iter().filter(move |e| {
+            only.is_empty()
+                || only.iter().any(|o| e.path == *o || e.path.starts_with(&format!("{}/", o.trim_end_matches('/'))))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn set(paths: &[&Path]) -> BackupSet {
+        BackupSet {
+            name: "s".into(),
+            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+            exclude: Vec::new(),
+            schedule: None,
+            retention: crate::config::Retention::default(),
+            upload: false,
+        }
+    }
+
+    fn restore_all<'a>(target: &'a Path) -> RestoreTo<'a> {
+        RestoreTo { target, only: &[], overwrite: false }
+    }
+
+    /// Every file under `dir`, relative, with its content.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.insert(p.strip_prefix(dir).unwrap().to_owned(), fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    /// The race of issue 13: identical files next to each other made two
+    /// writer threads store the same chunk under one temporary name, and
+    /// a first backup failed with "No such file or directory".
+    #[test]
+    fn a_first_backup_of_many_twin_files_stores_each_chunk_once_and_restores() {
+        let source = tempfile::tempdir().unwrap();
+        // Twins large enough that storing one (compress, encrypt, write)
+        // takes longer than reading and hashing the other.
+        let pairs = 120;
+        for i in 0..pairs {
+            let text: String = (0..6000).map(|n| format!("{i} licence line {}\n", n * 7919 % 1013)).collect();
+            fs::write(source.path().join(format!("a{i:03}.txt")), &text).unwrap();
+            fs::write(source.path().join(format!("b{i:03}.txt")), &text).unwrap();
+        }
+        for round in 0..6 {
+            let repo_dir = tempfile::tempdir().unwrap();
+            let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+            let snapshot = repo.backup(&set(&[source.path()])).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(snapshot.new_chunks, pairs, "round {round}: a chunk was stored twice or not at all");
+            assert!(repo.verify().unwrap().is_empty());
+            let leftovers: Vec<_> = repo
+                .chunk_files()
+                .unwrap()
+                .into_iter()
+                .filter(|p| parse_id(&p.file_name().unwrap().to_string_lossy()).is_none())
+                .collect();
+            assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+            let target = tempfile::tempdir().unwrap();
+            repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+            let restored = target.path().join(source.path().strip_prefix("/").unwrap());
+            assert!(tree(&restored) == tree(source.path()), "round {round}: the restore differs");
+        }
+    }
+
+    #[test]
+    fn manifest_paths_are_confined_to_the_target() {
+        let none = BTreeSet::new();
+        assert_eq!(confined_path("/srv/data/x", &none).unwrap(), Path::new("srv/data/x"));
+        for bad in ["/srv/../etc/passwd", "/..", "/srv/./x", "/srv//x", "", "/", "/a\0b"] {
+            assert!(confined_path(bad, &none).is_err(), "{bad:?} accepted");
+        }
+        let links: BTreeSet<PathBuf> = [PathBuf::from("srv/link")].into();
+        assert!(confined_path("/srv/link/passwd", &links).unwrap_err().contains("symbolic link this restore made"));
+        assert!(confined_path("/srv/link", &links).is_err());
+        assert!(confined_path("/srv/linked", &links).is_ok());
+    }
+
+    /// A manifest a compromised device wrote: entries that climb out of the
+    /// target or through a link it just made are refused, named, and
+    /// nothing is written outside the target.
+    #[test]
+    fn a_crafted_manifest_cannot_write_outside_the_target() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("f"), b"payload").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let mut snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let file = snapshot.entries.iter().find(|e| matches!(e.kind, EntryKind::File { .. })).unwrap().clone();
+        let outside = tempfile::tempdir().unwrap();
+        let escape = outside.path().join("escaped");
+        let entry = |path: String, kind: EntryKind| Entry { path, kind, ..file.clone() };
+        let up = "/..".repeat(outside.path().components().count() + 8);
+        snapshot.entries = vec![
+            entry(format!("{up}{}", escape.display()), file.kind.clone()),
+            entry("/x/link".into(), EntryKind::Symlink { target: outside.path().display().to_string() }),
+            entry("/x/link/escaped".into(), file.kind.clone()),
+            entry("/x/link".into(), EntryKind::Dir),
+            entry("/x/ok".into(), file.kind.clone()),
+        ];
+        let target = tempfile::tempdir().unwrap();
+        match repo.restore(&snapshot, &restore_all(target.path())) {
+            Err(BackupError::RestoreIncomplete(3)) => {}
+            other => panic!("expected three refusals, got {other:?}"),
+        }
+        assert!(!escape.exists(), "the restore wrote outside its target");
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "the restore wrote through its own link");
+        assert_eq!(fs::read(target.path().join("x/ok")).unwrap(), b"payload");
+    }
+
+    #[test]
+    fn a_restore_keeps_files_that_differ_unless_asked_to_overwrite() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("f"), b"backed up").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        // Unchanged files are left alone: a second restore succeeds.
+        repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("f");
+        fs::write(&restored, b"changed since").unwrap();
+        match repo.restore(&snapshot, &restore_all(target.path())) {
+            Err(BackupError::RestoreIncomplete(1)) => {}
+            other => panic!("a file that differs was not refused: {other:?}"),
+        }
+        assert_eq!(fs::read(&restored).unwrap(), b"changed since");
+        repo.restore(&snapshot, &RestoreTo { overwrite: true, ..restore_all(target.path()) }).unwrap();
+        assert_eq!(fs::read(&restored).unwrap(), b"backed up");
+    }
+
+    #[test]
+    fn hub_commands_are_checked_before_they_run() {
+        let prefix = args("nice -n 10 outpost-agent backup --config /etc/outpost/agent.toml");
+        for ok in [
+            "run field",
+            "list",
+            "list --json",
+            "verify",
+            "prune",
+            "upload",
+            "restore latest --target /srv/restore",
+            "restore latest --target /srv/restore --set field --path /var/lib/app",
+            "restore latest --target /srv/restore --from-device dev-0123456789abcdef",
+            "restore latest --in-place --from-device dev-0123456789abcdef --overwrite",
+        ] {
+            let argv = hub_command(&prefix, &args(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(argv, [prefix.clone(), args(ok)].concat());
+        }
+        for bad in [
+            "",
+            "run",
+            "rm -rf /",
+            "upload now",
+            "restore latest",
+            "restore latest --set field",
+            "restore latest --in-place --target /x",
+            "restore latest --overwrite",
+            "restore",
+            "restore latest --target /x --config /tmp/evil.toml",
+            "restore latest --target /x --exec sh",
+            "list --config=/tmp/evil.toml",
+        ] {
+            assert!(hub_command(&prefix, &args(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The hub's side of backups as the device sees it: upload of what the hub
+//! lacks, and restore of a snapshot fetched from the hub.
+
+use super::repo::lock_exclusive;
+use super::*;
+
+/// What one upload did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UploadReport {
+    /// Snapshots catalogued at the hub.
+    pub snapshots: Vec<String>,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Bytes of chunks sent.
+    pub bytes_sent: u64,
+    /// Chunks the hub already had.
+    pub chunks_present: u64,
+}
+
+/// The hub's connection for this device: identity from the data dir, hub
+/// address from the config or enrollment.
+pub struct HubLink {
+    client: BulkClient,
+    device: DeviceId,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl HubLink {
+    /// Connects to the hub over a bulk connection.
+    pub fn connect(data_dir: &Path, uplink: &crate::config::UplinkConfig) -> Result<Self, BackupError> {
+        let identity = crate::identity::Identity::load(data_dir)
+            .map_err(|e| BackupError::Setup(format!("this device's identity (is it enrolled?): {e}")))?;
+        let hub = uplink.hub.clone().unwrap_or_else(|| identity.hub.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| BackupError::Setup(format!("cannot start the tokio runtime: {e}")))?;
+        let timings = crate::tls::Timings { keepalive: uplink.keepalive, idle_timeout: uplink.idle_timeout };
+        let client = runtime.block_on(BulkClient::connect(&identity, &hub, uplink.connect_timeout, timings))?;
+        Ok(HubLink { client, device: identity.device_id, runtime })
+    }
+
+    pub(super) fn request(&self, message: Message) -> Result<Message, BulkError> {
+        self.runtime.block_on(self.client.request(message))
+    }
+
+    /// The snapshots the hub holds of `device`, oldest first.
+    pub(super) fn catalog(&self, device: &DeviceId) -> Result<Vec<SnapshotSummary>, BackupError> {
+        match self.request(Message::ListBackups(device.clone()))? {
+            Message::Backups(list) => Ok(list),
+            other => Err(BulkError::Unexpected(other.kind(), "ListBackups").into()),
+        }
+    }
+
+    /// The ids among `ids` the hub lacks.
+    pub(super) fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, BackupError> {
+        let mut missing = Vec::new();
+        for part in ids.chunks(IDS_PER_QUERY) {
+            match self.request(Message::HaveChunks(ChunkIds { ids: part.to_vec() }))? {
+                Message::MissingChunks(m) => missing.extend(m.ids),
+                other => return Err(BulkError::Unexpected(other.kind(), "HaveChunks").into()),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Closes the connection.
+    pub fn close(self) {
+        let HubLink { client, runtime, .. } = self;
+        runtime.block_on(client.close());
+    }
+}
+
+pub(super) fn expect_done(answer: Result<Message, BulkError>, request: &'static str) -> Result<(), BackupError> {
+    match answer? {
+        Message::Done => Ok(()),
+        other => Err(BulkError::Unexpected(other.kind(), request).into()),
+    }
+}
+
+impl Repository {
+    pub(super) fn pending_flag(&self) -> PathBuf {
+        self.root.join(UPLOAD_PENDING)
+    }
+
+    /// Marks that snapshots wait for upload.
+    pub fn mark_pending(&self) {
+        let flag = self.pending_flag();
+        if let Err(e) = fs::write(&flag, b"") {
+            tracing::warn!(path = %flag.display(), error = %e, "Cannot mark a pending upload.");
+        }
+    }
+
+    /// Sends the hub every snapshot of an uploading set it does not have,
+    /// oldest first, each after the chunks it lacks. The pending mark goes
+    /// only when everything is up and no backup marked it again meanwhile;
+    /// a failed or killed upload leaves it, so the daemon tries again. One upload at a time (`upload.lock`): a
+    /// second one waits, then finds little left to send.
+    pub fn upload(&self, sets: &[BackupSet], hub: &HubLink) -> Result<UploadReport, BackupError> {
+        let lock_path = self.root.join("upload.lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        lock_exclusive(&lock).map_err(io(&lock_path))?;
+        let flag = self.pending_flag();
+        let marked = || fs::metadata(&flag).and_then(|m| m.modified()).ok();
+        let before = marked();
+        let report = self.upload_all(sets, hub).inspect_err(|_| self.mark_pending())?;
+        // Marked again meanwhile (a backup ended): keep the mark.
+        if marked() == before {
+            let _ = fs::remove_file(&flag);
+        }
+        Ok(report)
+    }
+
+    pub(super) fn upload_all(&self, sets: &[BackupSet], hub: &HubLink) -> Result<UploadReport, BackupError> {
+        let uploading: BTreeSet<&str> = sets.iter().filter(|s| s.upload).map(|s| s.name.as_str()).collect();
+        let at_hub: BTreeSet<String> = hub.catalog(&hub.device)?.into_iter().map(|s| s.name).collect();
+        let mut report = UploadReport::default();
+        for name in self.snapshot_names()? {
+            if at_hub.contains(&name) {
+                continue;
+            }
+            let snapshot = match self.snapshot(&name) {
+                Ok(s) => s,
+                // Pruned since the listing.
+                Err(BackupError::NoSnapshot(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if uploading.contains(snapshot.set.as_str()) && self.upload_snapshot(&snapshot, hub, &mut report)? {
+                report.snapshots.push(name);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Uploads one snapshot; false if it was pruned meanwhile.
+    pub(super) fn upload_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        hub: &HubLink,
+        report: &mut UploadReport,
+    ) -> Result<bool, BackupError> {
+        let mut seen = BTreeSet::new();
+        let ids: Vec<ChunkId> = snapshot
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => Some(chunks.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|id| seen.insert(**id))
+            .copied()
+            .collect();
+        let missing = hub.missing(&ids)?;
+        report.chunks_present += (ids.len() - missing.len()) as u64;
+        let sent: Result<(u64, u64), BackupError> = hub.runtime.block_on(async {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let (mut chunks, mut bytes) = (0u64, 0u64);
+            let mut next = missing.iter();
+            loop {
+                while in_flight.len() < CHUNKS_IN_FLIGHT {
+                    let Some(id) = next.next() else { break };
+                    let Some(blob) = self.chunk_blob(id)? else {
+                        if !self.root.join("snapshots").join(&snapshot.name).exists() {
+                            return Ok((chunks, bytes));
+                        }
+                        return Err(BackupError::Corrupt {
+                            what: format!("chunk {}", hex(id)),
+                            why: format!("missing in the local repository, needed by {} (run verify)", snapshot.name),
+                        });
+                    };
+                    let (client, len) = (hub.client.clone(), blob.len() as u64);
+                    let put = Message::PutChunk(ChunkBlob { id: *id, blob });
+                    in_flight.spawn(async move { (client.request(put).await, len) });
+                }
+                let Some(done) = in_flight.join_next().await else { break };
+                let (answer, len) = done.map_err(|e| BackupError::Setup(format!("upload task failed: {e}")))?;
+                expect_done(answer, "PutChunk")?;
+                chunks += 1;
+                bytes += len;
+            }
+            Ok((chunks, bytes))
+        });
+        let (chunks, bytes) = sent?;
+        report.chunks_sent += chunks;
+        report.bytes_sent += bytes;
+        let manifest = match self.snapshot_blob(&snapshot.name) {
+            Ok(m) => m,
+            Err(BackupError::NoSnapshot(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let left = hub.missing(&ids)?;
+        if !left.is_empty() {
+            return Err(BulkError::Transfer(format!(
+                "the hub still lacks {} chunk(s) of {}",
+                left.len(),
+                snapshot.name
+            ))
+            .into());
+        }
+        let summary = SnapshotSummary {
+            name: snapshot.name.clone(),
+            set: snapshot.set.clone(),
+            started: snapshot.started,
+            ended: snapshot.ended,
+            entries: snapshot.entries.len() as u64,
+            bytes: snapshot.bytes,
+            chunks: ids.len() as u64,
+            problems: snapshot.problems.len() as u64,
+        };
+        expect_done(hub.request(Message::PutSnapshot(SnapshotData { summary, manifest })), "PutSnapshot")?;
+        Ok(true)
+    }
+
+    /// Restores `owner`'s snapshot (a name or `latest`, of `set` if given)
+    /// from the hub into `target`: manifest and chunks are fetched and
+    /// checked here, with this repository's key (the fleet backup key).
+    pub fn restore_from_hub(
+        &self,
+        hub: &HubLink,
+        owner: &DeviceId,
+        name: &str,
+        set: Option<&str>,
+        to: &RestoreTo<'_>,
+    ) -> Result<(String, u64), BackupError> {
+        let only = to.only;
+        let catalog = hub.catalog(owner)?;
+        let summary = catalog
+            .iter()
+            .rev()
+            .find(|s| if name == "latest" { set.is_none_or(|set| s.set == set) } else { s.name == name })
+            .ok_or_else(|| BackupError::NoSnapshot(format!("{name} of {owner} at the hub")))?;
+        let data = match hub
+            .request(Message::GetSnapshot(SnapshotRef { device: owner.clone(), name: summary.name.clone() }))?
+        {
+            Message::Snapshot(data) => data,
+            other => return Err(BulkError::Unexpected(other.kind(), "GetSnapshot").into()),
+        };
+        let snapshot = self.decode_snapshot(&summary.name, &data.manifest)?;
+        // Chunks are fetched ahead, several at once, in the order the
+        // restore needs them, so a restore over a slow link is not one
+        // round trip per chunk.
+        let order: Vec<ChunkId> = snapshot
+            .selected(only)
+            .filter_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => Some(chunks.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(CHUNKS_IN_FLIGHT);
+        let (client, device) = (hub.client.clone(), owner.clone());
+        let fetcher = hub.runtime.spawn(async move {
+            let mut ids = order.into_iter();
+            let mut ahead = std::collections::VecDeque::new();
+            loop {
+                while ahead.len() < CHUNKS_IN_FLIGHT {
+                    let Some(id) = ids.next() else { break };
+                    let (client, device) = (client.clone(), device.clone());
+                    let get = Message::GetChunk(ChunkRef { device, id });
+                    ahead.push_back((id, tokio::spawn(async move { client.request(get).await })));
+                }
+                let Some((id, task)) = ahead.pop_front() else { break };
+                let answer = task.await.unwrap_or_else(|e| Err(BulkError::Transfer(e.to_string())));
+                if tx.send((id, answer)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let rx = std::cell::RefCell::new(rx);
+        // Chunks of a file that failed part-way are skipped.
+        let fetch = |id: &ChunkId| loop {
+            match rx.borrow_mut().blocking_recv() {
+                Some((got, answer)) if got == *id => match answer? {
+                    Message::Chunk(chunk) => return self.open_chunk(id, &chunk.blob),
+                    other => return Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
+                },
+                Some(_) => {}
+                None => return Err(BulkError::Transfer("the chunk fetcher stopped".into()).into()),
+            }
+        };
+        let restored = self.restore_with(&snapshot, to, &fetch);
+        fetcher.abort();
+        Ok((snapshot.name, restored?))
+    }
+}

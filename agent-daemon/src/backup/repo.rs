@@ -1,0 +1,298 @@
+//! The repository on disk: its config and key check, the lock, sealing
+//! and opening blobs, chunks and snapshot manifests.
+
+use super::*;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct RepoConfig {
+    version: u32,
+    key_check: String,
+}
+
+/// Reads the operator's backup key: 64 hex digits (whitespace ignored).
+pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
+    let text = fs::read_to_string(path).map_err(|source| BackupError::KeyFile { path: path.to_owned(), source })?;
+    let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if hex.len() != 64 {
+        return Err(BackupError::BadKey(path.to_owned()));
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| BackupError::BadKey(path.to_owned()))?;
+    }
+    Ok(key)
+}
+
+/// An open repository. Held exclusively while it lives, unless opened with
+/// [`Repository::open_unlocked`] to read (upload, restore from the hub).
+pub struct Repository {
+    pub(super) root: PathBuf,
+    pub(super) cipher: XChaCha20Poly1305,
+    pub(super) id_key: [u8; 32],
+    pub(super) _lock: Option<fs::File>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("root", &self.root).finish()
+    }
+}
+
+impl Repository {
+    /// Opens (creating if needed) the repository at `root` with `key`.
+    /// Waits for the lock if another operation holds it.
+    pub fn open(root: &Path, key: &[u8; 32]) -> Result<Self, BackupError> {
+        Self::open_with(root, key, true)
+    }
+
+    /// Opens the repository without its lock, to read blobs and manifests
+    /// while a backup or prune may run: uploads and restores from the hub,
+    /// which must not hold up a scheduled backup for hours. What they read
+    /// is immutable; a snapshot pruned meanwhile is skipped.
+    pub fn open_unlocked(root: &Path, key: &[u8; 32]) -> Result<Self, BackupError> {
+        Self::open_with(root, key, false)
+    }
+
+    pub(super) fn open_with(root: &Path, key: &[u8; 32], exclusive: bool) -> Result<Self, BackupError> {
+        for dir in [root.to_owned(), root.join("chunks"), root.join("snapshots"), root.join("tmp")] {
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = if exclusive {
+            let lock = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io(&lock_path))?;
+            lock_exclusive(&lock).map_err(io(&lock_path))?;
+            Some(lock)
+        } else {
+            None
+        };
+        let enc_key = blake3::derive_key("outpost backup encryption v1", key);
+        let id_key = blake3::derive_key("outpost backup chunk id v1", key);
+        let check = hex(blake3::keyed_hash(&id_key, b"outpost backup key check").as_bytes());
+        let config_path = root.join("config");
+        match fs::read(&config_path) {
+            Ok(bytes) => {
+                let config: RepoConfig = serde_json::from_slice(&bytes)
+                    .map_err(|e| BackupError::Corrupt { what: "repository config".into(), why: e.to_string() })?;
+                if config.key_check != check {
+                    return Err(BackupError::WrongKey);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = RepoConfig { version: REPO_VERSION, key_check: check };
+                let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
+                outpost_shared::fsutil::write_atomic(&config_path, &text, 0o600).map_err(io(&config_path))?;
+            }
+            Err(e) => return Err(io(&config_path)(e)),
+        }
+        // Leftovers of an interrupted run (only with the lock: without it,
+        // they may be a running backup's files).
+        let tmp = root.join("tmp");
+        if let Some(entries) = fs::read_dir(&tmp).ok().filter(|_| exclusive) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let repo =
+            Repository { root: root.to_owned(), cipher: XChaCha20Poly1305::new(&enc_key.into()), id_key, _lock: lock };
+        if exclusive {
+            repo.recover_interrupted_run()?;
+        }
+        Ok(repo)
+    }
+
+    pub(super) fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let h = hex(id);
+        self.root.join("chunks").join(&h[..2]).join(h)
+    }
+
+    pub(super) fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, BackupError> {
+        let mut nonce = [0u8; 24];
+        rand::fill(&mut nonce[..]);
+        let sealed = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
+            .map_err(|_| BackupError::Corrupt { what: "encryption".into(), why: "cipher failed".into() })?;
+        let mut out = Vec::with_capacity(24 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    pub(super) fn open_blob(&self, blob: &[u8], aad: &[u8], what: &str) -> Result<Vec<u8>, BackupError> {
+        if blob.len() < 24 + 16 {
+            return Err(BackupError::Corrupt { what: what.into(), why: "too short".into() });
+        }
+        self.cipher.decrypt(XNonce::from_slice(&blob[..24]), Payload { msg: &blob[24..], aad }).map_err(|_| {
+            BackupError::Corrupt { what: what.into(), why: "does not decrypt (altered or wrong key)".into() }
+        })
+    }
+
+    /// Writes `bytes` to `path` through a synced temporary file.
+    pub(super) fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
+        let tmp = self.root.join("tmp").join(unique_suffix());
+        let result = (|| {
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io(path))
+    }
+
+    /// Stores a chunk unless present; returns the bytes written (0 if it
+    /// was there). Not synced: [`Repository::backup`] syncs the file system
+    /// once before it writes the manifest that names the chunks.
+    pub(super) fn put_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<u64, BackupError> {
+        let path = self.chunk_path(id);
+        if path.exists() {
+            return Ok(0);
+        }
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL).map_err(io(&path))?;
+        // Flag byte: 1 = zstd, 0 = stored (when compression does not help,
+        // as for random data), so a restore does not decompress in vain.
+        let mut framed = Vec::with_capacity(1 + compressed.len().min(plain.len()));
+        if compressed.len() < plain.len() {
+            framed.push(1);
+            framed.extend_from_slice(&compressed);
+        } else {
+            framed.push(0);
+            framed.extend_from_slice(plain);
+        }
+        let blob = self.seal(&framed, id)?;
+        // A name of this writer's own: two writers never share a temporary
+        // file (a chunk is queued once per run, but an upload or a crash
+        // leftover must not meet it either).
+        let tmp = path.with_extension(format!("{}.tmp", unique_suffix()));
+        let result = (|| {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(&blob)?;
+            start_writeback(&file);
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io(&path))?;
+        Ok(blob.len() as u64)
+    }
+
+    /// Flushes everything written to the repository's file system.
+    pub(super) fn sync_all(&self) -> Result<(), BackupError> {
+        syncfs(&self.root)
+    }
+
+    /// A chunk's blob as stored (encrypted); `None` if it is not here.
+    pub(super) fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, BackupError> {
+        let path = self.chunk_path(id);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Reads a chunk and checks it: decrypts, decompresses and re-hashes.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
+        match self.chunk_blob(id)? {
+            Some(blob) => self.open_chunk(id, &blob),
+            None => Err(BackupError::Corrupt { what: format!("chunk {}", hex(id)), why: "missing".into() }),
+        }
+    }
+
+    /// Decrypts, decompresses and re-hashes a chunk's blob.
+    pub(super) fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BackupError> {
+        let what = format!("chunk {}", hex(id));
+        let framed = self.open_blob(blob, id, &what)?;
+        let plain = match framed.split_first() {
+            Some((0, stored)) => stored.to_vec(),
+            Some((1, compressed)) => zstd::bulk::decompress(compressed, MAX_CHUNK)
+                .map_err(|e| BackupError::Corrupt { what: what.clone(), why: format!("does not decompress: {e}") })?,
+            _ => return Err(BackupError::Corrupt { what, why: "unknown chunk format".into() }),
+        };
+        if blake3::keyed_hash(&self.id_key, &plain).as_bytes() != id {
+            return Err(BackupError::Corrupt { what, why: "content does not match its id".into() });
+        }
+        Ok(plain)
+    }
+
+    /// Every snapshot's name, oldest first.
+    pub(super) fn snapshot_names(&self) -> Result<Vec<String>, BackupError> {
+        let dir = self.root.join("snapshots");
+        let mut names: Vec<String> =
+            fs::read_dir(&dir).map_err(io(&dir))?.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, BackupError> {
+        self.snapshot_names()?.iter().map(|n| self.snapshot(n)).collect()
+    }
+
+    /// A snapshot's manifest as stored (encrypted).
+    pub(super) fn snapshot_blob(&self, name: &str) -> Result<Vec<u8>, BackupError> {
+        let path = self.root.join("snapshots").join(name);
+        match fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BackupError::NoSnapshot(name.into())),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// One snapshot by name.
+    pub fn snapshot(&self, name: &str) -> Result<Snapshot, BackupError> {
+        self.decode_snapshot(name, &self.snapshot_blob(name)?)
+    }
+
+    /// Decrypts and decodes a manifest (from this repository or the hub).
+    pub(super) fn decode_snapshot(&self, name: &str, blob: &[u8]) -> Result<Snapshot, BackupError> {
+        let what = format!("snapshot {name}");
+        let plain = self.open_blob(blob, name.as_bytes(), &what)?;
+        postcard::from_bytes(&plain).map_err(|e| BackupError::Corrupt { what, why: e.to_string() })
+    }
+
+    /// The snapshot `name`, or the newest (of `set`, if given) for `latest`.
+    pub fn find(&self, name: &str, set: Option<&str>) -> Result<Snapshot, BackupError> {
+        if name != "latest" {
+            return self.snapshot(name);
+        }
+        self.snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| set.is_none_or(|set| s.set == set))
+            .ok_or_else(|| BackupError::NoSnapshot("latest".into()))
+    }
+}
+
+#[allow(unsafe_code)]
+pub(super) fn lock_exclusive(file: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Starts writing a file's dirty pages to disk without waiting, so the
+/// `syncfs` at the end of a run finds little left to do.
+#[allow(unsafe_code)]
+pub(super) fn start_writeback(file: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) on a descriptor we own; only a hint.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}

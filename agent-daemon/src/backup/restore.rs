@@ -1,0 +1,197 @@
+//! Restore: confined to its target, keeping files that differ unless asked,
+//! one temporary file per restored file, one sync at the end.
+
+use super::*;
+
+impl Repository {
+    /// Restores `snapshot` (or the entries under `to.only`) into
+    /// `to.target`. Each file is written to a temporary name and renamed
+    /// only once every chunk checked out; a file that cannot be restored is
+    /// reported and the restore fails at the end.
+    pub fn restore(&self, snapshot: &Snapshot, to: &RestoreTo<'_>) -> Result<u64, BackupError> {
+        self.restore_with(snapshot, to, &|id| self.chunk(id))
+    }
+
+    /// Like [`Repository::restore`], with chunks from `chunk` (checked
+    /// plaintext by id), e.g. fetched from the hub.
+    ///
+    /// A manifest is not trusted (every device holds the fleet's key, so a
+    /// compromised one can write any manifest): each entry's path is
+    /// confined to the target ([`confined_path`]), an entry under a
+    /// symbolic link this restore made is refused, and an existing file
+    /// that differs is kept unless `to.overwrite`. Durability: one `syncfs`
+    /// of the target's file system at the end, not one sync per file.
+    pub(super) fn restore_with(
+        &self,
+        snapshot: &Snapshot,
+        to: &RestoreTo<'_>,
+        chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+    ) -> Result<u64, BackupError> {
+        let target = to.target;
+        fs::create_dir_all(target).map_err(io(target))?;
+        let mut failed = 0usize;
+        let mut restored = 0u64;
+        let mut dirs = Vec::new();
+        let mut links = BTreeSet::new();
+        for entry in snapshot.selected(to.only) {
+            let result = confined_path(&entry.path, &links).map_err(BackupError::Refused).and_then(|relative| {
+                let dest = target.join(&relative);
+                match existing(&dest, entry) {
+                    Existing::Same => return Ok(()),
+                    Existing::Differs if !to.overwrite => {
+                        return Err(BackupError::Refused(format!(
+                            "{} exists and differs from the backup (--overwrite replaces it)",
+                            dest.display()
+                        )));
+                    }
+                    Existing::Differs | Existing::Absent => {}
+                }
+                match &entry.kind {
+                    EntryKind::Dir => {
+                        let r = fs::create_dir_all(&dest).map_err(io(&dest));
+                        dirs.push((dest, entry));
+                        r
+                    }
+                    EntryKind::Symlink { target: link } => {
+                        links.insert(relative);
+                        (|| {
+                            if let Some(parent) = dest.parent() {
+                                fs::create_dir_all(parent).map_err(io(parent))?;
+                            }
+                            let _ = fs::remove_file(&dest);
+                            std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
+                        })()
+                    }
+                    EntryKind::File { chunks, .. } => {
+                        restore_file(&dest, chunks, chunk).and_then(|()| apply_meta(&dest, entry))
+                    }
+                }
+            });
+            match result {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(path = %entry.path, error = %e, "Not restored.");
+                    eprintln!("not restored: {}: {e}", entry.path);
+                }
+            }
+        }
+        // Directory times last, after their contents were written.
+        for (dest, entry) in dirs.iter().rev() {
+            if let Err(e) = apply_meta(dest, entry) {
+                tracing::warn!(path = %entry.path, error = %e, "Directory metadata not restored.");
+            }
+        }
+        syncfs(target)?;
+        if failed > 0 {
+            return Err(BackupError::RestoreIncomplete(failed));
+        }
+        Ok(restored)
+    }
+}
+
+/// Where and how a restore writes.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTo<'a> {
+    /// The directory the snapshot's absolute paths are restored under
+    /// (`/` restores in place).
+    pub target: &'a Path,
+    /// Only these paths and what is under them (all if empty).
+    pub only: &'a [String],
+    /// Replace existing files that differ from the backup.
+    pub overwrite: bool,
+}
+
+/// The path under the target where a manifest entry goes: its absolute
+/// path made relative. Refused (with why) if it has a `..`, `.` or empty
+/// name, or lies under a symbolic link made earlier in the same restore
+/// (`links`, relative), since the restore would then write wherever the
+/// link points.
+pub fn confined_path(path: &str, links: &BTreeSet<PathBuf>) -> Result<PathBuf, String> {
+    if path.contains('\0') {
+        return Err(format!("{path:?}: a path with a NUL byte"));
+    }
+    let mut relative = PathBuf::new();
+    for (i, name) in path.trim_start_matches('/').split('/').enumerate() {
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(format!("{path:?} does not name a place under the target ({name:?} in it)"));
+        }
+        if i > 0 && links.contains(&relative) {
+            return Err(format!("{path:?} lies under {}, a symbolic link this restore made", relative.display()));
+        }
+        relative.push(name);
+    }
+    if links.contains(&relative) {
+        return Err(format!("{path:?} is a symbolic link this restore made"));
+    }
+    Ok(relative)
+}
+
+/// What is already where an entry is restored.
+pub(super) enum Existing {
+    /// Nothing (or a directory where a directory goes).
+    Absent,
+    /// The same (a file of the same size and modification time, a link to
+    /// the same target): left as it is.
+    Same,
+    /// Something else.
+    Differs,
+}
+
+pub(super) fn existing(dest: &Path, entry: &Entry) -> Existing {
+    let Ok(meta) = fs::symlink_metadata(dest) else { return Existing::Absent };
+    if matches!(entry.kind, EntryKind::Dir) && meta.is_dir() {
+        // An existing directory is used as it is; its metadata is still
+        // restored after its contents.
+        return Existing::Absent;
+    }
+    let same_time = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()) == entry.mtime_ns;
+    let same = match &entry.kind {
+        EntryKind::Dir => false,
+        EntryKind::File { size, .. } => meta.is_file() && meta.len() == *size && same_time,
+        EntryKind::Symlink { target } => {
+            meta.file_type().is_symlink() && fs::read_link(dest).is_ok_and(|t| t.as_os_str() == target.as_str())
+        }
+    };
+    if same { Existing::Same } else { Existing::Differs }
+}
+
+/// Writes a file from its chunks through a temporary name, renamed into
+/// place only once every chunk checked out.
+pub(super) fn restore_file(
+    dest: &Path,
+    chunks: &[ChunkId],
+    chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+) -> Result<(), BackupError> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let tmp = dest.with_file_name(format!(
+        ".{}.{}.outpost-restore",
+        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        unique_suffix()
+    ));
+    let result = (|| {
+        // create_new: never through a link or onto a file someone put there.
+        let mut file = fs::File::create_new(&tmp).map_err(io(&tmp))?;
+        for id in chunks {
+            let plain = chunk(id)?;
+            file.write_all(&plain).map_err(io(&tmp))?;
+        }
+        // Synced with the whole restore (one syncfs at its end).
+        fs::rename(&tmp, dest).map_err(io(dest))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Sets mode, owner (when permitted) and mtime.
+pub(super) fn apply_meta(dest: &Path, entry: &Entry) -> Result<(), BackupError> {
+    fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(dest))?;
+    let _ = std::os::unix::fs::chown(dest, Some(entry.uid), Some(entry.gid));
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(entry.mtime_ns).unwrap_or(0));
+    let file = fs::File::open(dest).map_err(io(dest))?;
+    file.set_modified(mtime).map_err(io(dest))
+}

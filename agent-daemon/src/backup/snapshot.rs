@@ -1,0 +1,307 @@
+//! A backup run: walk the set's paths, read what changed, cut it into
+//! chunks, hash them, and hand new ones to writer threads; then sync and
+//! write the manifest.
+
+use super::*;
+
+impl Repository {
+    /// Backs up `set` and writes its snapshot.
+    pub fn backup(&self, set: &BackupSet) -> Result<Snapshot, BackupError> {
+        let started = Timestamp::now();
+        let previous: HashMap<String, Entry> = self
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.set == set.name)
+            .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
+            .unwrap_or_default();
+        let unsynced = self.root.join(UNSYNCED);
+        self.write_durably(&unsynced, started.0.to_string().as_bytes())?;
+        let exclude = set.exclude_matcher();
+        // Two stages: this thread walks, reads, chunks and hashes; writer
+        // threads (one per CPU) compress, encrypt and store new chunks.
+        let (entries, problems, stats) = std::thread::scope(|scope| {
+            let (sink, chunks) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(8);
+            let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
+            let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+            let writers: Vec<_> = (0..writers)
+                .map(|_| {
+                    let chunks = chunks.clone();
+                    scope.spawn(move || {
+                        let (mut new_chunks, mut stored) = (0u64, 0u64);
+                        loop {
+                            let next = chunks.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok((id, data)) = next else { break };
+                            let written = self.put_chunk(&id, &data)?;
+                            if written > 0 {
+                                new_chunks += 1;
+                                stored += written;
+                            }
+                        }
+                        Ok::<_, BackupError>((new_chunks, stored))
+                    })
+                })
+                .collect();
+            let mut run = Run {
+                repo: self,
+                previous,
+                exclude,
+                entries: Vec::new(),
+                problems: Vec::new(),
+                stats: Stats::default(),
+                sink,
+                queued: HashSet::new(),
+                buffer: Vec::new(),
+            };
+            let walked = set.paths.iter().try_for_each(|path| run.walk(Path::new(path)));
+            let Run { entries, problems, mut stats, sink, .. } = run;
+            drop(sink);
+            for writer in writers {
+                let written = writer.join().unwrap_or_else(|_| {
+                    Err(BackupError::Corrupt { what: "backup writer".into(), why: "panicked".into() })
+                });
+                // A writer failure (a full disk) is the cause of a walk
+                // failure.
+                let (new_chunks, stored) = written?;
+                stats.new_chunks += new_chunks;
+                stats.new_stored_bytes += stored;
+            }
+            walked?;
+            Ok::<_, BackupError>((entries, problems, stats))
+        })?;
+        self.sync_all()?;
+        let mut random = [0u8; 4];
+        rand::fill(&mut random[..]);
+        let name = format!("{}-{}-{}", started.0, set.name, hex(&random));
+        let snapshot = Snapshot {
+            name: name.clone(),
+            set: set.name.clone(),
+            started,
+            ended: Timestamp::now(),
+            paths: set.paths.clone(),
+            entries,
+            problems,
+            bytes: stats.bytes,
+            files_read: stats.files_read,
+            new_chunks: stats.new_chunks,
+            new_stored_bytes: stats.new_stored_bytes,
+        };
+        let plain = postcard::to_stdvec(&snapshot).unwrap_or_default();
+        let blob = self.seal(&plain, name.as_bytes())?;
+        self.write_durably(&self.root.join("snapshots").join(&name), &blob)?;
+        // Every chunk is on disk (synced above); losing this removal only
+        // costs the next run a check.
+        let _ = fs::remove_file(&unsynced);
+        Ok(snapshot)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    bytes: u64,
+    files_read: u64,
+    new_chunks: u64,
+    new_stored_bytes: u64,
+}
+
+pub(super) struct Run<'a> {
+    repo: &'a Repository,
+    previous: HashMap<String, Entry>,
+    exclude: globset::GlobSet,
+    entries: Vec<Entry>,
+    problems: Vec<String>,
+    stats: Stats,
+    /// New chunks go to the writer thread.
+    sink: std::sync::mpsc::SyncSender<(ChunkId, Vec<u8>)>,
+    /// Chunks already sent to the writers or found stored in this run: a
+    /// chunk is written once however many files contain it.
+    queued: HashSet<ChunkId>,
+    /// Small files are read whole into this one buffer, reused.
+    buffer: Vec<u8>,
+}
+
+impl Run<'_> {
+    /// Backs up `path` and everything under it. Problems with single files
+    /// are recorded and skipped; a repository write failure ends the run.
+    pub(super) fn walk(&mut self, path: &Path) -> Result<(), BackupError> {
+        let text = path.to_string_lossy().into_owned();
+        if self.exclude.is_match(path) {
+            return Ok(());
+        }
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                self.problems.push(format!("{text}: {e}"));
+                return Ok(());
+            }
+        };
+        let base = |kind| Entry {
+            path: text.clone(),
+            kind,
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            match fs::read_link(path) {
+                Ok(target) => {
+                    self.entries.push(base(EntryKind::Symlink { target: target.to_string_lossy().into_owned() }))
+                }
+                Err(e) => self.problems.push(format!("{text}: {e}")),
+            }
+        } else if ft.is_dir() {
+            self.entries.push(base(EntryKind::Dir));
+            let mut children: Vec<PathBuf> = match fs::read_dir(path) {
+                Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+                Err(e) => {
+                    self.problems.push(format!("{text}: {e}"));
+                    return Ok(());
+                }
+            };
+            children.sort();
+            for (i, child) in children.iter().enumerate() {
+                if let Some(next) = children.get(i + 1)
+                    && self.needs_reading(next)
+                {
+                    prefetch(next);
+                }
+                self.walk(child)?;
+            }
+        } else if ft.is_file() {
+            let entry = base(EntryKind::Dir);
+            let chunks = match self.unchanged(&text, &meta) {
+                Some(chunks) => chunks.clone(),
+                None => match self.read_file(path, &meta)? {
+                    Some(chunks) => chunks,
+                    None => return Ok(()),
+                },
+            };
+            self.stats.bytes += meta.len();
+            self.entries.push(Entry { kind: EntryKind::File { size: meta.len(), inode: meta.ino(), chunks }, ..entry });
+        } else {
+            self.problems.push(format!("{text}: skipped (not a file, directory or symlink)"));
+        }
+        Ok(())
+    }
+
+    /// True for a regular file the previous snapshot does not cover.
+    pub(super) fn needs_reading(&self, path: &Path) -> bool {
+        fs::symlink_metadata(path)
+            .is_ok_and(|meta| meta.is_file() && self.unchanged(&path.to_string_lossy(), &meta).is_none())
+    }
+
+    /// The chunk list of the previous snapshot's `path`, if the file is
+    /// unchanged since: same size, mtime and inode.
+    pub(super) fn unchanged(&self, path: &str, meta: &fs::Metadata) -> Option<&Vec<ChunkId>> {
+        let previous = self.previous.get(path)?;
+        let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        match &previous.kind {
+            EntryKind::File { size, inode, chunks }
+                if *size == meta.len() && *inode == meta.ino() && previous.mtime_ns == mtime_ns =>
+            {
+                Some(chunks)
+            }
+            _ => None,
+        }
+    }
+
+    /// Chunks and stores a file; `None` (with a problem recorded) if it
+    /// cannot be read.
+    pub(super) fn read_file(
+        &mut self,
+        path: &Path,
+        before: &fs::Metadata,
+    ) -> Result<Option<Vec<ChunkId>>, BackupError> {
+        let text = path.to_string_lossy().into_owned();
+        let mut file = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.problems.push(format!("{text}: {e}"));
+                return Ok(None);
+            }
+        };
+        self.stats.files_read += 1;
+        let mut chunks = Vec::new();
+        let mut read = 0u64;
+        // Most files of a real tree are small: read them whole into the
+        // reused buffer and cut them in place, instead of a fresh, zeroed
+        // streaming buffer of the largest chunk size per file.
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        if let Err(e) = (&mut file).take(MAX_CHUNK as u64 + 1).read_to_end(&mut buffer) {
+            self.problems.push(format!("{text}: read failed: {e}"));
+            self.buffer = buffer;
+            return Ok(None);
+        }
+        if buffer.len() <= MAX_CHUNK {
+            read = buffer.len() as u64;
+            for cut in fastcdc::v2020::FastCDC::new(&buffer, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let piece = &buffer[cut.offset..cut.offset + cut.length];
+                let id = *blake3::keyed_hash(&self.repo.id_key, piece).as_bytes();
+                self.queue(id, piece.to_vec())?;
+                chunks.push(id);
+            }
+            self.buffer = buffer;
+        } else {
+            // A large file: what was read goes first, the rest streams.
+            // StreamCDC buffers by itself; no BufReader (it would copy twice).
+            let source = std::io::Cursor::new(buffer).chain(file);
+            for chunk in fastcdc::v2020::StreamCDC::new(source, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.problems.push(format!("{text}: read failed: {e}"));
+                        return Ok(None);
+                    }
+                };
+                read += chunk.data.len() as u64;
+                let id = *blake3::keyed_hash(&self.repo.id_key, &chunk.data).as_bytes();
+                self.queue(id, chunk.data)?;
+                chunks.push(id);
+            }
+        }
+        match fs::symlink_metadata(path) {
+            Ok(after)
+                if after.len() == before.len()
+                    && after.mtime_nsec() == before.mtime_nsec()
+                    && after.mtime() == before.mtime()
+                    && read == before.len() => {}
+            _ => self.problems.push(format!("{text}: changed while read (stored as read)")),
+        }
+        Ok(Some(chunks))
+    }
+}
+
+impl Run<'_> {
+    /// Sends a chunk to the writers unless this run already did or the
+    /// repository has it.
+    pub(super) fn queue(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), BackupError> {
+        if self.queued.insert(id) && !self.repo.chunk_path(&id).exists() && self.sink.send((id, data)).is_err() {
+            // The writer stopped on an error; `backup` reports it.
+            return Err(BackupError::Corrupt { what: "repository".into(), why: "the chunk writer stopped".into() });
+        }
+        Ok(())
+    }
+}
+
+/// Reads a whole file (for tests and small helpers).
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    fs::File::open(path)?.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Asks the kernel to read a file ahead (it is read next), so reading
+/// overlaps with chunking and hashing the current one.
+#[allow(unsafe_code)]
+pub(super) fn prefetch(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(file) = fs::File::open(path) {
+        // SAFETY: posix_fadvise(2) on a descriptor we own; only a hint.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+}
