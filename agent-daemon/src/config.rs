@@ -54,6 +54,9 @@ pub struct BackupRepoConfig {
     /// A scheduled or commanded backup operation is killed after this long.
     /// Default 24h.
     pub timeout: Duration,
+    /// Most bytes per second an upload to the hub sends (`"512 KiB"`).
+    /// Default 0: no limit.
+    pub upload_rate: u64,
 }
 
 /// One `[[backup]]` set.
@@ -86,60 +89,7 @@ impl BackupSet {
     }
 }
 
-/// `retention` of a backup set: snapshots to keep, counted as restic's
-/// `forget` does: the newest `last`, and the newest of each of the latest
-/// `hourly` hours, `daily` days, `weekly` weeks and `monthly` months that
-/// have one. A snapshot kept by any rule stays. All zero keeps everything.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Retention {
-    /// Newest snapshots kept.
-    pub last: usize,
-    /// Hours with a snapshot kept.
-    pub hourly: usize,
-    /// Days.
-    pub daily: usize,
-    /// Weeks (from Monday, UTC).
-    pub weekly: usize,
-    /// Months.
-    pub monthly: usize,
-}
-
-impl Retention {
-    /// Indexes (into `times`, oldest first) of the snapshots to keep.
-    pub fn keep(&self, times: &[outpost_shared::time::Timestamp]) -> std::collections::BTreeSet<usize> {
-        use chrono::Datelike;
-        let mut keep = std::collections::BTreeSet::new();
-        if *self == Retention::default() {
-            keep.extend(0..times.len());
-            return keep;
-        }
-        let newest_first: Vec<usize> = (0..times.len()).rev().collect();
-        keep.extend(newest_first.iter().take(self.last));
-        /// Maps a time (ms) to its hour, day, week or month.
-        type Bucket = fn(i64) -> i64;
-        let rules: [(usize, Bucket); 4] = [
-            (self.hourly, |ms| ms.div_euclid(3_600_000)),
-            (self.daily, |ms| ms.div_euclid(86_400_000)),
-            (self.weekly, |ms| (ms.div_euclid(86_400_000) + 3).div_euclid(7)),
-            (self.monthly, |ms| {
-                let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-                i64::from(t.year()) * 12 + i64::from(t.month0())
-            }),
-        ];
-        for (count, bucket) in rules {
-            let mut seen = std::collections::BTreeSet::new();
-            for &i in &newest_first {
-                if seen.len() >= count {
-                    break;
-                }
-                if seen.insert(bucket(times[i].0 as i64)) {
-                    keep.insert(i);
-                }
-            }
-        }
-        keep
-    }
-}
+pub use outpost_shared::retention::Retention;
 
 /// `[peers]`
 #[derive(Debug, Clone, PartialEq)]
@@ -315,6 +265,7 @@ impl ConfigFile for AgentConfig {
                 nice: backups_section.get_or("nice", 10u8),
                 io_class: backups_section.get_or("io_class", "idle".to_owned()),
                 timeout: backups_section.get_or("timeout", Duration::from_secs(86_400)),
+                upload_rate: backups_section.get_or("upload_rate", ByteSize(0)).0,
             },
             config_path: None,
             peers: PeersConfig {
@@ -412,15 +363,7 @@ fn read_backup_set(t: &Section<'_>) -> BackupSet {
     {
         t.error("schedule", e);
     }
-    let r = t.table("retention");
-    let retention = Retention {
-        last: r.get_or("last", 0usize),
-        hourly: r.get_or("hourly", 0usize),
-        daily: r.get_or("daily", 0usize),
-        weekly: r.get_or("weekly", 0usize),
-        monthly: r.get_or("monthly", 0usize),
-    };
-    r.finish();
+    let retention = Retention::read(&t.table("retention"));
     let upload = t.get_or("upload", false);
     t.finish();
     BackupSet { name, paths, exclude, schedule, retention, upload }
@@ -435,26 +378,6 @@ mod tests {
         let c = AgentConfig::with_data_dir("/tmp/x".into());
         assert_eq!(c.uplink.heartbeat, Duration::from_secs(5));
         assert_eq!(c.telemetry.interval, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn retention_keeps_the_newest_per_rule_and_everything_when_empty() {
-        use outpost_shared::time::Timestamp;
-        const H: u64 = 3_600_000;
-        // 2026-11-01 00:00 UTC, then snapshots at +0h, +1h, +1h30, +25h,
-        // +26h, +24 days (another week, same month), +31 days (next month).
-        let base = 1_793_491_200_000u64;
-        let times: Vec<Timestamp> =
-            [0, H, H + H / 2, 25 * H, 26 * H, 24 * 24 * H, 31 * 24 * H].iter().map(|d| Timestamp(base + d)).collect();
-        let keep = |r: Retention| r.keep(&times).into_iter().collect::<Vec<_>>();
-        assert_eq!(keep(Retention::default()), (0..7).collect::<Vec<_>>());
-        assert_eq!(keep(Retention { last: 2, ..Default::default() }), [5, 6]);
-        // The newest of each of the last 3 hours that have one: 6, 5, 4.
-        assert_eq!(keep(Retention { hourly: 3, ..Default::default() }), [4, 5, 6]);
-        // Days: 6 (day 31), 5 (day 24), 4 (day 1, newest of 3 and 4), 2 (day 0).
-        assert_eq!(keep(Retention { daily: 4, ..Default::default() }), [2, 4, 5, 6]);
-        assert_eq!(keep(Retention { monthly: 2, ..Default::default() }), [5, 6]);
-        assert_eq!(keep(Retention { last: 1, daily: 2, ..Default::default() }), [5, 6]);
     }
 
     #[test]

@@ -365,7 +365,9 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
     match op {
         Operation::Upload => {
             let repo = Repository::open_unlocked(dir, &key)?;
-            let hub = HubLink::connect(&config.data_dir, &config.uplink).inspect_err(|_| repo.mark_pending())?;
+            let hub = HubLink::connect(&config.data_dir, &config.uplink)
+                .map(|h| h.with_upload_rate(config.backup_repo.upload_rate))
+                .inspect_err(|_| repo.mark_pending())?;
             let report = repo.upload(&config.backups, &hub);
             hub.close();
             let r = report?;
@@ -381,7 +383,8 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
         Operation::Restore { from_device: Some(owner), snapshot, target, set, paths, overwrite } => {
             let owner: DeviceId = owner.parse().map_err(|e| BackupError::Setup(format!("--from-device: {e}")))?;
             let repo = Repository::open_unlocked(dir, &key)?;
-            let hub = HubLink::connect(&config.data_dir, &config.uplink)?;
+            let hub = HubLink::connect(&config.data_dir, &config.uplink)
+                .map(|h| h.with_upload_rate(config.backup_repo.upload_rate))?;
             let to = RestoreTo { target: &target, only: &paths, overwrite };
             let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &to);
             hub.close();
@@ -426,8 +429,9 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
                 // The snapshot is safe here; an upload that fails now is
                 // retried by the daemon once the hub is reachable.
                 match Repository::open_unlocked(dir, &key).and_then(|repo| {
-                    let hub =
-                        HubLink::connect(&config.data_dir, &config.uplink).inspect_err(|_| repo.mark_pending())?;
+                    let hub = HubLink::connect(&config.data_dir, &config.uplink)
+                        .map(|h| h.with_upload_rate(config.backup_repo.upload_rate))
+                        .inspect_err(|_| repo.mark_pending())?;
                     let report = repo.upload(&config.backups, &hub);
                     hub.close();
                     report

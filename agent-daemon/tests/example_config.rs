@@ -50,4 +50,5 @@ fn the_backup_example_in_configs_agent_toml_is_valid() {
     assert_eq!((set.name.as_str(), set.paths.len(), set.retention.daily), ("data", 2, 7));
     assert!(set.exclude_matcher().is_match("/srv/data/cache/x/y"));
     assert_eq!(config.backup_repo.key_file.as_deref(), Some(Path::new("/etc/outpost/backup.key")));
+    assert_eq!(config.backup_repo.upload_rate, 256 << 10);
 }

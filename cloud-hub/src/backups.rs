@@ -12,6 +12,19 @@
 //!   is taken on arrival, so a verify or a download finds a file that
 //!   changed on the hub's disk and names it.
 //! - `snapshots/<name>`: the encrypted manifest.
+//! - `chunklists/<name>`: the ids of the chunks the snapshot needs (sorted,
+//!   32 bytes each), as the device listed them before the upload
+//!   (`SnapshotChunks`) and the hub checked them at `PutSnapshot`: ids are
+//!   keyed hashes, so the list reveals nothing, yet it lets the hub's own
+//!   retention ([`Backups::prune`]) delete what no kept snapshot needs.
+//!   `uploading/<name>` holds the list while its upload runs.
+//!
+//! Retention is the hub's (`[backups.retention]` in hub.toml), never the
+//! device's: no request of a device deletes anything, so a compromised
+//! device cannot erase its history at the hub. Prune and catalogue take one
+//! lock, so a snapshot is never catalogued while a prune deletes a chunk it
+//! needs; chunks listed by an upload in flight, and chunks younger than
+//! [`PRUNE_GRACE`], are never deleted.
 //!
 //! Every file is written to a temporary name, synced and renamed (the
 //! directory synced too) before the upload is answered, so what the hub
@@ -21,13 +34,19 @@
 use crate::store::{CatalogEntry, Grant, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::fsutil::write_atomic;
-use outpost_shared::protocol::{ChunkBlob, ChunkId, RefusalReason, SnapshotData, SnapshotSummary};
+use outpost_shared::protocol::{ChunkBlob, ChunkId, RefusalReason, SnapshotChunkList, SnapshotData, SnapshotSummary};
 use outpost_shared::time::Timestamp;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// Most ids one `HaveChunks` may ask about.
+/// Most ids one `HaveChunks` (or `SnapshotChunks`) may carry.
 pub const MAX_IDS_PER_QUERY: usize = 16 * 1024;
+/// Chunks written this recently are never pruned: their snapshot may still
+/// be on its way.
+pub const PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// An upload whose list is older than this was abandoned: its list stops
+/// protecting chunks (a device that resumes sends it again).
+pub const UPLOAD_ABANDONED: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 /// Largest blob accepted: a 4 MiB chunk stored raw, its flag byte, nonce
 /// and tag, with room for a future format.
 pub const MAX_BLOB: usize = (4 << 20) + 4096;
@@ -110,18 +129,117 @@ pub struct Usage {
     pub bytes: u64,
 }
 
+/// What a prune of a device's backups at the hub did (or, dry, would do).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct PruneReport {
+    /// Snapshots removed (or to remove), by name.
+    pub snapshots_removed: Vec<String>,
+    /// Snapshots kept.
+    pub snapshots_kept: usize,
+    /// Chunk files removed (or to remove).
+    pub chunks_removed: u64,
+    /// Bytes those chunks took.
+    pub bytes_freed: u64,
+    /// Why no chunk was removed, when that is so (a kept snapshot without
+    /// a chunk list, uploaded before protocol 9).
+    pub chunks_kept_because: Option<String>,
+    /// Nothing was deleted: this is what a prune would do.
+    pub dry_run: bool,
+}
+
+/// The snapshots of a catalog that `retention` drops, per backup set, by
+/// name. A snapshot's time is when it started, but never later than when
+/// it arrived: a device cannot date a snapshot in the future to push older
+/// ones out. Pure.
+pub fn prune_plan(catalog: &[CatalogEntry], retention: &outpost_shared::retention::Retention) -> Vec<String> {
+    let mut sets: std::collections::BTreeMap<&str, Vec<&CatalogEntry>> = std::collections::BTreeMap::new();
+    for entry in catalog {
+        sets.entry(entry.summary.set.as_str()).or_default().push(entry);
+    }
+    let mut drop = Vec::new();
+    for entries in sets.values_mut() {
+        entries.sort_by_key(|e| (e.summary.started.min(e.uploaded_at), e.summary.name.clone()));
+        let times: Vec<Timestamp> = entries.iter().map(|e| e.summary.started.min(e.uploaded_at)).collect();
+        let keep = retention.keep(&times);
+        drop.extend(entries.iter().enumerate().filter(|(i, _)| !keep.contains(i)).map(|(_, e)| e.summary.name.clone()));
+    }
+    drop.sort();
+    drop
+}
+
 /// Devices' backups at the hub. Every method blocks (files, fsync): call
 /// them from blocking threads.
 #[derive(Debug, Clone)]
 pub struct Backups {
     dir: PathBuf,
     store: Store,
+    /// Held by `put_snapshot` and `prune`: a snapshot is never catalogued
+    /// while a prune deletes chunks.
+    catalogue: std::sync::Arc<std::sync::Mutex<()>>,
+    retention: outpost_shared::retention::Retention,
 }
 
 impl Backups {
-    /// Backups under `<data_dir>/backups`, catalog in `store`.
+    /// Backups under `<data_dir>/backups`, catalog in `store`, every
+    /// snapshot kept until [`Backups::with_retention`] says otherwise.
     pub fn new(data_dir: &Path, store: Store) -> Self {
-        Backups { dir: data_dir.join("backups"), store }
+        Backups { dir: data_dir.join("backups"), store, catalogue: Default::default(), retention: Default::default() }
+    }
+
+    /// The hub's retention (`[backups.retention]`), applied by
+    /// [`Backups::prune`].
+    pub fn with_retention(mut self, retention: outpost_shared::retention::Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    fn lock_catalogue(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.catalogue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn list_path(&self, device: &DeviceId, dir: &str, name: &str) -> PathBuf {
+        self.dir.join(device.as_str()).join(dir).join(name)
+    }
+
+    /// Records part of the chunk list of a snapshot being uploaded (the
+    /// first part starts it again).
+    pub fn put_chunk_list(&self, device: &DeviceId, list: &SnapshotChunkList) -> Result<(), BackupStoreError> {
+        if !valid_name(&list.name) {
+            return Err(BackupStoreError::BadRequest(format!("{:?} is not a snapshot name", list.name)));
+        }
+        if list.ids.len() > MAX_IDS_PER_QUERY {
+            return Err(BackupStoreError::BadRequest(format!("at most {MAX_IDS_PER_QUERY} ids per part")));
+        }
+        let path = self.list_path(device, "uploading", &list.name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent.display()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(!list.first)
+            .write(true)
+            .truncate(list.first)
+            .open(&path)
+            .map_err(io(path.display()))?;
+        use std::io::Write;
+        file.write_all(&list.ids.concat()).map_err(io(path.display()))?;
+        file.sync_all().map_err(io(path.display()))
+    }
+
+    /// The chunk list of a snapshot (`dir` `chunklists` for catalogued
+    /// ones, `uploading` for uploads under way), sorted and deduplicated;
+    /// `None` if there is none.
+    fn chunk_list(&self, device: &DeviceId, dir: &str, name: &str) -> Result<Option<Vec<ChunkId>>, BackupStoreError> {
+        let path = self.list_path(device, dir, name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(path.display())(e)),
+        };
+        let mut ids: Vec<ChunkId> = bytes.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Some(ids))
     }
 
     fn chunk_path(&self, device: &DeviceId, id: &ChunkId) -> PathBuf {
@@ -180,8 +298,9 @@ impl Backups {
         Ok(file.split_off(32))
     }
 
-    /// Catalogs a snapshot of `device`: the manifest file first, then the
-    /// catalog entry, both durable before this returns.
+    /// Catalogs a snapshot of `device`: its chunk list (sent before, every
+    /// chunk in it here) and manifest files first, then the catalog entry,
+    /// all durable before this returns.
     pub fn put_snapshot(&self, device: &DeviceId, data: &SnapshotData) -> Result<(), BackupStoreError> {
         let name = &data.summary.name;
         if !valid_name(name) {
@@ -190,15 +309,117 @@ impl Backups {
         if data.manifest.len() > outpost_shared::protocol::MAX_BULK_FRAME {
             return Err(BackupStoreError::BadRequest("manifest too large".into()));
         }
+        let _catalogue = self.lock_catalogue();
+        let ids = self.chunk_list(device, "uploading", name)?.unwrap_or_default();
+        if ids.len() as u64 != data.summary.chunks {
+            return Err(BackupStoreError::BadRequest(format!(
+                "snapshot {name} needs {} chunks but its chunk list (SnapshotChunks) names {}",
+                data.summary.chunks,
+                ids.len()
+            )));
+        }
+        let lacking = ids.iter().filter(|id| !self.chunk_path(device, id).exists()).count();
+        if lacking > 0 {
+            return Err(BackupStoreError::BadRequest(format!(
+                "snapshot {name} needs {lacking} chunk(s) the hub does not hold; send them first"
+            )));
+        }
+        let list = self.list_path(device, "chunklists", name);
+        if let Some(parent) = list.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent.display()))?;
+        }
+        write_atomic(&list, &ids.concat(), 0o600).map_err(io(list.display()))?;
         let path = self.manifest_path(device, name);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent.display()))?;
         }
         write_atomic(&path, &data.manifest, 0o600).map_err(io(path.display()))?;
         let entry = CatalogEntry { summary: data.summary.clone(), uploaded_at: Timestamp::now() };
-        let device = device.clone();
-        self.store.writer().run_blocking(move |s| s.put_catalog_entry(&device, &entry)).map_err(StoreError::from)??;
+        let d = device.clone();
+        self.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &entry)).map_err(StoreError::from)??;
+        let _ = std::fs::remove_file(self.list_path(device, "uploading", name));
         Ok(())
+    }
+
+    /// Applies the hub's retention to `device`'s snapshots: drops what it
+    /// does not keep (catalog first, then manifest and list), then deletes
+    /// the chunks no kept snapshot and no upload under way needs. With
+    /// `dry_run`, only reports.
+    pub fn prune(&self, device: &DeviceId, dry_run: bool) -> Result<PruneReport, BackupStoreError> {
+        let _catalogue = self.lock_catalogue();
+        let catalog = self.store.catalog(device)?;
+        let drop = prune_plan(&catalog, &self.retention);
+        let mut report = PruneReport {
+            snapshots_kept: catalog.len() - drop.len(),
+            snapshots_removed: drop.clone(),
+            dry_run,
+            ..PruneReport::default()
+        };
+        // What must stay: every kept snapshot's chunks, and those of uploads
+        // under way (abandoned ones' lists are removed instead).
+        let mut needed = std::collections::HashSet::new();
+        for entry in catalog.iter().filter(|e| !drop.contains(&e.summary.name)) {
+            match self.chunk_list(device, "chunklists", &entry.summary.name)? {
+                Some(ids) => needed.extend(ids),
+                None => {
+                    report.chunks_kept_because = Some(format!(
+                        "snapshot {} has no chunk list (uploaded before protocol 9): no chunk can be known unneeded",
+                        entry.summary.name
+                    ));
+                }
+            }
+        }
+        let uploading = self.dir.join(device.as_str()).join("uploading");
+        let mut abandoned = Vec::new();
+        for file in std::fs::read_dir(&uploading).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let age = file.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok());
+            if age.is_some_and(|a| a > UPLOAD_ABANDONED) {
+                abandoned.push(file.path());
+            } else if let Some(ids) = self.chunk_list(device, "uploading", &name)? {
+                needed.extend(ids);
+            }
+        }
+        let mut unneeded = Vec::new();
+        if report.chunks_kept_because.is_none() {
+            for file in self.chunk_files(device)? {
+                let id = file.file_name().and_then(|n| outpost_shared::identity::parse_hex32(&n.to_string_lossy()));
+                let meta = std::fs::metadata(&file).ok();
+                let young = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|m| m.elapsed().ok());
+                if id.is_some_and(|id| !needed.contains(&id)) && young.is_some_and(|a| a >= PRUNE_GRACE) {
+                    report.chunks_removed += 1;
+                    report.bytes_freed += meta.map_or(0, |m| m.len());
+                    unneeded.push(file);
+                }
+            }
+        }
+        if dry_run {
+            return Ok(report);
+        }
+        if !drop.is_empty() {
+            let (d, names) = (device.clone(), drop.clone());
+            self.store
+                .writer()
+                .run_blocking(move |s| s.delete_catalog_entries(&d, &names))
+                .map_err(StoreError::from)??;
+        }
+        for name in &drop {
+            for path in [self.manifest_path(device, name), self.list_path(device, "chunklists", name)] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(path.display())(e)),
+                }
+            }
+        }
+        for path in abandoned.iter().chain(&unneeded) {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(path.display())(e)),
+            }
+        }
+        Ok(report)
     }
 
     /// A device's catalog, oldest first.
@@ -274,6 +495,17 @@ impl Backups {
         }
         files.sort();
         Ok(files)
+    }
+
+    /// Devices with backups at the hub.
+    pub fn devices(&self) -> Result<Vec<DeviceId>, BackupStoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if let Ok(id) = entry.file_name().to_string_lossy().parse() {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes everything the hub holds of `device`'s backups (a retired
@@ -377,6 +609,159 @@ impl From<&CatalogEntry> for SnapshotView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use outpost_shared::retention::Retention;
+
+    const DAY: u64 = 86_400_000;
+
+    fn entry(set: &str, name: &str, started: u64, uploaded: u64, chunks: u64) -> CatalogEntry {
+        CatalogEntry {
+            summary: SnapshotSummary {
+                name: name.into(),
+                set: set.into(),
+                started: Timestamp(started),
+                ended: Timestamp(started),
+                entries: 0,
+                bytes: 0,
+                chunks,
+                problems: 0,
+            },
+            uploaded_at: Timestamp(uploaded),
+        }
+    }
+
+    #[test]
+    fn the_plan_counts_per_set_and_a_device_cannot_date_snapshots_in_the_future() {
+        let base = 1_793_491_200_000u64;
+        let mut catalog: Vec<CatalogEntry> = (0..5)
+            .map(|d| entry("etc", &format!("{}-etc-{d}", base + d * DAY), base + d * DAY, base + d * DAY, 1))
+            .collect();
+        catalog.push(entry("srv", "x-srv", base, base, 1));
+        let last2 = Retention { last: 2, ..Retention::default() };
+        let drop = prune_plan(&catalog, &last2);
+        assert_eq!(drop.len(), 3, "{drop:?}");
+        assert!(!drop.contains(&"x-srv".to_owned()), "another set's only snapshot was dropped");
+        // Five snapshots dated a year ahead, uploaded today: they count as
+        // today's, so the real history is judged by when it arrived.
+        let ahead = base + 365 * DAY;
+        let mut forged = catalog.clone();
+        forged.extend((0..5).map(|i| entry("etc", &format!("z-forged-{i}"), ahead + i, base + 4 * DAY, 1)));
+        let daily = Retention { daily: 5, ..Retention::default() };
+        let drop = prune_plan(&forged, &daily);
+        let real_kept = catalog.iter().filter(|e| e.summary.set == "etc" && !drop.contains(&e.summary.name)).count();
+        assert_eq!(real_kept, 4, "forged future dates pushed real days out: {drop:?}");
+        assert!(prune_plan(&catalog, &Retention::default()).is_empty(), "no retention keeps everything");
+    }
+
+    fn upload(backups: &Backups, dev: &DeviceId, name: &str, day: u64, ids: &[ChunkId]) {
+        for id in ids {
+            backups.put_chunk(dev, &ChunkBlob { id: *id, blob: vec![id[0]; 4000] }).unwrap();
+        }
+        backups.put_chunk_list(dev, &SnapshotChunkList { name: name.into(), first: true, ids: ids.to_vec() }).unwrap();
+        let summary = entry("data", name, day, day, ids.len() as u64).summary;
+        backups.put_snapshot(dev, &SnapshotData { summary, manifest: vec![0; 64] }).unwrap();
+        // The catalog entry records when it arrived: that day.
+        let e = entry("data", name, day, day, ids.len() as u64);
+        let d = dev.clone();
+        backups.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &e)).unwrap().unwrap();
+    }
+
+    fn age_chunks(backups: &Backups, dev: &DeviceId) {
+        let old = std::time::SystemTime::now() - PRUNE_GRACE - std::time::Duration::from_secs(60);
+        for file in backups.chunk_files(dev).unwrap() {
+            std::fs::File::options().write(true).open(file).unwrap().set_modified(old).unwrap();
+        }
+    }
+
+    /// 30 days of daily snapshots, 1 % of the chunks new each day, under
+    /// 7 daily / 4 weekly: the hub ends up holding exactly the chunks the
+    /// kept snapshots need, and every kept snapshot still has all of them.
+    #[test]
+    fn thirty_days_under_retention_leave_exactly_what_the_kept_snapshots_need() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let backups =
+            Backups::new(dir.path(), store).with_retention(Retention { daily: 7, weekly: 4, ..Default::default() });
+        let dev: DeviceId = "dev-a".parse().unwrap();
+        let base = 1_793_491_200_000u64;
+        let mut current: Vec<ChunkId> = (0..100u32)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                id
+            })
+            .collect();
+        for (new_id, day) in (100u32..).zip(0..30u64) {
+            // 1 % changes: one chunk replaced by a new one.
+            let slot = (day as usize * 37) % current.len();
+            current[slot][..4].copy_from_slice(&new_id.to_be_bytes());
+            upload(&backups, &dev, &format!("{}-data-{day:02}", base + day * DAY), base + day * DAY, &current);
+            if day % 7 == 6 {
+                age_chunks(&backups, &dev);
+                backups.prune(&dev, false).unwrap();
+            }
+        }
+        age_chunks(&backups, &dev);
+        let dry = backups.prune(&dev, true).unwrap();
+        assert!(dry.dry_run && !dry.snapshots_removed.is_empty());
+        let before = backups.catalog(&dev).unwrap().len();
+        assert_eq!(before, dry.snapshots_kept + dry.snapshots_removed.len(), "a dry run changed the catalog");
+        let report = backups.prune(&dev, false).unwrap();
+        assert_eq!(report.snapshots_removed, dry.snapshots_removed);
+        assert_eq!((report.chunks_removed, report.bytes_freed), (dry.chunks_removed, dry.bytes_freed));
+        let kept = backups.catalog(&dev).unwrap();
+        // 7 days, plus the newest of each of 4 weeks (overlapping the days).
+        assert!((7..=11).contains(&kept.len()), "{} kept", kept.len());
+        let mut needed = std::collections::BTreeSet::new();
+        for e in &kept {
+            needed.extend(backups.chunk_list(&dev, "chunklists", &e.summary.name).unwrap().unwrap());
+        }
+        let on_disk: std::collections::BTreeSet<ChunkId> = backups
+            .chunk_files(&dev)
+            .unwrap()
+            .iter()
+            .filter_map(|p| outpost_shared::identity::parse_hex32(&p.file_name().unwrap().to_string_lossy()))
+            .collect();
+        assert_eq!(on_disk, needed, "the hub holds more or less than the kept snapshots need");
+        let usage = backups.usage(&dev).unwrap();
+        assert_eq!(usage.chunks, needed.len() as u64);
+        eprintln!(
+            "30 days, 7 daily / 4 weekly: {} snapshots kept, {} chunks ({} bytes) on disk = what they need",
+            kept.len(),
+            usage.chunks,
+            usage.bytes
+        );
+    }
+
+    #[test]
+    fn prune_keeps_chunks_of_uploads_under_way_and_of_snapshots_without_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let backups = Backups::new(dir.path(), store).with_retention(Retention { last: 1, ..Default::default() });
+        let dev: DeviceId = "dev-a".parse().unwrap();
+        upload(&backups, &dev, "1-data-a", 1, &[[1; 32], [2; 32]]);
+        upload(&backups, &dev, "2-data-b", 2, &[[2; 32]]);
+        // An upload under way lists [1; 32] again and [3; 32], not yet sent.
+        backups.put_chunk(&dev, &ChunkBlob { id: [3; 32], blob: vec![3; 4000] }).unwrap();
+        backups
+            .put_chunk_list(
+                &dev,
+                &SnapshotChunkList { name: "3-data-c".into(), first: true, ids: vec![[1; 32], [3; 32]] },
+            )
+            .unwrap();
+        age_chunks(&backups, &dev);
+        let report = backups.prune(&dev, false).unwrap();
+        assert_eq!(report.snapshots_removed, ["1-data-a"]);
+        assert_eq!(report.chunks_removed, 0, "a chunk of the upload under way was removed: {report:?}");
+        // A snapshot catalogued before protocol 9 (no list) keeps every chunk.
+        let legacy = entry("data", "4-data-d", 4, 4, 1);
+        let d = dev.clone();
+        backups.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &legacy)).unwrap().unwrap();
+        std::fs::remove_file(backups.list_path(&dev, "uploading", "3-data-c")).unwrap();
+        let report = backups.prune(&dev, true).unwrap();
+        assert_eq!(report.chunks_removed, 0);
+        assert!(report.chunks_kept_because.unwrap().contains("4-data-d"));
+    }
 
     #[test]
     fn names_cannot_leave_the_directory() {

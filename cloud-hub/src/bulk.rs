@@ -116,6 +116,10 @@ fn answer(backups: &Backups, device: &DeviceId, request: Message) -> Message {
             }
             Ok(Message::Done)
         }
+        Message::SnapshotChunks(list) => {
+            backups.put_chunk_list(device, &list)?;
+            Ok(Message::Done)
+        }
         Message::PutSnapshot(data) => {
             backups.put_snapshot(device, &data)?;
             info!(snapshot = %data.summary.name, set = %data.summary.set, "Backup snapshot catalogued.");

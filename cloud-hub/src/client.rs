@@ -130,6 +130,11 @@ impl Client {
         self.call("DELETE", &format!("/api/v1/devices/{id}/backups"), None)
     }
 
+    /// `POST /api/v1/devices/{id}/backups/prune[?dry_run=true]`.
+    pub fn prune_backups(&self, id: &str, dry_run: bool) -> Result<crate::backups::PruneReport, ClientError> {
+        self.call("POST", &format!("/api/v1/devices/{id}/backups/prune?dry_run={dry_run}"), None)
+    }
+
     /// `POST /api/v1/devices/{id}/backups/verify`.
     pub fn verify_backups(&self, id: &str) -> Result<crate::backups::VerifyReport, ClientError> {
         self.call("POST", &format!("/api/v1/devices/{id}/backups/verify"), None)

@@ -27,6 +27,20 @@ pub struct HubConfig {
     pub telemetry_retention: Duration,
     /// Log filter (`info`, `outpost_hub=debug`, ...). Default `info`.
     pub log: String,
+    /// `[backups]`: the hub's own retention of uploaded snapshots.
+    pub backups: BackupsConfig,
+}
+
+/// `[backups]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupsConfig {
+    /// `[backups.retention]`: which uploaded snapshots of each device's
+    /// backup set the hub keeps (`last`, `hourly`, `daily`, `weekly`,
+    /// `monthly`, counted as the device counts its own). Default: all.
+    /// The hub's, never the device's: a device cannot shorten its history.
+    pub retention: outpost_shared::retention::Retention,
+    /// How often the retention is applied to every device. Default 1h.
+    pub prune_every: Duration,
 }
 
 /// `[quic]`
@@ -69,6 +83,7 @@ impl HubConfig {
             heartbeat_timeout: Duration::from_secs(15),
             telemetry_retention: Duration::from_secs(30 * 86400),
             log: "info".into(),
+            backups: BackupsConfig { retention: Default::default(), prune_every: Duration::from_secs(3600) },
         }
     }
 }
@@ -80,6 +95,7 @@ impl ConfigFile for HubConfig {
         let fleet = root.table("fleet");
         let telemetry = root.table("telemetry");
         let mqtt = root.table("mqtt");
+        let backups = root.table("backups");
         let config = HubConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             quic: QuicConfig {
@@ -103,7 +119,12 @@ impl ConfigFile for HubConfig {
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             log: root.get_or("log", "info".to_owned()),
+            backups: BackupsConfig {
+                retention: outpost_shared::retention::Retention::read(&backups.table("retention")),
+                prune_every: backups.get_or("prune_every", Duration::from_secs(3600)),
+            },
         };
+        backups.check("prune_every", config.backups.prune_every >= Duration::from_secs(60), "must be at least 1m");
         quic.check(
             "max_frame",
             (256 << 10..=64 << 20).contains(&config.quic.max_frame),
@@ -121,7 +142,7 @@ impl ConfigFile for HubConfig {
             mqtt.check("shared_group", !m.shared_group.contains(['/', '+', '#']), "must not contain '/', '+' or '#'");
             mqtt.check("password", m.password.is_none() || m.username.is_some(), "needs username");
         }
-        for s in [quic, http, fleet, telemetry, mqtt] {
+        for s in [quic, http, fleet, telemetry, mqtt, backups] {
             s.finish();
         }
         config

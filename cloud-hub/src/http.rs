@@ -283,6 +283,36 @@ async fn delete_backups(
     }))
 }
 
+/// `?dry_run=true` reports what a prune would remove.
+#[derive(Debug, serde::Deserialize)]
+struct PruneQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /devices/{id}/backups/prune`: applies the hub's retention now
+/// (operator for a dry run, admin to delete).
+async fn prune_backups(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    query: web::Query<PruneQuery>,
+) -> Result<HttpResponse, HttpError> {
+    let dry_run = query.dry_run;
+    caller.require(if dry_run { Role::Operator } else { Role::Admin })?;
+    let id = known_device(&fleet, &path)?;
+    let report = on_backups(&fleet, &id, move |b, id| b.prune(id, dry_run)).await?;
+    tracing::info!(
+        device = %id,
+        dry_run,
+        snapshots = report.snapshots_removed.len(),
+        chunks = report.chunks_removed,
+        by = %caller.token.name,
+        "Backups pruned at the hub."
+    );
+    Ok(HttpResponse::Ok().json(report))
+}
+
 async fn grant_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -483,6 +513,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                 .route("/devices/{id}/backups", web::get().to(get_backups))
                 .route("/devices/{id}/backups", web::delete().to(delete_backups))
                 .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
+                .route("/devices/{id}/backups/prune", web::post().to(prune_backups))
                 .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
                 .route("/devices/{id}/desired", web::get().to(get_desired))
                 .route("/devices/{id}/desired", web::put().to(put_desired))

@@ -123,7 +123,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let ca = FleetCa::load(data_dir)?;
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(data_dir)?;
-    let backups = backups::Backups::new(data_dir, store.clone());
+    let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
     let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout));
 
     let server_config = quic::server_config(&ca, config.quic.idle_timeout)?;
@@ -172,7 +172,12 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         }
         None => None,
     };
-    let maintenance_task = tokio::spawn(maintenance(fleet.clone(), config.telemetry_retention, shutdown.clone()));
+    let maintenance_task = tokio::spawn(maintenance(
+        fleet.clone(),
+        config.telemetry_retention,
+        config.backups.prune_every,
+        shutdown.clone(),
+    ));
 
     let routes_fleet = fleet.clone();
     let server =
@@ -196,11 +201,13 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, mqtt_task, maintenance_task, http, http_task, store })
 }
 
-/// Expires undelivered commands every second and prunes telemetry older
-/// than `retention` every minute, until `shutdown`.
-async fn maintenance(fleet: Arc<Fleet>, retention: Duration, shutdown: CancellationToken) {
+/// Expires undelivered commands every second, prunes telemetry older than
+/// `retention` every minute and applies the backup retention every
+/// `prune_backups`, until `shutdown`.
+async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_prune: Option<tokio::time::Instant> = None;
+    let mut last_backup_prune = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -218,13 +225,37 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Duration, shutdown: Cancellat
         }
         if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             last_prune = Some(tokio::time::Instant::now());
-            let cutoff = Timestamp(now.0.saturating_sub(retention.as_millis() as u64));
+            let cutoff = now.saturating_sub(retention);
             let store = fleet.store().clone();
             match tokio::task::spawn_blocking(move || store.prune_telemetry(cutoff)).await {
                 Ok(Ok(0)) => {}
                 Ok(Ok(n)) => tracing::info!(samples = n, "Telemetry past its retention pruned."),
                 Ok(Err(e)) => tracing::error!(error = %e, "Telemetry pruning failed."),
                 Err(e) => tracing::error!(error = %e, "Telemetry pruning task failed."),
+            }
+        }
+        if last_backup_prune.elapsed() >= prune_backups {
+            last_backup_prune = tokio::time::Instant::now();
+            let backups = fleet.backups().clone();
+            let pruned = tokio::task::spawn_blocking(move || -> Result<(), backups::BackupStoreError> {
+                for device in backups.devices()? {
+                    let report = backups.prune(&device, false)?;
+                    if !report.snapshots_removed.is_empty() || report.chunks_removed > 0 {
+                        tracing::info!(
+                            %device,
+                            snapshots = report.snapshots_removed.len(),
+                            chunks = report.chunks_removed,
+                            bytes = report.bytes_freed,
+                            "Backups past the hub's retention pruned."
+                        );
+                    }
+                }
+                Ok(())
+            });
+            match pruned.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Backup pruning failed."),
+                Err(e) => tracing::error!(error = %e, "Backup pruning task failed."),
             }
         }
     }

@@ -632,6 +632,16 @@ impl Store {
         Ok(keys.len())
     }
 
+    /// Removes some snapshots from a device's catalog (run on the writer).
+    pub fn delete_catalog_entries(&self, id: &DeviceId, names: &[String]) -> Result<(), StoreError> {
+        for name in names {
+            let mut key = device_prefix(id);
+            key.extend_from_slice(name.as_bytes());
+            self.backups.remove(key)?;
+        }
+        Ok(())
+    }
+
     /// Lets `reader` fetch `owner`'s backups (run on the writer).
     pub fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
         let mut key = device_prefix(reader);

@@ -15,6 +15,7 @@ fn configs_hub_toml_is_valid() {
     assert_eq!(config.http.listen.port(), 8080);
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(15));
     assert_eq!(config.quic.max_frame, 1 << 20);
+    assert_eq!((config.backups.retention.daily, config.backups.retention.weekly), (7, 4));
 }
 
 /// The reference file's commented-out `[mqtt]` example, switched on.

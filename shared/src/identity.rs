@@ -100,6 +100,19 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// Parses 64 hex digits into 32 bytes (chunk ids, keys); `None` for
+/// anything else.
+pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

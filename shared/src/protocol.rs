@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 /// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
 /// record; version 7 added the backup transfer messages of bulk connections
 /// (`HaveChunks` ... `Chunk`).
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +97,24 @@ pub enum Message {
     GetChunk(ChunkRef),
     /// Hub → agent, bulk: the chunk asked for.
     Chunk(ChunkBlob),
+    /// Agent → hub, bulk: ids of chunks a snapshot about to be uploaded
+    /// needs (in parts of at most 16 Ki ids; `first` starts the list
+    /// again). Sent before its chunks, so the hub never prunes them while
+    /// the upload runs, and kept with the snapshot, so the hub's retention
+    /// knows what each snapshot needs without the backup key. Answered
+    /// with `Done`.
+    SnapshotChunks(SnapshotChunkList),
+}
+
+/// Part of the list of chunks a snapshot needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotChunkList {
+    /// The snapshot's name.
+    pub name: String,
+    /// True for the first part: the hub forgets any earlier list.
+    pub first: bool,
+    /// Chunk ids.
+    pub ids: Vec<ChunkId>,
 }
 
 /// A backup chunk id: keyed BLAKE3 of the chunk's plaintext (the key is
@@ -585,6 +603,7 @@ impl Message {
             Message::Snapshot(_) => "Snapshot",
             Message::GetChunk(_) => "GetChunk",
             Message::Chunk(_) => "Chunk",
+            Message::SnapshotChunks(_) => "SnapshotChunks",
         }
     }
 }
@@ -652,15 +671,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0800017401aa016e",
+                "0900017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0801066465762d303101010102",
+                "0901066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "080203302e3102677701",
+                "090203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -669,10 +688,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0803066465762d303103302e31ac0207",
+                "0903066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0804010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "080502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0904010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "090502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -747,7 +766,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0807ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0907ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -758,9 +777,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "08080109046563686f010268690a0102027b7d",
+                "09080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "080902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "090902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -768,20 +787,24 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "080a066465762d303103090109015a",
+                "090a066465762d303103090109015a",
             ),
             (
                 Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
-                "080c066465762d3031ac0200",
+                "090c066465762d3031ac0200",
             ),
             (
                 Message::HaveChunks(ChunkIds { ids: vec![[7; 32]] }),
-                concat!("080d01", "0707070707070707070707070707070707070707070707070707070707070707"),
+                concat!("090d01", "0707070707070707070707070707070707070707070707070707070707070707"),
             ),
-            (Message::Done, "0811"),
+            (Message::Done, "0911"),
+            (
+                Message::SnapshotChunks(SnapshotChunkList { name: "1-s-ab".into(), first: true, ids: vec![[2; 32]] }),
+                concat!("091806312d732d61620101", "0202020202020202020202020202020202020202020202020202020202020202"),
+            ),
             (
                 Message::GetChunk(ChunkRef { device: "dev-01".parse().unwrap(), id: [1; 32] }),
-                concat!("0816066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
+                concat!("0916066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
             ),
             (
                 Message::PutSnapshot(SnapshotData {
@@ -797,7 +820,7 @@ mod tests {
                     },
                     manifest: vec![0xEE],
                 }),
-                "081006312d732d6162017301020304050001ee",
+                "091006312d732d6162017301020304050001ee",
             ),
         ];
         for (message, golden) in cases {
@@ -811,7 +834,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0806066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0906066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";
@@ -865,8 +888,10 @@ mod tests {
     #[test]
     fn unknown_version_is_told_apart_from_garbage() {
         let mut bytes = Envelope::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })).encode();
-        bytes[0] = 9;
-        assert!(matches!(Envelope::decode(&bytes), Err(ProtocolError::UnsupportedVersion { got: 9 })));
+        // Any one-byte version but ours (a future one, or an older one).
+        bytes[0] = PROTOCOL_VERSION as u8 + 1;
+        let got = PROTOCOL_VERSION + 1;
+        assert!(matches!(Envelope::decode(&bytes), Err(ProtocolError::UnsupportedVersion { got: g }) if g == got));
         assert!(matches!(Envelope::decode(&[PROTOCOL_VERSION as u8, 0xEE]), Err(ProtocolError::Malformed(_))));
         assert!(matches!(Envelope::decode(&[]), Err(ProtocolError::Malformed(_))));
     }

@@ -273,3 +273,72 @@ fn an_interrupted_upload_resumes_without_resending_what_arrived() {
     assert!(out.status.success(), "{}", text(&out));
     assert_same_tree(&src, &restored(&target, &src));
 }
+
+/// The hub's own retention: a device uploads three snapshots; the hub keeps
+/// the newest two, deletes the oldest and the chunks only it needed (never
+/// a chunk a kept snapshot needs), and what it keeps still restores. No
+/// request of the device deletes anything; the policy is in hub.toml.
+#[test]
+fn the_hubs_retention_keeps_what_it_says_and_every_kept_snapshot_restores() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    hub.extra_config = "[backups]\nprune_every = \"1h\"\n[backups.retention]\nlast = 2\n".into();
+    hub.kill();
+    hub.serve().unwrap();
+    let src = scratch.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let agent = Agent::enroll_with(scratch.path(), &hub, "kept", &timings, &backup_config(&scratch, &src)).unwrap();
+    // Three snapshots: each replaces one file, so each has chunks only it needs.
+    for round in 0..3u64 {
+        fs::write(src.join("changes.bin"), noise(300 << 10, round + 10)).unwrap();
+        fs::write(src.join("stays.bin"), noise(600 << 10, 99)).unwrap();
+        let out = backup(&agent, &["run", "field"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let client = hub.client();
+    let catalog = client.backups(&agent.id).unwrap();
+    assert_eq!(catalog.snapshots.len(), 3, "{catalog:?}");
+    let oldest = catalog.snapshots[0].name.clone();
+    let ctl = |args: &[&str]| {
+        run(Command::new(bin("outpostctl")).args(["--hub", &hub.api, "--token", &hub.admin_token]).args(args)).unwrap()
+    };
+    // Just uploaded: the oldest snapshot goes, its chunks are still in
+    // their grace period.
+    let out = ctl(&["backups", "prune", &agent.id, "--dry-run"]);
+    let report = text(&out);
+    assert!(out.status.success() && report.contains(&format!("would remove snapshot {oldest}")), "{report}");
+    assert!(report.contains("would remove 1 snapshot(s) and 0 chunk(s)"), "{report}");
+    // An hour later (the chunk files aged): the oldest's own chunks go too.
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    for file in hub_chunks(&hub, &agent.id) {
+        fs::File::options().write(true).open(file).unwrap().set_modified(hour_ago).unwrap();
+    }
+    let before = hub_chunks(&hub, &agent.id).len();
+    let out = ctl(&["backups", "prune", &agent.id]);
+    let report = text(&out);
+    assert!(out.status.success() && report.contains(&format!("removed snapshot {oldest}")), "{report}");
+    let after = hub_chunks(&hub, &agent.id).len();
+    assert!(after < before, "no chunk removed: {report}");
+    let catalog = client.backups(&agent.id).unwrap();
+    assert_eq!(catalog.snapshots.len(), 2);
+    assert!(catalog.snapshots.iter().all(|s| s.name != oldest));
+    // Every kept snapshot restores from the hub, byte for byte.
+    let out = backup(&agent, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (i, snapshot) in catalog.snapshots.iter().enumerate() {
+        let target = scratch.path().join(format!("restore-{i}"));
+        let from = agent.id.clone();
+        let out = backup(
+            &agent,
+            &["restore", "--from-device", &from, "--snapshot", &snapshot.name, "--target", target.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let got = fs::read(restored(&target, &src).join("changes.bin")).unwrap();
+        assert_eq!(got, noise(300 << 10, i as u64 + 11), "snapshot {} restored other content", snapshot.name);
+    }
+    let out = backup(&agent, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let hub_verify = client.verify_backups(&agent.id).unwrap();
+    assert!(hub_verify.problems.is_empty(), "{hub_verify:?}");
+}

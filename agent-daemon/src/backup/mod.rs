@@ -51,7 +51,9 @@ use crate::config::BackupSet;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use outpost_shared::DeviceId;
-use outpost_shared::protocol::{ChunkBlob, ChunkIds, ChunkRef, Message, SnapshotData, SnapshotRef, SnapshotSummary};
+use outpost_shared::protocol::{
+    ChunkBlob, ChunkIds, ChunkRef, Message, SnapshotChunkList, SnapshotData, SnapshotRef, SnapshotSummary,
+};
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -261,14 +263,7 @@ pub(crate) fn unique_suffix() -> String {
 }
 
 pub(crate) fn parse_id(name: &str) -> Option<ChunkId> {
-    if name.len() != 64 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(id)
+    outpost_shared::identity::parse_hex32(name)
 }
 
 /// Flushes everything written to the file system that holds `path`.

@@ -23,6 +23,20 @@ pub struct HubLink {
     client: BulkClient,
     device: DeviceId,
     runtime: tokio::runtime::Runtime,
+    /// Upload budget in bytes per second (`[backups] upload_rate`); 0 is
+    /// unlimited.
+    upload_rate: u64,
+}
+
+/// How long to wait before a send that brings the bytes sent since `start`
+/// to `total`, so that they stay within `rate` bytes per second (0: no
+/// limit). Pure.
+pub fn pace(total: u64, rate: u64, elapsed: std::time::Duration) -> std::time::Duration {
+    if rate == 0 {
+        return std::time::Duration::ZERO;
+    }
+    let due = std::time::Duration::try_from_secs_f64(total as f64 / rate as f64).unwrap_or(std::time::Duration::MAX);
+    due.saturating_sub(elapsed)
 }
 
 impl HubLink {
@@ -38,7 +52,13 @@ impl HubLink {
             .map_err(|e| BackupError::Setup(format!("cannot start the tokio runtime: {e}")))?;
         let timings = crate::tls::Timings { keepalive: uplink.keepalive, idle_timeout: uplink.idle_timeout };
         let client = runtime.block_on(BulkClient::connect(&identity, &hub, uplink.connect_timeout, timings))?;
-        Ok(HubLink { client, device: identity.device_id, runtime })
+        Ok(HubLink { client, device: identity.device_id, runtime, upload_rate: 0 })
+    }
+
+    /// Limits uploads to `bytes_per_sec` (0: no limit).
+    pub fn with_upload_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.upload_rate = bytes_per_sec;
+        self
     }
 
     pub(super) fn request(&self, message: Message) -> Result<Message, BulkError> {
@@ -153,12 +173,21 @@ impl Repository {
             .filter(|id| seen.insert(**id))
             .copied()
             .collect();
+        // The list first: the hub keeps every chunk on it while this upload
+        // runs, and keeps the list with the snapshot for its retention.
+        let parts: Vec<&[ChunkId]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(IDS_PER_QUERY).collect() };
+        for (i, part) in parts.into_iter().enumerate() {
+            let list = SnapshotChunkList { name: snapshot.name.clone(), first: i == 0, ids: part.to_vec() };
+            expect_done(hub.request(Message::SnapshotChunks(list)), "SnapshotChunks")?;
+        }
         let missing = hub.missing(&ids)?;
         report.chunks_present += (ids.len() - missing.len()) as u64;
         let sent: Result<(u64, u64), BackupError> = hub.runtime.block_on(async {
             let mut in_flight = tokio::task::JoinSet::new();
             let (mut chunks, mut bytes) = (0u64, 0u64);
             let mut next = missing.iter();
+            let started = tokio::time::Instant::now();
+            let mut queued = 0u64;
             loop {
                 while in_flight.len() < CHUNKS_IN_FLIGHT {
                     let Some(id) = next.next() else { break };
@@ -172,6 +201,8 @@ impl Repository {
                         });
                     };
                     let (client, len) = (hub.client.clone(), blob.len() as u64);
+                    queued += len;
+                    tokio::time::sleep(pace(queued, hub.upload_rate, started.elapsed())).await;
                     let put = Message::PutChunk(ChunkBlob { id: *id, blob });
                     in_flight.spawn(async move { (client.request(put).await, len) });
                 }
@@ -284,5 +315,20 @@ impl Repository {
         let restored = self.restore_with(&snapshot, to, &fetch);
         fetcher.abort();
         Ok((snapshot.name, restored?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn uploads_are_paced_to_the_rate() {
+        // 1 MiB/s: 4 MiB queued after 1 s waits 3 s more; within budget, none.
+        assert_eq!(pace(4 << 20, 1 << 20, Duration::from_secs(1)), Duration::from_secs(3));
+        assert_eq!(pace(1 << 20, 1 << 20, Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(pace(u64::MAX, 0, Duration::ZERO), Duration::ZERO, "0 is unlimited");
+        assert!(pace(u64::MAX, 1, Duration::ZERO) > Duration::from_secs(1 << 40));
     }
 }

@@ -13,14 +13,7 @@ pub(super) struct RepoConfig {
 pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
     let text = fs::read_to_string(path).map_err(|source| BackupError::KeyFile { path: path.to_owned(), source })?;
     let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    if hex.len() != 64 {
-        return Err(BackupError::BadKey(path.to_owned()));
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| BackupError::BadKey(path.to_owned()))?;
-    }
-    Ok(key)
+    outpost_shared::identity::parse_hex32(&hex).ok_or_else(|| BackupError::BadKey(path.to_owned()))
 }
 
 /// An open repository. Held exclusively while it lives, unless opened with

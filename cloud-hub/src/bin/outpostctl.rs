@@ -130,6 +130,17 @@ enum BackupsCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Apply the hub's retention (`[backups.retention]` in hub.toml) to a
+    /// device now: drop the snapshots it does not keep and the chunks no
+    /// kept snapshot needs. Admin role; `--dry-run` (operator) only says
+    /// what would go.
+    Prune {
+        /// Device id.
+        device: String,
+        /// Report only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Let another device (a replacement) fetch a device's backups, for
     /// `outpost-agent backup restore --from-device DEVICE` on it.
     Grant {
@@ -268,6 +279,24 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Backups { command: BackupsCmd::Prune { device, dry_run } } => {
+            client.prune_backups(&device, dry_run).map(|r| {
+                let verb = if r.dry_run { "would remove" } else { "removed" };
+                for name in &r.snapshots_removed {
+                    println!("{verb} snapshot {name}");
+                }
+                println!(
+                    "{verb} {} snapshot(s) and {} chunk(s), {} bytes; {} snapshot(s) kept",
+                    r.snapshots_removed.len(),
+                    r.chunks_removed,
+                    r.bytes_freed,
+                    r.snapshots_kept
+                );
+                if let Some(why) = &r.chunks_kept_because {
+                    println!("no chunk removed: {why}");
+                }
+            })
+        }
         Command::Backups { command: BackupsCmd::Delete { device, yes: false } } => {
             eprintln!("outpostctl: deleting {device}'s backups at the hub cannot be undone; add --yes");
             return ExitCode::from(2);
