@@ -68,7 +68,8 @@ change() { # rewrite 1 % of the data: a run of random bytes inside files
     python3 - "$data" <<'PY'
 import os, sys
 root = sys.argv[1]
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+files = sorted(p for p in (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+               if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 0)
 total = sum(os.path.getsize(f) for f in files)
 budget, i = total // 100, 0
 while budget > 0:

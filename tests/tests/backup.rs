@@ -9,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 struct Setup {
     config: PathBuf,
@@ -123,19 +124,15 @@ fn a_corrupted_chunk_is_named_by_verify_and_a_restore_that_needs_it_refuses() {
     let s = setup(&scratch, "");
     populate(&s.src);
     backup(&s, &["run", "data"]);
-    // The smallest chunk is a whole small file: corrupt it.
-    let mut chunks: Vec<PathBuf> = fs::read_dir(s.repo.join("chunks"))
-        .unwrap()
-        .flatten()
-        .flat_map(|d| fs::read_dir(d.path()).unwrap().flatten().map(|e| e.path()))
-        .collect();
-    chunks.sort_by_key(|p| fs::metadata(p).unwrap().len());
-    let victim = &chunks[0];
-    let mut bytes = fs::read(victim).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 1;
-    fs::write(victim, &bytes).unwrap();
-    let id = victim.file_name().unwrap().to_string_lossy().into_owned();
+    // The smallest chunk is a whole small file: corrupt one byte of its
+    // blob inside its pack.
+    let mut blobs = index_records(&s);
+    blobs.sort_by_key(|b| b.len);
+    let victim = &blobs[0];
+    let mut bytes = fs::read(&victim.pack).unwrap();
+    bytes[(victim.offset + victim.len / 2) as usize] ^= 1;
+    fs::write(&victim.pack, &bytes).unwrap();
+    let id = victim.id.clone();
 
     let out = backup(&s, &["verify"]);
     let report = text(&out);
@@ -177,13 +174,17 @@ fn prune_keeps_exactly_what_the_retention_says_and_drops_unneeded_chunks() {
         assert!(report.contains(&format!("retention: {expected}")), "{report}");
     }
     assert_eq!(snapshots(&s), made[2..].to_vec());
-    // An explicit prune has nothing left to drop but what a crash in the
-    // middle of a chunk write leaves behind.
-    let some_dir = fs::read_dir(s.repo.join("chunks")).unwrap().flatten().next().unwrap().path();
-    let leftover = some_dir.join(format!("{}.tmp", "0".repeat(64)));
-    fs::write(&leftover, b"half a chunk").unwrap();
+    // The chunks of the dropped snapshots went with their packs.
+    let packs = pack_files(&s);
+    let named: std::collections::BTreeSet<PathBuf> = index_records(&s).into_iter().map(|b| b.pack).collect();
+    assert_eq!(packs, named, "packs on disk are not the packs the index names");
+    // An explicit prune has nothing left to drop but the pack of a run that
+    // ended before it wrote its index.
+    let some_dir = fs::read_dir(s.repo.join("packs")).unwrap().flatten().next().unwrap().path();
+    let leftover = some_dir.join("0".repeat(64));
+    fs::write(&leftover, b"half a pack").unwrap();
     let out = backup(&s, &["prune"]);
-    assert!(!leftover.exists(), "prune left a half-written chunk");
+    assert!(!leftover.exists(), "prune left a pack nothing names");
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("0 snapshot(s) and 0 chunk(s) removed"), "{}", text(&out));
     assert_eq!(snapshots(&s), made[2..].to_vec());
@@ -238,49 +239,85 @@ fn files_that_change_while_read_or_cannot_be_read_are_reported_and_the_backup_go
     assert_same_tree(&s.src, &copy);
 }
 
-/// Every chunk file in the repository.
-fn chunk_files(s: &Setup) -> std::collections::BTreeSet<PathBuf> {
+/// Every pack file in the repository.
+fn pack_files(s: &Setup) -> std::collections::BTreeSet<PathBuf> {
     let mut out = std::collections::BTreeSet::new();
-    for sub in fs::read_dir(s.repo.join("chunks")).unwrap().flatten() {
+    for sub in fs::read_dir(s.repo.join("packs")).unwrap().flatten() {
         out.extend(fs::read_dir(sub.path()).unwrap().flatten().map(|e| e.path()));
     }
     out
 }
 
+/// Where a chunk's blob is, as the index says.
+struct Blob {
+    id: String,
+    pack: PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+/// Every record of every index segment: after an 8-byte magic line,
+/// records of chunk id (32), pack id (32), offset and length (u32 LE).
+fn index_records(s: &Setup) -> Vec<Blob> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for segment in fs::read_dir(s.repo.join("index")).unwrap().flatten() {
+        let bytes = fs::read(segment.path()).unwrap();
+        assert_eq!(&bytes[..8], b"OPIDX01\n");
+        for r in bytes[8..].chunks_exact(72) {
+            let pack = hex(&r[32..64]);
+            out.push(Blob {
+                id: hex(&r[..32]),
+                pack: s.repo.join("packs").join(&pack[..2]).join(&pack),
+                offset: u64::from(u32::from_le_bytes(r[64..68].try_into().unwrap())),
+                len: u64::from(u32::from_le_bytes(r[68..72].try_into().unwrap())),
+            });
+        }
+    }
+    out
+}
+
 #[test]
-fn chunks_a_power_cut_left_torn_are_found_and_stored_again() {
+fn packs_a_power_cut_left_torn_are_never_trusted_and_their_chunks_are_stored_again() {
     let scratch = Scratch::new().unwrap();
     let s = setup(&scratch, "");
     populate(&s.src);
     assert_eq!(backup(&s, &["run", "data"]).status.code(), Some(3)); // the missing path
-    // A run that lost power after writing its chunks, before its sync and
-    // manifest: its new chunk files exist but are empty, its marker stays.
-    let before = chunk_files(&s);
+    // A run that lost power after writing its packs, before the sync that
+    // comes before its index and manifest: its packs exist but are torn,
+    // and nothing names them.
+    let before = pack_files(&s);
+    let segments_before: Vec<PathBuf> =
+        fs::read_dir(s.repo.join("index")).unwrap().flatten().map(|e| e.path()).collect();
     fs::write(s.src.join("new.bin"), noise(3 << 20, 77)).unwrap();
-    let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     assert_eq!(backup(&s, &["run", "data"]).status.code(), Some(3));
-    let torn: Vec<PathBuf> = chunk_files(&s).difference(&before).cloned().collect();
+    let torn: Vec<PathBuf> = pack_files(&s).difference(&before).cloned().collect();
     assert!(!torn.is_empty());
     let newest = snapshots(&s).pop().unwrap();
     fs::remove_file(s.repo.join("snapshots").join(newest)).unwrap();
-    for chunk in &torn {
-        fs::write(chunk, b"").unwrap();
+    for segment in fs::read_dir(s.repo.join("index")).unwrap().flatten() {
+        if !segments_before.contains(&segment.path()) {
+            fs::remove_file(segment.path()).unwrap();
+        }
     }
-    fs::write(s.repo.join("unsynced"), started_ms.to_string()).unwrap();
+    for pack in &torn {
+        fs::write(pack, b"").unwrap();
+    }
 
     let out = backup(&s, &["run", "data"]);
     let report = text(&out);
     assert_eq!(out.status.code(), Some(3), "{report}");
-    assert!(report.contains("an earlier backup was interrupted"), "{report}");
-    assert!(report.contains(&format!("removed {}", torn.len())), "{report}");
-    assert!(!s.repo.join("unsynced").exists());
     let verify = backup(&s, &["verify"]);
-    assert!(verify.status.success(), "torn chunks were stored again: {}", text(&verify));
+    assert!(verify.status.success(), "a torn pack was trusted: {}", text(&verify));
     let target = scratch.path().join("restore");
     let restored = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
     assert!(restored.status.success(), "{}", text(&restored));
     fs::remove_file(s.src.join("scratch.tmp")).unwrap();
     assert_same_tree(&s.src, &target.join(s.src.strip_prefix("/").unwrap()));
+    // Prune removes the torn packs nothing names.
+    let out = backup(&s, &["prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(torn.iter().all(|p| !p.exists()), "torn packs left after prune");
 }
 
 #[test]
@@ -434,4 +471,61 @@ fn an_in_place_restore_brings_back_what_was_lost_and_keeps_what_changed_unless_a
         .unwrap();
     let stderr = String::from_utf8_lossy(&piped.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// SIGKILL at points spread over backup runs and prunes (a device's power
+/// supply or the OOM killer does not wait for a good moment): after each,
+/// verify accepts the repository, and at the end a run completes and its
+/// snapshot restores byte for byte.
+#[test]
+fn backups_and_prunes_killed_at_any_point_leave_a_sound_repository() {
+    let scratch = Scratch::new().unwrap();
+    let s = setup(&scratch, "last = 1");
+    populate(&s.src);
+    for i in 0..200u64 {
+        let text = format!("file {i}\n").repeat(200 + (i as usize % 50) * 40);
+        fs::write(s.src.join(format!("small-{i:03}.txt")), &text).unwrap();
+        fs::write(s.src.join(format!("twin-{i:03}.txt")), &text).unwrap();
+    }
+    let spawn = |args: &[&str]| {
+        Command::new(bin("outpost-agent"))
+            .arg("backup")
+            .arg("--config")
+            .arg(&s.config)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Kill points (ms after start) spread from the first files to the
+    // manifest and the prune after it.
+    for (round, kill_after) in [15u64, 60, 120, 200, 320, 500, 800].into_iter().enumerate() {
+        fs::write(s.src.join("big.bin"), noise(6 << 20, round as u64)).unwrap();
+        fs::write(s.src.join(format!("new-{round}.txt")), format!("round {round}\n").repeat(3000)).unwrap();
+        for args in [&["run", "data"][..], &["prune"][..]] {
+            let mut child = spawn(args);
+            // The fault is injected at this moment; nothing is awaited.
+            std::thread::sleep(Duration::from_millis(kill_after));
+            let _ = child.kill();
+            let _ = child.wait();
+            let verify = backup(&s, &["verify"]);
+            assert!(
+                verify.status.success(),
+                "round {round}: {args:?} killed after {kill_after} ms, then verify: {}",
+                text(&verify)
+            );
+        }
+    }
+    let out = backup(&s, &["run", "data"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out)); // the missing path of setup()
+    let verify = backup(&s, &["verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    let target = scratch.path().join("restore");
+    let restored = backup(&s, &["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    fs::remove_file(s.src.join("scratch.tmp")).unwrap();
+    assert_same_tree(&s.src, &target.join(s.src.strip_prefix("/").unwrap()));
+    // Retention held: one snapshot, however many runs were cut short.
+    assert_eq!(snapshots(&s).len(), 1);
 }

@@ -29,6 +29,11 @@ impl Repository {
         for id in self.stored_chunks()? {
             users.entry(id).or_default();
         }
+        for segment in self.index.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            for (id, _) in segment.records()? {
+                users.entry(id).or_default();
+            }
+        }
         for (id, needed_by) in &users {
             if let Err(e) = self.chunk(id) {
                 let mut who: Vec<&String> = needed_by.iter().collect();
@@ -103,7 +108,60 @@ impl Repository {
                 chunks_removed += 1;
             }
         }
+        chunks_removed += self.prune_packs(&needed)?;
         Ok((removed, chunks_removed))
+    }
+
+    /// Drops the chunks of packs no snapshot in `needed` uses: packs with
+    /// nothing needed go, packs mostly garbage are repacked (their needed
+    /// chunks copied into new packs), the rest stay with their garbage. The
+    /// new packs are synced, then one new index segment naming every
+    /// needed chunk is written durably, then the old segments and every
+    /// pack the new index does not name (repacked ones, and leftovers of
+    /// interrupted runs) are deleted: a crash at any point leaves an index
+    /// whose every entry is in a pack on disk. Returns the chunks dropped.
+    pub(super) fn prune_packs(&self, needed: &BTreeSet<ChunkId>) -> Result<usize, BackupError> {
+        let old_segments: Vec<PathBuf> =
+            self.index.read().unwrap_or_else(|p| p.into_inner()).iter().map(|s| s.path.clone()).collect();
+        let mut records = Vec::new();
+        for segment in self.index.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            records.extend(segment.records()?);
+        }
+        let plan = repack_plan(&records, needed);
+        let packs = self.root.join("packs");
+        let mut keep: Vec<pack::Record> =
+            records.iter().filter(|(id, at)| needed.contains(id) && !plan.repack.contains(&at.pack)).copied().collect();
+        let mut writer = pack::PackWriter::new(&self.root)?;
+        for (id, at) in records.iter().filter(|(id, at)| needed.contains(id) && plan.repack.contains(&at.pack)) {
+            if writer.add(*id, &pack::read_blob(&packs, at)?)? {
+                keep.extend(std::mem::replace(&mut writer, pack::PackWriter::new(&self.root)?).finish()?);
+            }
+        }
+        keep.extend(writer.finish()?);
+        let dropped = records.len().saturating_sub(keep.len());
+        let unchanged = plan.repack.is_empty() && dropped == 0 && old_segments.len() <= 1;
+        if !unchanged {
+            self.sync_all()?;
+            let name = format!("{}-prune-{}", Timestamp::now().0, unique_suffix());
+            let new_segment = self.root.join("index").join(&name);
+            self.add_segment(&name, keep.clone())?;
+            for path in old_segments.iter().filter(|p| **p != new_segment) {
+                fs::remove_file(path).map_err(io(path))?;
+            }
+            self.reload_index()?;
+        }
+        // Every pack file the index does not name: emptied or repacked ones,
+        // and those of runs that ended before writing their index.
+        let named: HashSet<[u8; 32]> = keep.iter().map(|(_, at)| at.pack).collect();
+        for sub in fs::read_dir(&packs).map_err(io(&packs))?.flatten() {
+            for file in fs::read_dir(sub.path()).map_err(io(&sub.path()))?.flatten() {
+                let name = file.file_name().to_string_lossy().into_owned();
+                if outpost_shared::identity::parse_hex32(&name).is_none_or(|id| !named.contains(&id)) {
+                    fs::remove_file(file.path()).map_err(io(&file.path()))?;
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// After a run that ended before its sync (see the module docs): checks
@@ -140,5 +198,50 @@ impl Repository {
             "an earlier backup was interrupted: checked the {checked} chunk(s) it may have written, removed {removed}"
         );
         Ok(())
+    }
+}
+
+/// Which packs a prune rewrites.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct RepackPlan {
+    /// Packs whose needed chunks are copied into new packs.
+    pub repack: HashSet<[u8; 32]>,
+}
+
+/// The packs to repack: those where more than half the bytes belong to
+/// chunks no snapshot needs (but not those with nothing needed, which are
+/// just deleted). Pure.
+pub(super) fn repack_plan(records: &[pack::Record], needed: &BTreeSet<ChunkId>) -> RepackPlan {
+    let mut bytes: HashMap<[u8; 32], (u64, u64)> = HashMap::new();
+    for (id, at) in records {
+        let (live, total) = bytes.entry(at.pack).or_default();
+        *total += u64::from(at.len);
+        if needed.contains(id) {
+            *live += u64::from(at.len);
+        }
+    }
+    RepackPlan {
+        repack: bytes.into_iter().filter(|(_, (live, total))| *live > 0 && live * 2 < *total).map(|(p, _)| p).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_packs_mostly_garbage_are_repacked() {
+        let at = |pack: u8, len: u32| pack::Location { pack: [pack; 32], offset: 0, len };
+        let records = vec![
+            ([1; 32], at(1, 100)), // pack 1: all needed
+            ([2; 32], at(2, 30)),  // pack 2: 30 of 100 needed -> repack
+            ([3; 32], at(2, 70)),
+            ([4; 32], at(3, 60)), // pack 3: 60 of 100 needed -> stays
+            ([5; 32], at(3, 40)),
+            ([6; 32], at(4, 10)), // pack 4: nothing needed -> deleted, not repacked
+        ];
+        let needed: BTreeSet<ChunkId> = [[1; 32], [2; 32], [4; 32]].into();
+        let plan = repack_plan(&records, &needed);
+        assert_eq!(plan.repack, [[2u8; 32]].into());
     }
 }

@@ -11,13 +11,17 @@
 //! Layout of `<data_dir>/backups/`:
 //! - `config`: repository version and a check value of the key, so a wrong
 //!   key is refused before anything is written.
-//! - `chunks/<2 hex>/<64 hex>`: one blob per chunk. Files are cut by
-//!   content-defined chunking (FastCDC, 256 KiB min / 1 MiB average / 4 MiB
-//!   max), so an edit moves only the chunks around it. A chunk's id is the
-//!   BLAKE3 hash of its plaintext keyed with a key derived from the backup
-//!   key, so ids reveal nothing to whoever stores the blobs. A blob is
-//!   `nonce (24 bytes) || XChaCha20-Poly1305(zstd(chunk))`, with the id as
-//!   associated data: a blob cannot be swapped for another.
+//! - `packs/<2 hex>/<64 hex>`: pack files, each the blobs of many chunks
+//!   one after another, and `index/<name>`: where each chunk's blob is
+//!   (see `pack`). Files are cut by content-defined chunking (FastCDC,
+//!   256 KiB min / 1 MiB average / 4 MiB max), so an edit moves only the
+//!   chunks around it. A chunk's id is the BLAKE3 hash of its plaintext
+//!   keyed with a key derived from the backup key, so ids reveal nothing to
+//!   whoever stores the blobs. A blob is `nonce (24 bytes) ||
+//!   XChaCha20-Poly1305(zstd(chunk))`, with the id as associated data: a
+//!   blob cannot be swapped for another.
+//! - `chunks/<2 hex>/<64 hex>`: one blob per chunk, the layout of format
+//!   version 1; still read, and pruned, in repositories made by it.
 //! - `snapshots/<name>`: one encrypted manifest per snapshot (files with
 //!   path, mode, owner, mtime, size and chunk list; directories; symlinks)
 //!   and its report of problems.
@@ -35,16 +39,15 @@
 //! repository marks that something is left to send; the daemon runs an
 //! upload when its uplink is connected and the mark is there.
 //!
-//! Writes are crash-safe: blobs and manifests are written to a temporary
-//! file, synced and renamed; a snapshot exists only once its manifest is in
-//! place, after every chunk it names. A failed run (a full disk, a crash)
-//! leaves at most unreferenced chunks, which `prune` removes. Chunks are
-//! synced once per run (one `syncfs` before the manifest), so a power cut
-//! during a run can leave chunk files that exist but are torn; the next run
-//! would take them for stored. A run therefore marks the repository
-//! `unsynced` (with its start time) until its sync, and opening a marked
-//! repository first checks every chunk written since that start and
-//! deletes the damaged ones, so they are stored again.
+//! Writes are crash-safe: packs are written unsynced, then one `syncfs`,
+//! then the run's index segment and its manifest (each to a temporary file,
+//! synced and renamed): a chunk is indexed only once its pack is durable,
+//! and a snapshot exists only once every chunk it names is indexed. A
+//! failed run (a full disk, a crash, a power cut) leaves at most packs no
+//! index names, possibly torn, which nothing trusts and `prune` deletes.
+//! Version 1 repositories could be left with torn chunk files and an
+//! `unsynced` marker; opening one checks the chunks written since the
+//! marked start and deletes the damaged ones.
 
 use crate::bulk::{BulkClient, BulkError};
 use crate::config::BackupSet;
@@ -65,6 +68,7 @@ use std::path::{Path, PathBuf};
 /// Chunk size bounds (bytes).
 mod daemon;
 mod maintenance;
+mod pack;
 mod remote;
 mod repo;
 mod restore;
@@ -81,7 +85,9 @@ pub(crate) const AVG_CHUNK: usize = 1 << 20;
 pub(crate) const MAX_CHUNK: usize = 4 << 20;
 /// zstd level: fast, still compresses text well.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
-pub(crate) const REPO_VERSION: u32 = 1;
+/// Repository format: 1 kept one file per chunk, 2 packs them (version 1
+/// chunk files stay readable).
+pub(crate) const REPO_VERSION: u32 = 2;
 
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
@@ -347,18 +353,66 @@ mod tests {
             let snapshot = repo.backup(&set(&[source.path()])).unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(snapshot.new_chunks, pairs, "round {round}: a chunk was stored twice or not at all");
             assert!(repo.verify().unwrap().is_empty());
-            let leftovers: Vec<_> = repo
-                .chunk_files()
-                .unwrap()
-                .into_iter()
-                .filter(|p| parse_id(&p.file_name().unwrap().to_string_lossy()).is_none())
-                .collect();
+            let leftovers: Vec<_> = fs::read_dir(repo_dir.path().join("tmp")).unwrap().flatten().collect();
             assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+            // 120 small chunks in a few packs (one per writer), not 120 files.
+            let packs = tree(&repo_dir.path().join("packs")).len();
+            assert!((1..=4).contains(&packs), "{packs} pack files");
             let target = tempfile::tempdir().unwrap();
             repo.restore(&snapshot, &restore_all(target.path())).unwrap();
             let restored = target.path().join(source.path().strip_prefix("/").unwrap());
             assert!(tree(&restored) == tree(source.path()), "round {round}: the restore differs");
         }
+    }
+
+    /// A repository of format 1 (one file per chunk) on an upgraded device:
+    /// its chunks restore, new ones go into packs, prune drops its files.
+    #[test]
+    fn a_version_1_repository_still_restores_and_prunes() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("old.txt"), b"backed up by the old agent").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let old = repo.backup(&set(&[source.path()])).unwrap();
+        // Rewrite it as version 1 did: the chunk as its own file, no index.
+        let EntryKind::File { chunks, .. } =
+            &old.entries.iter().find(|e| matches!(e.kind, EntryKind::File { .. })).unwrap().kind
+        else {
+            unreachable!()
+        };
+        let id = chunks[0];
+        let blob = repo.chunk_blob(&id).unwrap().unwrap();
+        let path = repo.chunk_path(&id);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &blob).unwrap();
+        drop(repo);
+        fs::remove_dir_all(repo_dir.path().join("index")).unwrap();
+        fs::remove_dir_all(repo_dir.path().join("packs")).unwrap();
+        let config = repo_dir.path().join("config");
+        let text = fs::read_to_string(&config).unwrap().replace("\"version\": 2", "\"version\": 1");
+        fs::write(&config, text).unwrap();
+
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        assert!(fs::read_to_string(&config).unwrap().contains("\"version\": 2"), "the config was not upgraded");
+        let target = tempfile::tempdir().unwrap();
+        repo.restore(&old, &restore_all(target.path())).unwrap();
+        let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("old.txt");
+        assert_eq!(fs::read(restored).unwrap(), b"backed up by the old agent");
+        // A new run finds the chunk stored (no second copy in a pack).
+        let again = repo.backup(&set(&[source.path()])).unwrap();
+        assert_eq!(again.new_chunks, 0);
+        // Once no snapshot needs it, prune removes the file.
+        for name in [&old.name, &again.name] {
+            fs::remove_file(repo_dir.path().join("snapshots").join(name)).unwrap();
+        }
+        repo.prune(&[]).unwrap();
+        assert!(!path.exists(), "prune left an unneeded chunk file of format 1");
+        // A repository of a newer format is refused, not misread.
+        let text = fs::read_to_string(&config).unwrap().replace("\"version\": 2", "\"version\": 3");
+        fs::write(&config, text).unwrap();
+        drop(repo);
+        let err = Repository::open(repo_dir.path(), &KEY).unwrap_err().to_string();
+        assert!(err.contains("newer than this agent"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Repository {
     pub(super) cipher: XChaCha20Poly1305,
     pub(super) id_key: [u8; 32],
     pub(super) _lock: Option<fs::File>,
+    /// The index segments, oldest first (see [`super::pack`]).
+    pub(super) index: std::sync::RwLock<Vec<pack::Segment>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -47,7 +49,14 @@ impl Repository {
     }
 
     pub(super) fn open_with(root: &Path, key: &[u8; 32], exclusive: bool) -> Result<Self, BackupError> {
-        for dir in [root.to_owned(), root.join("chunks"), root.join("snapshots"), root.join("tmp")] {
+        for dir in [
+            root.to_owned(),
+            root.join("chunks"),
+            root.join("packs"),
+            root.join("index"),
+            root.join("snapshots"),
+            root.join("tmp"),
+        ] {
             fs::create_dir_all(&dir).map_err(io(&dir))?;
         }
         let lock_path = root.join("lock");
@@ -74,6 +83,23 @@ impl Repository {
                 if config.key_check != check {
                     return Err(BackupError::WrongKey);
                 }
+                if config.version > REPO_VERSION {
+                    return Err(BackupError::Corrupt {
+                        what: "repository config".into(),
+                        why: format!(
+                            "format version {} is newer than this agent's ({REPO_VERSION}); update the agent",
+                            config.version
+                        ),
+                    });
+                }
+                if config.version < REPO_VERSION && exclusive {
+                    // Version 1 kept one file per chunk; those stay readable
+                    // and new chunks go into packs (an older agent would not
+                    // see them, hence the new number).
+                    let config = RepoConfig { version: REPO_VERSION, key_check: check.clone() };
+                    let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
+                    outpost_shared::fsutil::write_atomic(&config_path, &text, 0o600).map_err(io(&config_path))?;
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let config = RepoConfig { version: REPO_VERSION, key_check: check };
@@ -90,8 +116,13 @@ impl Repository {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let repo =
-            Repository { root: root.to_owned(), cipher: XChaCha20Poly1305::new(&enc_key.into()), id_key, _lock: lock };
+        let repo = Repository {
+            root: root.to_owned(),
+            cipher: XChaCha20Poly1305::new(&enc_key.into()),
+            id_key,
+            _lock: lock,
+            index: std::sync::RwLock::new(load_segments(root)?),
+        };
         if exclusive {
             repo.recover_interrupted_run()?;
         }
@@ -143,15 +174,11 @@ impl Repository {
         result.map_err(io(path))
     }
 
-    /// Stores a chunk unless present; returns the bytes written (0 if it
-    /// was there). Not synced: [`Repository::backup`] syncs the file system
-    /// once before it writes the manifest that names the chunks.
-    pub(super) fn put_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<u64, BackupError> {
-        let path = self.chunk_path(id);
-        if path.exists() {
-            return Ok(0);
-        }
-        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL).map_err(io(&path))?;
+    /// A chunk's blob: compressed (unless that does not help) and sealed
+    /// with its id as associated data.
+    pub(super) fn seal_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Vec<u8>, BackupError> {
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
+            .map_err(|e| BackupError::Corrupt { what: format!("chunk {}", hex(id)), why: format!("zstd: {e}") })?;
         // Flag byte: 1 = zstd, 0 = stored (when compression does not help,
         // as for random data), so a restore does not decompress in vain.
         let mut framed = Vec::with_capacity(1 + compressed.len().min(plain.len()));
@@ -162,25 +189,44 @@ impl Repository {
             framed.push(0);
             framed.extend_from_slice(plain);
         }
-        let blob = self.seal(&framed, id)?;
-        // A name of this writer's own: two writers never share a temporary
-        // file (a chunk is queued once per run, but an upload or a crash
-        // leftover must not meet it either).
-        let tmp = path.with_extension(format!("{}.tmp", unique_suffix()));
-        let result = (|| {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
+        self.seal(&framed, id)
+    }
+
+    /// Where chunk `id` is in a pack, if the index has it.
+    pub(super) fn locate(&self, id: &ChunkId) -> Result<Option<pack::Location>, BackupError> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        for segment in index.iter().rev() {
+            if let Some(at) = segment.lookup(id)? {
+                return Ok(Some(at));
             }
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&blob)?;
-            start_writeback(&file);
-            fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
         }
-        result.map_err(io(&path))?;
-        Ok(blob.len() as u64)
+        Ok(None)
+    }
+
+    /// True if the repository holds chunk `id` (in a pack, or as a file of
+    /// the older one-file-per-chunk layout).
+    pub(super) fn has_chunk(&self, id: &ChunkId) -> Result<bool, BackupError> {
+        Ok(self.locate(id)?.is_some() || self.chunk_path(id).exists())
+    }
+
+    /// Adds a durable index segment `name` for `records` (whose packs are
+    /// already durable).
+    pub(super) fn add_segment(&self, name: &str, records: Vec<pack::Record>) -> Result<(), BackupError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let path = self.root.join("index").join(name);
+        self.write_durably(&path, &pack::encode_segment(records))?;
+        let segment = pack::Segment::open(&path)?;
+        self.index.write().unwrap_or_else(|p| p.into_inner()).push(segment);
+        Ok(())
+    }
+
+    /// Reads the index again (another process pruned meanwhile).
+    pub(super) fn reload_index(&self) -> Result<(), BackupError> {
+        let segments = load_segments(&self.root)?;
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = segments;
+        Ok(())
     }
 
     /// Flushes everything written to the repository's file system.
@@ -189,7 +235,21 @@ impl Repository {
     }
 
     /// A chunk's blob as stored (encrypted); `None` if it is not here.
+    /// Readers without the lock (uploads) may find a pack a prune just
+    /// repacked: they read the index again once.
     pub(super) fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, BackupError> {
+        let packs = self.root.join("packs");
+        if let Some(at) = self.locate(id)? {
+            match pack::read_blob(&packs, &at) {
+                Err(BackupError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    self.reload_index()?;
+                    if let Some(at) = self.locate(id)? {
+                        return pack::read_blob(&packs, &at).map(Some);
+                    }
+                }
+                other => return other.map(Some),
+            }
+        }
         let path = self.chunk_path(id);
         match fs::read(&path) {
             Ok(b) => Ok(Some(b)),
@@ -288,4 +348,16 @@ pub(super) fn start_writeback(file: &fs::File) {
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
+}
+
+/// The index segments under `root/index`, oldest first.
+fn load_segments(root: &Path) -> Result<Vec<pack::Segment>, BackupError> {
+    let dir = root.join("index");
+    let mut names: Vec<PathBuf> = match fs::read_dir(&dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(&dir)(e)),
+    };
+    names.sort();
+    names.iter().map(|p| pack::Segment::open(p)).collect()
 }

@@ -15,30 +15,37 @@ impl Repository {
             .find(|s| s.set == set.name)
             .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
             .unwrap_or_default();
-        let unsynced = self.root.join(UNSYNCED);
-        self.write_durably(&unsynced, started.0.to_string().as_bytes())?;
         let exclude = set.exclude_matcher();
         // Two stages: this thread walks, reads, chunks and hashes; writer
-        // threads (one per CPU) compress, encrypt and store new chunks.
+        // threads (one per CPU) compress, encrypt and append new chunks to
+        // packs of their own.
+        let stored = std::sync::Mutex::new(Vec::new());
         let (entries, problems, stats) = std::thread::scope(|scope| {
             let (sink, chunks) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(8);
             let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
             let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+            let stored = &stored;
             let writers: Vec<_> = (0..writers)
                 .map(|_| {
                     let chunks = chunks.clone();
                     scope.spawn(move || {
-                        let (mut new_chunks, mut stored) = (0u64, 0u64);
+                        let (mut new_chunks, mut bytes) = (0u64, 0u64);
+                        let mut pack = pack::PackWriter::new(&self.root)?;
                         loop {
                             let next = chunks.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             let Ok((id, data)) = next else { break };
-                            let written = self.put_chunk(&id, &data)?;
-                            if written > 0 {
-                                new_chunks += 1;
-                                stored += written;
+                            let blob = self.seal_chunk(&id, &data)?;
+                            new_chunks += 1;
+                            bytes += blob.len() as u64;
+                            if pack.add(id, &blob)? {
+                                let full = std::mem::replace(&mut pack, pack::PackWriter::new(&self.root)?);
+                                stored.lock().unwrap_or_else(|p| p.into_inner()).extend(full.finish()?);
                             }
                         }
-                        Ok::<_, BackupError>((new_chunks, stored))
+                        if !pack.is_empty() {
+                            stored.lock().unwrap_or_else(|p| p.into_inner()).extend(pack.finish()?);
+                        }
+                        Ok::<_, BackupError>((new_chunks, bytes))
                     })
                 })
                 .collect();
@@ -69,10 +76,13 @@ impl Repository {
             walked?;
             Ok::<_, BackupError>((entries, problems, stats))
         })?;
+        // The packs are durable before the index names them, and the index
+        // before the manifest: a crash leaves at most packs nothing names.
         self.sync_all()?;
         let mut random = [0u8; 4];
         rand::fill(&mut random[..]);
         let name = format!("{}-{}-{}", started.0, set.name, hex(&random));
+        self.add_segment(&name, stored.into_inner().unwrap_or_else(|p| p.into_inner()))?;
         let snapshot = Snapshot {
             name: name.clone(),
             set: set.name.clone(),
@@ -89,9 +99,6 @@ impl Repository {
         let plain = postcard::to_stdvec(&snapshot).unwrap_or_default();
         let blob = self.seal(&plain, name.as_bytes())?;
         self.write_durably(&self.root.join("snapshots").join(&name), &blob)?;
-        // Every chunk is on disk (synced above); losing this removal only
-        // costs the next run a check.
-        let _ = fs::remove_file(&unsynced);
         Ok(snapshot)
     }
 }
@@ -278,7 +285,7 @@ impl Run<'_> {
     /// Sends a chunk to the writers unless this run already did or the
     /// repository has it.
     pub(super) fn queue(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), BackupError> {
-        if self.queued.insert(id) && !self.repo.chunk_path(&id).exists() && self.sink.send((id, data)).is_err() {
+        if self.queued.insert(id) && !self.repo.has_chunk(&id)? && self.sink.send((id, data)).is_err() {
             // The writer stopped on an error; `backup` reports it.
             return Err(BackupError::Corrupt { what: "repository".into(), why: "the chunk writer stopped".into() });
         }

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Backups through the hub, with release binaries on loopback: one device's
+# first snapshot uploaded to the hub (only what the hub lacks, encrypted),
+# then restored onto a second, newly enrolled device under an operator's
+# grant; the restored tree is compared with the source. For scale, restic
+# backs up and restores the same data into a local repository in the same
+# run (no restic server is installed here, so restic does not cross a
+# network).
+#
+#   tests/bench-backup-hub.sh [real|MIB]    (default real: the tree of
+#                                            bench-backup.sh real)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-real}
+for tool in restic python3 curl; do command -v "$tool" >/dev/null || { echo "bench-backup-hub: $tool missing" >&2; exit 1; }; done
+[ -x /usr/bin/time ] || { echo "bench-backup-hub: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
+cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=$PWD/target/release
+work=$(mktemp -d /var/tmp/outpost-bench-backup-hub-XXXXXX)
+hub=
+cleanup() { [ -n "$hub" ] && kill "$hub" 2>/dev/null; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+trap cleanup EXIT
+trap "exit 130" INT TERM
+data=$work/data
+REAL_TREE=(/usr/share/doc /usr/share/locale /usr/share/man /usr/share/zoneinfo /usr/share/i18n /usr/share/perl
+    /usr/include /usr/lib/python3 /usr/lib/python3.11)
+if [ "$WHAT" = real ]; then
+    for d in "${REAL_TREE[@]}"; do [ -e "$d" ] && mkdir -p "$data$(dirname "$d")" && cp -a "$d" "$data$d"; done
+else
+    mkdir -p "$data"
+    python3 - "$data" "$WHAT" <<'PY'
+import os, random, sys
+root, mib = sys.argv[1], int(sys.argv[2])
+rng, total, n = random.Random(7), 0, 0
+while total < mib << 20:
+    size = rng.randint(64 << 10, 2 << 20)
+    with open(os.path.join(root, f"f{n:05d}"), "wb") as f:
+        f.write(os.urandom(size) if n % 2 else bytes(rng.choice(b"abcdefgh \n") for _ in range(size)))
+    total += size; n += 1
+PY
+fi
+echo "data set ($WHAT): $(find "$data" -type f | wc -l) files, $(du -sm --apparent-size "$data" | cut -f1) MiB" >&2
+
+"$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
+admin=$(tail -1 "$work/init.out")
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$work/hub.toml" <<CFG
+data_dir = "$work/hub"
+log = "warn"
+[quic]
+listen = "127.0.0.1:$port"
+[http]
+listen = "127.0.0.1:0"
+CFG
+"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!
+for _ in $(seq 200); do [ -s "$work/hub/http.addr" ] && break; sleep 0.05; done
+api="http://$(cat "$work/hub/http.addr")"
+token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses 2 --hub-addr "127.0.0.1:$port")
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
+device() { # name
+    "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null
+    cat >"$work/$1.toml" <<CFG
+data_dir = "$work/$1"
+[peers]
+enabled = false
+[backups]
+key_file = "$work/backup.key"
+[[backup]]
+name = "data"
+paths = ["$data"]
+upload = true
+CFG
+}
+device old
+device new
+id_of() { sed -n 's/^device_id = "\(.*\)"/\1/p' "$work/$1/identity/device.toml"; }
+
+measure() { # label command...
+    local label=$1; shift
+    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >"$work/cmd.out" 2>&1 || { cat "$work/cmd.out" >&2; exit 1; }
+    read -r secs kib <"$work/time.out"
+    echo "| $label | $secs s | $((kib / 1024)) MiB |"
+}
+echo "| step | time | peak RSS |"
+echo "|---|---|---|"
+# The snapshot without its upload, then the upload alone (the hub is empty).
+sed -i 's/^upload = true$/upload = false/' "$work/old.toml"
+measure "outpost-agent backup run (local)" "$bin/outpost-agent" backup --config "$work/old.toml" run data
+sed -i 's/^upload = false$/upload = true/' "$work/old.toml"
+measure "outpost-agent backup upload (first, to the hub)" "$bin/outpost-agent" backup --config "$work/old.toml" upload
+grep -o 'uploaded .*' "$work/cmd.out" >&2
+curl -sf -X POST -H "Authorization: Bearer $admin" -H 'Content-Type: application/json' \
+    -d "{\"to\":\"$(id_of new)\"}" "$api/api/v1/devices/$(id_of old)/backups/grants" >/dev/null
+measure "outpost-agent restore --from-device (onto the new device)" "$bin/outpost-agent" backup --config "$work/new.toml" \
+    restore --from-device "$(id_of old)" --snapshot latest --target "$work/restored"
+diff -r --no-dereference "$data" "$work/restored$data" >/dev/null || { echo "bench-backup-hub: the restore differs from the source" >&2; exit 1; }
+export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
+restic init >/dev/null
+measure "restic backup (local repository, for scale)" restic backup --quiet "$data"
+measure "restic restore (local repository, for scale)" restic restore latest --target "$work/restic-restored"
+echo "| hub disk for the device | $(du -sm "$work/hub/backups" | cut -f1) MiB, $(find "$work/hub/backups" -type f | wc -l) files |"
