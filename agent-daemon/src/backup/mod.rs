@@ -85,6 +85,12 @@ pub(crate) const AVG_CHUNK: usize = 1 << 20;
 pub(crate) const MAX_CHUNK: usize = 4 << 20;
 /// zstd level: fast, still compresses text well.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
+/// First byte of a compressed manifest's plaintext. An uncompressed one
+/// (written before) starts with the length of the snapshot's name, which is
+/// never this large.
+pub(crate) const COMPRESSED_MANIFEST: u8 = 0xFF;
+/// Largest manifest (decompressed) a restore accepts.
+pub(crate) const MAX_MANIFEST: u64 = 1 << 30;
 /// Repository format: 1 kept one file per chunk, 2 packs them (version 1
 /// chunk files stay readable).
 pub(crate) const REPO_VERSION: u32 = 2;

@@ -206,8 +206,13 @@ pub(super) fn pack_path(packs_dir: &Path, id: &[u8; 32]) -> PathBuf {
 pub(super) fn read_blob(packs_dir: &Path, at: &Location) -> Result<Vec<u8>, BackupError> {
     let path = pack_path(packs_dir, &at.pack);
     let file = fs::File::open(&path).map_err(io(&path))?;
+    read_at(&file, at).map_err(io(&path))
+}
+
+/// Reads one blob from an open pack.
+pub(super) fn read_at(file: &fs::File, at: &Location) -> std::io::Result<Vec<u8>> {
     let mut blob = vec![0u8; at.len as usize];
-    file.read_exact_at(&mut blob, u64::from(at.offset)).map_err(io(&path))?;
+    file.read_exact_at(&mut blob, u64::from(at.offset))?;
     Ok(blob)
 }
 

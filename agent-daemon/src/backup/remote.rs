@@ -300,10 +300,11 @@ impl Repository {
                 }
             }
         });
-        let rx = std::cell::RefCell::new(rx);
-        // Chunks of a file that failed part-way are skipped.
+        let rx = std::sync::Mutex::new(rx);
+        // Chunks of a file that failed part-way, or was skipped, are passed
+        // over. One worker: the fetcher sends chunks in its order.
         let fetch = |id: &ChunkId| loop {
-            match rx.borrow_mut().blocking_recv() {
+            match rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() {
                 Some((got, answer)) if got == *id => match answer? {
                     Message::Chunk(chunk) => return self.open_chunk(id, &chunk.blob),
                     other => return Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
@@ -312,7 +313,7 @@ impl Repository {
                 None => return Err(BulkError::Transfer("the chunk fetcher stopped".into()).into()),
             }
         };
-        let restored = self.restore_with(&snapshot, to, &fetch);
+        let restored = self.restore_with(&snapshot, to, 1, &fetch);
         fetcher.abort();
         Ok((snapshot.name, restored?))
     }

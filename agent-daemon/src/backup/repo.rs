@@ -25,7 +25,12 @@ pub struct Repository {
     pub(super) _lock: Option<fs::File>,
     /// The index segments, oldest first (see [`super::pack`]).
     pub(super) index: std::sync::RwLock<Vec<pack::Segment>>,
+    /// Packs open for reading (restores read many chunks of one pack).
+    pub(super) open_packs: std::sync::Mutex<HashMap<[u8; 32], std::sync::Arc<fs::File>>>,
 }
+
+/// Most packs kept open for reading.
+const OPEN_PACKS: usize = 32;
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +127,7 @@ impl Repository {
             id_key,
             _lock: lock,
             index: std::sync::RwLock::new(load_segments(root)?),
+            open_packs: Default::default(),
         };
         if exclusive {
             repo.recover_interrupted_run()?;
@@ -222,10 +228,31 @@ impl Repository {
         Ok(())
     }
 
+    /// Reads one blob from its pack, keeping the pack open for the next.
+    pub(super) fn read_packed(&self, at: &pack::Location) -> Result<Vec<u8>, BackupError> {
+        let cached = self.open_packs.lock().unwrap_or_else(|p| p.into_inner()).get(&at.pack).cloned();
+        let file = match cached {
+            Some(file) => file,
+            None => {
+                let path = pack::pack_path(&self.root.join("packs"), &at.pack);
+                let file = std::sync::Arc::new(fs::File::open(&path).map_err(io(&path))?);
+                let mut open = self.open_packs.lock().unwrap_or_else(|p| p.into_inner());
+                if open.len() >= OPEN_PACKS {
+                    open.clear();
+                }
+                open.insert(at.pack, file.clone());
+                file
+            }
+        };
+        pack::read_at(&file, at)
+            .map_err(|source| BackupError::Io { path: pack::pack_path(&self.root.join("packs"), &at.pack), source })
+    }
+
     /// Reads the index again (another process pruned meanwhile).
     pub(super) fn reload_index(&self) -> Result<(), BackupError> {
         let segments = load_segments(&self.root)?;
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = segments;
+        self.open_packs.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
 
@@ -238,13 +265,12 @@ impl Repository {
     /// Readers without the lock (uploads) may find a pack a prune just
     /// repacked: they read the index again once.
     pub(super) fn chunk_blob(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, BackupError> {
-        let packs = self.root.join("packs");
         if let Some(at) = self.locate(id)? {
-            match pack::read_blob(&packs, &at) {
+            match self.read_packed(&at) {
                 Err(BackupError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                     self.reload_index()?;
                     if let Some(at) = self.locate(id)? {
-                        return pack::read_blob(&packs, &at).map(Some);
+                        return self.read_packed(&at).map(Some);
                     }
                 }
                 other => return other.map(Some),
@@ -315,7 +341,37 @@ impl Repository {
     pub(super) fn decode_snapshot(&self, name: &str, blob: &[u8]) -> Result<Snapshot, BackupError> {
         let what = format!("snapshot {name}");
         let plain = self.open_blob(blob, name.as_bytes(), &what)?;
+        let plain = match plain.split_first() {
+            Some((&COMPRESSED_MANIFEST, compressed)) => {
+                // Bounded: a manifest from the hub may have been written by
+                // a compromised device.
+                let mut out = Vec::new();
+                zstd::stream::read::Decoder::new(compressed)
+                    .and_then(|d| d.take(MAX_MANIFEST + 1).read_to_end(&mut out))
+                    .map_err(|e| BackupError::Corrupt {
+                        what: what.clone(),
+                        why: format!("does not decompress: {e}"),
+                    })?;
+                if out.len() as u64 > MAX_MANIFEST {
+                    return Err(BackupError::Corrupt { what, why: "larger than any manifest may be".into() });
+                }
+                out
+            }
+            _ => plain,
+        };
         postcard::from_bytes(&plain).map_err(|e| BackupError::Corrupt { what, why: e.to_string() })
+    }
+
+    /// A manifest's sealed bytes: [`COMPRESSED_MANIFEST`], then zstd of its
+    /// postcard encoding.
+    pub(super) fn encode_snapshot(&self, snapshot: &Snapshot) -> Result<Vec<u8>, BackupError> {
+        let plain = postcard::to_stdvec(snapshot).unwrap_or_default();
+        let mut framed = vec![COMPRESSED_MANIFEST];
+        framed.extend(zstd::bulk::compress(&plain, ZSTD_LEVEL).map_err(|e| BackupError::Corrupt {
+            what: format!("snapshot {}", snapshot.name),
+            why: format!("zstd: {e}"),
+        })?);
+        self.seal(&framed, snapshot.name.as_bytes())
     }
 
     /// The snapshot `name`, or the newest (of `set`, if given) for `latest`.

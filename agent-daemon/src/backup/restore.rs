@@ -7,74 +7,123 @@ impl Repository {
     /// Restores `snapshot` (or the entries under `to.only`) into
     /// `to.target`. Each file is written to a temporary name and renamed
     /// only once every chunk checked out; a file that cannot be restored is
-    /// reported and the restore fails at the end.
+    /// reported and the restore fails at the end. Files are restored by one
+    /// worker per CPU (at most four).
     pub fn restore(&self, snapshot: &Snapshot, to: &RestoreTo<'_>) -> Result<u64, BackupError> {
-        self.restore_with(snapshot, to, &|id| self.chunk(id))
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+        self.restore_with(snapshot, to, workers, &|id| self.chunk(id))
     }
 
     /// Like [`Repository::restore`], with chunks from `chunk` (checked
-    /// plaintext by id), e.g. fetched from the hub.
+    /// plaintext by id; e.g. fetched from the hub in the order of a single
+    /// worker) and `workers` threads writing files.
     ///
     /// A manifest is not trusted (every device holds the fleet's key, so a
     /// compromised one can write any manifest): each entry's path is
-    /// confined to the target ([`confined_path`]), an entry under a
-    /// symbolic link this restore made is refused, and an existing file
-    /// that differs is kept unless `to.overwrite`. Durability: one `syncfs`
-    /// of the target's file system at the end, not one sync per file.
+    /// confined to the target ([`confined_path`]), an entry at or under a
+    /// symbolic link of the snapshot is refused, symbolic links are made
+    /// only after every file is written (so no write goes through one), and
+    /// an existing file that differs is kept unless `to.overwrite`.
+    /// Durability: one `syncfs` of the target's file system at the end, not
+    /// one sync per file.
     pub(super) fn restore_with(
         &self,
         snapshot: &Snapshot,
         to: &RestoreTo<'_>,
-        chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+        workers: usize,
+        chunk: &(dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError> + Sync),
     ) -> Result<u64, BackupError> {
         let target = to.target;
         fs::create_dir_all(target).map_err(io(target))?;
-        let mut failed = 0usize;
-        let mut restored = 0u64;
-        let mut dirs = Vec::new();
-        let mut links = BTreeSet::new();
-        for entry in snapshot.selected(to.only) {
-            let result = confined_path(&entry.path, &links).map_err(BackupError::Refused).and_then(|relative| {
-                let dest = target.join(&relative);
-                match existing(&dest, entry) {
-                    Existing::Same => return Ok(()),
-                    Existing::Differs if !to.overwrite => {
-                        return Err(BackupError::Refused(format!(
-                            "{} exists and differs from the backup (--overwrite replaces it)",
-                            dest.display()
-                        )));
-                    }
-                    Existing::Differs | Existing::Absent => {}
-                }
-                match &entry.kind {
-                    EntryKind::Dir => {
-                        let r = fs::create_dir_all(&dest).map_err(io(&dest));
-                        dirs.push((dest, entry));
-                        r
-                    }
-                    EntryKind::Symlink { target: link } => {
-                        links.insert(relative);
-                        (|| {
-                            if let Some(parent) = dest.parent() {
-                                fs::create_dir_all(parent).map_err(io(parent))?;
-                            }
-                            let _ = fs::remove_file(&dest);
-                            std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
-                        })()
-                    }
-                    EntryKind::File { chunks, .. } => {
-                        restore_file(&dest, chunks, chunk).and_then(|()| apply_meta(&dest, entry))
-                    }
-                }
-            });
-            match result {
-                Ok(()) => restored += 1,
-                Err(e) => {
-                    failed += 1;
-                    tracing::error!(path = %entry.path, error = %e, "Not restored.");
-                    eprintln!("not restored: {}: {e}", entry.path);
-                }
+        let selected: Vec<&Entry> = snapshot.selected(to.only).collect();
+        // Every link of the snapshot, by its place under the target.
+        let links: BTreeSet<PathBuf> = selected
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Symlink { .. }))
+            .filter_map(|e| relative_path(&e.path).ok())
+            .collect();
+        let failed = std::sync::atomic::AtomicUsize::new(0);
+        let restored = std::sync::atomic::AtomicU64::new(0);
+        let report = |entry: &Entry, result: Result<(), BackupError>| match result {
+            Ok(()) => {
+                restored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            Err(e) => {
+                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(path = %entry.path, error = %e, "Not restored.");
+                eprintln!("not restored: {}: {e}", entry.path);
+            }
+        };
+        // Directories first, in order; files and links are only listed.
+        let (mut dirs, mut files, mut symlinks) = (Vec::new(), Vec::new(), Vec::new());
+        for entry in selected {
+            let checked = match &entry.kind {
+                EntryKind::Symlink { .. } => relative_path(&entry.path).and_then(|rel| {
+                    let mut ancestors = rel.ancestors().skip(1);
+                    match ancestors.find(|a| links.contains(*a)) {
+                        Some(link) => Err(format!(
+                            "{:?} lies under {}, a symbolic link of this snapshot",
+                            entry.path,
+                            link.display()
+                        )),
+                        None => Ok(rel),
+                    }
+                }),
+                _ => confined_path(&entry.path, &links),
+            };
+            let dest = match checked.map_err(BackupError::Refused).and_then(|rel| {
+                let dest = target.join(rel);
+                match existing(&dest, entry) {
+                    Existing::Same => Ok(None),
+                    Existing::Differs if !to.overwrite => Err(BackupError::Refused(format!(
+                        "{} exists and differs from the backup (--overwrite replaces it)",
+                        dest.display()
+                    ))),
+                    Existing::Differs | Existing::Absent => Ok(Some(dest)),
+                }
+            }) {
+                Ok(Some(dest)) => dest,
+                Ok(None) => {
+                    report(entry, Ok(()));
+                    continue;
+                }
+                Err(e) => {
+                    report(entry, Err(e));
+                    continue;
+                }
+            };
+            match &entry.kind {
+                EntryKind::Dir => {
+                    report(entry, fs::create_dir_all(&dest).map_err(io(&dest)));
+                    dirs.push((dest, entry));
+                }
+                EntryKind::File { chunks, .. } => files.push((dest, entry, chunks)),
+                EntryKind::Symlink { target: link } => symlinks.push((dest, entry, link)),
+            }
+        }
+        // Files, by `workers` threads taking the next one in order.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..workers.max(1) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((dest, entry, chunks)) = files.get(i) else { break };
+                        report(entry, restore_file(dest, entry, chunks, chunk));
+                    }
+                });
+            }
+        });
+        // Links once no file remains to be written.
+        for (dest, entry, link) in symlinks {
+            let made = (|| {
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(io(parent))?;
+                }
+                let _ = fs::remove_file(&dest);
+                std::os::unix::fs::symlink(link, &dest).map_err(io(&dest))
+            })();
+            report(entry, made);
         }
         // Directory times last, after their contents were written.
         for (dest, entry) in dirs.iter().rev() {
@@ -83,10 +132,11 @@ impl Repository {
             }
         }
         syncfs(target)?;
+        let failed = failed.into_inner();
         if failed > 0 {
             return Err(BackupError::RestoreIncomplete(failed));
         }
-        Ok(restored)
+        Ok(restored.into_inner())
     }
 }
 
@@ -108,21 +158,29 @@ pub struct RestoreTo<'a> {
 /// (`links`, relative), since the restore would then write wherever the
 /// link points.
 pub fn confined_path(path: &str, links: &BTreeSet<PathBuf>) -> Result<PathBuf, String> {
+    let relative = relative_path(path)?;
+    if let Some(link) = relative.ancestors().find(|a| links.contains(*a)) {
+        return Err(if link == relative {
+            format!("{path:?} is a symbolic link this restore made")
+        } else {
+            format!("{path:?} lies under {}, a symbolic link this restore made", link.display())
+        });
+    }
+    Ok(relative)
+}
+
+/// An absolute manifest path made relative, refused if it has a `..`, `.`
+/// or empty name or a NUL byte.
+fn relative_path(path: &str) -> Result<PathBuf, String> {
     if path.contains('\0') {
         return Err(format!("{path:?}: a path with a NUL byte"));
     }
     let mut relative = PathBuf::new();
-    for (i, name) in path.trim_start_matches('/').split('/').enumerate() {
+    for name in path.trim_start_matches('/').split('/') {
         if name.is_empty() || name == "." || name == ".." {
             return Err(format!("{path:?} does not name a place under the target ({name:?} in it)"));
         }
-        if i > 0 && links.contains(&relative) {
-            return Err(format!("{path:?} lies under {}, a symbolic link this restore made", relative.display()));
-        }
         relative.push(name);
-    }
-    if links.contains(&relative) {
-        return Err(format!("{path:?} is a symbolic link this restore made"));
     }
     Ok(relative)
 }
@@ -160,8 +218,9 @@ pub(super) fn existing(dest: &Path, entry: &Entry) -> Existing {
 /// place only once every chunk checked out.
 pub(super) fn restore_file(
     dest: &Path,
+    entry: &Entry,
     chunks: &[ChunkId],
-    chunk: &dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError>,
+    chunk: &(dyn Fn(&ChunkId) -> Result<Vec<u8>, BackupError> + Sync),
 ) -> Result<(), BackupError> {
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(io(parent))?;
@@ -178,6 +237,10 @@ pub(super) fn restore_file(
             let plain = chunk(id)?;
             file.write_all(&plain).map_err(io(&tmp))?;
         }
+        // Owner, mode and time on the open file, before it takes its name.
+        let _ = std::os::unix::fs::fchown(&file, Some(entry.uid), Some(entry.gid));
+        file.set_permissions(fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(&tmp))?;
+        file.set_modified(mtime_of(entry)).map_err(io(&tmp))?;
         // Synced with the whole restore (one syncfs at its end).
         fs::rename(&tmp, dest).map_err(io(dest))
     })();
@@ -191,7 +254,10 @@ pub(super) fn restore_file(
 pub(super) fn apply_meta(dest: &Path, entry: &Entry) -> Result<(), BackupError> {
     fs::set_permissions(dest, fs::Permissions::from_mode(entry.mode & 0o7777)).map_err(io(dest))?;
     let _ = std::os::unix::fs::chown(dest, Some(entry.uid), Some(entry.gid));
-    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(entry.mtime_ns).unwrap_or(0));
     let file = fs::File::open(dest).map_err(io(dest))?;
-    file.set_modified(mtime).map_err(io(dest))
+    file.set_modified(mtime_of(entry)).map_err(io(dest))
+}
+
+fn mtime_of(entry: &Entry) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(u64::try_from(entry.mtime_ns).unwrap_or(0))
 }
