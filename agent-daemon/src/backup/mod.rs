@@ -422,6 +422,13 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_name_tells_its_set() {
+        assert_eq!(snapshot::set_of("1796052933260-data-e180b4e7"), Some("data"));
+        assert_eq!(snapshot::set_of("1796052933260-my-set-e180b4e7"), Some("my-set"));
+        assert_eq!(snapshot::set_of("garbage"), None);
+    }
+
+    #[test]
     fn manifest_paths_are_confined_to_the_target() {
         let none = BTreeSet::new();
         assert_eq!(confined_path("/srv/data/x", &none).unwrap(), Path::new("srv/data/x"));

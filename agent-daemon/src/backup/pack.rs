@@ -209,8 +209,18 @@ pub(super) fn read_blob(packs_dir: &Path, at: &Location) -> Result<Vec<u8>, Back
     read_at(&file, at).map_err(io(&path))
 }
 
+/// Largest blob a pack can hold: a raw chunk of the largest size, its flag
+/// byte, nonce and tag, with room to spare. A record saying more is corrupt.
+const MAX_BLOB: u32 = (MAX_CHUNK as u32) + 4096;
+
 /// Reads one blob from an open pack.
 pub(super) fn read_at(file: &fs::File, at: &Location) -> std::io::Result<Vec<u8>> {
+    if at.len > MAX_BLOB {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("index record says {} bytes, more than any chunk's blob", at.len),
+        ));
+    }
     let mut blob = vec![0u8; at.len as usize];
     file.read_exact_at(&mut blob, u64::from(at.offset))?;
     Ok(blob)

@@ -306,7 +306,7 @@ impl Repository {
         let fetch = |id: &ChunkId| loop {
             match rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() {
                 Some((got, answer)) if got == *id => match answer? {
-                    Message::Chunk(chunk) => return self.open_chunk(id, &chunk.blob),
+                    Message::Chunk(chunk) => return self.open_chunk(id, chunk.blob),
                     other => return Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
                 },
                 Some(_) => {}

@@ -154,12 +154,23 @@ impl Repository {
     }
 
     pub(super) fn open_blob(&self, blob: &[u8], aad: &[u8], what: &str) -> Result<Vec<u8>, BackupError> {
+        self.open_blob_owned(blob.to_vec(), aad, what)
+    }
+
+    /// Like [`Repository::open_blob`], decrypting in the blob's own buffer
+    /// (no second chunk-sized buffer).
+    pub(super) fn open_blob_owned(&self, mut blob: Vec<u8>, aad: &[u8], what: &str) -> Result<Vec<u8>, BackupError> {
+        use chacha20poly1305::aead::AeadInPlace;
         if blob.len() < 24 + 16 {
             return Err(BackupError::Corrupt { what: what.into(), why: "too short".into() });
         }
-        self.cipher.decrypt(XNonce::from_slice(&blob[..24]), Payload { msg: &blob[24..], aad }).map_err(|_| {
-            BackupError::Corrupt { what: what.into(), why: "does not decrypt (altered or wrong key)".into() }
-        })
+        let nonce = *XNonce::from_slice(&blob[..24]);
+        blob.drain(..24);
+        self.cipher.decrypt_in_place(&nonce, aad, &mut blob).map_err(|_| BackupError::Corrupt {
+            what: what.into(),
+            why: "does not decrypt (altered or wrong key)".into(),
+        })?;
+        Ok(blob)
     }
 
     /// Writes `bytes` to `path` through a synced temporary file.
@@ -287,19 +298,32 @@ impl Repository {
     /// Reads a chunk and checks it: decrypts, decompresses and re-hashes.
     pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
         match self.chunk_blob(id)? {
-            Some(blob) => self.open_chunk(id, &blob),
+            Some(blob) => self.open_chunk(id, blob),
             None => Err(BackupError::Corrupt { what: format!("chunk {}", hex(id)), why: "missing".into() }),
         }
     }
 
     /// Decrypts, decompresses and re-hashes a chunk's blob.
-    pub(super) fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, BackupError> {
+    pub(super) fn open_chunk(&self, id: &ChunkId, blob: Vec<u8>) -> Result<Vec<u8>, BackupError> {
         let what = format!("chunk {}", hex(id));
-        let framed = self.open_blob(blob, id, &what)?;
-        let plain = match framed.split_first() {
-            Some((0, stored)) => stored.to_vec(),
-            Some((1, compressed)) => zstd::bulk::decompress(compressed, MAX_CHUNK)
-                .map_err(|e| BackupError::Corrupt { what: what.clone(), why: format!("does not decompress: {e}") })?,
+        let mut framed = self.open_blob_owned(blob, id, &what)?;
+        let plain = match framed.first() {
+            Some(0) => {
+                framed.drain(..1);
+                framed
+            }
+            Some(1) => {
+                // Sized from the frame (zstd records the content size), at
+                // most the largest chunk: no 4 MiB buffer for a 2 KiB file.
+                let size = zstd::zstd_safe::get_frame_content_size(&framed[1..])
+                    .ok()
+                    .flatten()
+                    .map_or(MAX_CHUNK, |n| usize::try_from(n).unwrap_or(MAX_CHUNK).min(MAX_CHUNK));
+                zstd::bulk::decompress(&framed[1..], size).map_err(|e| BackupError::Corrupt {
+                    what: what.clone(),
+                    why: format!("does not decompress: {e}"),
+                })?
+            }
             _ => return Err(BackupError::Corrupt { what, why: "unknown chunk format".into() }),
         };
         if blake3::keyed_hash(&self.id_key, &plain).as_bytes() != id {
@@ -365,12 +389,13 @@ impl Repository {
     /// A manifest's sealed bytes: [`COMPRESSED_MANIFEST`], then zstd of its
     /// postcard encoding.
     pub(super) fn encode_snapshot(&self, snapshot: &Snapshot) -> Result<Vec<u8>, BackupError> {
-        let plain = postcard::to_stdvec(snapshot).unwrap_or_default();
-        let mut framed = vec![COMPRESSED_MANIFEST];
-        framed.extend(zstd::bulk::compress(&plain, ZSTD_LEVEL).map_err(|e| BackupError::Corrupt {
-            what: format!("snapshot {}", snapshot.name),
-            why: format!("zstd: {e}"),
-        })?);
+        let failed = |why: String| BackupError::Corrupt { what: format!("snapshot {}", snapshot.name), why };
+        // Encoded straight into the compressor: no plaintext copy of the
+        // whole manifest is held.
+        let encoder = zstd::stream::write::Encoder::new(vec![COMPRESSED_MANIFEST], ZSTD_LEVEL)
+            .map_err(|e| failed(format!("zstd: {e}")))?;
+        let encoder = postcard::to_io(snapshot, encoder).map_err(|e| failed(format!("encode: {e}")))?;
+        let framed = encoder.finish().map_err(|e| failed(format!("zstd: {e}")))?;
         self.seal(&framed, snapshot.name.as_bytes())
     }
 

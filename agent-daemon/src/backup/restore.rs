@@ -97,7 +97,9 @@ impl Repository {
                     report(entry, fs::create_dir_all(&dest).map_err(io(&dest)));
                     dirs.push((dest, entry));
                 }
-                EntryKind::File { chunks, .. } => files.push((dest, entry, chunks)),
+                // Only the entry is kept (its path is computed again by the
+                // worker): no second path per file held for the whole restore.
+                EntryKind::File { chunks, .. } => files.push((entry, chunks)),
                 EntryKind::Symlink { target: link } => symlinks.push((dest, entry, link)),
             }
         }
@@ -108,8 +110,13 @@ impl Repository {
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((dest, entry, chunks)) = files.get(i) else { break };
-                        report(entry, restore_file(dest, entry, chunks, chunk));
+                        let Some((entry, chunks)) = files.get(i) else { break };
+                        let dest = relative_path(&entry.path).map(|rel| target.join(rel));
+                        report(
+                            entry,
+                            dest.map_err(BackupError::Refused)
+                                .and_then(|dest| restore_file(&dest, entry, chunks, chunk)),
+                        );
                     }
                 });
             }

@@ -9,13 +9,14 @@ impl Repository {
     /// Backs up `set` and writes its snapshot.
     pub fn backup(&self, set: &BackupSet) -> Result<Snapshot, BackupError> {
         let started = Timestamp::now();
-        let previous: HashMap<String, Entry> = self
-            .snapshots()?
-            .into_iter()
-            .rev()
-            .find(|s| s.set == set.name)
-            .map(|s| s.entries.into_iter().map(|e| (e.path.clone(), e)).collect())
-            .unwrap_or_default();
+        // Only the set's newest manifest is decoded (names sort by time).
+        let previous: HashMap<String, Entry> =
+            match self.snapshot_names()?.iter().rev().find(|n| set_of(n) == Some(&set.name)) {
+                Some(name) => {
+                    self.snapshot(name)?.entries.into_iter().map(|mut e| (std::mem::take(&mut e.path), e)).collect()
+                }
+                None => HashMap::new(),
+            };
         let exclude = set.exclude_matcher();
         // Two stages: this thread walks, reads, chunks and hashes; writer
         // threads (one per CPU) compress, encrypt and append new chunks to
@@ -167,20 +168,23 @@ impl Run<'_> {
             // Each child is stat'ed once, in inode order (on a cold cache
             // the inode table is then read in order), then walked in name
             // order; the read-ahead decision reuses that metadata.
-            let mut listed: Vec<(u64, PathBuf)> = match fs::read_dir(path) {
-                Ok(rd) => rd.flatten().map(|e| (e.ino(), e.path())).collect(),
+            let mut listed: Vec<fs::DirEntry> = match fs::read_dir(path) {
+                Ok(rd) => rd.flatten().collect(),
                 Err(e) => {
                     self.problems.push(format!("{text}: {e}"));
                     return Ok(());
                 }
             };
-            listed.sort_unstable_by_key(|(ino, _)| *ino);
+            listed.sort_unstable_by_key(|e| e.ino());
             let mut children: Vec<(PathBuf, fs::Metadata)> = Vec::with_capacity(listed.len());
-            for (_, child) in listed {
+            for entry in listed {
+                let child = entry.path();
                 if self.exclude.is_match(&child) {
                     continue;
                 }
-                match fs::symlink_metadata(&child) {
+                // Relative to the open directory (no walk of the full path);
+                // does not follow a symbolic link.
+                match entry.metadata() {
                     Ok(meta) => children.push((child, meta)),
                     Err(e) => self.problems.push(format!("{}: {e}", child.display())),
                 }
@@ -329,4 +333,11 @@ pub(super) fn prefetch(path: &Path) {
             libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
         }
     }
+}
+
+/// The set a snapshot name (`<ms>-<set>-<8 hex>`) belongs to.
+pub(super) fn set_of(name: &str) -> Option<&str> {
+    let (_, rest) = name.split_once('-')?;
+    let (set, _) = rest.rsplit_once('-')?;
+    Some(set)
 }
