@@ -98,8 +98,9 @@ pub(crate) const REPO_VERSION: u32 = 2;
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
 
-/// Chunk transfers (uploads, fetches for a restore) in flight at once.
-pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
+/// Chunk transfers (uploads, fetches for a restore) in flight at once: the
+/// streams the hub allows on one connection, so its per-chunk fsyncs overlap.
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 8;
 /// Ids per "which of these do you lack" question.
 pub(crate) const IDS_PER_QUERY: usize = 16 * 1024;
 /// The file that marks snapshots waiting for upload.
@@ -419,6 +420,89 @@ mod tests {
         drop(repo);
         let err = Repository::open(repo_dir.path(), &KEY).unwrap_err().to_string();
         assert!(err.contains("newer than this agent"), "{err}");
+    }
+
+    /// Every pack file of a repository.
+    fn packs(repo: &Path) -> Vec<PathBuf> {
+        tree(&repo.join("packs")).into_keys().map(|p| repo.join("packs").join(p)).collect()
+    }
+
+    #[test]
+    fn verify_names_a_corrupt_chunk_and_the_files_that_need_it() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("a.txt"), "alpha\n".repeat(1000)).unwrap();
+        fs::write(source.path().join("b.txt"), "beta\n".repeat(1000)).unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        assert!(repo.verify().unwrap().is_empty());
+        let index = repo.index.read().unwrap();
+        let (id, at) = index[0].records().unwrap()[0];
+        drop(index);
+        let path = pack::pack_path(&repo_dir.path().join("packs"), &at.pack);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(at.offset + at.len / 2) as usize] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        drop(repo);
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let problems = repo.verify().unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains(&hex(&id)) && problems[0].contains(&snapshot.name), "{problems:?}");
+    }
+
+    /// A run cut off before its index (a crash or a power cut after the
+    /// packs were written): its packs are torn and named by nothing; the
+    /// next run stores its chunks again and prune removes the torn packs.
+    #[test]
+    fn torn_packs_of_an_interrupted_run_are_never_used() {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("a.txt"), "alpha\n".repeat(5000)).unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let first = repo.backup(&set(&[source.path()])).unwrap();
+        // Undo the run's index and manifest, and tear its pack.
+        fs::remove_dir_all(repo_dir.path().join("index")).unwrap();
+        fs::create_dir(repo_dir.path().join("index")).unwrap();
+        fs::remove_file(repo_dir.path().join("snapshots").join(&first.name)).unwrap();
+        let torn = packs(repo_dir.path());
+        for p in &torn {
+            fs::write(p, b"torn").unwrap();
+        }
+        drop(repo);
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let again = repo.backup(&set(&[source.path()])).unwrap();
+        assert_eq!(again.new_chunks, 1, "a chunk in a torn, unindexed pack was taken as stored");
+        assert!(repo.verify().unwrap().is_empty());
+        repo.prune(&[]).unwrap();
+        assert!(torn.iter().all(|p| !p.exists()), "prune kept a torn pack");
+        let target = tempfile::tempdir().unwrap();
+        repo.restore(&again, &restore_all(target.path())).unwrap();
+    }
+
+    #[test]
+    fn prune_keeps_what_the_retention_says_and_only_the_chunks_it_needs() {
+        let source = tempfile::tempdir().unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let mut keep_last_two = set(&[source.path()]);
+        keep_last_two.retention = crate::config::Retention { last: 2, ..Default::default() };
+        let mut names = Vec::new();
+        for round in 0..4 {
+            fs::write(source.path().join("round.txt"), format!("round {round}\n").repeat(2000)).unwrap();
+            fs::write(source.path().join("stays.txt"), "the same in every round\n".repeat(2000)).unwrap();
+            names.push(repo.backup(&keep_last_two).unwrap().name);
+            repo.prune(std::slice::from_ref(&keep_last_two)).unwrap();
+        }
+        let left: Vec<String> = repo.snapshots().unwrap().into_iter().map(|s| s.name).collect();
+        assert_eq!(left, names[2..]);
+        // Indexed: the two rounds kept and the shared file, nothing else.
+        let records: usize = repo.index.read().unwrap().iter().map(|s| s.records().unwrap().len()).sum();
+        assert_eq!(records, 3);
+        assert!(repo.verify().unwrap().is_empty());
+        for snapshot in repo.snapshots().unwrap() {
+            let target = tempfile::tempdir().unwrap();
+            repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        }
     }
 
     #[test]
