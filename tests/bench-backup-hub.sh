@@ -22,10 +22,9 @@ cleanup() { [ -n "$hub" ] && kill "$hub" 2>/dev/null; wait 2>/dev/null || true; 
 trap cleanup EXIT
 trap "exit 130" INT TERM
 data=$work/data
-REAL_TREE=(/usr/share/doc /usr/share/locale /usr/share/man /usr/share/zoneinfo /usr/share/i18n /usr/share/perl
-    /usr/include /usr/lib/python3 /usr/lib/python3.11)
+. tests/bench-common.sh
 if [ "$WHAT" = real ]; then
-    for d in "${REAL_TREE[@]}"; do [ -e "$d" ] && mkdir -p "$data$(dirname "$d")" && cp -a "$d" "$data$d"; done
+    copy_real_tree "$data"
 else
     mkdir -p "$data"
     python3 - "$data" "$WHAT" <<'PY'
@@ -75,13 +74,6 @@ device old
 device new
 id_of() { sed -n 's/^device_id = "\(.*\)"/\1/p' "$work/$1/identity/device.toml"; }
 
-measure() { # label command...
-    local label=$1; shift
-    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >"$work/cmd.out" 2>&1 || { cat "$work/cmd.out" >&2; exit 1; }
-    read -r secs kib <"$work/time.out"
-    echo "| $label | $secs s | $((kib / 1024)) MiB |"
-}
 echo "| step | time | peak RSS |"
 echo "|---|---|---|"
 # The snapshot without its upload, then the upload alone (the hub is empty).

@@ -19,8 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${1:-1024}
-REAL_TREE=(/usr/share/doc /usr/share/locale /usr/share/man /usr/share/zoneinfo /usr/share/i18n /usr/share/perl
-    /usr/include /usr/lib/python3 /usr/lib/python3.11)
+. tests/bench-common.sh
 for tool in restic python3; do command -v "$tool" >/dev/null || { echo "bench-backup: $tool missing" >&2; exit 1; }; done
 [ -x /usr/bin/time ] || { echo "bench-backup: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
@@ -31,10 +30,7 @@ trap cleanup EXIT
 data=$work/data
 
 if [ "$MIB" = real ]; then
-    mkdir -p "$data"
-    for d in "${REAL_TREE[@]}"; do
-        [ -e "$d" ] && mkdir -p "$data$(dirname "$d")" && cp -a "$d" "$data$d"
-    done
+    copy_real_tree "$data"
     echo "data set: real tree, $(find "$data" -type f | wc -l) files, $(find "$data" -type l | wc -l) symlinks," \
         "$(find "$data" -type f -print0 | xargs -0 md5sum | cut -d' ' -f1 | sort | uniq -d | wc -l) contents that occur more than once," \
         "$(du -sm --apparent-size "$data" | cut -f1) MiB, from: ${REAL_TREE[*]}" >&2
@@ -99,15 +95,6 @@ CFG
 export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
 restic init >/dev/null
 
-measure() { # label command... → "| label | seconds | peak MiB |"
-    local label=$1; shift
-    # Cold page cache for every run (as root), so neither tool reads what
-    # the other just read; both write to the same disk.
-    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >"$work/cmd.out" 2>&1 || { cat "$work/cmd.out" >&2; exit 1; }
-    read -r secs kib <"$work/time.out"
-    echo "| $label | $secs s | $((kib / 1024)) MiB |"
-}
 echo "| run | time | peak RSS |"
 echo "|---|---|---|"
 for round in first unchanged changed; do

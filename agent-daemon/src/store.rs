@@ -201,6 +201,16 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
     Ok(tree.get(key)?.and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
 }
 
+/// The outcome of one of this store's transactions, whose closures never
+/// abort (an abort would have changed nothing; it is reported, not a panic).
+fn committed(result: Result<(), TransactionError<()>>) -> Result<(), StoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+        Err(TransactionError::Abort(())) => Err(sled::Error::Unsupported("transaction aborted".into()).into()),
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain data; serialization into a Vec cannot fail.
     postcard::to_stdvec(value).unwrap_or_default()
@@ -467,11 +477,7 @@ impl Trees {
                 Ok::<(), ConflictableTransactionError<()>>(())
             },
         );
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
-        }
+        committed(result)?;
         {
             let mut stats = self.stats();
             stats.next_seq = next;
@@ -530,11 +536,7 @@ impl Trees {
             meta.remove(FRESH)?;
             Ok::<(), ConflictableTransactionError<()>>(())
         });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
-        }
+        committed(result)?;
         {
             let mut stats = self.stats();
             stats.next_seq = next;
