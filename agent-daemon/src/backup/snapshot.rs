@@ -62,7 +62,17 @@ impl Repository {
                 queued: HashSet::new(),
                 buffer: Vec::new(),
             };
-            let walked = set.paths.iter().try_for_each(|path| run.walk(Path::new(path)));
+            // Metadata read-ahead: a few threads stat the set's tree ahead of
+            // the walk, so the inode reads of a cold cache overlap instead of
+            // coming one at a time; the walk then finds them cached.
+            let stop_warming = std::sync::atomic::AtomicBool::new(false);
+            let warm_exclude = set.exclude_matcher();
+            let walked = std::thread::scope(|warming| {
+                warm_metadata(warming, &set.paths, &warm_exclude, &stop_warming);
+                let walked = set.paths.iter().try_for_each(|path| run.walk(Path::new(path)));
+                stop_warming.store(true, std::sync::atomic::Ordering::Relaxed);
+                walked
+            });
             let Run { entries, problems, mut stats, sink, .. } = run;
             drop(sink);
             for writer in writers {
@@ -341,3 +351,74 @@ pub(super) fn set_of(name: &str) -> Option<&str> {
     let (set, _) = rest.rsplit_once('-')?;
     Some(set)
 }
+
+/// Threads that stat every entry under `paths` (not following links), in
+/// parallel, until done or `stop`: read-ahead of metadata for the walk.
+fn warm_metadata<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    paths: &'env [String],
+    exclude: &'env globset::GlobSet,
+    stop: &'env std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let queue = std::sync::Arc::new(WarmQueue {
+        state: std::sync::Mutex::new((paths.iter().map(PathBuf::from).collect(), 0)),
+        ready: std::sync::Condvar::new(),
+    });
+    for _ in 0..WARMERS {
+        let queue = queue.clone();
+        scope.spawn(move || {
+            let (lock, ready) = (&queue.state, &queue.ready);
+            loop {
+                // Take a directory, or wait while others may still add some.
+                let dir = {
+                    let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if let Some(dir) = q.0.pop() {
+                            q.1 += 1;
+                            break dir;
+                        }
+                        if q.1 == 0 {
+                            ready.notify_all();
+                            return;
+                        }
+                        q = ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                let mut found = Vec::new();
+                for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(meta) = entry.metadata()
+                        && meta.is_dir()
+                        && !exclude.is_match(entry.path())
+                    {
+                        found.push(entry.path());
+                    }
+                }
+                let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+                // Depth first from the end, so the warmers stay near the
+                // walk's own order.
+                found.sort_unstable_by(|a, b| b.cmp(a));
+                q.0.extend(found);
+                q.1 -= 1;
+                ready.notify_all();
+            }
+        });
+    }
+}
+
+/// Directories the metadata read-ahead has yet to list, and how many are
+/// being listed (a warmer waits while others may still add some).
+struct WarmQueue {
+    state: std::sync::Mutex<(Vec<PathBuf>, usize)>,
+    ready: std::sync::Condvar,
+}
+
+/// Threads reading metadata ahead of the walk (8 kept the cold real-tree
+/// walk at 0.48–0.50 s, 4 at 0.50–0.54 s, none at 0.80 s).
+const WARMERS: usize = 8;
