@@ -40,17 +40,7 @@ PY
 fi
 echo "data set ($WHAT): $(find "$data" -type f | wc -l) files, $(du -sm --apparent-size "$data" | cut -f1) MiB" >&2
 
-"$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
-admin=$(tail -1 "$work/init.out")
-port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$work/hub.toml" <<CFG
-data_dir = "$work/hub"
-log = "warn"
-[quic]
-listen = "127.0.0.1:$port"
-[http]
-listen = "127.0.0.1:0"
-CFG
+init_hub
 "$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!
 for _ in $(seq 200); do [ -s "$work/hub/http.addr" ] && break; sleep 0.05; done
 api="http://$(cat "$work/hub/http.addr")"

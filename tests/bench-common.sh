@@ -1,5 +1,22 @@
-# Sourced by the backup benchmarks: the real tree they measure on, and how
-# one step is timed. Needs $work (a scratch directory) set by the caller.
+# Sourced by the benchmarks: a hub data dir and config, the real tree the
+# backup benchmarks measure on, and how one step is timed. Needs $work (a
+# scratch directory) and $bin (the release binaries) set by the caller.
+
+# init_hub: a hub data dir in $work/hub and $work/hub.toml (QUIC on a free
+# loopback port, HTTP on any); sets $admin (its admin token) and $port.
+init_hub() {
+    "$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
+    admin=$(tail -1 "$work/init.out")
+    port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    cat >"$work/hub.toml" <<CFG
+data_dir = "$work/hub"
+log = "warn"
+[quic]
+listen = "127.0.0.1:$port"
+[http]
+listen = "127.0.0.1:0"
+CFG
+}
 
 # A tree the project made none of: documentation, translations, man pages,
 # time zones, locales, C headers, Python and Perl libraries of this machine

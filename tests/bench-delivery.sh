@@ -23,17 +23,8 @@ trap "exit 130" INT TERM
 now_ms() { date +%s%3N; }
 base=$(( $(now_ms) - 86400000 ))
 
-"$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
-admin=$(tail -1 "$work/init.out")
-port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/hub.toml" <<CFG
-data_dir = "$work/hub"
-log = "warn"
-[quic]
-listen = "127.0.0.1:$port"
-[http]
-listen = "127.0.0.1:0"
-CFG
+. tests/bench-common.sh
+init_hub
 token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses $((A + 1)) --hub-addr "127.0.0.1:$port")
 
 agent_config() { # name
