@@ -15,6 +15,10 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The MQTT tests start their own Mosquitto (the Debian package's service,
 # if it starts, is not used).
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# The store suite and the hub tests on PostgreSQL make private clusters
+# (initdb in a temp dir) with Debian's PostgreSQL; its package also makes
+# the postgres user they run as.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 # The LAN tests build network namespaces with ip(8) (and need root).
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -31,3 +35,6 @@ fi
 # The multi-process tests run the binaries next to the test executables.
 cargo build --locked --workspace --bins
 cargo test --locked --workspace "$@"
+# The tests that run hubs, again with every hub on PostgreSQL.
+OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
+    --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet "$@"

@@ -177,13 +177,27 @@ pub struct Backups {
     /// while a prune deletes chunks.
     catalogue: std::sync::Arc<std::sync::Mutex<()>>,
     retention: outpost_shared::retention::Retention,
+    /// The runtime the store's calls run on (these methods block).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Backups {
     /// Backups under `<data_dir>/backups`, catalog in `store`, every
     /// snapshot kept until [`Backups::with_retention`] says otherwise.
+    /// Call inside the tokio runtime the store's calls are to run on.
     pub fn new(data_dir: &Path, store: Store) -> Self {
-        Backups { dir: data_dir.join("backups"), store, catalogue: Default::default(), retention: Default::default() }
+        Backups {
+            dir: data_dir.join("backups"),
+            store,
+            catalogue: Default::default(),
+            retention: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Waits for a store call from this blocking thread.
+    fn wait<T>(&self, call: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.runtime.block_on(call)
     }
 
     /// The hub's retention (`[backups.retention]`), applied by
@@ -335,8 +349,7 @@ impl Backups {
         }
         write_atomic(&path, &data.manifest, 0o600).map_err(io(path.display()))?;
         let entry = CatalogEntry { summary: data.summary.clone(), uploaded_at: Timestamp::now() };
-        let d = device.clone();
-        self.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &entry)).map_err(StoreError::from)??;
+        self.wait(self.store.put_catalog_entry(device, &entry))?;
         let _ = std::fs::remove_file(self.list_path(device, "uploading", name));
         Ok(())
     }
@@ -347,7 +360,7 @@ impl Backups {
     /// `dry_run`, only reports.
     pub fn prune(&self, device: &DeviceId, dry_run: bool) -> Result<PruneReport, BackupStoreError> {
         let _catalogue = self.lock_catalogue();
-        let catalog = self.store.catalog(device)?;
+        let catalog = self.wait(self.store.catalog(device))?;
         let drop = prune_plan(&catalog, &self.retention);
         let mut report = PruneReport {
             snapshots_kept: catalog.len() - drop.len(),
@@ -397,11 +410,7 @@ impl Backups {
             return Ok(report);
         }
         if !drop.is_empty() {
-            let (d, names) = (device.clone(), drop.clone());
-            self.store
-                .writer()
-                .run_blocking(move |s| s.delete_catalog_entries(&d, &names))
-                .map_err(StoreError::from)??;
+            self.wait(self.store.delete_catalog_entries(device, &drop))?;
         }
         for name in &drop {
             for path in [self.manifest_path(device, name), self.list_path(device, "chunklists", name)] {
@@ -424,7 +433,7 @@ impl Backups {
 
     /// A device's catalog, oldest first.
     pub fn catalog(&self, device: &DeviceId) -> Result<Vec<CatalogEntry>, BackupStoreError> {
-        Ok(self.store.catalog(device)?)
+        Ok(self.wait(self.store.catalog(device))?)
     }
 
     /// A catalogued snapshot's summary and manifest.
@@ -433,7 +442,7 @@ impl Backups {
         if !valid_name(name) {
             return Err(not_found());
         }
-        let entry = self.store.catalog_entry(device, name)?.ok_or_else(not_found)?;
+        let entry = self.wait(self.store.catalog_entry(device, name))?.ok_or_else(not_found)?;
         let path = self.manifest_path(device, name);
         let manifest = std::fs::read(&path).map_err(io(path.display()))?;
         Ok(SnapshotData { summary: entry.summary, manifest })
@@ -445,7 +454,7 @@ impl Backups {
         if reader == owner {
             return Ok(());
         }
-        match self.store.grant(reader, owner)? {
+        match self.wait(self.store.grant(reader, owner))? {
             Some(grant) if grant.expires_at > Timestamp::now() => Ok(()),
             Some(_) => Err(BackupStoreError::NotAuthorised(format!(
                 "the grant letting {reader} read {owner}'s backups has expired"
@@ -471,8 +480,7 @@ impl Backups {
             expires_at: Timestamp(now.0.saturating_add(u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX))),
             by: by.to_owned(),
         };
-        let (r, o, g) = (reader.clone(), owner.clone(), grant.clone());
-        self.store.writer().run_blocking(move |s| s.put_grant(&r, &o, &g)).map_err(StoreError::from)??;
+        self.wait(self.store.put_grant(reader, owner, &grant))?;
         Ok(grant)
     }
 
@@ -514,8 +522,7 @@ impl Backups {
     /// snapshots and the usage removed.
     pub fn delete_all(&self, device: &DeviceId) -> Result<(usize, Usage), BackupStoreError> {
         let usage = self.usage(device)?;
-        let d = device.clone();
-        let snapshots = self.store.writer().run_blocking(move |s| s.delete_catalog(&d)).map_err(StoreError::from)??;
+        let snapshots = self.wait(self.store.delete_catalog(device))?;
         let dir = self.dir.join(device.as_str());
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -662,8 +669,7 @@ mod tests {
         backups.put_snapshot(dev, &SnapshotData { summary, manifest: vec![0; 64] }).unwrap();
         // The catalog entry records when it arrived: that day.
         let e = entry("data", name, day, day, ids.len() as u64);
-        let d = dev.clone();
-        backups.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &e)).unwrap().unwrap();
+        backups.wait(backups.store.put_catalog_entry(dev, &e)).unwrap();
     }
 
     fn age_chunks(backups: &Backups, dev: &DeviceId) {
@@ -679,7 +685,9 @@ mod tests {
     #[test]
     fn thirty_days_under_retention_leave_exactly_what_the_kept_snapshots_need() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _entered = runtime.enter();
+        let store = Store::open_sled(dir.path()).unwrap();
         let backups =
             Backups::new(dir.path(), store).with_retention(Retention { daily: 7, weekly: 4, ..Default::default() });
         let dev: DeviceId = "dev-a".parse().unwrap();
@@ -736,7 +744,9 @@ mod tests {
     #[test]
     fn prune_keeps_chunks_of_uploads_under_way_and_of_snapshots_without_lists() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _entered = runtime.enter();
+        let store = Store::open_sled(dir.path()).unwrap();
         let backups = Backups::new(dir.path(), store).with_retention(Retention { last: 1, ..Default::default() });
         let dev: DeviceId = "dev-a".parse().unwrap();
         upload(&backups, &dev, "1-data-a", 1, &[[1; 32], [2; 32]]);
@@ -755,8 +765,7 @@ mod tests {
         assert_eq!(report.chunks_removed, 0, "a chunk of the upload under way was removed: {report:?}");
         // A snapshot catalogued before protocol 9 (no list) keeps every chunk.
         let legacy = entry("data", "4-data-d", 4, 4, 1);
-        let d = dev.clone();
-        backups.store.writer().run_blocking(move |s| s.put_catalog_entry(&d, &legacy)).unwrap().unwrap();
+        backups.wait(backups.store.put_catalog_entry(&dev, &legacy)).unwrap();
         std::fs::remove_file(backups.list_path(&dev, "uploading", "3-data-c")).unwrap();
         let report = backups.prune(&dev, true).unwrap();
         assert_eq!(report.chunks_removed, 0);
@@ -776,7 +785,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("outpost-hub-backups-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _entered = runtime.enter();
+        let store = Store::open_sled(&dir).unwrap();
         let backups = Backups::new(&dir, store);
         let dev: DeviceId = "dev-a".parse().unwrap();
         let chunk = ChunkBlob { id: [3; 32], blob: vec![9; 100] };

@@ -30,7 +30,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves a bulk connection of `device` until it closes.
 pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<QuicContext>) {
-    match ctx.fleet.store().device(&device) {
+    match ctx.fleet.store().device(&device).await {
         Ok(Some(_)) => {}
         _ => {
             warn!("Bulk connection of a device that is not registered.");

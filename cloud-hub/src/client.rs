@@ -80,6 +80,16 @@ impl Client {
         response.body_mut().with_config().limit(256 << 20).read_json().map_err(transport)
     }
 
+    /// `GET /healthz` or `/readyz` (`check`): the status and the hub's text.
+    pub fn health(&self, check: &str) -> Result<(u16, String), ClientError> {
+        let url = format!("{}/{check}", self.base);
+        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
+        let mut response = self.agent.get(&url).call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().map_err(transport)?;
+        Ok((status, text))
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call("GET", path, None)
     }

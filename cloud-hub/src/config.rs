@@ -2,6 +2,7 @@
 //! reference; every key there is read here.
 
 use crate::mqtt::MqttConfig;
+use crate::store::StoreConfig;
 use outpost_shared::config::{ByteSize, ConfigError, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use outpost_shared::mqtt::BrokerUrl;
@@ -29,6 +30,9 @@ pub struct HubConfig {
     pub log: String,
     /// `[backups]`: the hub's own retention of uploaded snapshots.
     pub backups: BackupsConfig,
+    /// `[store]`: where the fleet's state lives. Default: sled under
+    /// `data_dir/db`.
+    pub store: StoreConfig,
 }
 
 /// `[backups]`
@@ -84,6 +88,7 @@ impl HubConfig {
             telemetry_retention: Duration::from_secs(30 * 86400),
             log: "info".into(),
             backups: BackupsConfig { retention: Default::default(), prune_every: Duration::from_secs(3600) },
+            store: StoreConfig::Sled,
         }
     }
 }
@@ -96,6 +101,26 @@ impl ConfigFile for HubConfig {
         let telemetry = root.table("telemetry");
         let mqtt = root.table("mqtt");
         let backups = root.table("backups");
+        let store = root.table("store");
+        let store_config = match store.get_or("backend", "sled".to_owned()).as_str() {
+            "sled" => StoreConfig::Sled,
+            "postgres" => StoreConfig::Postgres {
+                url: store.require("url").unwrap_or_default(),
+                pool_size: store.get_or("pool_size", 16usize),
+            },
+            other => {
+                store.error("backend", format!("unknown backend {other:?}; use \"sled\" or \"postgres\""));
+                StoreConfig::Sled
+            }
+        };
+        if let StoreConfig::Postgres { url, pool_size } = &store_config {
+            store.check("pool_size", (1..=1024).contains(pool_size), "must be between 1 and 1024");
+            if !url.is_empty()
+                && let Err(e) = url.parse::<tokio_postgres::Config>()
+            {
+                store.error("url", format!("not a PostgreSQL connection string: {e}"));
+            }
+        }
         let config = HubConfig {
             data_dir: root.require("data_dir").unwrap_or_default(),
             quic: QuicConfig {
@@ -123,6 +148,7 @@ impl ConfigFile for HubConfig {
                 retention: outpost_shared::retention::Retention::read(&backups.table("retention")),
                 prune_every: backups.get_or("prune_every", Duration::from_secs(3600)),
             },
+            store: store_config,
         };
         backups.check("prune_every", config.backups.prune_every >= Duration::from_secs(60), "must be at least 1m");
         quic.check(
@@ -142,7 +168,7 @@ impl ConfigFile for HubConfig {
             mqtt.check("shared_group", !m.shared_group.contains(['/', '+', '#']), "must not contain '/', '+' or '#'");
             mqtt.check("password", m.password.is_none() || m.username.is_some(), "needs username");
         }
-        for s in [quic, http, fleet, telemetry, mqtt, backups] {
+        for s in [quic, http, fleet, telemetry, mqtt, backups, store] {
             s.finish();
         }
         config
@@ -151,8 +177,11 @@ impl ConfigFile for HubConfig {
     fn check_environment(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let dir = &self.data_dir;
-        let missing: Vec<&str> =
-            ["ca.crt", "ca.key", "enroll.key", "db"].into_iter().filter(|name| !dir.join(name).exists()).collect();
+        let needed: &[&str] = match self.store {
+            StoreConfig::Sled => &["ca.crt", "ca.key", "enroll.key", "db"],
+            StoreConfig::Postgres { .. } => &["ca.crt", "ca.key", "enroll.key"],
+        };
+        let missing: Vec<&str> = needed.iter().copied().filter(|name| !dir.join(name).exists()).collect();
         if !missing.is_empty() {
             errors.push(ConfigError {
                 path: "data_dir".into(),
@@ -163,6 +192,11 @@ impl ConfigFile for HubConfig {
                     dir.display()
                 ),
             });
+        }
+        if let StoreConfig::Postgres { url, .. } = &self.store
+            && let Err(message) = crate::store::postgres::check_reachable(url)
+        {
+            errors.push(ConfigError { path: "store.url".into(), message });
         }
         errors
     }

@@ -103,7 +103,7 @@ fn refuse(reason: RefusalReason, message: impl Into<String>) -> Refused {
 
 /// Checks a token and signs the device's CSR. Writes to the store only when
 /// everything checks out, in one transaction.
-pub fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) -> Result<Enrolled, Refused> {
+pub async fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) -> Result<Enrolled, Refused> {
     let parsed = token::parse(&request.token).map_err(|e| refuse(RefusalReason::UnknownToken, e.to_string()))?;
     if !parsed.verify(key) || parsed.claims.ca != ca.fingerprint() {
         return Err(refuse(RefusalReason::UnknownToken, "enrollment token was not issued by this hub"));
@@ -129,7 +129,7 @@ pub fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) 
     };
     let public_key = public_key_of(&cert)
         .ok_or_else(|| refuse(RefusalReason::BadCsr, "the signed certificate has no public key"))?;
-    match store.enroll(&claims.id, claims.uses, &record, &public_key) {
+    match store.enroll(&claims.id, claims.uses, &record, &public_key).await {
         Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca.cert_der().to_vec() }),
         Err(StoreError::UsedUp { used, allowed }) => {
             Err(refuse(RefusalReason::UsedUpToken, format!("enrollment token is used up ({used} of {allowed} uses)")))

@@ -138,7 +138,7 @@ impl Fleet {
     }
 
     /// The API's view of one device record.
-    pub fn view(&self, record: DeviceRecord) -> DeviceView {
+    pub async fn view(&self, record: DeviceRecord) -> Result<DeviceView, StoreError> {
         let now = Timestamp::now();
         let (last_seen, transport) = match self.presence().get(&record.id) {
             Some(p) => {
@@ -147,18 +147,25 @@ impl Fleet {
             None => (record.last_seen, None),
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
-        let alarms = self.store.alarms(&record.id, 10).unwrap_or_default();
-        let last_seq = self.store.high_water(&record.id).unwrap_or(0);
-        DeviceView::new(record, last_seen, online, transport, alarms, last_seq)
+        let alarms = self.store.alarms(&record.id, 10).await?;
+        let last_seq = self.store.high_water(&record.id).await?;
+        Ok(DeviceView::new(record, last_seen, online, transport, alarms, last_seq))
     }
 
     /// Every device, as the API shows them.
-    pub fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        Ok(self.store.devices()?.into_iter().map(|r| self.view(r)).collect())
+    pub async fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
+        let mut views = Vec::new();
+        for record in self.store.devices().await? {
+            views.push(self.view(record).await?);
+        }
+        Ok(views)
     }
 
     /// One device, as the API shows it.
-    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceView>, StoreError> {
-        Ok(self.store.device(id)?.map(|r| self.view(r)))
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceView>, StoreError> {
+        match self.store.device(id).await? {
+            Some(record) => Ok(Some(self.view(record).await?)),
+            None => Ok(None),
+        }
     }
 }

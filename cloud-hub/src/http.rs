@@ -12,14 +12,13 @@ use crate::api::{
 };
 use crate::backups::{BackupStoreError, SnapshotView};
 use crate::fleet::Fleet;
-use crate::store::{ApiToken, Role, StoreError};
+use crate::store::{ApiToken, NewCommand, Role, StoreError};
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use outpost_shared::DeviceId;
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::time::Timestamp;
-use std::future::{Ready, ready};
 use std::sync::Arc;
 
 /// SHA-256 of a bearer token, the key it is stored under.
@@ -48,6 +47,9 @@ pub enum HttpError {
         /// The version in force.
         current: u64,
     },
+    /// The hub's store cannot answer or make the change durable now.
+    #[error("the hub cannot store this now; retry later ({0})")]
+    Unavailable(String),
     /// The hub's store failed.
     #[error("internal error")]
     Internal(crate::store::StoreError),
@@ -57,14 +59,9 @@ impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::VersionConflict { current, .. } => HttpError::Conflict { current },
+            StoreError::Unavailable(e) => HttpError::Unavailable(e),
             other => HttpError::Internal(other),
         }
-    }
-}
-
-impl From<outpost_shared::commit::CommitError> for HttpError {
-    fn from(e: outpost_shared::commit::CommitError) -> Self {
-        HttpError::Internal(StoreError::Commit(e))
     }
 }
 
@@ -76,6 +73,7 @@ impl ResponseError for HttpError {
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
             HttpError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             HttpError::Conflict { .. } => StatusCode::CONFLICT,
+            HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,34 +106,58 @@ impl Caller {
 
 impl FromRequest for Caller {
     type Error = HttpError;
-    type Future = Ready<Result<Self, HttpError>>;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, HttpError>>>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let lookup = || {
-            let fleet = req.app_data::<web::Data<Fleet>>().ok_or(HttpError::Unauthorized)?;
-            let header = req.headers().get("authorization").ok_or(HttpError::Unauthorized)?;
-            let secret = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(HttpError::Unauthorized)?;
-            let token = fleet.store().api_token(&token_hash(secret.trim()))?;
+        let fleet = req.app_data::<web::Data<Fleet>>().cloned();
+        let secret = req
+            .headers()
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|s| s.trim().to_owned());
+        Box::pin(async move {
+            let (Some(fleet), Some(secret)) = (fleet, secret) else {
+                return Err(HttpError::Unauthorized);
+            };
+            let token = fleet.store().api_token(&token_hash(&secret)).await?;
             token.map(|token| Caller { token }).ok_or(HttpError::Unauthorized)
-        };
-        ready(lookup())
+        })
     }
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+/// `/healthz`: the process serves, and its store's state as last seen: 200
+/// `ok`, or 503 naming the store's fault (a full disk, the database gone),
+/// so monitoring and systemd see a hub that cannot store.
+async fn healthz(fleet: web::Data<Fleet>) -> HttpResponse {
+    health_response(fleet.store().health())
+}
+
+/// `/readyz`: whether the hub can make a write durable now (a small write
+/// and its sync, or a database round trip); 503 while it cannot.
+async fn readyz(fleet: web::Data<Fleet>) -> HttpResponse {
+    health_response(fleet.store().probe().await)
+}
+
+fn health_response(health: crate::store::Health) -> HttpResponse {
+    match health.error {
+        None => HttpResponse::Ok().content_type("text/plain").body("ok\n"),
+        Some(error) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("store ({}) cannot make writes durable: {error}\n", health.backend)),
+    }
 }
 
 async fn list_devices(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    Ok(HttpResponse::Ok().json(fleet.devices()?))
+    Ok(HttpResponse::Ok().json(fleet.devices().await?))
 }
 
 /// Parses a device id from the path and checks the device exists.
-fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
+async fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
     let not_found = || HttpError::NotFound(format!("device {raw:?}"));
     let id: DeviceId = raw.parse().map_err(|_| not_found())?;
-    fleet.store().device(&id)?.ok_or_else(not_found)?;
+    fleet.store().device(&id).await?.ok_or_else(not_found)?;
     Ok(id)
 }
 
@@ -145,8 +167,8 @@ async fn get_device(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
-    let view = fleet.device(&id)?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
+    let id = known_device(&fleet, &path).await?;
+    let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -167,11 +189,11 @@ async fn get_metrics(
     query: web::Query<MetricsQuery>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let since = query.since.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(0));
     let until = query.until.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(u64::MAX));
     let limit = query.limit.unwrap_or(10_000).min(1_000_000);
-    let samples = fleet.store().telemetry(&id, since, until, limit)?;
+    let samples = fleet.store().telemetry(&id, since, until, limit).await?;
     let samples = samples.into_iter().map(|(seq, sample)| SampleView::new(seq, sample)).collect();
     Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples }))
 }
@@ -183,20 +205,20 @@ async fn get_events(
     query: web::Query<LimitQuery>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let limit = query.limit.unwrap_or(1000).min(1_000_000);
-    Ok(HttpResponse::Ok().json(fleet.store().events(&id, limit)?))
+    Ok(HttpResponse::Ok().json(fleet.store().events(&id, limit).await?))
 }
 
 async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<String>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let store = fleet.store();
-    let record = store.jobs(&id)?;
+    let record = store.jobs(&id).await?;
     let now = Timestamp::now();
     let mut jobs = Vec::new();
     for (spec, source) in record.as_ref().map(|r| r.jobs.as_slice()).unwrap_or_default() {
-        let last = store.job_runs(&id, &spec.name, 1)?.pop();
+        let last = store.job_runs(&id, &spec.name, 1).await?.pop();
         jobs.push(JobView::new(spec, *source, last, now));
     }
     Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
@@ -208,8 +230,8 @@ async fn get_peers(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
-    let record = fleet.store().peers(&id)?;
+    let id = known_device(&fleet, &path).await?;
+    let record = fleet.store().peers(&id).await?;
     let (reported_at, peers) = record.map_or((None, Vec::new()), |r| (Some(r.at.rfc3339()), r.peers));
     Ok(HttpResponse::Ok().json(PeersView { device: id.to_string(), reported_at, peers }))
 }
@@ -244,7 +266,7 @@ async fn get_backups(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let (catalog, usage) = on_backups(&fleet, &id, |b, id| Ok((b.catalog(id)?, b.usage(id)?))).await?;
     Ok(HttpResponse::Ok().json(BackupsView {
         device: id.to_string(),
@@ -260,7 +282,7 @@ async fn verify_backups(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let report = on_backups(&fleet, &id, |b, id| b.verify(id)).await?;
     tracing::info!(device = %id, chunks = report.chunks, problems = report.problems.len(), "Backups verified at the hub.");
     Ok(HttpResponse::Ok().json(report))
@@ -272,7 +294,7 @@ async fn delete_backups(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Admin)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let (snapshots, usage) = on_backups(&fleet, &id, |b, id| b.delete_all(id)).await?;
     tracing::info!(device = %id, snapshots, chunks = usage.chunks, by = %caller.token.name, "Backups deleted.");
     Ok(HttpResponse::Ok().json(BackupsDeleted {
@@ -300,7 +322,7 @@ async fn prune_backups(
 ) -> Result<HttpResponse, HttpError> {
     let dry_run = query.dry_run;
     caller.require(if dry_run { Role::Operator } else { Role::Admin })?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let report = on_backups(&fleet, &id, move |b, id| b.prune(id, dry_run)).await?;
     tracing::info!(
         device = %id,
@@ -320,8 +342,8 @@ async fn grant_backups(
     body: web::Json<GrantRequest>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
-    let owner = known_device(&fleet, &path)?;
-    let reader = known_device(&fleet, &body.to)?;
+    let owner = known_device(&fleet, &path).await?;
+    let reader = known_device(&fleet, &body.to).await?;
     let valid_for = match &body.valid_for {
         Some(text) => {
             humantime::parse_duration(text).map_err(|e| HttpError::Unprocessable(format!("valid_for {text:?}: {e}")))?
@@ -347,9 +369,10 @@ async fn get_job_runs(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let (raw, job) = path.into_inner();
-    let id = known_device(&fleet, &raw)?;
+    let id = known_device(&fleet, &raw).await?;
     let limit = query.limit.unwrap_or(100).min(crate::store::MAX_RUNS_PER_JOB);
-    let runs: Vec<JobRunView> = fleet.store().job_runs(&id, &job, limit)?.into_iter().map(JobRunView::from).collect();
+    let runs: Vec<JobRunView> =
+        fleet.store().job_runs(&id, &job, limit).await?.into_iter().map(JobRunView::from).collect();
     Ok(HttpResponse::Ok().json(runs))
 }
 
@@ -359,9 +382,9 @@ async fn get_desired(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let store = fleet.store();
-    Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id)?, store.reported(&id)?)))
+    Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id).await?, store.reported(&id).await?)))
 }
 
 async fn put_desired(
@@ -371,16 +394,15 @@ async fn put_desired(
     body: web::Json<DesiredPut>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let DesiredPut { version, doc } = body.into_inner();
     let text = doc.to_string();
     DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
-    let device = id.clone();
-    let record = fleet.store().writer().run(move |s| s.put_desired(&device, version, text)).await??;
+    let record = fleet.store().put_desired(&id, version, text).await?;
     tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state changed.");
     fleet.poke(&id);
     let store = fleet.store();
-    Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id)?)))
+    Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id).await?)))
 }
 
 /// `PATCH /devices/{id}/desired`: a JSON merge patch (RFC 7396) on the
@@ -394,7 +416,7 @@ async fn patch_desired(
     body: web::Bytes,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let patch: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
     if !patch.is_object() {
@@ -402,7 +424,7 @@ async fn patch_desired(
     }
     let mut attempts = 0;
     loop {
-        let current = fleet.store().desired(&id)?;
+        let current = fleet.store().desired(&id).await?;
         let (version, mut doc) = match &current {
             Some(record) => {
                 (record.version, serde_json::from_str(&record.doc).unwrap_or_else(|_| serde_json::json!({})))
@@ -412,12 +434,11 @@ async fn patch_desired(
         outpost_shared::desired::merge_patch(&mut doc, &patch);
         let text = doc.to_string();
         DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
-        let device = id.clone();
-        match fleet.store().writer().run(move |s| s.put_desired(&device, version, text)).await? {
+        match fleet.store().put_desired(&id, version, text).await {
             Ok(record) => {
                 tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state patched.");
                 fleet.poke(&id);
-                return Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), fleet.store().reported(&id)?)));
+                return Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), fleet.store().reported(&id).await?)));
             }
             Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
             Err(e) => return Err(e.into()),
@@ -438,7 +459,7 @@ async fn post_command(
     body: web::Json<CommandRequest>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
-    let id = known_device(&fleet, &path)?;
+    let id = known_device(&fleet, &path).await?;
     let request = body.into_inner();
     if !COMMAND_KINDS.contains(&request.kind.as_str()) {
         return Err(HttpError::Unprocessable(format!(
@@ -462,12 +483,16 @@ async fn post_command(
         return Err(HttpError::Unprocessable("expires_in must be between 1s and 30d".into()));
     }
     let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl.as_millis() as u64));
-    let (device, by) = (id.clone(), caller.token.name.clone());
     let record = fleet
         .store()
-        .writer()
-        .run(move |s| s.create_command(&device, request.kind, request.args, expires_at, by))
-        .await??;
+        .create_command(NewCommand {
+            device: id.clone(),
+            kind: request.kind,
+            args: request.args,
+            expires_at,
+            created_by: caller.token.name.clone(),
+        })
+        .await?;
     tracing::info!(device = %id, command = record.id, kind = %record.kind, by = %caller.token.name, "Command queued.");
     fleet.poke(&id);
     Ok(HttpResponse::Created().json(record))
@@ -479,48 +504,51 @@ async fn list_commands(
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    let id = known_device(&fleet, &path)?;
-    Ok(HttpResponse::Ok().json(fleet.store().device_commands(&id)?))
+    let id = known_device(&fleet, &path).await?;
+    Ok(HttpResponse::Ok().json(fleet.store().device_commands(&id).await?))
 }
 
 async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u64>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = path.into_inner();
-    let record = fleet.store().command(id)?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
+    let record = fleet.store().command(id).await?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
     Ok(HttpResponse::Ok().json(record))
 }
 
 /// Registers the routes on an actix-web app.
 pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.app_data(web::Data::from(fleet)).route("/healthz", web::get().to(healthz)).service(
-            web::scope("/api/v1")
-                .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(|err, _| {
-                    let message = err.to_string();
-                    actix_web::error::InternalError::from_response(
-                        err,
-                        HttpResponse::BadRequest().json(crate::api::ApiError { error: message }),
-                    )
-                    .into()
-                }))
-                .route("/devices", web::get().to(list_devices))
-                .route("/devices/{id}", web::get().to(get_device))
-                .route("/devices/{id}/metrics", web::get().to(get_metrics))
-                .route("/devices/{id}/events", web::get().to(get_events))
-                .route("/devices/{id}/jobs", web::get().to(get_jobs))
-                .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
-                .route("/devices/{id}/peers", web::get().to(get_peers))
-                .route("/devices/{id}/backups", web::get().to(get_backups))
-                .route("/devices/{id}/backups", web::delete().to(delete_backups))
-                .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
-                .route("/devices/{id}/backups/prune", web::post().to(prune_backups))
-                .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
-                .route("/devices/{id}/desired", web::get().to(get_desired))
-                .route("/devices/{id}/desired", web::put().to(put_desired))
-                .route("/devices/{id}/desired", web::patch().to(patch_desired))
-                .route("/devices/{id}/commands", web::get().to(list_commands))
-                .route("/devices/{id}/commands", web::post().to(post_command))
-                .route("/commands/{id}", web::get().to(get_command)),
-        );
+        cfg.app_data(web::Data::from(fleet))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .service(
+                web::scope("/api/v1")
+                    .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(|err, _| {
+                        let message = err.to_string();
+                        actix_web::error::InternalError::from_response(
+                            err,
+                            HttpResponse::BadRequest().json(crate::api::ApiError { error: message }),
+                        )
+                        .into()
+                    }))
+                    .route("/devices", web::get().to(list_devices))
+                    .route("/devices/{id}", web::get().to(get_device))
+                    .route("/devices/{id}/metrics", web::get().to(get_metrics))
+                    .route("/devices/{id}/events", web::get().to(get_events))
+                    .route("/devices/{id}/jobs", web::get().to(get_jobs))
+                    .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
+                    .route("/devices/{id}/peers", web::get().to(get_peers))
+                    .route("/devices/{id}/backups", web::get().to(get_backups))
+                    .route("/devices/{id}/backups", web::delete().to(delete_backups))
+                    .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
+                    .route("/devices/{id}/backups/prune", web::post().to(prune_backups))
+                    .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
+                    .route("/devices/{id}/desired", web::get().to(get_desired))
+                    .route("/devices/{id}/desired", web::put().to(put_desired))
+                    .route("/devices/{id}/desired", web::patch().to(patch_desired))
+                    .route("/devices/{id}/commands", web::get().to(list_commands))
+                    .route("/devices/{id}/commands", web::post().to(post_command))
+                    .route("/commands/{id}", web::get().to(get_command)),
+            );
     }
 }

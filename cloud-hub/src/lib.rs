@@ -25,7 +25,7 @@ use crate::ca::FleetCa;
 use crate::config::HubConfig;
 use crate::fleet::Fleet;
 use crate::quic::QuicContext;
-use crate::store::{ApiToken, Role, Store};
+use crate::store::{ApiToken, Role, Store, StoreConfig};
 use base64::Engine;
 use outpost_shared::fsutil::write_atomic;
 use outpost_shared::time::Timestamp;
@@ -69,19 +69,29 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HubError {
     move |source| HubError::Io { what, source }
 }
 
-/// Initialises a data dir: fleet CA, enrollment key, store, and a first
-/// admin API token, which is returned (and stored only as a hash).
+/// Initialises a data dir: fleet CA, enrollment key, sled store, and a
+/// first admin API token, which is returned (and stored only as a hash).
 pub fn init(data_dir: &Path) -> Result<String, HubError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("start a runtime"))?;
+    runtime.block_on(init_with(data_dir, &StoreConfig::Sled))
+}
+
+/// Initialises a data dir (fleet CA, enrollment key) and the store `store`
+/// (migrated, for PostgreSQL), and stores a first admin API token, which is
+/// returned. With several hubs, the first one's data dir is copied to the
+/// others (see docs/SCALING.md); running this again on a database that
+/// serves a fleet only adds another admin token.
+pub async fn init_with(data_dir: &Path, store: &StoreConfig) -> Result<String, HubError> {
     std::fs::create_dir_all(data_dir).map_err(io(format!("create {}", data_dir.display())))?;
     FleetCa::init(data_dir)?;
     enroll::init_key(data_dir).map_err(io("write enroll.key"))?;
-    let store = Store::open(data_dir)?;
+    let store = Store::open(store, data_dir).await?;
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
     let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
     let record = ApiToken { role: Role::Admin, name: "initial admin".into(), created_at: Timestamp::now() };
-    store.put_api_token(&http::token_hash(&token), &record)?;
-    store.close()?;
+    store.put_api_token(&http::token_hash(&token), &record).await?;
+    store.close().await?;
     Ok(token)
 }
 
@@ -122,7 +132,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let data_dir = &config.data_dir;
     let ca = FleetCa::load(data_dir)?;
     let token_key = enroll::load_key(data_dir)?;
-    let store = Store::open(data_dir)?;
+    let store = Store::open(&config.store, data_dir).await?;
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
     let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout));
 
@@ -197,7 +207,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let server = server.run();
     let http = server.handle();
     let http_task = tokio::spawn(server);
-    tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, "Hub serving.");
+    tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, store = store.backend(), "Hub serving.");
     Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, mqtt_task, maintenance_task, http, http_task, store })
 }
 
@@ -214,24 +224,22 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Dura
             _ = tick.tick() => {}
         }
         let now = Timestamp::now();
-        match fleet.store().writer().run(move |s| s.expire_commands(now)).await {
-            Ok(Ok(expired)) => {
+        match fleet.store().expire_commands(now).await {
+            Ok(expired) => {
                 for cmd in expired {
                     tracing::info!(device = %cmd.device, command = cmd.id, "Command expired before delivery.");
                 }
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "Command expiry failed."),
-            Err(e) => tracing::error!(error = %e, "Command expiry failed."),
+            // A store fault is logged by the store, at a bounded rate.
+            Err(e) => tracing::debug!(error = %e, "Command expiry failed."),
         }
         if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             last_prune = Some(tokio::time::Instant::now());
             let cutoff = now.saturating_sub(retention);
-            let store = fleet.store().clone();
-            match tokio::task::spawn_blocking(move || store.prune_telemetry(cutoff)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(samples = n, "Telemetry past its retention pruned."),
-                Ok(Err(e)) => tracing::error!(error = %e, "Telemetry pruning failed."),
-                Err(e) => tracing::error!(error = %e, "Telemetry pruning task failed."),
+            match fleet.store().prune_telemetry(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(samples = n, "Telemetry past its retention pruned."),
+                Err(e) => tracing::warn!(error = %e, "Telemetry pruning failed."),
             }
         }
         if last_backup_prune.elapsed() >= prune_backups {
@@ -278,9 +286,8 @@ impl RunningHub {
         if tokio::time::timeout(limit, stop).await.is_err() {
             tracing::warn!("Hub shutdown exceeded its time limit.");
         }
-        if let Err(e) = self.store.flush() {
+        if let Err(e) = self.store.close().await {
             tracing::error!(error = %e, "Final store flush failed.");
         }
-        self.store.writer().close();
     }
 }

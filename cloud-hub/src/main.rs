@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outpost_hub::config::HubConfig;
+use outpost_hub::store::StoreConfig;
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,11 +18,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the fleet CA and a first admin API token in a new data dir.
+    /// Create the fleet CA and a first admin API token in a new data dir
+    /// (sled), or in the data dir and database a config file names.
     Init {
-        /// The hub's data directory.
+        /// The hub's data directory (the store is sled under it).
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        data_dir: Option<PathBuf>,
+        /// A config file: its `data_dir` and `[store]` are initialised.
         #[arg(long)]
-        data_dir: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Apply pending database migrations (`[store] backend = "postgres"`);
+    /// `serve` applies them too.
+    Migrate {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Enrollment tokens.
     Token {
@@ -64,7 +76,16 @@ enum TokenCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Init { data_dir } => report(init(&data_dir)),
+        Command::Init { data_dir: Some(data_dir), .. } => report(init(&data_dir, None)),
+        Command::Init { config: Some(path), .. } => match HubConfig::load_or_exit(&path) {
+            Ok(config) => report(init(&config.data_dir.clone(), Some(config))),
+            Err(code) => code,
+        },
+        Command::Init { .. } => ExitCode::from(64),
+        Command::Migrate { config } => match HubConfig::load_or_exit(&config) {
+            Ok(config) => report(migrate(&config)),
+            Err(code) => code,
+        },
         Command::Token { command: TokenCommand::Create { data_dir, ttl, uses, hub_addr } } => report(
             outpost_hub::enroll::create_token(&data_dir, ttl, uses, hub_addr)
                 .map(|t| println!("{t}"))
@@ -88,12 +109,37 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn init(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let token = outpost_hub::init(data_dir)?;
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn init(data_dir: &std::path::Path, config: Option<HubConfig>) -> anyhow::Result<()> {
+    let token = match config {
+        Some(config) => runtime()?.block_on(outpost_hub::init_with(data_dir, &config.store))?,
+        None => outpost_hub::init(data_dir)?,
+    };
     println!("Initialised {}.", data_dir.display());
     println!("Admin API token (shown once, stored only as a hash):");
     println!("{token}");
     Ok(())
+}
+
+fn migrate(config: &HubConfig) -> anyhow::Result<()> {
+    match &config.store {
+        StoreConfig::Sled => {
+            println!("The sled store needs no migration.");
+            Ok(())
+        }
+        StoreConfig::Postgres { url, .. } => {
+            let (before, after) = runtime()?.block_on(outpost_hub::store::postgres::migrate(url))?;
+            if before == after {
+                println!("Schema at version {after}: nothing to do.");
+            } else {
+                println!("Schema migrated from version {before} to {after}.");
+            }
+            Ok(())
+        }
+    }
 }
 
 fn serve(config: HubConfig) -> anyhow::Result<()> {

@@ -252,14 +252,14 @@ struct DeviceTask {
 impl DeviceTask {
     async fn run(mut self, mut rx: mpsc::Receiver<(UpKind, Publish)>) -> DeviceId {
         let store = self.ctx.fleet.store().clone();
-        let key = match store.device_key(&self.id) {
+        let key = match store.device_key(&self.id).await {
             Ok(Some(key)) => key,
             Ok(None) => {
                 warn!("Rejected MQTT message: no such device (or its key is unknown).");
                 return self.id;
             }
             Err(e) => {
-                tracing::error!(error = %e, "Device key could not be read.");
+                session::log_store_error(&e, "Device key could not be read.");
                 return self.id;
             }
         };
@@ -267,7 +267,7 @@ impl DeviceTask {
         loop {
             if check_downlink {
                 check_downlink = false;
-                if let Some(deliver) = self.outbound.pending(&store, &self.id, self.ctx.max_frame / 2) {
+                if let Some(deliver) = self.outbound.pending(&store, &self.id, self.ctx.max_frame / 2).await {
                     check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
                     self.publish(Message::Deliver(deliver)).await;
                     continue;
@@ -329,7 +329,7 @@ impl DeviceTask {
                 self.publish(Message::Ack(ack)).await;
             }
             Message::Hello(hello) => {
-                let welcome = session::hello(&store, &self.id, &hello, "mqtt")?;
+                let welcome = session::hello(&store, &self.id, &hello, "mqtt").await?;
                 info!(name = %hello.name, version = %hello.agent_version, resume_after = welcome.acked_seq, "MQTT session opened.");
                 self.attach(true);
                 hello_now = true;

@@ -158,7 +158,7 @@ async fn enrollment(connection: quinn::Connection, ctx: &QuicContext) {
         let reply = match reader.next().await.map_err(|e| e.to_string())? {
             Some(envelope) => match envelope.message {
                 Message::Enroll(request) => {
-                    match enroll::redeem(&ctx.ca, &ctx.token_key, ctx.fleet.store(), &request) {
+                    match enroll::redeem(&ctx.ca, &ctx.token_key, ctx.fleet.store(), &request).await {
                         Ok(enrolled) => {
                             info!(device = %enrolled.device_id, name = %request.name, "Device enrolled.");
                             Message::Enrolled(enrolled)
@@ -225,7 +225,7 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
     };
     let addr = connection.remote_address().to_string();
     let store = ctx.fleet.store();
-    let welcome = match session::hello(store, id, &hello, &addr) {
+    let welcome = match session::hello(store, id, &hello, &addr).await {
         Ok(welcome) => welcome,
         Err(SessionEnd::Refused(refusal)) => {
             warn!("Certificate is valid but the device is not registered.");
@@ -235,8 +235,8 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         }
         Err(end) => return end,
     };
-    if let Err(e) = store.put_device_key(id, key) {
-        tracing::error!(error = %e, "Device key could not be stored.");
+    if let Err(e) = store.put_device_key(id, key).await {
+        session::log_store_error(&e, "Device key could not be stored.");
         return SessionEnd::Closed("store error".into());
     }
     // A QUIC session is never refused by the fleet (only MQTT ones wait).
@@ -255,7 +255,7 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
     loop {
         if check_downlink {
             check_downlink = false;
-            if let Some(deliver) = outbound.pending(store, id, ctx.max_frame / 2) {
+            if let Some(deliver) = outbound.pending(store, id, ctx.max_frame / 2).await {
                 // A full delivery may have left more behind: look again.
                 check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
                 if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {

@@ -9,12 +9,14 @@
 //! - [`received`]: the device persisted some commands.
 //! - [`Outbound`]: what to deliver next (commands, desired state).
 
-use crate::store::{CommandState, Store};
+use crate::store::{HelloRecord, Ingested, Store, StoreError};
 use outpost_shared::DeviceId;
+use outpost_shared::protocol::Record;
 use outpost_shared::protocol::{
     Ack, Batch, Command, Deliver, Desired, Hello, Refusal, RefusalReason, RelayAck, Welcome,
 };
 use outpost_shared::time::Timestamp;
+use std::time::Duration;
 use tracing::{debug, info};
 
 /// Why a session (or, over MQTT, one message) ended.
@@ -39,28 +41,29 @@ impl From<outpost_shared::io::StreamError> for SessionEnd {
 
 /// Records a device's hello (name, version, address) and makes its
 /// `Welcome`. Refuses devices the store does not know.
-pub fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<Welcome, SessionEnd> {
-    let known = store.update_device(id, |r| {
-        r.name.clone_from(&hello.name);
-        r.agent_version = Some(hello.agent_version.clone());
-        r.last_seen = Some(Timestamp::now());
-        r.last_addr = Some(addr.to_owned());
-    });
-    match known {
-        Ok(Some(_)) => {}
-        Ok(None) => {
+pub async fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<Welcome, SessionEnd> {
+    let record = HelloRecord {
+        id: id.clone(),
+        name: hello.name.clone(),
+        agent_version: hello.agent_version.clone(),
+        addr: addr.to_owned(),
+        at: Timestamp::now(),
+    };
+    match store.record_hello(&record).await {
+        Ok(true) => {}
+        Ok(false) => {
             return Err(SessionEnd::Refused(Refusal {
                 reason: RefusalReason::UnknownDevice,
                 message: "device is not registered".into(),
             }));
         }
         Err(e) => {
-            tracing::error!(error = %e, "Device record could not be updated.");
+            log_store_error(&e, "Device record could not be updated.");
             return Err(SessionEnd::Closed("store error".into()));
         }
     }
-    let acked_seq = store.high_water(id).map_err(|e| {
-        tracing::error!(error = %e, "High-water mark could not be read.");
+    let acked_seq = store.high_water(id).await.map_err(|e| {
+        log_store_error(&e, "High-water mark could not be read.");
         SessionEnd::Closed("store error".into())
     })?;
     Ok(Welcome {
@@ -69,6 +72,15 @@ pub fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<
         server_time: Timestamp::now(),
         acked_seq,
     })
+}
+
+/// Logs a failed store call: an unavailable store is logged by the store
+/// itself (once, then at a bounded rate), so only at debug level here.
+pub(crate) fn log_store_error(e: &StoreError, what: &'static str) {
+    match e {
+        StoreError::Unavailable(_) => debug!(error = %e, "{what}"),
+        _ => tracing::error!(error = %e, "{what}"),
+    }
 }
 
 /// Checks and stores a batch from device `id`, whose certificate key is
@@ -86,18 +98,7 @@ pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> R
     if !records.windows(2).all(|w| w[0].seq < w[1].seq) || records.first().is_some_and(|r| r.seq == 0) {
         return Err(SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into()));
     }
-    let device = id.clone();
-    let ingested = match store.writer().run(move |s| s.ingest(&device, &records)).await {
-        Ok(Ok(ingested)) => ingested,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "Ingest failed; the agent will resend.");
-            return Err(SessionEnd::Closed("store error".into()));
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "Ingest could not be made durable; the agent will resend.");
-            return Err(SessionEnd::Closed("store error".into()));
-        }
-    };
+    let ingested = ingest_retrying(store, id, &records).await?;
     for (from, to) in &ingested.gaps {
         info!(from, to, "Sequence gap (records the device thinned).");
     }
@@ -105,6 +106,35 @@ pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> R
         debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
     }
     Ok(Ack { upto: ingested.upto })
+}
+
+/// How long a session waits for its store to come back (a full disk, the
+/// database restarting) before it gives up and closes; the agent then
+/// reconnects and resends from the hub's mark.
+pub const STORE_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Stores a checked batch, retrying while the store is unavailable: the
+/// session keeps its connection and reads nothing further meanwhile, so the
+/// batches behind this one wait (no gap can form) and the ack goes out once
+/// the records are durable.
+async fn ingest_retrying(store: &Store, id: &DeviceId, records: &[Record]) -> Result<Ingested, SessionEnd> {
+    let give_up = tokio::time::Instant::now() + STORE_RETRY_FOR;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match store.ingest(id, records).await {
+            Ok(ingested) => return Ok(ingested),
+            Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() + pause < give_up => {
+                // Logged by the store (once, then at a bounded rate).
+                debug!(error = %e, "Store unavailable; the batch waits.");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Ingest failed; closing the session (the agent resends).");
+                return Err(SessionEnd::Closed("store error".into()));
+            }
+        }
+    }
 }
 
 /// Stores a batch that device `carrier` relays for its origin (a LAN peer
@@ -124,11 +154,11 @@ pub async fn relay(store: &Store, carrier: &DeviceId, batch: Batch) -> Result<Re
     if origin == *carrier {
         return refuse("a device relayed its own batch".into());
     }
-    let key = match store.device_key(&origin) {
+    let key = match store.device_key(&origin).await {
         Ok(Some(key)) => key,
         Ok(None) => return refuse(format!("relayed batch of unknown device {origin}")),
         Err(e) => {
-            tracing::error!(error = %e, "Device key could not be read.");
+            log_store_error(&e, "Device key could not be read.");
             return Err(SessionEnd::Closed("store error".into()));
         }
     };
@@ -144,23 +174,10 @@ pub async fn relay(store: &Store, carrier: &DeviceId, batch: Batch) -> Result<Re
 
 /// The device persisted these commands: queued ones become delivered.
 pub async fn received(store: &Store, id: &DeviceId, commands: Vec<u64>) {
-    let device = id.clone();
-    let marked = store
-        .writer()
-        .run(move |s| {
-            s.transition_commands(
-                &device,
-                &commands,
-                |st| *st == CommandState::Queued,
-                CommandState::Delivered { at: Timestamp::now() },
-            )
-        })
-        .await;
-    match marked {
-        Ok(Ok(ids)) if !ids.is_empty() => info!(commands = ?ids, "Commands delivered."),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "Delivery could not be recorded."),
-        Err(e) => tracing::error!(error = %e, "Delivery could not be recorded."),
+    match store.mark_delivered(id, &commands, Timestamp::now()).await {
+        Ok(ids) if !ids.is_empty() => info!(commands = ?ids, "Commands delivered."),
+        Ok(_) => {}
+        Err(e) => log_store_error(&e, "Delivery could not be recorded."),
     }
 }
 
@@ -180,15 +197,15 @@ pub struct Outbound {
 impl Outbound {
     /// Commands queued and unexpired, and a desired state newer than the
     /// device reported, that this session has not sent yet.
-    pub fn pending(&mut self, store: &Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
-        let now = Timestamp::now();
+    pub async fn pending(&mut self, store: &Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
         let mut bytes = 0;
-        let commands: Vec<Command> = match store.device_commands(id) {
+        // Commands sent on this session stay queued until the device says
+        // it holds them; look past those.
+        let limit = MAX_COMMANDS_PER_DELIVERY + self.sent_commands.len();
+        let commands: Vec<Command> = match store.queued_commands(id, limit).await {
             Ok(all) => all
                 .into_iter()
-                .filter(|c| {
-                    c.state == CommandState::Queued && c.expires_at > now && !self.sent_commands.contains(&c.id)
-                })
+                .filter(|c| !self.sent_commands.contains(&c.id))
                 .take(MAX_COMMANDS_PER_DELIVERY)
                 .map(|c| Command { id: c.id, kind: c.kind, args: c.args, expires_at: c.expires_at })
                 .take_while(|c| {
@@ -197,13 +214,14 @@ impl Outbound {
                 })
                 .collect(),
             Err(e) => {
-                tracing::error!(error = %e, "Pending commands could not be read.");
+                log_store_error(&e, "Pending commands could not be read.");
                 Vec::new()
             }
         };
-        let reported = store.reported(id).ok().flatten().map_or(0, |r| r.applied_version);
+        let reported = store.reported(id).await.ok().flatten().map_or(0, |r| r.applied_version);
         let desired = store
             .desired(id)
+            .await
             .ok()
             .flatten()
             .filter(|d| d.version > reported.max(self.sent_desired))

@@ -10,6 +10,7 @@
 //! test executable (`target/<profile>/`).
 
 pub mod netns;
+pub mod postgres;
 pub mod trees;
 
 use anyhow::{Context, Result, bail};
@@ -165,6 +166,11 @@ pub struct Hub {
     pub proc: Option<Proc>,
     /// TOML tables appended to its config at each (re)start.
     pub extra_config: String,
+    /// The hub's database when the tests run on PostgreSQL
+    /// (`OUTPOST_TEST_STORE=postgres`, see [`postgres::selected`]).
+    pub postgres: Option<postgres::Postgres>,
+    /// The `[store]` table of its config (empty: sled).
+    pub store_config: String,
     timings: Timings,
     root: PathBuf,
 }
@@ -179,22 +185,42 @@ impl Hub {
     /// Like [`Hub::start`], with QUIC bound to `listen` (which it keeps
     /// across restarts; tokens carry the bound address).
     pub fn start_on(root: &Path, timings: Timings, listen: &str) -> Result<Self> {
+        Self::start_with(root, timings, listen, postgres::selected())
+    }
+
+    /// Like [`Hub::start_on`], on PostgreSQL (a private cluster the hub
+    /// owns) if `on_postgres`, else on sled, whatever the environment says.
+    pub fn start_with(root: &Path, timings: Timings, listen: &str, on_postgres: bool) -> Result<Self> {
         fs::create_dir_all(root)?;
         let data_dir = root.join("hub");
-        let out = run(Command::new(bin("outpost-hub")).arg("init").arg("--data-dir").arg(&data_dir))?;
+        let (pg, store_config) = if on_postgres {
+            let pg = postgres::Postgres::start(true)?;
+            let url = pg.create_db("outpost")?;
+            (Some(pg), format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\npool_size = 8\n"))
+        } else {
+            (None, String::new())
+        };
+        let config = root.join("hub.toml");
+        fs::write(&config, format!("data_dir = {:?}\n{store_config}", data_dir.display().to_string()))?;
+        let out = match &pg {
+            Some(_) => run(Command::new(bin("outpost-hub")).arg("init").arg("--config").arg(&config))?,
+            None => run(Command::new(bin("outpost-hub")).arg("init").arg("--data-dir").arg(&data_dir))?,
+        };
         if !out.status.success() {
             bail!("hub init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let admin_token = stdout.lines().last().unwrap_or_default().trim().to_owned();
         let mut hub = Hub {
-            config: root.join("hub.toml"),
+            config,
             data_dir,
             admin_token,
             quic_addr: listen.into(),
             api: String::new(),
             proc: None,
             extra_config: String::new(),
+            postgres: pg,
+            store_config,
             timings,
             root: root.to_owned(),
         };
@@ -210,7 +236,7 @@ impl Hub {
             self.quic_addr,
             self.timings.heartbeat_timeout,
         );
-        fs::write(&self.config, format!("{text}{}", self.extra_config))?;
+        fs::write(&self.config, format!("{text}{}{}", self.store_config, self.extra_config))?;
         let http_file = self.data_dir.join("http.addr");
         let _ = fs::remove_file(&http_file);
         let mut proc = Proc::spawn(
@@ -420,6 +446,14 @@ impl Agent {
         self.proc = Some(proc);
         Ok(())
     }
+}
+
+/// True when the tests run as root.
+pub fn is_root() -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid(2) has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    euid == 0
 }
 
 /// A temporary directory that is kept, with process logs printed, when the

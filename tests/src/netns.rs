@@ -27,10 +27,10 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Fails with a clear message unless the tests run as root.
 pub fn require_root() {
-    #[allow(unsafe_code)]
-    // SAFETY: geteuid(2) has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert!(euid == 0, "this test needs root: it creates network namespaces and veth pairs (run tests/run.sh as root)");
+    assert!(
+        crate::is_root(),
+        "this test needs root: it creates network namespaces and veth pairs (run tests/run.sh as root)"
+    );
 }
 
 impl Lan {

@@ -1,0 +1,641 @@
+//! The hub's fleet state behind one async interface, with two backends:
+//! sled ([`sled`], embedded, one hub, the default) and PostgreSQL
+//! ([`postgres`], several hubs on one database).
+//!
+//! [`Store`] is an enum over the backends rather than a trait object: the
+//! set of backends is closed and known at build time, every call is a
+//! static dispatch without boxed futures, and `async fn` stays plain. Each
+//! backend has the same methods; [`Store`] only forwards. No backend type
+//! appears in this surface or in [`StoreError`].
+//!
+//! What ingest decides (duplicate, gap, which record goes where, the new
+//! high-water mark) is the pure [`ingest::plan`]; each backend applies a
+//! plan in one transaction, with the device's high-water mark.
+//!
+//! A backend that fails to make writes durable (disk full, I/O error,
+//! database gone) reports it in [`Store::health`], refuses writes with
+//! [`StoreError::Unavailable`] and recovers by itself when the cause goes:
+//! sled by reopening its files, PostgreSQL by its pool's new connections.
+
+pub mod ingest;
+pub mod postgres;
+pub mod sled;
+
+use outpost_shared::DeviceId;
+use outpost_shared::Fingerprint;
+use outpost_shared::job::{JobRun, JobSource, JobSpec};
+use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody};
+use outpost_shared::telemetry::Sample;
+use outpost_shared::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What the hub knows about one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// The id (certificate common name).
+    pub id: DeviceId,
+    /// Name the device gave at enrollment or in its last hello.
+    pub name: String,
+    /// When it enrolled.
+    pub enrolled_at: Timestamp,
+    /// Fingerprint of the certificate issued at enrollment.
+    pub cert_fingerprint: Fingerprint,
+    /// Agent version from the last hello.
+    pub agent_version: Option<String>,
+    /// Last time any message arrived from it.
+    pub last_seen: Option<Timestamp>,
+    /// Address of its last connection.
+    pub last_addr: Option<String>,
+    /// The latest telemetry sample.
+    pub last_sample: Option<Sample>,
+}
+
+/// A non-telemetry record of a device, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When the device made it.
+    pub at: Timestamp,
+    /// The record.
+    pub body: RecordBody,
+}
+
+/// A device's job list as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsRecord {
+    /// When the device made the report.
+    pub at: Timestamp,
+    /// Each job and where it came from.
+    pub jobs: Vec<(JobSpec, JobSource)>,
+}
+
+/// A device's LAN peer table as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersRecord {
+    /// When the device made the report.
+    pub at: Timestamp,
+    /// The peers.
+    pub peers: Vec<outpost_shared::peers::PeerEntry>,
+}
+
+/// A snapshot in the hub's backup catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// What the device said about it.
+    pub summary: outpost_shared::protocol::SnapshotSummary,
+    /// When its upload completed.
+    pub uploaded_at: Timestamp,
+}
+
+/// Permission for one device to read another's backups (to restore a dead
+/// device's data onto its replacement).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    /// When an operator granted it.
+    pub granted_at: Timestamp,
+    /// When it ends.
+    pub expires_at: Timestamp,
+    /// The name of the API token that granted it.
+    pub by: String,
+}
+
+/// Attempts kept per job and device.
+pub const MAX_RUNS_PER_JOB: usize = 1000;
+
+/// An alarm a device raised.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlarmRecord {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When the device raised it.
+    pub at: Timestamp,
+    /// The alarm.
+    pub alarm: Alarm,
+}
+
+/// The desired-state version a device reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportedState {
+    /// Version in force on the device.
+    pub applied_version: u64,
+    /// Why the latest version was refused, if it was.
+    pub error: Option<String>,
+    /// When the device reported it.
+    pub at: Timestamp,
+}
+
+/// A device's desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredRecord {
+    /// Version, from 1.
+    pub version: u64,
+    /// The document (JSON).
+    pub doc: String,
+    /// When it was set.
+    pub updated_at: Timestamp,
+}
+
+/// Where a command stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandState {
+    /// Waiting for the device.
+    Queued,
+    /// The device holds it durably.
+    Delivered {
+        /// When it confirmed.
+        at: Timestamp,
+    },
+    /// The device reported its outcome.
+    Completed {
+        /// When the result arrived.
+        at: Timestamp,
+        /// How it ended.
+        outcome: Outcome,
+        /// Captured output.
+        output: String,
+    },
+    /// Its expiry passed before delivery; it will never run.
+    Expired {
+        /// When it was found expired.
+        at: Timestamp,
+    },
+}
+
+/// A command for one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Fleet-unique id.
+    pub id: u64,
+    /// The device.
+    pub device: DeviceId,
+    /// Kind (`echo`, `exec`).
+    pub kind: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// When it was queued.
+    pub created_at: Timestamp,
+    /// Not to be started after this.
+    pub expires_at: Timestamp,
+    /// Who queued it (API token name).
+    pub created_by: String,
+    /// Where it stands.
+    pub state: CommandState,
+}
+
+/// What one ingested batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// The device's high-water mark before the batch.
+    pub before: u64,
+    /// The device's high-water mark after the batch: the ack to send.
+    pub upto: u64,
+    /// Records stored.
+    pub stored: usize,
+    /// Records already held (re-sent after a lost ack).
+    pub duplicates: usize,
+    /// Sequence ranges skipped (telemetry the device thinned).
+    pub gaps: Vec<(u64, u64)>,
+}
+
+/// Roles of API callers, from least to most powerful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads fleet state.
+    Viewer,
+    /// Also sends commands and changes desired state.
+    Operator,
+    /// Also manages tokens.
+    Admin,
+}
+
+/// A stored API token (its hash is the key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// What the caller may do.
+    pub role: Role,
+    /// Label for the audit log.
+    pub name: String,
+    /// When it was made.
+    pub created_at: Timestamp,
+}
+
+/// Errors of the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot make writes durable or cannot be reached right now
+    /// (disk full, I/O error, database down); retry later.
+    #[error("hub store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value does not decode.
+    #[error("hub store: corrupt value in {what}: {message}")]
+    Corrupt {
+        /// Where.
+        what: &'static str,
+        /// The cause.
+        message: String,
+    },
+    /// The store was made by a newer hub, or cannot be set up.
+    #[error("hub store: {0}")]
+    Setup(String),
+    /// The desired state changed since the caller read it.
+    #[error("desired state is at version {current}, not {expected}")]
+    VersionConflict {
+        /// Version the caller based its change on.
+        expected: u64,
+        /// Version in the store.
+        current: u64,
+    },
+    /// The enrollment token has no redemptions left.
+    #[error("enrollment token has been used {used} of {allowed} times")]
+    UsedUp {
+        /// Redemptions so far.
+        used: u32,
+        /// Redemptions allowed.
+        allowed: u32,
+    },
+}
+
+impl From<outpost_shared::commit::CommitError> for StoreError {
+    fn from(e: outpost_shared::commit::CommitError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Which backend, and how to reach it (`[store]` in hub.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// sled files under `<data_dir>/db`.
+    Sled,
+    /// A PostgreSQL database.
+    Postgres {
+        /// `postgres://user@host:port/db` or a key=value connection string
+        /// (`host=/run/postgresql dbname=outpost`).
+        url: String,
+        /// Connections in the pool.
+        pool_size: usize,
+    },
+}
+
+/// The hub's store. Cheap to clone; clones share one database.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded sled.
+    Sled(sled::SledStore),
+    /// PostgreSQL.
+    Postgres(postgres::PgStore),
+}
+
+/// Whether the store can make writes durable now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// True when the last write was durable (or none failed since start).
+    pub ok: bool,
+    /// The backend: `sled` or `postgres`.
+    pub backend: String,
+    /// Why not, when not.
+    pub error: Option<String>,
+}
+
+macro_rules! each {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Store::Sled($b) => $e,
+            Store::Postgres($b) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the configured backend (sled under `data_dir/db`). For
+    /// PostgreSQL, applies pending migrations first.
+    pub async fn open(config: &StoreConfig, data_dir: &std::path::Path) -> Result<Self, StoreError> {
+        match config {
+            StoreConfig::Sled => {
+                let dir = data_dir.to_owned();
+                let store = tokio::task::spawn_blocking(move || sled::SledStore::open(&dir))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                Ok(Store::Sled(store))
+            }
+            StoreConfig::Postgres { url, pool_size } => {
+                Ok(Store::Postgres(postgres::PgStore::open(url, *pool_size).await?))
+            }
+        }
+    }
+
+    /// Opens sled under `data_dir/db`, from a thread outside any runtime.
+    pub fn open_sled(data_dir: &std::path::Path) -> Result<Self, StoreError> {
+        Ok(Store::Sled(sled::SledStore::open(data_dir)?))
+    }
+
+    /// `sled` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sled(_) => "sled",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Whether writes are durable now, as last seen (no I/O).
+    pub fn health(&self) -> Health {
+        let error = each!(self, b => b.fault());
+        Health { ok: error.is_none(), backend: self.backend().into(), error }
+    }
+
+    /// Checks now that the store can make a write durable (a small write
+    /// and its sync, or a round trip to the database).
+    pub async fn probe(&self) -> Health {
+        let error = each!(self, b => b.probe().await).err().map(|e| e.to_string());
+        Health { ok: error.is_none(), backend: self.backend().into(), error }
+    }
+
+    /// The ingest high-water mark of a device.
+    pub async fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
+        each!(self, b => b.high_water(id).await)
+    }
+
+    /// Stores a batch of a device's records, each exactly once, durably
+    /// before it returns: records at or below the high-water mark are
+    /// duplicates and skipped (see [`ingest::plan`]).
+    pub async fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
+        let ingested = each!(self, b => b.ingest(id, records).await)?;
+        ingest::log_stored(id, records, ingested.before);
+        Ok(ingested)
+    }
+
+    /// Telemetry of a device with sample times in `[since, until)`, oldest
+    /// first, at most `limit`: `(seq, sample)`.
+    pub async fn telemetry(
+        &self,
+        id: &DeviceId,
+        since: Timestamp,
+        until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(u64, Sample)>, StoreError> {
+        each!(self, b => b.telemetry(id, since, until, limit).await)
+    }
+
+    /// Deletes telemetry sampled before `before`; returns how many samples
+    /// (PostgreSQL: rows of whole partitions dropped are not counted).
+    pub async fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
+        each!(self, b => b.prune_telemetry(before).await)
+    }
+
+    /// The newest events of a device, newest first.
+    pub async fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        each!(self, b => b.events(id, limit).await)
+    }
+
+    /// The newest alarms of a device (among its last 1000 events), newest
+    /// first.
+    pub async fn alarms(&self, id: &DeviceId, limit: usize) -> Result<Vec<AlarmRecord>, StoreError> {
+        Ok(self
+            .events(id, 1000)
+            .await?
+            .into_iter()
+            .filter_map(|e| match e.body {
+                RecordBody::Alarm(alarm) => Some(AlarmRecord { seq: e.seq, at: e.at, alarm }),
+                _ => None,
+            })
+            .take(limit)
+            .collect())
+    }
+
+    /// Records the public key of a device's certificate (unchanged keys are
+    /// not rewritten).
+    pub async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        each!(self, b => b.put_device_key(id, key).await)
+    }
+
+    /// The public key of a device's certificate (stored at enrollment, and
+    /// by each QUIC session from its certificate).
+    pub async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        each!(self, b => b.device_key(id).await)
+    }
+
+    /// Adds a snapshot to a device's backup catalog, durably.
+    pub async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
+        each!(self, b => b.put_catalog_entry(id, entry).await)
+    }
+
+    /// A device's backup catalog, oldest first (names start with the start
+    /// time in milliseconds, all of the same width for centuries).
+    pub async fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
+        each!(self, b => b.catalog(id).await)
+    }
+
+    /// One snapshot of a device's catalog.
+    pub async fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
+        each!(self, b => b.catalog_entry(id, name).await)
+    }
+
+    /// Removes a device's whole backup catalog; returns how many snapshots
+    /// it listed.
+    pub async fn delete_catalog(&self, id: &DeviceId) -> Result<usize, StoreError> {
+        each!(self, b => b.delete_catalog(id).await)
+    }
+
+    /// Removes some snapshots from a device's catalog.
+    pub async fn delete_catalog_entries(&self, id: &DeviceId, names: &[String]) -> Result<(), StoreError> {
+        each!(self, b => b.delete_catalog_entries(id, names).await)
+    }
+
+    /// Lets `reader` fetch `owner`'s backups.
+    pub async fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
+        each!(self, b => b.put_grant(reader, owner, grant).await)
+    }
+
+    /// The grant letting `reader` fetch `owner`'s backups, if any.
+    pub async fn grant(&self, reader: &DeviceId, owner: &DeviceId) -> Result<Option<Grant>, StoreError> {
+        each!(self, b => b.grant(reader, owner).await)
+    }
+
+    /// The device's latest peer table.
+    pub async fn peers(&self, id: &DeviceId) -> Result<Option<PeersRecord>, StoreError> {
+        each!(self, b => b.peers(id).await)
+    }
+
+    /// The device's latest job list.
+    pub async fn jobs(&self, id: &DeviceId) -> Result<Option<JobsRecord>, StoreError> {
+        each!(self, b => b.jobs(id).await)
+    }
+
+    /// The newest attempts of a device's job, newest first.
+    pub async fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
+        each!(self, b => b.job_runs(id, job, limit).await)
+    }
+
+    /// What the device last reported about its desired state.
+    pub async fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
+        each!(self, b => b.reported(id).await)
+    }
+
+    /// The device's desired state.
+    pub async fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
+        each!(self, b => b.desired(id).await)
+    }
+
+    /// Replaces the desired state if it is still at `expected` (0 for none);
+    /// the new version is `expected + 1`.
+    pub async fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
+        each!(self, b => b.put_desired(id, expected, doc).await)
+    }
+
+    /// Queues a command.
+    pub async fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
+        each!(self, b => b.create_command(command).await)
+    }
+
+    /// One command.
+    pub async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        each!(self, b => b.command(id).await)
+    }
+
+    /// A device's commands, oldest first.
+    pub async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        each!(self, b => b.device_commands(device).await)
+    }
+
+    /// A device's queued, unexpired commands, oldest first, at most `limit`.
+    pub async fn queued_commands(&self, device: &DeviceId, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
+        each!(self, b => b.queued_commands(device, limit, Timestamp::now()).await)
+    }
+
+    /// Marks those of `ids` that are `device`'s and still queued as
+    /// delivered at `at`; returns them.
+    pub async fn mark_delivered(&self, device: &DeviceId, ids: &[u64], at: Timestamp) -> Result<Vec<u64>, StoreError> {
+        each!(self, b => b.mark_delivered(device, ids, at).await)
+    }
+
+    /// Marks queued commands whose expiry has passed as expired; returns
+    /// them.
+    pub async fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
+        each!(self, b => b.expire_commands(now).await)
+    }
+
+    /// Stores an API token under the SHA-256 of its secret.
+    pub async fn put_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<(), StoreError> {
+        each!(self, b => b.put_api_token(hash, token).await)
+    }
+
+    /// Looks up an API token by the SHA-256 of its secret.
+    pub async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
+        each!(self, b => b.api_token(hash).await)
+    }
+
+    /// Enrolls a device with one redemption of token `token_id`, atomically
+    /// and durably: either the use is counted and the device recorded, or
+    /// nothing is written. `key` is the public key of its new certificate.
+    pub async fn enroll(
+        &self,
+        token_id: &[u8; 16],
+        allowed: u32,
+        record: &DeviceRecord,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
+        each!(self, b => b.enroll(token_id, allowed, record, key).await)
+    }
+
+    /// One device.
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        each!(self, b => b.device(id).await)
+    }
+
+    /// Every device, ordered by id.
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        each!(self, b => b.devices().await)
+    }
+
+    /// Records a device's hello (name, agent version, address, time).
+    /// Returns false if the device is unknown.
+    pub async fn record_hello(&self, hello: &HelloRecord) -> Result<bool, StoreError> {
+        each!(self, b => b.record_hello(hello).await)
+    }
+
+    /// Waits until everything written so far is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        each!(self, b => b.flush().await)
+    }
+
+    /// Flushes and releases the database (sled's files can then be opened
+    /// again in this process). Other clones must be dropped first.
+    pub async fn close(self) -> Result<(), StoreError> {
+        each!(self, b => b.close().await)
+    }
+}
+
+/// A command to queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCommand {
+    /// The device.
+    pub device: DeviceId,
+    /// Kind.
+    pub kind: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Not to be started after this.
+    pub expires_at: Timestamp,
+    /// Who queued it (API token name).
+    pub created_by: String,
+}
+
+/// What a device's hello changes in its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HelloRecord {
+    /// The device.
+    pub id: DeviceId,
+    /// Name it gave.
+    pub name: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Where it connected from.
+    pub addr: String,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// The state of a backend's durability, logged once when it turns bad, at
+/// most every [`FaultLog::EVERY`] while it stays bad, and once when it
+/// recovers.
+#[derive(Debug, Default)]
+pub(crate) struct FaultLog {
+    state: Mutex<Option<(String, Instant)>>,
+}
+
+impl FaultLog {
+    /// Repeats of the same fault are logged at most this often.
+    pub const EVERY: Duration = Duration::from_secs(30);
+
+    /// A write could not be made durable.
+    pub fn failed(&self, backend: &str, error: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *state {
+            Some((_, logged)) if logged.elapsed() < Self::EVERY => {}
+            Some((message, logged)) => {
+                tracing::error!(backend, error, "Hub store still cannot make writes durable; retrying.");
+                *message = error.to_owned();
+                *logged = Instant::now();
+            }
+            None => {
+                tracing::error!(backend, error, "Hub store cannot make writes durable; refusing writes until it can.");
+                *state = Some((error.to_owned(), Instant::now()));
+            }
+        }
+    }
+
+    /// A write was durable again.
+    pub fn ok(&self, backend: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.take().is_some() {
+            tracing::info!(backend, "Hub store recovered: writes are durable again.");
+        }
+    }
+
+    /// The current fault, if any.
+    pub fn fault(&self) -> Option<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(m, _)| m.clone())
+    }
+}

@@ -1,0 +1,840 @@
+//! The sled backend: one hub, embedded, nothing to install.
+//!
+//! Trees (values are postcard):
+//! - `devices`: device id → [`DeviceRecord`]
+//! - `api_tokens`: SHA-256 of a bearer token → [`ApiToken`]
+//! - `enroll_uses`: enrollment token id → redemptions so far
+//! - `seq`: device id → highest record sequence number stored (the ingest
+//!   high-water mark; a record at or below it is a duplicate)
+//! - `telemetry`: device id, 0, sample time (u64 BE), seq (u64 BE) → sample
+//! - `events`: device id, 0, seq (u64 BE) → [`EventRecord`]: command
+//!   results, state reports and alarms, as the device's log (telemetry and
+//!   job records have their own trees)
+//! - `reported`: device id → [`ReportedState`]
+//! - `desired`: device id → [`DesiredRecord`]
+//! - `commands`: command id (u64 BE) → [`CommandRecord`]; `device_commands`:
+//!   device id, 0, command id → () as the per-device index
+//! - `jobs`: device id → [`JobsRecord`], the device's latest job list
+//! - `device_keys`: device id → the public key of its certificate, taken
+//!   from the TLS handshake of its sessions, to verify its signed batches
+//! - `job_runs`: device id, 0, job name, 0, run id (u64 BE), attempt (u32
+//!   BE) → [`JobRun`]; run ids grow on a device, so a job's runs are in
+//!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
+//! - `backups`: device id, 0, snapshot name → [`CatalogEntry`], the backup
+//!   catalog (the chunks and manifests themselves are files, see
+//!   [`crate::backups`])
+//! - `restore_grants`: reader device id, 0, owner device id → [`Grant`]:
+//!   the reader may fetch the owner's backups until the grant expires
+//!
+//! Every write runs on the group-commit writer thread and is answered after
+//! the sync of its group; every read runs on tokio's blocking pool. No sled
+//! call runs on an async worker.
+//!
+//! Recovery: sled keeps the first I/O error of a database (a full disk) and
+//! fails every later write with it. When a sync or a write fails, the open
+//! database is dropped, and the next call (a write, a read, or the
+//! readiness probe) opens the files again, at most once a second, so the
+//! hub recovers by itself once space returns. While the database is closed,
+//! calls fail with [`StoreError::Unavailable`], reads too (sled cannot open
+//! its files on a full disk, and the failed instance may hold writes that
+//! never reached the disk); reopening reads only what reached the disk, so
+//! the API never shows a record that was not durable.
+
+use super::ingest::{self, Plan};
+use super::{
+    ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
+    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, StoreError,
+};
+use outpost_shared::DeviceId;
+use outpost_shared::commit::GroupCommit;
+use outpost_shared::job::JobRun;
+use outpost_shared::protocol::Record;
+use outpost_shared::telemetry::Sample;
+use outpost_shared::time::Timestamp;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt { what: "sled", message: e.to_string() },
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// The open database and its trees.
+struct Trees {
+    db: sled::Db,
+    devices: sled::Tree,
+    api_tokens: sled::Tree,
+    enroll_uses: sled::Tree,
+    seq: sled::Tree,
+    telemetry: sled::Tree,
+    events: sled::Tree,
+    reported: sled::Tree,
+    desired: sled::Tree,
+    commands: sled::Tree,
+    device_commands: sled::Tree,
+    jobs: sled::Tree,
+    job_runs: sled::Tree,
+    device_keys: sled::Tree,
+    peers: sled::Tree,
+    backups: sled::Tree,
+    restore_grants: sled::Tree,
+    meta: sled::Tree,
+}
+
+/// Least time between two attempts to reopen a failed database.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// The database, or the fact that it failed and must be opened again.
+struct Slot {
+    path: PathBuf,
+    open: RwLock<Option<Arc<Trees>>>,
+    last_attempt: Mutex<Option<Instant>>,
+    fault: FaultLog,
+    /// Set by `close`: no reopening after.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Slot {
+    /// The open database, reopening a failed one (at most every
+    /// [`REOPEN_EVERY`]).
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        if let Some(trees) = self.open.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(trees.clone());
+        }
+        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(trees) = open.as_ref() {
+            return Ok(trees.clone());
+        }
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the store is closed".into()));
+        }
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(StoreError::Unavailable(self.fault.fault().unwrap_or_else(|| "reopening".into())));
+            }
+            *last = Some(Instant::now());
+        }
+        match Trees::open(&self.path) {
+            Ok(trees) => {
+                tracing::info!(path = %self.path.display(), "Hub store reopened after a failure.");
+                let trees = Arc::new(trees);
+                *open = Some(trees.clone());
+                Ok(trees)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Hub store could not be reopened yet.");
+                self.fault.failed("sled", &format!("reopening: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// A write or sync failed: drop the database so the next call opens the
+    /// files again (sled keeps the first I/O error forever otherwise).
+    fn failed(&self, error: &str) {
+        self.fault.failed("sled", error);
+        self.open.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Releases the files for good.
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.open.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The sync of a group of writes.
+    fn sync(&self) -> Result<(), String> {
+        let trees = self.trees().map_err(|e| e.to_string())?;
+        match trees.db.flush() {
+            Ok(_) => {
+                self.fault.ok("sled");
+                Ok(())
+            }
+            Err(e) => {
+                drop(trees);
+                self.failed(&e.to_string());
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// The sled store. Cheap to clone; clones share one database.
+#[derive(Clone)]
+pub struct SledStore {
+    slot: Arc<Slot>,
+    writer: GroupCommit<Arc<Slot>>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SledStore")
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store under `data_dir/db`. Blocks.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("db");
+        let trees = Trees::open(&path)?;
+        let slot = Arc::new(Slot {
+            path,
+            open: RwLock::new(Some(Arc::new(trees))),
+            last_attempt: Mutex::default(),
+            fault: FaultLog::default(),
+            closed: Default::default(),
+        });
+        let writer = GroupCommit::start("hub-store", slot.clone(), |s: &Arc<Slot>| s.sync())
+            .map_err(|e| StoreError::Unavailable(format!("start the store writer: {e}")))?;
+        Ok(SledStore { slot, writer })
+    }
+
+    /// Runs `job` on the writer and answers once it is durable; a failed
+    /// job or sync drops the database for a reopen.
+    async fn write<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let result = self
+            .writer
+            .run(move |slot: &Arc<Slot>| {
+                let result = slot.trees().and_then(|trees| job(&trees));
+                if let Err(StoreError::Unavailable(e)) = &result {
+                    slot.failed(e);
+                }
+                result
+            })
+            .await;
+        result?
+    }
+
+    /// Runs `job` on tokio's blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = self.slot.clone();
+        tokio::task::spawn_blocking(move || {
+            let trees = slot.trees()?;
+            job(&trees)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task: {e}")))?
+    }
+
+    pub(super) fn fault(&self) -> Option<String> {
+        self.slot.fault.fault()
+    }
+
+    pub(super) async fn probe(&self) -> Result<(), StoreError> {
+        self.write(|t| {
+            t.meta.insert("probe", &Timestamp::now().0.to_be_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.high_water(&id)).await
+    }
+
+    pub(super) async fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
+        // The writer owns its job: the records move there and back.
+        let (id, records) = (id.clone(), records.to_vec());
+        self.write(move |t| t.ingest(&id, &records)).await
+    }
+
+    pub(super) async fn telemetry(
+        &self,
+        id: &DeviceId,
+        since: Timestamp,
+        until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.telemetry(&id, since, until, limit)).await
+    }
+
+    pub(super) async fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.read(move |t| t.prune_telemetry(before)).await
+    }
+
+    pub(super) async fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.events(&id, limit)).await
+    }
+
+    pub(super) async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        let (id, key) = (id.clone(), key.to_vec());
+        if self.device_key(&id).await?.as_deref() == Some(&key[..]) {
+            return Ok(());
+        }
+        self.write(move |t| {
+            t.device_keys.insert(id.as_str(), key)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| Ok(t.device_keys.get(id.as_str())?.map(|v| v.to_vec()))).await
+    }
+
+    pub(super) async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
+        let key = name_key(id, &entry.summary.name);
+        let value = encode(entry);
+        self.write(move |t| {
+            t.backups.insert(key, value)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
+        let prefix = device_prefix(id);
+        self.read(move |t| t.backups.scan_prefix(prefix).values().map(|v| decode("backups", &v?)).collect()).await
+    }
+
+    pub(super) async fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
+        let key = name_key(id, name);
+        self.read(move |t| t.backups.get(key)?.map(|v| decode("backups", &v)).transpose()).await
+    }
+
+    pub(super) async fn delete_catalog(&self, id: &DeviceId) -> Result<usize, StoreError> {
+        let prefix = device_prefix(id);
+        self.write(move |t| {
+            let keys: Vec<sled::IVec> = t.backups.scan_prefix(prefix).keys().collect::<Result<_, _>>()?;
+            for key in &keys {
+                t.backups.remove(key)?;
+            }
+            Ok(keys.len())
+        })
+        .await
+    }
+
+    pub(super) async fn delete_catalog_entries(&self, id: &DeviceId, names: &[String]) -> Result<(), StoreError> {
+        let keys: Vec<Vec<u8>> = names.iter().map(|n| name_key(id, n)).collect();
+        self.write(move |t| {
+            for key in keys {
+                t.backups.remove(key)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
+        let (key, value) = (name_key(reader, owner.as_str()), encode(grant));
+        self.write(move |t| {
+            t.restore_grants.insert(key, value)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn grant(&self, reader: &DeviceId, owner: &DeviceId) -> Result<Option<Grant>, StoreError> {
+        let key = name_key(reader, owner.as_str());
+        self.read(move |t| t.restore_grants.get(key)?.map(|v| decode("restore_grants", &v)).transpose()).await
+    }
+
+    pub(super) async fn peers(&self, id: &DeviceId) -> Result<Option<PeersRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.peers.get(id.as_str())?.map(|v| decode("peers", &v)).transpose()).await
+    }
+
+    pub(super) async fn jobs(&self, id: &DeviceId) -> Result<Option<JobsRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.jobs.get(id.as_str())?.map(|v| decode("jobs", &v)).transpose()).await
+    }
+
+    pub(super) async fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
+        let prefix = job_prefix(id, job);
+        self.read(move |t| {
+            t.job_runs.scan_prefix(prefix).values().rev().take(limit).map(|v| decode("job_runs", &v?)).collect()
+        })
+        .await
+    }
+
+    pub(super) async fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.reported.get(id.as_str())?.map(|v| decode("reported", &v)).transpose()).await
+    }
+
+    pub(super) async fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.desired.get(id.as_str())?.map(|v| decode("desired", &v)).transpose()).await
+    }
+
+    pub(super) async fn put_desired(
+        &self,
+        id: &DeviceId,
+        expected: u64,
+        doc: String,
+    ) -> Result<DesiredRecord, StoreError> {
+        let id = id.clone();
+        self.write(move |t| t.put_desired(&id, expected, doc)).await
+    }
+
+    pub(super) async fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
+        self.write(move |t| t.create_command(command)).await
+    }
+
+    pub(super) async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.read(move |t| t.command(id)).await
+    }
+
+    pub(super) async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        let device = device.clone();
+        self.read(move |t| t.device_commands(&device)).await
+    }
+
+    pub(super) async fn queued_commands(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let device = device.clone();
+        self.read(move |t| {
+            let mut out = t.device_commands(&device)?;
+            out.retain(|c| c.state == CommandState::Queued && c.expires_at > now);
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(super) async fn mark_delivered(
+        &self,
+        device: &DeviceId,
+        ids: &[u64],
+        at: Timestamp,
+    ) -> Result<Vec<u64>, StoreError> {
+        let (device, ids) = (device.clone(), ids.to_vec());
+        self.write(move |t| {
+            let mut changed = Vec::new();
+            for id in ids {
+                let Some(mut cmd) = t.command(id)? else { continue };
+                if cmd.device == device && cmd.state == CommandState::Queued {
+                    cmd.state = CommandState::Delivered { at };
+                    t.commands.insert(id.to_be_bytes(), encode(&cmd))?;
+                    changed.push(id);
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    pub(super) async fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
+        self.write(move |t| t.expire_commands(now)).await
+    }
+
+    pub(super) async fn put_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<(), StoreError> {
+        let (hash, value) = (*hash, encode(token));
+        self.write(move |t| {
+            t.api_tokens.insert(hash, value)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
+        let hash = *hash;
+        self.read(move |t| t.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()).await
+    }
+
+    pub(super) async fn enroll(
+        &self,
+        token_id: &[u8; 16],
+        allowed: u32,
+        record: &DeviceRecord,
+        key: &[u8],
+    ) -> Result<(), StoreError> {
+        let (token_id, record, key) = (*token_id, record.clone(), key.to_vec());
+        self.write(move |t| t.enroll(&token_id, allowed, &record, &key)).await
+    }
+
+    pub(super) async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |t| t.device(&id)).await
+    }
+
+    pub(super) async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(|t| t.devices.iter().values().map(|v| decode("devices", &v?)).collect()).await
+    }
+
+    pub(super) async fn record_hello(&self, hello: &HelloRecord) -> Result<bool, StoreError> {
+        let hello = hello.clone();
+        self.write(move |t| {
+            let Some(mut record) = t.device(&hello.id)? else { return Ok(false) };
+            record.name = hello.name;
+            record.agent_version = Some(hello.agent_version);
+            record.last_seen = Some(hello.at);
+            record.last_addr = Some(hello.addr);
+            t.devices.insert(hello.id.as_str(), encode(&record))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        self.write(|_| Ok(())).await
+    }
+
+    pub(super) async fn close(self) -> Result<(), StoreError> {
+        let flushed = self.flush().await;
+        tokio::task::spawn_blocking(move || self.close_writer())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        flushed
+    }
+
+    /// Flushes, stops the writer and releases the files, from a thread
+    /// outside any runtime.
+    pub fn close_blocking(self) -> Result<(), StoreError> {
+        let flushed = self.writer.run_blocking(|s: &Arc<Slot>| s.trees().map(drop));
+        self.close_writer();
+        flushed?
+    }
+
+    fn close_writer(self) {
+        self.writer.close();
+        self.slot.close();
+    }
+}
+
+fn device_prefix(id: &DeviceId) -> Vec<u8> {
+    let mut key = id.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn name_key(id: &DeviceId, name: &str) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn telemetry_key(id: &DeviceId, at: Timestamp, seq: u64) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(&at.0.to_be_bytes());
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_key(id: &DeviceId, seq: u64) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn job_prefix(id: &DeviceId, job: &str) -> Vec<u8> {
+    let mut key = device_prefix(id);
+    key.extend_from_slice(job.as_bytes());
+    key.push(0);
+    key
+}
+
+fn run_key(id: &DeviceId, job: &str, run_id: u64, attempt: u32) -> Vec<u8> {
+    let mut key = job_prefix(id, job);
+    key.extend_from_slice(&run_id.to_be_bytes());
+    key.extend_from_slice(&attempt.to_be_bytes());
+    key
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data; serialization into a Vec cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { what, message: e.to_string() })
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map_or(0, u64::from_be_bytes)
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).cache_capacity(64 << 20).flush_every_ms(Some(500)).open()?;
+        Ok(Trees {
+            devices: db.open_tree("devices")?,
+            api_tokens: db.open_tree("api_tokens")?,
+            enroll_uses: db.open_tree("enroll_uses")?,
+            seq: db.open_tree("seq")?,
+            telemetry: db.open_tree("telemetry")?,
+            events: db.open_tree("events")?,
+            reported: db.open_tree("reported")?,
+            desired: db.open_tree("desired")?,
+            commands: db.open_tree("commands")?,
+            device_commands: db.open_tree("device_commands")?,
+            jobs: db.open_tree("jobs")?,
+            job_runs: db.open_tree("job_runs")?,
+            peers: db.open_tree("peers")?,
+            device_keys: db.open_tree("device_keys")?,
+            backups: db.open_tree("backups")?,
+            restore_grants: db.open_tree("restore_grants")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
+        Ok(self.seq.get(id.as_str())?.map_or(0, |v| be_u64(&v)))
+    }
+
+    /// Applies [`ingest::plan`] of the batch in one transaction with the
+    /// device's high-water mark.
+    fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
+        let trees = (
+            &self.seq,
+            &self.telemetry,
+            &self.events,
+            &self.reported,
+            &self.commands,
+            &self.devices,
+            &self.jobs,
+            &self.job_runs,
+            &self.peers,
+        );
+        let now = Timestamp::now();
+        let result = trees.transaction(
+            |(seq, telemetry, events, reported, commands, devices, jobs, job_runs, peers): &(
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+            )| {
+                let hwm = seq.get(id.as_str())?.map_or(0, |v| be_u64(&v));
+                let plan: Plan<'_> = ingest::plan(hwm, records);
+                if !plan.advances {
+                    return Ok(Ingested::from(&plan));
+                }
+                for event in &plan.events {
+                    events.insert(seq_key(id, event.seq), encode(event))?;
+                }
+                for (seq, sample) in &plan.samples {
+                    telemetry.insert(telemetry_key(id, sample.at, *seq), encode(*sample))?;
+                }
+                for run in &plan.runs {
+                    job_runs.insert(run_key(id, &run.job, run.run_id, run.attempt), encode(*run))?;
+                }
+                if let Some(rec) = &plan.jobs {
+                    jobs.insert(id.as_str().as_bytes(), encode(rec))?;
+                }
+                if let Some(rec) = &plan.peers {
+                    peers.insert(id.as_str().as_bytes(), encode(rec))?;
+                }
+                if let Some(rec) = &plan.reported {
+                    reported.insert(id.as_str().as_bytes(), encode(rec))?;
+                }
+                for result in &plan.results {
+                    let key = result.id.to_be_bytes();
+                    let Some(bytes) = commands.get(key)? else {
+                        tracing::debug!(device = %id, command = result.id, "Result for a command this hub does not know (kept in the event log).");
+                        continue;
+                    };
+                    let mut cmd: CommandRecord = decode("commands", &bytes).map_err(abort)?;
+                    if &cmd.device == id {
+                        cmd.state = CommandState::Completed {
+                            at: now,
+                            outcome: result.outcome.clone(),
+                            output: result.output.clone(),
+                        };
+                        commands.insert(&key[..], encode(&cmd))?;
+                    } else {
+                        tracing::warn!(device = %id, command = result.id, "Result for another device's command ignored.");
+                    }
+                }
+                seq.insert(id.as_str().as_bytes(), &plan.upto.to_be_bytes()[..])?;
+                if let Some(bytes) = devices.get(id.as_str())? {
+                    let mut device: DeviceRecord = decode("devices", &bytes).map_err(abort)?;
+                    device.last_seen = Some(now);
+                    if let Some(sample) = plan.newest_sample
+                        && device.last_sample.as_ref().is_none_or(|s| s.at <= sample.at)
+                    {
+                        device.last_sample = Some(sample.clone());
+                    }
+                    devices.insert(id.as_str().as_bytes(), encode(&device))?;
+                }
+                Ok(Ingested::from(&plan))
+            },
+        );
+        let ingested = tx_result(result)?;
+        let mut touched: Vec<&str> = ingest::plan(0, records).touched_jobs;
+        touched.sort_unstable();
+        for job in touched {
+            self.prune_job_runs(id, job)?;
+        }
+        Ok(ingested)
+    }
+
+    fn telemetry(
+        &self,
+        id: &DeviceId,
+        since: Timestamp,
+        until: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let from = telemetry_key(id, since, 0);
+        let to = telemetry_key(id, until, 0);
+        let mut out = Vec::new();
+        for entry in self.telemetry.range(from..to).take(limit) {
+            let (key, value) = entry?;
+            let seq = key.get(key.len() - 8..).map_or(0, be_u64);
+            out.push((seq, decode("telemetry", &value)?));
+        }
+        Ok(out)
+    }
+
+    fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for device in self.devices.iter().keys() {
+            let id: DeviceId = match std::str::from_utf8(&device?).ok().and_then(|s| s.parse().ok()) {
+                Some(id) => id,
+                None => continue,
+            };
+            let mut batch = sled::Batch::default();
+            for key in self.telemetry.range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0)).keys() {
+                batch.remove(key?);
+                removed += 1;
+            }
+            self.telemetry.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.events.scan_prefix(device_prefix(id)).values().rev().take(limit).map(|v| decode("events", &v?)).collect()
+    }
+
+    /// Forgets all but the newest [`MAX_RUNS_PER_JOB`] attempts of a job.
+    fn prune_job_runs(&self, id: &DeviceId, job: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for key in self.job_runs.scan_prefix(job_prefix(id, job)).keys().rev().skip(MAX_RUNS_PER_JOB) {
+            batch.remove(key?);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.job_runs.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
+        let result = self.desired.transaction(|tree| {
+            let current = match tree.get(id.as_str())? {
+                Some(v) => decode::<DesiredRecord>("desired", &v).map_err(abort)?.version,
+                None => 0,
+            };
+            if current != expected {
+                return Err(abort(StoreError::VersionConflict { expected, current }));
+            }
+            let record = DesiredRecord { version: expected + 1, doc: doc.clone(), updated_at: Timestamp::now() };
+            tree.insert(id.as_str().as_bytes(), encode(&record))?;
+            Ok(record)
+        });
+        tx_result(result)
+    }
+
+    fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
+        let id = self.db.generate_id()? + 1;
+        let NewCommand { device, kind, args, expires_at, created_by } = command;
+        let record = CommandRecord {
+            id,
+            device,
+            kind,
+            args,
+            created_at: Timestamp::now(),
+            expires_at,
+            created_by,
+            state: CommandState::Queued,
+        };
+        let trees = (&self.commands, &self.device_commands);
+        let result = trees.transaction(|(commands, index)| {
+            commands.insert(&id.to_be_bytes()[..], encode(&record))?;
+            index.insert(seq_key(&record.device, id), &[][..])?;
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        tx_result(result)?;
+        Ok(record)
+    }
+
+    fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.commands.get(id.to_be_bytes())?.map(|v| decode("commands", &v)).transpose()
+    }
+
+    fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
+            let key = key?;
+            let id = key.get(key.len() - 8..).map_or(0, be_u64);
+            if let Some(cmd) = self.command(id)? {
+                out.push(cmd);
+            }
+        }
+        Ok(out)
+    }
+
+    fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut expired = Vec::new();
+        for value in self.commands.iter().values() {
+            let mut cmd: CommandRecord = decode("commands", &value?)?;
+            if cmd.state == CommandState::Queued && cmd.expires_at <= now {
+                cmd.state = CommandState::Expired { at: now };
+                self.commands.insert(cmd.id.to_be_bytes(), encode(&cmd))?;
+                expired.push(cmd);
+            }
+        }
+        Ok(expired)
+    }
+
+    fn enroll(&self, token_id: &[u8; 16], allowed: u32, record: &DeviceRecord, key: &[u8]) -> Result<(), StoreError> {
+        let result = (&self.enroll_uses, &self.devices, &self.device_keys).transaction(|(uses, devices, keys)| {
+            let used =
+                uses.get(token_id)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_le_bytes)).unwrap_or(0);
+            if used >= allowed {
+                return Err(abort(StoreError::UsedUp { used, allowed }));
+            }
+            uses.insert(&token_id[..], &(used + 1).to_le_bytes()[..])?;
+            devices.insert(record.id.as_str().as_bytes(), encode(record))?;
+            keys.insert(record.id.as_str().as_bytes(), key)?;
+            Ok(())
+        });
+        tx_result(result)
+    }
+
+    fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.devices.get(id.as_str())?.map(|v| decode("devices", &v)).transpose()
+    }
+}

@@ -1,0 +1,341 @@
+//! The hub store's behaviour, one suite run against both backends: every
+//! case runs on sled (in a temporary directory) and on PostgreSQL (a private
+//! cluster made for the test and removed after it).
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_hub::store::{
+    ApiToken, CatalogEntry, CommandState, DeviceRecord, Grant, NewCommand, Role, Store, StoreConfig, StoreError,
+};
+use outpost_shared::job::{JobRun, RunOutcome, Trigger};
+use outpost_shared::protocol::{
+    Alarm, AlarmKind, CommandResult, Outcome, Record, RecordBody, SnapshotSummary, StateReport,
+};
+use outpost_shared::telemetry::Sample;
+use outpost_shared::time::Timestamp;
+use outpost_shared::{DeviceId, Fingerprint};
+use outpost_tests::postgres::Postgres;
+use std::future::Future;
+
+/// Runs `case` on a fresh store of each backend.
+fn on_both<F, Fut>(case: F)
+where
+    F: Fn(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(&StoreConfig::Sled, dir.path()).await.unwrap();
+        case(store.clone()).await;
+        store.close().await.unwrap();
+    });
+    let pg = Postgres::start(true).unwrap();
+    let url = pg.create_db("outpost").unwrap();
+    runtime.block_on(async {
+        let store = Store::open(&StoreConfig::Postgres { url, pool_size: 4 }, dir.path()).await.unwrap();
+        case(store.clone()).await;
+        store.close().await.unwrap();
+    });
+}
+
+fn device(id: &str) -> DeviceRecord {
+    DeviceRecord {
+        id: id.parse().unwrap(),
+        name: format!("name of {id}"),
+        enrolled_at: Timestamp(1_700_000_000_000),
+        cert_fingerprint: Fingerprint([7; 32]),
+        agent_version: None,
+        last_seen: None,
+        last_addr: None,
+        last_sample: None,
+    }
+}
+
+async fn enrolled(store: &Store, id: &str) -> DeviceId {
+    let mut token = [0u8; 16];
+    token[..id.len().min(16)].copy_from_slice(&id.as_bytes()[..id.len().min(16)]);
+    store.enroll(&token, 1, &device(id), b"public key").await.unwrap();
+    id.parse().unwrap()
+}
+
+fn sample(at: u64) -> Sample {
+    Sample {
+        at: Timestamp(at),
+        cpu_percent: 12.5,
+        mem_used_bytes: 1 << 20,
+        mem_total_bytes: 1 << 30,
+        swap_used_bytes: 0,
+        load: [0.1, 0.2, 0.3],
+        uptime_secs: 99,
+        disks: Vec::new(),
+        net: Vec::new(),
+        temperatures: Vec::new(),
+    }
+}
+
+fn now_ms() -> u64 {
+    Timestamp::now().0
+}
+
+fn telemetry(seq: u64, at: u64) -> Record {
+    Record { seq, at: Timestamp(at), body: RecordBody::Telemetry(sample(at)) }
+}
+
+#[test]
+fn ingest_stores_each_record_once_names_gaps_and_files_each_kind() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-ingest").await;
+        let t = now_ms() - 60_000;
+        let alarm = Alarm { kind: AlarmKind::OutboxFull, raised: true, message: "full".into() };
+        let first = vec![
+            telemetry(1, t),
+            telemetry(2, t + 1000),
+            Record { seq: 3, at: Timestamp(t + 1500), body: RecordBody::Alarm(alarm) },
+            Record {
+                seq: 4,
+                at: Timestamp(t + 1600),
+                body: RecordBody::StateReport(StateReport { applied_version: 3, error: None }),
+            },
+        ];
+        let done = store.ingest(&id, &first).await.unwrap();
+        assert_eq!((done.upto, done.stored, done.duplicates), (4, 4, 0));
+        assert!(done.gaps.is_empty());
+        // A resend after a lost ack, with new records after a gap.
+        let mut again = first[2..].to_vec();
+        again.push(telemetry(7, t + 2000));
+        again.push(telemetry(8, t - 5000));
+        let done = store.ingest(&id, &again).await.unwrap();
+        assert_eq!((done.upto, done.stored, done.duplicates), (8, 2, 2));
+        assert_eq!(done.gaps, [(5, 6)]);
+        // The whole batch again: nothing new, the mark stays.
+        let done = store.ingest(&id, &first).await.unwrap();
+        assert_eq!((done.upto, done.stored, done.duplicates), (8, 0, 4));
+        assert_eq!(store.high_water(&id).await.unwrap(), 8);
+
+        let samples = store.telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 100).await.unwrap();
+        let seqs: Vec<u64> = samples.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [8, 1, 2, 7], "telemetry is ordered by sample time");
+        let window = store.telemetry(&id, Timestamp(t), Timestamp(t + 2000), 100).await.unwrap();
+        assert_eq!(window.len(), 2, "since is inclusive, until exclusive");
+        let events = store.events(&id, 10).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 3], "events newest first");
+        assert_eq!(store.alarms(&id, 10).await.unwrap().len(), 1);
+        assert_eq!(store.reported(&id).await.unwrap().map(|r| r.applied_version), Some(3));
+        let record = store.device(&id).await.unwrap().unwrap();
+        assert_eq!(record.last_sample.map(|s| s.at), Some(Timestamp(t + 2000)), "newest sample by time");
+        assert!(record.last_seen.is_some());
+        // Another device's records are its own.
+        let other = enrolled(&store, "dev-other").await;
+        assert_eq!(store.high_water(&other).await.unwrap(), 0);
+        assert!(store.telemetry(&other, Timestamp(0), Timestamp(u64::MAX), 10).await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn telemetry_far_from_now_and_past_retention() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-prune").await;
+        let now = now_ms();
+        // A device clock at 1970, one a year ahead, and today.
+        let records = vec![telemetry(1, 5_000), telemetry(2, now + 365 * 86_400_000), telemetry(3, now)];
+        assert_eq!(store.ingest(&id, &records).await.unwrap().stored, 3);
+        assert_eq!(store.telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 10).await.unwrap().len(), 3);
+        let removed = store.prune_telemetry(Timestamp(now - 86_400_000)).await.unwrap();
+        assert!(removed >= 1, "the 1970 sample is past any retention");
+        let left: Vec<u64> = store
+            .telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(left, [3, 2]);
+    });
+}
+
+fn run(job: &str, run_id: u64) -> JobRun {
+    JobRun {
+        job: job.into(),
+        run_id,
+        attempt: 1,
+        trigger: Trigger::Schedule,
+        started: Timestamp(run_id),
+        ended: Timestamp(run_id + 5),
+        outcome: RunOutcome::Exited { code: 0 },
+        output: String::new(),
+        output_bytes: 0,
+    }
+}
+
+#[test]
+fn job_runs_keep_the_newest_thousand_per_job() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-jobs").await;
+        let records: Vec<Record> = (1..=1005)
+            .map(|i| Record { seq: i, at: Timestamp(i), body: RecordBody::JobRun(run("tick", i)) })
+            .chain(std::iter::once(Record { seq: 1006, at: Timestamp(1), body: RecordBody::JobRun(run("other", 1)) }))
+            .collect();
+        for batch in records.chunks(300) {
+            store.ingest(&id, batch).await.unwrap();
+        }
+        let runs = store.job_runs(&id, "tick", 5000).await.unwrap();
+        assert_eq!(runs.len(), 1000);
+        assert_eq!((runs[0].run_id, runs[999].run_id), (1005, 6), "newest first, oldest trimmed");
+        assert_eq!(store.job_runs(&id, "other", 10).await.unwrap().len(), 1);
+    });
+}
+
+#[test]
+fn commands_move_queued_delivered_completed_or_expired_once() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-cmd").await;
+        let other = enrolled(&store, "dev-cmd-2").await;
+        let later = Timestamp(now_ms() + 3_600_000);
+        let new = |device: &DeviceId, kind: &str, expires_at| NewCommand {
+            device: device.clone(),
+            kind: kind.into(),
+            args: vec!["a b".into(), "c".into()],
+            expires_at,
+            created_by: "tester".into(),
+        };
+        let a = store.create_command(new(&id, "echo", later)).await.unwrap();
+        let b = store.create_command(new(&id, "exec", later)).await.unwrap();
+        let c = store.create_command(new(&id, "echo", Timestamp(now_ms() - 1))).await.unwrap();
+        let theirs = store.create_command(new(&other, "echo", later)).await.unwrap();
+        assert!(a.id < b.id && b.id < c.id, "ids grow");
+        assert_eq!(store.command(a.id).await.unwrap().unwrap(), a);
+        let queued: Vec<u64> = store.queued_commands(&id, 10).await.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(queued, [a.id, b.id], "expired ones are not offered");
+        assert_eq!(store.queued_commands(&id, 1).await.unwrap().len(), 1);
+        // Another device's command cannot be marked through this one.
+        let marked = store.mark_delivered(&id, &[a.id, theirs.id], Timestamp(5)).await.unwrap();
+        assert_eq!(marked, [a.id]);
+        assert_eq!(store.mark_delivered(&id, &[a.id], Timestamp(6)).await.unwrap(), Vec::<u64>::new());
+        assert_eq!(store.command(a.id).await.unwrap().unwrap().state, CommandState::Delivered { at: Timestamp(5) });
+        // Expiry takes the expired queued one, once.
+        let expired: Vec<u64> =
+            store.expire_commands(Timestamp::now()).await.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(expired, [c.id]);
+        assert!(store.expire_commands(Timestamp::now()).await.unwrap().is_empty());
+        // A result completes the command of its own device only.
+        let result = |seq, cmd: u64| Record {
+            seq,
+            at: Timestamp(seq),
+            body: RecordBody::CommandResult(CommandResult {
+                id: cmd,
+                outcome: Outcome::Succeeded,
+                output: "out".into(),
+            }),
+        };
+        store.ingest(&id, &[result(1, a.id), result(2, theirs.id), result(3, 999_999)]).await.unwrap();
+        match store.command(a.id).await.unwrap().unwrap().state {
+            CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, "out"),
+            other => panic!("not completed: {other:?}"),
+        }
+        assert_eq!(store.command(theirs.id).await.unwrap().unwrap().state, CommandState::Queued);
+        let all: Vec<u64> = store.device_commands(&id).await.unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(all, [a.id, b.id, c.id]);
+        assert!(store.command(999_999).await.unwrap().is_none());
+    });
+}
+
+#[test]
+fn desired_state_versions_and_conflicts() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-desired").await;
+        assert!(store.desired(&id).await.unwrap().is_none());
+        let v1 = store.put_desired(&id, 0, "{\"a\":1}".into()).await.unwrap();
+        assert_eq!(v1.version, 1);
+        match store.put_desired(&id, 0, "{}".into()).await {
+            Err(StoreError::VersionConflict { expected: 0, current: 1 }) => {}
+            other => panic!("a stale create must conflict: {other:?}"),
+        }
+        let v2 = store.put_desired(&id, 1, "{\"a\":2}".into()).await.unwrap();
+        assert_eq!(v2.version, 2);
+        match store.put_desired(&id, 1, "{}".into()).await {
+            Err(StoreError::VersionConflict { expected: 1, current: 2 }) => {}
+            other => panic!("a stale update must conflict: {other:?}"),
+        }
+        assert_eq!(store.desired(&id).await.unwrap().unwrap().doc, "{\"a\":2}");
+    });
+}
+
+#[test]
+fn catalog_and_grants() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-backup").await;
+        let reader = enrolled(&store, "dev-reader").await;
+        let entry = |name: &str| CatalogEntry {
+            summary: SnapshotSummary {
+                name: name.into(),
+                set: "data".into(),
+                started: Timestamp(1),
+                ended: Timestamp(2),
+                entries: 3,
+                bytes: 4,
+                chunks: 5,
+                problems: 0,
+            },
+            uploaded_at: Timestamp(7),
+        };
+        for name in ["1000-data-b", "0999-data-a", "1001-data-c"] {
+            store.put_catalog_entry(&id, &entry(name)).await.unwrap();
+        }
+        let names: Vec<String> = store.catalog(&id).await.unwrap().into_iter().map(|e| e.summary.name).collect();
+        assert_eq!(names, ["0999-data-a", "1000-data-b", "1001-data-c"], "oldest first");
+        assert_eq!(store.catalog_entry(&id, "1000-data-b").await.unwrap(), Some(entry("1000-data-b")));
+        assert!(store.catalog(&reader).await.unwrap().is_empty());
+        store.delete_catalog_entries(&id, &["1000-data-b".into()]).await.unwrap();
+        assert_eq!(store.catalog(&id).await.unwrap().len(), 2);
+        assert_eq!(store.delete_catalog(&id).await.unwrap(), 2);
+        assert!(store.catalog(&id).await.unwrap().is_empty());
+
+        assert!(store.grant(&reader, &id).await.unwrap().is_none());
+        let grant = Grant { granted_at: Timestamp(1), expires_at: Timestamp(2), by: "ops".into() };
+        store.put_grant(&reader, &id, &grant).await.unwrap();
+        assert_eq!(store.grant(&reader, &id).await.unwrap(), Some(grant));
+        assert!(store.grant(&id, &reader).await.unwrap().is_none(), "a grant goes one way");
+    });
+}
+
+#[test]
+fn tokens_enrollment_keys_and_hellos() {
+    on_both(|store| async move {
+        let token = ApiToken { role: Role::Operator, name: "ops".into(), created_at: Timestamp(3) };
+        store.put_api_token(&[1; 32], &token).await.unwrap();
+        assert_eq!(store.api_token(&[1; 32]).await.unwrap(), Some(token));
+        assert!(store.api_token(&[2; 32]).await.unwrap().is_none());
+
+        store.enroll(&[9; 16], 2, &device("dev-e1"), b"k1").await.unwrap();
+        store.enroll(&[9; 16], 2, &device("dev-e2"), b"k2").await.unwrap();
+        match store.enroll(&[9; 16], 2, &device("dev-e3"), b"k3").await {
+            Err(StoreError::UsedUp { used: 2, allowed: 2 }) => {}
+            other => panic!("a used-up token must be refused: {other:?}"),
+        }
+        let ids: Vec<String> = store.devices().await.unwrap().into_iter().map(|d| d.id.to_string()).collect();
+        assert_eq!(ids, ["dev-e1", "dev-e2"], "nothing of the refused enrollment is kept");
+        let e1: DeviceId = "dev-e1".parse().unwrap();
+        assert_eq!(store.device(&e1).await.unwrap(), Some(device("dev-e1")));
+        assert_eq!(store.device_key(&e1).await.unwrap().as_deref(), Some(&b"k1"[..]));
+        store.put_device_key(&e1, b"k1-new").await.unwrap();
+        assert_eq!(store.device_key(&e1).await.unwrap().as_deref(), Some(&b"k1-new"[..]));
+
+        let hello = |id: &str| outpost_hub::store::HelloRecord {
+            id: id.parse().unwrap(),
+            name: "renamed".into(),
+            agent_version: "9.9".into(),
+            addr: "10.0.0.1:5".into(),
+            at: Timestamp(42),
+        };
+        assert!(store.record_hello(&hello("dev-e1")).await.unwrap());
+        assert!(!store.record_hello(&hello("dev-none")).await.unwrap(), "an unknown device is not created");
+        let record = store.device(&e1).await.unwrap().unwrap();
+        assert_eq!(
+            (record.name.as_str(), record.agent_version.as_deref(), record.last_seen, record.last_addr.as_deref()),
+            ("renamed", Some("9.9"), Some(Timestamp(42)), Some("10.0.0.1:5"))
+        );
+        assert!(store.probe().await.ok, "{:?}", store.probe().await);
+        assert!(store.health().ok);
+    });
+}
