@@ -4,9 +4,8 @@
 
 # init_hub: a hub data dir in $work/hub and $work/hub.toml (QUIC on a free
 # loopback port, HTTP on any); sets $admin (its admin token) and $port.
+# With $pg_url set (start_pg), the hub's store is that database.
 init_hub() {
-    "$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
-    admin=$(tail -1 "$work/init.out")
     port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     cat >"$work/hub.toml" <<CFG
 data_dir = "$work/hub"
@@ -16,7 +15,42 @@ listen = "127.0.0.1:$port"
 [http]
 listen = "127.0.0.1:0"
 CFG
+    if [ -n "${pg_url:-}" ]; then
+        printf '[store]\nbackend = "postgres"\nurl = "%s"\n' "$pg_url" >>"$work/hub.toml"
+        "$bin/outpost-hub" init --config "$work/hub.toml" >"$work/init.out"
+    else
+        "$bin/outpost-hub" init --data-dir "$work/hub" >"$work/init.out"
+    fi
+    admin=$(tail -1 "$work/init.out")
 }
+
+# start_pg: a private PostgreSQL cluster in $work/pg with default (durable)
+# settings, on a unix socket there, with pg_stat_statements loaded; sets
+# $pg_url (database "outpost") and $pg_bin, and stops it on exit (call
+# stop_pg from the EXIT trap). PostgreSQL refuses root: as root its programs
+# run as the postgres user.
+start_pg() {
+    pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+    as_pg=(); [ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
+    mkdir -p "$work/pg"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres: "$work/pg"; chmod 755 "$work" "$(dirname "$work")"; fi
+    pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$work/pg/data" -U outpost --auth=trust -E UTF8 >/dev/null
+    cat >>"$work/pg/data/postgresql.conf" <<PGCONF
+listen_addresses = ''
+unix_socket_directories = '$work/pg'
+port = $pg_port
+max_connections = 300
+shared_preload_libraries = 'pg_stat_statements'
+PGCONF
+    "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start >/dev/null
+    pg_running=1
+    "${as_pg[@]}" "$pg_bin/createdb" -h "$work/pg" -p "$pg_port" -U outpost outpost
+    psql_pg -c "CREATE EXTENSION pg_stat_statements"
+    pg_url="host=$work/pg port=$pg_port user=outpost dbname=outpost"
+}
+stop_pg() { [ -n "${pg_running:-}" ] && "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$work/pg/data" -m fast -w stop >/dev/null 2>&1; pg_running=; }
+psql_pg() { "${as_pg[@]}" "$pg_bin/psql" -h "$work/pg" -p "$pg_port" -U outpost -d outpost -XAtq -v ON_ERROR_STOP=1 "$@"; }
 
 # A tree the project made none of: documentation, translations, man pages,
 # time zones, locales, C headers, Python and Perl libraries of this machine

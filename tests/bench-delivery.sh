@@ -7,23 +7,33 @@
 #     appears: records stored durably per second.
 #
 #   tests/bench-delivery.sh [N] [A] [R]     (defaults 1000000 100 10000)
+#   BACKENDS="sled postgres" (default: both, in this order, in one run)
 #
 # The backlogs are made by outpost-loadgen (the real agent with a synthetic
-# producer of real-sized samples) while no hub runs.
+# producer of real-sized samples) while no hub runs. For PostgreSQL, a private
+# cluster with default (durable) settings on a unix socket; its own ceiling
+# is measured beside it with pgbench, inserting rows of the same size in
+# transactions of 2 000 rows (the agent's batch), and pg_stat_statements
+# counts the statements the hub ran per 1 000 records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}; A=${2:-100}; R=${3:-10000}
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=$PWD/target/release
-work=$(mktemp -d /tmp/outpost-bench-XXXXXX)
+top=$(mktemp -d /tmp/outpost-bench-XXXXXX)
+work=$top
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+. tests/bench-common.sh
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; stop_pg; [ -n "${KEEP:-}" ] || rm -rf "$top"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
 now_ms() { date +%s%3N; }
 base=$(( $(now_ms) - 86400000 ))
 
-. tests/bench-common.sh
+for backend in ${BACKENDS:-sled postgres}; do
+work=$top/$backend; mkdir -p "$work"; pg_url=
+echo "# backend: $backend"
+[ "$backend" = postgres ] && start_pg
 init_hub
 token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses $((A + 1)) --hub-addr "127.0.0.1:$port")
 
@@ -93,3 +103,24 @@ done
 t1=$(now_ms)
 total=$(( A * R ))
 echo "| $A agents pushing $R records each at once | $(( t1 - t0 )) ms | $(( total * 1000 / (t1 - t0) )) records/s stored durably | hub peak RSS $(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$hub/status) |"
+kill "$hub"; wait "$hub" 2>/dev/null || true
+if [ "$backend" = postgres ]; then
+    calls=$(psql_pg -c "SELECT sum(calls) FROM pg_stat_statements")
+    stored=$(( N + A * R ))
+    echo "| statements the hub ran (pg_stat_statements, all calls incl. BEGIN/COMMIT) | $calls | $(( calls * 1000 / stored )) per 1 000 records | |"
+    row_bytes=$(psql_pg -c "SELECT coalesce(avg(length(sample))::int, 300) FROM telemetry")
+    echo "## PostgreSQL's own ceiling: pgbench, 2 000-row transactions of $row_bytes-byte samples (the hub's average)"
+    psql_pg -c "CREATE TABLE bench (device text, at bigint, seq bigint, sample bytea, PRIMARY KEY (device, at, seq))"
+    cat >"$work/insert.sql" <<SQL
+\\set base random(1, 1000000000000)
+INSERT INTO bench (device, at, seq, sample)
+SELECT 'dev-' || :client_id, :base + g, g, decode(repeat('ab', $row_bytes), 'hex') FROM generate_series(1, 2000) g;
+SQL
+    for clients in 1 8; do
+        out=$("${as_pg[@]}" "$pg_bin/pgbench" -h "$work/pg" -p "$pg_port" -U outpost -n -c "$clients" -j 2 -T 20 -f "$work/insert.sql" outpost 2>&1)
+        tps=$(echo "$out" | awk -F'= ' '/^tps/ {print int($2)}')
+        echo "| pgbench $clients client(s), 20 s | $tps transactions/s | $(( tps * 2000 )) rows/s | |"
+    done
+    stop_pg
+fi
+done

@@ -321,7 +321,7 @@ impl ConfigFile for AgentConfig {
         if !config.backups.is_empty() && config.backup_repo.key_file.is_none() {
             backups_section.error("key_file", "required when [[backup]] sets exist");
         }
-        if let Some(Err(e)) = config.uplink.hub.as_deref().map(outpost_shared::config::check_host_port) {
+        if let Some(Err(e)) = config.uplink.hub.as_deref().map(outpost_shared::config::check_hub_addresses) {
             uplink.error("hub", e);
         }
         for section in [uplink, telemetry, store, commands, peers, backups_section] {

@@ -79,44 +79,25 @@ pub async fn enroll(token_text: &str, data_dir: &Path, name: &str) -> Result<Ide
     params.distinguished_name.push(DnType::CommonName, name);
     let csr = params.serialize_request(&key)?;
 
-    let remote = tokio::net::lookup_host(&hub)
-        .await
-        .map_err(|e| EnrollError::Resolve { addr: hub.clone(), reason: e.to_string() })?
-        .next()
-        .ok_or_else(|| EnrollError::Resolve { addr: hub.clone(), reason: "no addresses".into() })?;
-    let connect_err = |reason: String| EnrollError::Connect { addr: hub.clone(), reason };
-    let timings = Timings { keepalive: Duration::from_secs(5), idle_timeout: Duration::from_secs(20) };
-    let mut endpoint = tls::client_endpoint(remote).map_err(|e| connect_err(e.to_string()))?;
-    let (client_config, pin_outcome) = tls::enrollment_config(pin, timings)?;
-    endpoint.set_default_client_config(client_config);
-
-    let exchange = async {
-        let connection = endpoint
-            .connect(remote, HUB_SERVER_NAME)
-            .map_err(|e| connect_err(e.to_string()))?
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (mut send, recv) = connection.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
-        let request =
-            EnrollRequest { token: token_text.trim().to_owned(), csr_der: csr.der().to_vec(), name: name.to_owned() };
-        let max = outpost_shared::frame::DEFAULT_MAX_FRAME;
-        write_message(&mut send, Message::Enroll(request), max).await.map_err(|e| connect_err(e.to_string()))?;
-        let _ = send.finish();
-        let reply = FrameReader::new(recv, max).next().await;
-        connection.close(0u32.into(), b"");
-        match reply {
-            Ok(Some(envelope)) => Ok(envelope.message),
-            Ok(None) => Err(EnrollError::BadReply("the hub closed the stream without answering".into())),
-            Err(StreamError::Io(e)) => Err(connect_err(e.to_string())),
-            Err(e) => Err(EnrollError::BadReply(e.to_string())),
+    let request =
+        EnrollRequest { token: token_text.trim().to_owned(), csr_der: csr.der().to_vec(), name: name.to_owned() };
+    // A token may name several hubs of the fleet: try them in a shuffled
+    // order until one answers (a refusal is an answer).
+    let mut reply = None;
+    for addr in outpost_shared::config::hub_order(&outpost_shared::config::hub_addresses(&hub), None, rand::random()) {
+        match exchange_at(&addr, pin, request.clone()).await {
+            Ok(message) => {
+                reply = Some(Ok(message));
+                break;
+            }
+            Err(e @ (EnrollError::Resolve { .. } | EnrollError::Connect { .. })) => {
+                tracing::info!(hub = %addr, error = %e, "Hub did not answer the enrollment.");
+                reply = Some(Err(e));
+            }
+            Err(e) => return Err(e),
         }
-    };
-    let reply = tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .map_err(|_| connect_err("no answer within 30s".into()))
-        .and_then(|r| r)
-        .map_err(|e| if pin_outcome.mismatched() { EnrollError::PinMismatch { addr: hub.clone(), pin } } else { e })?;
-    endpoint.wait_idle().await;
+    }
+    let reply = reply.unwrap_or_else(|| Err(EnrollError::BadReply("the token names no hub".into())))?;
 
     match reply {
         Message::Enrolled(enrolled) => {
@@ -136,4 +117,46 @@ pub async fn enroll(token_text: &str, data_dir: &Path, name: &str) -> Result<Ide
         Message::Refused(refusal) => Err(EnrollError::Refused { reason: refusal.reason, message: refusal.message }),
         other => Err(EnrollError::BadReply(format!("unexpected {}", other.kind()))),
     }
+}
+
+/// One enrollment exchange with the hub at `addr`.
+async fn exchange_at(addr: &str, pin: Fingerprint, request: EnrollRequest) -> Result<Message, EnrollError> {
+    let hub = addr.to_owned();
+    let remote = tokio::net::lookup_host(&hub)
+        .await
+        .map_err(|e| EnrollError::Resolve { addr: hub.clone(), reason: e.to_string() })?
+        .next()
+        .ok_or_else(|| EnrollError::Resolve { addr: hub.clone(), reason: "no addresses".into() })?;
+    let connect_err = |reason: String| EnrollError::Connect { addr: hub.clone(), reason };
+    let timings = Timings { keepalive: Duration::from_secs(5), idle_timeout: Duration::from_secs(20) };
+    let mut endpoint = tls::client_endpoint(remote).map_err(|e| connect_err(e.to_string()))?;
+    let (client_config, pin_outcome) = tls::enrollment_config(pin, timings)?;
+    endpoint.set_default_client_config(client_config);
+
+    let exchange = async {
+        let connection = endpoint
+            .connect(remote, HUB_SERVER_NAME)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        let max = outpost_shared::frame::DEFAULT_MAX_FRAME;
+        write_message(&mut send, Message::Enroll(request), max).await.map_err(|e| connect_err(e.to_string()))?;
+        let _ = send.finish();
+        let reply = FrameReader::new(recv, max).next().await;
+        connection.close(0u32.into(), b"");
+        match reply {
+            Ok(Some(envelope)) => Ok(envelope.message),
+            Ok(None) => Err(EnrollError::BadReply("the hub closed the stream without answering".into())),
+            Err(StreamError::Io(e)) => Err(connect_err(e.to_string())),
+            Err(e) => Err(EnrollError::BadReply(e.to_string())),
+        }
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| connect_err("no answer within 30s".into()))
+        .and_then(|r| r)
+        .map_err(|e| if pin_outcome.mismatched() { EnrollError::PinMismatch { addr: hub.clone(), pin } } else { e })?;
+    endpoint.wait_idle().await;
+    Ok(reply)
 }

@@ -107,13 +107,14 @@ impl ConfigFile for HubConfig {
             "postgres" => StoreConfig::Postgres {
                 url: store.require("url").unwrap_or_default(),
                 pool_size: store.get_or("pool_size", 16usize),
+                listen: store.get_or("listen", true),
             },
             other => {
                 store.error("backend", format!("unknown backend {other:?}; use \"sled\" or \"postgres\""));
                 StoreConfig::Sled
             }
         };
-        if let StoreConfig::Postgres { url, pool_size } = &store_config {
+        if let StoreConfig::Postgres { url, pool_size, .. } = &store_config {
             store.check("pool_size", (1..=1024).contains(pool_size), "must be between 1 and 1024");
             if !url.is_empty()
                 && let Err(e) = url.parse::<tokio_postgres::Config>()
@@ -157,7 +158,7 @@ impl ConfigFile for HubConfig {
             "must be between 256 KiB and 64 MiB",
         );
         quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
-        if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_host_port) {
+        if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_hub_addresses) {
             quic.error("advertise", e);
         }
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");

@@ -58,6 +58,9 @@ struct Presence {
 /// Fleet state shared by the QUIC endpoint and the HTTP API.
 #[derive(Debug)]
 pub struct Fleet {
+    /// This hub process's name in the store's session table (and its
+    /// wake-up channel): `hub-` and 12 random hex digits.
+    hub_id: String,
     store: Store,
     backups: crate::backups::Backups,
     presence: Mutex<HashMap<DeviceId, Presence>>,
@@ -67,7 +70,38 @@ pub struct Fleet {
 impl Fleet {
     /// Fleet state over `store`.
     pub fn new(store: Store, backups: crate::backups::Backups, heartbeat_timeout: Duration) -> Self {
-        Fleet { store, backups, presence: Mutex::default(), heartbeat_timeout }
+        let mut random = [0u8; 6];
+        rand::fill(&mut random[..]);
+        let hub_id = format!("hub-{}", outpost_shared::identity::hex(&random));
+        Fleet { hub_id, store, backups, presence: Mutex::default(), heartbeat_timeout }
+    }
+
+    /// This hub process's name among the hubs of the fleet.
+    pub fn hub_id(&self) -> &str {
+        &self.hub_id
+    }
+
+    /// Makes `link` the device's session in the store too; returns its
+    /// epoch, which fences off any older session of the device, on this hub
+    /// or another.
+    pub async fn claim(&self, id: &DeviceId, link: &Link) -> Result<u64, StoreError> {
+        self.store.claim_session(id, &self.hub_id, link.transport()).await
+    }
+
+    /// Commands or desired state of `id` changed: wake its session, here or
+    /// on the hub that holds it.
+    pub async fn changed(&self, id: &DeviceId) {
+        self.poke(id);
+        if let Err(e) = self.store.notify(id, &self.hub_id).await {
+            // The other hub's polling finds the change within a second.
+            tracing::debug!(device = %id, error = %e, "Wake-up for another hub not sent.");
+        }
+    }
+
+    /// Devices with a live session on this hub, and when each was last
+    /// heard from.
+    pub fn local_sessions(&self) -> Vec<(DeviceId, Timestamp)> {
+        self.presence().iter().filter(|(_, p)| p.link.is_some()).map(|(id, p)| (id.clone(), p.last_seen)).collect()
     }
 
     /// Devices' backups at the hub.
@@ -140,16 +174,27 @@ impl Fleet {
     /// The API's view of one device record.
     pub async fn view(&self, record: DeviceRecord) -> Result<DeviceView, StoreError> {
         let now = Timestamp::now();
-        let (last_seen, transport) = match self.presence().get(&record.id) {
-            Some(p) => {
-                (Some(p.last_seen.max(record.last_seen.unwrap_or(p.last_seen))), p.link.as_ref().map(Link::transport))
+        let local = self.presence().get(&record.id).map(|p| (p.last_seen, p.link.as_ref().map(Link::transport)));
+        let (last_seen, transport) = match local {
+            Some((seen, Some(transport))) => {
+                (Some(seen.max(record.last_seen.unwrap_or(seen))), Some(transport.to_owned()))
             }
-            None => (record.last_seen, None),
+            // Not here: the hub that holds its session says when it last
+            // heard from it (every hub answers the same).
+            _ => {
+                let session = self.store.session(&record.id).await?;
+                let seen = [record.last_seen, local.map(|(s, _)| s), session.as_ref().map(|s| s.seen)]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                let live = session.filter(|s| s.seen.until(now) < self.heartbeat_timeout && s.hub != self.hub_id);
+                (seen, live.map(|s| s.transport))
+            }
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
         let alarms = self.store.alarms(&record.id, 10).await?;
         let last_seq = self.store.high_water(&record.id).await?;
-        Ok(DeviceView::new(record, last_seen, online, transport, alarms, last_seq))
+        Ok(DeviceView::new(record, last_seen, online, transport.as_deref(), alarms, last_seq))
     }
 
     /// Every device, as the API shows them.

@@ -400,7 +400,7 @@ async fn put_desired(
     DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
     let record = fleet.store().put_desired(&id, version, text).await?;
     tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state changed.");
-    fleet.poke(&id);
+    fleet.changed(&id).await;
     let store = fleet.store();
     Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id).await?)))
 }
@@ -437,7 +437,7 @@ async fn patch_desired(
         match fleet.store().put_desired(&id, version, text).await {
             Ok(record) => {
                 tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state patched.");
-                fleet.poke(&id);
+                fleet.changed(&id).await;
                 return Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), fleet.store().reported(&id).await?)));
             }
             Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
@@ -494,7 +494,7 @@ async fn post_command(
         })
         .await?;
     tracing::info!(device = %id, command = record.id, kind = %record.kind, by = %caller.token.name, "Command queued.");
-    fleet.poke(&id);
+    fleet.changed(&id).await;
     Ok(HttpResponse::Created().json(record))
 }
 

@@ -121,6 +121,7 @@ pub struct RunningHub {
     quic_task: tokio::task::JoinHandle<()>,
     mqtt_task: Option<tokio::task::JoinHandle<()>>,
     maintenance_task: tokio::task::JoinHandle<()>,
+    wakeup_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
@@ -182,6 +183,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         }
         None => None,
     };
+    let wakeup_task = tokio::spawn(wakeups(fleet.clone(), shutdown.clone()));
     let maintenance_task = tokio::spawn(maintenance(
         fleet.clone(),
         config.telemetry_retention,
@@ -207,8 +209,62 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let server = server.run();
     let http = server.handle();
     let http_task = tokio::spawn(server);
-    tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, store = store.backend(), "Hub serving.");
-    Ok(RunningHub { quic_addr, http_addr, shutdown, quic_task, mqtt_task, maintenance_task, http, http_task, store })
+    tracing::info!(quic = %quic_addr, http = %http_addr, %advertise, store = store.backend(), hub = fleet.hub_id(), "Hub serving.");
+    Ok(RunningHub {
+        quic_addr,
+        http_addr,
+        shutdown,
+        quic_task,
+        mqtt_task,
+        maintenance_task,
+        wakeup_task,
+        http,
+        http_task,
+        store,
+    })
+}
+
+/// How often a hub writes when it last heard from its sessions' devices
+/// and looks for changes another hub made to them (the fallback behind
+/// notifications).
+const PRESENCE_EVERY: Duration = Duration::from_millis(500);
+
+/// Changes made on other hubs to devices whose session is here: woken by
+/// the store's notifications and, in case one was lost (or the engine has
+/// no LISTEN/NOTIFY), found by polling every [`PRESENCE_EVERY`]; the
+/// command table is the truth, a notification only saves time. Also writes
+/// this hub's sessions' presence, so every hub answers the same.
+async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
+    let mut notes = fleet.store().listen(fleet.hub_id(), shutdown.clone());
+    let several_hubs = fleet.store().shared();
+    let mut tick = tokio::time::interval(PRESENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let woken = async {
+            match notes.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            Some(device) = woken => fleet.poke(&device),
+            _ = tick.tick() => {
+                let local = fleet.local_sessions();
+                if let Err(e) = fleet.store().touch_sessions(fleet.hub_id(), &local).await {
+                    tracing::debug!(error = %e, "Session presence not written.");
+                }
+                if several_hubs {
+                    let ids: Vec<_> = local.into_iter().map(|(id, _)| id).collect();
+                    let since = Timestamp::now().saturating_sub(Duration::from_secs(10));
+                    match fleet.store().pending_devices(&ids, since).await {
+                        Ok(devices) => devices.iter().for_each(|d| fleet.poke(d)),
+                        Err(e) => tracing::debug!(error = %e, "Polling for changes failed."),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Expires undelivered commands every second, prunes telemetry older than
@@ -282,6 +338,7 @@ impl RunningHub {
                 let _ = task.await;
             }
             let _ = self.maintenance_task.await;
+            let _ = self.wakeup_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {
             tracing::warn!("Hub shutdown exceeded its time limit.");

@@ -267,7 +267,19 @@ impl DeviceTask {
         loop {
             if check_downlink {
                 check_downlink = false;
-                if let Some(deliver) = self.outbound.pending(&store, &self.id, self.ctx.max_frame / 2).await {
+                let pending = match self.outbound.pending(&store, &self.id, self.ctx.max_frame / 2).await {
+                    Ok(pending) => pending,
+                    Err(end) => {
+                        // Another session (QUIC, or another hub) holds the
+                        // device now: stop delivering, keep ingesting.
+                        debug!(?end, "MQTT session fenced off.");
+                        if let Some(link) = self.link.take() {
+                            self.ctx.fleet.disconnected(&self.id, &link);
+                        }
+                        None
+                    }
+                };
+                if let Some(deliver) = pending {
                     check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
                     self.publish(Message::Deliver(deliver)).await;
                     continue;
@@ -325,13 +337,13 @@ impl DeviceTask {
             Message::Batch(batch) => {
                 // Checks origin and signature before anything is stored.
                 let ack = session::ingest(&store, &self.id, key, batch).await?;
-                self.attach(false);
+                self.attach(false).await;
                 self.publish(Message::Ack(ack)).await;
             }
             Message::Hello(hello) => {
                 let welcome = session::hello(&store, &self.id, &hello, "mqtt").await?;
                 info!(name = %hello.name, version = %hello.agent_version, resume_after = welcome.acked_seq, "MQTT session opened.");
-                self.attach(true);
+                self.attach(true).await;
                 hello_now = true;
                 self.publish(Message::Welcome(welcome)).await;
             }
@@ -339,12 +351,12 @@ impl DeviceTask {
                 // The batch carries its origin's signature; the carrier is
                 // the topic's device.
                 let ack = session::relay(&store, &self.id, batch).await?;
-                self.attach(false);
+                self.attach(false).await;
                 self.publish(Message::RelayAck(ack)).await;
             }
-            Message::Heartbeat(_) => self.attach(false),
+            Message::Heartbeat(_) => self.attach(false).await,
             Message::Received(received) => {
-                self.attach(false);
+                self.attach(false).await;
                 session::received(&store, &self.id, received.commands).await;
             }
             other => return Err(SessionEnd::Protocol(format!("unexpected {}", other.kind()))),
@@ -373,7 +385,7 @@ impl DeviceTask {
     /// valid message of a device whose hello went to an earlier hub process
     /// or came while its QUIC session was still open (see
     /// [`Fleet::connected`]; each later message tries again).
-    fn attach(&mut self, hello: bool) {
+    async fn attach(&mut self, hello: bool) {
         if !hello && self.link.is_some() {
             // Attached already, or another session took over since (the
             // device moved to QUIC): nothing to do, and no competing.
@@ -384,9 +396,17 @@ impl DeviceTask {
             debug!("The device's QUIC session is still open; deliveries wait for it to end.");
             return;
         };
+        let epoch = match self.ctx.fleet.claim(&self.id, &link).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                session::log_store_error(&e, "Session could not be recorded.");
+                self.ctx.fleet.disconnected(&self.id, &link);
+                return;
+            }
+        };
         self.downlink = downlink;
         self.link = Some(link);
-        self.outbound = Outbound::default();
+        self.outbound = Outbound::new(self.ctx.fleet.hub_id(), epoch);
         if !hello {
             self.downlink.notify_one();
         }

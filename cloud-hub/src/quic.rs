@@ -240,22 +240,34 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         return SessionEnd::Closed("store error".into());
     }
     // A QUIC session is never refused by the fleet (only MQTT ones wait).
-    let Some(downlink) = ctx.fleet.connected(id, Link::Quic(connection.clone())) else {
+    let link = Link::Quic(connection.clone());
+    let Some(downlink) = ctx.fleet.connected(id, link.clone()) else {
         return SessionEnd::Closed("session not registered".into());
+    };
+    let epoch = match ctx.fleet.claim(id, &link).await {
+        Ok(epoch) => epoch,
+        Err(e) => {
+            session::log_store_error(&e, "Session could not be recorded.");
+            return SessionEnd::Closed("store error".into());
+        }
     };
     let resume_after = welcome.acked_seq;
     if let Err(e) = write_message(&mut send, Message::Welcome(welcome), ctx.max_frame).await {
         return e.into();
     }
     info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after, "Session opened.");
-    let mut outbound = Outbound::default();
+    let mut outbound = Outbound::new(ctx.fleet.hub_id(), epoch);
     // Look for work to deliver at session start and when the API pokes the
     // session, not on every incoming message.
     let mut check_downlink = true;
     loop {
         if check_downlink {
             check_downlink = false;
-            if let Some(deliver) = outbound.pending(store, id, ctx.max_frame / 2).await {
+            let pending = match outbound.pending(store, id, ctx.max_frame / 2).await {
+                Ok(pending) => pending,
+                Err(end) => return end,
+            };
+            if let Some(deliver) = pending {
                 // A full delivery may have left more behind: look again.
                 check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
                 if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {

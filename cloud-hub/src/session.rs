@@ -187,17 +187,39 @@ pub async fn received(store: &Store, id: &DeviceId, commands: Vec<u64>) {
 pub const MAX_COMMANDS_PER_DELIVERY: usize = 100;
 
 /// What this session has already sent the device, so a wake-up sends only
-/// what is new.
+/// what is new; and which session it is, so that a newer session of the
+/// device (on any hub) stops this one from delivering.
 #[derive(Debug, Default)]
 pub struct Outbound {
     sent_commands: std::collections::HashSet<u64>,
     sent_desired: u64,
+    hub: String,
+    epoch: u64,
 }
 
 impl Outbound {
+    /// A session of hub `hub` with `epoch` (from [`crate::fleet::Fleet::claim`]).
+    pub fn new(hub: &str, epoch: u64) -> Self {
+        Outbound { hub: hub.to_owned(), epoch, ..Outbound::default() }
+    }
+
     /// Commands queued and unexpired, and a desired state newer than the
-    /// device reported, that this session has not sent yet.
-    pub async fn pending(&mut self, store: &Store, id: &DeviceId, max_bytes: usize) -> Option<Deliver> {
+    /// device reported, that this session has not sent yet. Fails with
+    /// `Closed` once a newer session of the device holds it.
+    pub async fn pending(
+        &mut self,
+        store: &Store,
+        id: &DeviceId,
+        max_bytes: usize,
+    ) -> Result<Option<Deliver>, SessionEnd> {
+        match store.holds_session(id, &self.hub, self.epoch).await {
+            Ok(true) => {}
+            Ok(false) => return Err(SessionEnd::Closed("a newer session of the device took over".into())),
+            Err(e) => {
+                log_store_error(&e, "Session ownership could not be checked.");
+                return Ok(None);
+            }
+        }
         let mut bytes = 0;
         // Commands sent on this session stay queued until the device says
         // it holds them; look past those.
@@ -227,12 +249,12 @@ impl Outbound {
             .filter(|d| d.version > reported.max(self.sent_desired))
             .map(|d| Desired { version: d.version, doc: d.doc });
         if commands.is_empty() && desired.is_none() {
-            return None;
+            return Ok(None);
         }
         self.sent_commands.extend(commands.iter().map(|c| c.id));
         if let Some(d) = &desired {
             self.sent_desired = d.version;
         }
-        Some(Deliver { commands, desired })
+        Ok(Some(Deliver { commands, desired }))
     }
 }

@@ -124,6 +124,45 @@ pub fn check_host_port(text: &str) -> Result<(), String> {
     }
 }
 
+/// The hub addresses in `text`: one `host:port`, or several separated by
+/// commas (the hubs of one fleet), in the order written.
+pub fn hub_addresses(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect()
+}
+
+/// Checks a list of hub addresses ([`hub_addresses`]): at least one, each
+/// `host:port`.
+pub fn check_hub_addresses(text: &str) -> Result<(), String> {
+    let list = hub_addresses(text);
+    if list.is_empty() {
+        return Err(format!("{text:?} names no hub; write host:port, or several separated by commas"));
+    }
+    list.iter().try_for_each(|a| check_host_port(a))
+}
+
+/// The order in which to try `hubs`: `preferred` (the hub that answered
+/// last) first, then the others in an order `seed` shuffles, so a fleet
+/// whose devices each pick a random seed spreads over its hubs and a device
+/// stays with the hub that answers.
+pub fn hub_order(hubs: &[String], preferred: Option<&str>, seed: u64) -> Vec<String> {
+    let mut rest: Vec<String> = hubs.iter().filter(|h| Some(h.as_str()) != preferred).cloned().collect();
+    let mut state = seed;
+    for i in (1..rest.len()).rev() {
+        // splitmix64: enough to spread devices, no dependency.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let j = usize::try_from(z % (i as u64 + 1)).unwrap_or(0);
+        rest.swap(i, j);
+    }
+    let mut order: Vec<String> =
+        preferred.filter(|p| hubs.iter().any(|h| h == p)).map(str::to_owned).into_iter().collect();
+    order.extend(rest);
+    order
+}
+
 /// Reads `path` and builds a config from it with `build`, which reads the
 /// document through the given [`Section`].
 pub fn load_file<T>(path: &Path, build: impl FnOnce(&Section<'_>) -> T) -> Result<T, ConfigErrors> {
@@ -438,6 +477,25 @@ fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_lists_are_read_checked_and_ordered() {
+        assert_eq!(hub_addresses(" a:1, b:2 ,,c:3"), ["a:1", "b:2", "c:3"]);
+        assert!(check_hub_addresses("a:1,b:2").is_ok());
+        assert!(check_hub_addresses("a:1,b").unwrap_err().contains("\"b\""));
+        assert!(check_hub_addresses(" , ").is_err());
+        let hubs = hub_addresses("a:1,b:2,c:3,d:4");
+        for seed in 0..50 {
+            let order = hub_order(&hubs, Some("c:3"), seed);
+            assert_eq!(order[0], "c:3", "the hub that answered last comes first");
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, hubs, "every hub once");
+        }
+        let firsts: std::collections::HashSet<String> = (0..50).map(|s| hub_order(&hubs, None, s)[0].clone()).collect();
+        assert_eq!(firsts.len(), 4, "devices spread over every hub");
+        assert_eq!(hub_order(&hubs, Some("gone:9"), 3).len(), 4, "a preferred hub no longer listed is dropped");
+    }
 
     #[derive(Debug)]
     struct Demo {

@@ -171,6 +171,8 @@ pub struct Hub {
     pub postgres: Option<postgres::Postgres>,
     /// The `[store]` table of its config (empty: sled).
     pub store_config: String,
+    /// The hub addresses its enrollment tokens name (default: its own).
+    pub token_hubs: Option<String>,
     timings: Timings,
     root: PathBuf,
 }
@@ -221,7 +223,41 @@ impl Hub {
             extra_config: String::new(),
             postgres: pg,
             store_config,
+            token_hubs: None,
             timings,
+            root: root.to_owned(),
+        };
+        hub.serve()?;
+        Ok(hub)
+    }
+
+    /// A second hub of `first`'s fleet under `root`: its data dir is a copy
+    /// of the first's (CA, enrollment and reset keys), its backups directory
+    /// is the first's (shared storage), its store the same database.
+    pub fn join(root: &Path, first: &Hub) -> Result<Self> {
+        if first.store_config.is_empty() {
+            bail!("several hubs need a shared database: start the first on PostgreSQL");
+        }
+        fs::create_dir_all(root)?;
+        let data_dir = root.join("hub");
+        fs::create_dir_all(&data_dir)?;
+        for name in ["ca.crt", "ca.key", "enroll.key", "quic-reset.key"] {
+            fs::copy(first.data_dir.join(name), data_dir.join(name)).with_context(|| format!("copy {name}"))?;
+        }
+        fs::create_dir_all(first.data_dir.join("backups"))?;
+        std::os::unix::fs::symlink(first.data_dir.join("backups"), data_dir.join("backups"))?;
+        let mut hub = Hub {
+            config: root.join("hub.toml"),
+            data_dir,
+            admin_token: first.admin_token.clone(),
+            quic_addr: "127.0.0.1:0".into(),
+            api: String::new(),
+            proc: None,
+            extra_config: String::new(),
+            postgres: None,
+            store_config: first.store_config.clone(),
+            token_hubs: None,
+            timings: first.timings.clone(),
             root: root.to_owned(),
         };
         hub.serve()?;
@@ -274,9 +310,12 @@ impl Hub {
 
     /// `outpost-hub token create` output.
     pub fn token(&self, ttl: &str, uses: u32) -> Result<String> {
-        let out = run(Command::new(bin("outpost-hub"))
-            .args(["token", "create", "--ttl", ttl, "--uses", &uses.to_string(), "--data-dir"])
-            .arg(&self.data_dir))?;
+        let mut cmd = Command::new(bin("outpost-hub"));
+        cmd.args(["token", "create", "--ttl", ttl, "--uses", &uses.to_string(), "--data-dir"]).arg(&self.data_dir);
+        if let Some(hubs) = &self.token_hubs {
+            cmd.args(["--hub-addr", hubs]);
+        }
+        let out = run(&mut cmd)?;
         if !out.status.success() {
             bail!("token create failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -33,7 +33,7 @@ where
     let pg = Postgres::start(true).unwrap();
     let url = pg.create_db("outpost").unwrap();
     runtime.block_on(async {
-        let store = Store::open(&StoreConfig::Postgres { url, pool_size: 4 }, dir.path()).await.unwrap();
+        let store = Store::open(&StoreConfig::Postgres { url, pool_size: 4, listen: true }, dir.path()).await.unwrap();
         case(store.clone()).await;
         store.close().await.unwrap();
     });

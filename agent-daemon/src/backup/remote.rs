@@ -51,7 +51,19 @@ impl HubLink {
             .build()
             .map_err(|e| BackupError::Setup(format!("cannot start the tokio runtime: {e}")))?;
         let timings = crate::tls::Timings { keepalive: uplink.keepalive, idle_timeout: uplink.idle_timeout };
-        let client = runtime.block_on(BulkClient::connect(&identity, &hub, uplink.connect_timeout, timings))?;
+        // Several hubs of one fleet share the chunk directory: any answers.
+        let hubs =
+            outpost_shared::config::hub_order(&outpost_shared::config::hub_addresses(&hub), None, rand::random());
+        let client = runtime.block_on(async {
+            let mut last = None;
+            for addr in &hubs {
+                match BulkClient::connect(&identity, addr, uplink.connect_timeout, timings).await {
+                    Ok(client) => return Ok(client),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| BulkError::Connect { addr: hub.clone(), reason: "no hub address".into() }))
+        })?;
         Ok(HubLink { client, device: identity.device_id, runtime, upload_rate: 0 })
     }
 

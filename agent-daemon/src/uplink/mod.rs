@@ -158,7 +158,9 @@ pub type RelayQueue = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<RelayRe
 pub struct LinkParams {
     /// Uplink settings.
     pub config: UplinkConfig,
-    /// `host:port` of the hub.
+    /// `host:port` of the hub, or of several hubs of the fleet separated by
+    /// commas: the link tries them in a shuffled order and stays with the
+    /// one that answers.
     pub hub: String,
     /// The device's identity.
     pub identity: Identity,
@@ -177,13 +179,21 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
     let mut backoff = Backoff::new(params.config.backoff_initial, params.config.backoff_max);
     let mut attempt = 0u32;
     let mut last_error = String::new();
+    let hubs = outpost_shared::config::hub_addresses(&params.hub);
+    let mut answered: Option<String> = None;
+    let mut untried: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     loop {
         attempt += 1;
         params.state.send_replace(LinkState::Connecting { attempt });
+        if untried.is_empty() {
+            untried = outpost_shared::config::hub_order(&hubs, answered.as_deref(), rand::random()).into();
+        }
+        let hub = untried.pop_front().unwrap_or_else(|| params.hub.clone());
+        let attempt_params = LinkParams { hub: hub.clone(), ..params.clone() };
         let mut session = Session::new(&params.config);
         let result = tokio::select! {
             () = cancel.cancelled() => None,
-            result = session.run(&params) => Some(result),
+            result = session.run(&attempt_params) => Some(result),
         };
         let Some(result) = result else {
             session.close().await;
@@ -196,7 +206,14 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
         if session.was_connected() {
             backoff.reset();
             attempt = 0;
+            // Stay with this hub: try it first next time.
+            answered = Some(hub);
+            untried.clear();
             tracing::warn!(%reason, "Hub session ended.");
+        } else if !untried.is_empty() {
+            // Another hub of the fleet may answer: try it now.
+            tracing::info!(%reason, %hub, "Hub did not answer; trying the next one.");
+            continue;
         } else if reason != last_error {
             tracing::warn!(%reason, attempt, "Cannot reach the hub.");
         } else {

@@ -276,6 +276,9 @@ pub enum StoreConfig {
         url: String,
         /// Connections in the pool.
         pool_size: usize,
+        /// Wake other hubs with LISTEN/NOTIFY (off for engines and poolers
+        /// without it: hubs then find changes by polling, within a second).
+        listen: bool,
     },
 }
 
@@ -320,8 +323,8 @@ impl Store {
                     .map_err(|e| StoreError::Unavailable(e.to_string()))??;
                 Ok(Store::Sled(store))
             }
-            StoreConfig::Postgres { url, pool_size } => {
-                Ok(Store::Postgres(postgres::PgStore::open(url, *pool_size).await?))
+            StoreConfig::Postgres { url, pool_size, listen } => {
+                Ok(Store::Postgres(postgres::PgStore::open(url, *pool_size, *listen).await?))
             }
         }
     }
@@ -555,6 +558,65 @@ impl Store {
         each!(self, b => b.record_hello(hello).await)
     }
 
+    /// Records that hub `hub` now holds `device`'s session over
+    /// `transport`; returns the session's epoch. A later claim (on this hub
+    /// or another) fences this one off: see [`Store::holds_session`].
+    pub async fn claim_session(&self, device: &DeviceId, hub: &str, transport: &str) -> Result<u64, StoreError> {
+        each!(self, b => b.claim_session(device, hub, transport).await)
+    }
+
+    /// True while `(hub, epoch)` is the device's newest session.
+    pub async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
+        each!(self, b => b.holds_session(device, hub, epoch).await)
+    }
+
+    /// Where the device's newest session is, and when the hub holding it
+    /// last heard from the device.
+    pub async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
+        each!(self, b => b.session(device).await)
+    }
+
+    /// Records when this hub last heard from each of `seen` (only sessions
+    /// this hub still holds), in one write.
+    pub async fn touch_sessions(&self, hub: &str, seen: &[(DeviceId, Timestamp)]) -> Result<(), StoreError> {
+        each!(self, b => b.touch_sessions(hub, seen).await)
+    }
+
+    /// Wakes the hub that holds `device`'s session if it is not `from`
+    /// (PostgreSQL: `NOTIFY` on that hub's channel, carrying the id only;
+    /// sled: one hub, nothing to do).
+    pub async fn notify(&self, device: &DeviceId, from: &str) -> Result<(), StoreError> {
+        each!(self, b => b.notify(device, from).await)
+    }
+
+    /// Of `devices`, those that may have something to deliver: queued
+    /// commands, or desired state changed at or after `since` (the polling
+    /// fallback behind notifications).
+    pub async fn pending_devices(&self, devices: &[DeviceId], since: Timestamp) -> Result<Vec<DeviceId>, StoreError> {
+        each!(self, b => b.pending_devices(devices, since).await)
+    }
+
+    /// True when several hubs may share this store (PostgreSQL): changes
+    /// made on another hub must be looked for.
+    pub fn shared(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// Wake-ups other hubs address to `hub`, as device ids, until
+    /// `shutdown`; reconnects by itself. `None` when the backend has one
+    /// hub only (sled), where wake-ups stay in the process, or listening is
+    /// off (`[store] listen = false`).
+    pub fn listen(
+        &self,
+        hub: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<DeviceId>> {
+        match self {
+            Store::Sled(_) => None,
+            Store::Postgres(b) => b.listen(hub, shutdown),
+        }
+    }
+
     /// Waits until everything written so far is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         each!(self, b => b.flush().await)
@@ -580,6 +642,20 @@ pub struct NewCommand {
     pub expires_at: Timestamp,
     /// Who queued it (API token name).
     pub created_by: String,
+}
+
+/// A device's newest session, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The hub holding it.
+    pub hub: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// `quic` or `mqtt`.
+    pub transport: String,
+    /// When that hub last heard from the device (written every second or
+    /// so, not on every message).
+    pub seen: Timestamp,
 }
 
 /// What a device's hello changes in its record.

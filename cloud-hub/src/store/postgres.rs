@@ -26,7 +26,8 @@
 use super::ingest;
 use super::{
     ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
-    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, StoreError,
+    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
+    StoreError,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
@@ -91,6 +92,16 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TABLE catalog (device text NOT NULL, name text NOT NULL, entry bytea NOT NULL, PRIMARY KEY (device, name));
     CREATE TABLE restore_grants (reader text NOT NULL, owner text NOT NULL, grant_record bytea NOT NULL, PRIMARY KEY (reader, owner));
     CREATE TABLE probe (id integer PRIMARY KEY, at bigint NOT NULL);",
+    // 2: which hub holds each device's session (several hubs).
+    "CREATE TABLE sessions (
+        device text PRIMARY KEY,
+        hub text NOT NULL,
+        epoch bigint NOT NULL,
+        transport text NOT NULL,
+        since bigint NOT NULL,
+        seen bigint NOT NULL
+    );
+    CREATE INDEX sessions_hub ON sessions (hub);",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -167,6 +178,10 @@ pub fn partitions_needed(sample_times: &[u64], now: u64, known: &HashSet<u64>) -
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// The connection string, for the listening connection.
+    url: Arc<str>,
+    /// Whether to LISTEN for other hubs' wake-ups.
+    listen: bool,
     /// Telemetry partitions known to exist (days since the epoch), or known
     /// not to be makeable (rows for them sit in the default partition).
     partitions: Arc<Mutex<HashSet<u64>>>,
@@ -297,9 +312,15 @@ fn pool_message(e: &deadpool_postgres::PoolError) -> String {
 
 impl PgStore {
     /// Connects, migrates, and checks the database answers.
-    pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, pool_size: usize, listen: bool) -> Result<Self, StoreError> {
         migrate(url).await?;
-        let store = PgStore { pool: pool(url, pool_size)?, partitions: Arc::default(), fault: Arc::default() };
+        let store = PgStore {
+            pool: pool(url, pool_size)?,
+            url: url.into(),
+            listen,
+            partitions: Arc::default(),
+            fault: Arc::default(),
+        };
         let client = store.client().await?;
         let rows = client
             .query(
@@ -950,6 +971,134 @@ impl PgStore {
         Ok(n == 1)
     }
 
+    pub(super) async fn claim_session(&self, device: &DeviceId, hub: &str, transport: &str) -> Result<u64, StoreError> {
+        let now = big(Timestamp::now().0);
+        let result = async {
+            let client = self.client().await?;
+            let row = client
+                .query_one(
+                    "INSERT INTO sessions (device, hub, epoch, transport, since, seen) VALUES ($1, $2, 1, $3, $4, $4)
+                     ON CONFLICT (device) DO UPDATE SET hub = excluded.hub, epoch = sessions.epoch + 1,
+                        transport = excluded.transport, since = excluded.since, seen = excluded.seen
+                     RETURNING epoch",
+                    &[&device.as_str(), &hub, &transport, &now],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(unbig(row.get(0)))
+        }
+        .await;
+        self.track(result)
+    }
+
+    pub(super) async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM sessions WHERE device = $1 AND hub = $2 AND epoch = $3",
+                &[&device.as_str(), &hub, &big(epoch)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.is_some())
+    }
+
+    pub(super) async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT hub, epoch, transport, seen FROM sessions WHERE device = $1", &[&device.as_str()])
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| SessionRecord {
+            hub: r.get(0),
+            epoch: unbig(r.get(1)),
+            transport: r.get(2),
+            seen: Timestamp(unbig(r.get(3))),
+        }))
+    }
+
+    pub(super) async fn touch_sessions(&self, hub: &str, seen: &[(DeviceId, Timestamp)]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let devices: Vec<&str> = seen.iter().map(|(d, _)| d.as_str()).collect();
+        let times: Vec<i64> = seen.iter().map(|(_, t)| big(t.0)).collect();
+        self.write(
+            "UPDATE sessions SET seen = greatest(sessions.seen, v.seen)
+             FROM unnest($1::text[], $2::bigint[]) AS v(device, seen)
+             WHERE sessions.device = v.device AND sessions.hub = $3",
+            &[&devices, &times, &hub],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn notify(&self, device: &DeviceId, from: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "SELECT pg_notify('outpost_' || hub, device) FROM sessions WHERE device = $1 AND hub <> $2",
+                &[&device.as_str(), &from],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn pending_devices(
+        &self,
+        devices: &[DeviceId],
+        since: Timestamp,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device FROM commands WHERE state = 'queued' AND device = ANY($1)
+                 UNION SELECT device FROM desired WHERE device = ANY($1) AND updated_at >= $2",
+                &[&ids, &big(since.0)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().filter_map(|r| r.get::<_, &str>(0).parse().ok()).collect())
+    }
+
+    /// Listens on `hub`'s channel on a connection of its own (not the
+    /// pool's), forwarding device ids, reconnecting after a failure.
+    pub(super) fn listen(
+        &self,
+        hub: &str,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::sync::mpsc::Receiver<DeviceId>> {
+        if !self.listen {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (url, channel) = (self.url.clone(), format!("outpost_{hub}"));
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            loop {
+                let listened = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = listen_once(&url, &channel, &tx) => r,
+                };
+                match listened {
+                    Ok(()) => return, // the receiver is gone
+                    Err(e) => tracing::debug!(error = %e, "Listening connection lost; reconnecting."),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
+        Some(rx)
+    }
+
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         // Every write committed before it returned.
         Ok(())
@@ -959,6 +1108,43 @@ impl PgStore {
         self.pool.close();
         Ok(())
     }
+}
+
+/// One listening connection: `LISTEN channel`, then every notification's
+/// payload (a device id) to `tx` until the connection fails (`Err`) or the
+/// receiver goes (`Ok`).
+async fn listen_once(url: &str, channel: &str, tx: &tokio::sync::mpsc::Sender<DeviceId>) -> Result<(), String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+    let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if notes_tx.send(n.payload().to_owned()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(describe(&e)),
+                None => return Err("connection closed".to_owned()),
+            }
+        }
+    });
+    // Quoted: hub names are made by the hub (`[a-z0-9-]`), but never trust.
+    let quoted = format!("\"{}\"", channel.replace('"', ""));
+    client.batch_execute(&format!("LISTEN {quoted}")).await.map_err(|e| describe(&e))?;
+    tracing::debug!(%channel, "Listening for wake-ups from other hubs.");
+    while let Some(payload) = notes.recv().await {
+        if let Ok(id) = payload.parse::<DeviceId>()
+            && tx.send(id).await.is_err()
+        {
+            driver.abort();
+            return Ok(());
+        }
+    }
+    drop(client);
+    driver.await.map_err(|e| e.to_string())?
 }
 
 fn parse_partition_day(date: &str) -> Option<u64> {

@@ -43,7 +43,8 @@
 use super::ingest::{self, Plan};
 use super::{
     ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
-    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, StoreError,
+    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
+    StoreError,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
@@ -173,6 +174,8 @@ impl Slot {
 pub struct SledStore {
     slot: Arc<Slot>,
     writer: GroupCommit<Arc<Slot>>,
+    /// Sessions live in this process only: sled serves one hub.
+    sessions: Arc<Mutex<(u64, std::collections::HashMap<DeviceId, SessionRecord>)>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -195,7 +198,7 @@ impl SledStore {
         });
         let writer = GroupCommit::start("hub-store", slot.clone(), |s: &Arc<Slot>| s.sync())
             .map_err(|e| StoreError::Unavailable(format!("start the store writer: {e}")))?;
-        Ok(SledStore { slot, writer })
+        Ok(SledStore { slot, writer, sessions: Arc::default() })
     }
 
     /// Runs `job` on the writer and answers once it is durable; a failed
@@ -487,6 +490,51 @@ impl SledStore {
             Ok(true)
         })
         .await
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, (u64, std::collections::HashMap<DeviceId, SessionRecord>)> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) async fn claim_session(&self, device: &DeviceId, hub: &str, transport: &str) -> Result<u64, StoreError> {
+        let mut sessions = self.sessions();
+        sessions.0 += 1;
+        let epoch = sessions.0;
+        let record =
+            SessionRecord { hub: hub.to_owned(), epoch, transport: transport.to_owned(), seen: Timestamp::now() };
+        sessions.1.insert(device.clone(), record);
+        Ok(epoch)
+    }
+
+    pub(super) async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
+        Ok(self.sessions().1.get(device).is_some_and(|s| s.hub == hub && s.epoch == epoch))
+    }
+
+    pub(super) async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.sessions().1.get(device).cloned())
+    }
+
+    pub(super) async fn touch_sessions(&self, hub: &str, seen: &[(DeviceId, Timestamp)]) -> Result<(), StoreError> {
+        let mut sessions = self.sessions();
+        for (device, at) in seen {
+            if let Some(s) = sessions.1.get_mut(device).filter(|s| s.hub == hub) {
+                s.seen = s.seen.max(*at);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn notify(&self, _device: &DeviceId, _from: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    pub(super) async fn pending_devices(
+        &self,
+        _devices: &[DeviceId],
+        _since: Timestamp,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        // One hub: every change wakes its session in the process.
+        Ok(Vec::new())
     }
 
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
