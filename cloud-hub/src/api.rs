@@ -1,14 +1,20 @@
 //! JSON shapes of the HTTP API (`/api/v1`), shared by the server and by
-//! `outpostctl`.
+//! `outpostctl`: views made for API clients, never store records. Times are
+//! RFC 3339 strings (some views add the same time in milliseconds as
+//! `*_ms`); states and kinds are snake_case strings, with the fields of a
+//! state beside it. `GET /api/v1/openapi.json` describes them
+//! ([`crate::http::ApiDoc`]).
 
-use crate::store::{AlarmRecord, DesiredRecord, DeviceRecord, ReportedState};
+use crate::store::{AlarmRecord, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, ReportedState};
 use outpost_shared::job::{Action, JobRun, JobSource, JobSpec, RunOutcome, Schedule, Trigger};
+use outpost_shared::protocol::{AlarmKind, Outcome, RecordBody};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// One device as `GET /api/v1/devices` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeviceView {
     /// Device id.
     pub id: String,
@@ -37,17 +43,19 @@ pub struct DeviceView {
     /// Memory in use from the latest sample.
     pub mem_percent: Option<f32>,
     /// The latest telemetry sample.
+    #[schema(value_type = Option<SampleSchema>)]
     pub telemetry: Option<Sample>,
     /// The newest alarms, newest first.
     #[serde(default)]
-    pub alarms: Vec<AlarmRecord>,
+    pub alarms: Vec<AlarmView>,
     /// Highest record sequence number stored for this device.
     #[serde(default)]
     pub last_seq: u64,
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     /// Earliest sample time (RFC 3339 or ms since the epoch), inclusive.
     pub since: Option<String>,
@@ -58,14 +66,15 @@ pub struct MetricsQuery {
 }
 
 /// Query of list endpoints that only page by count.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LimitQuery {
     /// Most items returned.
     pub limit: Option<usize>,
 }
 
 /// One stored sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SampleView {
     /// The record's sequence number on the device.
     pub seq: u64,
@@ -74,6 +83,7 @@ pub struct SampleView {
     /// Sample time, ms since the epoch.
     pub at_ms: u64,
     /// The sample.
+    #[schema(value_type = SampleSchema)]
     pub sample: Sample,
 }
 
@@ -85,7 +95,7 @@ impl SampleView {
 }
 
 /// Answer of `GET /api/v1/devices/{id}/metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MetricsView {
     /// The device.
     pub device: String,
@@ -94,7 +104,7 @@ pub struct MetricsView {
 }
 
 /// Body of `PUT /api/v1/devices/{id}/desired`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DesiredPut {
     /// The version the change is based on (0 if none was set).
     pub version: u64,
@@ -103,7 +113,7 @@ pub struct DesiredPut {
 }
 
 /// Desired and reported state side by side.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DesiredView {
     /// Desired version (0 if never set).
     pub version: u64,
@@ -136,7 +146,7 @@ impl DesiredView {
 }
 
 /// Body of `POST /api/v1/devices/{id}/commands`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CommandRequest {
     /// `echo`, `exec` or `run_job` (one argument: the job's name).
     pub kind: String,
@@ -176,22 +186,267 @@ impl DeviceView {
             cpu_percent: record.last_sample.as_ref().map(|s| s.cpu_percent),
             mem_percent: record.last_sample.as_ref().map(Sample::mem_percent),
             telemetry: record.last_sample,
-            alarms,
+            alarms: alarms.into_iter().map(AlarmView::from).collect(),
             last_seq,
         }
     }
 }
 
 /// Error body of every failed API call.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     /// What went wrong.
     pub error: String,
 }
 
+/// A command, as `POST`/`GET .../commands` and `GET /commands/{id}` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CommandView {
+    /// Fleet-unique id.
+    pub id: u64,
+    /// The device.
+    pub device: String,
+    /// `echo`, `exec`, `run_job` or `backup`.
+    pub kind: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// When it was queued (RFC 3339).
+    pub created_at: String,
+    /// Not started after this (RFC 3339).
+    pub expires_at: String,
+    /// The API token that queued it.
+    pub created_by: String,
+    /// Where it stands: `state` and that state's fields.
+    #[serde(flatten)]
+    pub state: CommandStateView,
+}
+
+/// Where a command stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CommandStateView {
+    /// Waiting for the device.
+    Queued,
+    /// The device holds it durably.
+    Delivered {
+        /// When it confirmed (RFC 3339).
+        delivered_at: String,
+    },
+    /// The device reported how it ended.
+    Completed {
+        /// When the result arrived (RFC 3339).
+        completed_at: String,
+        /// How it ended.
+        outcome: OutcomeView,
+        /// Exit status, for `failed`.
+        exit_code: Option<i32>,
+        /// Captured output (capped by the device).
+        output: String,
+    },
+    /// Its expiry passed before delivery; it never runs.
+    Expired {
+        /// When the hub found it expired (RFC 3339).
+        expired_at: String,
+    },
+}
+
+impl CommandStateView {
+    /// True once it can change no more.
+    pub fn is_final(&self) -> bool {
+        matches!(self, CommandStateView::Completed { .. } | CommandStateView::Expired { .. })
+    }
+}
+
+/// How a command ended on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeView {
+    /// It ran and succeeded.
+    Succeeded,
+    /// It ran and failed (see `exit_code`).
+    Failed,
+    /// Its expiry passed before it could start.
+    Expired,
+    /// The agent stopped while it ran; it is not run again.
+    Interrupted,
+    /// The device does not run this kind of command (or may not).
+    Rejected,
+}
+
+fn outcome_view(outcome: &Outcome) -> (OutcomeView, Option<i32>) {
+    match outcome {
+        Outcome::Succeeded => (OutcomeView::Succeeded, None),
+        Outcome::Failed { code } => (OutcomeView::Failed, Some(*code)),
+        Outcome::Expired => (OutcomeView::Expired, None),
+        Outcome::Interrupted => (OutcomeView::Interrupted, None),
+        Outcome::Rejected => (OutcomeView::Rejected, None),
+    }
+}
+
+impl From<CommandRecord> for CommandView {
+    fn from(c: CommandRecord) -> Self {
+        let state = match c.state {
+            CommandState::Queued => CommandStateView::Queued,
+            CommandState::Delivered { at } => CommandStateView::Delivered { delivered_at: rfc3339(at) },
+            CommandState::Completed { at, outcome, output } => {
+                let (outcome, exit_code) = outcome_view(&outcome);
+                CommandStateView::Completed { completed_at: rfc3339(at), outcome, exit_code, output }
+            }
+            CommandState::Expired { at } => CommandStateView::Expired { expired_at: rfc3339(at) },
+        };
+        CommandView {
+            id: c.id,
+            device: c.device.to_string(),
+            kind: c.kind,
+            args: c.args,
+            created_at: rfc3339(c.created_at),
+            expires_at: rfc3339(c.expires_at),
+            created_by: c.created_by,
+            state,
+        }
+    }
+}
+
+/// An alarm a device raised or cleared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AlarmView {
+    /// The record's sequence number on the device.
+    pub seq: u64,
+    /// When (device clock, RFC 3339).
+    pub at: String,
+    /// `outbox_full`, `telemetry_thinned` or `store_reset`.
+    pub alarm: String,
+    /// True when raised, false when cleared.
+    pub raised: bool,
+    /// Explanation.
+    pub message: String,
+}
+
+fn alarm_kind(kind: AlarmKind) -> &'static str {
+    match kind {
+        AlarmKind::OutboxFull => "outbox_full",
+        AlarmKind::TelemetryThinned => "telemetry_thinned",
+        AlarmKind::StoreReset => "store_reset",
+    }
+}
+
+impl From<AlarmRecord> for AlarmView {
+    fn from(a: AlarmRecord) -> Self {
+        AlarmView {
+            seq: a.seq,
+            at: rfc3339(a.at),
+            alarm: alarm_kind(a.alarm.kind).into(),
+            raised: a.alarm.raised,
+            message: a.alarm.message,
+        }
+    }
+}
+
+/// One entry of a device's event log (`GET .../events`, newest first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    /// The record's sequence number on the device.
+    pub seq: u64,
+    /// When the device made it (RFC 3339).
+    pub at: String,
+    /// `kind` and its fields.
+    #[serde(flatten)]
+    pub event: EventKindView,
+}
+
+/// What an event says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKindView {
+    /// A command ended.
+    CommandResult {
+        /// The command's id.
+        command: u64,
+        /// How it ended.
+        outcome: OutcomeView,
+        /// Exit status, for `failed`.
+        exit_code: Option<i32>,
+        /// Captured output.
+        output: String,
+    },
+    /// The device reported the desired-state version in force.
+    StateReport {
+        /// Version in force.
+        applied_version: u64,
+        /// Why the latest was refused, if it was.
+        error: Option<String>,
+    },
+    /// An alarm raised or cleared.
+    Alarm {
+        /// `outbox_full`, `telemetry_thinned` or `store_reset`.
+        alarm: String,
+        /// True when raised.
+        raised: bool,
+        /// Explanation.
+        message: String,
+    },
+    /// A record kind this hub version does not show in the log.
+    Other {
+        /// Its kind.
+        record: String,
+    },
+}
+
+impl From<EventRecord> for EventView {
+    fn from(e: EventRecord) -> Self {
+        let event = match e.body {
+            RecordBody::CommandResult(r) => {
+                let (outcome, exit_code) = outcome_view(&r.outcome);
+                EventKindView::CommandResult { command: r.id, outcome, exit_code, output: r.output }
+            }
+            RecordBody::StateReport(r) => {
+                EventKindView::StateReport { applied_version: r.applied_version, error: r.error }
+            }
+            RecordBody::Alarm(a) => {
+                EventKindView::Alarm { alarm: alarm_kind(a.kind).into(), raised: a.raised, message: a.message }
+            }
+            RecordBody::Telemetry(_) => EventKindView::Other { record: "telemetry".into() },
+            RecordBody::JobRun(_) => EventKindView::Other { record: "job_run".into() },
+            RecordBody::JobsReport(_) => EventKindView::Other { record: "jobs_report".into() },
+            RecordBody::PeersReport(_) => EventKindView::Other { record: "peers_report".into() },
+        };
+        EventView { seq: e.seq, at: rfc3339(e.at), event }
+    }
+}
+
+/// The schema of a telemetry sample (the agent's measurement as stored;
+/// its `at` is the device clock in milliseconds since the epoch, given as
+/// RFC 3339 beside it where a view carries a sample).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SampleSchema {
+    /// Device clock, ms since the epoch.
+    pub at: u64,
+    /// CPU busy share, 0–100.
+    pub cpu_percent: f32,
+    /// Memory in use, bytes.
+    pub mem_used_bytes: u64,
+    /// Installed memory, bytes.
+    pub mem_total_bytes: u64,
+    /// Swap in use, bytes.
+    pub swap_used_bytes: u64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: Vec<f32>,
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+    /// Mounted file systems: mount, total and available bytes.
+    #[schema(value_type = Vec<Object>)]
+    pub disks: Vec<serde_json::Value>,
+    /// Network interfaces with counters since boot.
+    #[schema(value_type = Vec<Object>)]
+    pub net: Vec<serde_json::Value>,
+    /// Temperature sensors.
+    #[schema(value_type = Vec<Object>)]
+    pub temperatures: Vec<serde_json::Value>,
+}
+
 /// `GET /api/v1/devices/{id}/backups`: the device's uploaded snapshots and
 /// what its chunks take at the hub.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BackupsView {
     /// Device id.
     pub device: String,
@@ -205,7 +460,7 @@ pub struct BackupsView {
 
 /// `POST /api/v1/devices/{id}/backups/grants`: let another device (a
 /// replacement) fetch this device's backups.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GrantRequest {
     /// The device that may read.
     pub to: String,
@@ -215,7 +470,7 @@ pub struct GrantRequest {
 }
 
 /// `DELETE /api/v1/devices/{id}/backups`: what was removed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BackupsDeleted {
     /// Device id.
     pub device: String,
@@ -228,7 +483,7 @@ pub struct BackupsDeleted {
 }
 
 /// A restore grant as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GrantView {
     /// Whose backups.
     pub owner: String,
@@ -242,18 +497,62 @@ pub struct GrantView {
 
 /// `GET /api/v1/devices/{id}/peers`: the device's LAN neighbours as it
 /// last reported them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PeersView {
     /// Device id.
     pub device: String,
     /// When the device reported this table (none: never reported).
     pub reported_at: Option<String>,
     /// The peers.
-    pub peers: Vec<outpost_shared::peers::PeerEntry>,
+    pub peers: Vec<PeerView>,
+}
+
+/// One LAN peer in a device's table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PeerView {
+    /// The peer's device id (as it announced it).
+    pub id: String,
+    /// Addresses it announced.
+    pub addresses: Vec<String>,
+    /// First heard of (RFC 3339).
+    pub first_seen: String,
+    /// Last heard of (RFC 3339).
+    pub last_seen: String,
+    /// It announced a working uplink.
+    pub uplink: bool,
+    /// `unverified`, `trusted`, `foreign`, `untrusted` or `gone`.
+    pub state: String,
+    /// Why it is untrusted.
+    pub state_reason: Option<String>,
+    /// Round trip of the last exchange.
+    pub rtt_ms: Option<u32>,
+}
+
+impl From<outpost_shared::peers::PeerEntry> for PeerView {
+    fn from(p: outpost_shared::peers::PeerEntry) -> Self {
+        use outpost_shared::peers::PeerState;
+        let (state, state_reason) = match p.state {
+            PeerState::Unverified => ("unverified", None),
+            PeerState::Trusted => ("trusted", None),
+            PeerState::Foreign => ("foreign", None),
+            PeerState::Untrusted { reason } => ("untrusted", Some(reason)),
+            PeerState::Gone => ("gone", None),
+        };
+        PeerView {
+            id: p.id,
+            addresses: p.addresses,
+            first_seen: rfc3339(p.first_seen),
+            last_seen: rfc3339(p.last_seen),
+            uplink: p.uplink,
+            state: state.into(),
+            state_reason,
+            rtt_ms: p.rtt_ms,
+        }
+    }
 }
 
 /// `GET /api/v1/devices/{id}/jobs`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobsView {
     /// Device id.
     pub device: String,
@@ -264,7 +563,7 @@ pub struct JobsView {
 }
 
 /// One job in force on a device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobView {
     /// Name.
     pub name: String,
@@ -325,7 +624,7 @@ impl JobView {
 }
 
 /// One attempt of a job run, as `GET .../jobs/{name}/runs` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobRunView {
     /// Run id (all attempts of a run share it).
     pub run_id: u64,

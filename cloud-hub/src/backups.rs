@@ -110,7 +110,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// What a verify of a device's chunks at the hub found.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     /// Chunks checked.
     pub chunks: u64,
@@ -130,7 +130,7 @@ pub struct Usage {
 }
 
 /// What a prune of a device's backups at the hub did (or, dry, would do).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct PruneReport {
     /// Snapshots removed (or to remove), by name.
     pub snapshots_removed: Vec<String>,
@@ -574,7 +574,7 @@ fn check(file: &[u8]) -> Result<(), &'static str> {
 }
 
 /// The summary of a catalog entry as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SnapshotView {
     /// Name.
     pub name: String,

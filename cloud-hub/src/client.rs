@@ -2,7 +2,7 @@
 //! `outpostctl` and the demo print.
 
 use crate::api::{ApiError, CommandRequest, DesiredPut, DesiredView, DeviceView, JobRunView, JobsView, MetricsView};
-use crate::store::CommandRecord;
+use crate::api::{CommandView, EventView, PeerView};
 use std::time::Duration;
 
 /// Errors talking to the API.
@@ -15,6 +15,14 @@ pub enum ClientError {
         url: String,
         /// The cause.
         source: Box<ureq::Error>,
+    },
+    /// The hub's answer does not have the expected shape.
+    #[error("{url}: unexpected answer: {message}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// What did not fit.
+        message: String,
     },
     /// The hub answered with an error status.
     #[error("{url}: HTTP {status}: {message}")]
@@ -53,6 +61,34 @@ impl Client {
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
+        let (status, value) = self.raw(method, path, body)?;
+        if !(200..300).contains(&status) {
+            let message =
+                serde_json::from_value::<ApiError>(value).map(|e| e.error).unwrap_or_else(|_| "no explanation".into());
+            return Err(ClientError::Status { url, status, message });
+        }
+        serde_json::from_value(value).map_err(|e| ClientError::Decode { url, message: e.to_string() })
+    }
+
+    /// `GET /healthz` or `/readyz` (`check`): the status and the hub's text.
+    pub fn health(&self, check: &str) -> Result<(u16, String), ClientError> {
+        let url = format!("{}/{check}", self.base);
+        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
+        let mut response = self.agent.get(&url).call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().map_err(transport)?;
+        Ok((status, text))
+    }
+
+    /// Any call, answered as its status and JSON body (`null` if the body
+    /// is not JSON): for scripts and the API's own tests.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), ClientError> {
+        let url = format!("{}{path}", self.base);
         let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
@@ -69,25 +105,8 @@ impl Client {
         };
         let mut response = result.map_err(transport)?;
         let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            let message = response
-                .body_mut()
-                .read_json::<ApiError>()
-                .map(|e| e.error)
-                .unwrap_or_else(|_| "no explanation".into());
-            return Err(ClientError::Status { url, status, message });
-        }
-        response.body_mut().with_config().limit(256 << 20).read_json().map_err(transport)
-    }
-
-    /// `GET /healthz` or `/readyz` (`check`): the status and the hub's text.
-    pub fn health(&self, check: &str) -> Result<(u16, String), ClientError> {
-        let url = format!("{}/{check}", self.base);
-        let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
-        let mut response = self.agent.get(&url).call().map_err(transport)?;
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().map_err(transport)?;
-        Ok((status, text))
+        let text = response.body_mut().with_config().limit(256 << 20).read_to_string().map_err(transport)?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)))
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -116,7 +135,7 @@ impl Client {
     }
 
     /// `GET /api/v1/devices/{id}/events`
-    pub fn events(&self, id: &str, limit: usize) -> Result<Vec<crate::store::EventRecord>, ClientError> {
+    pub fn events(&self, id: &str, limit: usize) -> Result<Vec<EventView>, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/events?limit={limit}"))
     }
 
@@ -187,18 +206,18 @@ impl Client {
     }
 
     /// `POST /api/v1/devices/{id}/commands`
-    pub fn send_command(&self, id: &str, request: &CommandRequest) -> Result<CommandRecord, ClientError> {
+    pub fn send_command(&self, id: &str, request: &CommandRequest) -> Result<CommandView, ClientError> {
         let body = serde_json::to_value(request).unwrap_or_default();
         self.call("POST", &format!("/api/v1/devices/{id}/commands"), Some(body))
     }
 
     /// `GET /api/v1/devices/{id}/commands`
-    pub fn commands(&self, id: &str) -> Result<Vec<CommandRecord>, ClientError> {
+    pub fn commands(&self, id: &str) -> Result<Vec<CommandView>, ClientError> {
         self.get(&format!("/api/v1/devices/{id}/commands"))
     }
 
     /// `GET /api/v1/commands/{id}`
-    pub fn command(&self, id: u64) -> Result<CommandRecord, ClientError> {
+    pub fn command(&self, id: u64) -> Result<CommandView, ClientError> {
         self.get(&format!("/api/v1/commands/{id}"))
     }
 
@@ -231,6 +250,28 @@ pub fn render_table(devices: &[DeviceView]) -> String {
         })
         .collect();
     outpost_shared::table::render(&["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"], &rows)
+}
+
+/// A device's LAN peer table as text.
+pub fn render_peers(peers: &[PeerView]) -> String {
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            let state = match &p.state_reason {
+                Some(reason) => format!("{}: {reason}", p.state),
+                None => p.state.clone(),
+            };
+            vec![
+                p.id.clone(),
+                state,
+                if p.uplink { "up" } else { "down" }.to_owned(),
+                p.addresses.join(" "),
+                p.rtt_ms.map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+                p.last_seen.clone(),
+            ]
+        })
+        .collect();
+    outpost_shared::table::render(&["ID", "STATE", "UPLINK", "ADDRESSES", "RTT", "LAST SEEN"], &rows)
 }
 
 /// The `outpostctl jobs` table.

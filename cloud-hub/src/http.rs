@@ -4,7 +4,8 @@
 //! A bearer token is looked up by its SHA-256; the secret itself is never
 //! stored. Missing or wrong tokens get 401 with a JSON body.
 
-use crate::api::ApiError;
+use crate::api::DeviceView;
+use crate::api::{ApiError, CommandView, EventView};
 use crate::api::{BackupsDeleted, BackupsView, GrantRequest, GrantView};
 use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
@@ -129,12 +130,14 @@ impl FromRequest for Caller {
 /// `/healthz`: the process serves, and its store's state as last seen: 200
 /// `ok`, or 503 naming the store's fault (a full disk, the database gone),
 /// so monitoring and systemd see a hub that cannot store.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "200 ok, or 503 naming the store's fault", body = String, content_type = "text/plain"), (status = 503, body = String, content_type = "text/plain")))]
 async fn healthz(fleet: web::Data<Fleet>) -> HttpResponse {
     health_response(fleet.store().health())
 }
 
 /// `/readyz`: whether the hub can make a write durable now (a small write
 /// and its sync, or a database round trip); 503 while it cannot.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, description = "200 when a write can be made durable now, else 503", body = String, content_type = "text/plain"), (status = 503, body = String, content_type = "text/plain")))]
 async fn readyz(fleet: web::Data<Fleet>) -> HttpResponse {
     health_response(fleet.store().probe().await)
 }
@@ -148,6 +151,7 @@ fn health_response(health: crate::store::Health) -> HttpResponse {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", responses((status = 200, body = [DeviceView]), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn list_devices(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     Ok(HttpResponse::Ok().json(fleet.devices().await?))
@@ -161,6 +165,7 @@ async fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
     Ok(id)
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_device(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -182,6 +187,7 @@ fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "devices", params(("id" = String, Path, description = "device id"), MetricsQuery), responses((status = 200, body = MetricsView), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_metrics(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -198,6 +204,7 @@ async fn get_metrics(
     Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples }))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", params(("id" = String, Path, description = "device id"), LimitQuery), responses((status = 200, description = "newest first", body = [EventView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_events(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -207,9 +214,11 @@ async fn get_events(
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
     let limit = query.limit.unwrap_or(1000).min(1_000_000);
-    Ok(HttpResponse::Ok().json(fleet.store().events(&id, limit).await?))
+    let events: Vec<EventView> = fleet.store().events(&id, limit).await?.into_iter().map(EventView::from).collect();
+    Ok(HttpResponse::Ok().json(events))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs", tag = "jobs", params(("id" = String, Path, description = "device id")), responses((status = 200, body = JobsView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<String>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
@@ -224,6 +233,7 @@ async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<Strin
     Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/peers", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = PeersView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_peers(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -233,6 +243,7 @@ async fn get_peers(
     let id = known_device(&fleet, &path).await?;
     let record = fleet.store().peers(&id).await?;
     let (reported_at, peers) = record.map_or((None, Vec::new()), |r| (Some(r.at.rfc3339()), r.peers));
+    let peers = peers.into_iter().map(crate::api::PeerView::from).collect();
     Ok(HttpResponse::Ok().json(PeersView { device: id.to_string(), reported_at, peers }))
 }
 
@@ -260,6 +271,7 @@ async fn on_backups<T: Send + 'static>(
         .map_err(Into::into)
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -276,6 +288,7 @@ async fn get_backups(
     }))
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/verify", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = crate::backups::VerifyReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn verify_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -288,6 +301,7 @@ async fn verify_backups(
     Ok(HttpResponse::Ok().json(report))
 }
 
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsDeleted), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn delete_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -306,14 +320,17 @@ async fn delete_backups(
 }
 
 /// `?dry_run=true` reports what a prune would remove.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PruneQuery {
+    /// Only report what would be removed.
     #[serde(default)]
     dry_run: bool,
 }
 
 /// `POST /devices/{id}/backups/prune`: applies the hub's retention now
 /// (operator for a dry run, admin to delete).
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/prune", tag = "backups", params(("id" = String, Path, description = "device id"), PruneQuery), responses((status = 200, body = crate::backups::PruneReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn prune_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -335,6 +352,7 @@ async fn prune_backups(
     Ok(HttpResponse::Ok().json(report))
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/grants", tag = "backups", params(("id" = String, Path, description = "device id")), request_body = GrantRequest, responses((status = 201, body = GrantView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn grant_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -361,6 +379,7 @@ async fn grant_backups(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs/{name}/runs", tag = "jobs", params(("id" = String, Path, description = "device id"), ("name" = String, Path, description = "job name"), LimitQuery), responses((status = 200, description = "newest first", body = [JobRunView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_job_runs(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -376,6 +395,7 @@ async fn get_job_runs(
     Ok(HttpResponse::Ok().json(runs))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DesiredView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -387,6 +407,7 @@ async fn get_desired(
     Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id).await?, store.reported(&id).await?)))
 }
 
+#[utoipa::path(put, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body = DesiredPut, responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 409, description = "changed since the version given", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn put_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -409,6 +430,7 @@ async fn put_desired(
 /// current document (`null` removes a key), validated like `PUT`, stored as
 /// the next version. Retried on a concurrent change, so a patch never
 /// undoes another caller's change to keys it does not name.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn patch_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -452,6 +474,7 @@ pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 /// Command kinds devices understand.
 const COMMAND_KINDS: &[&str] = &["echo", "exec", "run_job", "backup"];
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), request_body = CommandRequest, responses((status = 201, body = CommandView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn post_command(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -495,9 +518,10 @@ async fn post_command(
         .await?;
     tracing::info!(device = %id, command = record.id, kind = %record.kind, by = %caller.token.name, "Command queued.");
     fleet.changed(&id).await;
-    Ok(HttpResponse::Created().json(record))
+    Ok(HttpResponse::Created().json(CommandView::from(record)))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "oldest first", body = [CommandView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn list_commands(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -505,14 +529,49 @@ async fn list_commands(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
-    Ok(HttpResponse::Ok().json(fleet.store().device_commands(&id).await?))
+    let commands: Vec<CommandView> =
+        fleet.store().device_commands(&id).await?.into_iter().map(CommandView::from).collect();
+    Ok(HttpResponse::Ok().json(commands))
 }
 
+#[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "commands", params(("id" = u64, Path, description = "command id")), responses((status = 200, body = CommandView), (status = 404, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u64>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = path.into_inner();
     let record = fleet.store().command(id).await?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
-    Ok(HttpResponse::Ok().json(record))
+    Ok(HttpResponse::Ok().json(CommandView::from(record)))
+}
+
+/// The API's OpenAPI document, generated from the handlers and views.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`."),
+    paths(
+        healthz, readyz, list_devices, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
+        get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
+        patch_desired, list_commands, post_command, get_command
+    ),
+    components(schemas(crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// `GET /api/v1/openapi.json` (open: it holds no fleet data).
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// Registers the routes on an actix-web app.
@@ -521,6 +580,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(web::Data::from(fleet))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .route("/api/v1/openapi.json", web::get().to(openapi))
             .service(
                 web::scope("/api/v1")
                     .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(|err, _| {

@@ -71,6 +71,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HubError {
 
 /// Initialises a data dir: fleet CA, enrollment key, sled store, and a
 /// first admin API token, which is returned (and stored only as a hash).
+/// Blocks: call it outside any async runtime ([`init_with`] inside one).
 pub fn init(data_dir: &Path) -> Result<String, HubError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("start a runtime"))?;
     runtime.block_on(init_with(data_dir, &StoreConfig::Sled))

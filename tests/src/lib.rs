@@ -327,8 +327,8 @@ impl Hub {
         &self,
         id: u64,
         what: &str,
-        done: impl Fn(&outpost_hub::store::CommandState) -> bool,
-    ) -> outpost_hub::store::CommandRecord {
+        done: impl Fn(&outpost_hub::api::CommandStateView) -> bool,
+    ) -> outpost_hub::api::CommandView {
         wait_for(Duration::from_secs(20), what, || self.client().command(id).ok().filter(|c| done(&c.state)))
             .unwrap_or_else(|e| panic!("{e}"))
     }

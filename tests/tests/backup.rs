@@ -340,8 +340,7 @@ fn snapshots_with_key(s: &Setup) -> usize {
 #[test]
 fn scheduled_backups_run_as_jobs_and_the_hub_can_list_and_restore() {
     use outpost_hub::api::CommandRequest;
-    use outpost_hub::store::CommandState;
-    use outpost_shared::protocol::Outcome;
+    use outpost_hub::api::{CommandStateView, OutcomeView};
     use outpost_tests::{Agent, Hub, Timings, wait_for};
     use std::time::Duration;
     let scratch = Scratch::new().unwrap();
@@ -373,22 +372,25 @@ fn scheduled_backups_run_as_jobs_and_the_hub_can_list_and_restore() {
             expires_in: None,
         };
         let cmd = client.send_command(&agent.id, &request).unwrap();
-        hub.wait_command(cmd.id, "the backup command's result", |s| matches!(s, CommandState::Completed { .. }))
+        hub.wait_command(cmd.id, "the backup command's result", |s| matches!(s, CommandStateView::Completed { .. }))
     };
     let listed = send(&["list"]);
     match &listed.state {
-        CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => {
+        CommandStateView::Completed { outcome: OutcomeView::Succeeded, output, .. } => {
             assert!(output.contains("field") && output.contains("SNAPSHOT"), "{output}");
         }
         other => panic!("list: {other:?}"),
     }
     let target = scratch.path().join("restored-by-hub");
     let restored = send(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert!(matches!(restored.state, CommandState::Completed { outcome: Outcome::Succeeded, .. }), "{restored:?}");
+    assert!(
+        matches!(restored.state, CommandStateView::Completed { outcome: OutcomeView::Succeeded, .. }),
+        "{restored:?}"
+    );
     let copy = target.join(src.strip_prefix("/").unwrap()).join("sub/readings.csv");
     assert_eq!(fs::read(copy).unwrap(), fs::read(src.join("sub/readings.csv")).unwrap());
     let refused = send(&["rm", "-rf", "/"]);
-    assert!(matches!(refused.state, CommandState::Completed { outcome: Outcome::Rejected, .. }), "{refused:?}");
+    assert!(matches!(refused.state, CommandStateView::Completed { outcome: OutcomeView::Rejected, .. }), "{refused:?}");
 }
 
 /// A tmpfs mounted for a test, unmounted on drop (also on failure).

@@ -5,9 +5,8 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::api::CommandRequest;
+use outpost_hub::api::{CommandStateView, OutcomeView};
 use outpost_hub::client::ClientError;
-use outpost_hub::store::CommandState;
-use outpost_shared::protocol::Outcome;
 use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for, wait_online};
 use std::time::Duration;
 
@@ -33,16 +32,16 @@ fn a_command_sent_offline_runs_exactly_once_even_if_the_agent_dies_on_receipt_an
     // Both queued while the device is offline.
     let once = client.send_command(&agent.id, &exec(format!("echo ran >> {}", ran.display()), "10m")).unwrap();
     let late = client.send_command(&agent.id, &exec(format!("echo ran >> {}", expired.display()), "1s")).unwrap();
-    assert_eq!(once.state, CommandState::Queued);
-    hub.wait_command(late.id, "the short-lived command to expire", |s| matches!(s, CommandState::Expired { .. }));
+    assert_eq!(once.state, CommandStateView::Queued);
+    hub.wait_command(late.id, "the short-lived command to expire", |s| matches!(s, CommandStateView::Expired { .. }));
 
     // The device comes back and is killed as soon as it confirmed receipt.
     agent.start().unwrap();
-    hub.wait_command(once.id, "delivery", |s| !matches!(s, CommandState::Queued));
+    hub.wait_command(once.id, "delivery", |s| !matches!(s, CommandStateView::Queued));
     agent.proc.as_mut().unwrap().kill();
     agent.start().unwrap();
 
-    let done = hub.wait_command(once.id, "the outcome", |s| matches!(s, CommandState::Completed { .. }));
+    let done = hub.wait_command(once.id, "the outcome", |s| matches!(s, CommandStateView::Completed { .. }));
     let lines = wait_for(Duration::from_secs(10), "the command's effect", || {
         std::fs::read_to_string(&ran).ok().filter(|t| !t.is_empty())
     })
@@ -51,19 +50,19 @@ fn a_command_sent_offline_runs_exactly_once_even_if_the_agent_dies_on_receipt_an
     let again = client
         .send_command(&agent.id, &CommandRequest { kind: "echo".into(), args: vec!["after".into()], expires_in: None });
     let again = again.unwrap();
-    let echoed = hub.wait_command(again.id, "a later command", |s| matches!(s, CommandState::Completed { .. }));
+    let echoed = hub.wait_command(again.id, "a later command", |s| matches!(s, CommandStateView::Completed { .. }));
     match echoed.state {
-        CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, "after"),
+        CommandStateView::Completed { outcome: OutcomeView::Succeeded, output, .. } => assert_eq!(output, "after"),
         other => panic!("echo: {other:?}"),
     }
     let lines = std::fs::read_to_string(&ran).unwrap_or(lines);
     assert_eq!(lines.lines().count(), 1, "the command ran {} times", lines.lines().count());
     match done.state {
-        CommandState::Completed { outcome: Outcome::Succeeded | Outcome::Interrupted, .. } => {}
+        CommandStateView::Completed { outcome: OutcomeView::Succeeded | OutcomeView::Interrupted, .. } => {}
         other => panic!("unexpected outcome {other:?}"),
     }
     assert!(!expired.exists(), "an expired command ran");
-    assert!(matches!(client.command(late.id).unwrap().state, CommandState::Expired { .. }));
+    assert!(matches!(client.command(late.id).unwrap().state, CommandStateView::Expired { .. }));
 }
 
 #[test]
@@ -75,8 +74,8 @@ fn exec_is_refused_unless_the_device_allows_it() {
     agent.start().unwrap();
     let marker = scratch.path().join("never.txt");
     let cmd = hub.client().send_command(&agent.id, &exec(format!("touch {}", marker.display()), "1m")).unwrap();
-    let done = hub.wait_command(cmd.id, "the refusal", |s| matches!(s, CommandState::Completed { .. }));
-    assert!(matches!(done.state, CommandState::Completed { outcome: Outcome::Rejected, .. }), "{done:?}");
+    let done = hub.wait_command(cmd.id, "the refusal", |s| matches!(s, CommandStateView::Completed { .. }));
+    assert!(matches!(done.state, CommandStateView::Completed { outcome: OutcomeView::Rejected, .. }), "{done:?}");
     assert!(!marker.exists());
     let bad =
         hub.client().send_command(&agent.id, &CommandRequest { kind: "reboot".into(), args: vec![], expires_in: None });
@@ -160,13 +159,15 @@ fn a_long_queue_of_commands_is_delivered_in_several_deliveries_each_run_once() {
     agent.start().unwrap();
     let done = wait_for(Duration::from_secs(30), "all 250 commands completed", || {
         let all = client.commands(&agent.id).ok()?;
-        let completed = all.iter().filter(|c| matches!(c.state, CommandState::Completed { .. })).count();
+        let completed = all.iter().filter(|c| matches!(c.state, CommandStateView::Completed { .. })).count();
         (completed == ids.len()).then_some(all)
     })
     .unwrap();
     for (i, cmd) in done.iter().enumerate() {
         match &cmd.state {
-            CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, &i.to_string()),
+            CommandStateView::Completed { outcome: OutcomeView::Succeeded, output, .. } => {
+                assert_eq!(output, &i.to_string())
+            }
             other => panic!("command {i}: {other:?}"),
         }
     }
@@ -174,7 +175,7 @@ fn a_long_queue_of_commands_is_delivered_in_several_deliveries_each_run_once() {
         .events(&agent.id, 10_000)
         .unwrap()
         .into_iter()
-        .filter(|e| matches!(e.body, outpost_shared::protocol::RecordBody::CommandResult(_)))
+        .filter(|e| matches!(e.event, outpost_hub::api::EventKindView::CommandResult { .. }))
         .count();
     assert_eq!(results, 250, "a command ran more than once");
 }

@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use outpost_hub::api::CommandRequest;
-use outpost_hub::store::CommandState;
-use outpost_shared::protocol::RecordBody;
+use outpost_hub::api::{CommandRequest, CommandStateView, EventKindView};
 use outpost_shared::token;
 use outpost_tests::{
     Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, bin, run, wait_all, wait_for, wait_online,
@@ -50,7 +48,7 @@ fn results_of(hub: &Hub, device: &str, command: u64) -> usize {
         .events(device, 1000)
         .unwrap()
         .iter()
-        .filter(|e| matches!(&e.body, RecordBody::CommandResult(r) if r.id == command))
+        .filter(|e| matches!(&e.event, EventKindView::CommandResult { command: c, .. } if *c == command))
         .count()
 }
 
@@ -90,13 +88,13 @@ fn two_hubs_on_one_database_serve_one_fleet() {
     for (hub, agent) in [(&a, &on_b), (&b, &on_a)] {
         let started = Instant::now();
         let command = echo(hub, &agent.id, "across");
-        hub.wait_command(command, "the command to be delivered", |s| !matches!(s, CommandState::Queued));
+        hub.wait_command(command, "the command to be delivered", |s| !matches!(s, CommandStateView::Queued));
         let delivered_in = started.elapsed();
         eprintln!("command delivered across hubs in {delivered_in:?}");
         assert!(delivered_in < Duration::from_secs(2), "delivery across hubs took {delivered_in:?}");
         let done =
-            hub.wait_command(command, "the command to complete", |s| matches!(s, CommandState::Completed { .. }));
-        assert!(matches!(done.state, CommandState::Completed { ref output, .. } if output.contains("across")));
+            hub.wait_command(command, "the command to complete", |s| matches!(s, CommandStateView::Completed { .. }));
+        assert!(matches!(done.state, CommandStateView::Completed { ref output, .. } if output.contains("across")));
         wait_for(Duration::from_secs(5), "the result in the event log", || {
             (results_of(hub, &agent.id, command) >= 1).then_some(())
         })

@@ -7,12 +7,10 @@
 
 use outpost_agent::identity::Identity;
 use outpost_hub::api::CommandRequest;
-use outpost_hub::store::CommandState;
+use outpost_hub::api::{CommandStateView, OutcomeView};
 use outpost_shared::DeviceId;
 use outpost_shared::mqtt::{UpKind, up_topic};
-use outpost_shared::protocol::{
-    Batch, Direction, Envelope, Hello, Message, Outcome, Record, RecordBody, Signed, StateReport,
-};
+use outpost_shared::protocol::{Batch, Direction, Envelope, Hello, Message, Record, RecordBody, Signed, StateReport};
 use outpost_shared::time::Timestamp;
 use outpost_tests::{
     Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, wait_all, wait_for, wait_online, wait_progress,
@@ -71,9 +69,9 @@ fn a_fleet_over_mqtt_works_as_over_quic() {
     let client = hub.client();
     let request = CommandRequest { kind: "echo".into(), args: vec!["over mqtt".into()], expires_in: None };
     let cmd = client.send_command(ids[0], &request).unwrap();
-    let done = hub.wait_command(cmd.id, "the echo's result", |s| matches!(s, CommandState::Completed { .. }));
+    let done = hub.wait_command(cmd.id, "the echo's result", |s| matches!(s, CommandStateView::Completed { .. }));
     match done.state {
-        CommandState::Completed { outcome: Outcome::Succeeded, output, .. } => assert_eq!(output, "over mqtt"),
+        CommandStateView::Completed { outcome: OutcomeView::Succeeded, output, .. } => assert_eq!(output, "over mqtt"),
         other => panic!("echo: {other:?}"),
     }
 
@@ -286,7 +284,7 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     assert_eq!(hub.device(&victim.id).unwrap().transport.as_deref(), Some("quic"));
     let request = CommandRequest { kind: "echo".into(), args: vec!["still quic".into()], expires_in: None };
     let cmd = hub.client().send_command(&victim.id, &request).unwrap();
-    let done = hub.wait_command(cmd.id, "the echo over QUIC", |s| matches!(s, CommandState::Completed { .. }));
-    assert!(matches!(done.state, CommandState::Completed { outcome: Outcome::Succeeded, .. }), "{done:?}");
+    let done = hub.wait_command(cmd.id, "the echo over QUIC", |s| matches!(s, CommandStateView::Completed { .. }));
+    assert!(matches!(done.state, CommandStateView::Completed { outcome: OutcomeView::Succeeded, .. }), "{done:?}");
     assert!(!victim.log_text().contains("replaced"), "the replay closed the device's QUIC session");
 }

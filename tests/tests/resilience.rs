@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use outpost_hub::api::CommandRequest;
-use outpost_hub::store::CommandState;
-use outpost_shared::protocol::{AlarmKind, Outcome, RecordBody};
+use outpost_hub::api::{CommandRequest, CommandStateView, EventKindView, OutcomeView};
 use outpost_tests::{Agent, Hub, Scratch, Timings, bin, run, wait_for, wait_online, wait_progress};
 use std::process::Command;
 use std::time::Duration;
@@ -51,10 +49,11 @@ fn a_store_that_starts_over_under_a_kept_identity_loses_no_record() {
     let client = hub.client();
     let echo = CommandRequest { kind: "echo".into(), args: vec!["still here".into()], expires_in: None };
     let sent = client.send_command(&agent.id, &echo).unwrap();
-    let done =
-        hub.wait_command(sent.id, "the command after the store reset", |s| matches!(s, CommandState::Completed { .. }));
+    let done = hub.wait_command(sent.id, "the command after the store reset", |s| {
+        matches!(s, CommandStateView::Completed { .. })
+    });
     assert!(
-        matches!(&done.state, CommandState::Completed { outcome: Outcome::Succeeded, output, .. } if output == "still here"),
+        matches!(&done.state, CommandStateView::Completed { outcome: OutcomeView::Succeeded, output, .. } if output == "still here"),
         "{:?}",
         done.state
     );
@@ -74,13 +73,13 @@ fn a_store_that_starts_over_under_a_kept_identity_loses_no_record() {
 
     // And the device said what happened.
     let alarm = wait_for(Duration::from_secs(10), "the StoreReset alarm", || {
-        client.events(&agent.id, 1000).ok()?.into_iter().find_map(|e| match e.body {
-            RecordBody::Alarm(a) if a.kind == AlarmKind::StoreReset => Some(a),
+        client.events(&agent.id, 1000).ok()?.into_iter().find_map(|e| match e.event {
+            EventKindView::Alarm { alarm, message, .. } if alarm == "store_reset" => Some(message),
             _ => None,
         })
     })
     .unwrap();
-    assert!(alarm.message.contains("none was dropped"), "{}", alarm.message);
+    assert!(alarm.contains("none was dropped"), "{alarm}");
 }
 
 #[test]

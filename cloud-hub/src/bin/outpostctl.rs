@@ -2,9 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use outpost_hub::api::CommandRequest;
+use outpost_hub::api::{CommandStateView, OutcomeView};
 use outpost_hub::client::{Client, render_jobs, render_table};
-use outpost_hub::store::CommandState;
-use outpost_shared::protocol::Outcome;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -255,7 +254,7 @@ fn main() -> ExitCode {
             send_and_wait(&client, &device, &request, wait)
         }
         Command::Peers { device, json: false } => {
-            client.peers(&device).map(|p| print!("{}", outpost_shared::peers::render(&p.peers)))
+            client.peers(&device).map(|p| print!("{}", outpost_hub::client::render_peers(&p.peers)))
         }
         Command::Peers { device, json: true } => client.peers(&device).map(|p| print_json(&p)),
         Command::Backups { command: BackupsCmd::List { device, json: false } } => {
@@ -367,7 +366,7 @@ fn send_and_wait(
     let deadline = std::time::Instant::now() + wait;
     loop {
         let now = client.command(record.id)?;
-        let settled = matches!(now.state, CommandState::Completed { .. } | CommandState::Expired { .. });
+        let settled = now.state.is_final();
         if settled || std::time::Instant::now() >= deadline {
             print_json(&now);
             return Ok(());
@@ -401,9 +400,9 @@ fn run_job(client: &Client, device: &str, job: &str, wait: std::time::Duration, 
     while std::time::Instant::now() < deadline {
         match client.command(command.id) {
             Ok(c) => match c.state {
-                CommandState::Completed { outcome: Outcome::Succeeded, .. } => {}
-                CommandState::Completed { output, .. } => return fail(&format!("the device refused: {output}")),
-                CommandState::Expired { .. } => return fail(&"the command expired before the device got it"),
+                CommandStateView::Completed { outcome: OutcomeView::Succeeded, .. } => {}
+                CommandStateView::Completed { output, .. } => return fail(&format!("the device refused: {output}")),
+                CommandStateView::Expired { .. } => return fail(&"the command expired before the device got it"),
                 _ => {
                     std::thread::sleep(std::time::Duration::from_millis(250));
                     continue;

@@ -65,7 +65,8 @@ fn main() -> ExitCode {
 
 async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
     let hub_dir = root.join("hub");
-    let admin_token = outpost_hub::init(&hub_dir).context("initialise the hub")?;
+    let admin_token =
+        outpost_hub::init_with(&hub_dir, &outpost_hub::store::StoreConfig::Sled).await.context("initialise the hub")?;
     let mut hub_config = HubConfig::ephemeral(hub_dir.clone());
     hub_config.heartbeat_timeout = Duration::from_secs(5);
     let hub = outpost_hub::start(&hub_config).await.context("start the hub")?;

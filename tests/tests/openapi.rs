@@ -1,0 +1,139 @@
+//! The API is what its OpenAPI document says: real answers of a running hub
+//! (success and error statuses) are checked against the schemas the hub
+//! serves at `/api/v1/openapi.json`, and the views speak plain JSON (RFC 3339
+//! times, snake_case states with their fields beside them).
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use outpost_hub::api::{CommandRequest, CommandStateView};
+use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for, wait_online};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Checks `body`, answered with `status` to `method` on `path`, against the
+/// document's schema for `template`; panics naming every mismatch.
+fn check(doc: &Value, method: &str, template: &str, status: u16, body: &Value) {
+    let errors = mismatches(doc, method, template, status, body);
+    assert!(errors.is_empty(), "{method} {template} {status}: {errors:#?}\nbody: {body:#}");
+}
+
+/// What in `body` the document's schema does not allow.
+fn mismatches(doc: &Value, method: &str, template: &str, status: u16, body: &Value) -> Vec<String> {
+    let operation = &doc["paths"][template][method.to_lowercase()];
+    assert!(operation.is_object(), "{method} {template} is not in the OpenAPI document");
+    let response = &operation["responses"][status.to_string()];
+    assert!(response.is_object(), "{method} {template} answered {status}, which the document does not list");
+    let schema = &response["content"]["application/json"]["schema"];
+    assert!(schema.is_object(), "{method} {template} {status} has no JSON schema");
+    let mut root = schema.clone();
+    root["components"] = doc["components"].clone();
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("schema of {template}: {e}"));
+    validator.iter_errors(body).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
+#[test]
+fn real_answers_match_the_openapi_document() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "spec", &timings).unwrap();
+    agent.start().unwrap();
+    let id = agent.id.clone();
+    wait_online(&hub, &[&id], true, Duration::from_secs(15)).unwrap();
+    let client = hub.client();
+
+    let (status, doc) = client.raw("GET", "/api/v1/openapi.json", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{}", doc["openapi"]);
+
+    // A command, answered at creation and once completed.
+    let request = json!({"kind": "echo", "args": ["spec"]});
+    let (status, created) = client.raw("POST", &format!("/api/v1/devices/{id}/commands"), Some(request)).unwrap();
+    check(&doc, "POST", "/api/v1/devices/{id}/commands", status, &created);
+    assert_eq!(created["state"], "queued", "{created:#}");
+    // The check can fail: a state the document does not know, a time that
+    // is a number.
+    let template = "/api/v1/devices/{id}/commands";
+    let mut wrong = created.clone();
+    wrong["state"] = json!("lost");
+    assert!(!mismatches(&doc, "POST", template, 201, &wrong).is_empty(), "an unknown state passed");
+    wrong = created.clone();
+    wrong["created_at"] = json!(1_796_048_472_054u64);
+    assert!(!mismatches(&doc, "POST", template, 201, &wrong).is_empty(), "a millisecond time passed");
+    let command = created["id"].as_u64().unwrap();
+    hub.wait_command(command, "the echo to complete", CommandStateView::is_final);
+    let (status, done) = client.raw("GET", &format!("/api/v1/commands/{command}"), None).unwrap();
+    check(&doc, "GET", "/api/v1/commands/{id}", status, &done);
+    assert_eq!((done["state"].as_str(), done["outcome"].as_str()), (Some("completed"), Some("succeeded")), "{done:#}");
+    for time in ["created_at", "expires_at", "completed_at"] {
+        let text = done[time].as_str().unwrap_or_default();
+        assert!(humantime::parse_rfc3339(text).is_ok(), "{time} is not RFC 3339: {done:#}");
+    }
+
+    // Desired state, then a stale write (409) and a refused document (422).
+    let (status, body) = client
+        .raw(
+            "PUT",
+            &format!("/api/v1/devices/{id}/desired"),
+            Some(json!({"version": 0, "doc": {"telemetry_interval": "2s"}})),
+        )
+        .unwrap();
+    check(&doc, "PUT", "/api/v1/devices/{id}/desired", status, &body);
+    let (status, body) =
+        client.raw("PUT", &format!("/api/v1/devices/{id}/desired"), Some(json!({"version": 0, "doc": {}}))).unwrap();
+    assert_eq!(status, 409);
+    check(&doc, "PUT", "/api/v1/devices/{id}/desired", status, &body);
+    let (status, body) =
+        client.raw("PATCH", &format!("/api/v1/devices/{id}/desired"), Some(json!({"colour": "blue"}))).unwrap();
+    assert_eq!(status, 422);
+    check(&doc, "PATCH", "/api/v1/devices/{id}/desired", status, &body);
+    wait_for(Duration::from_secs(10), "the device to report the desired state", || {
+        client.desired(&id).ok().filter(|d| d.in_sync && d.version == 1)
+    })
+    .unwrap();
+
+    wait_for(Duration::from_secs(10), "a telemetry sample", || {
+        client.metrics(&id, None, None, Some(1)).ok().filter(|m| !m.samples.is_empty())
+    })
+    .unwrap();
+
+    // Every read, as a viewer of the fleet sees it.
+    let reads = [
+        ("/api/v1/devices", "/api/v1/devices".to_owned()),
+        ("/api/v1/devices/{id}", format!("/api/v1/devices/{id}")),
+        ("/api/v1/devices/{id}/metrics", format!("/api/v1/devices/{id}/metrics?limit=5")),
+        ("/api/v1/devices/{id}/events", format!("/api/v1/devices/{id}/events")),
+        ("/api/v1/devices/{id}/jobs", format!("/api/v1/devices/{id}/jobs")),
+        ("/api/v1/devices/{id}/jobs/{name}/runs", format!("/api/v1/devices/{id}/jobs/none/runs")),
+        ("/api/v1/devices/{id}/peers", format!("/api/v1/devices/{id}/peers")),
+        ("/api/v1/devices/{id}/backups", format!("/api/v1/devices/{id}/backups")),
+        ("/api/v1/devices/{id}/desired", format!("/api/v1/devices/{id}/desired")),
+        ("/api/v1/devices/{id}/commands", format!("/api/v1/devices/{id}/commands")),
+    ];
+    for (template, path) in reads {
+        let (status, body) = client.raw("GET", &path, None).unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+        check(&doc, "GET", template, status, &body);
+    }
+    let (_, events) = client.raw("GET", &format!("/api/v1/devices/{id}/events"), None).unwrap();
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"command_result") && kinds.contains(&"state_report"), "{events:#}");
+    let (_, metrics) = client.raw("GET", &format!("/api/v1/devices/{id}/metrics?limit=1"), None).unwrap();
+    assert!(humantime::parse_rfc3339(metrics["samples"][0]["at"].as_str().unwrap()).is_ok(), "{metrics:#}");
+
+    // Errors have their documented shape: 404, 422, 401.
+    let (status, body) = client.raw("GET", "/api/v1/devices/dev-0000000000000000", None).unwrap();
+    assert_eq!(status, 404);
+    check(&doc, "GET", "/api/v1/devices/{id}", status, &body);
+    let bad = CommandRequest { kind: "reboot".into(), args: vec![], expires_in: None };
+    let (status, body) = client
+        .raw("POST", &format!("/api/v1/devices/{id}/commands"), Some(serde_json::to_value(bad).unwrap()))
+        .unwrap();
+    assert_eq!(status, 422);
+    check(&doc, "POST", "/api/v1/devices/{id}/commands", status, &body);
+    let stranger = outpost_hub::client::Client::new(&hub.api, "opa_wrong");
+    let (status, body) = stranger.raw("GET", "/api/v1/devices", None).unwrap();
+    assert_eq!(status, 401);
+    check(&doc, "GET", "/api/v1/devices", status, &body);
+}
