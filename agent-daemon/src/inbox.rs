@@ -18,7 +18,7 @@ use crate::process::{self, ProcessEnd, ProcessSpec};
 use crate::store::{AgentStore, Changes, InboxEntry, InboxState, StoreError};
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::job::{JobSpec, Trigger};
-use outpost_shared::protocol::{CommandResult, Deliver, Desired, Outcome, RecordBody, StateReport};
+use outpost_shared::protocol::{CommandKind, CommandResult, Deliver, Desired, Outcome, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -311,25 +311,29 @@ async fn run_one(
     entry.state = InboxState::Running;
     store.commit(Changes { inbox: vec![entry.clone()], ..Changes::default() }).await?;
     tracing::info!(command = command.id, kind = %command.kind, "Running command.");
-    let (outcome, output) = match command.kind.as_str() {
-        "echo" => (Outcome::Succeeded, command.args.join(" ")),
-        "exec" if config.allow_exec => exec(&command.args, config.timeout, config.max_output, cancel).await,
-        "backup" => match &config.backup_command {
+    let (outcome, output) = match CommandKind::parse(&command.kind) {
+        Some(CommandKind::Echo) => (Outcome::Succeeded, command.args.join(" ")),
+        Some(CommandKind::Exec) if config.allow_exec => {
+            exec(&command.args, config.timeout, config.max_output, cancel).await
+        }
+        Some(CommandKind::Backup) => match &config.backup_command {
             Some(prefix) => match crate::backup::hub_command(prefix, &command.args) {
                 Ok(argv) => exec(&argv, config.backup_timeout, config.max_output, cancel).await,
                 Err(e) => (Outcome::Rejected, e),
             },
             None => (Outcome::Rejected, "this agent runs without a config file; backups are unavailable".into()),
         },
-        "exec" => (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into()),
-        "run_job" => match command.args.as_slice() {
+        Some(CommandKind::Exec) => {
+            (Outcome::Rejected, "exec commands are disabled on this device (commands.allow_exec)".into())
+        }
+        Some(CommandKind::RunJob) => match command.args.as_slice() {
             [name] => match jobs.run_now(name, Trigger::Command { id: command.id }).await {
                 Ok(run_id) => (Outcome::Succeeded, format!("run {run_id} of job {name:?} started")),
                 Err(e) => (Outcome::Rejected, e.to_string()),
             },
             _ => (Outcome::Rejected, "run_job takes one argument: the job's name".into()),
         },
-        other => (Outcome::Rejected, format!("unknown command kind {other:?}")),
+        None => (Outcome::Rejected, format!("unknown command kind {:?}", command.kind)),
     };
     finish(store, entry, outcome, output).await
 }

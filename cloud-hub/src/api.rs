@@ -61,8 +61,10 @@ pub struct MetricsQuery {
     pub since: Option<String>,
     /// Latest sample time, exclusive.
     pub until: Option<String>,
-    /// Most samples returned (default 10 000).
+    /// Most samples in this page (default and maximum 10 000).
     pub limit: Option<usize>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
 }
 
 /// Query of list endpoints that only page by count.
@@ -101,6 +103,20 @@ pub struct MetricsView {
     pub device: String,
     /// Samples, oldest first.
     pub samples: Vec<SampleView>,
+    /// When there may be more: pass it as `after` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// The cursor after a sample: `<time ms>.<seq>`.
+pub fn metrics_cursor(sample: &SampleView) -> String {
+    format!("{}.{}", sample.at_ms, sample.seq)
+}
+
+/// Reads a cursor made by [`metrics_cursor`].
+pub fn parse_metrics_cursor(text: &str) -> Option<(u64, u64)> {
+    let (at, seq) = text.split_once('.')?;
+    Some((at.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Body of `PUT /api/v1/devices/{id}/desired`.

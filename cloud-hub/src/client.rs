@@ -121,6 +121,29 @@ impl Client {
         until: Option<&str>,
         limit: Option<usize>,
     ) -> Result<MetricsView, ClientError> {
+        let want = limit.unwrap_or(usize::MAX);
+        let mut all = MetricsView { device: id.to_owned(), samples: Vec::new(), next: None };
+        self.metrics_pages(id, since, until, |page| {
+            let room = want - all.samples.len();
+            let done = page.samples.len() >= room;
+            all.samples.extend(page.samples.into_iter().take(room));
+            all.next = page.next;
+            !done
+        })?;
+        Ok(all)
+    }
+
+    /// Reads a device's telemetry page by page (at most
+    /// [`crate::http::MAX_METRICS_PAGE`] samples each), handing each page to
+    /// `page` until it returns false or the history ends: memory stays one
+    /// page however long the history.
+    pub fn metrics_pages(
+        &self,
+        id: &str,
+        since: Option<&str>,
+        until: Option<&str>,
+        mut page: impl FnMut(MetricsView) -> bool,
+    ) -> Result<(), ClientError> {
         let mut query = Vec::new();
         if let Some(s) = since {
             query.push(format!("since={s}"));
@@ -128,10 +151,22 @@ impl Client {
         if let Some(u) = until {
             query.push(format!("until={u}"));
         }
-        if let Some(l) = limit {
-            query.push(format!("limit={l}"));
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = query.clone();
+            if let Some(cursor) = &after {
+                q.push(format!("after={cursor}"));
+            }
+            let view: MetricsView = self.get(&format!("/api/v1/devices/{id}/metrics?{}", q.join("&")))?;
+            let next = view.next.clone();
+            if !page(view) {
+                return Ok(());
+            }
+            match next {
+                Some(cursor) => after = Some(cursor),
+                None => return Ok(()),
+            }
         }
-        self.get(&format!("/api/v1/devices/{id}/metrics?{}", query.join("&")))
     }
 
     /// `GET /api/v1/devices/{id}/events`

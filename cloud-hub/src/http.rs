@@ -13,12 +13,12 @@ use crate::api::{
 };
 use crate::backups::{BackupStoreError, SnapshotView};
 use crate::fleet::Fleet;
-use crate::store::{ApiToken, NewCommand, Role, StoreError};
+use crate::service;
+use crate::store::{ApiToken, Role, StoreError, TelemetryRange};
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use outpost_shared::DeviceId;
-use outpost_shared::desired::DesiredDoc;
 use outpost_shared::time::Timestamp;
 use std::sync::Arc;
 
@@ -62,6 +62,17 @@ impl From<StoreError> for HttpError {
             StoreError::VersionConflict { current, .. } => HttpError::Conflict { current },
             StoreError::Unavailable(e) => HttpError::Unavailable(e),
             other => HttpError::Internal(other),
+        }
+    }
+}
+
+impl From<service::ServiceError> for HttpError {
+    fn from(e: service::ServiceError) -> Self {
+        match e {
+            service::ServiceError::NotFound(what) => HttpError::NotFound(what),
+            service::ServiceError::Invalid(why) => HttpError::Unprocessable(why),
+            service::ServiceError::Conflict { current } => HttpError::Conflict { current },
+            service::ServiceError::Store(e) => e.into(),
         }
     }
 }
@@ -159,10 +170,7 @@ async fn list_devices(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpRes
 
 /// Parses a device id from the path and checks the device exists.
 async fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
-    let not_found = || HttpError::NotFound(format!("device {raw:?}"));
-    let id: DeviceId = raw.parse().map_err(|_| not_found())?;
-    fleet.store().device(&id).await?.ok_or_else(not_found)?;
-    Ok(id)
+    Ok(service::device(fleet, raw).await?)
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
@@ -176,6 +184,10 @@ async fn get_device(
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
+
+/// Most samples in one page of `GET .../metrics`: an answer stays a few
+/// MiB however long the history; clients follow `next`.
+pub const MAX_METRICS_PAGE: usize = 10_000;
 
 /// Reads a time bound: milliseconds since the epoch, or RFC 3339.
 fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
@@ -198,10 +210,23 @@ async fn get_metrics(
     let id = known_device(&fleet, &path).await?;
     let since = query.since.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(0));
     let until = query.until.as_deref().map(time_bound).transpose()?.unwrap_or(Timestamp(u64::MAX));
-    let limit = query.limit.unwrap_or(10_000).min(1_000_000);
-    let samples = fleet.store().telemetry(&id, since, until, limit).await?;
-    let samples = samples.into_iter().map(|(seq, sample)| SampleView::new(seq, sample)).collect();
-    Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples }))
+    let limit = query.limit.unwrap_or(MAX_METRICS_PAGE).clamp(1, MAX_METRICS_PAGE);
+    let after = match query.after.as_deref() {
+        Some(text) => Some(crate::api::parse_metrics_cursor(text).ok_or_else(|| {
+            HttpError::Unprocessable(format!("after: {text:?} is not a cursor of this API (use a page's `next`)"))
+        })?),
+        None => None,
+    };
+    let range = TelemetryRange { since, until, after: after.map(|(at, seq)| (Timestamp(at), seq)), limit };
+    let samples: Vec<SampleView> = fleet
+        .store()
+        .telemetry(&id, &range)
+        .await?
+        .into_iter()
+        .map(|(seq, sample)| SampleView::new(seq, sample))
+        .collect();
+    let next = (samples.len() == limit).then(|| samples.last().map(crate::api::metrics_cursor)).flatten();
+    Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples, next }))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", params(("id" = String, Path, description = "device id"), LimitQuery), responses((status = 200, description = "newest first", body = [EventView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
@@ -362,21 +387,9 @@ async fn grant_backups(
     caller.require(Role::Operator)?;
     let owner = known_device(&fleet, &path).await?;
     let reader = known_device(&fleet, &body.to).await?;
-    let valid_for = match &body.valid_for {
-        Some(text) => {
-            humantime::parse_duration(text).map_err(|e| HttpError::Unprocessable(format!("valid_for {text:?}: {e}")))?
-        }
-        None => std::time::Duration::from_secs(24 * 3600),
-    };
-    let (by, r) = (caller.token.name.clone(), reader.clone());
-    let grant = on_backups(&fleet, &owner, move |b, owner| b.grant(&r, owner, valid_for, &by)).await?;
-    tracing::info!(%owner, %reader, by = %grant.by, expires_at = %grant.expires_at.rfc3339(), "Restore grant made.");
-    Ok(HttpResponse::Created().json(GrantView {
-        owner: owner.to_string(),
-        reader: reader.to_string(),
-        expires_at: grant.expires_at.rfc3339(),
-        by: grant.by,
-    }))
+    let valid_for = service::grant_length(body.valid_for.as_deref()).map_err(HttpError::Unprocessable)?;
+    let view = service::grant_backups(&fleet, &caller.token.name, &owner, &reader, valid_for).await?;
+    Ok(HttpResponse::Created().json(view))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/jobs/{name}/runs", tag = "jobs", params(("id" = String, Path, description = "device id"), ("name" = String, Path, description = "job name"), LimitQuery), responses((status = 200, description = "newest first", body = [JobRunView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
@@ -417,13 +430,7 @@ async fn put_desired(
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
     let DesiredPut { version, doc } = body.into_inner();
-    let text = doc.to_string();
-    DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
-    let record = fleet.store().put_desired(&id, version, text).await?;
-    tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state changed.");
-    fleet.changed(&id).await;
-    let store = fleet.store();
-    Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), store.reported(&id).await?)))
+    Ok(HttpResponse::Ok().json(service::set_desired(&fleet, &caller.token.name, &id, version, &doc).await?))
 }
 
 /// `PATCH /devices/{id}/desired`: a JSON merge patch (RFC 7396) on the
@@ -441,38 +448,8 @@ async fn patch_desired(
     let id = known_device(&fleet, &path).await?;
     let patch: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
-    if !patch.is_object() {
-        return Err(HttpError::Unprocessable("a merge patch of a desired state must be a JSON object".into()));
-    }
-    let mut attempts = 0;
-    loop {
-        let current = fleet.store().desired(&id).await?;
-        let (version, mut doc) = match &current {
-            Some(record) => {
-                (record.version, serde_json::from_str(&record.doc).unwrap_or_else(|_| serde_json::json!({})))
-            }
-            None => (0, serde_json::json!({})),
-        };
-        outpost_shared::desired::merge_patch(&mut doc, &patch);
-        let text = doc.to_string();
-        DesiredDoc::parse(&text).map_err(|e| HttpError::Unprocessable(format!("desired state refused: {e}")))?;
-        match fleet.store().put_desired(&id, version, text).await {
-            Ok(record) => {
-                tracing::info!(device = %id, version = record.version, by = %caller.token.name, "Desired state patched.");
-                fleet.changed(&id).await;
-                return Ok(HttpResponse::Ok().json(DesiredView::new(Some(record), fleet.store().reported(&id).await?)));
-            }
-            Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(HttpResponse::Ok().json(service::patch_desired(&fleet, &caller.token.name, &id, &patch).await?))
 }
-
-/// Largest command (kind and arguments) the API accepts.
-pub const MAX_COMMAND_BYTES: usize = 64 << 10;
-
-/// Command kinds devices understand.
-const COMMAND_KINDS: &[&str] = &["echo", "exec", "run_job", "backup"];
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), request_body = CommandRequest, responses((status = 201, body = CommandView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn post_command(
@@ -483,42 +460,8 @@ async fn post_command(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
-    let request = body.into_inner();
-    if !COMMAND_KINDS.contains(&request.kind.as_str()) {
-        return Err(HttpError::Unprocessable(format!(
-            "unknown command kind {:?}; known: {COMMAND_KINDS:?}",
-            request.kind
-        )));
-    }
-    if request.kind == "run_job" && request.args.len() != 1 {
-        return Err(HttpError::Unprocessable("run_job takes one argument: the job's name".into()));
-    }
-    let size = request.kind.len() + request.args.iter().map(String::len).sum::<usize>();
-    if size > MAX_COMMAND_BYTES {
-        return Err(HttpError::Unprocessable(format!("command of {size} bytes exceeds {MAX_COMMAND_BYTES} bytes")));
-    }
-    let ttl = match &request.expires_in {
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| HttpError::Unprocessable(format!("expires_in: invalid duration {text:?}: {e}")))?,
-        None => std::time::Duration::from_secs(3600),
-    };
-    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
-        return Err(HttpError::Unprocessable("expires_in must be between 1s and 30d".into()));
-    }
-    let expires_at = Timestamp(Timestamp::now().0.saturating_add(ttl.as_millis() as u64));
-    let record = fleet
-        .store()
-        .create_command(NewCommand {
-            device: id.clone(),
-            kind: request.kind,
-            args: request.args,
-            expires_at,
-            created_by: caller.token.name.clone(),
-        })
-        .await?;
-    tracing::info!(device = %id, command = record.id, kind = %record.kind, by = %caller.token.name, "Command queued.");
-    fleet.changed(&id).await;
-    Ok(HttpResponse::Created().json(CommandView::from(record)))
+    let view = service::send_command(&fleet, &caller.token.name, &id, body.into_inner()).await?;
+    Ok(HttpResponse::Created().json(view))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "oldest first", body = [CommandView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]

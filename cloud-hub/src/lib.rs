@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod http;
 pub mod mqtt;
 pub mod quic;
+pub mod service;
 pub mod session;
 pub mod store;
 

@@ -182,7 +182,7 @@ pub async fn received(store: &Store, id: &DeviceId, commands: Vec<u64>) {
 }
 
 /// Most commands per `Deliver`. A delivery also stops at half the frame
-/// limit; the API caps one command at [`crate::http::MAX_COMMAND_BYTES`] and
+/// limit; the API caps one command at [`crate::service::MAX_COMMAND_BYTES`] and
 /// frames are at least 256 KiB, so one command always fits.
 pub const MAX_COMMANDS_PER_DELIVERY: usize = 100;
 

@@ -387,6 +387,58 @@ pub struct Command {
     pub expires_at: Timestamp,
 }
 
+/// The kinds of command a device runs (the wire carries the name, so an
+/// older agent answers a newer kind with `Rejected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    /// Answers with its arguments joined: a round trip through the device.
+    Echo,
+    /// Runs a program (argv); only where `[commands] allow_exec` is on.
+    Exec,
+    /// Starts a configured job now; one argument, the job's name.
+    RunJob,
+    /// A backup subcommand (`run SET`, `list`, `restore ...`).
+    Backup,
+}
+
+impl CommandKind {
+    /// Every kind, in the order the API lists them.
+    pub const ALL: [CommandKind; 4] = [CommandKind::Echo, CommandKind::Exec, CommandKind::RunJob, CommandKind::Backup];
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Its name on the wire and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Echo => "echo",
+            CommandKind::Exec => "exec",
+            CommandKind::RunJob => "run_job",
+            CommandKind::Backup => "backup",
+        }
+    }
+
+    /// Checks the arguments' shape (what the hub can know before the
+    /// device sees them).
+    pub fn check_args(self, args: &[String]) -> Result<(), String> {
+        match (self, args.len()) {
+            (CommandKind::RunJob, 1) => Ok(()),
+            (CommandKind::RunJob, _) => Err("run_job takes one argument: the job's name".into()),
+            (CommandKind::Exec, 0) => Err("exec takes the program and its arguments".into()),
+            (CommandKind::Backup, 0) => Err("backup takes a subcommand (run SET, list, restore ...)".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A versioned desired-state document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Desired {

@@ -137,3 +137,50 @@ fn real_answers_match_the_openapi_document() {
     assert_eq!(status, 401);
     check(&doc, "GET", "/api/v1/devices", status, &body);
 }
+
+/// A long history pages through: 300 000 samples of one device read with
+/// `outpostctl metrics` (which follows the API's cursors and prints as the
+/// pages arrive) come out complete, once each, in order; one API answer
+/// holds at most a page.
+#[test]
+fn a_long_history_pages_through_the_api_and_outpostctl() {
+    const N: u64 = 300_000;
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "long", &timings).unwrap();
+    agent.start_loadgen(&["--records", &N.to_string(), "--batch", "2000"]).unwrap();
+    let since = outpost_tests::loadgen_base_ms().to_string();
+    let until = (outpost_tests::loadgen_base_ms() + N).to_string();
+    // Records arrive in order: once the last synthetic one is there, all are.
+    let last = (outpost_tests::loadgen_base_ms() + N - 1).to_string();
+    wait_for(Duration::from_secs(180), "the last of the records at the hub", || {
+        hub.client().metrics(&agent.id, Some(&last), Some(&until), Some(1)).ok().filter(|m| !m.samples.is_empty())
+    })
+    .unwrap();
+    let (status, page) =
+        hub.client().raw("GET", &format!("/api/v1/devices/{}/metrics?since={since}", agent.id), None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(page["samples"].as_array().unwrap().len(), outpost_hub::http::MAX_METRICS_PAGE, "one answer, one page");
+    assert!(page["next"].is_string(), "a full page names the next");
+    let (status, _) =
+        hub.client().raw("GET", &format!("/api/v1/devices/{}/metrics?after=yesterday", agent.id), None).unwrap();
+    assert_eq!(status, 422, "a cursor the API did not make is refused");
+
+    let out = outpost_tests::run(std::process::Command::new(outpost_tests::bin("outpostctl")).args([
+        "--hub",
+        &hub.api,
+        "--token",
+        &hub.admin_token,
+        "metrics",
+        &agent.id,
+        "--since",
+        &since,
+        "--until",
+        &until,
+    ]))
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let view: outpost_hub::api::MetricsView = serde_json::from_slice(&out.stdout).unwrap();
+    outpost_tests::assert_exactly_once_in_order(&view.samples, N);
+}

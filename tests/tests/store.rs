@@ -6,6 +6,7 @@
 
 use outpost_hub::store::{
     ApiToken, CatalogEntry, CommandState, DeviceRecord, Grant, NewCommand, Role, Store, StoreConfig, StoreError,
+    TelemetryRange,
 };
 use outpost_shared::job::{JobRun, RunOutcome, Trigger};
 use outpost_shared::protocol::{
@@ -113,10 +114,12 @@ fn ingest_stores_each_record_once_names_gaps_and_files_each_kind() {
         assert_eq!((done.upto, done.stored, done.duplicates), (8, 0, 4));
         assert_eq!(store.high_water(&id).await.unwrap(), 8);
 
-        let samples = store.telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 100).await.unwrap();
+        let samples =
+            store.telemetry(&id, &TelemetryRange::between(Timestamp(0), Timestamp(u64::MAX), 100)).await.unwrap();
         let seqs: Vec<u64> = samples.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, [8, 1, 2, 7], "telemetry is ordered by sample time");
-        let window = store.telemetry(&id, Timestamp(t), Timestamp(t + 2000), 100).await.unwrap();
+        let window =
+            store.telemetry(&id, &TelemetryRange::between(Timestamp(t), Timestamp(t + 2000), 100)).await.unwrap();
         assert_eq!(window.len(), 2, "since is inclusive, until exclusive");
         let events = store.events(&id, 10).await.unwrap();
         assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 3], "events newest first");
@@ -128,7 +131,39 @@ fn ingest_stores_each_record_once_names_gaps_and_files_each_kind() {
         // Another device's records are its own.
         let other = enrolled(&store, "dev-other").await;
         assert_eq!(store.high_water(&other).await.unwrap(), 0);
-        assert!(store.telemetry(&other, Timestamp(0), Timestamp(u64::MAX), 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .telemetry(&other, &TelemetryRange::between(Timestamp(0), Timestamp(u64::MAX), 10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    });
+}
+
+#[test]
+fn telemetry_pages_by_cursor_without_loss_or_repeat() {
+    on_both(|store| async move {
+        let id = enrolled(&store, "dev-pages").await;
+        let t = now_ms() - 3_600_000;
+        // 2 500 samples, some sharing a time (a clock that did not move).
+        // Every 100th record is a sample far outside the window asked for.
+        let records: Vec<Record> = (1..=2500)
+            .map(|seq| if seq % 100 == 0 { telemetry(seq, t + 1_000_000_000) } else { telemetry(seq, t + seq / 2) })
+            .collect();
+        for batch in records.chunks(500) {
+            store.ingest(&id, batch).await.unwrap();
+        }
+        let mut range = TelemetryRange::between(Timestamp(t), Timestamp(t + 2000), 700);
+        let mut seen = Vec::new();
+        loop {
+            let page = store.telemetry(&id, &range).await.unwrap();
+            let Some((seq, last)) = page.last() else { break };
+            range.after = Some((last.at, *seq));
+            seen.extend(page.iter().map(|(seq, _)| *seq));
+        }
+        let expected: Vec<u64> = (1..=2500).filter(|seq| seq % 100 != 0).collect();
+        assert_eq!(seen, expected, "pages lost, repeated or overran samples");
     });
 }
 
@@ -140,11 +175,14 @@ fn telemetry_far_from_now_and_past_retention() {
         // A device clock at 1970, one a year ahead, and today.
         let records = vec![telemetry(1, 5_000), telemetry(2, now + 365 * 86_400_000), telemetry(3, now)];
         assert_eq!(store.ingest(&id, &records).await.unwrap().stored, 3);
-        assert_eq!(store.telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 10).await.unwrap().len(), 3);
+        assert_eq!(
+            store.telemetry(&id, &TelemetryRange::between(Timestamp(0), Timestamp(u64::MAX), 10)).await.unwrap().len(),
+            3
+        );
         let removed = store.prune_telemetry(Timestamp(now - 86_400_000)).await.unwrap();
         assert!(removed >= 1, "the 1970 sample is past any retention");
         let left: Vec<u64> = store
-            .telemetry(&id, Timestamp(0), Timestamp(u64::MAX), 10)
+            .telemetry(&id, &TelemetryRange::between(Timestamp(0), Timestamp(u64::MAX), 10))
             .await
             .unwrap()
             .into_iter()

@@ -88,7 +88,7 @@ enum Command {
         #[arg(long, default_value = "1h")]
         expires_in: String,
     },
-    /// Telemetry history of a device (JSON).
+    /// Telemetry history of a device (JSON, read and printed page by page).
     Metrics {
         /// Device id.
         id: String,
@@ -244,9 +244,7 @@ fn main() -> ExitCode {
         Command::Devices { json: false } => client.devices().map(|d| print!("{}", render_table(&d))),
         Command::Devices { json: true } => client.devices().map(|d| print_json(&d)),
         Command::Device { id } => client.device(&id).map(|d| print_json(&d)),
-        Command::Metrics { id, since, until, limit } => {
-            client.metrics(&id, since.as_deref(), until.as_deref(), limit).map(|m| print_json(&m))
-        }
+        Command::Metrics { id, since, until, limit } => print_metrics(&client, &id, since, until, limit),
         Command::Command { command: CommandCmd::List { device } } => client.commands(&device).map(|c| print_json(&c)),
         Command::Command { command: CommandCmd::Show { id } } => client.command(id).map(|c| print_json(&c)),
         Command::Command { command: CommandCmd::Send { device, kind, args, expires_in, wait } } => {
@@ -432,6 +430,34 @@ fn run_job(client: &Client, device: &str, job: &str, wait: std::time::Duration, 
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
     fail(&"gave up waiting; the run goes on (see `outpostctl job-runs`)")
+}
+
+/// Prints `{"device": ..., "samples": [...]}` as the pages arrive, so a
+/// history of any length streams through in one page of memory.
+fn print_metrics(
+    client: &Client,
+    id: &str,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+) -> Result<(), outpost_hub::client::ClientError> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut first = true;
+    let _ = write!(out, "{{\"device\": {}, \"samples\": [", serde_json::Value::from(id));
+    let result = client.metrics_pages(id, since.as_deref(), until.as_deref(), |page| {
+        for sample in page.samples.iter().take(left) {
+            let text = serde_json::to_string(sample).unwrap_or_default();
+            let _ = write!(out, "{}\n  {text}", if first { "" } else { "," });
+            first = false;
+        }
+        left = left.saturating_sub(page.samples.len());
+        left > 0
+    });
+    let _ = writeln!(out, "\n]}}");
+    let _ = out.flush();
+    result
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -369,16 +369,9 @@ impl Store {
         Ok(ingested)
     }
 
-    /// Telemetry of a device with sample times in `[since, until)`, oldest
-    /// first, at most `limit`: `(seq, sample)`.
-    pub async fn telemetry(
-        &self,
-        id: &DeviceId,
-        since: Timestamp,
-        until: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<(u64, Sample)>, StoreError> {
-        each!(self, b => b.telemetry(id, since, until, limit).await)
+    /// Telemetry of a device in `range`, oldest first: `(seq, sample)`.
+    pub async fn telemetry(&self, id: &DeviceId, range: &TelemetryRange) -> Result<Vec<(u64, Sample)>, StoreError> {
+        each!(self, b => b.telemetry(id, range).await)
     }
 
     /// Deletes telemetry sampled before `before`; returns how many samples
@@ -626,6 +619,28 @@ impl Store {
     /// again in this process). Other clones must be dropped first.
     pub async fn close(self) -> Result<(), StoreError> {
         each!(self, b => b.close().await)
+    }
+}
+
+/// Which telemetry to read: sample times in `[since, until)`, after the
+/// sample `after` (its time and sequence number: the cursor of the previous
+/// page), at most `limit` samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryRange {
+    /// Earliest sample time, inclusive.
+    pub since: Timestamp,
+    /// Latest sample time, exclusive.
+    pub until: Timestamp,
+    /// Only samples ordered after this `(time, seq)`.
+    pub after: Option<(Timestamp, u64)>,
+    /// Most samples.
+    pub limit: usize,
+}
+
+impl TelemetryRange {
+    /// Everything in `[since, until)`, up to `limit`.
+    pub fn between(since: Timestamp, until: Timestamp, limit: usize) -> Self {
+        TelemetryRange { since, until, after: None, limit }
     }
 }
 

@@ -27,7 +27,7 @@ use super::ingest;
 use super::{
     ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
     HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
-    StoreError,
+    StoreError, TelemetryRange,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
@@ -543,16 +543,22 @@ impl PgStore {
     pub(super) async fn telemetry(
         &self,
         id: &DeviceId,
-        since: Timestamp,
-        until: Timestamp,
-        limit: usize,
+        range: &TelemetryRange,
     ) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let (after_at, after_seq) = range.after.map_or((-1, -1), |(at, seq)| (big(at.0), big(seq)));
         let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT seq, sample FROM telemetry WHERE device = $1 AND at >= $2 AND at < $3
-                 ORDER BY at, seq LIMIT $4",
-                &[&id.as_str(), &big(since.0), &big(until.0), &big(limit as u64)],
+                 AND (at, seq) > ($4, $5) ORDER BY at, seq LIMIT $6",
+                &[
+                    &id.as_str(),
+                    &big(range.since.0),
+                    &big(range.until.0),
+                    &after_at,
+                    &after_seq,
+                    &big(range.limit as u64),
+                ],
             )
             .await
             .map_err(pg)?;

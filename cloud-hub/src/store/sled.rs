@@ -44,7 +44,7 @@ use super::ingest::{self, Plan};
 use super::{
     ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
     HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
-    StoreError,
+    StoreError, TelemetryRange,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
@@ -260,12 +260,10 @@ impl SledStore {
     pub(super) async fn telemetry(
         &self,
         id: &DeviceId,
-        since: Timestamp,
-        until: Timestamp,
-        limit: usize,
+        range: &TelemetryRange,
     ) -> Result<Vec<(u64, Sample)>, StoreError> {
-        let id = id.clone();
-        self.read(move |t| t.telemetry(&id, since, until, limit)).await
+        let (id, range) = (id.clone(), *range);
+        self.read(move |t| t.telemetry(&id, &range)).await
     }
 
     pub(super) async fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
@@ -746,17 +744,21 @@ impl Trees {
         Ok(ingested)
     }
 
-    fn telemetry(
-        &self,
-        id: &DeviceId,
-        since: Timestamp,
-        until: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<(u64, Sample)>, StoreError> {
-        let from = telemetry_key(id, since, 0);
-        let to = telemetry_key(id, until, 0);
+    fn telemetry(&self, id: &DeviceId, range: &TelemetryRange) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let mut from = telemetry_key(id, range.since, 0);
+        if let Some((at, seq)) = range.after {
+            let next = match seq.checked_add(1) {
+                Some(seq) => telemetry_key(id, at, seq),
+                None => telemetry_key(id, Timestamp(at.0.saturating_add(1)), 0),
+            };
+            from = from.max(next);
+        }
+        let to = telemetry_key(id, range.until, 0);
         let mut out = Vec::new();
-        for entry in self.telemetry.range(from..to).take(limit) {
+        if from >= to {
+            return Ok(out);
+        }
+        for entry in self.telemetry.range(from..to).take(range.limit) {
             let (key, value) = entry?;
             let seq = key.get(key.len() - 8..).map_or(0, be_u64);
             out.push((seq, decode("telemetry", &value)?));

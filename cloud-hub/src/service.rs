@@ -1,0 +1,244 @@
+//! The hub's rules, between the API (and the console to come) and the
+//! store: how a device is named, what a command, a desired-state change or
+//! a restore grant must satisfy, and how a change is made and announced to
+//! the device's session. Answers are views and [`ServiceError`], never HTTP:
+//! each front end maps them to its own form.
+
+use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
+use crate::fleet::Fleet;
+use crate::store::{NewCommand, StoreError};
+use outpost_shared::DeviceId;
+use outpost_shared::desired::DesiredDoc;
+use outpost_shared::protocol::CommandKind;
+use outpost_shared::time::Timestamp;
+use std::time::Duration;
+
+/// Largest command (kind and arguments) the hub accepts.
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+
+/// Longest a command may wait for its device.
+pub const MAX_COMMAND_TTL: Duration = Duration::from_secs(30 * 86400);
+
+/// Lifetime of a command when the caller names none.
+pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(3600);
+
+/// How long a restore grant lasts when the caller names no length.
+pub const DEFAULT_GRANT: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No such device, command or snapshot.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request is not acceptable as it stands (names what is wrong).
+    #[error("{0}")]
+    Invalid(String),
+    /// The desired state changed since the caller read it.
+    #[error("desired state is at version {current}; read it again and retry")]
+    Conflict {
+        /// The version in force.
+        current: u64,
+    },
+    /// The store failed or is unavailable.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::VersionConflict { current, .. } => ServiceError::Conflict { current },
+            other => ServiceError::Store(other),
+        }
+    }
+}
+
+/// The device `raw` names, if the fleet has it.
+pub async fn device(fleet: &Fleet, raw: &str) -> Result<DeviceId, ServiceError> {
+    let not_found = || ServiceError::NotFound(format!("device {raw:?}"));
+    let id: DeviceId = raw.parse().map_err(|_| not_found())?;
+    fleet.store().device(&id).await?.ok_or_else(not_found)?;
+    Ok(id)
+}
+
+/// What a command request means: its kind and its lifetime, or what is
+/// wrong with it. Pure.
+pub fn check_command(request: &CommandRequest) -> Result<(CommandKind, Duration), String> {
+    let kind = CommandKind::parse(&request.kind).ok_or_else(|| {
+        let known: Vec<&str> = CommandKind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("unknown command kind {:?}; known: {known:?}", request.kind)
+    })?;
+    kind.check_args(&request.args)?;
+    let size = request.kind.len() + request.args.iter().map(String::len).sum::<usize>();
+    if size > MAX_COMMAND_BYTES {
+        return Err(format!("command of {size} bytes exceeds {MAX_COMMAND_BYTES} bytes"));
+    }
+    let ttl = match &request.expires_in {
+        Some(text) => {
+            humantime::parse_duration(text).map_err(|e| format!("expires_in: invalid duration {text:?}: {e}"))?
+        }
+        None => DEFAULT_COMMAND_TTL,
+    };
+    if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
+        return Err("expires_in must be between 1s and 30d".into());
+    }
+    Ok((kind, ttl))
+}
+
+/// Queues a command for `device` on behalf of `by` and wakes its session.
+pub async fn send_command(
+    fleet: &Fleet,
+    by: &str,
+    device: &DeviceId,
+    request: CommandRequest,
+) -> Result<CommandView, ServiceError> {
+    let (kind, ttl) = check_command(&request).map_err(ServiceError::Invalid)?;
+    let record = fleet
+        .store()
+        .create_command(NewCommand {
+            device: device.clone(),
+            kind: kind.as_str().to_owned(),
+            args: request.args,
+            expires_at: Timestamp::now().saturating_add(ttl),
+            created_by: by.to_owned(),
+        })
+        .await?;
+    tracing::info!(device = %device, command = record.id, %kind, by, "Command queued.");
+    fleet.changed(device).await;
+    Ok(CommandView::from(record))
+}
+
+/// Checks a desired-state document with the type the agent applies it with.
+pub fn check_desired(doc: &serde_json::Value) -> Result<String, String> {
+    let text = doc.to_string();
+    DesiredDoc::parse(&text).map_err(|e| format!("desired state refused: {e}"))?;
+    Ok(text)
+}
+
+/// Replaces `device`'s desired state if it is still at `version`.
+pub async fn set_desired(
+    fleet: &Fleet,
+    by: &str,
+    device: &DeviceId,
+    version: u64,
+    doc: &serde_json::Value,
+) -> Result<DesiredView, ServiceError> {
+    let text = check_desired(doc).map_err(ServiceError::Invalid)?;
+    let record = fleet.store().put_desired(device, version, text).await?;
+    tracing::info!(device = %device, version = record.version, by, "Desired state changed.");
+    fleet.changed(device).await;
+    Ok(DesiredView::new(Some(record), fleet.store().reported(device).await?))
+}
+
+/// Applies a JSON merge patch (RFC 7396) to `device`'s desired state,
+/// validated like a whole document, as the next version; retried on a
+/// concurrent change, so a patch never undoes another caller's change to
+/// keys it does not name.
+pub async fn patch_desired(
+    fleet: &Fleet,
+    by: &str,
+    device: &DeviceId,
+    patch: &serde_json::Value,
+) -> Result<DesiredView, ServiceError> {
+    if !patch.is_object() {
+        return Err(ServiceError::Invalid("a merge patch of a desired state must be a JSON object".into()));
+    }
+    let mut attempts = 0;
+    loop {
+        let current = fleet.store().desired(device).await?;
+        let (version, mut doc) = match &current {
+            Some(record) => {
+                (record.version, serde_json::from_str(&record.doc).unwrap_or_else(|_| serde_json::json!({})))
+            }
+            None => (0, serde_json::json!({})),
+        };
+        outpost_shared::desired::merge_patch(&mut doc, patch);
+        let text = check_desired(&doc).map_err(ServiceError::Invalid)?;
+        match fleet.store().put_desired(device, version, text).await {
+            Ok(record) => {
+                tracing::info!(device = %device, version = record.version, by, "Desired state patched.");
+                fleet.changed(device).await;
+                return Ok(DesiredView::new(Some(record), fleet.store().reported(device).await?));
+            }
+            Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// How long a grant lasts: `text` (e.g. `24h`) or the default.
+pub fn grant_length(text: Option<&str>) -> Result<Duration, String> {
+    match text {
+        Some(text) => humantime::parse_duration(text).map_err(|e| format!("valid_for {text:?}: {e}")),
+        None => Ok(DEFAULT_GRANT),
+    }
+}
+
+/// Lets `reader` fetch `owner`'s backups for `valid_for` (a replacement
+/// restoring a dead device's data).
+pub async fn grant_backups(
+    fleet: &Fleet,
+    by: &str,
+    owner: &DeviceId,
+    reader: &DeviceId,
+    valid_for: Duration,
+) -> Result<GrantView, ServiceError> {
+    let (backups, by_owned, r, o) = (fleet.backups().clone(), by.to_owned(), reader.clone(), owner.clone());
+    let grant = tokio::task::spawn_blocking(move || backups.grant(&r, &o, valid_for, &by_owned))
+        .await
+        .map_err(|e| ServiceError::Store(StoreError::Unavailable(e.to_string())))?
+        .map_err(|e| match e {
+            crate::backups::BackupStoreError::Store(e) => ServiceError::from(e),
+            other => ServiceError::Invalid(other.to_string()),
+        })?;
+    tracing::info!(%owner, %reader, by, expires_at = %grant.expires_at.rfc3339(), "Restore grant made.");
+    Ok(GrantView {
+        owner: owner.to_string(),
+        reader: reader.to_string(),
+        expires_at: grant.expires_at.rfc3339(),
+        by: grant.by,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kind: &str, args: &[&str], expires_in: Option<&str>) -> CommandRequest {
+        CommandRequest {
+            kind: kind.into(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            expires_in: expires_in.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn commands_are_checked_before_they_are_queued() {
+        assert_eq!(check_command(&request("echo", &["hi"], None)).unwrap(), (CommandKind::Echo, DEFAULT_COMMAND_TTL));
+        assert_eq!(check_command(&request("run_job", &["tick"], Some("5m"))).unwrap().1, Duration::from_secs(300));
+        let refused = [
+            (request("reboot", &[], None), "unknown command kind"),
+            (request("run_job", &[], None), "one argument"),
+            (request("run_job", &["a", "b"], None), "one argument"),
+            (request("exec", &[], None), "program"),
+            (request("echo", &[], Some("0s")), "between 1s and 30d"),
+            (request("echo", &[], Some("31d")), "between 1s and 30d"),
+            (request("echo", &[], Some("soon")), "invalid duration"),
+        ];
+        for (req, why) in refused {
+            let err = check_command(&req).unwrap_err();
+            assert!(err.contains(why), "{req:?}: {err}");
+        }
+        let big = "x".repeat(MAX_COMMAND_BYTES);
+        assert!(check_command(&request("echo", &[&big], None)).unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn desired_documents_are_checked_with_the_agents_type() {
+        assert!(check_desired(&serde_json::json!({"telemetry_interval": "5s"})).is_ok());
+        assert!(check_desired(&serde_json::json!({"colour": "blue"})).unwrap_err().contains("refused"));
+        assert_eq!(grant_length(None).unwrap(), DEFAULT_GRANT);
+        assert!(grant_length(Some("forever")).is_err());
+    }
+}
