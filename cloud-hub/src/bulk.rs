@@ -13,7 +13,7 @@
 //! or stalled device cannot hold the turns of others.
 
 use crate::backups::{BackupStoreError, Backups};
-use crate::quic::{CLOSE_OK, CLOSE_REFUSED, QuicContext};
+use crate::fleet::{CLOSE_OK, CLOSE_REFUSED, Fleet};
 use outpost_shared::DeviceId;
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::protocol::{ChunkIds, MAX_BULK_FRAME, Message, Refusal, RefusalReason};
@@ -28,9 +28,10 @@ pub const MAX_REQUESTS: usize = 32;
 /// Time a request may take to arrive once it holds a turn.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Serves a bulk connection of `device` until it closes.
-pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<QuicContext>) {
-    match ctx.fleet.store().device(&device).await {
+/// Serves a bulk connection of `device` until it closes; `turns` bounds the
+/// requests read or served at once, hub-wide (see [`MAX_REQUESTS`]).
+pub async fn serve(connection: quinn::Connection, device: DeviceId, fleet: Arc<Fleet>, turns: Arc<Semaphore>) {
+    match fleet.store().device(&device).await {
         Ok(Some(_)) => {}
         _ => {
             warn!("Bulk connection of a device that is not registered.");
@@ -44,8 +45,8 @@ pub async fn serve(connection: quinn::Connection, device: DeviceId, ctx: Arc<Qui
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    let backups = ctx.fleet.backups().clone();
-                    let (device, turns) = (device.clone(), ctx.bulk_requests.clone());
+                    let backups = fleet.backups().clone();
+                    let (device, turns) = (device.clone(), turns.clone());
                     streams.spawn(stream(send, recv, device, backups, turns).in_current_span());
                 }
                 Err(e) => {

@@ -16,7 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// Close code sent to a connection replaced by a newer one of the same device.
+/// QUIC close code: the connection ended normally.
+pub const CLOSE_OK: u32 = 0;
+/// QUIC close code: the peer broke the protocol.
+pub const CLOSE_PROTOCOL: u32 = 1;
+/// QUIC close code: the request was refused.
+pub const CLOSE_REFUSED: u32 = 2;
+/// QUIC close code: replaced by a newer connection of the same device.
 pub const CLOSE_REPLACED: u32 = 3;
 
 /// What carries a device's live session.

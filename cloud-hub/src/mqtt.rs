@@ -18,7 +18,7 @@
 
 use crate::ca::FleetCa;
 use crate::fleet::{Fleet, Link};
-use crate::session::{self, MAX_COMMANDS_PER_DELIVERY, Outbound, SessionEnd};
+use crate::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::mqtt::{BrokerUrl, UpKind, down_topic, parse_up_topic, up_filter};
 use outpost_shared::protocol::{Direction, Envelope, Message, Signed};
@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -222,14 +222,7 @@ fn spawn_device(
     client: &AsyncClient,
 ) -> mpsc::Sender<(UpKind, Publish)> {
     let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-    let device = DeviceTask {
-        id: id.clone(),
-        ctx: ctx.clone(),
-        client: client.clone(),
-        link: None,
-        downlink: Arc::new(Notify::new()),
-        outbound: Outbound::default(),
-    };
+    let device = DeviceTask { id: id.clone(), ctx: ctx.clone(), client: client.clone() };
     let span = info_span!("mqtt", device = %id);
     tasks.spawn(device.run(rx).instrument(span));
     tx
@@ -238,19 +231,46 @@ fn spawn_device(
 /// Numbers MQTT sessions so the fleet can tell them apart.
 static SESSIONS: AtomicU64 = AtomicU64::new(1);
 
-/// The bridge's view of one device: its messages in order, its downlink.
+/// The bridge's view of one device: its messages in order.
 struct DeviceTask {
     id: DeviceId,
     ctx: Arc<BridgeContext>,
     client: AsyncClient,
-    /// The fleet's session, once a valid message arrived.
-    link: Option<Link>,
-    downlink: Arc<Notify>,
-    outbound: Outbound,
+}
+
+/// A device's down topic, as a [`Transport`]: messages are signed with the
+/// fleet CA's key and published.
+struct MqttTransport {
+    id: DeviceId,
+    ctx: Arc<BridgeContext>,
+    client: AsyncClient,
+}
+
+impl Transport for MqttTransport {
+    async fn send(&mut self, message: Message) -> Result<(), SessionEnd> {
+        let signer = self.ctx.ca.signer();
+        let kind = message.kind();
+        let signed = Signed::new(Direction::Down, self.id.clone(), &message, |input| signer.sign(input));
+        let payload = Envelope::new(Message::Signed(signed)).encode();
+        if let Err(e) = self.client.publish(down_topic(&self.id), QoS::AtLeastOnce, false, payload).await {
+            // The broker lost it; the agent asks again (it resends its hello
+            // or its batch when no answer comes).
+            warn!(error = %e, kind, "Cannot publish to the device.");
+        }
+        Ok(())
+    }
+
+    fn link(&self) -> Link {
+        Link::Mqtt(SESSIONS.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn addr(&self) -> String {
+        "mqtt".into()
+    }
 }
 
 impl DeviceTask {
-    async fn run(mut self, mut rx: mpsc::Receiver<(UpKind, Publish)>) -> DeviceId {
+    async fn run(self, mut rx: mpsc::Receiver<(UpKind, Publish)>) -> DeviceId {
         let store = self.ctx.fleet.store().clone();
         let key = match store.device_key(&self.id).await {
             Ok(Some(key)) => key,
@@ -263,29 +283,26 @@ impl DeviceTask {
                 return self.id;
             }
         };
+        let mut transport = MqttTransport { id: self.id.clone(), ctx: self.ctx.clone(), client: self.client.clone() };
+        // One broker subscription serves every session of the device: a
+        // fenced-off task stops delivering but keeps taking messages.
+        let mut session = DeviceSession::new(
+            self.ctx.fleet.clone(),
+            self.id.clone(),
+            key.clone(),
+            self.ctx.max_frame,
+            WhenFenced::Detach,
+        );
         let mut check_downlink = false;
         loop {
             if check_downlink {
-                check_downlink = false;
-                let pending = match self.outbound.pending(&store, &self.id, self.ctx.max_frame / 2).await {
-                    Ok(pending) => pending,
-                    Err(end) => {
-                        // Another session (QUIC, or another hub) holds the
-                        // device now: stop delivering, keep ingesting.
-                        debug!(?end, "MQTT session fenced off.");
-                        if let Some(link) = self.link.take() {
-                            self.ctx.fleet.disconnected(&self.id, &link);
-                        }
-                        None
-                    }
-                };
-                if let Some(deliver) = pending {
-                    check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
-                    self.publish(Message::Deliver(deliver)).await;
+                // Delivery problems were logged; MQTT sessions do not end on them.
+                check_downlink = session.deliver(&mut transport).await.unwrap_or(false);
+                if check_downlink {
                     continue;
                 }
             }
-            let downlink = self.downlink.clone();
+            let downlink = session.downlink();
             let next = tokio::select! {
                 () = downlink.notified() => {
                     check_downlink = true;
@@ -296,73 +313,42 @@ impl DeviceTask {
             let Ok(Some((kind, publish))) = next else {
                 break;
             };
-            match self.handle(kind, &publish.payload, &key).await {
-                Ok(deliver) => check_downlink |= deliver,
+            let handled = match self.open_message(kind, &publish.payload, &key) {
+                Ok(message) => session.handle(message, &mut transport).await,
+                Err(end) => Err(end),
+            };
+            match handled {
+                Ok(new_session) => check_downlink |= new_session,
                 Err(SessionEnd::Protocol(reason)) => {
                     warn!(topic = %String::from_utf8_lossy(&publish.topic), %reason, "Rejected MQTT message.");
                 }
-                Err(SessionEnd::Refused(refusal)) => {
-                    warn!(message = %refusal.message, "Session refused.");
-                    self.publish(Message::Refused(refusal)).await;
-                }
+                Err(SessionEnd::Refused(refusal)) => warn!(message = %refusal.message, "Session refused."),
                 Err(SessionEnd::Closed(reason)) => debug!(%reason, "MQTT message not processed; the agent resends."),
             }
         }
-        if let Some(link) = &self.link {
-            self.ctx.fleet.disconnected(&self.id, link);
+        if session.attached() {
+            session.end();
             info!("MQTT session ended (no message within the heartbeat timeout).");
         }
         self.id
     }
 
-    /// Checks and applies one message. Returns true if the downlink should
-    /// be checked for something to deliver.
-    async fn handle(&mut self, kind: UpKind, payload: &[u8], key: &[u8]) -> Result<bool, SessionEnd> {
+    /// The message a publish carries, once its size, envelope, topic and
+    /// signature check out.
+    fn open_message(&self, kind: UpKind, payload: &[u8], key: &[u8]) -> Result<Message, SessionEnd> {
         if payload.len() > self.ctx.max_frame {
             return Err(SessionEnd::Protocol(format!("{} bytes exceed the frame limit", payload.len())));
         }
         let message = Envelope::decode(payload).map_err(|e| SessionEnd::Protocol(e.to_string()))?.message;
-        let message = match (kind, message) {
-            (UpKind::Batch, Message::Batch(batch)) => Message::Batch(batch),
-            (UpKind::Relay, Message::Relay(batch)) => Message::Relay(batch),
+        match (kind, message) {
+            (UpKind::Batch, Message::Batch(batch)) => Ok(Message::Batch(batch)),
+            (UpKind::Relay, Message::Relay(batch)) => Ok(Message::Relay(batch)),
             (UpKind::Batch | UpKind::Relay, other) => {
-                return Err(SessionEnd::Protocol(format!("expected a {}, got {}", kind.as_str(), other.kind())));
+                Err(SessionEnd::Protocol(format!("expected a {}, got {}", kind.as_str(), other.kind())))
             }
-            (_, Message::Signed(signed)) => self.open(kind, &signed, key)?,
-            (_, other) => return Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind()))),
-        };
-        let store = self.ctx.fleet.store().clone();
-        let mut hello_now = false;
-        match message {
-            Message::Batch(batch) => {
-                // Checks origin and signature before anything is stored.
-                let ack = session::ingest(&store, &self.id, key, batch).await?;
-                self.attach(false).await;
-                self.publish(Message::Ack(ack)).await;
-            }
-            Message::Hello(hello) => {
-                let welcome = session::hello(&store, &self.id, &hello, "mqtt").await?;
-                info!(name = %hello.name, version = %hello.agent_version, resume_after = welcome.acked_seq, "MQTT session opened.");
-                self.attach(true).await;
-                hello_now = true;
-                self.publish(Message::Welcome(welcome)).await;
-            }
-            Message::Relay(batch) => {
-                // The batch carries its origin's signature; the carrier is
-                // the topic's device.
-                let ack = session::relay(&store, &self.id, batch).await?;
-                self.attach(false).await;
-                self.publish(Message::RelayAck(ack)).await;
-            }
-            Message::Heartbeat(_) => self.attach(false).await,
-            Message::Received(received) => {
-                self.attach(false).await;
-                session::received(&store, &self.id, received.commands).await;
-            }
-            other => return Err(SessionEnd::Protocol(format!("unexpected {}", other.kind()))),
+            (_, Message::Signed(signed)) => self.open(kind, &signed, key),
+            (_, other) => Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind()))),
         }
-        self.ctx.fleet.seen(&self.id);
-        Ok(hello_now)
     }
 
     /// The message inside `signed`, if this device signed it for this topic.
@@ -378,47 +364,5 @@ impl DeviceTask {
             return Err(SessionEnd::Protocol(format!("a {} on the {} topic", message.kind(), kind.as_str())));
         }
         Ok(message)
-    }
-
-    /// Makes this task the device's session in the fleet: at each hello (a
-    /// new session: everything pending is offered again), or at the first
-    /// valid message of a device whose hello went to an earlier hub process
-    /// or came while its QUIC session was still open (see
-    /// [`Fleet::connected`]; each later message tries again).
-    async fn attach(&mut self, hello: bool) {
-        if !hello && self.link.is_some() {
-            // Attached already, or another session took over since (the
-            // device moved to QUIC): nothing to do, and no competing.
-            return;
-        }
-        let link = Link::Mqtt(SESSIONS.fetch_add(1, Ordering::Relaxed));
-        let Some(downlink) = self.ctx.fleet.connected(&self.id, link.clone()) else {
-            debug!("The device's QUIC session is still open; deliveries wait for it to end.");
-            return;
-        };
-        let epoch = match self.ctx.fleet.claim(&self.id, &link).await {
-            Ok(epoch) => epoch,
-            Err(e) => {
-                session::log_store_error(&e, "Session could not be recorded.");
-                self.ctx.fleet.disconnected(&self.id, &link);
-                return;
-            }
-        };
-        self.downlink = downlink;
-        self.link = Some(link);
-        self.outbound = Outbound::new(self.ctx.fleet.hub_id(), epoch);
-        if !hello {
-            self.downlink.notify_one();
-        }
-    }
-
-    /// Publishes `message` to the device, signed with the fleet CA's key.
-    async fn publish(&self, message: Message) {
-        let signer = self.ctx.ca.signer();
-        let signed = Signed::new(Direction::Down, self.id.clone(), &message, |input| signer.sign(input));
-        let payload = Envelope::new(Message::Signed(signed)).encode();
-        if let Err(e) = self.client.publish(down_topic(&self.id), QoS::AtLeastOnce, false, payload).await {
-            warn!(error = %e, kind = message.kind(), "Cannot publish to the device.");
-        }
     }
 }

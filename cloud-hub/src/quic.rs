@@ -12,7 +12,7 @@
 use crate::ca::{FleetCa, device_id_of, public_key_of};
 use crate::enroll;
 use crate::fleet::{Fleet, Link};
-use crate::session::{self, MAX_COMMANDS_PER_DELIVERY, Outbound, SessionEnd};
+use crate::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::identity::{ALPN, ALPN_BULK};
 use outpost_shared::io::{FrameReader, write_message};
@@ -26,12 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// Close code: the session ended normally.
-pub const CLOSE_OK: u32 = 0;
-/// Close code: the peer broke the protocol.
-pub const CLOSE_PROTOCOL: u32 = 1;
-/// Close code: the request was refused.
-pub const CLOSE_REFUSED: u32 = 2;
+pub use crate::fleet::{CLOSE_OK, CLOSE_PROTOCOL, CLOSE_REFUSED};
 
 /// Errors setting up the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +131,8 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
         Some(cert) => match (device_id_of(&cert), public_key_of(&cert)) {
             (Some(id), Some(_)) if bulk => {
                 let span = info_span!("bulk", device = %id);
-                crate::bulk::serve(connection, id, ctx).instrument(span).await
+                let (fleet, turns) = (ctx.fleet.clone(), ctx.bulk_requests.clone());
+                crate::bulk::serve(connection, id, fleet, turns).instrument(span).await
             }
             (Some(id), Some(key)) => {
                 let span = info_span!("session", device = %id);
@@ -209,12 +205,34 @@ async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx:
     }
 }
 
+/// A QUIC session's control stream, as a [`Transport`].
+struct QuicTransport {
+    send: quinn::SendStream,
+    connection: quinn::Connection,
+    max_frame: usize,
+}
+
+impl Transport for QuicTransport {
+    async fn send(&mut self, message: Message) -> Result<(), SessionEnd> {
+        write_message(&mut self.send, message, self.max_frame).await.map_err(SessionEnd::from)
+    }
+
+    fn link(&self) -> Link {
+        Link::Quic(self.connection.clone())
+    }
+
+    fn addr(&self) -> String {
+        self.connection.remote_address().to_string()
+    }
+}
+
 async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], ctx: &QuicContext) -> SessionEnd {
-    let (mut send, recv) = match connection.accept_bi().await {
+    let (send, recv) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(e) => return SessionEnd::Closed(e.to_string()),
     };
     let mut reader = FrameReader::new(recv, ctx.max_frame);
+    let mut transport = QuicTransport { send, connection: connection.clone(), max_frame: ctx.max_frame };
     let hello = match reader.next().await {
         Ok(Some(env)) => match env.message {
             Message::Hello(hello) => hello,
@@ -223,59 +241,35 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         Ok(None) => return SessionEnd::Closed("stream finished before hello".into()),
         Err(e) => return e.into(),
     };
-    let addr = connection.remote_address().to_string();
-    let store = ctx.fleet.store();
-    let welcome = match session::hello(store, id, &hello, &addr).await {
-        Ok(welcome) => welcome,
-        Err(SessionEnd::Refused(refusal)) => {
+    let mut session = DeviceSession::new(ctx.fleet.clone(), id.clone(), key.to_vec(), ctx.max_frame, WhenFenced::End);
+    match session.handle(Message::Hello(hello), &mut transport).await {
+        Ok(_) => {}
+        Err(SessionEnd::Refused(_)) => {
             warn!("Certificate is valid but the device is not registered.");
-            let _ = write_message(&mut send, Message::Refused(refusal), ctx.max_frame).await;
-            let _ = send.finish();
+            let _ = transport.send.finish();
             return SessionEnd::Closed("unknown device".into());
         }
         Err(end) => return end,
-    };
-    if let Err(e) = store.put_device_key(id, key).await {
+    }
+    if let Err(e) = ctx.fleet.store().put_device_key(id, key).await {
         session::log_store_error(&e, "Device key could not be stored.");
         return SessionEnd::Closed("store error".into());
     }
-    // A QUIC session is never refused by the fleet (only MQTT ones wait).
-    let link = Link::Quic(connection.clone());
-    let Some(downlink) = ctx.fleet.connected(id, link.clone()) else {
-        return SessionEnd::Closed("session not registered".into());
-    };
-    let epoch = match ctx.fleet.claim(id, &link).await {
-        Ok(epoch) => epoch,
-        Err(e) => {
-            session::log_store_error(&e, "Session could not be recorded.");
-            return SessionEnd::Closed("store error".into());
-        }
-    };
-    let resume_after = welcome.acked_seq;
-    if let Err(e) = write_message(&mut send, Message::Welcome(welcome), ctx.max_frame).await {
-        return e.into();
-    }
-    info!(name = %hello.name, version = %hello.agent_version, %addr, resume_after, "Session opened.");
-    let mut outbound = Outbound::new(ctx.fleet.hub_id(), epoch);
     // Look for work to deliver at session start and when the API pokes the
     // session, not on every incoming message.
     let mut check_downlink = true;
     loop {
         if check_downlink {
-            check_downlink = false;
-            let pending = match outbound.pending(store, id, ctx.max_frame / 2).await {
-                Ok(pending) => pending,
-                Err(end) => return end,
-            };
-            if let Some(deliver) = pending {
+            match session.deliver(&mut transport).await {
                 // A full delivery may have left more behind: look again.
-                check_downlink = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
-                if let Err(e) = write_message(&mut send, Message::Deliver(deliver), ctx.max_frame).await {
-                    return e.into();
-                }
+                Ok(more) => check_downlink = more,
+                Err(end) => return end,
+            }
+            if check_downlink {
                 continue;
             }
         }
+        let downlink = session.downlink();
         let envelope = tokio::select! {
             () = downlink.notified() => {
                 check_downlink = true;
@@ -287,31 +281,9 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
                 Err(e) => return e.into(),
             },
         };
-        ctx.fleet.seen(id);
-        match envelope.message {
-            Message::Heartbeat(_) => {}
-            Message::Batch(batch) => {
-                let ack = match session::ingest(store, id, key, batch).await {
-                    Ok(ack) => ack,
-                    Err(end) => return end,
-                };
-                if let Err(e) = write_message(&mut send, Message::Ack(ack), ctx.max_frame).await {
-                    return e.into();
-                }
-            }
-            Message::Received(received) => session::received(store, id, received.commands).await,
-            Message::Relay(batch) => {
-                let ack = match session::relay(store, id, batch).await {
-                    Ok(ack) => ack,
-                    Err(end) => return end,
-                };
-                if let Err(e) = write_message(&mut send, Message::RelayAck(ack), ctx.max_frame).await {
-                    return e.into();
-                }
-            }
-            other => {
-                return SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()));
-            }
+        match session.handle(envelope.message, &mut transport).await {
+            Ok(new_session) => check_downlink |= new_session,
+            Err(end) => return end,
         }
     }
 }

@@ -1,5 +1,7 @@
-//! What a device session does, whatever carries it: the QUIC endpoint
-//! ([`crate::quic`]) and the MQTT bridge ([`crate::mqtt`]) both call these.
+//! What a device session does, whatever carries it: [`DeviceSession`]
+//! holds one device's session and handles every message from it, over a
+//! [`Transport`] that only moves messages (the QUIC endpoint,
+//! [`crate::quic`], and the MQTT bridge, [`crate::mqtt`]).
 //!
 //! - [`hello`]: the device says who it is; the hub answers with a `Welcome`
 //!   carrying the last sequence number it holds.
@@ -9,11 +11,12 @@
 //! - [`received`]: the device persisted some commands.
 //! - [`Outbound`]: what to deliver next (commands, desired state).
 
+use crate::fleet::{Fleet, Link};
 use crate::store::{HelloRecord, Ingested, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::protocol::Record;
 use outpost_shared::protocol::{
-    Ack, Batch, Command, Deliver, Desired, Hello, Refusal, RefusalReason, RelayAck, Welcome,
+    Ack, Batch, Command, Deliver, Desired, Hello, Message, Refusal, RefusalReason, RelayAck, Welcome,
 };
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
@@ -256,5 +259,186 @@ impl Outbound {
             self.sent_desired = d.version;
         }
         Ok(Some(Deliver { commands, desired }))
+    }
+}
+
+/// What carries a session: sends messages to the device and names the
+/// session in the fleet's presence.
+pub trait Transport {
+    /// Sends `message` to the device.
+    fn send(&mut self, message: Message) -> impl std::future::Future<Output = Result<(), SessionEnd>> + Send;
+
+    /// A new presence link for a session on this transport.
+    fn link(&self) -> Link;
+
+    /// Where the device is, for the device record.
+    fn addr(&self) -> String;
+}
+
+/// What a session does when a newer session of its device (on this hub or
+/// another) holds the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFenced {
+    /// End the session (QUIC: the device has moved to another connection).
+    End,
+    /// Stop delivering, keep taking messages (MQTT: one broker subscription
+    /// serves every session of the device).
+    Detach,
+}
+
+/// One device's session at this hub: its identity, its place in the
+/// fleet's presence and what it has delivered.
+#[derive(Debug)]
+pub struct DeviceSession {
+    fleet: std::sync::Arc<Fleet>,
+    id: DeviceId,
+    key: Vec<u8>,
+    max_frame: usize,
+    when_fenced: WhenFenced,
+    link: Option<Link>,
+    downlink: std::sync::Arc<tokio::sync::Notify>,
+    outbound: Outbound,
+}
+
+impl DeviceSession {
+    /// A session of device `id`, whose certificate key is `key`.
+    pub fn new(
+        fleet: std::sync::Arc<Fleet>,
+        id: DeviceId,
+        key: Vec<u8>,
+        max_frame: usize,
+        when_fenced: WhenFenced,
+    ) -> Self {
+        DeviceSession {
+            fleet,
+            id,
+            key,
+            max_frame,
+            when_fenced,
+            link: None,
+            downlink: std::sync::Arc::default(),
+            outbound: Outbound::default(),
+        }
+    }
+
+    /// Woken when there may be something to deliver.
+    pub fn downlink(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.downlink.clone()
+    }
+
+    /// True once the session holds the device in the fleet.
+    pub fn attached(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Handles one message from the device, answering through `transport`.
+    /// Returns true if the downlink should be looked at (a new session).
+    pub async fn handle(&mut self, message: Message, transport: &mut impl Transport) -> Result<bool, SessionEnd> {
+        let store = self.fleet.store().clone();
+        let mut new_session = false;
+        match message {
+            Message::Hello(hello_msg) => {
+                let welcome = match hello(&store, &self.id, &hello_msg, &transport.addr()).await {
+                    Ok(welcome) => welcome,
+                    Err(SessionEnd::Refused(refusal)) => {
+                        transport.send(Message::Refused(refusal.clone())).await?;
+                        return Err(SessionEnd::Refused(refusal));
+                    }
+                    Err(end) => return Err(end),
+                };
+                info!(name = %hello_msg.name, version = %hello_msg.agent_version, addr = %transport.addr(), resume_after = welcome.acked_seq, "Session opened.");
+                self.attach(transport, true).await?;
+                new_session = true;
+                transport.send(Message::Welcome(welcome)).await?;
+            }
+            Message::Batch(batch) => {
+                // Checks origin and signature before anything is stored.
+                let ack = ingest(&store, &self.id, &self.key, batch).await?;
+                self.attach(transport, false).await?;
+                transport.send(Message::Ack(ack)).await?;
+            }
+            Message::Relay(batch) => {
+                // The batch carries its origin's signature; the carrier is
+                // this session's device.
+                let ack = relay(&store, &self.id, batch).await?;
+                self.attach(transport, false).await?;
+                transport.send(Message::RelayAck(ack)).await?;
+            }
+            Message::Heartbeat(_) => self.attach(transport, false).await?,
+            Message::Received(r) => {
+                self.attach(transport, false).await?;
+                received(&store, &self.id, r.commands).await;
+            }
+            other => return Err(SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()))),
+        }
+        self.fleet.seen(&self.id);
+        Ok(new_session)
+    }
+
+    /// Makes this session the device's in the fleet: at each hello (a new
+    /// session: everything pending is offered again), or at the first valid
+    /// message of a session whose hello this process did not see. The
+    /// fleet may refuse (an MQTT session while a QUIC one is open); each
+    /// later message tries again.
+    async fn attach(&mut self, transport: &impl Transport, hello: bool) -> Result<(), SessionEnd> {
+        if !hello && self.link.is_some() {
+            return Ok(());
+        }
+        let link = transport.link();
+        let Some(downlink) = self.fleet.connected(&self.id, link.clone()) else {
+            debug!("Another session of the device is open here; deliveries wait for it to end.");
+            return Ok(());
+        };
+        let epoch = match self.fleet.claim(&self.id, &link).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                log_store_error(&e, "Session could not be recorded.");
+                self.fleet.disconnected(&self.id, &link);
+                return Err(SessionEnd::Closed("store error".into()));
+            }
+        };
+        if let Some(old) = self.link.replace(link) {
+            self.fleet.disconnected(&self.id, &old);
+        }
+        self.downlink = downlink;
+        self.outbound = Outbound::new(self.fleet.hub_id(), epoch);
+        if !hello {
+            self.downlink.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Sends what waits for the device (commands, desired state). Returns
+    /// true if a full delivery may have left more behind.
+    pub async fn deliver(&mut self, transport: &mut impl Transport) -> Result<bool, SessionEnd> {
+        if self.link.is_none() {
+            return Ok(false);
+        }
+        let store = self.fleet.store().clone();
+        match self.outbound.pending(&store, &self.id, self.max_frame / 2).await {
+            Ok(Some(deliver)) => {
+                let more = deliver.commands.len() >= MAX_COMMANDS_PER_DELIVERY;
+                transport.send(Message::Deliver(deliver)).await?;
+                Ok(more)
+            }
+            Ok(None) => Ok(false),
+            Err(end) => match self.when_fenced {
+                WhenFenced::End => Err(end),
+                WhenFenced::Detach => {
+                    debug!(?end, "Session fenced off; deliveries stop here.");
+                    if let Some(link) = self.link.take() {
+                        self.fleet.disconnected(&self.id, &link);
+                    }
+                    Ok(false)
+                }
+            },
+        }
+    }
+
+    /// The session is over: the fleet forgets its link.
+    pub fn end(&mut self) {
+        if let Some(link) = self.link.take() {
+            self.fleet.disconnected(&self.id, &link);
+        }
     }
 }

@@ -278,7 +278,7 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     publish_anonymously(&broker, &hello_topic, Envelope::new(Message::Signed(replayed)).encode());
     wait_for(Duration::from_secs(10), "the hub to take the replayed hello", || {
         let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
-        log.lines().any(|l| l.contains("MQTT session opened") && l.contains(&victim.id)).then_some(())
+        log.lines().any(|l| l.contains("Session opened") && l.contains("mqtt") && l.contains(&victim.id)).then_some(())
     })
     .unwrap();
     assert_eq!(hub.device(&victim.id).unwrap().transport.as_deref(), Some("quic"));
