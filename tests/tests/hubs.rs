@@ -9,7 +9,7 @@
 use outpost_hub::api::{CommandRequest, CommandStateView, EventKindView};
 use outpost_shared::token;
 use outpost_tests::{
-    Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, bin, run, wait_all, wait_for, wait_online,
+    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, bin, run, wait_all, wait_for, wait_online,
     wait_progress,
 };
 use std::process::Command;
@@ -152,4 +152,45 @@ fn two_hubs_on_one_database_serve_one_fleet() {
     let samples = wait_all(survivor, &streamer.id, RECORDS, Duration::from_secs(120));
     assert_exactly_once_in_order(&samples, RECORDS);
     assert_ne!(holder(&a, &streamer.id), held_by, "the session did not move");
+}
+
+/// An MQTT fleet behind two hubs: both hubs subscribe with the same shared
+/// group, so the broker hands a device's messages to either; every record
+/// still arrives once and in order, and a command made on either hub runs
+/// once.
+#[test]
+fn two_hubs_share_an_mqtt_fleet_and_keep_each_devices_order() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut a = Hub::start_with(&scratch.path().join("a"), timings.clone(), "127.0.0.1:0", true).unwrap();
+    let broker = Broker::start(scratch.path(), &a).unwrap();
+    a.extra_config = broker.hub_config();
+    a.kill();
+    a.serve().unwrap();
+    let mut b = Hub::join(&scratch.path().join("b"), &a).unwrap();
+    b.extra_config = broker.hub_config();
+    b.kill();
+    b.serve().unwrap();
+    for root in ["a", "b"] {
+        wait_for(Duration::from_secs(15), "both hubs on the broker", || {
+            let log = std::fs::read_to_string(scratch.path().join(root).join("hub.log")).unwrap_or_default();
+            log.contains("Connected to the MQTT broker.").then_some(())
+        })
+        .unwrap();
+    }
+    let mut streamer = Agent::enroll(scratch.path(), &a, "mqtt-gen", &timings).unwrap();
+    streamer.use_transport(Some(&broker)).unwrap();
+    streamer.start_loadgen(&["--records", "5000", "--batch", "20", "--appends-per-sec", "50"]).unwrap();
+    let samples = wait_all(&b, &streamer.id, 5_000, Duration::from_secs(120));
+    assert_exactly_once_in_order(&samples, 5_000);
+    for (hub, text) in [(&a, "via a"), (&b, "via b")] {
+        let command = echo(hub, &streamer.id, text);
+        hub.wait_command(command, "the command over MQTT", |s| matches!(s, CommandStateView::Completed { .. }));
+        wait_for(Duration::from_secs(5), "the result in the event log", || {
+            (results_of(hub, &streamer.id, command) >= 1).then_some(())
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // a second run would have reported by now
+        assert_eq!(results_of(hub, &streamer.id, command), 1, "the command ran more than once");
+    }
 }
