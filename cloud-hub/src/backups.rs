@@ -74,6 +74,9 @@ pub enum BackupStoreError {
     /// The reader may not read these backups.
     #[error("{0}")]
     NotAuthorised(String),
+    /// Another hub is working on this device's backups; retry later.
+    #[error("{0}")]
+    Busy(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -83,7 +86,9 @@ impl BackupStoreError {
     /// The protocol's reason for this failure.
     pub fn reason(&self) -> RefusalReason {
         match self {
-            BackupStoreError::Io { .. } | BackupStoreError::Store(_) => RefusalReason::Internal,
+            BackupStoreError::Io { .. } | BackupStoreError::Store(_) | BackupStoreError::Busy(_) => {
+                RefusalReason::Internal
+            }
             BackupStoreError::Corrupt(_) => RefusalReason::Corrupt,
             BackupStoreError::NotFound(_) => RefusalReason::NotFound,
             BackupStoreError::BadRequest(_) => RefusalReason::BadRequest,
@@ -179,6 +184,32 @@ pub struct Backups {
     retention: outpost_shared::retention::Retention,
     /// The runtime the store's calls run on (these methods block).
     runtime: tokio::runtime::Handle,
+    /// This process's name on the store's leases.
+    holder: String,
+}
+
+/// How long a prune may hold a device's backups.
+const PRUNE_LEASE: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long cataloguing a snapshot may hold them.
+const CATALOGUE_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long cataloguing waits for another hub's prune before it gives up.
+const CATALOGUE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A device's backups held against other hubs (the store's lease); given
+/// back when dropped.
+struct Lease<'a> {
+    backups: &'a Backups,
+    name: String,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let (store, name, holder) = (&self.backups.store, &self.name, &self.backups.holder);
+        if let Err(e) = self.backups.wait(store.release_lease(name, holder)) {
+            // It expires by itself.
+            tracing::debug!(error = %e, lease = %name, "Lease not given back.");
+        }
+    }
 }
 
 impl Backups {
@@ -192,6 +223,34 @@ impl Backups {
             catalogue: Default::default(),
             retention: Default::default(),
             runtime: tokio::runtime::Handle::current(),
+            holder: {
+                let mut random = [0u8; 6];
+                rand::fill(&mut random[..]);
+                format!("backups-{}", outpost_shared::identity::hex(&random))
+            },
+        }
+    }
+
+    /// Holds `device`'s backups against other hubs sharing the store: one
+    /// try, or tries for up to `wait`.
+    fn lease(
+        &self,
+        device: &DeviceId,
+        ttl: std::time::Duration,
+        wait: std::time::Duration,
+    ) -> Result<Lease<'_>, BackupStoreError> {
+        let name = format!("backups/{device}");
+        let give_up = std::time::Instant::now() + wait;
+        loop {
+            if self.wait(self.store.take_lease(&name, &self.holder, ttl))? {
+                return Ok(Lease { backups: self, name });
+            }
+            if std::time::Instant::now() >= give_up {
+                return Err(BackupStoreError::Busy(format!(
+                    "another hub is pruning or cataloguing {device}'s backups; try again later"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
 
@@ -324,6 +383,7 @@ impl Backups {
             return Err(BackupStoreError::BadRequest("manifest too large".into()));
         }
         let _catalogue = self.lock_catalogue();
+        let _lease = self.lease(device, CATALOGUE_LEASE, CATALOGUE_WAIT)?;
         let ids = self.chunk_list(device, "uploading", name)?.unwrap_or_default();
         if ids.len() as u64 != data.summary.chunks {
             return Err(BackupStoreError::BadRequest(format!(
@@ -360,6 +420,7 @@ impl Backups {
     /// `dry_run`, only reports.
     pub fn prune(&self, device: &DeviceId, dry_run: bool) -> Result<PruneReport, BackupStoreError> {
         let _catalogue = self.lock_catalogue();
+        let _lease = self.lease(device, PRUNE_LEASE, std::time::Duration::ZERO)?;
         let catalog = self.wait(self.store.catalog(device))?;
         let drop = prune_plan(&catalog, &self.retention);
         let mut report = PruneReport {

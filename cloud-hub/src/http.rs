@@ -277,6 +277,7 @@ impl From<BackupStoreError> for HttpError {
         match e {
             BackupStoreError::Store(e) => e.into(),
             BackupStoreError::NotFound(m) => HttpError::NotFound(m),
+            BackupStoreError::Busy(m) => HttpError::Unavailable(m),
             other => HttpError::Unprocessable(other.to_string()),
         }
     }

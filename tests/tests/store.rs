@@ -377,3 +377,21 @@ fn tokens_enrollment_keys_and_hellos() {
         assert!(store.health().ok);
     });
 }
+
+#[test]
+fn a_lease_has_one_holder_until_it_is_given_back_or_expires() {
+    on_both(|store| async move {
+        let ttl = std::time::Duration::from_millis(300);
+        assert!(store.take_lease("backups/dev-a", "hub-1", ttl).await.unwrap());
+        assert!(!store.take_lease("backups/dev-a", "hub-2", ttl).await.unwrap(), "two holders at once");
+        assert!(store.take_lease("backups/dev-b", "hub-2", ttl).await.unwrap(), "leases are per name");
+        assert!(store.take_lease("backups/dev-a", "hub-1", ttl).await.unwrap(), "the holder renews");
+        store.release_lease("backups/dev-a", "hub-2").await.unwrap();
+        assert!(!store.take_lease("backups/dev-a", "hub-2", ttl).await.unwrap(), "only the holder gives it back");
+        store.release_lease("backups/dev-a", "hub-1").await.unwrap();
+        assert!(store.take_lease("backups/dev-a", "hub-2", ttl).await.unwrap());
+        // A holder that died: its lease expires.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert!(store.take_lease("backups/dev-a", "hub-3", ttl).await.unwrap());
+    });
+}

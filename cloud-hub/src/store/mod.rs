@@ -610,6 +610,19 @@ impl Store {
         }
     }
 
+    /// Takes the lease `name` for `holder` for `ttl`, unless another holder
+    /// has it unexpired: work that two hubs must not do at once (pruning a
+    /// device's backups while another hub catalogues one of its snapshots).
+    /// Returns whether `holder` has it now.
+    pub async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        each!(self, b => b.take_lease(name, holder, ttl).await)
+    }
+
+    /// Gives a lease back before it expires.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        each!(self, b => b.release_lease(name, holder).await)
+    }
+
     /// Waits until everything written so far is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         each!(self, b => b.flush().await)

@@ -102,6 +102,8 @@ pub const MIGRATIONS: &[&str] = &[
         seen bigint NOT NULL
     );
     CREATE INDEX sessions_hub ON sessions (hub);",
+    // 3: leases for work two hubs must not do at once.
+    "CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, until bigint NOT NULL);",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -1037,6 +1039,30 @@ impl PgStore {
         )
         .await
         .map(drop)
+    }
+
+    pub(super) async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Timestamp::now();
+        let result = async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                     WHERE leases.until < $4 OR leases.holder = excluded.holder
+                     RETURNING holder",
+                    &[&name, &holder, &big(now.saturating_add(ttl).0), &big(now.0)],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.is_some())
+        }
+        .await;
+        self.track(result)
+    }
+
+    pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        self.write("DELETE FROM leases WHERE name = $1 AND holder = $2", &[&name, &holder]).await.map(drop)
     }
 
     pub(super) async fn notify(&self, device: &DeviceId, from: &str) -> Result<(), StoreError> {

@@ -176,6 +176,8 @@ pub struct SledStore {
     writer: GroupCommit<Arc<Slot>>,
     /// Sessions live in this process only: sled serves one hub.
     sessions: Arc<Mutex<(u64, std::collections::HashMap<DeviceId, SessionRecord>)>>,
+    /// Leases too.
+    leases: Arc<Mutex<std::collections::HashMap<String, (String, Instant)>>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -198,7 +200,7 @@ impl SledStore {
         });
         let writer = GroupCommit::start("hub-store", slot.clone(), |s: &Arc<Slot>| s.sync())
             .map_err(|e| StoreError::Unavailable(format!("start the store writer: {e}")))?;
-        Ok(SledStore { slot, writer, sessions: Arc::default() })
+        Ok(SledStore { slot, writer, sessions: Arc::default(), leases: Arc::default() })
     }
 
     /// Runs `job` on the writer and answers once it is durable; a failed
@@ -518,6 +520,26 @@ impl SledStore {
             if let Some(s) = sessions.1.get_mut(device).filter(|s| s.hub == hub) {
                 s.seen = s.seen.max(*at);
             }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match leases.get(name) {
+            Some((other, until)) if other != holder && *until > now => Ok(false),
+            _ => {
+                leases.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+
+    pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.get(name).is_some_and(|(h, _)| h == holder) {
+            leases.remove(name);
         }
         Ok(())
     }
