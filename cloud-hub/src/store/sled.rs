@@ -59,12 +59,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            sled::Error::Corruption { .. } => StoreError::Corrupt { what: "sled", message: e.to_string() },
-            other => StoreError::Unavailable(other.to_string()),
-        }
+/// A sled error in the store's terms (sled's type stays in this module).
+fn sled_err(e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt { what: "sled", message: e.to_string() },
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// `?` for sled results.
+trait OrStore<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> OrStore<T> for Result<T, sled::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(sled_err)
     }
 }
 
@@ -242,7 +252,7 @@ impl SledStore {
 
     pub(super) async fn probe(&self) -> Result<(), StoreError> {
         self.write(|t| {
-            t.meta.insert("probe", &Timestamp::now().0.to_be_bytes())?;
+            t.meta.insert("probe", &Timestamp::now().0.to_be_bytes()).db()?;
             Ok(())
         })
         .await
@@ -283,7 +293,7 @@ impl SledStore {
             return Ok(());
         }
         self.write(move |t| {
-            t.device_keys.insert(id.as_str(), key)?;
+            t.device_keys.insert(id.as_str(), key).db()?;
             Ok(())
         })
         .await
@@ -291,14 +301,14 @@ impl SledStore {
 
     pub(super) async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
         let id = id.clone();
-        self.read(move |t| Ok(t.device_keys.get(id.as_str())?.map(|v| v.to_vec()))).await
+        self.read(move |t| Ok(t.device_keys.get(id.as_str()).db()?.map(|v| v.to_vec()))).await
     }
 
     pub(super) async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
         let key = name_key(id, &entry.summary.name);
         let value = encode(entry);
         self.write(move |t| {
-            t.backups.insert(key, value)?;
+            t.backups.insert(key, value).db()?;
             Ok(())
         })
         .await
@@ -306,20 +316,20 @@ impl SledStore {
 
     pub(super) async fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
         let prefix = device_prefix(id);
-        self.read(move |t| t.backups.scan_prefix(prefix).values().map(|v| decode("backups", &v?)).collect()).await
+        self.read(move |t| t.backups.scan_prefix(prefix).values().map(|v| decode("backups", &v.db()?)).collect()).await
     }
 
     pub(super) async fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
         let key = name_key(id, name);
-        self.read(move |t| t.backups.get(key)?.map(|v| decode("backups", &v)).transpose()).await
+        self.read(move |t| t.backups.get(key).db()?.map(|v| decode("backups", &v)).transpose()).await
     }
 
     pub(super) async fn delete_catalog(&self, id: &DeviceId) -> Result<usize, StoreError> {
         let prefix = device_prefix(id);
         self.write(move |t| {
-            let keys: Vec<sled::IVec> = t.backups.scan_prefix(prefix).keys().collect::<Result<_, _>>()?;
+            let keys: Vec<sled::IVec> = t.backups.scan_prefix(prefix).keys().collect::<Result<_, _>>().db()?;
             for key in &keys {
-                t.backups.remove(key)?;
+                t.backups.remove(key).db()?;
             }
             Ok(keys.len())
         })
@@ -330,7 +340,7 @@ impl SledStore {
         let keys: Vec<Vec<u8>> = names.iter().map(|n| name_key(id, n)).collect();
         self.write(move |t| {
             for key in keys {
-                t.backups.remove(key)?;
+                t.backups.remove(key).db()?;
             }
             Ok(())
         })
@@ -340,7 +350,7 @@ impl SledStore {
     pub(super) async fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
         let (key, value) = (name_key(reader, owner.as_str()), encode(grant));
         self.write(move |t| {
-            t.restore_grants.insert(key, value)?;
+            t.restore_grants.insert(key, value).db()?;
             Ok(())
         })
         .await
@@ -348,35 +358,35 @@ impl SledStore {
 
     pub(super) async fn grant(&self, reader: &DeviceId, owner: &DeviceId) -> Result<Option<Grant>, StoreError> {
         let key = name_key(reader, owner.as_str());
-        self.read(move |t| t.restore_grants.get(key)?.map(|v| decode("restore_grants", &v)).transpose()).await
+        self.read(move |t| t.restore_grants.get(key).db()?.map(|v| decode("restore_grants", &v)).transpose()).await
     }
 
     pub(super) async fn peers(&self, id: &DeviceId) -> Result<Option<PeersRecord>, StoreError> {
         let id = id.clone();
-        self.read(move |t| t.peers.get(id.as_str())?.map(|v| decode("peers", &v)).transpose()).await
+        self.read(move |t| t.peers.get(id.as_str()).db()?.map(|v| decode("peers", &v)).transpose()).await
     }
 
     pub(super) async fn jobs(&self, id: &DeviceId) -> Result<Option<JobsRecord>, StoreError> {
         let id = id.clone();
-        self.read(move |t| t.jobs.get(id.as_str())?.map(|v| decode("jobs", &v)).transpose()).await
+        self.read(move |t| t.jobs.get(id.as_str()).db()?.map(|v| decode("jobs", &v)).transpose()).await
     }
 
     pub(super) async fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
         let prefix = job_prefix(id, job);
         self.read(move |t| {
-            t.job_runs.scan_prefix(prefix).values().rev().take(limit).map(|v| decode("job_runs", &v?)).collect()
+            t.job_runs.scan_prefix(prefix).values().rev().take(limit).map(|v| decode("job_runs", &v.db()?)).collect()
         })
         .await
     }
 
     pub(super) async fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
         let id = id.clone();
-        self.read(move |t| t.reported.get(id.as_str())?.map(|v| decode("reported", &v)).transpose()).await
+        self.read(move |t| t.reported.get(id.as_str()).db()?.map(|v| decode("reported", &v)).transpose()).await
     }
 
     pub(super) async fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
         let id = id.clone();
-        self.read(move |t| t.desired.get(id.as_str())?.map(|v| decode("desired", &v)).transpose()).await
+        self.read(move |t| t.desired.get(id.as_str()).db()?.map(|v| decode("desired", &v)).transpose()).await
     }
 
     pub(super) async fn put_desired(
@@ -431,7 +441,7 @@ impl SledStore {
                 let Some(mut cmd) = t.command(id)? else { continue };
                 if cmd.device == device && cmd.state == CommandState::Queued {
                     cmd.state = CommandState::Delivered { at };
-                    t.commands.insert(id.to_be_bytes(), encode(&cmd))?;
+                    t.commands.insert(id.to_be_bytes(), encode(&cmd)).db()?;
                     changed.push(id);
                 }
             }
@@ -447,7 +457,7 @@ impl SledStore {
     pub(super) async fn put_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<(), StoreError> {
         let (hash, value) = (*hash, encode(token));
         self.write(move |t| {
-            t.api_tokens.insert(hash, value)?;
+            t.api_tokens.insert(hash, value).db()?;
             Ok(())
         })
         .await
@@ -455,7 +465,7 @@ impl SledStore {
 
     pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
         let hash = *hash;
-        self.read(move |t| t.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()).await
+        self.read(move |t| t.api_tokens.get(hash).db()?.map(|v| decode("api_tokens", &v)).transpose()).await
     }
 
     pub(super) async fn enroll(
@@ -475,7 +485,7 @@ impl SledStore {
     }
 
     pub(super) async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read(|t| t.devices.iter().values().map(|v| decode("devices", &v?)).collect()).await
+        self.read(|t| t.devices.iter().values().map(|v| decode("devices", &v.db()?)).collect()).await
     }
 
     pub(super) async fn record_hello(&self, hello: &HelloRecord) -> Result<bool, StoreError> {
@@ -486,7 +496,7 @@ impl SledStore {
             record.agent_version = Some(hello.agent_version);
             record.last_seen = Some(hello.at);
             record.last_addr = Some(hello.addr);
-            t.devices.insert(hello.id.as_str(), encode(&record))?;
+            t.devices.insert(hello.id.as_str(), encode(&record)).db()?;
             Ok(true)
         })
         .await
@@ -629,7 +639,7 @@ fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
 fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
     r.map_err(|e| match e {
         TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => e.into(),
+        TransactionError::Storage(e) => sled_err(e),
     })
 }
 
@@ -648,31 +658,31 @@ fn be_u64(bytes: &[u8]) -> u64 {
 
 impl Trees {
     fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).cache_capacity(64 << 20).flush_every_ms(Some(500)).open()?;
+        let db = sled::Config::new().path(path).cache_capacity(64 << 20).flush_every_ms(Some(500)).open().db()?;
         Ok(Trees {
-            devices: db.open_tree("devices")?,
-            api_tokens: db.open_tree("api_tokens")?,
-            enroll_uses: db.open_tree("enroll_uses")?,
-            seq: db.open_tree("seq")?,
-            telemetry: db.open_tree("telemetry")?,
-            events: db.open_tree("events")?,
-            reported: db.open_tree("reported")?,
-            desired: db.open_tree("desired")?,
-            commands: db.open_tree("commands")?,
-            device_commands: db.open_tree("device_commands")?,
-            jobs: db.open_tree("jobs")?,
-            job_runs: db.open_tree("job_runs")?,
-            peers: db.open_tree("peers")?,
-            device_keys: db.open_tree("device_keys")?,
-            backups: db.open_tree("backups")?,
-            restore_grants: db.open_tree("restore_grants")?,
-            meta: db.open_tree("meta")?,
+            devices: db.open_tree("devices").db()?,
+            api_tokens: db.open_tree("api_tokens").db()?,
+            enroll_uses: db.open_tree("enroll_uses").db()?,
+            seq: db.open_tree("seq").db()?,
+            telemetry: db.open_tree("telemetry").db()?,
+            events: db.open_tree("events").db()?,
+            reported: db.open_tree("reported").db()?,
+            desired: db.open_tree("desired").db()?,
+            commands: db.open_tree("commands").db()?,
+            device_commands: db.open_tree("device_commands").db()?,
+            jobs: db.open_tree("jobs").db()?,
+            job_runs: db.open_tree("job_runs").db()?,
+            peers: db.open_tree("peers").db()?,
+            device_keys: db.open_tree("device_keys").db()?,
+            backups: db.open_tree("backups").db()?,
+            restore_grants: db.open_tree("restore_grants").db()?,
+            meta: db.open_tree("meta").db()?,
             db,
         })
     }
 
     fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
-        Ok(self.seq.get(id.as_str())?.map_or(0, |v| be_u64(&v)))
+        Ok(self.seq.get(id.as_str()).db()?.map_or(0, |v| be_u64(&v)))
     }
 
     /// Applies [`ingest::plan`] of the batch in one transaction with the
@@ -781,7 +791,7 @@ impl Trees {
             return Ok(out);
         }
         for entry in self.telemetry.range(from..to).take(range.limit) {
-            let (key, value) = entry?;
+            let (key, value) = entry.db()?;
             let seq = key.get(key.len() - 8..).map_or(0, be_u64);
             out.push((seq, decode("telemetry", &value)?));
         }
@@ -791,22 +801,28 @@ impl Trees {
     fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
         let mut removed = 0;
         for device in self.devices.iter().keys() {
-            let id: DeviceId = match std::str::from_utf8(&device?).ok().and_then(|s| s.parse().ok()) {
+            let id: DeviceId = match std::str::from_utf8(&device.db()?).ok().and_then(|s| s.parse().ok()) {
                 Some(id) => id,
                 None => continue,
             };
             let mut batch = sled::Batch::default();
             for key in self.telemetry.range(telemetry_key(&id, Timestamp(0), 0)..telemetry_key(&id, before, 0)).keys() {
-                batch.remove(key?);
+                batch.remove(key.db()?);
                 removed += 1;
             }
-            self.telemetry.apply_batch(batch)?;
+            self.telemetry.apply_batch(batch).db()?;
         }
         Ok(removed)
     }
 
     fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        self.events.scan_prefix(device_prefix(id)).values().rev().take(limit).map(|v| decode("events", &v?)).collect()
+        self.events
+            .scan_prefix(device_prefix(id))
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| decode("events", &v.db()?))
+            .collect()
     }
 
     /// Forgets all but the newest [`MAX_RUNS_PER_JOB`] attempts of a job.
@@ -814,11 +830,11 @@ impl Trees {
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         for key in self.job_runs.scan_prefix(job_prefix(id, job)).keys().rev().skip(MAX_RUNS_PER_JOB) {
-            batch.remove(key?);
+            batch.remove(key.db()?);
             removed += 1;
         }
         if removed > 0 {
-            self.job_runs.apply_batch(batch)?;
+            self.job_runs.apply_batch(batch).db()?;
         }
         Ok(())
     }
@@ -840,7 +856,7 @@ impl Trees {
     }
 
     fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
-        let id = self.db.generate_id()? + 1;
+        let id = self.db.generate_id().db()? + 1;
         let NewCommand { device, kind, args, expires_at, created_by } = command;
         let record = CommandRecord {
             id,
@@ -863,13 +879,13 @@ impl Trees {
     }
 
     fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.commands.get(id.to_be_bytes())?.map(|v| decode("commands", &v)).transpose()
+        self.commands.get(id.to_be_bytes()).db()?.map(|v| decode("commands", &v)).transpose()
     }
 
     fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
         let mut out = Vec::new();
         for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
-            let key = key?;
+            let key = key.db()?;
             let id = key.get(key.len() - 8..).map_or(0, be_u64);
             if let Some(cmd) = self.command(id)? {
                 out.push(cmd);
@@ -881,10 +897,10 @@ impl Trees {
     fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
         let mut expired = Vec::new();
         for value in self.commands.iter().values() {
-            let mut cmd: CommandRecord = decode("commands", &value?)?;
+            let mut cmd: CommandRecord = decode("commands", &value.db()?)?;
             if cmd.state == CommandState::Queued && cmd.expires_at <= now {
                 cmd.state = CommandState::Expired { at: now };
-                self.commands.insert(cmd.id.to_be_bytes(), encode(&cmd))?;
+                self.commands.insert(cmd.id.to_be_bytes(), encode(&cmd)).db()?;
                 expired.push(cmd);
             }
         }
@@ -907,6 +923,6 @@ impl Trees {
     }
 
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.devices.get(id.as_str())?.map(|v| decode("devices", &v)).transpose()
+        self.devices.get(id.as_str()).db()?.map(|v| decode("devices", &v)).transpose()
     }
 }
