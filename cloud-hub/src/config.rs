@@ -194,11 +194,6 @@ impl ConfigFile for HubConfig {
                 ),
             });
         }
-        if let StoreConfig::Postgres { url, .. } = &self.store
-            && let Err(message) = crate::store::postgres::check_reachable(url)
-        {
-            errors.push(ConfigError { path: "store.url".into(), message });
-        }
         errors
     }
 }

@@ -91,12 +91,33 @@ fn main() -> ExitCode {
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
         ),
-        Command::Validate { config } => HubConfig::validate_command(&config),
+        Command::Validate { config } => validate(&config),
         Command::Serve { config } => match HubConfig::load_checked_or_exit(&config) {
             Ok(config) => report(serve(config)),
             Err(code) => code,
         },
     }
+}
+
+/// Exit status when the database cannot be reached (EX_UNAVAILABLE): not a
+/// config error, so systemd keeps restarting the hub until it can.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// `validate`: the file (exit 64 with every error), then, for PostgreSQL,
+/// that the database answers with a schema this hub can run on (exit 69).
+fn validate(path: &std::path::Path) -> ExitCode {
+    let config = match HubConfig::load_checked_or_exit(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let StoreConfig::Postgres { url, .. } = &config.store
+        && let Err(message) = outpost_hub::store::postgres::check_reachable(url)
+    {
+        eprintln!("{}: store.url: {message}", path.display());
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

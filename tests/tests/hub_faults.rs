@@ -132,8 +132,9 @@ fn a_lost_database_stops_acknowledging_and_the_hub_resumes_when_it_returns() {
 }
 
 /// A database that is not there at start: `validate` names `store.url`, the
-/// host and the reason and exits 64; `serve` exits non-zero with the same
-/// reason instead of running without a store.
+/// host and the reason and exits 69 (unavailable, not a config error: the
+/// unit keeps retrying); `serve` exits non-zero with the same reason instead
+/// of running without a store.
 #[test]
 fn an_unreachable_database_at_start_is_a_clear_error() {
     let scratch = Scratch::new().unwrap();
@@ -154,7 +155,7 @@ fn an_unreachable_database_at_start_is_a_clear_error() {
     .unwrap();
     let out = run(Command::new(bin("outpost-hub")).arg("validate").arg("--config").arg(&config)).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(err.contains("store.url") && err.contains(&socket.display().to_string()), "{err}");
     assert!(err.contains("cannot reach the database"), "{err}");
     let out = run(Command::new(bin("outpost-hub")).arg("serve").arg("--config").arg(&config)).unwrap();
