@@ -76,6 +76,35 @@ pub fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The process group of `pid`, from `/proc/<pid>/stat`.
+fn process_group(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The process groups of every process this user may read whose
+/// environment holds `entry` (`NAME=value`, a run's marker): what is left
+/// of a job an agent started just before it died, before it could record
+/// the job's process id.
+pub fn groups_with_env(entry: &str) -> Vec<i32> {
+    let mut groups: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == entry.as_bytes()))
+        })
+        .filter_map(process_group)
+        .filter(|pgid| *pgid > 1)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
 /// What to run.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessSpec<'a> {
@@ -231,6 +260,33 @@ mod tests {
         let env = BTreeMap::new();
         let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None }).unwrap();
         spawned.wait(timeout, cap, &CancellationToken::new()).await
+    }
+
+    #[tokio::test]
+    async fn a_marked_group_is_found_by_its_environment_and_killed() {
+        let marker = format!("OUTPOST_JOB_RUN=/test/{}#7", std::process::id());
+        let (name, value) = marker.split_once('=').unwrap();
+        let env: BTreeMap<String, String> = [(name.to_owned(), value.to_owned())].into_iter().collect();
+        // A child of the job too (it inherits the marker and the group).
+        let argv = argv("sleep 300 & sleep 300");
+        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None }).unwrap();
+        let pgid = i32::try_from(spawned.pid()).unwrap();
+        let found = (0..100)
+            .find_map(|_| {
+                let groups = groups_with_env(&marker);
+                if groups.is_empty() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                } else {
+                    Some(groups)
+                }
+            })
+            .unwrap();
+        assert_eq!(found, [pgid], "the marked group, and nothing else");
+        assert!(groups_with_env("OUTPOST_JOB_RUN=/test/none#7").is_empty());
+        kill_group(pgid);
+        let result = spawned.wait(Duration::from_secs(10), 64, &CancellationToken::new()).await;
+        assert_eq!(result.end, ProcessEnd::Signaled(libc::SIGKILL));
     }
 
     #[test]

@@ -546,13 +546,10 @@ pub struct PeerView {
 
 impl From<outpost_shared::peers::PeerEntry> for PeerView {
     fn from(p: outpost_shared::peers::PeerEntry) -> Self {
-        use outpost_shared::peers::PeerState;
-        let (state, state_reason) = match p.state {
-            PeerState::Unverified => ("unverified", None),
-            PeerState::Trusted => ("trusted", None),
-            PeerState::Foreign => ("foreign", None),
-            PeerState::Untrusted { reason } => ("untrusted", Some(reason)),
-            PeerState::Gone => ("gone", None),
+        let state = p.state.as_str().to_owned();
+        let state_reason = match p.state {
+            outpost_shared::peers::PeerState::Untrusted { reason } => Some(reason),
+            _ => None,
         };
         PeerView {
             id: p.id,
@@ -560,7 +557,7 @@ impl From<outpost_shared::peers::PeerEntry> for PeerView {
             first_seen: rfc3339(p.first_seen),
             last_seen: rfc3339(p.last_seen),
             uplink: p.uplink,
-            state: state.into(),
+            state,
             state_reason,
             rtt_ms: p.rtt_ms,
         }

@@ -289,24 +289,15 @@ pub fn render_table(devices: &[DeviceView]) -> String {
 
 /// A device's LAN peer table as text.
 pub fn render_peers(peers: &[PeerView]) -> String {
-    let rows: Vec<Vec<String>> = peers
-        .iter()
-        .map(|p| {
-            let state = match &p.state_reason {
-                Some(reason) => format!("{}: {reason}", p.state),
-                None => p.state.clone(),
-            };
-            vec![
-                p.id.clone(),
-                state,
-                if p.uplink { "up" } else { "down" }.to_owned(),
-                p.addresses.join(" "),
-                p.rtt_ms.map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
-                p.last_seen.clone(),
-            ]
-        })
-        .collect();
-    outpost_shared::table::render(&["ID", "STATE", "UPLINK", "ADDRESSES", "RTT", "LAST SEEN"], &rows)
+    outpost_shared::peers::render_rows(peers.iter().map(|p| outpost_shared::peers::PeerRow {
+        id: &p.id,
+        state: &p.state,
+        reason: p.state_reason.as_deref(),
+        uplink: p.uplink,
+        addresses: &p.addresses,
+        rtt_ms: p.rtt_ms,
+        last_seen: p.last_seen.clone(),
+    }))
 }
 
 /// The `outpostctl jobs` table.

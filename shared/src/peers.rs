@@ -86,24 +86,58 @@ pub struct PeersReport {
     pub peers: Vec<PeerEntry>,
 }
 
+/// One line of the peer table, from whichever shape holds the peer.
+#[derive(Debug, Clone)]
+pub struct PeerRow<'a> {
+    /// The peer's id.
+    pub id: &'a str,
+    /// Its state's name.
+    pub state: &'a str,
+    /// Why it is in that state, when the state says.
+    pub reason: Option<&'a str>,
+    /// It announced a working uplink.
+    pub uplink: bool,
+    /// Its addresses.
+    pub addresses: &'a [String],
+    /// Round trip of the last exchange.
+    pub rtt_ms: Option<u32>,
+    /// Last heard of, RFC 3339.
+    pub last_seen: String,
+}
+
 /// A table of peers, for `outpost-agent peers` and `outpostctl peers`.
-pub fn render(peers: &[PeerEntry]) -> String {
+pub fn render_rows<'a>(peers: impl IntoIterator<Item = PeerRow<'a>>) -> String {
     let rows: Vec<Vec<String>> = peers
-        .iter()
+        .into_iter()
         .map(|p| {
-            let state = match &p.state {
-                PeerState::Untrusted { reason } => format!("untrusted: {reason}"),
-                other => other.as_str().to_owned(),
-            };
             vec![
-                p.id.clone(),
-                state,
+                p.id.to_owned(),
+                match p.reason {
+                    Some(reason) => format!("{}: {reason}", p.state),
+                    None => p.state.to_owned(),
+                },
                 if p.uplink { "up" } else { "down" }.to_owned(),
                 p.addresses.join(" "),
                 p.rtt_ms.map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
-                p.last_seen.rfc3339(),
+                p.last_seen,
             ]
         })
         .collect();
     crate::table::render(&["ID", "STATE", "UPLINK", "ADDRESSES", "RTT", "LAST SEEN"], &rows)
+}
+
+/// [`render_rows`] of the agent's own peer entries.
+pub fn render(peers: &[PeerEntry]) -> String {
+    render_rows(peers.iter().map(|p| PeerRow {
+        id: &p.id,
+        state: p.state.as_str(),
+        reason: match &p.state {
+            PeerState::Untrusted { reason } => Some(reason),
+            _ => None,
+        },
+        uplink: p.uplink,
+        addresses: &p.addresses,
+        rtt_ms: p.rtt_ms,
+        last_seen: p.last_seen.rfc3339(),
+    }))
 }

@@ -109,6 +109,12 @@ struct RunningRecord {
     process: Option<(u32, u64)>,
 }
 
+/// The environment entry marking run `run_id` of the agent whose data dir
+/// is `data_dir` (unique on the machine: one agent per data dir).
+pub(crate) fn run_marker(data_dir: &std::path::Path, run_id: u64) -> (&'static str, String) {
+    ("OUTPOST_JOB_RUN", format!("{}#{run_id}", data_dir.display()))
+}
+
 /// Errors of job requests.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobsError {
@@ -268,11 +274,27 @@ impl Jobs {
                 continue;
             }
             let mut note = "the agent stopped while this run was in progress; it is not resumed".to_owned();
+            let mut groups = Vec::new();
             if let Some((pid, started)) = record.process
                 && crate::process::start_time(pid) == Some(started)
             {
-                crate::process::kill_group(i32::try_from(pid).unwrap_or(0));
-                note.push_str(&format!("; its process group {pid} was still running and has been killed"));
+                groups.push(i32::try_from(pid).unwrap_or(0));
+            }
+            // Also what carries the run's marker: the agent may have died
+            // between starting the job and recording its process id.
+            let (name, value) = run_marker(&self.0.data_dir, record.run_id);
+            groups.extend(crate::process::groups_with_env(&format!("{name}={value}")));
+            groups.sort_unstable();
+            groups.dedup();
+            for pgid in &groups {
+                crate::process::kill_group(*pgid);
+            }
+            if !groups.is_empty() {
+                let list: Vec<String> = groups.iter().map(i32::to_string).collect();
+                note.push_str(&format!(
+                    "; its process group {} was still running and has been killed",
+                    list.join(", ")
+                ));
             }
             tracing::warn!(job = %record.job, run = record.run_id, "Run was cut off by a restart; reporting it interrupted.");
             let run = JobRun {

@@ -103,7 +103,12 @@ impl Run {
         match &self.spec.action {
             Action::Command { argv, env, working_dir } => {
                 let dir = working_dir.as_deref().unwrap_or(&self.jobs.0.data_dir);
-                let spawned = match process::spawn(ProcessSpec { argv, env, working_dir: Some(dir) }) {
+                // A marker in the run's environment finds its processes if
+                // the agent dies before the process id below is durable.
+                let mut env = env.clone();
+                let (name, value) = super::run_marker(&self.jobs.0.data_dir, self.run_id);
+                env.insert(name.to_owned(), value);
+                let spawned = match process::spawn(ProcessSpec { argv, env: &env, working_dir: Some(dir) }) {
                     Ok(s) => s,
                     Err(error) => return (RunOutcome::FailedToStart { error }, String::new(), 0),
                 };
