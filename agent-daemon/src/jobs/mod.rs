@@ -18,8 +18,10 @@
 //! - `job.run.<id>`: a run in progress (written before the program starts,
 //!   updated with its pid). One left over at start belongs to an agent that
 //!   died: its process group, if still alive (pid and start time match), is
-//!   killed, and the run is reported `Interrupted` — never resumed, never
-//!   overlapping the next.
+//!   killed, and so is every group whose processes carry the run's marker
+//!   in their environment (`OUTPOST_JOB_RUN=<data dir>#<run id>`: the agent
+//!   may have died before the pid was durable); the run is reported
+//!   `Interrupted` — never resumed, never overlapping the next.
 //! - `jobs.reported`: the job list last sent to the hub, so a `JobsReport`
 //!   goes out only when the list changes.
 //!
