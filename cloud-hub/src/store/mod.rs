@@ -686,6 +686,23 @@ pub struct SessionRecord {
     pub seen: Timestamp,
 }
 
+impl NewCommand {
+    /// The record of this command queued now under `id`.
+    pub fn queued(self, id: u64) -> CommandRecord {
+        let NewCommand { device, kind, args, expires_at, created_by } = self;
+        CommandRecord {
+            id,
+            device,
+            kind,
+            args,
+            created_at: Timestamp::now(),
+            expires_at,
+            created_by,
+            state: CommandState::Queued,
+        }
+    }
+}
+
 /// What a device's hello changes in its record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HelloRecord {

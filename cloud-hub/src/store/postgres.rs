@@ -587,15 +587,12 @@ impl PgStore {
     }
 
     pub(super) async fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT record FROM events WHERE device = $1 ORDER BY seq DESC LIMIT $2",
-                &[&id.as_str(), &big(limit as u64)],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode("events", r.get(0))).collect()
+        self.many(
+            "events",
+            "SELECT record FROM events WHERE device = $1 ORDER BY seq DESC LIMIT $2",
+            &[&id.as_str(), &big(limit as u64)],
+        )
+        .await
     }
 
     async fn write(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<u64, StoreError> {
@@ -612,6 +609,17 @@ impl PgStore {
         let client = self.client().await?;
         let row = client.query_opt(sql, params).await.map_err(pg)?;
         row.map(|r| decode(what, r.get(0))).transpose()
+    }
+
+    async fn many<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query(sql, params).await.map_err(pg)?;
+        rows.iter().map(|r| decode(what, r.get(0))).collect()
     }
 
     pub(super) async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
@@ -641,12 +649,7 @@ impl PgStore {
     }
 
     pub(super) async fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT entry FROM catalog WHERE device = $1 ORDER BY name", &[&id.as_str()])
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode("catalog", r.get(0))).collect()
+        self.many("catalog", "SELECT entry FROM catalog WHERE device = $1 ORDER BY name", &[&id.as_str()]).await
     }
 
     pub(super) async fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
@@ -698,16 +701,13 @@ impl PgStore {
     }
 
     pub(super) async fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT run FROM job_runs WHERE device = $1 AND job = $2
+        self.many(
+            "job_runs",
+            "SELECT run FROM job_runs WHERE device = $1 AND job = $2
                  ORDER BY run_id DESC, attempt DESC LIMIT $3",
-                &[&id.as_str(), &job, &big(limit as u64)],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode("job_runs", r.get(0))).collect()
+            &[&id.as_str(), &job, &big(limit as u64)],
+        )
+        .await
     }
 
     pub(super) async fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
@@ -758,17 +758,7 @@ impl PgStore {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(pg)?;
             let row = tx.query_one("SELECT nextval('commands_id_seq')", &[]).await.map_err(pg)?;
-            let NewCommand { device, kind, args, expires_at, created_by } = command;
-            let record = CommandRecord {
-                id: unbig(row.get(0)),
-                device,
-                kind,
-                args,
-                created_at: Timestamp::now(),
-                expires_at,
-                created_by,
-                state: CommandState::Queued,
-            };
+            let record = command.queued(unbig(row.get(0)));
             tx.execute(
                 "INSERT INTO commands (id, device, state, expires_at, record) VALUES ($1, $2, 'queued', $3, $4)",
                 &[&big(record.id), &record.device.as_str(), &big(record.expires_at.0), &encode(&record)],
@@ -787,12 +777,7 @@ impl PgStore {
     }
 
     pub(super) async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT record FROM commands WHERE device = $1 ORDER BY id", &[&device.as_str()])
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode("commands", r.get(0))).collect()
+        self.many("commands", "SELECT record FROM commands WHERE device = $1 ORDER BY id", &[&device.as_str()]).await
     }
 
     pub(super) async fn queued_commands(
@@ -801,16 +786,13 @@ impl PgStore {
         limit: usize,
         now: Timestamp,
     ) -> Result<Vec<CommandRecord>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT record FROM commands WHERE device = $1 AND state = 'queued' AND expires_at > $2
+        self.many(
+            "commands",
+            "SELECT record FROM commands WHERE device = $1 AND state = 'queued' AND expires_at > $2
                  ORDER BY id LIMIT $3",
-                &[&device.as_str(), &big(now.0), &big(limit as u64)],
-            )
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode("commands", r.get(0))).collect()
+            &[&device.as_str(), &big(now.0), &big(limit as u64)],
+        )
+        .await
     }
 
     /// Moves the queued commands among `ids` of `device` to `to`, in one

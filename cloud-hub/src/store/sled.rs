@@ -857,17 +857,7 @@ impl Trees {
 
     fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
         let id = self.db.generate_id().db()? + 1;
-        let NewCommand { device, kind, args, expires_at, created_by } = command;
-        let record = CommandRecord {
-            id,
-            device,
-            kind,
-            args,
-            created_at: Timestamp::now(),
-            expires_at,
-            created_by,
-            state: CommandState::Queued,
-        };
+        let record = command.queued(id);
         let trees = (&self.commands, &self.device_commands);
         let result = trees.transaction(|(commands, index)| {
             commands.insert(&id.to_be_bytes()[..], encode(&record))?;
