@@ -5,7 +5,7 @@
 //! state beside it. `GET /api/v1/openapi.json` describes them
 //! ([`crate::http::ApiDoc`]).
 
-use crate::store::{AlarmRecord, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, ReportedState};
+use crate::store::{AlarmRecord, AuditEntry, CommandRecord, CommandState, DesiredRecord, EventRecord, ReportedState};
 use outpost_shared::job::{Action, JobRun, JobSource, JobSpec, RunOutcome, Schedule, Trigger};
 use outpost_shared::protocol::{AlarmKind, Outcome, RecordBody};
 use outpost_shared::telemetry::Sample;
@@ -51,6 +51,22 @@ pub struct DeviceView {
     /// Highest record sequence number stored for this device.
     #[serde(default)]
     pub last_seq: u64,
+    /// Labels (`PUT .../labels`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// It has alarms raised and not cleared.
+    #[serde(default)]
+    pub alarmed: bool,
+    /// Failed job attempts in the last 24 hours.
+    #[serde(default)]
+    pub failed_runs_24h: usize,
+    /// Scheduled backup jobs overdue (no success for two periods).
+    #[serde(default)]
+    pub overdue_backups: Vec<String>,
+    /// Seconds between the device time of its newest record at the hub and
+    /// now: how far behind the hub's copy of its data is.
+    #[serde(default)]
+    pub behind_secs: Option<u64>,
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
@@ -179,15 +195,16 @@ pub fn rfc3339(t: Timestamp) -> String {
 }
 
 impl DeviceView {
-    /// Builds the view of `record` with its live presence.
+    /// Builds the view of a fleet row with its live presence, at `now`.
     pub fn new(
-        record: DeviceRecord,
+        row: crate::store::FleetRow,
         last_seen: Option<Timestamp>,
         online: bool,
         transport: Option<&str>,
-        alarms: Vec<AlarmRecord>,
-        last_seq: u64,
+        now: Timestamp,
     ) -> Self {
+        let crate::store::FleetRow { record, labels, digest, high_water, .. } = row;
+        let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
         DeviceView {
             id: record.id.to_string(),
             name: record.name,
@@ -202,8 +219,13 @@ impl DeviceView {
             cpu_percent: record.last_sample.as_ref().map(|s| s.cpu_percent),
             mem_percent: record.last_sample.as_ref().map(Sample::mem_percent),
             telemetry: record.last_sample,
-            alarms: alarms.into_iter().map(AlarmView::from).collect(),
-            last_seq,
+            alarmed: digest.alarmed(),
+            failed_runs_24h: digest.failed_runs_since(day_ago),
+            overdue_backups: digest.overdue_backups(now).into_iter().map(|b| b.job.clone()).collect(),
+            behind_secs: digest.behind(now).map(|d| d.as_secs()),
+            alarms: digest.recent_alarms.into_iter().map(AlarmView::from).collect(),
+            last_seq: high_water,
+            labels,
         }
     }
 }
@@ -716,6 +738,48 @@ impl From<JobRun> for JobRunView {
             outcome: run.outcome.to_string(),
             output: run.output,
             output_bytes: run.output_bytes,
+        }
+    }
+}
+
+/// One audit log entry, as `GET /api/v1/audit` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditView {
+    /// Increasing id.
+    pub id: u64,
+    /// RFC 3339.
+    pub at: String,
+    /// Token name (`-`: none or not valid).
+    pub who: String,
+    /// `METHOD /path/pattern`.
+    pub action: String,
+    /// Device id, `selector ...`, `token ...`.
+    pub target: String,
+    /// Devices a selector matched.
+    pub matched: Option<u64>,
+    /// The caller's address.
+    pub from: String,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// More.
+    pub detail: String,
+}
+
+impl From<AuditEntry> for AuditView {
+    fn from(e: AuditEntry) -> Self {
+        AuditView {
+            id: e.id,
+            at: rfc3339(e.at),
+            outcome: e.outcome().into(),
+            who: e.who,
+            action: e.action,
+            target: e.target,
+            matched: e.matched,
+            from: e.from,
+            status: e.status,
+            detail: e.detail,
         }
     }
 }

@@ -336,6 +336,11 @@ mod tests {
             telemetry: None,
             alarms: vec![],
             last_seq: 0,
+            labels: Default::default(),
+            alarmed: false,
+            failed_runs_24h: 0,
+            overdue_backups: vec![],
+            behind_secs: None,
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();

@@ -8,7 +8,7 @@
 //! that timeout, not after QUIC's idle timeout.
 
 use crate::api::DeviceView;
-use crate::store::{DeviceRecord, Store, StoreError};
+use crate::store::{FleetRow, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::time::Timestamp;
 use std::collections::HashMap;
@@ -71,7 +71,12 @@ pub struct Fleet {
     backups: crate::backups::Backups,
     presence: Mutex<HashMap<DeviceId, Presence>>,
     heartbeat_timeout: Duration,
+    /// When each token's use was last written to the store.
+    token_uses: Mutex<HashMap<[u8; 32], Timestamp>>,
 }
+
+/// A token's last use is written at most this often.
+pub const TOKEN_USE_EVERY: Duration = Duration::from_secs(60);
 
 impl Fleet {
     /// Fleet state over `store`.
@@ -79,7 +84,7 @@ impl Fleet {
         let mut random = [0u8; 6];
         rand::fill(&mut random[..]);
         let hub_id = format!("hub-{}", outpost_shared::identity::hex(&random));
-        Fleet { hub_id, store, backups, presence: Mutex::default(), heartbeat_timeout }
+        Fleet { hub_id, store, backups, presence: Mutex::default(), heartbeat_timeout, token_uses: Mutex::default() }
     }
 
     /// This hub process's name among the hubs of the fleet.
@@ -108,6 +113,17 @@ impl Fleet {
     /// heard from.
     pub fn local_sessions(&self) -> Vec<(DeviceId, Timestamp)> {
         self.presence().iter().filter(|(_, p)| p.link.is_some()).map(|(id, p)| (id.clone(), p.last_seen)).collect()
+    }
+
+    /// True if the use of token `hash` at `now` should be written (it was
+    /// not within [`TOKEN_USE_EVERY`]).
+    pub fn token_use_due(&self, hash: &[u8; 32], now: Timestamp) -> bool {
+        let mut uses = self.token_uses.lock().unwrap_or_else(|p| p.into_inner());
+        let due = uses.get(hash).is_none_or(|t| t.until(now) >= TOKEN_USE_EVERY);
+        if due {
+            uses.insert(*hash, now);
+        }
+        due
     }
 
     /// Devices' backups at the hub.
@@ -177,46 +193,38 @@ impl Fleet {
         }
     }
 
-    /// The API's view of one device record.
-    pub async fn view(&self, record: DeviceRecord) -> Result<DeviceView, StoreError> {
-        let now = Timestamp::now();
-        let local = self.presence().get(&record.id).map(|p| (p.last_seen, p.link.as_ref().map(Link::transport)));
+    /// The API's view of one fleet row, with this hub's presence: no store
+    /// call.
+    pub fn view(&self, row: FleetRow, now: Timestamp) -> DeviceView {
+        let local = self.presence().get(&row.record.id).map(|p| (p.last_seen, p.link.as_ref().map(Link::transport)));
         let (last_seen, transport) = match local {
             Some((seen, Some(transport))) => {
-                (Some(seen.max(record.last_seen.unwrap_or(seen))), Some(transport.to_owned()))
+                (Some(seen.max(row.record.last_seen.unwrap_or(seen))), Some(transport.to_owned()))
             }
             // Not here: the hub that holds its session says when it last
             // heard from it (every hub answers the same).
             _ => {
-                let session = self.store.session(&record.id).await?;
-                let seen = [record.last_seen, local.map(|(s, _)| s), session.as_ref().map(|s| s.seen)]
-                    .into_iter()
-                    .flatten()
-                    .max();
+                let session = row.session.as_ref();
+                let seen =
+                    [row.record.last_seen, local.map(|(s, _)| s), session.map(|s| s.seen)].into_iter().flatten().max();
                 let live = session.filter(|s| s.seen.until(now) < self.heartbeat_timeout && s.hub != self.hub_id);
-                (seen, live.map(|s| s.transport))
+                (seen, live.map(|s| s.transport.clone()))
             }
         };
         let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
-        let alarms = self.store.alarms(&record.id, 10).await?;
-        let last_seq = self.store.high_water(&record.id).await?;
-        Ok(DeviceView::new(record, last_seen, online, transport.as_deref(), alarms, last_seq))
+        DeviceView::new(row, last_seen, online, transport.as_deref(), now)
     }
 
-    /// Every device, as the API shows them.
-    pub async fn devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        let mut views = Vec::new();
-        for record in self.store.devices().await? {
-            views.push(self.view(record).await?);
-        }
-        Ok(views)
+    /// Every device (or those in `only`), as the API shows them, ordered by
+    /// id: one store read.
+    pub async fn views(&self, only: Option<&[DeviceId]>) -> Result<Vec<DeviceView>, StoreError> {
+        let rows = self.store.fleet_rows(only).await?;
+        let now = Timestamp::now();
+        Ok(rows.into_iter().map(|row| self.view(row, now)).collect())
     }
 
     /// One device, as the API shows it.
     pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceView>, StoreError> {
-        match self.store.device(id).await? {
-            Some(record) => Ok(Some(self.view(record).await?)),
-            None => Ok(None),
-        }
+        Ok(self.views(Some(std::slice::from_ref(id))).await?.pop())
     }
 }

@@ -13,8 +13,11 @@ use crate::api::{
 };
 use crate::backups::{BackupStoreError, SnapshotView};
 use crate::fleet::Fleet;
+use crate::listing::{DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select};
 use crate::service;
-use crate::store::{ApiToken, Role, StoreError, TelemetryRange};
+use crate::store::AuditQuery;
+use crate::store::{ApiToken, AuditEntry, Role, StoreError, TelemetryRange};
+use actix_web::HttpMessage;
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
@@ -48,6 +51,9 @@ pub enum HttpError {
         /// The version in force.
         current: u64,
     },
+    /// The thing to make exists already.
+    #[error("{0} exists already")]
+    Exists(String),
     /// The hub's store cannot answer or make the change durable now.
     #[error("the hub cannot store this now; retry later ({0})")]
     Unavailable(String),
@@ -72,6 +78,7 @@ impl From<service::ServiceError> for HttpError {
             service::ServiceError::NotFound(what) => HttpError::NotFound(what),
             service::ServiceError::Invalid(why) => HttpError::Unprocessable(why),
             service::ServiceError::Conflict { current } => HttpError::Conflict { current },
+            service::ServiceError::Exists(what) => HttpError::Exists(what),
             service::ServiceError::Store(e) => e.into(),
         }
     }
@@ -84,7 +91,7 @@ impl ResponseError for HttpError {
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
             HttpError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            HttpError::Conflict { .. } => StatusCode::CONFLICT,
+            HttpError::Conflict { .. } | HttpError::Exists(_) => StatusCode::CONFLICT,
             HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -107,6 +114,8 @@ impl ResponseError for HttpError {
 pub struct Caller {
     /// The token's record.
     pub token: ApiToken,
+    /// The SHA-256 of its secret.
+    pub hash: [u8; 32],
 }
 
 impl Caller {
@@ -114,6 +123,52 @@ impl Caller {
     pub fn require(&self, role: Role) -> Result<(), HttpError> {
         if self.token.role >= role { Ok(()) } else { Err(HttpError::Forbidden(role)) }
     }
+}
+
+/// Who made a request, for the audit log (set once a token was checked).
+#[derive(Debug, Clone)]
+pub struct AuditWho(pub String);
+
+/// What a request acted on, for the audit log, when the path does not say
+/// it all (a selector and its matches, a token, what was refused).
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote {
+    /// A device id, `selector ...`, `token ...`.
+    pub target: Option<String>,
+    /// Devices a selector matched.
+    pub matched: Option<u64>,
+    /// Anything else worth keeping.
+    pub detail: String,
+}
+
+/// Attaches an audit note to the request being answered.
+pub fn note(req: &HttpRequest, note: AuditNote) {
+    req.extensions_mut().insert(note);
+}
+
+/// The caller's address as the hub saw it.
+pub fn peer(req: &HttpRequest) -> String {
+    req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default()
+}
+
+/// Checks a token secret: known, not expired, not a sign-in link. Records
+/// who it is on the request and, at most once a minute, its use in the
+/// store.
+pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Result<Caller, HttpError> {
+    let hash = token_hash(secret);
+    let now = Timestamp::now();
+    let Some(mut token) = fleet.store().api_token(&hash).await? else { return Err(HttpError::Unauthorized) };
+    if token.expired(now) || token.sign_in_link {
+        return Err(HttpError::Unauthorized);
+    }
+    req.extensions_mut().insert(AuditWho(token.name.clone()));
+    if fleet.token_use_due(&hash, now) {
+        token.last_used = Some((now, peer(req)));
+        if let Err(e) = fleet.store().update_api_token(&hash, &token).await {
+            tracing::debug!(error = %e, "Token use not recorded.");
+        }
+    }
+    Ok(Caller { token, hash })
 }
 
 impl FromRequest for Caller {
@@ -128,14 +183,51 @@ impl FromRequest for Caller {
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(|s| s.trim().to_owned());
+        let req = req.clone();
         Box::pin(async move {
             let (Some(fleet), Some(secret)) = (fleet, secret) else {
                 return Err(HttpError::Unauthorized);
             };
-            let token = fleet.store().api_token(&token_hash(&secret)).await?;
-            token.map(|token| Caller { token }).ok_or(HttpError::Unauthorized)
+            authenticate(&fleet, &req, &secret).await
         })
     }
+}
+
+/// Writes an audit entry for every change (any method but GET and HEAD)
+/// and every refused request, whatever its outcome; `GET` reads that
+/// succeed are not logged. One mechanism for the API and the console.
+pub async fn audit(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let res = next.call(req).await?;
+    let status = res.status().as_u16();
+    let method = res.request().method().clone();
+    let read = method == actix_web::http::Method::GET || method == actix_web::http::Method::HEAD;
+    if read && !matches!(status, 401 | 403) {
+        return Ok(res);
+    }
+    let request = res.request();
+    let Some(fleet) = request.app_data::<web::Data<Fleet>>().cloned() else { return Ok(res) };
+    let note = request.extensions().get::<AuditNote>().cloned().unwrap_or_default();
+    let who = request.extensions().get::<AuditWho>().map_or_else(|| "-".to_owned(), |w| w.0.clone());
+    let pattern = request.match_pattern().unwrap_or_else(|| request.path().to_owned());
+    let target = note.target.or_else(|| request.match_info().get("id").map(str::to_owned)).unwrap_or_default();
+    let entry = AuditEntry {
+        id: 0,
+        at: Timestamp::now(),
+        who,
+        action: format!("{method} {pattern}"),
+        target,
+        matched: note.matched,
+        from: peer(request),
+        status,
+        detail: note.detail,
+    };
+    if let Err(e) = fleet.store().append_audit(&entry).await {
+        tracing::error!(error = %e, action = %entry.action, who = %entry.who, status, "Audit entry not stored.");
+    }
+    Ok(res)
 }
 
 /// `/healthz`: the process serves, and its store's state as last seen: 200
@@ -162,10 +254,434 @@ fn health_response(health: crate::store::Health) -> HttpResponse {
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", responses((status = 200, body = [DeviceView]), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
-async fn list_devices(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
+/// Query of `GET /api/v1/devices`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DevicesQuery {
+    /// Label selector: `env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`.
+    pub selector: Option<String>,
+    /// `online`, `offline`, `never` or `alarmed`.
+    pub status: Option<String>,
+    /// Only this agent version.
+    pub version: Option<String>,
+    /// Text in the name, id or address.
+    pub q: Option<String>,
+    /// `name` (default), `last_seen`, `version` or `behind`.
+    pub sort: Option<String>,
+    /// Devices in the page (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// The cursor from the previous page's `Link: <...>; rel="next"`.
+    pub after: Option<String>,
+}
+
+impl DevicesQuery {
+    /// The listing query it means, or what is wrong with it.
+    pub fn parse(&self) -> Result<DeviceQuery, String> {
+        Ok(DeviceQuery {
+            selector: self.selector.as_deref().filter(|s| !s.trim().is_empty()).map(Selector::parse).transpose()?,
+            status: self.status.as_deref().filter(|s| !s.is_empty()).map(Status::parse).transpose()?,
+            version: self.version.clone().filter(|s| !s.is_empty()),
+            text: self.q.clone().filter(|s| !s.trim().is_empty()),
+            sort: self.sort.as_deref().filter(|s| !s.is_empty()).map(Sort::parse).transpose()?.unwrap_or_default(),
+            after: self.after.clone().filter(|s| !s.is_empty()),
+            limit: self.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE),
+        })
+    }
+}
+
+/// One page of devices: a JSON array; `Link: <...>; rel="next"` names the
+/// next page and `X-Total-Count` the devices matching in all.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DevicesQuery), responses((status = 200, description = "a page of devices; the next page is in the Link header", body = [DeviceView]), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn list_devices(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    query: web::Query<DevicesQuery>,
+) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    Ok(HttpResponse::Ok().json(fleet.devices().await?))
+    let parsed = query.parse().map_err(HttpError::Unprocessable)?;
+    let page = select(fleet.views(None).await?, &parsed).map_err(HttpError::Unprocessable)?;
+    let mut response = HttpResponse::Ok();
+    response.insert_header(("X-Total-Count", page.total.to_string()));
+    if let Some(next) = &page.next {
+        let mut url = url_with(req.path(), req.query_string(), "after", next);
+        url = format!("<{url}>; rel=\"next\"");
+        response.insert_header(("Link", url));
+    }
+    Ok(response.json(page.rows))
+}
+
+/// `path?query` with `key` set to `value` (replacing it if present).
+pub fn url_with(path: &str, query: &str, key: &str, value: &str) -> String {
+    let mut pairs: Vec<(String, String)> = web::Query::<Vec<(String, String)>>::from_query(query)
+        .map(web::Query::into_inner)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != key)
+        .collect();
+    pairs.push((key.to_owned(), value.to_owned()));
+    let encoded: Vec<String> =
+        pairs.iter().map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v))).collect();
+    format!("{path}?{}", encoded.join("&"))
+}
+
+/// Percent-encodes a query component.
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `GET /api/v1/overview`: the fleet at a glance.
+#[utoipa::path(get, path = "/api/v1/overview", tag = "devices", responses((status = 200, body = Overview), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn get_overview(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    Ok(HttpResponse::Ok().json(overview(&fleet.views(None).await?, 10)))
+}
+
+/// `PUT /api/v1/devices/{id}/labels`: replaces the device's labels.
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body(content = std::collections::BTreeMap<String, String>, description = "every label of the device"), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn put_labels(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    body: web::Json<crate::store::Labels>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let id = known_device(&fleet, &path).await?;
+    service::set_labels(&fleet, &caller.token.name, &id, &body).await?;
+    let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// A command for every device a selector matches.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct BulkCommandRequest {
+    /// Label selector; empty or naming a label no device has is refused.
+    pub selector: String,
+    /// The command, as for one device.
+    #[serde(flatten)]
+    pub command: CommandRequest,
+    /// Only count the devices it would reach.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk action reached.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct BulkView {
+    /// The selector.
+    pub selector: String,
+    /// Devices it matched.
+    pub matched: usize,
+    /// Their ids.
+    pub devices: Vec<String>,
+    /// The commands queued (none for a dry run or a desired-state patch).
+    #[serde(default)]
+    pub commands: Vec<CommandView>,
+    /// The desired-state versions made, per device (a patch).
+    #[serde(default)]
+    pub versions: Vec<(String, u64)>,
+}
+
+/// `POST /api/v1/commands`: one command for every device a selector
+/// matches (`dry_run` only counts them).
+#[utoipa::path(post, path = "/api/v1/commands", tag = "commands", request_body = BulkCommandRequest, responses((status = 201, body = BulkView), (status = 200, description = "dry run: the devices it would reach", body = BulkView), (status = 403, body = ApiError), (status = 422, description = "empty or unknown selector, no match, bad command", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn post_bulk_command(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    body: web::Json<BulkCommandRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let BulkCommandRequest { selector, command, dry_run } = body.into_inner();
+    note(&req, AuditNote { target: Some(format!("selector {selector}")), matched: None, detail: command.kind.clone() });
+    service::check_command(&command).map_err(HttpError::Unprocessable)?;
+    let (selector, ids) = service::bulk_targets(&fleet, &selector).await?;
+    let detail = if dry_run { format!("{} (dry run)", command.kind) } else { command.kind.clone() };
+    note(
+        &req,
+        AuditNote { target: Some(format!("selector {}", selector.text())), matched: Some(ids.len() as u64), detail },
+    );
+    let mut view = BulkView {
+        selector: selector.text().to_owned(),
+        matched: ids.len(),
+        devices: ids.iter().map(ToString::to_string).collect(),
+        commands: Vec::new(),
+        versions: Vec::new(),
+    };
+    if dry_run {
+        return Ok(HttpResponse::Ok().json(view));
+    }
+    for id in &ids {
+        view.commands.push(service::send_command(&fleet, &caller.token.name, id, command.clone()).await?);
+    }
+    Ok(HttpResponse::Created().json(view))
+}
+
+/// Query of bulk desired-state changes.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SelectorQuery {
+    /// Label selector; empty or naming a label no device has is refused.
+    pub selector: String,
+    /// Only count the devices it would reach.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `PATCH /api/v1/desired?selector=...`: one JSON merge patch applied to
+/// every matching device's desired state. Checked on every device's
+/// document first: if it makes one invalid, nothing changes (422).
+#[utoipa::path(patch, path = "/api/v1/desired", tag = "desired", params(SelectorQuery), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = BulkView), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn patch_bulk_desired(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    query: web::Query<SelectorQuery>,
+    body: web::Bytes,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    note(&req, AuditNote { target: Some(format!("selector {}", query.selector)), ..AuditNote::default() });
+    let patch: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
+    let (selector, ids) = service::bulk_targets(&fleet, &query.selector).await?;
+    note(
+        &req,
+        AuditNote {
+            target: Some(format!("selector {}", selector.text())),
+            matched: Some(ids.len() as u64),
+            detail: if query.dry_run { "dry run".into() } else { String::new() },
+        },
+    );
+    service::check_bulk_patch(&fleet, &ids, &patch).await?;
+    let mut view = BulkView {
+        selector: selector.text().to_owned(),
+        matched: ids.len(),
+        devices: ids.iter().map(ToString::to_string).collect(),
+        commands: Vec::new(),
+        versions: Vec::new(),
+    };
+    if !query.dry_run {
+        for id in &ids {
+            let done = service::patch_desired(&fleet, &caller.token.name, id, &patch).await?;
+            view.versions.push((id.to_string(), done.version));
+        }
+    }
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// A token as `GET /api/v1/tokens` lists it (never its secret).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct TokenView {
+    /// `tok-` and 12 hex digits.
+    pub id: String,
+    /// Its unique name.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; none for the initial admin token.
+    pub expires_at: Option<String>,
+    /// Last use, RFC 3339 (recorded at most once a minute).
+    pub last_used_at: Option<String>,
+    /// Address of the last use.
+    pub last_used_from: Option<String>,
+    /// Past its expiry.
+    pub expired: bool,
+    /// The secret: only in the answer that made the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl TokenView {
+    fn new(hash: &[u8; 32], t: &ApiToken, now: Timestamp) -> Self {
+        TokenView {
+            id: ApiToken::id_of(hash),
+            name: t.name.clone(),
+            role: t.role.name().into(),
+            created_at: t.created_at.rfc3339(),
+            expires_at: t.expires_at.map(Timestamp::rfc3339),
+            last_used_at: t.last_used.as_ref().map(|(at, _)| at.rfc3339()),
+            last_used_from: t.last_used.as_ref().map(|(_, from)| from.clone()),
+            expired: t.expired(now),
+            secret: None,
+        }
+    }
+}
+
+/// A token to make.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct TokenRequest {
+    /// Unique name, shown in the audit log.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Lifetime (`30d`, `12h`), at most 366 days.
+    pub expires_in: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    let now = Timestamp::now();
+    let mut tokens: Vec<TokenView> = fleet
+        .store()
+        .api_tokens()
+        .await?
+        .iter()
+        .filter(|(_, t)| !t.sign_in_link)
+        .map(|(h, t)| TokenView::new(h, t, now))
+        .collect();
+    tokens.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(HttpResponse::Ok().json(tokens))
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = TokenRequest, responses((status = 201, description = "made; `secret` is shown only here", body = TokenView), (status = 403, body = ApiError), (status = 409, description = "a token of that name exists", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn create_token(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    body: web::Json<TokenRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    note(&req, AuditNote { target: Some(format!("token {}", body.name)), matched: None, detail: body.role.clone() });
+    let (role, life) = service::check_token(&body.name, &body.role, &body.expires_in, service::MAX_TOKEN_LIFE)
+        .map_err(HttpError::Unprocessable)?;
+    let (secret, hash, token) =
+        service::create_token(&fleet, &caller.token.name, &body.name, role, life, false).await?;
+    let mut view = TokenView::new(&hash, &token, Timestamp::now());
+    view.secret = Some(secret);
+    Ok(HttpResponse::Created().json(view))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id (tok-...) or name")), responses((status = 200, body = TokenView), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn revoke_token(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    note(&req, AuditNote { target: Some(format!("token {path}")), ..AuditNote::default() });
+    let (hash, token) = service::revoke_token(&fleet, &caller.token.name, &path).await?;
+    Ok(HttpResponse::Ok().json(TokenView::new(&hash, &token, Timestamp::now())))
+}
+
+/// A one-time console sign-in link to make.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct LinkRequest {
+    /// Role of the console session it opens.
+    pub role: String,
+    /// How long the link stays valid (at most 1 day); default 15m.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+}
+
+/// A one-time sign-in link.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct LinkView {
+    /// Path and query to open on the hub's HTTP address.
+    pub path: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/console/links", tag = "tokens", request_body = LinkRequest, responses((status = 201, body = LinkView), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn create_link(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    body: web::Json<LinkRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    let (path, expires_at) =
+        service::sign_in_link(&fleet, &caller.token.name, &body.role, body.expires_in.as_deref().unwrap_or("15m"))
+            .await?;
+    Ok(HttpResponse::Created().json(LinkView { path, expires_at: expires_at.rfc3339() }))
+}
+
+/// Query of `GET /api/v1/audit`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Entries older than this id (the previous page's `next`).
+    pub before: Option<u64>,
+    /// Most entries (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// Only this token name.
+    pub who: Option<String>,
+    /// Only this target (a device id, `selector ...`, `token ...`).
+    pub target: Option<String>,
+    /// Only actions containing this text (`POST`, `labels`).
+    pub action: Option<String>,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: Option<String>,
+    /// Only entries since (RFC 3339, ms, or a relative time like `1h`).
+    pub since: Option<String>,
+}
+
+impl AuditParams {
+    /// The store query it means.
+    pub fn parse(&self) -> Result<AuditQuery, String> {
+        if let Some(o) = &self.outcome
+            && !["ok", "refused", "failed"].contains(&o.as_str())
+        {
+            return Err(format!("outcome {o:?}: use ok, refused or failed"));
+        }
+        let non_empty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        Ok(AuditQuery {
+            before: self.before,
+            limit: self.limit.unwrap_or(100).clamp(1, 1000),
+            who: non_empty(&self.who),
+            target: non_empty(&self.target),
+            action: non_empty(&self.action),
+            outcome: non_empty(&self.outcome),
+            since: non_empty(&self.since).map(|t| relative_or_absolute(&t, Timestamp::now())).transpose()?,
+        })
+    }
+}
+
+/// A page of the audit log.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<crate::api::AuditView>,
+    /// `before` for the next page.
+    pub next: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams), responses((status = 200, body = AuditPage), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn get_audit(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    query: web::Query<AuditParams>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let q = query.parse().map_err(HttpError::Unprocessable)?;
+    let entries = fleet.store().audit(&q).await?;
+    let next = (entries.len() == q.limit).then(|| entries.last().map(|e| e.id)).flatten();
+    Ok(HttpResponse::Ok().json(AuditPage { entries: entries.into_iter().map(Into::into).collect(), next }))
+}
+
+/// A time given as RFC 3339, milliseconds since the epoch, or an age
+/// before `now` (`90s`, `1h`, `2d`).
+pub fn relative_or_absolute(text: &str, now: Timestamp) -> Result<Timestamp, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(Timestamp(ms));
+    }
+    if let Ok(age) = humantime::parse_duration(text) {
+        return Ok(Timestamp(now.0.saturating_sub(age.as_millis().try_into().unwrap_or(u64::MAX))));
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(Timestamp::from_system)
+        .map_err(|_| format!("invalid time {text:?}: use RFC 3339, milliseconds since the epoch, or an age like 1h"))
 }
 
 /// Parses a device id from the path and checks the device exists.
@@ -189,14 +705,10 @@ async fn get_device(
 /// MiB however long the history; clients follow `next`.
 pub const MAX_METRICS_PAGE: usize = 10_000;
 
-/// Reads a time bound: milliseconds since the epoch, or RFC 3339.
+/// Reads a time bound: milliseconds since the epoch, RFC 3339, or an age
+/// before now (`1h`).
 fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
-    if let Ok(ms) = text.parse::<u64>() {
-        return Ok(Timestamp(ms));
-    }
-    humantime::parse_rfc3339_weak(text).map(Timestamp::from_system).map_err(|_| {
-        HttpError::Unprocessable(format!("invalid time {text:?}: use RFC 3339 or milliseconds since the epoch"))
-    })
+    relative_or_absolute(text, Timestamp::now()).map_err(HttpError::Unprocessable)
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "devices", params(("id" = String, Path, description = "device id"), MetricsQuery), responses((status = 200, body = MetricsView), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
@@ -491,11 +1003,14 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`."),
     paths(
-        healthz, readyz, list_devices, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
+        healthz, readyz, list_devices, get_overview, put_labels, post_bulk_command, patch_bulk_desired,
+        list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
         get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
         patch_desired, list_commands, post_command, get_command
     ),
-    components(schemas(crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView)),
+    components(schemas(
+        crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView, crate::listing::Behind
+    )),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -535,7 +1050,17 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                         )
                         .into()
                     }))
+                    .wrap(actix_web::middleware::from_fn(audit))
                     .route("/devices", web::get().to(list_devices))
+                    .route("/overview", web::get().to(get_overview))
+                    .route("/devices/{id}/labels", web::put().to(put_labels))
+                    .route("/commands", web::post().to(post_bulk_command))
+                    .route("/desired", web::patch().to(patch_bulk_desired))
+                    .route("/tokens", web::get().to(list_tokens))
+                    .route("/tokens", web::post().to(create_token))
+                    .route("/tokens/{id}", web::delete().to(revoke_token))
+                    .route("/console/links", web::post().to(create_link))
+                    .route("/audit", web::get().to(get_audit))
                     .route("/devices/{id}", web::get().to(get_device))
                     .route("/devices/{id}/metrics", web::get().to(get_metrics))
                     .route("/devices/{id}/events", web::get().to(get_events))

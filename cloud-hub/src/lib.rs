@@ -16,6 +16,7 @@ pub mod config;
 pub mod enroll;
 pub mod fleet;
 pub mod http;
+pub mod listing;
 pub mod mqtt;
 pub mod quic;
 pub mod service;
@@ -91,7 +92,14 @@ pub async fn init_with(data_dir: &Path, store: &StoreConfig) -> Result<String, H
     let mut secret = [0u8; 32];
     rand::fill(&mut secret[..]);
     let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
-    let record = ApiToken { role: Role::Admin, name: "initial admin".into(), created_at: Timestamp::now() };
+    let record = ApiToken {
+        role: Role::Admin,
+        name: "initial admin".into(),
+        created_at: Timestamp::now(),
+        expires_at: None,
+        last_used: None,
+        sign_in_link: false,
+    };
     store.put_api_token(&http::token_hash(&token), &record).await?;
     store.close().await?;
     Ok(token)

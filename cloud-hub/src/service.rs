@@ -6,7 +6,8 @@
 
 use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
 use crate::fleet::Fleet;
-use crate::store::{NewCommand, StoreError};
+use crate::listing::{Selector, check_labels};
+use crate::store::{ApiToken, Labels, NewCommand, Role, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::protocol::CommandKind;
@@ -40,6 +41,9 @@ pub enum ServiceError {
         /// The version in force.
         current: u64,
     },
+    /// The thing to make exists already.
+    #[error("{0} exists already")]
+    Exists(String),
     /// The store failed or is unavailable.
     #[error(transparent)]
     Store(StoreError),
@@ -54,12 +58,192 @@ impl From<StoreError> for ServiceError {
     }
 }
 
-/// The device `raw` names, if the fleet has it.
+/// The device `raw` names, if the fleet has it: its id, or its name when
+/// exactly one device has that name.
 pub async fn device(fleet: &Fleet, raw: &str) -> Result<DeviceId, ServiceError> {
     let not_found = || ServiceError::NotFound(format!("device {raw:?}"));
-    let id: DeviceId = raw.parse().map_err(|_| not_found())?;
-    fleet.store().device(&id).await?.ok_or_else(not_found)?;
-    Ok(id)
+    if let Ok(id) = raw.parse::<DeviceId>()
+        && fleet.store().device(&id).await?.is_some()
+    {
+        return Ok(id);
+    }
+    let named: Vec<DeviceId> =
+        fleet.store().devices().await?.into_iter().filter(|d| d.name == raw).map(|d| d.id).collect();
+    match named.as_slice() {
+        [] => Err(not_found()),
+        [id] => Ok(id.clone()),
+        many => Err(ServiceError::Invalid(format!(
+            "{} devices are named {raw:?} ({}); name one by its id",
+            many.len(),
+            many.iter().map(DeviceId::as_str).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Replaces `device`'s labels after checking them.
+pub async fn set_labels(fleet: &Fleet, by: &str, device: &DeviceId, labels: &Labels) -> Result<(), ServiceError> {
+    check_labels(labels).map_err(ServiceError::Invalid)?;
+    if !fleet.store().set_labels(device, labels).await? {
+        return Err(ServiceError::NotFound(format!("device {device}")));
+    }
+    tracing::info!(device = %device, ?labels, by, "Labels set.");
+    Ok(())
+}
+
+/// The devices a bulk action by `selector` acts on (refusing an empty or
+/// unknown selector and one that matches nothing).
+pub async fn bulk_targets(fleet: &Fleet, selector: &str) -> Result<(Selector, Vec<DeviceId>), ServiceError> {
+    let selector = Selector::parse(selector).map_err(ServiceError::Invalid)?;
+    let views = fleet.views(None).await?;
+    let ids = crate::listing::bulk_targets(&selector, &views)
+        .map_err(ServiceError::Invalid)?
+        .into_iter()
+        .filter_map(|v| v.id.parse().ok())
+        .collect();
+    Ok((selector, ids))
+}
+
+/// Longest a token may live.
+pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(366 * 86400);
+/// Lifetime of a console session made from a sign-in link.
+pub const CONSOLE_SESSION: Duration = Duration::from_secs(12 * 3600);
+/// Longest a sign-in link stays valid.
+pub const MAX_LINK_LIFE: Duration = Duration::from_secs(86400);
+
+/// Checks a token request: name, role, lifetime. Pure.
+pub fn check_token(name: &str, role: &str, valid_for: &str, max: Duration) -> Result<(Role, Duration), String> {
+    let mut problems = Vec::new();
+    if name.trim().is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        problems.push("name: 1-64 printable characters".to_owned());
+    }
+    let role = Role::parse(role);
+    if role.is_none() {
+        problems.push("role: viewer, operator or admin".into());
+    }
+    let life = match humantime::parse_duration(valid_for) {
+        Ok(d) if d >= Duration::from_secs(60) && d <= max => Some(d),
+        Ok(_) => {
+            problems.push(format!("expires_in: between 1m and {}", humantime::format_duration(max)));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("expires_in: {valid_for:?}: {e}"));
+            None
+        }
+    };
+    match (role, life) {
+        (Some(role), Some(life)) if problems.is_empty() => Ok((role, life)),
+        _ => Err(problems.join("; ")),
+    }
+}
+
+/// Makes a token; returns its secret (shown once) and record. Names are
+/// unique among tokens.
+pub async fn create_token(
+    fleet: &Fleet,
+    by: &str,
+    name: &str,
+    role: Role,
+    life: Duration,
+    sign_in_link: bool,
+) -> Result<(String, [u8; 32], ApiToken), ServiceError> {
+    let tokens = fleet.store().api_tokens().await?;
+    let now = Timestamp::now();
+    if tokens.iter().any(|(_, t)| t.name == name && !t.expired(now)) {
+        return Err(ServiceError::Exists(format!("a token named {name:?}")));
+    }
+    let secret = new_secret();
+    let hash = crate::http::token_hash(&secret);
+    let token = ApiToken {
+        role,
+        name: name.to_owned(),
+        created_at: now,
+        expires_at: Some(now.saturating_add(life)),
+        last_used: None,
+        sign_in_link,
+    };
+    fleet.store().put_api_token(&hash, &token).await?;
+    tracing::info!(token = name, role = role.name(), by, sign_in_link, "API token made.");
+    Ok((secret, hash, token))
+}
+
+/// A fresh token secret: 32 random bytes, base64url, with a prefix that
+/// secret scanners can recognise.
+pub fn new_secret() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    format!("opt_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Revokes the token with id (`tok-...`) or name `which`.
+pub async fn revoke_token(fleet: &Fleet, by: &str, which: &str) -> Result<([u8; 32], ApiToken), ServiceError> {
+    let tokens = fleet.store().api_tokens().await?;
+    let found: Vec<&([u8; 32], ApiToken)> =
+        tokens.iter().filter(|(h, t)| ApiToken::id_of(h) == which || t.name == which).collect();
+    let [(hash, _)] = found.as_slice() else {
+        return Err(match found.len() {
+            0 => ServiceError::NotFound(format!("token {which:?}")),
+            n => ServiceError::Invalid(format!("{n} tokens are named {which:?}; revoke one by its id")),
+        });
+    };
+    let token =
+        fleet.store().take_api_token(hash).await?.ok_or_else(|| ServiceError::NotFound(format!("token {which:?}")))?;
+    tracing::info!(token = %token.name, by, "API token revoked.");
+    Ok((*hash, token))
+}
+
+/// Makes a one-time console sign-in link for a session of `role`, valid
+/// for `valid_for`; returns its path and expiry.
+pub async fn sign_in_link(
+    fleet: &Fleet,
+    by: &str,
+    role: &str,
+    valid_for: &str,
+) -> Result<(String, Timestamp), ServiceError> {
+    let name = format!("sign-in link {}", &new_secret()[4..12]);
+    let (role, life) = check_token(&name, role, valid_for, MAX_LINK_LIFE).map_err(ServiceError::Invalid)?;
+    let (secret, _, token) = create_token(fleet, by, &name, role, life, true).await?;
+    Ok((format!("/console/sign-in?link={secret}"), token.expires_at.unwrap_or(token.created_at)))
+}
+
+/// Spends a one-time sign-in link: it is removed (of two uses, one wins)
+/// and a console session token of its role is made, valid for
+/// [`CONSOLE_SESSION`]. Returns the session's secret and token.
+pub async fn redeem_link(fleet: &Fleet, secret: &str) -> Result<(String, ApiToken), ServiceError> {
+    let hash = crate::http::token_hash(secret);
+    let refused =
+        || ServiceError::Invalid("this sign-in link is not valid: it was used, it expired, or it never existed".into());
+    let link = fleet.store().take_api_token(&hash).await?.ok_or_else(refused)?;
+    if !link.sign_in_link || link.expired(Timestamp::now()) {
+        if !link.sign_in_link {
+            // Not a link: put the bearer token back untouched.
+            fleet.store().put_api_token(&hash, &link).await?;
+        }
+        return Err(refused());
+    }
+    let name = format!("console {}", &new_secret()[4..12]);
+    let (secret, _, token) = create_token(fleet, &link.name, &name, link.role, CONSOLE_SESSION, false).await?;
+    Ok((secret, token))
+}
+
+/// Checks that a merge patch leaves every device's desired state valid,
+/// before any is changed.
+pub async fn check_bulk_patch(fleet: &Fleet, ids: &[DeviceId], patch: &serde_json::Value) -> Result<(), ServiceError> {
+    if !patch.is_object() {
+        return Err(ServiceError::Invalid("a merge patch of a desired state must be a JSON object".into()));
+    }
+    let mut problems = Vec::new();
+    for id in ids {
+        let mut doc = match fleet.store().desired(id).await? {
+            Some(record) => serde_json::from_str(&record.doc).unwrap_or_else(|_| serde_json::json!({})),
+            None => serde_json::json!({}),
+        };
+        outpost_shared::desired::merge_patch(&mut doc, patch);
+        if let Err(e) = check_desired(&doc) {
+            problems.push(format!("{id}: {e}"));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(ServiceError::Invalid(problems.join("; "))) }
 }
 
 /// What a command request means: its kind and its lifetime, or what is
@@ -232,6 +416,21 @@ mod tests {
         }
         let big = "x".repeat(MAX_COMMAND_BYTES);
         assert!(check_command(&request("echo", &[&big], None)).unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn token_requests_need_a_name_a_role_and_a_bounded_life() {
+        assert_eq!(
+            check_token("ci", "operator", "30d", MAX_TOKEN_LIFE).unwrap(),
+            (Role::Operator, Duration::from_secs(30 * 86400))
+        );
+        let err = check_token("", "root", "10y", MAX_TOKEN_LIFE).unwrap_err();
+        assert!(
+            err.contains("name") && err.contains("role") && err.contains("expires_in"),
+            "every problem named: {err}"
+        );
+        assert!(check_token("x", "viewer", "2d", MAX_LINK_LIFE).is_err());
+        assert!(new_secret().starts_with("opt_") && new_secret() != new_secret());
     }
 
     #[test]

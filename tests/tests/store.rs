@@ -340,10 +340,24 @@ fn catalog_and_grants() {
 #[test]
 fn tokens_enrollment_keys_and_hellos() {
     on_both(|store| async move {
-        let token = ApiToken { role: Role::Operator, name: "ops".into(), created_at: Timestamp(3) };
+        let token = ApiToken {
+            role: Role::Operator,
+            name: "ops".into(),
+            created_at: Timestamp(3),
+            expires_at: Some(Timestamp(9)),
+            last_used: None,
+            sign_in_link: false,
+        };
         store.put_api_token(&[1; 32], &token).await.unwrap();
-        assert_eq!(store.api_token(&[1; 32]).await.unwrap(), Some(token));
+        assert_eq!(store.api_token(&[1; 32]).await.unwrap(), Some(token.clone()));
         assert!(store.api_token(&[2; 32]).await.unwrap().is_none());
+        let used = ApiToken { last_used: Some((Timestamp(5), "10.1.2.3".into())), ..token.clone() };
+        assert!(store.update_api_token(&[1; 32], &used).await.unwrap());
+        assert_eq!(store.api_tokens().await.unwrap(), [([1; 32], used.clone())]);
+        assert_eq!(store.take_api_token(&[1; 32]).await.unwrap(), Some(used.clone()));
+        assert_eq!(store.take_api_token(&[1; 32]).await.unwrap(), None, "a token is taken once");
+        assert!(!store.update_api_token(&[1; 32], &used).await.unwrap(), "a use does not bring a revoked token back");
+        assert!(store.api_tokens().await.unwrap().is_empty());
 
         store.enroll(&[9; 16], 2, &device("dev-e1"), b"k1").await.unwrap();
         store.enroll(&[9; 16], 2, &device("dev-e2"), b"k2").await.unwrap();
@@ -393,5 +407,68 @@ fn a_lease_has_one_holder_until_it_is_given_back_or_expires() {
         // A holder that died: its lease expires.
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         assert!(store.take_lease("backups/dev-a", "hub-3", ttl).await.unwrap());
+    });
+}
+
+#[test]
+fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
+    on_both(|store| async move {
+        let a = enrolled(&store, "dev-fa").await;
+        let b = enrolled(&store, "dev-fb").await;
+        let labels: outpost_hub::store::Labels = [("env".to_owned(), "prod".to_owned())].into();
+        assert!(store.set_labels(&a, &labels).await.unwrap());
+        assert!(!store.set_labels(&"dev-none".parse().unwrap(), &labels).await.unwrap());
+        let alarm = outpost_shared::protocol::Alarm {
+            kind: outpost_shared::protocol::AlarmKind::OutboxFull,
+            raised: true,
+            message: "full".into(),
+        };
+        let now = now_ms();
+        let records =
+            [telemetry(1, now - 3_600_000), Record { seq: 2, at: Timestamp(now), body: RecordBody::Alarm(alarm) }];
+        store.ingest(&a, &records).await.unwrap();
+        store.claim_session(&b, "hub-x", "mqtt").await.unwrap();
+
+        let rows = store.fleet_rows(None).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.record.id.to_string()).collect::<Vec<_>>(), ["dev-fa", "dev-fb"]);
+        assert_eq!(rows[0].labels, labels);
+        assert_eq!(rows[0].high_water, 2);
+        assert!(rows[0].digest.alarmed());
+        assert_eq!(rows[0].digest.late.len(), 1, "an hour-old sample arrived late");
+        assert!(rows[1].labels.is_empty() && rows[1].digest == Default::default());
+        assert_eq!(rows[1].session.as_ref().map(|s| s.transport.as_str()), Some("mqtt"));
+        let only = store.fleet_rows(Some(std::slice::from_ref(&b))).await.unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].record.id, b);
+
+        for i in 0..5u64 {
+            let entry = outpost_hub::store::AuditEntry {
+                id: 0,
+                at: Timestamp(1000 + i),
+                who: if i % 2 == 0 { "ops".into() } else { "viewer".into() },
+                action: "POST /api/v1/devices/{id}/commands".into(),
+                target: a.to_string(),
+                matched: None,
+                from: "127.0.0.1".into(),
+                status: if i == 4 { 403 } else { 201 },
+                detail: String::new(),
+            };
+            store.append_audit(&entry).await.unwrap();
+        }
+        let q = |who: Option<&str>, outcome: Option<&str>, before, limit| outpost_hub::store::AuditQuery {
+            before,
+            limit,
+            who: who.map(Into::into),
+            outcome: outcome.map(Into::into),
+            ..Default::default()
+        };
+        let all = store.audit(&q(None, None, None, 10)).await.unwrap();
+        assert_eq!(all.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1004, 1003, 1002, 1001, 1000], "newest first");
+        let page = store.audit(&q(None, None, Some(all[1].id), 2)).await.unwrap();
+        assert_eq!(page.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1001]);
+        let ops = store.audit(&q(Some("ops"), Some("ok"), None, 10)).await.unwrap();
+        assert_eq!(ops.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1000]);
+        let refused = store.audit(&q(None, Some("refused"), None, 10)).await.unwrap();
+        assert_eq!(refused.len(), 1);
     });
 }

@@ -17,6 +17,7 @@
 //! [`StoreError::Unavailable`] and recovers by itself when the cause goes:
 //! sled by reopening its files, PostgreSQL by its pool's new connections.
 
+pub mod digest;
 pub mod ingest;
 pub mod postgres;
 pub mod sled;
@@ -211,15 +212,159 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// Every role, least powerful first, with its name.
+    pub const ALL: [(Role, &'static str); 3] =
+        [(Role::Viewer, "viewer"), (Role::Operator, "operator"), (Role::Admin, "admin")];
+
+    /// `viewer`, `operator` or `admin`.
+    pub fn name(self) -> &'static str {
+        Role::ALL.iter().find(|(r, _)| *r == self).map_or("viewer", |(_, n)| n)
+    }
+
+    /// The role called `name`.
+    pub fn parse(name: &str) -> Option<Role> {
+        Role::ALL.iter().find(|(_, n)| *n == name).map(|(r, _)| *r)
+    }
+}
+
 /// A stored API token (its hash is the key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiToken {
     /// What the caller may do.
     pub role: Role,
-    /// Label for the audit log.
+    /// Label for the audit log (unique among tokens).
     pub name: String,
     /// When it was made.
     pub created_at: Timestamp,
+    /// When it stops working (`None` only for the initial admin token that
+    /// `init` prints).
+    pub expires_at: Option<Timestamp>,
+    /// When and from where it was last used (written at most once a minute).
+    pub last_used: Option<(Timestamp, String)>,
+    /// A one-time console sign-in link: it is exchanged for a console
+    /// session token at its first use and is not a bearer token.
+    pub sign_in_link: bool,
+}
+
+/// The stored form of tokens made before expiry existed.
+#[derive(Deserialize)]
+struct TokenV1 {
+    role: Role,
+    name: String,
+    created_at: Timestamp,
+}
+
+impl ApiToken {
+    /// Decodes a stored token, in its current or its first form.
+    pub fn decode(bytes: &[u8]) -> Result<ApiToken, StoreError> {
+        postcard::from_bytes::<ApiToken>(bytes)
+            .or_else(|_| {
+                postcard::from_bytes::<TokenV1>(bytes).map(|t| ApiToken {
+                    role: t.role,
+                    name: t.name,
+                    created_at: t.created_at,
+                    expires_at: None,
+                    last_used: None,
+                    sign_in_link: false,
+                })
+            })
+            .map_err(|e| StoreError::Corrupt { what: "api_tokens", message: e.to_string() })
+    }
+
+    /// True once past its expiry.
+    pub fn expired(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Its public id: `tok-` and the first 6 bytes of its hash in hex.
+    pub fn id_of(hash: &[u8; 32]) -> String {
+        let hex: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+        format!("tok-{hex}")
+    }
+}
+
+/// A device's labels (`env=prod`, `site=berlin`), set through the API.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// One device with everything the fleet views need, read in one pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetRow {
+    /// The device's record.
+    pub record: DeviceRecord,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its digest.
+    pub digest: digest::DeviceDigest,
+    /// Its ingest high-water mark.
+    pub high_water: u64,
+    /// The hub that holds its session, if any did.
+    pub session: Option<SessionRecord>,
+}
+
+/// One entry of the audit log: a change, a command, a sign-in or a refused
+/// attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increasing id (0 until stored).
+    pub id: u64,
+    /// When.
+    pub at: Timestamp,
+    /// The token's name (`-` when none was given or it was not valid).
+    pub who: String,
+    /// What: `METHOD /path/pattern` or a console action.
+    pub action: String,
+    /// A device id, `selector ...`, a token, or empty.
+    pub target: String,
+    /// Devices a selector matched.
+    pub matched: Option<u64>,
+    /// The caller's address.
+    pub from: String,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// What else is worth keeping (the error given, a command's kind).
+    pub detail: String,
+}
+
+impl AuditEntry {
+    /// `ok`, `refused` (401, 403) or `failed`.
+    pub fn outcome(&self) -> &'static str {
+        match self.status {
+            200..=399 => "ok",
+            401 | 403 => "refused",
+            _ => "failed",
+        }
+    }
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditQuery {
+    /// Entries with ids below this (the previous page's last id).
+    pub before: Option<u64>,
+    /// Most entries.
+    pub limit: usize,
+    /// Only this token name.
+    pub who: Option<String>,
+    /// Only this target.
+    pub target: Option<String>,
+    /// Only actions containing this text.
+    pub action: Option<String>,
+    /// Only `ok`, `refused` or `failed`.
+    pub outcome: Option<String>,
+    /// Only entries at or after this time.
+    pub since: Option<Timestamp>,
+}
+
+impl AuditQuery {
+    /// True if `entry` passes the filters (the paging bounds aside).
+    pub fn matches(&self, entry: &AuditEntry) -> bool {
+        self.who.as_ref().is_none_or(|w| *w == entry.who)
+            && self.target.as_ref().is_none_or(|t| *t == entry.target)
+            && self.action.as_ref().is_none_or(|a| entry.action.contains(a.as_str()))
+            && self.outcome.as_ref().is_none_or(|o| o == entry.outcome())
+            && self.since.is_none_or(|s| entry.at >= s)
+    }
 }
 
 /// Errors of the store.
@@ -520,6 +665,45 @@ impl Store {
     /// Looks up an API token by the SHA-256 of its secret.
     pub async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
         each!(self, b => b.api_token(hash).await)
+    }
+
+    /// Replaces a token's record if the token still exists (so a use
+    /// recorded after a revocation does not bring it back). Returns false
+    /// if it does not.
+    pub async fn update_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        each!(self, b => b.update_api_token(hash, token).await)
+    }
+
+    /// Removes a token and returns it; of two callers removing the same
+    /// token, one gets it (how a one-time sign-in link is spent).
+    pub async fn take_api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
+        each!(self, b => b.take_api_token(hash).await)
+    }
+
+    /// Every token with its hash.
+    pub async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
+        each!(self, b => b.api_tokens().await)
+    }
+
+    /// Sets a device's labels; false if there is no such device.
+    pub async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
+        each!(self, b => b.set_labels(id, labels).await)
+    }
+
+    /// Every device (or those in `only`) with its labels, digest, mark and
+    /// session, ordered by id: one read however many devices.
+    pub async fn fleet_rows(&self, only: Option<&[DeviceId]>) -> Result<Vec<FleetRow>, StoreError> {
+        each!(self, b => b.fleet_rows(only).await)
+    }
+
+    /// Appends an entry to the audit log, durably; returns its id.
+    pub async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        each!(self, b => b.append_audit(entry).await)
+    }
+
+    /// A page of the audit log, newest first.
+    pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        each!(self, b => b.audit(query).await)
     }
 
     /// Enrolls a device with one redemption of token `token_id`, atomically

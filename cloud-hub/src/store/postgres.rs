@@ -23,11 +23,12 @@
 //! WHERE state = 'queued'` (or a `FOR UPDATE SKIP LOCKED` pick for
 //! expiry), so two hubs never both move one command.
 
+use super::digest::DeviceDigest;
 use super::ingest;
 use super::{
-    ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
-    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
-    StoreError, TelemetryRange,
+    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord,
+    EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB, NewCommand,
+    PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
@@ -104,6 +105,19 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX sessions_hub ON sessions (hub);",
     // 3: leases for work two hubs must not do at once.
     "CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, until bigint NOT NULL);",
+    // 4: labels, each device's digest (written with its batches), the audit log.
+    "ALTER TABLE devices ADD COLUMN labels text NOT NULL DEFAULT '{}', ADD COLUMN digest bytea;
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        at bigint NOT NULL,
+        who text NOT NULL,
+        action text NOT NULL,
+        target text NOT NULL,
+        outcome text NOT NULL,
+        entry bytea NOT NULL
+    );
+    CREATE INDEX audit_who ON audit (who, id);
+    CREATE INDEX audit_target ON audit (target, id);",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -430,16 +444,21 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg)?;
         let device = id.as_str();
-        let hwm = tx
-            .query_opt("SELECT high_water FROM devices WHERE id = $1 FOR UPDATE", &[&device])
+        let row = tx
+            .query_opt("SELECT high_water, digest FROM devices WHERE id = $1 FOR UPDATE", &[&device])
             .await
-            .map_err(pg)?
-            .map_or(0, |r| unbig(r.get(0)));
+            .map_err(pg)?;
+        let hwm = row.as_ref().map_or(0, |r| unbig(r.get(0)));
         let plan = ingest::plan(hwm, records);
         if !plan.advances {
             return Ok(Ingested::from(&plan));
         }
         let now = Timestamp::now();
+        let mut digest: DeviceDigest = match row.as_ref().and_then(|r| r.get::<_, Option<&[u8]>>(1)) {
+            Some(bytes) => decode("devices.digest", bytes)?,
+            None => DeviceDigest::default(),
+        };
+        digest.fold(&plan, records, now);
         if !plan.samples.is_empty() {
             let sink = tx.copy_in("COPY telemetry (device, at, seq, sample) FROM STDIN BINARY").await.map_err(pg)?;
             let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::INT8, Type::INT8, Type::BYTEA]);
@@ -532,9 +551,10 @@ impl PgStore {
                 last_sample = CASE WHEN $4::bytea IS NOT NULL AND (last_sample_at IS NULL OR last_sample_at <= $5)
                                    THEN $4 ELSE last_sample END,
                 last_sample_at = CASE WHEN $4::bytea IS NOT NULL AND (last_sample_at IS NULL OR last_sample_at <= $5)
-                                   THEN $5 ELSE last_sample_at END
+                                   THEN $5 ELSE last_sample_at END,
+                digest = $6
              WHERE id = $1",
-            &[&device, &big(plan.upto), &big(now.0), &sample, &sample_at],
+            &[&device, &big(plan.upto), &big(now.0), &sample, &sample_at, &encode(&digest)],
         )
         .await
         .map_err(pg)?;
@@ -871,7 +891,114 @@ impl PgStore {
     }
 
     pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
-        self.one("api_tokens", "SELECT record FROM api_tokens WHERE hash = $1", &[&&hash[..]]).await
+        let client = self.client().await?;
+        let row = client.query_opt("SELECT record FROM api_tokens WHERE hash = $1", &[&&hash[..]]).await.map_err(pg)?;
+        row.map(|r| ApiToken::decode(r.get(0))).transpose()
+    }
+
+    pub(super) async fn update_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        let n = self.write("UPDATE api_tokens SET record = $2 WHERE hash = $1", &[&&hash[..], &encode(token)]).await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn take_api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
+        let result = async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("DELETE FROM api_tokens WHERE hash = $1 RETURNING record", &[&&hash[..]])
+                .await
+                .map_err(pg)?;
+            row.map(|r| ApiToken::decode(r.get(0))).transpose()
+        }
+        .await;
+        self.track(result)
+    }
+
+    pub(super) async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT hash, record FROM api_tokens", &[]).await.map_err(pg)?;
+        rows.iter()
+            .filter_map(|r| Some((<[u8; 32]>::try_from(r.get::<_, &[u8]>(0)).ok()?, r.get::<_, &[u8]>(1))))
+            .map(|(hash, record)| Ok((hash, ApiToken::decode(record)?)))
+            .collect()
+    }
+
+    pub(super) async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
+        let text = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        let n = self.write("UPDATE devices SET labels = $2 WHERE id = $1", &[&id.as_str(), &text]).await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn fleet_rows(&self, only: Option<&[DeviceId]>) -> Result<Vec<FleetRow>, StoreError> {
+        let client = self.client().await?;
+        let columns = Self::DEVICE_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
+        let base = format!(
+            "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen
+             FROM devices d LEFT JOIN sessions s ON s.device = d.id"
+        );
+        let rows = match only {
+            Some(ids) => {
+                let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+                client.query(&format!("{base} WHERE d.id = ANY($1) ORDER BY d.id"), &[&ids]).await
+            }
+            None => client.query(&format!("{base} ORDER BY d.id"), &[]).await,
+        }
+        .map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let labels: &str = row.get(8);
+                let digest = row.get::<_, Option<&[u8]>>(9).map(|b| decode("devices.digest", b)).transpose()?;
+                let hub: Option<String> = row.get(11);
+                Ok(FleetRow {
+                    record: Self::device_row(row)?,
+                    labels: serde_json::from_str(labels)
+                        .map_err(|e| StoreError::Corrupt { what: "devices.labels", message: e.to_string() })?,
+                    digest: digest.unwrap_or_default(),
+                    high_water: unbig(row.get(10)),
+                    session: hub.map(|hub| SessionRecord {
+                        hub,
+                        epoch: unbig(row.get(12)),
+                        transport: row.get(13),
+                        seen: Timestamp(unbig(row.get(14))),
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        let result = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg)?;
+            let id: i64 = tx.query_one("SELECT nextval('audit_id_seq')", &[]).await.map_err(pg)?.get(0);
+            let mut entry = entry.clone();
+            entry.id = unbig(id);
+            tx.execute(
+                "INSERT INTO audit (id, at, who, action, target, outcome, entry) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&id, &big(entry.at.0), &entry.who, &entry.action, &entry.target, &entry.outcome(), &encode(&entry)],
+            )
+            .await
+            .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(entry.id)
+        }
+        .await;
+        self.track(result)
+    }
+
+    pub(super) async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = big(query.before.unwrap_or(u64::MAX));
+        let since = big(query.since.map_or(0, |t| t.0));
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        self.many(
+            "audit",
+            "SELECT entry FROM audit WHERE id < $1 AND at >= $2
+               AND ($3::text IS NULL OR who = $3) AND ($4::text IS NULL OR target = $4)
+               AND ($5::text IS NULL OR strpos(action, $5) > 0) AND ($6::text IS NULL OR outcome = $6)
+             ORDER BY id DESC LIMIT $7",
+            &[&before, &since, &query.who, &query.target, &query.action, &query.outcome, &limit],
+        )
+        .await
     }
 
     pub(super) async fn enroll(

@@ -25,6 +25,9 @@
 //!   [`crate::backups`])
 //! - `restore_grants`: reader device id, 0, owner device id → [`Grant`]:
 //!   the reader may fetch the owner's backups until the grant expires
+//! - `labels`: device id → [`Labels`]
+//! - `digests`: device id → [`DeviceDigest`], written with each batch
+//! - `audit`: entry id (u64 BE) → [`AuditEntry`]
 //!
 //! Every write runs on the group-commit writer thread and is answered after
 //! the sync of its group; every read runs on tokio's blocking pool. No sled
@@ -40,11 +43,12 @@
 //! never reached the disk); reopening reads only what reached the disk, so
 //! the API never shows a record that was not durable.
 
+use super::digest::DeviceDigest;
 use super::ingest::{self, Plan};
 use super::{
-    ApiToken, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord, EventRecord, FaultLog, Grant,
-    HelloRecord, Ingested, JobsRecord, MAX_RUNS_PER_JOB, NewCommand, PeersRecord, ReportedState, SessionRecord,
-    StoreError, TelemetryRange,
+    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord,
+    EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB, NewCommand,
+    PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
@@ -97,6 +101,9 @@ struct Trees {
     peers: sled::Tree,
     backups: sled::Tree,
     restore_grants: sled::Tree,
+    labels: sled::Tree,
+    digests: sled::Tree,
+    audit: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -465,7 +472,121 @@ impl SledStore {
 
     pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
         let hash = *hash;
-        self.read(move |t| t.api_tokens.get(hash).db()?.map(|v| decode("api_tokens", &v)).transpose()).await
+        self.read(move |t| t.api_tokens.get(hash).db()?.map(|v| ApiToken::decode(&v)).transpose()).await
+    }
+
+    pub(super) async fn update_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        let (hash, value) = (*hash, encode(token));
+        // The writer thread runs one job at a time: nothing removes the
+        // token between the check and the write.
+        self.write(move |t| {
+            if t.api_tokens.get(hash).db()?.is_none() {
+                return Ok(false);
+            }
+            t.api_tokens.insert(hash, value).db()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub(super) async fn take_api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
+        let hash = *hash;
+        self.write(move |t| t.api_tokens.remove(hash).db()?.map(|v| ApiToken::decode(&v)).transpose()).await
+    }
+
+    pub(super) async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
+        self.read(|t| {
+            let mut out = Vec::new();
+            for entry in t.api_tokens.iter() {
+                let (key, value) = entry.db()?;
+                let Ok(hash) = <[u8; 32]>::try_from(&key[..]) else { continue };
+                out.push((hash, ApiToken::decode(&value)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub(super) async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
+        let (id, value) = (id.clone(), encode(labels));
+        self.write(move |t| {
+            if t.devices.get(id.as_str()).db()?.is_none() {
+                return Ok(false);
+            }
+            t.labels.insert(id.as_str(), value).db()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub(super) async fn fleet_rows(&self, only: Option<&[DeviceId]>) -> Result<Vec<FleetRow>, StoreError> {
+        let only = only.map(<[DeviceId]>::to_vec);
+        let mut rows = self
+            .read(move |t| {
+                let records: Vec<DeviceRecord> = match only {
+                    Some(ids) => {
+                        let mut ids = ids;
+                        ids.sort();
+                        ids.dedup();
+                        ids.iter().filter_map(|id| t.device(id).transpose()).collect::<Result<_, _>>()?
+                    }
+                    None => t.devices.iter().values().map(|v| decode("devices", &v.db()?)).collect::<Result<_, _>>()?,
+                };
+                records
+                    .into_iter()
+                    .map(|record| {
+                        let key = record.id.as_str();
+                        let labels = t.labels.get(key).db()?.map(|v| decode("labels", &v)).transpose()?;
+                        let digest = t.digests.get(key).db()?.map(|v| decode("digests", &v)).transpose()?;
+                        Ok(FleetRow {
+                            high_water: t.high_water(&record.id)?,
+                            labels: labels.unwrap_or_default(),
+                            digest: digest.unwrap_or_default(),
+                            session: None,
+                            record,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        let sessions = self.sessions();
+        for row in &mut rows {
+            row.session = sessions.1.get(&row.record.id).cloned();
+        }
+        Ok(rows)
+    }
+
+    pub(super) async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
+        let mut entry = entry.clone();
+        self.write(move |t| {
+            entry.id = t.db.generate_id().db()? + 1;
+            t.audit.insert(entry.id.to_be_bytes(), encode(&entry)).db()?;
+            Ok(entry.id)
+        })
+        .await
+    }
+
+    pub(super) async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
+        let query = query.clone();
+        self.read(move |t| {
+            let end = query.before.unwrap_or(u64::MAX).to_be_bytes();
+            let mut out = Vec::new();
+            for entry in t.audit.range(..end).rev() {
+                let (_, value) = entry.db()?;
+                let entry: AuditEntry = decode("audit", &value)?;
+                if query.since.is_some_and(|s| entry.at < s) {
+                    break;
+                }
+                if query.matches(&entry) {
+                    out.push(entry);
+                    if out.len() >= query.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     pub(super) async fn enroll(
@@ -676,6 +797,9 @@ impl Trees {
             device_keys: db.open_tree("device_keys").db()?,
             backups: db.open_tree("backups").db()?,
             restore_grants: db.open_tree("restore_grants").db()?,
+            labels: db.open_tree("labels").db()?,
+            digests: db.open_tree("digests").db()?,
+            audit: db.open_tree("audit").db()?,
             meta: db.open_tree("meta").db()?,
             db,
         })
@@ -688,7 +812,8 @@ impl Trees {
     /// Applies [`ingest::plan`] of the batch in one transaction with the
     /// device's high-water mark.
     fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let trees = (
+        // More trees than sled's tuple transactions take: a slice of them.
+        let trees: [&sled::Tree; 10] = [
             &self.seq,
             &self.telemetry,
             &self.events,
@@ -698,25 +823,26 @@ impl Trees {
             &self.jobs,
             &self.job_runs,
             &self.peers,
-        );
+            &self.digests,
+        ];
         let now = Timestamp::now();
-        let result = trees.transaction(
-            |(seq, telemetry, events, reported, commands, devices, jobs, job_runs, peers): &(
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-                TransactionalTree,
-            )| {
+        let result = trees[..].transaction(|views: &Vec<TransactionalTree>| {
+                let [seq, telemetry, events, reported, commands, devices, jobs, job_runs, peers, digests] =
+                    &views[..]
+                else {
+                    unreachable!("one view per tree");
+                };
                 let hwm = seq.get(id.as_str())?.map_or(0, |v| be_u64(&v));
                 let plan: Plan<'_> = ingest::plan(hwm, records);
                 if !plan.advances {
                     return Ok(Ingested::from(&plan));
                 }
+                let mut digest: DeviceDigest = match digests.get(id.as_str())? {
+                    Some(bytes) => decode("digests", &bytes).map_err(abort)?,
+                    None => DeviceDigest::default(),
+                };
+                digest.fold(&plan, records, now);
+                digests.insert(id.as_str().as_bytes(), encode(&digest))?;
                 for event in &plan.events {
                     events.insert(seq_key(id, event.seq), encode(event))?;
                 }
@@ -765,8 +891,7 @@ impl Trees {
                     devices.insert(id.as_str().as_bytes(), encode(&device))?;
                 }
                 Ok(Ingested::from(&plan))
-            },
-        );
+        });
         let ingested = tx_result(result)?;
         let mut touched: Vec<&str> = ingest::plan(0, records).touched_jobs;
         touched.sort_unstable();

@@ -1,0 +1,530 @@
+//! What the fleet views select, decided without I/O: label rules, label
+//! selectors, the device list's filters, sort and cursor pages, and the
+//! overview's counts. The API, the console and `outpostctl` all go through
+//! these, so a selector means the same everywhere.
+
+use crate::api::DeviceView;
+use crate::store::Labels;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Most labels on one device.
+pub const MAX_LABELS: usize = 32;
+/// Most devices in one page of the device list.
+pub const MAX_PAGE: usize = 1000;
+/// Devices in a page when the caller does not say.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Checks a device's labels: keys of lower-case letters, digits and
+/// `._/-` (starting with a letter or digit, at most 63), values of letters,
+/// digits and `._-` (at most 63), at most [`MAX_LABELS`]. Every problem is
+/// listed.
+pub fn check_labels(labels: &Labels) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if labels.len() > MAX_LABELS {
+        problems.push(format!("at most {MAX_LABELS} labels, not {}", labels.len()));
+    }
+    for (key, value) in labels {
+        if !valid_key(key) {
+            problems.push(format!(
+                "label key {key:?}: 1-63 characters of a-z, 0-9 and ._/-, starting with a letter or digit"
+            ));
+        }
+        if value.len() > 63 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            problems
+                .push(format!("label {key:?}: value {value:?} must be at most 63 characters of A-Z, a-z, 0-9 and ._-"));
+        }
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+}
+
+fn valid_key(key: &str) -> bool {
+    let first = key.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first && key.len() <= 63 && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/-".contains(c))
+}
+
+/// One term of a selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Term {
+    /// `key=value`
+    Is(String, String),
+    /// `key!=value` (also true where the key is absent)
+    IsNot(String, String),
+    /// `key`: the label is present
+    Has(String),
+    /// `!key`: the label is absent
+    HasNot(String),
+}
+
+impl Term {
+    fn key(&self) -> &str {
+        match self {
+            Term::Is(k, _) | Term::IsNot(k, _) | Term::Has(k) | Term::HasNot(k) => k,
+        }
+    }
+
+    fn matches(&self, labels: &Labels) -> bool {
+        match self {
+            Term::Is(k, v) => labels.get(k) == Some(v),
+            Term::IsNot(k, v) => labels.get(k) != Some(v),
+            Term::Has(k) => labels.contains_key(k),
+            Term::HasNot(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+/// A label selector: terms joined by commas, all of which must hold
+/// (`env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    terms: Vec<Term>,
+    text: String,
+}
+
+impl Selector {
+    /// Parses a selector. An empty one is refused: a selector never means
+    /// "every device" by accident.
+    pub fn parse(text: &str) -> Result<Selector, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("the selector is empty; name at least one label (env=prod)".into());
+        }
+        let mut terms = Vec::new();
+        for raw in text.split(',').map(str::trim) {
+            let term = if let Some((k, v)) = raw.split_once("!=") {
+                Term::IsNot(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = raw.split_once('=') {
+                Term::Is(k.trim().into(), v.trim().trim_start_matches('=').into())
+            } else if let Some(k) = raw.strip_prefix('!') {
+                Term::HasNot(k.trim().into())
+            } else {
+                Term::Has(raw.into())
+            };
+            if !valid_key(term.key()) {
+                return Err(format!("selector term {raw:?}: {:?} is not a label key", term.key()));
+            }
+            terms.push(term);
+        }
+        Ok(Selector { terms, text: text.to_owned() })
+    }
+
+    /// True if `labels` satisfy every term.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.terms.iter().all(|t| t.matches(labels))
+    }
+
+    /// Keys the selector names that no device in `fleet` carries: a typo
+    /// that would otherwise match nothing (or, with `!=`, everything).
+    pub fn unknown_keys<'a>(&'a self, mut fleet: impl Iterator<Item = &'a Labels>) -> Vec<&'a str> {
+        let mut unknown: Vec<&str> = self.terms.iter().map(Term::key).collect();
+        unknown.dedup();
+        while !unknown.is_empty() {
+            let Some(labels) = fleet.next() else { break };
+            unknown.retain(|k| !labels.contains_key(*k));
+        }
+        unknown
+    }
+
+    /// The text it was parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Picks the devices a bulk action acts on: refuses a selector naming a
+/// label no device has, and one that matches nothing.
+pub fn bulk_targets<'a>(selector: &Selector, views: &'a [DeviceView]) -> Result<Vec<&'a DeviceView>, String> {
+    let unknown = selector.unknown_keys(views.iter().map(|v| &v.labels));
+    if !unknown.is_empty() {
+        return Err(format!("selector {:?}: no device has the label {}", selector.text(), unknown.join(", ")));
+    }
+    let matched: Vec<&DeviceView> = views.iter().filter(|v| selector.matches(&v.labels)).collect();
+    if matched.is_empty() {
+        return Err(format!("selector {:?} matches no device", selector.text()));
+    }
+    Ok(matched)
+}
+
+/// A device's state for the status filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Heard from within the heartbeat timeout.
+    Online,
+    /// Connected before, silent now.
+    Offline,
+    /// Enrolled, never connected.
+    Never,
+    /// Has alarms raised and not cleared.
+    Alarmed,
+}
+
+impl Status {
+    /// Parses `online`, `offline`, `never` or `alarmed`.
+    pub fn parse(text: &str) -> Result<Status, String> {
+        match text {
+            "online" => Ok(Status::Online),
+            "offline" => Ok(Status::Offline),
+            "never" => Ok(Status::Never),
+            "alarmed" => Ok(Status::Alarmed),
+            other => Err(format!("status {other:?}: use online, offline, never or alarmed")),
+        }
+    }
+
+    fn holds(self, v: &DeviceView) -> bool {
+        match self {
+            Status::Online => v.online,
+            Status::Offline => !v.online && v.last_seen.is_some(),
+            Status::Never => v.last_seen.is_none(),
+            Status::Alarmed => v.alarmed,
+        }
+    }
+}
+
+/// Sort orders of the device list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sort {
+    /// By name, then id.
+    #[default]
+    Name,
+    /// Most recently heard from first.
+    LastSeen,
+    /// By agent version, newest first.
+    Version,
+    /// Furthest behind first.
+    Behind,
+}
+
+impl Sort {
+    /// Parses `name`, `last_seen`, `version` or `behind`.
+    pub fn parse(text: &str) -> Result<Sort, String> {
+        match text {
+            "name" => Ok(Sort::Name),
+            "last_seen" => Ok(Sort::LastSeen),
+            "version" => Ok(Sort::Version),
+            "behind" => Ok(Sort::Behind),
+            other => Err(format!("sort {other:?}: use name, last_seen, version or behind")),
+        }
+    }
+
+    /// Its name in queries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sort::Name => "name",
+            Sort::LastSeen => "last_seen",
+            Sort::Version => "version",
+            Sort::Behind => "behind",
+        }
+    }
+
+    /// The key rows are ordered by (ascending), ties broken by id.
+    fn key(self, v: &DeviceView) -> String {
+        match self {
+            Sort::Name => v.name.to_lowercase(),
+            Sort::LastSeen => format!("{:020}", u64::MAX - v.last_seen_ms.unwrap_or(0)),
+            Sort::Version => invert(&version_key(v.agent_version.as_deref().unwrap_or(""))),
+            Sort::Behind => format!("{:020}", u64::MAX - v.behind_secs.unwrap_or(0)),
+        }
+    }
+}
+
+/// Orders version strings by their numbers (`0.10.0` after `0.9.1`).
+fn version_key(version: &str) -> String {
+    version
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .map(|part| match part.parse::<u64>() {
+            Ok(n) => format!("{n:020}"),
+            Err(_) => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// A key that sorts in the opposite order (for "newest first").
+fn invert(key: &str) -> String {
+    key.chars().map(|c| char::from_u32(0x10_FFFF - u32::from(c)).unwrap_or(c)).collect()
+}
+
+/// A device list query.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceQuery {
+    /// Only devices whose labels match.
+    pub selector: Option<Selector>,
+    /// Only devices in this state.
+    pub status: Option<Status>,
+    /// Only this agent version.
+    pub version: Option<String>,
+    /// Only devices whose name, id or address contains this (any case).
+    pub text: Option<String>,
+    /// Order.
+    pub sort: Sort,
+    /// Rows after this cursor (a page's `next`).
+    pub after: Option<String>,
+    /// Rows in the page.
+    pub limit: usize,
+}
+
+/// One page of the device list.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Its rows.
+    pub rows: Vec<DeviceView>,
+    /// Devices matching the filters in all.
+    pub total: usize,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+fn cursor(sort: Sort, v: &DeviceView) -> String {
+    let text = format!("{}\u{0}{}\u{0}{}", sort.name(), sort.key(v), v.id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+fn parse_cursor(sort: Sort, text: &str) -> Result<(String, String), String> {
+    let bad = || format!("after: {text:?} is not a cursor of this list (use a page's next)");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, '\u{0}');
+    let (Some(name), Some(key), Some(id)) = (parts.next(), parts.next(), parts.next()) else { return Err(bad()) };
+    if name != sort.name() {
+        return Err(format!("after: the cursor belongs to a list sorted by {name}"));
+    }
+    Ok((key.to_owned(), id.to_owned()))
+}
+
+/// Filters, sorts and pages `views` by `query`.
+pub fn select(views: Vec<DeviceView>, query: &DeviceQuery) -> Result<Page, String> {
+    let text = query.text.as_ref().map(|t| t.to_lowercase());
+    let mut rows: Vec<(String, DeviceView)> = views
+        .into_iter()
+        .filter(|v| query.selector.as_ref().is_none_or(|s| s.matches(&v.labels)))
+        .filter(|v| query.status.is_none_or(|s| s.holds(v)))
+        .filter(|v| query.version.as_ref().is_none_or(|want| v.agent_version.as_ref() == Some(want)))
+        .filter(|v| {
+            text.as_ref().is_none_or(|t| {
+                v.name.to_lowercase().contains(t)
+                    || v.id.contains(t.as_str())
+                    || v.address.as_ref().is_some_and(|a| a.contains(t.as_str()))
+            })
+        })
+        .map(|v| (query.sort.key(&v), v))
+        .collect();
+    rows.sort_by(|(ka, a), (kb, b)| ka.cmp(kb).then_with(|| a.id.cmp(&b.id)));
+    let total = rows.len();
+    let start = match &query.after {
+        Some(after) => {
+            let (key, id) = parse_cursor(query.sort, after)?;
+            rows.partition_point(|(k, v)| (k.as_str(), v.id.as_str()) <= (key.as_str(), id.as_str()))
+        }
+        None => 0,
+    };
+    let limit = query.limit.clamp(1, MAX_PAGE);
+    let page: Vec<DeviceView> = rows.into_iter().skip(start).take(limit + 1).map(|(_, v)| v).collect();
+    let more = page.len() > limit;
+    let rows: Vec<DeviceView> = page.into_iter().take(limit).collect();
+    let next = if more { rows.last().map(|v| cursor(query.sort, v)) } else { None };
+    Ok(Page { rows, total, next })
+}
+
+/// The fleet at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Overview {
+    /// Devices enrolled.
+    pub devices: usize,
+    /// Heard from within the heartbeat timeout.
+    pub online: usize,
+    /// Connected before, silent now.
+    pub offline: usize,
+    /// Enrolled, never connected.
+    pub never_connected: usize,
+    /// Devices with alarms raised and not cleared.
+    pub alarmed: usize,
+    /// Failed job attempts in the last 24 hours, fleet-wide.
+    pub failed_runs_24h: usize,
+    /// Devices with a failed job attempt in the last 24 hours.
+    pub devices_with_failed_runs: usize,
+    /// Devices with a scheduled backup overdue.
+    pub overdue_backups: usize,
+    /// The devices furthest behind (their newest record stored at the hub is
+    /// oldest), furthest first, with how far in seconds.
+    pub furthest_behind: Vec<Behind>,
+    /// Devices per agent version.
+    pub versions: Vec<(String, usize)>,
+}
+
+/// One device of the "furthest behind" list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Behind {
+    /// Device id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Online now (catching up) or not.
+    pub online: bool,
+    /// Seconds between its newest stored record and now.
+    pub behind_secs: u64,
+}
+
+/// Counts the overview of `views`; `worst` devices in the behind list.
+pub fn overview(views: &[DeviceView], worst: usize) -> Overview {
+    let mut o = Overview { devices: views.len(), ..Overview::default() };
+    let mut versions: std::collections::BTreeMap<String, usize> = Default::default();
+    for v in views {
+        match (v.online, v.last_seen.is_some()) {
+            (true, _) => o.online += 1,
+            (false, true) => o.offline += 1,
+            (false, false) => o.never_connected += 1,
+        }
+        o.alarmed += usize::from(v.alarmed);
+        o.failed_runs_24h += v.failed_runs_24h;
+        o.devices_with_failed_runs += usize::from(v.failed_runs_24h > 0);
+        o.overdue_backups += usize::from(!v.overdue_backups.is_empty());
+        *versions.entry(v.agent_version.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+    }
+    let mut behind: Vec<Behind> = views
+        .iter()
+        .filter_map(|v| {
+            Some(Behind { id: v.id.clone(), name: v.name.clone(), online: v.online, behind_secs: v.behind_secs? })
+        })
+        .collect();
+    behind.sort_by(|a, b| b.behind_secs.cmp(&a.behind_secs).then_with(|| a.id.cmp(&b.id)));
+    behind.truncate(worst);
+    o.furthest_behind = behind;
+    o.versions = versions.into_iter().collect();
+    o.versions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    fn view(id: &str, name: &str, l: &[(&str, &str)], online: bool, seen: Option<u64>) -> DeviceView {
+        DeviceView {
+            id: id.into(),
+            name: name.into(),
+            online,
+            connected: online,
+            transport: None,
+            last_seen: seen.map(|s| s.to_string()),
+            last_seen_ms: seen,
+            agent_version: Some("0.9.1".into()),
+            enrolled_at: String::new(),
+            address: None,
+            cpu_percent: None,
+            mem_percent: None,
+            telemetry: None,
+            alarms: Vec::new(),
+            last_seq: 0,
+            labels: labels(l),
+            alarmed: false,
+            failed_runs_24h: 0,
+            overdue_backups: Vec::new(),
+            behind_secs: None,
+        }
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        let s = Selector::parse("env=prod, site!=berlin,gpu,!retired").unwrap();
+        assert!(s.matches(&labels(&[("env", "prod"), ("gpu", "")])));
+        assert!(!s.matches(&labels(&[("env", "prod"), ("gpu", ""), ("site", "berlin")])));
+        assert!(!s.matches(&labels(&[("env", "prod"), ("gpu", ""), ("retired", "yes")])));
+        assert!(!s.matches(&labels(&[("env", "prod")])));
+        assert!(Selector::parse("  ").is_err(), "an empty selector is refused");
+        assert!(Selector::parse("env=prod,,").is_err(), "an empty term is refused");
+        assert!(Selector::parse("Env=prod").is_err());
+    }
+
+    #[test]
+    fn bulk_targets_refuse_unknown_keys_and_empty_matches() {
+        let fleet = [view("a", "a", &[("env", "prod")], true, None), view("b", "b", &[("env", "dev")], true, None)];
+        let typo = Selector::parse("evn!=dev").unwrap();
+        assert!(bulk_targets(&typo, &fleet).unwrap_err().contains("no device has the label evn"));
+        let none = Selector::parse("env=staging").unwrap();
+        assert!(bulk_targets(&none, &fleet).unwrap_err().contains("matches no device"));
+        let prod = Selector::parse("env=prod").unwrap();
+        assert_eq!(bulk_targets(&prod, &fleet).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn labels_are_checked_and_every_problem_named() {
+        assert!(check_labels(&labels(&[("env", "prod"), ("example.com/site", "ber-1")])).is_ok());
+        let err = check_labels(&labels(&[("Env", "x"), ("ok", "a b")])).unwrap_err();
+        assert!(err.contains("\"Env\"") && err.contains("\"a b\""), "{err}");
+    }
+
+    #[test]
+    fn pages_follow_cursors_without_gaps_or_repeats() {
+        let views: Vec<DeviceView> =
+            (0..250).map(|i| view(&format!("d{i:03}"), &format!("n{}", i % 7), &[], i % 2 == 0, Some(i))).collect();
+        for sort in [Sort::Name, Sort::LastSeen, Sort::Version] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let q = DeviceQuery { sort, after: after.clone(), limit: 40, ..DeviceQuery::default() };
+                let page = select(views.clone(), &q).unwrap();
+                assert_eq!(page.total, 250);
+                seen.extend(page.rows.iter().map(|v| v.id.clone()));
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            let mut unique = seen.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!((seen.len(), unique.len()), (250, 250), "{sort:?}");
+        }
+        let newest = select(views.clone(), &DeviceQuery { sort: Sort::LastSeen, limit: 1, ..Default::default() });
+        assert_eq!(newest.unwrap().rows[0].id, "d249");
+        let bad = DeviceQuery { after: Some("nope".into()), limit: 1, ..Default::default() };
+        assert!(select(views, &bad).is_err());
+    }
+
+    #[test]
+    fn filters_combine() {
+        let views = vec![
+            view("a", "Gateway One", &[("env", "prod")], true, Some(1)),
+            view("b", "gateway two", &[("env", "dev")], false, Some(1)),
+            view("c", "sensor", &[("env", "prod")], false, None),
+        ];
+        let q = |status, text: Option<&str>| DeviceQuery {
+            selector: Some(Selector::parse("env=prod").unwrap()),
+            status,
+            text: text.map(Into::into),
+            limit: 10,
+            ..Default::default()
+        };
+        let ids = |q| select(views.clone(), &q).unwrap().rows.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        assert_eq!(ids(q(None, None)), ["a", "c"]);
+        assert_eq!(ids(q(Some(Status::Never), None)), ["c"]);
+        assert_eq!(ids(q(None, Some("GATEWAY"))), ["a"]);
+    }
+
+    #[test]
+    fn versions_sort_by_number() {
+        assert!(version_key("0.10.0") > version_key("0.9.1"));
+        assert!(invert(&version_key("0.10.0")) < invert(&version_key("0.9.1")));
+    }
+
+    #[test]
+    fn the_overview_counts_each_state_once() {
+        let mut a = view("a", "a", &[], true, Some(1));
+        a.alarmed = true;
+        a.failed_runs_24h = 3;
+        a.behind_secs = Some(5);
+        let mut b = view("b", "b", &[], false, Some(1));
+        b.overdue_backups = vec!["backup-data".into()];
+        b.behind_secs = Some(500);
+        let c = view("c", "c", &[], false, None);
+        let o = overview(&[a, b, c], 10);
+        assert_eq!((o.devices, o.online, o.offline, o.never_connected), (3, 1, 1, 1));
+        assert_eq!((o.alarmed, o.failed_runs_24h, o.devices_with_failed_runs, o.overdue_backups), (1, 3, 1, 1));
+        assert_eq!(o.furthest_behind.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+    }
+}
