@@ -257,8 +257,55 @@ impl Client {
     }
 
     /// `GET /api/v1/devices`
+    /// Every device matching `query` (`selector=...&status=...`, may be
+    /// empty), following the pages' `Link` headers.
+    pub fn devices_where(&self, query: &str) -> Result<Vec<DeviceView>, ClientError> {
+        let mut path = if query.contains("limit=") {
+            format!("/api/v1/devices?{query}")
+        } else {
+            format!("/api/v1/devices?limit={}&{query}", crate::listing::MAX_PAGE)
+        };
+        let mut all = Vec::new();
+        loop {
+            let url = format!("{}{path}", self.base);
+            let transport = |e: ureq::Error| ClientError::Transport { url: url.clone(), source: Box::new(e) };
+            let mut response = self
+                .agent
+                .get(&url)
+                .header("Authorization", &format!("Bearer {}", self.token))
+                .call()
+                .map_err(transport)?;
+            let status = response.status().as_u16();
+            let next = response
+                .headers()
+                .get("link")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix('<'))
+                .and_then(|v| v.split_once('>'))
+                .map(|(next, _)| next.to_owned());
+            let text = response.body_mut().with_config().limit(256 << 20).read_to_string().map_err(transport)?;
+            if !(200..300).contains(&status) {
+                let message = serde_json::from_str::<ApiError>(&text).map(|e| e.error).unwrap_or(text);
+                return Err(ClientError::Status { url, status, message });
+            }
+            let page: Vec<DeviceView> = serde_json::from_str(&text)
+                .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() })?;
+            all.extend(page);
+            match next {
+                Some(next) => path = next,
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Every device.
     pub fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
-        self.get("/api/v1/devices")
+        self.devices_where("")
+    }
+
+    /// A one-time console sign-in link for a session of `role`.
+    pub fn sign_in_link(&self, role: &str, expires_in: &str) -> Result<crate::http::LinkView, ClientError> {
+        self.call("POST", "/api/v1/console/links", Some(serde_json::json!({"role": role, "expires_in": expires_in})))
     }
 
     /// `GET /api/v1/devices/{id}`

@@ -551,8 +551,8 @@ async fn create_token(
     req: HttpRequest,
     body: web::Json<TokenRequest>,
 ) -> Result<HttpResponse, HttpError> {
-    caller.require(Role::Admin)?;
     note(&req, AuditNote { target: Some(format!("token {}", body.name)), matched: None, detail: body.role.clone() });
+    caller.require(Role::Admin)?;
     let (role, life) = service::check_token(&body.name, &body.role, &body.expires_in, service::MAX_TOKEN_LIFE)
         .map_err(HttpError::Unprocessable)?;
     let (secret, hash, token) =
@@ -569,8 +569,8 @@ async fn revoke_token(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, HttpError> {
-    caller.require(Role::Admin)?;
     note(&req, AuditNote { target: Some(format!("token {path}")), ..AuditNote::default() });
+    caller.require(Role::Admin)?;
     let (hash, token) = service::revoke_token(&fleet, &caller.token.name, &path).await?;
     Ok(HttpResponse::Ok().json(TokenView::new(&hash, &token, Timestamp::now())))
 }

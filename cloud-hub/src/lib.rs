@@ -13,6 +13,7 @@ pub mod bulk;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod enroll;
 pub mod fleet;
 pub mod http;
@@ -202,13 +203,14 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     ));
 
     let routes_fleet = fleet.clone();
-    let server =
-        actix_web::HttpServer::new(move || actix_web::App::new().configure(http::routes(routes_fleet.clone())))
-            .workers(config.http.workers)
-            .disable_signals()
-            .shutdown_timeout(5)
-            .bind(config.http.listen)
-            .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new().configure(http::routes(routes_fleet.clone())).configure(console::routes)
+    })
+    .workers(config.http.workers)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(config.http.listen)
+    .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
     let http_addr = server
         .addrs()
         .first()

@@ -81,9 +81,16 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
     println!("  API:   {api}   (QUIC for agents on {})", hub.quic_addr);
     println!("  Token: {admin_token}");
     println!("  Try:   cargo run --bin outpostctl -- --hub {api} --token {admin_token} devices");
+    let client = Client::new(&api, &admin_token);
+    let c = client.clone();
+    let console = match tokio::task::spawn_blocking(move || c.sign_in_link("admin", "1h")).await? {
+        Ok(link) => format!("{api}{}", link.path),
+        Err(e) => format!("{api}/console/ (sign in with the token above; no link: {e})"),
+    };
+    println!("  Console: {console}");
+    println!("           (a one-time sign-in link, valid for an hour; open it in a browser)");
     println!();
 
-    let client = Client::new(&api, &admin_token);
     let ids_wanted = agents.len();
     let mut ever_online = BTreeSet::new();
     let deadline = cli.run_for.map(|d| Instant::now() + d);
@@ -102,7 +109,8 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
                 ever_online.extend(devices.iter().filter(|d| d.online).map(|d| d.id.clone()));
                 if tty {
                     print!("\x1b[2J\x1b[H");
-                    println!("API {api}  token {admin_token}  (Ctrl-C to stop)\n");
+                    println!("API {api}  token {admin_token}  (Ctrl-C to stop)");
+                    println!("Console {console}\n");
                 }
                 print!("{}", render_table(&devices));
                 println!();

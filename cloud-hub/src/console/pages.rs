@@ -1,0 +1,1142 @@
+//! The console's pages and forms. Each page reads through the fleet views
+//! and the store like the API; each action goes through [`crate::service`]
+//! after a confirmation page, and the audit middleware records it.
+
+use super::{ConsoleError, User, series};
+use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventView, PeerView};
+use crate::backups::SnapshotView;
+use crate::fleet::Fleet;
+use crate::http::{AuditNote, DevicesQuery, note, url_with};
+use crate::listing::{overview, select};
+use crate::service;
+use crate::store::{AuditQuery, Labels, Role, TelemetryRange};
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
+use askama::Template;
+use outpost_shared::DeviceId;
+use outpost_shared::protocol::CommandKind;
+use outpost_shared::time::Timestamp;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What the page header shows of the signed-in user.
+pub struct Nav {
+    name: String,
+    role: &'static str,
+    csrf: String,
+    operator: bool,
+}
+
+impl From<&User> for Nav {
+    fn from(u: &User) -> Self {
+        Nav { name: u.name().to_owned(), role: u.role(), csrf: u.csrf.clone(), operator: u.operator() }
+    }
+}
+
+fn html(t: &impl Template) -> Result<HttpResponse, ConsoleError> {
+    let body = t.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body))
+}
+
+fn see_other(to: &str) -> HttpResponse {
+    HttpResponse::SeeOther().insert_header((header::LOCATION, to.to_owned())).finish()
+}
+
+#[derive(Template)]
+#[template(path = "console/error.html")]
+struct ErrorPage<'a> {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    status: String,
+    message: &'a str,
+}
+
+/// A page that says what went wrong.
+pub fn error_page(status: StatusCode, message: &str) -> HttpResponse {
+    let page = ErrorPage { nav: None, notice: None, status: status.to_string(), message };
+    let body = page.render().unwrap_or_else(|_| message.to_owned());
+    HttpResponse::build(status).content_type("text/html; charset=utf-8").body(body)
+}
+
+/// "3 min ago" for a time in milliseconds.
+pub fn ago(at: Option<Timestamp>, now: Timestamp) -> String {
+    match at {
+        None => "never".into(),
+        Some(t) if t > now => "just now".into(),
+        Some(t) => format!("{} ago", duration(t.until(now).as_secs())),
+    }
+}
+
+/// "5 s", "3 min", "2 h", "4 d".
+pub fn duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min", secs / 60),
+        3600..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
+/// Data less old than this is "up to date" (a few telemetry intervals).
+pub const UP_TO_DATE_SECS: u64 = 120;
+
+/// One device as a table row and the device page's header show it.
+pub struct Row {
+    id: String,
+    name: String,
+    state: &'static str,
+    labels: Labels,
+    version: String,
+    last_seen: String,
+    seen_ago: String,
+    cpu: String,
+    mem: String,
+    behind: String,
+    alarmed: bool,
+    failed_runs: usize,
+    overdue: bool,
+    address: String,
+    transport: String,
+}
+
+impl Row {
+    fn new(v: &DeviceView, now: Timestamp) -> Row {
+        let state = match (v.online, v.last_seen.is_some()) {
+            (true, _) => "online",
+            (false, true) => "offline",
+            (false, false) => "never",
+        };
+        Row {
+            id: v.id.clone(),
+            name: v.name.clone(),
+            state,
+            labels: v.labels.clone(),
+            version: v.agent_version.clone().unwrap_or_else(|| "-".into()),
+            last_seen: v.last_seen.clone().unwrap_or_default(),
+            seen_ago: ago(v.last_seen_ms.map(Timestamp), now),
+            cpu: v.cpu_percent.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
+            mem: v.mem_percent.map_or_else(|| "-".into(), |m| format!("{m:.0}")),
+            behind: match v.behind_secs {
+                None => "-".into(),
+                Some(s) if s < UP_TO_DATE_SECS => "up to date".into(),
+                Some(s) => duration(s),
+            },
+            alarmed: v.alarmed,
+            failed_runs: v.failed_runs_24h,
+            overdue: !v.overdue_backups.is_empty(),
+            address: v.address.clone().unwrap_or_else(|| "-".into()),
+            transport: v.transport.clone().unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/row.html")]
+struct RowHtml<'a> {
+    d: &'a Row,
+}
+
+/// The inner HTML of a device's table row (the page and the live updates
+/// render it with one template).
+pub fn row_html(v: &DeviceView, now: Timestamp) -> String {
+    RowHtml { d: &Row::new(v, now) }.render().unwrap_or_default()
+}
+
+struct Line {
+    at: String,
+    ago: String,
+    id: String,
+    name: String,
+    text: String,
+}
+
+struct AuditLine {
+    at: String,
+    ago: String,
+    who: String,
+    action: String,
+    target: String,
+    matched: String,
+    from: String,
+    outcome: &'static str,
+    status: u16,
+    detail: String,
+}
+
+impl AuditLine {
+    fn new(e: crate::store::AuditEntry, now: Timestamp) -> Self {
+        AuditLine {
+            at: e.at.rfc3339(),
+            ago: ago(Some(e.at), now),
+            outcome: e.outcome(),
+            who: e.who,
+            action: e.action,
+            target: e.target,
+            matched: e.matched.map(|m| m.to_string()).unwrap_or_default(),
+            from: e.from,
+            status: e.status,
+            detail: e.detail,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/overview.html")]
+struct OverviewPage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    o: crate::listing::Overview,
+    alarms: Vec<Line>,
+    changes: Vec<AuditLine>,
+}
+
+async fn overview_page(user: User, fleet: web::Data<Fleet>) -> Result<HttpResponse, ConsoleError> {
+    let views = fleet.views(None).await?;
+    let now = Timestamp::now();
+    let mut alarms: Vec<(Timestamp, Line)> = views
+        .iter()
+        .filter(|v| v.alarmed)
+        .flat_map(|v| {
+            v.alarms.iter().take(3).map(|a| {
+                let at = humantime::parse_rfc3339_weak(&a.at).map(Timestamp::from_system).unwrap_or(now);
+                let state = if a.raised { "raised" } else { "cleared" };
+                (
+                    at,
+                    Line {
+                        at: a.at.clone(),
+                        ago: ago(Some(at), now),
+                        id: v.id.clone(),
+                        name: v.name.clone(),
+                        text: format!("{} {state}: {}", a.alarm, a.message),
+                    },
+                )
+            })
+        })
+        .collect();
+    alarms.sort_by_key(|a| std::cmp::Reverse(a.0));
+    alarms.truncate(10);
+    let changes = if user.operator() {
+        let q = AuditQuery { limit: 10, ..AuditQuery::default() };
+        fleet.store().audit(&q).await?.into_iter().map(|e| AuditLine::new(e, now)).collect()
+    } else {
+        Vec::new()
+    };
+    html(&OverviewPage {
+        nav: Some((&user).into()),
+        notice: None,
+        o: overview(&views, 10),
+        alarms: alarms.into_iter().map(|(_, l)| l).collect(),
+        changes,
+    })
+}
+
+/// The device list's filters as the form shows them.
+#[derive(Debug, Default, Deserialize)]
+struct ListForm {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    selector: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    sort: String,
+    #[serde(default)]
+    after: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/devices.html")]
+struct DevicesPage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    q: ListForm,
+    statuses: [(&'static str, &'static str); 5],
+    sorts: [(&'static str, &'static str); 4],
+    operator: bool,
+    error: Option<String>,
+    rows: Vec<Row>,
+    total: usize,
+    next: Option<String>,
+    first: String,
+    first_page: bool,
+}
+
+/// Rows of one console page of devices.
+pub const CONSOLE_PAGE: usize = 50;
+
+async fn devices_page(
+    user: User,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    form: web::Query<ListForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    let form = form.into_inner();
+    let query = DevicesQuery {
+        selector: Some(form.selector.clone()),
+        status: Some(form.status.clone()),
+        version: Some(form.version.clone()),
+        q: Some(form.q.clone()),
+        sort: Some(form.sort.clone()),
+        limit: Some(CONSOLE_PAGE),
+        after: Some(form.after.clone()),
+    };
+    let now = Timestamp::now();
+    let (rows, total, next, error) = match query.parse() {
+        Ok(parsed) => match select(fleet.views(None).await?, &parsed) {
+            Ok(page) => (page.rows, page.total, page.next, None),
+            Err(e) => (Vec::new(), 0, None, Some(e)),
+        },
+        Err(e) => (Vec::new(), 0, None, Some(e)),
+    };
+    let next = next.map(|n| url_with(req.path(), req.query_string(), "after", &n));
+    let first = url_with(req.path(), req.query_string(), "after", "");
+    html(&DevicesPage {
+        nav: Some((&user).into()),
+        notice: None,
+        first_page: form.after.is_empty(),
+        q: form,
+        statuses: [
+            ("", "any state"),
+            ("online", "online"),
+            ("offline", "offline"),
+            ("never", "never connected"),
+            ("alarmed", "with alarms"),
+        ],
+        sorts: [
+            ("name", "by name"),
+            ("last_seen", "last seen"),
+            ("version", "by version"),
+            ("behind", "furthest behind"),
+        ],
+        operator: user.operator(),
+        error,
+        rows: rows.iter().map(|v| Row::new(v, now)).collect(),
+        total,
+        next,
+        first,
+    })
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    ids: String,
+}
+
+/// Most rows one live stream follows.
+pub const MAX_STREAM_ROWS: usize = 200;
+/// How often a stream looks for changed rows.
+pub const STREAM_EVERY: Duration = Duration::from_secs(2);
+/// A comment line at least this often keeps proxies from closing an idle
+/// stream and finds closed browsers.
+pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// `GET /console/devices/stream?ids=a,b,c`: server-sent events, one `row`
+/// event (`{"id": ..., "html": ...}`) each time a visible row changes. Only
+/// the rows named are read, one store read every [`STREAM_EVERY`].
+async fn stream(
+    _user: User,
+    fleet: web::Data<Fleet>,
+    query: web::Query<StreamQuery>,
+) -> Result<HttpResponse, ConsoleError> {
+    let ids: Vec<DeviceId> = query.ids.split(',').filter_map(|s| s.trim().parse().ok()).take(MAX_STREAM_ROWS).collect();
+    let fleet = fleet.into_inner();
+    let state = (fleet, ids, std::collections::HashMap::<String, u64>::new(), tokio::time::Instant::now(), true);
+    let events = futures_util::stream::unfold(state, |(fleet, ids, mut sent, mut last_write, first)| async move {
+        loop {
+            if !first {
+                tokio::time::sleep(STREAM_EVERY).await;
+            }
+            let now = Timestamp::now();
+            let mut out = String::new();
+            if first {
+                out.push_str("retry: 3000\n\n");
+            }
+            match fleet.views(Some(&ids)).await {
+                Ok(views) => {
+                    for v in &views {
+                        let html = row_html(v, now);
+                        let hash = u64::from_le_bytes(
+                            blake3::hash(html.as_bytes()).as_bytes()[..8].try_into().unwrap_or_default(),
+                        );
+                        if sent.insert(v.id.clone(), hash) != Some(hash) && !first {
+                            let data = serde_json::json!({"id": v.id, "html": html});
+                            out.push_str(&format!("event: row\ndata: {data}\n\n"));
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "Live rows not read this time."),
+            }
+            if out.is_empty() && last_write.elapsed() >= STREAM_KEEPALIVE {
+                out.push_str(": keep-alive\n\n");
+            }
+            if !out.is_empty() {
+                last_write = tokio::time::Instant::now();
+                let chunk = Ok::<_, actix_web::Error>(web::Bytes::from(out));
+                return Some((chunk, (fleet, ids, sent, last_write, false)));
+            }
+            if first {
+                return Some((Ok(web::Bytes::from_static(b": open\n\n")), (fleet, ids, sent, last_write, false)));
+            }
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(events))
+}
+
+#[derive(Deserialize)]
+struct WindowQuery {
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    notice: Option<String>,
+}
+
+/// Chart windows the device page offers.
+const WINDOWS: [&str; 5] = ["1h", "6h", "24h", "7d", "30d"];
+
+fn window_of(q: &WindowQuery) -> (String, Duration) {
+    let w = q.window.as_deref().filter(|w| WINDOWS.contains(w)).unwrap_or("1h");
+    (w.to_owned(), humantime::parse_duration(w).unwrap_or(Duration::from_secs(3600)))
+}
+
+/// Most samples a chart answer reads (then averaged into buckets).
+pub const MAX_CHART_SAMPLES: usize = 200_000;
+
+/// `GET /console/devices/{id}/series?window=6h`: the charts' data.
+async fn device_series(
+    _user: User,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    query: web::Query<WindowQuery>,
+) -> Result<HttpResponse, ConsoleError> {
+    let id = service::device(&fleet, &path).await?;
+    let (_, span) = window_of(&query);
+    let until = Timestamp::now();
+    let since = Timestamp(until.0.saturating_sub(span.as_millis() as u64));
+    let mut samples = Vec::new();
+    let mut range = TelemetryRange::between(since, until, 10_000);
+    loop {
+        let page = fleet.store().telemetry(&id, &range).await?;
+        let full = page.len() == range.limit;
+        range.after = page.last().map(|(seq, s)| (s.at, *seq));
+        samples.extend(page.into_iter().map(|(_, s)| s));
+        if !full || samples.len() >= MAX_CHART_SAMPLES {
+            break;
+        }
+    }
+    let late = fleet
+        .store()
+        .fleet_rows(Some(std::slice::from_ref(&id)))
+        .await?
+        .pop()
+        .map(|r| r.digest.late)
+        .unwrap_or_default();
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(series::build(&samples, since, until, &late)))
+}
+
+struct JobRow {
+    name: String,
+    kind: String,
+    source: String,
+    schedule: String,
+    enabled: bool,
+    next_run: String,
+    runs: Vec<RunRow>,
+}
+
+struct RunRow {
+    run_id: u64,
+    attempt: u32,
+    trigger: String,
+    started: String,
+    ago: String,
+    outcome: String,
+    ok: bool,
+    output: String,
+}
+
+struct EventRow {
+    seq: u64,
+    at: String,
+    ago: String,
+    kind: &'static str,
+    text: String,
+}
+
+impl EventRow {
+    fn new(e: EventView, now: Timestamp) -> Self {
+        let at = humantime::parse_rfc3339_weak(&e.at).map(Timestamp::from_system).ok();
+        let (kind, text) = match e.event {
+            EventKindView::CommandResult { command, outcome, exit_code, output } => (
+                "command",
+                format!(
+                    "command {command}: {}{}\n{output}",
+                    serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                    exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default()
+                ),
+            ),
+            EventKindView::StateReport { applied_version, error } => (
+                "desired state",
+                match error {
+                    Some(e) => format!("refused the latest version, runs {applied_version}: {e}"),
+                    None => format!("runs version {applied_version}"),
+                },
+            ),
+            EventKindView::Alarm { alarm, raised, message } => {
+                ("alarm", format!("{alarm} {}: {message}", if raised { "raised" } else { "cleared" }))
+            }
+            EventKindView::Other { record } => ("other", record),
+        };
+        EventRow { seq: e.seq, at: e.at, ago: ago(at, now), kind, text }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/device.html")]
+struct DevicePage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    d: Row,
+    windows: [&'static str; 5],
+    window: String,
+    operator: bool,
+    csrf: String,
+    jobs: Vec<JobRow>,
+    snapshots: Vec<SnapshotView>,
+    backup_sets: Vec<String>,
+    peers: Vec<PeerView>,
+    alarms: Vec<Line>,
+    desired_version: u64,
+    reported_version: u64,
+    in_sync: bool,
+    reported_error: Option<String>,
+    desired_text: String,
+    desired_error: Option<String>,
+    labels_text: String,
+    kinds: Vec<&'static str>,
+    events: Vec<EventRow>,
+}
+
+/// Runs shown per job on the device page.
+const RUNS_SHOWN: usize = 5;
+
+async fn device_page(
+    user: User,
+    fleet: web::Data<Fleet>,
+    path: web::Path<String>,
+    query: web::Query<WindowQuery>,
+) -> Result<HttpResponse, ConsoleError> {
+    let id = service::device(&fleet, &path).await?;
+    let page = device_view(&user, &fleet, &id, &query, None).await?;
+    html(&page)
+}
+
+async fn device_view(
+    user: &User,
+    fleet: &Fleet,
+    id: &DeviceId,
+    query: &WindowQuery,
+    desired_draft: Option<(String, String)>,
+) -> Result<DevicePage, ConsoleError> {
+    let store = fleet.store();
+    let now = Timestamp::now();
+    let view = fleet.device(id).await?.ok_or_else(|| ConsoleError::NotFound(format!("device {id} not found")))?;
+    let mut jobs = Vec::new();
+    for (spec, source) in store.jobs(id).await?.map(|r| r.jobs).unwrap_or_default() {
+        let runs = store.job_runs(id, &spec.name, RUNS_SHOWN).await?;
+        let summary = crate::api::JobView::new(&spec, source, runs.first().cloned(), now);
+        jobs.push(JobRow {
+            name: summary.name,
+            kind: summary.kind,
+            source: summary.source,
+            schedule: summary.schedule,
+            enabled: summary.enabled,
+            next_run: summary.next_run.unwrap_or_else(|| "-".into()),
+            runs: runs
+                .into_iter()
+                .map(|r| {
+                    let r = crate::api::JobRunView::from(r);
+                    let started = humantime::parse_rfc3339_weak(&r.started).map(Timestamp::from_system).ok();
+                    RunRow {
+                        run_id: r.run_id,
+                        attempt: r.attempt,
+                        trigger: r.trigger,
+                        ago: ago(started, now),
+                        started: r.started,
+                        outcome: r.outcome,
+                        ok: r.succeeded,
+                        output: r.output,
+                    }
+                })
+                .collect(),
+        });
+    }
+    let backup_sets = jobs
+        .iter()
+        .filter_map(|j| j.name.strip_prefix(crate::store::digest::BACKUP_JOB_PREFIX).map(str::to_owned))
+        .collect();
+    let snapshots = store.catalog(id).await?.iter().rev().take(20).map(SnapshotView::from).collect();
+    let peers = store.peers(id).await?.map(|r| r.peers).unwrap_or_default().into_iter().map(PeerView::from).collect();
+    let desired = DesiredView::new(store.desired(id).await?, store.reported(id).await?);
+    let (desired_text, desired_error) = match desired_draft {
+        Some((text, error)) => (text, Some(error)),
+        None => (serde_json::to_string_pretty(&desired.doc).unwrap_or_default(), None),
+    };
+    let events = store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), now)).collect();
+    let alarms = view
+        .alarms
+        .iter()
+        .map(|a| {
+            let at = humantime::parse_rfc3339_weak(&a.at).map(Timestamp::from_system).ok();
+            Line {
+                at: a.at.clone(),
+                ago: ago(at, now),
+                id: view.id.clone(),
+                name: view.name.clone(),
+                text: format!("{} {}: {}", a.alarm, if a.raised { "raised" } else { "cleared" }, a.message),
+            }
+        })
+        .collect();
+    let (window, _) = window_of(query);
+    Ok(DevicePage {
+        nav: Some(user.into()),
+        notice: query.notice.clone(),
+        labels_text: view.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
+        d: Row::new(&view, now),
+        windows: WINDOWS,
+        window,
+        operator: user.operator(),
+        csrf: user.csrf.clone(),
+        jobs,
+        snapshots,
+        backup_sets,
+        peers,
+        alarms,
+        desired_version: desired.version,
+        reported_version: desired.reported_version,
+        in_sync: desired.in_sync,
+        reported_error: desired.reported_error,
+        desired_text,
+        desired_error,
+        kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
+        events,
+    })
+}
+
+/// A device action form.
+#[derive(Debug, Default, Deserialize)]
+struct ActForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    confirm: String,
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    set: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    args: String,
+    #[serde(default)]
+    doc: String,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    labels: String,
+    #[serde(default)]
+    selector: String,
+    #[serde(default)]
+    patch: String,
+}
+
+impl ActForm {
+    /// The fields a confirmation page posts back.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![("csrf", self.csrf.clone()), ("action", self.action.clone())];
+        for (name, value) in [
+            ("job", &self.job),
+            ("set", &self.set),
+            ("kind", &self.kind),
+            ("args", &self.args),
+            ("doc", &self.doc),
+            ("labels", &self.labels),
+            ("selector", &self.selector),
+            ("patch", &self.patch),
+        ] {
+            if !value.is_empty() {
+                f.push((name, value.clone()));
+            }
+        }
+        if self.action == "desired" {
+            f.push(("version", self.version.to_string()));
+        }
+        f
+    }
+
+    /// The command the form asks for, if it asks for one.
+    fn command(&self) -> Option<CommandRequest> {
+        let lines = |text: &str| text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+        match self.action.as_str() {
+            "run_job" => {
+                Some(CommandRequest { kind: "run_job".into(), args: vec![self.job.clone()], expires_in: None })
+            }
+            "backup" => Some(CommandRequest {
+                kind: "backup".into(),
+                args: vec!["run".into(), self.set.clone()],
+                expires_in: None,
+            }),
+            "command" => Some(CommandRequest { kind: self.kind.clone(), args: lines(&self.args), expires_in: None }),
+            _ => None,
+        }
+    }
+}
+
+/// Parses `key=value` lines into labels.
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    let mut labels = Labels::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once('=').ok_or_else(|| format!("{line:?}: write labels as key=value"))?;
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    crate::listing::check_labels(&labels)?;
+    Ok(labels)
+}
+
+#[derive(Template)]
+#[template(path = "console/confirm.html")]
+struct ConfirmPage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    summary: String,
+    detail: String,
+    targets: Vec<String>,
+    matched: usize,
+    action: String,
+    fields: Vec<(&'static str, String)>,
+    button: String,
+    cancel: String,
+}
+
+/// `POST /console/devices/{id}/act`: the first post shows what will happen,
+/// the second (with `confirm=yes`) does it.
+async fn act(
+    user: User,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    form: web::Form<ActForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    let form = form.into_inner();
+    user.may_act(Role::Operator, &form.csrf)?;
+    let id = service::device(&fleet, &path).await?;
+    let back = format!("/console/devices/{}", crate::http::encode_component(id.as_str()));
+    let name = fleet.store().device(&id).await?.map(|d| d.name).unwrap_or_default();
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("console: {}", form.action) });
+    let (summary, detail) = match form.action.as_str() {
+        "run_job" => (format!("Run job {} on {name} now?", form.job), String::new()),
+        "backup" => (format!("Back up set {} on {name} now?", form.set), String::new()),
+        "command" => (format!("Send a {} command to {name}?", form.kind), form.args.clone()),
+        "desired" => {
+            (format!("Replace the desired state of {name} (version {}) with:", form.version), form.doc.clone())
+        }
+        "labels" => (format!("Set the labels of {name} to:"), form.labels.clone()),
+        other => return Err(ConsoleError::Invalid(format!("unknown action {other:?}"))),
+    };
+    if let Some(command) = form.command() {
+        service::check_command(&command).map_err(ConsoleError::Invalid)?;
+    }
+    if form.action == "labels" {
+        parse_labels(&form.labels).map_err(ConsoleError::Invalid)?;
+    }
+    if form.action == "desired" {
+        let checked = serde_json::from_str::<serde_json::Value>(&form.doc)
+            .map_err(|e| format!("not valid JSON: {e}"))
+            .and_then(|doc| service::check_desired(&doc));
+        if let Err(error) = checked {
+            let q = WindowQuery { window: None, notice: None };
+            let page = device_view(&user, &fleet, &id, &q, Some((form.doc.clone(), error))).await?;
+            let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+            return Ok(HttpResponse::UnprocessableEntity().content_type("text/html; charset=utf-8").body(body));
+        }
+    }
+    if form.confirm != "yes" {
+        return html(&ConfirmPage {
+            nav: Some((&user).into()),
+            notice: None,
+            summary,
+            detail,
+            targets: Vec::new(),
+            matched: 1,
+            action: format!("{back}/act"),
+            fields: form.fields(),
+            button: "Yes, do it".into(),
+            cancel: back,
+        });
+    }
+    let by = user.name().to_owned();
+    let notice = if let Some(command) = form.command() {
+        let view = service::send_command(&fleet, &by, &id, command).await?;
+        format!("Command {} ({}) queued for {name}.", view.id, view.kind)
+    } else if form.action == "desired" {
+        let doc: serde_json::Value =
+            serde_json::from_str(&form.doc).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
+        let done = service::set_desired(&fleet, &by, &id, form.version, &doc).await?;
+        format!("Desired state version {} set.", done.version)
+    } else {
+        let labels = parse_labels(&form.labels).map_err(ConsoleError::Invalid)?;
+        service::set_labels(&fleet, &by, &id, &labels).await?;
+        "Labels set.".to_owned()
+    };
+    Ok(see_other(&format!("{back}?notice={}", crate::http::encode_component(&notice))))
+}
+
+#[derive(Deserialize)]
+struct BulkQuery {
+    #[serde(default)]
+    selector: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/bulk.html")]
+struct BulkPage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    selector: String,
+    matched: usize,
+    error: Option<String>,
+    csrf: String,
+    kinds: Vec<&'static str>,
+}
+
+/// `GET /console/bulk?selector=...`: how many devices match, and the forms.
+async fn bulk_page(
+    user: User,
+    fleet: web::Data<Fleet>,
+    query: web::Query<BulkQuery>,
+) -> Result<HttpResponse, ConsoleError> {
+    if !user.operator() {
+        return Err(ConsoleError::Forbidden("acting on devices needs the operator role".into()));
+    }
+    let (matched, error) = match service::bulk_targets(&fleet, &query.selector).await {
+        Ok((_, ids)) => (ids.len(), None),
+        Err(service::ServiceError::Invalid(e)) => (0, Some(e)),
+        Err(e) => return Err(e.into()),
+    };
+    html(&BulkPage {
+        nav: Some((&user).into()),
+        notice: None,
+        selector: query.selector.clone(),
+        matched,
+        error,
+        csrf: user.csrf.clone(),
+        kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
+    })
+}
+
+/// `POST /console/bulk`: confirm with the match count, then act on each.
+async fn bulk_act(
+    user: User,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    form: web::Form<ActForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    let form = form.into_inner();
+    user.may_act(Role::Operator, &form.csrf)?;
+    note(
+        &req,
+        AuditNote {
+            target: Some(format!("selector {}", form.selector)),
+            matched: None,
+            detail: format!("console: {}", form.action),
+        },
+    );
+    let (selector, ids) = service::bulk_targets(&fleet, &form.selector).await?;
+    note(
+        &req,
+        AuditNote {
+            target: Some(format!("selector {}", selector.text())),
+            matched: Some(ids.len() as u64),
+            detail: format!("console: {}{}", form.action, if form.confirm == "yes" { "" } else { " (previewed)" }),
+        },
+    );
+    let (summary, detail) = match form.action.as_str() {
+        "command" => {
+            let command = form.command().unwrap_or_else(|| unreachable!("a command action"));
+            service::check_command(&command).map_err(ConsoleError::Invalid)?;
+            (format!("Send a {} command to each of {} devices?", form.kind, ids.len()), form.args.clone())
+        }
+        "desired" => {
+            let patch: serde_json::Value = serde_json::from_str(&form.patch)
+                .map_err(|e| ConsoleError::Invalid(format!("the patch is not JSON: {e}")))?;
+            service::check_bulk_patch(&fleet, &ids, &patch).await?;
+            (format!("Apply this change to the desired state of each of {} devices?", ids.len()), form.patch.clone())
+        }
+        other => return Err(ConsoleError::Invalid(format!("unknown bulk action {other:?}"))),
+    };
+    let cancel = format!("/console/devices?selector={}", crate::http::encode_component(selector.text()));
+    if form.confirm != "yes" {
+        let views = fleet.views(Some(&ids)).await?;
+        return html(&ConfirmPage {
+            nav: Some((&user).into()),
+            notice: None,
+            summary,
+            detail,
+            targets: views.iter().take(20).map(|v| format!("{} ({})", v.name, v.id)).collect(),
+            matched: ids.len(),
+            action: "/console/bulk".into(),
+            fields: form.fields(),
+            button: format!("Yes, act on {} devices", ids.len()),
+            cancel,
+        });
+    }
+    let by = user.name().to_owned();
+    if let Some(command) = form.command() {
+        for id in &ids {
+            service::send_command(&fleet, &by, id, command.clone()).await?;
+        }
+    } else {
+        let patch: serde_json::Value =
+            serde_json::from_str(&form.patch).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
+        for id in &ids {
+            service::patch_desired(&fleet, &by, id, &patch).await?;
+        }
+    }
+    Ok(see_other(&cancel))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AuditForm {
+    #[serde(default)]
+    who: String,
+    #[serde(default)]
+    target: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    outcome: String,
+    #[serde(default)]
+    before: Option<u64>,
+}
+
+#[derive(Template)]
+#[template(path = "console/audit.html")]
+struct AuditPageHtml {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    q: AuditForm,
+    entries: Vec<AuditLine>,
+    next: Option<String>,
+}
+
+async fn audit_page(
+    user: User,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    form: web::Query<AuditForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    if !user.operator() {
+        return Err(ConsoleError::Forbidden("the audit log needs the operator role".into()));
+    }
+    let form = form.into_inner();
+    let params = crate::http::AuditParams {
+        before: form.before,
+        limit: Some(100),
+        who: Some(form.who.clone()),
+        target: Some(form.target.clone()),
+        action: Some(form.action.clone()),
+        outcome: Some(form.outcome.clone()).filter(|o| !o.is_empty()),
+        since: None,
+    };
+    let q = params.parse().map_err(ConsoleError::Invalid)?;
+    let entries = fleet.store().audit(&q).await?;
+    let next = (entries.len() == q.limit)
+        .then(|| entries.last().map(|e| url_with(req.path(), req.query_string(), "before", &e.id.to_string())))
+        .flatten();
+    let now = Timestamp::now();
+    html(&AuditPageHtml {
+        nav: Some((&user).into()),
+        notice: None,
+        q: form,
+        entries: entries.into_iter().map(|e| AuditLine::new(e, now)).collect(),
+        next,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "console/sign_in.html")]
+struct SignInPage {
+    nav: Option<Nav>,
+    notice: Option<String>,
+    error: Option<String>,
+    next: String,
+    link: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SignInQuery {
+    #[serde(default)]
+    next: String,
+    #[serde(default)]
+    link: Option<String>,
+}
+
+/// Where to go after signing in: a console path, never another site.
+fn safe_next(next: &str) -> &str {
+    if next.starts_with("/console/") && !next.contains("//") && !next.contains('\\') { next } else { "/console/" }
+}
+
+async fn sign_in_page(query: web::Query<SignInQuery>) -> Result<HttpResponse, ConsoleError> {
+    html(&SignInPage {
+        nav: None,
+        notice: None,
+        error: None,
+        next: safe_next(&query.next).to_owned(),
+        link: query.link.clone(),
+    })
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    link: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /console/sign-in`: an API token, or a one-time link, becomes the
+/// session cookie.
+async fn sign_in(
+    req: HttpRequest,
+    fleet: web::Data<Fleet>,
+    form: web::Form<SignInForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    let next = safe_next(&form.next).to_owned();
+    let secret = if !form.link.is_empty() {
+        note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in link".into() });
+        match service::redeem_link(&fleet, form.link.trim()).await {
+            Ok((secret, token)) => {
+                req.extensions_mut().insert(crate::http::AuditWho(token.name.clone()));
+                Ok(secret)
+            }
+            Err(service::ServiceError::Invalid(e)) => Err(e),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in with a token".into() });
+        match crate::http::authenticate(&fleet, &req, form.token.trim()).await {
+            Ok(_) => Ok(form.token.trim().to_owned()),
+            Err(crate::http::HttpError::Unauthorized) => {
+                Err("that token is not valid (wrong, expired or revoked)".to_owned())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match secret {
+        Ok(secret) => Ok(HttpResponse::SeeOther()
+            .cookie(super::session_cookie(&req, Some(&secret)))
+            .insert_header((header::LOCATION, next))
+            .finish()),
+        Err(error) => {
+            let page = SignInPage { nav: None, notice: None, error: Some(error), next, link: None };
+            let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+            Ok(HttpResponse::Unauthorized().content_type("text/html; charset=utf-8").body(body))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct SignOutForm {
+    csrf: String,
+}
+
+/// `POST /console/sign-out`: drops the cookie; a session made from a
+/// sign-in link is revoked too.
+async fn sign_out(
+    user: User,
+    req: HttpRequest,
+    fleet: web::Data<Fleet>,
+    form: web::Form<SignOutForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    user.may_act(Role::Viewer, &form.csrf)?;
+    if user.name().starts_with("console ") {
+        fleet.store().take_api_token(&user.caller.hash).await?;
+    }
+    Ok(HttpResponse::SeeOther()
+        .cookie(super::session_cookie(&req, None))
+        .insert_header((header::LOCATION, "/console/sign-in"))
+        .finish())
+}
+
+/// The console's pages.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(overview_page))
+        .route("/sign-in", web::get().to(sign_in_page))
+        .route("/sign-in", web::post().to(sign_in))
+        .route("/sign-out", web::post().to(sign_out))
+        .route("/devices", web::get().to(devices_page))
+        .route("/devices/stream", web::get().to(stream))
+        .route("/devices/{id}", web::get().to(device_page))
+        .route("/devices/{id}/series", web::get().to(device_series))
+        .route("/devices/{id}/act", web::post().to(act))
+        .route("/bulk", web::get().to(bulk_page))
+        .route("/bulk", web::post().to(bulk_act))
+        .route("/audit", web::get().to(audit_page));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_never_leaves_the_console() {
+        assert_eq!(safe_next("/console/devices?status=online"), "/console/devices?status=online");
+        for bad in ["https://evil.example/", "//evil.example/console/", "/console/..//evil", "/other", ""] {
+            assert_eq!(safe_next(bad), "/console/", "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_read_from_lines_and_are_checked() {
+        let l = parse_labels("env=prod\n\n site = berlin \n").unwrap();
+        assert_eq!(l.get("site").map(String::as_str), Some("berlin"));
+        assert!(parse_labels("justakey").is_err());
+        assert!(parse_labels("Env=x").is_err());
+    }
+
+    #[test]
+    fn markup_in_a_device_name_is_text() {
+        let mut v: DeviceView = serde_json::from_value(serde_json::json!({
+            "id": "dev-1", "name": "<script>alert(1)</script>", "online": true, "connected": true,
+            "last_seen": null, "last_seen_ms": null, "agent_version": "\"><img src=x>", "enrolled_at": "",
+            "address": null, "cpu_percent": null, "mem_percent": null, "telemetry": null
+        }))
+        .unwrap();
+        v.labels.insert("k".into(), "<b>".into());
+        let html = row_html(&v, Timestamp(0));
+        assert!(!html.contains("<script>") && !html.contains("<img") && !html.contains("<b>"), "{html}");
+        assert!(html.contains("&#60;script&#62;alert(1)&#60;/script&#62;"), "{html}");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(5), "5 s");
+        assert_eq!(duration(125), "2 min");
+        assert_eq!(duration(7200), "2 h");
+        assert_eq!(duration(3 * 86400), "3 d");
+        assert_eq!(ago(None, Timestamp(0)), "never");
+    }
+}
