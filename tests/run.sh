@@ -21,6 +21,11 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 # The LAN tests build network namespaces with ip(8) (and need root).
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
+# The console's browser test drives Debian's Chromium with Playwright
+# (playwright-core from npm, pinned in tests/browser/package-lock.json).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -32,9 +37,15 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    echo "tests/run.sh: installing playwright-core for the console's browser test"
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
+
 # The multi-process tests run the binaries next to the test executables.
 cargo build --locked --workspace --bins
 cargo test --locked --workspace "$@"
 # The tests that run hubs, again with every hub on PostgreSQL.
 OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
-    --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet "$@"
+    --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet \
+    --test roles "$@"

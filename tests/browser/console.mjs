@@ -1,0 +1,162 @@
+// Drives Debian's headless Chromium through the console of a real hub with
+// real agents, as tests/tests/console.rs set them up (see its env). Each
+// step waits on a condition with a deadline; the first failure exits 1
+// with what was expected and what the page showed.
+
+import { chromium } from "playwright-core";
+import { writeFileSync } from "node:fs";
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+};
+const hub = env("HUB");
+const out = env("OUT_DIR");
+const watched = env("AGENT_ID");
+const hostile = env("HOSTILE_ID");
+const job = env("JOB");
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-dev-shm-usage"],
+});
+const timings = {};
+let failed = false;
+
+async function step(name, body) {
+  const started = Date.now();
+  try {
+    await body();
+    timings[name] = Date.now() - started;
+    console.log(`ok   ${name} (${timings[name]} ms)`);
+  } catch (e) {
+    failed = true;
+    console.log(`FAIL ${name}: ${e.message}`);
+    throw e;
+  }
+}
+
+async function session() {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.on("dialog", async (d) => {
+    failed = true;
+    console.log(`FAIL a dialog opened (${d.message()}): page script ran`);
+    await d.dismiss();
+  });
+  page.on("pageerror", (e) => console.log(`page error: ${e.message}`));
+  return { context, page };
+}
+
+async function signInWithToken(page, token) {
+  await page.goto(`${hub}/console/sign-in`);
+  await page.fill("#token", token);
+  await Promise.all([page.waitForURL(`${hub}/console/`), page.click("#sign-in")]);
+}
+
+async function text(page, selector) {
+  return (await page.textContent(selector))?.trim();
+}
+
+try {
+  // 1. The demo's one-time link signs an admin in; the overview counts.
+  const admin = await session();
+  await step("sign in with a one-time link", async () => {
+    await admin.page.goto(env("LINK"));
+    await Promise.all([admin.page.waitForURL(`${hub}/console/`), admin.page.click("#continue")]);
+  });
+  await step("the overview shows the right counts", async () => {
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      const counts = [await text(admin.page, "#count-devices"), await text(admin.page, "#count-online"), await text(admin.page, "#count-never")];
+      if (counts.join(",") === env("WANT_COUNTS")) break;
+      if (Date.now() > deadline) throw new Error(`counts ${counts} (devices, online, never), want ${env("WANT_COUNTS")}`);
+      await admin.page.waitForTimeout(500);
+      await admin.page.reload();
+    }
+    await admin.page.screenshot({ path: `${out}/overview.png`, fullPage: true });
+  });
+
+  // 2. A device named with markup is text, on the list and on its page.
+  await step("a device named with markup shows as text", async () => {
+    await admin.page.goto(`${hub}/console/devices`);
+    const name = await text(admin.page, `#row-${hostile} td a`);
+    if (name !== "<script>alert(1)</script>") throw new Error(`the name shows as ${JSON.stringify(name)}`);
+    await admin.page.goto(`${hub}/console/devices/${hostile}`);
+    const title = await text(admin.page, "#device-name");
+    if (!title.startsWith("<script>alert(1)</script>")) throw new Error(`the heading is ${JSON.stringify(title)}`);
+    const injected = await admin.page.locator("main script").count();
+    if (injected !== 0) throw new Error(`${injected} script elements inside the page body`);
+  });
+
+  // 3. A stopped agent turns offline on the open page, without a reload.
+  await step("a stopped agent turns offline without a reload", async () => {
+    await admin.page.goto(`${hub}/console/devices`);
+    await admin.page.waitForFunction(() => document.body.dataset.live === "open");
+    const state = `#row-${env("STOP_ID")} .state`;
+    if ((await text(admin.page, state)) !== "online") throw new Error(`not online before the stop: ${await text(admin.page, state)}`);
+    await admin.page.evaluate(() => { window.__notReloaded = true; });
+    process.kill(Number(env("STOP_PID")), "SIGKILL");
+    await admin.page.waitForFunction((s) => document.querySelector(s)?.textContent.trim() === "offline", state, { timeout: 30000 });
+    if (!(await admin.page.evaluate(() => window.__notReloaded === true))) throw new Error("the page was reloaded");
+  });
+
+  // 4. A device page draws charts from the hub's telemetry.
+  await step("a device page shows charts with data", async () => {
+    await admin.page.goto(`${hub}/console/devices/${watched}?window=1h`);
+    await admin.page.waitForSelector("#charts[data-ready=yes]", { timeout: 15000 });
+    const samples = Number(await admin.page.getAttribute("#charts", "data-samples"));
+    if (!(samples > 0)) throw new Error(`the charts read ${samples} samples`);
+    const canvases = await admin.page.locator("#charts canvas").count();
+    if (canvases < 4) throw new Error(`${canvases} charts drawn, want 4`);
+    await admin.page.screenshot({ path: `${out}/device.png`, fullPage: true });
+  });
+  await admin.context.close();
+
+  // 5. An operator runs a job; its run appears on the device page.
+  const operator = await session();
+  await step("an operator runs a job and its run appears", async () => {
+    await signInWithToken(operator.page, env("OPERATOR_TOKEN"));
+    await operator.page.goto(`${hub}/console/devices/${watched}`);
+    const before = await operator.page.locator(`tr.run[data-job="${job}"]`).count();
+    await operator.page.click(`button.run-job[data-job="${job}"]`);
+    const summary = await text(operator.page, "#summary");
+    if (!summary.includes(`Run job ${job}`)) throw new Error(`the confirmation says ${JSON.stringify(summary)}`);
+    await Promise.all([operator.page.waitForURL(/notice=/), operator.page.click("#confirm")]);
+    const notice = await text(operator.page, ".notice");
+    if (!notice.includes("queued")) throw new Error(`notice ${JSON.stringify(notice)}`);
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      const runs = await operator.page.locator(`tr.run[data-job="${job}"]`).allTextContents();
+      if (runs.length > before && runs.some((r) => r.includes("command"))) break;
+      if (Date.now() > deadline) throw new Error(`no run by command appeared: ${JSON.stringify(runs)}`);
+      await operator.page.waitForTimeout(500);
+      await operator.page.reload();
+    }
+  });
+  await operator.context.close();
+
+  // 6. A viewer sees no action; a forged POST is refused.
+  const viewer = await session();
+  await step("a viewer sees no action buttons and a forged POST gets 403", async () => {
+    await signInWithToken(viewer.page, env("VIEWER_TOKEN"));
+    await viewer.page.goto(`${hub}/console/devices/${watched}`);
+    const actions = await viewer.page.locator("form[action$='/act'], button.run-job, button.backup-now").count();
+    if (actions !== 0) throw new Error(`${actions} action forms shown to a viewer`);
+    const status = await viewer.page.evaluate(async ([id, job]) => {
+      const csrf = document.querySelector("input[name=csrf]").value;
+      const body = new URLSearchParams({ csrf, action: "run_job", job, confirm: "yes" });
+      const response = await fetch(`/console/devices/${id}/act`, { method: "POST", body });
+      return response.status;
+    }, [watched, job]);
+    if (status !== 403) throw new Error(`the forged POST answered ${status}`);
+  });
+  await viewer.context.close();
+} catch (e) {
+  failed = true;
+} finally {
+  writeFileSync(`${out}/timings.json`, JSON.stringify(timings, null, 2));
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
