@@ -5,6 +5,18 @@ use crate::api::{ApiError, CommandRequest, DesiredPut, DesiredView, DeviceView, 
 use crate::api::{CommandView, EventView, PeerView};
 use std::time::Duration;
 
+/// A path segment or query value, percent-encoded.
+pub fn seg(text: &str) -> String {
+    crate::http::encode_component(text)
+}
+
+/// The hub's base URL from what a user typed: `http://` is added when no
+/// scheme is given, a trailing `/` dropped.
+pub fn base_url(text: &str) -> String {
+    let text = text.trim().trim_end_matches('/');
+    if text.contains("://") { text.to_owned() } else { format!("http://{text}") }
+}
+
 /// Errors talking to the API.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -45,13 +57,82 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the hub at `base` (e.g. `http://127.0.0.1:8080`).
+    /// A client of the hub at `base` (`http://127.0.0.1:8080`; without a
+    /// scheme, `hub.example:8080`, http is meant).
     pub fn new(base: &str, token: &str) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
             .build();
-        Client { base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), agent: config.into() }
+        Client { base: base_url(base), token: token.to_owned(), agent: config.into() }
+    }
+
+    /// The hub's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/v1/overview`
+    pub fn overview(&self) -> Result<crate::listing::Overview, ClientError> {
+        self.get("/api/v1/overview")
+    }
+
+    /// `PUT /api/v1/devices/{id}/labels`
+    pub fn set_labels(&self, id: &str, labels: &crate::store::Labels) -> Result<DeviceView, ClientError> {
+        let body = serde_json::to_value(labels).unwrap_or_default();
+        self.call("PUT", &format!("/api/v1/devices/{}/labels", seg(id)), Some(body))
+    }
+
+    /// `POST /api/v1/commands`: one command per device `selector` matches.
+    pub fn bulk_command(
+        &self,
+        selector: &str,
+        request: &CommandRequest,
+        dry_run: bool,
+    ) -> Result<crate::http::BulkView, ClientError> {
+        let body = serde_json::to_value(crate::http::BulkCommandRequest {
+            selector: selector.to_owned(),
+            command: request.clone(),
+            dry_run,
+        })
+        .unwrap_or_default();
+        self.call("POST", "/api/v1/commands", Some(body))
+    }
+
+    /// `PATCH /api/v1/desired?selector=...`
+    pub fn bulk_desired(
+        &self,
+        selector: &str,
+        patch: serde_json::Value,
+        dry_run: bool,
+    ) -> Result<crate::http::BulkView, ClientError> {
+        self.call("PATCH", &format!("/api/v1/desired?selector={}&dry_run={dry_run}", seg(selector)), Some(patch))
+    }
+
+    /// `GET /api/v1/tokens`
+    pub fn tokens(&self) -> Result<Vec<crate::http::TokenView>, ClientError> {
+        self.get("/api/v1/tokens")
+    }
+
+    /// `POST /api/v1/tokens`: the answer holds the secret, once.
+    pub fn create_token(
+        &self,
+        name: &str,
+        role: &str,
+        expires_in: &str,
+    ) -> Result<crate::http::TokenView, ClientError> {
+        let body = serde_json::json!({"name": name, "role": role, "expires_in": expires_in});
+        self.call("POST", "/api/v1/tokens", Some(body))
+    }
+
+    /// `DELETE /api/v1/tokens/{id}` (id or name).
+    pub fn revoke_token(&self, which: &str) -> Result<crate::http::TokenView, ClientError> {
+        self.call("DELETE", &format!("/api/v1/tokens/{}", seg(which)), None)
+    }
+
+    /// `GET /api/v1/audit?...` (`query` already encoded).
+    pub fn audit(&self, query: &str) -> Result<crate::http::AuditPage, ClientError> {
+        self.get(&format!("/api/v1/audit?{query}"))
     }
 
     fn call<T: serde::de::DeserializeOwned>(
@@ -146,18 +227,18 @@ impl Client {
     ) -> Result<(), ClientError> {
         let mut query = Vec::new();
         if let Some(s) = since {
-            query.push(format!("since={s}"));
+            query.push(format!("since={}", seg(s)));
         }
         if let Some(u) = until {
-            query.push(format!("until={u}"));
+            query.push(format!("until={}", seg(u)));
         }
         let mut after: Option<String> = None;
         loop {
             let mut q = query.clone();
             if let Some(cursor) = &after {
-                q.push(format!("after={cursor}"));
+                q.push(format!("after={}", seg(cursor)));
             }
-            let view: MetricsView = self.get(&format!("/api/v1/devices/{id}/metrics?{}", q.join("&")))?;
+            let view: MetricsView = self.get(&format!("/api/v1/devices/{}/metrics?{}", seg(id), q.join("&")))?;
             let next = view.next.clone();
             if !page(view) {
                 return Ok(());
@@ -171,36 +252,43 @@ impl Client {
 
     /// `GET /api/v1/devices/{id}/events`
     pub fn events(&self, id: &str, limit: usize) -> Result<Vec<EventView>, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/events?limit={limit}"))
     }
 
     /// `GET /api/v1/devices/{id}/jobs`
     pub fn jobs(&self, id: &str) -> Result<JobsView, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/jobs"))
     }
 
     /// `GET /api/v1/devices/{id}/peers`.
     pub fn peers(&self, id: &str) -> Result<crate::api::PeersView, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/peers"))
     }
 
     /// `GET /api/v1/devices/{id}/backups`.
     pub fn backups(&self, id: &str) -> Result<crate::api::BackupsView, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/backups"))
     }
 
     /// `DELETE /api/v1/devices/{id}/backups`.
     pub fn delete_backups(&self, id: &str) -> Result<crate::api::BackupsDeleted, ClientError> {
+        let id = &seg(id);
         self.call("DELETE", &format!("/api/v1/devices/{id}/backups"), None)
     }
 
     /// `POST /api/v1/devices/{id}/backups/prune[?dry_run=true]`.
     pub fn prune_backups(&self, id: &str, dry_run: bool) -> Result<crate::backups::PruneReport, ClientError> {
+        let id = &seg(id);
         self.call("POST", &format!("/api/v1/devices/{id}/backups/prune?dry_run={dry_run}"), None)
     }
 
     /// `POST /api/v1/devices/{id}/backups/verify`.
     pub fn verify_backups(&self, id: &str) -> Result<crate::backups::VerifyReport, ClientError> {
+        let id = &seg(id);
         self.call("POST", &format!("/api/v1/devices/{id}/backups/verify"), None)
     }
 
@@ -211,6 +299,7 @@ impl Client {
         to: &str,
         valid_for: Option<&str>,
     ) -> Result<crate::api::GrantView, ClientError> {
+        let id = &seg(id);
         let body = serde_json::to_value(crate::api::GrantRequest {
             to: to.to_owned(),
             valid_for: valid_for.map(str::to_owned),
@@ -221,33 +310,38 @@ impl Client {
 
     /// `GET /api/v1/devices/{id}/jobs/{name}/runs`, newest first.
     pub fn job_runs(&self, id: &str, job: &str, limit: usize) -> Result<Vec<JobRunView>, ClientError> {
-        self.get(&format!("/api/v1/devices/{id}/jobs/{job}/runs?limit={limit}"))
+        self.get(&format!("/api/v1/devices/{}/jobs/{}/runs?limit={limit}", seg(id), seg(job)))
     }
 
     /// `GET /api/v1/devices/{id}/desired`
     pub fn desired(&self, id: &str) -> Result<DesiredView, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/desired"))
     }
 
     /// `PUT /api/v1/devices/{id}/desired`
     pub fn put_desired(&self, id: &str, version: u64, doc: serde_json::Value) -> Result<DesiredView, ClientError> {
+        let id = &seg(id);
         let body = serde_json::to_value(DesiredPut { version, doc }).unwrap_or_default();
         self.call("PUT", &format!("/api/v1/devices/{id}/desired"), Some(body))
     }
 
     /// `PATCH /api/v1/devices/{id}/desired`: a JSON merge patch (RFC 7396).
     pub fn patch_desired(&self, id: &str, patch: serde_json::Value) -> Result<DesiredView, ClientError> {
+        let id = &seg(id);
         self.call("PATCH", &format!("/api/v1/devices/{id}/desired"), Some(patch))
     }
 
     /// `POST /api/v1/devices/{id}/commands`
     pub fn send_command(&self, id: &str, request: &CommandRequest) -> Result<CommandView, ClientError> {
+        let id = &seg(id);
         let body = serde_json::to_value(request).unwrap_or_default();
         self.call("POST", &format!("/api/v1/devices/{id}/commands"), Some(body))
     }
 
     /// `GET /api/v1/devices/{id}/commands`
     pub fn commands(&self, id: &str) -> Result<Vec<CommandView>, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}/commands"))
     }
 
@@ -310,6 +404,7 @@ impl Client {
 
     /// `GET /api/v1/devices/{id}`
     pub fn device(&self, id: &str) -> Result<DeviceView, ClientError> {
+        let id = &seg(id);
         self.get(&format!("/api/v1/devices/{id}"))
     }
 }
@@ -317,24 +412,44 @@ impl Client {
 /// The fleet as a text table: id, name, online, last seen, version, CPU %,
 /// memory %.
 pub fn render_table(devices: &[DeviceView]) -> String {
+    let now = outpost_shared::time::Timestamp::now();
     let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
+            let state = match (d.online, d.last_seen.is_some()) {
+                (true, _) => "online",
+                (false, true) => "offline",
+                (false, false) => "never",
+            };
+            let mut problems = Vec::new();
+            if d.alarmed {
+                problems.push("alarm".to_owned());
+            }
+            if d.failed_runs_24h > 0 {
+                problems.push(format!("{} failed", d.failed_runs_24h));
+            }
+            if !d.overdue_backups.is_empty() {
+                problems.push("backup overdue".into());
+            }
             vec![
                 d.id.clone(),
                 d.name.clone(),
-                if d.online { "yes".into() } else { "no".into() },
-                d.last_seen.clone().unwrap_or_else(|| "never".into()),
+                state.into(),
+                crate::human::ago_text(d.last_seen.as_deref(), now),
                 d.agent_version.clone().unwrap_or_else(|| "-".into()),
                 d.cpu_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
                 d.mem_percent.map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+                d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                problems.join(", "),
             ]
         })
         .collect();
-    outpost_shared::table::render(&["ID", "NAME", "ONLINE", "LAST SEEN", "VERSION", "CPU %", "MEM %"], &rows)
+    outpost_shared::table::render(
+        &["ID", "NAME", "STATE", "LAST SEEN", "VERSION", "CPU %", "MEM %", "LABELS", "PROBLEMS"],
+        &rows,
+    )
 }
 
-/// A device's LAN peer table as text.
 pub fn render_peers(peers: &[PeerView]) -> String {
     outpost_shared::peers::render_rows(peers.iter().map(|p| outpost_shared::peers::PeerRow {
         id: &p.id,
@@ -366,6 +481,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_hub_address_without_a_scheme_means_http() {
+        assert_eq!(base_url("hub.example:8080"), "http://hub.example:8080");
+        assert_eq!(base_url("https://hub.example/"), "https://hub.example");
+        assert_eq!(base_url(" 127.0.0.1:8080 "), "http://127.0.0.1:8080");
+        assert_eq!(seg("gw one/2"), "gw%20one%2F2");
+    }
+
+    #[test]
     fn table_aligns_columns() {
         let d = DeviceView {
             id: "dev-1".into(),
@@ -392,7 +515,7 @@ mod tests {
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("ID     NAME               ONLINE"), "{table}");
-        assert!(lines[1].contains("yes") && lines[1].contains("3.1") && lines[1].ends_with('-'), "{table}");
+        assert!(lines[0].starts_with("ID     NAME               STATE"), "{table}");
+        assert!(lines[1].contains("online") && lines[1].contains("3.1") && lines[1].contains(" ago "), "{table}");
     }
 }

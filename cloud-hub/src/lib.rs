@@ -17,6 +17,7 @@ pub mod console;
 pub mod enroll;
 pub mod fleet;
 pub mod http;
+pub mod human;
 pub mod listing;
 pub mod mqtt;
 pub mod quic;

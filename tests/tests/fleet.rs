@@ -41,7 +41,7 @@ fn three_agents_are_online_with_telemetry_within_five_seconds() {
     assert!(table.starts_with("ID"), "{table}");
     for agent in &agents {
         let row = table.lines().find(|l| l.starts_with(&agent.id)).unwrap_or_else(|| panic!("{table}"));
-        assert!(row.contains(&agent.name) && row.contains(" yes "), "{row}");
+        assert!(row.contains(&agent.name) && row.contains(" online "), "{row}");
     }
 }
 

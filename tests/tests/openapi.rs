@@ -172,6 +172,7 @@ fn a_long_history_pages_through_the_api_and_outpostctl() {
         &hub.api,
         "--token",
         &hub.admin_token,
+        "--json",
         "metrics",
         &agent.id,
         "--since",

@@ -285,3 +285,80 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     let again = web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap();
     assert_eq!(again.status().as_u16(), 303, "signed out: back to the sign-in page");
 }
+
+/// `outpostctl` as an operator's script uses it.
+#[test]
+fn outpostctl_behaves_as_scripts_expect() {
+    use outpost_tests::{bin, run};
+    let scratch = Scratch::new().unwrap();
+    let (hub, mut agents) = fleet(&scratch, 2, Timings::default()).unwrap();
+    wait_online(&hub, &[&agents[0].id, &agents[1].id], true, Duration::from_secs(20)).unwrap();
+    // OUTPOST_HUB without a scheme; the token from the environment.
+    let ctl = |args: &[&str]| {
+        let out = run(std::process::Command::new(bin("outpostctl"))
+            .env("OUTPOST_HUB", hub.api.trim_start_matches("http://"))
+            .env("OUTPOST_TOKEN", &hub.admin_token)
+            .args(args))
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Devices named by name; a command's output printed as the text it is.
+    let (code, text, err) = ctl(&["command", "send", "agent-0", "echo", "two\nlines", "--wait", "20s"]);
+    assert_eq!(code, Some(0), "{text}{err}");
+    assert!(text.contains("succeeded\ntwo\nlines\n"), "{text}");
+    // A failed command exits non-zero; so does a --wait that runs out.
+    let (code, text, _) = ctl(&["command", "send", "agent-0", "exec", "/bin/false", "--wait", "20s"]);
+    assert_eq!(code, Some(1), "a refused or failed command: {text}");
+    agents[1].proc.as_mut().unwrap().kill();
+    wait_online(&hub, &[&agents[1].id], false, Duration::from_secs(20)).unwrap();
+    let (code, text, err) = ctl(&["command", "send", "agent-1", "echo", "later", "--wait", "1s"]);
+    assert_eq!(code, Some(124), "{text}{err}");
+    assert!(text.contains(": queued") && err.contains("no outcome within 1s"), "{text}{err}");
+    let (code, _, err) = ctl(&["device", "no-such-device"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404"), "{err}");
+
+    // Human-readable listings, JSON on request; relative times.
+    let (code, text, _) = ctl(&["devices", "--status", "online"]);
+    assert_eq!(code, Some(0));
+    assert!(text.starts_with("ID") && text.contains("agent-0") && !text.contains("agent-1"), "{text}");
+    let (_, text, _) = ctl(&["--json", "devices"]);
+    let listed: Vec<outpost_hub::api::DeviceView> = serde_json::from_str(&text).unwrap();
+    assert_eq!(listed.len(), 2);
+    let (code, text, err) = ctl(&["metrics", "agent-0", "--since", "1h", "--limit", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(text.lines().count(), 4, "a header and three samples: {text}");
+    let (code, text, _) = ctl(&["labels", "add", "agent-0", "env=prod", "rack=r1"]);
+    assert_eq!((code, text.as_str()), (Some(0), "env=prod\nrack=r1\n"));
+    let (_, text, _) = ctl(&["labels", "remove", "agent-0", "rack"]);
+    assert_eq!(text, "env=prod\n");
+    let (code, text, _) = ctl(&["command", "bulk", "--selector", "env=prod", "echo", "hi", "--dry-run"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("matched 1 device"), "{text}");
+    let (code, _, err) = ctl(&["command", "bulk", "--selector", "", "echo", "hi"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("empty"), "{err}");
+
+    // Tokens: made with an expiry, shown once, listed, revoked.
+    let (code, _, err) = ctl(&["tokens", "create", "robot", "--role", "viewer"]);
+    assert_eq!(code, Some(2), "an expiry is required: {err}");
+    let (code, text, err) = ctl(&["tokens", "create", "robot", "--role", "viewer", "--expires", "7d"]);
+    assert_eq!(code, Some(0), "{err}");
+    let secret = text.lines().next().unwrap().to_owned();
+    assert!(secret.starts_with("opt_"), "{text}");
+    let (_, text, _) = ctl(&["tokens", "list"]);
+    assert!(text.lines().any(|l| l.contains("robot") && l.contains("viewer")) && !text.contains(&secret), "{text}");
+    let (code, text, _) = ctl(&["audit", "--who", "initial admin", "--action", "tokens", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("token robot") && text.contains("ok (201)"), "{text}");
+    let (code, text, err) = ctl(&["tokens", "revoke", "robot"]);
+    assert_eq!(code, Some(0), "{text}{err}");
+
+    // Completions and a man page, generated from the same definition.
+    let (code, text, _) = ctl(&["completions", "bash"]);
+    assert!(code == Some(0) && text.contains("outpostctl") && text.contains("tokens"), "{text}");
+    let (code, text, _) = ctl(&["man"]);
+    assert!(code == Some(0) && text.contains(".TH outpostctl 1"), "{text}");
+}

@@ -7,6 +7,7 @@ use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventVi
 use crate::backups::SnapshotView;
 use crate::fleet::Fleet;
 use crate::http::{AuditNote, DevicesQuery, note, url_with};
+use crate::human::{ago, duration};
 use crate::listing::{overview, select};
 use crate::service;
 use crate::store::{AuditQuery, Labels, Role, TelemetryRange};
@@ -59,25 +60,6 @@ pub fn error_page(status: StatusCode, message: &str) -> HttpResponse {
     let page = ErrorPage { nav: None, notice: None, status: status.to_string(), message };
     let body = page.render().unwrap_or_else(|_| message.to_owned());
     HttpResponse::build(status).content_type("text/html; charset=utf-8").body(body)
-}
-
-/// "3 min ago" for a time in milliseconds.
-pub fn ago(at: Option<Timestamp>, now: Timestamp) -> String {
-    match at {
-        None => "never".into(),
-        Some(t) if t > now => "just now".into(),
-        Some(t) => format!("{} ago", duration(t.until(now).as_secs())),
-    }
-}
-
-/// "5 s", "3 min", "2 h", "4 d".
-pub fn duration(secs: u64) -> String {
-    match secs {
-        0..60 => format!("{secs} s"),
-        60..3600 => format!("{} min", secs / 60),
-        3600..172_800 => format!("{} h", secs / 3600),
-        _ => format!("{} d", secs / 86_400),
-    }
 }
 
 /// Data less old than this is "up to date" (a few telemetry intervals).
@@ -1129,14 +1111,5 @@ mod tests {
         let html = row_html(&v, Timestamp(0));
         assert!(!html.contains("<script>") && !html.contains("<img") && !html.contains("<b>"), "{html}");
         assert!(html.contains("&#60;script&#62;alert(1)&#60;/script&#62;"), "{html}");
-    }
-
-    #[test]
-    fn durations_read_naturally() {
-        assert_eq!(duration(5), "5 s");
-        assert_eq!(duration(125), "2 min");
-        assert_eq!(duration(7200), "2 h");
-        assert_eq!(duration(3 * 86400), "3 d");
-        assert_eq!(ago(None, Timestamp(0)), "never");
     }
 }
