@@ -12,11 +12,12 @@ fn demo_brings_three_agents_online_and_exits_zero() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("Summary: 3 of 3 agents came online."), "{stdout}");
     assert!(stdout.contains("API:   http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("Console: http://127.0.0.1:") && stdout.contains("/console/sign-in?link=opt_"), "{stdout}");
     let runs: usize = stdout
         .lines()
         .find_map(|l| l.strip_prefix("Jobs: ")?.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no job summary:\n{stdout}"));
     assert!(runs >= 3, "scheduled jobs did not run on every agent:\n{stdout}");
-    let online_rows = stdout.lines().filter(|l| l.starts_with("dev-") && l.contains(" yes ")).count();
+    let online_rows = stdout.lines().filter(|l| l.starts_with("dev-") && l.contains(" online ")).count();
     assert!(online_rows >= 3, "no table with the agents online:\n{stdout}");
 }
