@@ -63,7 +63,7 @@ for backend in ${BACKENDS:-sled postgres}; do
     echo "| request ($R each) | median | p95 | bytes |"
     echo "|---|---|---|---|"
     timed "API: GET /devices?limit=100 (first page)" "$api/api/v1/devices?limit=100"
-    timed "API: GET /devices?selector=env=staging,site=site-07&limit=100" "$api/api/v1/devices?selector=env%3Dstaging,site%3Dsite-07&limit=100"
+    timed "API: GET /devices?selector=env=dev,site=site-07&limit=100 (250 match)" "$api/api/v1/devices?selector=env%3Ddev,site%3Dsite-07&limit=100"
     timed "API: GET /devices?status=alarmed&sort=last_seen" "$api/api/v1/devices?status=alarmed&sort=last_seen&limit=100"
     timed "API: GET /overview" "$api/api/v1/overview"
     timed "API: GET /devices/{id}" "$api/api/v1/devices/$one"
@@ -72,6 +72,17 @@ for backend in ${BACKENDS:-sled postgres}; do
     timed "console: devices?selector=env=prod" "$api/console/devices?selector=env%3Dprod" "$work/jar"
     timed "console: device page" "$api/console/devices/$one" "$work/jar"
     timed "console: device chart data (1h)" "$api/console/devices/$one/series?window=1h" "$work/jar"
+
+    if [ "$backend" = postgres ]; then
+        # The peer: the database's own time for the one read every fleet
+        # view makes (all devices with their sessions), as psql sees it.
+        for _ in $(seq 1 "$R"); do
+            psql_pg -c '\timing on' -c "SELECT d.id, d.name, d.enrolled_at, d.cert_fingerprint, d.agent_version, d.last_seen,
+                d.last_addr, d.last_sample, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen
+                FROM devices d LEFT JOIN sessions s ON s.device = d.id ORDER BY d.id" | awk '/^Time:/ {print $2}'
+        done | sort -n | awk -v r="$R" '{ t[NR] = $1 } END {
+            printf "| peer: psql, the same SELECT of all %s rows | %.1f ms | %.1f ms | |\n", "'"$N"'", t[int((r + 1) / 2)], t[int(r * 0.95 + 0.999)] }'
+    fi
 
     if [ "$backend" = sled ]; then
         echo

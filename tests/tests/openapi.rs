@@ -136,6 +136,71 @@ fn real_answers_match_the_openapi_document() {
     let (status, body) = stranger.raw("GET", "/api/v1/devices", None).unwrap();
     assert_eq!(status, 401);
     check(&doc, "GET", "/api/v1/devices", status, &body);
+
+    // Labels, the overview, bulk actions, tokens and the audit log.
+    let calls: [(&str, &str, String, Option<Value>, u16); 12] = [
+        (
+            "PUT",
+            "/api/v1/devices/{id}/labels",
+            format!("/api/v1/devices/{id}/labels"),
+            Some(json!({"env": "prod"})),
+            200,
+        ),
+        (
+            "PUT",
+            "/api/v1/devices/{id}/labels",
+            format!("/api/v1/devices/{id}/labels"),
+            Some(json!({"Env": "x y"})),
+            422,
+        ),
+        ("GET", "/api/v1/overview", "/api/v1/overview".into(), None, 200),
+        ("GET", "/api/v1/devices", "/api/v1/devices?selector=env%3Dprod&limit=1".into(), None, 200),
+        (
+            "POST",
+            "/api/v1/commands",
+            "/api/v1/commands".into(),
+            Some(json!({"selector": "env=prod", "kind": "echo", "args": ["b"]})),
+            201,
+        ),
+        (
+            "POST",
+            "/api/v1/commands",
+            "/api/v1/commands".into(),
+            Some(json!({"selector": "", "kind": "echo", "args": []})),
+            422,
+        ),
+        (
+            "PATCH",
+            "/api/v1/desired",
+            "/api/v1/desired?selector=env%3Dprod&dry_run=true".into(),
+            Some(json!({"telemetry_interval": "3s"})),
+            200,
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            "/api/v1/tokens".into(),
+            Some(json!({"name": "spec", "role": "viewer", "expires_in": "1d"})),
+            201,
+        ),
+        (
+            "POST",
+            "/api/v1/tokens",
+            "/api/v1/tokens".into(),
+            Some(json!({"name": "spec", "role": "viewer", "expires_in": "1d"})),
+            409,
+        ),
+        ("GET", "/api/v1/tokens", "/api/v1/tokens".into(), None, 200),
+        ("POST", "/api/v1/console/links", "/api/v1/console/links".into(), Some(json!({"role": "viewer"})), 201),
+        ("GET", "/api/v1/audit", "/api/v1/audit?limit=5".into(), None, 200),
+    ];
+    for (method, template, path, body, want) in calls {
+        let (status, answer) = client.raw(method, &path, body).unwrap();
+        assert_eq!(status, want, "{method} {path}: {answer:#}");
+        check(&doc, method, template, status, &answer);
+    }
+    let (status, body) = client.raw("DELETE", "/api/v1/tokens/spec", None).unwrap();
+    check(&doc, "DELETE", "/api/v1/tokens/{id}", status, &body);
 }
 
 /// A long history pages through: 300 000 samples of one device read with
