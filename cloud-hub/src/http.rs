@@ -212,7 +212,18 @@ pub async fn audit(
     let note = request.extensions().get::<AuditNote>().cloned().unwrap_or_default();
     let who = request.extensions().get::<AuditWho>().map_or_else(|| "-".to_owned(), |w| w.0.clone());
     let pattern = request.match_pattern().unwrap_or_else(|| request.path().to_owned());
-    let target = note.target.or_else(|| request.match_info().get("id").map(str::to_owned)).unwrap_or_default();
+    // A device named by its name in the path is logged by its id (names
+    // change; ids do not).
+    let target = match note.target {
+        Some(target) => target,
+        None => match request.match_info().get("id").map(str::to_owned) {
+            Some(raw) if request.match_pattern().is_some_and(|p| p.contains("/devices/{id}")) => {
+                service::device(&fleet, &raw).await.map_or(raw, |id| id.to_string())
+            }
+            Some(raw) => raw,
+            None => String::new(),
+        },
+    };
     let entry = AuditEntry {
         id: 0,
         at: Timestamp::now(),

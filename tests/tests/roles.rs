@@ -188,6 +188,8 @@ fn roles_labels_selectors_bulk_actions_and_the_audit_log() {
     assert!(audit(&admin, "since=1h").len() > 5);
     let labels = audit(&admin, &format!("target={}&action=labels", ids[0]));
     assert!(labels.iter().any(|e| e["who"] == "ops" && e["outcome"] == "ok"), "{labels:#?}");
+    let by_name = audit(&admin, &format!("target={}&action=labels", ids[1]));
+    assert!(!by_name.is_empty(), "a device named by name is logged by its id: {by_name:#?}");
 
     // Revoked: refused at once.
     let (status, body) = admin.raw("DELETE", "/api/v1/tokens/ops", None).unwrap();

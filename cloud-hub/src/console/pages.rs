@@ -98,7 +98,12 @@ impl Row {
             labels: v.labels.clone(),
             version: v.agent_version.clone().unwrap_or_else(|| "-".into()),
             last_seen: v.last_seen.clone().unwrap_or_default(),
-            seen_ago: ago(v.last_seen_ms.map(Timestamp), now),
+            // Coarse under a minute, so a live row changes when its data
+            // does, not every time it is looked at.
+            seen_ago: match v.last_seen_ms.map(Timestamp) {
+                Some(t) if t.until(now) < Duration::from_secs(60) => "just now".into(),
+                other => ago(other, now),
+            },
             cpu: v.cpu_percent.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
             mem: v.mem_percent.map_or_else(|| "-".into(), |m| format!("{m:.0}")),
             behind: match v.behind_secs {
