@@ -16,7 +16,7 @@ use crate::fleet::Fleet;
 use crate::listing::{DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select};
 use crate::service;
 use crate::store::AuditQuery;
-use crate::store::{ApiToken, AuditEntry, Role, StoreError, TelemetryRange};
+use crate::store::{ApiToken, AuditEntry, Role, StoreError, TelemetryRange, TokenKind};
 use actix_web::HttpMessage;
 use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
@@ -158,7 +158,7 @@ pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Res
     let hash = token_hash(secret);
     let now = Timestamp::now();
     let Some(mut token) = fleet.store().api_token(&hash).await? else { return Err(HttpError::Unauthorized) };
-    if token.expired(now) || token.sign_in_link {
+    if token.expired(now) || token.kind == TokenKind::SignInLink {
         return Err(HttpError::Unauthorized);
     }
     req.extensions_mut().insert(AuditWho(token.name.clone()));
@@ -507,6 +507,8 @@ pub struct TokenView {
     pub last_used_from: Option<String>,
     /// Past its expiry.
     pub expired: bool,
+    /// `api` or `console_session`.
+    pub kind: String,
     /// The secret: only in the answer that made the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -523,6 +525,7 @@ impl TokenView {
             last_used_at: t.last_used.as_ref().map(|(at, _)| at.rfc3339()),
             last_used_from: t.last_used.as_ref().map(|(_, from)| from.clone()),
             expired: t.expired(now),
+            kind: t.kind.name().into(),
             secret: None,
         }
     }
@@ -548,7 +551,7 @@ async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResp
         .api_tokens()
         .await?
         .iter()
-        .filter(|(_, t)| !t.sign_in_link)
+        .filter(|(_, t)| t.kind != TokenKind::SignInLink)
         .map(|(h, t)| TokenView::new(h, t, now))
         .collect();
     tokens.sort_by(|a, b| a.name.cmp(&b.name));
@@ -567,7 +570,7 @@ async fn create_token(
     let (role, life) = service::check_token(&body.name, &body.role, &body.expires_in, service::MAX_TOKEN_LIFE)
         .map_err(HttpError::Unprocessable)?;
     let (secret, hash, token) =
-        service::create_token(&fleet, &caller.token.name, &body.name, role, life, false).await?;
+        service::create_token(&fleet, &caller.token.name, &body.name, role, life, TokenKind::Api).await?;
     let mut view = TokenView::new(&hash, &token, Timestamp::now());
     view.secret = Some(secret);
     Ok(HttpResponse::Created().json(view))

@@ -100,7 +100,7 @@ pub async fn init_with(data_dir: &Path, store: &StoreConfig) -> Result<String, H
         created_at: Timestamp::now(),
         expires_at: None,
         last_used: None,
-        sign_in_link: false,
+        kind: crate::store::TokenKind::Api,
     };
     store.put_api_token(&http::token_hash(&token), &record).await?;
     store.close().await?;
@@ -281,7 +281,8 @@ async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
 }
 
 /// Expires undelivered commands every second, prunes telemetry older than
-/// `retention` every minute and applies the backup retention every
+/// `retention` and expired tokens every minute and applies the backup
+/// retention every
 /// `prune_backups`, until `shutdown`.
 async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -304,6 +305,11 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Dura
         }
         if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
             last_prune = Some(tokio::time::Instant::now());
+            match service::drop_expired_tokens(&fleet).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(tokens = n, "Expired tokens removed."),
+                Err(e) => tracing::debug!(error = %e, "Expired tokens not removed this time."),
+            }
             let cutoff = now.saturating_sub(retention);
             match fleet.store().prune_telemetry(cutoff).await {
                 Ok(0) => {}

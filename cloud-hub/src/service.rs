@@ -7,7 +7,7 @@
 use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
 use crate::fleet::Fleet;
 use crate::listing::{Selector, check_labels};
-use crate::store::{ApiToken, Labels, NewCommand, Role, StoreError};
+use crate::store::{ApiToken, Labels, NewCommand, Role, StoreError, TokenKind};
 use outpost_shared::DeviceId;
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::protocol::CommandKind;
@@ -145,7 +145,7 @@ pub async fn create_token(
     name: &str,
     role: Role,
     life: Duration,
-    sign_in_link: bool,
+    kind: TokenKind,
 ) -> Result<(String, [u8; 32], ApiToken), ServiceError> {
     let tokens = fleet.store().api_tokens().await?;
     let now = Timestamp::now();
@@ -160,10 +160,10 @@ pub async fn create_token(
         created_at: now,
         expires_at: Some(now.saturating_add(life)),
         last_used: None,
-        sign_in_link,
+        kind,
     };
     fleet.store().put_api_token(&hash, &token).await?;
-    tracing::info!(token = name, role = role.name(), by, sign_in_link, "API token made.");
+    tracing::info!(token = name, role = role.name(), by, kind = kind.name(), "API token made.");
     Ok((secret, hash, token))
 }
 
@@ -173,6 +173,19 @@ pub fn new_secret() -> String {
     use base64::Engine as _;
     let bytes: [u8; 32] = rand::random();
     format!("opt_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Removes expired sign-in links and console sessions, and API tokens
+/// expired for [`crate::store::EXPIRED_TOKENS_KEPT`]; returns how many.
+pub async fn drop_expired_tokens(fleet: &Fleet) -> Result<usize, ServiceError> {
+    let now = Timestamp::now();
+    let mut dropped = 0;
+    for (hash, token) in fleet.store().api_tokens().await? {
+        if token.to_drop(now) && fleet.store().take_api_token(&hash).await?.is_some() {
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 /// Revokes the token with id (`tok-...`) or name `which`.
@@ -202,7 +215,7 @@ pub async fn sign_in_link(
 ) -> Result<(String, Timestamp), ServiceError> {
     let name = format!("sign-in link {}", &new_secret()[4..12]);
     let (role, life) = check_token(&name, role, valid_for, MAX_LINK_LIFE).map_err(ServiceError::Invalid)?;
-    let (secret, _, token) = create_token(fleet, by, &name, role, life, true).await?;
+    let (secret, _, token) = create_token(fleet, by, &name, role, life, TokenKind::SignInLink).await?;
     Ok((format!("/console/sign-in?link={secret}"), token.expires_at.unwrap_or(token.created_at)))
 }
 
@@ -213,16 +226,15 @@ pub async fn redeem_link(fleet: &Fleet, secret: &str) -> Result<(String, ApiToke
     let hash = crate::http::token_hash(secret);
     let refused =
         || ServiceError::Invalid("this sign-in link is not valid: it was used, it expired, or it never existed".into());
-    let link = fleet.store().take_api_token(&hash).await?.ok_or_else(refused)?;
-    if !link.sign_in_link || link.expired(Timestamp::now()) {
-        if !link.sign_in_link {
-            // Not a link: put the bearer token back untouched.
-            fleet.store().put_api_token(&hash, &link).await?;
-        }
+    // Read first: a bearer token given as a link is refused untouched.
+    let known = fleet.store().api_token(&hash).await?;
+    if known.is_none_or(|t| t.kind != TokenKind::SignInLink || t.expired(Timestamp::now())) {
         return Err(refused());
     }
+    let link = fleet.store().take_api_token(&hash).await?.ok_or_else(refused)?;
     let name = format!("console {}", &new_secret()[4..12]);
-    let (secret, _, token) = create_token(fleet, &link.name, &name, link.role, CONSOLE_SESSION, false).await?;
+    let (secret, _, token) =
+        create_token(fleet, &link.name, &name, link.role, CONSOLE_SESSION, TokenKind::ConsoleSession).await?;
     Ok((secret, token))
 }
 
@@ -431,6 +443,25 @@ mod tests {
         );
         assert!(check_token("x", "viewer", "2d", MAX_LINK_LIFE).is_err());
         assert!(new_secret().starts_with("opt_") && new_secret() != new_secret());
+    }
+
+    #[test]
+    fn links_and_sessions_go_at_expiry_api_tokens_a_month_later() {
+        let t = |kind, expires: Option<u64>| ApiToken {
+            role: Role::Viewer,
+            name: "t".into(),
+            created_at: Timestamp(0),
+            expires_at: expires.map(Timestamp),
+            last_used: None,
+            kind,
+        };
+        let day = 86_400_000;
+        assert!(t(TokenKind::SignInLink, Some(10)).to_drop(Timestamp(10)));
+        assert!(!t(TokenKind::ConsoleSession, Some(10)).to_drop(Timestamp(9)));
+        assert!(t(TokenKind::ConsoleSession, Some(10)).to_drop(Timestamp(11)));
+        assert!(!t(TokenKind::Api, Some(10)).to_drop(Timestamp(10 + 29 * day)), "listed as expired for a while");
+        assert!(t(TokenKind::Api, Some(10)).to_drop(Timestamp(10 + 30 * day)));
+        assert!(!t(TokenKind::Api, None).to_drop(Timestamp(u64::MAX)), "the initial admin token never expires");
     }
 
     #[test]

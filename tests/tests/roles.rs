@@ -244,6 +244,10 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     assert_eq!(status, 401, "a link works once");
     let viewer_link = admin.sign_in_link("nobody", "10m");
     assert!(viewer_link.is_err(), "an unknown role is refused");
+    // A bearer token given as a link is refused and keeps working.
+    let (status, _) = post_form(&web, &sign_in, &origin, "", &[("link", &hub.admin_token)]);
+    assert_eq!(status, 401);
+    assert_eq!(admin.raw("GET", "/api/v1/overview", None).unwrap().0, 200, "the admin token is untouched");
 
     // Pages answer with the security headers, and a viewer sees no forms.
     let mut page =

@@ -346,7 +346,7 @@ fn tokens_enrollment_keys_and_hellos() {
             created_at: Timestamp(3),
             expires_at: Some(Timestamp(9)),
             last_used: None,
-            sign_in_link: false,
+            kind: outpost_hub::store::TokenKind::Api,
         };
         store.put_api_token(&[1; 32], &token).await.unwrap();
         assert_eq!(store.api_token(&[1; 32]).await.unwrap(), Some(token.clone()));

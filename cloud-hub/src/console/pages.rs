@@ -1059,7 +1059,7 @@ async fn sign_out(
     form: web::Form<SignOutForm>,
 ) -> Result<HttpResponse, ConsoleError> {
     user.may_act(Role::Viewer, &form.csrf)?;
-    if user.name().starts_with("console ") {
+    if user.caller.token.kind == crate::store::TokenKind::ConsoleSession {
         fleet.store().take_api_token(&user.caller.hash).await?;
     }
     Ok(HttpResponse::SeeOther()

@@ -242,9 +242,47 @@ pub struct ApiToken {
     pub expires_at: Option<Timestamp>,
     /// When and from where it was last used (written at most once a minute).
     pub last_used: Option<(Timestamp, String)>,
-    /// A one-time console sign-in link: it is exchanged for a console
-    /// session token at its first use and is not a bearer token.
-    pub sign_in_link: bool,
+    /// What it is for.
+    pub kind: TokenKind,
+}
+
+/// What a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenKind {
+    /// A bearer token made by an admin (or `init`).
+    Api,
+    /// A one-time console sign-in link: exchanged for a console session at
+    /// its first use, never a bearer token.
+    SignInLink,
+    /// A console session made from a sign-in link (revoked at sign-out).
+    ConsoleSession,
+}
+
+impl TokenKind {
+    /// `api`, `sign_in_link` or `console_session`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenKind::Api => "api",
+            TokenKind::SignInLink => "sign_in_link",
+            TokenKind::ConsoleSession => "console_session",
+        }
+    }
+}
+
+/// Expired API tokens stay listed (as expired) this long, then go.
+pub const EXPIRED_TOKENS_KEPT: Duration = Duration::from_secs(30 * 86400);
+
+impl ApiToken {
+    /// True once the token should be removed from the store: a link or a
+    /// console session as soon as it expired, an API token
+    /// [`EXPIRED_TOKENS_KEPT`] after.
+    pub fn to_drop(&self, now: Timestamp) -> bool {
+        match (self.kind, self.expires_at) {
+            (_, None) => false,
+            (TokenKind::Api, Some(at)) => at.saturating_add(EXPIRED_TOKENS_KEPT) <= now,
+            (_, Some(at)) => at <= now,
+        }
+    }
 }
 
 /// The stored form of tokens made before expiry existed.
@@ -266,7 +304,7 @@ impl ApiToken {
                     created_at: t.created_at,
                     expires_at: None,
                     last_used: None,
-                    sign_in_link: false,
+                    kind: TokenKind::Api,
                 })
             })
             .map_err(|e| StoreError::Corrupt { what: "api_tokens", message: e.to_string() })
