@@ -123,7 +123,7 @@ try {
     await operator.page.click(`button.run-job[data-job="${job}"]`);
     const summary = await text(operator.page, "#summary");
     if (!summary.includes(`Run job ${job}`)) throw new Error(`the confirmation says ${JSON.stringify(summary)}`);
-    await Promise.all([operator.page.waitForURL(/notice=/), operator.page.click("#confirm")]);
+    await Promise.all([operator.page.waitForURL(/done=command/), operator.page.click("#confirm")]);
     const notice = await text(operator.page, ".notice");
     if (!notice.includes("queued")) throw new Error(`notice ${JSON.stringify(notice)}`);
     const deadline = Date.now() + 20000;

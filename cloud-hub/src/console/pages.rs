@@ -383,8 +383,24 @@ async fn stream(
 struct WindowQuery {
     #[serde(default)]
     window: Option<String>,
+    /// What the action before the redirect did (`command`, `desired`,
+    /// `labels`), with its number: the page words the notice itself, so a
+    /// link cannot put text of its own on the page.
     #[serde(default)]
-    notice: Option<String>,
+    done: Option<String>,
+    #[serde(default)]
+    n: Option<u64>,
+}
+
+impl WindowQuery {
+    fn notice(&self) -> Option<String> {
+        match (self.done.as_deref(), self.n) {
+            (Some("command"), Some(id)) => Some(format!("Command {id} queued; its outcome appears in the event log.")),
+            (Some("desired"), Some(version)) => Some(format!("Desired state version {version} set.")),
+            (Some("labels"), _) => Some("Labels set.".into()),
+            _ => None,
+        }
+    }
 }
 
 /// Chart windows the device page offers.
@@ -598,7 +614,7 @@ async fn device_view(
     let (window, _) = window_of(query);
     Ok(DevicePage {
         nav: Some(user.into()),
-        notice: query.notice.clone(),
+        notice: query.notice(),
         labels_text: view.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
         d: Row::new(&view, now),
         windows: WINDOWS,
@@ -752,7 +768,7 @@ async fn act(
             .map_err(|e| format!("not valid JSON: {e}"))
             .and_then(|doc| service::check_desired(&doc));
         if let Err(error) = checked {
-            let q = WindowQuery { window: None, notice: None };
+            let q = WindowQuery { window: None, done: None, n: None };
             let page = device_view(&user, &fleet, &id, &q, Some((form.doc.clone(), error))).await?;
             let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
             return Ok(HttpResponse::UnprocessableEntity().content_type("text/html; charset=utf-8").body(body));
@@ -773,20 +789,20 @@ async fn act(
         });
     }
     let by = user.name().to_owned();
-    let notice = if let Some(command) = form.command() {
+    let done = if let Some(command) = form.command() {
         let view = service::send_command(&fleet, &by, &id, command).await?;
-        format!("Command {} ({}) queued for {name}.", view.id, view.kind)
+        format!("done=command&n={}", view.id)
     } else if form.action == "desired" {
         let doc: serde_json::Value =
             serde_json::from_str(&form.doc).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
-        let done = service::set_desired(&fleet, &by, &id, form.version, &doc).await?;
-        format!("Desired state version {} set.", done.version)
+        let set = service::set_desired(&fleet, &by, &id, form.version, &doc).await?;
+        format!("done=desired&n={}", set.version)
     } else {
         let labels = parse_labels(&form.labels).map_err(ConsoleError::Invalid)?;
         service::set_labels(&fleet, &by, &id, &labels).await?;
-        "Labels set.".to_owned()
+        "done=labels".to_owned()
     };
-    Ok(see_other(&format!("{back}?notice={}", crate::http::encode_component(&notice))))
+    Ok(see_other(&format!("{back}?{done}")))
 }
 
 #[derive(Deserialize)]
@@ -1087,6 +1103,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notices_are_worded_by_the_page_not_the_link() {
+        let q = |done: &str, n| WindowQuery { window: None, done: Some(done.into()), n };
+        assert_eq!(q("command", Some(7)).notice().unwrap(), "Command 7 queued; its outcome appears in the event log.");
+        assert_eq!(q("Your session expired, call 555", Some(1)).notice(), None);
+        assert_eq!(q("command", None).notice(), None);
+    }
 
     #[test]
     fn next_never_leaves_the_console() {
