@@ -72,7 +72,7 @@ serve() {
     until [ -s "$work/hub/http.addr" ]; do sleep 0.01; done
     api="http://$(cat "$work/hub/http.addr")"
 }
-last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices" | python3 -c '
+last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=1000" | python3 -c '
 import json, sys
 for d in json.load(sys.stdin): print(d["name"], d["last_seq"])'; }
 

@@ -124,7 +124,7 @@ produce drain-quic "$N"; produce drain-mqtt "$N"
 for i in $(seq 1 "$A"); do produce "q$i" "$R"; produce "m$i" "$R"; done
 echo "backlogs produced offline in $(( $(now_ms) - t )) ms"
 
-last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices" | python3 -c '
+last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=1000" | python3 -c '
 import json, sys
 for d in json.load(sys.stdin): print(d["name"], d["last_seq"], d.get("transport"))'; }
 # Starts the agents matching PATTERN ($2 of them expected) and times until

@@ -876,7 +876,7 @@ async fn bulk_act(
     );
     let (summary, detail) = match form.action.as_str() {
         "command" => {
-            let command = form.command().unwrap_or_else(|| unreachable!("a command action"));
+            let command = form.command().ok_or_else(|| ConsoleError::Invalid("no command given".into()))?;
             service::check_command(&command).map_err(ConsoleError::Invalid)?;
             (format!("Send a {} command to each of {} devices?", form.kind, ids.len()), form.args.clone())
         }
