@@ -181,24 +181,9 @@ fn backup_period(spec: &JobSpec) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::store::ingest::plan;
+    use crate::store::ingest::tests::sample;
     use outpost_shared::job::{Action, JobRun, JobSource, JobsReport, Overlap, RunOutcome, Trigger};
     use outpost_shared::protocol::{Alarm, Record};
-    use outpost_shared::telemetry::Sample;
-
-    fn sample(at: u64) -> RecordBody {
-        RecordBody::Telemetry(Sample {
-            at: Timestamp(at),
-            cpu_percent: 1.0,
-            mem_used_bytes: 1,
-            mem_total_bytes: 2,
-            swap_used_bytes: 0,
-            load: [0.0; 3],
-            uptime_secs: 1,
-            disks: Vec::new(),
-            net: Vec::new(),
-            temperatures: Vec::new(),
-        })
-    }
 
     fn run(job: &str, ended: u64, code: i32) -> RecordBody {
         RecordBody::JobRun(JobRun {

@@ -140,13 +140,14 @@ pub fn log_stored(id: &DeviceId, records: &[Record], before: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use outpost_shared::protocol::{Alarm, AlarmKind, Outcome};
     use outpost_shared::telemetry::Sample;
     use outpost_shared::time::Timestamp;
 
-    fn sample(at: u64) -> RecordBody {
+    /// A telemetry record body of time `at` (shared with the digest's tests).
+    pub(in crate::store) fn sample(at: u64) -> RecordBody {
         RecordBody::Telemetry(Sample {
             at: Timestamp(at),
             cpu_percent: 1.0,
