@@ -3,7 +3,8 @@
 // second visit with the browser's cache. Prints a Markdown table.
 import { chromium } from "playwright-core";
 
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox"] });
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox", "--disable-gpu",
+  "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"] });
 const context = await browser.newContext();
 const page = await context.newPage();
 await page.goto(process.env.LINK);
