@@ -42,8 +42,11 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
     npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
-# The multi-process tests run the binaries next to the test executables.
-cargo build --locked --workspace --bins
+# The multi-process tests run the binaries next to the test executables:
+# `cargo test --workspace` builds them (every package with binaries has
+# integration tests) with the same features as the tests. A separate
+# `cargo build --bins` first would build the whole graph a second time with
+# other features (no dev-dependencies), doubling build time and disk.
 cargo test --locked --workspace "$@"
 # The tests that run hubs, again with every hub on PostgreSQL.
 OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
