@@ -447,7 +447,7 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
         }
         Operation::List { json } => {
             let repo = Repository::open(dir, &key)?;
-            let infos: Vec<SnapshotInfo> = repo.snapshots()?.iter().map(SnapshotInfo::from).collect();
+            let infos: Vec<SnapshotInfo> = repo.snapshot_infos()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&infos).unwrap_or_default());
             } else {

@@ -6,47 +6,49 @@ use super::*;
 impl Repository {
     /// Re-reads every chunk the snapshots name (and any other chunk in the
     /// repository) and checks it. Returns the problems found, each naming
-    /// the chunk and the snapshots and files that need it.
+    /// the chunk and the snapshots and files that need it. One manifest is
+    /// decoded at a time; who needs a chunk is looked up again only for the
+    /// chunks that failed.
     pub fn verify(&self) -> Result<Vec<String>, BackupError> {
-        let mut users: BTreeMap<ChunkId, Vec<String>> = BTreeMap::new();
         let mut problems = Vec::new();
-        let snapshots = match self.snapshots() {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(e.to_string());
-                Vec::new()
-            }
-        };
-        for s in &snapshots {
+        let mut ids: BTreeSet<ChunkId> = BTreeSet::new();
+        if let Err(e) = self.each_snapshot(|s| {
+            ids.extend(s.entries.into_iter().filter_map(file_chunks).flatten());
+            Ok(())
+        }) {
+            problems.push(e.to_string());
+        }
+        ids.extend(self.stored_chunks()?);
+        for segment in self.index.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            ids.extend(segment.records()?.into_iter().map(|(id, _)| id));
+        }
+        let failed: Vec<(ChunkId, BackupError)> =
+            ids.into_iter().filter_map(|id| self.chunk(&id).err().map(|e| (id, e))).collect();
+        if failed.is_empty() {
+            return Ok(problems);
+        }
+        let mut users: BTreeMap<ChunkId, Vec<String>> = failed.iter().map(|(id, _)| (*id, Vec::new())).collect();
+        // Problems reading a manifest were reported above.
+        let _ = self.each_snapshot(|s| {
             for e in &s.entries {
                 if let EntryKind::File { chunks, .. } = &e.kind {
                     for id in chunks {
-                        users.entry(*id).or_default().push(format!("{}:{}", s.name, e.path));
+                        if let Some(who) = users.get_mut(id) {
+                            who.push(format!("{}:{}", s.name, e.path));
+                        }
                     }
                 }
             }
-        }
-        for id in self.stored_chunks()? {
-            users.entry(id).or_default();
-        }
-        for segment in self.index.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            for (id, _) in segment.records()? {
-                users.entry(id).or_default();
-            }
-        }
-        for (id, needed_by) in &users {
-            if let Err(e) = self.chunk(id) {
-                let mut who: Vec<&String> = needed_by.iter().collect();
-                who.dedup();
-                let shown: Vec<String> = who.iter().take(3).map(|s| s.to_string()).collect();
-                let more = if who.len() > 3 { format!(" and {} more", who.len() - 3) } else { String::new() };
-                let needed = if who.is_empty() {
-                    "unreferenced".into()
-                } else {
-                    format!("needed by {}{more}", shown.join(", "))
-                };
-                problems.push(format!("{e} ({needed})"));
-            }
+            Ok(())
+        });
+        for (id, e) in failed {
+            let mut who = users.remove(&id).unwrap_or_default();
+            who.dedup();
+            let shown: Vec<String> = who.iter().take(3).cloned().collect();
+            let more = if who.len() > 3 { format!(" and {} more", who.len() - 3) } else { String::new() };
+            let needed =
+                if who.is_empty() { "unreferenced".into() } else { format!("needed by {}{more}", shown.join(", ")) };
+            problems.push(format!("{e} ({needed})"));
         }
         Ok(problems)
     }
@@ -75,27 +77,29 @@ impl Repository {
     /// no remaining snapshot needs. Returns (snapshots removed, chunks
     /// removed).
     pub fn prune(&self, sets: &[BackupSet]) -> Result<(Vec<String>, usize), BackupError> {
-        let snapshots = self.snapshots()?;
+        // What retention needs of each snapshot: its set and start.
+        let mut all: Vec<(String, String, Timestamp)> = Vec::new();
+        self.each_snapshot(|s| {
+            all.push((s.name, s.set, s.started));
+            Ok(())
+        })?;
         let mut removed = Vec::new();
         for set in sets {
-            let mine: Vec<&Snapshot> = snapshots.iter().filter(|s| s.set == set.name).collect();
-            let keep = set.retention.keep(&mine.iter().map(|s| s.started).collect::<Vec<_>>());
-            for (i, s) in mine.iter().enumerate() {
+            let mine: Vec<&(String, String, Timestamp)> = all.iter().filter(|s| s.1 == set.name).collect();
+            let keep = set.retention.keep(&mine.iter().map(|s| s.2).collect::<Vec<_>>());
+            for (i, (name, _, _)) in mine.iter().enumerate() {
                 if !keep.contains(&i) {
-                    let path = self.root.join("snapshots").join(&s.name);
+                    let path = self.root.join("snapshots").join(name);
                     fs::remove_file(&path).map_err(io(&path))?;
-                    removed.push(s.name.clone());
+                    removed.push(name.clone());
                 }
             }
         }
         let mut needed = BTreeSet::new();
-        for s in self.snapshots()? {
-            for e in s.entries {
-                if let EntryKind::File { chunks, .. } = e.kind {
-                    needed.extend(chunks);
-                }
-            }
-        }
+        self.each_snapshot(|s| {
+            needed.extend(s.entries.into_iter().filter_map(file_chunks).flatten());
+            Ok(())
+        })?;
         // Chunk files a crash left half-written.
         for leftover in self.chunk_files()?.into_iter().filter(|p| p.extension().is_some_and(|e| e == "tmp")) {
             let _ = fs::remove_file(leftover);
@@ -222,6 +226,14 @@ pub(super) fn repack_plan(records: &[pack::Record], needed: &BTreeSet<ChunkId>) 
     }
     RepackPlan {
         repack: bytes.into_iter().filter(|(_, (live, total))| *live > 0 && live * 2 < *total).map(|(p, _)| p).collect(),
+    }
+}
+
+/// A file entry's chunk list (none for directories and links).
+fn file_chunks(entry: Entry) -> Option<Vec<ChunkId>> {
+    match entry.kind {
+        EntryKind::File { chunks, .. } => Some(chunks),
+        _ => None,
     }
 }
 

@@ -493,16 +493,17 @@ mod tests {
             names.push(repo.backup(&keep_last_two).unwrap().name);
             repo.prune(std::slice::from_ref(&keep_last_two)).unwrap();
         }
-        let left: Vec<String> = repo.snapshots().unwrap().into_iter().map(|s| s.name).collect();
+        let left: Vec<String> = repo.snapshot_infos().unwrap().into_iter().map(|s| s.name).collect();
         assert_eq!(left, names[2..]);
         // Indexed: the two rounds kept and the shared file, nothing else.
         let records: usize = repo.index.read().unwrap().iter().map(|s| s.records().unwrap().len()).sum();
         assert_eq!(records, 3);
         assert!(repo.verify().unwrap().is_empty());
-        for snapshot in repo.snapshots().unwrap() {
+        repo.each_snapshot(|snapshot| {
             let target = tempfile::tempdir().unwrap();
-            repo.restore(&snapshot, &restore_all(target.path())).unwrap();
-        }
+            repo.restore(&snapshot, &restore_all(target.path())).map(drop)
+        })
+        .unwrap();
     }
 
     #[test]

@@ -24,6 +24,9 @@ use std::os::unix::fs::FileExt;
 pub(super) const PACK_TARGET: u64 = 16 << 20;
 /// One id of this many records is kept in memory per segment.
 const FENCE: usize = 64;
+/// Records read at once when a segment is read through (a multiple of
+/// [`FENCE`], so every block starts at a fence).
+const BLOCK_RECORDS: usize = FENCE * 64;
 const MAGIC: &[u8; 8] = b"OPIDX01\n";
 const RECORD: usize = 32 + 32 + 4 + 4;
 
@@ -91,10 +94,18 @@ impl Segment {
         }
         let records = (len - MAGIC.len()) / RECORD;
         let mut fences = Vec::with_capacity(records / FENCE + 1);
-        let mut id = [0u8; 32];
-        for i in (0..records).step_by(FENCE) {
-            file.read_exact_at(&mut id, (MAGIC.len() + i * RECORD) as u64).map_err(io(path))?;
-            fences.push(id);
+        // Read in large blocks, in order: a 32-byte read per fence (one
+        // every 4.5 KiB) is a separate disk read each on a cold cache, which
+        // cost 67 ms for a 3 MB segment at the start of every run.
+        let mut buf = vec![0u8; BLOCK_RECORDS * RECORD];
+        let mut at = 0;
+        while at < records {
+            let n = BLOCK_RECORDS.min(records - at);
+            file.read_exact_at(&mut buf[..n * RECORD], (MAGIC.len() + at * RECORD) as u64).map_err(io(path))?;
+            for record in buf[..n * RECORD].chunks_exact(RECORD).step_by(FENCE) {
+                fences.push(record[..32].try_into().unwrap_or([0u8; 32]));
+            }
+            at += n;
         }
         Ok(Segment { path: path.to_owned(), file, records, fences })
     }
@@ -121,10 +132,10 @@ impl Segment {
     /// Every record, in id order (verify, prune), read in blocks.
     pub(super) fn records(&self) -> Result<Vec<Record>, BackupError> {
         let mut out = Vec::with_capacity(self.records);
-        let mut buf = vec![0u8; FENCE * 64 * RECORD];
+        let mut buf = vec![0u8; BLOCK_RECORDS * RECORD];
         let mut at = 0;
         while at < self.records {
-            let n = (FENCE * 64).min(self.records - at);
+            let n = BLOCK_RECORDS.min(self.records - at);
             self.file
                 .read_exact_at(&mut buf[..n * RECORD], (MAGIC.len() + at * RECORD) as u64)
                 .map_err(io(&self.path))?;
@@ -235,7 +246,9 @@ mod tests {
     #[test]
     fn segments_find_every_record_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
-        let records: Vec<Record> = (0..1000u32)
+        // More than two blocks of the read-through, so fences cross blocks.
+        let n = 2 * BLOCK_RECORDS + 1000;
+        let records: Vec<Record> = (0..n as u32)
             .map(|i| {
                 let mut id = [0u8; 32];
                 id[..4].copy_from_slice(&(i * 7919 % 100_003).to_be_bytes());
@@ -253,8 +266,8 @@ mod tests {
         let mut missing = [0u8; 32];
         missing[..4].copy_from_slice(&100_004u32.to_be_bytes());
         assert_eq!(seg.lookup(&missing).unwrap(), None);
-        assert_eq!(seg.records().unwrap().len(), 1000);
-        assert!(seg.fences.len() <= 1000 / FENCE + 1, "more than the fences in memory");
+        assert_eq!(seg.records().unwrap().len(), n);
+        assert_eq!(seg.fences.len(), n.div_ceil(FENCE), "one fence per {FENCE} records");
         fs::write(&path, b"garbage").unwrap();
         assert!(Segment::open(&path).is_err());
     }

@@ -188,7 +188,13 @@ impl Repository {
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        result.map_err(io(path))
+        result.map_err(io(path))?;
+        // The rename itself durable before anything names what it wrote (an
+        // index segment before the manifest that needs it).
+        match path.parent() {
+            Some(parent) => fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent)),
+            None => Ok(()),
+        }
     }
 
     /// A chunk's blob: compressed (unless that does not help) and sealed
@@ -341,9 +347,24 @@ impl Repository {
         Ok(names)
     }
 
-    /// Every snapshot, oldest first.
-    pub fn snapshots(&self) -> Result<Vec<Snapshot>, BackupError> {
-        self.snapshot_names()?.iter().map(|n| self.snapshot(n)).collect()
+    /// Calls `visit` with every snapshot, oldest first, one decoded at a
+    /// time: a device with many snapshots of a large tree never holds more
+    /// than one manifest.
+    pub fn each_snapshot(&self, mut visit: impl FnMut(Snapshot) -> Result<(), BackupError>) -> Result<(), BackupError> {
+        for name in self.snapshot_names()? {
+            visit(self.snapshot(&name)?)?;
+        }
+        Ok(())
+    }
+
+    /// What `backup list` shows of every snapshot, oldest first.
+    pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, BackupError> {
+        let mut infos = Vec::new();
+        self.each_snapshot(|s| {
+            infos.push(SnapshotInfo::from(&s));
+            Ok(())
+        })?;
+        Ok(infos)
     }
 
     /// A snapshot's manifest as stored (encrypted).
@@ -394,7 +415,11 @@ impl Repository {
         // whole manifest is held.
         let encoder = zstd::stream::write::Encoder::new(vec![COMPRESSED_MANIFEST], ZSTD_LEVEL)
             .map_err(|e| failed(format!("zstd: {e}")))?;
-        let encoder = postcard::to_io(snapshot, encoder).map_err(|e| failed(format!("encode: {e}")))?;
+        // postcard writes field by field; buffered, the compressor sees
+        // 64 KiB at a time instead of a call per field.
+        let buffered = std::io::BufWriter::with_capacity(64 << 10, encoder);
+        let buffered = postcard::to_io(snapshot, buffered).map_err(|e| failed(format!("encode: {e}")))?;
+        let encoder = buffered.into_inner().map_err(|e| failed(format!("zstd: {}", e.error())))?;
         let framed = encoder.finish().map_err(|e| failed(format!("zstd: {e}")))?;
         self.seal(&framed, snapshot.name.as_bytes())
     }
@@ -404,11 +429,15 @@ impl Repository {
         if name != "latest" {
             return self.snapshot(name);
         }
-        self.snapshots()?
-            .into_iter()
-            .rev()
-            .find(|s| set.is_none_or(|set| s.set == set))
-            .ok_or_else(|| BackupError::NoSnapshot("latest".into()))
+        let newest = self.newest_name(set)?.ok_or_else(|| BackupError::NoSnapshot("latest".into()))?;
+        self.snapshot(&newest)
+    }
+
+    /// The newest snapshot's name (of `set`, if given), read from the names
+    /// alone (`<ms>-<set>-<8 hex>` sorts by time): no manifest is decoded
+    /// but the one a caller then reads.
+    pub(super) fn newest_name(&self, set: Option<&str>) -> Result<Option<String>, BackupError> {
+        Ok(self.snapshot_names()?.into_iter().rev().find(|n| set.is_none_or(|set| snapshot::set_of(n) == Some(set))))
     }
 }
 
