@@ -12,11 +12,14 @@ impl Repository {
     pub fn verify(&self) -> Result<Vec<String>, BackupError> {
         let mut problems = Vec::new();
         let mut ids: BTreeSet<ChunkId> = BTreeSet::new();
-        if let Err(e) = self.each_snapshot(|s| {
-            ids.extend(s.entries.into_iter().filter_map(file_chunks).flatten());
-            Ok(())
-        }) {
-            problems.push(e.to_string());
+        // A manifest that cannot be read is reported, and the others are
+        // still checked.
+        let names = self.snapshot_names()?;
+        for name in &names {
+            match self.snapshot(name) {
+                Ok(s) => ids.extend(s.entries.into_iter().filter_map(file_chunks).flatten()),
+                Err(e) => problems.push(e.to_string()),
+            }
         }
         ids.extend(self.stored_chunks()?);
         for segment in self.index.read().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -29,7 +32,7 @@ impl Repository {
         }
         let mut users: BTreeMap<ChunkId, Vec<String>> = failed.iter().map(|(id, _)| (*id, Vec::new())).collect();
         // Problems reading a manifest were reported above.
-        let _ = self.each_snapshot(|s| {
+        for s in names.iter().filter_map(|name| self.snapshot(name).ok()) {
             for e in &s.entries {
                 if let EntryKind::File { chunks, .. } = &e.kind {
                     for id in chunks {
@@ -39,8 +42,7 @@ impl Repository {
                     }
                 }
             }
-            Ok(())
-        });
+        }
         for (id, e) in failed {
             let mut who = users.remove(&id).unwrap_or_default();
             who.dedup();

@@ -448,6 +448,17 @@ mod tests {
         let problems = repo.verify().unwrap();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains(&hex(&id)) && problems[0].contains(&snapshot.name), "{problems:?}");
+        // A manifest that cannot be read is named, and the snapshots after
+        // it are still checked.
+        let second = repo.backup(&set(&[source.path()])).unwrap();
+        let manifest = repo_dir.path().join("snapshots").join(&snapshot.name);
+        let mut bytes = fs::read(&manifest).unwrap();
+        bytes[30] ^= 1;
+        fs::write(&manifest, bytes).unwrap();
+        let problems = repo.verify().unwrap();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains(&snapshot.name), "{problems:?}");
+        assert!(problems[1].contains(&hex(&id)) && problems[1].contains(&second.name), "{problems:?}");
     }
 
     /// A run cut off before its index (a crash or a power cut after the
