@@ -216,7 +216,8 @@ impl Run<'_> {
                 self.walk_with(&child, meta)?;
             }
         } else if ft.is_file() {
-            // The previous entry is taken, not copied: each path is met once.
+            // The previous entry is taken, not copied (a path met twice, under
+            // overlapping set paths, is read again the second time).
             let chunks = match self.previous.remove(&text).and_then(|previous| unchanged(previous, &meta)) {
                 Some(chunks) => chunks,
                 None => match self.read_file(path, &meta)? {
