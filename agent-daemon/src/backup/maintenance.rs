@@ -17,8 +17,15 @@ impl Repository {
         let names = self.snapshot_names()?;
         for name in &names {
             match self.snapshot(name) {
-                Ok(s) => ids.extend(s.entries.into_iter().filter_map(file_chunks).flatten()),
-                Err(e) => problems.push(e.to_string()),
+                Ok(s) => {
+                    ids.extend(s.manifest_chunks);
+                    ids.extend(s.entries.into_iter().filter_map(file_chunks).flatten());
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    // The chunks of its entries are checked (and named) below.
+                    ids.extend(self.snapshot_head(name).map(|h| h.entry_chunks).unwrap_or_default());
+                }
             }
         }
         ids.extend(self.stored_chunks()?);
@@ -32,6 +39,13 @@ impl Repository {
         }
         let mut users: BTreeMap<ChunkId, Vec<String>> = failed.iter().map(|(id, _)| (*id, Vec::new())).collect();
         // Problems reading a manifest were reported above.
+        for head in names.iter().filter_map(|name| self.snapshot_head(name).ok()) {
+            for id in &head.entry_chunks {
+                if let Some(who) = users.get_mut(id) {
+                    who.push(format!("{}'s list of entries", head.name));
+                }
+            }
+        }
         for s in names.iter().filter_map(|name| self.snapshot(name).ok()) {
             for e in &s.entries {
                 if let EntryKind::File { chunks, .. } = &e.kind {
@@ -81,10 +95,10 @@ impl Repository {
     pub fn prune(&self, sets: &[BackupSet]) -> Result<(Vec<String>, usize), BackupError> {
         // What retention needs of each snapshot: its set and start.
         let mut all: Vec<(String, String, Timestamp)> = Vec::new();
-        self.each_snapshot(|s| {
-            all.push((s.name, s.set, s.started));
-            Ok(())
-        })?;
+        for name in self.snapshot_names()? {
+            let head = self.snapshot_head(&name)?;
+            all.push((head.name, head.set, head.started));
+        }
         let mut removed = Vec::new();
         for set in sets {
             let mine: Vec<&(String, String, Timestamp)> = all.iter().filter(|s| s.1 == set.name).collect();
@@ -99,6 +113,7 @@ impl Repository {
         }
         let mut needed = BTreeSet::new();
         self.each_snapshot(|s| {
+            needed.extend(s.manifest_chunks);
             needed.extend(s.entries.into_iter().filter_map(file_chunks).flatten());
             Ok(())
         })?;

@@ -22,9 +22,11 @@
 //!   blob cannot be swapped for another.
 //! - `chunks/<2 hex>/<64 hex>`: one blob per chunk, the layout of format
 //!   version 1; still read, and pruned, in repositories made by it.
-//! - `snapshots/<name>`: one encrypted manifest per snapshot (files with
-//!   path, mode, owner, mtime, size and chunk list; directories; symlinks)
-//!   and its report of problems.
+//! - `snapshots/<name>`: one encrypted head per snapshot (set, times,
+//!   report of problems, and the chunks holding its entries: files with
+//!   path, mode, owner, mtime, size and chunk list; directories; symlinks).
+//!   The entries are chunked and stored like file content, so what did not
+//!   change is not stored again (see `manifest`).
 //! - `lock`: an exclusive `flock` while an operation writes.
 //!
 //! Incremental: a file whose size, mtime and inode match the set's previous
@@ -68,6 +70,7 @@ use std::path::{Path, PathBuf};
 /// Chunk size bounds (bytes).
 mod daemon;
 mod maintenance;
+mod manifest;
 mod pack;
 mod remote;
 mod repo;
@@ -75,6 +78,7 @@ mod restore;
 mod snapshot;
 
 pub use daemon::{command_prefix, hub_command, scheduled_jobs, upload_command, upload_task};
+pub use manifest::Head;
 pub use remote::{HubLink, UploadReport};
 pub use repo::{Repository, read_key};
 pub use restore::{RestoreTo, confined_path};
@@ -85,9 +89,10 @@ pub(crate) const AVG_CHUNK: usize = 1 << 20;
 pub(crate) const MAX_CHUNK: usize = 4 << 20;
 /// zstd level: fast, still compresses text well.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
-/// First byte of a compressed manifest's plaintext. An uncompressed one
-/// (written before) starts with the length of the snapshot's name, which is
-/// never this large.
+/// First byte of a whole, compressed manifest's plaintext (the format
+/// before chunked manifests, still read). A whole uncompressed one (the
+/// first format) starts with the length of the snapshot's name, which is
+/// never this large (nor `manifest::CHUNKED_MANIFEST`'s 0xFE).
 pub(crate) const COMPRESSED_MANIFEST: u8 = 0xFF;
 /// Largest manifest (decompressed) a restore accepts.
 pub(crate) const MAX_MANIFEST: u64 = 1 << 30;
@@ -228,10 +233,15 @@ pub struct Snapshot {
     pub bytes: u64,
     /// Files read this time (the others were unchanged).
     pub files_read: u64,
-    /// Chunks this snapshot added to the repository.
+    /// Chunks this snapshot added to the repository (its entries' own
+    /// chunks included).
     pub new_chunks: u64,
     /// Bytes those new chunks take on disk (compressed, encrypted).
     pub new_stored_bytes: u64,
+    /// The chunks that hold `entries` in the repository (see `manifest`);
+    /// empty for a manifest of an older format. Not part of an encoding.
+    #[serde(skip)]
+    pub manifest_chunks: Vec<ChunkId>,
 }
 
 /// A snapshot's summary, for lists.
@@ -251,13 +261,13 @@ pub struct SnapshotInfo {
     pub problems: usize,
 }
 
-impl From<&Snapshot> for SnapshotInfo {
-    fn from(s: &Snapshot) -> Self {
+impl From<&Head> for SnapshotInfo {
+    fn from(s: &Head) -> Self {
         SnapshotInfo {
             name: s.name.clone(),
             set: s.set.clone(),
             started: s.started.rfc3339(),
-            entries: s.entries.len(),
+            entries: usize::try_from(s.entries).unwrap_or(usize::MAX),
             bytes: s.bytes,
             problems: s.problems.len(),
         }
@@ -358,7 +368,9 @@ mod tests {
             let repo_dir = tempfile::tempdir().unwrap();
             let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
             let snapshot = repo.backup(&set(&[source.path()])).unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_eq!(snapshot.new_chunks, pairs, "round {round}: a chunk was stored twice or not at all");
+            // Each pair's chunk once, and the chunk of the list of entries.
+            assert_eq!(snapshot.manifest_chunks.len(), 1);
+            assert_eq!(snapshot.new_chunks, pairs + 1, "round {round}: a chunk was stored twice or not at all");
             assert!(repo.verify().unwrap().is_empty());
             let leftovers: Vec<_> = fs::read_dir(repo_dir.path().join("tmp")).unwrap().flatten().collect();
             assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
@@ -392,6 +404,9 @@ mod tests {
         let path = repo.chunk_path(&id);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, &blob).unwrap();
+        // Its manifest as a whole one, as agents before chunked manifests
+        // wrote them.
+        fs::write(repo_dir.path().join("snapshots").join(&old.name), whole_manifest(&repo, &old)).unwrap();
         drop(repo);
         fs::remove_dir_all(repo_dir.path().join("index")).unwrap();
         fs::remove_dir_all(repo_dir.path().join("packs")).unwrap();
@@ -402,12 +417,15 @@ mod tests {
         let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
         assert!(fs::read_to_string(&config).unwrap().contains("\"version\": 2"), "the config was not upgraded");
         let target = tempfile::tempdir().unwrap();
-        repo.restore(&old, &restore_all(target.path())).unwrap();
+        let read_back = repo.snapshot(&old.name).unwrap();
+        assert_eq!(read_back.entries, old.entries);
+        repo.restore(&read_back, &restore_all(target.path())).unwrap();
         let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("old.txt");
         assert_eq!(fs::read(restored).unwrap(), b"backed up by the old agent");
-        // A new run finds the chunk stored (no second copy in a pack).
+        // A new run finds the file's chunk stored (no second copy in a
+        // pack) and stores only its list of entries.
         let again = repo.backup(&set(&[source.path()])).unwrap();
-        assert_eq!(again.new_chunks, 0);
+        assert_eq!((again.new_chunks, again.files_read), (1, 0));
         // Once no snapshot needs it, prune removes the file.
         for name in [&old.name, &again.name] {
             fs::remove_file(repo_dir.path().join("snapshots").join(name)).unwrap();
@@ -420,6 +438,15 @@ mod tests {
         drop(repo);
         let err = Repository::open(repo_dir.path(), &KEY).unwrap_err().to_string();
         assert!(err.contains("newer than this agent"), "{err}");
+    }
+
+    /// A manifest of the format before chunked ones: `COMPRESSED_MANIFEST`,
+    /// then zstd of the whole snapshot's postcard encoding, sealed.
+    fn whole_manifest(repo: &Repository, snapshot: &Snapshot) -> Vec<u8> {
+        let plain = postcard::to_stdvec(snapshot).unwrap();
+        let mut framed = vec![COMPRESSED_MANIFEST];
+        framed.extend(zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap());
+        repo.seal(&framed, snapshot.name.as_bytes()).unwrap()
     }
 
     /// Every pack file of a repository.
@@ -436,13 +463,8 @@ mod tests {
         let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
         let snapshot = repo.backup(&set(&[source.path()])).unwrap();
         assert!(repo.verify().unwrap().is_empty());
-        let index = repo.index.read().unwrap();
-        let (id, at) = index[0].records().unwrap()[0];
-        drop(index);
-        let path = pack::pack_path(&repo_dir.path().join("packs"), &at.pack);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[(at.offset + at.len / 2) as usize] ^= 1;
-        fs::write(&path, bytes).unwrap();
+        let id = file_chunks(&snapshot)[0];
+        flip_a_bit(&repo, &id);
         drop(repo);
         let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
         let problems = repo.verify().unwrap();
@@ -459,6 +481,81 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains(&snapshot.name), "{problems:?}");
         assert!(problems[1].contains(&hex(&id)) && problems[1].contains(&second.name), "{problems:?}");
+    }
+
+    /// The chunks of a snapshot's files, in order.
+    fn file_chunks(snapshot: &Snapshot) -> Vec<ChunkId> {
+        snapshot
+            .entries
+            .iter()
+            .flat_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => chunks.clone(),
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    /// Damages the stored blob of chunk `id`.
+    fn flip_a_bit(repo: &Repository, id: &ChunkId) {
+        let at = repo.locate(id).unwrap().expect("the chunk is in a pack");
+        let path = pack::pack_path(&repo.root.join("packs"), &at.pack);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(at.offset + at.len / 2) as usize] ^= 1;
+        fs::write(&path, bytes).unwrap();
+    }
+
+    /// A snapshot's list of entries is chunked like file content: an
+    /// unchanged run stores nothing, not even a new list; a damaged list
+    /// is named by verify, with the snapshot that needs it; prune keeps a
+    /// list as long as a snapshot names it.
+    #[test]
+    fn unchanged_runs_share_their_entries_and_verify_names_a_damaged_list() {
+        let source = tempfile::tempdir().unwrap();
+        for dir in 0..30 {
+            fs::create_dir(source.path().join(format!("d{dir}"))).unwrap();
+            for file in 0..100 {
+                fs::write(source.path().join(format!("d{dir}/f{file}")), format!("{dir}/{file}")).unwrap();
+            }
+        }
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let first = repo.backup(&set(&[source.path()])).unwrap();
+        assert!(first.manifest_chunks.len() > 1, "3,031 entries in one chunk");
+        let second = repo.backup(&set(&[source.path()])).unwrap();
+        assert_eq!((second.new_chunks, second.files_read), (0, 0), "an unchanged run stored something");
+        assert_eq!(second.manifest_chunks, first.manifest_chunks);
+        let head = fs::metadata(repo_dir.path().join("snapshots").join(&second.name)).unwrap().len();
+        assert!(head < 1024, "the snapshot's file holds {head} bytes");
+        // One file changes: a few of the list's chunks are new.
+        fs::write(source.path().join("d15/f50"), "changed").unwrap();
+        let third = repo.backup(&set(&[source.path()])).unwrap();
+        let old: HashSet<ChunkId> = first.manifest_chunks.iter().copied().collect();
+        let new = third.manifest_chunks.iter().filter(|id| !old.contains(*id)).count();
+        assert!(new < 4 && new < third.manifest_chunks.len(), "{new} of {}", third.manifest_chunks.len());
+        assert_eq!(repo.snapshot(&third.name).unwrap().entries, third.entries);
+        // Pruned to the newest: the lists only the older ones named go.
+        let mut newest = set(&[source.path()]);
+        newest.retention = crate::config::Retention { last: 1, ..Default::default() };
+        repo.prune(std::slice::from_ref(&newest)).unwrap();
+        assert!(repo.verify().unwrap().is_empty());
+        let gone = first.manifest_chunks.iter().filter(|id| !third.manifest_chunks.contains(id)).count();
+        assert!(gone > 0);
+        assert_eq!(
+            first.manifest_chunks.iter().filter(|id| repo.has_chunk(id).unwrap()).count(),
+            first.manifest_chunks.len() - gone
+        );
+        // A damaged chunk of the list: the snapshot cannot be read, and
+        // verify says which chunk and whose list it is.
+        let damaged = third.manifest_chunks[0];
+        flip_a_bit(&repo, &damaged);
+        drop(repo);
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        assert!(repo.snapshot(&third.name).is_err());
+        let problems = repo.verify().unwrap();
+        assert!(
+            problems.iter().any(|p| p.contains(&hex(&damaged)) && p.contains(&format!("{}'s list", third.name))),
+            "{problems:?}"
+        );
     }
 
     /// A run cut off before its index (a crash or a power cut after the
@@ -482,7 +579,8 @@ mod tests {
         drop(repo);
         let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
         let again = repo.backup(&set(&[source.path()])).unwrap();
-        assert_eq!(again.new_chunks, 1, "a chunk in a torn, unindexed pack was taken as stored");
+        // The file's chunk and the entries' chunk, both in the torn pack.
+        assert_eq!(again.new_chunks, 2, "a chunk in a torn, unindexed pack was taken as stored");
         assert!(repo.verify().unwrap().is_empty());
         repo.prune(&[]).unwrap();
         assert!(torn.iter().all(|p| !p.exists()), "prune kept a torn pack");
@@ -506,9 +604,10 @@ mod tests {
         }
         let left: Vec<String> = repo.snapshot_infos().unwrap().into_iter().map(|s| s.name).collect();
         assert_eq!(left, names[2..]);
-        // Indexed: the two rounds kept and the shared file, nothing else.
+        // Indexed: the two rounds kept, the shared file and the two kept
+        // snapshots' lists of entries, nothing else.
         let records: usize = repo.index.read().unwrap().iter().map(|s| s.records().unwrap().len()).sum();
-        assert_eq!(records, 3);
+        assert_eq!(records, 5);
         assert!(repo.verify().unwrap().is_empty());
         repo.each_snapshot(|snapshot| {
             let target = tempfile::tempdir().unwrap();

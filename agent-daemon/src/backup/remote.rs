@@ -153,13 +153,19 @@ impl Repository {
             if at_hub.contains(&name) {
                 continue;
             }
-            let snapshot = match self.snapshot(&name) {
+            // The head tells the set; only snapshots to upload are read whole.
+            let snapshot = match self.snapshot_head(&name) {
+                Ok(head) if !uploading.contains(head.set.as_str()) => continue,
+                Ok(_) => self.snapshot(&name),
+                Err(e) => Err(e),
+            };
+            let snapshot = match snapshot {
                 Ok(s) => s,
                 // Pruned since the listing.
                 Err(BackupError::NoSnapshot(_)) => continue,
                 Err(e) => return Err(e),
             };
-            if uploading.contains(snapshot.set.as_str()) && self.upload_snapshot(&snapshot, hub, &mut report)? {
+            if self.upload_snapshot(&snapshot, hub, &mut report)? {
                 report.snapshots.push(name);
             }
         }
@@ -173,18 +179,14 @@ impl Repository {
         hub: &HubLink,
         report: &mut UploadReport,
     ) -> Result<bool, BackupError> {
+        // Every chunk it needs: those of its entries, then its files'.
         let mut seen = BTreeSet::new();
-        let ids: Vec<ChunkId> = snapshot
-            .entries
-            .iter()
-            .filter_map(|e| match &e.kind {
-                EntryKind::File { chunks, .. } => Some(chunks.iter()),
-                _ => None,
-            })
-            .flatten()
-            .filter(|id| seen.insert(**id))
-            .copied()
-            .collect();
+        let files = snapshot.entries.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { chunks, .. } => Some(chunks.iter()),
+            _ => None,
+        });
+        let ids: Vec<ChunkId> =
+            snapshot.manifest_chunks.iter().chain(files.flatten()).filter(|id| seen.insert(**id)).copied().collect();
         // The list first: the hub keeps every chunk on it while this upload
         // runs, and keeps the list with the snapshot for its retention.
         let parts: Vec<&[ChunkId]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(IDS_PER_QUERY).collect() };
@@ -281,10 +283,14 @@ impl Repository {
             Message::Snapshot(data) => data,
             other => return Err(BulkError::Unexpected(other.kind(), "GetSnapshot").into()),
         };
-        let snapshot = self.decode_snapshot(&summary.name, &data.manifest)?;
-        // Chunks are fetched ahead, several at once, in the order the
-        // restore needs them, so a restore over a slow link is not one
-        // round trip per chunk.
+        // The entries, then the files' chunks, each fetched ahead.
+        let snapshot = match self.open_manifest(&summary.name, &data.manifest)? {
+            manifest::Manifest::Whole(snapshot) => snapshot,
+            manifest::Manifest::Chunked(head) => {
+                let ahead = hub.fetch_ahead(owner, head.entry_chunks.clone());
+                manifest::read_entries(head, |id| ahead.get(self, id))?
+            }
+        };
         let order: Vec<ChunkId> = snapshot
             .selected(only)
             .filter_map(|e| match &e.kind {
@@ -293,9 +299,27 @@ impl Repository {
             })
             .flatten()
             .collect();
+        let ahead = hub.fetch_ahead(owner, order);
+        // One worker: the fetcher sends chunks in its order.
+        let restored = self.restore_with(&snapshot, to, 1, &|id: &ChunkId| ahead.get(self, id));
+        Ok((snapshot.name, restored?))
+    }
+}
+
+/// Chunks of one device fetched from the hub ahead of their use, several
+/// at once, in the order they are needed: a restore over a slow link is
+/// not one round trip per chunk. Dropping it stops the fetching.
+pub(super) struct FetchAhead {
+    arrived: std::sync::Mutex<tokio::sync::mpsc::Receiver<(ChunkId, Result<Message, BulkError>)>>,
+    fetcher: tokio::task::JoinHandle<()>,
+}
+
+impl HubLink {
+    /// Starts fetching `owner`'s chunks `order`, in that order.
+    pub(super) fn fetch_ahead(&self, owner: &DeviceId, order: Vec<ChunkId>) -> FetchAhead {
         let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(CHUNKS_IN_FLIGHT);
-        let (client, device) = (hub.client.clone(), owner.clone());
-        let fetcher = hub.runtime.spawn(async move {
+        let (client, device) = (self.client.clone(), owner.clone());
+        let fetcher = self.runtime.spawn(async move {
             let mut ids = order.into_iter();
             let mut ahead = std::collections::VecDeque::new();
             loop {
@@ -312,22 +336,30 @@ impl Repository {
                 }
             }
         });
-        let rx = std::sync::Mutex::new(rx);
-        // Chunks of a file that failed part-way, or was skipped, are passed
-        // over. One worker: the fetcher sends chunks in its order.
-        let fetch = |id: &ChunkId| loop {
-            match rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() {
+        FetchAhead { arrived: std::sync::Mutex::new(rx), fetcher }
+    }
+}
+
+impl FetchAhead {
+    /// The chunk `id`, checked with `repo`'s key. Chunks fetched before it
+    /// (of a file that failed part-way, or was skipped) are passed over.
+    pub(super) fn get(&self, repo: &Repository, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
+        loop {
+            match self.arrived.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv() {
                 Some((got, answer)) if got == *id => match answer? {
-                    Message::Chunk(chunk) => return self.open_chunk(id, chunk.blob),
+                    Message::Chunk(chunk) => return repo.open_chunk(id, chunk.blob),
                     other => return Err(BulkError::Unexpected(other.kind(), "GetChunk").into()),
                 },
                 Some(_) => {}
                 None => return Err(BulkError::Transfer("the chunk fetcher stopped".into()).into()),
             }
-        };
-        let restored = self.restore_with(&snapshot, to, 1, &fetch);
-        fetcher.abort();
-        Ok((snapshot.name, restored?))
+        }
+    }
+}
+
+impl Drop for FetchAhead {
+    fn drop(&mut self) {
+        self.fetcher.abort();
     }
 }
 

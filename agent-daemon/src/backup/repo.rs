@@ -357,14 +357,10 @@ impl Repository {
         Ok(())
     }
 
-    /// What `backup list` shows of every snapshot, oldest first.
+    /// What `backup list` shows of every snapshot, oldest first: heads
+    /// only, no entry is read.
     pub fn snapshot_infos(&self) -> Result<Vec<SnapshotInfo>, BackupError> {
-        let mut infos = Vec::new();
-        self.each_snapshot(|s| {
-            infos.push(SnapshotInfo::from(&s));
-            Ok(())
-        })?;
-        Ok(infos)
+        self.snapshot_names()?.iter().map(|name| Ok(SnapshotInfo::from(&self.snapshot_head(name)?))).collect()
     }
 
     /// A snapshot's manifest as stored (encrypted).
@@ -377,51 +373,9 @@ impl Repository {
         }
     }
 
-    /// One snapshot by name.
+    /// One snapshot by name, its entries read from the repository.
     pub fn snapshot(&self, name: &str) -> Result<Snapshot, BackupError> {
-        self.decode_snapshot(name, &self.snapshot_blob(name)?)
-    }
-
-    /// Decrypts and decodes a manifest (from this repository or the hub).
-    pub(super) fn decode_snapshot(&self, name: &str, blob: &[u8]) -> Result<Snapshot, BackupError> {
-        let what = format!("snapshot {name}");
-        let plain = self.open_blob(blob, name.as_bytes(), &what)?;
-        let plain = match plain.split_first() {
-            Some((&COMPRESSED_MANIFEST, compressed)) => {
-                // Bounded: a manifest from the hub may have been written by
-                // a compromised device.
-                let mut out = Vec::new();
-                zstd::stream::read::Decoder::new(compressed)
-                    .and_then(|d| d.take(MAX_MANIFEST + 1).read_to_end(&mut out))
-                    .map_err(|e| BackupError::Corrupt {
-                        what: what.clone(),
-                        why: format!("does not decompress: {e}"),
-                    })?;
-                if out.len() as u64 > MAX_MANIFEST {
-                    return Err(BackupError::Corrupt { what, why: "larger than any manifest may be".into() });
-                }
-                out
-            }
-            _ => plain,
-        };
-        postcard::from_bytes(&plain).map_err(|e| BackupError::Corrupt { what, why: e.to_string() })
-    }
-
-    /// A manifest's sealed bytes: [`COMPRESSED_MANIFEST`], then zstd of its
-    /// postcard encoding.
-    pub(super) fn encode_snapshot(&self, snapshot: &Snapshot) -> Result<Vec<u8>, BackupError> {
-        let failed = |why: String| BackupError::Corrupt { what: format!("snapshot {}", snapshot.name), why };
-        // Encoded straight into the compressor: no plaintext copy of the
-        // whole manifest is held.
-        let encoder = zstd::stream::write::Encoder::new(vec![COMPRESSED_MANIFEST], ZSTD_LEVEL)
-            .map_err(|e| failed(format!("zstd: {e}")))?;
-        // postcard writes field by field; buffered, the compressor sees
-        // 64 KiB at a time instead of a call per field.
-        let buffered = std::io::BufWriter::with_capacity(64 << 10, encoder);
-        let buffered = postcard::to_io(snapshot, buffered).map_err(|e| failed(format!("encode: {e}")))?;
-        let encoder = buffered.into_inner().map_err(|e| failed(format!("zstd: {}", e.error())))?;
-        let framed = encoder.finish().map_err(|e| failed(format!("zstd: {e}")))?;
-        self.seal(&framed, snapshot.name.as_bytes())
+        self.decode_snapshot_with(name, &self.snapshot_blob(name)?, |id| self.chunk(id))
     }
 
     /// The snapshot `name`, or the newest (of `set`, if given) for `latest`.
