@@ -53,10 +53,11 @@ impl Repository {
                     scope.spawn(move || {
                         let (mut new_chunks, mut bytes) = (0u64, 0u64);
                         let mut pack = pack::PackWriter::new(&self.root)?;
+                        let mut sealer = repo::Sealer::new()?;
                         loop {
                             let next = chunks.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             let Ok((id, data)) = next else { break };
-                            let blob = self.seal_chunk(&id, &data)?;
+                            let blob = self.seal_chunk(&mut sealer, &id, &data)?;
                             new_chunks += 1;
                             bytes += blob.len() as u64;
                             if pack.add(id, &blob)? {
