@@ -7,23 +7,35 @@
 # run (no restic server is installed here, so restic does not cross a
 # network).
 #
-#   tests/bench-backup-hub.sh [real|MIB]    (default real: the tree of
-#                                            bench-backup.sh real)
+#   tests/bench-backup-hub.sh [real|MIB|DIR]   (default real: the tree of
+#                                  bench-backup.sh real; DIR: a copy of one
+#                                  real directory, e.g. /usr/include)
+#
+# RTT_MS=50 puts a link with that round trip between the devices and the
+# hub (outpost-udpdelay, a UDP relay holding each datagram RTT_MS/2 each
+# way; this machine's kernel has no netem).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-real}
 for tool in restic python3 curl; do command -v "$tool" >/dev/null || { echo "bench-backup-hub: $tool missing" >&2; exit 1; }; done
 [ -x /usr/bin/time ] || { echo "bench-backup-hub: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
-cargo build --locked --release --workspace --bins >/dev/null 2>&1
-bin=$PWD/target/release
+# BIN_DIR: binaries to measure instead of this tree's release build.
+[ -n "${BIN_DIR:-}" ] || cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=${BIN_DIR:-$PWD/target/release}
 work=$(mktemp -d /var/tmp/outpost-bench-backup-hub-XXXXXX)
-hub=
-cleanup() { [ -n "$hub" ] && kill "$hub" 2>/dev/null; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
+hub= relay=
+cleanup() {
+    [ -n "$hub" ] && kill "$hub" 2>/dev/null; [ -n "$relay" ] && kill "$relay" 2>/dev/null
+    wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"
+}
 trap cleanup EXIT
 trap "exit 130" INT TERM
 data=$work/data
 . tests/bench-common.sh
 if [ "$WHAT" = real ]; then
+    copy_real_tree "$data"
+elif [ -d "$WHAT" ]; then
+    REAL_TREE=("$WHAT")
     copy_real_tree "$data"
 else
     mkdir -p "$data"
@@ -44,7 +56,14 @@ init_hub
 "$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!
 for _ in $(seq 200); do [ -s "$work/hub/http.addr" ] && break; sleep 0.05; done
 api="http://$(cat "$work/hub/http.addr")"
-token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses 2 --hub-addr "127.0.0.1:$port")
+hub_addr=127.0.0.1:$port
+if [ -n "${RTT_MS:-}" ]; then
+    "$bin/outpost-udpdelay" 127.0.0.1:0 "$hub_addr" "$((RTT_MS / 2))" >"$work/relay.addr" & relay=$!
+    for _ in $(seq 200); do [ -s "$work/relay.addr" ] && break; sleep 0.05; done
+    hub_addr=$(cat "$work/relay.addr")
+    echo "link: ${RTT_MS} ms round trip (outpost-udpdelay $hub_addr -> 127.0.0.1:$port)" >&2
+fi
+token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses 2 --hub-addr "$hub_addr")
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
 device() { # name
     "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null

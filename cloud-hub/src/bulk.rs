@@ -25,6 +25,12 @@ use tracing::{Instrument, debug, info, warn};
 
 /// Bulk requests read or served at once, hub-wide.
 pub const MAX_REQUESTS: usize = 32;
+/// Streams (requests) one device may have open at once on its bulk
+/// connection (a session connection keeps the endpoint's 8): over a link
+/// with a round trip of 50 ms, a device sends at most this many chunks per
+/// round trip, and a tree of small files is tens of thousands of chunks.
+/// The hub-wide bound on memory stays [`MAX_REQUESTS`].
+pub const STREAMS_PER_DEVICE: u32 = 32;
 /// Time a request may take to arrive once it holds a turn.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -39,6 +45,7 @@ pub async fn serve(connection: quinn::Connection, device: DeviceId, fleet: Arc<F
             return;
         }
     }
+    connection.set_max_concurrent_bi_streams(STREAMS_PER_DEVICE.into());
     debug!("Bulk connection open.");
     let mut streams = JoinSet::new();
     loop {

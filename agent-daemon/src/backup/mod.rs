@@ -96,16 +96,23 @@ pub(crate) const ZSTD_LEVEL: i32 = 3;
 pub(crate) const COMPRESSED_MANIFEST: u8 = 0xFF;
 /// Largest manifest (decompressed) a restore accepts.
 pub(crate) const MAX_MANIFEST: u64 = 1 << 30;
-/// Repository format: 1 kept one file per chunk, 2 packs them (version 1
-/// chunk files stay readable).
-pub(crate) const REPO_VERSION: u32 = 2;
+/// Repository format: 1 kept one file per chunk, 2 packs them, 3 keeps a
+/// snapshot's entries in chunks (see `manifest`). Older chunk files and
+/// manifests stay readable; an agent older than a repository refuses it
+/// instead of misreading it.
+pub(crate) const REPO_VERSION: u32 = 3;
 
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
 
-/// Chunk transfers (uploads, fetches for a restore) in flight at once: the
-/// streams the hub allows on one connection, so its per-chunk fsyncs overlap.
-pub(crate) const CHUNKS_IN_FLIGHT: usize = 8;
+/// Chunk transfers (uploads, fetches for a restore) in flight at once, at
+/// most: the streams a hub allows on a bulk connection (an older hub allows
+/// 8; the rest then wait for a stream). A link's round trip is paid once
+/// per this many chunks.
+pub(crate) const CHUNKS_IN_FLIGHT: usize = 32;
+/// Bytes of chunks in flight (or fetched ahead) at once, at most, but one
+/// chunk is always allowed: 32 chunks of 4 MiB would be 128 MiB.
+pub(crate) const BYTES_IN_FLIGHT: u64 = 8 << 20;
 /// Ids per "which of these do you lack" question.
 pub(crate) const IDS_PER_QUERY: usize = 16 * 1024;
 /// The file that marks snapshots waiting for upload.
@@ -411,11 +418,12 @@ mod tests {
         fs::remove_dir_all(repo_dir.path().join("index")).unwrap();
         fs::remove_dir_all(repo_dir.path().join("packs")).unwrap();
         let config = repo_dir.path().join("config");
-        let text = fs::read_to_string(&config).unwrap().replace("\"version\": 2", "\"version\": 1");
+        let current = format!("\"version\": {REPO_VERSION}");
+        let text = fs::read_to_string(&config).unwrap().replace(&current, "\"version\": 1");
         fs::write(&config, text).unwrap();
 
         let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
-        assert!(fs::read_to_string(&config).unwrap().contains("\"version\": 2"), "the config was not upgraded");
+        assert!(fs::read_to_string(&config).unwrap().contains(&current), "the config was not upgraded");
         let target = tempfile::tempdir().unwrap();
         let read_back = repo.snapshot(&old.name).unwrap();
         assert_eq!(read_back.entries, old.entries);
@@ -433,7 +441,8 @@ mod tests {
         repo.prune(&[]).unwrap();
         assert!(!path.exists(), "prune left an unneeded chunk file of format 1");
         // A repository of a newer format is refused, not misread.
-        let text = fs::read_to_string(&config).unwrap().replace("\"version\": 2", "\"version\": 3");
+        let text =
+            fs::read_to_string(&config).unwrap().replace(&current, &format!("\"version\": {}", REPO_VERSION + 1));
         fs::write(&config, text).unwrap();
         drop(repo);
         let err = Repository::open(repo_dir.path(), &KEY).unwrap_err().to_string();

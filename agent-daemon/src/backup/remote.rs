@@ -28,6 +28,14 @@ pub struct HubLink {
     upload_rate: u64,
 }
 
+/// Whether a transfer with `count` chunks and about `bytes` in flight (or
+/// fetched and not yet used) may start another: many small chunks at once,
+/// so that a link's round trip is not paid per chunk, but never more than
+/// [`BYTES_IN_FLIGHT`] of large ones (one always, however large). Pure.
+pub fn may_send_more(count: usize, bytes: u64) -> bool {
+    count < CHUNKS_IN_FLIGHT && (count == 0 || bytes < BYTES_IN_FLIGHT)
+}
+
 /// How long to wait before a send that brings the bytes sent since `start`
 /// to `total`, so that they stay within `rate` bytes per second (0: no
 /// limit). Pure.
@@ -201,9 +209,9 @@ impl Repository {
             let (mut chunks, mut bytes) = (0u64, 0u64);
             let mut next = missing.iter();
             let started = tokio::time::Instant::now();
-            let mut queued = 0u64;
+            let (mut queued, mut bytes_in_flight) = (0u64, 0u64);
             loop {
-                while in_flight.len() < CHUNKS_IN_FLIGHT {
+                while may_send_more(in_flight.len(), bytes_in_flight) {
                     let Some(id) = next.next() else { break };
                     let Some(blob) = self.chunk_blob(id)? else {
                         if !self.root.join("snapshots").join(&snapshot.name).exists() {
@@ -224,10 +232,12 @@ impl Repository {
                         tokio::time::sleep(wait).await;
                     }
                     let put = Message::PutChunk(ChunkBlob { id: *id, blob });
+                    bytes_in_flight += len;
                     in_flight.spawn(async move { (client.request(put).await, len) });
                 }
                 let Some(done) = in_flight.join_next().await else { break };
                 let (answer, len) = done.map_err(|e| BackupError::Setup(format!("upload task failed: {e}")))?;
+                bytes_in_flight -= len;
                 expect_done(answer, "PutChunk")?;
                 chunks += 1;
                 bytes += len;
@@ -293,14 +303,20 @@ impl Repository {
         let snapshot = match self.open_manifest(&summary.name, &data.manifest)? {
             manifest::Manifest::Whole(snapshot) => snapshot,
             manifest::Manifest::Chunked(head) => {
-                let ahead = hub.fetch_ahead(owner, head.entry_chunks.clone());
+                let sized = head.entry_chunks.iter().map(|id| (*id, manifest::ENTRY_AVG_CHUNK as u64)).collect();
+                let ahead = hub.fetch_ahead(owner, sized);
                 manifest::read_entries(head, |id| ahead.get(self, id))?
             }
         };
-        let order: Vec<ChunkId> = snapshot
+        // Each chunk with its size as far as the entry tells (a file's
+        // size shared among its chunks), to bound what is fetched ahead.
+        let order: Vec<(ChunkId, u64)> = snapshot
             .selected(only)
             .filter_map(|e| match &e.kind {
-                EntryKind::File { chunks, .. } => Some(chunks.iter().copied()),
+                EntryKind::File { chunks, size, .. } => {
+                    let each = size / chunks.len().max(1) as u64;
+                    Some(chunks.iter().map(move |id| (*id, each)))
+                }
                 _ => None,
             })
             .flatten()
@@ -313,30 +329,36 @@ impl Repository {
 }
 
 /// Chunks of one device fetched from the hub ahead of their use, several
-/// at once, in the order they are needed: a restore over a slow link is
-/// not one round trip per chunk. Dropping it stops the fetching.
+/// at once (see [`may_send_more`]), in the order they are needed: a
+/// restore over a slow link is not one round trip per chunk. Dropping it
+/// stops the fetching.
 pub(super) struct FetchAhead {
     arrived: std::sync::Mutex<tokio::sync::mpsc::Receiver<(ChunkId, Result<Message, BulkError>)>>,
     fetcher: tokio::task::JoinHandle<()>,
 }
 
 impl HubLink {
-    /// Starts fetching `owner`'s chunks `order`, in that order.
-    pub(super) fn fetch_ahead(&self, owner: &DeviceId, order: Vec<ChunkId>) -> FetchAhead {
-        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(CHUNKS_IN_FLIGHT);
+    /// Starts fetching `owner`'s chunks `order` (each with its expected
+    /// size), in that order.
+    pub(super) fn fetch_ahead(&self, owner: &DeviceId, order: Vec<(ChunkId, u64)>) -> FetchAhead {
+        // Fetched chunks wait in `ahead`, counted, until the reader takes
+        // them; the channel holds one more.
+        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(1);
         let (client, device) = (self.client.clone(), owner.clone());
         let fetcher = self.runtime.spawn(async move {
             let mut ids = order.into_iter();
-            let mut ahead = std::collections::VecDeque::new();
+            let (mut ahead, mut bytes_ahead) = (std::collections::VecDeque::new(), 0u64);
             loop {
-                while ahead.len() < CHUNKS_IN_FLIGHT {
-                    let Some(id) = ids.next() else { break };
+                while may_send_more(ahead.len(), bytes_ahead) {
+                    let Some((id, size)) = ids.next() else { break };
                     let (client, device) = (client.clone(), device.clone());
                     let get = Message::GetChunk(ChunkRef { device, id });
-                    ahead.push_back((id, tokio::spawn(async move { client.request(get).await })));
+                    bytes_ahead += size;
+                    ahead.push_back((id, size, tokio::spawn(async move { client.request(get).await })));
                 }
-                let Some((id, task)) = ahead.pop_front() else { break };
+                let Some((id, size, task)) = ahead.pop_front() else { break };
                 let answer = task.await.unwrap_or_else(|e| Err(BulkError::Transfer(e.to_string())));
+                bytes_ahead -= size;
                 if tx.send((id, answer)).await.is_err() {
                     break;
                 }
@@ -373,6 +395,19 @@ impl Drop for FetchAhead {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn many_small_chunks_are_in_flight_but_few_large_ones() {
+        // Small chunks (a tree of small files): up to the count.
+        assert!(may_send_more(CHUNKS_IN_FLIGHT - 1, 5_000 * (CHUNKS_IN_FLIGHT as u64 - 1)));
+        assert!(!may_send_more(CHUNKS_IN_FLIGHT, 0));
+        // Large ones: up to the bytes.
+        assert!(may_send_more(7, BYTES_IN_FLIGHT - 1));
+        assert!(!may_send_more(2, BYTES_IN_FLIGHT));
+        // One at a time, however large.
+        assert!(may_send_more(0, u64::MAX));
+        assert!(!may_send_more(1, u64::MAX));
+    }
 
     #[test]
     fn uploads_are_paced_to_the_rate() {

@@ -98,9 +98,10 @@ impl Repository {
                     });
                 }
                 if config.version < REPO_VERSION && exclusive {
-                    // Version 1 kept one file per chunk; those stay readable
-                    // and new chunks go into packs (an older agent would not
-                    // see them, hence the new number).
+                    // Version 1 kept one file per chunk, version 2 whole
+                    // manifests; those stay readable, and new chunks go into
+                    // packs, new entries into chunks (an older agent would
+                    // not see or read them, hence the new number).
                     let config = RepoConfig { version: REPO_VERSION, key_check: check.clone() };
                     let text = serde_json::to_vec_pretty(&config).unwrap_or_default();
                     outpost_shared::fsutil::write_atomic(&config_path, &text, 0o600).map_err(io(&config_path))?;
