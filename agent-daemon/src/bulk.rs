@@ -80,18 +80,45 @@ impl BulkClient {
     /// Sends one request on a stream of its own and returns the answer; a
     /// `Refused` answer is an error.
     pub async fn request(&self, message: Message) -> Result<Message, BulkError> {
+        self.requests(vec![message])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(BulkError::Transfer("the hub closed the stream without answering".into())))
+    }
+
+    /// Sends `messages` on one stream, one after another, and returns
+    /// their answers in order (a `Refused` answer as an error for that
+    /// request alone). The hub answers a stream's requests in turn, so a
+    /// batch costs about one round trip instead of one (or two: a stream's
+    /// slot comes back only once its answer was acknowledged) per request.
+    /// Requests are written while answers are read, so neither side waits
+    /// on the other's flow control.
+    pub async fn requests(&self, messages: Vec<Message>) -> Result<Vec<Result<Message, BulkError>>, BulkError> {
         let broken = |e: &dyn std::fmt::Display| BulkError::Transfer(e.to_string());
+        let count = messages.len();
         let (mut send, recv) = self.connection.open_bi().await.map_err(|e| broken(&e))?;
-        write_message(&mut send, message, MAX_BULK_FRAME).await?;
-        send.finish().map_err(|e| broken(&e))?;
-        let mut reader = FrameReader::new(recv, MAX_BULK_FRAME);
-        match reader.next().await? {
-            Some(envelope) => match envelope.message {
-                Message::Refused(r) => Err(BulkError::Refused { reason: r.reason, message: r.message }),
-                other => Ok(other),
-            },
-            None => Err(BulkError::Transfer("the hub closed the stream without answering".into())),
-        }
+        let write = async {
+            for message in messages {
+                write_message(&mut send, message, MAX_BULK_FRAME).await?;
+            }
+            send.finish().map_err(|e| broken(&e))
+        };
+        let read = async {
+            let mut reader = FrameReader::new(recv, MAX_BULK_FRAME);
+            let mut answers = Vec::with_capacity(count);
+            while answers.len() < count {
+                let Some(envelope) = reader.next().await? else {
+                    return Err(BulkError::Transfer("the hub closed the stream without answering".into()));
+                };
+                answers.push(match envelope.message {
+                    Message::Refused(r) => Err(BulkError::Refused { reason: r.reason, message: r.message }),
+                    other => Ok(other),
+                });
+            }
+            Ok(answers)
+        };
+        let ((), answers) = tokio::try_join!(write, read)?;
+        Ok(answers)
     }
 
     /// Closes the connection, waiting at most a second for it to go.

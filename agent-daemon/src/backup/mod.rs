@@ -105,13 +105,18 @@ pub(crate) const REPO_VERSION: u32 = 3;
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
 
-/// Chunk transfers (uploads, fetches for a restore) in flight at once, at
-/// most: the streams a hub allows on a bulk connection (an older hub allows
-/// 8; the rest then wait for a stream). A link's round trip is paid once
-/// per this many chunks.
-pub(crate) const CHUNKS_IN_FLIGHT: usize = 32;
+/// Streams of chunk transfers (uploads, fetches for a restore) in flight
+/// at once, at most: the streams a hub allows on a bulk connection (an
+/// older hub allows 8; the rest then wait for a stream).
+pub(crate) const STREAMS_IN_FLIGHT: usize = 32;
+/// Chunk requests sent one after another on one stream, at most, and the
+/// bytes of chunks a stream carries (but one chunk always): a tree of small
+/// files is a chunk per file, and a link's round trip is then paid once per
+/// batch, not per chunk.
+pub(crate) const CHUNKS_PER_STREAM: usize = 64;
+pub(crate) const BYTES_PER_STREAM: u64 = 1 << 20;
 /// Bytes of chunks in flight (or fetched ahead) at once, at most, but one
-/// chunk is always allowed: 32 chunks of 4 MiB would be 128 MiB.
+/// stream is always allowed.
 pub(crate) const BYTES_IN_FLIGHT: u64 = 8 << 20;
 /// Ids per "which of these do you lack" question.
 pub(crate) const IDS_PER_QUERY: usize = 16 * 1024;

@@ -28,12 +28,18 @@ pub struct HubLink {
     upload_rate: u64,
 }
 
-/// Whether a transfer with `count` chunks and about `bytes` in flight (or
-/// fetched and not yet used) may start another: many small chunks at once,
-/// so that a link's round trip is not paid per chunk, but never more than
-/// [`BYTES_IN_FLIGHT`] of large ones (one always, however large). Pure.
-pub fn may_send_more(count: usize, bytes: u64) -> bool {
-    count < CHUNKS_IN_FLIGHT && (count == 0 || bytes < BYTES_IN_FLIGHT)
+/// Whether a transfer with `streams` streams and about `bytes` of chunks
+/// in flight (or fetched and not yet used) may open another: many at once,
+/// but never more than [`BYTES_IN_FLIGHT`] (one stream always, however
+/// large its chunks). Pure.
+pub fn may_send_more(streams: usize, bytes: u64) -> bool {
+    streams < STREAMS_IN_FLIGHT && (streams == 0 || bytes < BYTES_IN_FLIGHT)
+}
+
+/// Whether a batch of `count` chunks of `bytes` on one stream is full (see
+/// [`CHUNKS_PER_STREAM`]). Pure.
+pub fn batch_full(count: usize, bytes: u64) -> bool {
+    count >= CHUNKS_PER_STREAM || (count > 0 && bytes >= BYTES_PER_STREAM)
 }
 
 /// How long to wait before a send that brings the bytes sent since `start`
@@ -204,6 +210,8 @@ impl Repository {
         }
         let missing = hub.missing(&ids)?;
         report.chunks_present += (ids.len() - missing.len()) as u64;
+        // Batches of chunks, each on a stream of its own, several streams
+        // at once.
         let sent: Result<(u64, u64), BackupError> = hub.runtime.block_on(async {
             let mut in_flight = tokio::task::JoinSet::new();
             let (mut chunks, mut bytes) = (0u64, 0u64);
@@ -212,35 +220,48 @@ impl Repository {
             let (mut queued, mut bytes_in_flight) = (0u64, 0u64);
             loop {
                 while may_send_more(in_flight.len(), bytes_in_flight) {
-                    let Some(id) = next.next() else { break };
-                    let Some(blob) = self.chunk_blob(id)? else {
-                        if !self.root.join("snapshots").join(&snapshot.name).exists() {
-                            return Ok((chunks, bytes));
+                    let (mut batch, mut batch_bytes) = (Vec::new(), 0u64);
+                    while !batch_full(batch.len(), batch_bytes) {
+                        let Some(id) = next.next() else { break };
+                        let Some(blob) = self.chunk_blob(id)? else {
+                            if !self.root.join("snapshots").join(&snapshot.name).exists() {
+                                return Ok((chunks, bytes));
+                            }
+                            return Err(BackupError::Corrupt {
+                                what: format!("chunk {}", hex(id)),
+                                why: format!(
+                                    "missing in the local repository, needed by {} (run verify)",
+                                    snapshot.name
+                                ),
+                            });
+                        };
+                        queued += blob.len() as u64;
+                        batch_bytes += blob.len() as u64;
+                        // No timer when within the budget: tokio's timer has a
+                        // millisecond tick, so even a zero sleep waited for the
+                        // next one and held an upload to about 850 chunks a second.
+                        let wait = pace(queued, hub.upload_rate, started.elapsed());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
                         }
-                        return Err(BackupError::Corrupt {
-                            what: format!("chunk {}", hex(id)),
-                            why: format!("missing in the local repository, needed by {} (run verify)", snapshot.name),
-                        });
-                    };
-                    let (client, len) = (hub.client.clone(), blob.len() as u64);
-                    queued += len;
-                    // No timer when within the budget: tokio's timer has a
-                    // millisecond tick, so even a zero sleep waited for the
-                    // next one and held an upload to about 850 chunks a second.
-                    let wait = pace(queued, hub.upload_rate, started.elapsed());
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
+                        batch.push(Message::PutChunk(ChunkBlob { id: *id, blob }));
                     }
-                    let put = Message::PutChunk(ChunkBlob { id: *id, blob });
-                    bytes_in_flight += len;
-                    in_flight.spawn(async move { (client.request(put).await, len) });
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let client = hub.client.clone();
+                    bytes_in_flight += batch_bytes;
+                    in_flight.spawn(async move { (client.requests(batch).await, batch_bytes) });
                 }
                 let Some(done) = in_flight.join_next().await else { break };
-                let (answer, len) = done.map_err(|e| BackupError::Setup(format!("upload task failed: {e}")))?;
-                bytes_in_flight -= len;
-                expect_done(answer, "PutChunk")?;
-                chunks += 1;
-                bytes += len;
+                let (answers, batch_bytes) =
+                    done.map_err(|e| BackupError::Setup(format!("upload task failed: {e}")))?;
+                bytes_in_flight -= batch_bytes;
+                for answer in answers? {
+                    expect_done(answer, "PutChunk")?;
+                    chunks += 1;
+                }
+                bytes += batch_bytes;
             }
             Ok((chunks, bytes))
         });
@@ -339,28 +360,44 @@ pub(super) struct FetchAhead {
 
 impl HubLink {
     /// Starts fetching `owner`'s chunks `order` (each with its expected
-    /// size), in that order.
+    /// size), in that order, in batches on streams of their own.
     pub(super) fn fetch_ahead(&self, owner: &DeviceId, order: Vec<(ChunkId, u64)>) -> FetchAhead {
-        // Fetched chunks wait in `ahead`, counted, until the reader takes
-        // them; the channel holds one more.
+        // Fetched batches wait in `ahead`, counted, until the reader takes
+        // their chunks; the channel holds one more chunk.
         let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkId, Result<Message, BulkError>)>(1);
         let (client, device) = (self.client.clone(), owner.clone());
         let fetcher = self.runtime.spawn(async move {
-            let mut ids = order.into_iter();
+            let mut order = order.into_iter();
             let (mut ahead, mut bytes_ahead) = (std::collections::VecDeque::new(), 0u64);
             loop {
                 while may_send_more(ahead.len(), bytes_ahead) {
-                    let Some((id, size)) = ids.next() else { break };
-                    let (client, device) = (client.clone(), device.clone());
-                    let get = Message::GetChunk(ChunkRef { device, id });
+                    let (mut ids, mut size) = (Vec::new(), 0u64);
+                    while !batch_full(ids.len(), size) {
+                        let Some((id, expected)) = order.next() else { break };
+                        ids.push(id);
+                        size += expected;
+                    }
+                    if ids.is_empty() {
+                        break;
+                    }
+                    let gets =
+                        ids.iter().map(|id| Message::GetChunk(ChunkRef { device: device.clone(), id: *id })).collect();
+                    let client = client.clone();
                     bytes_ahead += size;
-                    ahead.push_back((id, size, tokio::spawn(async move { client.request(get).await })));
+                    ahead.push_back((ids, size, tokio::spawn(async move { client.requests(gets).await })));
                 }
-                let Some((id, size, task)) = ahead.pop_front() else { break };
-                let answer = task.await.unwrap_or_else(|e| Err(BulkError::Transfer(e.to_string())));
+                let Some((ids, size, task)) = ahead.pop_front() else { break };
+                let answers = task.await.unwrap_or_else(|e| Err(BulkError::Transfer(e.to_string())));
                 bytes_ahead -= size;
-                if tx.send((id, answer)).await.is_err() {
-                    break;
+                let answers: Vec<Result<Message, BulkError>> = match answers {
+                    Ok(answers) => answers,
+                    // The whole batch failed: each of its chunks says why.
+                    Err(e) => ids.iter().map(|_| Err(BulkError::Transfer(e.to_string()))).collect(),
+                };
+                for (id, answer) in ids.into_iter().zip(answers) {
+                    if tx.send((id, answer)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -397,16 +434,19 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn many_small_chunks_are_in_flight_but_few_large_ones() {
-        // Small chunks (a tree of small files): up to the count.
-        assert!(may_send_more(CHUNKS_IN_FLIGHT - 1, 5_000 * (CHUNKS_IN_FLIGHT as u64 - 1)));
-        assert!(!may_send_more(CHUNKS_IN_FLIGHT, 0));
-        // Large ones: up to the bytes.
-        assert!(may_send_more(7, BYTES_IN_FLIGHT - 1));
+    fn small_chunks_go_many_to_a_stream_and_large_ones_few() {
+        // A batch: up to the count of small chunks, up to the bytes of
+        // large ones, and one chunk however large.
+        assert!(!batch_full(CHUNKS_PER_STREAM - 1, 5_000 * (CHUNKS_PER_STREAM as u64 - 1)));
+        assert!(batch_full(CHUNKS_PER_STREAM, 0));
+        assert!(!batch_full(0, u64::MAX));
+        assert!(batch_full(1, BYTES_PER_STREAM));
+        assert!(!batch_full(3, BYTES_PER_STREAM - 1));
+        // Streams: up to the count, up to the bytes, one always.
+        assert!(may_send_more(STREAMS_IN_FLIGHT - 1, BYTES_IN_FLIGHT - 1));
+        assert!(!may_send_more(STREAMS_IN_FLIGHT, 0));
         assert!(!may_send_more(2, BYTES_IN_FLIGHT));
-        // One at a time, however large.
         assert!(may_send_more(0, u64::MAX));
-        assert!(!may_send_more(1, u64::MAX));
     }
 
     #[test]
