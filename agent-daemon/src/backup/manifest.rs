@@ -283,24 +283,20 @@ mod tests {
     }
 
     fn head(name: &str, entries: usize, entry_chunks: Vec<ChunkId>) -> Head {
-        let mut snapshot = Snapshot {
+        Head {
             name: name.into(),
             set: "s".into(),
             started: Timestamp(1),
             ended: Timestamp(2),
             paths: vec![],
-            entries: vec![],
             problems: vec![],
             bytes: 0,
             files_read: 0,
             new_chunks: 0,
             new_stored_bytes: 0,
-            manifest_chunks: entry_chunks,
-        };
-        let mut head = Head::of(&snapshot);
-        head.entries = entries as u64;
-        snapshot.entries.clear();
-        head
+            entries: entries as u64,
+            entry_chunks,
+        }
     }
 
     #[test]
