@@ -380,9 +380,12 @@ mod tests {
             let repo_dir = tempfile::tempdir().unwrap();
             let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
             let snapshot = repo.backup(&set(&[source.path()])).unwrap_or_else(|e| panic!("round {round}: {e}"));
-            // Each pair's chunk once, and the chunk of the list of entries.
-            assert_eq!(snapshot.manifest_chunks.len(), 1);
-            assert_eq!(snapshot.new_chunks, pairs + 1, "round {round}: a chunk was stored twice or not at all");
+            // Each pair's chunk once, and the chunks of the list of entries
+            // (one or two: where the list is cut depends on the chunk ids it
+            // holds, so on the key).
+            let lists = snapshot.manifest_chunks.len() as u64;
+            assert!((1..=3).contains(&lists), "{lists} chunks for 241 entries");
+            assert_eq!(snapshot.new_chunks, pairs + lists, "round {round}: a chunk was stored twice or not at all");
             assert!(repo.verify().unwrap().is_empty());
             let leftovers: Vec<_> = fs::read_dir(repo_dir.path().join("tmp")).unwrap().flatten().collect();
             assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
