@@ -19,6 +19,10 @@ command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # (initdb in a temp dir) with Debian's PostgreSQL; its package also makes
 # the postgres user they run as.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+# The backup tests make extended attributes and ACLs with setfattr and
+# setfacl, and read ACLs back with getfacl (Debian's attr and acl).
+command -v setfattr >/dev/null 2>&1 || need_apt+=(attr)
+command -v setfacl >/dev/null 2>&1 && command -v getfacl >/dev/null 2>&1 || need_apt+=(acl)
 # The LAN tests build network namespaces with ip(8) (and need root).
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 # The console's browser test drives Debian's Chromium with Playwright

@@ -353,6 +353,15 @@ enum Operation {
     Prune,
 }
 
+/// Prints what a restore could not set, one line each; the exit status:
+/// 3 when there was something (as for a snapshot with problems), else 0.
+fn restore_problems(restored: &outpost_agent::backup::Restored) -> u8 {
+    for p in &restored.problems {
+        println!("not restored as it was: {}", p.escape_debug());
+    }
+    if restored.problems.is_empty() { 0 } else { 3 }
+}
+
 /// Runs a backup operation on the device's repository (no daemon and no hub needed; the
 /// repository lock keeps it apart from a scheduled backup). Returns the
 /// process exit status: 0 done, 1 failed, 3 a snapshot was written but some
@@ -388,9 +397,13 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
             let to = RestoreTo { target: &target, only: &paths, overwrite };
             let restored = repo.restore_from_hub(&hub, &owner, &snapshot, set.as_deref(), &to);
             hub.close();
-            let (name, n) = restored?;
-            println!("restored {n} entries of {owner}'s snapshot {name} from the hub into {}", target.display());
-            Ok(0)
+            let (name, r) = restored?;
+            println!(
+                "restored {} entries of {owner}'s snapshot {name} from the hub into {}",
+                r.entries,
+                target.display()
+            );
+            Ok(restore_problems(&r))
         }
         Operation::Run { set } => {
             let set = config.backups.iter().find(|s| s.name == set).ok_or(BackupError::NoSet(set))?;
@@ -406,8 +419,15 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
                 s.new_stored_bytes,
                 s.started.until(s.ended).as_secs_f64()
             );
+            let carries = outpost_agent::backup::Carries::of(&s.entries);
+            if carries != outpost_agent::backup::Carries::default() {
+                println!("carries: {carries}");
+            }
             for p in &s.problems {
-                println!("problem: {p}");
+                println!("problem: {}", p.escape_debug());
+            }
+            for n in &s.notes {
+                println!("note: {}", n.escape_debug());
             }
             // The set's retention applies after every run, so a device left
             // alone keeps what its config says without anyone running prune.
@@ -461,13 +481,14 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
                             i.entries.to_string(),
                             i.bytes.to_string(),
                             i.problems.to_string(),
+                            i.carries.to_string(),
                         ]
                     })
                     .collect();
                 print!(
                     "{}",
                     outpost_shared::table::render(
-                        &["SNAPSHOT", "SET", "STARTED", "ENTRIES", "BYTES", "PROBLEMS"],
+                        &["SNAPSHOT", "SET", "STARTED", "ENTRIES", "BYTES", "PROBLEMS", "CARRIES"],
                         &rows
                     )
                 );
@@ -477,13 +498,17 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
         Operation::Restore { from_device: None, snapshot, target, set, paths, overwrite } => {
             let repo = Repository::open(dir, &key)?;
             let s = repo.find(&snapshot, set.as_deref())?;
-            let n = repo.restore(&s, &RestoreTo { target: &target, only: &paths, overwrite })?;
-            println!("restored {n} entries of snapshot {} into {}", s.name, target.display());
-            Ok(0)
+            let r = repo.restore(&s, &RestoreTo { target: &target, only: &paths, overwrite })?;
+            println!("restored {} entries of snapshot {} into {}", r.entries, s.name, target.display());
+            Ok(restore_problems(&r))
         }
         Operation::Verify => {
             let repo = Repository::open(dir, &key)?;
             let problems = repo.verify()?;
+            // What each snapshot carries beside content (its head says).
+            for i in repo.snapshot_infos()? {
+                println!("snapshot {}: {} entries, {} bytes; carries: {}", i.name, i.entries, i.bytes, i.carries);
+            }
             for p in &problems {
                 println!("{p}");
             }

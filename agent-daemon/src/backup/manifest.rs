@@ -7,15 +7,32 @@
 //! the next snapshot, on the device and at the hub, and the hub learns
 //! which chunks a snapshot needs (its list includes these) without the key.
 //!
-//! Older manifests (the whole snapshot in the file, zstd-compressed or not)
-//! are still read.
+//! Older manifests (format 3's heads with entries of their time, and the
+//! whole snapshot in the file, zstd-compressed or not) are still read,
+//! through `legacy`.
 
 use super::*;
 
-/// First byte of a head's plaintext (format 3). A compressed whole
-/// manifest starts with [`COMPRESSED_MANIFEST`], an uncompressed one (the
-/// first format) with the length of the snapshot's name, never this large.
+/// First byte of a head's plaintext (format 4: entries with attributes,
+/// hard links, special files and holes). An older agent takes no other
+/// first byte than its own for a head, so it refuses this one as corrupt
+/// instead of misreading it.
+pub(crate) const HEAD_V4: u8 = 0xFD;
+/// First byte of a format-3 head, whose entries are `legacy::Entry3`. A
+/// compressed whole manifest starts with [`COMPRESSED_MANIFEST`], an
+/// uncompressed one (the first format) with the length of the snapshot's
+/// name, never this large.
 pub(crate) const CHUNKED_MANIFEST: u8 = 0xFE;
+
+/// How a head's entry chunks encode entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryFormat {
+    /// [`Entry`], today's.
+    #[default]
+    V4,
+    /// `legacy::Entry3`.
+    V3,
+}
 
 /// Chunk size bounds for the entries (bytes): about 140 entries a chunk,
 /// so a change in one directory stores a few chunks again, not the list.
@@ -38,6 +55,12 @@ pub struct Head {
     pub paths: Vec<String>,
     /// What could not be backed up.
     pub problems: Vec<String>,
+    /// What was passed over on purpose.
+    pub notes: Vec<String>,
+    /// Owners' names by id.
+    pub users: BTreeMap<u32, String>,
+    /// Groups' names by id.
+    pub groups: BTreeMap<u32, String>,
     /// Bytes of file content.
     pub bytes: u64,
     /// Files read.
@@ -48,9 +71,62 @@ pub struct Head {
     pub new_stored_bytes: u64,
     /// How many entries.
     pub entries: u64,
+    /// What the entries carry beside content.
+    pub carries: Carries,
     /// The chunks holding the entries, in order (none for an older,
     /// whole manifest).
     pub entry_chunks: Vec<ChunkId>,
+    /// How those chunks encode entries (by the head's first byte).
+    #[serde(skip)]
+    pub entry_format: EntryFormat,
+}
+
+/// What a snapshot's entries carry beside file content, counted (for
+/// `backup list` and `verify`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carries {
+    /// Names that are hard links to an earlier entry.
+    pub hard_links: u64,
+    /// Entries with extended attributes (ACLs among them).
+    pub with_xattrs: u64,
+    /// FIFOs and devices.
+    pub special: u64,
+    /// Sparse files.
+    pub sparse: u64,
+}
+
+impl Carries {
+    /// Counts what `entries` carry.
+    pub fn of<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Carries {
+        let mut c = Carries::default();
+        for e in entries {
+            c.with_xattrs += u64::from(!e.xattrs.is_empty());
+            match &e.kind {
+                EntryKind::HardLink { .. } => c.hard_links += 1,
+                EntryKind::Fifo | EntryKind::Device { .. } => c.special += 1,
+                EntryKind::File { data: Some(_), .. } => c.sparse += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+impl std::fmt::Display for Carries {
+    /// `3 hard links, 2 with attributes, 1 special, 1 sparse`, or `-`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            (self.hard_links, "hard link", "hard links"),
+            (self.with_xattrs, "with attributes", "with attributes"),
+            (self.special, "special", "special"),
+            (self.sparse, "sparse", "sparse"),
+        ]
+        .into_iter()
+        .filter(|(n, ..)| *n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        if parts.is_empty() { f.write_str("-") } else { f.write_str(&parts.join(", ")) }
+    }
 }
 
 impl Head {
@@ -63,12 +139,17 @@ impl Head {
             ended: snapshot.ended,
             paths: snapshot.paths.clone(),
             problems: snapshot.problems.clone(),
+            notes: snapshot.notes.clone(),
+            users: snapshot.users.clone(),
+            groups: snapshot.groups.clone(),
             bytes: snapshot.bytes,
             files_read: snapshot.files_read,
             new_chunks: snapshot.new_chunks,
             new_stored_bytes: snapshot.new_stored_bytes,
             entries: snapshot.entries.len() as u64,
+            carries: Carries::of(&snapshot.entries),
             entry_chunks: snapshot.manifest_chunks.clone(),
+            entry_format: EntryFormat::V4,
         }
     }
 
@@ -82,6 +163,9 @@ impl Head {
             paths: self.paths,
             entries,
             problems: self.problems,
+            notes: self.notes,
+            users: self.users,
+            groups: self.groups,
             bytes: self.bytes,
             files_read: self.files_read,
             new_chunks: self.new_chunks,
@@ -114,8 +198,8 @@ impl Manifest {
 /// At most two of the largest chunks are held: the cuts are those one
 /// FastCDC pass over the whole encoding would make (a cut depends only on
 /// the bytes from its chunk's start to at most the largest size after it).
-pub(super) fn cut_entries(
-    entries: &[Entry],
+pub(super) fn cut_entries<E: Serialize>(
+    entries: &[E],
     id_key: &[u8; 32],
     mut store: impl FnMut(ChunkId, Vec<u8>) -> Result<(), BackupError>,
 ) -> Result<Vec<ChunkId>, BackupError> {
@@ -136,9 +220,9 @@ pub(super) fn cut_entries(
         pending.drain(..used);
         Ok(())
     };
-    for entry in entries {
+    for (i, entry) in entries.iter().enumerate() {
         pending = postcard::to_extend(entry, pending)
-            .map_err(|e| BackupError::Corrupt { what: format!("entry {}", entry.path), why: e.to_string() })?;
+            .map_err(|e| BackupError::Corrupt { what: format!("entry {i}"), why: e.to_string() })?;
         if pending.len() >= 2 * ENTRY_MAX_CHUNK {
             cut(&mut pending, false)?;
         }
@@ -152,6 +236,17 @@ pub(super) fn cut_entries(
 /// undecoded bytes is held. Bounded: a manifest from the hub may have
 /// been written by a compromised device.
 pub(super) fn read_entries(
+    head: Head,
+    get: impl FnMut(&ChunkId) -> Result<Vec<u8>, BackupError>,
+) -> Result<Snapshot, BackupError> {
+    match head.entry_format {
+        EntryFormat::V4 => read_entries_as::<Entry>(head, get),
+        EntryFormat::V3 => read_entries_as::<legacy::Entry3>(head, get),
+    }
+}
+
+/// [`read_entries`] of entries encoded as `E`.
+fn read_entries_as<E: serde::de::DeserializeOwned + Into<Entry>>(
     head: Head,
     mut get: impl FnMut(&ChunkId) -> Result<Vec<u8>, BackupError>,
 ) -> Result<Snapshot, BackupError> {
@@ -172,9 +267,9 @@ pub(super) fn read_entries(
         }
         let mut rest = pending.as_slice();
         while (entries.len() as u64) < head.entries && !rest.is_empty() {
-            match postcard::take_from_bytes::<Entry>(rest) {
+            match postcard::take_from_bytes::<E>(rest) {
                 Ok((entry, after)) => {
-                    entries.push(entry);
+                    entries.push(entry.into());
                     rest = after;
                 }
                 // An entry cut between chunks: the next chunk completes it.
@@ -197,10 +292,10 @@ pub(super) fn read_entries(
 }
 
 impl Repository {
-    /// A head's sealed bytes: [`CHUNKED_MANIFEST`], then its postcard
+    /// A head's sealed bytes: [`HEAD_V4`], then its postcard
     /// encoding. The entry chunks it names must be stored already.
     pub(super) fn encode_head(&self, head: &Head) -> Result<Vec<u8>, BackupError> {
-        let mut plain = vec![CHUNKED_MANIFEST];
+        let mut plain = vec![HEAD_V4];
         plain = postcard::to_extend(head, plain)
             .map_err(|e| BackupError::Corrupt { what: format!("snapshot {}", head.name), why: e.to_string() })?;
         self.seal(&plain, head.name.as_bytes())
@@ -213,9 +308,12 @@ impl Repository {
         let plain = self.open_blob(blob, name.as_bytes(), &what)?;
         let corrupt = |why: String| BackupError::Corrupt { what: what.clone(), why };
         let manifest = match plain.split_first() {
-            Some((&CHUNKED_MANIFEST, head)) => {
+            Some((&HEAD_V4, head)) => {
                 Manifest::Chunked(postcard::from_bytes(head).map_err(|e| corrupt(e.to_string()))?)
             }
+            Some((&CHUNKED_MANIFEST, head)) => Manifest::Chunked(
+                postcard::from_bytes::<legacy::Head3>(head).map_err(|e| corrupt(e.to_string()))?.into(),
+            ),
             Some((&COMPRESSED_MANIFEST, compressed)) => {
                 let mut out = Vec::new();
                 zstd::stream::read::Decoder::new(compressed)
@@ -224,9 +322,13 @@ impl Repository {
                 if out.len() as u64 > MAX_MANIFEST {
                     return Err(corrupt("larger than any manifest may be".into()));
                 }
-                Manifest::Whole(postcard::from_bytes(&out).map_err(|e| corrupt(e.to_string()))?)
+                Manifest::Whole(
+                    postcard::from_bytes::<legacy::Snapshot3>(&out).map_err(|e| corrupt(e.to_string()))?.into(),
+                )
             }
-            _ => Manifest::Whole(postcard::from_bytes(&plain).map_err(|e| corrupt(e.to_string()))?),
+            _ => Manifest::Whole(
+                postcard::from_bytes::<legacy::Snapshot3>(&plain).map_err(|e| corrupt(e.to_string()))?.into(),
+            ),
         };
         match &manifest {
             Manifest::Chunked(Head { name: inside, .. }) | Manifest::Whole(Snapshot { name: inside, .. })
@@ -264,11 +366,17 @@ mod tests {
     fn entry(i: usize) -> Entry {
         Entry {
             path: format!("/srv/data/dir{:03}/file-{i:06}.txt", i / 100),
-            kind: EntryKind::File { size: i as u64 * 37, inode: i as u64, chunks: vec![[(i % 251) as u8; 32]] },
+            kind: EntryKind::File {
+                size: i as u64 * 37,
+                inode: i as u64,
+                chunks: vec![[(i % 251) as u8; 32]],
+                data: None,
+            },
             mode: 0o644,
             uid: 0,
             gid: 0,
             mtime_ns: 1_700_000_000_000_000_000 + i as i64,
+            xattrs: Vec::new(),
         }
     }
 
@@ -290,12 +398,17 @@ mod tests {
             ended: Timestamp(2),
             paths: vec![],
             problems: vec![],
+            notes: vec![],
+            users: BTreeMap::new(),
+            groups: BTreeMap::new(),
             bytes: 0,
             files_read: 0,
             new_chunks: 0,
             new_stored_bytes: 0,
             entries: entries as u64,
+            carries: Carries::default(),
             entry_chunks,
+            entry_format: EntryFormat::V4,
         }
     }
 

@@ -69,8 +69,10 @@ use std::path::{Path, PathBuf};
 
 /// Chunk size bounds (bytes).
 mod daemon;
+mod legacy;
 mod maintenance;
 mod manifest;
+mod meta;
 mod pack;
 mod remote;
 mod repo;
@@ -78,10 +80,10 @@ mod restore;
 mod snapshot;
 
 pub use daemon::{command_prefix, hub_command, scheduled_jobs, upload_command, upload_task};
-pub use manifest::Head;
+pub use manifest::{Carries, Head};
 pub use remote::{HubLink, UploadReport};
 pub use repo::{Repository, read_key};
-pub use restore::{RestoreTo, confined_path};
+pub use restore::{RestoreTo, Restored, confined_path};
 pub use snapshot::read_all;
 
 pub(crate) const MIN_CHUNK: usize = 256 << 10;
@@ -97,10 +99,11 @@ pub(crate) const COMPRESSED_MANIFEST: u8 = 0xFF;
 /// Largest manifest (decompressed) a restore accepts.
 pub(crate) const MAX_MANIFEST: u64 = 1 << 30;
 /// Repository format: 1 kept one file per chunk, 2 packs them, 3 keeps a
-/// snapshot's entries in chunks (see `manifest`). Older chunk files and
-/// manifests stay readable; an agent older than a repository refuses it
-/// instead of misreading it.
-pub(crate) const REPO_VERSION: u32 = 3;
+/// snapshot's entries in chunks (see `manifest`), 4 adds extended
+/// attributes, hard links, special files, holes and owner names to them.
+/// Older chunk files and manifests stay readable; an agent older than a
+/// repository refuses it instead of misreading it.
+pub(crate) const REPO_VERSION: u32 = 4;
 
 /// A chunk id: keyed BLAKE3 of the plaintext.
 pub use outpost_shared::protocol::ChunkId;
@@ -186,7 +189,8 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_
     move |source| BackupError::Io { path: path.to_owned(), source }
 }
 
-/// One entry of a snapshot.
+/// One entry of a snapshot (the format of repository version 4; the
+/// entries of older snapshots are read through `legacy`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Absolute path on the device.
@@ -195,13 +199,22 @@ pub struct Entry {
     pub kind: EntryKind,
     /// Permission bits (and setuid/setgid/sticky).
     pub mode: u32,
-    /// Owner.
+    /// Owner (its name, if it had one, is in the snapshot's `users`).
     pub uid: u32,
-    /// Group.
+    /// Group (its name in the snapshot's `groups`).
     pub gid: u32,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Extended attributes, name and value, as the file system listed
+    /// them: every namespace the backup could read (`user.*`, and as root
+    /// `trusted.*`; `security.*`), POSIX ACLs among them
+    /// (`system.posix_acl_access`, `system.posix_acl_default`, in the
+    /// kernel's binary form, ids numeric).
+    pub xattrs: Vec<Xattr>,
 }
+
+/// One extended attribute: its name (without the NUL) and value.
+pub type Xattr = (Vec<u8>, Vec<u8>);
 
 /// Kinds of entries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,13 +227,31 @@ pub enum EntryKind {
         size: u64,
         /// Inode at backup time (for the incremental check).
         inode: u64,
-        /// Its chunks, in order.
+        /// Its chunks, in order: of its data regions one after another.
         chunks: Vec<ChunkId>,
+        /// For a sparse file, its data regions (offset, length), in order;
+        /// the rest are holes. `None`: all of it is data.
+        data: Option<Vec<(u64, u64)>>,
     },
     /// A symbolic link.
     Symlink {
         /// Where it points.
         target: String,
+    },
+    /// Another name of a file (or special file) an earlier entry of the
+    /// same snapshot holds: one inode, several names.
+    HardLink {
+        /// The path of that earlier entry.
+        target: String,
+    },
+    /// A named pipe.
+    Fifo,
+    /// A character or block device.
+    Device {
+        /// A block device (else a character device).
+        block: bool,
+        /// Its device number (`st_rdev`).
+        rdev: u64,
     },
 }
 
@@ -241,6 +272,12 @@ pub struct Snapshot {
     pub entries: Vec<Entry>,
     /// What could not be backed up, or changed while read.
     pub problems: Vec<String>,
+    /// What was passed over on purpose (sockets), for the record.
+    pub notes: Vec<String>,
+    /// Owners' names by id, as the device knew them.
+    pub users: BTreeMap<u32, String>,
+    /// Groups' names by id.
+    pub groups: BTreeMap<u32, String>,
     /// Bytes of file content in the snapshot.
     pub bytes: u64,
     /// Files read this time (the others were unchanged).
@@ -271,6 +308,8 @@ pub struct SnapshotInfo {
     pub bytes: u64,
     /// Problems reported.
     pub problems: usize,
+    /// What its entries carry beside content.
+    pub carries: Carries,
 }
 
 impl From<&Head> for SnapshotInfo {
@@ -282,6 +321,7 @@ impl From<&Head> for SnapshotInfo {
             entries: usize::try_from(s.entries).unwrap_or(usize::MAX),
             bytes: s.bytes,
             problems: s.problems.len(),
+            carries: s.carries,
         }
     }
 }
@@ -434,7 +474,10 @@ mod tests {
         assert!(fs::read_to_string(&config).unwrap().contains(&current), "the config was not upgraded");
         let target = tempfile::tempdir().unwrap();
         let read_back = repo.snapshot(&old.name).unwrap();
-        assert_eq!(read_back.entries, old.entries);
+        assert_eq!(
+            read_back.entries,
+            old.entries.iter().cloned().map(|e| Entry { xattrs: vec![], ..e }).collect::<Vec<_>>()
+        );
         repo.restore(&read_back, &restore_all(target.path())).unwrap();
         let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("old.txt");
         assert_eq!(fs::read(restored).unwrap(), b"backed up by the old agent");
@@ -457,10 +500,224 @@ mod tests {
         assert!(err.contains("newer than this agent"), "{err}");
     }
 
+    /// A snapshot of format 3 (a head whose entries knew no attributes,
+    /// links, special files or holes) still reads and restores.
+    #[test]
+    fn a_format_3_snapshot_still_restores() {
+        let source = tempfile::tempdir().unwrap();
+        fs::create_dir(source.path().join("d")).unwrap();
+        fs::write(source.path().join("d/old.txt"), b"written by a format-3 agent").unwrap();
+        std::os::unix::fs::symlink("d/old.txt", source.path().join("link")).unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let old: Vec<legacy::Entry3> = snapshot.entries.iter().map(|e| legacy::Entry3::of(e).unwrap()).collect();
+        let mut sealer = repo::Sealer::new().unwrap();
+        let ids = manifest::cut_entries(&old, &repo.id_key, |id, bytes| {
+            let path = repo.chunk_path(&id);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, repo.seal_chunk(&mut sealer, &id, &bytes).unwrap()).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let mut head = Head::of(&snapshot);
+        head.entry_chunks = ids;
+        let mut plain = vec![manifest::CHUNKED_MANIFEST];
+        plain = postcard::to_extend(&legacy::Head3::of(&head), plain).unwrap();
+        let blob = repo.seal(&plain, snapshot.name.as_bytes()).unwrap();
+        fs::write(repo_dir.path().join("snapshots").join(&snapshot.name), blob).unwrap();
+        let read_back = repo.snapshot(&snapshot.name).unwrap();
+        let expected: Vec<Entry> = snapshot.entries.iter().cloned().map(|e| Entry { xattrs: vec![], ..e }).collect();
+        assert_eq!(read_back.entries, expected);
+        let target = tempfile::tempdir().unwrap();
+        repo.restore(&read_back, &restore_all(target.path())).unwrap();
+        let restored = target.path().join(source.path().strip_prefix("/").unwrap());
+        assert_eq!(fs::read(restored.join("link")).unwrap(), b"written by a format-3 agent");
+    }
+
+    /// What a file is beside its content, as a walker sees it: kind, mode,
+    /// owner, mtime, size, link group (by first name), device number,
+    /// extended attributes, allocated blocks (of sparse files).
+    fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+        let mut stack = vec![root.to_owned()];
+        let mut buf = Vec::new();
+        while let Some(path) = stack.pop() {
+            let m = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_owned();
+            if m.is_dir() {
+                let mut children: Vec<_> = fs::read_dir(&path).unwrap().flatten().map(|e| e.path()).collect();
+                children.sort();
+                stack.extend(children.into_iter().rev());
+            }
+            let group = if m.nlink() > 1 && !m.is_dir() {
+                inodes.entry((m.dev(), m.ino())).or_insert_with(|| rel.clone()).display().to_string()
+            } else {
+                String::new()
+            };
+            let sparse = if meta::may_be_sparse(m.len(), m.blocks()) { m.blocks().to_string() } else { "-".into() };
+            let mtime = if m.file_type().is_symlink() { 0 } else { m.mtime() * 1_000_000_000 + m.mtime_nsec() };
+            let line = format!(
+                "{:o} {}:{} mtime {mtime} size {} link {group:?} rdev {} sparse {sparse} xattrs {:?}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                if m.is_dir() { 0 } else { m.len() },
+                m.rdev(),
+                meta::read_xattrs(&path, &mut buf).unwrap(),
+            );
+            out.insert(rel, line);
+        }
+        out
+    }
+
+    /// Issue 29: a tree with hard links, extended attributes, a FIFO, a
+    /// device, a socket, a sparse file, other owners and nanosecond times
+    /// restores as it was; `--path` keeps links inside it; list counts it.
+    #[test]
+    fn a_restore_keeps_links_attributes_special_files_and_holes() {
+        use std::os::unix::fs::FileExt;
+        #[allow(unsafe_code)]
+        // SAFETY: geteuid(2) has no preconditions.
+        let root_user = unsafe { libc::geteuid() } == 0;
+        let source = tempfile::tempdir().unwrap();
+        let src = source.path();
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/one"), b"one inode, three names").unwrap();
+        fs::hard_link(src.join("a/one"), src.join("a/b/two")).unwrap();
+        fs::hard_link(src.join("a/one"), src.join("three")).unwrap();
+        fs::write(src.join("plain"), b"plain").unwrap();
+        let xattrs = rustix::fs::lsetxattr(src.join("plain"), "user.color", b"blue", rustix::fs::XattrFlags::empty())
+            .and_then(|()| rustix::fs::lsetxattr(src.join("a"), "user.dir", b"d", rustix::fs::XattrFlags::empty()))
+            .is_ok();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_bits_truncate(0o640),
+            0,
+        )
+        .unwrap();
+        if root_user {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                src.join("null"),
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::from_bits_truncate(0o666),
+                rustix::fs::makedev(1, 3),
+            )
+            .unwrap();
+            std::os::unix::fs::lchown(src.join("plain"), Some(4321), Some(8765)).unwrap();
+        }
+        let _socket = std::os::unix::net::UnixListener::bind(src.join("socket")).unwrap();
+        let sparse = fs::File::create(src.join("sparse")).unwrap();
+        sparse.write_all_at(&[7u8; 4096], 1 << 30).unwrap();
+        sparse.set_len(2 << 30).unwrap();
+        drop(sparse);
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 123_456_789);
+        fs::File::options().write(true).open(src.join("plain")).unwrap().set_modified(when).unwrap();
+        fs::set_permissions(src.join("plain"), fs::Permissions::from_mode(0o4751)).unwrap();
+
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[src])).unwrap();
+        assert!(snapshot.problems.is_empty(), "{:?}", snapshot.problems);
+        assert!(snapshot.notes.iter().any(|n| n.contains("socket")), "{:?}", snapshot.notes);
+        let carries = repo.snapshot_infos().unwrap()[0].carries;
+        assert_eq!(
+            carries,
+            Carries {
+                hard_links: 2,
+                with_xattrs: if xattrs { 2 } else { 0 },
+                special: if root_user { 2 } else { 1 },
+                sparse: 1
+            }
+        );
+        assert!(carries.to_string().contains("2 hard links"), "{carries}");
+        // The sparse file's holes were not read: a few KiB of content.
+        assert!(snapshot.new_stored_bytes < 1 << 20, "{} bytes stored", snapshot.new_stored_bytes);
+
+        let target = tempfile::tempdir().unwrap();
+        let restored = repo.restore(&snapshot, &restore_all(target.path())).unwrap();
+        assert!(restored.problems.is_empty(), "{:?}", restored.problems);
+        let copy = target.path().join(src.strip_prefix("/").unwrap());
+        let (mut want, got) = (describe(src), describe(&copy));
+        want.remove(Path::new("socket"));
+        assert_eq!(got, want);
+        // Restoring again over it finds everything in place.
+        assert!(repo.restore(&snapshot, &restore_all(target.path())).unwrap().problems.is_empty());
+
+        // Only `a/b` and `three`: `three` links to a/one, outside them, so
+        // it becomes the file and a/b/two joins it.
+        let only = [format!("{}/a/b", src.display()), format!("{}/three", src.display())];
+        let part = tempfile::tempdir().unwrap();
+        repo.restore(&snapshot, &RestoreTo { target: part.path(), only: &only, overwrite: false }).unwrap();
+        let copy = part.path().join(src.strip_prefix("/").unwrap());
+        let (two, three) = (fs::metadata(copy.join("a/b/two")).unwrap(), fs::metadata(copy.join("three")).unwrap());
+        assert_eq!((two.ino(), two.nlink()), (three.ino(), 2));
+        assert_eq!(fs::read(copy.join("three")).unwrap(), b"one inode, three names");
+        assert!(!copy.join("a/one").exists());
+    }
+
+    /// A repository with a snapshot of one file `f` ("payload"), and that
+    /// file's entry: the start of a crafted manifest.
+    fn one_file_snapshot() -> (tempfile::TempDir, tempfile::TempDir, Repository, Snapshot, Entry) {
+        let source = tempfile::tempdir().unwrap();
+        fs::write(source.path().join("f"), b"payload").unwrap();
+        let repo_dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
+        let snapshot = repo.backup(&set(&[source.path()])).unwrap();
+        let file = snapshot.entries.iter().find(|e| matches!(e.kind, EntryKind::File { .. })).unwrap().clone();
+        (source, repo_dir, repo, snapshot, file)
+    }
+
+    /// A hard link in a crafted manifest joins only what the restore made:
+    /// not a file outside the target, not one the restore did not write.
+    #[test]
+    fn a_crafted_hard_link_cannot_reach_outside_what_the_restore_made() {
+        let (_source, _repo_dir, repo, mut snapshot, file) = one_file_snapshot();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"secret").unwrap();
+        let link = |path: &str, target: String| Entry {
+            path: path.into(),
+            kind: EntryKind::HardLink { target },
+            ..file.clone()
+        };
+        snapshot.entries = vec![
+            link("/x/a", outside.path().join("secret").display().to_string()),
+            link("/x/b", format!("/x/../..{}", outside.path().join("secret").display())),
+            Entry { path: "/x/dir".into(), kind: EntryKind::Dir, ..file.clone() },
+            link("/x/c", "/x/dir".into()),
+            Entry { path: "/x/ok".into(), ..file.clone() },
+            link("/x/ok2", "/x/ok".into()),
+        ];
+        let target = tempfile::tempdir().unwrap();
+        match repo.restore(&snapshot, &restore_all(target.path())) {
+            Err(BackupError::RestoreIncomplete(3)) => {}
+            other => panic!("expected three refusals, got {other:?}"),
+        }
+        assert_eq!(fs::metadata(outside.path().join("secret")).unwrap().nlink(), 1, "a link reached outside");
+        assert_eq!(fs::metadata(target.path().join("x/ok2")).unwrap().nlink(), 2);
+    }
+
     /// A manifest of the format before chunked ones: `COMPRESSED_MANIFEST`,
     /// then zstd of the whole snapshot's postcard encoding, sealed.
     fn whole_manifest(repo: &Repository, snapshot: &Snapshot) -> Vec<u8> {
-        let plain = postcard::to_stdvec(snapshot).unwrap();
+        let old = legacy::Snapshot3 {
+            name: snapshot.name.clone(),
+            set: snapshot.set.clone(),
+            started: snapshot.started,
+            ended: snapshot.ended,
+            paths: snapshot.paths.clone(),
+            entries: snapshot.entries.iter().map(|e| legacy::Entry3::of(e).unwrap()).collect(),
+            problems: snapshot.problems.clone(),
+            bytes: snapshot.bytes,
+            files_read: snapshot.files_read,
+            new_chunks: snapshot.new_chunks,
+            new_stored_bytes: snapshot.new_stored_bytes,
+        };
+        let plain = postcard::to_stdvec(&old).unwrap();
         let mut framed = vec![COMPRESSED_MANIFEST];
         framed.extend(zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap());
         repo.seal(&framed, snapshot.name.as_bytes()).unwrap()
@@ -658,12 +915,7 @@ mod tests {
     /// nothing is written outside the target.
     #[test]
     fn a_crafted_manifest_cannot_write_outside_the_target() {
-        let source = tempfile::tempdir().unwrap();
-        fs::write(source.path().join("f"), b"payload").unwrap();
-        let repo_dir = tempfile::tempdir().unwrap();
-        let repo = Repository::open(repo_dir.path(), &KEY).unwrap();
-        let mut snapshot = repo.backup(&set(&[source.path()])).unwrap();
-        let file = snapshot.entries.iter().find(|e| matches!(e.kind, EntryKind::File { .. })).unwrap().clone();
+        let (_source, _repo_dir, repo, mut snapshot, file) = one_file_snapshot();
         let outside = tempfile::tempdir().unwrap();
         let escape = outside.path().join("escaped");
         let entry = |path: String, kind: EntryKind| Entry { path, kind, ..file.clone() };

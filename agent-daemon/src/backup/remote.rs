@@ -306,7 +306,7 @@ impl Repository {
         name: &str,
         set: Option<&str>,
         to: &RestoreTo<'_>,
-    ) -> Result<(String, u64), BackupError> {
+    ) -> Result<(String, Restored), BackupError> {
         let only = to.only;
         let catalog = hub.catalog(owner)?;
         let summary = catalog
@@ -329,19 +329,8 @@ impl Repository {
                 manifest::read_entries(head, |id| ahead.get(self, id))?
             }
         };
-        // Each chunk with its size as far as the entry tells (a file's
-        // size shared among its chunks), to bound what is fetched ahead.
-        let order: Vec<(ChunkId, u64)> = snapshot
-            .selected(only)
-            .filter_map(|e| match &e.kind {
-                EntryKind::File { chunks, size, .. } => {
-                    let each = size / chunks.len().max(1) as u64;
-                    Some(chunks.iter().map(move |id| (*id, each)))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        // Each chunk in the order the restore reads it.
+        let order = restore::chunk_order(&snapshot, only);
         let ahead = hub.fetch_ahead(owner, order);
         // One worker: the fetcher sends chunks in its order.
         let restored = self.restore_with(&snapshot, to, 1, &|id: &ChunkId| ahead.get(self, id));

@@ -3,7 +3,7 @@
 //! write the manifest.
 
 use super::*;
-use std::os::unix::fs::DirEntryExt;
+use std::os::unix::fs::{DirEntryExt, FileTypeExt};
 
 impl Repository {
     /// Backs up `set` and writes its snapshot.
@@ -42,7 +42,7 @@ impl Repository {
         // threads (one per CPU) compress, encrypt and append new chunks to
         // packs of their own.
         let stored = std::sync::Mutex::new(Vec::new());
-        let (entries, problems, stats, manifest_chunks) = std::thread::scope(|scope| {
+        let (entries, stats, manifest_chunks) = std::thread::scope(|scope| {
             let (sink, chunks) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(8);
             let chunks = std::sync::Arc::new(std::sync::Mutex::new(chunks));
             let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
@@ -78,6 +78,12 @@ impl Repository {
                 exclude,
                 entries: Vec::new(),
                 problems: Vec::new(),
+                notes: Vec::new(),
+                inodes: HashMap::new(),
+                names: meta::Names::default(),
+                users: BTreeMap::new(),
+                groups: BTreeMap::new(),
+                xattr_buffer: Vec::new(),
                 stats: Stats::default(),
                 sink,
                 queued: HashSet::new(),
@@ -88,7 +94,7 @@ impl Repository {
             stop_warming.store(true, std::sync::atomic::Ordering::Relaxed);
             // The entries go through the same writers as file content.
             let walked = walked.and_then(|()| run.store_entries());
-            let Run { entries, problems, mut stats, sink, manifest_chunks, .. } = run;
+            let Run { entries, problems, notes, users, groups, mut stats, sink, manifest_chunks, .. } = run;
             drop(sink);
             for writer in writers {
                 let written = writer.join().unwrap_or_else(|_| {
@@ -101,8 +107,9 @@ impl Repository {
                 stats.new_stored_bytes += stored;
             }
             walked?;
-            Ok::<_, BackupError>((entries, problems, stats, manifest_chunks))
+            Ok::<_, BackupError>(((entries, problems, notes, users, groups), stats, manifest_chunks))
         })?;
+        let (entries, problems, notes, users, groups) = entries;
         // The packs are durable before the index names them, and the index
         // before the manifest: a crash leaves at most packs nothing names.
         // A run that stored nothing (an unchanged tree: its entries' chunks
@@ -124,6 +131,9 @@ impl Repository {
             paths: set.paths.clone(),
             entries,
             problems,
+            notes,
+            users,
+            groups,
             bytes: stats.bytes,
             files_read: stats.files_read,
             new_chunks: stats.new_chunks,
@@ -150,6 +160,16 @@ pub(super) struct Run<'a> {
     exclude: globset::GlobSet,
     entries: Vec<Entry>,
     problems: Vec<String>,
+    notes: Vec<String>,
+    /// The first path met of each (device, inode) with more than one
+    /// name: later names are recorded as hard links to it.
+    inodes: HashMap<(u64, u64), String>,
+    /// Owner and group names, looked up once per id.
+    names: meta::Names,
+    users: BTreeMap<u32, String>,
+    groups: BTreeMap<u32, String>,
+    /// Reused for reading extended attributes.
+    xattr_buffer: Vec<u8>,
     stats: Stats,
     /// New chunks go to the writer thread.
     sink: std::sync::mpsc::SyncSender<(ChunkId, Vec<u8>)>,
@@ -181,24 +201,38 @@ impl Run<'_> {
     /// [`Run::walk`] of a path whose metadata was read already.
     fn walk_with(&mut self, path: &Path, meta: fs::Metadata) -> Result<(), BackupError> {
         let text = path.to_string_lossy().into_owned();
-        let base = |path, kind| Entry {
-            path,
-            kind,
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        };
         let ft = meta.file_type();
-        if ft.is_symlink() {
+        if ft.is_socket() {
+            // As restic does: a socket is made by the program that listens
+            // on it, and restoring one would serve nobody.
+            self.notes.push(format!("{text}: a socket, skipped"));
+            return Ok(());
+        }
+        // A second name of an inode met before is a hard link to the first
+        // (not for directories, which cannot have them, nor symlinks).
+        if meta.nlink() > 1
+            && !ft.is_dir()
+            && !ft.is_symlink()
+            && let Some(first) = self.inodes.get(&(meta.dev(), meta.ino()))
+        {
+            let kind = EntryKind::HardLink { target: first.clone() };
+            let mut entry = self.entry(path, text, kind, &meta);
+            // The inode's attributes are its first name's.
+            entry.xattrs.clear();
+            self.entries.push(entry);
+            return Ok(());
+        }
+        let kind = if ft.is_symlink() {
             match fs::read_link(path) {
-                Ok(target) => {
-                    self.entries.push(base(text, EntryKind::Symlink { target: target.to_string_lossy().into_owned() }))
+                Ok(target) => EntryKind::Symlink { target: target.to_string_lossy().into_owned() },
+                Err(e) => {
+                    self.problems.push(format!("{text}: {e}"));
+                    return Ok(());
                 }
-                Err(e) => self.problems.push(format!("{text}: {e}")),
             }
         } else if ft.is_dir() {
-            self.entries.push(base(text.clone(), EntryKind::Dir));
+            let entry = self.entry(path, text.clone(), EntryKind::Dir, &meta);
+            self.entries.push(entry);
             // Each child is stat'ed once, in inode order (on a cold cache
             // the inode table is then read in order), then walked in name
             // order; the read-ahead decision reuses that metadata.
@@ -222,22 +256,65 @@ impl Run<'_> {
                 }
                 self.walk_with(&child, meta)?;
             }
+            return Ok(());
         } else if ft.is_file() {
             // The previous entry is taken, not copied (a path met twice, under
             // overlapping set paths, is read again the second time).
-            let chunks = match self.previous.remove(&text).and_then(|previous| unchanged(previous, &meta)) {
-                Some(chunks) => chunks,
+            let kind = match self.previous.remove(&text).and_then(|previous| unchanged(previous, &meta)) {
+                Some(kind) => kind,
                 None => match self.read_file(path, &meta)? {
-                    Some(chunks) => chunks,
+                    Some(kind) => kind,
                     None => return Ok(()),
                 },
             };
             self.stats.bytes += meta.len();
-            self.entries.push(base(text, EntryKind::File { size: meta.len(), inode: meta.ino(), chunks }));
+            kind
+        } else if ft.is_fifo() {
+            EntryKind::Fifo
+        } else if ft.is_char_device() || ft.is_block_device() {
+            EntryKind::Device { block: ft.is_block_device(), rdev: meta.rdev() }
         } else {
-            self.problems.push(format!("{text}: skipped (not a file, directory or symlink)"));
+            self.problems.push(format!("{text}: skipped (a kind of file this agent does not know)"));
+            return Ok(());
+        };
+        if meta.nlink() > 1 && !ft.is_symlink() {
+            self.inodes.insert((meta.dev(), meta.ino()), text.clone());
         }
+        let entry = self.entry(path, text, kind, &meta);
+        self.entries.push(entry);
         Ok(())
+    }
+
+    /// The entry of `path`: its metadata, extended attributes and owner
+    /// names (recorded once per id).
+    fn entry(&mut self, path: &Path, text: String, kind: EntryKind, meta: &fs::Metadata) -> Entry {
+        let xattrs = match meta::read_xattrs(path, &mut self.xattr_buffer) {
+            Ok(xattrs) => xattrs,
+            Err(e) => {
+                self.problems.push(format!("{text}: extended attributes not read: {e}"));
+                Vec::new()
+            }
+        };
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if !self.users.contains_key(&uid)
+            && let Some(name) = self.names.user(uid)
+        {
+            self.users.insert(uid, name.to_owned());
+        }
+        if !self.groups.contains_key(&gid)
+            && let Some(name) = self.names.group(gid)
+        {
+            self.groups.insert(gid, name.to_owned());
+        }
+        Entry {
+            path: text,
+            kind,
+            mode: meta.mode(),
+            uid,
+            gid,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            xattrs,
+        }
     }
 
     /// True for a regular file the previous snapshot does not cover.
@@ -246,13 +323,10 @@ impl Run<'_> {
             && !self.previous.get(path.to_string_lossy().as_ref()).is_some_and(|previous| same_file(previous, meta))
     }
 
-    /// Chunks and stores a file; `None` (with a problem recorded) if it
-    /// cannot be read.
-    pub(super) fn read_file(
-        &mut self,
-        path: &Path,
-        before: &fs::Metadata,
-    ) -> Result<Option<Vec<ChunkId>>, BackupError> {
+    /// Chunks and stores a file (of a sparse file, its data regions one
+    /// after another); `None` (with a problem recorded) if it cannot be
+    /// read.
+    pub(super) fn read_file(&mut self, path: &Path, before: &fs::Metadata) -> Result<Option<EntryKind>, BackupError> {
         let text = path.to_string_lossy().into_owned();
         let mut file = match fs::File::open(path) {
             Ok(f) => f,
@@ -262,6 +336,37 @@ impl Run<'_> {
             }
         };
         self.stats.files_read += 1;
+        let data = if meta::may_be_sparse(before.len(), before.blocks()) {
+            match meta::data_regions(&file, before.len()) {
+                Ok(data) => data,
+                Err(e) => {
+                    self.problems.push(format!("{text}: holes not found: {e}"));
+                    return Ok(None);
+                }
+            }
+        } else {
+            None
+        };
+        let read = match &data {
+            Some(regions) => self.read_stream(&text, meta::Regions::new(&file, regions)),
+            None => self.read_stream(&text, &mut file),
+        };
+        let Some((chunks, read)) = read? else { return Ok(None) };
+        let expected = data.as_ref().map_or(before.len(), |regions| regions.iter().map(|r| r.1).sum());
+        match fs::symlink_metadata(path) {
+            Ok(after)
+                if after.len() == before.len()
+                    && after.mtime_nsec() == before.mtime_nsec()
+                    && after.mtime() == before.mtime()
+                    && read == expected => {}
+            _ => self.problems.push(format!("{text}: changed while read (stored as read)")),
+        }
+        Ok(Some(EntryKind::File { size: before.len(), inode: before.ino(), chunks, data }))
+    }
+
+    /// Chunks and stores what `source` reads; the chunks and the bytes
+    /// read, or `None` (with a problem recorded) on a read error.
+    fn read_stream(&mut self, text: &str, mut source: impl Read) -> Result<Option<(Vec<ChunkId>, u64)>, BackupError> {
         let mut chunks = Vec::new();
         let mut read = 0u64;
         // Most files of a real tree are small: read them whole into the
@@ -269,7 +374,7 @@ impl Run<'_> {
         // streaming buffer of the largest chunk size per file.
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
-        if let Err(e) = (&mut file).take(MAX_CHUNK as u64 + 1).read_to_end(&mut buffer) {
+        if let Err(e) = (&mut source).take(MAX_CHUNK as u64 + 1).read_to_end(&mut buffer) {
             self.problems.push(format!("{text}: read failed: {e}"));
             self.buffer = buffer;
             return Ok(None);
@@ -286,7 +391,7 @@ impl Run<'_> {
         } else {
             // A large file: what was read goes first, the rest streams.
             // StreamCDC buffers by itself; no BufReader (it would copy twice).
-            let source = std::io::Cursor::new(buffer).chain(file);
+            let source = std::io::Cursor::new(buffer).chain(source);
             for chunk in fastcdc::v2020::StreamCDC::new(source, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
                 let chunk = match chunk {
                     Ok(c) => c,
@@ -301,15 +406,7 @@ impl Run<'_> {
                 chunks.push(id);
             }
         }
-        match fs::symlink_metadata(path) {
-            Ok(after)
-                if after.len() == before.len()
-                    && after.mtime_nsec() == before.mtime_nsec()
-                    && after.mtime() == before.mtime()
-                    && read == before.len() => {}
-            _ => self.problems.push(format!("{text}: changed while read (stored as read)")),
-        }
-        Ok(Some(chunks))
+        Ok(Some((chunks, read)))
     }
 }
 
@@ -364,15 +461,10 @@ fn same_file(previous: &Entry, meta: &fs::Metadata) -> bool {
         if size == meta.len() && inode == meta.ino() && previous.mtime_ns == mtime_ns)
 }
 
-/// The chunk list of the previous snapshot's file, if it is unchanged.
-fn unchanged(previous: Entry, meta: &fs::Metadata) -> Option<Vec<ChunkId>> {
-    if !same_file(&previous, meta) {
-        return None;
-    }
-    match previous.kind {
-        EntryKind::File { chunks, .. } => Some(chunks),
-        _ => None,
-    }
+/// The previous snapshot's file (its chunks, and holes), if it is
+/// unchanged.
+fn unchanged(previous: Entry, meta: &fs::Metadata) -> Option<EntryKind> {
+    same_file(&previous, meta).then_some(previous.kind)
 }
 
 /// The set a snapshot name (`<ms>-<set>-<8 hex>`) belongs to.
