@@ -22,8 +22,9 @@ MIB=${1:-1024}
 . tests/bench-common.sh
 for tool in restic python3; do command -v "$tool" >/dev/null || { echo "bench-backup: $tool missing" >&2; exit 1; }; done
 [ -x /usr/bin/time ] || { echo "bench-backup: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
-cargo build --locked --release --workspace --bins >/dev/null 2>&1
-bin=$PWD/target/release
+# BIN_DIR: binaries to measure instead of this tree's release build.
+[ -n "${BIN_DIR:-}" ] || cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=${BIN_DIR:-$PWD/target/release}
 work=$(mktemp -d /var/tmp/outpost-bench-backup-XXXXXX)
 cleanup() { [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
@@ -111,5 +112,13 @@ measure "restic restore latest" restic restore latest --target "$work/restore-re
 # Both restores must equal the source (restic restores the absolute paths too).
 diff -r --no-dereference "$data" "$work/restore-outpost$data" >/dev/null || { echo "bench-backup: outpost's restore differs from the source" >&2; exit 1; }
 diff -r --no-dereference "$data" "$work/restore-restic$data" >/dev/null || { echo "bench-backup: restic's restore differs from the source" >&2; exit 1; }
+# Beside content, one tree walker: nothing restic's restore kept may be lost
+# by Outpost's (owners, modes, times, links, attributes, holes).
+treediff=${TREEDIFF:-$PWD/target/release/outpost-treediff}
+if [ -x "$treediff" ]; then
+    "$treediff" "$data" "$work/restore-restic$data" "$work/restore-outpost$data" >"$work/treediff.out" ||
+        { cat "$work/treediff.out" >&2; echo "bench-backup: outpost's restore lost what restic's kept" >&2; exit 1; }
+    echo "| tree walker | $(head -1 "$work/treediff.out") |"
+fi
 echo "| repository size | outpost-agent $(du -sm "$work/outpost-repo" | cut -f1) MiB, $(find "$work/outpost-repo" -type f | wc -l) files | restic $(du -sm "$work/restic-repo" | cut -f1) MiB, $(find "$work/restic-repo" -type f | wc -l) files |"
 echo "data set $(du -sm "$data" | cut -f1) MiB; restic $(restic version | cut -d' ' -f2), compression auto (repository v2 default in 0.14: $(restic cat config 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin).get("version"))'))"

@@ -2,7 +2,9 @@
 //! the data dir, with snapshots of backup sets, restore, verify and prune.
 //!
 //! The subsystem: `repo` (format, key check, lock, blobs, chunks and
-//! manifests), `snapshot` (a backup run), `restore` (confined restore),
+//! manifests), `manifest` (heads and chunked entries), `legacy` (older
+//! formats, read), `meta` (attributes, holes, special files, owner names),
+//! `snapshot` (a backup run), `restore` (confined restore),
 //! `maintenance` (verify, prune, recovery after an interrupted run),
 //! `remote` (upload to and restore from the hub), `daemon` (scheduled
 //! sets as jobs, the upload task, hub commands). The data model (entries,
@@ -23,8 +25,10 @@
 //! - `chunks/<2 hex>/<64 hex>`: one blob per chunk, the layout of format
 //!   version 1; still read, and pruned, in repositories made by it.
 //! - `snapshots/<name>`: one encrypted head per snapshot (set, times,
-//!   report of problems, and the chunks holding its entries: files with
-//!   path, mode, owner, mtime, size and chunk list; directories; symlinks).
+//!   report of problems, owner names, and the chunks holding its entries:
+//!   files with path, mode, owner, mtime, size, chunk list and holes;
+//!   directories; symlinks; hard links; FIFOs and devices; each with its
+//!   extended attributes, ACLs among them; see `meta`).
 //!   The entries are chunked and stored like file content, so what did not
 //!   change is not stored again (see `manifest`).
 //! - `lock`: an exclusive `flock` while an operation writes.

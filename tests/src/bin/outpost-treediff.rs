@@ -4,20 +4,30 @@
 //! ACLs and holes.
 //!
 //!   outpost-treediff SOURCE REFERENCE CANDIDATE
+//!   outpost-treediff populate DIR SPARSE_MIB
 //!
 //! Prints what each restore lost of SOURCE, and exits 1 when CANDIDATE lost
 //! something REFERENCE kept (the backup benchmark runs it with restic's
-//! restore as REFERENCE and Outpost's as CANDIDATE).
+//! restore as REFERENCE and Outpost's as CANDIDATE). `populate` makes the
+//! backup tests' tree of hard links, attributes, ACLs, special files and a
+//! sparse file (`outpost_tests::trees::populate_fidelity`) in DIR.
 
-use outpost_tests::trees::{lost, walk};
+use outpost_tests::trees::{lost, populate_fidelity, walk};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [populate, dir, mib] = args.as_slice()
+        && populate == "populate"
+        && let Ok(mib) = mib.parse()
+    {
+        populate_fidelity(Path::new(dir), mib);
+        return ExitCode::SUCCESS;
+    }
     let [source, reference, candidate] = args.as_slice() else {
-        eprintln!("usage: outpost-treediff SOURCE REFERENCE CANDIDATE");
+        eprintln!("usage: outpost-treediff SOURCE REFERENCE CANDIDATE | populate DIR SPARSE_MIB");
         return ExitCode::from(64);
     };
     let source = walk(Path::new(source));
