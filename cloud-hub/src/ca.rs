@@ -24,6 +24,14 @@ pub const HUB_MQTT_USER: &str = "hub.outpost";
 /// Lifetime of device certificates.
 pub const DEVICE_CERT_LIFETIME: Duration = Duration::days(365);
 
+/// Default lifetime of the hub's own TLS certificate (`[quic]
+/// cert_lifetime`); renewed while the hub runs, see [`HubIdentity`].
+pub const HUB_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 86400);
+
+/// How far back a new certificate's `not_before` lies, so a peer whose
+/// clock is a few minutes behind still takes it.
+const CLOCK_SLACK: Duration = Duration::minutes(5);
+
 /// Errors of the CA.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -145,24 +153,164 @@ impl FleetCa {
         Ok(request.signed_by(&self.issuer)?.der().clone())
     }
 
-    /// Makes a fresh TLS identity for the hub: the chain (hub certificate,
-    /// CA) and its key. It serves the QUIC endpoint and is the hub's client
-    /// certificate at an MQTT broker, where its common name
-    /// [`HUB_MQTT_USER`] is the user the broker's ACL grants the fleet's
-    /// topics.
-    pub fn hub_identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+    /// Makes a fresh TLS identity for the hub, valid for `lifetime`: the
+    /// chain (hub certificate, CA), its key and its validity. It serves the
+    /// QUIC endpoint and is the hub's client certificate at an MQTT broker,
+    /// where its common name [`HUB_MQTT_USER`] is the user the broker's ACL
+    /// grants the fleet's topics.
+    pub fn hub_identity(&self, lifetime: std::time::Duration) -> Result<IssuedIdentity, CaError> {
         let mut params = CertificateParams::new(vec![HUB_SERVER_NAME.to_owned()])?;
         params.distinguished_name.push(DnType::CommonName, HUB_MQTT_USER);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(90);
+        params.not_before = now - CLOCK_SLACK;
+        params.not_after = now + Duration::try_from(lifetime).unwrap_or(Duration::days(90));
+        let (not_before, not_after) = (params.not_before.into(), params.not_after.into());
         let key_pair = KeyPair::generate()?;
         let cert = params.signed_by(&key_pair, &self.issuer)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
-        Ok((vec![cert.der().clone(), self.cert_der.clone()], key))
+        Ok(IssuedIdentity { chain: vec![cert.der().clone(), self.cert_der.clone()], key, not_before, not_after })
+    }
+}
+
+/// A TLS identity the CA issued: chain, key and validity.
+#[derive(Debug)]
+pub struct IssuedIdentity {
+    /// The certificate, then the CA's.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Valid from.
+    pub not_before: std::time::SystemTime,
+    /// Valid until.
+    pub not_after: std::time::SystemTime,
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// at two thirds of its life, so a renewal that fails has a third of the
+/// lifetime left to be retried.
+pub fn renewal_due(not_before: std::time::SystemTime, not_after: std::time::SystemTime) -> std::time::SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + life * 2 / 3
+}
+
+/// The hub's own TLS identity, renewed while the hub runs ([`HubIdentity::run`]):
+/// a rustls certificate resolver for the QUIC endpoint (sessions and bulk
+/// connections alike) and for the MQTT bridge's client side. Each new
+/// handshake takes the current certificate; a connection made with the
+/// previous one is not touched (TLS checks a certificate at the handshake
+/// only), so a renewal drops no session.
+pub struct HubIdentity {
+    ca: std::sync::Arc<FleetCa>,
+    lifetime: std::time::Duration,
+    current: std::sync::RwLock<Current>,
+}
+
+struct Current {
+    key: std::sync::Arc<rustls::sign::CertifiedKey>,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+}
+
+impl std::fmt::Debug for HubIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubIdentity").field("not_after", &self.not_after()).finish()
+    }
+}
+
+impl HubIdentity {
+    /// Issues the hub's first certificate of `lifetime` from `ca`.
+    pub fn new(ca: std::sync::Arc<FleetCa>, lifetime: std::time::Duration) -> Result<Self, CaError> {
+        let current = Self::issue(&ca, lifetime)?;
+        Ok(HubIdentity { ca, lifetime, current: std::sync::RwLock::new(current) })
+    }
+
+    fn issue(ca: &FleetCa, lifetime: std::time::Duration) -> Result<Current, CaError> {
+        let issued = ca.hub_identity(lifetime)?;
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(issued.key)
+            .map_err(|e| CaError::BadCsr(format!("hub key: {e}")))?;
+        let key = std::sync::Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing));
+        Ok(Current { key, not_before: issued.not_before, not_after: issued.not_after })
+    }
+
+    /// Replaces the certificate with a new one (a new key too).
+    pub fn renew(&self) -> Result<(), CaError> {
+        let next = Self::issue(&self.ca, self.lifetime)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The current certificate's end of validity.
+    pub fn not_after(&self) -> std::time::SystemTime {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).not_after
+    }
+
+    /// When the current certificate is to be renewed.
+    pub fn due(&self) -> std::time::SystemTime {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        renewal_due(current.not_before, current.not_after)
+    }
+
+    /// The current certificate and key.
+    pub fn certified_key(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).key.clone()
+    }
+
+    /// Renews the certificate whenever it is due, until `shutdown`. It
+    /// wakes at the due time, or after an hour at most, so a wall clock
+    /// that jumps (a suspended machine, a corrected clock) is noticed; a
+    /// failed renewal is retried a minute later.
+    pub async fn run(self: std::sync::Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        const AT_MOST: std::time::Duration = std::time::Duration::from_secs(3600);
+        const RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+        let mut wait = std::time::Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let now = std::time::SystemTime::now();
+            let due = self.due();
+            if now < due {
+                wait = due.duration_since(now).unwrap_or_default().min(AT_MOST);
+                continue;
+            }
+            wait = match self.renew() {
+                Ok(()) => {
+                    let not_after = outpost_shared::time::Timestamp::from_system(self.not_after()).rfc3339();
+                    tracing::info!(%not_after, "Hub certificate renewed.");
+                    std::time::Duration::ZERO
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Hub certificate not renewed; retrying in a minute.");
+                    RETRY
+                }
+            };
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for HubIdentity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.certified_key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for HubIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -191,6 +339,27 @@ mod tests {
         assert_eq!(device_id_of(&cert), Some(id));
 
         assert!(matches!(ca.sign_device(b"not a csr", &"dev-x".parse().unwrap()), Err(CaError::BadCsr(_))));
+    }
+
+    #[test]
+    fn the_hub_certificate_is_renewed_at_two_thirds_of_its_life_with_a_new_key() {
+        use std::time::{Duration as Std, UNIX_EPOCH};
+        let at = |s: u64| UNIX_EPOCH + Std::from_secs(s);
+        assert_eq!(renewal_due(at(0), at(90)), at(60));
+        assert_eq!(renewal_due(at(1000), at(1000)), at(1000));
+        // A clock that puts the end before the start renews at once.
+        assert_eq!(renewal_due(at(50), at(10)), at(50));
+        let dir = tempfile::tempdir().unwrap();
+        let ca = std::sync::Arc::new(FleetCa::init(dir.path()).unwrap());
+        let identity = HubIdentity::new(ca, Std::from_secs(900)).unwrap();
+        let life = identity.not_after().duration_since(std::time::SystemTime::now()).unwrap();
+        assert!(life > Std::from_secs(890) && life <= Std::from_secs(900), "{life:?}");
+        let before = identity.certified_key();
+        identity.renew().unwrap();
+        let after = identity.certified_key();
+        assert_ne!(before.cert[0], after.cert[0]);
+        assert_ne!(before.end_entity_cert().unwrap(), after.end_entity_cert().unwrap());
+        assert_eq!(after.cert[1], before.cert[1], "the chain ends in the same CA");
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub struct QuicConfig {
     pub max_frame: usize,
     /// Close a connection silent for this long. Default 30s.
     pub idle_timeout: Duration,
+    /// Lifetime of the hub's own TLS certificate (serving QUIC, and its
+    /// client certificate at an MQTT broker), renewed while the hub runs at
+    /// two thirds of it. Default 90d; at least 10s (short ones are for
+    /// tests), at most 397d.
+    pub cert_lifetime: Duration,
 }
 
 /// `[http]`
@@ -81,6 +86,7 @@ impl HubConfig {
                 advertise: None,
                 max_frame: DEFAULT_MAX_FRAME,
                 idle_timeout: Duration::from_secs(30),
+                cert_lifetime: crate::ca::HUB_CERT_LIFETIME,
             },
             http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
             mqtt: None,
@@ -129,6 +135,7 @@ impl ConfigFile for HubConfig {
                 advertise: quic.get("advertise"),
                 max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
+                cert_lifetime: quic.get_or("cert_lifetime", crate::ca::HUB_CERT_LIFETIME),
             },
             http: HttpConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
@@ -158,6 +165,11 @@ impl ConfigFile for HubConfig {
             "must be between 256 KiB and 64 MiB",
         );
         quic.check("idle_timeout", !config.quic.idle_timeout.is_zero(), "must be more than zero");
+        quic.check(
+            "cert_lifetime",
+            (Duration::from_secs(10)..=Duration::from_secs(397 * 86400)).contains(&config.quic.cert_lifetime),
+            "must be between 10s and 397d",
+        );
         if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_hub_addresses) {
             quic.error("advertise", e);
         }

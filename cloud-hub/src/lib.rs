@@ -133,6 +133,7 @@ pub struct RunningHub {
     quic_task: tokio::task::JoinHandle<()>,
     mqtt_task: Option<tokio::task::JoinHandle<()>>,
     maintenance_task: tokio::task::JoinHandle<()>,
+    identity_task: tokio::task::JoinHandle<()>,
     wakeup_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -149,7 +150,10 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
     let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout));
 
-    let server_config = quic::server_config(&ca, config.quic.idle_timeout)?;
+    let ca = Arc::new(ca);
+    // The hub's own certificate, renewed while it runs (by `identity_task`).
+    let identity = Arc::new(ca::HubIdentity::new(ca.clone(), config.quic.cert_lifetime)?);
+    let server_config = quic::server_config(&ca, identity.clone(), config.quic.idle_timeout)?;
     // Stateless resets signed with a key that survives restarts: after a hub
     // crash, the new process tells agents at once that their connection is
     // gone, instead of leaving them to wait for the idle timeout.
@@ -171,7 +175,6 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     write_atomic(&data_dir.join(enroll::ADVERTISE_FILE), advertise.as_bytes(), 0o644)
         .map_err(io("record the advertised address"))?;
 
-    let ca = Arc::new(ca);
     let ctx = Arc::new(QuicContext {
         fleet: fleet.clone(),
         ca: ca.clone(),
@@ -186,6 +189,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
             let ctx = Arc::new(mqtt::BridgeContext {
                 fleet: fleet.clone(),
                 ca,
+                identity: identity.clone(),
                 max_frame: config.quic.max_frame,
                 heartbeat_timeout: config.heartbeat_timeout,
             });
@@ -196,6 +200,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         None => None,
     };
     let wakeup_task = tokio::spawn(wakeups(fleet.clone(), shutdown.clone()));
+    let identity_task = tokio::spawn(identity.run(shutdown.clone()));
     let maintenance_task = tokio::spawn(maintenance(
         fleet.clone(),
         config.telemetry_retention,
@@ -230,6 +235,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         quic_task,
         mqtt_task,
         maintenance_task,
+        identity_task,
         wakeup_task,
         http,
         http_task,
@@ -357,6 +363,7 @@ impl RunningHub {
                 let _ = task.await;
             }
             let _ = self.maintenance_task.await;
+            let _ = self.identity_task.await;
             let _ = self.wakeup_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {

@@ -67,6 +67,8 @@ pub struct BridgeContext {
     pub fleet: Arc<Fleet>,
     /// The fleet CA: signs what the hub publishes.
     pub ca: Arc<FleetCa>,
+    /// The hub's own certificate: its client certificate at the broker.
+    pub identity: Arc<crate::ca::HubIdentity>,
     /// Largest envelope accepted or sent.
     pub max_frame: usize,
     /// A device's MQTT session ends after this long without a message.
@@ -180,8 +182,10 @@ fn options(config: &MqttConfig, ctx: &BridgeContext) -> Result<MqttOptions, Brid
             Some(path) => outpost_shared::mqtt::read_pem_certs(path).map_err(BridgeError)?,
             None => vec![ctx.ca.cert_der().clone()],
         };
-        let (chain, key) = ctx.ca.hub_identity().map_err(|e| BridgeError(e.to_string()))?;
-        let tls = outpost_shared::mqtt::tls_client_config(&roots, chain, key).map_err(BridgeError)?;
+        // The hub's current certificate at every (re)connection: renewed
+        // while the hub runs.
+        let tls =
+            outpost_shared::mqtt::tls_client_config_resolved(&roots, ctx.identity.clone()).map_err(BridgeError)?;
         options.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
     }
     Ok(options)

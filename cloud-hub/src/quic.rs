@@ -55,19 +55,22 @@ pub struct QuicContext {
     pub bulk_requests: Arc<tokio::sync::Semaphore>,
 }
 
-/// The endpoint's server config: hub certificate from the fleet CA, client
-/// certificates verified against the same CA (optional, for enrollment).
-pub fn server_config(ca: &FleetCa, idle_timeout: Duration) -> Result<quinn::ServerConfig, QuicSetupError> {
+/// The endpoint's server config: the hub's certificate as `identity` has
+/// it at each handshake (renewed while the hub runs), client certificates
+/// verified against the fleet CA (optional, for enrollment).
+pub fn server_config(
+    ca: &FleetCa,
+    identity: Arc<crate::ca::HubIdentity>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
-    let (chain, key) = ca.hub_identity()?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert_der().clone()).map_err(|e| tls_err(&e))?;
     let verifier =
         WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))?;
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| tls_err(&e))?;
+        .with_cert_resolver(identity);
     tls.alpn_protocols = vec![ALPN.to_vec(), ALPN_BULK.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

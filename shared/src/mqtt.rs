@@ -172,17 +172,31 @@ pub fn tls_client_config(
     chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     key: rustls_pki_types::PrivateKeyDer<'static>,
 ) -> Result<rustls::ClientConfig, String> {
+    client_builder(roots)?.with_client_auth_cert(chain, key).map_err(|e| format!("client certificate: {e}"))
+}
+
+/// Like [`tls_client_config`], with the client certificate from `resolver`
+/// at each handshake (one that is renewed while the process runs).
+pub fn tls_client_config_resolved(
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    resolver: std::sync::Arc<dyn rustls::client::ResolvesClientCert>,
+) -> Result<rustls::ClientConfig, String> {
+    Ok(client_builder(roots)?.with_client_cert_resolver(resolver))
+}
+
+/// A client config trusting `roots` (the broker's CA), ring as provider.
+fn client_builder(
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
     let mut store = rustls::RootCertStore::empty();
     for cert in roots {
         store.add(cert.clone()).map_err(|e| format!("broker CA: {e}"))?;
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(store)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| format!("client certificate: {e}"))
+        .with_root_certificates(store))
 }
 
 #[cfg(test)]

@@ -166,6 +166,8 @@ pub struct Hub {
     pub proc: Option<Proc>,
     /// TOML tables appended to its config at each (re)start.
     pub extra_config: String,
+    /// Keys added to its `[quic]` table at each (re)start.
+    pub quic_extra: String,
     /// The hub's database when the tests run on PostgreSQL
     /// (`OUTPOST_TEST_STORE=postgres`, see [`postgres::selected`]).
     pub postgres: Option<postgres::Postgres>,
@@ -221,6 +223,7 @@ impl Hub {
             api: String::new(),
             proc: None,
             extra_config: String::new(),
+            quic_extra: String::new(),
             postgres: pg,
             store_config,
             token_hubs: None,
@@ -254,6 +257,7 @@ impl Hub {
             api: String::new(),
             proc: None,
             extra_config: String::new(),
+            quic_extra: String::new(),
             postgres: None,
             store_config: first.store_config.clone(),
             token_hubs: None,
@@ -267,9 +271,10 @@ impl Hub {
     /// (Re)starts `serve` on the same data dir and QUIC port.
     pub fn serve(&mut self) -> Result<()> {
         let text = format!(
-            "data_dir = {:?}\n[quic]\nlisten = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[fleet]\nheartbeat_timeout = {:?}\n",
+            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[fleet]\nheartbeat_timeout = {:?}\n",
             self.data_dir.display().to_string(),
             self.quic_addr,
+            self.quic_extra,
             self.timings.heartbeat_timeout,
         );
         fs::write(&self.config, format!("{text}{}{}", self.store_config, self.extra_config))?;
