@@ -99,6 +99,12 @@ pub fn walk(root: &Path) -> BTreeMap<String, Node> {
         paths.push((path, meta));
     }
     paths.sort_by(|a, b| a.0.cmp(&b.0));
+    // Link groups within the tree: a name whose other names lie outside it
+    // is no link a restore of this tree could keep.
+    let mut names: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    for (_, meta) in &paths {
+        *names.entry((meta.dev(), meta.ino())).or_default() += 1;
+    }
     let mut first_names: BTreeMap<(u64, u64), String> = BTreeMap::new();
     for (path, meta) in paths {
         let rel = match path.strip_prefix(root).unwrap().display().to_string() {
@@ -144,7 +150,7 @@ pub fn walk(root: &Path) -> BTreeMap<String, Node> {
         if ft.is_char_device() || ft.is_block_device() {
             node.insert("rdev", meta.rdev().to_string());
         }
-        if meta.nlink() > 1 && !ft.is_dir() {
+        if names[&(meta.dev(), meta.ino())] > 1 && !ft.is_dir() {
             let first = first_names.entry((meta.dev(), meta.ino())).or_insert_with(|| rel.clone());
             node.insert("links", first.clone());
         }
