@@ -83,18 +83,7 @@ PY
 }
 
 # outpost-agent: its own config, repository and key.
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
-cat >"$work/agent.toml" <<CFG
-data_dir = "$work/agent"
-[backups]
-key_file = "$work/backup.key"
-dir = "$work/outpost-repo"
-[[backup]]
-name = "data"
-paths = ["$data"]
-CFG
-export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
-restic init >/dev/null
+init_backup_repos
 
 echo "| run | time | peak RSS |"
 echo "|---|---|---|"

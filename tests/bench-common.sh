@@ -68,6 +68,24 @@ copy_real_tree() {
 
 # measure LABEL COMMAND...: runs COMMAND with a cold page cache (as root)
 # and prints "| LABEL | seconds | peak MiB |"; stops the script if it fails.
+# init_backup_repos: an outpost-agent config ($work/agent.toml, set "data"
+# of $data, a fresh key, repository $work/outpost-repo) and a restic
+# repository ($work/restic-repo, exported for restic) for the same data.
+init_backup_repos() {
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
+    cat >"$work/agent.toml" <<CFG
+data_dir = "$work/agent"
+[backups]
+key_file = "$work/backup.key"
+dir = "$work/outpost-repo"
+[[backup]]
+name = "data"
+paths = ["$data"]
+CFG
+    export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
+    restic init >/dev/null
+}
+
 measure() {
     local label=$1; shift
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true

@@ -44,18 +44,7 @@ cp -a /etc "$data/etc"
 git clone -q --local "$PWD" "$data/clone"
 echo "data set: $(find "$data" -type f | wc -l) files ($(find "$data" -type f -links +1 | wc -l) with more than one name), $(find "$data" -type l | wc -l) symlinks, $(du -sm "$data" | cut -f1) MiB allocated, $(du -sm --apparent-size "$data" | cut -f1) MiB apparent" >&2
 
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
-cat >"$work/agent.toml" <<CFG
-data_dir = "$work/agent"
-[backups]
-key_file = "$work/backup.key"
-dir = "$work/outpost-repo"
-[[backup]]
-name = "data"
-paths = ["$data"]
-CFG
-export RESTIC_PASSWORD=bench RESTIC_REPOSITORY=$work/restic-repo
-restic init >/dev/null
+init_backup_repos
 
 echo "| step | time | peak RSS |"
 echo "|---|---|---|"
