@@ -65,6 +65,7 @@ if [ -n "${RTT_MS:-}" ]; then
 fi
 token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 1h --uses 2 --hub-addr "$hub_addr")
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
+chmod 600 "$work/backup.key"
 device() { # name
     "$bin/outpost-agent" enroll --token "$token" --data-dir "$work/$1" --name "$1" >/dev/null
     cat >"$work/$1.toml" <<CFG

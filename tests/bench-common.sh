@@ -73,6 +73,7 @@ copy_real_tree() {
 # repository ($work/restic-repo, exported for restic) for the same data.
 init_backup_repos() {
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/backup.key"
+    chmod 600 "$work/backup.key"
     cat >"$work/agent.toml" <<CFG
 data_dir = "$work/agent"
 [backups]

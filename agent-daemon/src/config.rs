@@ -157,6 +157,10 @@ pub struct UplinkConfig {
     pub idle_timeout: Duration,
     /// Hard maximum frame size. Default 1 MiB.
     pub max_frame: usize,
+    /// Share of the device certificate's life after which the agent asks
+    /// the hub for a new one over its session (by the hub's clock). Default
+    /// 2/3; between 0.1 and 0.9.
+    pub renew_at: f64,
 }
 
 /// `[telemetry]`
@@ -241,6 +245,7 @@ impl ConfigFile for AgentConfig {
                 keepalive: uplink.get_or("keepalive", Duration::from_secs(5)),
                 idle_timeout: uplink.get_or("idle_timeout", Duration::from_secs(30)),
                 max_frame: uplink.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
+                renew_at: uplink.get_or("renew_at", outpost_shared::identity::RENEW_AT),
             },
             telemetry: TelemetryConfig { interval: telemetry.get_or("interval", Duration::from_secs(10)) },
             store: StoreConfig {
@@ -292,6 +297,7 @@ impl ConfigFile for AgentConfig {
         }
         uplink.check("backoff_max", u.backoff_max >= u.backoff_initial, "must not be less than backoff_initial");
         uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
+        uplink.check("renew_at", (0.1..=0.9).contains(&u.renew_at), "must be between 0.1 and 0.9");
         uplink.check("max_frame", (256 << 10..=64 << 20).contains(&u.max_frame), "must be between 256 KiB and 64 MiB");
         if let Some(name) = &config.name {
             root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
@@ -335,10 +341,17 @@ impl ConfigFile for AgentConfig {
         if let Err(e) = crate::identity::Identity::load(&self.data_dir) {
             errors.push(ConfigError { path: "data_dir".into(), message: e.to_string() });
         }
-        if let Some(key_file) = &self.backup_repo.key_file
-            && let Err(e) = crate::backup::read_key(key_file)
-        {
-            errors.push(ConfigError { path: "backups.key_file".into(), message: e.to_string() });
+        if let Some(key_file) = &self.backup_repo.key_file {
+            if let Err(e) = crate::backup::read_key(key_file) {
+                errors.push(ConfigError { path: "backups.key_file".into(), message: e.to_string() });
+            } else if let Err(message) = outpost_shared::fsutil::check_private(key_file) {
+                errors.push(ConfigError { path: "backups.key_file".into(), message });
+            }
+        }
+        for key in crate::identity::Identity::secret_files(&self.data_dir) {
+            if let Err(message) = outpost_shared::fsutil::check_private(&key) {
+                errors.push(ConfigError { path: "data_dir".into(), message });
+            }
         }
         errors
     }

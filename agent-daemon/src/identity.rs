@@ -1,6 +1,12 @@
 //! The device's identity on disk, under `<data_dir>/identity/`:
 //! `device.key` (mode 0600, made on the device, never sent anywhere),
 //! `device.crt` and `ca.crt` (PEM), and `device.toml` (id, hub address).
+//!
+//! Renewal (see [`crate::uplink::session`]) adds `next.key` (made before the
+//! request leaves) and `next.crt` (the hub's answer). The pair replaces
+//! `device.key` and `device.crt` only once the hub has accepted it in a
+//! handshake ([`Identity::promote`]); until then both identities work, so a
+//! crash at any step leaves a device that can connect with one of them.
 
 use outpost_shared::DeviceId;
 use outpost_shared::fsutil::write_atomic;
@@ -81,6 +87,9 @@ impl std::fmt::Debug for Identity {
 
 /// Written at enrollment, removed once the identity's first store exists.
 const NEW_MARKER: &str = "new";
+/// The key and certificate of a renewal, until the hub accepted them.
+const NEXT_KEY: &str = "next.key";
+const NEXT_CRT: &str = "next.crt";
 
 fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")
@@ -95,9 +104,11 @@ fn invalid(path: &Path, message: impl ToString) -> IdentityError {
 }
 
 impl Identity {
-    /// Loads the identity from `data_dir`.
+    /// Loads the identity from `data_dir` (completing a promotion a crash
+    /// interrupted).
     pub fn load(data_dir: &Path) -> Result<Self, IdentityError> {
         let dir = dir(data_dir);
+        finish_promotion(&dir)?;
         let meta_path = dir.join("device.toml");
         if !meta_path.exists() {
             return Err(IdentityError::NotEnrolled(data_dir.to_owned()));
@@ -110,6 +121,99 @@ impl Identity {
         let key_path = dir.join("device.key");
         let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
         Ok(Identity { device_id: meta.device_id, hub: meta.hub, name: meta.name, cert, ca, key })
+    }
+
+    /// The renewed identity waiting for the hub to accept it, if any.
+    pub fn load_next(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let current = Identity::load(data_dir)?;
+        let dir = dir(data_dir);
+        let (key_path, cert_path) = (dir.join(NEXT_KEY), dir.join(NEXT_CRT));
+        if !key_path.exists() || !cert_path.exists() {
+            return Ok(None);
+        }
+        let cert = CertificateDer::from_pem_slice(read(&cert_path)?.as_bytes()).map_err(|e| invalid(&cert_path, e))?;
+        let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
+        Ok(Some(Identity { cert, key, ..current }))
+    }
+
+    /// A certificate signing request for the key of the renewed
+    /// certificate. The key is made now and kept in `next.key` (0600)
+    /// before the request leaves, so the answer always finds its key; a
+    /// key kept from an earlier request that got no answer is used again.
+    pub fn renewal_request(&self, data_dir: &Path) -> Result<Vec<u8>, IdentityError> {
+        let key_path = dir(data_dir).join(NEXT_KEY);
+        let key = match std::fs::read_to_string(&key_path) {
+            Ok(pem) => rcgen::KeyPair::from_pem(&pem).map_err(|e| invalid(&key_path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = rcgen::KeyPair::generate().map_err(|e| invalid(&key_path, e))?;
+                write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                    .map_err(|source| IdentityError::Io { path: key_path.clone(), source })?;
+                key
+            }
+            Err(source) => return Err(IdentityError::Io { path: key_path, source }),
+        };
+        let mut params = rcgen::CertificateParams::new(Vec::new()).map_err(|e| invalid(&key_path, e))?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, self.device_id.as_str());
+        let csr = params.serialize_request(&key).map_err(|e| invalid(&key_path, e))?;
+        Ok(csr.der().to_vec())
+    }
+
+    /// Keeps the certificate the hub signed at renewal in `next.crt` (0600),
+    /// once it names this device and holds the key in `next.key`; returns
+    /// the renewed identity. (It arrived over the authenticated session, or
+    /// signed by the fleet CA over MQTT; the hub's handshake checks the
+    /// chain before the identity is promoted.)
+    pub fn store_renewed(&self, data_dir: &Path, cert_der: Vec<u8>) -> Result<Identity, IdentityError> {
+        let dir = dir(data_dir);
+        let key_path = dir.join(NEXT_KEY);
+        let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
+        let public = Signer::from_pkcs8(key.secret_der()).map_err(|e| invalid(&key_path, e))?.public_key().to_vec();
+        let cert_path = dir.join(NEXT_CRT);
+        if outpost_shared::identity::device_id_of(&cert_der).as_ref() != Some(&self.device_id) {
+            return Err(invalid(&cert_path, "the renewed certificate names another device"));
+        }
+        if outpost_shared::identity::public_key_of(&cert_der) != Some(public) {
+            return Err(invalid(&cert_path, "the renewed certificate is not for the key this device made"));
+        }
+        let cert = CertificateDer::from(cert_der);
+        write_atomic(&cert_path, pem("CERTIFICATE", &cert).as_bytes(), 0o600)
+            .map_err(|source| IdentityError::Io { path: cert_path, source })?;
+        Ok(Identity { cert, key, ..self.clone() })
+    }
+
+    /// Makes the renewed identity the device's own, after the hub accepted
+    /// it: `next.key` becomes `device.key`, then `next.crt` becomes
+    /// `device.crt` (a crash between the two is completed by the next
+    /// [`Identity::load`]).
+    pub fn promote(data_dir: &Path) -> Result<(), IdentityError> {
+        let dir = dir(data_dir);
+        rename_durable(&dir.join(NEXT_KEY), &dir.join("device.key"))?;
+        finish_promotion(&dir)
+    }
+
+    /// Forgets a renewed identity the hub refused (the next renewal makes a
+    /// new key).
+    pub fn discard_next(data_dir: &Path) {
+        let dir = dir(data_dir);
+        let _ = std::fs::remove_file(dir.join(NEXT_CRT));
+        let _ = std::fs::remove_file(dir.join(NEXT_KEY));
+    }
+
+    /// True if a renewed identity waits to be tried.
+    pub fn has_next(data_dir: &Path) -> bool {
+        let dir = dir(data_dir);
+        dir.join(NEXT_KEY).exists() && dir.join(NEXT_CRT).exists()
+    }
+
+    /// The files of the identity that hold secrets (each must be 0600).
+    pub fn secret_files(data_dir: &Path) -> [PathBuf; 2] {
+        let dir = dir(data_dir);
+        [dir.join("device.key"), dir.join(NEXT_KEY)]
+    }
+
+    /// The certificate's validity, `(not_before, not_after)`.
+    pub fn validity(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        outpost_shared::identity::validity_of(&self.cert)
     }
 
     /// Fails if `data_dir` already holds an identity.
@@ -180,7 +284,181 @@ impl Identity {
     }
 }
 
+/// Completes a promotion a crash interrupted: `next.crt` left without
+/// `next.key` belongs to `device.key` if it holds its public key (the key
+/// was moved, the certificate not yet); otherwise it is a leftover.
+fn finish_promotion(dir: &Path) -> Result<(), IdentityError> {
+    let (cert_path, key_path) = (dir.join(NEXT_CRT), dir.join("device.key"));
+    if !cert_path.exists() || dir.join(NEXT_KEY).exists() {
+        return Ok(());
+    }
+    let cert = CertificateDer::from_pem_slice(read(&cert_path)?.as_bytes()).map_err(|e| invalid(&cert_path, e))?;
+    let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
+    let public = Signer::from_pkcs8(key.secret_der()).map_err(|e| invalid(&key_path, e))?.public_key().to_vec();
+    if outpost_shared::identity::public_key_of(&cert) == Some(public) {
+        rename_durable(&cert_path, &dir.join("device.crt"))
+    } else {
+        std::fs::remove_file(&cert_path).map_err(|source| IdentityError::Io { path: cert_path, source })
+    }
+}
+
+/// Renames `from` to `to` and makes the rename durable.
+fn rename_durable(from: &Path, to: &Path) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io { path: from.to_owned(), source };
+    std::fs::rename(from, to).map_err(io)?;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+/// The identity the device presents now, shared by everything that
+/// presents it (LAN peers, relayed batches' signatures) and replaced when
+/// the device switches to a renewed certificate. Its [`Live::resolver`]
+/// serves TLS configurations built once: they take the new certificate at
+/// their next handshake.
+#[derive(Clone)]
+pub struct Live {
+    identity: std::sync::Arc<std::sync::RwLock<Identity>>,
+    slot: std::sync::Arc<outpost_shared::identity::CertSlot>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Live").field(&self.get().device_id).finish()
+    }
+}
+
+fn certified(identity: &Identity) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, IdentityError> {
+    outpost_shared::identity::CertSlot::certified(vec![identity.cert.clone()], identity.key())
+        .map_err(|e| invalid(Path::new("device.key"), e))
+}
+
+impl Live {
+    /// Shares `identity`.
+    pub fn new(identity: Identity) -> Result<Self, IdentityError> {
+        let slot = std::sync::Arc::new(outpost_shared::identity::CertSlot::new(certified(&identity)?));
+        Ok(Live { identity: std::sync::Arc::new(std::sync::RwLock::new(identity)), slot })
+    }
+
+    /// The identity in use.
+    pub fn get(&self) -> Identity {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Switches to `identity` (a promoted renewal).
+    pub fn set(&self, identity: Identity) -> Result<(), IdentityError> {
+        self.slot.set(certified(&identity)?);
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+        Ok(())
+    }
+
+    /// The rustls resolver (server and client side) of the identity in use.
+    pub fn resolver(&self) -> std::sync::Arc<outpost_shared::identity::CertSlot> {
+        self.slot.clone()
+    }
+}
+
 /// PEM text of DER bytes.
 fn pem(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, Issuer, KeyPair,
+        PublicKeyData,
+    };
+
+    /// A CA that signs CSRs for `dev-1`, as the hub does.
+    struct Ca(Issuer<'static, KeyPair>, CertificateDer<'static>);
+
+    impl Ca {
+        fn new() -> Self {
+            let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            Ca(Issuer::new(params, key), cert.der().clone())
+        }
+
+        fn sign(&self, csr_der: &[u8]) -> CertificateDer<'static> {
+            let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).unwrap();
+            let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, "dev-1");
+            let request = CertificateSigningRequestParams { params, public_key: csr.public_key };
+            request.signed_by(&self.0).unwrap().der().clone()
+        }
+    }
+
+    fn enrolled(dir: &Path, ca: &Ca) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "x");
+        let cert = ca.sign(params.serialize_request(&key).unwrap().der());
+        let id: DeviceId = "dev-1".parse().unwrap();
+        Identity::store(dir, id, "hub:1".into(), None, key.serialize_pem(), cert, ca.1.clone()).unwrap()
+    }
+
+    fn public(identity: &Identity) -> Vec<u8> {
+        identity.signer().unwrap().public_key().to_vec()
+    }
+
+    /// Every state a crash can leave during a renewal loads as an identity
+    /// that can connect: the old one until the new one is complete, then
+    /// the new one.
+    #[test]
+    fn a_renewal_interrupted_at_any_step_leaves_a_usable_identity() {
+        let ca = Ca::new();
+        let dir = tempfile::tempdir().unwrap();
+        let old = enrolled(dir.path(), &ca);
+
+        // Crash after the request left: only next.key. The old identity is
+        // in use, and the next request reuses the key.
+        let csr = old.renewal_request(dir.path()).unwrap();
+        assert!(Identity::load_next(dir.path()).unwrap().is_none());
+        assert_eq!(public(&Identity::load(dir.path()).unwrap()), public(&old));
+        let again = old.renewal_request(dir.path()).unwrap();
+        let key_of = |csr: &[u8]| {
+            CertificateSigningRequestParams::from_der(&csr.to_vec().into()).unwrap().public_key.der_bytes().to_vec()
+        };
+        assert_eq!(key_of(&csr), key_of(&again));
+        let mode = std::fs::metadata(dir.path().join("identity/next.key")).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+
+        // A certificate for another key is refused.
+        let foreign_csr = {
+            let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, "dev-1");
+            params.serialize_request(&KeyPair::generate().unwrap()).unwrap().der().to_vec()
+        };
+        assert!(old.store_renewed(dir.path(), ca.sign(&foreign_csr).to_vec()).is_err());
+
+        // Crash after the answer was kept: both pairs on disk; the current
+        // one loads, the renewed one is offered first.
+        let next = old.store_renewed(dir.path(), ca.sign(&csr).to_vec()).unwrap();
+        assert_eq!(public(&Identity::load(dir.path()).unwrap()), public(&old));
+        let offered = Identity::load_next(dir.path()).unwrap().unwrap();
+        assert_eq!(public(&offered), public(&next));
+        assert_eq!(offered.cert, next.cert);
+
+        // Crash in the middle of the promotion: the key moved, the
+        // certificate not yet. Loading completes it.
+        rename_durable(&dir.path().join("identity/next.key"), &dir.path().join("identity/device.key")).unwrap();
+        let loaded = Identity::load(dir.path()).unwrap();
+        assert_eq!(public(&loaded), public(&next));
+        assert_eq!(loaded.cert, next.cert);
+        assert!(Identity::load_next(dir.path()).unwrap().is_none());
+        assert!(!Identity::has_next(dir.path()));
+
+        // A whole promotion, then a refused renewal's leftovers discarded.
+        let csr = loaded.renewal_request(dir.path()).unwrap();
+        let third = loaded.store_renewed(dir.path(), ca.sign(&csr).to_vec()).unwrap();
+        Identity::promote(dir.path()).unwrap();
+        assert_eq!(public(&Identity::load(dir.path()).unwrap()), public(&third));
+        third.renewal_request(dir.path()).unwrap();
+        Identity::discard_next(dir.path());
+        assert!(!dir.path().join("identity/next.key").exists());
+        assert_eq!(public(&Identity::load(dir.path()).unwrap()), public(&third));
+    }
 }

@@ -108,6 +108,8 @@ pub fn run_with(
     config.commands.backup_command = backup::command_prefix(&config);
     config.commands.backup_timeout = config.backup_repo.timeout;
     let identity = Identity::load(&config.data_dir)?;
+    // What LAN peers and bulk connections present; switched at renewal.
+    let live = identity::Live::new(identity.clone())?;
     let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
     if Identity::is_new(&config.data_dir) {
         // Enrolled and never run: the store starts where the hub expects.
@@ -137,13 +139,17 @@ pub fn run_with(
             config: config.uplink.clone(),
             name: device_name(&config, &identity),
             identity,
+            trying_next: false,
+            live: live.clone(),
+            data_dir: config.data_dir.clone(),
+            renewal_refused: Arc::default(),
             store: store.clone(),
             state: Arc::new(state_tx),
             relay: Arc::new(tokio::sync::Mutex::new(relay_rx)),
         };
         let peer_params = PeerParams {
             config: config.peers.clone(),
-            identity: params.identity.clone(),
+            identity: live,
             store: store.clone(),
             link: state_rx.clone(),
             relay_tx,

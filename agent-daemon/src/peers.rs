@@ -23,7 +23,7 @@
 //!   acknowledged, keeps the hub's view in order whichever path wins.
 
 use crate::config::PeersConfig;
-use crate::identity::Identity;
+use crate::identity::Live;
 use crate::store::AgentStore;
 use crate::uplink::session::next_batch;
 use crate::uplink::{LinkState, RelayRequest};
@@ -90,8 +90,8 @@ impl PeerTable {
 pub struct PeerParams {
     /// `[peers]`.
     pub config: PeersConfig,
-    /// The device's identity.
-    pub identity: Identity,
+    /// The device's identity (renewed while it runs).
+    pub identity: Live,
     /// The outbox, for relaying it.
     pub store: AgentStore,
     /// The uplink's state.
@@ -127,9 +127,10 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
     let cfg = &p.config;
     let endpoint = endpoint(p)?;
     let port = endpoint.local_addr().map_err(|e| e.to_string())?.port();
-    let ca = Fingerprint::of_der(&p.identity.ca);
+    let identity = p.identity.get();
+    let ca = Fingerprint::of_der(&identity.ca);
     let fleet = fleet_id(&ca);
-    let me = p.identity.device_id.to_string();
+    let me = identity.device_id.to_string();
     let mdns = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
     let result = async {
         if cfg.interfaces.is_empty() {
@@ -443,12 +444,14 @@ async fn relay_client(p: PeerParams, peer: String, connection: quinn::Connection
 }
 
 async fn relay_batches(p: &PeerParams, connection: &quinn::Connection) -> Result<(), String> {
-    let signer = p.identity.signer().map_err(|e| e.to_string())?;
     let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(recv, p.max_frame);
     loop {
+        // Signed with the key in use now (a renewal may have replaced it).
+        let identity = p.identity.get();
+        let signer = identity.signer().map_err(|e| e.to_string())?;
         let from = p.store.stats().acked_seq + 1;
-        let next = next_batch(&p.store, &p.identity.device_id, &signer, from, p.max_frame).await;
+        let next = next_batch(&p.store, &identity.device_id, &signer, from, p.max_frame).await;
         let Some((batch, last)) = next.map_err(|e| e.to_string())? else {
             // An append between the peek and this wait would go unnoticed
             // until the next one; look again after a second at most.
@@ -551,9 +554,10 @@ fn refusal(message: String) -> Message {
 fn endpoint(p: &PeerParams) -> Result<quinn::Endpoint, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(p.identity.ca.clone()).map_err(|e| e.to_string())?;
+    roots.add(p.identity.get().ca).map_err(|e| e.to_string())?;
     let roots = Arc::new(roots);
-    let chain = vec![p.identity.cert.clone()];
+    // Both sides present the certificate in use at each handshake.
+    let resolver = p.identity.resolver();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| e.to_string())?;
@@ -561,15 +565,13 @@ fn endpoint(p: &PeerParams) -> Result<quinn::Endpoint, String> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), p.identity.key())
-        .map_err(|e| e.to_string())?;
+        .with_cert_resolver(resolver.clone());
     server.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, p.identity.key())
-        .map_err(|e| e.to_string())?;
+        .with_client_cert_resolver(resolver);
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(p.config.probe_interval));

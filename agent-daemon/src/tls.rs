@@ -5,6 +5,16 @@
 //! - Enrollment: the agent has no CA yet, only the fingerprint the token
 //!   pins. The hub's chain must contain a CA certificate with exactly that
 //!   fingerprint, and the hub certificate must verify against it.
+//!
+//! One verifier ([`HubVerifier`]) does both, with the clock rules below.
+//!
+//! Clocks: a device's clock may have restarted at 1970 (no RTC battery).
+//! The hub's certificate is checked against the device's clock, but never
+//! earlier than the agent's build time ([`BUILD_TIME`], as systemd floors
+//! its clock), and a certificate that is only not valid *yet* by that time
+//! is checked as at its own start: a clock behind cannot make a device
+//! refuse its hub. A clock ahead of the hub certificate's end is refused
+//! (it cannot be told from an expired certificate replayed).
 
 use crate::identity::Identity;
 use outpost_shared::Fingerprint;
@@ -65,50 +75,74 @@ pub fn bulk_config(identity: &Identity, timings: Timings) -> Result<quinn::Clien
 fn device_config(identity: &Identity, timings: Timings, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(identity.ca.clone()).map_err(tls_err)?;
+    let ca = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(tls_err)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(HubVerifier { trust: Trust::Ca(ca), provider: provider() }))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
         .map_err(tls_err)?;
     quic_client(tls, timings, alpn)
 }
 
-/// Set when the hub presented a chain without the pinned CA, so the caller
-/// can say so plainly instead of quoting a TLS alert.
-#[derive(Debug, Clone, Default)]
-pub struct PinOutcome(Arc<AtomicBool>);
+/// When this agent was built (seconds since the epoch): the earliest time
+/// its clock is taken to show.
+pub const BUILD_TIME: u64 = match u64::from_str_radix(env!("OUTPOST_BUILD_TIME"), 10) {
+    Ok(secs) => secs,
+    Err(_) => 0,
+};
 
-impl PinOutcome {
-    /// True if the hub's chain did not hold the pinned CA.
-    pub fn mismatched(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+/// The time a certificate check uses: the device's clock, floored at
+/// `floor`, and for a certificate not valid yet by it, the certificate's
+/// own start (`not_before`), when known.
+pub fn check_time(now: u64, floor: u64, not_before: Option<u64>, not_yet_valid: bool) -> u64 {
+    let now = now.max(floor);
+    match not_before {
+        Some(start) if not_yet_valid && start > now => start,
+        _ => now,
     }
 }
 
-/// Client config for enrollment: no client certificate, hub pinned by the
-/// CA fingerprint from the token.
-pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<(quinn::ClientConfig, PinOutcome), TlsError> {
-    let outcome = PinOutcome::default();
-    let verifier = Arc::new(PinnedCa { pin, provider: provider(), outcome: outcome.clone() });
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok((quic_client(tls, timings, ALPN)?, outcome))
-}
-
-/// Accepts a server whose chain holds the pinned CA and verifies against it.
+/// What the hub's certificate must chain to.
 #[derive(Debug)]
-struct PinnedCa {
-    pin: Fingerprint,
-    provider: Arc<CryptoProvider>,
-    outcome: PinOutcome,
+enum Trust {
+    /// The fleet CA of the device's identity.
+    Ca(Arc<WebPkiServerVerifier>),
+    /// Enrollment: a CA in the hub's own chain with this fingerprint (from
+    /// the token); a chain without it is noted in the outcome.
+    Pinned(Fingerprint, PinOutcome),
 }
 
-impl ServerCertVerifier for PinnedCa {
+/// Checks the hub's certificate against [`Trust`], with the clock rules of
+/// this module.
+#[derive(Debug)]
+struct HubVerifier {
+    trust: Trust,
+    provider: Arc<CryptoProvider>,
+}
+
+impl HubVerifier {
+    /// The verifier of the chain `intermediates` came with.
+    fn verifier(&self, intermediates: &[CertificateDer<'_>]) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+        match &self.trust {
+            Trust::Ca(verifier) => Ok(verifier.clone()),
+            Trust::Pinned(pin, outcome) => {
+                let Some(ca) = intermediates.iter().find(|c| Fingerprint::of_der(c) == *pin) else {
+                    outcome.0.store(true, Ordering::SeqCst);
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+                };
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.clone().into_owned())?;
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))
+            }
+        }
+    }
+}
+
+impl ServerCertVerifier for HubVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -117,16 +151,22 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates.iter().find(|c| Fingerprint::of_der(c) == self.pin) else {
-            self.outcome.0.store(true, Ordering::SeqCst);
-            return Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
-        };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        let inner = self.verifier(intermediates)?;
+        let at = |secs| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let floored = check_time(now.as_secs(), BUILD_TIME, None, false);
+        match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, at(floored)) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+            )) => {
+                let start = outpost_shared::identity::validity_of(end_entity)
+                    .and_then(|(from, _)| from.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() + 1);
+                let when = check_time(floored, BUILD_TIME, start, true);
+                tracing::debug!(clock = floored, checked_at = when, "The hub's certificate starts after this clock.");
+                inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, at(when))
+            }
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -152,6 +192,32 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Set when the hub presented a chain without the pinned CA, so the caller
+/// can say so plainly instead of quoting a TLS alert.
+#[derive(Debug, Clone, Default)]
+pub struct PinOutcome(Arc<AtomicBool>);
+
+impl PinOutcome {
+    /// True if the hub's chain did not hold the pinned CA.
+    pub fn mismatched(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Client config for enrollment: no client certificate, hub pinned by the
+/// CA fingerprint from the token.
+pub fn enrollment_config(pin: Fingerprint, timings: Timings) -> Result<(quinn::ClientConfig, PinOutcome), TlsError> {
+    let outcome = PinOutcome::default();
+    let verifier = Arc::new(HubVerifier { trust: Trust::Pinned(pin, outcome.clone()), provider: provider() });
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok((quic_client(tls, timings, ALPN)?, outcome))
+}
+
 /// A client endpoint on an ephemeral port of the right address family.
 pub fn client_endpoint(remote: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let bind: std::net::SocketAddr = if remote.is_ipv6() {
@@ -160,4 +226,25 @@ pub fn client_endpoint(remote: std::net::SocketAddr) -> std::io::Result<quinn::E
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     quinn::Endpoint::client(bind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_are_checked_no_earlier_than_the_build_or_their_start() {
+        let build = 1_790_000_000;
+        // A clock ahead of the build is the time.
+        assert_eq!(check_time(build + 5, build, None, false), build + 5);
+        // A clock at 1970 is taken as the build time.
+        assert_eq!(check_time(86_400, build, None, false), build);
+        // A certificate issued after that (a hub renewed since the build)
+        // is checked as at its start.
+        assert_eq!(check_time(86_400, build, Some(build + 1000), true), build + 1000);
+        // Only when it is not valid yet, and only forward.
+        assert_eq!(check_time(build + 10, build, Some(build + 1000), false), build + 10);
+        assert_eq!(check_time(build + 10, build, Some(build), true), build + 10);
+        const { assert!(BUILD_TIME > 1_700_000_000, "the build time is recorded") };
+    }
 }

@@ -6,7 +6,7 @@
 //! names [`HUB_SERVER_NAME`] so agents verify it whatever address they dial.
 
 use outpost_shared::fsutil::write_atomic;
-use outpost_shared::identity::{HUB_SERVER_NAME, Signer};
+use outpost_shared::identity::{CertSlot, HUB_SERVER_NAME, Signer};
 use outpost_shared::{DeviceId, Fingerprint};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -21,16 +21,21 @@ use time::{Duration, OffsetDateTime};
 /// [`DeviceId`] may contain, so no device certificate can carry it.
 pub const HUB_MQTT_USER: &str = "hub.outpost";
 
-/// Lifetime of device certificates.
-pub const DEVICE_CERT_LIFETIME: Duration = Duration::days(365);
+/// Default lifetime of device certificates (`[quic] device_cert_lifetime`);
+/// devices renew theirs over their session (see [`FleetCa::sign_device`]).
+pub const DEVICE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(365 * 86400);
 
 /// Default lifetime of the hub's own TLS certificate (`[quic]
 /// cert_lifetime`); renewed while the hub runs, see [`HubIdentity`].
 pub const HUB_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 86400);
 
 /// How far back a new certificate's `not_before` lies, so a peer whose
-/// clock is a few minutes behind still takes it.
-const CLOCK_SLACK: Duration = Duration::minutes(5);
+/// clock is a few minutes behind still takes it: five minutes, or a tenth
+/// of a short lifetime (tests), so the slack never moves the renewal point
+/// (a share of the whole validity) to the moment of issue.
+fn clock_slack(lifetime: std::time::Duration) -> Duration {
+    Duration::try_from(lifetime / 10).unwrap_or(Duration::ZERO).min(Duration::minutes(5))
+}
 
 /// Errors of the CA.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,8 @@ pub struct FleetCa {
     /// The CA key as a signer of messages to devices over carriers that do
     /// not authenticate the hub (MQTT).
     signer: Signer,
+    /// Lifetime of the device certificates it signs.
+    device_lifetime: std::time::Duration,
 }
 
 impl std::fmt::Debug for FleetCa {
@@ -99,7 +106,12 @@ impl FleetCa {
         write_atomic(&key, key_pair.serialize_pem().as_bytes(), 0o600).map_err(io_err(&key))?;
         write_atomic(&crt, cert.pem().as_bytes(), 0o644).map_err(io_err(&crt))?;
         let signer = signer_of(&key_pair)?;
-        Ok(FleetCa { cert_der: cert.der().clone(), issuer: Issuer::new(params, key_pair), signer })
+        Ok(FleetCa {
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key_pair),
+            signer,
+            device_lifetime: DEVICE_CERT_LIFETIME,
+        })
     }
 
     /// Loads the CA from `data_dir`.
@@ -115,7 +127,7 @@ impl FleetCa {
             .map_err(|e| CaError::BadCsr(format!("{}: {e}", crt.display())))?;
         let signer = signer_of(&key_pair)?;
         let issuer = Issuer::from_ca_cert_pem(&crt_pem, key_pair)?;
-        Ok(FleetCa { cert_der, issuer, signer })
+        Ok(FleetCa { cert_der, issuer, signer, device_lifetime: DEVICE_CERT_LIFETIME })
     }
 
     /// Signs messages to devices (see [`outpost_shared::protocol::Signed`]).
@@ -133,9 +145,21 @@ impl FleetCa {
         Fingerprint::of_der(&self.cert_der)
     }
 
-    /// Signs a device certificate for the key in `csr_der`. The subject is
-    /// the hub's choice (`CN = device id`); whatever the CSR asks for besides
-    /// its public key is ignored.
+    /// Device certificates it signs from now on live `lifetime`.
+    pub fn with_device_lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.device_lifetime = lifetime;
+        self
+    }
+
+    /// The lifetime of the device certificates it signs.
+    pub fn device_lifetime(&self) -> std::time::Duration {
+        self.device_lifetime
+    }
+
+    /// Signs a device certificate for the key in `csr_der` (whose signature
+    /// proves the requester holds that key), at enrollment and at each
+    /// renewal. The subject is the hub's choice (`CN = device id`); whatever
+    /// the CSR asks for besides its public key is ignored.
     pub fn sign_device(&self, csr_der: &[u8], id: &DeviceId) -> Result<CertificateDer<'static>, CaError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
@@ -147,8 +171,8 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + DEVICE_CERT_LIFETIME;
+        params.not_before = now - clock_slack(self.device_lifetime);
+        params.not_after = now + Duration::try_from(self.device_lifetime).unwrap_or(Duration::days(365));
         let request = CertificateSigningRequestParams { params, public_key: csr.public_key };
         Ok(request.signed_by(&self.issuer)?.der().clone())
     }
@@ -165,7 +189,7 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SLACK;
+        params.not_before = now - clock_slack(lifetime);
         params.not_after = now + Duration::try_from(lifetime).unwrap_or(Duration::days(90));
         let (not_before, not_after) = (params.not_before.into(), params.not_after.into());
         let key_pair = KeyPair::generate()?;
@@ -188,14 +212,6 @@ pub struct IssuedIdentity {
     pub not_after: std::time::SystemTime,
 }
 
-/// When a certificate valid from `not_before` to `not_after` is renewed:
-/// at two thirds of its life, so a renewal that fails has a third of the
-/// lifetime left to be retried.
-pub fn renewal_due(not_before: std::time::SystemTime, not_after: std::time::SystemTime) -> std::time::SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or_default();
-    not_before + life * 2 / 3
-}
-
 /// The hub's own TLS identity, renewed while the hub runs ([`HubIdentity::run`]):
 /// a rustls certificate resolver for the QUIC endpoint (sessions and bulk
 /// connections alike) and for the MQTT bridge's client side. Each new
@@ -205,13 +221,8 @@ pub fn renewal_due(not_before: std::time::SystemTime, not_after: std::time::Syst
 pub struct HubIdentity {
     ca: std::sync::Arc<FleetCa>,
     lifetime: std::time::Duration,
-    current: std::sync::RwLock<Current>,
-}
-
-struct Current {
-    key: std::sync::Arc<rustls::sign::CertifiedKey>,
-    not_before: std::time::SystemTime,
-    not_after: std::time::SystemTime,
+    slot: std::sync::Arc<CertSlot>,
+    validity: std::sync::RwLock<(std::time::SystemTime, std::time::SystemTime)>,
 }
 
 impl std::fmt::Debug for HubIdentity {
@@ -223,41 +234,54 @@ impl std::fmt::Debug for HubIdentity {
 impl HubIdentity {
     /// Issues the hub's first certificate of `lifetime` from `ca`.
     pub fn new(ca: std::sync::Arc<FleetCa>, lifetime: std::time::Duration) -> Result<Self, CaError> {
-        let current = Self::issue(&ca, lifetime)?;
-        Ok(HubIdentity { ca, lifetime, current: std::sync::RwLock::new(current) })
+        let (key, validity) = Self::issue(&ca, lifetime)?;
+        Ok(HubIdentity {
+            ca,
+            lifetime,
+            slot: std::sync::Arc::new(CertSlot::new(key)),
+            validity: std::sync::RwLock::new(validity),
+        })
     }
 
-    fn issue(ca: &FleetCa, lifetime: std::time::Duration) -> Result<Current, CaError> {
+    #[allow(clippy::type_complexity)]
+    fn issue(
+        ca: &FleetCa,
+        lifetime: std::time::Duration,
+    ) -> Result<(std::sync::Arc<rustls::sign::CertifiedKey>, (std::time::SystemTime, std::time::SystemTime)), CaError>
+    {
         let issued = ca.hub_identity(lifetime)?;
-        let signing = rustls::crypto::ring::default_provider()
-            .key_provider
-            .load_private_key(issued.key)
-            .map_err(|e| CaError::BadCsr(format!("hub key: {e}")))?;
-        let key = std::sync::Arc::new(rustls::sign::CertifiedKey::new(issued.chain, signing));
-        Ok(Current { key, not_before: issued.not_before, not_after: issued.not_after })
+        let key = CertSlot::certified(issued.chain, issued.key).map_err(CaError::BadCsr)?;
+        Ok((key, (issued.not_before, issued.not_after)))
     }
 
     /// Replaces the certificate with a new one (a new key too).
     pub fn renew(&self) -> Result<(), CaError> {
-        let next = Self::issue(&self.ca, self.lifetime)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        let (key, validity) = Self::issue(&self.ca, self.lifetime)?;
+        self.slot.set(key);
+        *self.validity.write().unwrap_or_else(|p| p.into_inner()) = validity;
         Ok(())
     }
 
     /// The current certificate's end of validity.
     pub fn not_after(&self) -> std::time::SystemTime {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).not_after
+        self.validity.read().unwrap_or_else(|p| p.into_inner()).1
     }
 
     /// When the current certificate is to be renewed.
     pub fn due(&self) -> std::time::SystemTime {
-        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-        renewal_due(current.not_before, current.not_after)
+        let (from, until) = *self.validity.read().unwrap_or_else(|p| p.into_inner());
+        outpost_shared::identity::renewal_due(from, until, outpost_shared::identity::RENEW_AT)
     }
 
     /// The current certificate and key.
     pub fn certified_key(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).key.clone()
+        self.slot.get()
+    }
+
+    /// The rustls resolver (server and client side) that presents the
+    /// current certificate at each handshake.
+    pub fn resolver(&self) -> std::sync::Arc<CertSlot> {
+        self.slot.clone()
     }
 
     /// Renews the certificate whenever it is due, until `shutdown`. It
@@ -294,31 +318,12 @@ impl HubIdentity {
     }
 }
 
-impl rustls::server::ResolvesServerCert for HubIdentity {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.certified_key())
-    }
-}
-
-impl rustls::client::ResolvesClientCert for HubIdentity {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[rustls::SignatureScheme],
-    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
-        Some(self.certified_key())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
 pub use outpost_shared::identity::{device_id_of, public_key_of};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_shared::identity::{RENEW_AT, renewal_due};
 
     #[test]
     fn signs_device_certificates_with_the_hub_chosen_id() {
@@ -345,10 +350,12 @@ mod tests {
     fn the_hub_certificate_is_renewed_at_two_thirds_of_its_life_with_a_new_key() {
         use std::time::{Duration as Std, UNIX_EPOCH};
         let at = |s: u64| UNIX_EPOCH + Std::from_secs(s);
-        assert_eq!(renewal_due(at(0), at(90)), at(60));
-        assert_eq!(renewal_due(at(1000), at(1000)), at(1000));
+        assert_eq!(renewal_due(at(0), at(90), RENEW_AT), at(60));
+        assert_eq!(renewal_due(at(0), at(100), 0.5), at(50));
+        assert_eq!(renewal_due(at(0), at(100), 2.0), at(95), "a fraction is clamped below the end");
+        assert_eq!(renewal_due(at(1000), at(1000), RENEW_AT), at(1000));
         // A clock that puts the end before the start renews at once.
-        assert_eq!(renewal_due(at(50), at(10)), at(50));
+        assert_eq!(renewal_due(at(50), at(10), RENEW_AT), at(50));
         let dir = tempfile::tempdir().unwrap();
         let ca = std::sync::Arc::new(FleetCa::init(dir.path()).unwrap());
         let identity = HubIdentity::new(ca, Std::from_secs(900)).unwrap();
@@ -360,6 +367,25 @@ mod tests {
         assert_ne!(before.cert[0], after.cert[0]);
         assert_ne!(before.end_entity_cert().unwrap(), after.end_entity_cert().unwrap());
         assert_eq!(after.cert[1], before.cert[1], "the chain ends in the same CA");
+    }
+
+    /// The slack before `not_before` is a tenth of a short lifetime: with a
+    /// fixed five minutes, a 12 s certificate would be due for renewal the
+    /// moment it is issued, and renewed in a loop.
+    #[test]
+    fn short_certificates_are_not_due_when_issued() {
+        use std::time::{Duration as Std, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = std::sync::Arc::new(FleetCa::init(dir.path()).unwrap());
+        let hub = HubIdentity::new(ca.clone(), Std::from_secs(12)).unwrap();
+        assert!(hub.due() > SystemTime::now() + Std::from_secs(6), "{:?}", hub.due());
+        let ca = FleetCa::load(dir.path()).unwrap().with_device_lifetime(Std::from_secs(30));
+        let csr = CertificateParams::new(Vec::new()).unwrap().serialize_request(&KeyPair::generate().unwrap()).unwrap();
+        let cert = ca.sign_device(csr.der(), &"dev-1".parse().unwrap()).unwrap();
+        let (from, until) = outpost_shared::identity::validity_of(&cert).unwrap();
+        assert!(until.duration_since(from).unwrap() <= Std::from_secs(34));
+        assert!(renewal_due(from, until, RENEW_AT) > SystemTime::now() + Std::from_secs(15));
+        assert_eq!(clock_slack(Std::from_secs(365 * 86400)), Duration::minutes(5));
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub struct QuicConfig {
     /// two thirds of it. Default 90d; at least 10s (short ones are for
     /// tests), at most 397d.
     pub cert_lifetime: Duration,
+    /// Lifetime of the device certificates the hub signs (at enrollment and
+    /// when a device renews over its session, at two thirds of it by
+    /// default). Default 365d; at least 30s (short ones are for tests), at
+    /// most 825d.
+    pub device_cert_lifetime: Duration,
 }
 
 /// `[http]`
@@ -87,6 +92,7 @@ impl HubConfig {
                 max_frame: DEFAULT_MAX_FRAME,
                 idle_timeout: Duration::from_secs(30),
                 cert_lifetime: crate::ca::HUB_CERT_LIFETIME,
+                device_cert_lifetime: crate::ca::DEVICE_CERT_LIFETIME,
             },
             http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
             mqtt: None,
@@ -136,6 +142,7 @@ impl ConfigFile for HubConfig {
                 max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
                 cert_lifetime: quic.get_or("cert_lifetime", crate::ca::HUB_CERT_LIFETIME),
+                device_cert_lifetime: quic.get_or("device_cert_lifetime", crate::ca::DEVICE_CERT_LIFETIME),
             },
             http: HttpConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
@@ -169,6 +176,11 @@ impl ConfigFile for HubConfig {
             "cert_lifetime",
             (Duration::from_secs(10)..=Duration::from_secs(397 * 86400)).contains(&config.quic.cert_lifetime),
             "must be between 10s and 397d",
+        );
+        quic.check(
+            "device_cert_lifetime",
+            (Duration::from_secs(30)..=Duration::from_secs(825 * 86400)).contains(&config.quic.device_cert_lifetime),
+            "must be between 30s and 825d",
         );
         if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_hub_addresses) {
             quic.error("advertise", e);
@@ -205,6 +217,11 @@ impl ConfigFile for HubConfig {
                     dir.display()
                 ),
             });
+        }
+        for secret in ["ca.key", "enroll.key", "quic-reset.key"] {
+            if let Err(message) = outpost_shared::fsutil::check_private(&dir.join(secret)) {
+                errors.push(ConfigError { path: "data_dir".into(), message });
+            }
         }
         errors
     }

@@ -144,7 +144,7 @@ pub struct RunningHub {
 /// runtime (see `outpost-hub serve`).
 pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let data_dir = &config.data_dir;
-    let ca = FleetCa::load(data_dir)?;
+    let ca = FleetCa::load(data_dir)?.with_device_lifetime(config.quic.device_cert_lifetime);
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(&config.store, data_dir).await?;
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);

@@ -185,7 +185,7 @@ fn options(config: &MqttConfig, ctx: &BridgeContext) -> Result<MqttOptions, Brid
         // The hub's current certificate at every (re)connection: renewed
         // while the hub runs.
         let tls =
-            outpost_shared::mqtt::tls_client_config_resolved(&roots, ctx.identity.clone()).map_err(BridgeError)?;
+            outpost_shared::mqtt::tls_client_config_resolved(&roots, ctx.identity.resolver()).map_err(BridgeError)?;
         options.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
     }
     Ok(options)
@@ -276,8 +276,8 @@ impl Transport for MqttTransport {
 impl DeviceTask {
     async fn run(self, mut rx: mpsc::Receiver<(UpKind, Publish)>) -> DeviceId {
         let store = self.ctx.fleet.store().clone();
-        let key = match store.device_key(&self.id).await {
-            Ok(Some(key)) => key,
+        let keys = match store.device_keys(&self.id).await {
+            Ok(Some(keys)) => keys,
             Ok(None) => {
                 warn!("Rejected MQTT message: no such device (or its key is unknown).");
                 return self.id;
@@ -292,8 +292,9 @@ impl DeviceTask {
         // fenced-off task stops delivering but keeps taking messages.
         let mut session = DeviceSession::new(
             self.ctx.fleet.clone(),
+            self.ctx.ca.clone(),
             self.id.clone(),
-            key.clone(),
+            keys,
             self.ctx.max_frame,
             WhenFenced::Detach,
         );
@@ -317,7 +318,7 @@ impl DeviceTask {
             let Ok(Some((kind, publish))) = next else {
                 break;
             };
-            let handled = match self.open_message(kind, &publish.payload, &key) {
+            let handled = match self.open_message(kind, &publish.payload, &mut session).await {
                 Ok(message) => session.handle(message, &mut transport).await,
                 Err(end) => Err(end),
             };
@@ -339,7 +340,12 @@ impl DeviceTask {
 
     /// The message a publish carries, once its size, envelope, topic and
     /// signature check out.
-    fn open_message(&self, kind: UpKind, payload: &[u8], key: &[u8]) -> Result<Message, SessionEnd> {
+    async fn open_message(
+        &self,
+        kind: UpKind,
+        payload: &[u8],
+        session: &mut DeviceSession,
+    ) -> Result<Message, SessionEnd> {
         if payload.len() > self.ctx.max_frame {
             return Err(SessionEnd::Protocol(format!("{} bytes exceed the frame limit", payload.len())));
         }
@@ -350,17 +356,17 @@ impl DeviceTask {
             (UpKind::Batch | UpKind::Relay, other) => {
                 Err(SessionEnd::Protocol(format!("expected a {}, got {}", kind.as_str(), other.kind())))
             }
-            (_, Message::Signed(signed)) => self.open(kind, &signed, key),
+            (_, Message::Signed(signed)) => self.open(kind, &signed, session).await,
             (_, other) => Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind()))),
         }
     }
 
     /// The message inside `signed`, if this device signed it for this topic.
-    fn open(&self, kind: UpKind, signed: &Signed, key: &[u8]) -> Result<Message, SessionEnd> {
+    async fn open(&self, kind: UpKind, signed: &Signed, session: &mut DeviceSession) -> Result<Message, SessionEnd> {
         if signed.device != self.id {
             return Err(SessionEnd::Protocol(format!("message of device {} on {}'s topic", signed.device, self.id)));
         }
-        if !signed.verify(Direction::Up, key) {
+        if !session.verify(|key| signed.verify(Direction::Up, key)).await? {
             return Err(SessionEnd::Protocol("signature does not verify with the device's certificate".into()));
         }
         let message = signed.message().map_err(|e| SessionEnd::Protocol(e.to_string()))?;

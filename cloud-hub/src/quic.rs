@@ -70,7 +70,7 @@ pub fn server_config(
         WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))?;
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(identity);
+        .with_cert_resolver(identity.resolver());
     tls.alpn_protocols = vec![ALPN.to_vec(), ALPN_BULK.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -244,7 +244,10 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         Ok(None) => return SessionEnd::Closed("stream finished before hello".into()),
         Err(e) => return e.into(),
     };
-    let mut session = DeviceSession::new(ctx.fleet.clone(), id.clone(), key.to_vec(), ctx.max_frame, WhenFenced::End);
+    // The certificate of this connection says which key the device signs with.
+    let keys = crate::store::DeviceKeys::only(key.to_vec());
+    let mut session =
+        DeviceSession::new(ctx.fleet.clone(), ctx.ca.clone(), id.clone(), keys, ctx.max_frame, WhenFenced::End);
     match session.handle(Message::Hello(hello), &mut transport).await {
         Ok(_) => {}
         Err(SessionEnd::Refused(_)) => {

@@ -11,12 +11,14 @@
 //! - [`received`]: the device persisted some commands.
 //! - [`Outbound`]: what to deliver next (commands, desired state).
 
+use crate::ca::FleetCa;
 use crate::fleet::{Fleet, Link};
-use crate::store::{HelloRecord, Ingested, Store, StoreError};
+use crate::store::{AuditEntry, DeviceKeys, HelloRecord, Ingested, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::protocol::Record;
 use outpost_shared::protocol::{
-    Ack, Batch, Command, Deliver, Desired, Hello, Message, Refusal, RefusalReason, RelayAck, Welcome,
+    Ack, Batch, Command, Deliver, Desired, Hello, Message, Refusal, RefusalReason, RelayAck, RenewRequest, Renewed,
+    Welcome,
 };
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
@@ -86,15 +88,15 @@ pub(crate) fn log_store_error(e: &StoreError, what: &'static str) {
     }
 }
 
-/// Checks and stores a batch from device `id`, whose certificate key is
-/// `key`: the origin must be `id`, the signature must verify, and sequence
+/// Checks and stores a batch from device `id`, which signs with one of
+/// `keys`: the origin must be `id`, the signature must verify, and sequence
 /// numbers must increase from 1. Returns the acknowledgement to send once
 /// the records are durable.
-pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> Result<Ack, SessionEnd> {
+pub async fn ingest(store: &Store, id: &DeviceId, keys: &mut DeviceKeys, batch: Batch) -> Result<Ack, SessionEnd> {
     if batch.origin != *id {
         return Err(SessionEnd::Protocol(format!("batch of device {} on {id}'s session", batch.origin)));
     }
-    if !batch.verify(key) {
+    if !check_signature(store, id, keys, |key| batch.verify(key)).await? {
         return Err(SessionEnd::Protocol("batch signature does not verify with the device's certificate".into()));
     }
     let records = batch.records().map_err(|e| SessionEnd::Protocol(format!("signed batch does not decode: {e}")))?;
@@ -109,6 +111,41 @@ pub async fn ingest(store: &Store, id: &DeviceId, key: &[u8], batch: Batch) -> R
         debug!(duplicates = ingested.duplicates, "Duplicate records acknowledged again.");
     }
     Ok(Ack { upto: ingested.upto })
+}
+
+/// True if `verify` accepts one of the device's `keys`. The key of a
+/// certificate the hub signed at the device's renewal becomes its current
+/// key the first time it verifies (the device has switched to it), in the
+/// store and in `keys`.
+pub async fn check_signature(
+    store: &Store,
+    id: &DeviceId,
+    keys: &mut DeviceKeys,
+    verify: impl Fn(&[u8]) -> bool,
+) -> Result<bool, SessionEnd> {
+    let mut key = keys.verifying(&verify).map(<[u8]>::to_vec);
+    if key.is_none() {
+        // The keys may have changed since they were read (a renewal on
+        // another link of the device, or at another hub).
+        let stored = store.device_keys(id).await.map_err(|e| {
+            log_store_error(&e, "Device key could not be read.");
+            SessionEnd::Closed("store error".into())
+        })?;
+        if let Some(stored) = stored.filter(|s| s != keys) {
+            *keys = stored;
+            key = keys.verifying(&verify).map(<[u8]>::to_vec);
+        }
+    }
+    let Some(key) = key else { return Ok(false) };
+    if key != keys.current {
+        store.put_device_key(id, &key).await.map_err(|e| {
+            log_store_error(&e, "Renewed device key could not be stored.");
+            SessionEnd::Closed("store error".into())
+        })?;
+        info!(device = %id, "Device signs with its renewed certificate's key.");
+        *keys = DeviceKeys::only(key);
+    }
+    Ok(true)
 }
 
 /// How long a session waits for its store to come back (a full disk, the
@@ -157,15 +194,15 @@ pub async fn relay(store: &Store, carrier: &DeviceId, batch: Batch) -> Result<Re
     if origin == *carrier {
         return refuse("a device relayed its own batch".into());
     }
-    let key = match store.device_key(&origin).await {
-        Ok(Some(key)) => key,
+    let mut keys = match store.device_keys(&origin).await {
+        Ok(Some(keys)) => keys,
         Ok(None) => return refuse(format!("relayed batch of unknown device {origin}")),
         Err(e) => {
             log_store_error(&e, "Device key could not be read.");
             return Err(SessionEnd::Closed("store error".into()));
         }
     };
-    match ingest(store, &origin, &key, batch).await {
+    match ingest(store, &origin, &mut keys, batch).await {
         Ok(ack) => {
             info!(%origin, upto = ack.upto, "Relayed batch stored.");
             Ok(RelayAck { origin, upto: ack.upto, refused: None })
@@ -291,8 +328,11 @@ pub enum WhenFenced {
 #[derive(Debug)]
 pub struct DeviceSession {
     fleet: std::sync::Arc<Fleet>,
+    ca: std::sync::Arc<FleetCa>,
     id: DeviceId,
-    key: Vec<u8>,
+    keys: DeviceKeys,
+    /// When this session last signed a certificate for the device.
+    renewed: Option<tokio::time::Instant>,
     max_frame: usize,
     when_fenced: WhenFenced,
     link: Option<Link>,
@@ -301,18 +341,22 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
-    /// A session of device `id`, whose certificate key is `key`.
+    /// A session of device `id`, which signs with one of `keys`; `ca`
+    /// signs its renewed certificates.
     pub fn new(
         fleet: std::sync::Arc<Fleet>,
+        ca: std::sync::Arc<FleetCa>,
         id: DeviceId,
-        key: Vec<u8>,
+        keys: DeviceKeys,
         max_frame: usize,
         when_fenced: WhenFenced,
     ) -> Self {
         DeviceSession {
             fleet,
+            ca,
             id,
-            key,
+            keys,
+            renewed: None,
             max_frame,
             when_fenced,
             link: None,
@@ -353,7 +397,7 @@ impl DeviceSession {
             }
             Message::Batch(batch) => {
                 // Checks origin and signature before anything is stored.
-                let ack = ingest(&store, &self.id, &self.key, batch).await?;
+                let ack = ingest(&store, &self.id, &mut self.keys, batch).await?;
                 self.attach(transport, false).await?;
                 transport.send(Message::Ack(ack)).await?;
             }
@@ -365,6 +409,11 @@ impl DeviceSession {
                 transport.send(Message::RelayAck(ack)).await?;
             }
             Message::Heartbeat(_) => self.attach(transport, false).await?,
+            Message::Renew(request) => {
+                self.attach(transport, false).await?;
+                let reply = self.renew(&store, &request, &transport.addr()).await?;
+                transport.send(reply).await?;
+            }
             Message::Received(r) => {
                 self.attach(transport, false).await?;
                 received(&store, &self.id, r.commands).await;
@@ -373,6 +422,61 @@ impl DeviceSession {
         }
         self.fleet.seen(&self.id);
         Ok(new_session)
+    }
+
+    /// True if `verify` accepts one of the device's keys (see
+    /// [`check_signature`]).
+    pub async fn verify(&mut self, verify: impl Fn(&[u8]) -> bool) -> Result<bool, SessionEnd> {
+        check_signature(self.fleet.store(), &self.id, &mut self.keys, verify).await
+    }
+
+    /// Signs a new certificate for the key the device's CSR holds; its key
+    /// is accepted beside the current one until the device uses it. At most
+    /// one renewal per session per tenth of the certificate lifetime (an
+    /// hour at most), so a device cannot keep the CA busy; a refusal does
+    /// not end the session. Written to the audit log.
+    async fn renew(&mut self, store: &Store, request: &RenewRequest, addr: &str) -> Result<Message, SessionEnd> {
+        let at_most_every = (self.ca.device_lifetime() / 10).min(Duration::from_secs(3600));
+        let refuse = |reason, message: String| {
+            tracing::warn!(%message, "Certificate renewal refused.");
+            Ok(Message::Refused(Refusal { reason, message }))
+        };
+        if self.renewed.is_some_and(|at| at.elapsed() < at_most_every) {
+            let message = format!("a certificate was renewed in this session less than {at_most_every:?} ago");
+            return refuse(RefusalReason::BadRequest, message);
+        }
+        let cert = match self.ca.sign_device(&request.csr_der, &self.id) {
+            Ok(cert) => cert,
+            Err(e) => return refuse(RefusalReason::BadCsr, e.to_string()),
+        };
+        let (Some(key), Some((_, not_after))) =
+            (outpost_shared::identity::public_key_of(&cert), outpost_shared::identity::validity_of(&cert))
+        else {
+            return refuse(RefusalReason::Internal, "the signed certificate does not parse".into());
+        };
+        store.put_next_device_key(&self.id, &key).await.map_err(|e| {
+            log_store_error(&e, "Renewed device key could not be stored.");
+            SessionEnd::Closed("store error".into())
+        })?;
+        self.keys.next = Some(key.clone());
+        self.renewed = Some(tokio::time::Instant::now());
+        let not_after = Timestamp::from_system(not_after).rfc3339();
+        info!(%not_after, "Device certificate renewed.");
+        let entry = AuditEntry {
+            id: 0,
+            at: Timestamp::now(),
+            who: format!("device {}", self.id),
+            action: "renew certificate".into(),
+            target: self.id.to_string(),
+            matched: None,
+            from: addr.to_owned(),
+            status: 200,
+            detail: format!("valid until {not_after}, key {}", outpost_shared::Fingerprint::of_der(&key)),
+        };
+        if let Err(e) = store.append_audit(&entry).await {
+            log_store_error(&e, "Audit entry could not be written.");
+        }
+        Ok(Message::Renewed(Renewed { cert_der: cert.to_vec() }))
     }
 
     /// Makes this session the device's in the fleet: at each hello (a new

@@ -35,6 +35,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     fs::File::open(dir)?.sync_all()
 }
 
+/// Checks that a secret file (a private key, a token key) is not open to
+/// group or others: `Err` says which mode it has and how to fix it. A
+/// missing file passes (whoever needs it reports that).
+pub fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(format!(
+            "{} holds a secret and is open to group or others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            meta.permissions().mode() & 0o777,
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// True for a temporary file [`write_atomic`] makes (a crash's leftover if
 /// it is old).
 pub fn is_temporary(name: &str) -> bool {
@@ -45,6 +61,24 @@ pub fn is_temporary(name: &str) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secrets_open_to_others_are_named_with_their_mode() {
+        let dir = std::env::temp_dir().join(format!("outpost-fsutil-private-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("k");
+        assert!(check_private(&p).is_ok(), "a missing file is someone else's error");
+        write_atomic(&p, b"k", 0o600).unwrap();
+        assert!(check_private(&p).is_ok());
+        for mode in [0o640, 0o604, 0o644, 0o660] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            let e = check_private(&p).unwrap_err();
+            assert!(e.contains(&format!("mode {mode:o}")) && e.contains("chmod 600"), "{e}");
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(check_private(&p).is_ok());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn writes_with_mode_and_replaces() {

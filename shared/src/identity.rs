@@ -195,3 +195,90 @@ pub fn public_key_of(cert_der: &[u8]) -> Option<Vec<u8>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).ok()?;
     Some(parsed.public_key().subject_public_key.data.to_vec())
 }
+
+/// The validity of a certificate: `(not_before, not_after)`.
+pub fn validity_of(cert_der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    };
+    Some((at(parsed.validity().not_before), at(parsed.validity().not_after)))
+}
+
+/// The share of a certificate's life after which it is renewed, unless
+/// configured otherwise: a renewal that fails has a third of the lifetime
+/// left to be retried.
+pub const RENEW_AT: f64 = 2.0 / 3.0;
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// after `fraction` of its life (clamped to 0.05 ..= 0.95). The hub's own
+/// certificate and the devices' follow this one rule.
+pub fn renewal_due(
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+    fraction: f64,
+) -> std::time::SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    not_before + life.mul_f64(fraction.clamp(0.05, 0.95))
+}
+
+/// The certificate and key a process presents now, replaced while it runs
+/// (a renewal): a rustls certificate resolver for either side, so a TLS
+/// configuration built once takes the current certificate at each
+/// handshake, and connections made with the previous one are not touched.
+#[cfg(feature = "tls")]
+#[derive(Debug)]
+pub struct CertSlot(std::sync::RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>);
+
+#[cfg(feature = "tls")]
+impl CertSlot {
+    /// A slot holding `key`.
+    pub fn new(key: std::sync::Arc<rustls::sign::CertifiedKey>) -> Self {
+        CertSlot(std::sync::RwLock::new(key))
+    }
+
+    /// The certificate chain and key in the slot, with ring's key loader.
+    pub fn certified(
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, String> {
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("private key: {e}"))?;
+        Ok(std::sync::Arc::new(rustls::sign::CertifiedKey::new(chain, signing)))
+    }
+
+    /// The current certificate and key.
+    pub fn get(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces them: the next handshake presents `key`.
+    pub fn set(&self, key: std::sync::Arc<rustls::sign::CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+}
+
+#[cfg(feature = "tls")]
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+#[cfg(feature = "tls")]
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

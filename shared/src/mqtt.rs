@@ -5,11 +5,11 @@
 //!   an envelope with a [`crate::protocol::Batch`] (signed by the device);
 //!   `relay` one with a `Relay` of another device's batch (signed by that
 //!   device);
-//!   `hello`, `heartbeat` and `received` carry an envelope with a
+//!   `hello`, `heartbeat`, `received` and `renew` carry an envelope with a
 //!   [`crate::protocol::Signed`] message (direction up, signed by the device).
 //! - `outpost/v1/<device>/down`: hub → device, QoS 1, an envelope with a
 //!   `Signed` message (direction down, signed by the fleet CA): `Welcome`,
-//!   `Ack`, `Deliver`, `Refused`.
+//!   `Ack`, `Deliver`, `Refused`, `Renewed`.
 //!
 //! The broker's ACL should confine each device to its own topics (see
 //! `configs/mosquitto-acl`), but nothing relies on it: the hub checks every
@@ -35,6 +35,8 @@ pub enum UpKind {
     Received,
     /// `Relay`: another device's batch, carried for it.
     Relay,
+    /// `Renew`: a request for a new certificate.
+    Renew,
 }
 
 impl UpKind {
@@ -46,6 +48,7 @@ impl UpKind {
             UpKind::Heartbeat => "heartbeat",
             UpKind::Received => "received",
             UpKind::Relay => "relay",
+            UpKind::Renew => "renew",
         }
     }
 
@@ -57,12 +60,13 @@ impl UpKind {
             Message::Heartbeat(_) => Some(UpKind::Heartbeat),
             Message::Received(_) => Some(UpKind::Received),
             Message::Relay(_) => Some(UpKind::Relay),
+            Message::Renew(_) => Some(UpKind::Renew),
             _ => None,
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received, UpKind::Relay]
+        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received, UpKind::Relay, UpKind::Renew]
             .into_iter()
             .find(|k| k.as_str() == s)
     }
@@ -177,6 +181,7 @@ pub fn tls_client_config(
 
 /// Like [`tls_client_config`], with the client certificate from `resolver`
 /// at each handshake (one that is renewed while the process runs).
+#[cfg(feature = "tls")]
 pub fn tls_client_config_resolved(
     roots: &[rustls_pki_types::CertificateDer<'static>],
     resolver: std::sync::Arc<dyn rustls::client::ResolvesClientCert>,
@@ -185,6 +190,7 @@ pub fn tls_client_config_resolved(
 }
 
 /// A client config trusting `roots` (the broker's CA), ring as provider.
+#[cfg(feature = "tls")]
 fn client_builder(
     roots: &[rustls_pki_types::CertificateDer<'static>],
 ) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {

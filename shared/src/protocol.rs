@@ -29,8 +29,15 @@ use serde::{Deserialize, Serialize};
 /// messages for carriers that do not authenticate the sender (MQTT);
 /// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
 /// record; version 7 added the backup transfer messages of bulk connections
-/// (`HaveChunks` ... `Chunk`).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// (`HaveChunks` ... `Chunk`); version 10 added certificate renewal over
+/// the session (`Renew`, `Renewed`).
+pub const PROTOCOL_VERSION: u16 = 10;
+
+/// The oldest version this build still reads. Messages are only ever
+/// appended, so a newer build decodes an older peer's envelopes unchanged:
+/// a hub upgraded first keeps every older agent connected (agents of
+/// version 9 simply never renew).
+pub const MIN_PROTOCOL_VERSION: u16 = 9;
 
 /// A versioned message, as carried in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +111,27 @@ pub enum Message {
     /// knows what each snapshot needs without the backup key. Answered
     /// with `Done`.
     SnapshotChunks(SnapshotChunkList),
+    /// Agent → hub, in a session: sign a new certificate for this key (the
+    /// device's certificate is at two thirds of its life). Answered with
+    /// `Renewed` or `Refused` (the session goes on after either).
+    Renew(RenewRequest),
+    /// Hub → agent: the new certificate.
+    Renewed(Renewed),
+}
+
+/// A device asks for a new certificate: a PKCS#10 request for a key it
+/// made. The hub signs it for the session's device whatever it names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// The CSR (DER), self-signed with the new key.
+    pub csr_der: Vec<u8>,
+}
+
+/// The hub's answer to [`RenewRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Renewed {
+    /// The new device certificate (DER), from the fleet CA.
+    pub cert_der: Vec<u8>,
 }
 
 /// Part of the list of chunks a snapshot needs.
@@ -611,7 +639,7 @@ pub struct Heartbeat {
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     /// The peer speaks a protocol version this build does not know.
-    #[error("unsupported protocol version {got} (this build speaks {PROTOCOL_VERSION})")]
+    #[error("unsupported protocol version {got} (this build speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})")]
     UnsupportedVersion {
         /// The version the peer sent.
         got: u16,
@@ -656,6 +684,8 @@ impl Message {
             Message::GetChunk(_) => "GetChunk",
             Message::Chunk(_) => "Chunk",
             Message::SnapshotChunks(_) => "SnapshotChunks",
+            Message::Renew(_) => "Renew",
+            Message::Renewed(_) => "Renewed",
         }
     }
 }
@@ -676,7 +706,7 @@ impl Envelope {
     /// Decodes one envelope that must fill `bytes` exactly.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let (version, rest) = postcard::take_from_bytes::<u16>(bytes).map_err(ProtocolError::Malformed)?;
-        if version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
             return Err(ProtocolError::UnsupportedVersion { got: version });
         }
         let (message, rest) = postcard::take_from_bytes::<Message>(rest).map_err(ProtocolError::Malformed)?;
@@ -723,15 +753,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0900017401aa016e",
+                "0a00017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0901066465762d303101010102",
+                "0a01066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "090203302e3102677701",
+                "0a0203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -740,10 +770,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0903066465762d303103302e31ac0207",
+                "0a03066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0904010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "090502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0a04010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "0a0502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -818,7 +848,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0907ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0a07ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -829,9 +859,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "09080109046563686f010268690a0102027b7d",
+                "0a080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "090902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "0a0902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -839,24 +869,24 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "090a066465762d303103090109015a",
+                "0a0a066465762d303103090109015a",
             ),
             (
                 Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
-                "090c066465762d3031ac0200",
+                "0a0c066465762d3031ac0200",
             ),
             (
                 Message::HaveChunks(ChunkIds { ids: vec![[7; 32]] }),
-                concat!("090d01", "0707070707070707070707070707070707070707070707070707070707070707"),
+                concat!("0a0d01", "0707070707070707070707070707070707070707070707070707070707070707"),
             ),
-            (Message::Done, "0911"),
+            (Message::Done, "0a11"),
             (
                 Message::SnapshotChunks(SnapshotChunkList { name: "1-s-ab".into(), first: true, ids: vec![[2; 32]] }),
-                concat!("091806312d732d61620101", "0202020202020202020202020202020202020202020202020202020202020202"),
+                concat!("0a1806312d732d61620101", "0202020202020202020202020202020202020202020202020202020202020202"),
             ),
             (
                 Message::GetChunk(ChunkRef { device: "dev-01".parse().unwrap(), id: [1; 32] }),
-                concat!("0916066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
+                concat!("0a16066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
             ),
             (
                 Message::PutSnapshot(SnapshotData {
@@ -872,8 +902,10 @@ mod tests {
                     },
                     manifest: vec![0xEE],
                 }),
-                "091006312d732d6162017301020304050001ee",
+                "0a1006312d732d6162017301020304050001ee",
             ),
+            (Message::Renew(RenewRequest { csr_der: vec![0xAA] }), "0a1901aa"),
+            (Message::Renewed(Renewed { cert_der: vec![1] }), "0a1a0101"),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -886,7 +918,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0906066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0a06066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";
@@ -946,6 +978,12 @@ mod tests {
         assert!(matches!(Envelope::decode(&bytes), Err(ProtocolError::UnsupportedVersion { got: g }) if g == got));
         assert!(matches!(Envelope::decode(&[PROTOCOL_VERSION as u8, 0xEE]), Err(ProtocolError::Malformed(_))));
         assert!(matches!(Envelope::decode(&[]), Err(ProtocolError::Malformed(_))));
+        // The previous version is still read (messages are only appended);
+        // the one before it is not.
+        bytes[0] = MIN_PROTOCOL_VERSION as u8;
+        assert_eq!(Envelope::decode(&bytes).unwrap().version, MIN_PROTOCOL_VERSION);
+        bytes[0] = MIN_PROTOCOL_VERSION as u8 - 1;
+        assert!(matches!(Envelope::decode(&bytes), Err(ProtocolError::UnsupportedVersion { .. })));
     }
 
     #[test]

@@ -175,6 +175,8 @@ pub struct Hub {
     pub store_config: String,
     /// The hub addresses its enrollment tokens name (default: its own).
     pub token_hubs: Option<String>,
+    /// Environment of the serving process (libfaketime, see [`faketime`]).
+    pub env: Vec<(String, String)>,
     timings: Timings,
     root: PathBuf,
 }
@@ -227,6 +229,7 @@ impl Hub {
             postgres: pg,
             store_config,
             token_hubs: None,
+            env: Vec::new(),
             timings,
             root: root.to_owned(),
         };
@@ -261,6 +264,7 @@ impl Hub {
             postgres: None,
             store_config: first.store_config.clone(),
             token_hubs: None,
+            env: Vec::new(),
             timings: first.timings.clone(),
             root: root.to_owned(),
         };
@@ -281,7 +285,7 @@ impl Hub {
         let http_file = self.data_dir.join("http.addr");
         let _ = fs::remove_file(&http_file);
         let mut proc = Proc::spawn(
-            Command::new(bin("outpost-hub")).arg("serve").arg("--config").arg(&self.config),
+            Command::new(bin("outpost-hub")).arg("serve").arg("--config").arg(&self.config).envs(self.env.clone()),
             self.root.join("hub.log"),
         )?;
         let http = wait_for(Duration::from_secs(20), "the hub to record its HTTP address", || {
@@ -490,6 +494,24 @@ impl Agent {
         self.proc = Some(proc);
         Ok(())
     }
+}
+
+/// The environment that runs a process under libfaketime (Debian's
+/// `libfaketime`, installed by tests/run.sh) with the clock offset written
+/// in `offset_file` (`+250d`, `@1970-01-02 00:00:00`; read at every call,
+/// so a test moves the clock by rewriting it). Monotonic time is real.
+pub fn faketime(offset_file: &Path) -> Vec<(String, String)> {
+    let found = ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"]
+        .iter()
+        .map(|d| Path::new(d).join("libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    let library = found.expect("libfaketime is missing: run the tests through tests/run.sh, which installs it");
+    vec![
+        ("LD_PRELOAD".into(), library.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), offset_file.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
 }
 
 /// True when the tests run as root.

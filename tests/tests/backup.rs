@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+use outpost_shared::fsutil::write_atomic;
 use outpost_tests::trees::{assert_same_tree, lost, noise, populate, populate_fidelity, walk};
 use outpost_tests::{Scratch, bin, run};
 use std::fs;
@@ -22,7 +23,7 @@ fn setup(scratch: &Scratch, retention: &str) -> Setup {
     let src = root.join("src");
     fs::create_dir_all(&src).unwrap();
     let key = root.join("backup.key");
-    fs::write(&key, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n").unwrap();
+    write_atomic(&key, b"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n", 0o600).unwrap();
     let config = root.join("agent.toml");
     let text = format!(
         "data_dir = {:?}\n[backups]\nkey_file = {:?}\n[[backup]]\nname = \"data\"\npaths = [{:?}, {:?}]\nexclude = [\"**/*.tmp\"]\n[backup.retention]\n{retention}\n",
@@ -327,7 +328,7 @@ fn a_wrong_key_is_refused_before_anything_is_written() {
     let s = setup(&scratch, "");
     populate(&s.src);
     backup(&s, &["run", "data"]);
-    fs::write(scratch.path().join("backup.key"), "ff".repeat(32)).unwrap();
+    write_atomic(&scratch.path().join("backup.key"), "ff".repeat(32).as_bytes(), 0o600).unwrap();
     let out = backup(&s, &["run", "data"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("does not match this repository"), "{}", text(&out));
@@ -351,7 +352,7 @@ fn scheduled_backups_run_as_jobs_and_the_hub_can_list_and_restore() {
     fs::create_dir_all(src.join("sub")).unwrap();
     fs::write(src.join("sub/readings.csv"), "t,v\n1,2\n".repeat(1000)).unwrap();
     let key = scratch.path().join("backup.key");
-    fs::write(&key, "ab".repeat(32)).unwrap();
+    write_atomic(&key, "ab".repeat(32).as_bytes(), 0o600).unwrap();
     let extra = format!(
         "[backups]\nkey_file = {:?}\n[[backup]]\nname = \"field\"\npaths = [{:?}]\nschedule = \"@every 2s\"\n",
         key.display().to_string(),

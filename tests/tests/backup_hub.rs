@@ -20,7 +20,7 @@ fn text(out: &Output) -> String {
 /// Config tables of an agent that backs `src` up as set `field`, uploading.
 fn backup_config(scratch: &Scratch, src: &Path) -> String {
     let key = scratch.path().join("fleet-backup.key");
-    fs::write(&key, KEY).unwrap();
+    outpost_shared::fsutil::write_atomic(&key, KEY.as_bytes(), 0o600).unwrap();
     format!(
         "[backups]\nkey_file = {:?}\n[[backup]]\nname = \"field\"\npaths = [{:?}]\nupload = true\n",
         key.display().to_string(),

@@ -351,16 +351,6 @@ fn invalid_jobs_in_the_config_are_all_reported_with_their_names_and_exit_64() {
     }
 }
 
-/// libfaketime's multi-threaded library (Debian's `libfaketime`, installed by
-/// tests/run.sh).
-fn libfaketime() -> std::path::PathBuf {
-    let found = ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"]
-        .iter()
-        .map(|d| Path::new(d).join("libfaketimeMT.so.1"))
-        .find(|p| p.exists());
-    found.expect("libfaketime is missing: run the tests through tests/run.sh, which installs it")
-}
-
 fn uptime_lines(path: &Path) -> Vec<f64> {
     lines(path).iter().filter_map(|l| l.parse().ok()).collect()
 }
@@ -383,12 +373,7 @@ fn wall_clock_steps_neither_burst_nor_silence_the_schedules() {
     let mut agent = Agent::enroll_with(scratch.path(), &hub, "clocky", &timings, &config).unwrap();
     let offset = scratch.path().join("faketime");
     std::fs::write(&offset, "+0\n").unwrap();
-    agent.env = vec![
-        ("LD_PRELOAD".into(), libfaketime().display().to_string()),
-        ("FAKETIME_TIMESTAMP_FILE".into(), offset.display().to_string()),
-        ("FAKETIME_NO_CACHE".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    agent.env = outpost_tests::faketime(&offset);
     agent.start().unwrap();
     let (every, cron) = (agent.data_dir.join("every.txt"), agent.data_dir.join("cron.txt"));
     wait_for(Duration::from_secs(15), "both jobs running", || {

@@ -195,6 +195,14 @@ fn validate_catches_what_would_stop_the_daemon_and_the_daemon_exits_64() {
     }
     std::fs::write(&agent, text.replace("missing.key", "short.key")).unwrap();
     check("outpost-agent", "validate", &agent, &["backups.key_file", "expected 64 hex digits"]);
+    // A valid key that group or others may read: refused, with the fix.
+    let open_key = dir.join("open.key");
+    std::fs::write(&open_key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&open_key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&agent, text.replace("missing.key", "open.key")).unwrap();
+    for cmd in ["validate", "run"] {
+        check("outpost-agent", cmd, &agent, &["backups.key_file", "open to group or others (mode 644)", "chmod 600"]);
+    }
     let hub_addr = format!("data_dir = {:?}\n[uplink]\nhub = \"hub.example.com\"\n", data.display().to_string());
     std::fs::write(&agent, hub_addr).unwrap();
     check("outpost-agent", "validate", &agent, &["uplink.hub", "has no port"]);
@@ -213,5 +221,15 @@ fn validate_catches_what_would_stop_the_daemon_and_the_daemon_exits_64() {
     std::fs::write(&hub, text).unwrap();
     for cmd in ["validate", "serve"] {
         check("outpost-hub", cmd, &hub, &["data_dir", "not an initialised hub data dir", "outpost-hub init"]);
+    }
+
+    // An initialised hub whose CA key was opened to the group.
+    let data = dir.join("hub-data");
+    let out = run(Command::new(bin("outpost-hub")).args(["init", "--data-dir"]).arg(&data)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(data.join("ca.key"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    std::fs::write(&hub, format!("data_dir = {:?}\n", data.display().to_string())).unwrap();
+    for cmd in ["validate", "serve"] {
+        check("outpost-hub", cmd, &hub, &["data_dir", "ca.key holds a secret", "(mode 640)", "chmod 600"]);
     }
 }

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::store::{
-    ApiToken, CatalogEntry, CommandState, DeviceRecord, Grant, NewCommand, Role, Store, StoreConfig, StoreError,
-    TelemetryRange,
+    ApiToken, CatalogEntry, CommandState, DeviceKeys, DeviceRecord, Grant, NewCommand, Role, Store, StoreConfig,
+    StoreError, TelemetryRange,
 };
 use outpost_shared::job::{JobRun, RunOutcome, Trigger};
 use outpost_shared::protocol::{
@@ -369,9 +369,21 @@ fn tokens_enrollment_keys_and_hellos() {
         assert_eq!(ids, ["dev-e1", "dev-e2"], "nothing of the refused enrollment is kept");
         let e1: DeviceId = "dev-e1".parse().unwrap();
         assert_eq!(store.device(&e1).await.unwrap(), Some(device("dev-e1")));
-        assert_eq!(store.device_key(&e1).await.unwrap().as_deref(), Some(&b"k1"[..]));
+        let keys = |current: &[u8], next: Option<&[u8]>| {
+            Some(DeviceKeys { current: current.to_vec(), next: next.map(<[u8]>::to_vec) })
+        };
+        assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1", None));
         store.put_device_key(&e1, b"k1-new").await.unwrap();
-        assert_eq!(store.device_key(&e1).await.unwrap().as_deref(), Some(&b"k1-new"[..]));
+        assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1-new", None));
+        // A renewal: the next key is kept beside the current one, and
+        // becomes the current one when the device is seen using it.
+        store.put_next_device_key(&e1, b"k1-next").await.unwrap();
+        assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1-new", Some(b"k1-next")));
+        store.put_device_key(&e1, b"k1-new").await.unwrap();
+        assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1-new", Some(b"k1-next")), "the old key seen again");
+        store.put_device_key(&e1, b"k1-next").await.unwrap();
+        assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1-next", None));
+        assert_eq!(store.device_keys(&"dev-none".parse().unwrap()).await.unwrap(), None);
 
         let hello = |id: &str| outpost_hub::store::HelloRecord {
             id: id.parse().unwrap(),

@@ -14,10 +14,11 @@ pub mod session;
 
 use crate::backoff::Backoff;
 use crate::config::{Transport, UplinkConfig};
-use crate::identity::Identity;
+use crate::identity::{Identity, Live};
 use crate::store::AgentStore;
 use crate::tls;
 use outpost_shared::io::StreamError;
+use outpost_shared::time::Timestamp;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -95,6 +96,36 @@ pub enum LinkError {
     /// The MQTT broker connection failed or refused us.
     #[error("MQTT broker: {0}")]
     Mqtt(String),
+    /// The session ended to reconnect with the renewed certificate (a
+    /// transport that cannot prove it to the hub beside the session).
+    #[error("reconnecting with the renewed certificate")]
+    SwitchIdentity,
+}
+
+impl LinkError {
+    /// What the hub's TLS stack said when it refused this device's
+    /// certificate (an expired, revoked or foreign one); `None` for every
+    /// other failure. QUIC carries the TLS alert as the connection's close
+    /// code (`0x100 + alert`, RFC 9001 §20.1).
+    pub fn certificate_refused(&self) -> Option<&'static str> {
+        let LinkError::Connection(quinn::ConnectionError::ConnectionClosed(close)) = self else { return None };
+        certificate_alert(u64::from(close.error_code))
+    }
+}
+
+/// The meaning of a QUIC close code that carries a TLS alert about the
+/// client's certificate.
+fn certificate_alert(code: u64) -> Option<&'static str> {
+    match code.checked_sub(0x100)? {
+        42 => Some("bad certificate"),
+        43 => Some("unsupported certificate"),
+        44 => Some("certificate revoked"),
+        45 => Some("certificate expired"),
+        46 => Some("certificate unknown"),
+        48 => Some("unknown CA"),
+        49 => Some("access denied"),
+        _ => None,
+    }
 }
 
 impl From<quinn::WriteError> for LinkError {
@@ -162,8 +193,18 @@ pub struct LinkParams {
     /// commas: the link tries them in a shuffled order and stays with the
     /// one that answers.
     pub hub: String,
-    /// The device's identity.
+    /// The identity this attempt presents: the device's, or a renewed one
+    /// the hub has not accepted yet.
     pub identity: Identity,
+    /// True if `identity` is the renewed one.
+    pub trying_next: bool,
+    /// The identity LAN peers and bulk connections present; switched when
+    /// the hub accepts a renewed one.
+    pub live: Live,
+    /// The data dir, where the identity's files are.
+    pub data_dir: std::path::PathBuf,
+    /// When the hub last refused to renew the certificate.
+    pub renewal_refused: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// Name sent in the hello.
     pub name: String,
     /// The outbox and inbox.
@@ -189,7 +230,18 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             untried = outpost_shared::config::hub_order(&hubs, answered.as_deref(), rand::random()).into();
         }
         let hub = untried.pop_front().unwrap_or_else(|| params.hub.clone());
-        let attempt_params = LinkParams { hub: hub.clone(), ..params.clone() };
+        // A renewed identity, once there is one, is tried first: the old one
+        // stays on disk until the hub accepts the new one.
+        let (identity, trying_next) = match Identity::load_next(&params.data_dir) {
+            Ok(Some(next)) => (next, true),
+            Ok(None) => (params.live.get(), false),
+            Err(e) => {
+                tracing::warn!(error = %e, "Renewed certificate unusable; discarded.");
+                Identity::discard_next(&params.data_dir);
+                (params.live.get(), false)
+            }
+        };
+        let attempt_params = LinkParams { hub: hub.clone(), identity, trying_next, ..params.clone() };
         let mut session = Session::new(&params.config);
         let result = tokio::select! {
             () = cancel.cancelled() => None,
@@ -199,9 +251,25 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             session.close().await;
             return;
         };
+        if matches!(result, Err(LinkError::SwitchIdentity)) {
+            tracing::info!("Reconnecting with the renewed certificate.");
+            backoff.reset();
+            continue;
+        }
+        let refused = result.as_ref().err().and_then(LinkError::certificate_refused);
+        if let Some(alert) = refused
+            && trying_next
+        {
+            tracing::warn!(%alert, "The hub refused the renewed certificate; going on with the current one.");
+            Identity::discard_next(&params.data_dir);
+            continue;
+        }
         let reason = match result {
             Ok(()) => "hub closed the session".to_owned(),
-            Err(e) => e.to_string(),
+            Err(e) => match e.certificate_refused() {
+                Some(alert) => format!("the hub refuses this device's certificate: {alert}"),
+                None => e.to_string(),
+            },
         };
         if session.was_connected() {
             backoff.reset();
@@ -214,6 +282,16 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             // Another hub of the fleet may answer: try it now.
             tracing::info!(%reason, %hub, "Hub did not answer; trying the next one.");
             continue;
+        } else if reason != last_error
+            && let Some(alert) = refused
+        {
+            let not_after = params.live.get().validity().map(|(_, end)| Timestamp::from_system(end).rfc3339());
+            tracing::error!(
+                %alert,
+                not_after = %not_after.unwrap_or_default(),
+                "The hub refuses this device's certificate: an operator must re-admit the device. It keeps trying, \
+                 and keeps every record until then."
+            );
         } else if reason != last_error {
             tracing::warn!(%reason, attempt, "Cannot reach the hub.");
         } else {
@@ -226,5 +304,21 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_alerts_about_the_client_certificate_are_told_apart() {
+        assert_eq!(certificate_alert(0x100 + 45), Some("certificate expired"));
+        assert_eq!(certificate_alert(0x100 + 44), Some("certificate revoked"));
+        assert_eq!(certificate_alert(0x100 + 48), Some("unknown CA"));
+        // Other alerts, application codes and transport errors are not.
+        assert_eq!(certificate_alert(0x100 + 40), None);
+        assert_eq!(certificate_alert(45), None);
+        assert_eq!(certificate_alert(0), None);
     }
 }

@@ -198,6 +198,12 @@ impl Channel for MqttChannel {
             .map_err(|e| LinkError::Mqtt(e.to_string()))
     }
 
+    /// The broker knows one connection per client id: the session ends and
+    /// the next connection presents the renewed certificate.
+    async fn prove(&mut self, _p: &LinkParams, _next: &crate::identity::Identity) -> Result<bool, LinkError> {
+        Ok(false)
+    }
+
     async fn recv(&mut self) -> Result<Option<Message>, LinkError> {
         loop {
             match self.rx.recv().await {

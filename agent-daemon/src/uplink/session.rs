@@ -3,15 +3,26 @@
 //! ones), trimmed as the hub acknowledges them; deliveries in, persisted
 //! before `Received` goes back; heartbeats.
 //!
+//! Certificate renewal rides on the session: once the certificate is past
+//! `renew_at` of its life by the hub's clock ([`renewal_in`]), the agent
+//! sends a CSR for a new key (kept in `next.key` first), keeps the hub's
+//! answer in `next.crt`, and switches to it once the hub has accepted it in
+//! a handshake: beside the session where the transport can
+//! ([`Channel::prove`], QUIC), else by reconnecting with it (MQTT). Until
+//! then the old identity stays on disk, so a crash at any step leaves a
+//! device that connects with one of the two.
+//!
 //! The transports ([`super::quic`], [`super::mqtt`]) only move messages;
 //! they implement [`Channel`].
 
 use super::{LinkError, LinkParams, LinkState};
+use crate::identity::Identity;
 use outpost_shared::DeviceId;
-use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal};
+use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal, RenewRequest};
 use outpost_shared::time::Timestamp;
 use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
 /// Records per batch.
@@ -47,6 +58,76 @@ pub trait Channel {
     /// The next message from the hub; `None` once the hub ended the session.
     /// Must be cancel-safe: the session selects on it.
     fn recv(&mut self) -> impl Future<Output = Result<Option<Message>, LinkError>>;
+    /// Shows the hub, beside this session, the renewed identity `next` (a
+    /// handshake and one round trip with it): `Ok(true)` once the hub has
+    /// accepted it; `Ok(false)` if this transport cannot, and the session
+    /// must end to reconnect with it.
+    fn prove(&mut self, p: &LinkParams, next: &Identity) -> impl Future<Output = Result<bool, LinkError>>;
+}
+
+/// After a refused renewal, the next request waits this long.
+const RENEWAL_RETRY: Duration = Duration::from_secs(3600);
+
+/// How long until a certificate valid over `validity` is past `renew_at`
+/// of its life, at `hub_now` (zero: now); `None` for a certificate that
+/// does not parse. The hub's clock decides, not the device's: a device
+/// whose clock restarted at 1970 or runs a year ahead still renews when it
+/// should.
+pub fn renewal_in(validity: Option<(SystemTime, SystemTime)>, hub_now: SystemTime, renew_at: f64) -> Option<Duration> {
+    let (from, until) = validity?;
+    Some(outpost_shared::identity::renewal_due(from, until, renew_at).duration_since(hub_now).unwrap_or_default())
+}
+
+/// The renewal check looks again at least this often (the hub's clock is
+/// followed by this process's monotonic clock in between).
+const RENEWAL_CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// Makes the renewed identity the device's own: the hub accepted it. A
+/// failure (a full disk) is logged and leaves both identities as they
+/// were: the next connection tries the renewed one again.
+fn switch_to(p: &LinkParams, next: Identity) {
+    let not_after = next.validity().map(|(_, until)| Timestamp::from_system(until).rfc3339()).unwrap_or_default();
+    match Identity::promote(&p.data_dir).and_then(|()| p.live.set(next)) {
+        Ok(()) => tracing::info!(%not_after, "Switched to the renewed certificate."),
+        Err(e) => tracing::warn!(error = %e, "Could not switch to the renewed certificate; trying again later."),
+    }
+}
+
+/// Notes a renewal that failed or was refused: the next request waits
+/// [`RENEWAL_RETRY`].
+fn renewal_failed(p: &LinkParams) {
+    *p.renewal_refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+}
+
+/// Takes the hub's answer to a renewal request: keeps the certificate and
+/// switches to it once the hub accepts it. Returns an error only to end
+/// the session (to reconnect with the new identity, or on a local fault).
+async fn renewed(p: &LinkParams, channel: &mut impl Channel, cert_der: Vec<u8>) -> Result<(), LinkError> {
+    let next = match p.identity.store_renewed(&p.data_dir, cert_der) {
+        Ok(next) => next,
+        Err(e) => {
+            tracing::warn!(error = %e, "The hub's renewed certificate is unusable; discarded.");
+            Identity::discard_next(&p.data_dir);
+            renewal_failed(p);
+            return Ok(());
+        }
+    };
+    match channel.prove(p, &next).await {
+        Ok(true) => {
+            switch_to(p, next);
+            Ok(())
+        }
+        Ok(false) => Err(LinkError::SwitchIdentity),
+        Err(e) if e.certificate_refused().is_some() => {
+            tracing::warn!(error = %e, "The hub refused the renewed certificate; discarded.");
+            Identity::discard_next(&p.data_dir);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "The renewed certificate could not be tried yet; the next connection uses it.");
+            Ok(())
+        }
+    }
 }
 
 fn started_at() -> Timestamp {
@@ -71,10 +152,12 @@ pub async fn serve(
     let reply = tokio::time::timeout(cfg.connect_timeout, channel.recv())
         .await
         .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
-    let (acked, hub_clock) = match reply {
-        Some(Message::Welcome(welcome)) if welcome.device_id == p.identity.device_id => {
-            (welcome.acked_seq, crate::inbox::HubClock::new(welcome.server_time))
-        }
+    let (acked, hub_clock, hub_now) = match reply {
+        Some(Message::Welcome(welcome)) if welcome.device_id == p.identity.device_id => (
+            welcome.acked_seq,
+            crate::inbox::HubClock::new(welcome.server_time),
+            std::time::UNIX_EPOCH + Duration::from_millis(welcome.server_time.0),
+        ),
         Some(Message::Welcome(welcome)) => {
             return Err(LinkError::Protocol(format!("hub welcomed {} instead of us", welcome.device_id)));
         }
@@ -83,6 +166,10 @@ pub async fn serve(
         None => return Err(LinkError::Protocol("hub closed the session before welcoming".into())),
     };
     *connected = true;
+    if p.trying_next {
+        // The hub accepted the renewed identity.
+        switch_to(p, p.identity.clone());
+    }
     p.state.send_replace(LinkState::Connected);
     let store = &p.store;
     store.resume(acked).await?;
@@ -104,6 +191,13 @@ pub async fn serve(
     // hears "session ended") if this session ends first.
     let mut relay = p.relay.lock().await;
     let mut relaying: HashMap<DeviceId, oneshot::Sender<Result<u64, String>>> = HashMap::new();
+    // Renewal: checked now and whenever the certificate in use falls due
+    // by the hub's clock (its time at the welcome, plus the time elapsed
+    // here since), while no request is open.
+    let welcomed = tokio::time::Instant::now();
+    let mut renewing = false;
+    let renewal_check = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(renewal_check);
     loop {
         while in_flight.len() < window {
             let Some((batch, last)) =
@@ -123,6 +217,31 @@ pub async fn serve(
                 channel.send(Message::Heartbeat(Heartbeat { at: Timestamp::now() })).await?;
             }
             () = store.appended(), if in_flight.len() < window => {}
+            () = &mut renewal_check, if !renewing => {
+                let refused = *p.renewal_refused.lock().unwrap_or_else(|e| e.into_inner());
+                let wait = match refused.map(|at| at.elapsed()) {
+                    Some(since) if since < RENEWAL_RETRY => Some(RENEWAL_RETRY - since),
+                    _ => renewal_in(p.live.get().validity(), hub_now + welcomed.elapsed(), cfg.renew_at),
+                };
+                match wait {
+                    Some(Duration::ZERO) => match p.identity.renewal_request(&p.data_dir) {
+                        Ok(csr_der) => {
+                            channel.send(Message::Renew(RenewRequest { csr_der })).await?;
+                            renewing = true;
+                            tracing::info!("Asking the hub to renew this device's certificate.");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Could not make a key to renew the certificate; trying again in an hour.");
+                            renewal_failed(p);
+                            renewal_check.as_mut().reset(tokio::time::Instant::now() + RENEWAL_RETRY);
+                        }
+                    },
+                    wait => {
+                        let wait = wait.unwrap_or(RENEWAL_CHECK_EVERY).min(RENEWAL_CHECK_EVERY);
+                        renewal_check.as_mut().reset(tokio::time::Instant::now() + wait);
+                    }
+                }
+            }
             Some(request) = relay.recv(), if relaying.len() < MAX_RELAYED => {
                 match relaying.entry(request.batch.origin.clone()) {
                     std::collections::hash_map::Entry::Occupied(_) => {
@@ -168,9 +287,42 @@ pub async fn serve(
                         channel.send(Message::Received(Received { commands })).await?;
                     }
                 }
+                Some(Message::Renewed(answer)) if renewing => {
+                    renewing = false;
+                    renewed(p, channel, answer.cert_der).await?;
+                    renewal_check.as_mut().reset(tokio::time::Instant::now());
+                }
+                Some(Message::Refused(Refusal { reason, message })) if renewing => {
+                    renewing = false;
+                    renewal_check.as_mut().reset(tokio::time::Instant::now());
+                    tracing::warn!(?reason, %message, "The hub refused to renew this device's certificate; asking again in an hour.");
+                    renewal_failed(p);
+                }
                 Some(Message::Refused(Refusal { reason, message })) => return Err(LinkError::Refused(reason, message)),
                 Some(other) => return Err(LinkError::Protocol(format!("unexpected {} from the hub", other.kind()))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn renewal_follows_the_hubs_clock() {
+        let day = |d: u64| UNIX_EPOCH + Duration::from_secs(d * 86_400);
+        let days = |d: u64| Some(Duration::from_secs(d * 86_400));
+        let cert = Some((day(1000), day(1365)));
+        let third = 2.0 / 3.0;
+        assert_eq!(renewal_in(cert, day(1000), third), Some(Duration::from_secs(243 * 86_400 + 28_800)));
+        assert_eq!(renewal_in(cert, day(1242), third), Some(Duration::from_secs(86_400 + 28_800)));
+        assert_eq!(renewal_in(cert, day(1244), third), Some(Duration::ZERO));
+        assert_eq!(renewal_in(cert, day(1000), 0.25), Some(Duration::from_secs(91 * 86_400 + 21_600)));
+        assert_eq!(renewal_in(cert, day(1100), 0.2), days(0));
+        // Long expired: still asked for (the hub decides whether to sign).
+        assert_eq!(renewal_in(cert, day(2000), third), Some(Duration::ZERO));
+        assert_eq!(renewal_in(None, day(2000), third), None, "an unreadable certificate is not renewed blindly");
     }
 }

@@ -32,6 +32,29 @@ use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The public keys a device may sign with (uncompressed P-256 points).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceKeys {
+    /// The key of the certificate it was last seen using.
+    pub current: Vec<u8>,
+    /// The key of a certificate the hub signed when it renewed, until it is
+    /// seen using it (over MQTT or through a LAN relay, the hub only learns
+    /// this from a signature that verifies with it).
+    pub next: Option<Vec<u8>>,
+}
+
+impl DeviceKeys {
+    /// Only `current`.
+    pub fn only(current: Vec<u8>) -> Self {
+        DeviceKeys { current, next: None }
+    }
+
+    /// The key `verify` accepts, trying the current key first.
+    pub fn verifying(&self, verify: impl Fn(&[u8]) -> bool) -> Option<&[u8]> {
+        std::iter::once(&self.current).chain(self.next.as_ref()).map(Vec::as_slice).find(|key| verify(key))
+    }
+}
+
 /// What the hub knows about one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -583,16 +606,23 @@ impl Store {
             .collect())
     }
 
-    /// Records the public key of a device's certificate (unchanged keys are
-    /// not rewritten).
+    /// Records the public key of the certificate a device uses (unchanged
+    /// keys are not rewritten); a renewed key becomes the current one here.
     pub async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
         each!(self, b => b.put_device_key(id, key).await)
     }
 
-    /// The public key of a device's certificate (stored at enrollment, and
-    /// by each QUIC session from its certificate).
-    pub async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
-        each!(self, b => b.device_key(id).await)
+    /// Records the key of the certificate the hub just signed for a device
+    /// renewing its own: accepted beside the current key until the device
+    /// is seen using it ([`Store::put_device_key`]).
+    pub async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        each!(self, b => b.put_next_device_key(id, key).await)
+    }
+
+    /// The keys a device may sign with (stored at enrollment, by each QUIC
+    /// session from its certificate, and at renewal).
+    pub async fn device_keys(&self, id: &DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
+        each!(self, b => b.device_keys(id).await)
     }
 
     /// Adds a snapshot to a device's backup catalog, durably.

@@ -26,9 +26,9 @@
 use super::digest::DeviceDigest;
 use super::ingest;
 use super::{
-    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord,
-    EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB, NewCommand,
-    PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
+    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
+    DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
+    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
@@ -118,6 +118,8 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_who ON audit (who, id);
     CREATE INDEX audit_target ON audit (target, id);",
+    // 5: the key of a device's renewed certificate, until the device uses it.
+    "ALTER TABLE devices ADD COLUMN next_key bytea;",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -644,18 +646,28 @@ impl PgStore {
 
     pub(super) async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
         self.write(
-            "UPDATE devices SET public_key = $2 WHERE id = $1 AND public_key IS DISTINCT FROM $2",
+            "UPDATE devices SET public_key = $2, next_key = CASE WHEN next_key = $2 THEN NULL ELSE next_key END
+             WHERE id = $1 AND (public_key IS DISTINCT FROM $2 OR next_key = $2)",
             &[&id.as_str(), &key],
         )
         .await
         .map(drop)
     }
 
-    pub(super) async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        self.write("UPDATE devices SET next_key = $2 WHERE id = $1", &[&id.as_str(), &key]).await.map(drop)
+    }
+
+    pub(super) async fn device_keys(&self, id: &DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
         let client = self.client().await?;
-        let row =
-            client.query_opt("SELECT public_key FROM devices WHERE id = $1", &[&id.as_str()]).await.map_err(pg)?;
-        Ok(row.and_then(|r| r.get(0)))
+        let row = client
+            .query_opt("SELECT public_key, next_key FROM devices WHERE id = $1", &[&id.as_str()])
+            .await
+            .map_err(pg)?;
+        Ok(row.and_then(|r| {
+            let current: Option<Vec<u8>> = r.get(0);
+            current.map(|current| DeviceKeys { current, next: r.get(1) })
+        }))
     }
 
     pub(super) async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {

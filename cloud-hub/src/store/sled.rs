@@ -16,7 +16,9 @@
 //!   device id, 0, command id → () as the per-device index
 //! - `jobs`: device id → [`JobsRecord`], the device's latest job list
 //! - `device_keys`: device id → the public key of its certificate, taken
-//!   from the TLS handshake of its sessions, to verify its signed batches
+//!   from the TLS handshake of its sessions, to verify its signed batches;
+//!   device id, 0, `next` → the key of the certificate the hub signed at
+//!   the device's renewal, until the device is seen using it
 //! - `job_runs`: device id, 0, job name, 0, run id (u64 BE), attempt (u32
 //!   BE) → [`JobRun`]; run ids grow on a device, so a job's runs are in
 //!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
@@ -46,9 +48,9 @@
 use super::digest::DeviceDigest;
 use super::ingest::{self, Plan};
 use super::{
-    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceRecord,
-    EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB, NewCommand,
-    PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
+    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
+    DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
+    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
@@ -296,19 +298,37 @@ impl SledStore {
 
     pub(super) async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
         let (id, key) = (id.clone(), key.to_vec());
-        if self.device_key(&id).await?.as_deref() == Some(&key[..]) {
+        if self.device_keys(&id).await?.is_some_and(|k| k.current == key && k.next.is_none()) {
             return Ok(());
         }
         self.write(move |t| {
+            let next = next_key_name(&id);
+            if t.device_keys.get(&next).db()?.is_some_and(|n| n == key) {
+                t.device_keys.remove(next).db()?;
+            }
             t.device_keys.insert(id.as_str(), key).db()?;
             Ok(())
         })
         .await
     }
 
-    pub(super) async fn device_key(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(super) async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
+        let (id, key) = (id.clone(), key.to_vec());
+        self.write(move |t| {
+            t.device_keys.insert(next_key_name(&id), key).db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn device_keys(&self, id: &DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
         let id = id.clone();
-        self.read(move |t| Ok(t.device_keys.get(id.as_str()).db()?.map(|v| v.to_vec()))).await
+        self.read(move |t| {
+            let Some(current) = t.device_keys.get(id.as_str()).db()? else { return Ok(None) };
+            let next = t.device_keys.get(next_key_name(&id)).db()?.map(|v| v.to_vec());
+            Ok(Some(DeviceKeys { current: current.to_vec(), next }))
+        })
+        .await
     }
 
     pub(super) async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
@@ -718,6 +738,10 @@ fn device_prefix(id: &DeviceId) -> Vec<u8> {
     let mut key = id.as_str().as_bytes().to_vec();
     key.push(0);
     key
+}
+
+fn next_key_name(id: &DeviceId) -> Vec<u8> {
+    name_key(id, "next")
 }
 
 fn name_key(id: &DeviceId, name: &str) -> Vec<u8> {
