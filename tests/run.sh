@@ -55,4 +55,4 @@ cargo test --locked --workspace "$@"
 # The tests that run hubs, again with every hub on PostgreSQL.
 OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
     --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet \
-    --test roles "$@"
+    --test roles --test identity "$@"

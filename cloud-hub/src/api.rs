@@ -67,6 +67,15 @@ pub struct DeviceView {
     /// now: how far behind the hub's copy of its data is.
     #[serde(default)]
     pub behind_secs: Option<u64>,
+    /// Set when the hub refused the device's certificate as expired since
+    /// it was last seen (RFC 3339): it cannot connect until an operator
+    /// re-admits it (`POST .../readmit`).
+    #[serde(default)]
+    pub certificate_expired: Option<String>,
+    /// A re-admission in force: until then the hub lets the device in with
+    /// its expired certificate, to renew it (RFC 3339).
+    #[serde(default)]
+    pub readmitted_until: Option<String>,
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
@@ -195,6 +204,18 @@ pub fn rfc3339(t: Timestamp) -> String {
 }
 
 impl DeviceView {
+    /// One word for its state: `online`, `expired` (the hub refused its
+    /// expired certificate since it was last seen), `offline`, or `never`
+    /// (never connected).
+    pub fn state(&self) -> &'static str {
+        match (self.online, self.certificate_expired.is_some(), self.last_seen.is_some()) {
+            (true, _, _) => "online",
+            (false, true, _) => "expired",
+            (false, false, true) => "offline",
+            (false, false, false) => "never",
+        }
+    }
+
     /// Builds the view of a fleet row with its live presence, at `now`.
     pub fn new(
         row: crate::store::FleetRow,
@@ -203,7 +224,9 @@ impl DeviceView {
         transport: Option<&str>,
         now: Timestamp,
     ) -> Self {
-        let crate::store::FleetRow { record, labels, digest, high_water, .. } = row;
+        let crate::store::FleetRow { record, labels, digest, high_water, admission, .. } = row;
+        // Refused after it was last heard from: the refusal is the news.
+        let expired = admission.expired_seen.filter(|&at| last_seen.is_none_or(|seen| seen < at));
         let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
         DeviceView {
             id: record.id.to_string(),
@@ -226,6 +249,8 @@ impl DeviceView {
             alarms: digest.recent_alarms.into_iter().map(AlarmView::from).collect(),
             last_seq: high_water,
             labels,
+            certificate_expired: expired.map(rfc3339),
+            readmitted_until: admission.readmit_until.filter(|&until| now < until).map(rfc3339),
         }
     }
 }

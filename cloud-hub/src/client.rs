@@ -83,6 +83,14 @@ impl Client {
         self.call("PUT", &format!("/api/v1/devices/{}/labels", seg(id)), Some(body))
     }
 
+    /// `POST /api/v1/devices/{id}/readmit`: lets a device whose certificate
+    /// expired in to renew it, within `within` (default 7 days).
+    pub fn readmit(&self, id: &str, within: Option<&str>) -> Result<DeviceView, ClientError> {
+        let body =
+            serde_json::to_value(crate::http::ReadmitRequest { within: within.map(str::to_owned) }).unwrap_or_default();
+        self.call("POST", &format!("/api/v1/devices/{}/readmit", seg(id)), Some(body))
+    }
+
     /// `POST /api/v1/commands`: one command per device `selector` matches.
     pub fn bulk_command(
         &self,
@@ -416,11 +424,7 @@ pub fn render_table(devices: &[DeviceView]) -> String {
     let rows: Vec<Vec<String>> = devices
         .iter()
         .map(|d| {
-            let state = match (d.online, d.last_seen.is_some()) {
-                (true, _) => "online",
-                (false, true) => "offline",
-                (false, false) => "never",
-            };
+            let state = d.state();
             let mut problems = Vec::new();
             if d.alarmed {
                 problems.push("alarm".to_owned());
@@ -511,6 +515,8 @@ mod tests {
             failed_runs_24h: 0,
             overdue_backups: vec![],
             behind_secs: None,
+            certificate_expired: None,
+            readmitted_until: None,
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();

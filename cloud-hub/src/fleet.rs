@@ -73,6 +73,8 @@ pub struct Fleet {
     heartbeat_timeout: Duration,
     /// When each token's use was last written to the store.
     token_uses: Mutex<HashMap<[u8; 32], Timestamp>>,
+    /// Expired device certificates met, and re-admissions.
+    admissions: std::sync::Arc<crate::admission::Admissions>,
 }
 
 /// A token's last use is written at most this often.
@@ -84,7 +86,20 @@ impl Fleet {
         let mut random = [0u8; 6];
         rand::fill(&mut random[..]);
         let hub_id = format!("hub-{}", outpost_shared::identity::hex(&random));
-        Fleet { hub_id, store, backups, presence: Mutex::default(), heartbeat_timeout, token_uses: Mutex::default() }
+        Fleet {
+            hub_id,
+            store,
+            backups,
+            presence: Mutex::default(),
+            heartbeat_timeout,
+            token_uses: Mutex::default(),
+            admissions: std::sync::Arc::default(),
+        }
+    }
+
+    /// Expired device certificates met, and re-admissions.
+    pub fn admissions(&self) -> &std::sync::Arc<crate::admission::Admissions> {
+        &self.admissions
     }
 
     /// This hub process's name among the hubs of the fleet.

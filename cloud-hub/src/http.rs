@@ -271,7 +271,7 @@ fn health_response(health: crate::store::Health) -> HttpResponse {
 pub struct DevicesQuery {
     /// Label selector: `env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`.
     pub selector: Option<String>,
-    /// `online`, `offline`, `never` or `alarmed`.
+    /// `online`, `offline`, `never`, `alarmed` or `expired` (certificate expired).
     pub status: Option<String>,
     /// Only this agent version.
     pub version: Option<String>,
@@ -367,6 +367,36 @@ async fn put_labels(
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
     service::set_labels(&fleet, &caller.token.name, &id, &body).await?;
+    let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `POST /api/v1/devices/{id}/readmit`.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct ReadmitRequest {
+    /// How long the device may come back with its expired certificate to
+    /// renew it (`"7d"` when absent; 1 minute to 90 days).
+    #[serde(default)]
+    pub within: Option<String>,
+}
+
+/// Lets a device whose certificate expired connect once more, within
+/// `within`, to renew it: its id, outbox, jobs and backups stay as they are.
+/// The hub still checks that the certificate was signed by the fleet CA; the
+/// first renewal ends the re-admission. Admin only; audited.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/readmit", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body = ReadmitRequest, responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn readmit_device(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<ReadmitRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    let id = known_device(&fleet, &path).await?;
+    let within = service::readmit_window(body.within.as_deref()).map_err(HttpError::Unprocessable)?;
+    let until = service::readmit(&fleet, &id, within).await?;
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("until {}", until.rfc3339()) });
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
@@ -1017,7 +1047,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`."),
     paths(
-        healthz, readyz, list_devices, get_overview, put_labels, post_bulk_command, patch_bulk_desired,
+        healthz, readyz, list_devices, get_overview, put_labels, readmit_device, post_bulk_command, patch_bulk_desired,
         list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
         get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
         patch_desired, list_commands, post_command, get_command
@@ -1068,6 +1098,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/devices", web::get().to(list_devices))
                     .route("/overview", web::get().to(get_overview))
                     .route("/devices/{id}/labels", web::put().to(put_labels))
+                    .route("/devices/{id}/readmit", web::post().to(readmit_device))
                     .route("/commands", web::post().to(post_bulk_command))
                     .route("/desired", web::patch().to(patch_bulk_desired))
                     .route("/tokens", web::get().to(list_tokens))

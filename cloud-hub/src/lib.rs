@@ -7,6 +7,7 @@
 //! sled [`store`]. The HTTP API ([`http`]) reads the same `Fleet`.
 //! [`client`] is the API client `outpostctl` and the demo use.
 
+pub mod admission;
 pub mod api;
 pub mod backups;
 pub mod bulk;
@@ -134,6 +135,7 @@ pub struct RunningHub {
     mqtt_task: Option<tokio::task::JoinHandle<()>>,
     maintenance_task: tokio::task::JoinHandle<()>,
     identity_task: tokio::task::JoinHandle<()>,
+    admissions_task: tokio::task::JoinHandle<()>,
     wakeup_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -153,7 +155,8 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let ca = Arc::new(ca);
     // The hub's own certificate, renewed while it runs (by `identity_task`).
     let identity = Arc::new(ca::HubIdentity::new(ca.clone(), config.quic.cert_lifetime)?);
-    let server_config = quic::server_config(&ca, identity.clone(), config.quic.idle_timeout)?;
+    let server_config =
+        quic::server_config(&ca, identity.clone(), fleet.admissions().clone(), config.quic.idle_timeout)?;
     // Stateless resets signed with a key that survives restarts: after a hub
     // crash, the new process tells agents at once that their connection is
     // gone, instead of leaving them to wait for the idle timeout.
@@ -201,6 +204,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     };
     let wakeup_task = tokio::spawn(wakeups(fleet.clone(), shutdown.clone()));
     let identity_task = tokio::spawn(identity.run(shutdown.clone()));
+    let admissions_task = tokio::spawn(fleet.admissions().clone().run(store.clone(), shutdown.clone()));
     let maintenance_task = tokio::spawn(maintenance(
         fleet.clone(),
         config.telemetry_retention,
@@ -236,6 +240,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         mqtt_task,
         maintenance_task,
         identity_task,
+        admissions_task,
         wakeup_task,
         http,
         http_task,
@@ -364,6 +369,7 @@ impl RunningHub {
             }
             let _ = self.maintenance_task.await;
             let _ = self.identity_task.await;
+            let _ = self.admissions_task.await;
             let _ = self.wakeup_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {

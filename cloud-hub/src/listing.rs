@@ -157,17 +157,20 @@ pub enum Status {
     Never,
     /// Has alarms raised and not cleared.
     Alarmed,
+    /// Offline, and the hub refused its expired certificate since.
+    Expired,
 }
 
 impl Status {
-    /// Parses `online`, `offline`, `never` or `alarmed`.
+    /// Parses `online`, `offline`, `never`, `alarmed` or `expired`.
     pub fn parse(text: &str) -> Result<Status, String> {
         match text {
             "online" => Ok(Status::Online),
             "offline" => Ok(Status::Offline),
             "never" => Ok(Status::Never),
             "alarmed" => Ok(Status::Alarmed),
-            other => Err(format!("status {other:?}: use online, offline, never or alarmed")),
+            "expired" => Ok(Status::Expired),
+            other => Err(format!("status {other:?}: use online, offline, never, alarmed or expired")),
         }
     }
 
@@ -177,6 +180,7 @@ impl Status {
             Status::Offline => !v.online && v.last_seen.is_some(),
             Status::Never => v.last_seen.is_none(),
             Status::Alarmed => v.alarmed,
+            Status::Expired => v.state() == "expired",
         }
     }
 }
@@ -425,7 +429,26 @@ mod tests {
             failed_runs_24h: 0,
             overdue_backups: Vec::new(),
             behind_secs: None,
+            certificate_expired: None,
+            readmitted_until: None,
         }
+    }
+
+    /// A device whose expired certificate the hub refused since it was last
+    /// seen is `expired`, not plain offline, and the status filter finds it.
+    #[test]
+    fn expired_devices_are_told_apart() {
+        let mut expired = view("e", "old", &[], false, Some(1));
+        expired.certificate_expired = Some("2027-12-06T00:00:00Z".into());
+        let mut back = expired.clone();
+        back.id = "f".into();
+        back.online = true;
+        let views = vec![view("a", "ok", &[], false, Some(1)), expired.clone(), back.clone()];
+        assert_eq!((expired.state(), back.state(), views[0].state()), ("expired", "online", "offline"));
+        assert_eq!(view("n", "new", &[], false, None).state(), "never");
+        let q = DeviceQuery { status: Some(Status::parse("expired").unwrap()), limit: 10, ..Default::default() };
+        let ids: Vec<String> = select(views, &q).unwrap().rows.into_iter().map(|v| v.id).collect();
+        assert_eq!(ids, ["e"]);
     }
 
     #[test]

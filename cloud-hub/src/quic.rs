@@ -57,17 +57,20 @@ pub struct QuicContext {
 
 /// The endpoint's server config: the hub's certificate as `identity` has
 /// it at each handshake (renewed while the hub runs), client certificates
-/// verified against the fleet CA (optional, for enrollment).
+/// verified against the fleet CA (optional, for enrollment; an expired one
+/// of a re-admitted device is let in, see [`crate::admission`]).
 pub fn server_config(
     ca: &FleetCa,
     identity: Arc<crate::ca::HubIdentity>,
+    admissions: Arc<crate::admission::Admissions>,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert_der().clone()).map_err(|e| tls_err(&e))?;
-    let verifier =
+    let inner =
         WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))?;
+    let verifier = Arc::new(crate::admission::DeviceVerifier { inner, admissions });
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity.resolver());

@@ -371,6 +371,33 @@ pub fn grant_length(text: Option<&str>) -> Result<Duration, String> {
     }
 }
 
+/// The re-admission window asked for (`"7d"` when absent).
+pub fn readmit_window(text: Option<&str>) -> Result<Duration, String> {
+    let within = match text {
+        Some(text) => humantime::parse_duration(text).map_err(|e| format!("within {text:?}: {e}"))?,
+        None => Duration::from_secs(7 * 86400),
+    };
+    if !(Duration::from_secs(60)..=Duration::from_secs(90 * 86400)).contains(&within) {
+        return Err(format!("within {}: must be between 1m and 90d", humantime::format_duration(within)));
+    }
+    Ok(within)
+}
+
+/// Re-admits device `id` for `within` (see [`crate::admission`]); returns
+/// the end. Every hub learns it from the store within seconds; this one at
+/// once.
+pub async fn readmit(fleet: &Fleet, id: &DeviceId, within: Duration) -> Result<Timestamp, StoreError> {
+    let until = Timestamp::now().saturating_add(within);
+    let store = fleet.store();
+    let mut admission =
+        store.admissions().await?.into_iter().find(|(d, _)| d == id).map(|(_, a)| a).unwrap_or_default();
+    admission.readmit_until = Some(until);
+    store.set_admission(id, &admission).await?;
+    fleet.admissions().readmit(id, until);
+    tracing::info!(device = %id, until = %until.rfc3339(), "Device re-admitted to renew its expired certificate.");
+    Ok(until)
+}
+
 /// Lets `reader` fetch `owner`'s backups for `valid_for` (a replacement
 /// restoring a dead device's data).
 pub async fn grant_backups(

@@ -460,6 +460,10 @@ impl DeviceSession {
         })?;
         self.keys.next = Some(key.clone());
         self.renewed = Some(tokio::time::Instant::now());
+        // A re-admission is for one renewal.
+        if let Err(e) = self.fleet.admissions().renewed(store, &self.id).await {
+            log_store_error(&e, "Re-admission could not be cleared.");
+        }
         let not_after = Timestamp::from_system(not_after).rfc3339();
         info!(%not_after, "Device certificate renewed.");
         let entry = AuditEntry {

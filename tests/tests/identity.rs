@@ -101,12 +101,14 @@ fn a_device_renews_its_certificate_over_mqtt() {
 /// Months ahead, by libfaketime: hub and agent 250 days after enrollment
 /// (past two thirds of the 365-day certificate) renew on the first
 /// connection; then 400 days after (the first certificate expired) the
-/// device connects with the renewed one. A device whose certificate the hub
-/// finds expired says so plainly (the hub alone 400 days ahead), and a
-/// device clock at 1970 or a year ahead does not decide the renewal: the
-/// hub's does.
+/// device connects with the renewed one; then with the device's clock at
+/// 1970 the hub's clock still decides (day 500: renewed again). Last, the
+/// hub at day 1000, past the end of every certificate the device holds: it
+/// is refused, the device says so, the API and `outpostctl` show it as
+/// `expired`; `outpostctl readmit` lets it renew once, and everything it
+/// recorded meanwhile arrives.
 #[test]
-fn a_device_renews_after_months_offline_by_the_hubs_clock() {
+fn a_device_renews_after_months_offline_by_the_hubs_clock_and_is_readmitted_when_expired() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
     let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
@@ -120,37 +122,26 @@ fn a_device_renews_after_months_offline_by_the_hubs_clock() {
         hub.kill();
         hub.serve().unwrap();
     };
-    let connects = |agent: &Agent| agent.log_text().matches("Connected to the hub.").count();
-
-    // The hub alone 400 days on: the device's certificate expired.
-    restart_hub(&mut hub, "+400d");
-    std::fs::write(&agent_clock, "+0\n").unwrap();
-    agent.start().unwrap();
-    wait_for(Duration::from_secs(20), "the agent to say its certificate is refused", || {
-        agent.log_text().contains("The hub refuses this device's certificate").then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-    assert!(agent.log_text().contains("certificate expired"), "{}", agent.log_text());
-    agent.proc.as_mut().unwrap().kill();
+    let switched = |agent: &Agent| agent.log_text().matches("Switched to the renewed certificate.").count();
 
     // Both 250 days on: renewed at the first connection.
     restart_hub(&mut hub, "+250d");
     std::fs::write(&agent_clock, "+250d\n").unwrap();
     agent.start().unwrap();
-    wait_for(Duration::from_secs(30), "the renewal", || {
-        agent.log_text().contains("Switched to the renewed certificate.").then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    wait_for(Duration::from_secs(30), "the renewal", || (switched(&agent) == 1).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     assert_ne!(device_cert(&agent), first);
     agent.proc.as_mut().unwrap().kill();
 
     // Both 400 days on: the renewed certificate (valid to day 615) works.
     restart_hub(&mut hub, "+400d");
     std::fs::write(&agent_clock, "+400d\n").unwrap();
-    let before = connects(&agent);
+    let before = agent.log_text().matches("Connected to the hub.").count();
     agent.start().unwrap();
-    wait_for(Duration::from_secs(20), "a session at day 400", || (connects(&agent) > before).then_some(()))
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    wait_for(Duration::from_secs(20), "a session at day 400", || {
+        (agent.log_text().matches("Connected to the hub.").count() > before).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
     agent.proc.as_mut().unwrap().kill();
 
@@ -161,13 +152,53 @@ fn a_device_renews_after_months_offline_by_the_hubs_clock() {
     let renewed = device_cert(&agent);
     restart_hub(&mut hub, "+500d");
     std::fs::write(&agent_clock, "@1970-01-02 00:00:00\n").unwrap();
-    let switched = agent.log_text().matches("Switched to the renewed certificate.").count();
     agent.start().unwrap();
-    wait_for(Duration::from_secs(30), "a renewal with the device at 1970", || {
-        (agent.log_text().matches("Switched to the renewed certificate.").count() > switched).then_some(())
+    wait_for(Duration::from_secs(30), "a renewal with the device at 1970", || (switched(&agent) == 2).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    assert_ne!(device_cert(&agent), renewed);
+    agent.proc.as_mut().unwrap().kill();
+
+    // The hub at day 1000: the certificate renewed at day 500 ended at day
+    // 865. The device is refused and says so; the hub shows why.
+    let held = hub.device(&agent.id).unwrap().last_seq;
+    restart_hub(&mut hub, "+1000d");
+    std::fs::write(&agent_clock, "+1000d\n").unwrap();
+    agent.start().unwrap();
+    wait_for(Duration::from_secs(20), "the agent to say its certificate is refused", || {
+        agent.log_text().contains("The hub refuses this device's certificate").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-    assert_ne!(device_cert(&agent), renewed);
+    assert!(agent.log_text().contains("certificate expired"), "{}", agent.log_text());
+    let view = wait_for(Duration::from_secs(15), "the hub to show the device as expired", || {
+        hub.device(&agent.id).ok().filter(|d| d.certificate_expired.is_some())
+    })
+    .unwrap();
+    assert_eq!(view.state(), "expired");
+    let ctl = |args: &[&str]| {
+        outpost_tests::run(
+            std::process::Command::new(outpost_tests::bin("outpostctl"))
+                .args(["--hub", &hub.api, "--token", &hub.admin_token])
+                .args(args),
+        )
+        .unwrap()
+    };
+    let shown = ctl(&["device", &agent.id]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("its certificate expired"), "{shown:?}");
+
+    // Re-admitted: it connects with the expired certificate, renews at
+    // once, and delivers what it recorded while refused.
+    let readmit = ctl(&["readmit", &agent.id, "--within", "1h"]);
+    assert!(readmit.status.success(), "{readmit:?}");
+    assert!(String::from_utf8_lossy(&readmit.stdout).contains("readmitted"), "{readmit:?}");
+    wait_for(Duration::from_secs(60), "the re-admitted device to renew", || (switched(&agent) == 3).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    let view = wait_for(Duration::from_secs(20), "the device online, renewed, delivering", || {
+        hub.device(&agent.id).ok().filter(|d| d.online && d.last_seq > held)
+    })
+    .unwrap();
+    assert_eq!((view.certificate_expired, view.readmitted_until), (None, None), "the re-admission is used up");
+    let audit = hub.client().audit("action=readmit").unwrap();
+    assert!(audit.entries.iter().any(|e| e.target == agent.id && e.status == 200), "{:?}", audit.entries);
 }
 
 /// A hub whose certificate lives 12 s (renewed at 8 s) runs past two

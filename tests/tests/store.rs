@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::store::{
-    ApiToken, CatalogEntry, CommandState, DeviceKeys, DeviceRecord, Grant, NewCommand, Role, Store, StoreConfig,
-    StoreError, TelemetryRange,
+    Admission, ApiToken, CatalogEntry, CommandState, DeviceKeys, DeviceRecord, Grant, NewCommand, Role, Store,
+    StoreConfig, StoreError, TelemetryRange,
 };
 use outpost_shared::job::{JobRun, RunOutcome, Trigger};
 use outpost_shared::protocol::{
@@ -384,6 +384,18 @@ fn tokens_enrollment_keys_and_hellos() {
         store.put_device_key(&e1, b"k1-next").await.unwrap();
         assert_eq!(store.device_keys(&e1).await.unwrap(), keys(b"k1-next", None));
         assert_eq!(store.device_keys(&"dev-none".parse().unwrap()).await.unwrap(), None);
+        // An expired certificate met, then a re-admission; the default clears.
+        assert!(store.admissions().await.unwrap().is_empty());
+        let met = Admission { expired_seen: Some(Timestamp(5)), readmit_until: None };
+        store.set_admission(&e1, &met).await.unwrap();
+        let both = Admission { readmit_until: Some(Timestamp(9)), ..met };
+        store.set_admission(&e1, &both).await.unwrap();
+        assert_eq!(store.admissions().await.unwrap(), [(e1.clone(), both)]);
+        let rows = store.fleet_rows(Some(std::slice::from_ref(&e1))).await.unwrap();
+        assert_eq!(rows[0].admission, both);
+        store.set_admission(&e1, &Admission::default()).await.unwrap();
+        assert!(store.admissions().await.unwrap().is_empty());
+        assert_eq!(store.fleet_rows(Some(std::slice::from_ref(&e1))).await.unwrap()[0].admission, Admission::default());
 
         let hello = |id: &str| outpost_hub::store::HelloRecord {
             id: id.parse().unwrap(),

@@ -49,7 +49,7 @@ enum Command {
         /// Label selector (`env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`).
         #[arg(long, short)]
         selector: Option<String>,
-        /// online, offline, never or alarmed.
+        /// online, offline, never, alarmed or expired (certificate expired).
         #[arg(long)]
         status: Option<String>,
         /// Only this agent version.
@@ -66,6 +66,15 @@ enum Command {
     Device {
         /// Device id or name.
         device: String,
+    },
+    /// Let a device whose certificate expired connect once more, to renew
+    /// it (admin token). Its id, records, jobs and backups stay.
+    Readmit {
+        /// Device id or name.
+        device: String,
+        /// How long it may take to come back (default 7d, 1m to 90d).
+        #[arg(long)]
+        within: Option<String>,
     },
     /// A device's labels: show, set, add, remove.
     Labels {
@@ -491,6 +500,7 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, ClientError> {
             show(json, &client.devices_where(&q)?, |d| render_table(d));
         }
         Command::Device { device } => show(json, &client.device(device)?, render_device),
+        Command::Readmit { device, within } => show(json, &client.readmit(device, within.as_deref())?, render_device),
         Command::Labels { command } => {
             let (device, labels) = match command {
                 LabelsCmd::Show { device } => (device, None),
@@ -697,12 +707,10 @@ fn render_overview(o: &outpost_hub::listing::Overview) -> String {
 fn render_device(d: &outpost_hub::api::DeviceView) -> String {
     let now = Timestamp::now();
     let mut out = String::new();
-    let state = if d.online {
-        "online"
-    } else if d.last_seen.is_some() {
-        "offline"
-    } else {
-        "never connected"
+    let state = match d.state() {
+        "never" => "never connected",
+        "expired" => "offline: its certificate expired (`outpostctl readmit` lets it renew)",
+        state => state,
     };
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
     line("id", d.id.clone());
@@ -715,6 +723,12 @@ fn render_device(d: &outpost_hub::api::DeviceView) -> String {
     line("version", d.agent_version.clone().unwrap_or_else(|| "-".into()));
     line("address", d.address.clone().unwrap_or_else(|| "-".into()));
     line("enrolled", d.enrolled_at.clone());
+    if let Some(at) = &d.certificate_expired {
+        line("certificate", format!("expired: refused at {at}"));
+    }
+    if let Some(until) = &d.readmitted_until {
+        line("readmitted", format!("until {until}, to renew its certificate"));
+    }
     line("labels", d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
     line(
         "cpu / mem",

@@ -82,15 +82,13 @@ pub struct Row {
     overdue: bool,
     address: String,
     transport: String,
+    /// Why the device cannot connect, or its re-admission (empty: neither).
+    certificate: String,
 }
 
 impl Row {
     fn new(v: &DeviceView, now: Timestamp) -> Row {
-        let state = match (v.online, v.last_seen.is_some()) {
-            (true, _) => "online",
-            (false, true) => "offline",
-            (false, false) => "never",
-        };
+        let state = v.state();
         Row {
             id: v.id.clone(),
             name: v.name.clone(),
@@ -116,6 +114,16 @@ impl Row {
             overdue: !v.overdue_backups.is_empty(),
             address: v.address.clone().unwrap_or_else(|| "-".into()),
             transport: v.transport.clone().unwrap_or_default(),
+            certificate: match (&v.certificate_expired, &v.readmitted_until) {
+                (_, Some(until)) => {
+                    format!("Re-admitted until {until}: it may connect with its expired certificate to renew it.")
+                }
+                (Some(at), None) => format!(
+                    "Its certificate expired: the hub refused it at {at}. An admin lets it renew with `outpostctl readmit {}`.",
+                    v.id
+                ),
+                (None, None) => String::new(),
+            },
         }
     }
 }
@@ -243,7 +251,7 @@ struct DevicesPage {
     nav: Option<Nav>,
     notice: Option<String>,
     q: ListForm,
-    statuses: [(&'static str, &'static str); 5],
+    statuses: [(&'static str, &'static str); 6],
     sorts: [(&'static str, &'static str); 4],
     operator: bool,
     error: Option<String>,
@@ -294,6 +302,7 @@ async fn devices_page(
             ("offline", "offline"),
             ("never", "never connected"),
             ("alarmed", "with alarms"),
+            ("expired", "certificate expired"),
         ],
         sorts: [
             ("name", "by name"),

@@ -361,6 +361,19 @@ pub struct FleetRow {
     pub high_water: u64,
     /// The hub that holds its session, if any did.
     pub session: Option<SessionRecord>,
+    /// Its certificate's expiry as the hub met it, and a re-admission.
+    pub admission: Admission,
+}
+
+/// What the hub knows of a device whose certificate expired: when it last
+/// refused it for that, and an operator's re-admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Admission {
+    /// When the hub last refused the device's certificate as expired.
+    pub expired_seen: Option<Timestamp>,
+    /// Until when the hub takes the device's expired (but CA-signed)
+    /// certificate, so that it can renew it once.
+    pub readmit_until: Option<Timestamp>,
 }
 
 /// One entry of the audit log: a change, a command, a sign-in or a refused
@@ -617,6 +630,17 @@ impl Store {
     /// is seen using it ([`Store::put_device_key`]).
     pub async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
         each!(self, b => b.put_next_device_key(id, key).await)
+    }
+
+    /// Records what the hub knows of a device's expired certificate (the
+    /// default removes it).
+    pub async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
+        each!(self, b => b.set_admission(id, admission).await)
+    }
+
+    /// Every device with an expired certificate met or a re-admission.
+    pub async fn admissions(&self) -> Result<Vec<(DeviceId, Admission)>, StoreError> {
+        each!(self, b => b.admissions().await)
     }
 
     /// The keys a device may sign with (stored at enrollment, by each QUIC

@@ -26,7 +26,7 @@
 use super::digest::DeviceDigest;
 use super::ingest;
 use super::{
-    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
+    Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
     DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
     NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
@@ -118,8 +118,9 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_who ON audit (who, id);
     CREATE INDEX audit_target ON audit (target, id);",
-    // 5: the key of a device's renewed certificate, until the device uses it.
-    "ALTER TABLE devices ADD COLUMN next_key bytea;",
+    // 5: the key of a device's renewed certificate, until the device uses it;
+    // an expired certificate met (ms), a re-admission (until, ms).
+    "ALTER TABLE devices ADD COLUMN next_key bytea, ADD COLUMN expired_seen bigint, ADD COLUMN readmit_until bigint;",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -654,6 +655,37 @@ impl PgStore {
         .map(drop)
     }
 
+    pub(super) async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
+        let at = |t: Option<Timestamp>| t.map(|t| big(t.0));
+        self.write(
+            "UPDATE devices SET expired_seen = $2, readmit_until = $3 WHERE id = $1",
+            &[&id.as_str(), &at(admission.expired_seen), &at(admission.readmit_until)],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn admissions(&self) -> Result<Vec<(DeviceId, Admission)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, expired_seen, readmit_until FROM devices
+                 WHERE expired_seen IS NOT NULL OR readmit_until IS NOT NULL ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|row| {
+                let id: &str = row.get(0);
+                let id =
+                    id.parse().map_err(|_| StoreError::Corrupt { what: "devices.id", message: format!("{id:?}") })?;
+                let at = |i| row.get::<_, Option<i64>>(i).map(|v| Timestamp(unbig(v)));
+                Ok((id, Admission { expired_seen: at(1), readmit_until: at(2) }))
+            })
+            .collect()
+    }
+
     pub(super) async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
         self.write("UPDATE devices SET next_key = $2 WHERE id = $1", &[&id.as_str(), &key]).await.map(drop)
     }
@@ -945,7 +977,8 @@ impl PgStore {
         let client = self.client().await?;
         let columns = Self::DEVICE_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
         let base = format!(
-            "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen
+            "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen,
+                    d.expired_seen, d.readmit_until
              FROM devices d LEFT JOIN sessions s ON s.device = d.id"
         );
         let rows = match only {
@@ -973,6 +1006,10 @@ impl PgStore {
                         transport: row.get(13),
                         seen: Timestamp(unbig(row.get(14))),
                     }),
+                    admission: Admission {
+                        expired_seen: row.get::<_, Option<i64>>(15).map(|v| Timestamp(unbig(v))),
+                        readmit_until: row.get::<_, Option<i64>>(16).map(|v| Timestamp(unbig(v))),
+                    },
                 })
             })
             .collect()

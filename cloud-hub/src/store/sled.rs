@@ -28,6 +28,8 @@
 //! - `restore_grants`: reader device id, 0, owner device id → [`Grant`]:
 //!   the reader may fetch the owner's backups until the grant expires
 //! - `labels`: device id → [`Labels`]
+//! - `admissions`: device id → [`Admission`] (expired certificates met,
+//!   re-admissions), only for devices that have one
 //! - `digests`: device id → [`DeviceDigest`], written with each batch
 //! - `audit`: entry id (u64 BE) → [`AuditEntry`]
 //!
@@ -48,7 +50,7 @@
 use super::digest::DeviceDigest;
 use super::ingest::{self, Plan};
 use super::{
-    ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
+    Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
     DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
     NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
@@ -104,6 +106,7 @@ struct Trees {
     backups: sled::Tree,
     restore_grants: sled::Tree,
     labels: sled::Tree,
+    admissions: sled::Tree,
     digests: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
@@ -308,6 +311,35 @@ impl SledStore {
             }
             t.device_keys.insert(id.as_str(), key).db()?;
             Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
+        let (id, admission) = (id.clone(), *admission);
+        self.write(move |t| {
+            if admission == Admission::default() {
+                t.admissions.remove(id.as_str()).db()?;
+            } else {
+                t.admissions.insert(id.as_str(), encode(&admission)).db()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn admissions(&self) -> Result<Vec<(DeviceId, Admission)>, StoreError> {
+        self.read(|t| {
+            t.admissions
+                .iter()
+                .map(|item| {
+                    let (key, value) = item.db()?;
+                    let id = std::str::from_utf8(&key).ok().and_then(|k| k.parse().ok()).ok_or_else(|| {
+                        StoreError::Corrupt { what: "admissions", message: "a key is not a device id".into() }
+                    })?;
+                    Ok((id, decode("admissions", &value)?))
+                })
+                .collect()
         })
         .await
     }
@@ -558,7 +590,9 @@ impl SledStore {
                         let key = record.id.as_str();
                         let labels = t.labels.get(key).db()?.map(|v| decode("labels", &v)).transpose()?;
                         let digest = t.digests.get(key).db()?.map(|v| decode("digests", &v)).transpose()?;
+                        let admission = t.admissions.get(key).db()?.map(|v| decode("admissions", &v)).transpose()?;
                         Ok(FleetRow {
+                            admission: admission.unwrap_or_default(),
                             high_water: t.high_water(&record.id)?,
                             labels: labels.unwrap_or_default(),
                             digest: digest.unwrap_or_default(),
@@ -822,6 +856,7 @@ impl Trees {
             backups: db.open_tree("backups").db()?,
             restore_grants: db.open_tree("restore_grants").db()?,
             labels: db.open_tree("labels").db()?,
+            admissions: db.open_tree("admissions").db()?,
             digests: db.open_tree("digests").db()?,
             audit: db.open_tree("audit").db()?,
             meta: db.open_tree("meta").db()?,

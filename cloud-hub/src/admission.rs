@@ -1,0 +1,221 @@
+//! Devices whose certificate expired while they were away: the hub's TLS
+//! stack refuses them, this module says so and lets an operator re-admit
+//! one without a visit.
+//!
+//! [`DeviceVerifier`] wraps the fleet CA's client verifier. A certificate
+//! refused only because it expired, and which was signed by the fleet CA
+//! (checked as at its last valid second), names its device: the refusal is
+//! noted ([`Admissions::note_expired`], written to the store by
+//! [`Admissions::run`]) so the API, CLI and console show `certificate
+//! expired` instead of plain offline. If an operator re-admitted that device
+//! (`POST /api/v1/devices/{id}/readmit`, `outpostctl readmit`), the
+//! handshake is let through until the re-admission's end; the device then
+//! renews at once (its certificate is past due) and the renewal ends the
+//! re-admission ([`Admissions::renewed`]). Re-admissions live in the store
+//! and are re-read every few seconds, so every hub of the fleet honours
+//! them.
+
+use crate::store::{Admission, Store};
+use outpost_shared::DeviceId;
+use outpost_shared::time::Timestamp;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// How often re-admissions are re-read and noted refusals written.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// A refusal of the same device is written at most this often.
+const NOTE_EVERY: Duration = Duration::from_secs(60);
+
+/// Re-admissions in force and refusals of expired certificates not yet
+/// written, shared by the TLS verifier (synchronous) and the store.
+#[derive(Debug, Default)]
+pub struct Admissions {
+    readmit: RwLock<HashMap<DeviceId, Timestamp>>,
+    noted: Mutex<HashMap<DeviceId, (Timestamp, bool)>>,
+}
+
+/// What to do with a certificate that is CA-signed but expired.
+pub fn decide(readmit_until: Option<Timestamp>, now: Timestamp) -> bool {
+    readmit_until.is_some_and(|until| now < until)
+}
+
+impl Admissions {
+    /// True if `id` is re-admitted at `now`.
+    pub fn readmitted(&self, id: &DeviceId, now: Timestamp) -> bool {
+        decide(self.readmit.read().unwrap_or_else(|p| p.into_inner()).get(id).copied(), now)
+    }
+
+    /// The hub refused `id`'s expired certificate at `now`.
+    pub fn note_expired(&self, id: &DeviceId, now: Timestamp) {
+        let mut noted = self.noted.lock().unwrap_or_else(|p| p.into_inner());
+        match noted.get(id) {
+            Some((at, _)) if at.until(now) < NOTE_EVERY => {}
+            _ => {
+                noted.insert(id.clone(), (now, false));
+            }
+        }
+    }
+
+    /// An operator re-admitted `id` until `until` (this hub learns it at
+    /// once; others at their next refresh).
+    pub fn readmit(&self, id: &DeviceId, until: Timestamp) {
+        self.readmit.write().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), until);
+    }
+
+    /// `id` renewed its certificate: its re-admission is used up and its
+    /// expiry is history.
+    pub async fn renewed(&self, store: &Store, id: &DeviceId) -> Result<(), crate::store::StoreError> {
+        let had = self.readmit.write().unwrap_or_else(|p| p.into_inner()).remove(id).is_some();
+        self.noted.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let known = store.admissions().await?.into_iter().any(|(d, _)| d == *id);
+        if had || known {
+            store.set_admission(id, &Admission::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes noted refusals and re-reads re-admissions, every
+    /// [`REFRESH_EVERY`], until `shutdown`.
+    pub async fn run(self: Arc<Self>, store: Store, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Err(e) = self.refresh(&store).await {
+                tracing::debug!(error = %e, "Admissions not refreshed.");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(REFRESH_EVERY) => {}
+            }
+        }
+    }
+
+    async fn refresh(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        let now = Timestamp::now();
+        let pending: Vec<(DeviceId, Timestamp)> = self
+            .noted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, (_, written))| !written)
+            .map(|(id, (at, _))| (id.clone(), *at))
+            .collect();
+        let mut known: HashMap<DeviceId, Admission> = store.admissions().await?.into_iter().collect();
+        for (id, at) in pending {
+            if store.device(&id).await?.is_none() {
+                continue;
+            }
+            let admission = Admission { expired_seen: Some(at), ..known.get(&id).copied().unwrap_or_default() };
+            store.set_admission(&id, &admission).await?;
+            known.insert(id.clone(), admission);
+            if let Some(entry) = self.noted.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+                entry.1 = true;
+            }
+        }
+        let readmit = known.into_iter().filter_map(|(id, a)| a.readmit_until.filter(|&u| now < u).map(|u| (id, u)));
+        *self.readmit.write().unwrap_or_else(|p| p.into_inner()) = readmit.collect();
+        Ok(())
+    }
+}
+
+/// The fleet CA's client verifier, which also lets re-admitted devices in
+/// with an expired certificate and notes the others (see the module).
+#[derive(Debug)]
+pub struct DeviceVerifier {
+    /// The fleet CA's verifier.
+    pub inner: Arc<dyn ClientCertVerifier>,
+    /// Re-admissions and refusals.
+    pub admissions: Arc<Admissions>,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let refused = match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) => rustls::Error::InvalidCertificate(CertificateError::Expired),
+            other => return other,
+        };
+        // Signed by the fleet CA? Checked as at its last valid second.
+        let last_valid = outpost_shared::identity::validity_of(end_entity)
+            .and_then(|(_, until)| until.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| UnixTime::since_unix_epoch(d.saturating_sub(Duration::from_secs(1))));
+        let genuine = last_valid.is_some_and(|at| self.inner.verify_client_cert(end_entity, intermediates, at).is_ok());
+        let Some(id) = outpost_shared::identity::device_id_of(end_entity).filter(|_| genuine) else {
+            return Err(refused);
+        };
+        let now = Timestamp::from_system(std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs()));
+        if self.admissions.readmitted(&id, now) {
+            tracing::info!(device = %id, "Expired certificate let in: the device is re-admitted to renew it.");
+            return Ok(ClientCertVerified::assertion());
+        }
+        tracing::info!(device = %id, "Expired device certificate refused (`outpostctl readmit` lets it renew).");
+        self.admissions.note_expired(&id, now);
+        Err(refused)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_readmission_holds_until_its_end_and_refusals_are_noted_once_a_minute() {
+        let (t, id): (Timestamp, DeviceId) = (Timestamp(1_000_000), "dev-1".parse().unwrap());
+        assert!(!decide(None, t));
+        assert!(decide(Some(Timestamp(1_000_001)), t));
+        assert!(!decide(Some(t), t), "the end is exclusive");
+        let a = Admissions::default();
+        assert!(!a.readmitted(&id, t));
+        a.readmit(&id, Timestamp(2_000_000));
+        assert!(a.readmitted(&id, t) && !a.readmitted(&id, Timestamp(2_000_000)));
+        a.note_expired(&id, t);
+        a.note_expired(&id, Timestamp(1_030_000));
+        assert_eq!(a.noted.lock().unwrap().get(&id), Some(&(t, false)), "within a minute: one note");
+        a.note_expired(&id, Timestamp(1_061_000));
+        assert_eq!(a.noted.lock().unwrap().get(&id), Some(&(Timestamp(1_061_000), false)));
+    }
+}
