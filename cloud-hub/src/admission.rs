@@ -12,8 +12,14 @@
 //! handshake is let through until the re-admission's end; the device then
 //! renews at once (its certificate is past due) and the renewal ends the
 //! re-admission ([`Admissions::renewed`]). Re-admissions live in the store
-//! and are re-read every few seconds, so every hub of the fleet honours
-//! them.
+//! and are re-read every second, so every hub of the fleet honours them.
+//!
+//! Revocation (`POST /api/v1/devices/{id}/revoke`, `outpostctl revoke`) is
+//! for good: the verifier refuses the device's certificates however valid
+//! (alert `certificate_revoked`), every open QUIC connection of the device
+//! (session and bulk) is closed ([`Admissions::revoked_wait`]: at once on
+//! the hub that took the call, within a second on the others), MQTT
+//! messages and relayed batches of the device are dropped.
 
 use crate::store::{Admission, Store};
 use outpost_shared::DeviceId;
@@ -26,18 +32,33 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-/// How often re-admissions are re-read and noted refusals written.
-const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// How often re-admissions and revocations are re-read and noted refusals
+/// written.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// A refusal of the same device is written at most this often.
 const NOTE_EVERY: Duration = Duration::from_secs(60);
 
 /// Re-admissions in force and refusals of expired certificates not yet
 /// written, shared by the TLS verifier (synchronous) and the store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admissions {
     readmit: RwLock<HashMap<DeviceId, Timestamp>>,
     noted: Mutex<HashMap<DeviceId, (Timestamp, bool)>>,
+    revoked: RwLock<std::collections::HashSet<DeviceId>>,
+    /// Bumped whenever `revoked` grows: connections look again.
+    revocations: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Admissions {
+    fn default() -> Self {
+        Admissions {
+            readmit: RwLock::default(),
+            noted: Mutex::default(),
+            revoked: RwLock::default(),
+            revocations: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// What to do with a certificate that is CA-signed but expired.
@@ -49,6 +70,29 @@ impl Admissions {
     /// True if `id` is re-admitted at `now`.
     pub fn readmitted(&self, id: &DeviceId, now: Timestamp) -> bool {
         decide(self.readmit.read().unwrap_or_else(|p| p.into_inner()).get(id).copied(), now)
+    }
+
+    /// True if `id` was revoked.
+    pub fn revoked(&self, id: &DeviceId) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(id)
+    }
+
+    /// `id` was revoked (this hub learns it at once; others at their next
+    /// refresh): connections of the device close.
+    pub fn revoke(&self, id: &DeviceId) {
+        if self.revoked.write().unwrap_or_else(|p| p.into_inner()).insert(id.clone()) {
+            self.revocations.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Resolves once `id` is revoked (at once if it is).
+    pub async fn revoked_wait(&self, id: &DeviceId) {
+        let mut changes = self.revocations.subscribe();
+        while !self.revoked(id) {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The hub refused `id`'s expired certificate at `now`.
@@ -116,6 +160,9 @@ impl Admissions {
                 entry.1 = true;
             }
         }
+        for id in known.iter().filter(|(_, a)| a.revoked_at.is_some()).map(|(id, _)| id) {
+            self.revoke(id);
+        }
         let readmit = known.into_iter().filter_map(|(id, a)| a.readmit_until.filter(|&u| now < u).map(|u| (id, u)));
         *self.readmit.write().unwrap_or_else(|p| p.into_inner()) = readmit.collect();
         Ok(())
@@ -151,7 +198,13 @@ impl ClientCertVerifier for DeviceVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let revoked =
+            || outpost_shared::identity::device_id_of(end_entity).is_some_and(|id| self.admissions.revoked(&id));
         let refused = match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Ok(_) if revoked() => return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) if revoked() => return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
             )) => rustls::Error::InvalidCertificate(CertificateError::Expired),
@@ -217,5 +270,24 @@ mod tests {
         assert_eq!(a.noted.lock().unwrap().get(&id), Some(&(t, false)), "within a minute: one note");
         a.note_expired(&id, Timestamp(1_061_000));
         assert_eq!(a.noted.lock().unwrap().get(&id), Some(&(Timestamp(1_061_000), false)));
+    }
+
+    #[tokio::test]
+    async fn a_revocation_wakes_the_connections_of_that_device_only() {
+        let a = std::sync::Arc::new(Admissions::default());
+        let (one, two): (DeviceId, DeviceId) = ("dev-1".parse().unwrap(), "dev-2".parse().unwrap());
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            let one = one.clone();
+            async move { a.revoked_wait(&one).await }
+        });
+        a.revoke(&two);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "another device's revocation woke it");
+        a.revoke(&one);
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        assert!(a.revoked(&one) && a.revoked(&two));
+        // Already revoked: resolves at once.
+        tokio::time::timeout(Duration::from_millis(100), a.revoked_wait(&one)).await.unwrap();
     }
 }

@@ -76,6 +76,9 @@ pub struct DeviceView {
     /// its expired certificate, to renew it (RFC 3339).
     #[serde(default)]
     pub readmitted_until: Option<String>,
+    /// When an admin revoked it (RFC 3339): refused for good.
+    #[serde(default)]
+    pub revoked: Option<String>,
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
@@ -204,11 +207,12 @@ pub fn rfc3339(t: Timestamp) -> String {
 }
 
 impl DeviceView {
-    /// One word for its state: `online`, `expired` (the hub refused its
-    /// expired certificate since it was last seen), `offline`, or `never`
-    /// (never connected).
+    /// One word for its state: `revoked`, `online`, `expired` (the hub
+    /// refused its expired certificate since it was last seen), `offline`,
+    /// or `never` (never connected).
     pub fn state(&self) -> &'static str {
         match (self.online, self.certificate_expired.is_some(), self.last_seen.is_some()) {
+            _ if self.revoked.is_some() => "revoked",
             (true, _, _) => "online",
             (false, true, _) => "expired",
             (false, false, true) => "offline",
@@ -251,6 +255,7 @@ impl DeviceView {
             labels,
             certificate_expired: expired.map(rfc3339),
             readmitted_until: admission.readmit_until.filter(|&until| now < until).map(rfc3339),
+            revoked: admission.revoked_at.map(rfc3339),
         }
     }
 }

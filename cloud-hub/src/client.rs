@@ -91,6 +91,12 @@ impl Client {
         self.call("POST", &format!("/api/v1/devices/{}/readmit", seg(id)), Some(body))
     }
 
+    /// `POST /api/v1/devices/{id}/revoke`: refuses the device for good and
+    /// closes its connections.
+    pub fn revoke(&self, id: &str) -> Result<DeviceView, ClientError> {
+        self.call("POST", &format!("/api/v1/devices/{}/revoke", seg(id)), Some(serde_json::json!({})))
+    }
+
     /// `POST /api/v1/commands`: one command per device `selector` matches.
     pub fn bulk_command(
         &self,
@@ -517,6 +523,7 @@ mod tests {
             behind_secs: None,
             certificate_expired: None,
             readmitted_until: None,
+            revoked: None,
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();

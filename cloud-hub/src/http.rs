@@ -271,7 +271,7 @@ fn health_response(health: crate::store::Health) -> HttpResponse {
 pub struct DevicesQuery {
     /// Label selector: `env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`.
     pub selector: Option<String>,
-    /// `online`, `offline`, `never`, `alarmed` or `expired` (certificate expired).
+    /// `online`, `offline`, `never`, `alarmed`, `expired` (certificate expired) or `revoked`.
     pub status: Option<String>,
     /// Only this agent version.
     pub version: Option<String>,
@@ -397,6 +397,29 @@ async fn readmit_device(
     let within = service::readmit_window(body.within.as_deref()).map_err(HttpError::Unprocessable)?;
     let until = service::readmit(&fleet, &id, within).await?;
     note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("until {}", until.rfc3339()) });
+    let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// Revokes a device for good: the hub refuses its certificate on every path
+/// from now on (QUIC, MQTT, relay through a LAN peer) and closes its open
+/// connections; its records and backups stay (a replacement reads them
+/// through a grant). It comes back only by enrolling anew. Admin only;
+/// audited.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", params(("id" = String, Path, description = "device id or name")), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+async fn revoke_device(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Admin)?;
+    let id = known_device(&fleet, &path).await?;
+    let at = service::revoke(&fleet, &id).await?;
+    note(
+        &req,
+        AuditNote { target: Some(id.to_string()), matched: None, detail: format!("revoked at {}", at.rfc3339()) },
+    );
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
@@ -1047,7 +1070,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`."),
     paths(
-        healthz, readyz, list_devices, get_overview, put_labels, readmit_device, post_bulk_command, patch_bulk_desired,
+        healthz, readyz, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
         list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
         get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
         patch_desired, list_commands, post_command, get_command
@@ -1099,6 +1122,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/overview", web::get().to(get_overview))
                     .route("/devices/{id}/labels", web::put().to(put_labels))
                     .route("/devices/{id}/readmit", web::post().to(readmit_device))
+                    .route("/devices/{id}/revoke", web::post().to(revoke_device))
                     .route("/commands", web::post().to(post_bulk_command))
                     .route("/desired", web::patch().to(patch_bulk_desired))
                     .route("/tokens", web::get().to(list_tokens))

@@ -159,10 +159,12 @@ pub enum Status {
     Alarmed,
     /// Offline, and the hub refused its expired certificate since.
     Expired,
+    /// Revoked by an admin.
+    Revoked,
 }
 
 impl Status {
-    /// Parses `online`, `offline`, `never`, `alarmed` or `expired`.
+    /// Parses `online`, `offline`, `never`, `alarmed`, `expired` or `revoked`.
     pub fn parse(text: &str) -> Result<Status, String> {
         match text {
             "online" => Ok(Status::Online),
@@ -170,7 +172,8 @@ impl Status {
             "never" => Ok(Status::Never),
             "alarmed" => Ok(Status::Alarmed),
             "expired" => Ok(Status::Expired),
-            other => Err(format!("status {other:?}: use online, offline, never, alarmed or expired")),
+            "revoked" => Ok(Status::Revoked),
+            other => Err(format!("status {other:?}: use online, offline, never, alarmed, expired or revoked")),
         }
     }
 
@@ -181,6 +184,7 @@ impl Status {
             Status::Never => v.last_seen.is_none(),
             Status::Alarmed => v.alarmed,
             Status::Expired => v.state() == "expired",
+            Status::Revoked => v.revoked.is_some(),
         }
     }
 }
@@ -431,6 +435,7 @@ mod tests {
             behind_secs: None,
             certificate_expired: None,
             readmitted_until: None,
+            revoked: None,
         }
     }
 
@@ -446,6 +451,9 @@ mod tests {
         let views = vec![view("a", "ok", &[], false, Some(1)), expired.clone(), back.clone()];
         assert_eq!((expired.state(), back.state(), views[0].state()), ("expired", "online", "offline"));
         assert_eq!(view("n", "new", &[], false, None).state(), "never");
+        let mut revoked = back.clone();
+        revoked.revoked = Some("2027-12-07T00:00:00Z".into());
+        assert_eq!(revoked.state(), "revoked", "revoked wins over online");
         let q = DeviceQuery { status: Some(Status::parse("expired").unwrap()), limit: 10, ..Default::default() };
         let ids: Vec<String> = select(views, &q).unwrap().rows.into_iter().map(|v| v.id).collect();
         assert_eq!(ids, ["e"]);

@@ -318,6 +318,12 @@ impl DeviceTask {
             let Ok(Some((kind, publish))) = next else {
                 break;
             };
+            if self.ctx.fleet.admissions().revoked(&self.id) {
+                // Logged once, at the revocation; a stolen device's traffic
+                // costs no more than this lookup.
+                debug!("Dropped a message of a revoked device.");
+                continue;
+            }
             let handled = match self.open_message(kind, &publish.payload, &mut session).await {
                 Ok(message) => session.handle(message, &mut transport).await,
                 Err(end) => Err(end),

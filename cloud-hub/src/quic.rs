@@ -138,17 +138,37 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
             (Some(id), Some(_)) if bulk => {
                 let span = info_span!("bulk", device = %id);
                 let (fleet, turns) = (ctx.fleet.clone(), ctx.bulk_requests.clone());
-                crate::bulk::serve(connection, id, fleet, turns).instrument(span).await
+                let serve = crate::bulk::serve(connection.clone(), id.clone(), fleet, turns);
+                until_revoked(serve, &connection, &id, &ctx).instrument(span).await
             }
             (Some(id), Some(key)) => {
                 let span = info_span!("session", device = %id);
-                session(connection, id, key, &ctx).instrument(span).await
+                let serve = session(connection.clone(), id.clone(), key, &ctx);
+                until_revoked(serve, &connection, &id, &ctx).instrument(span).await
             }
             _ => {
                 warn!("Client certificate from the fleet CA has no valid device id.");
                 connection.close(CLOSE_REFUSED.into(), b"certificate names no device");
             }
         },
+    }
+}
+
+/// Runs `serve` (a device's session or bulk connection) until it ends or
+/// the device is revoked, which closes the connection.
+async fn until_revoked(
+    serve: impl Future<Output = ()>,
+    connection: &quinn::Connection,
+    id: &DeviceId,
+    ctx: &QuicContext,
+) {
+    tokio::select! {
+        () = serve => {}
+        () = ctx.fleet.admissions().revoked_wait(id) => {
+            warn!("Device revoked: closing its connection.");
+            connection.close(CLOSE_REFUSED.into(), b"certificate revoked");
+            ctx.fleet.disconnected(id, &Link::Quic(connection.clone()));
+        }
     }
 }
 

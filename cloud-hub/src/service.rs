@@ -386,16 +386,38 @@ pub fn readmit_window(text: Option<&str>) -> Result<Duration, String> {
 /// Re-admits device `id` for `within` (see [`crate::admission`]); returns
 /// the end. Every hub learns it from the store within seconds; this one at
 /// once.
-pub async fn readmit(fleet: &Fleet, id: &DeviceId, within: Duration) -> Result<Timestamp, StoreError> {
+pub async fn readmit(fleet: &Fleet, id: &DeviceId, within: Duration) -> Result<Timestamp, ServiceError> {
     let until = Timestamp::now().saturating_add(within);
     let store = fleet.store();
-    let mut admission =
-        store.admissions().await?.into_iter().find(|(d, _)| d == id).map(|(_, a)| a).unwrap_or_default();
+    let mut admission = admission_of(store, id).await?;
+    if admission.revoked_at.is_some() {
+        return Err(ServiceError::Invalid(format!(
+            "{id} is revoked: a revoked device comes back only by enrolling anew"
+        )));
+    }
     admission.readmit_until = Some(until);
     store.set_admission(id, &admission).await?;
     fleet.admissions().readmit(id, until);
     tracing::info!(device = %id, until = %until.rfc3339(), "Device re-admitted to renew its expired certificate.");
     Ok(until)
+}
+
+async fn admission_of(store: &crate::store::Store, id: &DeviceId) -> Result<crate::store::Admission, StoreError> {
+    Ok(store.admissions().await?.into_iter().find(|(d, _)| d == id).map(|(_, a)| a).unwrap_or_default())
+}
+
+/// Revokes device `id` for good (see [`crate::admission`]): refused on
+/// every path from now on, its open connections closed; its records and
+/// backups stay (a replacement reads them through a grant). Returns when.
+pub async fn revoke(fleet: &Fleet, id: &DeviceId) -> Result<Timestamp, StoreError> {
+    let store = fleet.store();
+    let mut admission = admission_of(store, id).await?;
+    let at = *admission.revoked_at.get_or_insert_with(Timestamp::now);
+    admission.readmit_until = None;
+    store.set_admission(id, &admission).await?;
+    fleet.admissions().revoke(id);
+    tracing::warn!(device = %id, "Device revoked.");
+    Ok(at)
 }
 
 /// Lets `reader` fetch `owner`'s backups for `valid_for` (a replacement

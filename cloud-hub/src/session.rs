@@ -380,6 +380,14 @@ impl DeviceSession {
     pub async fn handle(&mut self, message: Message, transport: &mut impl Transport) -> Result<bool, SessionEnd> {
         let store = self.fleet.store().clone();
         let mut new_session = false;
+        // A revoked device is heard no more, whatever carries it (over QUIC
+        // its connections are closed besides; over MQTT this is the door).
+        if self.fleet.admissions().revoked(&self.id) {
+            return Err(SessionEnd::Refused(Refusal {
+                reason: RefusalReason::NotAuthorised,
+                message: "device revoked".into(),
+            }));
+        }
         match message {
             Message::Hello(hello_msg) => {
                 let welcome = match hello(&store, &self.id, &hello_msg, &transport.addr()).await {
@@ -400,6 +408,12 @@ impl DeviceSession {
                 let ack = ingest(&store, &self.id, &mut self.keys, batch).await?;
                 self.attach(transport, false).await?;
                 transport.send(Message::Ack(ack)).await?;
+            }
+            Message::Relay(batch) if self.fleet.admissions().revoked(&batch.origin) => {
+                tracing::warn!(origin = %batch.origin, "Relayed batch of a revoked device refused.");
+                let refused = Some("the device is revoked".into());
+                self.attach(transport, false).await?;
+                transport.send(Message::RelayAck(RelayAck { origin: batch.origin, upto: 0, refused })).await?;
             }
             Message::Relay(batch) => {
                 // The batch carries its origin's signature; the carrier is

@@ -386,9 +386,9 @@ fn tokens_enrollment_keys_and_hellos() {
         assert_eq!(store.device_keys(&"dev-none".parse().unwrap()).await.unwrap(), None);
         // An expired certificate met, then a re-admission; the default clears.
         assert!(store.admissions().await.unwrap().is_empty());
-        let met = Admission { expired_seen: Some(Timestamp(5)), readmit_until: None };
+        let met = Admission { expired_seen: Some(Timestamp(5)), ..Admission::default() };
         store.set_admission(&e1, &met).await.unwrap();
-        let both = Admission { readmit_until: Some(Timestamp(9)), ..met };
+        let both = Admission { readmit_until: Some(Timestamp(9)), revoked_at: Some(Timestamp(11)), ..met };
         store.set_admission(&e1, &both).await.unwrap();
         assert_eq!(store.admissions().await.unwrap(), [(e1.clone(), both)]);
         let rows = store.fleet_rows(Some(std::slice::from_ref(&e1))).await.unwrap();

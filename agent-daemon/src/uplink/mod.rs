@@ -286,12 +286,17 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             && let Some(alert) = refused
         {
             let not_after = params.live.get().validity().map(|(_, end)| Timestamp::from_system(end).rfc3339());
-            tracing::error!(
-                %alert,
-                not_after = %not_after.unwrap_or_default(),
-                "The hub refuses this device's certificate: an operator must re-admit the device. It keeps trying, \
-                 and keeps every record until then."
-            );
+            let not_after = not_after.unwrap_or_default();
+            if alert == "certificate revoked" {
+                tracing::error!(%alert, "The hub revoked this device: it comes back only by enrolling anew.");
+            } else {
+                tracing::error!(
+                    %alert,
+                    %not_after,
+                    "The hub refuses this device's certificate: an operator must re-admit the device. It keeps \
+                     trying, and keeps every record until then."
+                );
+            }
         } else if reason != last_error {
             tracing::warn!(%reason, attempt, "Cannot reach the hub.");
         } else {

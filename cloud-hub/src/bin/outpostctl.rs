@@ -49,7 +49,7 @@ enum Command {
         /// Label selector (`env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`).
         #[arg(long, short)]
         selector: Option<String>,
-        /// online, offline, never, alarmed or expired (certificate expired).
+        /// online, offline, never, alarmed, expired (certificate expired) or revoked.
         #[arg(long)]
         status: Option<String>,
         /// Only this agent version.
@@ -75,6 +75,12 @@ enum Command {
         /// How long it may take to come back (default 7d, 1m to 90d).
         #[arg(long)]
         within: Option<String>,
+    },
+    /// Refuse a device for good (a stolen or retired one; admin token): its
+    /// connections close at once, its records and backups stay.
+    Revoke {
+        /// Device id or name.
+        device: String,
     },
     /// A device's labels: show, set, add, remove.
     Labels {
@@ -500,6 +506,7 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, ClientError> {
             show(json, &client.devices_where(&q)?, |d| render_table(d));
         }
         Command::Device { device } => show(json, &client.device(device)?, render_device),
+        Command::Revoke { device } => show(json, &client.revoke(device)?, render_device),
         Command::Readmit { device, within } => show(json, &client.readmit(device, within.as_deref())?, render_device),
         Command::Labels { command } => {
             let (device, labels) = match command {
@@ -710,6 +717,7 @@ fn render_device(d: &outpost_hub::api::DeviceView) -> String {
     let state = match d.state() {
         "never" => "never connected",
         "expired" => "offline: its certificate expired (`outpostctl readmit` lets it renew)",
+        "revoked" => "revoked: refused for good",
         state => state,
     };
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
@@ -725,6 +733,9 @@ fn render_device(d: &outpost_hub::api::DeviceView) -> String {
     line("enrolled", d.enrolled_at.clone());
     if let Some(at) = &d.certificate_expired {
         line("certificate", format!("expired: refused at {at}"));
+    }
+    if let Some(at) = &d.revoked {
+        line("revoked", at.clone());
     }
     if let Some(until) = &d.readmitted_until {
         line("readmitted", format!("until {until}, to renew its certificate"));

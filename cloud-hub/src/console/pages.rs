@@ -115,6 +115,10 @@ impl Row {
             address: v.address.clone().unwrap_or_else(|| "-".into()),
             transport: v.transport.clone().unwrap_or_default(),
             certificate: match (&v.certificate_expired, &v.readmitted_until) {
+                _ if v.revoked.is_some() => format!(
+                    "Revoked at {}: refused on every path. It comes back only by enrolling anew.",
+                    v.revoked.as_deref().unwrap_or_default()
+                ),
                 (_, Some(until)) => {
                     format!("Re-admitted until {until}: it may connect with its expired certificate to renew it.")
                 }
@@ -251,7 +255,7 @@ struct DevicesPage {
     nav: Option<Nav>,
     notice: Option<String>,
     q: ListForm,
-    statuses: [(&'static str, &'static str); 6],
+    statuses: [(&'static str, &'static str); 7],
     sorts: [(&'static str, &'static str); 4],
     operator: bool,
     error: Option<String>,
@@ -303,6 +307,7 @@ async fn devices_page(
             ("never", "never connected"),
             ("alarmed", "with alarms"),
             ("expired", "certificate expired"),
+            ("revoked", "revoked"),
         ],
         sorts: [
             ("name", "by name"),

@@ -365,8 +365,9 @@ pub struct FleetRow {
     pub admission: Admission,
 }
 
-/// What the hub knows of a device whose certificate expired: when it last
-/// refused it for that, and an operator's re-admission.
+/// What the hub knows of a device's certificate beyond its validity: when
+/// the hub last refused it as expired, an operator's re-admission, and a
+/// revocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Admission {
     /// When the hub last refused the device's certificate as expired.
@@ -374,6 +375,8 @@ pub struct Admission {
     /// Until when the hub takes the device's expired (but CA-signed)
     /// certificate, so that it can renew it once.
     pub readmit_until: Option<Timestamp>,
+    /// When an admin revoked the device: refused on every path for good.
+    pub revoked_at: Option<Timestamp>,
 }
 
 /// One entry of the audit log: a change, a command, a sign-in or a refused

@@ -119,8 +119,10 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_who ON audit (who, id);
     CREATE INDEX audit_target ON audit (target, id);",
     // 5: the key of a device's renewed certificate, until the device uses it;
-    // an expired certificate met (ms), a re-admission (until, ms).
-    "ALTER TABLE devices ADD COLUMN next_key bytea, ADD COLUMN expired_seen bigint, ADD COLUMN readmit_until bigint;",
+    // an expired certificate met (ms), a re-admission (until, ms), a
+    // revocation (ms).
+    "ALTER TABLE devices ADD COLUMN next_key bytea, ADD COLUMN expired_seen bigint, ADD COLUMN readmit_until bigint,
+        ADD COLUMN revoked_at bigint;",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -658,8 +660,8 @@ impl PgStore {
     pub(super) async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
         let at = |t: Option<Timestamp>| t.map(|t| big(t.0));
         self.write(
-            "UPDATE devices SET expired_seen = $2, readmit_until = $3 WHERE id = $1",
-            &[&id.as_str(), &at(admission.expired_seen), &at(admission.readmit_until)],
+            "UPDATE devices SET expired_seen = $2, readmit_until = $3, revoked_at = $4 WHERE id = $1",
+            &[&id.as_str(), &at(admission.expired_seen), &at(admission.readmit_until), &at(admission.revoked_at)],
         )
         .await
         .map(drop)
@@ -669,8 +671,8 @@ impl PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, expired_seen, readmit_until FROM devices
-                 WHERE expired_seen IS NOT NULL OR readmit_until IS NOT NULL ORDER BY id",
+                "SELECT id, expired_seen, readmit_until, revoked_at FROM devices
+                 WHERE expired_seen IS NOT NULL OR readmit_until IS NOT NULL OR revoked_at IS NOT NULL ORDER BY id",
                 &[],
             )
             .await
@@ -681,7 +683,7 @@ impl PgStore {
                 let id =
                     id.parse().map_err(|_| StoreError::Corrupt { what: "devices.id", message: format!("{id:?}") })?;
                 let at = |i| row.get::<_, Option<i64>>(i).map(|v| Timestamp(unbig(v)));
-                Ok((id, Admission { expired_seen: at(1), readmit_until: at(2) }))
+                Ok((id, Admission { expired_seen: at(1), readmit_until: at(2), revoked_at: at(3) }))
             })
             .collect()
     }
@@ -978,7 +980,7 @@ impl PgStore {
         let columns = Self::DEVICE_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
         let base = format!(
             "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen,
-                    d.expired_seen, d.readmit_until
+                    d.expired_seen, d.readmit_until, d.revoked_at
              FROM devices d LEFT JOIN sessions s ON s.device = d.id"
         );
         let rows = match only {
@@ -1009,6 +1011,7 @@ impl PgStore {
                     admission: Admission {
                         expired_seen: row.get::<_, Option<i64>>(15).map(|v| Timestamp(unbig(v))),
                         readmit_until: row.get::<_, Option<i64>>(16).map(|v| Timestamp(unbig(v))),
+                        revoked_at: row.get::<_, Option<i64>>(17).map(|v| Timestamp(unbig(v))),
                     },
                 })
             })
