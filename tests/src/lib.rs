@@ -514,6 +514,24 @@ pub fn faketime(offset_file: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// Runs `outpostctl ARGS` against `hub` with its admin token.
+pub fn outpostctl(hub: &Hub, args: &[&str]) -> Output {
+    run(Command::new(bin("outpostctl")).args(["--hub", &hub.api, "--token", &hub.admin_token]).args(args))
+        .unwrap_or_else(|e| panic!("outpostctl: {e}"))
+}
+
+/// A hub whose MQTT bridge uses a fresh broker (which checks client
+/// certificates), with `quic_extra` in its `[quic]` table, and the broker.
+pub fn hub_with_broker(root: &Path, timings: &Timings, quic_extra: &str) -> Result<(Hub, Broker)> {
+    let mut hub = Hub::start(root, timings.clone())?;
+    let broker = Broker::start(root, &hub)?;
+    hub.extra_config = broker.hub_config();
+    hub.quic_extra = quic_extra.to_owned();
+    hub.kill();
+    hub.serve()?;
+    Ok((hub, broker))
+}
+
 /// True when the tests run as root.
 pub fn is_root() -> bool {
     #[allow(unsafe_code)]

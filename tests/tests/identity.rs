@@ -8,7 +8,8 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_tests::{
-    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, faketime, wait_all, wait_for, wait_online,
+    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, faketime, hub_with_broker, outpostctl,
+    wait_all, wait_for, wait_online,
 };
 use std::time::{Duration, Instant};
 
@@ -71,12 +72,7 @@ fn a_device_renews_its_certificate_within_its_session_while_streaming() {
 fn a_device_renews_its_certificate_over_mqtt() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
-    let broker = Broker::start(scratch.path(), &hub).unwrap();
-    hub.extra_config = broker.hub_config();
-    hub.quic_extra = "device_cert_lifetime = \"30s\"\n".into();
-    hub.kill();
-    hub.serve().unwrap();
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "device_cert_lifetime = \"30s\"\n").unwrap();
     let mut agent = Agent::enroll(scratch.path(), &hub, "mqtt-renewer", &timings).unwrap();
     agent.use_transport(Some(&broker)).unwrap();
     let first = device_cert(&agent);
@@ -174,14 +170,7 @@ fn a_device_renews_after_months_offline_by_the_hubs_clock_and_is_readmitted_when
     })
     .unwrap();
     assert_eq!(view.state(), "expired");
-    let ctl = |args: &[&str]| {
-        outpost_tests::run(
-            std::process::Command::new(outpost_tests::bin("outpostctl"))
-                .args(["--hub", &hub.api, "--token", &hub.admin_token])
-                .args(args),
-        )
-        .unwrap()
-    };
+    let ctl = |args: &[&str]| outpostctl(&hub, args);
     let shown = ctl(&["device", &agent.id]);
     assert!(String::from_utf8_lossy(&shown.stdout).contains("its certificate expired"), "{shown:?}");
 
@@ -261,11 +250,7 @@ fn the_hub_renews_its_certificate_while_running_and_keeps_its_sessions() {
 fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
-    let broker = Broker::start(scratch.path(), &hub).unwrap();
-    hub.extra_config = broker.hub_config();
-    hub.kill();
-    hub.serve().unwrap();
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     let mut stolen = Agent::enroll(scratch.path(), &hub, "stolen", &timings).unwrap();
     let mut lost = Agent::enroll(scratch.path(), &hub, "lost", &timings).unwrap();
     lost.use_transport(Some(&broker)).unwrap();
@@ -278,14 +263,7 @@ fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
         hub.device(&stolen.id).ok().filter(|d| d.connected).map(drop)
     })
     .unwrap();
-    let ctl = |args: &[&str]| {
-        outpost_tests::run(
-            std::process::Command::new(outpost_tests::bin("outpostctl"))
-                .args(["--hub", &hub.api, "--token", &hub.admin_token])
-                .args(args),
-        )
-        .unwrap()
-    };
+    let ctl = |args: &[&str]| outpostctl(&hub, args);
 
     let started = Instant::now();
     let revoked = ctl(&["revoke", &stolen.id]);

@@ -13,19 +13,10 @@ use outpost_shared::mqtt::{UpKind, up_topic};
 use outpost_shared::protocol::{Batch, Direction, Envelope, Hello, Message, Record, RecordBody, Signed, StateReport};
 use outpost_shared::time::Timestamp;
 use outpost_tests::{
-    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, wait_all, wait_for, wait_online, wait_progress,
+    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, hub_with_broker, wait_all, wait_for,
+    wait_online, wait_progress,
 };
 use std::time::Duration;
-
-/// A hub whose bridge uses a fresh broker, and the broker.
-fn hub_with_broker(scratch: &Scratch, timings: &Timings) -> (Hub, Broker) {
-    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
-    let broker = Broker::start(scratch.path(), &hub).unwrap();
-    hub.extra_config = broker.hub_config();
-    hub.kill();
-    hub.serve().unwrap();
-    (hub, broker)
-}
 
 fn mqtt_agent(scratch: &Scratch, hub: &Hub, broker: &Broker, name: &str, extra: &str) -> Agent {
     let agent = Agent::enroll_with(scratch.path(), hub, name, &Timings::default(), extra).unwrap();
@@ -37,7 +28,7 @@ fn mqtt_agent(scratch: &Scratch, hub: &Hub, broker: &Broker, name: &str, extra: 
 fn a_fleet_over_mqtt_works_as_over_quic() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     let mut agents: Vec<Agent> =
         (0..2).map(|i| mqtt_agent(&scratch, &hub, &broker, &format!("mqtt-{i}"), "")).collect();
     for agent in &mut agents {
@@ -101,7 +92,7 @@ const RECORDS: u64 = 20_000;
 fn broker_killed_and_restarted_while_the_agent_produces_loses_and_doubles_nothing() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let (hub, mut broker) = hub_with_broker(&scratch, &timings);
+    let (hub, mut broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     let mut agent = mqtt_agent(&scratch, &hub, &broker, "gen", "");
     agent.start_loadgen(&LOADGEN).unwrap();
     let mut seen = 0;
@@ -125,7 +116,7 @@ fn broker_killed_and_restarted_while_the_agent_produces_loses_and_doubles_nothin
 fn switching_between_mqtt_and_quic_mid_stream_is_exactly_once_in_order() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     let mut agent = mqtt_agent(&scratch, &hub, &broker, "switcher", "");
     agent.start_loadgen(&LOADGEN).unwrap();
     for (step, to_mqtt) in [(1u64, false), (2, true), (3, false)] {
@@ -167,7 +158,7 @@ fn publish_anonymously(broker: &Broker, topic: &str, payload: Vec<u8>) {
 fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let (hub, broker) = hub_with_broker(&scratch, &timings);
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     // The victim never runs: anything stored for it came from the intruder.
     let victim = mqtt_agent(&scratch, &hub, &broker, "victim", "");
     let intruder = mqtt_agent(&scratch, &hub, &broker, "intruder", "");

@@ -7,16 +7,12 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use outpost_hub::api::{CommandRequest, CommandStateView, EventKindView, OutcomeView};
-use outpost_tests::{Agent, Hub, Scratch, Timings, bin, run, wait_for, wait_online, wait_progress};
+use outpost_tests::{Agent, Hub, Scratch, Timings, bin, outpostctl as ctl, run, wait_for, wait_online, wait_progress};
 use std::process::Command;
 use std::time::Duration;
 
 fn fast() -> Timings {
     Timings { telemetry: "100ms", ..Timings::default() }
-}
-
-fn ctl(hub: &Hub, args: &[&str]) -> std::process::Output {
-    run(Command::new(bin("outpostctl")).args(["--hub", &hub.api, "--token", &hub.admin_token]).args(args)).unwrap()
 }
 
 #[test]
