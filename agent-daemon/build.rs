@@ -1,7 +1,7 @@
 //! Records a floor for the wall clock: the time this crate's build script
 //! last ran (or `SOURCE_DATE_EPOCH` for reproducible builds). A device whose
 //! clock restarted at 1970 takes the time as at least this when it checks
-//! the hub's certificate (see `tls::FlooredClock`).
+//! the hub's certificate (see `tls::HubVerifier`).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

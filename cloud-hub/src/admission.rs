@@ -113,13 +113,14 @@ impl Admissions {
     }
 
     /// `id` renewed its certificate: its re-admission is used up and its
-    /// expiry is history.
+    /// expiry is history (a revocation, should one have raced the renewal,
+    /// stays).
     pub async fn renewed(&self, store: &Store, id: &DeviceId) -> Result<(), crate::store::StoreError> {
-        let had = self.readmit.write().unwrap_or_else(|p| p.into_inner()).remove(id).is_some();
+        self.readmit.write().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.noted.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        let known = store.admissions().await?.into_iter().any(|(d, _)| d == *id);
-        if had || known {
-            store.set_admission(id, &Admission::default()).await?;
+        let known = store.admissions().await?.into_iter().find(|(d, _)| d == id).map(|(_, a)| a);
+        if let Some(admission) = known.filter(|a| a.expired_seen.is_some() || a.readmit_until.is_some()) {
+            store.set_admission(id, &Admission { revoked_at: admission.revoked_at, ..Admission::default() }).await?;
         }
         Ok(())
     }
