@@ -629,7 +629,7 @@ async fn create_token(
     Ok(HttpResponse::Created().json(view))
 }
 
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id (tok-...) or name")), responses((status = 200, body = TokenView), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id (tok-...) or name")), responses((status = 200, body = TokenView), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 422, description = "the last admin token, or a name several tokens share", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
 async fn revoke_token(
     caller: Caller,
     fleet: web::Data<Fleet>,

@@ -31,7 +31,6 @@ use crate::config::HubConfig;
 use crate::fleet::Fleet;
 use crate::quic::QuicContext;
 use crate::store::{ApiToken, Role, Store, StoreConfig};
-use base64::Engine;
 use outpost_shared::fsutil::write_atomic;
 use outpost_shared::time::Timestamp;
 
@@ -92,20 +91,51 @@ pub async fn init_with(data_dir: &Path, store: &StoreConfig) -> Result<String, H
     FleetCa::init(data_dir)?;
     enroll::init_key(data_dir).map_err(io("write enroll.key"))?;
     let store = Store::open(store, data_dir).await?;
-    let mut secret = [0u8; 32];
-    rand::fill(&mut secret[..]);
-    let token = format!("opa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+    let token = admin_token(&store, "initial admin".into(), None).await?;
+    store.close().await?;
+    Ok(token)
+}
+
+/// Stores a new admin API token named `name`, expiring at `expires_at`;
+/// returns its secret (stored only as a hash).
+async fn admin_token(store: &Store, name: String, expires_at: Option<Timestamp>) -> Result<String, HubError> {
+    let token = service::new_secret();
     let record = ApiToken {
         role: Role::Admin,
-        name: "initial admin".into(),
+        name,
         created_at: Timestamp::now(),
-        expires_at: None,
+        expires_at,
         last_used: None,
         kind: crate::store::TokenKind::Api,
     };
     store.put_api_token(&http::token_hash(&token), &record).await?;
-    store.close().await?;
     Ok(token)
+}
+
+/// Break glass: makes an admin API token valid for `valid_for` straight in
+/// the store `config` names, on the hub machine, for when no admin token is
+/// left (lost, expired). With sled the hub must be stopped (the store is
+/// locked while it runs); with PostgreSQL it may run. Written to the audit
+/// log.
+pub async fn break_glass(config: &HubConfig, valid_for: Duration) -> Result<(String, String), HubError> {
+    let store = Store::open(&config.store, &config.data_dir).await?;
+    let now = Timestamp::now();
+    let name = format!("break-glass {}", now.rfc3339());
+    let token = admin_token(&store, name.clone(), Some(now.saturating_add(valid_for))).await?;
+    let entry = store::AuditEntry {
+        id: 0,
+        at: now,
+        who: "outpost-hub admin-token (on the hub machine)".into(),
+        action: "make admin token".into(),
+        target: format!("token {name}"),
+        matched: None,
+        from: "local".into(),
+        status: 201,
+        detail: format!("valid for {}", humantime::format_duration(valid_for)),
+    };
+    store.append_audit(&entry).await?;
+    store.close().await?;
+    Ok((token, name))
 }
 
 /// Reads a 32-byte secret from `path`, creating it (mode 0600) if absent.

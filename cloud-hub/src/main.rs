@@ -35,6 +35,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Break glass: print a new admin API token made straight in the store
+    /// (when no admin token is left). Stop the hub first on sled.
+    AdminToken {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
     /// Enrollment tokens.
     Token {
         #[command(subcommand)]
@@ -91,6 +101,15 @@ fn main() -> ExitCode {
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
         ),
+        Command::AdminToken { config, valid_for } => match HubConfig::load_checked_or_exit(&config) {
+            Ok(config) => report(runtime().and_then(|rt| {
+                let (token, name) = rt.block_on(outpost_hub::break_glass(&config, valid_for))?;
+                println!("Admin API token {name:?} (shown once, stored only as a hash):");
+                println!("{token}");
+                Ok(())
+            })),
+            Err(code) => code,
+        },
         Command::Validate { config } => validate(&config),
         Command::Serve { config } => match HubConfig::load_checked_or_exit(&config) {
             Ok(config) => report(serve(config)),

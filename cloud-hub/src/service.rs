@@ -193,16 +193,31 @@ pub async fn revoke_token(fleet: &Fleet, by: &str, which: &str) -> Result<([u8; 
     let tokens = fleet.store().api_tokens().await?;
     let found: Vec<&([u8; 32], ApiToken)> =
         tokens.iter().filter(|(h, t)| ApiToken::id_of(h) == which || t.name == which).collect();
-    let [(hash, _)] = found.as_slice() else {
+    let [(hash, chosen)] = found.as_slice() else {
         return Err(match found.len() {
             0 => ServiceError::NotFound(format!("token {which:?}")),
             n => ServiceError::Invalid(format!("{n} tokens are named {which:?}; revoke one by its id")),
         });
     };
+    if last_admin(&tokens, hash, chosen, Timestamp::now()) {
+        return Err(ServiceError::Invalid(format!(
+            "{:?} is the last admin token: make another admin token first (or, on the hub machine, \
+             `outpost-hub admin-token --config …`)",
+            chosen.name
+        )));
+    }
     let token =
         fleet.store().take_api_token(hash).await?.ok_or_else(|| ServiceError::NotFound(format!("token {which:?}")))?;
     tracing::info!(token = %token.name, by, "API token revoked.");
     Ok((*hash, token))
+}
+
+/// True if revoking `chosen` (whose hash is `hash`) would leave no usable
+/// admin API token among `tokens` at `now`: then the fleet could only be
+/// managed again from the hub machine.
+pub fn last_admin(tokens: &[([u8; 32], ApiToken)], hash: &[u8; 32], chosen: &ApiToken, now: Timestamp) -> bool {
+    let admin = |t: &ApiToken| t.role == Role::Admin && t.kind == TokenKind::Api && !t.expired(now);
+    admin(chosen) && !tokens.iter().any(|(h, t)| h != hash && admin(t))
 }
 
 /// Makes a one-time console sign-in link for a session of `role`, valid
@@ -449,6 +464,38 @@ pub async fn grant_backups(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_usable_admin_api_token_is_the_one_that_cannot_go() {
+        let now = Timestamp(1_000);
+        let token = |role, kind, expires_at| ApiToken {
+            role,
+            name: "t".into(),
+            created_at: Timestamp(0),
+            expires_at,
+            last_used: None,
+            kind,
+        };
+        let admin = token(Role::Admin, TokenKind::Api, None);
+        let tokens = |others: Vec<ApiToken>| {
+            let mut all = vec![([0; 32], admin.clone())];
+            all.extend(others.into_iter().enumerate().map(|(i, t)| ([i as u8 + 1; 32], t)));
+            all
+        };
+        assert!(last_admin(&tokens(vec![]), &[0; 32], &admin, now));
+        // Other admins that do not count: expired, a console session, a link.
+        let useless = vec![
+            token(Role::Admin, TokenKind::Api, Some(Timestamp(500))),
+            token(Role::Admin, TokenKind::ConsoleSession, None),
+            token(Role::Admin, TokenKind::SignInLink, None),
+            token(Role::Operator, TokenKind::Api, None),
+        ];
+        assert!(last_admin(&tokens(useless), &[0; 32], &admin, now));
+        assert!(!last_admin(&tokens(vec![admin.clone()]), &[0; 32], &admin, now));
+        // Revoking a non-admin token is never refused for this.
+        let viewer = token(Role::Viewer, TokenKind::Api, None);
+        assert!(!last_admin(&tokens(vec![viewer.clone()]), &[1; 32], &viewer, now));
+    }
 
     fn request(kind: &str, args: &[&str], expires_in: Option<&str>) -> CommandRequest {
         CommandRequest {

@@ -7,8 +7,9 @@
 
 use outpost_hub::api::CommandStateView;
 use outpost_hub::client::Client;
-use outpost_tests::{Scratch, Timings, fleet, wait_for, wait_online};
+use outpost_tests::{Hub, Scratch, Timings, bin, fleet, run, wait_for, wait_online};
 use serde_json::{Value, json};
+use std::process::Command;
 use std::time::Duration;
 
 fn token(admin: &Client, name: &str, role: &str) -> String {
@@ -367,4 +368,40 @@ fn outpostctl_behaves_as_scripts_expect() {
     assert!(code == Some(0) && text.contains("outpostctl") && text.contains("tokens"), "{text}");
     let (code, text, _) = ctl(&["man"]);
     assert!(code == Some(0) && text.contains(".TH outpostctl 1"), "{text}");
+}
+
+/// The last admin token cannot be revoked (the fleet would be unmanageable
+/// short of a new hub); when admin access is lost anyway, the hub machine
+/// makes a new admin token from the store (`outpost-hub admin-token`), which
+/// works, expires, and is in the audit log.
+#[test]
+fn the_last_admin_token_is_kept_and_the_hub_machine_can_make_another() {
+    let scratch = Scratch::new().unwrap();
+    let mut hub = Hub::start(scratch.path(), Timings::default()).unwrap();
+    let admin = hub.client();
+    let refused = admin.revoke_token("initial admin").unwrap_err().to_string();
+    assert!(refused.contains("422") && refused.contains("last admin token"), "{refused}");
+    // With a second admin token, the first may go.
+    let second = admin.create_token("second admin", "admin", "1h").unwrap();
+    let second = Client::new(&hub.api, second.secret.as_deref().unwrap());
+    second.revoke_token("initial admin").unwrap();
+    assert!(second.revoke_token("second admin").unwrap_err().to_string().contains("last admin token"));
+
+    // Lost anyway (say it expired): on the hub machine, with the hub
+    // stopped (sled is locked while it runs).
+    hub.kill();
+    let out =
+        run(Command::new(bin("outpost-hub")).args(["admin-token", "--valid-for", "2h", "--config"]).arg(&hub.config))
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let secret = stdout.lines().last().unwrap().trim().to_owned();
+    hub.serve().unwrap();
+    let rescued = Client::new(&hub.api, &secret);
+    let tokens = rescued.tokens().unwrap();
+    let made = tokens.iter().find(|t| t.name.starts_with("break-glass")).unwrap();
+    assert_eq!(made.role, "admin");
+    assert!(made.expires_at.is_some(), "{made:?}");
+    let audit = rescued.audit("action=make%20admin%20token").unwrap();
+    assert_eq!(audit.entries.len(), 1, "{:?}", audit.entries);
 }
