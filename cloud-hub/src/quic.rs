@@ -182,7 +182,7 @@ async fn enrollment(connection: quinn::Connection, ctx: &QuicContext) {
                 Message::Enroll(request) => {
                     match enroll::redeem(&ctx.ca, &ctx.token_key, ctx.fleet.store(), &request).await {
                         Ok(enrolled) => {
-                            info!(device = %enrolled.device_id, name = %request.name, "Device enrolled.");
+                            info!(device = %enrolled.device_id, name = ?request.name, "Device enrolled.");
                             Message::Enrolled(enrolled)
                         }
                         Err(refused) => {

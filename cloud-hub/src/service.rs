@@ -116,6 +116,11 @@ pub fn check_token(name: &str, role: &str, valid_for: &str, max: Duration) -> Re
     if name.trim().is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         problems.push("name: 1-64 printable characters".to_owned());
     }
+    if name.starts_with("tok-") {
+        // Tokens are revoked by id (`tok-…`) or name: a name like an id
+        // could make another token impossible to revoke by its id.
+        problems.push("name: may not start with \"tok-\" (token ids do)".to_owned());
+    }
     let role = Role::parse(role);
     if role.is_none() {
         problems.push("role: viewer, operator or admin".into());
@@ -291,7 +296,7 @@ pub fn check_command(request: &CommandRequest) -> Result<(CommandKind, Duration)
         }
         None => DEFAULT_COMMAND_TTL,
     };
-    if ttl.is_zero() || ttl > MAX_COMMAND_TTL {
+    if ttl < Duration::from_secs(1) || ttl > MAX_COMMAND_TTL {
         return Err("expires_in must be between 1s and 30d".into());
     }
     Ok((kind, ttl))
@@ -380,10 +385,14 @@ pub async fn patch_desired(
 
 /// How long a grant lasts: `text` (e.g. `24h`) or the default.
 pub fn grant_length(text: Option<&str>) -> Result<Duration, String> {
-    match text {
-        Some(text) => humantime::parse_duration(text).map_err(|e| format!("valid_for {text:?}: {e}")),
-        None => Ok(DEFAULT_GRANT),
+    let length = match text {
+        Some(text) => humantime::parse_duration(text).map_err(|e| format!("valid_for {text:?}: {e}"))?,
+        None => DEFAULT_GRANT,
+    };
+    if !(Duration::from_secs(60)..=Duration::from_secs(366 * 86400)).contains(&length) {
+        return Err(format!("valid_for {}: must be between 1m and 366d", humantime::format_duration(length)));
     }
+    Ok(length)
 }
 
 /// The re-admission window asked for (`"7d"` when absent).
@@ -515,6 +524,8 @@ mod tests {
             (request("run_job", &["a", "b"], None), "one argument"),
             (request("exec", &[], None), "program"),
             (request("echo", &[], Some("0s")), "between 1s and 30d"),
+            (request("echo", &[], Some("1ms")), "between 1s and 30d"),
+            (request("echo", &[], Some("999ms")), "between 1s and 30d"),
             (request("echo", &[], Some("31d")), "between 1s and 30d"),
             (request("echo", &[], Some("soon")), "invalid duration"),
         ];
@@ -524,6 +535,18 @@ mod tests {
         }
         let big = "x".repeat(MAX_COMMAND_BYTES);
         assert!(check_command(&request("echo", &[&big], None)).unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn grants_and_token_names_are_bounded() {
+        assert_eq!(grant_length(None).unwrap(), DEFAULT_GRANT);
+        assert_eq!(grant_length(Some("1h")).unwrap(), Duration::from_secs(3600));
+        for bad in ["0s", "59s", "367d"] {
+            assert!(grant_length(Some(bad)).unwrap_err().contains("between 1m and 366d"), "{bad}");
+        }
+        let err = check_token("tok-1234", "viewer", "1h", MAX_TOKEN_LIFE).unwrap_err();
+        assert!(err.contains("tok-"), "{err}");
+        assert!(check_token("token-ci", "viewer", "1h", MAX_TOKEN_LIFE).is_ok());
     }
 
     #[test]

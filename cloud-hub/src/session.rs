@@ -398,7 +398,7 @@ impl DeviceSession {
                     }
                     Err(end) => return Err(end),
                 };
-                info!(name = %hello_msg.name, version = %hello_msg.agent_version, addr = %transport.addr(), resume_after = welcome.acked_seq, "Session opened.");
+                info!(name = ?hello_msg.name, version = ?hello_msg.agent_version, addr = %transport.addr(), resume_after = welcome.acked_seq, "Session opened.");
                 self.attach(transport, true).await?;
                 new_session = true;
                 transport.send(Message::Welcome(welcome)).await?;

@@ -385,3 +385,20 @@ fn bad_bulk_requests_are_refused_one_by_one_and_write_nothing() {
         assert!(!hub.data_dir.join(escaped).exists(), "{escaped}");
     }
 }
+
+/// A device name with terminal control sequences (a hostile or broken
+/// device) is logged escaped: nothing it sends reaches the hub's log raw.
+#[test]
+fn control_characters_in_device_names_do_not_reach_the_log() {
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start(scratch.path(), Timings::default()).unwrap();
+    let token = hub.token("1h", 1).unwrap();
+    let out = run(Command::new(bin("outpost-agent"))
+        .args(["enroll", "--name", "evil\u{1b}[31mred\u{7}", "--token", &token, "--data-dir"])
+        .arg(scratch.path().join("evil")))
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
+    assert!(log.contains(r#"name="evil\u{1b}[31mred\u{7}""#), "{log}");
+    assert!(!log.contains('\u{1b}') && !log.contains('\u{7}'), "a control character reached the log");
+}
