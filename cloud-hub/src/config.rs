@@ -26,6 +26,9 @@ pub struct HubConfig {
     pub heartbeat_timeout: Duration,
     /// Telemetry history is kept this long. Default 30 days.
     pub telemetry_retention: Duration,
+    /// `[audit] retention`: audit entries are kept this long. Default 400
+    /// days; at least 1 day.
+    pub audit_retention: Duration,
     /// Log filter (`info`, `outpost_hub=debug`, ...). Default `info`.
     pub log: String,
     /// `[backups]`: the hub's own retention of uploaded snapshots.
@@ -98,6 +101,7 @@ impl HubConfig {
             mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
             telemetry_retention: Duration::from_secs(30 * 86400),
+            audit_retention: AUDIT_RETENTION,
             log: "info".into(),
             backups: BackupsConfig { retention: Default::default(), prune_every: Duration::from_secs(3600) },
             store: StoreConfig::Sled,
@@ -105,12 +109,17 @@ impl HubConfig {
     }
 }
 
+/// Default `[audit] retention`: a little over a year, so a yearly review
+/// finds the whole year.
+pub const AUDIT_RETENTION: Duration = Duration::from_secs(400 * 86400);
+
 impl ConfigFile for HubConfig {
     fn read(root: &Section<'_>) -> Self {
         let quic = root.table("quic");
         let http = root.table("http");
         let fleet = root.table("fleet");
         let telemetry = root.table("telemetry");
+        let audit = root.table("audit");
         let mqtt = root.table("mqtt");
         let backups = root.table("backups");
         let store = root.table("store");
@@ -158,6 +167,7 @@ impl ConfigFile for HubConfig {
             }),
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
+            audit_retention: audit.get_or("retention", AUDIT_RETENTION),
             log: root.get_or("log", "info".to_owned()),
             backups: BackupsConfig {
                 retention: outpost_shared::retention::Retention::read(&backups.table("retention")),
@@ -193,7 +203,8 @@ impl ConfigFile for HubConfig {
             mqtt.check("shared_group", !m.shared_group.contains(['/', '+', '#']), "must not contain '/', '+' or '#'");
             mqtt.check("password", m.password.is_none() || m.username.is_some(), "needs username");
         }
-        for s in [quic, http, fleet, telemetry, mqtt, backups, store] {
+        audit.check("retention", config.audit_retention >= Duration::from_secs(86400), "must be at least 1d");
+        for s in [quic, http, fleet, telemetry, audit, mqtt, backups, store] {
             s.finish();
         }
         config

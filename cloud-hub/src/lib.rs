@@ -237,7 +237,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let admissions_task = tokio::spawn(fleet.admissions().clone().run(store.clone(), shutdown.clone()));
     let maintenance_task = tokio::spawn(maintenance(
         fleet.clone(),
-        config.telemetry_retention,
+        Retentions { telemetry: config.telemetry_retention, audit: config.audit_retention },
         config.backups.prune_every,
         shutdown.clone(),
     ));
@@ -321,11 +321,17 @@ async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
     }
 }
 
-/// Expires undelivered commands every second, prunes telemetry older than
-/// `retention` and expired tokens every minute and applies the backup
-/// retention every
-/// `prune_backups`, until `shutdown`.
-async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Duration, shutdown: CancellationToken) {
+/// How long the hub keeps telemetry and audit entries.
+#[derive(Debug, Clone, Copy)]
+struct Retentions {
+    telemetry: Duration,
+    audit: Duration,
+}
+
+/// Expires undelivered commands every second, prunes telemetry and audit
+/// entries past their `retention` and expired tokens every minute, and
+/// applies the backup retention every `prune_backups`, until `shutdown`.
+async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_prune: Option<tokio::time::Instant> = None;
     let mut last_backup_prune = tokio::time::Instant::now();
@@ -351,11 +357,15 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Duration, prune_backups: Dura
                 Ok(n) => tracing::info!(tokens = n, "Expired tokens removed."),
                 Err(e) => tracing::debug!(error = %e, "Expired tokens not removed this time."),
             }
-            let cutoff = now.saturating_sub(retention);
-            match fleet.store().prune_telemetry(cutoff).await {
+            match fleet.store().prune_telemetry(now.saturating_sub(retention.telemetry)).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(samples = n, "Telemetry past its retention pruned."),
                 Err(e) => tracing::warn!(error = %e, "Telemetry pruning failed."),
+            }
+            match fleet.store().prune_audit(now.saturating_sub(retention.audit)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "Audit entries past their retention pruned."),
+                Err(e) => tracing::warn!(error = %e, "Audit pruning failed."),
             }
         }
         if last_backup_prune.elapsed() >= prune_backups {

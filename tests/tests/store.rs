@@ -494,5 +494,10 @@ fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
         assert_eq!(ops.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1000]);
         let refused = store.audit(&q(None, Some("refused"), None, 10)).await.unwrap();
         assert_eq!(refused.len(), 1);
+        // Retention: entries before the cut go, the others stay.
+        assert_eq!(store.prune_audit(Timestamp(1003)).await.unwrap(), 3);
+        let kept = store.audit(&q(None, None, None, 10)).await.unwrap();
+        assert_eq!(kept.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1004, 1003]);
+        assert_eq!(store.prune_audit(Timestamp(1003)).await.unwrap(), 0);
     });
 }

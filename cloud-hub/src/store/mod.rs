@@ -791,6 +791,12 @@ impl Store {
         each!(self, b => b.fleet_rows(only).await)
     }
 
+    /// Removes audit entries made before `before` (the retention); returns
+    /// how many.
+    pub async fn prune_audit(&self, before: Timestamp) -> Result<usize, StoreError> {
+        each!(self, b => b.prune_audit(before).await)
+    }
+
     /// Appends an entry to the audit log, durably; returns its id.
     pub async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
         each!(self, b => b.append_audit(entry).await)

@@ -1018,6 +1018,11 @@ impl PgStore {
             .collect()
     }
 
+    pub(super) async fn prune_audit(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let deleted = self.write("DELETE FROM audit WHERE at < $1", &[&big(before.0)]).await?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+    }
+
     pub(super) async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
         let result = async {
             let mut client = self.client().await?;

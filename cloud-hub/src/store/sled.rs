@@ -610,6 +610,26 @@ impl SledStore {
         Ok(rows)
     }
 
+    pub(super) async fn prune_audit(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.write(move |t| {
+            // Entries are appended in time order: the old ones come first.
+            let mut batch = sled::Batch::default();
+            let mut removed = 0;
+            for entry in t.audit.iter() {
+                let (key, value) = entry.db()?;
+                let entry: AuditEntry = decode("audit", &value)?;
+                if entry.at >= before {
+                    break;
+                }
+                batch.remove(key);
+                removed += 1;
+            }
+            t.audit.apply_batch(batch).db()?;
+            Ok(removed)
+        })
+        .await
+    }
+
     pub(super) async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
         let mut entry = entry.clone();
         self.write(move |t| {
