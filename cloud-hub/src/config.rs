@@ -81,6 +81,10 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Worker threads. Default 2.
     pub workers: usize,
+    /// `failed_auth_burst` and `failed_auth_window`: failed
+    /// authentications one source address may make before it is answered
+    /// 429 (default 20 per 1m).
+    pub failed_auth: crate::throttle::AuthLimit,
 }
 
 impl HubConfig {
@@ -97,7 +101,11 @@ impl HubConfig {
                 cert_lifetime: crate::ca::HUB_CERT_LIFETIME,
                 device_cert_lifetime: crate::ca::DEVICE_CERT_LIFETIME,
             },
-            http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), workers: 1 },
+            http: HttpConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                workers: 1,
+                failed_auth: Default::default(),
+            },
             mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
             telemetry_retention: Duration::from_secs(30 * 86400),
@@ -156,6 +164,10 @@ impl ConfigFile for HubConfig {
             http: HttpConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
                 workers: http.get_or("workers", 2usize),
+                failed_auth: crate::throttle::AuthLimit {
+                    burst: http.get_or("failed_auth_burst", crate::throttle::AuthLimit::default().burst),
+                    window: http.get_or("failed_auth_window", crate::throttle::AuthLimit::default().window),
+                },
             },
             mqtt: root.has("mqtt").then(|| MqttConfig {
                 broker: mqtt.require("broker").unwrap_or_else(|| BrokerUrl { tls: true, host: String::new(), port: 0 }),
@@ -196,6 +208,12 @@ impl ConfigFile for HubConfig {
             quic.error("advertise", e);
         }
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
+        http.check("failed_auth_burst", (1..=100_000).contains(&config.http.failed_auth.burst), "must be 1 to 100000");
+        http.check(
+            "failed_auth_window",
+            (Duration::from_secs(1)..=Duration::from_secs(86400)).contains(&config.http.failed_auth.window),
+            "must be between 1s and 1d",
+        );
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
         telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
         if let Some(m) = &config.mqtt {

@@ -75,6 +75,8 @@ pub struct Fleet {
     token_uses: Mutex<HashMap<[u8; 32], Timestamp>>,
     /// Expired device certificates met, and re-admissions.
     admissions: std::sync::Arc<crate::admission::Admissions>,
+    /// Failed authentication and refused requests per source address.
+    throttle: Mutex<crate::throttle::Throttle>,
 }
 
 /// A token's last use is written at most this often.
@@ -82,7 +84,12 @@ pub const TOKEN_USE_EVERY: Duration = Duration::from_secs(60);
 
 impl Fleet {
     /// Fleet state over `store`.
-    pub fn new(store: Store, backups: crate::backups::Backups, heartbeat_timeout: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        backups: crate::backups::Backups,
+        heartbeat_timeout: Duration,
+        failed_auth: crate::throttle::AuthLimit,
+    ) -> Self {
         let mut random = [0u8; 6];
         rand::fill(&mut random[..]);
         let hub_id = format!("hub-{}", outpost_shared::identity::hex(&random));
@@ -94,7 +101,13 @@ impl Fleet {
             heartbeat_timeout,
             token_uses: Mutex::default(),
             admissions: std::sync::Arc::default(),
+            throttle: Mutex::new(crate::throttle::Throttle::new(failed_auth)),
         }
+    }
+
+    /// Failed authentication and refused requests per source address.
+    pub fn throttle(&self) -> std::sync::MutexGuard<'_, crate::throttle::Throttle> {
+        self.throttle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Expired device certificates met, and re-admissions.

@@ -2,7 +2,11 @@
 //! open.
 //!
 //! A bearer token is looked up by its SHA-256; the secret itself is never
-//! stored. Missing or wrong tokens get 401 with a JSON body.
+//! stored. Every request under `/api/v1` is authenticated before anything
+//! else of it is read ([`bearer`]): missing or wrong tokens get 401, a
+//! source that failed too often 429 ([`crate::throttle`]). Every error is a
+//! JSON `{"error": ...}`, including those of malformed paths, queries and
+//! bodies and of methods a path does not have (405 with `Allow`).
 
 use crate::api::DeviceView;
 use crate::api::{ApiError, CommandView, EventView};
@@ -36,6 +40,19 @@ pub enum HttpError {
     /// No or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// This source failed to authenticate too often; it may try again
+    /// after the time given.
+    #[error("too many failed attempts from this address; retry in {} s", .0.as_secs())]
+    Throttled(std::time::Duration),
+    /// The path, query or body could not be read.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is over the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The body is not of a type this call reads.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The caller's role does not allow this.
     #[error("this call needs the {0:?} role")]
     Forbidden(Role),
@@ -88,6 +105,10 @@ impl ResponseError for HttpError {
     fn status_code(&self) -> StatusCode {
         match self {
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            HttpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::NotFound(_) => StatusCode::NOT_FOUND,
             HttpError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -102,8 +123,14 @@ impl ResponseError for HttpError {
             tracing::error!(error = %e, "API call failed.");
         }
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, HttpError::Unauthorized) {
-            response.insert_header(("WWW-Authenticate", "Bearer"));
+        match self {
+            HttpError::Unauthorized => {
+                response.insert_header(("WWW-Authenticate", "Bearer"));
+            }
+            HttpError::Throttled(wait) => {
+                response.insert_header(("Retry-After", wait.as_secs().to_string()));
+            }
+            _ => {}
         }
         response.json(ApiError { error: self.to_string() })
     }
@@ -151,16 +178,37 @@ pub fn peer(req: &HttpRequest) -> String {
     req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default()
 }
 
+/// The caller's address, for the per-source limits (unspecified when
+/// unknown).
+fn source(req: &HttpRequest) -> std::net::IpAddr {
+    req.peer_addr().map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip())
+}
+
+/// `Err(Throttled)` if the caller's address failed to authenticate too
+/// often to try again now.
+pub fn admit(fleet: &Fleet, req: &HttpRequest) -> Result<(), HttpError> {
+    fleet.throttle().admit(source(req), std::time::Instant::now()).map_err(HttpError::Throttled)
+}
+
+/// Counts a failed authentication (a wrong token, a bad sign-in link)
+/// against the caller's address.
+pub fn failed(fleet: &Fleet, req: &HttpRequest) {
+    fleet.throttle().failed(source(req), std::time::Instant::now());
+}
+
 /// Checks a token secret: known, not expired, not a sign-in link. Records
 /// who it is on the request and, at most once a minute, its use in the
-/// store.
+/// store. A source that failed too often is refused before the store is
+/// asked; each failure counts against it.
 pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Result<Caller, HttpError> {
+    admit(fleet, req)?;
     let hash = token_hash(secret);
     let now = Timestamp::now();
-    let Some(mut token) = fleet.store().api_token(&hash).await? else { return Err(HttpError::Unauthorized) };
-    if token.expired(now) || token.kind == TokenKind::SignInLink {
+    let token = fleet.store().api_token(&hash).await?;
+    let Some(mut token) = token.filter(|t| !t.expired(now) && t.kind != TokenKind::SignInLink) else {
+        failed(fleet, req);
         return Err(HttpError::Unauthorized);
-    }
+    };
     req.extensions_mut().insert(AuditWho(token.name.clone()));
     if fleet.token_use_due(&hash, now) {
         token.last_used = Some((now, peer(req)));
@@ -171,25 +219,47 @@ pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Res
     Ok(Caller { token, hash })
 }
 
+/// The caller [`bearer`] authenticated.
 impl FromRequest for Caller {
     type Error = HttpError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, HttpError>>>>;
+    type Future = std::future::Ready<Result<Self, HttpError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let fleet = req.app_data::<web::Data<Fleet>>().cloned();
-        let secret = req
-            .headers()
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(|s| s.trim().to_owned());
-        let req = req.clone();
-        Box::pin(async move {
-            let (Some(fleet), Some(secret)) = (fleet, secret) else {
-                return Err(HttpError::Unauthorized);
-            };
-            authenticate(&fleet, &req, &secret).await
-        })
+        std::future::ready(req.extensions_mut().remove::<Caller>().ok_or(HttpError::Unauthorized))
+    }
+}
+
+/// Authenticates a request under `/api/v1` before its path, query or body
+/// is read, so that a caller without a valid token learns nothing but 401
+/// (or 429); the handler takes the [`Caller`] it found.
+pub async fn bearer(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let secret = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_owned());
+    let fleet = req.app_data::<web::Data<Fleet>>().cloned();
+    let checked = match (fleet, secret) {
+        (Some(fleet), Some(secret)) => authenticate(&fleet, req.request(), &secret).await,
+        (Some(fleet), None) => admit(&fleet, req.request()).and_then(|()| {
+            failed(&fleet, req.request());
+            Err(HttpError::Unauthorized)
+        }),
+        (None, _) => Err(HttpError::Unauthorized),
+    };
+    match checked {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            Ok(next.call(req).await?.map_into_left_body())
+        }
+        Err(e) => Ok(req.error_response(e).map_into_right_body()),
     }
 }
 
@@ -204,13 +274,20 @@ pub async fn audit(
     let status = res.status().as_u16();
     let method = res.request().method().clone();
     let read = method == actix_web::http::Method::GET || method == actix_web::http::Method::HEAD;
-    if read && !matches!(status, 401 | 403) {
+    let refused = matches!(status, 401 | 403 | 429);
+    if read && !refused {
         return Ok(res);
     }
     let request = res.request();
     let Some(fleet) = request.app_data::<web::Data<Fleet>>().cloned() else { return Ok(res) };
     let note = request.extensions().get::<AuditNote>().cloned().unwrap_or_default();
     let who = request.extensions().get::<AuditWho>().map_or_else(|| "-".to_owned(), |w| w.0.clone());
+    // Refusals of callers without a valid token past the first of their
+    // source in a window are counted, not written one by one (see
+    // `crate::throttle`); a token's refusals are its own, each written.
+    if refused && who == "-" && !fleet.throttle().refused(source(request), status, std::time::Instant::now()) {
+        return Ok(res);
+    }
     let pattern = request.match_pattern().unwrap_or_else(|| request.path().to_owned());
     // A device named by its name in the path is logged by its id (names
     // change; ids do not).
@@ -239,6 +316,37 @@ pub async fn audit(
         tracing::error!(error = %e, action = %entry.action, who = %entry.who, status, "Audit entry not stored.");
     }
     Ok(res)
+}
+
+/// Writes the rows that count refusals not written one by one
+/// ([`crate::throttle::Throttle::due`]); `None` at shutdown writes all.
+pub async fn write_tallies(fleet: &Fleet, now: Option<std::time::Instant>) {
+    let rows = fleet.throttle().due(now);
+    for row in rows {
+        let source = match row.source {
+            std::net::IpAddr::V6(v6) => format!("{v6}/64"),
+            v4 => v4.to_string(),
+        };
+        let entry = AuditEntry {
+            id: 0,
+            at: Timestamp::now(),
+            who: "-".into(),
+            action: "refused requests".into(),
+            target: String::new(),
+            matched: None,
+            from: source,
+            status: row.status,
+            detail: format!(
+                "{} more answered {} in the {} s after the first (written above)",
+                row.more,
+                row.status,
+                row.over.as_secs()
+            ),
+        };
+        if let Err(e) = fleet.store().append_audit(&entry).await {
+            tracing::error!(error = %e, from = %entry.from, count = row.more, "Audit count of refusals not stored.");
+        }
+    }
 }
 
 /// `/healthz`: the process serves, and its store's state as last seen: 200
@@ -302,7 +410,7 @@ impl DevicesQuery {
 
 /// One page of devices: a JSON array; `Link: <...>; rel="next"` names the
 /// next page and `X-Total-Count` the devices matching in all.
-#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DevicesQuery), responses((status = 200, description = "a page of devices; the next page is in the Link header", body = [DeviceView]), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(DevicesQuery), responses((status = 200, description = "a page of devices; the next page is in the Link header", body = [DeviceView]), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn list_devices(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -350,14 +458,14 @@ pub fn encode_component(text: &str) -> String {
 }
 
 /// `GET /api/v1/overview`: the fleet at a glance.
-#[utoipa::path(get, path = "/api/v1/overview", tag = "devices", responses((status = 200, body = Overview), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/overview", tag = "devices", responses((status = 200, body = Overview)), security(("bearer" = [])))]
 async fn get_overview(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     Ok(HttpResponse::Ok().json(overview(&fleet.views(None).await?, 10)))
 }
 
 /// `PUT /api/v1/devices/{id}/labels`: replaces the device's labels.
-#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body(content = std::collections::BTreeMap<String, String>, description = "every label of the device"), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body(content = std::collections::BTreeMap<String, String>, description = "every label of the device"), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn put_labels(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -384,7 +492,7 @@ pub struct ReadmitRequest {
 /// `within`, to renew it: its id, outbox, jobs and backups stay as they are.
 /// The hub still checks that the certificate was signed by the fleet CA; the
 /// first renewal ends the re-admission. Admin only; audited.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/readmit", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body = ReadmitRequest, responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/readmit", tag = "devices", params(("id" = String, Path, description = "device id or name")), request_body = ReadmitRequest, responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn readmit_device(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -406,7 +514,7 @@ async fn readmit_device(
 /// connections; its records and backups stay (a replacement reads them
 /// through a grant). It comes back only by enrolling anew. Admin only;
 /// audited.
-#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", params(("id" = String, Path, description = "device id or name")), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "devices", params(("id" = String, Path, description = "device id or name")), responses((status = 200, body = DeviceView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn revoke_device(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -456,7 +564,7 @@ pub struct BulkView {
 
 /// `POST /api/v1/commands`: one command for every device a selector
 /// matches (`dry_run` only counts them).
-#[utoipa::path(post, path = "/api/v1/commands", tag = "commands", request_body = BulkCommandRequest, responses((status = 201, body = BulkView), (status = 200, description = "dry run: the devices it would reach", body = BulkView), (status = 403, body = ApiError), (status = 422, description = "empty or unknown selector, no match, bad command", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/commands", tag = "commands", request_body = BulkCommandRequest, responses((status = 201, body = BulkView), (status = 200, description = "dry run: the devices it would reach", body = BulkView), (status = 403, body = ApiError), (status = 422, description = "empty or unknown selector, no match, bad command", body = ApiError)), security(("bearer" = [])))]
 async fn post_bulk_command(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -500,21 +608,55 @@ pub struct SelectorQuery {
     pub dry_run: bool,
 }
 
+/// Largest request body the API reads (JSON and merge patches).
+pub const MAX_BODY: usize = 256 << 10;
+
+/// A JSON merge patch body (RFC 7396): sent as
+/// `application/merge-patch+json` (or `application/json`), at most
+/// [`MAX_BODY`], a JSON object.
+#[derive(Debug)]
+pub struct MergePatch(pub serde_json::Value);
+
+impl FromRequest for MergePatch {
+    type Error = HttpError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, HttpError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let kind = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let essence = kind.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if !["application/merge-patch+json", "application/json"].contains(&essence.as_str()) {
+            let error = HttpError::UnsupportedMediaType(format!(
+                "a merge patch is sent as application/merge-patch+json, not {:?}",
+                if kind.is_empty() { "nothing" } else { kind }
+            ));
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let bytes = web::Bytes::from_request(req, payload);
+        Box::pin(async move {
+            let body = bytes.await.map_err(|e| match e.as_response_error().status_code() {
+                StatusCode::PAYLOAD_TOO_LARGE => HttpError::TooLarge(format!("the body is over {MAX_BODY} bytes")),
+                _ => HttpError::BadRequest(format!("the body could not be read: {e}")),
+            })?;
+            let patch = serde_json::from_slice(&body)
+                .map_err(|e| HttpError::BadRequest(format!("the patch is not JSON: {e}")))?;
+            Ok(MergePatch(patch))
+        })
+    }
+}
+
 /// `PATCH /api/v1/desired?selector=...`: one JSON merge patch applied to
 /// every matching device's desired state. Checked on every device's
 /// document first: if it makes one invalid, nothing changes (422).
-#[utoipa::path(patch, path = "/api/v1/desired", tag = "desired", params(SelectorQuery), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = BulkView), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(patch, path = "/api/v1/desired", tag = "desired", params(SelectorQuery), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = BulkView), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn patch_bulk_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
     req: HttpRequest,
     query: web::Query<SelectorQuery>,
-    body: web::Bytes,
+    MergePatch(patch): MergePatch,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     note(&req, AuditNote { target: Some(format!("selector {}", query.selector)), ..AuditNote::default() });
-    let patch: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
     let (selector, ids) = service::bulk_targets(&fleet, &query.selector).await?;
     note(
         &req,
@@ -595,7 +737,7 @@ pub struct TokenRequest {
     pub expires_in: String,
 }
 
-#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ApiError)), security(("bearer" = [])))]
 async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
@@ -611,7 +753,7 @@ async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResp
     Ok(HttpResponse::Ok().json(tokens))
 }
 
-#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = TokenRequest, responses((status = 201, description = "made; `secret` is shown only here", body = TokenView), (status = 403, body = ApiError), (status = 409, description = "a token of that name exists", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = TokenRequest, responses((status = 201, description = "made; `secret` is shown only here", body = TokenView), (status = 403, body = ApiError), (status = 409, description = "a token of that name exists", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn create_token(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -629,7 +771,7 @@ async fn create_token(
     Ok(HttpResponse::Created().json(view))
 }
 
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id (tok-...) or name")), responses((status = 200, body = TokenView), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 422, description = "the last admin token, or a name several tokens share", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id (tok-...) or name")), responses((status = 200, body = TokenView), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 422, description = "the last admin token, or a name several tokens share", body = ApiError)), security(("bearer" = [])))]
 async fn revoke_token(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -661,7 +803,7 @@ pub struct LinkView {
     pub expires_at: String,
 }
 
-#[utoipa::path(post, path = "/api/v1/console/links", tag = "tokens", request_body = LinkRequest, responses((status = 201, body = LinkView), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/console/links", tag = "tokens", request_body = LinkRequest, responses((status = 201, body = LinkView), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn create_link(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -724,7 +866,7 @@ pub struct AuditPage {
     pub next: Option<u64>,
 }
 
-#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams), responses((status = 200, body = AuditPage), (status = 403, body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams), responses((status = 200, body = AuditPage), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn get_audit(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -756,7 +898,7 @@ async fn known_device(fleet: &Fleet, raw: &str) -> Result<DeviceId, HttpError> {
     Ok(service::device(fleet, raw).await?)
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DeviceView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_device(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -778,7 +920,7 @@ fn time_bound(text: &str) -> Result<Timestamp, HttpError> {
     relative_or_absolute(text, Timestamp::now()).map_err(HttpError::Unprocessable)
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "devices", params(("id" = String, Path, description = "device id"), MetricsQuery), responses((status = 200, body = MetricsView), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/metrics", tag = "devices", params(("id" = String, Path, description = "device id"), MetricsQuery), responses((status = 200, body = MetricsView), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn get_metrics(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -808,7 +950,7 @@ async fn get_metrics(
     Ok(HttpResponse::Ok().json(MetricsView { device: id.to_string(), samples, next }))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", params(("id" = String, Path, description = "device id"), LimitQuery), responses((status = 200, description = "newest first", body = [EventView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices", params(("id" = String, Path, description = "device id"), LimitQuery), responses((status = 200, description = "newest first", body = [EventView]), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_events(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -822,7 +964,7 @@ async fn get_events(
     Ok(HttpResponse::Ok().json(events))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs", tag = "jobs", params(("id" = String, Path, description = "device id")), responses((status = 200, body = JobsView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs", tag = "jobs", params(("id" = String, Path, description = "device id")), responses((status = 200, body = JobsView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<String>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
@@ -837,7 +979,7 @@ async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<Strin
     Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/peers", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = PeersView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/peers", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = PeersView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_peers(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -876,7 +1018,7 @@ async fn on_backups<T: Send + 'static>(
         .map_err(Into::into)
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -893,7 +1035,7 @@ async fn get_backups(
     }))
 }
 
-#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/verify", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = crate::backups::VerifyReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/verify", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = crate::backups::VerifyReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn verify_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -906,7 +1048,7 @@ async fn verify_backups(
     Ok(HttpResponse::Ok().json(report))
 }
 
-#[utoipa::path(delete, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsDeleted), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/api/v1/devices/{id}/backups", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = BackupsDeleted), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn delete_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -935,7 +1077,7 @@ struct PruneQuery {
 
 /// `POST /devices/{id}/backups/prune`: applies the hub's retention now
 /// (operator for a dry run, admin to delete).
-#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/prune", tag = "backups", params(("id" = String, Path, description = "device id"), PruneQuery), responses((status = 200, body = crate::backups::PruneReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/prune", tag = "backups", params(("id" = String, Path, description = "device id"), PruneQuery), responses((status = 200, body = crate::backups::PruneReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn prune_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -957,7 +1099,7 @@ async fn prune_backups(
     Ok(HttpResponse::Ok().json(report))
 }
 
-#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/grants", tag = "backups", params(("id" = String, Path, description = "device id")), request_body = GrantRequest, responses((status = 201, body = GrantView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/grants", tag = "backups", params(("id" = String, Path, description = "device id")), request_body = GrantRequest, responses((status = 201, body = GrantView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn grant_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -972,7 +1114,7 @@ async fn grant_backups(
     Ok(HttpResponse::Created().json(view))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs/{name}/runs", tag = "jobs", params(("id" = String, Path, description = "device id"), ("name" = String, Path, description = "job name"), LimitQuery), responses((status = 200, description = "newest first", body = [JobRunView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/jobs/{name}/runs", tag = "jobs", params(("id" = String, Path, description = "device id"), ("name" = String, Path, description = "job name"), LimitQuery), responses((status = 200, description = "newest first", body = [JobRunView]), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_job_runs(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -988,7 +1130,7 @@ async fn get_job_runs(
     Ok(HttpResponse::Ok().json(runs))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DesiredView), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), responses((status = 200, body = DesiredView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn get_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -1000,7 +1142,7 @@ async fn get_desired(
     Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id).await?, store.reported(&id).await?)))
 }
 
-#[utoipa::path(put, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body = DesiredPut, responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 409, description = "changed since the version given", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body = DesiredPut, responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 409, description = "changed since the version given", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn put_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -1017,21 +1159,19 @@ async fn put_desired(
 /// current document (`null` removes a key), validated like `PUT`, stored as
 /// the next version. Retried on a concurrent change, so a patch never
 /// undoes another caller's change to keys it does not name.
-#[utoipa::path(patch, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(patch, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body(content = Object, content_type = "application/merge-patch+json", description = "JSON merge patch (RFC 7396)"), responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn patch_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
     path: web::Path<String>,
-    body: web::Bytes,
+    MergePatch(patch): MergePatch,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
-    let patch: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| HttpError::Unprocessable(format!("the patch is not JSON: {e}")))?;
     Ok(HttpResponse::Ok().json(service::patch_desired(&fleet, &caller.token.name, &id, &patch).await?))
 }
 
-#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), request_body = CommandRequest, responses((status = 201, body = CommandView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), request_body = CommandRequest, responses((status = 201, body = CommandView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn post_command(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -1044,7 +1184,7 @@ async fn post_command(
     Ok(HttpResponse::Created().json(view))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "oldest first", body = [CommandView]), (status = 404, description = "no such device", body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "oldest first", body = [CommandView]), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn list_commands(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -1057,7 +1197,7 @@ async fn list_commands(
     Ok(HttpResponse::Ok().json(commands))
 }
 
-#[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "commands", params(("id" = u64, Path, description = "command id")), responses((status = 200, body = CommandView), (status = 404, body = ApiError), (status = 401, description = "no or wrong bearer token", body = ApiError), (status = 503, description = "the store is unavailable", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "commands", params(("id" = u64, Path, description = "command id")), responses((status = 200, body = CommandView), (status = 404, body = ApiError)), security(("bearer" = [])))]
 async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u64>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = path.into_inner();
@@ -1068,7 +1208,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 /// The API's OpenAPI document, generated from the handlers and views.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`."),
+    info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`, checked before anything else of a request is read. Every error is JSON (`ApiError`); a method a path does not have is answered 405 with `Allow`, an unknown path 404. Failed authentication is limited per source address (`[http] failed_auth_burst` per `failed_auth_window`, default 20 per minute): past it, 429 with `Retry-After`. Bodies are at most 256 KiB."),
     paths(
         healthz, readyz, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
         list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
@@ -1078,7 +1218,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
     components(schemas(
         crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView, crate::listing::Behind
     )),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonErrors)
 )]
 pub struct ApiDoc;
 
@@ -1095,13 +1235,107 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Adds the answers every operation under `/api/v1` may give to each:
+/// 400 (a path, query or body that does not parse), 401, 429 (with
+/// `Retry-After`), 503, and 413 and 415 where a body is read. A method a
+/// path does not have gets 405 with `Allow` (said in the description, as
+/// OpenAPI lists operations, not their absence).
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, header::Header, schema::Type};
+        let error = |description: &str, retry: bool| -> RefOr<utoipa::openapi::Response> {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ApiError"))).build();
+            let mut response = ResponseBuilder::new().description(description).content("application/json", content);
+            if retry {
+                let mut header = Header::new(utoipa::openapi::ObjectBuilder::new().schema_type(Type::Integer));
+                header.description = Some("seconds to wait before the next attempt".into());
+                response = response.header("Retry-After", header);
+            }
+            response.build().into()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/v1/") || path == "/api/v1/openapi.json" {
+                continue;
+            }
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                let body = op.request_body.is_some();
+                let responses = &mut op.responses.responses;
+                let mut add = |status: &str, description: &str, retry: bool| {
+                    responses.entry(status.to_owned()).or_insert_with(|| error(description, retry));
+                };
+                add("400", "a path, query or body that does not parse", false);
+                add("401", "no or wrong bearer token", false);
+                add("429", "too many failed authentications from this address", true);
+                add("503", "the store is unavailable", false);
+                if body {
+                    add("413", "the body is over 256 KiB", false);
+                    add("415", "the body is not sent as JSON", false);
+                }
+            }
+        }
+    }
+}
+
 /// `GET /api/v1/openapi.json` (open: it holds no fleet data).
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
+/// A resource answering `routes` (each a method and its handler); any
+/// other method gets 405 naming the ones it has in `Allow`.
+fn resource(path: &str, routes: Vec<(actix_web::http::Method, actix_web::Route)>) -> actix_web::Resource {
+    let allow = routes.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
+    let mut resource = web::resource(path);
+    for (method, route) in routes {
+        resource = resource.route(route.method(method));
+    }
+    resource.default_service(web::to(move || {
+        let allow = allow.clone();
+        async move {
+            HttpResponse::MethodNotAllowed()
+                .insert_header(("Allow", allow.clone()))
+                .json(ApiError { error: format!("this path answers {allow} only") })
+        }
+    }))
+}
+
+/// JSON answers for what actix-web's extractors refuse: a path part that
+/// does not parse is no such thing (404), a query or body that does not
+/// parse is 400, a body over [`MAX_BODY`] 413, a body not sent as JSON 415.
+fn extractor_errors(cfg: &mut web::ServiceConfig) {
+    use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+    let render = |e: HttpError, cause: actix_web::Error| -> actix_web::Error {
+        let response = e.error_response();
+        actix_web::error::InternalError::from_response(cause, response).into()
+    };
+    cfg.app_data(web::JsonConfig::default().limit(MAX_BODY).error_handler(move |err, _| {
+        let e = match &err {
+            JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+                HttpError::TooLarge(format!("the body is over {MAX_BODY} bytes"))
+            }
+            JsonPayloadError::ContentType => {
+                HttpError::UnsupportedMediaType("send the body as application/json".into())
+            }
+            other => HttpError::BadRequest(other.to_string()),
+        };
+        render(e, err.into())
+    }))
+    .app_data(web::PayloadConfig::new(MAX_BODY))
+    .app_data(web::QueryConfig::default().error_handler(move |err: QueryPayloadError, _| {
+        render(HttpError::BadRequest(format!("the query is not understood: {err}")), err.into())
+    }))
+    .app_data(web::PathConfig::default().error_handler(move |err: PathError, req| {
+        render(HttpError::NotFound(format!("{:?} ({err})", req.path())), err.into())
+    }));
+}
+
 /// Registers the routes on an actix-web app.
 pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
+    use actix_web::http::Method;
     move |cfg| {
         cfg.app_data(web::Data::from(fleet))
             .route("/healthz", web::get().to(healthz))
@@ -1109,44 +1343,75 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/api/v1/openapi.json", web::get().to(openapi))
             .service(
                 web::scope("/api/v1")
-                    .app_data(web::JsonConfig::default().limit(256 << 10).error_handler(|err, _| {
-                        let message = err.to_string();
-                        actix_web::error::InternalError::from_response(
-                            err,
-                            HttpResponse::BadRequest().json(crate::api::ApiError { error: message }),
-                        )
-                        .into()
-                    }))
+                    .configure(extractor_errors)
+                    // The last wrap is the outermost: the audit log sees
+                    // what authentication refused.
+                    .wrap(actix_web::middleware::from_fn(bearer))
                     .wrap(actix_web::middleware::from_fn(audit))
-                    .route("/devices", web::get().to(list_devices))
-                    .route("/overview", web::get().to(get_overview))
-                    .route("/devices/{id}/labels", web::put().to(put_labels))
-                    .route("/devices/{id}/readmit", web::post().to(readmit_device))
-                    .route("/devices/{id}/revoke", web::post().to(revoke_device))
-                    .route("/commands", web::post().to(post_bulk_command))
-                    .route("/desired", web::patch().to(patch_bulk_desired))
-                    .route("/tokens", web::get().to(list_tokens))
-                    .route("/tokens", web::post().to(create_token))
-                    .route("/tokens/{id}", web::delete().to(revoke_token))
-                    .route("/console/links", web::post().to(create_link))
-                    .route("/audit", web::get().to(get_audit))
-                    .route("/devices/{id}", web::get().to(get_device))
-                    .route("/devices/{id}/metrics", web::get().to(get_metrics))
-                    .route("/devices/{id}/events", web::get().to(get_events))
-                    .route("/devices/{id}/jobs", web::get().to(get_jobs))
-                    .route("/devices/{id}/jobs/{name}/runs", web::get().to(get_job_runs))
-                    .route("/devices/{id}/peers", web::get().to(get_peers))
-                    .route("/devices/{id}/backups", web::get().to(get_backups))
-                    .route("/devices/{id}/backups", web::delete().to(delete_backups))
-                    .route("/devices/{id}/backups/verify", web::post().to(verify_backups))
-                    .route("/devices/{id}/backups/prune", web::post().to(prune_backups))
-                    .route("/devices/{id}/backups/grants", web::post().to(grant_backups))
-                    .route("/devices/{id}/desired", web::get().to(get_desired))
-                    .route("/devices/{id}/desired", web::put().to(put_desired))
-                    .route("/devices/{id}/desired", web::patch().to(patch_desired))
-                    .route("/devices/{id}/commands", web::get().to(list_commands))
-                    .route("/devices/{id}/commands", web::post().to(post_command))
-                    .route("/commands/{id}", web::get().to(get_command)),
+                    .service(resource("/devices", vec![(Method::GET, web::route().to(list_devices))]))
+                    .service(resource("/overview", vec![(Method::GET, web::route().to(get_overview))]))
+                    .service(resource("/devices/{id}/labels", vec![(Method::PUT, web::route().to(put_labels))]))
+                    .service(resource("/devices/{id}/readmit", vec![(Method::POST, web::route().to(readmit_device))]))
+                    .service(resource("/devices/{id}/revoke", vec![(Method::POST, web::route().to(revoke_device))]))
+                    .service(resource("/commands", vec![(Method::POST, web::route().to(post_bulk_command))]))
+                    .service(resource("/desired", vec![(Method::PATCH, web::route().to(patch_bulk_desired))]))
+                    .service(resource(
+                        "/tokens",
+                        vec![
+                            (Method::GET, web::route().to(list_tokens)),
+                            (Method::POST, web::route().to(create_token)),
+                        ],
+                    ))
+                    .service(resource("/tokens/{id}", vec![(Method::DELETE, web::route().to(revoke_token))]))
+                    .service(resource("/console/links", vec![(Method::POST, web::route().to(create_link))]))
+                    .service(resource("/audit", vec![(Method::GET, web::route().to(get_audit))]))
+                    .service(resource("/devices/{id}", vec![(Method::GET, web::route().to(get_device))]))
+                    .service(resource("/devices/{id}/metrics", vec![(Method::GET, web::route().to(get_metrics))]))
+                    .service(resource("/devices/{id}/events", vec![(Method::GET, web::route().to(get_events))]))
+                    .service(resource("/devices/{id}/jobs", vec![(Method::GET, web::route().to(get_jobs))]))
+                    .service(resource(
+                        "/devices/{id}/jobs/{name}/runs",
+                        vec![(Method::GET, web::route().to(get_job_runs))],
+                    ))
+                    .service(resource("/devices/{id}/peers", vec![(Method::GET, web::route().to(get_peers))]))
+                    .service(resource(
+                        "/devices/{id}/backups",
+                        vec![
+                            (Method::GET, web::route().to(get_backups)),
+                            (Method::DELETE, web::route().to(delete_backups)),
+                        ],
+                    ))
+                    .service(resource(
+                        "/devices/{id}/backups/verify",
+                        vec![(Method::POST, web::route().to(verify_backups))],
+                    ))
+                    .service(resource(
+                        "/devices/{id}/backups/prune",
+                        vec![(Method::POST, web::route().to(prune_backups))],
+                    ))
+                    .service(resource(
+                        "/devices/{id}/backups/grants",
+                        vec![(Method::POST, web::route().to(grant_backups))],
+                    ))
+                    .service(resource(
+                        "/devices/{id}/desired",
+                        vec![
+                            (Method::GET, web::route().to(get_desired)),
+                            (Method::PUT, web::route().to(put_desired)),
+                            (Method::PATCH, web::route().to(patch_desired)),
+                        ],
+                    ))
+                    .service(resource(
+                        "/devices/{id}/commands",
+                        vec![
+                            (Method::GET, web::route().to(list_commands)),
+                            (Method::POST, web::route().to(post_command)),
+                        ],
+                    ))
+                    .service(resource("/commands/{id}", vec![(Method::GET, web::route().to(get_command))]))
+                    .default_service(web::to(|| async {
+                        HttpError::NotFound("no such API path; see /api/v1/openapi.json".into()).error_response()
+                    })),
             );
     }
 }

@@ -25,6 +25,7 @@ pub mod quic;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod throttle;
 
 use crate::ca::FleetCa;
 use crate::config::HubConfig;
@@ -180,7 +181,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(&config.store, data_dir).await?;
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
-    let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout));
+    let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout, config.http.failed_auth));
 
     let ca = Arc::new(ca);
     // The hub's own certificate, renewed while it runs (by `identity_task`).
@@ -328,7 +329,8 @@ struct Retentions {
     audit: Duration,
 }
 
-/// Expires undelivered commands every second, prunes telemetry and audit
+/// Expires undelivered commands and writes the counts of refused requests
+/// every second, prunes telemetry and audit
 /// entries past their `retention` and expired tokens every minute, and
 /// applies the backup retention every `prune_backups`, until `shutdown`.
 async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Duration, shutdown: CancellationToken) {
@@ -337,9 +339,13 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Du
     let mut last_backup_prune = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                http::write_tallies(&fleet, None).await;
+                return;
+            }
             _ = tick.tick() => {}
         }
+        http::write_tallies(&fleet, Some(std::time::Instant::now())).await;
         let now = Timestamp::now();
         match fleet.store().expire_commands(now).await {
             Ok(expired) => {

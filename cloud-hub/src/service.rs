@@ -152,11 +152,7 @@ pub async fn create_token(
     life: Duration,
     kind: TokenKind,
 ) -> Result<(String, [u8; 32], ApiToken), ServiceError> {
-    let tokens = fleet.store().api_tokens().await?;
     let now = Timestamp::now();
-    if tokens.iter().any(|(_, t)| t.name == name && !t.expired(now)) {
-        return Err(ServiceError::Exists(format!("a token named {name:?}")));
-    }
     let secret = new_secret();
     let hash = crate::http::token_hash(&secret);
     let token = ApiToken {
@@ -167,7 +163,9 @@ pub async fn create_token(
         last_used: None,
         kind,
     };
-    fleet.store().put_api_token(&hash, &token).await?;
+    if !fleet.store().insert_api_token(&hash, &token).await? {
+        return Err(ServiceError::Exists(format!("a token named {name:?}")));
+    }
     tracing::info!(token = name, role = role.name(), by, kind = kind.name(), "API token made.");
     Ok((secret, hash, token))
 }
@@ -350,7 +348,8 @@ pub async fn set_desired(
 /// Applies a JSON merge patch (RFC 7396) to `device`'s desired state,
 /// validated like a whole document, as the next version; retried on a
 /// concurrent change, so a patch never undoes another caller's change to
-/// keys it does not name.
+/// keys it does not name. A patch that changes nothing makes no new
+/// version.
 pub async fn patch_desired(
     fleet: &Fleet,
     by: &str,
@@ -369,8 +368,13 @@ pub async fn patch_desired(
             }
             None => (0, serde_json::json!({})),
         };
+        let before = doc.clone();
         outpost_shared::desired::merge_patch(&mut doc, patch);
         let text = check_desired(&doc).map_err(ServiceError::Invalid)?;
+        if current.is_some() && doc == before {
+            // Nothing changes: no new version, nothing to deliver.
+            return Ok(DesiredView::new(current, fleet.store().reported(device).await?));
+        }
         match fleet.store().put_desired(device, version, text).await {
             Ok(record) => {
                 tracing::info!(device = %device, version = record.version, by, "Desired state patched.");

@@ -168,6 +168,8 @@ pub struct Hub {
     pub extra_config: String,
     /// Keys added to its `[quic]` table at each (re)start.
     pub quic_extra: String,
+    /// Keys added to its `[http]` table at each (re)start.
+    pub http_extra: String,
     /// The hub's database when the tests run on PostgreSQL
     /// (`OUTPOST_TEST_STORE=postgres`, see [`postgres::selected`]).
     pub postgres: Option<postgres::Postgres>,
@@ -226,6 +228,7 @@ impl Hub {
             proc: None,
             extra_config: String::new(),
             quic_extra: String::new(),
+            http_extra: String::new(),
             postgres: pg,
             store_config,
             token_hubs: None,
@@ -261,6 +264,7 @@ impl Hub {
             proc: None,
             extra_config: String::new(),
             quic_extra: String::new(),
+            http_extra: String::new(),
             postgres: None,
             store_config: first.store_config.clone(),
             token_hubs: None,
@@ -275,10 +279,11 @@ impl Hub {
     /// (Re)starts `serve` on the same data dir and QUIC port.
     pub fn serve(&mut self) -> Result<()> {
         let text = format!(
-            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[fleet]\nheartbeat_timeout = {:?}\n",
+            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{}[fleet]\nheartbeat_timeout = {:?}\n",
             self.data_dir.display().to_string(),
             self.quic_addr,
             self.quic_extra,
+            self.http_extra,
             self.timings.heartbeat_timeout,
         );
         fs::write(&self.config, format!("{text}{}{}", self.store_config, self.extra_config))?;
@@ -761,4 +766,74 @@ pub fn wait_online(hub: &Hub, ids: &[&str], want: bool, limit: Duration) -> Resu
         let all = ids.iter().all(|id| devices.iter().any(|d| d.id == *id && d.online == want));
         all.then_some(devices)
     })
+}
+
+/// An answer [`http_from`] read: status, header lines, body.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    /// The status code.
+    pub status: u16,
+    /// Header lines, names lowercased: `name: value`.
+    pub headers: Vec<String>,
+    /// The body (`Connection: close`, so all of it).
+    pub body: String,
+}
+
+impl RawAnswer {
+    /// The value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find_map(|h| h.strip_prefix(name)?.strip_prefix(": "))
+    }
+
+    /// The body as JSON (`Null` if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One HTTP/1.1 request to `api` from the loopback address `source` (any
+/// of 127.0.0.0/8, so a test can be several clients): `method path`,
+/// `headers` (each `Name: value`), `body`.
+pub fn http_from(
+    source: std::net::Ipv4Addr,
+    api: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Result<RawAnswer> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = api.trim_start_matches("http://").parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        socket.connect(addr).await?.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut stream = stream;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes())?;
+    // The hub may answer (413, 401) before reading all of a large body.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+    let Some(status) = status else { bail!("no HTTP answer to {method} {path}: {text:?}") };
+    let headers = lines
+        .map(|l| match l.split_once(':') {
+            Some((name, value)) => format!("{}: {}", name.to_ascii_lowercase(), value.trim()),
+            None => l.to_owned(),
+        })
+        .collect();
+    Ok(RawAnswer { status, headers, body: body.to_owned() })
 }

@@ -10,8 +10,9 @@ use outpost_shared::identity::HUB_SERVER_NAME;
 use outpost_shared::protocol::{Batch, Envelope, Hello, Message, PROTOCOL_VERSION, Record, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
 use outpost_shared::{encode_frame, token};
-use outpost_tests::{Agent, Hub, Scratch, Timings, bin, fleet, run, wait_for, wait_online};
+use outpost_tests::{Agent, Hub, Scratch, Timings, bin, fleet, http_from, run, wait_for, wait_online};
 use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -290,6 +291,84 @@ fn api_calls_without_a_valid_token_get_401() {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+}
+
+#[test]
+fn failed_authentication_is_limited_per_address_and_audited_as_counts() {
+    let scratch = Scratch::new().unwrap();
+    let mut hub = Hub::start(scratch.path(), Timings::default()).unwrap();
+    hub.http_extra = "failed_auth_burst = 5\nfailed_auth_window = \"3s\"\n".into();
+    hub.kill();
+    hub.serve().unwrap();
+    let (attacker, honest, other) =
+        (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+    let admin = format!("Authorization: Bearer {}", hub.admin_token);
+    let get = |from, auth: &str, path: &str| http_from(from, &hub.api, "GET", path, &[auth], b"").unwrap();
+
+    // Authentication comes before anything else of a request is read: a
+    // wrong token with a malformed query, a body that is not JSON, an
+    // unknown path or method is 401, never the parser's detail.
+    let wrong = "Authorization: Bearer opt_wrong";
+    for (method, path, body) in [
+        ("GET", "/api/v1/devices?limit=many", &b""[..]),
+        ("POST", "/api/v1/tokens", b"{not json"),
+        ("GET", "/api/v1/commands/-1", b""),
+        ("GET", "/api/v1/nowhere", b""),
+        ("HEAD", "/api/v1/devices", b""),
+    ] {
+        let answer =
+            http_from(other, &hub.api, method, path, &[wrong, "Content-Type: application/json"], body).unwrap();
+        assert_eq!(answer.status, 401, "{method} {path}: {answer:?}");
+        assert_eq!(answer.header("www-authenticate"), Some("Bearer"), "{answer:?}");
+    }
+
+    // Five failures, then 429 with Retry-After, before the token is looked
+    // up: a flood gets little more than one 401 per drained slot (3 s / 5).
+    for n in 0..5 {
+        assert_eq!(get(attacker, wrong, "/api/v1/devices").status, 401, "failure {n}");
+    }
+    let refused = get(attacker, wrong, "/api/v1/devices");
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&wait), "{refused:?}");
+    assert!(refused.json()["error"].as_str().unwrap().contains("too many failed attempts"), "{refused:?}");
+    // A valid token from the same address waits too (guessing cannot be
+    // told apart from it); another address is not touched.
+    assert_eq!(get(attacker, &admin, "/api/v1/devices").status, 429);
+    let started = std::time::Instant::now();
+    let (mut unauthorized, mut throttled) = (0u32, 1u32);
+    while started.elapsed() < Duration::from_secs(2) {
+        match get(attacker, wrong, "/api/v1/devices").status {
+            401 => unauthorized += 1,
+            429 => throttled += 1,
+            other => panic!("answered {other}"),
+        }
+        assert_eq!(get(honest, &admin, "/api/v1/overview").status, 200, "another address is served");
+    }
+    let slots = started.elapsed().as_secs_f64() / 0.6;
+    assert!(f64::from(unauthorized) <= slots + 1.0, "{unauthorized} failures let through in 2 s");
+    assert!(throttled > 20, "only {throttled} refused with 429");
+    assert_eq!(get(honest, wrong, "/api/v1/devices").status, 401, "each address has its own limit");
+
+    // Audited: the first refusal of each address and status in full, the
+    // rest as one count when the interval (3 s) ends.
+    let client = hub.client();
+    let rows = wait_for(Duration::from_secs(15), "the count of 429s in the audit log", || {
+        let page = client.raw("GET", "/api/v1/audit?outcome=refused&limit=1000", None).ok()?.1;
+        let rows = page["entries"].as_array()?.clone();
+        rows.iter()
+            .any(|r| r["action"] == "refused requests" && r["status"] == 429 && r["from"] == "127.0.0.1")
+            .then_some(rows)
+    })
+    .unwrap();
+    let from_attacker: Vec<_> = rows.iter().filter(|r| r["from"] == "127.0.0.1").collect();
+    assert!(from_attacker.len() <= 8, "{} rows for one address: {from_attacker:#?}", from_attacker.len());
+    let counted: u64 = from_attacker
+        .iter()
+        .filter(|r| r["action"] == "refused requests")
+        .filter_map(|r| r["detail"].as_str()?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(counted + 4 >= u64::from(throttled + unauthorized), "{counted} counted: {from_attacker:#?}");
 }
 
 #[test]

@@ -137,6 +137,62 @@ fn real_answers_match_the_openapi_document() {
     assert_eq!(status, 401);
     check(&doc, "GET", "/api/v1/devices", status, &body);
 
+    // What the parsers refuse is JSON and documented too: a query that
+    // does not parse (400), an id that does not (404), a body over the
+    // limit (413), a patch not sent as JSON (415); a method a path does not
+    // have is 405 naming the ones it has.
+    let admin = format!("Authorization: Bearer {}", hub.admin_token);
+    let from = std::net::Ipv4Addr::LOCALHOST;
+    let big = vec![b' '; 300 << 10];
+    let json = "Content-Type: application/json";
+    let patch = format!("/api/v1/devices/{id}/desired");
+    type Case<'a> = (&'a str, String, &'a str, &'a str, &'a [u8], u16);
+    let cases: [Case; 6] = [
+        ("GET", "/api/v1/devices?limit=many".into(), "/api/v1/devices", json, b"", 400),
+        ("GET", "/api/v1/commands/-1".into(), "/api/v1/commands/{id}", json, b"", 404),
+        ("POST", "/api/v1/tokens".into(), "/api/v1/tokens", json, b"{\"name\": ", 400),
+        ("POST", "/api/v1/tokens".into(), "/api/v1/tokens", json, &big, 413),
+        ("PATCH", patch.clone(), "/api/v1/devices/{id}/desired", "Content-Type: text/plain", b"{}", 415),
+        (
+            "PATCH",
+            patch.clone(),
+            "/api/v1/devices/{id}/desired",
+            "Content-Type: application/merge-patch+json",
+            &big,
+            413,
+        ),
+    ];
+    for (method, path, template, kind, body, want) in cases {
+        let answer = outpost_tests::http_from(from, &hub.api, method, &path, &[&admin, kind], body).unwrap();
+        assert_eq!(answer.status, want, "{method} {path}: {answer:?}");
+        check(&doc, method, template, answer.status, &answer.json());
+    }
+    for (method, path, allow) in
+        [("DELETE", "/api/v1/devices".to_owned(), "GET"), ("HEAD", patch.clone(), "GET, PUT, PATCH")]
+    {
+        let answer = outpost_tests::http_from(from, &hub.api, method, &path, &[&admin], b"").unwrap();
+        assert_eq!((answer.status, answer.header("allow")), (405, Some(allow)), "{method} {path}: {answer:?}");
+        if method != "HEAD" {
+            assert!(answer.json()["error"].is_string(), "{answer:?}");
+        }
+    }
+    let unknown = outpost_tests::http_from(from, &hub.api, "GET", "/api/v1/nowhere", &[&admin], b"").unwrap();
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert!(unknown.json()["error"].is_string(), "{unknown:?}");
+    // An identical patch makes no new version.
+    let (_, before) = client.raw("GET", &patch, None).unwrap();
+    let (status, after) = client.raw("PATCH", &patch, Some(json!({"telemetry_interval": "2s"}))).unwrap();
+    assert_eq!((status, &after["version"]), (200, &before["version"]), "{after:#}");
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations.as_object().unwrap() {
+            if path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" {
+                for status in ["400", "401", "429", "503"] {
+                    assert!(operation["responses"][status].is_object(), "{method} {path} does not list {status}");
+                }
+            }
+        }
+    }
+
     // Labels, the overview, bulk actions, tokens and the audit log.
     let calls: [(&str, &str, String, Option<Value>, u16); 12] = [
         (

@@ -359,6 +359,27 @@ fn tokens_enrollment_keys_and_hellos() {
         assert!(!store.update_api_token(&[1; 32], &used).await.unwrap(), "a use does not bring a revoked token back");
         assert!(store.api_tokens().await.unwrap().is_empty());
 
+        // Names are unique among live tokens, as one step: of twenty
+        // creations of one name at once, one succeeds.
+        let live = ApiToken { expires_at: None, ..token.clone() };
+        let tries: Vec<_> = (0..20u8)
+            .map(|n| {
+                let (store, live) = (store.clone(), live.clone());
+                tokio::spawn(async move { store.insert_api_token(&[n + 10; 32], &live).await.unwrap() })
+            })
+            .collect();
+        let mut made = 0;
+        for t in tries {
+            made += usize::from(t.await.unwrap());
+        }
+        assert_eq!(made, 1, "one token of a name");
+        let expired = ApiToken { name: "old".into(), expires_at: Some(Timestamp(9)), ..token.clone() };
+        assert!(store.insert_api_token(&[40; 32], &expired).await.unwrap());
+        assert!(store.insert_api_token(&[41; 32], &expired).await.unwrap(), "an expired token's name is free");
+        for (hash, _) in store.api_tokens().await.unwrap() {
+            store.take_api_token(&hash).await.unwrap();
+        }
+
         store.enroll(&[9; 16], 2, &device("dev-e1"), b"k1").await.unwrap();
         store.enroll(&[9; 16], 2, &device("dev-e2"), b"k2").await.unwrap();
         match store.enroll(&[9; 16], 2, &device("dev-e3"), b"k3").await {

@@ -95,6 +95,9 @@ pub enum ConsoleError {
     /// Signed in, not allowed.
     #[error("{0}")]
     Forbidden(String),
+    /// Too many failed sign-ins from this address; retry after the time.
+    #[error("too many failed attempts from this address; retry in {} s", .0.as_secs())]
+    Throttled(std::time::Duration),
     /// No such page or device.
     #[error("{0}")]
     NotFound(String),
@@ -114,6 +117,7 @@ impl From<HttpError> for ConsoleError {
         match e {
             HttpError::Unauthorized => ConsoleError::SignIn(String::new()),
             HttpError::Forbidden(_) => ConsoleError::Forbidden(e.to_string()),
+            HttpError::Throttled(wait) => ConsoleError::Throttled(wait),
             HttpError::NotFound(m) => ConsoleError::NotFound(format!("{m} not found")),
             HttpError::Unavailable(m) => ConsoleError::Unavailable(m),
             HttpError::Internal(e) => ConsoleError::Internal(e.to_string()),
@@ -140,6 +144,7 @@ impl actix_web::ResponseError for ConsoleError {
         match self {
             ConsoleError::SignIn(_) => StatusCode::SEE_OTHER,
             ConsoleError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ConsoleError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
             ConsoleError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ConsoleError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -159,7 +164,13 @@ impl actix_web::ResponseError for ConsoleError {
         if let ConsoleError::Internal(e) = self {
             tracing::error!(error = %e, "Console request failed.");
         }
-        pages::error_page(self.status_code(), &self.to_string())
+        let mut page = pages::error_page(self.status_code(), &self.to_string());
+        if let ConsoleError::Throttled(wait) = self
+            && let Ok(value) = header::HeaderValue::from_str(&wait.as_secs().to_string())
+        {
+            page.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        page
     }
 }
 

@@ -1044,12 +1044,16 @@ async fn sign_in(
     let next = safe_next(&form.next).to_owned();
     let secret = if !form.link.is_empty() {
         note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in link".into() });
+        crate::http::admit(&fleet, &req)?;
         match service::redeem_link(&fleet, form.link.trim()).await {
             Ok((secret, token)) => {
                 req.extensions_mut().insert(crate::http::AuditWho(token.name.clone()));
                 Ok(secret)
             }
-            Err(service::ServiceError::Invalid(e)) => Err(e),
+            Err(service::ServiceError::Invalid(e)) => {
+                crate::http::failed(&fleet, &req);
+                Err(e)
+            }
             Err(e) => return Err(e.into()),
         }
     } else {

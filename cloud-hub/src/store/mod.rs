@@ -251,6 +251,12 @@ impl Role {
     }
 }
 
+/// True if a token among `tokens` that has not expired by `now` is named
+/// `name`: token names are unique among live tokens.
+pub fn name_taken<'a>(mut tokens: impl Iterator<Item = &'a ApiToken>, name: &str, now: Timestamp) -> bool {
+    tokens.any(|t| t.name == name && !t.expired(now))
+}
+
 /// A stored API token (its hash is the key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiToken {
@@ -404,11 +410,11 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
-    /// `ok`, `refused` (401, 403) or `failed`.
+    /// `ok`, `refused` (401, 403, 429) or `failed`.
     pub fn outcome(&self) -> &'static str {
         match self.status {
             200..=399 => "ok",
-            401 | 403 => "refused",
+            401 | 403 | 429 => "refused",
             _ => "failed",
         }
     }
@@ -755,6 +761,13 @@ impl Store {
     /// Stores an API token under the SHA-256 of its secret.
     pub async fn put_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<(), StoreError> {
         each!(self, b => b.put_api_token(hash, token).await)
+    }
+
+    /// Stores a new API token unless an unexpired token has its name
+    /// (false): checked and written as one step, on every backend, so two
+    /// creations of one name at once cannot both succeed.
+    pub async fn insert_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        each!(self, b => b.insert_api_token(hash, token).await)
     }
 
     /// Looks up an API token by the SHA-256 of its secret.

@@ -128,6 +128,9 @@ pub const MIGRATIONS: &[&str] = &[
 /// Key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7401;
 
+/// Key of the advisory lock a token creation holds for its transaction.
+const TOKENS_LOCK: i64 = 0x6f75_7470_6f73_7402;
+
 const DAY_MS: u64 = 86_400_000;
 
 /// Days either side of now that get their own telemetry partition; samples
@@ -934,6 +937,28 @@ impl PgStore {
         )
         .await
         .map(drop)
+    }
+
+    pub(super) async fn insert_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        let result = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg)?;
+            // One token creation at a time across every hub: the check and
+            // the insert are one step.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TOKENS_LOCK]).await.map_err(pg)?;
+            let rows = tx.query("SELECT record FROM api_tokens", &[]).await.map_err(pg)?;
+            let tokens = rows.iter().map(|r| ApiToken::decode(r.get(0))).collect::<Result<Vec<_>, _>>()?;
+            if super::name_taken(tokens.iter(), &token.name, Timestamp::now()) {
+                return Ok(false);
+            }
+            tx.execute("INSERT INTO api_tokens (hash, record) VALUES ($1, $2)", &[&&hash[..], &encode(token)])
+                .await
+                .map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(true)
+        }
+        .await;
+        self.track(result)
     }
 
     pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {

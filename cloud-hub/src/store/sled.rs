@@ -522,6 +522,22 @@ impl SledStore {
         .await
     }
 
+    pub(super) async fn insert_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
+        let (hash, name, value) = (*hash, token.name.clone(), encode(token));
+        // The writer thread runs one job at a time: no other token is made
+        // between the check and the write.
+        self.write(move |t| {
+            let tokens =
+                t.api_tokens.iter().values().map(|v| ApiToken::decode(&v.db()?)).collect::<Result<Vec<_>, _>>()?;
+            if super::name_taken(tokens.iter(), &name, Timestamp::now()) {
+                return Ok(false);
+            }
+            t.api_tokens.insert(hash, value).db()?;
+            Ok(true)
+        })
+        .await
+    }
+
     pub(super) async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
         let hash = *hash;
         self.read(move |t| t.api_tokens.get(hash).db()?.map(|v| ApiToken::decode(&v)).transpose()).await
