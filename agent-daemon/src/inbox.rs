@@ -2,8 +2,9 @@
 //!
 //! [`accept`] persists a delivery before anything acts on it: commands go to
 //! the inbox as `Pending` (a command already there is not added again, so a
-//! re-delivery is harmless), a newer desired state replaces the stored one.
-//! Only then does the uplink confirm receipt to the hub.
+//! re-delivery is harmless; one at or below the highest id forgotten from
+//! the inbox is never run, see [`to_queue`]), a newer desired state replaces
+//! the stored one. Only then does the uplink confirm receipt to the hub.
 //!
 //! [`executor`] runs as a task: it marks a command `Running` (durably) before
 //! starting it, and writes its result to the outbox and `Done` to the inbox in
@@ -29,6 +30,10 @@ const DESIRED: &str = "desired";
 /// a command only until it records its receipt or result, so a re-delivery
 /// of anything older than the last thousand commands cannot happen.
 const KEEP_DONE: usize = 1000;
+/// The highest command id pruned from the inbox (big-endian u64): a
+/// command at or below it that the inbox does not hold ran long ago (or is
+/// a replay) and is never run.
+const FORGOTTEN: &str = "inbox.forgotten";
 const APPLIED: &str = "desired.applied";
 /// The last desired-state document that was applied (the one in force).
 const GOOD: &str = "desired.good";
@@ -138,11 +143,20 @@ pub async fn accept(store: &AgentStore, deliver: Deliver, hub: &HubClock) -> Res
     let mut changes = Changes::default();
     let mut ids = Vec::new();
     let (hub_now, local_now) = (hub.now(), Timestamp::now());
+    let forgotten = forgotten_upto(store)?;
     for mut command in deliver.commands {
         ids.push(command.id);
         command.expires_at = local_expiry(command.expires_at, hub_now, local_now);
-        if store.inbox_entry(command.id)?.is_none() {
+        let held = store.inbox_entry(command.id)?.is_some();
+        if to_queue(command.id, held, forgotten) {
             changes.inbox.push(InboxEntry { command, state: InboxState::Pending });
+        } else if !held {
+            tracing::warn!(
+                command = command.id,
+                forgotten_upto = forgotten,
+                "Refused a command at or below the highest id this device has finished and forgotten (a replay, or \
+                 one delivered after a thousand newer ones); it is not run."
+            );
         }
     }
     if let Some(desired) = deliver.desired {
@@ -160,6 +174,20 @@ pub async fn accept(store: &AgentStore, deliver: Deliver, hub: &HubClock) -> Res
         }
     }
     Ok(ids)
+}
+
+/// Whether a delivered command is queued to run: not if the inbox holds
+/// it already (a re-delivery), nor if its id is at or below the highest id
+/// forgotten from the inbox (it ran before, or it is a replay). Command ids
+/// grow with time at the hub; a device forgets only its oldest finished
+/// ones, so this mark refuses every command it ever ran, forever, in eight
+/// bytes.
+pub fn to_queue(id: u64, held: bool, forgotten_upto: u64) -> bool {
+    !held && id > forgotten_upto
+}
+
+fn forgotten_upto(store: &AgentStore) -> Result<u64, StoreError> {
+    Ok(store.get(FORGOTTEN)?.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0))
 }
 
 fn stored_desired(store: &AgentStore) -> Result<Option<Desired>, StoreError> {
@@ -241,12 +269,16 @@ async fn run_executor(
     }
 }
 
-/// Forgets the oldest finished commands beyond [`KEEP_DONE`].
+/// Forgets the oldest finished commands beyond [`KEEP_DONE`], raising the
+/// forgotten mark ([`to_queue`]) in the same transaction.
 async fn prune_done(store: &AgentStore) -> Result<(), StoreError> {
-    let done = store.inbox_in(&InboxState::Done)?;
+    let mut done = store.inbox_in(&InboxState::Done)?;
     if done.len() > KEEP_DONE {
-        let inbox_remove = done[..done.len() - KEEP_DONE].iter().map(|e| e.command.id).collect();
-        store.commit(Changes { inbox_remove, ..Changes::default() }).await?;
+        done.sort_by_key(|e| e.command.id);
+        let inbox_remove: Vec<u64> = done[..done.len() - KEEP_DONE].iter().map(|e| e.command.id).collect();
+        let mark = inbox_remove.iter().copied().max().unwrap_or(0).max(forgotten_upto(store)?);
+        let kv = vec![(FORGOTTEN.to_owned(), mark.to_be_bytes().to_vec())];
+        store.commit(Changes { inbox_remove, kv, ..Changes::default() }).await?;
     }
     Ok(())
 }
@@ -433,6 +465,12 @@ mod tests {
         // A re-delivery of a remembered command is confirmed but not queued again.
         assert_eq!(accept(&store, deliver(1090..1101), &hub).await.unwrap().len(), 11);
         assert!(store.inbox_in(&InboxState::Pending).unwrap().is_empty(), "a re-delivered command was queued again");
+        // Nor is a forgotten one (a replay of the first hundred): the mark
+        // refuses them though the inbox no longer holds them.
+        assert!(store.inbox_entry(1).unwrap().is_none(), "the oldest were forgotten");
+        assert_eq!(forgotten_upto(&store).unwrap(), 100);
+        assert_eq!(accept(&store, deliver(1..101), &hub).await.unwrap().len(), 100);
+        assert!(store.inbox_in(&InboxState::Pending).unwrap().is_empty(), "a forgotten command was queued again");
         cancel.cancel();
         run.await.unwrap();
         assert_eq!(store.inbox_in(&InboxState::Done).unwrap().len(), KEEP_DONE);
@@ -444,5 +482,14 @@ mod tests {
             .filter(|r| matches!(r.body, RecordBody::CommandResult(_)))
             .count();
         assert_eq!(results, 1100, "every command ran exactly once");
+    }
+
+    #[test]
+    fn a_command_is_queued_once_and_never_at_or_below_the_forgotten_mark() {
+        assert!(to_queue(5, false, 0));
+        assert!(!to_queue(5, true, 0), "held: a re-delivery");
+        assert!(!to_queue(5, false, 5), "at the mark");
+        assert!(!to_queue(4, false, 5), "below the mark");
+        assert!(to_queue(6, false, 5));
     }
 }
