@@ -176,6 +176,7 @@ impl ConfigFile for HubConfig {
                 password: mqtt.get("password"),
                 shared_group: mqtt.get_or("shared_group", "outpost-hub".to_owned()),
                 keep_alive: mqtt.get_or("keep_alive", Duration::from_secs(30)),
+                legacy_agents: mqtt.get_or("legacy_agents", false),
             }),
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),

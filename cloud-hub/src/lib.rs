@@ -193,6 +193,9 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     // gone, instead of leaving them to wait for the idle timeout.
     let reset_key = secret_file(&data_dir.join("quic-reset.key")).map_err(io("read or create quic-reset.key"))?;
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
+    // MQTT tickets are MAC'd with a key from the same shared secret (see
+    // `mqtt::Tickets`).
+    let ticket_secret = hmac.clone();
     // Connection ids are checked with a key too; it must survive restarts
     // as well, or the new process drops old connections' packets silently
     // instead of resetting them.
@@ -220,13 +223,15 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
     let mqtt_task = match &config.mqtt {
         Some(mqtt) => {
-            let ctx = Arc::new(mqtt::BridgeContext {
-                fleet: fleet.clone(),
+            let ctx = Arc::new(mqtt::BridgeContext::new(
+                fleet.clone(),
                 ca,
-                identity: identity.clone(),
-                max_frame: config.quic.max_frame,
-                heartbeat_timeout: config.heartbeat_timeout,
-            });
+                identity.clone(),
+                config.quic.max_frame,
+                config.heartbeat_timeout,
+                mqtt::Tickets::new(&ticket_secret),
+                mqtt.legacy_agents,
+            ));
             // Fail at start on settings that cannot work (CA file, TLS).
             let task = mqtt::Bridge::new(mqtt.clone(), ctx)?;
             Some(tokio::spawn(task.run(shutdown.clone())))

@@ -15,13 +15,26 @@
 //! Everything else is the same code as the QUIC sessions ([`crate::session`]):
 //! batches are ingested idempotently and acknowledged after the durable
 //! write, so an agent resends what the broker lost and the hub stores it once.
+//!
+//! Freshness (protocol 11): every message either way is a `Fresh` inside a
+//! `Signed`. Up, the hub takes a message only if its number grows within
+//! its session ([`UpWindow`]) and, but for a `Hello`, it carries a ticket
+//! this fleet's hubs made for that session within [`TICKET_LIFETIME`]
+//! ([`Tickets`]); down, every message names the session it answers, counts
+//! in it, and carries a new ticket. A device that has heard nothing from
+//! the hub for half the lifetime gets an empty `Deliver` with a new ticket.
+//! What each side remembers outlives the device's task (a device quiet for
+//! a heartbeat timeout keeps its numbers). Agents before version 11 send
+//! plain `Signed` messages: refused unless `[mqtt] legacy_agents = true`
+//! (during an upgrade), and answered plainly.
 
 use crate::ca::FleetCa;
 use crate::fleet::{Fleet, Link};
 use crate::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
-use outpost_shared::mqtt::{BrokerUrl, UpKind, down_topic, parse_up_topic, up_filter};
-use outpost_shared::protocol::{Direction, Envelope, Message, Signed};
+use outpost_shared::mqtt::{BrokerUrl, UpKind, UpWindow, down_topic, parse_up_topic, up_filter};
+use outpost_shared::protocol::{Deliver, Direction, Envelope, Fresh, Message, Signed};
+use outpost_shared::time::Timestamp;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -53,6 +66,83 @@ pub struct MqttConfig {
     pub shared_group: String,
     /// MQTT keep-alive. Default 30s.
     pub keep_alive: Duration,
+    /// `legacy_agents`: take messages without freshness from agents older
+    /// than protocol 11 (replayable; for the time of an upgrade). Default
+    /// false.
+    pub legacy_agents: bool,
+}
+
+/// How long a ticket lets a device's messages in: a message replayed later
+/// than this is refused even by a hub that never saw its session.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(600);
+
+/// How far ahead of this hub's clock another hub's ticket may be.
+const TICKET_SKEW: Duration = Duration::from_secs(30);
+
+/// Tickets: the hub's clock when it answered a session, MAC'd with a key
+/// every hub of the fleet derives from the shared `quic-reset.key`, so any
+/// of them checks what another made.
+#[derive(Debug)]
+pub struct Tickets {
+    key: ring::hmac::Key,
+}
+
+impl Tickets {
+    /// Tickets under a key derived from `secret` (the hubs' shared secret).
+    pub fn new(secret: &ring::hmac::Key) -> Self {
+        let derived = ring::hmac::sign(secret, b"outpost mqtt ticket key v1");
+        Tickets { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()) }
+    }
+
+    fn input(device: &DeviceId, session: u64, at: Timestamp) -> Vec<u8> {
+        let mut input = b"outpost ticket v1\0".to_vec();
+        input.extend_from_slice(device.as_str().as_bytes());
+        input.push(0);
+        input.extend_from_slice(&session.to_be_bytes());
+        input.extend_from_slice(&at.0.to_be_bytes());
+        input
+    }
+
+    /// A ticket for `device`'s `session`, made at `now`: 8 bytes of time
+    /// and 32 of MAC.
+    pub fn issue(&self, device: &DeviceId, session: u64, now: Timestamp) -> Vec<u8> {
+        let mut ticket = now.0.to_be_bytes().to_vec();
+        ticket.extend_from_slice(ring::hmac::sign(&self.key, &Self::input(device, session, now)).as_ref());
+        ticket
+    }
+
+    /// `Ok` if `ticket` was made for `device`'s `session` by a hub of this
+    /// fleet within [`TICKET_LIFETIME`] before `now`; otherwise why not.
+    pub fn check(&self, device: &DeviceId, session: u64, ticket: &[u8], now: Timestamp) -> Result<(), String> {
+        let Some((at, tag)) = ticket.split_first_chunk::<8>() else {
+            return Err("no ticket from a hub of this fleet".into());
+        };
+        let at = Timestamp(u64::from_be_bytes(*at));
+        ring::hmac::verify(&self.key, &Self::input(device, session, at), tag)
+            .map_err(|_| "its ticket is not for this session or not from a hub of this fleet".to_owned())?;
+        if at.0 > now.saturating_add(TICKET_SKEW).0 {
+            return Err("its ticket is from the future".into());
+        }
+        if at.until(now) > TICKET_LIFETIME {
+            return Err(format!("its ticket is {} s old: a replay", at.until(now).as_secs()));
+        }
+        Ok(())
+    }
+}
+
+/// What the bridge remembers of a device's sessions through the broker;
+/// outlives the device's task.
+#[derive(Debug, Default)]
+struct Freshness {
+    up: UpWindow,
+    /// The session the device last spoke in: down messages answer it.
+    session: Option<u64>,
+    /// This hub's count of messages sent to that session.
+    down_seq: u64,
+    /// When this hub last gave that session a ticket.
+    ticketed: Option<Timestamp>,
+    /// The device speaks protocol 11 (down messages are `Fresh`).
+    fresh: bool,
 }
 
 /// Errors setting the bridge up.
@@ -73,6 +163,43 @@ pub struct BridgeContext {
     pub max_frame: usize,
     /// A device's MQTT session ends after this long without a message.
     pub heartbeat_timeout: Duration,
+    /// Tickets of this fleet's hubs.
+    pub tickets: Tickets,
+    /// This hub process's number in the `Fresh` messages it sends.
+    pub sender: u64,
+    /// `[mqtt] legacy_agents`.
+    pub legacy_agents: bool,
+    /// What each device's sessions are at (see [`Freshness`]).
+    freshness: std::sync::Mutex<HashMap<DeviceId, Freshness>>,
+}
+
+impl BridgeContext {
+    /// The bridge's context: `tickets` from the hubs' shared secret.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        ca: Arc<FleetCa>,
+        identity: Arc<crate::ca::HubIdentity>,
+        max_frame: usize,
+        heartbeat_timeout: Duration,
+        tickets: Tickets,
+        legacy_agents: bool,
+    ) -> Self {
+        BridgeContext {
+            fleet,
+            ca,
+            identity,
+            max_frame,
+            heartbeat_timeout,
+            tickets,
+            sender: rand::random(),
+            legacy_agents,
+            freshness: std::sync::Mutex::default(),
+        }
+    }
+
+    fn freshness(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Freshness>> {
+        self.freshness.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Messages queued per device before the bridge drops new ones (the agent
@@ -254,6 +381,25 @@ impl Transport for MqttTransport {
     async fn send(&mut self, message: Message) -> Result<(), SessionEnd> {
         let signer = self.ctx.ca.signer();
         let kind = message.kind();
+        let message = {
+            let mut all = self.ctx.freshness();
+            match all.get_mut(&self.id) {
+                Some(f) if f.fresh => {
+                    let session = f.session.unwrap_or_default();
+                    let now = Timestamp::now();
+                    f.down_seq += 1;
+                    f.ticketed = Some(now);
+                    Message::Fresh(Fresh {
+                        session,
+                        sender: self.ctx.sender,
+                        seq: f.down_seq,
+                        ticket: self.ctx.tickets.issue(&self.id, session, now),
+                        message: Box::new(message),
+                    })
+                }
+                _ => message,
+            }
+        };
         let signed = Signed::new(Direction::Down, self.id.clone(), &message, |input| signer.sign(input));
         let payload = Envelope::new(Message::Signed(signed)).encode();
         if let Err(e) = self.client.publish(down_topic(&self.id), QoS::AtLeastOnce, false, payload).await {
@@ -325,7 +471,10 @@ impl DeviceTask {
                 continue;
             }
             let handled = match self.open_message(kind, &publish.payload, &mut session).await {
-                Ok(message) => session.handle(message, &mut transport).await,
+                Ok(message) => match session.handle(message, &mut transport).await {
+                    Ok(new_session) => self.refresh_ticket(&mut transport).await.map(|()| new_session),
+                    Err(end) => Err(end),
+                },
                 Err(end) => Err(end),
             };
             match handled {
@@ -346,6 +495,19 @@ impl DeviceTask {
 
     /// The message a publish carries, once its size, envelope, topic and
     /// signature check out.
+    /// Sends the device a new ticket (an empty `Deliver`) if this hub gave
+    /// its session none for half of [`TICKET_LIFETIME`].
+    async fn refresh_ticket(&self, transport: &mut MqttTransport) -> Result<(), SessionEnd> {
+        let due =
+            self.ctx.freshness().get(&self.id).is_some_and(|f| {
+                f.fresh && f.ticketed.is_none_or(|at| at.until(Timestamp::now()) >= TICKET_LIFETIME / 2)
+            });
+        if due {
+            transport.send(Message::Deliver(Deliver { commands: Vec::new(), desired: None })).await?;
+        }
+        Ok(())
+    }
+
     async fn open_message(
         &self,
         kind: UpKind,
@@ -356,29 +518,94 @@ impl DeviceTask {
             return Err(SessionEnd::Protocol(format!("{} bytes exceed the frame limit", payload.len())));
         }
         let message = Envelope::decode(payload).map_err(|e| SessionEnd::Protocol(e.to_string()))?.message;
-        match (kind, message) {
-            (UpKind::Batch, Message::Batch(batch)) => Ok(Message::Batch(batch)),
-            (UpKind::Relay, Message::Relay(batch)) => Ok(Message::Relay(batch)),
-            (UpKind::Batch | UpKind::Relay, other) => {
-                Err(SessionEnd::Protocol(format!("expected a {}, got {}", kind.as_str(), other.kind())))
+        let message = match (kind, message) {
+            (UpKind::Batch, Message::Batch(batch)) => self.legacy(Message::Batch(batch))?,
+            (UpKind::Relay, Message::Relay(batch)) => self.legacy(Message::Relay(batch))?,
+            (_, Message::Signed(signed)) => match self.open(&signed, session).await? {
+                Message::Fresh(fresh) => self.admit(fresh)?,
+                plain => self.legacy(plain)?,
+            },
+            (_, other) => {
+                return Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind())));
             }
-            (_, Message::Signed(signed)) => self.open(kind, &signed, session).await,
-            (_, other) => Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind()))),
+        };
+        if UpKind::of(&message) != Some(kind) {
+            return Err(SessionEnd::Protocol(format!("a {} on the {} topic", message.kind(), kind.as_str())));
         }
+        Ok(message)
     }
 
-    /// The message inside `signed`, if this device signed it for this topic.
-    async fn open(&self, kind: UpKind, signed: &Signed, session: &mut DeviceSession) -> Result<Message, SessionEnd> {
+    /// The message inside `signed`, if the device signed it.
+    async fn open(&self, signed: &Signed, session: &mut DeviceSession) -> Result<Message, SessionEnd> {
         if signed.device != self.id {
             return Err(SessionEnd::Protocol(format!("message of device {} on {}'s topic", signed.device, self.id)));
         }
         if !session.verify(|key| signed.verify(Direction::Up, key)).await? {
             return Err(SessionEnd::Protocol("signature does not verify with the device's certificate".into()));
         }
-        let message = signed.message().map_err(|e| SessionEnd::Protocol(e.to_string()))?;
-        if UpKind::of(&message) != Some(kind) {
-            return Err(SessionEnd::Protocol(format!("a {} on the {} topic", message.kind(), kind.as_str())));
+        signed.message().map_err(|e| SessionEnd::Protocol(e.to_string()))
+    }
+
+    /// The message of a `Fresh`, if it is fresh: its ticket (but for a
+    /// `Hello`) and its number in its session.
+    fn admit(&self, fresh: Fresh) -> Result<Message, SessionEnd> {
+        let stale = |why: String| SessionEnd::Protocol(format!("stale message ({}): {why}", fresh.message.kind()));
+        if !matches!(*fresh.message, Message::Hello(_)) {
+            self.ctx.tickets.check(&self.id, fresh.session, &fresh.ticket, Timestamp::now()).map_err(stale)?;
         }
+        let mut all = self.ctx.freshness();
+        let f = all.entry(self.id.clone()).or_default();
+        f.up.admit(fresh.session, fresh.seq).map_err(|e| stale(e.to_string()))?;
+        if f.session != Some(fresh.session) {
+            f.session = Some(fresh.session);
+            f.ticketed = None;
+        }
+        f.fresh = true;
+        Ok(*fresh.message)
+    }
+
+    /// A message without freshness (an agent before protocol 11): taken
+    /// only with `[mqtt] legacy_agents = true`.
+    fn legacy(&self, message: Message) -> Result<Message, SessionEnd> {
+        if !self.ctx.legacy_agents {
+            return Err(SessionEnd::Protocol(format!(
+                "a {} without freshness (an agent before protocol 11; it could be a replay): upgrade the agent, \
+                 or set [mqtt] legacy_agents = true while agents are upgraded",
+                message.kind()
+            )));
+        }
+        self.ctx.freshness().entry(self.id.clone()).or_default().fresh = false;
         Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_hold_for_their_session_and_lifetime_on_every_hub_of_the_fleet() {
+        let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"fleet secret");
+        let (here, there) = (Tickets::new(&secret), Tickets::new(&secret));
+        let device: DeviceId = "dev-01".parse().unwrap_or_else(|_| unreachable!());
+        let now = Timestamp(1_000_000_000);
+        let ticket = here.issue(&device, 7, now);
+        assert_eq!(there.check(&device, 7, &ticket, now), Ok(()), "another hub of the fleet takes it");
+        assert_eq!(there.check(&device, 7, &ticket, now.saturating_add(TICKET_LIFETIME)), Ok(()));
+        let late = there.check(&device, 7, &ticket, now.saturating_add(TICKET_LIFETIME + Duration::from_secs(1)));
+        assert!(late.is_err_and(|e| e.contains("a replay")), "an old session's message after the lifetime");
+        assert!(there.check(&device, 8, &ticket, now).is_err(), "another session");
+        let other: DeviceId = "dev-02".parse().unwrap_or_else(|_| unreachable!());
+        assert!(there.check(&other, 7, &ticket, now).is_err(), "another device");
+        let stranger = Tickets::new(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"another fleet"));
+        assert!(stranger.check(&device, 7, &ticket, now).is_err(), "another fleet");
+        let future = here.issue(&device, 7, now.saturating_add(Duration::from_secs(60)));
+        assert!(there.check(&device, 7, &future, now).is_err_and(|e| e.contains("future")));
+        let mut forged = ticket.clone();
+        forged[7] ^= 1;
+        assert!(there.check(&device, 7, &forged, now).is_err(), "a changed time");
+        for garbage in [&[][..], &[1, 2, 3], &ticket[..20]] {
+            assert!(there.check(&device, 7, garbage, now).is_err());
+        }
     }
 }

@@ -15,6 +15,12 @@
 //! `configs/mosquitto-acl`), but nothing relies on it: the hub checks every
 //! up message against its topic and the device's key, the device checks
 //! every down message against the CA's key.
+//!
+//! Since protocol version 11 every message is a
+//! [`crate::protocol::Fresh`] inside a `Signed` (batches too), so that a
+//! message captured at the broker and published again is refused:
+//! [`DownWindow`] is the agent's rule, [`UpWindow`] the hub's (with the
+//! hub's tickets, which bound how old a replay can be).
 
 use crate::identity::DeviceId;
 use crate::protocol::Message;
@@ -96,6 +102,108 @@ pub fn parse_up_topic(topic: &str) -> Option<(DeviceId, UpKind)> {
         return None;
     }
     Some((device.parse().ok()?, UpKind::parse(kind)?))
+}
+
+/// Why a message through the broker was refused as stale.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    /// Down: it answers another session of this device (an old `Welcome`
+    /// or `Deliver` replayed).
+    #[error("it belongs to session {got:016x}, not this one ({current:016x}): a replay")]
+    OtherSession {
+        /// The session it names.
+        got: u64,
+        /// This connection's.
+        current: u64,
+    },
+    /// Its number was passed already in its session.
+    #[error("message {seq} of its session came after {last}: a replay")]
+    Replayed {
+        /// Its number.
+        seq: u64,
+        /// The highest number taken from that sender in that session.
+        last: u64,
+    },
+}
+
+/// The highest number taken from each of at most `N` keys (senders or
+/// sessions); a new key evicts the least recently heard.
+#[derive(Debug, Clone, Default)]
+struct Numbers<const N: usize> {
+    /// (key, last number), most recently heard last.
+    last: Vec<(u64, u64)>,
+}
+
+impl<const N: usize> Numbers<N> {
+    /// Takes number `seq` of `key` if it is above the last one taken.
+    fn take(&mut self, key: u64, seq: u64) -> Result<(), Stale> {
+        let last = match self.last.iter().position(|(k, _)| *k == key) {
+            Some(i) => self.last.remove(i).1,
+            None => 0,
+        };
+        if seq <= last {
+            self.last.push((key, last));
+            return Err(Stale::Replayed { seq, last });
+        }
+        if self.last.len() >= N {
+            self.last.remove(0);
+        }
+        self.last.push((key, seq));
+        Ok(())
+    }
+}
+
+/// Senders (hub processes) a device tracks per session; more evict the
+/// least recently heard.
+pub const DOWN_SENDERS: usize = 16;
+
+/// The agent's rule for down messages of one connection: they must name
+/// its session, and each hub process's numbers must grow.
+#[derive(Debug, Clone)]
+pub struct DownWindow {
+    session: u64,
+    senders: Numbers<DOWN_SENDERS>,
+}
+
+impl DownWindow {
+    /// The window of a new connection whose session is `session`.
+    pub fn new(session: u64) -> Self {
+        DownWindow { session, senders: Numbers::default() }
+    }
+
+    /// This connection's session.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Takes message `seq` of `sender` for `session`, or says why not.
+    pub fn admit(&mut self, session: u64, sender: u64, seq: u64) -> Result<(), Stale> {
+        if session != self.session {
+            return Err(Stale::OtherSession { got: session, current: self.session });
+        }
+        self.senders.take(sender, seq)
+    }
+}
+
+/// Sessions of one device a hub remembers the numbers of; more evict the
+/// least recently heard.
+pub const UP_SESSIONS: usize = 8;
+
+/// A hub's rule for one device's up messages: in each session the numbers
+/// grow. A session it does not know starts with a `Hello`, or with any
+/// message whose ticket the hub made recently for that session (a session
+/// another hub of a shared subscription welcomed, or one from before a
+/// restart); the caller checks the ticket.
+#[derive(Debug, Clone, Default)]
+pub struct UpWindow {
+    sessions: Numbers<UP_SESSIONS>,
+}
+
+impl UpWindow {
+    /// Takes message `seq` of `session`, or says why not.
+    pub fn admit(&mut self, session: u64, seq: u64) -> Result<(), Stale> {
+        self.sessions.take(session, seq)
+    }
 }
 
 /// A broker address: `mqtts://host[:port]` (TLS, default port 8883) or
@@ -226,6 +334,43 @@ mod tests {
         ] {
             assert_eq!(parse_up_topic(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn down_messages_must_name_the_session_and_grow_per_sender() {
+        let mut w = DownWindow::new(7);
+        assert_eq!(w.admit(6, 1, 1), Err(Stale::OtherSession { got: 6, current: 7 }), "an old session's Welcome");
+        assert_eq!(w.admit(7, 1, 1), Ok(()));
+        assert_eq!(w.admit(7, 1, 1), Err(Stale::Replayed { seq: 1, last: 1 }), "the same message again");
+        assert_eq!(w.admit(7, 2, 1), Ok(()), "another hub process counts on its own");
+        assert_eq!(w.admit(7, 1, 5), Ok(()), "gaps are fine (messages for other hubs' sessions)");
+        assert_eq!(w.admit(7, 1, 3), Err(Stale::Replayed { seq: 3, last: 5 }));
+        // Many senders: the least recently heard is forgotten, not the others.
+        for sender in 10..10 + DOWN_SENDERS as u64 {
+            w.admit(7, sender, 1).unwrap();
+        }
+        assert_eq!(w.admit(7, 10 + DOWN_SENDERS as u64 - 1, 1), Err(Stale::Replayed { seq: 1, last: 1 }));
+    }
+
+    #[test]
+    fn up_messages_grow_per_session_and_an_unknown_session_does_not_end_the_current() {
+        let mut w = UpWindow::default();
+        assert_eq!(w.admit(100, 1), Ok(()));
+        assert_eq!(w.admit(100, 2), Ok(()));
+        assert_eq!(w.admit(100, 2), Err(Stale::Replayed { seq: 2, last: 2 }), "a replayed heartbeat");
+        assert_eq!(w.admit(100, 1), Err(Stale::Replayed { seq: 1, last: 2 }), "a replayed hello of this session");
+        // A replayed hello of an old session the hub forgot is taken (its
+        // Welcome names a session the device does not have), and the
+        // current session goes on.
+        assert_eq!(w.admit(50, 1), Ok(()));
+        assert_eq!(w.admit(100, 3), Ok(()));
+        for old in 0..UP_SESSIONS as u64 {
+            w.admit(old, 1).unwrap();
+        }
+        // The current session was pushed out by a flood of old hellos: its
+        // next message starts it again (the hub checked its ticket).
+        assert_eq!(w.admit(100, 4), Ok(()));
+        assert_eq!(w.admit(100, 4), Err(Stale::Replayed { seq: 4, last: 4 }));
     }
 
     #[test]

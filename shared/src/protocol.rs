@@ -30,12 +30,15 @@ use serde::{Deserialize, Serialize};
 /// version 6 added LAN relay (`Relay`, `RelayAck`) and the `PeersReport`
 /// record; version 7 added the backup transfer messages of bulk connections
 /// (`HaveChunks` ... `Chunk`); version 10 added certificate renewal over
-/// the session (`Renew`, `Renewed`).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// the session (`Renew`, `Renewed`); version 11 added `Fresh`, which binds
+/// a message through a broker to one session and numbers it, so a replay
+/// is refused.
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// The oldest version this build still reads. Messages are only ever
-/// appended, so a newer build decodes an older peer's envelopes unchanged:
-/// a hub upgraded first keeps every older agent connected (agents of
+/// appended, and an envelope carries the version that introduced its
+/// message ([`Message::since`]), so an older peer reads every message it
+/// knows: a hub upgraded first keeps every older agent connected (agents of
 /// version 9 simply never renew).
 pub const MIN_PROTOCOL_VERSION: u16 = 9;
 
@@ -117,6 +120,39 @@ pub enum Message {
     Renew(RenewRequest),
     /// Hub → agent: the new certificate.
     Renewed(Renewed),
+    /// Either way, inside a `Signed` through a broker: a message bound to
+    /// one session of the device and numbered in it (see [`Fresh`]).
+    Fresh(Fresh),
+}
+
+/// A message through a carrier that can replay what it carried (an MQTT
+/// broker), bound to one session and numbered, inside a [`Signed`] so that
+/// none of it can be changed:
+///
+/// - `session`: a random number the agent draws at each connection to the
+///   broker; down messages name the session they answer, and the agent
+///   refuses any other (an old `Welcome` or `Deliver` replayed).
+/// - `sender` and `seq`: up, `sender` is 0 and `seq` counts the agent's
+///   messages in the session from 1; down, `sender` is the hub process's
+///   random number and `seq` counts its messages to this session. Each
+///   receiver refuses a `seq` it has passed (a replay within the session).
+/// - `ticket`: down, the hub's proof of the time it answered (its clock,
+///   MAC'd with a key the hubs share); up, the newest ticket the agent got,
+///   empty in `Hello`. A hub refuses any up message but `Hello` whose ticket
+///   is not its fleet's, not for this session, or too old (a replay of a
+///   session the hub no longer tracks, after a restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fresh {
+    /// The agent's number for this connection.
+    pub session: u64,
+    /// 0 up; the hub process's number down.
+    pub sender: u64,
+    /// The sender's count of its messages in the session, from 1.
+    pub seq: u64,
+    /// See above.
+    pub ticket: Vec<u8>,
+    /// The message (never `Signed` or `Fresh`).
+    pub message: Box<Message>,
 }
 
 /// A device asks for a new certificate: a PKCS#10 request for a key it
@@ -280,7 +316,9 @@ impl Signed {
     }
 
     /// The message (check the signature first). Nested `Signed` messages and
-    /// batches are refused.
+    /// batches are refused; a `Fresh` may carry a batch (its freshness is
+    /// signed, the batch keeps its own signature) but no `Signed` or
+    /// `Fresh`.
     pub fn message(&self) -> Result<Message, ProtocolError> {
         let (message, rest) = postcard::take_from_bytes::<Message>(&self.body).map_err(ProtocolError::Malformed)?;
         if !rest.is_empty() {
@@ -288,6 +326,10 @@ impl Signed {
         }
         match message {
             Message::Signed(_) | Message::Batch(_) => Err(ProtocolError::NotSignable(message.kind())),
+            Message::Fresh(fresh) => match *fresh.message {
+                Message::Signed(_) | Message::Fresh(_) => Err(ProtocolError::NotSignable(fresh.message.kind())),
+                _ => Ok(Message::Fresh(fresh)),
+            },
             message => Ok(message),
         }
     }
@@ -686,14 +728,26 @@ impl Message {
             Message::SnapshotChunks(_) => "SnapshotChunks",
             Message::Renew(_) => "Renew",
             Message::Renewed(_) => "Renewed",
+            Message::Fresh(_) => "Fresh",
+        }
+    }
+
+    /// The protocol version that introduced this message: the version its
+    /// envelope carries, so a peer of that version or newer reads it.
+    pub fn since(&self) -> u16 {
+        match self {
+            Message::Renew(_) | Message::Renewed(_) => 10,
+            Message::Fresh(_) => 11,
+            _ => MIN_PROTOCOL_VERSION,
         }
     }
 }
 
 impl Envelope {
-    /// Wraps `message` in an envelope of the current version.
+    /// Wraps `message` in an envelope of the version that introduced it
+    /// ([`Message::since`]).
     pub fn new(message: Message) -> Self {
-        Envelope { version: PROTOCOL_VERSION, message }
+        Envelope { version: message.since(), message }
     }
 
     /// Encodes the envelope (without a frame header).
@@ -753,15 +807,15 @@ mod tests {
         let cases: Vec<(Message, &str)> = vec![
             (
                 Message::Enroll(EnrollRequest { token: "t".into(), csr_der: vec![0xAA], name: "n".into() }),
-                "0a00017401aa016e",
+                "0900017401aa016e",
             ),
             (
                 Message::Enrolled(Enrolled { device_id: id.clone(), cert_der: vec![1], ca_der: vec![2] }),
-                "0a01066465762d303101010102",
+                "0901066465762d303101010102",
             ),
             (
                 Message::Hello(Hello { agent_version: "0.1".into(), name: "gw".into(), started_at: Timestamp(1) }),
-                "0a0203302e3102677701",
+                "090203302e3102677701",
             ),
             (
                 Message::Welcome(Welcome {
@@ -770,10 +824,10 @@ mod tests {
                     server_time: Timestamp(300),
                     acked_seq: 7,
                 }),
-                "0a03066465762d303103302e31ac0207",
+                "0903066465762d303103302e31ac0207",
             ),
-            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0a04010178"),
-            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "0a0502"),
+            (Message::Refused(Refusal { reason: RefusalReason::ExpiredToken, message: "x".into() }), "0904010178"),
+            (Message::Heartbeat(Heartbeat { at: Timestamp(2) }), "090502"),
             (
                 Message::Batch(Batch::new(
                     "dev-01".parse().unwrap(),
@@ -848,7 +902,7 @@ mod tests {
                 )),
                 GOLDEN_BATCH,
             ),
-            (Message::Ack(Ack { upto: 300 }), "0a07ac02"),
+            (Message::Ack(Ack { upto: 300 }), "0907ac02"),
             (
                 Message::Deliver(Deliver {
                     commands: vec![Command {
@@ -859,9 +913,9 @@ mod tests {
                     }],
                     desired: Some(Desired { version: 2, doc: "{}".into() }),
                 }),
-                "0a080109046563686f010268690a0102027b7d",
+                "09080109046563686f010268690a0102027b7d",
             ),
-            (Message::Received(Received { commands: vec![9, 10] }), "0a0902090a"),
+            (Message::Received(Received { commands: vec![9, 10] }), "090902090a"),
             (
                 Message::Signed(Signed::new(
                     Direction::Up,
@@ -869,24 +923,24 @@ mod tests {
                     &Message::Received(Received { commands: vec![9] }),
                     |_| vec![0x5A],
                 )),
-                "0a0a066465762d303103090109015a",
+                "090a066465762d303103090109015a",
             ),
             (
                 Message::RelayAck(RelayAck { origin: "dev-01".parse().unwrap(), upto: 300, refused: None }),
-                "0a0c066465762d3031ac0200",
+                "090c066465762d3031ac0200",
             ),
             (
                 Message::HaveChunks(ChunkIds { ids: vec![[7; 32]] }),
-                concat!("0a0d01", "0707070707070707070707070707070707070707070707070707070707070707"),
+                concat!("090d01", "0707070707070707070707070707070707070707070707070707070707070707"),
             ),
-            (Message::Done, "0a11"),
+            (Message::Done, "0911"),
             (
                 Message::SnapshotChunks(SnapshotChunkList { name: "1-s-ab".into(), first: true, ids: vec![[2; 32]] }),
-                concat!("0a1806312d732d61620101", "0202020202020202020202020202020202020202020202020202020202020202"),
+                concat!("091806312d732d61620101", "0202020202020202020202020202020202020202020202020202020202020202"),
             ),
             (
                 Message::GetChunk(ChunkRef { device: "dev-01".parse().unwrap(), id: [1; 32] }),
-                concat!("0a16066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
+                concat!("0916066465762d3031", "0101010101010101010101010101010101010101010101010101010101010101"),
             ),
             (
                 Message::PutSnapshot(SnapshotData {
@@ -902,10 +956,20 @@ mod tests {
                     },
                     manifest: vec![0xEE],
                 }),
-                "0a1006312d732d6162017301020304050001ee",
+                "091006312d732d6162017301020304050001ee",
             ),
             (Message::Renew(RenewRequest { csr_der: vec![0xAA] }), "0a1901aa"),
             (Message::Renewed(Renewed { cert_der: vec![1] }), "0a1a0101"),
+            (
+                Message::Fresh(Fresh {
+                    session: 5,
+                    sender: 0,
+                    seq: 1,
+                    ticket: vec![0xAB],
+                    message: Box::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })),
+                }),
+                "0b1b05000101ab0502",
+            ),
         ];
         for (message, golden) in cases {
             let env = Envelope::new(message);
@@ -918,7 +982,7 @@ mod tests {
         }
     }
 
-    const GOLDEN_BATCH: &str = "0a06066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
+    const GOLDEN_BATCH: &str = "0906066465762d303180010601050080d095ffbc310000484180808080028080808008000000003f\
         0000803e0000003e901c01012f0a1401046574683001020002060103010101650307020400040803\
         0001016d05090406016a03020103040002016f01060a0501016a011e000001047472756501014101\
         6201042f746d703c0002010002010000640101015a";

@@ -593,8 +593,10 @@ impl Drop for Scratch {
 ///   an attacker on a careless broker.
 #[derive(Debug)]
 pub struct Broker {
-    /// The TLS listener's port.
+    /// The devices' TLS listener's port (client id = certificate name).
     pub tls_port: u16,
+    /// The hubs' TLS listener's port (certificate and password).
+    pub hub_port: u16,
     /// The permissive listener's port.
     pub plain_port: u16,
     /// CA of the broker's own certificate (for `ca_file` settings).
@@ -630,25 +632,45 @@ impl Broker {
         fs::write(&ca_file, ca_cert.pem())?;
         fs::write(dir.join("broker.crt"), cert.pem())?;
         fs::write(dir.join("broker.key"), key.serialize_pem())?;
-        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/mosquitto-acl");
-        let (tls_port, plain_port) = (free_port()?, free_port()?);
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let (tls_port, hub_port, plain_port) = (free_port()?, free_port()?, free_port()?);
+        let passwd = dir.join("hubs.passwd");
+        let made = run(Command::new(mosquitto_tool("mosquitto_passwd")?)
+            .arg("-c")
+            .arg("-b")
+            .arg(&passwd)
+            .args(["hub.outpost", HUB_BROKER_PASSWORD]))?;
+        if !made.status.success() {
+            bail!("mosquitto_passwd: {}", String::from_utf8_lossy(&made.stderr));
+        }
+        // The shipped config, on free loopback ports and this test's files;
         // `user root`: started as root, Mosquitto would switch to its own
-        // user, which may not read the test's files; no effect otherwise.
+        // user, which may not read the test's files. Then a permissive
+        // listener, for playing an attacker on a careless broker.
+        let shipped = fs::read_to_string(configs.join("mosquitto.conf"))?;
+        let replaced = [
+            ("listener 8883", format!("listener {tls_port} 127.0.0.1")),
+            ("listener 8884", format!("listener {hub_port} 127.0.0.1")),
+            ("/etc/mosquitto/outpost-fleet-ca.crt", hub.data_dir.join("ca.crt").display().to_string()),
+            ("/etc/mosquitto/broker.crt", dir.join("broker.crt").display().to_string()),
+            ("/etc/mosquitto/broker.key", dir.join("broker.key").display().to_string()),
+            ("/etc/mosquitto/outpost-acl", configs.join("mosquitto-acl").canonicalize()?.display().to_string()),
+            ("/etc/mosquitto/outpost-hubs.passwd", passwd.display().to_string()),
+        ];
+        let mut text = String::from("user root\npersistence false\nlog_dest stdout\nlog_type all\n");
+        let mut config = shipped.clone();
+        for (from, to) in &replaced {
+            if !shipped.contains(from) {
+                bail!("configs/mosquitto.conf no longer says {from:?}");
+            }
+            config = config.replace(from, to);
+        }
+        text.push_str(&config);
+        text.push_str(&format!("listener {plain_port} 127.0.0.1\nallow_anonymous true\n"));
         let conf = dir.join("mosquitto.conf");
-        fs::write(
-            &conf,
-            format!(
-                "per_listener_settings true\nuser root\npersistence false\nlog_dest stdout\nlog_type all\nset_tcp_nodelay true\n\
-                 listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-                 use_identity_as_username true\nacl_file {}\n\
-                 listener {plain_port} 127.0.0.1\nallow_anonymous true\n",
-                hub.data_dir.join("ca.crt").display(),
-                dir.join("broker.crt").display(),
-                dir.join("broker.key").display(),
-                acl.canonicalize()?.display(),
-            ),
-        )?;
-        let mut broker = Broker { tls_port, plain_port, ca_file, conf, log: root.join("mosquitto.log"), proc: None };
+        fs::write(&conf, text)?;
+        let mut broker =
+            Broker { tls_port, hub_port, plain_port, ca_file, conf, log: root.join("mosquitto.log"), proc: None };
         broker.restart()?;
         Ok(broker)
     }
@@ -657,7 +679,7 @@ impl Broker {
     /// accept connections.
     pub fn restart(&mut self) -> Result<()> {
         let mut proc = Proc::spawn(Command::new(mosquitto()?).arg("-c").arg(&self.conf), self.log.clone())?;
-        let ports = [self.tls_port, self.plain_port];
+        let ports = [self.tls_port, self.hub_port, self.plain_port];
         wait_for(Duration::from_secs(10), "Mosquitto to listen", || {
             if !proc.running() {
                 return Some(Err(anyhow::anyhow!("mosquitto exited; see {}", self.log.display())));
@@ -675,11 +697,12 @@ impl Broker {
         }
     }
 
-    /// The `[mqtt]` table that points a hub at this broker (TLS listener).
+    /// The `[mqtt]` table that points a hub at this broker (the hubs'
+    /// listener).
     pub fn hub_config(&self) -> String {
         format!(
-            "[mqtt]\nbroker = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nkeep_alive = \"5s\"\n",
-            self.tls_port,
+            "[mqtt]\nbroker = \"mqtts://127.0.0.1:{}\"\nca_file = {:?}\nkeep_alive = \"5s\"\nusername = \"hub.outpost\"\npassword = \"{HUB_BROKER_PASSWORD}\"\n",
+            self.hub_port,
             self.ca_file.display().to_string()
         )
     }
@@ -688,6 +711,18 @@ impl Broker {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The hubs' password at the test broker.
+const HUB_BROKER_PASSWORD: &str = "hub-secret";
+
+/// A program of the Mosquitto package (`mosquitto_passwd`).
+fn mosquitto_tool(name: &str) -> Result<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
+        .into_iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} is not installed: run tests/run.sh, which installs Mosquitto"))
 }
 
 /// The Mosquitto binary (tests/run.sh installs it).

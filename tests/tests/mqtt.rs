@@ -10,7 +10,9 @@ use outpost_hub::api::CommandRequest;
 use outpost_hub::api::{CommandStateView, OutcomeView};
 use outpost_shared::DeviceId;
 use outpost_shared::mqtt::{UpKind, up_topic};
-use outpost_shared::protocol::{Batch, Direction, Envelope, Hello, Message, Record, RecordBody, Signed, StateReport};
+use outpost_shared::protocol::{
+    Batch, Direction, Envelope, Fresh, Hello, Message, Record, RecordBody, Signed, StateReport,
+};
 use outpost_shared::time::Timestamp;
 use outpost_tests::{
     Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, hub_with_broker, wait_all, wait_for,
@@ -135,12 +137,18 @@ fn switching_between_mqtt_and_quic_mid_stream_is_exactly_once_in_order() {
     assert_exactly_once_in_order(&samples, RECORDS);
 }
 
-/// Publishes `payload` to `topic` through the broker's permissive listener,
-/// as any client on a careless broker could.
-fn publish_anonymously(broker: &Broker, topic: &str, payload: Vec<u8>) {
+/// `message` as an agent of protocol 11 sends it over MQTT: numbered `seq`
+/// in `session`, with no ticket, signed for `device` by `sign`.
+fn fresh(device: &DeviceId, session: u64, seq: u64, message: Message, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    let fresh = Message::Fresh(Fresh { session, sender: 0, seq, ticket: Vec::new(), message: Box::new(message) });
+    Envelope::new(Message::Signed(Signed::new(Direction::Up, device.clone(), &fresh, sign))).encode()
+}
+
+/// Connects with `options`, publishes `payload` to `topic` (QoS 1) and
+/// returns once the broker acknowledged it.
+fn publish_with(options: rumqttc::MqttOptions, topic: &str, payload: Vec<u8>) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let options = rumqttc::MqttOptions::new("intruder", "127.0.0.1", broker.plain_port);
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
         client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
         let acked = async {
@@ -152,6 +160,22 @@ fn publish_anonymously(broker: &Broker, topic: &str, payload: Vec<u8>) {
         };
         tokio::time::timeout(Duration::from_secs(10), acked).await.unwrap();
     });
+}
+
+/// Publishes `payload` to `topic` through the broker's permissive listener,
+/// as any client on a careless broker could.
+fn publish_anonymously(broker: &Broker, topic: &str, payload: Vec<u8>) {
+    publish_with(rumqttc::MqttOptions::new("intruder", "127.0.0.1", broker.plain_port), topic, payload);
+}
+
+/// Options for the devices' listener with `identity`'s certificate and key,
+/// asking for client id `client_id` (on `port`: the devices' or the hubs').
+fn device_options(broker: &Broker, port: u16, identity: &Identity, client_id: &str) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    let roots = outpost_shared::mqtt::read_pem_certs(&broker.ca_file).unwrap();
+    let tls = outpost_shared::mqtt::tls_client_config(&roots, vec![identity.cert.clone()], identity.key()).unwrap();
+    options.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
+    options
 }
 
 #[test]
@@ -175,30 +199,37 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     let batch_topic = up_topic(&victim_id, UpKind::Batch);
     let hello_topic = up_topic(&victim_id, UpKind::Hello);
     let hello = Message::Hello(Hello { agent_version: "x".into(), name: "hijacked".into(), started_at: Timestamp(1) });
+    let own_batch = Message::Batch(Batch::new(intruder_id.clone(), std::slice::from_ref(&record), sign));
+    let forged_batch = Message::Batch(Batch::new(victim_id.clone(), std::slice::from_ref(&record), sign));
     let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
         (
             "the intruder's own valid batch on the victim's topic",
             batch_topic.clone(),
-            Envelope::new(Message::Batch(Batch::new(intruder_id.clone(), std::slice::from_ref(&record), sign)))
-                .encode(),
-            "batch of device",
+            fresh(&intruder_id, 1, 1, own_batch.clone(), sign),
+            "on dev-",
         ),
         (
             "a batch claiming the victim as origin, signed by the intruder",
             batch_topic.clone(),
-            Envelope::new(Message::Batch(Batch::new(victim_id.clone(), std::slice::from_ref(&record), sign))).encode(),
-            "batch signature does not verify",
+            fresh(&victim_id, 1, 1, forged_batch.clone(), sign),
+            "signature does not verify",
+        ),
+        (
+            "a batch as agents before protocol 11 sent it (no freshness)",
+            batch_topic.clone(),
+            Envelope::new(own_batch).encode(),
+            "without freshness",
         ),
         (
             "a hello in the victim's name, signed by the intruder",
             hello_topic.clone(),
-            Envelope::new(Message::Signed(Signed::new(Direction::Up, victim_id.clone(), &hello, sign))).encode(),
+            fresh(&victim_id, 1, 1, hello.clone(), sign),
             "signature does not verify",
         ),
         (
             "the intruder's own signed hello on the victim's topic",
             hello_topic.clone(),
-            Envelope::new(Message::Signed(Signed::new(Direction::Up, intruder_id.clone(), &hello, sign))).encode(),
+            fresh(&intruder_id, 1, 1, hello.clone(), sign),
             "on dev-",
         ),
         (
@@ -232,23 +263,8 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     wait_online(&hub, &[&intruder.id], true, Duration::from_secs(15)).unwrap();
     // The intruder device's own traffic is allowed; now play a compromised
     // device publishing into the victim's topic with its own certificate.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let mut options = rumqttc::MqttOptions::new("intruder-2", "127.0.0.1", broker.tls_port);
-        let roots = outpost_shared::mqtt::read_pem_certs(&broker.ca_file).unwrap();
-        let tls = outpost_shared::mqtt::tls_client_config(&roots, vec![identity.cert.clone()], identity.key()).unwrap();
-        options.set_transport(rumqttc::Transport::tls_with_config(tls.into()));
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-        client.publish(topic_of_victim.clone(), rumqttc::QoS::AtLeastOnce, false, vec![1, 2, 3]).await.unwrap();
-        let acked = async {
-            loop {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
-                    return;
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), acked).await.unwrap();
-    });
+    let options = device_options(&broker, broker.tls_port, &identity, "intruder-2");
+    publish_with(options, &topic_of_victim, vec![1, 2, 3]);
     wait_for(Duration::from_secs(5), "the broker to deny the publish", || {
         broker.log_text().lines().any(|l| l.contains("Denied PUBLISH") && l.contains(&topic_of_victim)).then_some(())
     })
@@ -265,8 +281,8 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     .unwrap();
     let victim_identity = Identity::load(&victim.data_dir).unwrap();
     let victim_signer = victim_identity.signer().unwrap();
-    let replayed = Signed::new(Direction::Up, victim_id.clone(), &hello, |input| victim_signer.sign(input));
-    publish_anonymously(&broker, &hello_topic, Envelope::new(Message::Signed(replayed)).encode());
+    let replayed = fresh(&victim_id, 99, 1, hello, |input| victim_signer.sign(input));
+    publish_anonymously(&broker, &hello_topic, replayed);
     wait_for(Duration::from_secs(10), "the hub to take the replayed hello", || {
         let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
         log.lines().any(|l| l.contains("Session opened") && l.contains("mqtt") && l.contains(&victim.id)).then_some(())
@@ -278,4 +294,180 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     let done = hub.wait_command(cmd.id, "the echo over QUIC", |s| matches!(s, CommandStateView::Completed { .. }));
     assert!(matches!(done.state, CommandStateView::Completed { outcome: OutcomeView::Succeeded, .. }), "{done:?}");
     assert!(!victim.log_text().contains("replaced"), "the replay closed the device's QUIC session");
+}
+
+/// Messages recorded: (topic, payload) in order.
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Everything published under `outpost/v1/#`, as an eavesdropper on the
+/// broker's permissive listener records it.
+struct Recorder {
+    seen: Recorded,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Recorder {
+    fn start(broker: &Broker) -> Self {
+        let seen = Recorded::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (port, (subscribed, on_sub)) = (broker.plain_port, std::sync::mpsc::channel());
+        let (into, until) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let options = rumqttc::MqttOptions::new("eavesdropper", "127.0.0.1", port);
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+                client.subscribe("outpost/v1/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+                while !until.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await else {
+                        continue;
+                    };
+                    match event {
+                        rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                            let _ = subscribed.send(());
+                        }
+                        rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                            into.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        });
+        on_sub.recv_timeout(Duration::from_secs(10)).unwrap();
+        Recorder { seen, stop }
+    }
+
+    /// The recorded messages on topics ending in `suffix` whose message
+    /// (inside `Signed` and `Fresh`) is a `kind`.
+    fn find(&self, suffix: &str, kind: &str) -> Vec<(String, Vec<u8>)> {
+        let inner = |payload: &[u8]| -> Option<String> {
+            let Message::Signed(signed) = Envelope::decode(payload).ok()?.message else { return None };
+            match signed.message().ok()? {
+                Message::Fresh(fresh) => Some(fresh.message.kind().to_owned()),
+                other => Some(other.kind().to_owned()),
+            }
+        };
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|(t, p)| t.ends_with(suffix) && inner(p).as_deref() == Some(kind)).cloned().collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn replayed_welcome_deliver_heartbeat_and_batch_are_refused_and_change_nothing() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
+    let recorder = Recorder::start(&broker);
+    let mut agent = mqtt_agent(&scratch, &hub, &broker, "replayed", "");
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(15)).unwrap();
+    let request = CommandRequest { kind: "echo".into(), args: vec!["once".into()], expires_in: None };
+    let cmd = hub.client().send_command(&agent.id, &request).unwrap();
+    hub.wait_command(cmd.id, "the echo", |s| matches!(s, CommandStateView::Completed { .. }));
+    let old_welcome = recorder.find("/down", "Welcome").remove(0);
+    let old_deliver = recorder.find("/down", "Deliver").into_iter().last().unwrap();
+
+    // A new session; the old one's Welcome and Deliver, replayed at the
+    // device, are refused: its session goes on, the echo does not run again.
+    agent.proc.as_mut().unwrap().kill();
+    agent.start().unwrap();
+    wait_for(Duration::from_secs(15), "the second session", || {
+        (agent.log_text().matches("Connected to the hub").count() == 2).then_some(())
+    })
+    .unwrap();
+    for _ in 0..5 {
+        publish_anonymously(&broker, &old_welcome.0, old_welcome.1.clone());
+        publish_anonymously(&broker, &old_deliver.0, old_deliver.1.clone());
+    }
+    wait_for(Duration::from_secs(10), "the agent to refuse ten replays", || {
+        let log = agent.log_text();
+        let refused = log.lines().filter(|l| l.contains("Ignored a down message") && l.contains("a replay")).count();
+        (refused >= 10).then_some(())
+    })
+    .unwrap();
+    assert_eq!(agent.log_text().matches("Connected to the hub").count(), 2, "a replayed Welcome restarted the session");
+    let events = hub.client().events(&agent.id, 1000).unwrap();
+    let results: Vec<_> = events
+        .into_iter()
+        .filter(|e| matches!(e.event, outpost_hub::api::EventKindView::CommandResult { .. }))
+        .collect();
+    assert_eq!(results.len(), 1, "the echo ran again: {results:?}");
+
+    // The device dies; its heartbeats and a batch, replayed at the hub, are
+    // refused and it stays offline with nothing new stored.
+    let beats = recorder.find("/heartbeat", "Heartbeat");
+    let batch = recorder.find("/batch", "Batch").into_iter().last().unwrap();
+    assert!(beats.len() >= 2, "{} heartbeats recorded", beats.len());
+    agent.proc.as_mut().unwrap().kill();
+    wait_online(&hub, &[&agent.id], false, Duration::from_secs(20)).unwrap();
+    let before = hub.device(&agent.id).unwrap();
+    let hub_log = scratch.path().join("hub.log");
+    let stale_before = std::fs::read_to_string(&hub_log).unwrap().matches("stale message").count();
+    let replays: Vec<_> = beats.iter().rev().take(5).chain(std::iter::once(&batch)).collect();
+    for (topic, payload) in &replays {
+        publish_anonymously(&broker, topic, payload.clone());
+    }
+    wait_for(Duration::from_secs(10), "the hub to refuse every replay", || {
+        let stale = std::fs::read_to_string(&hub_log).unwrap().matches("stale message").count();
+        (stale >= stale_before + replays.len()).then_some(())
+    })
+    .unwrap();
+    // Refused messages are dropped where they are refused: nothing after
+    // the refusal can change the device.
+    let now = hub.device(&agent.id).unwrap();
+    assert!(!now.online, "a replayed heartbeat brought a dead device online");
+    assert_eq!((now.last_seq, now.last_seen), (before.last_seq, before.last_seen));
+}
+
+#[test]
+fn a_stolen_certificate_cannot_take_another_devices_client_id_at_the_broker() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
+    let mut victim = mqtt_agent(&scratch, &hub, &broker, "victim", "");
+    let thief = mqtt_agent(&scratch, &hub, &broker, "stolen", "");
+    victim.start().unwrap();
+    wait_online(&hub, &[&victim.id], true, Duration::from_secs(15)).unwrap();
+    // The stolen device's certificate asks for the victim's client id, again
+    // and again: with the shipped broker config (configs/mosquitto.conf)
+    // the broker names the connection after the certificate instead.
+    let stolen = Identity::load(&thief.data_dir).unwrap();
+    let own_topic = up_topic(&stolen.device_id, UpKind::Heartbeat);
+    for _ in 0..5 {
+        publish_with(device_options(&broker, broker.tls_port, &stolen, &victim.id), &own_topic, vec![0]);
+    }
+    wait_for(Duration::from_secs(10), "the broker to name the thief by its certificate", || {
+        let log = broker.log_text();
+        (log.matches(&format!("as {} ", thief.id)).count() >= 5).then_some(())
+    })
+    .unwrap();
+    let log = broker.log_text();
+    assert!(
+        !log.contains(&format!("Client {} already connected", victim.id)),
+        "the broker closed the victim's connection:\n{log}"
+    );
+    assert_eq!(victim.log_text().matches("Connected to the hub").count(), 1, "the victim had to reconnect");
+    assert!(hub.device(&victim.id).unwrap().online);
+    // A device certificate cannot sign in where the hubs do (no password).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let refused = runtime.block_on(async {
+        let options = device_options(&broker, broker.hub_port, &stolen, &victim.id);
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await.unwrap() {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => return format!("{:?}", ack.code),
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+    });
+    assert!(!refused.contains("Success"), "a device signed in on the hubs' listener: {refused}");
+    assert_eq!(victim.log_text().matches("Connected to the hub").count(), 1, "the victim had to reconnect");
 }

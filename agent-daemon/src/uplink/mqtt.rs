@@ -3,10 +3,15 @@
 //! [`outpost_shared::mqtt`]; the session on top is the same as over QUIC.
 //!
 //! The broker proves nothing about who publishes, so every message carries
-//! a signature: batches their own, the other up messages a `Signed` wrapper
-//! made with the device key, and down messages are accepted only if signed
-//! with the fleet CA's key for this device. A down message that fails the
-//! check is logged and ignored.
+//! a signature: up messages a `Signed` wrapper made with the device key
+//! (batches keep their own inside it), and down messages are accepted only
+//! if signed with the fleet CA's key for this device. The broker can also
+//! replay what it carried, so every message is a `Fresh` (protocol 11):
+//! this connection draws a random session number, numbers what it sends
+//! and sends the newest ticket the hub gave it; a down message must name
+//! this session with a number its hub process has not used
+//! ([`DownWindow`]). A down message that fails a check is logged and
+//! ignored.
 //!
 //! One batch is in flight at a time: a broker may hand a device's messages
 //! to different hubs (shared subscription), and sending the next batch only
@@ -18,8 +23,8 @@ use super::{LinkError, LinkParams};
 use crate::config::MqttConfig;
 use outpost_shared::DeviceId;
 use outpost_shared::identity::{Signer, public_key_of};
-use outpost_shared::mqtt::{UpKind, down_topic, up_topic};
-use outpost_shared::protocol::{Direction, Envelope, Message, Signed};
+use outpost_shared::mqtt::{DownWindow, UpKind, down_topic, up_topic};
+use outpost_shared::protocol::{Direction, Envelope, Fresh, Message, Signed};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -98,7 +103,17 @@ impl Session {
             .map_err(|_| LinkError::Timeout(cfg.connect_timeout))??;
         tracing::debug!(broker = %self.config.broker, "Subscribed at the MQTT broker.");
         let signer = p.identity.signer().map_err(|e| LinkError::Protocol(format!("cannot sign: {e}")))?;
-        let mut channel = MqttChannel { id: id.clone(), client, rx, signer, ca_key, max_frame: cfg.max_frame };
+        let mut channel = MqttChannel {
+            id: id.clone(),
+            client,
+            rx,
+            signer,
+            ca_key,
+            max_frame: cfg.max_frame,
+            window: DownWindow::new(rand::random()),
+            sent: 0,
+            ticket: Vec::new(),
+        };
         session::serve(p, &mut channel, WINDOW, &mut self.connected).await
     }
 
@@ -156,11 +171,17 @@ struct MqttChannel {
     signer: Signer,
     ca_key: Vec<u8>,
     max_frame: usize,
+    /// This connection's session and what it took of each hub process.
+    window: DownWindow,
+    /// Messages sent in the session.
+    sent: u64,
+    /// The newest ticket a hub gave this session (empty until the Welcome).
+    ticket: Vec<u8>,
 }
 
 impl MqttChannel {
     /// The message inside a down payload, if the hub signed it for us.
-    fn open(&self, payload: &[u8]) -> Result<Message, String> {
+    fn open(&mut self, payload: &[u8]) -> Result<Message, String> {
         if payload.len() > self.max_frame {
             return Err(format!("{} bytes exceed the frame limit", payload.len()));
         }
@@ -174,7 +195,22 @@ impl MqttChannel {
         if !signed.verify(Direction::Down, &self.ca_key) {
             return Err("signature does not verify with the fleet CA's key".into());
         }
-        signed.message().map_err(|e| e.to_string())
+        let fresh = match signed.message().map_err(|e| e.to_string())? {
+            Message::Fresh(fresh) => fresh,
+            other => {
+                return Err(format!(
+                    "a {} without freshness (a hub before protocol 11, or a replay); upgrade the hub",
+                    other.kind()
+                ));
+            }
+        };
+        self.window
+            .admit(fresh.session, fresh.sender, fresh.seq)
+            .map_err(|e| format!("stale {}: {e}", fresh.message.kind()))?;
+        if !fresh.ticket.is_empty() {
+            self.ticket = fresh.ticket;
+        }
+        Ok(*fresh.message)
     }
 }
 
@@ -182,16 +218,16 @@ impl Channel for MqttChannel {
     async fn send(&mut self, message: Message) -> Result<(), LinkError> {
         let kind = UpKind::of(&message)
             .ok_or_else(|| LinkError::Protocol(format!("a {} cannot be sent over MQTT", message.kind())))?;
-        let payload = match message {
-            // Batches carry their origin's signature already.
-            Message::Batch(batch) => Envelope::new(Message::Batch(batch)),
-            Message::Relay(batch) => Envelope::new(Message::Relay(batch)),
-            other => {
-                let signed = Signed::new(Direction::Up, self.id.clone(), &other, |input| self.signer.sign(input));
-                Envelope::new(Message::Signed(signed))
-            }
-        }
-        .encode();
+        self.sent += 1;
+        let fresh = Message::Fresh(Fresh {
+            session: self.window.session(),
+            sender: 0,
+            seq: self.sent,
+            ticket: self.ticket.clone(),
+            message: Box::new(message),
+        });
+        let signed = Signed::new(Direction::Up, self.id.clone(), &fresh, |input| self.signer.sign(input));
+        let payload = Envelope::new(Message::Signed(signed)).encode();
         self.client
             .publish(up_topic(&self.id, kind), QoS::AtLeastOnce, false, payload)
             .await
