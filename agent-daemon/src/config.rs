@@ -110,6 +110,14 @@ pub struct PeersConfig {
     pub relay: bool,
     /// Start relaying after the uplink has been down this long. Default 5s.
     pub relay_after: Duration,
+    /// Most peers in the table (and in the report to the hub); a new
+    /// announcement beyond it replaces the entry least worth keeping, never
+    /// a trusted peer. Entries not trusted are forgotten after
+    /// `10 × gone_after` unseen. Default 64.
+    pub max_peers: usize,
+    /// Most peer dials under way at once (each a QUIC handshake that may
+    /// wait `gone_after`). Default 4.
+    pub max_dials: usize,
 }
 
 /// How the agent reaches the hub.
@@ -281,11 +289,15 @@ impl ConfigFile for AgentConfig {
                 gone_after: peers.get_or("gone_after", Duration::from_secs(10)),
                 relay: peers.get_or("relay", true),
                 relay_after: peers.get_or("relay_after", Duration::from_secs(5)),
+                max_peers: peers.get_or("max_peers", 64usize),
+                max_dials: peers.get_or("max_dials", 4usize),
             },
         };
         let pc = &config.peers;
         peers.check("probe_interval", pc.probe_interval >= Duration::from_millis(100), "must be at least 100ms");
         peers.check("gone_after", pc.gone_after > pc.probe_interval, "must be longer than probe_interval");
+        peers.check("max_peers", (1..=4096).contains(&pc.max_peers), "must be between 1 and 4096");
+        peers.check("max_dials", (1..=64).contains(&pc.max_dials), "must be between 1 and 64");
         let u = &config.uplink;
         for (key, value) in [
             ("connect_timeout", u.connect_timeout),

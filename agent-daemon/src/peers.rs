@@ -21,6 +21,15 @@
 //!   de-duplicates it by sequence number, so records sent both ways are
 //!   stored once. One batch in flight, starting after what the hub
 //!   acknowledged, keeps the hub's view in order whichever path wins.
+//! - Bounds: anyone on the LAN can announce the fleet's TXT values (every
+//!   agent broadcasts them), so what announcements cost is bounded: the
+//!   table holds `max_peers` entries (a newcomer replaces the entry least
+//!   worth keeping, never a trusted peer: `peers::evictee`), entries not
+//!   trusted are forgotten after `10 × gone_after` unseen, `max_dials`
+//!   proofs run at once, lines about peers not trusted are logged 10 a
+//!   minute (`peers::LogBudget`), and the report to the hub is the bounded
+//!   table, sent at once when the trusted peers change and otherwise at most
+//!   once a minute.
 
 use crate::config::PeersConfig;
 use crate::identity::Live;
@@ -30,7 +39,8 @@ use crate::uplink::{LinkState, RelayRequest};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::peers::{
-    PeerEntry, PeerState, PeersReport, SERVICE_TYPE, TXT_FLEET, TXT_PORT, TXT_UPLINK, TXT_VERSION, fleet_id,
+    LogBudget, PeerEntry, PeerState, PeersReport, SERVICE_TYPE, TXT_FLEET, TXT_PORT, TXT_UPLINK, TXT_VERSION, evictee,
+    fleet_id, forgotten,
 };
 use outpost_shared::protocol::{Ack, Message, PROTOCOL_VERSION, RecordBody, Refusal, RefusalReason};
 use outpost_shared::time::Timestamp;
@@ -63,13 +73,34 @@ struct Peer {
     retry_at: Option<Instant>,
 }
 
+/// Lines a minute about LAN peers that are not trusted.
+const DISTRUST_LINES: u32 = 10;
+
 /// The peer table, shared with the control socket.
-#[derive(Debug, Clone, Default)]
-pub struct PeerTable(Arc<Mutex<BTreeMap<String, Peer>>>);
+#[derive(Debug, Clone)]
+pub struct PeerTable(Arc<Mutex<BTreeMap<String, Peer>>>, Arc<Mutex<LogBudget>>);
+
+impl Default for PeerTable {
+    fn default() -> Self {
+        PeerTable(Arc::default(), Arc::new(Mutex::new(LogBudget::new(DISTRUST_LINES))))
+    }
+}
 
 impl PeerTable {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Peer>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `log` (a line about a peer not trusted) if the minute's budget
+    /// allows; logs the count of the lines a past minute left out.
+    fn distrust(&self, log: impl FnOnce()) {
+        let (allowed, left_out) = self.1.lock().unwrap_or_else(|p| p.into_inner()).take(std::time::Instant::now());
+        if let Some(n) = left_out {
+            tracing::warn!(lines = n, "LAN peers not trusted: lines left out in the last minute.");
+        }
+        if allowed {
+            log();
+        }
     }
 
     /// Every peer seen since start, by id.
@@ -123,6 +154,55 @@ struct Dialled {
     result: Result<quinn::Connection, String>,
 }
 
+/// An mDNS daemon on the configured interfaces.
+fn mdns_daemon(cfg: &PeersConfig) -> Result<ServiceDaemon, String> {
+    let daemon = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
+    let set_up = if cfg.interfaces.is_empty() {
+        let _ = daemon.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]);
+        Ok(())
+    } else {
+        let _ = daemon.disable_interface(IfKind::All);
+        let names: Vec<IfKind> = cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
+        daemon.enable_interface(names).map_err(|e| format!("mDNS interfaces: {e}"))
+    };
+    match set_up {
+        Ok(()) => Ok(daemon),
+        Err(e) => {
+            let _ = daemon.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// The daemon that browses for peers: one of its own, apart from the one
+/// that advertises this device, so that it can be started afresh without
+/// the goodbye a daemon sends for what it advertised. mdns-sd ends a
+/// browse whose queue (1000 events) fills, as a flood of announcements
+/// does; the browser is then started again.
+struct Browser {
+    daemon: ServiceDaemon,
+    events: mdns_sd::Receiver<ServiceEvent>,
+}
+
+impl Browser {
+    fn start(cfg: &PeersConfig) -> Result<Self, String> {
+        let daemon = mdns_daemon(cfg)?;
+        match daemon.browse(SERVICE_TYPE) {
+            Ok(events) => Ok(Browser { daemon, events }),
+            Err(e) => {
+                let _ = daemon.shutdown();
+                Err(format!("mDNS browse: {e}"))
+            }
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
+}
+
 async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String> {
     let cfg = &p.config;
     let endpoint = endpoint(p)?;
@@ -131,89 +211,115 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
     let ca = Fingerprint::of_der(&identity.ca);
     let fleet = fleet_id(&ca);
     let me = identity.device_id.to_string();
-    let mdns = ServiceDaemon::new().map_err(|e| format!("mDNS: {e}"))?;
-    let result = async {
-        if cfg.interfaces.is_empty() {
-            let _ = mdns.disable_interface(vec![IfKind::LoopbackV4, IfKind::LoopbackV6]);
-        } else {
-            let _ = mdns.disable_interface(IfKind::All);
-            let names: Vec<IfKind> = cfg.interfaces.iter().map(|n| IfKind::Name(n.clone())).collect();
-            mdns.enable_interface(names).map_err(|e| format!("mDNS interfaces: {e}"))?;
+    let mut uplink = *p.link.borrow() == LinkState::Connected;
+    let advertiser = mdns_daemon(cfg)?;
+    let fullname = match advertise(&advertiser, &me, &fleet, port, uplink) {
+        Ok(name) => name,
+        Err(e) => {
+            let _ = advertiser.shutdown();
+            return Err(e);
         }
-        let mut uplink = *p.link.borrow() == LinkState::Connected;
-        let fullname = advertise(&mdns, &me, &fleet, port, uplink)?;
-        let events = mdns.browse(SERVICE_TYPE).map_err(|e| format!("mDNS browse: {e}"))?;
-        tracing::info!(port, %fleet, "LAN peers: advertising and browsing.");
-        let (dialled_tx, mut dialled_rx) = mpsc::channel::<Dialled>(16);
-        let mut link = p.link.clone();
-        let mut tick = tokio::time::interval(cfg.probe_interval.min(Duration::from_secs(1)));
-        let mut down_since = (!uplink).then(Instant::now);
-        let mut relay: Option<(String, CancellationToken)> = None;
-        let mut reported: Vec<(String, &'static str, bool)> = Vec::new();
-        let mut servers = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                event = events.recv_async() => match event {
-                    Ok(event) => on_event(p, &me, &fleet, event),
-                    Err(e) => return Err(format!("mDNS browse ended: {e}")),
-                },
-                incoming = endpoint.accept() => {
-                    let Some(incoming) = incoming else { return Err("peer endpoint closed".into()) };
-                    servers.spawn(relay_server(incoming, p.clone()));
+    };
+    let mut browser = match Browser::start(cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = advertiser.shutdown();
+            return Err(e);
+        }
+    };
+    tracing::info!(port, %fleet, "LAN peers: advertising and browsing.");
+    let (dialled_tx, mut dialled_rx) = mpsc::channel::<Dialled>(16);
+    let mut link = p.link.clone();
+    let mut tick = tokio::time::interval(cfg.probe_interval.min(Duration::from_secs(1)));
+    let mut down_since = (!uplink).then(Instant::now);
+    let mut relay: Option<(String, CancellationToken)> = None;
+    let mut reported = Reported::default();
+    let mut servers = tokio::task::JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            () = cancel.cancelled() => break Ok(()),
+            event = browser.events.recv_async() => {
+                // What is queued is taken in one go: mdns-sd ends a browse
+                // whose queue (1000 events) fills.
+                let events = event.into_iter().chain(std::iter::from_fn(|| browser.events.try_recv().ok())).take(1000);
+                for e in events {
+                    on_event(p, &me, &fleet, e);
                 }
-                Some(_) = servers.join_next(), if !servers.is_empty() => {}
-                Some(done) = dialled_rx.recv() => on_dialled(p, done),
-                changed = link.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    let now_up = *link.borrow() == LinkState::Connected;
-                    if now_up != uplink {
-                        uplink = now_up;
-                        down_since = (!uplink).then(Instant::now);
-                        advertise(&mdns, &me, &fleet, port, uplink)?;
-                        if uplink && let Some((peer, stop)) = relay.take() {
-                            tracing::info!(%peer, "Uplink back: relay through the peer stops.");
-                            stop.cancel();
-                        }
-                    }
-                }
-                _ = tick.tick() => {
-                    housekeeping(p, &mdns, &endpoint, &dialled_tx);
-                    if relay.as_ref().is_some_and(|(_, stop)| stop.is_cancelled()) {
-                        relay = None;
-                    }
-                    // A store that has not met the hub since it was made
-                    // does not know where its numbers must start (see
-                    // `store::resume_plan`): it waits for a direct session.
-                    if cfg.relay
-                        && relay.is_none()
-                        && !p.store.stats().fresh
-                        && down_since.is_some_and(|t| t.elapsed() >= cfg.relay_after)
-                        && let Some((peer, connection)) = relay_peer(&p.table)
-                    {
-                        tracing::info!(%peer, "Uplink down: relaying the outbox through a LAN peer.");
-                        let stop = cancel.child_token();
-                        tokio::spawn(relay_client(p.clone(), peer.clone(), connection, stop.clone()));
-                        relay = Some((peer, stop));
-                    }
-                    report(p, &mut reported).await;
+                if browser.events.is_disconnected() {
+                    tracing::warn!("LAN peers: the mDNS browse ended (its queue filled: a flood?); browsing again.");
+                    browser = match Browser::start(cfg) {
+                        Ok(b) => b,
+                        Err(e) => break Err(e),
+                    };
                 }
             }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break Err("peer endpoint closed".into()) };
+                servers.spawn(relay_server(incoming, p.clone()));
+            }
+            Some(_) = servers.join_next(), if !servers.is_empty() => {}
+            Some(done) = dialled_rx.recv() => on_dialled(p, done),
+            changed = link.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let now_up = *link.borrow() == LinkState::Connected;
+                if now_up != uplink {
+                    uplink = now_up;
+                    down_since = (!uplink).then(Instant::now);
+                    if let Err(e) = advertise(&advertiser, &me, &fleet, port, uplink) {
+                        break Err(e);
+                    }
+                    if uplink && let Some((peer, stop)) = relay.take() {
+                        tracing::info!(%peer, "Uplink back: relay through the peer stops.");
+                        stop.cancel();
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                housekeeping(p, &browser.daemon, &endpoint, &dialled_tx);
+                if relay.as_ref().is_some_and(|(_, stop)| stop.is_cancelled()) {
+                    relay = None;
+                }
+                // A store that has not met the hub since it was made
+                // does not know where its numbers must start (see
+                // `store::resume_plan`): it waits for a direct session.
+                if cfg.relay
+                    && relay.is_none()
+                    && !p.store.stats().fresh
+                    && down_since.is_some_and(|t| t.elapsed() >= cfg.relay_after)
+                    && let Some((peer, connection)) = relay_peer(&p.table)
+                {
+                    tracing::info!(%peer, "Uplink down: relaying the outbox through a LAN peer.");
+                    let stop = cancel.child_token();
+                    tokio::spawn(relay_client(p.clone(), peer.clone(), connection, stop.clone()));
+                    relay = Some((peer, stop));
+                }
+                report(p, &mut reported).await;
+            }
         }
-        if let Some((_, stop)) = relay.take() {
-            stop.cancel();
-        }
-        if let Ok(done) = mdns.unregister(&fullname) {
-            // The goodbye packets go out before the daemon stops.
-            let _ = tokio::time::timeout(Duration::from_secs(1), done.recv_async()).await;
-        }
-        endpoint.close(0u32.into(), b"agent stopping");
-        Ok(())
+    };
+    if let Some((_, stop)) = relay.take() {
+        stop.cancel();
     }
-    .await;
-    let _ = mdns.shutdown();
+    drop(browser);
+    // Links in the table hold the endpoint's socket: close them, so that a
+    // restart can bind the port again.
+    for peer in p.table.lock().values_mut() {
+        if let Some(c) = peer.connection.take() {
+            c.close(0u32.into(), b"agent stopping");
+            peer.entry.state = PeerState::Gone;
+        }
+    }
+    if result.is_ok()
+        && let Ok(done) = advertiser.unregister(&fullname)
+    {
+        // The goodbye packets go out before the daemon stops.
+        let _ = tokio::time::timeout(Duration::from_secs(1), done.recv_async()).await;
+    }
+    let _ = advertiser.shutdown();
+    endpoint.close(0u32.into(), b"agent stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result
 }
 
@@ -236,6 +342,7 @@ fn advertise(mdns: &ServiceDaemon, me: &str, fleet: &str, port: u16, uplink: boo
     Ok(fullname)
 }
 
+/// Takes one mDNS event into the table.
 fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
     let now = Timestamp::now();
     match event {
@@ -252,6 +359,19 @@ fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
             let ips: Vec<IpAddr> = service.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
             let targets: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
             let mut table = p.table.lock();
+            if !table.contains_key(&id) && table.len() >= p.config.max_peers {
+                // Full: the newcomer takes the place of the entry least
+                // worth keeping, or waits if every peer is trusted.
+                let Some(out) = evictee(table.values().map(|peer| &peer.entry)).map(str::to_owned) else {
+                    drop(table);
+                    let id = escape(&id);
+                    p.table.distrust(
+                        || tracing::info!(peer = %id, "LAN peer table full of trusted peers; announcement ignored."),
+                    );
+                    return;
+                };
+                table.remove(&out);
+            }
             let peer = table.entry(id.clone()).or_insert_with(|| Peer {
                 entry: PeerEntry {
                     id: id.clone(),
@@ -273,11 +393,16 @@ fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
             peer.entry.uplink = txt(TXT_UPLINK).as_deref() == Some("up");
             peer.targets = targets;
             if their_fleet != fleet || id.parse::<DeviceId>().is_err() {
-                if peer.entry.state != PeerState::Foreign {
-                    tracing::info!(peer = %id, fleet = %their_fleet, "LAN peer of another fleet (ignored).");
-                }
+                let new = peer.entry.state != PeerState::Foreign;
                 peer.entry.state = PeerState::Foreign;
                 peer.connection = None;
+                drop(table);
+                if new {
+                    let fleet = escape(&their_fleet);
+                    p.table.distrust(
+                        || tracing::info!(peer = %escape(&id), %fleet, "LAN peer of another fleet (ignored)."),
+                    );
+                }
                 return;
             }
             if matches!(peer.entry.state, PeerState::Gone | PeerState::Foreign) {
@@ -288,12 +413,22 @@ fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
         ServiceEvent::ServiceRemoved(_, fullname) => {
             let mut table = p.table.lock();
             if let Some(peer) = table.values_mut().find(|peer| peer.fullname == fullname) {
-                if peer.entry.state != PeerState::Gone {
-                    tracing::info!(peer = %peer.entry.id, "LAN peer left.");
+                // A goodbye proves nothing (anyone can send one): a live
+                // link stays until it goes silent.
+                if peer.connection.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+                    tracing::debug!(peer = %escape(&peer.entry.id), "LAN peer withdrew its announcement; its link is alive.");
+                    return;
                 }
-                peer.entry.state = PeerState::Gone;
+                let was = std::mem::replace(&mut peer.entry.state, PeerState::Gone);
                 if let Some(c) = peer.connection.take() {
                     c.close(0u32.into(), b"peer left");
+                }
+                let id = escape(&peer.entry.id);
+                drop(table);
+                match was {
+                    PeerState::Gone => {}
+                    PeerState::Trusted => tracing::info!(peer = %id, "LAN peer left."),
+                    _ => p.table.distrust(|| tracing::info!(peer = %id, "LAN peer left.")),
                 }
             }
         }
@@ -301,10 +436,15 @@ fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEvent) {
     }
 }
 
-/// Dials peers that need proving, notices silent links.
+/// Dials peers that need proving (at most `max_dials` at once), notices
+/// silent links, forgets what is not trusted and was not seen for
+/// `10 × gone_after`.
 fn housekeeping(p: &PeerParams, mdns: &ServiceDaemon, endpoint: &quinn::Endpoint, dialled: &mpsc::Sender<Dialled>) {
     let now = Instant::now();
     let mut table = p.table.lock();
+    let (wall, forget_after) = (Timestamp::now(), p.config.gone_after * 10);
+    table.retain(|_, peer| peer.dialling || !forgotten(&peer.entry, wall, forget_after));
+    let mut dials = table.values().filter(|peer| peer.dialling).count();
     for peer in table.values_mut() {
         if let Some(connection) = &peer.connection {
             if let Some(reason) = connection.close_reason() {
@@ -324,6 +464,10 @@ fn housekeeping(p: &PeerParams, mdns: &ServiceDaemon, endpoint: &quinn::Endpoint
         if !wants_dial || peer.dialling || peer.retry_at.is_some_and(|t| now < t) || peer.targets.is_empty() {
             continue;
         }
+        if dials >= p.config.max_dials {
+            continue;
+        }
+        dials += 1;
         peer.dialling = true;
         let (id, targets, tx, endpoint) =
             (peer.entry.id.clone(), peer.targets.clone(), dialled.clone(), endpoint.clone());
@@ -395,16 +539,24 @@ fn on_dialled(p: &PeerParams, done: Dialled) {
         }
         Ok(connection) => connection.close(0u32.into(), b"not wanted"),
         Err(reason) => {
-            if !matches!(&peer.entry.state, PeerState::Untrusted { reason: old } if *old == reason) {
-                tracing::warn!(peer = %done.id, %reason, "LAN peer not trusted.");
-            }
-            peer.entry.state = PeerState::Untrusted { reason };
+            let new = !matches!(&peer.entry.state, PeerState::Untrusted { reason: old } if *old == reason);
+            peer.entry.state = PeerState::Untrusted { reason: reason.clone() };
             peer.retry_at = Some(Instant::from_std(outpost_shared::time::instant_after(
                 std::time::Instant::now(),
                 p.config.gone_after,
             )));
+            drop(table);
+            if new {
+                p.table.distrust(|| tracing::warn!(peer = %escape(&done.id), %reason, "LAN peer not trusted."));
+            }
         }
     }
+}
+
+/// An announced name as it may be logged: control characters escaped (a
+/// LAN stranger chooses it).
+fn escape(text: &str) -> String {
+    text.escape_debug().to_string()
 }
 
 /// A trusted peer that advertises an uplink, and its link.
@@ -414,19 +566,37 @@ fn relay_peer(table: &PeerTable) -> Option<(String, quinn::Connection)> {
     Some((peer.entry.id.clone(), peer.connection.clone()?))
 }
 
-/// Sends a `PeersReport` through the outbox when who is there, their trust
-/// or their uplink changed.
-async fn report(p: &PeerParams, last: &mut Vec<(String, &'static str, bool)>) {
+/// What the last report said, and when it was sent.
+#[derive(Debug, Default)]
+struct Reported {
+    peers: Vec<(String, &'static str, bool)>,
+    at: Option<Instant>,
+}
+
+/// The trusted peers and their uplinks among `peers`.
+fn trusted<'a>(peers: &'a [(String, &'static str, bool)]) -> Vec<&'a (String, &'static str, bool)> {
+    peers.iter().filter(|(_, state, _)| *state == PeerState::Trusted.as_str()).collect()
+}
+
+/// Sends a `PeersReport` (the bounded table) through the outbox when who is
+/// there, their trust or their uplink changed: at once if the trusted peers
+/// changed, otherwise at most once a minute, so churn on the LAN costs the
+/// outbox little.
+async fn report(p: &PeerParams, last: &mut Reported) {
     let peers = p.table.snapshot();
     let now: Vec<(String, &'static str, bool)> =
         peers.iter().map(|e| (e.id.clone(), e.state.as_str(), e.uplink)).collect();
-    if now == *last {
+    if now == last.peers {
+        return;
+    }
+    let urgent = trusted(&now) != trusted(&last.peers);
+    if !urgent && last.at.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
         return;
     }
     let changes =
         crate::store::Changes { records: vec![RecordBody::PeersReport(PeersReport { peers })], ..Default::default() };
     match p.store.commit(changes).await {
-        Ok(_) => *last = now,
+        Ok(_) => *last = Reported { peers: now, at: Some(Instant::now()) },
         Err(e) => tracing::warn!(error = %e, "Peer table could not be reported."),
     }
 }

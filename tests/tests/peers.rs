@@ -230,3 +230,153 @@ fn a_fake_peer_with_a_foreign_certificate_is_not_trusted_and_a_foreign_fleet_is_
     assert_eq!(hub.device(&agent.id).unwrap().last_seq, 0, "records left the honest agent");
     assert!(agent.log_text().contains("LAN peer not trusted"), "the refusal is not logged");
 }
+
+/// Announcements of made-up devices claiming this fleet (its TXT values are
+/// public: every agent broadcasts them), all from one host on the LAN's
+/// bridge, as a hostile neighbour with a script would make them; their
+/// port answers nothing.
+struct Flood {
+    mdns: mdns_sd::ServiceDaemon,
+    fleet: String,
+    ip: String,
+    made: usize,
+}
+
+impl Flood {
+    fn new(lan: &Lan, hub: &Hub) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        let ca = rustls_pki_types::CertificateDer::from_pem_file(hub.data_dir.join("ca.crt")).unwrap();
+        let fleet = outpost_shared::peers::fleet_id(&outpost_shared::Fingerprint::of_der(&ca));
+        let mdns = mdns_sd::ServiceDaemon::new().unwrap();
+        mdns.disable_interface(mdns_sd::IfKind::All).unwrap();
+        mdns.enable_interface(mdns_sd::IfKind::Addr(lan.root_ip().parse().unwrap())).unwrap();
+        Flood { mdns, fleet, ip: lan.root_ip(), made: 0 }
+    }
+
+    /// `n` more announcements; returns when all are registered.
+    fn announce(&mut self, n: usize) {
+        let version = outpost_shared::protocol::PROTOCOL_VERSION.to_string();
+        let txt = [("v", version.as_str()), ("fleet", self.fleet.as_str()), ("port", "9"), ("uplink", "up")];
+        for _ in 0..n {
+            self.made += 1;
+            let id = format!("dev-{:016x}", 0xf1_0000_0000_u64 + self.made as u64);
+            let info = mdns_sd::ServiceInfo::new(
+                outpost_shared::peers::SERVICE_TYPE,
+                &id,
+                &format!("{id}.local."),
+                self.ip.as_str(),
+                9,
+                &txt[..],
+            )
+            .unwrap();
+            // The daemon's queue is bounded: when it is full, give it a
+            // moment to send what it holds.
+            while let Err(mdns_sd::Error::Again) = self.mdns.register(info.clone()) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// A child process killed and reaped when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Resident and peak memory of process `pid`, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[test]
+fn a_flood_of_fake_announcements_costs_bounded_memory_and_trusted_peers_keep_relaying() {
+    let lan = Lan::new(3).unwrap();
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start_on(scratch.path(), Timings::default(), &format!("{}:0", lan.hub_ip())).unwrap();
+    let mut agents: Vec<Agent> = (0..3).map(|i| agent_in(&scratch, &hub, &lan, i, &format!("flooded-{i}"))).collect();
+    let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
+    lan.cut(0).unwrap();
+    for agent in &mut agents {
+        agent.start().unwrap();
+    }
+    wait_states(&agents[0], &[&ids[1], &ids[2]], Duration::from_secs(20), "trusted", |s| *s == PeerState::Trusted);
+    let before = wait_progress(&hub, &ids[0], 3, Duration::from_secs(30));
+    let pid = agents[0].proc.as_ref().unwrap().pid();
+    let (rss_before, _) = memory_kib(pid);
+    // Beside the agent, a bare mdns-sd browser: what the library itself
+    // keeps of the same announcements.
+    let bare = Reaped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", lan.ns(0)])
+            .arg(outpost_tests::bin("outpost-mdns-browse"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let bare_before = wait_for(Duration::from_secs(10), "the bare browser to run", || {
+        Some(memory_kib(bare.0.id()).0).filter(|kib| *kib > 0)
+    })
+    .unwrap();
+
+    let mut flood = Flood::new(&lan, &hub);
+    let mut last_seq = before;
+    for wave in [1_000, 9_000] {
+        let started = Instant::now();
+        flood.announce(wave);
+        // The table fills to its bound with fakes the agent tries to prove.
+        wait_for(Duration::from_secs(30), "the table to fill with fakes", || {
+            let peers = agents[0].peers().ok()?;
+            let fakes = peers.iter().filter(|p| p.id.starts_with("dev-000000f1")).count();
+            (fakes > 0 && peers.len() == 64).then_some(())
+        })
+        .unwrap();
+        // Relay through the trusted peers goes on meanwhile.
+        last_seq = wait_progress(&hub, &ids[0], last_seq + 3, Duration::from_secs(30));
+        let peers = agents[0].peers().unwrap();
+        assert!(peers.len() <= 64, "{} entries", peers.len());
+        for id in &ids[1..] {
+            assert_eq!(state_of(&peers, id), Some(&PeerState::Trusted), "a trusted peer was crowded out");
+        }
+        let (rss, peak) = memory_kib(pid);
+        let (bare_rss, bare_peak) = memory_kib(bare.0.id());
+        eprintln!(
+            "{} announcements ({:?} to make): agent RSS {} -> {} KiB (peak {} KiB), {} entries; \
+             bare mdns-sd browser RSS {} -> {} KiB (peak {} KiB)",
+            flood.made,
+            started.elapsed(),
+            rss_before,
+            rss,
+            peak,
+            peers.len(),
+            bare_before,
+            bare_rss,
+            bare_peak
+        );
+        // mdns-sd keeps about 2 KiB per announced instance until its TTL
+        // runs out, with no bound of its own (the bare browser shows it);
+        // what the agent adds to that is bounded: its table, dials, logs
+        // and reports.
+        let (agent_growth, library_growth) = (peak.saturating_sub(rss_before), bare_peak.saturating_sub(bare_before));
+        assert!(
+            agent_growth <= library_growth + 6 * 1024,
+            "the agent grew {agent_growth} KiB, mdns-sd alone {library_growth} KiB, after {} announcements",
+            flood.made
+        );
+    }
+    // The report the hub holds is the bounded table.
+    let view = hub.client().peers(&ids[0]).unwrap();
+    assert!(view.peers.len() <= 64, "the hub holds {} peers of the device", view.peers.len());
+    // Lines about strangers: ten a minute, and counts.
+    let log = agents[0].log_text();
+    let lines = log.lines().filter(|l| l.contains("LAN peer not trusted") || l.contains("another fleet")).count();
+    assert!(lines <= 40, "{lines} lines about untrusted peers");
+}
