@@ -156,6 +156,60 @@ mod tests {
         }
     }
 
+    /// Everything a decoder makes of `pieces` fed one after another: the
+    /// frames, then the first error (from a frame or from the end).
+    fn decode(pieces: &[&[u8]], max: usize) -> (Vec<Vec<u8>>, Option<FrameError>) {
+        let mut dec = FrameDecoder::new(max);
+        let mut frames = Vec::new();
+        for piece in pieces {
+            dec.extend(piece);
+            loop {
+                match dec.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => return (frames, Some(e)),
+                }
+            }
+        }
+        (frames, dec.finish().err())
+    }
+
+    proptest::proptest! {
+        /// Any byte stream, split anywhere, decodes to the same frames and
+        /// fails (or not) the same way as in one piece.
+        #[test]
+        fn any_stream_split_anywhere_decodes_the_same_or_fails_the_same(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64), 0..8),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+            cuts in proptest::collection::vec(0usize..1024, 0..12),
+            max in 1usize..96,
+        ) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                wire.extend(p.len().min(u32::MAX as usize).to_be_bytes()[4..].iter());
+                wire.extend(p);
+            }
+            wire.extend(&noise);
+            let whole = decode(&[&wire], max);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([wire.len()]) {
+                pieces.push(&wire[at..c]);
+                at = c;
+            }
+            proptest::prop_assert_eq!(decode(&pieces, max), whole);
+        }
+
+        /// Whatever bytes arrive, an envelope decodes or is refused: never a
+        /// panic.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_envelope_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = crate::Envelope::decode(&bytes);
+        }
+    }
+
     #[test]
     fn oversized_frame_is_refused_from_its_header() {
         let mut dec = FrameDecoder::new(16);
