@@ -24,6 +24,9 @@ pub struct HubConfig {
     /// A device is shown offline when nothing arrived from it for this long.
     /// Default 15s.
     pub heartbeat_timeout: Duration,
+    /// `[fleet] device_records_per_sec`, `device_bytes_per_sec`: what one
+    /// device's batches may bring per second before its session slows it.
+    pub device_rate: crate::pace::DeviceRate,
     /// Telemetry history is kept this long. Default 30 days.
     pub telemetry_retention: Duration,
     /// `[audit] retention`: audit entries are kept this long. Default 400
@@ -108,6 +111,7 @@ impl HubConfig {
             },
             mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
+            device_rate: Default::default(),
             telemetry_retention: Duration::from_secs(30 * 86400),
             audit_retention: AUDIT_RETENTION,
             log: "info".into(),
@@ -179,6 +183,13 @@ impl ConfigFile for HubConfig {
                 legacy_agents: mqtt.get_or("legacy_agents", false),
             }),
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
+            device_rate: crate::pace::DeviceRate {
+                records_per_sec: fleet
+                    .get_or("device_records_per_sec", crate::pace::DeviceRate::default().records_per_sec),
+                bytes_per_sec: fleet
+                    .get_or("device_bytes_per_sec", ByteSize(crate::pace::DeviceRate::default().bytes_per_sec))
+                    .0,
+            },
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             audit_retention: audit.get_or("retention", AUDIT_RETENTION),
             log: root.get_or("log", "info".to_owned()),
@@ -216,6 +227,8 @@ impl ConfigFile for HubConfig {
             "must be between 1s and 1d",
         );
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
+        fleet.check("device_records_per_sec", config.device_rate.records_per_sec >= 100, "must be at least 100");
+        fleet.check("device_bytes_per_sec", config.device_rate.bytes_per_sec >= 64 << 10, "must be at least 64 KiB");
         telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
         if let Some(m) = &config.mqtt {
             mqtt.check("keep_alive", m.keep_alive >= Duration::from_secs(1), "must be at least 1s");

@@ -77,6 +77,8 @@ pub struct Fleet {
     admissions: std::sync::Arc<crate::admission::Admissions>,
     /// Failed authentication and refused requests per source address.
     throttle: Mutex<crate::throttle::Throttle>,
+    /// Records and bytes per second a device's batches may bring.
+    device_rate: crate::pace::DeviceRate,
 }
 
 /// A token's last use is written at most this often.
@@ -89,6 +91,7 @@ impl Fleet {
         backups: crate::backups::Backups,
         heartbeat_timeout: Duration,
         failed_auth: crate::throttle::AuthLimit,
+        device_rate: crate::pace::DeviceRate,
     ) -> Self {
         let mut random = [0u8; 6];
         rand::fill(&mut random[..]);
@@ -102,7 +105,13 @@ impl Fleet {
             token_uses: Mutex::default(),
             admissions: std::sync::Arc::default(),
             throttle: Mutex::new(crate::throttle::Throttle::new(failed_auth)),
+            device_rate,
         }
+    }
+
+    /// Records and bytes per second a device's batches may bring.
+    pub fn device_rate(&self) -> crate::pace::DeviceRate {
+        self.device_rate
     }
 
     /// Failed authentication and refused requests per source address.

@@ -21,6 +21,7 @@ pub mod http;
 pub mod human;
 pub mod listing;
 pub mod mqtt;
+pub mod pace;
 pub mod quic;
 pub mod service;
 pub mod session;
@@ -181,7 +182,13 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(&config.store, data_dir).await?;
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
-    let fleet = Arc::new(Fleet::new(store.clone(), backups, config.heartbeat_timeout, config.http.failed_auth));
+    let fleet = Arc::new(Fleet::new(
+        store.clone(),
+        backups,
+        config.heartbeat_timeout,
+        config.http.failed_auth,
+        config.device_rate,
+    ));
 
     let ca = Arc::new(ca);
     // The hub's own certificate, renewed while it runs (by `identity_task`).

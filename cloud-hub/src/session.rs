@@ -338,6 +338,10 @@ pub struct DeviceSession {
     link: Option<Link>,
     downlink: std::sync::Arc<tokio::sync::Notify>,
     outbound: Outbound,
+    /// The device's allowance of records and bytes per second.
+    pace: crate::pace::Pace,
+    /// The session has said that it slows the device.
+    slowed: bool,
 }
 
 impl DeviceSession {
@@ -351,6 +355,7 @@ impl DeviceSession {
         max_frame: usize,
         when_fenced: WhenFenced,
     ) -> Self {
+        let fleet_rate = fleet.device_rate();
         DeviceSession {
             fleet,
             ca,
@@ -362,7 +367,26 @@ impl DeviceSession {
             link: None,
             downlink: std::sync::Arc::default(),
             outbound: Outbound::default(),
+            pace: crate::pace::Pace::new(fleet_rate, std::time::Instant::now()),
+            slowed: false,
         }
+    }
+
+    /// Waits as long as the device's allowance asks before `batch` is
+    /// stored (see [`crate::pace`]): the device alone is held back.
+    async fn pace(&mut self, batch: &outpost_shared::protocol::Batch) {
+        let wait = self.pace.charge(batch.len_hint(), batch.payload.len() as u64, std::time::Instant::now());
+        if wait.is_zero() {
+            return;
+        }
+        if !self.slowed {
+            self.slowed = true;
+            info!(
+                wait_ms = wait.as_millis() as u64,
+                "Device over its allowance ([fleet] device_records_per_sec, device_bytes_per_sec); its batches are slowed."
+            );
+        }
+        tokio::time::sleep(wait).await;
     }
 
     /// Woken when there may be something to deliver.
@@ -404,6 +428,7 @@ impl DeviceSession {
                 transport.send(Message::Welcome(welcome)).await?;
             }
             Message::Batch(batch) => {
+                self.pace(&batch).await;
                 // Checks origin and signature before anything is stored.
                 let ack = ingest(&store, &self.id, &mut self.keys, batch).await?;
                 self.attach(transport, false).await?;
@@ -417,7 +442,8 @@ impl DeviceSession {
             }
             Message::Relay(batch) => {
                 // The batch carries its origin's signature; the carrier is
-                // this session's device.
+                // this session's device, and pays for it.
+                self.pace(&batch).await;
                 let ack = relay(&store, &self.id, batch).await?;
                 self.attach(transport, false).await?;
                 transport.send(Message::RelayAck(ack)).await?;

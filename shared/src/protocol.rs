@@ -366,6 +366,12 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// How many records the payload says it holds (its leading length),
+    /// without decoding them; 0 if it does not even say.
+    pub fn len_hint(&self) -> u64 {
+        postcard::take_from_bytes::<u64>(&self.payload).map_or(0, |(n, _)| n)
+    }
+
     /// What the signature covers: a context string, the origin, the payload.
     pub fn signing_input(origin: &DeviceId, payload: &[u8]) -> Vec<u8> {
         signing_input(b"outpost batch v1\0", origin, payload)

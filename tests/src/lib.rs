@@ -170,6 +170,8 @@ pub struct Hub {
     pub quic_extra: String,
     /// Keys added to its `[http]` table at each (re)start.
     pub http_extra: String,
+    /// Keys added to its `[fleet]` table at each (re)start.
+    pub fleet_extra: String,
     /// The hub's database when the tests run on PostgreSQL
     /// (`OUTPOST_TEST_STORE=postgres`, see [`postgres::selected`]).
     pub postgres: Option<postgres::Postgres>,
@@ -229,6 +231,7 @@ impl Hub {
             extra_config: String::new(),
             quic_extra: String::new(),
             http_extra: String::new(),
+            fleet_extra: String::new(),
             postgres: pg,
             store_config,
             token_hubs: None,
@@ -265,6 +268,7 @@ impl Hub {
             extra_config: String::new(),
             quic_extra: String::new(),
             http_extra: String::new(),
+            fleet_extra: String::new(),
             postgres: None,
             store_config: first.store_config.clone(),
             token_hubs: None,
@@ -279,12 +283,13 @@ impl Hub {
     /// (Re)starts `serve` on the same data dir and QUIC port.
     pub fn serve(&mut self) -> Result<()> {
         let text = format!(
-            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{}[fleet]\nheartbeat_timeout = {:?}\n",
+            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{}[fleet]\nheartbeat_timeout = {:?}\n{}",
             self.data_dir.display().to_string(),
             self.quic_addr,
             self.quic_extra,
             self.http_extra,
             self.timings.heartbeat_timeout,
+            self.fleet_extra,
         );
         fs::write(&self.config, format!("{text}{}{}", self.store_config, self.extra_config))?;
         let http_file = self.data_dir.join("http.addr");

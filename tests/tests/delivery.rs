@@ -186,3 +186,43 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     assert!(kinds.contains(&"outbox_full"), "no outbox_full alarm in the API: {kinds:?}");
     assert!(kinds.contains(&"telemetry_thinned"), "no telemetry_thinned alarm in the API: {kinds:?}");
 }
+
+#[test]
+fn a_device_over_its_allowance_is_slowed_and_the_others_are_not() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    hub.fleet_extra = "device_records_per_sec = 4000\n".into();
+    hub.kill();
+    hub.serve().unwrap();
+    let mut quiet = Agent::enroll(scratch.path(), &hub, "quiet", &timings).unwrap();
+    let mut flood = Agent::enroll(scratch.path(), &hub, "flood", &timings).unwrap();
+    quiet.start().unwrap();
+    wait_online(&hub, &[&quiet.id], true, Duration::from_secs(15)).unwrap();
+    // 20 000 records as fast as the device's store takes them.
+    let started = Instant::now();
+    flood.start_loadgen(&["--records", "20000", "--batch", "200", "--appends-per-sec", "0"]).unwrap();
+    wait_progress(&hub, &flood.id, 2000, Duration::from_secs(30));
+    // Meanwhile the other device is served as before: a command's round trip.
+    let asked = Instant::now();
+    let request =
+        outpost_hub::api::CommandRequest { kind: "echo".into(), args: vec!["meanwhile".into()], expires_in: None };
+    let cmd = hub.client().send_command(&quiet.id, &request).unwrap();
+    hub.wait_command(cmd.id, "the quiet device's echo", |s| {
+        matches!(s, outpost_hub::api::CommandStateView::Completed { .. })
+    });
+    let round_trip = asked.elapsed();
+    let flooding = hub.device(&flood.id).unwrap().last_seq < 20_000;
+    let samples = wait_all(&hub, &flood.id, 20_000, Duration::from_secs(60));
+    let took = started.elapsed();
+    assert_exactly_once_in_order(&samples, 20_000);
+    eprintln!(
+        "20 000 records at 4 000/s took {took:?}; the other device's echo {round_trip:?} (flood still on: {flooding})"
+    );
+    // A second's worth at once, then 4 000 a second: at least 4 s.
+    assert!(took >= Duration::from_millis(3900), "the device was not slowed: {took:?}");
+    assert!(flooding, "the echo did not overlap the flood");
+    assert!(round_trip < Duration::from_secs(3), "the other device waited {round_trip:?}");
+    let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
+    assert!(log.lines().any(|l| l.contains("slowed") && l.contains(&flood.id)), "the hub did not say so");
+}
