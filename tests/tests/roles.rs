@@ -286,6 +286,41 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
         "{refused:#}"
     );
 
+    // Revoking from the console: not for an operator; an admin reviews,
+    // then confirms, and the device is revoked.
+    let session = |role: &str| {
+        let link = admin.sign_in_link(role, "10m").unwrap();
+        let secret = link.path.split("link=").nth(1).unwrap().to_owned();
+        let (status, cookie) = post_form(&web, &sign_in, &origin, "", &[("link", &secret)]);
+        assert_eq!(status, 303);
+        let mut page =
+            web.get(&format!("{}/console/devices/{}", hub.api, agents[0].id)).header("Cookie", &cookie).call().unwrap();
+        let html = page.body_mut().read_to_string().unwrap();
+        let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+        (cookie, csrf, html)
+    };
+    let (op_cookie, op_csrf, op_html) = session("operator");
+    assert!(!op_html.contains("id=\"revoke\""), "an operator is offered no revoke button");
+    let (status, _) =
+        post_form(&web, &act, &origin, &op_cookie, &[("csrf", &op_csrf), ("action", "revoke"), ("confirm", "yes")]);
+    assert_eq!(status, 403, "an operator revoked a device");
+    let (admin_cookie, admin_csrf, admin_html) = session("admin");
+    assert!(admin_html.contains("id=\"revoke\""), "an admin is offered the revoke button");
+    let (status, review) =
+        post_form(&web, &act, &origin, &admin_cookie, &[("csrf", &admin_csrf), ("action", "revoke")]);
+    assert_eq!(status, 200);
+    assert!(review.contains("Revoke") && review.contains("enrolling anew"), "{review}");
+    assert_eq!(admin.device(&agents[0].id).unwrap().state(), "online", "the review changed nothing");
+    let (status, _) = post_form(
+        &web,
+        &act,
+        &origin,
+        &admin_cookie,
+        &[("csrf", &admin_csrf), ("action", "revoke"), ("confirm", "yes")],
+    );
+    assert_eq!(status, 303);
+    assert_eq!(admin.device(&agents[0].id).unwrap().state(), "revoked");
+
     // Signing out ends a link's session.
     let (status, _) = post_form(&web, &format!("{}/console/sign-out", hub.api), &origin, &cookie, &[("csrf", &csrf)]);
     assert_eq!(status, 303);

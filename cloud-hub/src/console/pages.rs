@@ -412,6 +412,8 @@ impl WindowQuery {
             (Some("command"), Some(id)) => Some(format!("Command {id} queued; its outcome appears in the event log.")),
             (Some("desired"), Some(version)) => Some(format!("Desired state version {version} set.")),
             (Some("labels"), _) => Some("Labels set.".into()),
+            (Some("revoke"), _) => Some("Device revoked.".into()),
+            (Some("readmit"), _) => Some("Device re-admitted; it renews at its next connection.".into()),
             _ => None,
         }
     }
@@ -528,6 +530,7 @@ struct DevicePage {
     windows: [&'static str; 5],
     window: String,
     operator: bool,
+    admin: bool,
     csrf: String,
     jobs: Vec<JobRow>,
     snapshots: Vec<SnapshotView>,
@@ -634,6 +637,7 @@ async fn device_view(
         windows: WINDOWS,
         window,
         operator: user.operator(),
+        admin: user.admin(),
         csrf: user.csrf.clone(),
         jobs,
         snapshots,
@@ -676,6 +680,9 @@ struct ActForm {
     selector: String,
     #[serde(default)]
     patch: String,
+    /// `readmit`: how long the expired device may come back (`7d`).
+    #[serde(default)]
+    within: String,
 }
 
 impl ActForm {
@@ -691,6 +698,7 @@ impl ActForm {
             ("labels", &self.labels),
             ("selector", &self.selector),
             ("patch", &self.patch),
+            ("within", &self.within),
         ] {
             if !value.is_empty() {
                 f.push((name, value.clone()));
@@ -756,7 +764,9 @@ async fn act(
     form: web::Form<ActForm>,
 ) -> Result<HttpResponse, ConsoleError> {
     let form = form.into_inner();
-    user.may_act(Role::Operator, &form.csrf)?;
+    // Revoking and re-admitting decide who belongs to the fleet: admins.
+    let needs = if matches!(form.action.as_str(), "revoke" | "readmit") { Role::Admin } else { Role::Operator };
+    user.may_act(needs, &form.csrf)?;
     let id = service::device(&fleet, &path).await?;
     let back = format!("/console/devices/{}", crate::http::encode_component(id.as_str()));
     let name = fleet.store().device(&id).await?.map(|d| d.name).unwrap_or_default();
@@ -769,6 +779,19 @@ async fn act(
             (format!("Replace the desired state of {name} (version {}) with:", form.version), form.doc.clone())
         }
         "labels" => (format!("Set the labels of {name} to:"), form.labels.clone()),
+        "revoke" => (
+            format!("Revoke {name} for good?"),
+            "Its connections close at once and the hub refuses it on every path (QUIC, MQTT, relay). Its records \
+             and backups stay. It comes back only by enrolling anew."
+                .to_owned(),
+        ),
+        "readmit" => {
+            let within = service::readmit_window(Some(&form.within)).map_err(ConsoleError::Invalid)?;
+            (
+                format!("Re-admit {name} with its expired certificate for {}?", humantime::format_duration(within)),
+                "It may connect once more within that time and renews its certificate over the session.".to_owned(),
+            )
+        }
         other => return Err(ConsoleError::Invalid(format!("unknown action {other:?}"))),
     };
     if let Some(command) = form.command() {
@@ -806,6 +829,29 @@ async fn act(
     let done = if let Some(command) = form.command() {
         let view = service::send_command(&fleet, &by, &id, command).await?;
         format!("done=command&n={}", view.id)
+    } else if form.action == "revoke" {
+        let at = service::revoke(&fleet, &id).await?;
+        note(
+            &req,
+            AuditNote {
+                target: Some(id.to_string()),
+                matched: None,
+                detail: format!("console: revoked at {}", at.rfc3339()),
+            },
+        );
+        "done=revoke".to_owned()
+    } else if form.action == "readmit" {
+        let within = service::readmit_window(Some(&form.within)).map_err(ConsoleError::Invalid)?;
+        let until = service::readmit(&fleet, &id, within).await?;
+        note(
+            &req,
+            AuditNote {
+                target: Some(id.to_string()),
+                matched: None,
+                detail: format!("console: readmitted until {}", until.rfc3339()),
+            },
+        );
+        "done=readmit".to_owned()
     } else if form.action == "desired" {
         let doc: serde_json::Value =
             serde_json::from_str(&form.doc).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
