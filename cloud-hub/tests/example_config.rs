@@ -14,6 +14,8 @@ fn configs_hub_toml_is_valid() {
     assert_eq!(config.quic.listen.port(), 7443);
     assert_eq!(config.http.listen.port(), 8080);
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(15));
+    assert_eq!(config.device_rate, outpost_hub::pace::DeviceRate::default());
+    assert_eq!(config.http.failed_auth, outpost_hub::throttle::AuthLimit::default());
     assert_eq!(config.quic.max_frame, 1 << 20);
     assert_eq!((config.backups.retention.daily, config.backups.retention.weekly), (7, 4));
 }
@@ -25,6 +27,9 @@ fn the_mqtt_example_in_configs_hub_toml_is_valid() {
     let text = outpost_shared::config::uncomment_block(&std::fs::read_to_string(&path).unwrap(), "[mqtt]");
     let config = HubConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
     let mqtt = config.mqtt.expect("the example does not switch the bridge on");
-    assert_eq!(mqtt.broker.to_string(), "mqtts://broker.example.com:8883");
+    // The hubs' listener of configs/mosquitto.conf: certificate and password.
+    assert_eq!(mqtt.broker.to_string(), "mqtts://broker.example.com:8884");
+    assert_eq!((mqtt.username.as_deref(), mqtt.password.as_deref()), (Some("hub.outpost"), Some("...")));
     assert_eq!((mqtt.shared_group.as_str(), mqtt.keep_alive), ("outpost-hub", Duration::from_secs(30)));
+    assert!(!mqtt.legacy_agents, "agents without freshness are refused unless the operator says otherwise");
 }
