@@ -202,15 +202,22 @@ pub async fn revoke_token(fleet: &Fleet, by: &str, which: &str) -> Result<([u8; 
             n => ServiceError::Invalid(format!("{n} tokens are named {which:?}; revoke one by its id")),
         });
     };
-    if last_admin(&tokens, hash, chosen, Timestamp::now()) {
-        return Err(ServiceError::Invalid(format!(
-            "{:?} is the last admin token: make another admin token first (or, on the hub machine, \
-             `outpost-hub admin-token --config …`)",
-            chosen.name
-        )));
-    }
-    let token =
-        fleet.store().take_api_token(hash).await?.ok_or_else(|| ServiceError::NotFound(format!("token {which:?}")))?;
+    // Checked again as the token is removed, in one store step: two
+    // revocations of the last two admin tokens cannot both pass.
+    let refuse: crate::store::RefuseTake = |tokens, hash, now| {
+        tokens.iter().find(|(h, _)| h == hash).is_some_and(|(_, chosen)| last_admin(tokens, hash, chosen, now))
+    };
+    let token = match fleet.store().take_api_token_unless(hash, refuse).await? {
+        Ok(Some(token)) => token,
+        Ok(None) => return Err(ServiceError::NotFound(format!("token {which:?}"))),
+        Err(()) => {
+            return Err(ServiceError::Invalid(format!(
+                "{:?} is the last admin token: make another admin token first (or, on the hub machine, \
+                 `outpost-hub admin-token --config …`)",
+                chosen.name
+            )));
+        }
+    };
     tracing::info!(token = %token.name, by, "API token revoked.");
     Ok((*hash, token))
 }

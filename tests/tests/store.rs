@@ -380,6 +380,36 @@ fn tokens_enrollment_keys_and_hellos() {
             store.take_api_token(&hash).await.unwrap();
         }
 
+        // Of two revocations of the last two admin tokens at once, one
+        // passes: the check and the removal are one step.
+        let admin = ApiToken { role: Role::Admin, expires_at: None, ..token.clone() };
+        for n in [50u8, 51] {
+            store.insert_api_token(&[n; 32], &ApiToken { name: format!("admin-{n}"), ..admin.clone() }).await.unwrap();
+        }
+        let refuse: outpost_hub::store::RefuseTake = |tokens, hash, now| {
+            tokens
+                .iter()
+                .find(|(h, _)| h == hash)
+                .is_some_and(|(_, t)| outpost_hub::service::last_admin(tokens, hash, t, now))
+        };
+        let tries: Vec<_> = [50u8, 51]
+            .into_iter()
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.take_api_token_unless(&[n; 32], refuse).await.unwrap() })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tries {
+            outcomes.push(t.await.unwrap().is_ok());
+        }
+        assert_eq!(outcomes.iter().filter(|taken| **taken).count(), 1, "{outcomes:?}");
+        assert_eq!(store.api_tokens().await.unwrap().len(), 1, "one admin token is left");
+        assert_eq!(store.take_api_token_unless(&[99; 32], refuse).await.unwrap(), Ok(None), "no such token");
+        for (hash, _) in store.api_tokens().await.unwrap() {
+            store.take_api_token(&hash).await.unwrap();
+        }
+
         store.enroll(&[9; 16], 2, &device("dev-e1"), b"k1").await.unwrap();
         store.enroll(&[9; 16], 2, &device("dev-e2"), b"k2").await.unwrap();
         match store.enroll(&[9; 16], 2, &device("dev-e3"), b"k3").await {

@@ -251,6 +251,9 @@ impl Role {
     }
 }
 
+/// Whether removing the token `hash` from `tokens` at `now` is refused.
+pub type RefuseTake = fn(&[([u8; 32], ApiToken)], &[u8; 32], Timestamp) -> bool;
+
 /// True if a token among `tokens` that has not expired by `now` is named
 /// `name`: token names are unique among live tokens.
 pub fn name_taken<'a>(mut tokens: impl Iterator<Item = &'a ApiToken>, name: &str, now: Timestamp) -> bool {
@@ -786,6 +789,19 @@ impl Store {
     /// token, one gets it (how a one-time sign-in link is spent).
     pub async fn take_api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
         each!(self, b => b.take_api_token(hash).await)
+    }
+
+    /// Removes a token unless `refuse` (given every token, the hash and the
+    /// time) says no, checked and removed as one step on every backend (so
+    /// two revocations of the last two admin tokens cannot both pass):
+    /// `Ok(Err(()))` when refused, `Ok(Ok(None))` when there is no such
+    /// token.
+    pub async fn take_api_token_unless(
+        &self,
+        hash: &[u8; 32],
+        refuse: RefuseTake,
+    ) -> Result<Result<Option<ApiToken>, ()>, StoreError> {
+        each!(self, b => b.take_api_token_unless(hash, refuse).await)
     }
 
     /// Every token with its hash.

@@ -985,6 +985,38 @@ impl PgStore {
         self.track(result)
     }
 
+    pub(super) async fn take_api_token_unless(
+        &self,
+        hash: &[u8; 32],
+        refuse: super::RefuseTake,
+    ) -> Result<Result<Option<ApiToken>, ()>, StoreError> {
+        let result = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg)?;
+            // One token change that depends on the others at a time, across
+            // every hub (as creation).
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&TOKENS_LOCK]).await.map_err(pg)?;
+            let rows = tx.query("SELECT hash, record FROM api_tokens", &[]).await.map_err(pg)?;
+            let mut tokens = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let Ok(h) = <[u8; 32]>::try_from(row.get::<_, &[u8]>(0)) else { continue };
+                tokens.push((h, ApiToken::decode(row.get(1))?));
+            }
+            if refuse(&tokens, hash, Timestamp::now()) {
+                return Ok(Err(()));
+            }
+            let row = tx
+                .query_opt("DELETE FROM api_tokens WHERE hash = $1 RETURNING record", &[&&hash[..]])
+                .await
+                .map_err(pg)?;
+            let taken = row.map(|r| ApiToken::decode(r.get(0))).transpose()?;
+            tx.commit().await.map_err(pg)?;
+            Ok(Ok(taken))
+        }
+        .await;
+        self.track(result)
+    }
+
     pub(super) async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
         let client = self.client().await?;
         let rows = client.query("SELECT hash, record FROM api_tokens", &[]).await.map_err(pg)?;

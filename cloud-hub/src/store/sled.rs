@@ -562,17 +562,25 @@ impl SledStore {
         self.write(move |t| t.api_tokens.remove(hash).db()?.map(|v| ApiToken::decode(&v)).transpose()).await
     }
 
-    pub(super) async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
-        self.read(|t| {
-            let mut out = Vec::new();
-            for entry in t.api_tokens.iter() {
-                let (key, value) = entry.db()?;
-                let Ok(hash) = <[u8; 32]>::try_from(&key[..]) else { continue };
-                out.push((hash, ApiToken::decode(&value)?));
+    pub(super) async fn take_api_token_unless(
+        &self,
+        hash: &[u8; 32],
+        refuse: super::RefuseTake,
+    ) -> Result<Result<Option<ApiToken>, ()>, StoreError> {
+        let hash = *hash;
+        // The writer thread runs one job at a time: the check and the
+        // removal are one step.
+        self.write(move |t| {
+            if refuse(&all_tokens(t)?, &hash, Timestamp::now()) {
+                return Ok(Err(()));
             }
-            Ok(out)
+            Ok(Ok(t.api_tokens.remove(hash).db()?.map(|v| ApiToken::decode(&v)).transpose()?))
         })
         .await
+    }
+
+    pub(super) async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
+        self.read(all_tokens).await
     }
 
     pub(super) async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
@@ -1135,4 +1143,15 @@ impl Trees {
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         self.devices.get(id.as_str()).db()?.map(|v| decode("devices", &v)).transpose()
     }
+}
+
+/// Every API token, by the hash of its secret.
+fn all_tokens(t: &Trees) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in t.api_tokens.iter() {
+        let (key, value) = entry.db()?;
+        let Ok(hash) = <[u8; 32]>::try_from(&key[..]) else { continue };
+        out.push((hash, ApiToken::decode(&value)?));
+    }
+    Ok(out)
 }
