@@ -270,8 +270,10 @@ impl Flood {
             )
             .unwrap();
             // The daemon's queue is bounded: when it is full, give it a
-            // moment to send what it holds.
+            // moment to send what it holds (within a deadline).
+            let deadline = Instant::now() + Duration::from_secs(30);
             while let Err(mdns_sd::Error::Again) = self.mdns.register(info.clone()) {
+                assert!(Instant::now() < deadline, "the mDNS daemon took no announcement for 30 s");
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -364,10 +366,14 @@ fn a_flood_of_fake_announcements_costs_bounded_memory_and_trusted_peers_keep_rel
         // mdns-sd keeps about 2 KiB per announced instance until its TTL
         // runs out, with no bound of its own (the bare browser shows it);
         // what the agent adds to that is bounded: its table, dials, logs
-        // and reports.
+        // and reports. Under the big wave mdns-sd may end the agent's browse
+        // (its queue fills) and the agent browses again on a new daemon,
+        // whose cache fills anew while the allocator keeps some of the
+        // first's: up to twice the library's then.
         let (agent_growth, library_growth) = (peak.saturating_sub(rss_before), bare_peak.saturating_sub(bare_before));
+        let caches = if flood.made > 1_000 { 2 } else { 1 };
         assert!(
-            agent_growth <= library_growth + 6 * 1024,
+            agent_growth <= caches * library_growth + 6 * 1024,
             "the agent grew {agent_growth} KiB, mdns-sd alone {library_growth} KiB, after {} announcements",
             flood.made
         );
