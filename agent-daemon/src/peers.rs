@@ -230,6 +230,11 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
     tracing::info!(port, %fleet, "LAN peers: advertising and browsing.");
     let (dialled_tx, mut dialled_rx) = mpsc::channel::<Dialled>(16);
     let mut link = p.link.clone();
+    // The one period of the task (at most a second): dials due after their
+    // retry time, links gone silent (quinn reports it, nothing wakes on it),
+    // forgetting stale entries, the relay decision after `relay_after`, and
+    // the rate-limited report. Each is a deadline over many peers; one tick
+    // serves them all.
     let mut tick = tokio::time::interval(cfg.probe_interval.min(Duration::from_secs(1)));
     let mut down_since = (!uplink).then(Instant::now);
     let mut relay: Option<(String, CancellationToken)> = None;

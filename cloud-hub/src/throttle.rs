@@ -97,12 +97,16 @@ pub struct Throttle {
     limit: AuthLimit,
     buckets: HashMap<IpAddr, Bucket>,
     tallies: HashMap<(IpAddr, u16), Tally>,
+    /// When drained buckets were last dropped to make room: at most once a
+    /// second, so a flood from many addresses does not scan the table on
+    /// every request.
+    pruned: Option<Instant>,
 }
 
 impl Throttle {
     /// No failures counted yet.
     pub fn new(limit: AuthLimit) -> Self {
-        Throttle { limit, buckets: HashMap::new(), tallies: HashMap::new() }
+        Throttle { limit, buckets: HashMap::new(), tallies: HashMap::new(), pruned: None }
     }
 
     /// Failures drained per second.
@@ -135,7 +139,9 @@ impl Throttle {
     /// `ip` failed to authenticate at `now`.
     pub fn failed(&mut self, ip: IpAddr, now: Instant) {
         let key = source_of(ip);
-        if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_SOURCES {
+        let prune_due = self.pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_SOURCES && prune_due {
+            self.pruned = Some(now);
             let rate = self.rate();
             self.buckets.retain(|_, b| b.level - now.saturating_duration_since(b.at).as_secs_f64() * rate > 0.0);
         }
