@@ -2,6 +2,11 @@
 //! `device.key` (mode 0600, made on the device, never sent anywhere),
 //! `device.crt` and `ca.crt` (PEM), and `device.toml` (id, hub address).
 //!
+//! `ca.crt` is the trust bundle's list of CAs (one, or two during a CA
+//! rotation, the one that issues new certificates first) and `revoked` its
+//! list of revoked devices: both as the hub last sent them
+//! ([`Identity::store_trust`]).
+//!
 //! Renewal (see [`crate::uplink::session`]) adds `next.key` (made before the
 //! request leaves) and `next.crt` (the hub's answer). The pair replaces
 //! `device.key` and `device.crt` only once the hub has accepted it in a
@@ -61,8 +66,11 @@ pub struct Identity {
     pub name: Option<String>,
     /// The device certificate.
     pub cert: CertificateDer<'static>,
-    /// The fleet CA certificate.
-    pub ca: CertificateDer<'static>,
+    /// The fleet's CA certificates this device trusts, the one that issues
+    /// new certificates first.
+    pub cas: Vec<CertificateDer<'static>>,
+    /// Devices revoked, sorted: LAN peers refuse them.
+    pub revoked: std::sync::Arc<Vec<DeviceId>>,
     key: PrivateKeyDer<'static>,
 }
 
@@ -73,7 +81,8 @@ impl Clone for Identity {
             hub: self.hub.clone(),
             name: self.name.clone(),
             cert: self.cert.clone(),
-            ca: self.ca.clone(),
+            cas: self.cas.clone(),
+            revoked: self.revoked.clone(),
             key: self.key.clone_key(),
         }
     }
@@ -90,6 +99,45 @@ const NEW_MARKER: &str = "new";
 /// The key and certificate of a renewal, until the hub accepted them.
 const NEXT_KEY: &str = "next.key";
 const NEXT_CRT: &str = "next.crt";
+/// The trust bundle: CAs and revoked devices.
+const CA_CRT: &str = "ca.crt";
+const REVOKED: &str = "revoked";
+
+/// The CA certificates of `path` (a PEM bundle).
+fn read_cas(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let cas = CertificateDer::pem_slice_iter(read(path)?.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, e))?;
+    if cas.is_empty() {
+        return Err(invalid(path, "no CA certificate"));
+    }
+    Ok(cas)
+}
+
+/// The revoked devices in `path` (one id a line; none if it is missing).
+fn read_revoked(path: &Path) -> Result<Vec<DeviceId>, IdentityError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(IdentityError::Io { path: path.to_owned(), source }),
+    };
+    text.lines().filter(|l| !l.is_empty()).map(|l| l.parse().map_err(|e| invalid(path, e))).collect()
+}
+
+/// Why the hub's trust bundle cannot be taken, if it cannot: no CA, or an
+/// entry that is not a CA certificate.
+pub fn check_bundle(bundle: &outpost_shared::protocol::TrustBundle) -> Result<(), String> {
+    if bundle.cas.is_empty() {
+        return Err("the trust bundle has no CA".into());
+    }
+    for (i, der) in bundle.cas.iter().enumerate() {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("CA {i}: {e}"))?;
+        if !cert.is_ca() {
+            return Err(format!("CA {i} is not a CA certificate"));
+        }
+    }
+    Ok(())
+}
 
 fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")
@@ -115,12 +163,12 @@ impl Identity {
         }
         let meta: Meta = toml::from_str(&read(&meta_path)?).map_err(|e| invalid(&meta_path, e))?;
         let cert_path = dir.join("device.crt");
-        let ca_path = dir.join("ca.crt");
         let cert = CertificateDer::from_pem_slice(read(&cert_path)?.as_bytes()).map_err(|e| invalid(&cert_path, e))?;
-        let ca = CertificateDer::from_pem_slice(read(&ca_path)?.as_bytes()).map_err(|e| invalid(&ca_path, e))?;
+        let cas = read_cas(&dir.join(CA_CRT))?;
+        let revoked = std::sync::Arc::new(read_revoked(&dir.join(REVOKED))?);
         let key_path = dir.join("device.key");
         let key = PrivateKeyDer::from_pem_slice(read(&key_path)?.as_bytes()).map_err(|e| invalid(&key_path, e))?;
-        Ok(Identity { device_id: meta.device_id, hub: meta.hub, name: meta.name, cert, ca, key })
+        Ok(Identity { device_id: meta.device_id, hub: meta.hub, name: meta.name, cert, cas, revoked, key })
     }
 
     /// The renewed identity waiting for the hub to accept it, if any.
@@ -248,14 +296,65 @@ impl Identity {
         };
         write("device.key", key_pem.as_bytes(), 0o600)?;
         write("device.crt", pem("CERTIFICATE", &cert).as_bytes(), 0o600)?;
-        write("ca.crt", pem("CERTIFICATE", &ca).as_bytes(), 0o644)?;
+        write(CA_CRT, pem("CERTIFICATE", &ca).as_bytes(), 0o644)?;
         let meta = Meta { device_id: device_id.clone(), hub: hub.clone(), name: name.clone() };
         let text = toml::to_string(&meta).map_err(|e| invalid(&dir, e))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(&dir.join("device.key"), e))?;
         // A new identity has no records at the hub: see `is_new`.
         write(NEW_MARKER, b"", 0o644)?;
         write("device.toml", text.as_bytes(), 0o644)?;
-        Ok(Identity { device_id, hub, name, cert, ca, key })
+        Ok(Identity { device_id, hub, name, cert, cas: vec![ca], revoked: Default::default(), key })
+    }
+
+    /// The trust bundle this device holds, as the hub sent it.
+    pub fn trust_bundle(&self) -> outpost_shared::protocol::TrustBundle {
+        outpost_shared::protocol::TrustBundle {
+            cas: self.cas.iter().map(|c| c.to_vec()).collect(),
+            revoked: self.revoked.as_ref().clone(),
+        }
+    }
+
+    /// Keeps the trust bundle the hub sent (checked with [`check_bundle`]):
+    /// `ca.crt`, then `revoked`, each replaced atomically (a crash between
+    /// the two leaves a bundle whose digest the hub does not know, and it
+    /// sends the bundle again). Returns this identity with it.
+    pub fn store_trust(
+        &self,
+        data_dir: &Path,
+        bundle: &outpost_shared::protocol::TrustBundle,
+    ) -> Result<Identity, IdentityError> {
+        let dir = dir(data_dir);
+        check_bundle(bundle).map_err(|e| invalid(&dir.join(CA_CRT), e))?;
+        let mut revoked = bundle.revoked.clone();
+        revoked.sort();
+        revoked.dedup();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            write_atomic(&path, bytes, 0o644).map_err(|source| IdentityError::Io { path, source })
+        };
+        let cas_pem: String = bundle.cas.iter().map(|der| pem("CERTIFICATE", der)).collect();
+        write(CA_CRT, cas_pem.as_bytes())?;
+        let lines: String = revoked.iter().map(|id| format!("{id}\n")).collect();
+        write(REVOKED, lines.as_bytes())?;
+        let cas = bundle.cas.iter().map(|der| CertificateDer::from(der.clone())).collect();
+        Ok(Identity { cas, revoked: std::sync::Arc::new(revoked), ..self.clone() })
+    }
+
+    /// True if the certificate was not issued by the CA that issues new
+    /// ones (a CA rotation is under way): it is renewed at once.
+    pub fn from_retiring_ca(&self) -> bool {
+        self.cas.first().is_some_and(|ca| !outpost_shared::identity::issued_by(&self.cert, ca))
+    }
+
+    /// True if the hub said `id` is revoked.
+    pub fn is_revoked(&self, id: &DeviceId) -> bool {
+        self.revoked.binary_search(id).is_ok()
+    }
+
+    /// The CA the fleet's LAN announcements name: the oldest trusted, which
+    /// every device of the fleet holds during a rotation.
+    pub fn fleet_ca(&self) -> &[u8] {
+        self.cas.last().map_or(&[], |c| c.as_ref())
     }
 
     /// True from enrollment until [`Identity::settle_new`]: the hub holds no
@@ -319,6 +418,8 @@ fn rename_durable(from: &Path, to: &Path) -> Result<(), IdentityError> {
 pub struct Live {
     identity: std::sync::Arc<std::sync::RwLock<Identity>>,
     slot: std::sync::Arc<outpost_shared::identity::CertSlot>,
+    /// Bumped at each new trust bundle.
+    trust: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -336,7 +437,8 @@ impl Live {
     /// Shares `identity`.
     pub fn new(identity: Identity) -> Result<Self, IdentityError> {
         let slot = std::sync::Arc::new(outpost_shared::identity::CertSlot::new(certified(&identity)?));
-        Ok(Live { identity: std::sync::Arc::new(std::sync::RwLock::new(identity)), slot })
+        let trust = std::sync::Arc::new(tokio::sync::watch::Sender::new(0));
+        Ok(Live { identity: std::sync::Arc::new(std::sync::RwLock::new(identity)), slot, trust })
     }
 
     /// The identity in use.
@@ -344,11 +446,39 @@ impl Live {
         self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Switches to `identity` (a promoted renewal).
+    /// Switches to `identity`'s certificate and key (a promoted renewal);
+    /// the trust bundle in use stays.
     pub fn set(&self, identity: Identity) -> Result<(), IdentityError> {
         self.slot.set(certified(&identity)?);
-        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = identity;
+        let mut live = self.identity.write().unwrap_or_else(|p| p.into_inner());
+        live.cert = identity.cert;
+        live.key = identity.key;
         Ok(())
+    }
+
+    /// Keeps and uses the trust bundle the hub sent (see
+    /// [`Identity::store_trust`]); LAN peers look again.
+    pub fn set_trust(
+        &self,
+        data_dir: &Path,
+        bundle: &outpost_shared::protocol::TrustBundle,
+    ) -> Result<(), IdentityError> {
+        let mut live = self.identity.write().unwrap_or_else(|p| p.into_inner());
+        *live = live.store_trust(data_dir, bundle)?;
+        drop(live);
+        self.trust.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Changes of the trust bundle, from now on.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust.subscribe()
+    }
+
+    /// How many trust bundles this process took: a verifier built from an
+    /// older one is built again.
+    pub fn trust_generation(&self) -> u64 {
+        *self.trust.borrow()
     }
 
     /// The rustls resolver (server and client side) of the identity in use.
@@ -375,7 +505,12 @@ mod tests {
 
     impl Ca {
         fn new() -> Self {
+            Ca::named("test CA")
+        }
+
+        fn named(name: &str) -> Self {
             let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             let key = KeyPair::generate().unwrap();
             let cert = params.self_signed(&key).unwrap();
@@ -398,6 +533,39 @@ mod tests {
         let cert = ca.sign(params.serialize_request(&key).unwrap().der());
         let id: DeviceId = "dev-1".parse().unwrap();
         Identity::store(dir, id, "hub:1".into(), None, key.serialize_pem(), cert, ca.1.clone()).unwrap()
+    }
+
+    /// The hub's trust bundle is kept as sent, read back after a restart,
+    /// and says when the certificate is from a CA being retired; a bundle
+    /// without a CA, or with something else than a CA, is refused.
+    #[test]
+    fn the_trust_bundle_is_kept_and_read_back() {
+        use outpost_shared::protocol::TrustBundle;
+        let (old_ca, new_ca) = (Ca::named("old CA"), Ca::named("new CA"));
+        let dir = tempfile::tempdir().unwrap();
+        let id = enrolled(dir.path(), &old_ca);
+        assert!(!id.from_retiring_ca());
+        let dev = |s: &str| -> DeviceId { s.parse().unwrap() };
+        let bundle =
+            TrustBundle { cas: vec![new_ca.1.to_vec(), old_ca.1.to_vec()], revoked: vec![dev("dev-9"), dev("dev-3")] };
+        let kept = id.store_trust(dir.path(), &bundle).unwrap();
+        assert!(kept.from_retiring_ca(), "issued by the old CA, the new one is first");
+        assert!(kept.is_revoked(&dev("dev-3")) && kept.is_revoked(&dev("dev-9")) && !kept.is_revoked(&dev("dev-1")));
+        let loaded = Identity::load(dir.path()).unwrap();
+        assert_eq!(loaded.trust_bundle(), kept.trust_bundle());
+        assert_eq!(loaded.fleet_ca(), old_ca.1.as_ref(), "announcements name the oldest CA");
+        let mut sorted = bundle.clone();
+        sorted.revoked.sort();
+        assert_eq!(loaded.trust_bundle().digest(), sorted.digest(), "the hub's digest of what it sent");
+
+        assert!(id.store_trust(dir.path(), &TrustBundle::default()).is_err());
+        let not_a_ca = TrustBundle { cas: vec![id.cert.to_vec()], revoked: Vec::new() };
+        assert!(id.store_trust(dir.path(), &not_a_ca).is_err());
+        assert_eq!(
+            Identity::load(dir.path()).unwrap().trust_bundle(),
+            kept.trust_bundle(),
+            "a refused one changes nothing"
+        );
     }
 
     fn public(identity: &Identity) -> Vec<u8> {

@@ -208,8 +208,8 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
     let endpoint = endpoint(p)?;
     let port = endpoint.local_addr().map_err(|e| e.to_string())?.port();
     let identity = p.identity.get();
-    let ca = Fingerprint::of_der(&identity.ca);
-    let fleet = fleet_id(&ca);
+    let mut fleet = fleet_id(&Fingerprint::of_der(identity.fleet_ca()));
+    let mut trust = p.identity.trust_changes();
     let me = identity.device_id.to_string();
     let mut uplink = *p.link.borrow() == LinkState::Connected;
     let advertiser = mdns_daemon(cfg)?;
@@ -278,6 +278,19 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
                     if uplink && let Some((peer, stop)) = relay.take() {
                         tracing::info!(%peer, "Uplink back: relay through the peer stops.");
                         stop.cancel();
+                    }
+                }
+            }
+            Ok(()) = trust.changed() => {
+                // A new trust bundle: revoked peers lose their links, and
+                // the fleet's announcement follows the oldest CA trusted.
+                let identity = p.identity.get();
+                distrust_revoked(p, &identity);
+                let now = fleet_id(&Fingerprint::of_der(identity.fleet_ca()));
+                if now != fleet {
+                    fleet = now;
+                    if let Err(e) = advertise(&advertiser, &me, &fleet, port, uplink) {
+                        break Err(e);
                     }
                 }
             }
@@ -558,6 +571,24 @@ fn on_dialled(p: &PeerParams, done: Dialled) {
     }
 }
 
+/// Closes the links of peers the hub revoked: they are not trusted (and
+/// carried for) any more; a new handshake of theirs is refused.
+fn distrust_revoked(p: &PeerParams, identity: &crate::identity::Identity) {
+    let mut table = p.table.lock();
+    for peer in table.values_mut() {
+        let Ok(id) = peer.entry.id.parse::<DeviceId>() else { continue };
+        if !identity.is_revoked(&id) || matches!(&peer.entry.state, PeerState::Untrusted { .. }) {
+            continue;
+        }
+        tracing::warn!(peer = %id, "LAN peer revoked by the hub: link closed, nothing carried for it.");
+        if let Some(connection) = peer.connection.take() {
+            connection.close(2u32.into(), b"revoked");
+        }
+        peer.entry.state = PeerState::Untrusted { reason: "revoked by the hub".into() };
+        peer.retry_at = Some(Instant::now() + p.config.gone_after);
+    }
+}
+
 /// An announced name as it may be logged: control characters escaped (a
 /// LAN stranger chooses it).
 fn escape(text: &str) -> String {
@@ -670,8 +701,15 @@ async fn relay_server(incoming: quinn::Incoming, p: PeerParams) {
         return;
     };
     let mut streams = tokio::task::JoinSet::new();
+    let mut trust = p.identity.trust_changes();
     loop {
         tokio::select! {
+            Ok(()) = trust.changed() => {
+                if p.identity.get().is_revoked(&peer) {
+                    connection.close(2u32.into(), b"revoked");
+                    break;
+                }
+            }
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     streams.spawn(relay_stream(send, recv, peer.clone(), p.clone()));
@@ -697,6 +735,7 @@ async fn relay_stream(mut send: quinn::SendStream, recv: quinn::RecvStream, peer
         let reply = match message {
             Message::Heartbeat(beat) => Message::Heartbeat(beat),
             Message::Batch(batch) if batch.origin != peer => refusal(format!("batch of {} from {peer}", batch.origin)),
+            Message::Batch(_) if p.identity.get().is_revoked(&peer) => refusal("the hub revoked this device".into()),
             Message::Batch(_) if *p.link.borrow() != LinkState::Connected => refusal("no uplink here".into()),
             Message::Batch(batch) => {
                 let (reply_tx, reply_rx) = oneshot::channel();
@@ -728,24 +767,22 @@ fn refusal(message: String) -> Message {
 /// (verifying the fleet CA and the advertised device id).
 fn endpoint(p: &PeerParams) -> Result<quinn::Endpoint, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(p.identity.get().ca).map_err(|e| e.to_string())?;
-    let roots = Arc::new(roots);
-    // Both sides present the certificate in use at each handshake.
+    // Both sides present the certificate in use at each handshake, and
+    // check the other's against the trust bundle in use (CAs, revoked
+    // devices).
     let resolver = p.identity.resolver();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let verifier = crate::tls::PeerVerifier::new(p.identity.clone()).map_err(|e| e.to_string())?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(resolver.clone());
     server.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(resolver);
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let mut transport = quinn::TransportConfig::default();

@@ -74,7 +74,9 @@ pub fn bulk_config(identity: &Identity, timings: Timings) -> Result<quinn::Clien
 
 fn device_config(identity: &Identity, timings: Timings, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots.add(identity.ca.clone()).map_err(tls_err)?;
+    for ca in &identity.cas {
+        roots.add(ca.clone()).map_err(tls_err)?;
+    }
     let ca = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(tls_err)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -189,6 +191,150 @@ impl ServerCertVerifier for HubVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Verifies LAN peers, both ways: a certificate from a CA of the device's
+/// trust bundle (as the hub last sent it) whose device the hub has not
+/// revoked. Rebuilt from the bundle whenever it changes.
+pub struct PeerVerifier {
+    live: crate::identity::Live,
+    provider: Arc<CryptoProvider>,
+    built: std::sync::Mutex<Option<PeerRoots>>,
+}
+
+#[derive(Clone)]
+struct PeerRoots {
+    generation: u64,
+    server: Arc<WebPkiServerVerifier>,
+    client: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: Arc<Vec<outpost_shared::DeviceId>>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier").finish_non_exhaustive()
+    }
+}
+
+impl PeerVerifier {
+    /// A verifier following `live`'s trust bundle.
+    pub fn new(live: crate::identity::Live) -> Result<Arc<Self>, TlsError> {
+        let verifier = PeerVerifier { live, provider: provider(), built: std::sync::Mutex::new(None) };
+        verifier.roots().map_err(tls_err)?;
+        Ok(Arc::new(verifier))
+    }
+
+    fn roots(&self) -> Result<PeerRoots, rustls::Error> {
+        let generation = self.live.trust_generation();
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(roots) = built.as_ref().filter(|r| r.generation == generation) {
+            return Ok(roots.clone());
+        }
+        let identity = self.live.get();
+        let mut store = RootCertStore::empty();
+        for ca in &identity.cas {
+            store.add(ca.clone())?;
+        }
+        let store = Arc::new(store);
+        let general = |e: &dyn std::fmt::Display| rustls::Error::General(e.to_string());
+        let server = WebPkiServerVerifier::builder_with_provider(store.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| general(&e))?;
+        let client = rustls::server::WebPkiClientVerifier::builder_with_provider(store, self.provider.clone())
+            .build()
+            .map_err(|e| general(&e))?;
+        let roots = PeerRoots { generation, server, client, revoked: identity.revoked.clone() };
+        *built = Some(roots.clone());
+        Ok(roots)
+    }
+
+    /// Refuses a certificate of a revoked device.
+    fn not_revoked(revoked: &[outpost_shared::DeviceId], end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        match outpost_shared::identity::device_id_of(end_entity) {
+            Some(id) if revoked.binary_search(&id).is_ok() => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = self.roots()?;
+        let verified = roots.server.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        Self::not_revoked(&roots.revoked, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let roots = self.roots()?;
+        let verified = roots.client.verify_client_cert(end_entity, intermediates, now)?;
+        Self::not_revoked(&roots.revoked, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ServerCertVerifier::supported_verify_schemes(self)
     }
 }
 

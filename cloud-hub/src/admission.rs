@@ -45,8 +45,10 @@ const NOTE_EVERY: Duration = Duration::from_secs(60);
 pub struct Admissions {
     readmit: RwLock<HashMap<DeviceId, Timestamp>>,
     noted: Mutex<HashMap<DeviceId, (Timestamp, bool)>>,
-    revoked: RwLock<std::collections::HashSet<DeviceId>>,
-    /// Bumped whenever `revoked` grows: connections look again.
+    /// Revoked devices, and when.
+    revoked: RwLock<HashMap<DeviceId, Timestamp>>,
+    /// Bumped whenever `revoked` grows or the trusted CAs change:
+    /// connections look again (and sessions send the new trust bundle).
     revocations: tokio::sync::watch::Sender<u64>,
 }
 
@@ -59,6 +61,28 @@ impl Default for Admissions {
             revocations: tokio::sync::watch::Sender::new(0),
         }
     }
+}
+
+/// At most this many revoked devices go to each device (the newest).
+pub const MAX_REVOKED_SENT: usize = 10_000;
+
+/// The revoked devices LAN peers are told of: those revoked within one
+/// device certificate lifetime of `now` (any certificate of an older
+/// revocation has expired, and peers refuse it for that), newest first up
+/// to [`MAX_REVOKED_SENT`], sorted by id.
+pub fn revoked_list(
+    revoked: &HashMap<DeviceId, Timestamp>,
+    now: Timestamp,
+    device_lifetime: Duration,
+) -> Vec<DeviceId> {
+    let since = now.saturating_sub(device_lifetime);
+    let mut recent: Vec<(&DeviceId, Timestamp)> =
+        revoked.iter().filter(|(_, at)| **at >= since).map(|(id, at)| (id, *at)).collect();
+    recent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    recent.truncate(MAX_REVOKED_SENT);
+    let mut ids: Vec<DeviceId> = recent.into_iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    ids
 }
 
 /// What to do with a certificate that is CA-signed but expired.
@@ -74,15 +98,34 @@ impl Admissions {
 
     /// True if `id` was revoked.
     pub fn revoked(&self, id: &DeviceId) -> bool {
-        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(id)
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }
 
-    /// `id` was revoked (this hub learns it at once; others at their next
-    /// refresh): connections of the device close.
-    pub fn revoke(&self, id: &DeviceId) {
-        if self.revoked.write().unwrap_or_else(|p| p.into_inner()).insert(id.clone()) {
-            self.revocations.send_modify(|n| *n += 1);
+    /// `id` was revoked at `at` (this hub learns it at once; others at
+    /// their next refresh): connections of the device close.
+    pub fn revoke(&self, id: &DeviceId, at: Timestamp) {
+        let mut revoked = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        if revoked.insert(id.clone(), at).is_none() {
+            drop(revoked);
+            self.trust_changed();
         }
+    }
+
+    /// The devices LAN peers must be told are revoked at `now` (see
+    /// [`revoked_list`]).
+    pub fn revoked_list(&self, now: Timestamp, device_lifetime: Duration) -> Vec<DeviceId> {
+        revoked_list(&self.revoked.read().unwrap_or_else(|p| p.into_inner()), now, device_lifetime)
+    }
+
+    /// The trust bundle changed (a revocation, the end of a CA rotation's
+    /// overlap): every session looks again.
+    pub fn trust_changed(&self) {
+        self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Changes of the trust bundle, from now on.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
     }
 
     /// Resolves once `id` is revoked (at once if it is).
@@ -161,8 +204,8 @@ impl Admissions {
                 entry.1 = true;
             }
         }
-        for id in known.iter().filter(|(_, a)| a.revoked_at.is_some()).map(|(id, _)| id) {
-            self.revoke(id);
+        for (id, at) in known.iter().filter_map(|(id, a)| a.revoked_at.map(|at| (id, at))) {
+            self.revoke(id, at);
         }
         let readmit = known.into_iter().filter_map(|(id, a)| a.readmit_until.filter(|&u| now < u).map(|u| (id, u)));
         *self.readmit.write().unwrap_or_else(|p| p.into_inner()) = readmit.collect();
@@ -172,12 +215,28 @@ impl Admissions {
 
 /// The fleet CA's client verifier, which also lets re-admitted devices in
 /// with an expired certificate and notes the others (see the module).
+/// During a CA rotation it trusts both CAs until the overlap ends, then the
+/// current one only.
 #[derive(Debug)]
 pub struct DeviceVerifier {
-    /// The fleet CA's verifier.
+    /// The verifier of the CAs trusted during the overlap (or the current
+    /// CA's when there is none).
     pub inner: Arc<dyn ClientCertVerifier>,
+    /// The current CA's verifier, once the overlap ended, and when it ends.
+    pub after_overlap: Option<(Arc<dyn ClientCertVerifier>, std::time::SystemTime)>,
     /// Re-admissions and refusals.
     pub admissions: Arc<Admissions>,
+}
+
+impl DeviceVerifier {
+    /// The verifier of the CAs trusted at `now`.
+    fn at(&self, now: UnixTime) -> &Arc<dyn ClientCertVerifier> {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        match &self.after_overlap {
+            Some((current, until)) if now >= *until => current,
+            _ => &self.inner,
+        }
+    }
 }
 
 impl ClientCertVerifier for DeviceVerifier {
@@ -201,7 +260,8 @@ impl ClientCertVerifier for DeviceVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let revoked =
             || outpost_shared::identity::device_id_of(end_entity).is_some_and(|id| self.admissions.revoked(&id));
-        let refused = match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        let inner = self.at(now);
+        let refused = match inner.verify_client_cert(end_entity, intermediates, now) {
             Ok(_) if revoked() => return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
@@ -215,7 +275,7 @@ impl ClientCertVerifier for DeviceVerifier {
         let last_valid = outpost_shared::identity::validity_of(end_entity)
             .and_then(|(_, until)| until.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| UnixTime::since_unix_epoch(d.saturating_sub(Duration::from_secs(1))));
-        let genuine = last_valid.is_some_and(|at| self.inner.verify_client_cert(end_entity, intermediates, at).is_ok());
+        let genuine = last_valid.is_some_and(|at| inner.verify_client_cert(end_entity, intermediates, at).is_ok());
         let Some(id) = outpost_shared::identity::device_id_of(end_entity).filter(|_| genuine) else {
             return Err(refused);
         };
@@ -282,13 +342,36 @@ mod tests {
             let one = one.clone();
             async move { a.revoked_wait(&one).await }
         });
-        a.revoke(&two);
+        a.revoke(&two, Timestamp(1));
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "another device's revocation woke it");
-        a.revoke(&one);
+        a.revoke(&one, Timestamp(2));
         tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
         assert!(a.revoked(&one) && a.revoked(&two));
         // Already revoked: resolves at once.
         tokio::time::timeout(Duration::from_millis(100), a.revoked_wait(&one)).await.unwrap();
+    }
+
+    #[test]
+    fn devices_hear_of_revocations_within_a_certificate_lifetime_newest_first() {
+        let day = Duration::from_secs(86_400);
+        let at = |d: u64| Timestamp(d * 86_400_000);
+        let ids: Vec<DeviceId> = (0..5).map(|i| format!("dev-{i}").parse().unwrap()).collect();
+        let revoked: HashMap<DeviceId, Timestamp> =
+            [(ids[3].clone(), at(10)), (ids[1].clone(), at(400)), (ids[4].clone(), at(500)), (ids[0].clone(), at(499))]
+                .into_iter()
+                .collect();
+        // At day 500 with 365-day certificates: the one of day 10 is out.
+        assert_eq!(revoked_list(&revoked, at(500), day * 365), vec![ids[0].clone(), ids[1].clone(), ids[4].clone()]);
+        assert_eq!(revoked_list(&revoked, at(500), day * 50), vec![ids[0].clone(), ids[4].clone()]);
+        let many: HashMap<DeviceId, Timestamp> =
+            (0..MAX_REVOKED_SENT as u64 + 5).map(|i| (format!("d-{i}").parse().unwrap(), Timestamp(i))).collect();
+        let sent = revoked_list(&many, Timestamp(MAX_REVOKED_SENT as u64 + 5), day);
+        assert_eq!(sent.len(), MAX_REVOKED_SENT);
+        assert!(
+            !sent.contains(&"d-0".parse().unwrap()) && sent.contains(&"d-5".parse().unwrap()),
+            "the newest are kept"
+        );
+        assert!(sent.windows(2).all(|w| w[0] < w[1]), "sorted: the digest does not depend on the order");
     }
 }

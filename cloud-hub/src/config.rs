@@ -261,7 +261,7 @@ impl ConfigFile for HubConfig {
                 ),
             });
         }
-        for secret in ["ca.key", "enroll.key", "quic-reset.key"] {
+        for secret in ["ca.key", "ca-previous.key", "enroll.key", "quic-reset.key"] {
             if let Err(message) = outpost_shared::fsutil::check_private(&dir.join(secret)) {
                 errors.push(ConfigError { path: "data_dir".into(), message });
             }

@@ -105,9 +105,17 @@ fn refuse(reason: RefusalReason, message: impl Into<String>) -> Refused {
 /// everything checks out, in one transaction.
 pub async fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollRequest) -> Result<Enrolled, Refused> {
     let parsed = token::parse(&request.token).map_err(|e| refuse(RefusalReason::UnknownToken, e.to_string()))?;
-    if !parsed.verify(key) || parsed.claims.ca != ca.fingerprint() {
+    if !parsed.verify(key) {
         return Err(refuse(RefusalReason::UnknownToken, "enrollment token was not issued by this hub"));
     }
+    // A token pins the CA that authenticated the hub when it was made: during
+    // a CA rotation's overlap, the previous one still does.
+    let Some(ca_der) = ca.trusted_by_fingerprint(&parsed.claims.ca) else {
+        return Err(refuse(
+            RefusalReason::UnknownToken,
+            "enrollment token pins a CA this hub no longer trusts (made before a CA rotation): make a new one",
+        ));
+    };
     let claims = &parsed.claims;
     if Timestamp::now().as_secs() >= claims.expires_at {
         return Err(refuse(RefusalReason::ExpiredToken, "enrollment token has expired"));
@@ -130,7 +138,7 @@ pub async fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollReq
     let public_key = public_key_of(&cert)
         .ok_or_else(|| refuse(RefusalReason::BadCsr, "the signed certificate has no public key"))?;
     match store.enroll(&claims.id, claims.uses, &record, &public_key).await {
-        Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca.cert_der().to_vec() }),
+        Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca_der.to_vec() }),
         Err(StoreError::UsedUp { used, allowed }) => {
             Err(refuse(RefusalReason::UsedUpToken, format!("enrollment token is used up ({used} of {allowed} uses)")))
         }

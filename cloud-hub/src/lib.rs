@@ -246,7 +246,10 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         None => None,
     };
     let wakeup_task = tokio::spawn(wakeups(fleet.clone(), shutdown.clone()));
-    let identity_task = tokio::spawn(identity.run(shutdown.clone()));
+    let identity_task = tokio::spawn(identity.run(shutdown.clone(), {
+        let admissions = fleet.admissions().clone();
+        move || admissions.trust_changed()
+    }));
     let admissions_task = tokio::spawn(fleet.admissions().clone().run(store.clone(), shutdown.clone()));
     let maintenance_task = tokio::spawn(maintenance(
         fleet.clone(),

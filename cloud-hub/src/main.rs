@@ -45,6 +45,11 @@ enum Command {
         #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
         valid_for: Duration,
     },
+    /// The fleet CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Enrollment tokens.
     Token {
         #[command(subcommand)]
@@ -61,6 +66,29 @@ enum Command {
         /// Config file.
         #[arg(long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rotate the fleet CA: a new CA signs device certificates from now on;
+    /// both are trusted for the overlap, in which devices receive the new
+    /// CA and renew onto it. Restart the hub (and copy the `ca*` files to
+    /// every other hub, then restart them) for it to take effect.
+    Rotate {
+        /// The hub's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long the current CA stays trusted: longer than any device is
+        /// expected to stay offline.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        overlap: Duration,
+    },
+    /// Show the CAs of a data dir and the state of a rotation.
+    Show {
+        /// The hub's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
     },
 }
 
@@ -101,6 +129,8 @@ fn main() -> ExitCode {
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
         ),
+        Command::Ca { command: CaCommand::Rotate { data_dir, overlap } } => report(rotate(&data_dir, overlap)),
+        Command::Ca { command: CaCommand::Show { data_dir } } => report(show_ca(&data_dir)),
         Command::AdminToken { config, valid_for } => match HubConfig::load_checked_or_exit(&config) {
             Ok(config) => report(runtime().and_then(|rt| {
                 let (token, name) = rt.block_on(outpost_hub::break_glass(&config, valid_for))?;
@@ -161,6 +191,38 @@ fn init(data_dir: &std::path::Path, config: Option<HubConfig>) -> anyhow::Result
     println!("Initialised {}.", data_dir.display());
     println!("Admin API token (shown once, stored only as a hash):");
     println!("{token}");
+    Ok(())
+}
+
+fn rotate(data_dir: &std::path::Path, overlap: Duration) -> anyhow::Result<()> {
+    if overlap < Duration::from_secs(1) || overlap > Duration::from_secs(3650 * 86_400) {
+        anyhow::bail!("--overlap must be between 1s and 3650d");
+    }
+    let until = outpost_hub::ca::FleetCa::rotate(data_dir, overlap)?;
+    let ca = outpost_hub::ca::FleetCa::load(data_dir)?;
+    println!(
+        "New fleet CA {} signs device certificates from now on.",
+        outpost_shared::Fingerprint::of_der(ca.cert_der())
+    );
+    println!("The previous CA stays trusted until {}.", outpost_shared::time::Timestamp::from_system(until).rfc3339());
+    println!("Restart the hub; with several hubs, copy ca.crt, ca.key and ca-previous.* to each and restart them.");
+    Ok(())
+}
+
+fn show_ca(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let ca = outpost_hub::ca::FleetCa::load(data_dir)?;
+    let now = std::time::SystemTime::now();
+    for (i, cert) in ca.trusted(now).iter().enumerate() {
+        let role = if i == 0 { "current (signs device certificates)" } else { "previous (trusted during the overlap)" };
+        println!("{}  {role}", outpost_shared::Fingerprint::of_der(cert));
+    }
+    match ca.overlap_until(now) {
+        Some(until) => println!(
+            "Rotation under way: the previous CA authenticates the hub and is trusted until {}.",
+            outpost_shared::time::Timestamp::from_system(until).rfc3339()
+        ),
+        None => println!("No rotation under way."),
+    }
     Ok(())
 }
 

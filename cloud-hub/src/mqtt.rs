@@ -307,7 +307,7 @@ fn options(config: &MqttConfig, ctx: &BridgeContext) -> Result<MqttOptions, Brid
     if config.broker.tls {
         let roots = match &config.ca_file {
             Some(path) => outpost_shared::mqtt::read_pem_certs(path).map_err(BridgeError)?,
-            None => vec![ctx.ca.cert_der().clone()],
+            None => ctx.ca.trusted(std::time::SystemTime::now()),
         };
         // The hub's current certificate at every (re)connection: renewed
         // while the hub runs.
@@ -445,6 +445,7 @@ impl DeviceTask {
             WhenFenced::Detach,
         );
         let mut check_downlink = false;
+        let mut trust = self.ctx.fleet.admissions().trust_changes();
         loop {
             if check_downlink {
                 // Delivery problems were logged; MQTT sessions do not end on them.
@@ -456,6 +457,10 @@ impl DeviceTask {
             let downlink = session.downlink();
             let next = tokio::select! {
                 () = downlink.notified() => {
+                    check_downlink = true;
+                    continue;
+                }
+                Ok(()) = trust.changed() => {
                     check_downlink = true;
                     continue;
                 }

@@ -66,11 +66,21 @@ pub fn server_config(
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der().clone()).map_err(|e| tls_err(&e))?;
-    let inner =
-        WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))?;
-    let verifier = Arc::new(crate::admission::DeviceVerifier { inner, admissions });
+    let verifier_of = |cas: &[CertificateDer<'static>]| {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in cas {
+            roots.add(ca.clone()).map_err(|e| tls_err(&e))?;
+        }
+        WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| tls_err(&e))
+    };
+    // During a CA rotation both CAs until the overlap ends, then the new one.
+    let now = std::time::SystemTime::now();
+    let inner = verifier_of(&ca.trusted(now))?;
+    let after_overlap = match ca.overlap_until(now) {
+        Some(until) => Some((verifier_of(std::slice::from_ref(ca.cert_der()))?, until)),
+        None => None,
+    };
+    let verifier = Arc::new(crate::admission::DeviceVerifier { inner, after_overlap, admissions });
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity.resolver());
@@ -287,6 +297,7 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
     // Look for work to deliver at session start and when the API pokes the
     // session, not on every incoming message.
     let mut check_downlink = true;
+    let mut trust = ctx.fleet.admissions().trust_changes();
     loop {
         if check_downlink {
             match session.deliver(&mut transport).await {
@@ -301,6 +312,10 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
         let downlink = session.downlink();
         let envelope = tokio::select! {
             () = downlink.notified() => {
+                check_downlink = true;
+                continue;
+            }
+            Ok(()) = trust.changed() => {
                 check_downlink = true;
                 continue;
             }

@@ -450,7 +450,7 @@ pub async fn revoke(fleet: &Fleet, id: &DeviceId) -> Result<Timestamp, StoreErro
     let at = *admission.revoked_at.get_or_insert_with(Timestamp::now);
     admission.readmit_until = None;
     store.set_admission(id, &admission).await?;
-    fleet.admissions().revoke(id);
+    fleet.admissions().revoke(id, at);
     tracing::warn!(device = %id, "Device revoked.");
     Ok(at)
 }

@@ -18,7 +18,7 @@ use outpost_shared::DeviceId;
 use outpost_shared::protocol::Record;
 use outpost_shared::protocol::{
     Ack, Batch, Command, Deliver, Desired, Hello, Message, Refusal, RefusalReason, RelayAck, RenewRequest, Renewed,
-    Welcome,
+    TrustBundle, Welcome,
 };
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
@@ -342,6 +342,9 @@ pub struct DeviceSession {
     pace: crate::pace::Pace,
     /// The session has said that it slows the device.
     slowed: bool,
+    /// The digest of the trust bundle the device holds, once it said
+    /// (agents of protocol 12 and later; older ones are sent none).
+    device_trust: Option<[u8; 32]>,
 }
 
 impl DeviceSession {
@@ -369,6 +372,7 @@ impl DeviceSession {
             outbound: Outbound::default(),
             pace: crate::pace::Pace::new(fleet_rate, std::time::Instant::now()),
             slowed: false,
+            device_trust: None,
         }
     }
 
@@ -457,6 +461,11 @@ impl DeviceSession {
             Message::Received(r) => {
                 self.attach(transport, false).await?;
                 received(&store, &self.id, r.commands).await;
+            }
+            Message::TrustHave(have) => {
+                self.attach(transport, false).await?;
+                self.device_trust = Some(have.digest);
+                new_session = true;
             }
             other => return Err(SessionEnd::Protocol(format!("unexpected {} in a session", other.kind()))),
         }
@@ -556,11 +565,31 @@ impl DeviceSession {
         Ok(())
     }
 
-    /// Sends what waits for the device (commands, desired state). Returns
-    /// true if a full delivery may have left more behind.
+    /// The trust bundle devices are to hold now: the CAs trusted and the
+    /// devices revoked.
+    pub fn trust_bundle(&self) -> TrustBundle {
+        let now = std::time::SystemTime::now();
+        TrustBundle {
+            cas: self.ca.trusted(now).into_iter().map(|c| c.to_vec()).collect(),
+            revoked: self.fleet.admissions().revoked_list(Timestamp::from_system(now), self.ca.device_lifetime()),
+        }
+    }
+
+    /// Sends what waits for the device (the trust bundle if it changed,
+    /// commands, desired state). Returns true if a full delivery may have
+    /// left more behind.
     pub async fn deliver(&mut self, transport: &mut impl Transport) -> Result<bool, SessionEnd> {
         if self.link.is_none() {
             return Ok(false);
+        }
+        if let Some(held) = self.device_trust {
+            let bundle = self.trust_bundle();
+            let digest = bundle.digest();
+            if digest != held {
+                debug!(cas = bundle.cas.len(), revoked = bundle.revoked.len(), "Trust bundle sent.");
+                transport.send(Message::Trust(bundle)).await?;
+                self.device_trust = Some(digest);
+            }
         }
         let store = self.fleet.store().clone();
         match self.outbound.pending(&store, &self.id, self.max_frame / 2).await {

@@ -196,6 +196,35 @@ pub fn public_key_of(cert_der: &[u8]) -> Option<Vec<u8>> {
     Some(parsed.public_key().subject_public_key.data.to_vec())
 }
 
+/// True if `cert_der` names `ca_der` as its issuer: the issuer's name is
+/// the CA's subject and, when both carry key identifiers, the authority key
+/// id is the CA's subject key id (two CAs of a rotation may share a name).
+/// Says which CA issued a certificate already verified; it checks no
+/// signature.
+pub fn issued_by(cert_der: &[u8], ca_der: &[u8]) -> bool {
+    use x509_parser::extensions::ParsedExtension;
+    let (Ok((_, cert)), Ok((_, ca))) =
+        (x509_parser::parse_x509_certificate(cert_der), x509_parser::parse_x509_certificate(ca_der))
+    else {
+        return false;
+    };
+    if cert.issuer().as_raw() != ca.subject().as_raw() {
+        return false;
+    }
+    let authority = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref().map(|k| k.0.to_vec()),
+        _ => None,
+    });
+    let subject = ca.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+        _ => None,
+    });
+    match (authority, subject) {
+        (Some(a), Some(s)) => a == s,
+        _ => true,
+    }
+}
+
 /// The validity of a certificate: `(not_before, not_after)`.
 pub fn validity_of(cert_der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).ok()?;

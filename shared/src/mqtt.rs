@@ -43,6 +43,8 @@ pub enum UpKind {
     Relay,
     /// `Renew`: a request for a new certificate.
     Renew,
+    /// `TrustHave`: the digest of the device's trust bundle.
+    Trust,
 }
 
 impl UpKind {
@@ -55,6 +57,7 @@ impl UpKind {
             UpKind::Received => "received",
             UpKind::Relay => "relay",
             UpKind::Renew => "renew",
+            UpKind::Trust => "trust",
         }
     }
 
@@ -67,12 +70,13 @@ impl UpKind {
             Message::Received(_) => Some(UpKind::Received),
             Message::Relay(_) => Some(UpKind::Relay),
             Message::Renew(_) => Some(UpKind::Renew),
+            Message::TrustHave(_) => Some(UpKind::Trust),
             _ => None,
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received, UpKind::Relay, UpKind::Renew]
+        [UpKind::Hello, UpKind::Batch, UpKind::Heartbeat, UpKind::Received, UpKind::Relay, UpKind::Renew, UpKind::Trust]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

@@ -32,8 +32,10 @@ use serde::{Deserialize, Serialize};
 /// (`HaveChunks` ... `Chunk`); version 10 added certificate renewal over
 /// the session (`Renew`, `Renewed`); version 11 added `Fresh`, which binds
 /// a message through a broker to one session and numbers it, so a replay
-/// is refused.
-pub const PROTOCOL_VERSION: u16 = 11;
+/// is refused; version 12 added the trust bundle (`TrustHave`, `Trust`):
+/// the CAs a device trusts (CA rotation) and the devices its LAN peers must
+/// no longer trust (revocation).
+pub const PROTOCOL_VERSION: u16 = 12;
 
 /// The oldest version this build still reads. Messages are only ever
 /// appended, and an envelope carries the version that introduced its
@@ -123,6 +125,40 @@ pub enum Message {
     /// Either way, inside a `Signed` through a broker: a message bound to
     /// one session of the device and numbered in it (see [`Fresh`]).
     Fresh(Fresh),
+    /// Agent → hub, in a session, after `Welcome`: the digest of the trust
+    /// bundle the device holds. The hub answers with `Trust` when its own
+    /// differs, and sends `Trust` again whenever its bundle changes.
+    TrustHave(TrustHave),
+    /// Hub → agent: the trust bundle (see [`TrustBundle`]).
+    Trust(TrustBundle),
+}
+
+/// What a device holds of the fleet's trust.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrustHave {
+    /// [`TrustBundle::digest`] of the device's bundle.
+    pub digest: [u8; 32],
+}
+
+/// What a device trusts, as the hub says: the fleet's CA certificates and
+/// the devices revoked. Sent only over an authenticated link (the QUIC
+/// session, or signed by the fleet CA through a broker).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrustBundle {
+    /// The CA certificates (DER) the fleet trusts, the one that issues new
+    /// device certificates first. During a CA rotation there are two: a
+    /// device whose certificate is not from the first renews at once.
+    pub cas: Vec<Vec<u8>>,
+    /// Devices revoked (sorted): LAN peers refuse their links and carry
+    /// nothing for them.
+    pub revoked: Vec<DeviceId>,
+}
+
+impl TrustBundle {
+    /// SHA-256 of the bundle's encoding: what `TrustHave` carries.
+    pub fn digest(&self) -> [u8; 32] {
+        crate::identity::Fingerprint::of_der(&postcard::to_stdvec(self).unwrap_or_default()).0
+    }
 }
 
 /// A message through a carrier that can replay what it carried (an MQTT
@@ -735,6 +771,8 @@ impl Message {
             Message::Renew(_) => "Renew",
             Message::Renewed(_) => "Renewed",
             Message::Fresh(_) => "Fresh",
+            Message::TrustHave(_) => "TrustHave",
+            Message::Trust(_) => "Trust",
         }
     }
 
@@ -744,6 +782,7 @@ impl Message {
         match self {
             Message::Renew(_) | Message::Renewed(_) => 10,
             Message::Fresh(_) => 11,
+            Message::TrustHave(_) | Message::Trust(_) => 12,
             _ => MIN_PROTOCOL_VERSION,
         }
     }
@@ -975,6 +1014,17 @@ mod tests {
                     message: Box::new(Message::Heartbeat(Heartbeat { at: Timestamp(2) })),
                 }),
                 "0b1b05000101ab0502",
+            ),
+            (
+                Message::TrustHave(TrustHave { digest: [7; 32] }),
+                "0c1c0707070707070707070707070707070707070707070707070707070707070707",
+            ),
+            (
+                Message::Trust(TrustBundle {
+                    cas: vec![vec![0x30], vec![0x31, 0x32]],
+                    revoked: vec!["dev-02".parse().unwrap()],
+                }),
+                "0c1d02013002313201066465762d3032",
             ),
         ];
         for (message, golden) in cases {

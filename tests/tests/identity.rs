@@ -255,6 +255,7 @@ fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
     let mut lost = Agent::enroll(scratch.path(), &hub, "lost", &timings).unwrap();
     lost.use_transport(Some(&broker)).unwrap();
     let mut bystander = Agent::enroll(scratch.path(), &hub, "bystander", &timings).unwrap();
+    bystander.use_transport(Some(&broker)).unwrap();
     for agent in [&mut stolen, &mut lost, &mut bystander] {
         agent.start().unwrap();
     }
@@ -302,7 +303,151 @@ fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
     assert_eq!((after.last_seq, after.last_seen_ms), (held, seen), "a revoked device's messages were taken");
     assert_eq!(after.state(), "revoked");
 
-    // The third device never noticed.
+    // The third device never noticed, but for the list of revoked devices
+    // its LAN peers go by (sent signed through the broker).
     wait_online(&hub, &[&bystander.id], true, Duration::from_secs(5)).unwrap();
+    wait_for(Duration::from_secs(5), "the bystander to hear of both revocations", || {
+        bystander.log_text().contains("Trust bundle from the hub kept. cas=1 revoked=2").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", bystander.log_text()));
+    let kept = std::fs::read_to_string(bystander.data_dir.join("identity/revoked")).unwrap();
+    let mut both = [stolen.id.clone(), lost.id.clone()];
+    both.sort();
+    assert_eq!(kept, format!("{}\n{}\n", both[0], both[1]));
     assert_eq!(bystander.log_text().matches("Connected to the hub.").count(), 1, "{}", bystander.log_text());
+}
+
+/// The CA certificates of a PEM file, as DER.
+fn pem_certs(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    for block in text.split("-----BEGIN CERTIFICATE-----").skip(1) {
+        let body: String = block.split("-----END").next().unwrap().split_whitespace().collect();
+        out.push(base64_decode(&body));
+    }
+    out
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        acc = (acc << 6) | ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// True if the agent's certificate is from the CA `ca` (DER).
+fn issued_by(agent: &Agent, ca: &[u8]) -> bool {
+    let cert = pem_certs(&agent.data_dir.join("identity/device.crt")).remove(0);
+    outpost_shared::identity::issued_by(&cert, ca)
+}
+
+/// CA rotation in one run: three devices, one of them offline through the
+/// first part of the overlap, and a token made before the rotation. During
+/// the overlap the hub still shows the old CA, every device receives the
+/// new one and renews onto it, the old token still enrolls; at the end of
+/// the overlap the hub moves to the new CA without dropping a session,
+/// devices drop the old CA, and a device that never came back during the
+/// overlap, like the old token, is refused.
+#[test]
+fn a_ca_rotation_moves_the_fleet_to_the_new_ca_and_drops_the_old_one() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut online: Vec<Agent> =
+        ["rot-a", "rot-b"].iter().map(|n| Agent::enroll(scratch.path(), &hub, n, &timings).unwrap()).collect();
+    let mut late = Agent::enroll(scratch.path(), &hub, "rot-late", &timings).unwrap();
+    let mut never = Agent::enroll(scratch.path(), &hub, "rot-never", &timings).unwrap();
+    let old_token = hub.token("10m", 2).unwrap();
+    let old_ca = pem_certs(&hub.data_dir.join("ca.crt")).remove(0);
+    for agent in &mut online {
+        agent.start().unwrap();
+    }
+    let ids: Vec<&str> = online.iter().map(|a| a.id.as_str()).collect();
+    wait_online(&hub, &ids, true, Duration::from_secs(15)).unwrap();
+
+    let overlap = Duration::from_secs(30);
+    let rotate = std::process::Command::new(outpost_tests::bin("outpost-hub"))
+        .args(["ca", "rotate", "--overlap", "30s", "--data-dir"])
+        .arg(&hub.data_dir)
+        .output()
+        .unwrap();
+    let rotated_at = Instant::now();
+    assert!(rotate.status.success(), "{}", String::from_utf8_lossy(&rotate.stderr));
+    let new_ca = pem_certs(&hub.data_dir.join("ca.crt")).remove(0);
+    assert_ne!(new_ca, old_ca);
+    hub.kill();
+    hub.serve().unwrap();
+
+    // Devices online receive the bundle and renew onto the new CA.
+    let on_new_ca = |agent: &Agent| issued_by(agent, &new_ca);
+    for agent in &online {
+        wait_for(Duration::from_secs(20), "the device to renew onto the new CA", || on_new_ca(agent).then_some(()))
+            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        assert_eq!(pem_certs(&agent.data_dir.join("identity/ca.crt")), vec![new_ca.clone(), old_ca.clone()]);
+    }
+    // A token made before the rotation enrolls during the overlap.
+    let data_dir = scratch.path().join("rot-new");
+    let enroll = std::process::Command::new(outpost_tests::bin("outpost-agent"))
+        .args(["enroll", "--name", "rot-new", "--token", &old_token, "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(enroll.status.success(), "{}", String::from_utf8_lossy(&enroll.stderr));
+    // The device offline so far comes back during the overlap and renews.
+    late.start().unwrap();
+    wait_for(Duration::from_secs(20), "the late device to renew onto the new CA", || on_new_ca(&late).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", late.log_text()));
+    online.push(late);
+    assert!(rotated_at.elapsed() < overlap, "the overlap ended before the devices renewed: the test is too slow");
+
+    // The overlap ends: the hub moves to the new CA, sessions stay, devices
+    // drop the old CA.
+    let connects = |agent: &Agent| agent.log_text().matches("Connected to the hub.").count();
+    let before: Vec<usize> = online.iter().map(connects).collect();
+    wait_for(overlap + Duration::from_secs(20), "the hub to move to the new CA", || {
+        let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+        log.contains("The CA rotation's overlap ended").then_some(())
+    })
+    .unwrap();
+    for (agent, before) in online.iter().zip(&before) {
+        wait_for(Duration::from_secs(10), "the device to drop the old CA", || {
+            (pem_certs(&agent.data_dir.join("identity/ca.crt")) == vec![new_ca.clone()]).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        assert_eq!(connects(agent), *before, "a session was dropped:\n{}", agent.log_text());
+    }
+    // New connections: the hub's certificate is from the new CA now.
+    for agent in &mut online {
+        agent.proc.as_mut().unwrap().kill();
+        agent.start().unwrap();
+    }
+    let ids: Vec<&str> = online.iter().map(|a| a.id.as_str()).collect();
+    wait_for(Duration::from_secs(20), "every renewed device to reconnect", || {
+        online.iter().zip(&before).all(|(a, before)| connects(a) > *before).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_online(&hub, &ids, true, Duration::from_secs(10)).unwrap();
+
+    // The device that slept through the overlap, and the old token, are
+    // refused now.
+    never.start().unwrap();
+    wait_for(Duration::from_secs(15), "the device of the old CA to be refused", || {
+        let log = never.log_text();
+        log.contains("The hub's certificate is from a CA this device does not trust").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", never.log_text()));
+    assert!(!never.log_text().contains("Connected to the hub."));
+    let enroll = std::process::Command::new(outpost_tests::bin("outpost-agent"))
+        .args(["enroll", "--name", "rot-too-late", "--token", &old_token, "--data-dir"])
+        .arg(scratch.path().join("rot-too-late"))
+        .output()
+        .unwrap();
+    assert!(!enroll.status.success());
 }

@@ -386,3 +386,51 @@ fn a_flood_of_fake_announcements_costs_bounded_memory_and_trusted_peers_keep_rel
     let lines = log.lines().filter(|l| l.contains("LAN peer not trusted") || l.contains("another fleet")).count();
     assert!(lines <= 40, "{lines} lines about untrusted peers");
 }
+
+/// Revocation reaches the LAN: a device whose only link is a peer relays
+/// through it until an operator revokes it. The carrier learns the
+/// revocation from the hub over its own session (the trust bundle), closes
+/// the link, refuses the device's handshakes from then on, carries nothing
+/// more for it, and keeps the list on disk for when it is offline itself.
+#[test]
+fn a_revoked_device_loses_its_lan_peers_which_stop_relaying_for_it() {
+    let lan = Lan::new(2).unwrap();
+    let scratch = Scratch::new().unwrap();
+    let hub = Hub::start_on(scratch.path(), Timings::default(), &format!("{}:0", lan.hub_ip())).unwrap();
+    let mut stolen = agent_in(&scratch, &hub, &lan, 0, "stolen");
+    let mut carrier = agent_in(&scratch, &hub, &lan, 1, "carrier");
+    lan.cut(0).unwrap();
+    carrier.start().unwrap();
+    stolen.start_loadgen(&["--records", "100000", "--batch", "10", "--appends-per-sec", "20"]).unwrap();
+    wait_progress(&hub, &stolen.id, 100, Duration::from_secs(60));
+
+    let hub_log = || std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+    let refused_at_hub = || hub_log().matches("Relayed batch of a revoked device refused.").count();
+    let revoked_at = Instant::now();
+    let out = outpost_tests::outpostctl(&hub, &["revoke", &stolen.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_states(
+        &carrier,
+        &[&stolen.id],
+        Duration::from_secs(10),
+        "revoked",
+        |s| matches!(s, PeerState::Untrusted { reason } if reason.contains("revoked")),
+    );
+    eprintln!("the carrier distrusted the revoked device {:?} after the revocation", revoked_at.elapsed());
+    assert!(carrier.log_text().contains("LAN peer revoked by the hub"), "{}", carrier.log_text());
+    let kept = std::fs::read_to_string(carrier.data_dir.join("identity/revoked")).unwrap();
+    assert_eq!(kept.trim(), stolen.id, "the carrier keeps the list for when it is offline");
+
+    // Nothing more is carried: the hub stops seeing relayed batches of it.
+    let settled = Instant::now() + Duration::from_secs(2);
+    wait_for(Duration::from_secs(5), "relays in flight to settle", || (Instant::now() > settled).then_some(()))
+        .unwrap();
+    let (refused, held) = (refused_at_hub(), hub.device(&stolen.id).unwrap().last_seq);
+    let quiet = Instant::now() + Duration::from_secs(4);
+    wait_for(Duration::from_secs(6), "a quiet while", || (Instant::now() > quiet).then_some(())).unwrap();
+    assert_eq!(refused_at_hub(), refused, "the carrier still forwards the revoked device's batches");
+    assert_eq!(hub.device(&stolen.id).unwrap().last_seq, held);
+    // The stolen device's own attempts fail at the handshake.
+    let log = stolen.log_text();
+    assert!(log.contains("Relay through the LAN peer stopped") || log.contains("LAN peer not trusted"), "{log}");
+}

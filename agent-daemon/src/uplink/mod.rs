@@ -113,6 +113,17 @@ impl LinkError {
     }
 }
 
+impl LinkError {
+    /// True if this device refused the hub's certificate as from a CA it
+    /// does not trust (TLS alert 48 sent by this side): the fleet's CA was
+    /// rotated while the device was away past the overlap, or the address
+    /// is not its fleet's hub.
+    pub fn hub_untrusted(&self) -> bool {
+        matches!(self, LinkError::Connection(quinn::ConnectionError::TransportError(t))
+            if t.code == quinn::TransportErrorCode::crypto(48))
+    }
+}
+
 /// The meaning of a QUIC close code that carries a TLS alert about the
 /// client's certificate.
 fn certificate_alert(code: u64) -> Option<&'static str> {
@@ -264,6 +275,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             Identity::discard_next(&params.data_dir);
             continue;
         }
+        let untrusted = result.as_ref().err().is_some_and(LinkError::hub_untrusted);
         let reason = match result {
             Ok(()) => "hub closed the session".to_owned(),
             Err(e) => match e.certificate_refused() {
@@ -297,6 +309,13 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
                      trying, and keeps every record until then."
                 );
             }
+        } else if reason != last_error && untrusted {
+            tracing::error!(
+                %reason,
+                "The hub's certificate is from a CA this device does not trust: the fleet's CA was rotated while \
+                 the device was away past the overlap (or this is not its fleet's hub). Enroll the device again; \
+                 it keeps trying, and keeps every record until then."
+            );
         } else if reason != last_error {
             tracing::warn!(%reason, attempt, "Cannot reach the hub.");
         } else {

@@ -79,8 +79,12 @@ impl Session {
     pub async fn run(&mut self, p: &LinkParams) -> Result<(), LinkError> {
         let cfg = &p.config;
         let id = &p.identity.device_id;
-        let ca_key = public_key_of(&p.identity.ca)
-            .ok_or_else(|| LinkError::Protocol("the fleet CA certificate has no public key".into()))?;
+        // The hub signs with the key of the CA that authenticates it: the
+        // previous one during a CA rotation's overlap, the new one after.
+        let ca_keys: Vec<Vec<u8>> = p.identity.cas.iter().filter_map(|ca| public_key_of(ca)).collect();
+        if ca_keys.is_empty() {
+            return Err(LinkError::Protocol("the fleet CA certificate has no public key".into()));
+        }
         let (client, mut eventloop) = AsyncClient::new(self.options(p)?, 16);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -108,7 +112,7 @@ impl Session {
             client,
             rx,
             signer,
-            ca_key,
+            ca_keys,
             max_frame: cfg.max_frame,
             window: DownWindow::new(rand::random()),
             sent: 0,
@@ -127,7 +131,7 @@ impl Session {
         if broker.tls {
             let roots = match &self.config.ca_file {
                 Some(path) => outpost_shared::mqtt::read_pem_certs(path).map_err(LinkError::Mqtt)?,
-                None => vec![p.identity.ca.clone()],
+                None => p.identity.cas.clone(),
             };
             let chain = vec![p.identity.cert.clone()];
             let tls = outpost_shared::mqtt::tls_client_config(&roots, chain, p.identity.key())
@@ -169,7 +173,8 @@ struct MqttChannel {
     client: AsyncClient,
     rx: mpsc::Receiver<Pumped>,
     signer: Signer,
-    ca_key: Vec<u8>,
+    /// The public keys of the CAs the device trusts.
+    ca_keys: Vec<Vec<u8>>,
     max_frame: usize,
     /// This connection's session and what it took of each hub process.
     window: DownWindow,
@@ -192,7 +197,7 @@ impl MqttChannel {
         if signed.device != self.id {
             return Err(format!("message for device {}", signed.device));
         }
-        if !signed.verify(Direction::Down, &self.ca_key) {
+        if !self.ca_keys.iter().any(|key| signed.verify(Direction::Down, key)) {
             return Err("signature does not verify with the fleet CA's key".into());
         }
         let fresh = match signed.message().map_err(|e| e.to_string())? {

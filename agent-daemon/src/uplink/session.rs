@@ -18,7 +18,7 @@
 use super::{LinkError, LinkParams, LinkState};
 use crate::identity::Identity;
 use outpost_shared::DeviceId;
-use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal, RenewRequest};
+use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal, RenewRequest, TrustHave};
 use outpost_shared::time::Timestamp;
 use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
@@ -72,9 +72,18 @@ const RENEWAL_RETRY: Duration = Duration::from_secs(3600);
 /// of its life, at `hub_now` (zero: now); `None` for a certificate that
 /// does not parse. The hub's clock decides, not the device's: a device
 /// whose clock restarted at 1970 or runs a year ahead still renews when it
-/// should.
-pub fn renewal_in(validity: Option<(SystemTime, SystemTime)>, hub_now: SystemTime, renew_at: f64) -> Option<Duration> {
+/// should. A certificate from a CA being retired (`retiring_ca`, a CA
+/// rotation) is renewed now.
+pub fn renewal_in(
+    validity: Option<(SystemTime, SystemTime)>,
+    retiring_ca: bool,
+    hub_now: SystemTime,
+    renew_at: f64,
+) -> Option<Duration> {
     let (from, until) = validity?;
+    if retiring_ca {
+        return Some(Duration::ZERO);
+    }
     Some(outpost_shared::identity::renewal_due(from, until, renew_at).duration_since(hub_now).unwrap_or_default())
 }
 
@@ -176,6 +185,10 @@ pub async fn serve(
     let mut next_seq = store.stats().acked_seq + 1;
     tracing::info!(device = %p.identity.device_id, resume_after = acked, "Connected to the hub.");
 
+    // What this device trusts: the hub answers with its bundle if it differs.
+    let digest = p.live.get().trust_bundle().digest();
+    channel.send(Message::TrustHave(TrustHave { digest })).await?;
+
     let signer = p.identity.signer().map_err(|e| LinkError::Protocol(format!("cannot sign batches: {e}")))?;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut heartbeat = tokio::time::interval(cfg.heartbeat);
@@ -221,7 +234,11 @@ pub async fn serve(
                 let refused = *p.renewal_refused.lock().unwrap_or_else(|e| e.into_inner());
                 let wait = match refused.map(|at| at.elapsed()) {
                     Some(since) if since < RENEWAL_RETRY => Some(RENEWAL_RETRY - since),
-                    _ => renewal_in(p.live.get().validity(), hub_now + welcomed.elapsed(), cfg.renew_at),
+                    _ => {
+                        let live = p.live.get();
+                        let validity = live.validity();
+                        renewal_in(validity, live.from_retiring_ca(), hub_now + welcomed.elapsed(), cfg.renew_at)
+                    }
                 };
                 match wait {
                     Some(Duration::ZERO) => match p.identity.renewal_request(&p.data_dir) {
@@ -287,6 +304,20 @@ pub async fn serve(
                         channel.send(Message::Received(Received { commands })).await?;
                     }
                 }
+                Some(Message::Trust(bundle)) => {
+                    match p.live.set_trust(&p.data_dir, &bundle) {
+                        Ok(()) => tracing::info!(
+                            cas = bundle.cas.len(),
+                            revoked = bundle.revoked.len(),
+                            "Trust bundle from the hub kept."
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "Trust bundle from the hub not kept."),
+                    }
+                    // A certificate from a CA being retired is renewed now.
+                    if !renewing {
+                        renewal_check.as_mut().reset(tokio::time::Instant::now());
+                    }
+                }
                 Some(Message::Renewed(answer)) if renewing => {
                     renewing = false;
                     renewed(p, channel, answer.cert_der).await?;
@@ -316,13 +347,13 @@ mod tests {
         let days = |d: u64| Some(Duration::from_secs(d * 86_400));
         let cert = Some((day(1000), day(1365)));
         let third = 2.0 / 3.0;
-        assert_eq!(renewal_in(cert, day(1000), third), Some(Duration::from_secs(243 * 86_400 + 28_800)));
-        assert_eq!(renewal_in(cert, day(1242), third), Some(Duration::from_secs(86_400 + 28_800)));
-        assert_eq!(renewal_in(cert, day(1244), third), Some(Duration::ZERO));
-        assert_eq!(renewal_in(cert, day(1000), 0.25), Some(Duration::from_secs(91 * 86_400 + 21_600)));
-        assert_eq!(renewal_in(cert, day(1100), 0.2), days(0));
+        assert_eq!(renewal_in(cert, false, day(1000), third), Some(Duration::from_secs(243 * 86_400 + 28_800)));
+        assert_eq!(renewal_in(cert, false, day(1242), third), Some(Duration::from_secs(86_400 + 28_800)));
+        assert_eq!(renewal_in(cert, false, day(1244), third), Some(Duration::ZERO));
+        assert_eq!(renewal_in(cert, false, day(1000), 0.25), Some(Duration::from_secs(91 * 86_400 + 21_600)));
+        assert_eq!(renewal_in(cert, false, day(1100), 0.2), days(0));
         // Long expired: still asked for (the hub decides whether to sign).
-        assert_eq!(renewal_in(cert, day(2000), third), Some(Duration::ZERO));
-        assert_eq!(renewal_in(None, day(2000), third), None, "an unreadable certificate is not renewed blindly");
+        assert_eq!(renewal_in(cert, false, day(2000), third), Some(Duration::ZERO));
+        assert_eq!(renewal_in(None, false, day(2000), third), None, "an unreadable certificate is not renewed blindly");
     }
 }
