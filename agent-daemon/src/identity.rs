@@ -236,6 +236,7 @@ impl Identity {
     pub fn promote(data_dir: &Path) -> Result<(), IdentityError> {
         let dir = dir(data_dir);
         rename_durable(&dir.join(NEXT_KEY), &dir.join("device.key"))?;
+        crate::crash::point("renew-mid-promotion");
         finish_promotion(&dir)
     }
 

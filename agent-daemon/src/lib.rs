@@ -13,6 +13,7 @@ pub mod backup;
 pub mod bulk;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod enroll;
 pub mod identity;
 pub mod inbox;

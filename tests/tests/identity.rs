@@ -451,3 +451,76 @@ fn a_ca_rotation_moves_the_fleet_to_the_new_ca_and_drops_the_old_one() {
         .unwrap();
     assert!(!enroll.status.success());
 }
+
+/// A renewal interrupted at each of its steps, by the agent dying on the
+/// spot (`OUTPOST_CRASH_AT`, debug builds: an abort, nothing flushed or
+/// cleaned up, as after a SIGKILL at that instant): after the new key was
+/// written and before the request left; after the hub's certificate was
+/// written; after the hub accepted it and before the switch; between the
+/// two renames of the switch. Each time the restarted agent connects with
+/// one of its two identities, completes the renewal, and the device keeps
+/// delivering: its records arrive once and in order.
+#[test]
+#[cfg_attr(not(debug_assertions), ignore = "crash points (OUTPOST_CRASH_AT) exist in debug builds only")]
+fn a_device_killed_at_each_step_of_a_renewal_comes_back() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    hub.quic_extra = "device_cert_lifetime = \"40s\"\n".into();
+    hub.kill();
+    hub.serve().unwrap();
+    // Renewal at a fifth of the life (which starts 4 s back): about 5 s
+    // after each certificate is issued.
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "crashy", &timings, "").unwrap();
+    let config = std::fs::read_to_string(&agent.config).unwrap().replace("[uplink]\n", "[uplink]\nrenew_at = 0.2\n");
+    std::fs::write(&agent.config, config).unwrap();
+    let identity = agent.data_dir.join("identity");
+    let has = |name: &str| identity.join(name).exists();
+    let switched = |agent: &Agent| agent.log_text().matches("Switched to the renewed certificate.").count();
+    let connected = |agent: &Agent| agent.log_text().matches("Connected to the hub.").count();
+
+    // Each step, and whether next.key and next.crt are on disk after it.
+    let steps = [
+        ("renew-before-csr", true, false),
+        ("renew-after-cert", true, true),
+        ("renew-after-proof", true, true),
+        ("renew-mid-promotion", false, true),
+    ];
+    for (step, key, crt) in steps {
+        let before = device_cert(&agent);
+        agent.env = vec![("OUTPOST_CRASH_AT".into(), step.into())];
+        agent.start().unwrap();
+        wait_for(Duration::from_secs(20), &format!("the agent to die at {step}"), || {
+            (!agent.proc.as_mut().unwrap().running()).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        assert!(agent.log_text().contains(&format!("step=\"{step}\"")), "{}", agent.log_text());
+        assert_eq!((has("next.key"), has("next.crt")), (key, crt), "next.key, next.crt after {step}");
+
+        let (switches, connects) = (switched(&agent), connected(&agent));
+        agent.env = Vec::new();
+        agent.start().unwrap();
+        wait_for(Duration::from_secs(20), &format!("the agent back after {step}, renewed"), || {
+            (connected(&agent) > connects && device_cert(&agent) != before && !has("next.key") && !has("next.crt"))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        if step != "renew-mid-promotion" {
+            // The load completes an interrupted promotion without a word;
+            // every other step ends in a switch.
+            wait_for(Duration::from_secs(10), "the switch", || (switched(&agent) > switches).then_some(()))
+                .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        }
+        agent.proc.as_mut().unwrap().kill();
+    }
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(15)).unwrap();
+    let held = hub.device(&agent.id).unwrap().last_seq;
+    wait_for(Duration::from_secs(15), "the device to keep delivering", || {
+        (hub.device(&agent.id).unwrap().last_seq > held).then_some(())
+    })
+    .unwrap();
+    let samples = hub.client().metrics(&agent.id, None, None, Some(1_000_000)).unwrap().samples;
+    let seqs: Vec<u64> = samples.iter().map(|s| s.seq).collect();
+    assert!(seqs.len() > 5 && seqs.windows(2).all(|w| w[0] < w[1]), "records out of order or twice: {seqs:?}");
+}

@@ -121,8 +121,10 @@ async fn renewed(p: &LinkParams, channel: &mut impl Channel, cert_der: Vec<u8>) 
             return Ok(());
         }
     };
+    crate::crash::point("renew-after-cert");
     match channel.prove(p, &next).await {
         Ok(true) => {
+            crate::crash::point("renew-after-proof");
             switch_to(p, next);
             Ok(())
         }
@@ -243,6 +245,7 @@ pub async fn serve(
                 match wait {
                     Some(Duration::ZERO) => match p.identity.renewal_request(&p.data_dir) {
                         Ok(csr_der) => {
+                            crate::crash::point("renew-before-csr");
                             channel.send(Message::Renew(RenewRequest { csr_der })).await?;
                             renewing = true;
                             tracing::info!("Asking the hub to renew this device's certificate.");
