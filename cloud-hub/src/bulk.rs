@@ -9,9 +9,11 @@
 //!
 //! Memory is bounded: at most [`MAX_REQUESTS`] requests are read or served
 //! at once across all devices (each may carry an 8 MiB frame), at most
-//! [`TURNS_PER_DEVICE`] of one device, and a request
-//! must arrive whole within [`REQUEST_TIMEOUT`] once its turn came, so a slow
-//! or stalled device cannot hold the turns of others.
+//! `[fleet] device_bulk_turns` (default [`TURNS_PER_DEVICE`]) of one device
+//! whatever number of bulk connections it opens (at most `[fleet]
+//! device_bulk_connections`, [`Limits`]), and a request must arrive whole
+//! within [`REQUEST_TIMEOUT`] once its turn came, so a slow, stalled or
+//! greedy device cannot hold the turns of others.
 
 use crate::backups::{BackupStoreError, Backups};
 use crate::fleet::{CLOSE_OK, CLOSE_REFUSED, Fleet};
@@ -40,10 +42,93 @@ pub const STREAMS_PER_DEVICE: u32 = 32;
 pub const TURNS_PER_DEVICE: usize = 16;
 /// Time a request may take to arrive once it holds a turn.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bulk connections one device may hold at once, unless configured.
+pub const CONNECTIONS_PER_DEVICE: usize = 4;
 
-/// Serves a bulk connection of `device` until it closes; `turns` bounds the
-/// requests read or served at once, hub-wide (see [`MAX_REQUESTS`]).
-pub async fn serve(connection: quinn::Connection, device: DeviceId, fleet: Arc<Fleet>, turns: Arc<Semaphore>) {
+/// `[fleet] device_bulk_turns` and `device_bulk_connections`: what one
+/// device may hold of the bulk service, across all its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceBulk {
+    /// Requests read or served at once.
+    pub turns: usize,
+    /// Bulk connections open at once.
+    pub connections: usize,
+}
+
+impl Default for DeviceBulk {
+    fn default() -> Self {
+        DeviceBulk { turns: TURNS_PER_DEVICE, connections: CONNECTIONS_PER_DEVICE }
+    }
+}
+
+/// The hub's bulk turns and what each device holds of them: a device's
+/// turns are one semaphore shared by all its bulk connections, so opening
+/// more connections gains it nothing but a refusal past the limit.
+#[derive(Debug)]
+pub struct Limits {
+    hub: Arc<Semaphore>,
+    per_device: DeviceBulk,
+    held: std::sync::Mutex<std::collections::HashMap<DeviceId, Held>>,
+}
+
+#[derive(Debug)]
+struct Held {
+    connections: usize,
+    turns: Arc<Semaphore>,
+}
+
+/// One open bulk connection of a device: its share of the turns. Dropped
+/// when the connection ends.
+#[derive(Debug)]
+pub struct Lease {
+    limits: Arc<Limits>,
+    device: DeviceId,
+    turns: Arc<Semaphore>,
+}
+
+impl Limits {
+    /// [`MAX_REQUESTS`] turns hub-wide, `per_device` for each device.
+    pub fn new(per_device: DeviceBulk) -> Arc<Self> {
+        Arc::new(Limits { hub: Arc::new(Semaphore::new(MAX_REQUESTS)), per_device, held: Default::default() })
+    }
+
+    /// A new bulk connection of `device`; `None` if it holds its limit of
+    /// connections already.
+    pub fn open(self: &Arc<Self>, device: &DeviceId) -> Option<Lease> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = held
+            .entry(device.clone())
+            .or_insert_with(|| Held { connections: 0, turns: Arc::new(Semaphore::new(self.per_device.turns)) });
+        if entry.connections >= self.per_device.connections {
+            return None;
+        }
+        entry.connections += 1;
+        Some(Lease { limits: self.clone(), device: device.clone(), turns: entry.turns.clone() })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut held = self.limits.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = held.get_mut(&self.device) {
+            entry.connections = entry.connections.saturating_sub(1);
+            if entry.connections == 0 {
+                held.remove(&self.device);
+            }
+        }
+    }
+}
+
+/// Serves a bulk connection of `device` until it closes, within `limits`.
+pub async fn serve(connection: quinn::Connection, device: DeviceId, fleet: Arc<Fleet>, limits: Arc<Limits>) {
+    let Some(lease) = limits.open(&device) else {
+        info!(
+            limit = limits.per_device.connections,
+            "Bulk connection refused: the device holds its limit ([fleet] device_bulk_connections)."
+        );
+        connection.close(CLOSE_REFUSED.into(), b"too many bulk connections");
+        return;
+    };
     match fleet.store().device(&device).await {
         Ok(Some(_)) => {}
         _ => {
@@ -55,13 +140,12 @@ pub async fn serve(connection: quinn::Connection, device: DeviceId, fleet: Arc<F
     connection.set_max_concurrent_bi_streams(STREAMS_PER_DEVICE.into());
     debug!("Bulk connection open.");
     let mut streams = JoinSet::new();
-    let own_turns = Arc::new(Semaphore::new(TURNS_PER_DEVICE));
     loop {
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let backups = fleet.backups().clone();
-                    let (device, turns) = (device.clone(), [own_turns.clone(), turns.clone()]);
+                    let (device, turns) = (device.clone(), [lease.turns.clone(), limits.hub.clone()]);
                     streams.spawn(stream(send, recv, device, backups, turns).in_current_span());
                 }
                 Err(e) => {
@@ -169,4 +253,30 @@ fn answer(backups: &Backups, device: &DeviceId, request: Message) -> Message {
         }
         refused(e.reason(), e.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device's turns are one pool across its connections, which are
+    /// limited; another device has its own; the pool goes with the last
+    /// connection.
+    #[test]
+    fn a_device_shares_its_turns_across_its_connections_and_is_refused_past_the_limit() {
+        let limits = Limits::new(DeviceBulk { turns: 3, connections: 2 });
+        let (one, two): (DeviceId, DeviceId) = ("dev-1".parse().unwrap(), "dev-2".parse().unwrap());
+        let a = limits.open(&one).unwrap();
+        let b = limits.open(&one).unwrap();
+        assert!(limits.open(&one).is_none(), "a third connection");
+        assert!(Arc::ptr_eq(&a.turns, &b.turns), "one pool of turns for the device");
+        assert_eq!(a.turns.available_permits(), 3);
+        let other = limits.open(&two).unwrap();
+        assert!(!Arc::ptr_eq(&a.turns, &other.turns));
+        drop(b);
+        let c = limits.open(&one).unwrap();
+        assert!(Arc::ptr_eq(&a.turns, &c.turns));
+        drop((a, c, other));
+        assert!(limits.held.lock().unwrap().is_empty(), "nothing held once every connection ended");
+    }
 }

@@ -27,6 +27,9 @@ pub struct HubConfig {
     /// `[fleet] device_records_per_sec`, `device_bytes_per_sec`: what one
     /// device's batches may bring per second before its session slows it.
     pub device_rate: crate::pace::DeviceRate,
+    /// `[fleet] device_bulk_turns`, `device_bulk_connections`: what one
+    /// device may hold of the bulk service (backup transfers).
+    pub device_bulk: crate::bulk::DeviceBulk,
     /// Telemetry history is kept this long. Default 30 days.
     pub telemetry_retention: Duration,
     /// `[audit] retention`: audit entries are kept this long. Default 400
@@ -112,6 +115,7 @@ impl HubConfig {
             mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
             device_rate: Default::default(),
+            device_bulk: Default::default(),
             telemetry_retention: Duration::from_secs(30 * 86400),
             audit_retention: AUDIT_RETENTION,
             log: "info".into(),
@@ -190,6 +194,10 @@ impl ConfigFile for HubConfig {
                     .get_or("device_bytes_per_sec", ByteSize(crate::pace::DeviceRate::default().bytes_per_sec))
                     .0,
             },
+            device_bulk: crate::bulk::DeviceBulk {
+                turns: fleet.get_or("device_bulk_turns", crate::bulk::TURNS_PER_DEVICE),
+                connections: fleet.get_or("device_bulk_connections", crate::bulk::CONNECTIONS_PER_DEVICE),
+            },
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             audit_retention: audit.get_or("retention", AUDIT_RETENTION),
             log: root.get_or("log", "info".to_owned()),
@@ -229,6 +237,13 @@ impl ConfigFile for HubConfig {
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
         fleet.check("device_records_per_sec", config.device_rate.records_per_sec >= 100, "must be at least 100");
         fleet.check("device_bytes_per_sec", config.device_rate.bytes_per_sec >= 64 << 10, "must be at least 64 KiB");
+        let turns = format!("must be between 1 and {} (the hub's turns)", crate::bulk::MAX_REQUESTS);
+        fleet.check("device_bulk_turns", (1..=crate::bulk::MAX_REQUESTS).contains(&config.device_bulk.turns), &turns);
+        fleet.check(
+            "device_bulk_connections",
+            (1..=64).contains(&config.device_bulk.connections),
+            "must be between 1 and 64",
+        );
         telemetry.check("retention", config.telemetry_retention >= Duration::from_secs(60), "must be at least 1m");
         if let Some(m) = &config.mqtt {
             mqtt.check("keep_alive", m.keep_alive >= Duration::from_secs(1), "must be at least 1s");

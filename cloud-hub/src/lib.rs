@@ -224,7 +224,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         ca: ca.clone(),
         token_key,
         max_frame: config.quic.max_frame,
-        bulk_requests: Arc::new(tokio::sync::Semaphore::new(bulk::MAX_REQUESTS)),
+        bulk: bulk::Limits::new(config.device_bulk),
     });
     let shutdown = CancellationToken::new();
     let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));

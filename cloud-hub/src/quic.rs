@@ -50,9 +50,10 @@ pub struct QuicContext {
     pub token_key: Vec<u8>,
     /// Hard maximum frame size.
     pub max_frame: usize,
-    /// Bulk requests being read or served at once, hub-wide: each may hold
-    /// a chunk of up to 8 MiB in memory (see [`crate::bulk`]).
-    pub bulk_requests: Arc<tokio::sync::Semaphore>,
+    /// Bulk requests being read or served at once, hub-wide and per
+    /// device: each may hold a chunk of up to 8 MiB in memory (see
+    /// [`crate::bulk`]).
+    pub bulk: Arc<crate::bulk::Limits>,
 }
 
 /// The endpoint's server config: the hub's certificate as `identity` has
@@ -147,8 +148,8 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
         Some(cert) => match (device_id_of(&cert), public_key_of(&cert)) {
             (Some(id), Some(_)) if bulk => {
                 let span = info_span!("bulk", device = %id);
-                let (fleet, turns) = (ctx.fleet.clone(), ctx.bulk_requests.clone());
-                let serve = crate::bulk::serve(connection.clone(), id.clone(), fleet, turns);
+                let (fleet, limits) = (ctx.fleet.clone(), ctx.bulk.clone());
+                let serve = crate::bulk::serve(connection.clone(), id.clone(), fleet, limits);
                 until_revoked(serve, &connection, &id, &ctx).instrument(span).await
             }
             (Some(id), Some(key)) => {

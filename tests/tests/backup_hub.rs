@@ -346,3 +346,56 @@ fn the_hubs_retention_keeps_what_it_says_and_every_kept_snapshot_restores() {
     let hub_verify = client.verify_backups(&agent.id).unwrap();
     assert!(hub_verify.problems.is_empty(), "{hub_verify:?}");
 }
+
+/// A device that grabs every bulk turn it can (eight bulk connections, each
+/// with 32 streams that start a 1 MiB request and never finish it: each
+/// holds a turn until the hub's 60 s request timeout) does not stall another
+/// device's upload: a device's turns are one pool across its connections
+/// (`[fleet] device_bulk_turns`, 16 of the hub's 32), and connections past
+/// `device_bulk_connections` (4) are refused (issue 23).
+#[test]
+fn a_device_holding_its_bulk_turns_does_not_stall_another_devices_upload() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let greedy = Agent::enroll(scratch.path(), &hub, "greedy", &timings).unwrap();
+    let src = scratch.path().join("honest-data");
+    populate(&src);
+    let honest = Agent::enroll_with(scratch.path(), &hub, "honest", &timings, &backup_config(&scratch, &src)).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let identity = outpost_agent::identity::Identity::load(&greedy.data_dir).unwrap();
+    let addr: std::net::SocketAddr = hub.quic_addr.parse().unwrap();
+    let quic = outpost_agent::tls::Timings { keepalive: Duration::from_secs(1), idle_timeout: Duration::from_secs(90) };
+    let held = runtime.block_on(async {
+        let (mut streams, mut connections) = (Vec::new(), Vec::new());
+        for _ in 0..8 {
+            let mut endpoint = outpost_agent::tls::client_endpoint(addr).unwrap();
+            endpoint.set_default_client_config(outpost_agent::tls::bulk_config(&identity, quic).unwrap());
+            let server_name = outpost_shared::identity::HUB_SERVER_NAME;
+            let Ok(connection) = endpoint.connect(addr, server_name).unwrap().await else { continue };
+            for _ in 0..32 {
+                let Ok((mut send, recv)) = connection.open_bi().await else { break };
+                // A frame header announcing 1 MiB, then 10 bytes of it.
+                let _ = send.write_all(&(1u32 << 20).to_be_bytes()).await;
+                let _ = send.write_all(&[0u8; 10]).await;
+                streams.push((send, recv));
+            }
+            connections.push((endpoint, connection));
+        }
+        (streams, connections)
+    });
+    wait_for(Duration::from_secs(10), "the hub to refuse the greedy device's extra connections", || {
+        let log = fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+        log.contains("Bulk connection refused: the device holds its limit").then_some(())
+    })
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let out = backup(&honest, &["run", "field"]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("the honest upload took {took:?} beside the greedy device");
+    assert!(took < Duration::from_secs(30), "the honest upload waited {took:?} for the greedy device's turns");
+    drop(held);
+}
