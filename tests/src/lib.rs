@@ -877,3 +877,56 @@ pub fn http_from(
         .collect();
     Ok(RawAnswer { status, headers, body: body.to_owned() })
 }
+
+/// A device that grabs every bulk turn it can: `connections` bulk
+/// connections of `streams` streams, each starting a 1 MiB request and
+/// never finishing it (each holds a turn at the hub until its request
+/// timeout). Held until dropped.
+pub struct BulkHog {
+    // Dropped before the runtime that drives them.
+    held: Option<Hogged>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// The streams and connections a [`BulkHog`] holds.
+type Hogged = (Vec<(quinn::SendStream, quinn::RecvStream)>, Vec<(quinn::Endpoint, quinn::Connection)>);
+
+impl BulkHog {
+    /// Starts hogging the hub's bulk service as `agent` (enrolled, not
+    /// necessarily running).
+    pub fn start(hub: &Hub, agent: &Agent, connections: usize, streams: usize) -> Result<Self> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let identity = outpost_agent::identity::Identity::load(&agent.data_dir)?;
+        let addr: std::net::SocketAddr = hub.quic_addr.parse()?;
+        let quic =
+            outpost_agent::tls::Timings { keepalive: Duration::from_secs(1), idle_timeout: Duration::from_secs(90) };
+        let held = runtime.block_on(async {
+            let (mut held_streams, mut held_connections) = (Vec::new(), Vec::new());
+            for _ in 0..connections {
+                let mut endpoint = outpost_agent::tls::client_endpoint(addr)?;
+                endpoint.set_default_client_config(outpost_agent::tls::bulk_config(&identity, quic)?);
+                let Ok(connecting) = endpoint.connect(addr, outpost_shared::identity::HUB_SERVER_NAME) else {
+                    continue;
+                };
+                let Ok(connection) = connecting.await else { continue };
+                for _ in 0..streams {
+                    let Ok((mut send, recv)) = connection.open_bi().await else { break };
+                    // A frame header announcing 1 MiB, then 10 bytes of it.
+                    let _ = send.write_all(&(1u32 << 20).to_be_bytes()).await;
+                    let _ = send.write_all(&[0u8; 10]).await;
+                    held_streams.push((send, recv));
+                }
+                held_connections.push((endpoint, connection));
+            }
+            anyhow::Ok((held_streams, held_connections))
+        })?;
+        Ok(BulkHog { held: Some(held), _runtime: runtime })
+    }
+}
+
+impl Drop for BulkHog {
+    fn drop(&mut self) {
+        let _guard = self._runtime.enter();
+        self.held.take();
+    }
+}

@@ -363,28 +363,7 @@ fn a_device_holding_its_bulk_turns_does_not_stall_another_devices_upload() {
     populate(&src);
     let honest = Agent::enroll_with(scratch.path(), &hub, "honest", &timings, &backup_config(&scratch, &src)).unwrap();
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let identity = outpost_agent::identity::Identity::load(&greedy.data_dir).unwrap();
-    let addr: std::net::SocketAddr = hub.quic_addr.parse().unwrap();
-    let quic = outpost_agent::tls::Timings { keepalive: Duration::from_secs(1), idle_timeout: Duration::from_secs(90) };
-    let held = runtime.block_on(async {
-        let (mut streams, mut connections) = (Vec::new(), Vec::new());
-        for _ in 0..8 {
-            let mut endpoint = outpost_agent::tls::client_endpoint(addr).unwrap();
-            endpoint.set_default_client_config(outpost_agent::tls::bulk_config(&identity, quic).unwrap());
-            let server_name = outpost_shared::identity::HUB_SERVER_NAME;
-            let Ok(connection) = endpoint.connect(addr, server_name).unwrap().await else { continue };
-            for _ in 0..32 {
-                let Ok((mut send, recv)) = connection.open_bi().await else { break };
-                // A frame header announcing 1 MiB, then 10 bytes of it.
-                let _ = send.write_all(&(1u32 << 20).to_be_bytes()).await;
-                let _ = send.write_all(&[0u8; 10]).await;
-                streams.push((send, recv));
-            }
-            connections.push((endpoint, connection));
-        }
-        (streams, connections)
-    });
+    let hog = outpost_tests::BulkHog::start(&hub, &greedy, 8, 32).unwrap();
     wait_for(Duration::from_secs(10), "the hub to refuse the greedy device's extra connections", || {
         let log = fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
         log.contains("Bulk connection refused: the device holds its limit").then_some(())
@@ -397,5 +376,5 @@ fn a_device_holding_its_bulk_turns_does_not_stall_another_devices_upload() {
     assert!(out.status.success(), "{}", text(&out));
     eprintln!("the honest upload took {took:?} beside the greedy device");
     assert!(took < Duration::from_secs(30), "the honest upload waited {took:?} for the greedy device's turns");
-    drop(held);
+    drop(hog);
 }

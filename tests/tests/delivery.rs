@@ -226,3 +226,74 @@ fn a_device_over_its_allowance_is_slowed_and_the_others_are_not() {
     let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
     assert!(log.lines().any(|l| l.contains("slowed") && l.contains(&flood.id)), "the hub did not say so");
 }
+
+/// Round trips of echo commands sent one after another to `others` (in
+/// turn) for `window`, and the records `others` delivered meanwhile.
+fn serve_others(hub: &Hub, others: &[Agent], window: Duration) -> (Vec<Duration>, u64) {
+    let delivered = || -> u64 { others.iter().map(|a| hub.device(&a.id).unwrap().last_seq).sum() };
+    let before = delivered();
+    let (started, mut trips) = (Instant::now(), Vec::new());
+    let request = outpost_hub::api::CommandRequest { kind: "echo".into(), args: vec!["hi".into()], expires_in: None };
+    while started.elapsed() < window {
+        let agent = &others[trips.len() % others.len()];
+        let asked = Instant::now();
+        let cmd = hub.client().send_command(&agent.id, &request).unwrap();
+        hub.wait_command(cmd.id, "an echo", |s| matches!(s, outpost_hub::api::CommandStateView::Completed { .. }));
+        trips.push(asked.elapsed());
+    }
+    (trips, delivered() - before)
+}
+
+fn summary(label: &str, mut trips: Vec<Duration>, delivered: u64, window: Duration) -> f64 {
+    trips.sort();
+    let at = |q: f64| trips[((trips.len() - 1) as f64 * q).round() as usize];
+    let rate = delivered as f64 / window.as_secs_f64();
+    eprintln!(
+        "{label}: {} echoes, round trip p50 {:?} p99 {:?} max {:?}; the 20 delivered {rate:.1} records/s",
+        trips.len(),
+        at(0.5),
+        at(0.99),
+        trips[trips.len() - 1]
+    );
+    rate
+}
+
+/// Twenty devices delivering telemetry and answering commands, first alone,
+/// then beside a device that floods records at full speed (its store as
+/// fast as it takes them, 200 a batch) and holds every bulk turn it can
+/// (eight bulk connections of 32 stalled requests). A benchmark, not run by
+/// `.ci/run`:
+/// `cargo test -p outpost-tests --test delivery twenty -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: cargo test -p outpost-tests --test delivery twenty -- --ignored --nocapture"]
+fn twenty_devices_beside_a_flooding_one() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let mut agent = Agent::enroll(scratch.path(), &hub, &format!("calm-{i}"), &timings).unwrap();
+        agent.start().unwrap();
+        others.push(agent);
+    }
+    let ids: Vec<&str> = others.iter().map(|a| a.id.as_str()).collect();
+    wait_online(&hub, &ids, true, Duration::from_secs(30)).unwrap();
+    let mut flood = Agent::enroll(scratch.path(), &hub, "flood", &timings).unwrap();
+    let window = Duration::from_secs(20);
+
+    let (trips, delivered) = serve_others(&hub, &others, window);
+    let calm = summary("alone", trips, delivered, window);
+
+    flood.start_loadgen(&["--records", "5000000", "--batch", "200", "--appends-per-sec", "0"]).unwrap();
+    let hog = outpost_tests::BulkHog::start(&hub, &flood, 8, 32).unwrap();
+    wait_progress(&hub, &flood.id, 20_000, Duration::from_secs(30));
+    let flood_from = hub.device(&flood.id).unwrap().last_seq;
+    let (trips, delivered) = serve_others(&hub, &others, window);
+    let flood_rate = (hub.device(&flood.id).unwrap().last_seq - flood_from) as f64 / window.as_secs_f64();
+    let beside = summary("beside the flood", trips, delivered, window);
+    eprintln!(
+        "the flooding device delivered {flood_rate:.0} records/s; the 20 kept {:.0} % of their rate",
+        beside / calm * 100.0
+    );
+    drop(hog);
+}

@@ -304,42 +304,47 @@ impl Repository {
     /// Decrypts a manifest (from this repository or the hub) and decodes
     /// what its file holds.
     pub(super) fn open_manifest(&self, name: &str, blob: &[u8]) -> Result<Manifest, BackupError> {
-        let what = format!("snapshot {name}");
-        let plain = self.open_blob(blob, name.as_bytes(), &what)?;
-        let corrupt = |why: String| BackupError::Corrupt { what: what.clone(), why };
-        let manifest = match plain.split_first() {
-            Some((&HEAD_V4, head)) => {
-                Manifest::Chunked(postcard::from_bytes(head).map_err(|e| corrupt(e.to_string()))?)
-            }
-            Some((&CHUNKED_MANIFEST, head)) => Manifest::Chunked(
-                postcard::from_bytes::<legacy::Head3>(head).map_err(|e| corrupt(e.to_string()))?.into(),
-            ),
-            Some((&COMPRESSED_MANIFEST, compressed)) => {
-                let mut out = Vec::new();
-                zstd::stream::read::Decoder::new(compressed)
-                    .and_then(|d| d.take(MAX_MANIFEST + 1).read_to_end(&mut out))
-                    .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
-                if out.len() as u64 > MAX_MANIFEST {
-                    return Err(corrupt("larger than any manifest may be".into()));
-                }
-                Manifest::Whole(
-                    postcard::from_bytes::<legacy::Snapshot3>(&out).map_err(|e| corrupt(e.to_string()))?.into(),
-                )
-            }
-            _ => Manifest::Whole(
-                postcard::from_bytes::<legacy::Snapshot3>(&plain).map_err(|e| corrupt(e.to_string()))?.into(),
-            ),
-        };
-        match &manifest {
-            Manifest::Chunked(Head { name: inside, .. }) | Manifest::Whole(Snapshot { name: inside, .. })
-                if inside != name =>
-            {
-                Err(corrupt(format!("names itself {inside}")))
-            }
-            _ => Ok(manifest),
-        }
+        let plain = self.open_blob(blob, name.as_bytes(), &format!("snapshot {name}"))?;
+        decode_manifest(name, &plain)
     }
+}
 
+/// Decodes what a manifest file holds once decrypted: a head (format 4 or
+/// 3) or a whole snapshot (zstd or plain, older agents), checked to carry
+/// `name`.
+pub(super) fn decode_manifest(name: &str, plain: &[u8]) -> Result<Manifest, BackupError> {
+    let what = format!("snapshot {name}");
+    let corrupt = |why: String| BackupError::Corrupt { what: what.clone(), why };
+    let manifest = match plain.split_first() {
+        Some((&HEAD_V4, head)) => Manifest::Chunked(postcard::from_bytes(head).map_err(|e| corrupt(e.to_string()))?),
+        Some((&CHUNKED_MANIFEST, head)) => {
+            Manifest::Chunked(postcard::from_bytes::<legacy::Head3>(head).map_err(|e| corrupt(e.to_string()))?.into())
+        }
+        Some((&COMPRESSED_MANIFEST, compressed)) => {
+            let mut out = Vec::new();
+            zstd::stream::read::Decoder::new(compressed)
+                .and_then(|d| d.take(MAX_MANIFEST + 1).read_to_end(&mut out))
+                .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
+            if out.len() as u64 > MAX_MANIFEST {
+                return Err(corrupt("larger than any manifest may be".into()));
+            }
+            Manifest::Whole(postcard::from_bytes::<legacy::Snapshot3>(&out).map_err(|e| corrupt(e.to_string()))?.into())
+        }
+        _ => Manifest::Whole(
+            postcard::from_bytes::<legacy::Snapshot3>(plain).map_err(|e| corrupt(e.to_string()))?.into(),
+        ),
+    };
+    match &manifest {
+        Manifest::Chunked(Head { name: inside, .. }) | Manifest::Whole(Snapshot { name: inside, .. })
+            if inside != name =>
+        {
+            Err(corrupt(format!("names itself {inside}")))
+        }
+        _ => Ok(manifest),
+    }
+}
+
+impl Repository {
     /// A snapshot whole, its entries read through `get`.
     pub(super) fn decode_snapshot_with(
         &self,

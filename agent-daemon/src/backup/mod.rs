@@ -83,6 +83,49 @@ mod repo;
 mod restore;
 mod snapshot;
 
+/// Entry points of the fuzz targets (`fuzz/fuzz_targets/backup.rs`): the
+/// parsers of what a repository or the hub holds, fed plaintext as it is
+/// after decryption (what a holder of the key, or a bug, could have
+/// written). Each returns normally, with a value or a refusal.
+#[doc(hidden)]
+pub mod fuzz {
+    use super::manifest::{EntryFormat, Head, decode_manifest, read_entries};
+
+    /// A manifest file's plaintext, named `s-1`.
+    pub fn manifest(plain: &[u8]) -> bool {
+        decode_manifest("s-1", plain).is_ok()
+    }
+
+    /// Entry chunks of a head: `data[0]` picks the entry format, `data[1]`
+    /// into how many chunks the rest is cut.
+    pub fn entries(data: &[u8]) -> bool {
+        let [format, pieces, rest @ ..] = data else { return false };
+        let pieces = usize::from(pieces % 4) + 1;
+        let size = rest.len().div_ceil(pieces).max(1);
+        let chunks: Vec<Vec<u8>> = rest.chunks(size).map(<[u8]>::to_vec).collect();
+        let head = Head {
+            name: "s-1".into(),
+            set: "s".into(),
+            started: outpost_shared::time::Timestamp(0),
+            ended: outpost_shared::time::Timestamp(0),
+            paths: Vec::new(),
+            problems: Vec::new(),
+            notes: Vec::new(),
+            users: Default::default(),
+            groups: Default::default(),
+            bytes: 0,
+            files_read: 0,
+            new_chunks: 0,
+            new_stored_bytes: 0,
+            entries: 1 << 20,
+            carries: Default::default(),
+            entry_chunks: (0..chunks.len()).map(|i| [i as u8; 32]).collect(),
+            entry_format: if format & 1 == 0 { EntryFormat::V4 } else { EntryFormat::V3 },
+        };
+        read_entries(head, |id| Ok(chunks.get(usize::from(id[0])).cloned().unwrap_or_default())).is_ok()
+    }
+}
+
 pub use daemon::{command_prefix, hub_command, scheduled_jobs, upload_command, upload_task};
 pub use manifest::{Carries, Head};
 pub use remote::{HubLink, UploadReport};
