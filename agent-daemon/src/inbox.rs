@@ -15,10 +15,12 @@
 
 use crate::config::CommandsConfig;
 use crate::jobs::Jobs;
+use crate::link::HubClock;
 use crate::process::{self, ProcessEnd, ProcessSpec};
+use crate::settings::Settings;
 use crate::store::{AgentStore, Changes, InboxEntry, InboxState, StoreError};
 use outpost_shared::desired::DesiredDoc;
-use outpost_shared::job::{JobSpec, Trigger};
+use outpost_shared::job::Trigger;
 use outpost_shared::protocol::{CommandKind, CommandResult, Deliver, Desired, Outcome, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
@@ -37,95 +39,6 @@ const FORGOTTEN: &str = "inbox.forgotten";
 const APPLIED: &str = "desired.applied";
 /// The last desired-state document that was applied (the one in force).
 const GOOD: &str = "desired.good";
-
-/// Settings the hub's desired state may change at run time.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    /// Telemetry sampling interval.
-    pub telemetry_interval: Duration,
-    /// Jobs from the hub (they replace config jobs of the same name).
-    pub hub_jobs: Vec<JobSpec>,
-}
-
-impl Settings {
-    /// `defaults` (the config's) with what `doc` sets, if this device lets
-    /// the hub set it ([`hub_jobs_allowed`]).
-    fn with(defaults: &Settings, doc: DesiredDoc, allow_exec: bool) -> Result<Settings, String> {
-        hub_jobs_allowed(&doc, allow_exec)?;
-        Ok(Settings {
-            telemetry_interval: doc.telemetry_interval.unwrap_or(defaults.telemetry_interval),
-            hub_jobs: doc.jobs,
-        })
-    }
-}
-
-/// The one rule for programs the hub may start on a device: only with
-/// `commands.allow_exec = true`. That switch covers `exec` commands and
-/// jobs in desired state alike, so a device whose operator turned it off
-/// runs no program the hub names. Without it a hub job may still be a
-/// built-in kind (`store-check`), or switch a job off (`enabled = false`).
-pub fn hub_jobs_allowed(doc: &DesiredDoc, allow_exec: bool) -> Result<(), String> {
-    if allow_exec {
-        return Ok(());
-    }
-    let refused: Vec<String> = doc
-        .jobs
-        .iter()
-        .filter(|j| j.enabled && matches!(j.action, outpost_shared::job::Action::Command { .. }))
-        .map(|j| format!("jobs[{}].command", j.name))
-        .collect();
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: this device does not run programs named by the hub (commands.allow_exec = false in its config)",
-            refused.join(", ")
-        ))
-    }
-}
-
-/// Calls `on_change` on the actor each time the settings in `rx` change,
-/// for as long as the actor runs (it reads the new value from its own
-/// receiver).
-pub fn follow_settings<A>(
-    ctx: &mut actix::Context<A>,
-    mut rx: watch::Receiver<Settings>,
-    on_change: fn(&mut A, &mut actix::Context<A>),
-) where
-    A: actix::Actor<Context = actix::Context<A>>,
-{
-    use actix::{ActorFutureExt, AsyncContext};
-    let changed = async move {
-        let ok = rx.changed().await.is_ok();
-        (ok, rx)
-    };
-    ctx.spawn(actix::fut::wrap_future::<_, A>(changed).map(move |(ok, rx), act, ctx| {
-        if ok {
-            on_change(act, ctx);
-            follow_settings(ctx, rx, on_change);
-        }
-    }));
-}
-
-/// The hub's clock as the device last saw it: the hub's time in `Welcome`
-/// and when it arrived on the device's monotonic clock.
-#[derive(Debug, Clone, Copy)]
-pub struct HubClock {
-    hub: Timestamp,
-    at: std::time::Instant,
-}
-
-impl HubClock {
-    /// The hub said its clock read `hub` just now.
-    pub fn new(hub: Timestamp) -> Self {
-        HubClock { hub, at: std::time::Instant::now() }
-    }
-
-    /// The hub's time now.
-    pub fn now(&self) -> Timestamp {
-        self.hub.saturating_add(self.at.elapsed())
-    }
-}
 
 /// When a command the hub set to expire at `expires_at` (hub clock)
 /// expires on the device's clock, given that the hub's clock reads
@@ -402,18 +315,6 @@ async fn exec(args: &[String], timeout: Duration, max_output: usize, cancel: &Ca
 mod tests {
     use super::*;
     use outpost_shared::protocol::Command;
-
-    #[test]
-    fn hub_jobs_run_programs_only_where_exec_is_allowed() {
-        let doc = |jobs: &str| DesiredDoc::parse(&format!(r#"{{"jobs":[{jobs}]}}"#)).unwrap();
-        let program = r#"{"name":"id","schedule":"@every 5s","command":["sh","-c","id"]}"#;
-        let err = hub_jobs_allowed(&doc(program), false).unwrap_err();
-        assert!(err.starts_with("jobs[id].command: ") && err.contains("commands.allow_exec = false"), "{err}");
-        assert!(hub_jobs_allowed(&doc(program), true).is_ok());
-        let builtin = r#"{"name":"check","schedule":"@every 5s","kind":"store-check"}"#;
-        let off = r#"{"name":"nightly","schedule":"@every 5s","command":["x"],"enabled":false}"#;
-        assert!(hub_jobs_allowed(&doc(&format!("{builtin},{off}")), false).is_ok());
-    }
 
     #[test]
     fn expiry_follows_the_hubs_clock_whatever_the_devices_says() {

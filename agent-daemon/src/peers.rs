@@ -33,9 +33,10 @@
 
 use crate::config::PeersConfig;
 use crate::identity::Live;
+use crate::link::LinkState;
 use crate::store::AgentStore;
+use crate::uplink::RelayRequest;
 use crate::uplink::session::next_batch;
-use crate::uplink::{LinkState, RelayRequest};
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::peers::{

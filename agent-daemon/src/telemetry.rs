@@ -5,7 +5,7 @@
 //! on the actor's thread. The interval comes from [`Settings`], which the
 //! hub's desired state can change while the agent runs.
 
-use crate::inbox::Settings;
+use crate::settings::Settings;
 use crate::store::AgentStore;
 use actix::prelude::*;
 use outpost_shared::protocol::RecordBody;
@@ -160,7 +160,7 @@ impl Actor for TelemetryActor {
         // The first sample soon after start, so a new device shows figures
         // without waiting a whole interval.
         self.schedule(ctx, Duration::from_secs(1));
-        crate::inbox::follow_settings(ctx, self.settings.clone(), Self::settings_changed);
+        crate::settings::follow_settings(ctx, self.settings.clone(), Self::settings_changed);
     }
 }
 

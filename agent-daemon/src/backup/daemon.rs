@@ -11,12 +11,12 @@ use super::*;
 pub async fn upload_task(
     argv: Vec<String>,
     flag: PathBuf,
-    mut link: tokio::sync::watch::Receiver<crate::uplink::LinkState>,
+    mut link: tokio::sync::watch::Receiver<crate::link::LinkState>,
     timeout: std::time::Duration,
     retry_every: std::time::Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    use crate::uplink::LinkState;
+    use crate::link::LinkState;
     let mut tick = tokio::time::interval(retry_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

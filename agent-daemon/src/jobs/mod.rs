@@ -30,7 +30,7 @@
 
 mod run;
 
-use crate::inbox::Settings;
+use crate::settings::Settings;
 use crate::store::{AgentStore, Changes, StoreError};
 use actix::prelude::*;
 use outpost_shared::job::{JobRun, JobSource, JobSpec, JobsReport, RunOutcome, Schedule, Trigger};
@@ -711,7 +711,7 @@ impl Actor for SchedulerActor {
                 act.apply(ctx);
                 act.clock = (Timestamp::now(), Instant::now());
                 ctx.run_interval(CLOCK_CHECK, Self::check_clock);
-                crate::inbox::follow_settings(ctx, act.settings.clone(), Self::apply);
+                crate::settings::follow_settings(ctx, act.settings.clone(), Self::apply);
             }
             Err(e) => {
                 tracing::error!(error = ?e, "Cannot start the cron scheduler.");

@@ -24,39 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// What the uplink is doing.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LinkState {
-    /// Not started yet.
-    Starting,
-    /// Dialing the hub.
-    Connecting {
-        /// Attempts since the last session.
-        attempt: u32,
-    },
-    /// A session is open.
-    Connected,
-    /// Waiting before the next attempt.
-    Waiting {
-        /// Why the last attempt or session ended.
-        reason: String,
-        /// Delay before the next attempt.
-        retry_in: Duration,
-    },
-}
-
-impl std::fmt::Display for LinkState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LinkState::Starting => f.write_str("starting"),
-            LinkState::Connecting { attempt } => write!(f, "connecting to hub (attempt {attempt})"),
-            LinkState::Connected => f.write_str("connected to hub"),
-            LinkState::Waiting { reason, retry_in } => {
-                write!(f, "hub unreachable ({reason}); retrying in {}s", retry_in.as_secs())
-            }
-        }
-    }
-}
+use crate::link::LinkState;
 
 /// Why a session attempt or a session ended.
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,9 @@
 //! The transports ([`super::quic`], [`super::mqtt`]) only move messages;
 //! they implement [`Channel`].
 
-use super::{LinkError, LinkParams, LinkState};
+use super::{LinkError, LinkParams};
 use crate::identity::Identity;
+use crate::link::LinkState;
 use outpost_shared::DeviceId;
 use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal, RenewRequest, TrustHave};
 use outpost_shared::time::Timestamp;
@@ -166,7 +167,7 @@ pub async fn serve(
     let (acked, hub_clock, hub_now) = match reply {
         Some(Message::Welcome(welcome)) if welcome.device_id == p.identity.device_id => (
             welcome.acked_seq,
-            crate::inbox::HubClock::new(welcome.server_time),
+            crate::link::HubClock::new(welcome.server_time),
             std::time::UNIX_EPOCH + Duration::from_millis(welcome.server_time.0),
         ),
         Some(Message::Welcome(welcome)) => {
