@@ -29,11 +29,6 @@ use outpost_shared::DeviceId;
 use outpost_shared::time::Timestamp;
 use std::sync::Arc;
 
-/// SHA-256 of a bearer token, the key it is stored under.
-pub fn token_hash(secret: &str) -> [u8; 32] {
-    outpost_shared::Fingerprint::of_der(secret.as_bytes()).0
-}
-
 /// An API failure, rendered as `{"error": "..."}` with a status.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -202,7 +197,7 @@ pub fn failed(fleet: &Fleet, req: &HttpRequest) {
 /// asked; each failure counts against it.
 pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Result<Caller, HttpError> {
     admit(fleet, req)?;
-    let hash = token_hash(secret);
+    let hash = crate::service::token_hash(secret);
     let now = Timestamp::now();
     let token = fleet.store().api_token(&hash).await?;
     let Some(mut token) = token.filter(|t| !t.expired(now) && t.kind != TokenKind::SignInLink) else {

@@ -110,7 +110,7 @@ async fn admin_token(store: &Store, name: String, expires_at: Option<Timestamp>)
         last_used: None,
         kind: crate::store::TokenKind::Api,
     };
-    store.put_api_token(&http::token_hash(&token), &record).await?;
+    store.put_api_token(&service::token_hash(&token), &record).await?;
     Ok(token)
 }
 

@@ -1,4 +1,4 @@
-//! The hub's rules, between the API (and the console to come) and the
+//! The hub's rules, between the web front ends (the API and the console) and the
 //! store: how a device is named, what a command, a desired-state change or
 //! a restore grant must satisfy, and how a change is made and announced to
 //! the device's session. Answers are views and [`ServiceError`], never HTTP:
@@ -13,6 +13,11 @@ use outpost_shared::desired::DesiredDoc;
 use outpost_shared::protocol::CommandKind;
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
+
+/// SHA-256 of a bearer token, the key it is stored under.
+pub fn token_hash(secret: &str) -> [u8; 32] {
+    outpost_shared::Fingerprint::of_der(secret.as_bytes()).0
+}
 
 /// Largest command (kind and arguments) the hub accepts.
 pub const MAX_COMMAND_BYTES: usize = 64 << 10;
@@ -154,7 +159,7 @@ pub async fn create_token(
 ) -> Result<(String, [u8; 32], ApiToken), ServiceError> {
     let now = Timestamp::now();
     let secret = new_secret();
-    let hash = crate::http::token_hash(&secret);
+    let hash = token_hash(&secret);
     let token = ApiToken {
         role,
         name: name.to_owned(),
@@ -248,7 +253,7 @@ pub async fn sign_in_link(
 /// and a console session token of its role is made, valid for
 /// [`CONSOLE_SESSION`]. Returns the session's secret and token.
 pub async fn redeem_link(fleet: &Fleet, secret: &str) -> Result<(String, ApiToken), ServiceError> {
-    let hash = crate::http::token_hash(secret);
+    let hash = token_hash(secret);
     let refused =
         || ServiceError::Invalid("this sign-in link is not valid: it was used, it expired, or it never existed".into());
     // Read first: a bearer token given as a link is refused untouched.
