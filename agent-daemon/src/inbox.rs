@@ -26,6 +26,7 @@ use outpost_shared::time::Timestamp;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 const DESIRED: &str = "desired";
 /// Finished commands remembered to recognise re-deliveries. The hub resends
@@ -172,7 +173,8 @@ async fn run_executor(
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            run_one(store, config, jobs, entry, cancel).await?;
+            let span = tracing::info_span!("command", id = entry.command.id, kind = %entry.command.kind);
+            run_one(store, config, jobs, entry, cancel).instrument(span).await?;
         }
         prune_done(store).await?;
         tokio::select! {

@@ -407,6 +407,9 @@ fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError
         }
         Operation::Run { set } => {
             let set = config.backups.iter().find(|s| s.name == set).ok_or(BackupError::NoSet(set))?;
+            // Every line of the run names its set (the run is synchronous).
+            let span = tracing::info_span!("backup", set = %set.name);
+            let _run = span.enter();
             let repo = Repository::open(dir, &key)?;
             let s = repo.backup(set)?;
             println!(

@@ -311,7 +311,11 @@ async fn serve(p: &PeerParams, cancel: &CancellationToken) -> Result<(), String>
                 {
                     tracing::info!(%peer, "Uplink down: relaying the outbox through a LAN peer.");
                     let stop = cancel.child_token();
-                    tokio::spawn(relay_client(p.clone(), peer.clone(), connection, stop.clone()));
+                    let span = tracing::info_span!("relay", through = %peer);
+                    tokio::spawn(tracing::Instrument::instrument(
+                        relay_client(p.clone(), peer.clone(), connection, stop.clone()),
+                        span,
+                    ));
                     relay = Some((peer, stop));
                 }
                 report(p, &mut reported).await;
@@ -701,6 +705,14 @@ async fn relay_server(incoming: quinn::Incoming, p: PeerParams) {
         connection.close(2u32.into(), b"certificate names no device");
         return;
     };
+    let span = tracing::info_span!("peer", id = %peer);
+    tracing::Instrument::instrument(serve_peer(connection, peer, p), span).await;
+}
+
+/// The streams of a trusted peer's connection, until it closes or the hub
+/// revokes the peer.
+async fn serve_peer(connection: quinn::Connection, peer: DeviceId, p: PeerParams) {
+    use tracing::Instrument;
     let mut streams = tokio::task::JoinSet::new();
     let mut trust = p.identity.trust_changes();
     loop {
@@ -713,7 +725,7 @@ async fn relay_server(incoming: quinn::Incoming, p: PeerParams) {
             }
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(relay_stream(send, recv, peer.clone(), p.clone()));
+                    streams.spawn(relay_stream(send, recv, peer.clone(), p.clone()).in_current_span());
                 }
                 Err(_) => break,
             },

@@ -655,11 +655,16 @@ impl SchedulerActor {
         tracing::info!(job = %name, run = run_id, ?trigger, "Job run starting.");
         let work = run::Run { jobs: self.jobs.clone(), spec: slot.spec.clone(), run_id, trigger, stop, predecessors };
         let jobs = self.jobs.clone();
-        self.jobs.0.tasks.spawn(async move {
-            work.execute().await;
-            jobs.live().remove(&run_id);
-            done.cancel();
-        });
+        // Every line of the run (its output, its end) names the job and run.
+        let span = tracing::info_span!("job", name = %name, run = run_id);
+        self.jobs.0.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                work.execute().await;
+                jobs.live().remove(&run_id);
+                done.cancel();
+            },
+            span,
+        ));
         Ok(run_id)
     }
 

@@ -128,6 +128,14 @@ impl Session {
         }
     }
 
+    /// The transport's name, for the session's span.
+    fn transport(&self) -> &'static str {
+        match self {
+            Session::Quic(_) => "quic",
+            Session::Mqtt(_) => "mqtt",
+        }
+    }
+
     fn was_connected(&self) -> bool {
         match self {
             Session::Quic(s) => s.was_connected(),
@@ -222,9 +230,12 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
         };
         let attempt_params = LinkParams { hub: hub.clone(), identity, trying_next, ..params.clone() };
         let mut session = Session::new(&params.config);
+        // Every line of the attempt and its session names the hub (or, over
+        // MQTT, the hub the device enrolled with) and the transport.
+        let span = tracing::info_span!("session", hub = %hub, transport = session.transport());
         let result = tokio::select! {
             () = cancel.cancelled() => None,
-            result = session.run(&attempt_params) => Some(result),
+            result = tracing::Instrument::instrument(session.run(&attempt_params), span) => Some(result),
         };
         let Some(result) = result else {
             session.close().await;
