@@ -354,7 +354,7 @@ impl ConfigFile for AgentConfig {
             errors.push(ConfigError { path: "data_dir".into(), message: e.to_string() });
         }
         if let Some(key_file) = &self.backup_repo.key_file {
-            if let Err(e) = crate::backup::read_key(key_file) {
+            if let Err(e) = crate::keyfile::read_key(key_file) {
                 errors.push(ConfigError { path: "backups.key_file".into(), message: e.to_string() });
             } else if let Err(message) = outpost_shared::fsutil::check_private(key_file) {
                 errors.push(ConfigError { path: "backups.key_file".into(), message });

@@ -18,6 +18,7 @@ pub mod enroll;
 pub mod identity;
 pub mod inbox;
 pub mod jobs;
+pub mod keyfile;
 pub mod link;
 pub mod peers;
 pub mod process;

@@ -1,10 +1,11 @@
 //! `outpost-agent`: enroll, validate a config, or run the daemon.
 
 use clap::{Parser, Subcommand};
-use outpost_agent::backup::{BackupError, HubLink, Repository, RestoreTo, SnapshotInfo, read_key};
+use outpost_agent::backup::{BackupError, HubLink, Repository, RestoreTo, SnapshotInfo};
 use outpost_agent::config::AgentConfig;
 use outpost_agent::control::{self, Reply, Request};
 use outpost_agent::jobs::JobView;
+use outpost_agent::keyfile::{KeyFileError, read_key};
 use outpost_shared::DeviceId;
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
@@ -368,7 +369,7 @@ fn restore_problems(restored: &outpost_agent::backup::Restored) -> u8 {
 /// paths could not be backed up (as restic does).
 fn backup_command(config: &AgentConfig, op: Operation) -> Result<u8, BackupError> {
     let key_file =
-        config.backup_repo.key_file.clone().ok_or_else(|| BackupError::BadKey(PathBuf::from("(not set)")))?;
+        config.backup_repo.key_file.clone().ok_or_else(|| KeyFileError::BadKey(PathBuf::from("(not set)")))?;
     let key = read_key(&key_file)?;
     let dir = &config.backup_repo.dir;
     match op {

@@ -129,7 +129,7 @@ pub mod fuzz {
 pub use daemon::{command_prefix, hub_command, scheduled_jobs, upload_command, upload_task};
 pub use manifest::{Carries, Head};
 pub use remote::{HubLink, UploadReport};
-pub use repo::{Repository, read_key};
+pub use repo::Repository;
 pub use restore::{RestoreTo, Restored, confined_path};
 pub use snapshot::read_all;
 
@@ -194,19 +194,9 @@ pub enum BackupError {
     /// a file that differs).
     #[error("{0}")]
     Refused(String),
-    /// The key file is not 32 bytes in hex.
-    #[error(
-        "[backups] key_file {0}: expected 64 hex digits (32 bytes); make one with `head -c 32 /dev/urandom | xxd -p -c 64`"
-    )]
-    BadKey(PathBuf),
-    /// The key file cannot be read.
-    #[error("[backups] key_file {path}: {source}")]
-    KeyFile {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// The key file cannot be read or holds no key.
+    #[error(transparent)]
+    Key(#[from] crate::keyfile::KeyFileError),
     /// Data in the repository does not decrypt, decode or hash to its id.
     #[error("corrupt {what}: {why}")]
     Corrupt {

@@ -9,13 +9,6 @@ pub(super) struct RepoConfig {
     key_check: String,
 }
 
-/// Reads the operator's backup key: 64 hex digits (whitespace ignored).
-pub fn read_key(path: &Path) -> Result<[u8; 32], BackupError> {
-    let text = fs::read_to_string(path).map_err(|source| BackupError::KeyFile { path: path.to_owned(), source })?;
-    let hex: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    outpost_shared::identity::parse_hex32(&hex).ok_or_else(|| BackupError::BadKey(path.to_owned()))
-}
-
 /// An open repository. Held exclusively while it lives, unless opened with
 /// [`Repository::open_unlocked`] to read (upload, restore from the hub).
 pub struct Repository {
