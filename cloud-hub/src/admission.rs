@@ -50,7 +50,13 @@ pub struct Admissions {
     /// Bumped whenever `revoked` grows or the trusted CAs change:
     /// connections look again (and sessions send the new trust bundle).
     revocations: tokio::sync::watch::Sender<u64>,
+    /// The trust bundle and its digest as of a change count, made once per
+    /// change and shared by every session (see [`Admissions::trust_bundle`]).
+    bundle: Mutex<Option<(u64, SharedBundle)>>,
 }
+
+/// A trust bundle and its digest.
+pub type SharedBundle = Arc<(outpost_shared::protocol::TrustBundle, [u8; 32])>;
 
 impl Default for Admissions {
     fn default() -> Self {
@@ -59,6 +65,7 @@ impl Default for Admissions {
             noted: Mutex::default(),
             revoked: RwLock::default(),
             revocations: tokio::sync::watch::Sender::new(0),
+            bundle: Mutex::default(),
         }
     }
 }
@@ -126,6 +133,28 @@ impl Admissions {
     /// Changes of the trust bundle, from now on.
     pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revocations.subscribe()
+    }
+
+    /// The trust bundle devices are to hold (the CAs `ca` trusts, the
+    /// devices revoked) and its digest. Made at the first call after each
+    /// change ([`Admissions::trust_changed`]) and shared, so a revocation
+    /// costs one sort of the list, not one per session. A revocation older
+    /// than a certificate lifetime leaves the list at the next change.
+    pub fn trust_bundle(&self, ca: &crate::ca::FleetCa) -> SharedBundle {
+        let generation = *self.revocations.borrow();
+        let mut cached = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, bundle)) = cached.as_ref().filter(|(made, _)| *made == generation) {
+            return bundle.clone();
+        }
+        let now = std::time::SystemTime::now();
+        let bundle = outpost_shared::protocol::TrustBundle {
+            cas: ca.trusted(now).into_iter().map(|c| c.to_vec()).collect(),
+            revoked: self.revoked_list(Timestamp::from_system(now), ca.device_lifetime()),
+        };
+        let digest = bundle.digest();
+        let shared = Arc::new((bundle, digest));
+        *cached = Some((generation, shared.clone()));
+        shared
     }
 
     /// Resolves once `id` is revoked (at once if it is).
@@ -350,6 +379,24 @@ mod tests {
         assert!(a.revoked(&one) && a.revoked(&two));
         // Already revoked: resolves at once.
         tokio::time::timeout(Duration::from_millis(100), a.revoked_wait(&one)).await.unwrap();
+    }
+
+    /// One bundle per change, shared; a revocation makes a new one.
+    #[test]
+    fn the_trust_bundle_is_made_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::ca::FleetCa::init(dir.path()).unwrap();
+        let a = Admissions::default();
+        let first = a.trust_bundle(&ca);
+        assert!(Arc::ptr_eq(&first, &a.trust_bundle(&ca)), "made again without a change");
+        assert_eq!(first.0.cas, vec![ca.cert_der().to_vec()]);
+        assert!(first.0.revoked.is_empty());
+        let id: DeviceId = "dev-1".parse().unwrap();
+        a.revoke(&id, Timestamp::now());
+        let second = a.trust_bundle(&ca);
+        assert_eq!(second.0.revoked, vec![id]);
+        assert_eq!(second.1, second.0.digest());
+        assert_ne!(second.1, first.1);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use outpost_shared::DeviceId;
 use outpost_shared::protocol::Record;
 use outpost_shared::protocol::{
     Ack, Batch, Command, Deliver, Desired, Hello, Message, Refusal, RefusalReason, RelayAck, RenewRequest, Renewed,
-    TrustBundle, Welcome,
+    Welcome,
 };
 use outpost_shared::time::Timestamp;
 use std::time::Duration;
@@ -567,12 +567,8 @@ impl DeviceSession {
 
     /// The trust bundle devices are to hold now: the CAs trusted and the
     /// devices revoked.
-    pub fn trust_bundle(&self) -> TrustBundle {
-        let now = std::time::SystemTime::now();
-        TrustBundle {
-            cas: self.ca.trusted(now).into_iter().map(|c| c.to_vec()).collect(),
-            revoked: self.fleet.admissions().revoked_list(Timestamp::from_system(now), self.ca.device_lifetime()),
-        }
+    pub fn trust_bundle(&self) -> crate::admission::SharedBundle {
+        self.fleet.admissions().trust_bundle(&self.ca)
     }
 
     /// Sends what waits for the device (the trust bundle if it changed,
@@ -583,12 +579,12 @@ impl DeviceSession {
             return Ok(false);
         }
         if let Some(held) = self.device_trust {
-            let bundle = self.trust_bundle();
-            let digest = bundle.digest();
-            if digest != held {
+            let shared = self.trust_bundle();
+            let (bundle, digest) = &*shared;
+            if *digest != held {
                 debug!(cas = bundle.cas.len(), revoked = bundle.revoked.len(), "Trust bundle sent.");
-                transport.send(Message::Trust(bundle)).await?;
-                self.device_trust = Some(digest);
+                transport.send(Message::Trust(bundle.clone())).await?;
+                self.device_trust = Some(*digest);
             }
         }
         let store = self.fleet.store().clone();
