@@ -255,11 +255,13 @@ fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
     let mut lost = Agent::enroll(scratch.path(), &hub, "lost", &timings).unwrap();
     lost.use_transport(Some(&broker)).unwrap();
     let mut bystander = Agent::enroll(scratch.path(), &hub, "bystander", &timings).unwrap();
-    bystander.use_transport(Some(&broker)).unwrap();
-    for agent in [&mut stolen, &mut lost, &mut bystander] {
+    // A second bystander over the broker hears of the revocations there.
+    let mut listener = Agent::enroll(scratch.path(), &hub, "listener", &timings).unwrap();
+    listener.use_transport(Some(&broker)).unwrap();
+    for agent in [&mut stolen, &mut lost, &mut bystander, &mut listener] {
         agent.start().unwrap();
     }
-    wait_online(&hub, &[&stolen.id, &lost.id, &bystander.id], true, Duration::from_secs(20)).unwrap();
+    wait_online(&hub, &[&stolen.id, &lost.id, &bystander.id, &listener.id], true, Duration::from_secs(20)).unwrap();
     wait_for(Duration::from_secs(10), "the QUIC session held", || {
         hub.device(&stolen.id).ok().filter(|d| d.connected).map(drop)
     })
@@ -303,18 +305,23 @@ fn a_revoked_device_is_cut_off_within_a_second_and_refused_on_every_path() {
     assert_eq!((after.last_seq, after.last_seen_ms), (held, seen), "a revoked device's messages were taken");
     assert_eq!(after.state(), "revoked");
 
-    // The third device never noticed, but for the list of revoked devices
-    // its LAN peers go by (sent signed through the broker).
-    wait_online(&hub, &[&bystander.id], true, Duration::from_secs(5)).unwrap();
-    wait_for(Duration::from_secs(5), "the bystander to hear of both revocations", || {
-        bystander.log_text().contains("Trust bundle from the hub kept. cas=1 revoked=2").then_some(())
+    // The bystanders (QUIC and MQTT) never noticed, but for the list of
+    // revoked devices their LAN peers go by (through the broker: signed).
+    wait_online(&hub, &[&bystander.id, &listener.id], true, Duration::from_secs(5)).unwrap();
+    wait_for(Duration::from_secs(5), "the devices to hear of both revocations", || {
+        [&bystander, &listener]
+            .iter()
+            .all(|a| a.log_text().contains("Trust bundle from the hub kept. cas=1 revoked=2"))
+            .then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", bystander.log_text()));
-    let kept = std::fs::read_to_string(bystander.data_dir.join("identity/revoked")).unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", bystander.log_text(), listener.log_text()));
+    let kept = std::fs::read_to_string(listener.data_dir.join("identity/revoked")).unwrap();
     let mut both = [stolen.id.clone(), lost.id.clone()];
     both.sort();
     assert_eq!(kept, format!("{}\n{}\n", both[0], both[1]));
-    assert_eq!(bystander.log_text().matches("Connected to the hub.").count(), 1, "{}", bystander.log_text());
+    for agent in [&bystander, &listener] {
+        assert_eq!(agent.log_text().matches("Connected to the hub.").count(), 1, "{}", agent.log_text());
+    }
 }
 
 /// The CA certificates of a PEM file, as DER.
