@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Benchmark: agent resident memory after idling with the example config, next
-# to prometheus-node-exporter measured the same way in the same run; and the
-# stripped release binary sizes.
+# Benchmark: an idle agent's resident memory and wake-ups (context switches
+# of all its threads per second) with the example config, connected to a hub,
+# next to prometheus-node-exporter and cron measured the same way in the same
+# run; and the stripped release binary sizes.
 #
 #   tests/bench-idle.sh [IDLE_SECONDS]     (default 60)
 #
@@ -10,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 idle=${1:-60}
 
-if ! command -v prometheus-node-exporter >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-node-exporter curl >/dev/null
+if ! command -v prometheus-node-exporter >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1 || ! [ -x /usr/sbin/cron ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-node-exporter curl cron >/dev/null
 fi
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=target/release
@@ -45,23 +46,43 @@ for _ in $(seq 100); do
     port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne2.log" | head -1 | cut -d: -f2) && [ -n "$port" ] && break
     sleep 0.1
 done
+# cron in the foreground, with the system's crontabs (it wakes once a minute).
+/usr/sbin/cron -f 2>"$work/cron.log" & cron=$!; pids+=($cron)
+sleep 5
+# Context switches (voluntary and not) of every thread of a process: each is
+# a wake-up of some thread.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s}'; }
+per_thread() { for t in /proc/"$1"/task/*; do echo "${t##*/} $(tr ' ' _ < "$t/comm") $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status")"; done | sort; }
+declare -A before
+for p in $agent $ne $ne2 $cron; do before[$p]=$(switches "$p"); done
+per_thread "$agent" > "$work/threads.before"
+started=$SECONDS
 end=$((SECONDS + idle))
 while [ $SECONDS -lt "$end" ]; do
     curl -s "http://127.0.0.1:$port/metrics" >/dev/null || true
     sleep 10
 done
+took=$((SECONDS - started))
+per_thread "$agent" > "$work/threads.after"
+wakes() { awk -v a="${before[$1]}" -v b="$(switches "$1")" -v t="$took" 'BEGIN { printf "%.1f", (b - a) / t }'; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 grep -q "Connected to the hub" "$work/agent.log" || { echo "agent never connected" >&2; exit 1; }
 
-echo "| process | RSS after ${idle}s idle | peak RSS (VmHWM) | threads |"
-echo "|---|---|---|---|"
-echo "| outpost-agent (configs/agent.toml, connected to a hub) | $(kib_to_mib "$(rss $agent)") MiB | $(kib_to_mib "$(hwm $agent)") MiB | $(threads $agent) |"
+echo "| process | RSS after ${idle}s idle | peak RSS (VmHWM) | threads | wake-ups/s over ${took}s |"
+echo "|---|---|---|---|---|"
+echo "| outpost-agent (configs/agent.toml, connected to a hub) | $(kib_to_mib "$(rss $agent)") MiB | $(kib_to_mib "$(hwm $agent)") MiB | $(threads $agent) | $(wakes $agent) |"
 version=$(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}')
-echo "| prometheus-node-exporter $version (defaults, not scraped) | $(kib_to_mib "$(rss $ne)") MiB | $(kib_to_mib "$(hwm $ne)") MiB | $(threads $ne) |"
-echo "| prometheus-node-exporter $version (defaults, scraped every 10 s) | $(kib_to_mib "$(rss $ne2)") MiB | $(kib_to_mib "$(hwm $ne2)") MiB | $(threads $ne2) |"
+echo "| prometheus-node-exporter $version (defaults, not scraped) | $(kib_to_mib "$(rss $ne)") MiB | $(kib_to_mib "$(hwm $ne)") MiB | $(threads $ne) | $(wakes $ne) |"
+echo "| prometheus-node-exporter $version (defaults, scraped every 10 s) | $(kib_to_mib "$(rss $ne2)") MiB | $(kib_to_mib "$(hwm $ne2)") MiB | $(threads $ne2) | $(wakes $ne2) |"
+echo "| cron (Debian, system crontabs) | $(kib_to_mib "$(rss $cron)") MiB | $(kib_to_mib "$(hwm $cron)") MiB | $(threads $cron) | $(wakes $cron) |"
+echo
+echo "Agent wake-ups/s by thread name:"
+join "$work/threads.before" "$work/threads.after" \
+    | awk -v t="$took" '{ w[$2] += ($5 - $3) / t; n[$2]++ } END { for (k in w) printf "- %s (%d): %.2f\n", k, n[k], w[k] }' | sort
+echo
 echo
 echo "| binary | stripped size |"
 echo "|---|---|"

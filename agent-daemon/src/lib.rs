@@ -41,7 +41,6 @@ use crate::supervisor::{RestartPolicy, SupervisorActor};
 use crate::task_actor::TaskActor;
 use crate::telemetry::{Sampler, TelemetryActor};
 use crate::uplink::LinkParams;
-use actix::Actor;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -191,7 +190,6 @@ pub fn run_with(
                 TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| {
                     uplink::link_loop(params.clone(), cancel)
                 })
-                .start()
             })
             .child("commands", move || {
                 let (store, commands, defaults, settings, jobs) =
@@ -200,27 +198,20 @@ pub fn run_with(
                     let settings = settings.clone();
                     inbox::executor(store.clone(), commands.clone(), jobs.clone(), defaults.clone(), settings, cancel)
                 })
-                .start()
             })
-            .child("scheduler", move || {
-                SchedulerActor::new(jobs3.clone(), local_jobs.clone(), jobs_settings.clone()).start()
-            })
+            .child("scheduler", move || SchedulerActor::new(jobs3.clone(), local_jobs.clone(), jobs_settings.clone()))
             .child("control", move || {
                 let (dir, jobs, peers) = (control_dir.clone(), jobs4.clone(), control_peers.clone());
                 TaskActor::new("control", t3.clone(), s3.clone(), move |cancel| {
                     control::serve(dir.clone(), jobs.clone(), peers.clone(), cancel)
                 })
-                .start()
             })
-            .child("telemetry", move || {
-                TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()).start()
-            })
-            .status_from(move || status_line(&state_rx.borrow(), &status_store.stats()));
+            .child("telemetry", move || TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()))
+            .status_from(state_rx.clone(), move || status_line(&state_rx.borrow(), &status_store.stats()));
         if config.peers.enabled {
             supervisor = supervisor.child("peers", move || {
                 let params = peer_params.clone();
                 TaskActor::new("peers", t4.clone(), s4.clone(), move |cancel| peers::run(params.clone(), cancel))
-                    .start()
             });
         }
         if let Some((argv, flag, link, timeout, t5, s5)) = upload {
@@ -229,10 +220,9 @@ pub fn run_with(
                 TaskActor::new("backup-upload", t5.clone(), s5.clone(), move |cancel| {
                     backup::upload_task(argv.clone(), flag.clone(), link.clone(), timeout, UPLOAD_RETRY, cancel)
                 })
-                .start()
             });
         }
-        let supervisor = supervisor.start();
+        let supervisor = actix::Actor::start(supervisor);
         extra(&store);
         shutdown.await;
         tracing::info!("Agent stopping.");

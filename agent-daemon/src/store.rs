@@ -48,6 +48,9 @@ pub enum StoreError {
     /// The writer could not make a change durable.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// A blocking read could not run.
+    #[error("agent store: read task failed: {0}")]
+    Task(String),
     /// A stored value does not decode.
     #[error("agent store: corrupt value in {tree}: {source}")]
     Corrupt {
@@ -216,11 +219,26 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).unwrap_or_default()
 }
 
+/// Records per batch sent to the hub.
+pub const BATCH_RECORDS: usize = 2000;
+
+/// Period of sled's background flush and segment-cleaning pass.
+const FLUSH_EVERY_MS: u64 = 10_000;
+
 impl AgentStore {
     /// Opens (or creates) the store in `data_dir/store`, with an outbox
     /// budget of `budget` bytes and a sled page cache of `cache` bytes.
     pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(data_dir.join("store")).cache_capacity(cache).open()?;
+        // Every write goes through the group commit below, which flushes
+        // before it answers, so sled's own periodic flush adds no durability;
+        // its pass also cleans segments, which writes do as they go. Every
+        // 10 s instead of sled's 500 ms: the flusher thread was the idle
+        // agent's second most frequent wake-up (docs/BENCHMARKS.md).
+        let db = sled::Config::new()
+            .path(data_dir.join("store"))
+            .cache_capacity(cache)
+            .flush_every_ms(Some(FLUSH_EVERY_MS))
+            .open()?;
         let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let inbox = db.open_tree("inbox")?;
@@ -380,6 +398,27 @@ impl AgentStore {
             out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
         }
         Ok(out)
+    }
+
+    /// The next signed batch of `device`'s outbox from `from` (at most
+    /// [`BATCH_RECORDS`] records, within `max_frame`), and its last sequence
+    /// number; `None` when nothing is waiting. The direct session and the
+    /// LAN relay both send what this makes.
+    pub async fn next_batch(
+        &self,
+        device: &outpost_shared::DeviceId,
+        signer: &outpost_shared::identity::Signer,
+        from: u64,
+        max_frame: usize,
+    ) -> Result<Option<(outpost_shared::protocol::Batch, u64)>, StoreError> {
+        let max_bytes = max_frame.saturating_sub(4096).max(1024);
+        let store = self.clone();
+        let records = tokio::task::spawn_blocking(move || store.peek(from, BATCH_RECORDS, max_bytes))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let Some(last) = records.last().map(|r| r.seq) else { return Ok(None) };
+        let batch = outpost_shared::protocol::Batch::new(device.clone(), &records, |input| signer.sign(input));
+        Ok(Some((batch, last)))
     }
 
     /// A number never handed out before by this store (it survives

@@ -1,40 +1,35 @@
-//! The supervisor: starts each actor, notices when one has stopped (or
-//! panicked: its mailbox is then gone), and restarts it after a backoff that
-//! grows while it keeps failing and resets once it has run for a minute.
+//! The supervisor: starts each actor, learns from the actor itself when it
+//! has stopped (or panicked), and restarts it after a backoff that grows
+//! while it keeps failing and resets once it has run for a minute.
 //!
-//! It also speaks to systemd: `WATCHDOG=1` only while every child is alive,
-//! and `STATUS=` with the uplink's state.
+//! Each child is started with a guard spawned into its own context; the
+//! context drops it when the actor stops, and so does the unwinding of a
+//! panic, so the supervisor hears of every end without polling.
+//!
+//! It also speaks to systemd: `WATCHDOG=1` only while every child is alive
+//! (every `WatchdogSec`/2), and `STATUS=` when it changes: at once when the
+//! caller's signal (the uplink's state) changes, else at most every 30 s.
 
 use crate::backoff::Backoff;
 use actix::prelude::*;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
-/// How often children are checked.
-const TICK: Duration = Duration::from_millis(200);
-/// Least time between two `STATUS=` lines.
-const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// Longest time between two looks at the status line, when nothing signals
+/// a change (the backlog counts in it change without a signal).
+const STATUS_EVERY: Duration = Duration::from_secs(30);
 /// A child that ran this long is considered healthy again.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
-/// A running child, as the supervisor sees it.
-pub trait Child {
-    /// False once the actor has stopped or panicked.
-    fn alive(&self) -> bool;
-}
-
-impl<A: Actor<Context = Context<A>>> Child for Addr<A> {
-    fn alive(&self) -> bool {
-        self.connected()
-    }
-}
-
-type Factory = Box<dyn Fn() -> Box<dyn Child>>;
+type Factory = Box<dyn Fn(Addr<SupervisorActor>, usize, u64)>;
 
 struct ChildSlot {
     name: &'static str,
     start: Factory,
-    running: Option<(Box<dyn Child>, Instant)>,
-    next_start: Instant,
+    /// When the running instance started; `None` while waiting to restart.
+    running: Option<Instant>,
+    /// Counts starts, so the end of an instance already replaced is ignored.
+    generation: u64,
     backoff: Backoff,
     restarts: u32,
 }
@@ -54,13 +49,18 @@ impl Default for RestartPolicy {
     }
 }
 
+type StatusSource = Box<dyn Fn() -> String>;
+/// Sends [`StatusChanged`] each time the caller's signal changes.
+type StatusWatch = Box<dyn FnOnce(Addr<SupervisorActor>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;
+
 /// Supervises the agent's actors.
 pub struct SupervisorActor {
     children: Vec<ChildSlot>,
     policy: RestartPolicy,
-    status: Option<Box<dyn Fn() -> String>>,
-    last_status: (String, Option<Instant>),
-    watchdog: bool,
+    status: Option<StatusSource>,
+    status_watch: Option<StatusWatch>,
+    last_status: String,
+    watchdog: Option<Duration>,
 }
 
 impl std::fmt::Debug for SupervisorActor {
@@ -70,24 +70,62 @@ impl std::fmt::Debug for SupervisorActor {
     }
 }
 
+/// Tells the supervisor that a child's instance has ended, when dropped.
+struct EndGuard {
+    supervisor: Addr<SupervisorActor>,
+    index: usize,
+    generation: u64,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.supervisor.do_send(Ended { index: self.index, generation: self.generation });
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Ended {
+    index: usize,
+    generation: u64,
+}
+
 impl SupervisorActor {
     /// A supervisor with no children yet.
     pub fn new(policy: RestartPolicy) -> Self {
-        let watchdog = sd_notify::watchdog_enabled().is_some();
-        SupervisorActor { children: Vec::new(), policy, status: None, last_status: (String::new(), None), watchdog }
+        SupervisorActor {
+            children: Vec::new(),
+            policy,
+            status: None,
+            status_watch: None,
+            last_status: String::new(),
+            watchdog: sd_notify::watchdog_enabled(),
+        }
     }
 
-    /// Adds a child started (and restarted) by `start`.
-    pub fn child<A, F>(mut self, name: &'static str, start: F) -> Self
+    /// Adds a child: `make` builds a fresh actor for each (re)start.
+    pub fn child<A, F>(mut self, name: &'static str, make: F) -> Self
     where
         A: Actor<Context = Context<A>>,
-        F: Fn() -> Addr<A> + 'static,
+        F: Fn() -> A + 'static,
     {
         self.children.push(ChildSlot {
             name,
-            start: Box::new(move || Box::new(start())),
+            start: Box::new(move |supervisor, index, generation| {
+                let actor = make();
+                A::create(move |ctx| {
+                    let guard = EndGuard { supervisor, index, generation };
+                    // Never completes: dropped with the context, whether the
+                    // actor stopped or its task unwound from a panic.
+                    ctx.spawn(actix::fut::wrap_future(async move {
+                        let _guard = guard;
+                        std::future::pending::<()>().await;
+                    }));
+                    actor
+                });
+            }),
             running: None,
-            next_start: Instant::now(),
+            generation: 0,
             backoff: Backoff::new(self.policy.initial, self.policy.max),
             restarts: 0,
         });
@@ -95,49 +133,68 @@ impl SupervisorActor {
     }
 
     /// Reports what `status` says in systemd `STATUS=` lines, when it
-    /// changes (at most every 2 s, so a busy device does not flood systemd).
-    pub fn status_from(mut self, status: impl Fn() -> String + 'static) -> Self {
+    /// changes: looked at whenever `changed` signals, and every 30 s.
+    pub fn status_from<T: 'static>(
+        mut self,
+        mut changed: watch::Receiver<T>,
+        status: impl Fn() -> String + 'static,
+    ) -> Self {
         self.status = Some(Box::new(status));
+        self.status_watch = Some(Box::new(move |me| {
+            Box::pin(async move {
+                while changed.changed().await.is_ok() {
+                    me.do_send(StatusChanged);
+                }
+            })
+        }));
         self
     }
 
-    fn tick(&mut self) {
-        let now = Instant::now();
-        for slot in &mut self.children {
-            match &slot.running {
-                Some((child, since)) if !child.alive() => {
-                    if since.elapsed() >= STABLE_AFTER {
-                        slot.backoff.reset();
-                    }
-                    let delay = slot.backoff.next_delay();
-                    slot.restarts += 1;
-                    tracing::error!(
-                        actor = slot.name,
-                        restarts = slot.restarts,
-                        delay_ms = outpost_shared::time::millis(delay),
-                        "Actor stopped; restarting."
-                    );
-                    slot.running = None;
-                    slot.next_start = now + delay;
-                }
-                Some(_) => {}
-                None if now >= slot.next_start => {
-                    slot.running = Some(((slot.start)(), now));
-                    tracing::debug!(actor = slot.name, "Actor started.");
-                }
-                None => {}
-            }
+    fn start_child(&mut self, index: usize, ctx: &mut Context<Self>) {
+        let slot = &mut self.children[index];
+        slot.generation += 1;
+        slot.running = Some(Instant::now());
+        (slot.start)(ctx.address(), index, slot.generation);
+        tracing::debug!(actor = slot.name, "Actor started.");
+    }
+
+    fn ended(&mut self, index: usize, generation: u64, ctx: &mut Context<Self>) {
+        let Some(slot) = self.children.get_mut(index) else { return };
+        let Some(since) = slot.running.filter(|_| slot.generation == generation) else { return };
+        if since.elapsed() >= STABLE_AFTER {
+            slot.backoff.reset();
         }
-        let all_alive = self.children.iter().all(|c| c.running.as_ref().is_some_and(|(child, _)| child.alive()));
-        if self.watchdog && all_alive {
+        let delay = slot.backoff.next_delay();
+        slot.restarts += 1;
+        slot.running = None;
+        tracing::error!(
+            actor = slot.name,
+            restarts = slot.restarts,
+            delay_ms = outpost_shared::time::millis(delay),
+            "Actor stopped; restarting."
+        );
+        ctx.run_later(delay, move |act, ctx| act.start_child(index, ctx));
+    }
+
+    fn all_alive(&self) -> bool {
+        self.children.iter().all(|c| c.running.is_some())
+    }
+
+    /// The periodic look: the watchdog ping (only while every child is
+    /// alive) and the status line.
+    fn tick(&mut self) {
+        if self.watchdog.is_some() && self.all_alive() {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
+        self.report_status();
+    }
+
+    fn report_status(&mut self) {
         if let Some(status) = &self.status {
             let text = status();
-            let (last, when) = &self.last_status;
-            if &text != last && when.is_none_or(|w| w.elapsed() >= STATUS_EVERY) {
+            if text != self.last_status {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
-                self.last_status = (text, Some(Instant::now()));
+                self.last_status = text;
             }
         }
     }
@@ -147,9 +204,37 @@ impl Actor for SupervisorActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.tick();
+        for index in 0..self.children.len() {
+            self.start_child(index, ctx);
+        }
+        self.report_status();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        ctx.run_interval(TICK, |act, _| act.tick());
+        // systemd wants a ping within WatchdogSec; every half of it leaves room.
+        let every = self.watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+        ctx.run_interval(every, |act, _| act.tick());
+        if let Some(watch) = self.status_watch.take() {
+            ctx.spawn(actix::fut::wrap_future(watch(ctx.address())));
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StatusChanged;
+
+impl Handler<StatusChanged> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StatusChanged, _: &mut Self::Context) {
+        self.report_status();
+    }
+}
+
+impl Handler<Ended> for SupervisorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ended, ctx: &mut Self::Context) {
+        self.ended(msg.index, msg.generation, ctx);
     }
 }
 
@@ -162,12 +247,7 @@ impl Handler<ChildStatus> for SupervisorActor {
     type Result = MessageResult<ChildStatus>;
 
     fn handle(&mut self, _: ChildStatus, _: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.children
-                .iter()
-                .map(|c| (c.name, c.running.as_ref().is_some_and(|(child, _)| child.alive()), c.restarts))
-                .collect(),
-        )
+        MessageResult(self.children.iter().map(|c| (c.name, c.running.is_some(), c.restarts)).collect())
     }
 }
 
@@ -179,11 +259,13 @@ mod tests {
 
     struct Fragile {
         starts: Arc<AtomicU32>,
+        current: Arc<std::sync::Mutex<Option<Addr<Fragile>>>>,
     }
 
     impl Actor for Fragile {
         type Context = Context<Self>;
-        fn started(&mut self, _: &mut Self::Context) {
+        fn started(&mut self, ctx: &mut Self::Context) {
+            *self.current.lock().unwrap() = Some(ctx.address());
             self.starts.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -225,11 +307,7 @@ mod tests {
         let (s, c) = (starts.clone(), current.clone());
         let policy = RestartPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50) };
         let sup = SupervisorActor::new(policy)
-            .child("fragile", move || {
-                let addr = Fragile { starts: s.clone() }.start();
-                *c.lock().unwrap() = Some(addr.clone());
-                addr
-            })
+            .child("fragile", move || Fragile { starts: s.clone(), current: c.clone() })
             .start();
         wait_for("first start", || starts.load(Ordering::SeqCst) == 1).await;
 
@@ -241,5 +319,20 @@ mod tests {
 
         let status = sup.send(ChildStatus).await.unwrap();
         assert_eq!(status, vec![("fragile", true, 2)]);
+    }
+
+    #[actix_rt::test]
+    async fn looks_at_the_status_when_signalled_not_on_a_clock() {
+        let looks = Arc::new(AtomicU32::new(0));
+        let (tx, rx) = watch::channel(0u32);
+        let l = looks.clone();
+        let _sup = SupervisorActor::new(RestartPolicy::default())
+            .status_from(rx, move || format!("look {}", l.fetch_add(1, Ordering::SeqCst)))
+            .start();
+        wait_for("the first look", || looks.load(Ordering::SeqCst) == 1).await;
+        for n in 1..=3 {
+            tx.send_replace(n);
+            wait_for("a look after a signal", || looks.load(Ordering::SeqCst) == n + 1).await;
+        }
     }
 }

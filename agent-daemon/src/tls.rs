@@ -51,15 +51,57 @@ pub struct Timings {
     pub idle_timeout: Duration,
 }
 
+fn transport(timings: Timings) -> Result<Arc<quinn::TransportConfig>, TlsError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(timings.keepalive));
+    transport.max_idle_timeout(Some(timings.idle_timeout.try_into().map_err(tls_err)?));
+    Ok(Arc::new(transport))
+}
+
 fn quic_client(mut tls: rustls::ClientConfig, timings: Timings, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(timings.keepalive));
-    transport.max_idle_timeout(Some(timings.idle_timeout.try_into().map_err(tls_err)?));
-    config.transport_config(Arc::new(transport));
+    config.transport_config(transport(timings)?);
     Ok(config)
+}
+
+/// ALPN of LAN peer links.
+pub const PEER_ALPN: &[u8] = b"outpost-peer/1";
+
+/// Both sides of LAN peer links: the server and client configs of one
+/// endpoint. Each side presents the certificate in use at each handshake
+/// and checks the other's against the trust bundle in use (CAs, revoked
+/// devices), so a renewal or a new bundle applies to the next handshake.
+/// `timings`: the links' keep-alive (`probe_interval`) and idle timeout
+/// (`gone_after`).
+pub fn peer_configs(
+    live: &crate::identity::Live,
+    timings: Timings,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TlsError> {
+    let resolver = live.resolver();
+    let verifier = PeerVerifier::new(live.clone())?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier.clone())
+        .with_cert_resolver(resolver.clone());
+    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(resolver);
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let transport = transport(timings)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_err)?,
+    ));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client).map_err(tls_err)?));
+    client.transport_config(transport);
+    Ok((server, client))
 }
 
 /// Client config for an authenticated session.

@@ -19,35 +19,12 @@ use super::{LinkError, LinkParams};
 use crate::identity::Identity;
 use crate::link::LinkState;
 use outpost_shared::DeviceId;
-use outpost_shared::protocol::{Batch, Heartbeat, Hello, Message, Received, Refusal, RenewRequest, TrustHave};
+use outpost_shared::protocol::{Heartbeat, Hello, Message, Received, Refusal, RenewRequest, TrustHave};
 use outpost_shared::time::Timestamp;
 use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
-
-/// Records per batch.
-pub const BATCH_RECORDS: usize = 2000;
-
-/// The next signed batch of this device's outbox from `from` (at most
-/// [`BATCH_RECORDS`] records, within `max_frame`), and its last sequence
-/// number; `None` when nothing is waiting. The direct session and the LAN
-/// relay both send what this makes.
-pub async fn next_batch(
-    store: &crate::store::AgentStore,
-    device: &DeviceId,
-    signer: &outpost_shared::identity::Signer,
-    from: u64,
-    max_frame: usize,
-) -> Result<Option<(Batch, u64)>, LinkError> {
-    let max_bytes = max_frame.saturating_sub(4096).max(1024);
-    let s = store.clone();
-    let records = tokio::task::spawn_blocking(move || s.peek(from, BATCH_RECORDS, max_bytes))
-        .await
-        .map_err(|e| LinkError::Protocol(format!("outbox read task failed: {e}")))??;
-    let Some(last) = records.last().map(|r| r.seq) else { return Ok(None) };
-    Ok(Some((Batch::new(device.clone(), &records, |input| signer.sign(input)), last)))
-}
 
 /// Relayed batches (of different peers) in flight at once.
 const MAX_RELAYED: usize = 8;
@@ -216,8 +193,7 @@ pub async fn serve(
     tokio::pin!(renewal_check);
     loop {
         while in_flight.len() < window {
-            let Some((batch, last)) =
-                next_batch(store, &p.identity.device_id, &signer, next_seq, cfg.max_frame).await?
+            let Some((batch, last)) = store.next_batch(&p.identity.device_id, &signer, next_seq, cfg.max_frame).await?
             else {
                 break;
             };
