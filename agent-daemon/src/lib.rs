@@ -69,6 +69,25 @@ pub enum AgentError {
     Telemetry(#[from] sysinfo::Error),
 }
 
+/// What every task child shares: the tracker shutdown waits on, and the
+/// token that cancels them all.
+struct Parts {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Parts {
+    /// A child owning one long-running task, made by `task` at each (re)start.
+    fn task<F, Fut>(&self, name: &'static str, task: F) -> impl Fn() -> TaskActor + 'static
+    where
+        F: Fn(CancellationToken) -> Fut + Clone + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tasks, stop) = (self.tasks.clone(), self.stop.clone());
+        move || TaskActor::new(name, tasks.clone(), stop.clone(), task.clone())
+    }
+}
+
 /// The name a device reports: from config, else the one it enrolled with,
 /// else the host name.
 pub fn device_name(config: &AgentConfig, identity: &Identity) -> String {
@@ -170,57 +189,54 @@ pub fn run_with(
             "Agent starting."
         );
         let jobs = Jobs::new(store.clone(), config.data_dir.clone(), tasks.clone(), stop.clone());
-        let (t1, s1) = (tasks.clone(), stop.clone());
-        let (t2, s2, store2, commands) = (tasks.clone(), stop.clone(), store.clone(), config.commands.clone());
-        let store3 = store.clone();
-        let (jobs2, jobs3, jobs4) = (jobs.clone(), jobs.clone(), jobs.clone());
-        let mut local_jobs = config.jobs.clone();
-        local_jobs.extend(backup::scheduled_jobs(&config));
-        let jobs_settings = settings_rx.clone();
-        let (t3, s3, control_dir) = (tasks.clone(), stop.clone(), config.data_dir.clone());
-        let (t4, s4, control_peers) = (tasks.clone(), stop.clone(), peer_table.clone());
-        let upload = backup::upload_command(&config).map(|argv| {
-            let flag = config.backup_repo.dir.join("upload-pending");
-            (argv, flag, state_rx.clone(), config.backup_repo.timeout, tasks.clone(), stop.clone())
-        });
-        let status_store = store.clone();
+        let parts = Parts { tasks: tasks.clone(), stop: stop.clone() };
+        // Each child is a function that makes a fresh actor: the supervisor
+        // calls it again for each restart, so each keeps its own handles.
+        let uplink = move |cancel| uplink::link_loop(params.clone(), cancel);
+        let commands = {
+            let (store, commands, jobs) = (store.clone(), config.commands.clone(), jobs.clone());
+            let (defaults, settings) = (defaults.clone(), settings_tx.clone());
+            move |cancel| {
+                let (store, commands, jobs) = (store.clone(), commands.clone(), jobs.clone());
+                inbox::executor(store, commands, jobs, defaults.clone(), settings.clone(), cancel)
+            }
+        };
+        let scheduler = {
+            let mut local_jobs = config.jobs.clone();
+            local_jobs.extend(backup::scheduled_jobs(&config));
+            let (jobs, settings) = (jobs.clone(), settings_rx.clone());
+            move || SchedulerActor::new(jobs.clone(), local_jobs.clone(), settings.clone())
+        };
+        let control = {
+            let (dir, jobs, peers) = (config.data_dir.clone(), jobs.clone(), peer_table.clone());
+            move |cancel| control::serve(dir.clone(), jobs.clone(), peers.clone(), cancel)
+        };
+        let telemetry = {
+            let store = store.clone();
+            move || TelemetryActor::new(store.clone(), sampler.clone(), settings_rx.clone())
+        };
+        let status = {
+            let (link, store) = (state_rx.clone(), store.clone());
+            move || status_line(&link.borrow(), &store.stats())
+        };
         let mut supervisor = SupervisorActor::new(RestartPolicy::default())
-            .child("uplink", move || {
-                let params = params.clone();
-                TaskActor::new("uplink", t1.clone(), s1.clone(), move |cancel| {
-                    uplink::link_loop(params.clone(), cancel)
-                })
-            })
-            .child("commands", move || {
-                let (store, commands, defaults, settings, jobs) =
-                    (store2.clone(), commands.clone(), defaults.clone(), settings_tx.clone(), jobs2.clone());
-                TaskActor::new("commands", t2.clone(), s2.clone(), move |cancel| {
-                    let settings = settings.clone();
-                    inbox::executor(store.clone(), commands.clone(), jobs.clone(), defaults.clone(), settings, cancel)
-                })
-            })
-            .child("scheduler", move || SchedulerActor::new(jobs3.clone(), local_jobs.clone(), jobs_settings.clone()))
-            .child("control", move || {
-                let (dir, jobs, peers) = (control_dir.clone(), jobs4.clone(), control_peers.clone());
-                TaskActor::new("control", t3.clone(), s3.clone(), move |cancel| {
-                    control::serve(dir.clone(), jobs.clone(), peers.clone(), cancel)
-                })
-            })
-            .child("telemetry", move || TelemetryActor::new(store3.clone(), sampler.clone(), settings_rx.clone()))
-            .status_from(state_rx.clone(), move || status_line(&state_rx.borrow(), &status_store.stats()));
+            .child("uplink", parts.task("uplink", uplink))
+            .child("commands", parts.task("commands", commands))
+            .child("scheduler", scheduler)
+            .child("control", parts.task("control", control))
+            .child("telemetry", telemetry)
+            .status_from(state_rx.clone(), status);
         if config.peers.enabled {
-            supervisor = supervisor.child("peers", move || {
-                let params = peer_params.clone();
-                TaskActor::new("peers", t4.clone(), s4.clone(), move |cancel| peers::run(params.clone(), cancel))
-            });
+            let peers = move |cancel| peers::run(peer_params.clone(), cancel);
+            supervisor = supervisor.child("peers", parts.task("peers", peers));
         }
-        if let Some((argv, flag, link, timeout, t5, s5)) = upload {
-            supervisor = supervisor.child("backup-upload", move || {
-                let (argv, flag, link) = (argv.clone(), flag.clone(), link.clone());
-                TaskActor::new("backup-upload", t5.clone(), s5.clone(), move |cancel| {
-                    backup::upload_task(argv.clone(), flag.clone(), link.clone(), timeout, UPLOAD_RETRY, cancel)
-                })
-            });
+        if let Some(argv) = backup::upload_command(&config) {
+            let flag = config.backup_repo.dir.join("upload-pending");
+            let (link, timeout) = (state_rx.clone(), config.backup_repo.timeout);
+            let upload = move |cancel| {
+                backup::upload_task(argv.clone(), flag.clone(), link.clone(), timeout, UPLOAD_RETRY, cancel)
+            };
+            supervisor = supervisor.child("backup-upload", parts.task("backup-upload", upload));
         }
         let supervisor = actix::Actor::start(supervisor);
         extra(&store);

@@ -212,6 +212,10 @@ fn main() -> ExitCode {
                     BackupCmd::Upload => Operation::Upload,
                     BackupCmd::Prune => Operation::Prune,
                 };
+                // What the backup code logs (an interrupted run recovered, an
+                // upload not marked) reaches the operator's terminal, or the
+                // output the daemon keeps of a scheduled or hub-sent run.
+                outpost_shared::logging::init("warn");
                 match backup_command(&config, op) {
                     Ok(code) => ExitCode::from(code),
                     Err(e) => {

@@ -208,16 +208,14 @@ impl Repository {
             }
             checked += 1;
             if let Err(e) = self.chunk(&id) {
-                eprintln!("removing a chunk an interrupted backup left damaged: {e}");
+                tracing::warn!(error = %e, "Removing a chunk an interrupted backup left damaged.");
                 fs::remove_file(&path).map_err(io(&path))?;
                 removed += 1;
             }
         }
         self.sync_all()?;
         fs::remove_file(&marker).map_err(io(&marker))?;
-        eprintln!(
-            "an earlier backup was interrupted: checked the {checked} chunk(s) it may have written, removed {removed}"
-        );
+        tracing::warn!(checked, removed, "An earlier backup was interrupted: checked the chunks it may have written.");
         Ok(())
     }
 }

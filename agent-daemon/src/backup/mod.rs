@@ -176,6 +176,11 @@ pub(crate) const UPLOAD_PENDING: &str = "upload-pending";
 /// holds the run's start (ms since the epoch).
 pub(crate) const UNSYNCED: &str = "unsynced";
 
+/// The lines an incomplete restore reports, `not restored: path: error`.
+fn not_restored_lines(failed: &[String]) -> String {
+    failed.iter().map(|f| format!("\nnot restored: {f}")).collect()
+}
+
 /// Errors of backup operations.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -211,9 +216,10 @@ pub enum BackupError {
     /// No such backup set in the config.
     #[error("no backup set {0:?} in the config")]
     NoSet(String),
-    /// A restore could not write every file correctly.
-    #[error("restore incomplete: {0} file(s) not restored (see above)")]
-    RestoreIncomplete(usize),
+    /// A restore could not write every file correctly: what was not
+    /// restored and why, one `path: error` each (escaped), by path.
+    #[error("restore incomplete: {} file(s) not restored{}", .0.len(), not_restored_lines(.0))]
+    RestoreIncomplete(Vec<String>),
     /// The hub could not be reached or refused.
     #[error("hub: {0}")]
     Hub(#[from] BulkError),
@@ -731,7 +737,7 @@ mod tests {
         ];
         let target = tempfile::tempdir().unwrap();
         match repo.restore(&snapshot, &restore_all(target.path())) {
-            Err(BackupError::RestoreIncomplete(3)) => {}
+            Err(BackupError::RestoreIncomplete(failed)) if failed.len() == 3 => {}
             other => panic!("expected three refusals, got {other:?}"),
         }
         assert_eq!(fs::metadata(outside.path().join("secret")).unwrap().nlink(), 1, "a link reached outside");
@@ -966,7 +972,7 @@ mod tests {
         ];
         let target = tempfile::tempdir().unwrap();
         match repo.restore(&snapshot, &restore_all(target.path())) {
-            Err(BackupError::RestoreIncomplete(3)) => {}
+            Err(BackupError::RestoreIncomplete(failed)) if failed.len() == 3 => {}
             other => panic!("expected three refusals, got {other:?}"),
         }
         assert!(!escape.exists(), "the restore wrote outside its target");
@@ -988,7 +994,7 @@ mod tests {
         let restored = target.path().join(source.path().strip_prefix("/").unwrap()).join("f");
         fs::write(&restored, b"changed since").unwrap();
         match repo.restore(&snapshot, &restore_all(target.path())) {
-            Err(BackupError::RestoreIncomplete(1)) => {}
+            Err(BackupError::RestoreIncomplete(failed)) if failed.len() == 1 => {}
             other => panic!("a file that differs was not refused: {other:?}"),
         }
         assert_eq!(fs::read(&restored).unwrap(), b"changed since");

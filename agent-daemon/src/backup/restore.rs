@@ -51,7 +51,7 @@ impl Repository {
             })
             .filter_map(|path| relative_path(path).ok())
             .collect();
-        let failed = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::Mutex::new(Vec::new());
         let restored = std::sync::atomic::AtomicU64::new(0);
         let problems = std::sync::Mutex::new(Vec::new());
         // Paths whose file (or special file) is in place: what a hard link
@@ -63,9 +63,7 @@ impl Repository {
                 restored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => {
-                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(path = %path.escape_debug(), error = %e, "Not restored.");
-                eprintln!("not restored: {}: {e}", path.escape_debug());
+                failed.lock().unwrap_or_else(|p| p.into_inner()).push(format!("{}: {e}", path.escape_debug()));
             }
         };
         let note = |more: Vec<String>| {
@@ -208,11 +206,9 @@ impl Repository {
         syncfs(target)?;
         let mut problems = problems.into_inner().unwrap_or_else(|p| p.into_inner());
         problems.sort();
-        for p in &problems {
-            tracing::warn!(problem = %p.escape_debug(), "Restored without all its metadata.");
-        }
-        let failed = failed.into_inner();
-        if failed > 0 {
+        let mut failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !failed.is_empty() {
+            failed.sort();
             return Err(BackupError::RestoreIncomplete(failed));
         }
         Ok(Restored { entries: restored.into_inner(), problems })
