@@ -813,3 +813,138 @@ impl From<AuditEntry> for AuditView {
         }
     }
 }
+
+/// `POST /api/v1/devices/{id}/readmit`.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct ReadmitRequest {
+    /// How long the device may come back with its expired certificate to
+    /// renew it (`"7d"` when absent; 1 minute to 90 days).
+    #[serde(default)]
+    pub within: Option<String>,
+}
+
+/// A command for every device a selector matches.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct BulkCommandRequest {
+    /// Label selector; empty or naming a label no device has is refused.
+    pub selector: String,
+    /// The command, as for one device.
+    #[serde(flatten)]
+    pub command: CommandRequest,
+    /// Only count the devices it would reach.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk action reached.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct BulkView {
+    /// The selector.
+    pub selector: String,
+    /// Devices it matched.
+    pub matched: usize,
+    /// Their ids.
+    pub devices: Vec<String>,
+    /// The commands queued (none for a dry run or a desired-state patch).
+    #[serde(default)]
+    pub commands: Vec<CommandView>,
+    /// The desired-state versions made, per device (a patch).
+    #[serde(default)]
+    pub versions: Vec<(String, u64)>,
+}
+
+/// A token as `GET /api/v1/tokens` lists it (never its secret).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct TokenView {
+    /// `tok-` and 12 hex digits.
+    pub id: String,
+    /// Its unique name.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339; none for the initial admin token.
+    pub expires_at: Option<String>,
+    /// Last use, RFC 3339 (recorded at most once a minute).
+    pub last_used_at: Option<String>,
+    /// Address of the last use.
+    pub last_used_from: Option<String>,
+    /// Past its expiry.
+    pub expired: bool,
+    /// `api` or `console_session`.
+    pub kind: String,
+    /// The secret: only in the answer that made the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A token to make.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct TokenRequest {
+    /// Unique name, shown in the audit log.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Lifetime (`30d`, `12h`), at most 366 days.
+    pub expires_in: String,
+}
+
+/// A one-time console sign-in link to make.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct LinkRequest {
+    /// Role of the console session it opens.
+    pub role: String,
+    /// How long the link stays valid (at most 1 day); default 15m.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+}
+
+/// A one-time sign-in link.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct LinkView {
+    /// Path and query to open on the hub's HTTP address.
+    pub path: String,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// A page of the audit log.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<AuditView>,
+    /// `before` for the next page.
+    pub next: Option<u64>,
+}
+
+impl TokenView {
+    /// The view of token `t` whose secret hashes to `hash`.
+    pub fn new(hash: &[u8; 32], t: &crate::store::ApiToken, now: Timestamp) -> Self {
+        TokenView {
+            id: crate::store::ApiToken::id_of(hash),
+            name: t.name.clone(),
+            role: t.role.name().into(),
+            created_at: t.created_at.rfc3339(),
+            expires_at: t.expires_at.map(Timestamp::rfc3339),
+            last_used_at: t.last_used.as_ref().map(|(at, _)| at.rfc3339()),
+            last_used_from: t.last_used.as_ref().map(|(_, from)| from.clone()),
+            expired: t.expired(now),
+            kind: t.kind.name().into(),
+            secret: None,
+        }
+    }
+}
+
+/// Percent-encodes a query component.
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// A path segment or query value, percent-encoded.
 pub fn seg(text: &str) -> String {
-    crate::http::encode_component(text)
+    crate::api::encode_component(text)
 }
 
 /// The hub's base URL from what a user typed: `http://` is added when no
@@ -87,7 +87,7 @@ impl Client {
     /// expired in to renew it, within `within` (default 7 days).
     pub fn readmit(&self, id: &str, within: Option<&str>) -> Result<DeviceView, ClientError> {
         let body =
-            serde_json::to_value(crate::http::ReadmitRequest { within: within.map(str::to_owned) }).unwrap_or_default();
+            serde_json::to_value(crate::api::ReadmitRequest { within: within.map(str::to_owned) }).unwrap_or_default();
         self.call("POST", &format!("/api/v1/devices/{}/readmit", seg(id)), Some(body))
     }
 
@@ -103,8 +103,8 @@ impl Client {
         selector: &str,
         request: &CommandRequest,
         dry_run: bool,
-    ) -> Result<crate::http::BulkView, ClientError> {
-        let body = serde_json::to_value(crate::http::BulkCommandRequest {
+    ) -> Result<crate::api::BulkView, ClientError> {
+        let body = serde_json::to_value(crate::api::BulkCommandRequest {
             selector: selector.to_owned(),
             command: request.clone(),
             dry_run,
@@ -119,33 +119,28 @@ impl Client {
         selector: &str,
         patch: serde_json::Value,
         dry_run: bool,
-    ) -> Result<crate::http::BulkView, ClientError> {
+    ) -> Result<crate::api::BulkView, ClientError> {
         self.call("PATCH", &format!("/api/v1/desired?selector={}&dry_run={dry_run}", seg(selector)), Some(patch))
     }
 
     /// `GET /api/v1/tokens`
-    pub fn tokens(&self) -> Result<Vec<crate::http::TokenView>, ClientError> {
+    pub fn tokens(&self) -> Result<Vec<crate::api::TokenView>, ClientError> {
         self.get("/api/v1/tokens")
     }
 
     /// `POST /api/v1/tokens`: the answer holds the secret, once.
-    pub fn create_token(
-        &self,
-        name: &str,
-        role: &str,
-        expires_in: &str,
-    ) -> Result<crate::http::TokenView, ClientError> {
+    pub fn create_token(&self, name: &str, role: &str, expires_in: &str) -> Result<crate::api::TokenView, ClientError> {
         let body = serde_json::json!({"name": name, "role": role, "expires_in": expires_in});
         self.call("POST", "/api/v1/tokens", Some(body))
     }
 
     /// `DELETE /api/v1/tokens/{id}` (id or name).
-    pub fn revoke_token(&self, which: &str) -> Result<crate::http::TokenView, ClientError> {
+    pub fn revoke_token(&self, which: &str) -> Result<crate::api::TokenView, ClientError> {
         self.call("DELETE", &format!("/api/v1/tokens/{}", seg(which)), None)
     }
 
     /// `GET /api/v1/audit?...` (`query` already encoded).
-    pub fn audit(&self, query: &str) -> Result<crate::http::AuditPage, ClientError> {
+    pub fn audit(&self, query: &str) -> Result<crate::api::AuditPage, ClientError> {
         self.get(&format!("/api/v1/audit?{query}"))
     }
 
@@ -229,7 +224,7 @@ impl Client {
     }
 
     /// Reads a device's telemetry page by page (at most
-    /// [`crate::http::MAX_METRICS_PAGE`] samples each), handing each page to
+    /// [`crate::api::MAX_METRICS_PAGE`] samples each), handing each page to
     /// `page` until it returns false or the history ends: memory stays one
     /// page however long the history.
     pub fn metrics_pages(
@@ -412,7 +407,7 @@ impl Client {
     }
 
     /// A one-time console sign-in link for a session of `role`.
-    pub fn sign_in_link(&self, role: &str, expires_in: &str) -> Result<crate::http::LinkView, ClientError> {
+    pub fn sign_in_link(&self, role: &str, expires_in: &str) -> Result<crate::api::LinkView, ClientError> {
         self.call("POST", "/api/v1/console/links", Some(serde_json::json!({"role": role, "expires_in": expires_in})))
     }
 

@@ -8,8 +8,11 @@
 //! JSON `{"error": ...}`, including those of malformed paths, queries and
 //! bodies and of methods a path does not have (405 with `Allow`).
 
-use crate::api::DeviceView;
 use crate::api::{ApiError, CommandView, EventView};
+use crate::api::{
+    AuditPage, BulkCommandRequest, BulkView, DeviceView, LinkRequest, LinkView, ReadmitRequest, TokenRequest,
+    TokenView, encode_component,
+};
 use crate::api::{BackupsDeleted, BackupsView, GrantRequest, GrantView};
 use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
@@ -258,6 +261,44 @@ pub async fn bearer(
     }
 }
 
+/// A request's id: taken from the caller's `X-Request-Id` when it is a
+/// plain token (a proxy in front may have set it), else made here. It names
+/// the request's tracing span, so every log line of the request carries it,
+/// and goes back in the answer's `X-Request-Id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The header carrying [`RequestId`].
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Whether a request id given by the caller is kept: 1 to 64 letters,
+/// digits, `-`, `_` or `.` (anything else could forge log lines).
+pub fn request_id_acceptable(given: &str) -> bool {
+    (1..=64).contains(&given.len()) && given.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Runs every HTTP request (API, console, health) in a span `http` with its
+/// id, method and path, and answers with the id.
+pub async fn request_span(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|h| h.to_str().ok())
+        .filter(|given| request_id_acceptable(given))
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("http", id = %id, method = %req.method(), path = %req.path());
+    let mut res = next.call(req).instrument(span).await?;
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
+        res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(REQUEST_ID), value);
+    }
+    Ok(res)
+}
+
 /// Writes an audit entry for every change (any method but GET and HEAD)
 /// and every refused request, whatever its outcome; `GET` reads that
 /// succeed are not logged. One mechanism for the API and the console.
@@ -307,6 +348,9 @@ pub async fn audit(
         status,
         detail: note.detail,
     };
+    // The journal's line of the same entry: inside the request's span, so it
+    // carries the request id the caller was answered with.
+    tracing::info!(who = %entry.who, action = %entry.action, target = %entry.target, status, "Audited.");
     if let Err(e) = fleet.store().append_audit(&entry).await {
         tracing::error!(error = %e, action = %entry.action, who = %entry.who, status, "Audit entry not stored.");
     }
@@ -439,19 +483,6 @@ pub fn url_with(path: &str, query: &str, key: &str, value: &str) -> String {
     format!("{path}?{}", encoded.join("&"))
 }
 
-/// Percent-encodes a query component.
-pub fn encode_component(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// `GET /api/v1/overview`: the fleet at a glance.
 #[utoipa::path(get, path = "/api/v1/overview", tag = "devices", responses((status = 200, body = Overview)), security(("bearer" = [])))]
 async fn get_overview(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
@@ -472,15 +503,6 @@ async fn put_labels(
     service::set_labels(&fleet, &caller.token.name, &id, &body).await?;
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
-}
-
-/// `POST /api/v1/devices/{id}/readmit`.
-#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct ReadmitRequest {
-    /// How long the device may come back with its expired certificate to
-    /// renew it (`"7d"` when absent; 1 minute to 90 days).
-    #[serde(default)]
-    pub within: Option<String>,
 }
 
 /// Lets a device whose certificate expired connect once more, within
@@ -525,36 +547,6 @@ async fn revoke_device(
     );
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
-}
-
-/// A command for every device a selector matches.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct BulkCommandRequest {
-    /// Label selector; empty or naming a label no device has is refused.
-    pub selector: String,
-    /// The command, as for one device.
-    #[serde(flatten)]
-    pub command: CommandRequest,
-    /// Only count the devices it would reach.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-/// What a bulk action reached.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct BulkView {
-    /// The selector.
-    pub selector: String,
-    /// Devices it matched.
-    pub matched: usize,
-    /// Their ids.
-    pub devices: Vec<String>,
-    /// The commands queued (none for a dry run or a desired-state patch).
-    #[serde(default)]
-    pub commands: Vec<CommandView>,
-    /// The desired-state versions made, per device (a patch).
-    #[serde(default)]
-    pub versions: Vec<(String, u64)>,
 }
 
 /// `POST /api/v1/commands`: one command for every device a selector
@@ -678,60 +670,6 @@ async fn patch_bulk_desired(
     Ok(HttpResponse::Ok().json(view))
 }
 
-/// A token as `GET /api/v1/tokens` lists it (never its secret).
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct TokenView {
-    /// `tok-` and 12 hex digits.
-    pub id: String,
-    /// Its unique name.
-    pub name: String,
-    /// `viewer`, `operator` or `admin`.
-    pub role: String,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339; none for the initial admin token.
-    pub expires_at: Option<String>,
-    /// Last use, RFC 3339 (recorded at most once a minute).
-    pub last_used_at: Option<String>,
-    /// Address of the last use.
-    pub last_used_from: Option<String>,
-    /// Past its expiry.
-    pub expired: bool,
-    /// `api` or `console_session`.
-    pub kind: String,
-    /// The secret: only in the answer that made the token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
-}
-
-impl TokenView {
-    fn new(hash: &[u8; 32], t: &ApiToken, now: Timestamp) -> Self {
-        TokenView {
-            id: ApiToken::id_of(hash),
-            name: t.name.clone(),
-            role: t.role.name().into(),
-            created_at: t.created_at.rfc3339(),
-            expires_at: t.expires_at.map(Timestamp::rfc3339),
-            last_used_at: t.last_used.as_ref().map(|(at, _)| at.rfc3339()),
-            last_used_from: t.last_used.as_ref().map(|(_, from)| from.clone()),
-            expired: t.expired(now),
-            kind: t.kind.name().into(),
-            secret: None,
-        }
-    }
-}
-
-/// A token to make.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct TokenRequest {
-    /// Unique name, shown in the audit log.
-    pub name: String,
-    /// `viewer`, `operator` or `admin`.
-    pub role: String,
-    /// Lifetime (`30d`, `12h`), at most 366 days.
-    pub expires_in: String,
-}
-
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ApiError)), security(("bearer" = [])))]
 async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Admin)?;
@@ -777,25 +715,6 @@ async fn revoke_token(
     caller.require(Role::Admin)?;
     let (hash, token) = service::revoke_token(&fleet, &caller.token.name, &path).await?;
     Ok(HttpResponse::Ok().json(TokenView::new(&hash, &token, Timestamp::now())))
-}
-
-/// A one-time console sign-in link to make.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct LinkRequest {
-    /// Role of the console session it opens.
-    pub role: String,
-    /// How long the link stays valid (at most 1 day); default 15m.
-    #[serde(default)]
-    pub expires_in: Option<String>,
-}
-
-/// A one-time sign-in link.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct LinkView {
-    /// Path and query to open on the hub's HTTP address.
-    pub path: String,
-    /// RFC 3339.
-    pub expires_at: String,
 }
 
 #[utoipa::path(post, path = "/api/v1/console/links", tag = "tokens", request_body = LinkRequest, responses((status = 201, body = LinkView), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
@@ -850,15 +769,6 @@ impl AuditParams {
             since: non_empty(&self.since).map(|t| relative_or_absolute(&t, Timestamp::now())).transpose()?,
         })
     }
-}
-
-/// A page of the audit log.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct AuditPage {
-    /// Newest first.
-    pub entries: Vec<crate::api::AuditView>,
-    /// `before` for the next page.
-    pub next: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditParams), responses((status = 200, body = AuditPage), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
@@ -1408,5 +1318,20 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                         HttpError::NotFound("no such API path; see /api/v1/openapi.json".into()).error_response()
                     })),
             );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_from_the_caller_is_kept_only_when_plain() {
+        for good in ["abc", "0f3a-77_x.y", &"a".repeat(64)] {
+            assert!(request_id_acceptable(good), "{good}");
+        }
+        for bad in ["", &"a".repeat(65), "a b", "x\r\nSet-Cookie: y", "id\u{1b}[31m", "ü"] {
+            assert!(!request_id_acceptable(bad), "{bad:?}");
+        }
     }
 }

@@ -260,7 +260,10 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
 
     let routes_fleet = fleet.clone();
     let server = actix_web::HttpServer::new(move || {
-        actix_web::App::new().configure(http::routes(routes_fleet.clone())).configure(console::routes)
+        actix_web::App::new()
+            .configure(http::routes(routes_fleet.clone()))
+            .configure(console::routes)
+            .wrap(actix_web::middleware::from_fn(http::request_span))
     })
     .workers(config.http.workers)
     .disable_signals()

@@ -327,6 +327,11 @@ impl Hub {
         Client::new(&self.api, &self.admin_token)
     }
 
+    /// Its log so far (every run of it in this scratch directory).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.root.join("hub.log")).unwrap_or_default()
+    }
+
     /// `outpost-hub token create` output.
     pub fn token(&self, ttl: &str, uses: u32) -> Result<String> {
         let mut cmd = Command::new(bin("outpost-hub"));

@@ -196,6 +196,36 @@ fn roles_labels_selectors_bulk_actions_and_the_audit_log() {
     let (status, body) = admin.raw("DELETE", "/api/v1/tokens/ops", None).unwrap();
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(operator.raw("GET", "/api/v1/devices", None).unwrap().0, 401);
+
+    // Every request runs under its id: given by the caller when plain (a
+    // proxy's), made by the hub otherwise (and in place of a hostile one);
+    // the answer names it, and the journal's line of the audited change
+    // carries it.
+    let agent = browser();
+    let labels = format!("{}/api/v1/devices/{}/labels", hub.api, ids[0]);
+    let put = |id: Option<&str>| {
+        let mut request = agent.put(&labels).header("Authorization", &format!("Bearer {}", hub.admin_token));
+        if let Some(id) = id {
+            request = request.header("X-Request-Id", id);
+        }
+        let response = request.send_json(json!({"site": "traced"})).unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        response.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    };
+    assert_eq!(put(Some("req-from-proxy.42")), "req-from-proxy.42");
+    let made = put(None);
+    assert!(made.len() == 16 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made:?}");
+    let replaced = put(Some("a b\tforged"));
+    assert!(replaced.len() == 16 && replaced != made, "{replaced:?}");
+    wait_for(Duration::from_secs(10), "the audited changes in the hub's log with their ids", || {
+        let log = hub.log_text();
+        [made.as_str(), "req-from-proxy.42", replaced.as_str()]
+            .iter()
+            .all(|id| log.lines().any(|l| l.contains(id) && l.contains("Audited.") && l.contains("/labels")))
+            .then_some(())
+    })
+    .unwrap();
+    assert!(!hub.log_text().contains("forged"), "a hostile request id reached the log");
 }
 
 /// A plain HTTP client that keeps cookies, like a browser without script.

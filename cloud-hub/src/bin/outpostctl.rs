@@ -831,7 +831,7 @@ fn render_desired(d: &outpost_hub::api::DesiredView) -> String {
     out
 }
 
-fn render_bulk(b: &outpost_hub::http::BulkView) -> String {
+fn render_bulk(b: &outpost_hub::api::BulkView) -> String {
     let mut out = format!("selector {:?} matched {} device(s)\n", b.selector, b.matched);
     for c in &b.commands {
         out.push_str(&format!("command {} queued for {}\n", c.id, c.device));
@@ -889,7 +889,7 @@ fn render_events(events: &[outpost_hub::api::EventView]) -> String {
     render(&["SEQ", "AT", "KIND", "WHAT"], &rows)
 }
 
-fn render_tokens(tokens: &[outpost_hub::http::TokenView]) -> String {
+fn render_tokens(tokens: &[outpost_hub::api::TokenView]) -> String {
     let now = Timestamp::now();
     let rows: Vec<Vec<String>> = tokens
         .iter()
@@ -907,7 +907,7 @@ fn render_tokens(tokens: &[outpost_hub::http::TokenView]) -> String {
     render(&["ID", "NAME", "ROLE", "EXPIRES", "LAST USED", "FROM"], &rows)
 }
 
-fn render_audit(page: &outpost_hub::http::AuditPage) -> String {
+fn render_audit(page: &outpost_hub::api::AuditPage) -> String {
     let rows: Vec<Vec<String>> = page
         .entries
         .iter()

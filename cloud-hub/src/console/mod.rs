@@ -157,7 +157,7 @@ impl actix_web::ResponseError for ConsoleError {
             let to = if next.is_empty() {
                 "/console/sign-in".to_owned()
             } else {
-                format!("/console/sign-in?next={}", crate::http::encode_component(next))
+                format!("/console/sign-in?next={}", crate::api::encode_component(next))
             };
             return HttpResponse::SeeOther().insert_header((header::LOCATION, to)).finish();
         }

@@ -768,7 +768,7 @@ async fn act(
     let needs = if matches!(form.action.as_str(), "revoke" | "readmit") { Role::Admin } else { Role::Operator };
     user.may_act(needs, &form.csrf)?;
     let id = service::device(&fleet, &path).await?;
-    let back = format!("/console/devices/{}", crate::http::encode_component(id.as_str()));
+    let back = format!("/console/devices/{}", crate::api::encode_component(id.as_str()));
     let name = fleet.store().device(&id).await?.map(|d| d.name).unwrap_or_default();
     note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("console: {}", form.action) });
     let (summary, detail) = match form.action.as_str() {
@@ -948,7 +948,7 @@ async fn bulk_act(
         }
         other => return Err(ConsoleError::Invalid(format!("unknown bulk action {other:?}"))),
     };
-    let cancel = format!("/console/devices?selector={}", crate::http::encode_component(selector.text()));
+    let cancel = format!("/console/devices?selector={}", crate::api::encode_component(selector.text()));
     if form.confirm != "yes" {
         let views = fleet.views(Some(&ids)).await?;
         return html(&ConfirmPage {
