@@ -1,7 +1,8 @@
 //! One run of a job: its attempts, each recorded durably before it starts
 //! and when it ends, with retries after failures.
 
-use super::{Jobs, RunningRecord, run_key};
+use super::Jobs;
+use super::records::{RunningRecord, run_key, run_marker};
 use crate::process::{self, ProcessEnd, ProcessSpec};
 use crate::store::Changes;
 use outpost_shared::job::{Action, Builtin, JobRun, JobSpec, RunOutcome, Trigger};
@@ -106,7 +107,7 @@ impl Run {
                 // A marker in the run's environment finds its processes if
                 // the agent dies before the process id below is durable.
                 let mut env = env.clone();
-                let (name, value) = super::run_marker(&self.jobs.0.data_dir, self.run_id);
+                let (name, value) = run_marker(&self.jobs.0.data_dir, self.run_id);
                 env.insert(name.to_owned(), value);
                 let spawned = match process::spawn(ProcessSpec { argv, env: &env, working_dir: Some(dir) }) {
                     Ok(s) => s,
