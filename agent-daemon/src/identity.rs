@@ -493,23 +493,21 @@ fn pem(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der))
 }
 
+/// A CA and an enrolled identity for unit tests, as the hub makes them.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, Issuer, KeyPair,
-        PublicKeyData,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, Issuer, KeyPair};
 
     /// A CA that signs CSRs for `dev-1`, as the hub does.
-    struct Ca(Issuer<'static, KeyPair>, CertificateDer<'static>);
+    pub(crate) struct Ca(pub(crate) Issuer<'static, KeyPair>, pub(crate) CertificateDer<'static>);
 
     impl Ca {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Ca::named("test CA")
         }
 
-        fn named(name: &str) -> Self {
+        pub(crate) fn named(name: &str) -> Self {
             let mut params = CertificateParams::new(Vec::new()).unwrap();
             params.distinguished_name.push(DnType::CommonName, name);
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -518,7 +516,7 @@ mod tests {
             Ca(Issuer::new(params, key), cert.der().clone())
         }
 
-        fn sign(&self, csr_der: &[u8]) -> CertificateDer<'static> {
+        pub(crate) fn sign(&self, csr_der: &[u8]) -> CertificateDer<'static> {
             let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).unwrap();
             let mut params = CertificateParams::new(Vec::new()).unwrap();
             params.distinguished_name.push(DnType::CommonName, "dev-1");
@@ -527,7 +525,8 @@ mod tests {
         }
     }
 
-    fn enrolled(dir: &Path, ca: &Ca) -> Identity {
+    /// Identity `dev-1` in `dir`, issued by `ca`.
+    pub(crate) fn enrolled(dir: &Path, ca: &Ca) -> Identity {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, "x");
@@ -535,6 +534,13 @@ mod tests {
         let id: DeviceId = "dev-1".parse().unwrap();
         Identity::store(dir, id, "hub:1".into(), None, key.serialize_pem(), cert, ca.1.clone()).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Ca, enrolled};
+    use super::*;
+    use rcgen::{CertificateParams, CertificateSigningRequestParams, DnType, KeyPair, PublicKeyData};
 
     /// The hub's trust bundle is kept as sent, read back after a restart,
     /// and says when the certificate is from a CA being retired; a bundle

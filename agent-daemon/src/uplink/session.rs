@@ -336,4 +336,201 @@ mod tests {
         assert_eq!(renewal_in(cert, false, day(2000), third), Some(Duration::ZERO));
         assert_eq!(renewal_in(None, false, day(2000), third), None, "an unreadable certificate is not renewed blindly");
     }
+
+    /// A session's two ends in memory, as quinn-proto tests its connections:
+    /// the agent's end is a [`Channel`], the test plays the hub.
+    mod in_memory {
+        use super::super::*;
+        use crate::config::AgentConfig;
+        use crate::identity::Live;
+        use crate::identity::testing::{Ca, enrolled};
+        use crate::store::AgentStore;
+        use outpost_shared::config::ConfigFile;
+        use outpost_shared::protocol::{Ack, Alarm, AlarmKind, RecordBody, Welcome};
+        use std::sync::Arc;
+        use tokio::sync::{mpsc, watch};
+
+        struct AgentEnd {
+            to_hub: mpsc::UnboundedSender<Message>,
+            from_hub: mpsc::UnboundedReceiver<Message>,
+        }
+
+        impl Channel for AgentEnd {
+            async fn send(&mut self, message: Message) -> Result<(), LinkError> {
+                self.to_hub.send(message).map_err(|_| LinkError::Protocol("the hub's end is gone".into()))
+            }
+            async fn recv(&mut self) -> Result<Option<Message>, LinkError> {
+                Ok(self.from_hub.recv().await)
+            }
+            async fn prove(&mut self, _: &LinkParams, _: &Identity) -> Result<bool, LinkError> {
+                Ok(false)
+            }
+        }
+
+        struct HubEnd {
+            to_agent: mpsc::UnboundedSender<Message>,
+            from_agent: mpsc::UnboundedReceiver<Message>,
+        }
+
+        impl HubEnd {
+            /// The next message of the agent other than heartbeats, within 10 s.
+            async fn next(&mut self) -> Option<Message> {
+                loop {
+                    let got = tokio::time::timeout(Duration::from_secs(10), self.from_agent.recv()).await;
+                    match got.expect("the agent said nothing for 10 s") {
+                        Some(Message::Heartbeat(_)) => continue,
+                        other => return other,
+                    }
+                }
+            }
+
+            fn say(&self, message: Message) {
+                let _ = self.to_agent.send(message);
+            }
+
+            /// Reads the hello, welcomes the agent with `acked_seq`, and
+            /// takes its `TrustHave`.
+            async fn welcome(&mut self, device: &DeviceId, acked_seq: u64) {
+                assert!(matches!(self.next().await, Some(Message::Hello(_))));
+                self.say(Message::Welcome(Welcome {
+                    device_id: device.clone(),
+                    hub_version: "test".into(),
+                    server_time: Timestamp::now(),
+                    acked_seq,
+                }));
+                assert!(matches!(self.next().await, Some(Message::TrustHave(_))));
+            }
+
+            /// The sequence numbers of the next batch.
+            async fn batch(&mut self) -> Vec<u64> {
+                match self.next().await {
+                    Some(Message::Batch(batch)) => batch.records().unwrap().iter().map(|r| r.seq).collect(),
+                    other => panic!("expected a batch, got {other:?}"),
+                }
+            }
+        }
+
+        fn pair() -> (AgentEnd, HubEnd) {
+            let (to_hub, from_agent) = mpsc::unbounded_channel();
+            let (to_agent, from_hub) = mpsc::unbounded_channel();
+            (AgentEnd { to_hub, from_hub }, HubEnd { to_agent, from_agent })
+        }
+
+        struct Setup {
+            _dir: tempfile::TempDir,
+            params: LinkParams,
+        }
+
+        /// An enrolled device with `records` alarms waiting in its outbox;
+        /// `uplink` is added to its `[uplink]` table.
+        async fn device(records: usize, uplink: &str) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let identity = enrolled(dir.path(), &Ca::new());
+            let text = format!("data_dir = {:?}\n[uplink]\n{uplink}", dir.path().display().to_string());
+            let config = AgentConfig::parse(std::path::Path::new("agent.toml"), &text).unwrap();
+            let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+            // A store that met the hub before: it resumes after the hub's mark.
+            store.known_new().unwrap();
+            let alarm = |n: usize| {
+                RecordBody::Alarm(Alarm { kind: AlarmKind::OutboxFull, raised: true, message: format!("record {n}") })
+            };
+            store.append((1..=records).map(alarm).collect()).await.unwrap();
+            let (_relay_tx, relay_rx) = mpsc::channel(1);
+            let params = LinkParams {
+                config: config.uplink,
+                hub: "hub:1".into(),
+                identity: identity.clone(),
+                trying_next: false,
+                live: Live::new(identity).unwrap(),
+                data_dir: dir.path().to_owned(),
+                renewal_refused: Arc::default(),
+                name: "test".into(),
+                store,
+                state: Arc::new(watch::channel(LinkState::Starting).0),
+                relay: Arc::new(tokio::sync::Mutex::new(relay_rx)),
+            };
+            Setup { _dir: dir, params }
+        }
+
+        async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !cond() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        fn start(params: &LinkParams, window: usize) -> (tokio::task::JoinHandle<Result<bool, LinkError>>, HubEnd) {
+            let (mut agent, hub) = pair();
+            let params = params.clone();
+            let session = tokio::spawn(async move {
+                let mut connected = false;
+                serve(&params, &mut agent, window, &mut connected).await.map(|()| connected)
+            });
+            (session, hub)
+        }
+
+        #[tokio::test]
+        async fn batches_go_in_order_and_an_ack_empties_the_outbox() {
+            let s = device(5, "").await;
+            let (session, mut hub) = start(&s.params, 1);
+            hub.welcome(&s.params.identity.device_id, 0).await;
+            assert_eq!(hub.batch().await, [1, 2, 3, 4, 5]);
+            assert_eq!(s.params.store.stats().records, 5, "nothing leaves the outbox before the hub's ack");
+            hub.say(Message::Ack(Ack { upto: 5 }));
+            wait_until("the ack to trim the outbox", || s.params.store.stats().records == 0).await;
+            assert_eq!(s.params.store.stats().acked_seq, 5);
+            // Later records follow in the same session, numbered on.
+            let more = RecordBody::Alarm(Alarm { kind: AlarmKind::OutboxFull, raised: false, message: "6".into() });
+            s.params.store.append(vec![more]).await.unwrap();
+            assert_eq!(hub.batch().await, [6]);
+            drop(hub);
+            assert!(session.await.unwrap().is_ok_and(|connected| connected), "the hub's end closing ends the session");
+        }
+
+        #[tokio::test]
+        async fn a_session_resumes_after_what_the_hub_holds() {
+            let s = device(5, "").await;
+            let (_session, mut hub) = start(&s.params, 1);
+            hub.welcome(&s.params.identity.device_id, 3).await;
+            assert_eq!(hub.batch().await, [4, 5], "the hub's records are not sent again");
+            assert_eq!(s.params.store.stats().acked_seq, 3);
+            assert_eq!(s.params.store.stats().records, 2, "what the hub holds left the outbox");
+        }
+
+        #[tokio::test]
+        async fn an_unacknowledged_batch_ends_the_session_and_loses_nothing() {
+            let s = device(3, "keepalive = \"100ms\"\nidle_timeout = \"300ms\"\nheartbeat = \"1s\"\n").await;
+            let (session, mut hub) = start(&s.params, 1);
+            hub.welcome(&s.params.identity.device_id, 0).await;
+            assert_eq!(hub.batch().await, [1, 2, 3]);
+            let ended =
+                tokio::time::timeout(Duration::from_secs(10), session).await.expect("no end after idle_timeout");
+            let ended = ended.unwrap();
+            assert!(
+                matches!(&ended, Err(LinkError::Protocol(why)) if why.contains("did not acknowledge")),
+                "{ended:?}"
+            );
+            assert_eq!(s.params.store.stats().records, 3, "the records wait for the next session");
+            // The next session sends them again from the hub's mark.
+            let (_session, mut hub) = start(&s.params, 1);
+            hub.welcome(&s.params.identity.device_id, 1).await;
+            assert_eq!(hub.batch().await, [2, 3]);
+        }
+
+        #[tokio::test]
+        async fn a_welcome_for_another_device_ends_the_session_unconnected() {
+            let s = device(1, "").await;
+            let (session, mut hub) = start(&s.params, 1);
+            assert!(matches!(hub.next().await, Some(Message::Hello(_))));
+            hub.say(Message::Welcome(Welcome {
+                device_id: "dev-someone-else".parse().unwrap(),
+                hub_version: "test".into(),
+                server_time: Timestamp::now(),
+                acked_seq: 0,
+            }));
+            assert!(matches!(session.await.unwrap(), Err(LinkError::Protocol(_))));
+            assert_eq!(*s.params.state.borrow(), LinkState::Starting, "never shown as connected");
+        }
+    }
 }
