@@ -561,27 +561,21 @@ async fn post_bulk_command(
     caller.require(Role::Operator)?;
     let BulkCommandRequest { selector, command, dry_run } = body.into_inner();
     note(&req, AuditNote { target: Some(format!("selector {selector}")), matched: None, detail: command.kind.clone() });
-    service::check_command(&command).map_err(HttpError::Unprocessable)?;
-    let (selector, ids) = service::bulk_targets(&fleet, &selector).await?;
     let detail = if dry_run { format!("{} (dry run)", command.kind) } else { command.kind.clone() };
+    let action = service::BulkAction::Command(command);
+    let plan = service::plan_bulk(&fleet, &selector, &action).await?;
     note(
         &req,
-        AuditNote { target: Some(format!("selector {}", selector.text())), matched: Some(ids.len() as u64), detail },
+        AuditNote {
+            target: Some(format!("selector {}", plan.selector.text())),
+            matched: Some(plan.ids.len() as u64),
+            detail,
+        },
     );
-    let mut view = BulkView {
-        selector: selector.text().to_owned(),
-        matched: ids.len(),
-        devices: ids.iter().map(ToString::to_string).collect(),
-        commands: Vec::new(),
-        versions: Vec::new(),
-    };
     if dry_run {
-        return Ok(HttpResponse::Ok().json(view));
+        return Ok(HttpResponse::Ok().json(plan.view()));
     }
-    for id in &ids {
-        view.commands.push(service::send_command(&fleet, &caller.token.name, id, command.clone()).await?);
-    }
-    Ok(HttpResponse::Created().json(view))
+    Ok(HttpResponse::Created().json(plan.apply(&fleet, &caller.token.name, &action).await?))
 }
 
 /// Query of bulk desired-state changes.
@@ -644,30 +638,21 @@ async fn patch_bulk_desired(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     note(&req, AuditNote { target: Some(format!("selector {}", query.selector)), ..AuditNote::default() });
-    let (selector, ids) = service::bulk_targets(&fleet, &query.selector).await?;
+    let action = service::BulkAction::Desired(patch);
+    let plan = service::plan_bulk(&fleet, &query.selector, &action).await?;
     note(
         &req,
         AuditNote {
-            target: Some(format!("selector {}", selector.text())),
-            matched: Some(ids.len() as u64),
+            target: Some(format!("selector {}", plan.selector.text())),
+            matched: Some(plan.ids.len() as u64),
             detail: if query.dry_run { "dry run".into() } else { String::new() },
         },
     );
-    service::check_bulk_patch(&fleet, &ids, &patch).await?;
-    let mut view = BulkView {
-        selector: selector.text().to_owned(),
-        matched: ids.len(),
-        devices: ids.iter().map(ToString::to_string).collect(),
-        commands: Vec::new(),
-        versions: Vec::new(),
-    };
-    if !query.dry_run {
-        for id in &ids {
-            let done = service::patch_desired(&fleet, &caller.token.name, id, &patch).await?;
-            view.versions.push((id.to_string(), done.version));
-        }
+    plan.check(&fleet, &action).await?;
+    if query.dry_run {
+        return Ok(HttpResponse::Ok().json(plan.view()));
     }
-    Ok(HttpResponse::Ok().json(view))
+    Ok(HttpResponse::Ok().json(plan.apply(&fleet, &caller.token.name, &action).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ApiError)), security(("bearer" = [])))]

@@ -108,6 +108,80 @@ pub async fn bulk_targets(fleet: &Fleet, selector: &str) -> Result<(Selector, Ve
     Ok((selector, ids))
 }
 
+/// A change made to every device a selector matches: the API's
+/// `POST /commands` and `PATCH /desired` and the console's bulk page all
+/// carry theirs out through [`plan_bulk`], [`BulkPlan::check`] and
+/// [`BulkPlan::apply`].
+#[derive(Debug, Clone)]
+pub enum BulkAction {
+    /// The same command for each.
+    Command(CommandRequest),
+    /// The same JSON merge patch to each desired state.
+    Desired(serde_json::Value),
+}
+
+/// The devices a bulk action reaches, found and not yet acted on.
+#[derive(Debug)]
+pub struct BulkPlan {
+    /// The selector, parsed.
+    pub selector: Selector,
+    /// The devices it matches.
+    pub ids: Vec<DeviceId>,
+}
+
+/// Finds the devices `selector` matches for `action`; a command that is
+/// not valid is refused first. Nothing changes.
+pub async fn plan_bulk(fleet: &Fleet, selector: &str, action: &BulkAction) -> Result<BulkPlan, ServiceError> {
+    if let BulkAction::Command(command) = action {
+        check_command(command).map_err(ServiceError::Invalid)?;
+    }
+    let (selector, ids) = bulk_targets(fleet, selector).await?;
+    Ok(BulkPlan { selector, ids })
+}
+
+impl BulkPlan {
+    /// Checks that `action` is valid for every device (a patch leaves each
+    /// desired state valid); nothing changes.
+    pub async fn check(&self, fleet: &Fleet, action: &BulkAction) -> Result<(), ServiceError> {
+        match action {
+            BulkAction::Command(_) => Ok(()),
+            BulkAction::Desired(patch) => check_bulk_patch(fleet, &self.ids, patch).await,
+        }
+    }
+
+    /// What the plan reaches, as the API shows it (a dry run's answer).
+    pub fn view(&self) -> crate::api::BulkView {
+        crate::api::BulkView {
+            selector: self.selector.text().to_owned(),
+            matched: self.ids.len(),
+            devices: self.ids.iter().map(ToString::to_string).collect(),
+            commands: Vec::new(),
+            versions: Vec::new(),
+        }
+    }
+
+    /// Carries `action` out on each device on behalf of `by`: the commands
+    /// queued or the desired-state versions made, in the view.
+    pub async fn apply(
+        &self,
+        fleet: &Fleet,
+        by: &str,
+        action: &BulkAction,
+    ) -> Result<crate::api::BulkView, ServiceError> {
+        let mut view = self.view();
+        for id in &self.ids {
+            match action {
+                BulkAction::Command(command) => view.commands.push(send_command(fleet, by, id, command.clone()).await?),
+                BulkAction::Desired(patch) => {
+                    let done = patch_desired(fleet, by, id, patch).await?;
+                    view.versions.push((id.to_string(), done.version));
+                }
+            }
+        }
+        Ok(view)
+    }
+}
+
 /// Longest a token may live.
 pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(366 * 86400);
 /// Lifetime of a console session made from a sign-in link.

@@ -925,7 +925,18 @@ async fn bulk_act(
             detail: format!("console: {}", form.action),
         },
     );
-    let (selector, ids) = service::bulk_targets(&fleet, &form.selector).await?;
+    let action = match form.action.as_str() {
+        "command" => service::BulkAction::Command(
+            form.command().ok_or_else(|| ConsoleError::Invalid("no command given".into()))?,
+        ),
+        "desired" => service::BulkAction::Desired(
+            serde_json::from_str(&form.patch)
+                .map_err(|e| ConsoleError::Invalid(format!("the patch is not JSON: {e}")))?,
+        ),
+        other => return Err(ConsoleError::Invalid(format!("unknown bulk action {other:?}"))),
+    };
+    let plan = service::plan_bulk(&fleet, &form.selector, &action).await?;
+    let (selector, ids) = (&plan.selector, &plan.ids);
     note(
         &req,
         AuditNote {
@@ -934,23 +945,18 @@ async fn bulk_act(
             detail: format!("console: {}{}", form.action, if form.confirm == "yes" { "" } else { " (previewed)" }),
         },
     );
-    let (summary, detail) = match form.action.as_str() {
-        "command" => {
-            let command = form.command().ok_or_else(|| ConsoleError::Invalid("no command given".into()))?;
-            service::check_command(&command).map_err(ConsoleError::Invalid)?;
+    plan.check(&fleet, &action).await?;
+    let (summary, detail) = match &action {
+        service::BulkAction::Command(_) => {
             (format!("Send a {} command to each of {} devices?", form.kind, ids.len()), form.args.clone())
         }
-        "desired" => {
-            let patch: serde_json::Value = serde_json::from_str(&form.patch)
-                .map_err(|e| ConsoleError::Invalid(format!("the patch is not JSON: {e}")))?;
-            service::check_bulk_patch(&fleet, &ids, &patch).await?;
+        service::BulkAction::Desired(_) => {
             (format!("Apply this change to the desired state of each of {} devices?", ids.len()), form.patch.clone())
         }
-        other => return Err(ConsoleError::Invalid(format!("unknown bulk action {other:?}"))),
     };
     let cancel = format!("/console/devices?selector={}", crate::api::encode_component(selector.text()));
     if form.confirm != "yes" {
-        let views = fleet.views(Some(&ids)).await?;
+        let views = fleet.views(Some(ids)).await?;
         return html(&ConfirmPage {
             nav: Some((&user).into()),
             notice: None,
@@ -964,18 +970,7 @@ async fn bulk_act(
             cancel,
         });
     }
-    let by = user.name().to_owned();
-    if let Some(command) = form.command() {
-        for id in &ids {
-            service::send_command(&fleet, &by, id, command.clone()).await?;
-        }
-    } else {
-        let patch: serde_json::Value =
-            serde_json::from_str(&form.patch).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
-        for id in &ids {
-            service::patch_desired(&fleet, &by, id, &patch).await?;
-        }
-    }
+    plan.apply(&fleet, user.name(), &action).await?;
     Ok(see_other(&cancel))
 }
 
