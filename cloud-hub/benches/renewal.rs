@@ -8,7 +8,7 @@
 //!
 //! N (default 2000) CSRs are made first (device side, not timed).
 
-use outpost_hub::ca::FleetCa;
+use outpost_hub::service::ca::FleetCa;
 use outpost_hub::store::{AuditEntry, Store};
 use outpost_shared::DeviceId;
 use outpost_shared::time::Timestamp;

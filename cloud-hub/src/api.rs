@@ -3,7 +3,7 @@
 //! RFC 3339 strings (some views add the same time in milliseconds as
 //! `*_ms`); states and kinds are snake_case strings, with the fields of a
 //! state beside it. `GET /api/v1/openapi.json` describes them
-//! ([`crate::http::ApiDoc`]).
+//! ([`crate::web::http::ApiDoc`]).
 
 use crate::store::{AlarmRecord, AuditEntry, CommandRecord, CommandState, DesiredRecord, EventRecord, ReportedState};
 use outpost_shared::job::{Action, JobRun, JobSource, JobSpec, RunOutcome, Schedule, Trigger};
@@ -519,7 +519,7 @@ pub struct BackupsView {
     /// Device id.
     pub device: String,
     /// Catalogued snapshots, oldest first.
-    pub snapshots: Vec<crate::backups::SnapshotView>,
+    pub snapshots: Vec<crate::service::backups::SnapshotView>,
     /// Chunks at the hub.
     pub stored_chunks: u64,
     /// Their bytes on disk.

@@ -73,7 +73,7 @@ impl Client {
     }
 
     /// `GET /api/v1/overview`
-    pub fn overview(&self) -> Result<crate::listing::Overview, ClientError> {
+    pub fn overview(&self) -> Result<crate::service::listing::Overview, ClientError> {
         self.get("/api/v1/overview")
     }
 
@@ -290,13 +290,13 @@ impl Client {
     }
 
     /// `POST /api/v1/devices/{id}/backups/prune[?dry_run=true]`.
-    pub fn prune_backups(&self, id: &str, dry_run: bool) -> Result<crate::backups::PruneReport, ClientError> {
+    pub fn prune_backups(&self, id: &str, dry_run: bool) -> Result<crate::service::backups::PruneReport, ClientError> {
         let id = &seg(id);
         self.call("POST", &format!("/api/v1/devices/{id}/backups/prune?dry_run={dry_run}"), None)
     }
 
     /// `POST /api/v1/devices/{id}/backups/verify`.
-    pub fn verify_backups(&self, id: &str) -> Result<crate::backups::VerifyReport, ClientError> {
+    pub fn verify_backups(&self, id: &str) -> Result<crate::service::backups::VerifyReport, ClientError> {
         let id = &seg(id);
         self.call("POST", &format!("/api/v1/devices/{id}/backups/verify"), None)
     }
@@ -366,7 +366,7 @@ impl Client {
         let mut path = if query.contains("limit=") {
             format!("/api/v1/devices?{query}")
         } else {
-            format!("/api/v1/devices?limit={}&{query}", crate::listing::MAX_PAGE)
+            format!("/api/v1/devices?limit={}&{query}", crate::service::listing::MAX_PAGE)
         };
         let mut all = Vec::new();
         loop {

@@ -1,8 +1,8 @@
 //! The hub's config file (TOML). See `configs/hub.toml` for the annotated
 //! reference; every key there is read here.
 
-use crate::mqtt::MqttConfig;
 use crate::store::StoreConfig;
+use crate::transport::mqtt::MqttConfig;
 use outpost_shared::config::{ByteSize, ConfigError, ConfigFile, Section};
 use outpost_shared::frame::DEFAULT_MAX_FRAME;
 use outpost_shared::mqtt::BrokerUrl;
@@ -26,10 +26,10 @@ pub struct HubConfig {
     pub heartbeat_timeout: Duration,
     /// `[fleet] device_records_per_sec`, `device_bytes_per_sec`: what one
     /// device's batches may bring per second before its session slows it.
-    pub device_rate: crate::pace::DeviceRate,
+    pub device_rate: crate::service::pace::DeviceRate,
     /// `[fleet] device_bulk_turns`, `device_bulk_connections`: what one
     /// device may hold of the bulk service (backup transfers).
-    pub device_bulk: crate::bulk::DeviceBulk,
+    pub device_bulk: crate::transport::bulk::DeviceBulk,
     /// Telemetry history is kept this long. Default 30 days.
     pub telemetry_retention: Duration,
     /// `[audit] retention`: audit entries are kept this long. Default 400
@@ -90,7 +90,7 @@ pub struct HttpConfig {
     /// `failed_auth_burst` and `failed_auth_window`: failed
     /// authentications one source address may make before it is answered
     /// 429 (default 20 per 1m).
-    pub failed_auth: crate::throttle::AuthLimit,
+    pub failed_auth: crate::service::throttle::AuthLimit,
 }
 
 impl HubConfig {
@@ -104,8 +104,8 @@ impl HubConfig {
                 advertise: None,
                 max_frame: DEFAULT_MAX_FRAME,
                 idle_timeout: Duration::from_secs(30),
-                cert_lifetime: crate::ca::HUB_CERT_LIFETIME,
-                device_cert_lifetime: crate::ca::DEVICE_CERT_LIFETIME,
+                cert_lifetime: crate::service::ca::HUB_CERT_LIFETIME,
+                device_cert_lifetime: crate::service::ca::DEVICE_CERT_LIFETIME,
             },
             http: HttpConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -166,15 +166,15 @@ impl ConfigFile for HubConfig {
                 advertise: quic.get("advertise"),
                 max_frame: quic.get_or("max_frame", ByteSize(DEFAULT_MAX_FRAME as u64)).0 as usize,
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
-                cert_lifetime: quic.get_or("cert_lifetime", crate::ca::HUB_CERT_LIFETIME),
-                device_cert_lifetime: quic.get_or("device_cert_lifetime", crate::ca::DEVICE_CERT_LIFETIME),
+                cert_lifetime: quic.get_or("cert_lifetime", crate::service::ca::HUB_CERT_LIFETIME),
+                device_cert_lifetime: quic.get_or("device_cert_lifetime", crate::service::ca::DEVICE_CERT_LIFETIME),
             },
             http: HttpConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
                 workers: http.get_or("workers", 2usize),
-                failed_auth: crate::throttle::AuthLimit {
-                    burst: http.get_or("failed_auth_burst", crate::throttle::AuthLimit::default().burst),
-                    window: http.get_or("failed_auth_window", crate::throttle::AuthLimit::default().window),
+                failed_auth: crate::service::throttle::AuthLimit {
+                    burst: http.get_or("failed_auth_burst", crate::service::throttle::AuthLimit::default().burst),
+                    window: http.get_or("failed_auth_window", crate::service::throttle::AuthLimit::default().window),
                 },
             },
             mqtt: root.has("mqtt").then(|| MqttConfig {
@@ -187,16 +187,16 @@ impl ConfigFile for HubConfig {
                 legacy_agents: mqtt.get_or("legacy_agents", false),
             }),
             heartbeat_timeout: fleet.get_or("heartbeat_timeout", Duration::from_secs(15)),
-            device_rate: crate::pace::DeviceRate {
+            device_rate: crate::service::pace::DeviceRate {
                 records_per_sec: fleet
-                    .get_or("device_records_per_sec", crate::pace::DeviceRate::default().records_per_sec),
+                    .get_or("device_records_per_sec", crate::service::pace::DeviceRate::default().records_per_sec),
                 bytes_per_sec: fleet
-                    .get_or("device_bytes_per_sec", ByteSize(crate::pace::DeviceRate::default().bytes_per_sec))
+                    .get_or("device_bytes_per_sec", ByteSize(crate::service::pace::DeviceRate::default().bytes_per_sec))
                     .0,
             },
-            device_bulk: crate::bulk::DeviceBulk {
-                turns: fleet.get_or("device_bulk_turns", crate::bulk::TURNS_PER_DEVICE),
-                connections: fleet.get_or("device_bulk_connections", crate::bulk::CONNECTIONS_PER_DEVICE),
+            device_bulk: crate::transport::bulk::DeviceBulk {
+                turns: fleet.get_or("device_bulk_turns", crate::transport::bulk::TURNS_PER_DEVICE),
+                connections: fleet.get_or("device_bulk_connections", crate::transport::bulk::CONNECTIONS_PER_DEVICE),
             },
             telemetry_retention: telemetry.get_or("retention", Duration::from_secs(30 * 86400)),
             audit_retention: audit.get_or("retention", AUDIT_RETENTION),
@@ -237,8 +237,12 @@ impl ConfigFile for HubConfig {
         fleet.check("heartbeat_timeout", !config.heartbeat_timeout.is_zero(), "must be more than zero");
         fleet.check("device_records_per_sec", config.device_rate.records_per_sec >= 100, "must be at least 100");
         fleet.check("device_bytes_per_sec", config.device_rate.bytes_per_sec >= 64 << 10, "must be at least 64 KiB");
-        let turns = format!("must be between 1 and {} (the hub's turns)", crate::bulk::MAX_REQUESTS);
-        fleet.check("device_bulk_turns", (1..=crate::bulk::MAX_REQUESTS).contains(&config.device_bulk.turns), &turns);
+        let turns = format!("must be between 1 and {} (the hub's turns)", crate::transport::bulk::MAX_REQUESTS);
+        fleet.check(
+            "device_bulk_turns",
+            (1..=crate::transport::bulk::MAX_REQUESTS).contains(&config.device_bulk.turns),
+            &turns,
+        );
         fleet.check(
             "device_bulk_connections",
             (1..=64).contains(&config.device_bulk.connections),

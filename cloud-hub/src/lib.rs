@@ -7,32 +7,23 @@
 //! sled [`store`]. The HTTP API ([`http`]) reads the same `Fleet`.
 //! [`client`] is the API client `outpostctl` and the demo use.
 
-pub mod admission;
 pub mod api;
-pub mod backups;
-pub mod bulk;
-pub mod ca;
 pub mod client;
 pub mod config;
-pub mod console;
-pub mod enroll;
-pub mod fleet;
-pub mod http;
 pub mod human;
-pub mod listing;
-pub mod mqtt;
-pub mod pace;
-pub mod quic;
 pub mod service;
-pub mod session;
 pub mod store;
-pub mod throttle;
+pub mod transport;
+pub mod web;
 
-use crate::ca::FleetCa;
 use crate::config::HubConfig;
-use crate::fleet::Fleet;
-use crate::quic::QuicContext;
+use crate::service::ca::FleetCa;
+use crate::service::fleet::Fleet;
+use crate::service::{backups, ca, enroll};
 use crate::store::{ApiToken, Role, Store, StoreConfig};
+use crate::transport::quic::QuicContext;
+use crate::transport::{bulk, mqtt, quic};
+use crate::web::{console, http};
 use outpost_shared::fsutil::write_atomic;
 use outpost_shared::time::Timestamp;
 

@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Token { command: TokenCommand::Create { data_dir, ttl, uses, hub_addr } } => report(
-            outpost_hub::enroll::create_token(&data_dir, ttl, uses, hub_addr)
+            outpost_hub::service::enroll::create_token(&data_dir, ttl, uses, hub_addr)
                 .map(|t| println!("{t}"))
                 .map_err(Into::into),
         ),
@@ -198,8 +198,8 @@ fn rotate(data_dir: &std::path::Path, overlap: Duration) -> anyhow::Result<()> {
     if overlap < Duration::from_secs(1) || overlap > Duration::from_secs(3650 * 86_400) {
         anyhow::bail!("--overlap must be between 1s and 3650d");
     }
-    let until = outpost_hub::ca::FleetCa::rotate(data_dir, overlap)?;
-    let ca = outpost_hub::ca::FleetCa::load(data_dir)?;
+    let until = outpost_hub::service::ca::FleetCa::rotate(data_dir, overlap)?;
+    let ca = outpost_hub::service::ca::FleetCa::load(data_dir)?;
     println!(
         "New fleet CA {} signs device certificates from now on.",
         outpost_shared::Fingerprint::of_der(ca.cert_der())
@@ -210,7 +210,7 @@ fn rotate(data_dir: &std::path::Path, overlap: Duration) -> anyhow::Result<()> {
 }
 
 fn show_ca(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let ca = outpost_hub::ca::FleetCa::load(data_dir)?;
+    let ca = outpost_hub::service::ca::FleetCa::load(data_dir)?;
     let now = std::time::SystemTime::now();
     for (i, cert) in ca.trusted(now).iter().enumerate() {
         let role = if i == 0 { "current (signs device certificates)" } else { "previous (trusted during the overlap)" };

@@ -14,8 +14,8 @@ fn configs_hub_toml_is_valid() {
     assert_eq!(config.quic.listen.port(), 7443);
     assert_eq!(config.http.listen.port(), 8080);
     assert_eq!(config.heartbeat_timeout, Duration::from_secs(15));
-    assert_eq!(config.device_rate, outpost_hub::pace::DeviceRate::default());
-    assert_eq!(config.http.failed_auth, outpost_hub::throttle::AuthLimit::default());
+    assert_eq!(config.device_rate, outpost_hub::service::pace::DeviceRate::default());
+    assert_eq!(config.http.failed_auth, outpost_hub::service::throttle::AuthLimit::default());
     assert_eq!(config.quic.max_frame, 1 << 20);
     assert_eq!((config.backups.retention.daily, config.backups.retention.weekly), (7, 4));
 }

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(selector) = outpost_hub::listing::Selector::parse(text) {
+        if let Ok(selector) = outpost_hub::service::listing::Selector::parse(text) {
             let labels: std::collections::BTreeMap<String, String> =
                 [("env".to_owned(), "prod".to_owned()), ("site".to_owned(), text.to_owned())].into_iter().collect();
             let _ = selector.matches(&labels);

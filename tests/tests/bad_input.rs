@@ -5,7 +5,7 @@
 
 use outpost_agent::identity::Identity;
 use outpost_agent::tls::{self, Timings as TlsTimings};
-use outpost_hub::ca::FleetCa;
+use outpost_hub::service::ca::FleetCa;
 use outpost_shared::identity::HUB_SERVER_NAME;
 use outpost_shared::protocol::{Batch, Envelope, Hello, Message, PROTOCOL_VERSION, Record, RecordBody, StateReport};
 use outpost_shared::time::Timestamp;
@@ -49,7 +49,7 @@ async fn send_raw(hub: &str, identity: &Identity, hello: bool, bytes: &[u8], fin
 fn protocol_close_reason(err: &quinn::ConnectionError) -> String {
     match err {
         quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(close.error_code, outpost_hub::quic::CLOSE_PROTOCOL.into(), "{close:?}");
+            assert_eq!(close.error_code, outpost_hub::transport::quic::CLOSE_PROTOCOL.into(), "{close:?}");
             String::from_utf8_lossy(&close.reason).into_owned()
         }
         other => panic!("expected an application close with a reason, got {other:?}"),
@@ -201,7 +201,8 @@ fn expired_unknown_and_used_up_tokens_are_refused_and_nothing_is_written() {
     let other = dir("other-hub");
     outpost_hub::init(&other).unwrap();
     let foreign =
-        outpost_hub::enroll::create_token(&other, Duration::from_secs(600), 1, Some(hub.quic_addr.clone())).unwrap();
+        outpost_hub::service::enroll::create_token(&other, Duration::from_secs(600), 1, Some(hub.quic_addr.clone()))
+            .unwrap();
     let (ok, err) = enroll_cli(&foreign, &dir("foreign"));
     assert!(!ok && err.contains("does not hold the fleet CA the token pins"), "{err}");
 

@@ -282,7 +282,11 @@ fn a_long_history_pages_through_the_api_and_outpostctl() {
     let (status, page) =
         hub.client().raw("GET", &format!("/api/v1/devices/{}/metrics?since={since}", agent.id), None).unwrap();
     assert_eq!(status, 200);
-    assert_eq!(page["samples"].as_array().unwrap().len(), outpost_hub::http::MAX_METRICS_PAGE, "one answer, one page");
+    assert_eq!(
+        page["samples"].as_array().unwrap().len(),
+        outpost_hub::web::http::MAX_METRICS_PAGE,
+        "one answer, one page"
+    );
     assert!(page["next"].is_string(), "a full page names the next");
     let (status, _) =
         hub.client().raw("GET", &format!("/api/v1/devices/{}/metrics?after=yesterday", agent.id), None).unwrap();

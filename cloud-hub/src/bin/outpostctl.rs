@@ -680,7 +680,7 @@ fn backups(client: &Client, command: &BackupsCmd, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn render_overview(o: &outpost_hub::listing::Overview) -> String {
+fn render_overview(o: &outpost_hub::service::listing::Overview) -> String {
     let mut out = format!(
         "{} devices: {} online, {} offline, {} never connected\n{} with alarms, {} failed job runs in 24 h on {} devices, {} with overdue backups\n",
         o.devices,

@@ -24,7 +24,7 @@
 //!   order, and the newest [`MAX_RUNS_PER_JOB`] are kept
 //! - `backups`: device id, 0, snapshot name → [`CatalogEntry`], the backup
 //!   catalog (the chunks and manifests themselves are files, see
-//!   [`crate::backups`])
+//!   [`crate::service::backups`])
 //! - `restore_grants`: reader device id, 0, owner device id → [`Grant`]:
 //!   the reader may fetch the owner's backups until the grant expires
 //! - `labels`: device id → [`Labels`]

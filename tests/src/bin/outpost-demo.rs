@@ -161,7 +161,7 @@ async fn demo(cli: Cli, root: std::path::PathBuf) -> anyhow::Result<bool> {
 }
 
 async fn start_agent(root: &Path, hub_dir: &Path, name: &str) -> anyhow::Result<RunningAgent> {
-    let token = outpost_hub::enroll::create_token(hub_dir, Duration::from_secs(600), 1, None)?;
+    let token = outpost_hub::service::enroll::create_token(hub_dir, Duration::from_secs(600), 1, None)?;
     let data_dir = root.join(name);
     outpost_agent::enroll::enroll(&token, &data_dir, name).await.with_context(|| format!("enroll {name}"))?;
     let mut config = AgentConfig::with_data_dir(data_dir);

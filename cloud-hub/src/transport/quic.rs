@@ -9,10 +9,10 @@
 //! bad input (malformed, truncated or oversized frames, unknown versions,
 //! unexpected messages) closes that one connection with a logged reason.
 
-use crate::ca::{FleetCa, device_id_of, public_key_of};
-use crate::enroll;
-use crate::fleet::{Fleet, Link};
-use crate::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
+use crate::service::ca::{FleetCa, device_id_of, public_key_of};
+use crate::service::enroll;
+use crate::service::fleet::{Fleet, Link};
+use crate::transport::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::identity::{ALPN, ALPN_BULK};
 use outpost_shared::io::{FrameReader, write_message};
@@ -26,14 +26,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-pub use crate::fleet::{CLOSE_OK, CLOSE_PROTOCOL, CLOSE_REFUSED};
+pub use crate::service::fleet::{CLOSE_OK, CLOSE_PROTOCOL, CLOSE_REFUSED};
 
 /// Errors setting up the endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum QuicSetupError {
     /// The hub's TLS identity could not be made.
     #[error(transparent)]
-    Ca(#[from] crate::ca::CaError),
+    Ca(#[from] crate::service::ca::CaError),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(String),
@@ -52,18 +52,18 @@ pub struct QuicContext {
     pub max_frame: usize,
     /// Bulk requests being read or served at once, hub-wide and per
     /// device: each may hold a chunk of up to 8 MiB in memory (see
-    /// [`crate::bulk`]).
-    pub bulk: Arc<crate::bulk::Limits>,
+    /// [`crate::transport::bulk`]).
+    pub bulk: Arc<crate::transport::bulk::Limits>,
 }
 
 /// The endpoint's server config: the hub's certificate as `identity` has
 /// it at each handshake (renewed while the hub runs), client certificates
 /// verified against the fleet CA (optional, for enrollment; an expired one
-/// of a re-admitted device is let in, see [`crate::admission`]).
+/// of a re-admitted device is let in, see [`crate::service::admission`]).
 pub fn server_config(
     ca: &FleetCa,
-    identity: Arc<crate::ca::HubIdentity>,
-    admissions: Arc<crate::admission::Admissions>,
+    identity: Arc<crate::service::ca::HubIdentity>,
+    admissions: Arc<crate::service::admission::Admissions>,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
     let tls_err = |e: &dyn std::fmt::Display| QuicSetupError::Tls(e.to_string());
@@ -81,7 +81,7 @@ pub fn server_config(
         Some(until) => Some((verifier_of(std::slice::from_ref(ca.cert_der()))?, until)),
         None => None,
     };
-    let verifier = Arc::new(crate::admission::DeviceVerifier { inner, after_overlap, admissions });
+    let verifier = Arc::new(crate::service::admission::DeviceVerifier { inner, after_overlap, admissions });
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity.resolver());
@@ -149,7 +149,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
             (Some(id), Some(_)) if bulk => {
                 let span = info_span!("bulk", device = %id);
                 let (fleet, limits) = (ctx.fleet.clone(), ctx.bulk.clone());
-                let serve = crate::bulk::serve(connection.clone(), id.clone(), fleet, limits);
+                let serve = crate::transport::bulk::serve(connection.clone(), id.clone(), fleet, limits);
                 until_revoked(serve, &connection, &id, &ctx).instrument(span).await
             }
             (Some(id), Some(key)) => {

@@ -15,8 +15,8 @@
 //! within [`REQUEST_TIMEOUT`] once its turn came, so a slow, stalled or
 //! greedy device cannot hold the turns of others.
 
-use crate::backups::{BackupStoreError, Backups};
-use crate::fleet::{CLOSE_OK, CLOSE_REFUSED, Fleet};
+use crate::service::backups::{BackupStoreError, Backups};
+use crate::service::fleet::{CLOSE_OK, CLOSE_REFUSED, Fleet};
 use outpost_shared::DeviceId;
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::protocol::{ChunkIds, MAX_BULK_FRAME, Message, Refusal, RefusalReason};

@@ -68,17 +68,17 @@ pub struct Fleet {
     /// wake-up channel): `hub-` and 12 random hex digits.
     hub_id: String,
     store: Store,
-    backups: crate::backups::Backups,
+    backups: crate::service::backups::Backups,
     presence: Mutex<HashMap<DeviceId, Presence>>,
     heartbeat_timeout: Duration,
     /// When each token's use was last written to the store.
     token_uses: Mutex<HashMap<[u8; 32], Timestamp>>,
     /// Expired device certificates met, and re-admissions.
-    admissions: std::sync::Arc<crate::admission::Admissions>,
+    admissions: std::sync::Arc<crate::service::admission::Admissions>,
     /// Failed authentication and refused requests per source address.
-    throttle: Mutex<crate::throttle::Throttle>,
+    throttle: Mutex<crate::service::throttle::Throttle>,
     /// Records and bytes per second a device's batches may bring.
-    device_rate: crate::pace::DeviceRate,
+    device_rate: crate::service::pace::DeviceRate,
 }
 
 /// A token's last use is written at most this often.
@@ -88,10 +88,10 @@ impl Fleet {
     /// Fleet state over `store`.
     pub fn new(
         store: Store,
-        backups: crate::backups::Backups,
+        backups: crate::service::backups::Backups,
         heartbeat_timeout: Duration,
-        failed_auth: crate::throttle::AuthLimit,
-        device_rate: crate::pace::DeviceRate,
+        failed_auth: crate::service::throttle::AuthLimit,
+        device_rate: crate::service::pace::DeviceRate,
     ) -> Self {
         let mut random = [0u8; 6];
         rand::fill(&mut random[..]);
@@ -104,23 +104,23 @@ impl Fleet {
             heartbeat_timeout,
             token_uses: Mutex::default(),
             admissions: std::sync::Arc::default(),
-            throttle: Mutex::new(crate::throttle::Throttle::new(failed_auth)),
+            throttle: Mutex::new(crate::service::throttle::Throttle::new(failed_auth)),
             device_rate,
         }
     }
 
     /// Records and bytes per second a device's batches may bring.
-    pub fn device_rate(&self) -> crate::pace::DeviceRate {
+    pub fn device_rate(&self) -> crate::service::pace::DeviceRate {
         self.device_rate
     }
 
     /// Failed authentication and refused requests per source address.
-    pub fn throttle(&self) -> std::sync::MutexGuard<'_, crate::throttle::Throttle> {
+    pub fn throttle(&self) -> std::sync::MutexGuard<'_, crate::service::throttle::Throttle> {
         self.throttle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Expired device certificates met, and re-admissions.
-    pub fn admissions(&self) -> &std::sync::Arc<crate::admission::Admissions> {
+    pub fn admissions(&self) -> &std::sync::Arc<crate::service::admission::Admissions> {
         &self.admissions
     }
 
@@ -164,7 +164,7 @@ impl Fleet {
     }
 
     /// Devices' backups at the hub.
-    pub fn backups(&self) -> &crate::backups::Backups {
+    pub fn backups(&self) -> &crate::service::backups::Backups {
         &self.backups
     }
 

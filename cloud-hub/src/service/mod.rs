@@ -4,9 +4,18 @@
 //! the device's session. Answers are views and [`ServiceError`], never HTTP:
 //! each front end maps them to its own form.
 
+pub mod admission;
+pub mod backups;
+pub mod ca;
+pub mod enroll;
+pub mod fleet;
+pub mod listing;
+pub mod pace;
+pub mod throttle;
+
 use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
-use crate::fleet::Fleet;
-use crate::listing::{Selector, check_labels};
+use crate::service::fleet::Fleet;
+use crate::service::listing::{Selector, check_labels};
 use crate::store::{ApiToken, Labels, NewCommand, Role, StoreError, TokenKind};
 use outpost_shared::DeviceId;
 use outpost_shared::desired::DesiredDoc;
@@ -100,7 +109,7 @@ pub async fn set_labels(fleet: &Fleet, by: &str, device: &DeviceId, labels: &Lab
 pub async fn bulk_targets(fleet: &Fleet, selector: &str) -> Result<(Selector, Vec<DeviceId>), ServiceError> {
     let selector = Selector::parse(selector).map_err(ServiceError::Invalid)?;
     let views = fleet.views(None).await?;
-    let ids = crate::listing::bulk_targets(&selector, &views)
+    let ids = crate::service::listing::bulk_targets(&selector, &views)
         .map_err(ServiceError::Invalid)?
         .into_iter()
         .filter_map(|v| v.id.parse().ok())
@@ -497,7 +506,7 @@ pub fn readmit_window(text: Option<&str>) -> Result<Duration, String> {
     Ok(within)
 }
 
-/// Re-admits device `id` for `within` (see [`crate::admission`]); returns
+/// Re-admits device `id` for `within` (see [`crate::service::admission`]); returns
 /// the end. Every hub learns it from the store within seconds; this one at
 /// once.
 pub async fn readmit(fleet: &Fleet, id: &DeviceId, within: Duration) -> Result<Timestamp, ServiceError> {
@@ -520,7 +529,7 @@ async fn admission_of(store: &crate::store::Store, id: &DeviceId) -> Result<crat
     Ok(store.admissions().await?.into_iter().find(|(d, _)| d == id).map(|(_, a)| a).unwrap_or_default())
 }
 
-/// Revokes device `id` for good (see [`crate::admission`]): refused on
+/// Revokes device `id` for good (see [`crate::service::admission`]): refused on
 /// every path from now on, its open connections closed; its records and
 /// backups stay (a replacement reads them through a grant). Returns when.
 pub async fn revoke(fleet: &Fleet, id: &DeviceId) -> Result<Timestamp, StoreError> {
@@ -548,7 +557,7 @@ pub async fn grant_backups(
         .await
         .map_err(|e| ServiceError::Store(StoreError::Unavailable(e.to_string())))?
         .map_err(|e| match e {
-            crate::backups::BackupStoreError::Store(e) => ServiceError::from(e),
+            crate::service::backups::BackupStoreError::Store(e) => ServiceError::from(e),
             other => ServiceError::Invalid(other.to_string()),
         })?;
     tracing::info!(%owner, %reader, by, expires_at = %grant.expires_at.rfc3339(), "Restore grant made.");

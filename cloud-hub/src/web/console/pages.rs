@@ -4,13 +4,13 @@
 
 use super::{ConsoleError, User, series};
 use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventView, PeerView};
-use crate::backups::SnapshotView;
-use crate::fleet::Fleet;
-use crate::http::{AuditNote, DevicesQuery, note, url_with};
 use crate::human::{ago, duration};
-use crate::listing::{overview, select};
 use crate::service;
+use crate::service::backups::SnapshotView;
+use crate::service::fleet::Fleet;
+use crate::service::listing::{overview, select};
 use crate::store::{AuditQuery, Labels, Role, TelemetryRange};
+use crate::web::http::{AuditNote, DevicesQuery, note, url_with};
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 use askama::Template;
@@ -187,7 +187,7 @@ impl AuditLine {
 struct OverviewPage {
     nav: Option<Nav>,
     notice: Option<String>,
-    o: crate::listing::Overview,
+    o: crate::service::listing::Overview,
     alarms: Vec<Line>,
     changes: Vec<AuditLine>,
 }
@@ -735,7 +735,7 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
         let (k, v) = line.split_once('=').ok_or_else(|| format!("{line:?}: write labels as key=value"))?;
         labels.insert(k.trim().to_owned(), v.trim().to_owned());
     }
-    crate::listing::check_labels(&labels)?;
+    crate::service::listing::check_labels(&labels)?;
     Ok(labels)
 }
 
@@ -1008,7 +1008,7 @@ async fn audit_page(
         return Err(ConsoleError::Forbidden("the audit log needs the operator role".into()));
     }
     let form = form.into_inner();
-    let params = crate::http::AuditParams {
+    let params = crate::web::http::AuditParams {
         before: form.before,
         limit: Some(100),
         who: Some(form.who.clone()),
@@ -1085,23 +1085,23 @@ async fn sign_in(
     let next = safe_next(&form.next).to_owned();
     let secret = if !form.link.is_empty() {
         note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in link".into() });
-        crate::http::admit(&fleet, &req)?;
+        crate::web::http::admit(&fleet, &req)?;
         match service::redeem_link(&fleet, form.link.trim()).await {
             Ok((secret, token)) => {
-                req.extensions_mut().insert(crate::http::AuditWho(token.name.clone()));
+                req.extensions_mut().insert(crate::web::http::AuditWho(token.name.clone()));
                 Ok(secret)
             }
             Err(service::ServiceError::Invalid(e)) => {
-                crate::http::failed(&fleet, &req);
+                crate::web::http::failed(&fleet, &req);
                 Err(e)
             }
             Err(e) => return Err(e.into()),
         }
     } else {
         note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in with a token".into() });
-        match crate::http::authenticate(&fleet, &req, form.token.trim()).await {
+        match crate::web::http::authenticate(&fleet, &req, form.token.trim()).await {
             Ok(_) => Ok(form.token.trim().to_owned()),
-            Err(crate::http::HttpError::Unauthorized) => {
+            Err(crate::web::http::HttpError::Unauthorized) => {
                 Err("that token is not valid (wrong, expired or revoked)".to_owned())
             }
             Err(e) => return Err(e.into()),

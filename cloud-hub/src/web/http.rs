@@ -4,7 +4,7 @@
 //! A bearer token is looked up by its SHA-256; the secret itself is never
 //! stored. Every request under `/api/v1` is authenticated before anything
 //! else of it is read ([`bearer`]): missing or wrong tokens get 401, a
-//! source that failed too often 429 ([`crate::throttle`]). Every error is a
+//! source that failed too often 429 ([`crate::service::throttle`]). Every error is a
 //! JSON `{"error": ...}`, including those of malformed paths, queries and
 //! bodies and of methods a path does not have (405 with `Allow`).
 
@@ -18,10 +18,12 @@ use crate::api::{
     CommandRequest, DesiredPut, DesiredView, JobRunView, JobView, JobsView, LimitQuery, MetricsQuery, MetricsView,
     PeersView, SampleView,
 };
-use crate::backups::{BackupStoreError, SnapshotView};
-use crate::fleet::Fleet;
-use crate::listing::{DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select};
 use crate::service;
+use crate::service::backups::{BackupStoreError, SnapshotView};
+use crate::service::fleet::Fleet;
+use crate::service::listing::{
+    DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select,
+};
 use crate::store::AuditQuery;
 use crate::store::{ApiToken, AuditEntry, Role, StoreError, TelemetryRange, TokenKind};
 use actix_web::HttpMessage;
@@ -320,7 +322,7 @@ pub async fn audit(
     let who = request.extensions().get::<AuditWho>().map_or_else(|| "-".to_owned(), |w| w.0.clone());
     // Refusals of callers without a valid token past the first of their
     // source in a window are counted, not written one by one (see
-    // `crate::throttle`); a token's refusals are its own, each written.
+    // `crate::service::throttle`); a token's refusals are its own, each written.
     if refused && who == "-" && !fleet.throttle().refused(source(request), status, std::time::Instant::now()) {
         return Ok(res);
     }
@@ -358,7 +360,7 @@ pub async fn audit(
 }
 
 /// Writes the rows that count refusals not written one by one
-/// ([`crate::throttle::Throttle::due`]); `None` at shutdown writes all.
+/// ([`crate::service::throttle::Throttle::due`]); `None` at shutdown writes all.
 pub async fn write_tallies(fleet: &Fleet, now: Option<std::time::Instant>) {
     let rows = fleet.throttle().due(now);
     for row in rows {
@@ -899,7 +901,7 @@ impl From<BackupStoreError> for HttpError {
 async fn on_backups<T: Send + 'static>(
     fleet: &Fleet,
     id: &DeviceId,
-    work: impl FnOnce(&crate::backups::Backups, &DeviceId) -> Result<T, BackupStoreError> + Send + 'static,
+    work: impl FnOnce(&crate::service::backups::Backups, &DeviceId) -> Result<T, BackupStoreError> + Send + 'static,
 ) -> Result<T, HttpError> {
     let (backups, id) = (fleet.backups().clone(), id.clone());
     web::block(move || work(&backups, &id))
@@ -925,7 +927,7 @@ async fn get_backups(
     }))
 }
 
-#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/verify", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = crate::backups::VerifyReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/verify", tag = "backups", params(("id" = String, Path, description = "device id")), responses((status = 200, body = crate::service::backups::VerifyReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn verify_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -967,7 +969,7 @@ struct PruneQuery {
 
 /// `POST /devices/{id}/backups/prune`: applies the hub's retention now
 /// (operator for a dry run, admin to delete).
-#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/prune", tag = "backups", params(("id" = String, Path, description = "device id"), PruneQuery), responses((status = 200, body = crate::backups::PruneReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/devices/{id}/backups/prune", tag = "backups", params(("id" = String, Path, description = "device id"), PruneQuery), responses((status = 200, body = crate::service::backups::PruneReport), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
 async fn prune_backups(
     caller: Caller,
     fleet: web::Data<Fleet>,
@@ -1106,7 +1108,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
         patch_desired, list_commands, post_command, get_command
     ),
     components(schemas(
-        crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView, crate::listing::Behind
+        crate::api::SampleSchema, crate::api::CommandStateView, crate::api::OutcomeView, crate::service::listing::Behind
     )),
     modifiers(&BearerAuth, &CommonErrors)
 )]

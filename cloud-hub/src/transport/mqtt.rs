@@ -12,7 +12,7 @@
 //! effect: the device named by the topic must be the one that signed it,
 //! with the key of its certificate. A rejected message is logged and
 //! dropped; nothing a client publishes can close another device's session.
-//! Everything else is the same code as the QUIC sessions ([`crate::session`]):
+//! Everything else is the same code as the QUIC sessions ([`crate::transport::session`]):
 //! batches are ingested idempotently and acknowledged after the durable
 //! write, so an agent resends what the broker lost and the hub stores it once.
 //!
@@ -28,9 +28,9 @@
 //! plain `Signed` messages: refused unless `[mqtt] legacy_agents = true`
 //! (during an upgrade), and answered plainly.
 
-use crate::ca::FleetCa;
-use crate::fleet::{Fleet, Link};
-use crate::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
+use crate::service::ca::FleetCa;
+use crate::service::fleet::{Fleet, Link};
+use crate::transport::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::mqtt::{BrokerUrl, UpKind, UpWindow, down_topic, parse_up_topic, up_filter};
 use outpost_shared::protocol::{Deliver, Direction, Envelope, Fresh, Message, Signed};
@@ -158,7 +158,7 @@ pub struct BridgeContext {
     /// The fleet CA: signs what the hub publishes.
     pub ca: Arc<FleetCa>,
     /// The hub's own certificate: its client certificate at the broker.
-    pub identity: Arc<crate::ca::HubIdentity>,
+    pub identity: Arc<crate::service::ca::HubIdentity>,
     /// Largest envelope accepted or sent.
     pub max_frame: usize,
     /// A device's MQTT session ends after this long without a message.
@@ -178,7 +178,7 @@ impl BridgeContext {
     pub fn new(
         fleet: Arc<Fleet>,
         ca: Arc<FleetCa>,
-        identity: Arc<crate::ca::HubIdentity>,
+        identity: Arc<crate::service::ca::HubIdentity>,
         max_frame: usize,
         heartbeat_timeout: Duration,
         tickets: Tickets,

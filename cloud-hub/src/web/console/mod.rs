@@ -10,9 +10,9 @@
 mod pages;
 pub mod series;
 
-use crate::fleet::Fleet;
-use crate::http::{AuditWho, Caller, HttpError, authenticate};
+use crate::service::fleet::Fleet;
 use crate::store::Role;
+use crate::web::http::{AuditWho, Caller, HttpError, authenticate};
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::Payload;
 use actix_web::http::header;
@@ -28,10 +28,10 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 
 /// Files the console serves, embedded: name, content type, bytes.
 const ASSETS: &[(&str, &str, &[u8])] = &[
-    ("console.js", "text/javascript; charset=utf-8", include_bytes!("../../assets/console.js")),
-    ("console.css", "text/css; charset=utf-8", include_bytes!("../../assets/console.css")),
-    ("uPlot.iife.min.js", "text/javascript; charset=utf-8", include_bytes!("../../assets/uPlot.iife.min.js")),
-    ("uPlot.min.css", "text/css; charset=utf-8", include_bytes!("../../assets/uPlot.min.css")),
+    ("console.js", "text/javascript; charset=utf-8", include_bytes!("../../../assets/console.js")),
+    ("console.css", "text/css; charset=utf-8", include_bytes!("../../../assets/console.css")),
+    ("uPlot.iife.min.js", "text/javascript; charset=utf-8", include_bytes!("../../../assets/uPlot.iife.min.js")),
+    ("uPlot.min.css", "text/css; charset=utf-8", include_bytes!("../../../assets/uPlot.min.css")),
 ];
 
 /// A signed-in console user.
@@ -286,7 +286,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             // The last wrap is the outermost: headers on every answer,
             // then the audit log, which sees the origin check's refusals.
             .wrap(actix_web::middleware::from_fn(same_origin))
-            .wrap(actix_web::middleware::from_fn(crate::http::audit))
+            .wrap(actix_web::middleware::from_fn(crate::web::http::audit))
             .wrap(actix_web::middleware::from_fn(security_headers))
             .app_data(web::FormConfig::default().limit(256 << 10))
             .route("/static/{name}", web::get().to(asset))

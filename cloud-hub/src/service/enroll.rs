@@ -5,7 +5,7 @@
 //! `token create` works while the hub is serving (sled is locked by the
 //! serving process); only redemptions are counted, in the store.
 
-use crate::ca::{CaError, FleetCa, public_key_of};
+use crate::service::ca::{CaError, FleetCa, public_key_of};
 use crate::store::{DeviceRecord, Store, StoreError};
 use outpost_shared::fsutil::write_atomic;
 use outpost_shared::protocol::{EnrollRequest, Enrolled, RefusalReason};

@@ -140,7 +140,7 @@ impl Admissions {
     /// change ([`Admissions::trust_changed`]) and shared, so a revocation
     /// costs one sort of the list, not one per session. A revocation older
     /// than a certificate lifetime leaves the list at the next change.
-    pub fn trust_bundle(&self, ca: &crate::ca::FleetCa) -> SharedBundle {
+    pub fn trust_bundle(&self, ca: &crate::service::ca::FleetCa) -> SharedBundle {
         let generation = *self.revocations.borrow();
         let mut cached = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, bundle)) = cached.as_ref().filter(|(made, _)| *made == generation) {
@@ -385,7 +385,7 @@ mod tests {
     #[test]
     fn the_trust_bundle_is_made_once_per_change() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::ca::FleetCa::init(dir.path()).unwrap();
+        let ca = crate::service::ca::FleetCa::init(dir.path()).unwrap();
         let a = Admissions::default();
         let first = a.trust_bundle(&ca);
         assert!(Arc::ptr_eq(&first, &a.trust_bundle(&ca)), "made again without a change");

@@ -1,7 +1,7 @@
 //! What a device session does, whatever carries it: [`DeviceSession`]
 //! holds one device's session and handles every message from it, over a
 //! [`Transport`] that only moves messages (the QUIC endpoint,
-//! [`crate::quic`], and the MQTT bridge, [`crate::mqtt`]).
+//! [`crate::transport::quic`], and the MQTT bridge, [`crate::transport::mqtt`]).
 //!
 //! - [`hello`]: the device says who it is; the hub answers with a `Welcome`
 //!   carrying the last sequence number it holds.
@@ -11,8 +11,8 @@
 //! - [`received`]: the device persisted some commands.
 //! - [`Outbound`]: what to deliver next (commands, desired state).
 
-use crate::ca::FleetCa;
-use crate::fleet::{Fleet, Link};
+use crate::service::ca::FleetCa;
+use crate::service::fleet::{Fleet, Link};
 use crate::store::{AuditEntry, DeviceKeys, HelloRecord, Ingested, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::protocol::Record;
@@ -238,7 +238,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// A session of hub `hub` with `epoch` (from [`crate::fleet::Fleet::claim`]).
+    /// A session of hub `hub` with `epoch` (from [`crate::service::fleet::Fleet::claim`]).
     pub fn new(hub: &str, epoch: u64) -> Self {
         Outbound { hub: hub.to_owned(), epoch, ..Outbound::default() }
     }
@@ -339,7 +339,7 @@ pub struct DeviceSession {
     downlink: std::sync::Arc<tokio::sync::Notify>,
     outbound: Outbound,
     /// The device's allowance of records and bytes per second.
-    pace: crate::pace::Pace,
+    pace: crate::service::pace::Pace,
     /// The session has said that it slows the device.
     slowed: bool,
     /// The digest of the trust bundle the device holds, once it said
@@ -370,14 +370,14 @@ impl DeviceSession {
             link: None,
             downlink: std::sync::Arc::default(),
             outbound: Outbound::default(),
-            pace: crate::pace::Pace::new(fleet_rate, std::time::Instant::now()),
+            pace: crate::service::pace::Pace::new(fleet_rate, std::time::Instant::now()),
             slowed: false,
             device_trust: None,
         }
     }
 
     /// Waits as long as the device's allowance asks before `batch` is
-    /// stored (see [`crate::pace`]): the device alone is held back.
+    /// stored (see [`crate::service::pace`]): the device alone is held back.
     async fn pace(&mut self, batch: &outpost_shared::protocol::Batch) {
         let wait = self.pace.charge(batch.len_hint(), batch.payload.len() as u64, std::time::Instant::now());
         if wait.is_zero() {
@@ -567,7 +567,7 @@ impl DeviceSession {
 
     /// The trust bundle devices are to hold now: the CAs trusted and the
     /// devices revoked.
-    pub fn trust_bundle(&self) -> crate::admission::SharedBundle {
+    pub fn trust_bundle(&self) -> crate::service::admission::SharedBundle {
         self.fleet.admissions().trust_bundle(&self.ca)
     }
 
