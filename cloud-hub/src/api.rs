@@ -519,7 +519,7 @@ pub struct BackupsView {
     /// Device id.
     pub device: String,
     /// Catalogued snapshots, oldest first.
-    pub snapshots: Vec<crate::service::backups::SnapshotView>,
+    pub snapshots: Vec<SnapshotView>,
     /// Chunks at the hub.
     pub stored_chunks: u64,
     /// Their bytes on disk.
@@ -947,4 +947,45 @@ pub fn encode_component(text: &str) -> String {
         }
     }
     out
+}
+
+/// The summary of a catalog entry as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SnapshotView {
+    /// Name.
+    pub name: String,
+    /// Backup set.
+    pub set: String,
+    /// Start, RFC 3339.
+    pub started: String,
+    /// End, RFC 3339.
+    pub ended: String,
+    /// Files, directories and links.
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Distinct chunks.
+    pub chunks: u64,
+    /// Problems its report lists.
+    pub problems: u64,
+    /// When its upload completed, RFC 3339.
+    pub uploaded_at: String,
+}
+
+impl From<&crate::store::CatalogEntry> for SnapshotView {
+    fn from(e: &crate::store::CatalogEntry) -> Self {
+        let outpost_shared::protocol::SnapshotSummary { name, set, started, ended, entries, bytes, chunks, problems } =
+            e.summary.clone();
+        SnapshotView {
+            name,
+            set,
+            started: started.rfc3339(),
+            ended: ended.rfc3339(),
+            entries,
+            bytes,
+            chunks,
+            problems,
+            uploaded_at: e.uploaded_at.rfc3339(),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! handshake proves it (see [`super::link`]).
 
 use super::table::Peer;
-use super::{PeerError, PeerParams};
+use super::{PeerError, PeerParams, escape};
 use crate::config::PeersConfig;
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
 use outpost_shared::DeviceId;
@@ -182,10 +182,4 @@ pub(super) fn on_event(p: &PeerParams, me: &str, fleet: &str, event: ServiceEven
         }
         _ => {}
     }
-}
-
-/// An announced name as it may be logged: control characters escaped (a
-/// LAN stranger chooses it).
-pub(super) fn escape(text: &str) -> String {
-    text.escape_debug().to_string()
 }

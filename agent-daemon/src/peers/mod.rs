@@ -275,6 +275,12 @@ fn trusted<'a>(peers: &'a [(String, &'static str, bool)]) -> Vec<&'a (String, &'
     peers.iter().filter(|(_, state, _)| *state == PeerState::Trusted.as_str()).collect()
 }
 
+/// An announced name as it may be logged: control characters escaped (a
+/// LAN stranger chooses it).
+fn escape(text: &str) -> String {
+    text.escape_debug().to_string()
+}
+
 /// Least time between two reports whose trusted peers are the same.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 

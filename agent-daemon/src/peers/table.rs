@@ -3,7 +3,7 @@
 //! relay through, and when the table next needs a look (nothing polls it).
 
 use super::PeerParams;
-use super::discovery::escape;
+use super::escape;
 use super::link::{Dialled, dial};
 use mdns_sd::ServiceDaemon;
 use outpost_shared::DeviceId;

@@ -34,7 +34,7 @@
 use crate::store::{CatalogEntry, Grant, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::fsutil::write_atomic;
-use outpost_shared::protocol::{ChunkBlob, ChunkId, RefusalReason, SnapshotChunkList, SnapshotData, SnapshotSummary};
+use outpost_shared::protocol::{ChunkBlob, ChunkId, RefusalReason, SnapshotChunkList, SnapshotData};
 use outpost_shared::time::Timestamp;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -634,49 +634,10 @@ fn check(file: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The summary of a catalog entry as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct SnapshotView {
-    /// Name.
-    pub name: String,
-    /// Backup set.
-    pub set: String,
-    /// Start, RFC 3339.
-    pub started: String,
-    /// End, RFC 3339.
-    pub ended: String,
-    /// Files, directories and links.
-    pub entries: u64,
-    /// Bytes of file content.
-    pub bytes: u64,
-    /// Distinct chunks.
-    pub chunks: u64,
-    /// Problems its report lists.
-    pub problems: u64,
-    /// When its upload completed, RFC 3339.
-    pub uploaded_at: String,
-}
-
-impl From<&CatalogEntry> for SnapshotView {
-    fn from(e: &CatalogEntry) -> Self {
-        let SnapshotSummary { name, set, started, ended, entries, bytes, chunks, problems } = e.summary.clone();
-        SnapshotView {
-            name,
-            set,
-            started: started.rfc3339(),
-            ended: ended.rfc3339(),
-            entries,
-            bytes,
-            chunks,
-            problems,
-            uploaded_at: e.uploaded_at.rfc3339(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_shared::protocol::SnapshotSummary;
 
     use outpost_shared::retention::Retention;
 

@@ -8,6 +8,7 @@
 //! JSON `{"error": ...}`, including those of malformed paths, queries and
 //! bodies and of methods a path does not have (405 with `Allow`).
 
+use crate::api::SnapshotView;
 use crate::api::{ApiError, CommandView, EventView};
 use crate::api::{
     AuditPage, BulkCommandRequest, BulkView, DeviceView, LinkRequest, LinkView, ReadmitRequest, TokenRequest,
@@ -19,7 +20,7 @@ use crate::api::{
     PeersView, SampleView,
 };
 use crate::service;
-use crate::service::backups::{BackupStoreError, SnapshotView};
+use crate::service::backups::BackupStoreError;
 use crate::service::fleet::Fleet;
 use crate::service::listing::{
     DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select,

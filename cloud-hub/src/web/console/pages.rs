@@ -3,10 +3,10 @@
 //! after a confirmation page, and the audit middleware records it.
 
 use super::{ConsoleError, User, series};
+use crate::api::SnapshotView;
 use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventView, PeerView};
 use crate::human::{ago, duration};
 use crate::service;
-use crate::service::backups::SnapshotView;
 use crate::service::fleet::Fleet;
 use crate::service::listing::{overview, select};
 use crate::store::{AuditQuery, Labels, Role, TelemetryRange};
