@@ -129,6 +129,8 @@ fn overlap_policies_retries_timeouts_and_bad_commands_behave_as_configured() {
         job("replace", "@every 2s", "echo $$ >> replace.pids; sleep 60", "overlap = \"replace\""),
         job("flaky", "0 0 0 1 1 *", "echo try; exit 3", "retries = 2\nretry_backoff = \"500ms\""),
         job("hang", "0 0 0 1 1 *", "sleep 300 & echo $! > hang.pid; wait", "timeout = \"1s\""),
+        // A child that leaves the run's process group (a daemon of its own).
+        job("escape", "0 0 0 1 1 *", "setsid sleep 301 & echo $! > escape.pid; wait", "timeout = \"1s\""),
         "[[job]]\nname = \"missing\"\nschedule = \"0 0 0 1 1 *\"\ncommand = [\"/nonexistent/program\"]\n".into(),
         job("flood", "0 0 0 1 1 *", "head -c 10000000 /dev/zero", "max_output = \"1 KiB\""),
     ]
@@ -155,6 +157,13 @@ fn overlap_policies_retries_timeouts_and_bad_commands_behave_as_configured() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"), "{out:?}");
     let pid: u32 = std::fs::read_to_string(agent.data_dir.join("hang.pid")).unwrap().trim().parse().unwrap();
     wait_for(Duration::from_secs(5), "the hung job's child to die", || (!process_alive(pid)).then_some(())).unwrap();
+    // ...and so is a child that left the run's process group.
+    let out = agent.cli(&["run-job", "escape"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"), "{out:?}");
+    let pid: u32 = std::fs::read_to_string(agent.data_dir.join("escape.pid")).unwrap().trim().parse().unwrap();
+    wait_for(Duration::from_secs(5), "the escaped child to die", || (!process_alive(pid)).then_some(())).unwrap();
+    let escape = wait_runs(&hub, &agent, "escape", "the escape's record", |r| !r.is_empty());
+    assert!(escape[0].output.contains("killed 1 process group(s)"), "{escape:?}");
 
     // A missing program and a flood are recorded; the daemon carries on.
     let out = agent.cli(&["run-job", "missing"]).unwrap();

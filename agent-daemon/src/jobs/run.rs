@@ -108,7 +108,7 @@ impl Run {
                 // the agent dies before the process id below is durable.
                 let mut env = env.clone();
                 let (name, value) = run_marker(&self.jobs.0.data_dir, self.run_id);
-                env.insert(name.to_owned(), value);
+                env.insert(name.to_owned(), value.clone());
                 let spawned = match process::spawn(ProcessSpec { argv, env: &env, working_dir: Some(dir) }) {
                     Ok(s) => s,
                     Err(error) => return (RunOutcome::FailedToStart { error }, String::new(), 0),
@@ -129,7 +129,21 @@ impl Run {
                     ProcessEnd::TimedOut => RunOutcome::TimedOut,
                     ProcessEnd::Stopped => stopped(),
                 };
-                (outcome, result.output, result.output_bytes)
+                let mut output = result.output;
+                if matches!(result.end, ProcessEnd::TimedOut | ProcessEnd::Stopped) {
+                    // The run's group is gone; what left it (setsid, a
+                    // double fork) still carries the run's marker: a run
+                    // that is killed leaves nothing behind.
+                    let own = i32::try_from(pid).unwrap_or(0);
+                    let strays = kill_marked(format!("{name}={value}"), own).await;
+                    if strays > 0 {
+                        tracing::warn!(job = %self.spec.name, run = self.run_id, groups = strays, "Killed processes the run had moved out of its group.");
+                        output.push_str(&format!(
+                            "\n[outpost: killed {strays} process group(s) the run had moved out of its own]"
+                        ));
+                    }
+                }
+                (outcome, output, result.output_bytes)
             }
             Action::Builtin(Builtin::StoreCheck) => {
                 let store = self.jobs.0.store.clone();
@@ -146,4 +160,16 @@ impl Run {
             }
         }
     }
+}
+
+/// Kills every process group but `own` (the run's, killed already) whose
+/// processes carry `marker` (`NAME=value`) in their environment; returns
+/// how many there were.
+async fn kill_marked(marker: String, own: i32) -> usize {
+    let mut groups = tokio::task::spawn_blocking(move || process::groups_with_env(&marker)).await.unwrap_or_default();
+    groups.retain(|pgid| *pgid != own);
+    for pgid in &groups {
+        process::kill_group(*pgid);
+    }
+    groups.len()
 }
