@@ -306,7 +306,9 @@ impl AgentStore {
         self.commit(Changes { records, ..Changes::default() }).await
     }
 
-    /// Resolves after the next append.
+    /// Resolves after the next append, or at once if one happened since the
+    /// last call returned (the wake is kept), so a caller that peeked and
+    /// found nothing misses no append made in between.
     pub async fn appended(&self) {
         self.appended.notified().await;
     }

@@ -10,7 +10,6 @@ use crate::uplink::RelayRequest;
 use outpost_shared::DeviceId;
 use outpost_shared::io::{FrameReader, write_message};
 use outpost_shared::protocol::{Ack, Message, Refusal, RefusalReason};
-use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -35,9 +34,13 @@ async fn relay_batches(p: &PeerParams, connection: &quinn::Connection) -> Result
         let signer = identity.signer()?;
         let from = p.store.stats().acked_seq + 1;
         let Some((batch, last)) = p.store.next_batch(&identity.device_id, &signer, from, p.max_frame).await? else {
-            // An append between the peek and this wait would go unnoticed
-            // until the next one; look again after a second at most.
-            let _ = tokio::time::timeout(Duration::from_secs(1), p.store.appended()).await;
+            // The store keeps the wake of an append made between the peek
+            // and this wait (one permit), so nothing is missed; a link that
+            // ends meanwhile ends the relay, so another peer can take it.
+            tokio::select! {
+                () = p.store.appended() => {}
+                e = connection.closed() => return Err(e.into()),
+            }
             continue;
         };
         write_message(&mut send, Message::Batch(batch), p.max_frame).await?;
