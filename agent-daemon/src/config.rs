@@ -187,6 +187,10 @@ pub struct StoreConfig {
     pub outbox_budget: u64,
     /// sled page cache. Default 4 MiB.
     pub cache: u64,
+    /// Free space kept on the data dir's file system: below it the outbox
+    /// stops growing and thins telemetry, whatever its budget. At most a
+    /// tenth of the file system is kept. Default 64 MiB.
+    pub keep_free: u64,
 }
 
 /// `[commands]`
@@ -259,6 +263,7 @@ impl ConfigFile for AgentConfig {
             store: StoreConfig {
                 outbox_budget: store.get_or("outbox_budget", ByteSize(64 << 20)).0,
                 cache: store.get_or("cache", ByteSize(4 << 20)).0,
+                keep_free: store.get_or("keep_free", ByteSize(crate::store::DEFAULT_KEEP_FREE)).0,
             },
             commands: CommandsConfig {
                 allow_exec: commands.get_or("allow_exec", false),

@@ -105,6 +105,15 @@ pub fn status_line(link: &LinkState, outbox: &store::OutboxStats) -> String {
     if outbox.records > 0 && *link != LinkState::Connected {
         line.push_str(&format!("; {} records waiting ({} KiB)", outbox.records, outbox.bytes / 1024));
     }
+    if let Some(fault) = &outbox.fault {
+        line.push_str(&format!("; ALARM store cannot write: {fault}"));
+    }
+    if let Some(cap) = outbox.space_cap {
+        line.push_str(&format!(
+            "; ALARM little free space: outbox held to {} KiB, telemetry thinned",
+            cap.bytes / 1024
+        ));
+    }
     if outbox.full {
         line.push_str(&format!(
             "; ALARM outbox full: {} KiB of results, reports and alarms exceed the budget; all kept",
@@ -134,6 +143,7 @@ pub fn run_with(
     // What LAN peers and bulk connections present; switched at renewal.
     let live = identity::Live::new(identity.clone())?;
     let store = AgentStore::open(&config.data_dir, config.store.outbox_budget, config.store.cache)?;
+    store.set_keep_free(config.store.keep_free);
     if Identity::is_new(&config.data_dir) {
         // Enrolled and never run: the store starts where the hub expects.
         store.known_new()?;

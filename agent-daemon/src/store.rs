@@ -23,19 +23,33 @@
 //! record after the hub's mark and raise a `StoreReset` alarm. Nothing is
 //! dropped; at worst a rolled-back store sends a few records twice.
 //!
-//! Budget: when the outbox exceeds its byte budget, telemetry is thinned
+//! Budget: when the outbox exceeds its budget in force, telemetry is thinned
 //! oldest-first (every other sample, then the oldest dropped) down to 90 % of
-//! the budget. Precious records (command results, state reports, alarms) are
-//! never dropped; if they alone exceed the budget an `OutboxFull` alarm is
-//! raised once and the outbox keeps growing.
+//! it. The budget in force is the configured byte budget, lowered while the
+//! file system holding the store has less free space than its floor
+//! ([`space_cap`]): the outbox then stops growing, whatever the budget says,
+//! and thins telemetry to make room for new records. Precious records
+//! (command results, state reports, alarms) are never dropped; if they alone
+//! exceed the budget in force an `OutboxFull` alarm is raised and the outbox
+//! keeps growing. Both alarms are cleared by a record when their condition
+//! ends ([`alarm_changes`]), and whether they stand is kept with the data.
+//!
+//! A full disk: sled keeps the first I/O error of an open database and
+//! fails every later write with it. The store drops a database whose write
+//! or sync failed and opens the files again on the next call, at most once a
+//! second ([`outpost_shared::reopen`], as the hub's store does), so it
+//! recovers by itself when space returns; calls fail meanwhile, and the
+//! figures are read again from what reached the disk.
 
 use outpost_shared::commit::{CommitError, GroupCommit};
 use outpost_shared::protocol::{Alarm, AlarmKind, Command, Record, RecordBody};
+use outpost_shared::reopen::{Reopening, Unavailable};
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -51,6 +65,9 @@ pub enum StoreError {
     /// A blocking read could not run.
     #[error("agent store: read task failed: {0}")]
     Task(String),
+    /// The store failed (a full disk) and could not be opened again yet.
+    #[error("agent store unavailable: {0}")]
+    Unavailable(String),
     /// A stored value does not decode.
     #[error("agent store: corrupt value in {tree}: {source}")]
     Corrupt {
@@ -89,6 +106,10 @@ pub struct OutboxStats {
     pub next_seq: u64,
     /// The hub holds everything up to here.
     pub acked_seq: u64,
+    /// Records numbered below this are on disk: only they are sent, as a
+    /// write whose sync fails is gone after the store is opened again, and
+    /// its numbers are handed out anew.
+    pub durable_seq: u64,
     /// Records waiting.
     pub records: u64,
     /// Bytes of records waiting.
@@ -97,8 +118,16 @@ pub struct OutboxStats {
     pub precious_bytes: u64,
     /// Telemetry records thinned since the process started.
     pub thinned: u64,
-    /// True while precious records alone exceed the budget.
+    /// True while precious records alone exceed the budget in force (the
+    /// `OutboxFull` alarm stands).
     pub full: bool,
+    /// True while the `TelemetryThinned` alarm stands.
+    pub thinning: bool,
+    /// The outbox's size limit while the store's file system is short of
+    /// space (see [`space_cap`]).
+    pub space_cap: Option<SpaceCap>,
+    /// Why the store cannot write, while it cannot.
+    pub fault: Option<String>,
     /// True from the store's creation until its first session with the
     /// hub: its numbers are not yet known to follow the hub's mark, so
     /// nothing may be relayed through a peer before that.
@@ -133,6 +162,72 @@ pub fn resume_plan(hub_acked: u64, stats: &OutboxStats) -> Resume {
     }
 }
 
+/// The free space kept on the store's file system: `keep_free`, but at
+/// most half of a small file system (sled's files grow to several times
+/// what they hold, so half is what a small disk needs).
+pub fn space_floor(keep_free: u64, fs_size: u64) -> u64 {
+    keep_free.min(fs_size / 2)
+}
+
+/// The outbox's size limit while its file system is short of space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceCap {
+    /// Bytes the outbox may hold.
+    pub bytes: u64,
+    /// Free bytes when the limit was last set or lowered.
+    pub free_at: u64,
+}
+
+/// The outbox's size cap given the free space of its file system. When the
+/// free space falls under `floor`, the outbox is held to 90 % of what it
+/// holds, so it stops growing and thinning makes room. sled's files do not
+/// shrink when records leave, and churn at a fixed size still grows them
+/// (docs/BENCHMARKS.md, "Agent store on a small disk"), so while the free
+/// space keeps falling the cap is lowered by a tenth for each further
+/// sixteenth of the floor lost. It is kept while the free space stays
+/// under half as much again as the floor (so it does not flap) and lifted
+/// above. Pure: unit-tested below.
+pub fn space_cap(cap: Option<SpaceCap>, outbox_bytes: u64, free: u64, floor: u64) -> Option<SpaceCap> {
+    match cap {
+        _ if free >= floor.saturating_add(floor / 2) => None,
+        None if free < floor => Some(SpaceCap { bytes: outbox_bytes / 10 * 9, free_at: free }),
+        Some(cap) if free.saturating_add(floor / 16) < cap.free_at => {
+            Some(SpaceCap { bytes: cap.bytes.min(outbox_bytes) / 10 * 9, free_at: free })
+        }
+        cap => cap,
+    }
+}
+
+/// The budget in force: the configured one, or the space cap if lower.
+pub fn budget_in_force(budget: u64, cap: Option<SpaceCap>) -> u64 {
+    cap.map_or(budget, |cap| cap.bytes.min(budget))
+}
+
+/// Which alarms stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// `TelemetryThinned`.
+    pub thinning: bool,
+    /// `OutboxFull`.
+    pub full: bool,
+}
+
+/// The alarm records to append when the standing alarms go from `before`
+/// to `after`: (kind, raised). Pure.
+pub fn alarm_changes(before: Standing, after: Standing) -> Vec<(AlarmKind, bool)> {
+    let mut out = Vec::new();
+    if before.thinning != after.thinning {
+        out.push((AlarmKind::TelemetryThinned, after.thinning));
+    }
+    if before.full != after.full {
+        out.push((AlarmKind::OutboxFull, after.full));
+    }
+    out
+}
+
+/// The free space kept by default on the store's file system.
+pub const DEFAULT_KEEP_FREE: u64 = 64 << 20;
+
 /// One durable change: records to append, inbox entries to set, keys to set.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -148,25 +243,31 @@ pub struct Changes {
     pub kv_remove: Vec<String>,
 }
 
+/// The open database and its trees.
 struct Trees {
     db: sled::Db,
     outbox: sled::Tree,
     meta: sled::Tree,
     inbox: sled::Tree,
     kv: sled::Tree,
+}
+
+/// What the writer thread and the readers share.
+struct Shared {
+    db: Reopening<Trees, StoreError>,
     stats: Arc<Mutex<OutboxStats>>,
     budget: u64,
+    keep_free: AtomicU64,
+    /// The store's directory, whose file system's free space is watched.
+    dir: PathBuf,
+    reserve: Arc<Reserve>,
 }
 
 /// The agent's store. Cheap to clone.
 #[derive(Clone)]
 pub struct AgentStore {
-    db: sled::Db,
-    outbox: sled::Tree,
-    inbox: sled::Tree,
-    kv: sled::Tree,
-    writer: GroupCommit<Trees>,
-    stats: Arc<Mutex<OutboxStats>>,
+    shared: Arc<Shared>,
+    writer: GroupCommit<Arc<Shared>>,
     appended: Arc<Notify>,
     inbox_changed: Arc<Notify>,
 }
@@ -180,6 +281,8 @@ impl std::fmt::Debug for AgentStore {
 const NEXT_SEQ: &[u8] = b"next_seq";
 const ACKED_SEQ: &[u8] = b"acked_seq";
 const FRESH: &[u8] = b"fresh";
+/// Present in `kv` while the `TelemetryThinned` alarm stands.
+const THINNING: &str = "store.alarm.thinning";
 
 fn outbox_key(seq: u64, telemetry: bool) -> [u8; 9] {
     let mut key = [0u8; 9];
@@ -225,20 +328,15 @@ pub const BATCH_RECORDS: usize = 2000;
 /// Period of sled's background flush and segment-cleaning pass.
 const FLUSH_EVERY_MS: u64 = 10_000;
 
-impl AgentStore {
-    /// Opens (or creates) the store in `data_dir/store`, with an outbox
-    /// budget of `budget` bytes and a sled page cache of `cache` bytes.
-    pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
-        // Every write goes through the group commit below, which flushes
-        // before it answers, so sled's own periodic flush adds no durability;
-        // its pass also cleans segments, which writes do as they go. Every
-        // 10 s instead of sled's 500 ms: the flusher thread was the idle
-        // agent's second most frequent wake-up (docs/BENCHMARKS.md).
-        let db = sled::Config::new()
-            .path(data_dir.join("store"))
-            .cache_capacity(cache)
-            .flush_every_ms(Some(FLUSH_EVERY_MS))
-            .open()?;
+impl Trees {
+    /// Opens (or creates) the database in `dir`.
+    fn open(dir: &Path, cache: u64) -> Result<Self, StoreError> {
+        // Every write goes through the group commit, which flushes before
+        // it answers, so sled's own periodic flush adds no durability; its
+        // pass also cleans segments, which writes do as they go. Every 10 s
+        // instead of sled's 500 ms: the flusher thread was the idle agent's
+        // second most frequent wake-up (docs/BENCHMARKS.md).
+        let db = sled::Config::new().path(dir).cache_capacity(cache).flush_every_ms(Some(FLUSH_EVERY_MS)).open()?;
         let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         let inbox = db.open_tree("inbox")?;
@@ -249,13 +347,22 @@ impl AgentStore {
             meta.insert(FRESH, &[1u8][..])?;
             db.flush()?;
         }
+        Ok(Trees { db, outbox, meta, inbox, kv })
+    }
+
+    /// The outbox figures as stored, with the process's own counters and
+    /// the space cap taken from `kept`.
+    fn read_stats(&self, budget: u64, kept: &OutboxStats) -> Result<OutboxStats, StoreError> {
         let mut stats = OutboxStats {
-            next_seq: read_u64(&meta, NEXT_SEQ)?.max(1),
-            acked_seq: read_u64(&meta, ACKED_SEQ)?,
-            fresh: meta.get(FRESH)?.is_some(),
+            next_seq: read_u64(&self.meta, NEXT_SEQ)?.max(1),
+            acked_seq: read_u64(&self.meta, ACKED_SEQ)?,
+            fresh: self.meta.get(FRESH)?.is_some(),
+            thinning: self.kv.get(THINNING)?.is_some(),
+            thinned: kept.thinned,
+            space_cap: kept.space_cap,
             ..OutboxStats::default()
         };
-        for entry in outbox.iter() {
+        for entry in self.outbox.iter() {
             let (key, value) = entry?;
             stats.records += 1;
             stats.bytes += value.len() as u64;
@@ -264,26 +371,185 @@ impl AgentStore {
             }
             stats.next_seq = stats.next_seq.max(key_seq(&key) + 1);
         }
-        stats.full = stats.precious_bytes > budget;
-        let stats = Arc::new(Mutex::new(stats));
-        let trees = Trees {
-            db: db.clone(),
-            outbox: outbox.clone(),
-            meta,
-            inbox: inbox.clone(),
-            kv: kv.clone(),
-            stats: stats.clone(),
-            budget,
+        stats.durable_seq = stats.next_seq;
+        // Whether the alarm stands is in the outbox: the newest OutboxFull
+        // record. Taken from the figures instead, as the alarm follows them.
+        stats.full = stats.precious_bytes > budget_in_force(budget, stats.space_cap);
+        Ok(stats)
+    }
+}
+
+/// A file of [`RESERVE`] bytes beside the store, on the same file system,
+/// given back when the store's own writes filled the disk: sled cannot open
+/// its files on a full disk, so without it a store that filled the disk by
+/// itself would never open again. Made again once space is back.
+struct Reserve {
+    path: PathBuf,
+    present: std::sync::atomic::AtomicBool,
+}
+
+/// Bytes of the space reserve (two of sled's segments).
+pub const RESERVE: u64 = 1 << 20;
+
+impl Reserve {
+    fn new(path: PathBuf) -> Self {
+        let present = path.metadata().is_ok_and(|m| m.len() >= RESERVE);
+        Reserve { path, present: present.into() }
+    }
+
+    /// Its size while it is there.
+    fn held(&self) -> u64 {
+        if self.present.load(Ordering::Relaxed) { RESERVE } else { 0 }
+    }
+
+    /// Makes it if it is missing; a disk without room for it goes without.
+    fn make(&self) {
+        if self.present.load(Ordering::Relaxed) {
+            return;
+        }
+        let made = std::fs::File::create(&self.path).and_then(|f| {
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE)?;
+            f.sync_all()
+        });
+        match made {
+            Ok(()) => self.present.store(true, Ordering::Relaxed),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.path);
+                tracing::debug!(error = %e, "No room for the store's space reserve yet.");
+            }
+        }
+    }
+
+    /// Gives its space back; true if it was there.
+    fn release(&self) -> bool {
+        let was = self.present.swap(false, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+        if was {
+            tracing::warn!(path = %self.path.display(), "The disk is full: released the store's space reserve.");
+        }
+        was
+    }
+}
+
+/// True for errors after which sled's instance is of no more use (it keeps
+/// the first I/O error): the database is dropped and opened again.
+fn is_io(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sled(sled::Error::Io(_)))
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, OutboxStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open database, opening it again after a failure.
+    fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.db.get().map_err(|e| match e {
+            Unavailable::Closed => StoreError::Unavailable("the store is closed".into()),
+            Unavailable::Waiting(fault) => StoreError::Unavailable(fault),
+            Unavailable::Open(e) => e,
+        })
+    }
+
+    /// Runs a write on the open database; an I/O failure drops it.
+    fn write<T>(&self, job: impl FnOnce(&Self, &Trees) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = self.trees().and_then(|trees| job(self, &trees));
+        if let Err(e) = &result
+            && is_io(e)
+        {
+            self.failed(&e.to_string());
+        }
+        result
+    }
+
+    /// The sync of a group of writes.
+    fn sync(&self) -> Result<(), String> {
+        let trees = self.trees().map_err(|e| e.to_string())?;
+        match trees.db.flush() {
+            Ok(_) => {
+                self.db.fault.ok();
+                let mut stats = self.stats();
+                stats.durable_seq = stats.next_seq;
+                Ok(())
+            }
+            Err(e) => {
+                drop(trees);
+                self.failed(&e.to_string());
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// A write or sync failed: the database is dropped, to be opened again,
+    /// and the space reserve given back so that it can be.
+    fn failed(&self, error: &str) {
+        self.db.failed(error);
+        self.reserve.release();
+    }
+
+    /// Free bytes (its reserve counted as free) and size of the store's
+    /// file system (`None` if it cannot be read: then the floor is not
+    /// enforced).
+    fn space(&self) -> Option<(u64, u64)> {
+        let vfs = rustix::fs::statvfs(&self.dir).ok()?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize).saturating_add(self.reserve.held());
+        Some((free, vfs.f_blocks.saturating_mul(vfs.f_frsize)))
+    }
+}
+
+impl AgentStore {
+    /// Opens (or creates) the store in `data_dir/store`, with an outbox
+    /// budget of `budget` bytes and a sled page cache of `cache` bytes. The
+    /// free space kept is [`DEFAULT_KEEP_FREE`] until
+    /// [`AgentStore::set_keep_free`].
+    pub fn open(data_dir: &Path, budget: u64, cache: u64) -> Result<Self, StoreError> {
+        let dir = data_dir.join("store");
+        let stats: Arc<Mutex<OutboxStats>> = Arc::default();
+        let reserve = Arc::new(Reserve::new(data_dir.join("store.reserve")));
+        let db = {
+            let (dir, stats, reserve) = (dir.clone(), stats.clone(), reserve.clone());
+            Reopening::open("Agent store", move || {
+                let trees = match Trees::open(&dir, cache) {
+                    // The disk is full: its reserve lets sled open again.
+                    Err(e) if is_io(&e) && reserve.release() => Trees::open(&dir, cache)?,
+                    opened => opened?,
+                };
+                let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+                *stats = trees.read_stats(budget, &stats)?;
+                Ok(trees)
+            })?
         };
-        let writer =
-            GroupCommit::start("outpost-store", trees, |t: &Trees| t.db.flush().map(drop).map_err(|e| e.to_string()))
-                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        Ok(AgentStore { db, outbox, inbox, kv, writer, stats, appended: Arc::default(), inbox_changed: Arc::default() })
+        reserve.make();
+        let shared = Arc::new(Shared {
+            db,
+            stats,
+            budget,
+            keep_free: AtomicU64::new(DEFAULT_KEEP_FREE),
+            dir: dir.clone(),
+            reserve,
+        });
+        let writer = GroupCommit::start("outpost-store", shared.clone(), |s: &Arc<Shared>| s.sync())
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(AgentStore { shared, writer, appended: Arc::default(), inbox_changed: Arc::default() })
+    }
+
+    /// Sets the free space kept on the store's file system (`[store]
+    /// keep_free`); at most a tenth of the file system is kept.
+    pub fn set_keep_free(&self, bytes: u64) {
+        self.shared.keep_free.store(bytes, Ordering::Relaxed);
     }
 
     /// Current outbox figures.
     pub fn stats(&self) -> OutboxStats {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut stats = self.shared.stats().clone();
+        stats.fault = self.shared.db.fault.fault();
+        stats
+    }
+
+    /// Runs `job` on the open database (a read), opening it again after a
+    /// failure.
+    fn read<T>(&self, job: impl FnOnce(&Trees) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        job(&*self.shared.trees()?)
     }
 
     /// Applies `changes` durably and atomically; returns the sequence
@@ -291,7 +557,7 @@ impl AgentStore {
     pub async fn commit(&self, changes: Changes) -> Result<Vec<u64>, StoreError> {
         let notify_inbox = !changes.inbox.is_empty();
         let notify_outbox = !changes.records.is_empty();
-        let seqs = self.writer.run(move |t: &Trees| t.apply(changes)).await??;
+        let seqs = self.writer.run(move |s: &Arc<Shared>| s.write(|s, t| s.apply(t, changes))).await??;
         if notify_outbox {
             self.appended.notify_one();
         }
@@ -326,29 +592,40 @@ impl AgentStore {
     /// Up to `max_records` records from `from_seq` on whose stored sizes add
     /// up to at most `max_bytes` (at least one record if any is waiting).
     pub fn peek(&self, from_seq: u64, max_records: usize, max_bytes: usize) -> Result<Vec<Record>, StoreError> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for entry in self.outbox.range(outbox_key(from_seq, true)..) {
-            let (_, value) = entry?;
-            if !out.is_empty() && (out.len() >= max_records || bytes + value.len() > max_bytes) {
-                break;
-            }
-            bytes += value.len();
-            out.push(postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?);
+        let durable = self.shared.stats().durable_seq;
+        if from_seq >= durable {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        self.read(|t| {
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for entry in t.outbox.range(outbox_key(from_seq, true)..outbox_key(durable, true)) {
+                let (_, value) = entry?;
+                if !out.is_empty() && (out.len() >= max_records || bytes + value.len() > max_bytes) {
+                    break;
+                }
+                bytes += value.len();
+                out.push(
+                    postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// This store belongs to an identity that has just enrolled: the hub
     /// holds no record of it, so its numbers from 1 are right and it is
     /// not `fresh`. Called at start, before anything else writes.
     pub fn known_new(&self) -> Result<(), StoreError> {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if stats.fresh {
-            self.db.open_tree("meta")?.remove(FRESH)?;
-            self.db.flush()?;
-            stats.fresh = false;
+        if !self.shared.stats().fresh {
+            return Ok(());
         }
+        self.read(|t| {
+            t.meta.remove(FRESH)?;
+            t.db.flush()?;
+            Ok(())
+        })?;
+        self.shared.stats().fresh = false;
         Ok(())
     }
 
@@ -356,50 +633,56 @@ impl AgentStore {
     /// records up to `hub_acked`: trims them, or renumbers what waits if
     /// the store started over (see [`resume_plan`]). Returns what it did.
     pub async fn resume(&self, hub_acked: u64) -> Result<Resume, StoreError> {
-        self.writer.run(move |t: &Trees| t.resume(hub_acked)).await?
+        self.writer.run(move |s: &Arc<Shared>| s.write(|s, t| s.resume(t, hub_acked))).await?
     }
 
     /// The hub holds everything up to `upto`: trim it.
     pub async fn ack(&self, upto: u64) -> Result<(), StoreError> {
-        self.writer.run(move |t: &Trees| t.trim(upto)).await??;
+        self.writer.run(move |s: &Arc<Shared>| s.write(|s, t| s.trim(t, upto))).await??;
         Ok(())
     }
 
     /// An inbox entry.
     pub fn inbox_entry(&self, id: u64) -> Result<Option<InboxEntry>, StoreError> {
-        self.inbox
-            .get(id.to_be_bytes())?
-            .map(|v| postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt { tree: "inbox", source }))
-            .transpose()
+        self.read(|t| {
+            t.inbox
+                .get(id.to_be_bytes())?
+                .map(|v| postcard::from_bytes(&v).map_err(|source| StoreError::Corrupt { tree: "inbox", source }))
+                .transpose()
+        })
     }
 
     /// Inbox entries in a given state, oldest first.
     pub fn inbox_in(&self, state: &InboxState) -> Result<Vec<InboxEntry>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.inbox.iter() {
-            let (_, value) = entry?;
-            let entry: InboxEntry =
-                postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "inbox", source })?;
-            if &entry.state == state {
-                out.push(entry);
+        self.read(|t| {
+            let mut out = Vec::new();
+            for entry in t.inbox.iter() {
+                let (_, value) = entry?;
+                let entry: InboxEntry =
+                    postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "inbox", source })?;
+                if &entry.state == state {
+                    out.push(entry);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// A key-value entry.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.kv.get(key)?.map(|v| v.to_vec()))
+        self.read(|t| Ok(t.kv.get(key)?.map(|v| v.to_vec())))
     }
 
     /// Key-value entries whose keys start with `prefix`, in key order.
     pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.kv.scan_prefix(prefix) {
-            let (key, value) = entry?;
-            out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
-        }
-        Ok(out)
+        self.read(|t| {
+            let mut out = Vec::new();
+            for entry in t.kv.scan_prefix(prefix) {
+                let (key, value) = entry?;
+                out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// The next signed batch of `device`'s outbox from `from` (at most
@@ -426,12 +709,13 @@ impl AgentStore {
     /// A number never handed out before by this store (it survives
     /// restarts; numbers may skip).
     pub fn unique_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        self.read(|t| Ok(t.db.generate_id()?))
     }
 
     /// Reads every record of every tree and checks that each decodes; the
     /// `store-check` job. Returns a summary, or the keys that failed.
     pub fn check(&self) -> Result<String, String> {
+        let trees = self.shared.trees().map_err(|e| e.to_string())?;
         let mut problems = Vec::new();
         let mut count = |tree: &sled::Tree, name: &str, decode: &dyn Fn(&[u8]) -> bool| {
             let (mut n, mut bytes) = (0u64, 0u64);
@@ -450,9 +734,9 @@ impl AgentStore {
             format!("{name}: {n} entries, {bytes} bytes")
         };
         let summary = [
-            count(&self.outbox, "outbox", &|v| postcard::from_bytes::<Record>(v).is_ok()),
-            count(&self.inbox, "inbox", &|v| postcard::from_bytes::<InboxEntry>(v).is_ok()),
-            count(&self.kv, "kv", &|_| true),
+            count(&trees.outbox, "outbox", &|v| postcard::from_bytes::<Record>(v).is_ok()),
+            count(&trees.inbox, "inbox", &|v| postcard::from_bytes::<InboxEntry>(v).is_ok()),
+            count(&trees.kv, "kv", &|_| true),
         ]
         .join("; ");
         if problems.is_empty() { Ok(summary) } else { Err(problems.join("\n")) }
@@ -460,25 +744,21 @@ impl AgentStore {
 
     /// Waits until everything is on disk (shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.read(|t| Ok(t.db.flush().map(drop)?))
     }
 
     /// Flushes, stops the writer and releases the database, so it can be
     /// opened again in this process. Other clones must be dropped first.
     pub fn close(self) -> Result<(), StoreError> {
-        self.flush()?;
+        let flushed = self.flush();
         self.writer.close();
-        Ok(())
+        self.shared.db.close();
+        flushed
     }
 }
 
-impl Trees {
-    fn stats(&self) -> std::sync::MutexGuard<'_, OutboxStats> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn apply(&self, changes: Changes) -> Result<Vec<u64>, StoreError> {
+impl Shared {
+    fn apply(&self, t: &Trees, changes: Changes) -> Result<Vec<u64>, StoreError> {
         let first = self.stats().next_seq;
         let now = Timestamp::now();
         let encoded: Vec<(u64, bool, Vec<u8>)> = changes
@@ -491,7 +771,7 @@ impl Trees {
             })
             .collect();
         let next = first + encoded.len() as u64;
-        let trees = (&self.outbox, &self.meta, &self.inbox, &self.kv);
+        let trees = (&t.outbox, &t.meta, &t.inbox, &t.kv);
         let result = trees.transaction(
             |(outbox, meta, inbox, kv): &(
                 TransactionalTree,
@@ -531,18 +811,20 @@ impl Trees {
             }
         }
         let seqs = encoded.iter().map(|(seq, ..)| *seq).collect();
-        self.enforce_budget()?;
+        if !encoded.is_empty() {
+            self.enforce_budget(t)?;
+        }
         Ok(seqs)
     }
 
-    fn resume(&self, hub_acked: u64) -> Result<Resume, StoreError> {
+    fn resume(&self, t: &Trees, hub_acked: u64) -> Result<Resume, StoreError> {
         let plan = resume_plan(hub_acked, &self.stats());
         match plan {
-            Resume::Trim(upto) => self.trim(upto)?,
-            Resume::Renumber { after, new_store } => self.renumber(after, new_store)?,
+            Resume::Trim(upto) => self.trim(t, upto)?,
+            Resume::Renumber { after, new_store } => self.renumber(t, after, new_store)?,
         }
         if self.stats().fresh {
-            self.meta.remove(FRESH)?;
+            t.meta.remove(FRESH)?;
             self.stats().fresh = false;
         }
         Ok(plan)
@@ -552,10 +834,10 @@ impl Trees {
     /// one transaction with the new marks, then raises a `StoreReset`
     /// alarm. A crash before the commit leaves the old numbers and the
     /// next session decides again; after it, the new ones.
-    fn renumber(&self, after: u64, new_store: bool) -> Result<(), StoreError> {
+    fn renumber(&self, t: &Trees, after: u64, new_store: bool) -> Result<(), StoreError> {
         let mut old_keys = Vec::new();
         let mut moved = Vec::new();
-        for (entry, seq) in self.outbox.iter().zip(after.saturating_add(1)..) {
+        for (entry, seq) in t.outbox.iter().zip(after.saturating_add(1)..) {
             let (key, value) = entry?;
             let mut record: Record =
                 postcard::from_bytes(&value).map_err(|source| StoreError::Corrupt { tree: "outbox", source })?;
@@ -565,7 +847,7 @@ impl Trees {
         }
         let count = moved.len() as u64;
         let next = after.saturating_add(count).saturating_add(1);
-        let result = (&self.outbox, &self.meta).transaction(|(outbox, meta)| {
+        let result = (&t.outbox, &t.meta).transaction(|(outbox, meta)| {
             for key in &old_keys {
                 outbox.remove(key)?;
             }
@@ -600,14 +882,14 @@ impl Trees {
             "Store started over; records renumbered after the hub's mark."
         );
         let alarm = Alarm { kind: AlarmKind::StoreReset, raised: true, message };
-        self.apply(Changes { records: vec![RecordBody::Alarm(alarm)], ..Changes::default() })?;
+        self.apply(t, Changes { records: vec![RecordBody::Alarm(alarm)], ..Changes::default() })?;
         Ok(())
     }
 
-    fn trim(&self, upto: u64) -> Result<(), StoreError> {
+    fn trim(&self, t: &Trees, upto: u64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         let (mut records, mut bytes, mut precious) = (0u64, 0u64, 0u64);
-        for entry in self.outbox.range(..outbox_key(upto.saturating_add(1), true)) {
+        for entry in t.outbox.range(..outbox_key(upto.saturating_add(1), true)) {
             let (key, value) = entry?;
             records += 1;
             bytes += value.len() as u64;
@@ -616,37 +898,81 @@ impl Trees {
             }
             batch.remove(key);
         }
-        self.outbox.apply_batch(batch)?;
-        let mut stats = self.stats();
-        if upto > stats.acked_seq {
-            stats.acked_seq = upto;
-            self.meta.insert(ACKED_SEQ, &upto.to_be_bytes()[..])?;
-        }
-        stats.records -= records.min(stats.records);
-        stats.bytes -= bytes.min(stats.bytes);
-        stats.precious_bytes -= precious.min(stats.precious_bytes);
-        if stats.full && stats.precious_bytes <= self.budget {
-            stats.full = false;
-        }
-        Ok(())
+        t.outbox.apply_batch(batch)?;
+        let before = {
+            let mut stats = self.stats();
+            if upto > stats.acked_seq {
+                stats.acked_seq = upto;
+                t.meta.insert(ACKED_SEQ, &upto.to_be_bytes()[..])?;
+            }
+            stats.records -= records.min(stats.records);
+            stats.bytes -= bytes.min(stats.bytes);
+            stats.precious_bytes -= precious.min(stats.precious_bytes);
+            Standing { thinning: stats.thinning, full: stats.full }
+        };
+        // The hub caught up: alarms whose condition ended are cleared.
+        let after = {
+            let stats = self.stats();
+            let budget = budget_in_force(self.budget, stats.space_cap);
+            Standing {
+                thinning: before.thinning && stats.bytes > budget / 2,
+                full: before.full && stats.precious_bytes > budget,
+            }
+        };
+        self.alarms(t, before, after, "")
     }
 
-    /// Thins telemetry until the outbox is within 90 % of its budget; raises
-    /// an alarm record when precious records alone exceed it.
-    fn enforce_budget(&self) -> Result<(), StoreError> {
-        if self.stats().bytes <= self.budget {
+    /// Thins telemetry until the outbox is within 90 % of its budget in
+    /// force; raises an alarm record when precious records alone exceed it.
+    fn enforce_budget(&self, t: &Trees) -> Result<(), StoreError> {
+        let cap = {
+            let mut stats = self.stats();
+            if let Some((free, size)) = self.space() {
+                let floor = space_floor(self.keep_free.load(Ordering::Relaxed), size);
+                let cap = space_cap(stats.space_cap, stats.bytes, free, floor);
+                match (stats.space_cap, cap) {
+                    (None, Some(cap)) => {
+                        tracing::warn!(
+                            free,
+                            floor,
+                            cap = cap.bytes,
+                            "Little free space left: the outbox stops growing."
+                        );
+                    }
+                    (Some(old), Some(new)) if new != old => {
+                        tracing::warn!(
+                            free,
+                            floor,
+                            cap = new.bytes,
+                            "Free space still falling: the outbox is held lower."
+                        );
+                    }
+                    (Some(_), None) => {
+                        tracing::info!(free, floor, "Free space is back: the outbox may grow to its budget.");
+                    }
+                    _ => {}
+                }
+                if cap.is_none() && free > 2 * RESERVE {
+                    self.reserve.make();
+                }
+                stats.space_cap = cap;
+            }
+            stats.space_cap
+        };
+        let budget = budget_in_force(self.budget, cap);
+        if self.stats().bytes <= budget {
             return Ok(());
         }
-        let target = self.budget / 10 * 9;
+        let target = budget / 10 * 9;
         let mut thinned = 0u64;
         // Pass 1: every other telemetry sample, oldest first. Pass 2: the
         // oldest telemetry samples outright.
         for keep_every_other in [true, false] {
             let mut keep = true;
             let mut batch = sled::Batch::default();
-            let mut freed = 0u64;
+            let (mut freed, mut dropped) = (0u64, 0u64);
             let over = self.stats().bytes;
-            for entry in self.outbox.iter() {
+            for entry in t.outbox.iter() {
                 if over - freed <= target {
                     break;
                 }
@@ -660,50 +986,75 @@ impl Trees {
                 }
                 keep = true;
                 freed += value.len() as u64;
-                thinned += 1;
+                dropped += 1;
                 batch.remove(key);
             }
-            self.outbox.apply_batch(batch)?;
+            t.outbox.apply_batch(batch)?;
+            thinned += dropped;
             let mut stats = self.stats();
             stats.bytes -= freed.min(stats.bytes);
-            stats.records -= thinned.min(stats.records);
+            stats.records -= dropped.min(stats.records);
             if stats.bytes <= target {
                 break;
             }
         }
-        let mut alarms = Vec::new();
+        let (before, after) = {
+            let mut stats = self.stats();
+            stats.thinned += thinned;
+            let before = Standing { thinning: stats.thinning, full: stats.full };
+            (before, Standing { thinning: before.thinning || thinned > 0, full: stats.precious_bytes > budget })
+        };
+        let why = match cap {
+            Some(cap) => format!(
+                "little free space on the file system of {}: the outbox is held to {} bytes",
+                self.dir.display(),
+                cap.bytes
+            ),
+            None => format!("the outbox is over its budget of {} bytes", self.budget),
+        };
+        self.alarms(t, before, after, &why)
+    }
+
+    /// Appends the alarm records for a change of the standing alarms, with
+    /// the marks that say which stand, in one transaction.
+    fn alarms(&self, t: &Trees, before: Standing, after: Standing, why: &str) -> Result<(), StoreError> {
+        let changes = alarm_changes(before, after);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let precious_bytes = self.stats().precious_bytes;
+        let alarms: Vec<Alarm> = changes
+            .into_iter()
+            .map(|(kind, raised)| {
+                let message = match (kind, raised) {
+                    (AlarmKind::TelemetryThinned, true) => format!("{why}: thinning telemetry"),
+                    (AlarmKind::TelemetryThinned, false) => "telemetry no longer thinned: the hub caught up".into(),
+                    (_, true) => format!(
+                        "{why}; results, reports and alarms alone hold {precious_bytes} bytes, over it; keeping them all"
+                    ),
+                    (_, false) => "results, reports and alarms are back within the outbox budget".into(),
+                };
+                Alarm { kind, raised, message }
+            })
+            .collect();
+        for alarm in &alarms {
+            if alarm.raised {
+                tracing::error!(kind = ?alarm.kind, message = %alarm.message, "Outbox alarm.");
+            } else {
+                tracing::info!(kind = ?alarm.kind, message = %alarm.message, "Outbox alarm cleared.");
+            }
+        }
+        let mark = (THINNING.to_owned(), vec![1u8]);
+        let (kv, kv_remove) = if after.thinning { (vec![mark], vec![]) } else { (vec![], vec![THINNING.to_owned()]) };
         {
             let mut stats = self.stats();
-            if thinned > 0 {
-                if stats.thinned == 0 {
-                    alarms.push(Alarm {
-                        kind: AlarmKind::TelemetryThinned,
-                        raised: true,
-                        message: format!("outbox over its budget of {} bytes: thinning telemetry", self.budget),
-                    });
-                }
-                stats.thinned += thinned;
-            }
-            if !stats.full && stats.precious_bytes > self.budget {
-                stats.full = true;
-                alarms.push(Alarm {
-                    kind: AlarmKind::OutboxFull,
-                    raised: true,
-                    message: format!(
-                        "results, reports and alarms alone hold {} bytes, over the outbox budget of {} bytes; keeping them all",
-                        stats.precious_bytes, self.budget
-                    ),
-                });
-            }
+            stats.thinning = after.thinning;
+            stats.full = after.full;
         }
-        if !alarms.is_empty() {
-            for alarm in &alarms {
-                tracing::error!(kind = ?alarm.kind, message = %alarm.message, "Outbox alarm.");
-            }
-            // Alarms are precious and small; appending them cannot recurse
-            // into thinning more than once per condition.
-            self.apply(Changes { records: alarms.into_iter().map(RecordBody::Alarm).collect(), ..Changes::default() })?;
-        }
+        // Alarms are precious and small; appending them cannot recurse into
+        // thinning more than once per condition.
+        let records = alarms.into_iter().map(RecordBody::Alarm).collect();
+        self.apply(t, Changes { records, kv, kv_remove, ..Changes::default() })?;
         Ok(())
     }
 }
@@ -830,6 +1181,95 @@ mod tests {
             .collect();
         assert_eq!(alarms, [AlarmKind::TelemetryThinned, AlarmKind::OutboxFull]);
         assert!(store.stats().full);
+    }
+
+    #[test]
+    fn the_space_cap_holds_the_outbox_while_free_space_is_short_and_does_not_flap() {
+        let floor = space_floor(64 << 20, 16 << 20);
+        assert_eq!(floor, (16 << 20) / 2, "half of a small file system");
+        assert_eq!(space_floor(64 << 20, 1 << 40), 64 << 20);
+        let cap = |bytes, free_at| Some(SpaceCap { bytes, free_at });
+        // Plenty free: no cap.
+        assert_eq!(space_cap(None, 5000, 10_000, 1600), None);
+        // Under the floor: held to 90 % of what the outbox holds.
+        assert_eq!(space_cap(None, 5000, 1599, 1600), cap(4500, 1599));
+        // Still short by about as much, or back over the floor but not by
+        // half as much again: the cap stays (it does not follow the outbox).
+        assert_eq!(space_cap(cap(4500, 1599), 200, 1599 - 100, 1600), cap(4500, 1599));
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 2300, 1600), cap(4500, 1599));
+        // A further sixteenth of the floor lost: a tenth lower, from what
+        // the outbox holds if that is less.
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 1498, 1600), cap(4050, 1498));
+        assert_eq!(space_cap(cap(4500, 1599), 1000, 1498, 1600), cap(900, 1498));
+        // Half as much again free: lifted.
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 2400, 1600), None);
+        assert_eq!(budget_in_force(64 << 20, cap(4500, 0)), 4500);
+        assert_eq!(budget_in_force(4000, cap(4500, 0)), 4000);
+        assert_eq!(budget_in_force(4000, None), 4000);
+    }
+
+    #[test]
+    fn alarms_are_raised_and_cleared_once_per_change() {
+        let none = Standing::default();
+        let thin = Standing { thinning: true, full: false };
+        let both = Standing { thinning: true, full: true };
+        assert_eq!(alarm_changes(none, none), []);
+        assert_eq!(alarm_changes(none, both), [(AlarmKind::TelemetryThinned, true), (AlarmKind::OutboxFull, true)]);
+        assert_eq!(alarm_changes(both, thin), [(AlarmKind::OutboxFull, false)]);
+        assert_eq!(alarm_changes(thin, none), [(AlarmKind::TelemetryThinned, false)]);
+    }
+
+    fn alarm_records(store: &AgentStore) -> Vec<(AlarmKind, bool)> {
+        store
+            .peek(0, 100_000, usize::MAX)
+            .unwrap()
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::Alarm(a) => Some((a.kind, a.raised)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_alarms_are_cleared_when_the_hub_catches_up_and_a_restart_remembers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = AgentStore::open(dir.path(), 4096, 1 << 20).unwrap();
+            for i in 0..200 {
+                store.append(vec![sample(i), result(i)]).await.unwrap();
+            }
+            assert_eq!(alarm_records(&store), [(AlarmKind::TelemetryThinned, true), (AlarmKind::OutboxFull, true)]);
+            store.close().unwrap();
+        }
+        let store = AgentStore::open(dir.path(), 4096, 1 << 20).unwrap();
+        let stats = store.stats();
+        assert!(stats.thinning && stats.full, "{stats:?}");
+        // The hub takes everything: both alarms are cleared by records.
+        let last = stats.next_seq - 1;
+        store.ack(last).await.unwrap();
+        assert_eq!(alarm_records(&store), [(AlarmKind::TelemetryThinned, false), (AlarmKind::OutboxFull, false)]);
+        let stats = store.stats();
+        assert!(!stats.thinning && !stats.full, "{stats:?}");
+        store.ack(stats.next_seq - 1).await.unwrap();
+        store.close().unwrap();
+        let store = AgentStore::open(dir.path(), 4096, 1 << 20).unwrap();
+        assert!(!store.stats().thinning, "the cleared alarm came back after a restart");
+    }
+
+    #[tokio::test]
+    async fn a_failed_database_is_opened_again_with_the_figures_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(store.append(vec![sample(1), result(2)]).await.unwrap(), vec![1, 2]);
+        // As a write that failed with ENOSPC does: the instance is dropped.
+        store.shared.db.failed("No space left on device (simulated)");
+        assert_eq!(store.stats().fault.as_deref(), Some("No space left on device (simulated)"));
+        // The next call opens the files again and finds what was durable.
+        assert_eq!(store.peek(0, 10, usize::MAX).unwrap().len(), 2);
+        assert_eq!(store.append(vec![sample(3)]).await.unwrap(), vec![3]);
+        let stats = store.stats();
+        assert_eq!((stats.records, stats.next_seq, stats.durable_seq, stats.fault), (3, 4, 4, None));
     }
 
     #[tokio::test]

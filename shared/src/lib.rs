@@ -22,6 +22,7 @@ pub mod logging;
 pub mod mqtt;
 pub mod peers;
 pub mod protocol;
+pub mod reopen;
 pub mod retention;
 pub mod table;
 pub mod telemetry;

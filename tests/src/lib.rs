@@ -555,6 +555,69 @@ pub fn is_root() -> bool {
     euid == 0
 }
 
+/// A tmpfs of a given size mounted for a test (a small disk to fill),
+/// unmounted when dropped, also when the test fails. Needs root.
+#[derive(Debug)]
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` ("16m") on `path`, made if missing.
+    pub fn mount(path: &Path, size: &str) -> Result<Self> {
+        if !is_root() {
+            bail!("this test mounts a tmpfs: run tests/run.sh as root");
+        }
+        fs::create_dir_all(path)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .status()?;
+        if !status.success() {
+            bail!("mount a tmpfs on {}", path.display());
+        }
+        Ok(Tmpfs { path: path.to_owned() })
+    }
+
+    /// Gives it a new size.
+    pub fn resize(&self, size: &str) -> Result<()> {
+        let status = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.path).status()?;
+        if !status.success() {
+            bail!("remount {}", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// Bytes free on it.
+    pub fn free(&self) -> Result<u64> {
+        let vfs = rustix::fs::statvfs(&self.path)?;
+        Ok(vfs.f_bavail * vfs.f_frsize)
+    }
+
+    /// Fills it up with a file `name` of zeros, until the file system
+    /// refuses (ENOSPC); returns the file's path.
+    pub fn fill(&self, name: &str) -> Result<PathBuf> {
+        use std::io::Write;
+        let path = self.path.join(name);
+        let mut file = fs::File::create(&path)?;
+        let block = vec![0u8; 64 << 10];
+        loop {
+            match file.write(&block) {
+                Ok(0) => return Ok(path),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(path),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// A temporary directory that is kept, with process logs printed, when the
 /// test fails.
 #[derive(Debug)]

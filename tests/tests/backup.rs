@@ -395,24 +395,12 @@ fn scheduled_backups_run_as_jobs_and_the_hub_can_list_and_restore() {
     assert!(matches!(refused.state, CommandStateView::Completed { outcome: OutcomeView::Rejected, .. }), "{refused:?}");
 }
 
-/// A tmpfs mounted for a test, unmounted on drop (also on failure).
-struct SmallDisk(PathBuf);
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_the_snapshot_cleanly_and_earlier_snapshots_stay_restorable() {
     outpost_tests::netns::require_root();
     let scratch = Scratch::new().unwrap();
     let repo = scratch.path().join("small-disk");
-    fs::create_dir_all(&repo).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&repo).status().unwrap();
-    assert!(mounted.success(), "cannot mount a tmpfs (needs root)");
-    let _disk = SmallDisk(repo.clone());
+    let _disk = outpost_tests::Tmpfs::mount(&repo, "4m").unwrap();
     let s = setup(&scratch, "");
     let text_cfg = fs::read_to_string(&s.config).unwrap();
     let text_cfg = text_cfg.replace("[backups]\n", &format!("[backups]\ndir = {:?}\n", repo.display().to_string()));

@@ -5,7 +5,7 @@
 
 use outpost_hub::api::{EventKindView, SampleView};
 use outpost_tests::{
-    Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, synthetic, wait_all, wait_for, wait_online,
+    Agent, Hub, Scratch, Timings, Tmpfs, assert_exactly_once_in_order, synthetic, wait_all, wait_for, wait_online,
     wait_progress,
 };
 use rand::RngExt;
@@ -144,6 +144,27 @@ fn an_agent_booted_offline_works_and_delivers_everything_when_the_hub_appears() 
     assert_contiguous_once(&samples);
 }
 
+/// The ids of the command results the hub holds for `id`, sorted, once at
+/// least `count` are there (panics after `limit`); a result lost or doubled
+/// shows in the comparison the caller makes.
+fn results_at_hub(hub: &Hub, id: &str, count: usize, limit: Duration) -> Vec<u64> {
+    let events = wait_for(limit, "the results at the hub", || {
+        let events = hub.client().events(id, 1_000_000).ok()?;
+        let results = events.iter().filter(|e| matches!(e.event, EventKindView::CommandResult { .. })).count();
+        (results >= count).then_some(events)
+    })
+    .unwrap();
+    let mut ids: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            EventKindView::CommandResult { command, .. } => Some(*command),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 #[test]
 fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     let scratch = Scratch::new().unwrap();
@@ -162,22 +183,8 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     })
     .unwrap();
     hub.serve().unwrap();
-    let events = wait_for(Duration::from_secs(30), "all results at the hub", || {
-        let events = hub.client().events(&agent.id, 100_000).ok()?;
-        let results = events.iter().filter(|e| matches!(e.event, EventKindView::CommandResult { .. })).count();
-        (results >= 1000).then_some(events)
-    })
-    .unwrap();
-    let mut ids: Vec<u64> = events
-        .iter()
-        .filter_map(|e| match &e.event {
-            EventKindView::CommandResult { command, .. } => Some(*command),
-            _ => None,
-        })
-        .collect();
-    ids.sort_unstable();
     let expected: Vec<u64> = (0..4000).filter(|i| i % 4 == 3).map(|i| 1_000_000 + i).collect();
-    assert_eq!(ids, expected, "results lost or doubled");
+    assert_eq!(results_at_hub(&hub, &agent.id, expected.len(), Duration::from_secs(30)), expected);
     let telemetry = synthetic(&hub, &agent.id, 4000).len();
     eprintln!("telemetry kept: {telemetry} of 3000");
     assert!(telemetry < 3000, "telemetry was not thinned");
@@ -185,6 +192,87 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     let kinds: Vec<&str> = device.alarms.iter().map(|a| a.alarm.as_str()).collect();
     assert!(kinds.contains(&"outbox_full"), "no outbox_full alarm in the API: {kinds:?}");
     assert!(kinds.contains(&"telemetry_thinned"), "no telemetry_thinned alarm in the API: {kinds:?}");
+}
+
+/// The agent's data dir on a 16 MiB tmpfs with the hub away and the
+/// default config, whose 64 MiB outbox budget is larger than the disk (issue
+/// 25). First the free-space floor holds the outbox: it stops growing,
+/// thins telemetry and raises an alarm, and the disk does not fill. Then
+/// another program fills the disk: the store fails, and once the space is
+/// back it opens itself again, without a restart. Every result arrives
+/// once, the telemetry kept arrives once and in order, and the alarm is
+/// raised and then cleared at the hub.
+#[test]
+fn a_device_short_of_disk_holds_its_outbox_and_recovers_by_itself_from_a_full_one() {
+    let scratch = Scratch::new().unwrap();
+    let disk = Tmpfs::mount(&scratch.path().join("small"), "16m").unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "small", &timings).unwrap();
+    hub.kill();
+    // Real-sized samples (about 500 bytes each) at 5,000 a second: 60,000
+    // of them, 30 MB, would fill the disk twice over; every 50th is a
+    // result.
+    agent
+        .start_loadgen(&["--records", "60000", "--batch", "100", "--appends-per-sec", "50", "--precious-every", "50"])
+        .unwrap();
+    let mut least_free = u64::MAX;
+    wait_for(Duration::from_secs(120), "the load generator to finish offline", || {
+        least_free = least_free.min(disk.free().unwrap());
+        agent.log_text().contains("Load generator done.").then_some(())
+    })
+    .unwrap();
+    let log = agent.log_text();
+    assert!(log.contains("Little free space left: the outbox stops growing."), "the floor was not enforced");
+    assert!(!log.contains("cannot make writes durable"), "the outbox filled the disk despite its floor");
+    eprintln!("least free space while the outbox grew: {least_free} bytes of 16 MiB");
+
+    // Something else fills the disk while the agent runs and results keep
+    // coming (2,000 of 500 bytes, never thinned): the store fails while the
+    // disk is full, and opens itself again once the file system is grown.
+    agent.proc.take().unwrap().kill();
+    let results = ["--records", "62000", "--batch", "10", "--appends-per-sec", "20", "--precious-every", "1"];
+    agent.start_loadgen(&[&results[..], &["--precious-bytes", "500"]].concat()).unwrap();
+    wait_for(Duration::from_secs(30), "the load generator to resume", || {
+        agent.log_text().contains("Load generator resuming. produced=60000").then_some(())
+    })
+    .unwrap();
+    disk.fill("junk").unwrap();
+    wait_for(Duration::from_secs(60), "the store to report the full disk", || {
+        agent.log_text().contains("Agent store cannot make writes durable").then_some(())
+    })
+    .unwrap();
+    let pid = agent.proc.as_ref().unwrap().pid();
+    disk.resize("64m").unwrap();
+    wait_for(Duration::from_secs(60), "the load generator to finish once space is back", || {
+        agent.log_text().matches("Load generator done.").count().eq(&2).then_some(())
+    })
+    .unwrap();
+    let log = agent.log_text();
+    assert!(log.contains("Agent store recovered: writes are durable again."), "no recovery logged");
+    assert_eq!(agent.proc.as_mut().unwrap().pid(), pid, "the agent was restarted");
+
+    hub.serve().unwrap();
+    let expected: Vec<u64> =
+        (0..60_000).filter(|i| i % 50 == 49).chain(60_000..62_000).map(|i| 1_000_000 + i).collect();
+    assert_eq!(results_at_hub(&hub, &agent.id, expected.len(), Duration::from_secs(120)), expected);
+    let samples = synthetic(&hub, &agent.id, 60_000);
+    let kept: Vec<u64> = samples.iter().map(|s| s.sample.uptime_secs).collect();
+    eprintln!("telemetry kept: {} of 58800", kept.len());
+    // How much telemetry survives depends on where the cap stood when the
+    // 2,000 results came: results displace telemetry, all of it if need be
+    // (which samples are kept is the store's unit tests' business). What
+    // arrives arrives once and in order.
+    assert!(kept.windows(2).all(|w| w[0] < w[1]), "telemetry doubled or out of order");
+    let cleared = wait_for(Duration::from_secs(30), "the thinning alarm raised, then cleared", || {
+        let alarms = hub.device(&agent.id).ok()?.alarms;
+        let thinned: Vec<bool> = alarms.iter().filter(|a| a.alarm == "telemetry_thinned").map(|a| a.raised).collect();
+        // Newest first.
+        (thinned.first() == Some(&false) && thinned.contains(&true)).then_some(alarms)
+    })
+    .unwrap();
+    let raised = cleared.iter().find(|a| a.alarm == "telemetry_thinned" && a.raised).unwrap();
+    assert!(raised.message.contains("little free space"), "the alarm does not name the cause: {}", raised.message);
 }
 
 #[test]

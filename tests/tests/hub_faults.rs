@@ -7,45 +7,15 @@
 
 use outpost_tests::postgres::Postgres;
 use outpost_tests::{
-    Agent, Hub, Scratch, Timings, assert_exactly_once_in_order, bin, run, wait_all, wait_for, wait_progress,
+    Agent, Hub, Scratch, Timings, Tmpfs, assert_exactly_once_in_order, bin, run, wait_all, wait_for, wait_progress,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 /// 30 000 records over about 15 s.
 const RECORDS: u64 = 30_000;
 const LOADGEN: [&str; 6] = ["--records", "30000", "--batch", "50", "--appends-per-sec", "40"];
-
-/// A tmpfs mounted for a test, unmounted when dropped (also on failure).
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Self {
-        assert!(outpost_tests::is_root(), "this test mounts a tmpfs: run tests/run.sh as root");
-        std::fs::create_dir_all(path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount tmpfs on {}", path.display());
-        Tmpfs { path: path.to_owned() }
-    }
-
-    fn resize(&self, size: &str) {
-        let status = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.path).status();
-        assert!(status.unwrap().success(), "remount {}", self.path.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 fn health(hub: &Hub, check: &str) -> (u16, String) {
     hub.client().health(check).unwrap_or((0, String::new()))
@@ -61,7 +31,7 @@ fn hub_log(scratch: &Path) -> String {
 #[test]
 fn a_full_disk_stops_acknowledging_and_the_hub_resumes_by_itself_when_space_returns() {
     let scratch = Scratch::new().unwrap();
-    let fs = Tmpfs::mount(&scratch.path().join("hub"), "3m");
+    let fs = Tmpfs::mount(&scratch.path().join("hub"), "3m").unwrap();
     let timings = Timings::default();
     let mut hub = Hub::start_with(scratch.path(), timings.clone(), "127.0.0.1:0", false).unwrap();
     let pid = hub.proc.as_ref().unwrap().pid();
@@ -82,7 +52,7 @@ fn a_full_disk_stops_acknowledging_and_the_hub_resumes_by_itself_when_space_retu
         Ok(view) => panic!("the API answered from a store that cannot write: last_seq {}", view.last_seq),
     }
 
-    fs.resize("512m");
+    fs.resize("512m").unwrap();
     wait_for(Duration::from_secs(30), "the hub to be ready again", || (health(&hub, "readyz").0 == 200).then_some(()))
         .unwrap();
     let samples = wait_all(&hub, &agent.id, RECORDS, Duration::from_secs(120));

@@ -29,8 +29,7 @@ use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The public keys a device may sign with (uncompressed P-256 points).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -1030,47 +1029,4 @@ pub struct HelloRecord {
     pub addr: String,
     /// When.
     pub at: Timestamp,
-}
-
-/// The state of a backend's durability, logged once when it turns bad, at
-/// most every [`FaultLog::EVERY`] while it stays bad, and once when it
-/// recovers.
-#[derive(Debug, Default)]
-pub(crate) struct FaultLog {
-    state: Mutex<Option<(String, Instant)>>,
-}
-
-impl FaultLog {
-    /// Repeats of the same fault are logged at most this often.
-    pub const EVERY: Duration = Duration::from_secs(30);
-
-    /// A write could not be made durable.
-    pub fn failed(&self, backend: &str, error: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *state {
-            Some((_, logged)) if logged.elapsed() < Self::EVERY => {}
-            Some((message, logged)) => {
-                tracing::error!(backend, error, "Hub store still cannot make writes durable; retrying.");
-                *message = error.to_owned();
-                *logged = Instant::now();
-            }
-            None => {
-                tracing::error!(backend, error, "Hub store cannot make writes durable; refusing writes until it can.");
-                *state = Some((error.to_owned(), Instant::now()));
-            }
-        }
-    }
-
-    /// A write was durable again.
-    pub fn ok(&self, backend: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.take().is_some() {
-            tracing::info!(backend, "Hub store recovered: writes are durable again.");
-        }
-    }
-
-    /// The current fault, if any.
-    pub fn fault(&self) -> Option<String> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(m, _)| m.clone())
-    }
 }

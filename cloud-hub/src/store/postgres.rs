@@ -27,12 +27,13 @@ use super::digest::DeviceDigest;
 use super::ingest;
 use super::{
     Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
-    DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
+    DeviceRecord, EventRecord, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
     NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
 use outpost_shared::protocol::Record;
+use outpost_shared::reopen::FaultLog;
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use outpost_shared::{DeviceId, Fingerprint};
@@ -343,7 +344,7 @@ impl PgStore {
             url: url.into(),
             listen,
             partitions: Arc::default(),
-            fault: Arc::default(),
+            fault: Arc::new(FaultLog::new("Hub store")),
         };
         let client = store.client().await?;
         let rows = client
@@ -372,8 +373,8 @@ impl PgStore {
     /// Notes the outcome of a write for [`PgStore::fault`].
     fn track<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match &result {
-            Ok(_) => self.fault.ok("postgres"),
-            Err(StoreError::Unavailable(e)) => self.fault.failed("postgres", e),
+            Ok(_) => self.fault.ok(),
+            Err(StoreError::Unavailable(e)) => self.fault.failed(&format!("postgres: {e}")),
             Err(_) => {}
         }
         result

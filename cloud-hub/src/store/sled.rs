@@ -51,20 +51,21 @@ use super::digest::DeviceDigest;
 use super::ingest::{self, Plan};
 use super::{
     Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
-    DeviceRecord, EventRecord, FaultLog, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
+    DeviceRecord, EventRecord, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
     NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
 use outpost_shared::job::JobRun;
 use outpost_shared::protocol::Record;
+use outpost_shared::reopen::{Reopening, Unavailable};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A sled error in the store's terms (sled's type stays in this module).
@@ -112,66 +113,29 @@ struct Trees {
     meta: sled::Tree,
 }
 
-/// Least time between two attempts to reopen a failed database.
-const REOPEN_EVERY: Duration = Duration::from_secs(1);
-
 /// The database, or the fact that it failed and must be opened again.
-struct Slot {
-    path: PathBuf,
-    open: RwLock<Option<Arc<Trees>>>,
-    last_attempt: Mutex<Option<Instant>>,
-    fault: FaultLog,
-    /// Set by `close`: no reopening after.
-    closed: std::sync::atomic::AtomicBool,
-}
+struct Slot(Reopening<Trees, StoreError>);
 
 impl Slot {
     /// The open database, reopening a failed one (at most every
-    /// [`REOPEN_EVERY`]).
+    /// [`outpost_shared::reopen::REOPEN_EVERY`]).
     fn trees(&self) -> Result<Arc<Trees>, StoreError> {
-        if let Some(trees) = self.open.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Ok(trees.clone());
-        }
-        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(trees) = open.as_ref() {
-            return Ok(trees.clone());
-        }
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("the store is closed".into()));
-        }
-        {
-            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-                return Err(StoreError::Unavailable(self.fault.fault().unwrap_or_else(|| "reopening".into())));
-            }
-            *last = Some(Instant::now());
-        }
-        match Trees::open(&self.path) {
-            Ok(trees) => {
-                tracing::info!(path = %self.path.display(), "Hub store reopened after a failure.");
-                let trees = Arc::new(trees);
-                *open = Some(trees.clone());
-                Ok(trees)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "Hub store could not be reopened yet.");
-                self.fault.failed("sled", &format!("reopening: {e}"));
-                Err(e)
-            }
-        }
+        self.0.get().map_err(|e| match e {
+            Unavailable::Closed => StoreError::Unavailable("the store is closed".into()),
+            Unavailable::Waiting(fault) => StoreError::Unavailable(fault),
+            Unavailable::Open(e) => e,
+        })
     }
 
     /// A write or sync failed: drop the database so the next call opens the
     /// files again (sled keeps the first I/O error forever otherwise).
     fn failed(&self, error: &str) {
-        self.fault.failed("sled", error);
-        self.open.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.0.failed(error);
     }
 
     /// Releases the files for good.
     fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.open.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.0.close();
     }
 
     /// The sync of a group of writes.
@@ -179,7 +143,7 @@ impl Slot {
         let trees = self.trees().map_err(|e| e.to_string())?;
         match trees.db.flush() {
             Ok(_) => {
-                self.fault.ok("sled");
+                self.0.fault.ok();
                 Ok(())
             }
             Err(e) => {
@@ -212,14 +176,7 @@ impl SledStore {
     /// Opens (or creates) the store under `data_dir/db`. Blocks.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("db");
-        let trees = Trees::open(&path)?;
-        let slot = Arc::new(Slot {
-            path,
-            open: RwLock::new(Some(Arc::new(trees))),
-            last_attempt: Mutex::default(),
-            fault: FaultLog::default(),
-            closed: Default::default(),
-        });
+        let slot = Arc::new(Slot(Reopening::open("Hub store", move || Trees::open(&path))?));
         let writer = GroupCommit::start("hub-store", slot.clone(), |s: &Arc<Slot>| s.sync())
             .map_err(|e| StoreError::Unavailable(format!("start the store writer: {e}")))?;
         Ok(SledStore { slot, writer, sessions: Arc::default(), leases: Arc::default() })
@@ -259,7 +216,7 @@ impl SledStore {
     }
 
     pub(super) fn fault(&self) -> Option<String> {
-        self.slot.fault.fault()
+        self.slot.0.fault.fault()
     }
 
     pub(super) async fn probe(&self) -> Result<(), StoreError> {

@@ -85,7 +85,7 @@ fn record(i: u64, cli: &Cli, template: &Sample) -> RecordBody {
 }
 
 async fn produce(store: &AgentStore, cli: &Cli) -> Result<(), outpost_agent::store::StoreError> {
-    let mut produced = store.get(PRODUCED)?.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0);
+    let mut produced = produced_so_far(store).await;
     tracing::info!(produced, total = cli.records, "Load generator resuming.");
     // Real-sized samples: this machine's own, renumbered.
     let template = outpost_agent::telemetry::Sampler::new()
@@ -96,14 +96,37 @@ async fn produce(store: &AgentStore, cli: &Cli) -> Result<(), outpost_agent::sto
         let end = (produced + cli.batch).min(cli.records);
         let records = (produced..end).map(|i| record(i, cli, &template)).collect();
         let kv = vec![(PRODUCED.to_owned(), end.to_be_bytes().to_vec())];
-        store.commit(Changes { records, kv, ..Changes::default() }).await?;
-        produced = end;
+        match store.commit(Changes { records, kv, ..Changes::default() }).await {
+            Ok(_) => produced = end,
+            Err(e) => {
+                // As a real producer does: the store refuses while it cannot
+                // write (a full disk) and comes back by itself. Whether the
+                // failed append reached the disk is in the store: the count
+                // is committed with the records.
+                tracing::debug!(error = %e, "Load generator append failed; retrying.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                produced = produced_so_far(store).await;
+                continue;
+            }
+        }
         if let Some(p) = pause {
             tokio::time::sleep(p).await;
         }
     }
     tracing::info!(produced, "Load generator done.");
     Ok(())
+}
+
+/// The number of records produced so far, as stored; waits while the store
+/// cannot be read.
+async fn produced_so_far(store: &AgentStore) -> u64 {
+    loop {
+        match store.get(PRODUCED) {
+            Ok(bytes) => return bytes.and_then(|b| b.try_into().ok().map(u64::from_be_bytes)).unwrap_or(0),
+            Err(e) => tracing::debug!(error = %e, "Load generator cannot read its count yet."),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn sled_io(message: String) -> sled::Error {

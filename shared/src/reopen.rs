@@ -1,0 +1,193 @@
+//! A database that opens its files again after a failure, for the hub's and
+//! the agent's sled stores.
+//!
+//! sled keeps the first I/O error of an open database (a full disk) and
+//! fails every later write with it, so a store that only retried would never
+//! recover. [`Reopening`] holds the open instance; when a write or a sync
+//! fails, the owner calls [`Reopening::failed`], which drops it, and the next
+//! call to [`Reopening::get`] opens the files again, at most once per
+//! [`REOPEN_EVERY`]. Until then every call fails, reads too: the failed
+//! instance may hold writes that never reached the disk, and reopening reads
+//! only what did. [`FaultLog`] says so in the log once, then at most every
+//! [`FaultLog::EVERY`], and once more when writes are durable again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Least time between two attempts to reopen a failed database.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
+
+/// Why [`Reopening::get`] has no database to give.
+#[derive(Debug)]
+pub enum Unavailable<E> {
+    /// [`Reopening::close`] was called.
+    Closed,
+    /// It failed and the last attempt to reopen it was under
+    /// [`REOPEN_EVERY`] ago; the fault as last logged.
+    Waiting(String),
+    /// Opening it again failed.
+    Open(E),
+}
+
+/// A database that is open, or failed and is opened again on demand.
+pub struct Reopening<T, E> {
+    open: Box<dyn Fn() -> Result<T, E> + Send + Sync>,
+    current: RwLock<Option<Arc<T>>>,
+    last_attempt: Mutex<Option<Instant>>,
+    closed: AtomicBool,
+    /// The durability state, for logs and health checks.
+    pub fault: FaultLog,
+}
+
+impl<T, E: std::fmt::Display> Reopening<T, E> {
+    /// Opens the database with `open` (which is also how it is opened again
+    /// after a failure); `what` names the store in the log.
+    pub fn open(what: &'static str, open: impl Fn() -> Result<T, E> + Send + Sync + 'static) -> Result<Self, E> {
+        let first = open()?;
+        Ok(Reopening {
+            open: Box::new(open),
+            current: RwLock::new(Some(Arc::new(first))),
+            last_attempt: Mutex::default(),
+            closed: AtomicBool::new(false),
+            fault: FaultLog::new(what),
+        })
+    }
+
+    /// The open database, opening the files again if it failed (at most
+    /// every [`REOPEN_EVERY`]).
+    pub fn get(&self) -> Result<Arc<T>, Unavailable<E>> {
+        if let Some(current) = self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(current.clone());
+        }
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = current.as_ref() {
+            return Ok(open.clone());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Unavailable::Closed);
+        }
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(Unavailable::Waiting(self.fault.fault().unwrap_or_else(|| "reopening".into())));
+            }
+            *last = Some(Instant::now());
+        }
+        match (self.open)() {
+            Ok(open) => {
+                tracing::info!(store = self.fault.what, "Store reopened after a failure.");
+                let open = Arc::new(open);
+                *current = Some(open.clone());
+                Ok(open)
+            }
+            Err(e) => {
+                tracing::debug!(store = self.fault.what, error = %e, "Store could not be reopened yet.");
+                self.fault.failed(&format!("reopening: {e}"));
+                Err(Unavailable::Open(e))
+            }
+        }
+    }
+
+    /// A write or a sync failed with `error`: drops the database, so the
+    /// next [`Reopening::get`] opens the files again. Its files stay locked
+    /// until every holder of the failed instance has let it go.
+    pub fn failed(&self, error: &str) {
+        self.fault.failed(error);
+        self.current.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Releases the database for good.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.current.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// The state of a store's durability, logged once when it turns bad, at
+/// most every [`FaultLog::EVERY`] while it stays bad, and once when it
+/// recovers.
+#[derive(Debug)]
+pub struct FaultLog {
+    what: &'static str,
+    state: Mutex<Option<(String, Instant)>>,
+}
+
+impl FaultLog {
+    /// Repeats of the same fault are logged at most this often.
+    pub const EVERY: Duration = Duration::from_secs(30);
+
+    /// A fault log for the store named `what` ("Hub store").
+    pub fn new(what: &'static str) -> Self {
+        FaultLog { what, state: Mutex::default() }
+    }
+
+    /// A write could not be made durable.
+    pub fn failed(&self, error: &str) {
+        let what = self.what;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *state {
+            Some((_, logged)) if logged.elapsed() < Self::EVERY => {}
+            Some((message, logged)) => {
+                tracing::error!(error, "{what} still cannot make writes durable; retrying.");
+                *message = error.to_owned();
+                *logged = Instant::now();
+            }
+            None => {
+                tracing::error!(error, "{what} cannot make writes durable; refusing writes until it can.");
+                *state = Some((error.to_owned(), Instant::now()));
+            }
+        }
+    }
+
+    /// A write was durable again.
+    pub fn ok(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.take().is_some() {
+            tracing::info!("{} recovered: writes are durable again.", self.what);
+        }
+    }
+
+    /// The current fault, if any.
+    pub fn fault(&self) -> Option<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(m, _)| m.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn a_failed_database_is_opened_again_at_most_once_a_second() {
+        let opens = Arc::new(AtomicU32::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
+        let (o, b) = (opens.clone(), broken.clone());
+        let db = Reopening::open("test store", move || {
+            let n = o.fetch_add(1, Ordering::SeqCst);
+            if b.load(Ordering::SeqCst) { Err(format!("disk full ({n})")) } else { Ok(n) }
+        })
+        .unwrap();
+        assert_eq!(*db.get().unwrap(), 0);
+        assert_eq!(db.fault.fault(), None);
+
+        broken.store(true, Ordering::SeqCst);
+        db.failed("No space left on device");
+        assert_eq!(db.fault.fault().as_deref(), Some("No space left on device"));
+        assert!(matches!(db.get(), Err(Unavailable::Open(e)) if e == "disk full (1)"));
+        // Within the second, no new attempt: the fault is answered.
+        assert!(matches!(db.get(), Err(Unavailable::Waiting(_))));
+        assert_eq!(opens.load(Ordering::SeqCst), 2);
+
+        broken.store(false, Ordering::SeqCst);
+        *db.last_attempt.lock().unwrap() = Some(Instant::now() - REOPEN_EVERY);
+        assert_eq!(*db.get().unwrap(), 2, "space is back: opened again");
+        db.fault.ok();
+        assert_eq!(db.fault.fault(), None);
+
+        db.close();
+        assert!(matches!(db.get(), Err(Unavailable::Closed)));
+    }
+}
