@@ -29,6 +29,11 @@ if ! cargo deny --version >/dev/null 2>&1; then
     cargo install --locked cargo-deny
 fi
 
+# cargo-deny reads `cargo metadata` offline, which needs every package of
+# the lock file, those of other platforms too (a build fetches only this
+# one's): fetch them first, from the registry.
+cargo fetch --locked
+
 # The checkout cargo-deny expects under db-path: its directory name is the
 # URL's last segment and a hash of the URL (cargo-deny's url_to_db_path),
 # which it prints when the directory is missing.
