@@ -163,6 +163,7 @@ pub struct RunningHub {
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
+    fleet: Arc<Fleet>,
 }
 
 /// Starts a hub. Must be called inside an actix System running on a tokio
@@ -285,7 +286,21 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         http,
         http_task,
         store,
+        fleet,
     })
+}
+
+/// The hub's `STATUS=` line. Pure: unit-tested below.
+pub fn status_line(sessions: usize, store: &store::Health, dead: Option<&str>) -> String {
+    let mut line = format!("{sessions} device session{}", if sessions == 1 { "" } else { "s" });
+    match &store.error {
+        None => line.push_str(&format!("; store ({}) ok", store.backend)),
+        Some(e) => line.push_str(&format!("; ALARM store ({}) cannot make writes durable: {e}", store.backend)),
+    }
+    if let Some(part) = dead {
+        line.push_str(&format!("; ALARM {part} stopped"));
+    }
+    line
 }
 
 /// How often a hub writes when it last heard from its sessions' devices
@@ -413,6 +428,27 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Du
 impl RunningHub {
     /// Stops accepting, closes sessions, stops the API and flushes the store,
     /// within about `limit`.
+    /// The first of its parts that ended while the hub runs (a task that
+    /// panicked or returned), if any: the watchdog is not pinged then.
+    pub fn dead_part(&self) -> Option<&'static str> {
+        let parts: [(&'static str, bool); 7] = [
+            ("HTTP server", self.http_task.is_finished()),
+            ("QUIC listener", self.quic_task.is_finished()),
+            ("MQTT bridge", self.mqtt_task.as_ref().is_some_and(|t| t.is_finished())),
+            ("maintenance", self.maintenance_task.is_finished()),
+            ("hub certificate renewal", self.identity_task.is_finished()),
+            ("admissions", self.admissions_task.is_finished()),
+            ("wake-ups", self.wakeup_task.is_finished()),
+        ];
+        parts.into_iter().find(|(_, ended)| *ended).map(|(name, _)| name)
+    }
+
+    /// The line for systemd's `STATUS=`: sessions, the store's health as
+    /// last seen, and a part that ended.
+    pub fn status(&self) -> String {
+        status_line(self.fleet.local_sessions().len(), &self.store.health(), self.dead_part())
+    }
+
     pub async fn stop(self, limit: Duration) {
         self.shutdown.cancel();
         let stop = async {
@@ -433,5 +469,22 @@ impl RunningHub {
         if let Err(e) = self.store.close().await {
             tracing::error!(error = %e, "Final store flush failed.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_names_sessions_the_store_and_a_stopped_part() {
+        let ok = store::Health { ok: true, backend: "sled".into(), error: None };
+        assert_eq!(status_line(1, &ok, None), "1 device session; store (sled) ok");
+        let full = store::Health { ok: false, backend: "sled".into(), error: Some("No space left on device".into()) };
+        assert_eq!(
+            status_line(3, &full, Some("QUIC listener")),
+            "3 device sessions; ALARM store (sled) cannot make writes durable: No space left on device; \
+             ALARM QUIC listener stopped"
+        );
     }
 }

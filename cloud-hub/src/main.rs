@@ -244,6 +244,9 @@ fn migrate(config: &HubConfig) -> anyhow::Result<()> {
     }
 }
 
+/// How often the STATUS line is looked at when systemd wants no watchdog.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
 fn serve(config: HubConfig) -> anyhow::Result<()> {
     outpost_shared::logging::init(&config.log);
     let system = actix_rt::System::with_tokio_rt(|| {
@@ -254,7 +257,35 @@ fn serve(config: HubConfig) -> anyhow::Result<()> {
     });
     system.block_on(async move {
         let hub = outpost_hub::start(&config).await.context("hub failed to start")?;
-        outpost_shared::logging::wait_for_signal().await;
+        // Every listener is bound and every task runs: READY for systemd
+        // (Type=notify), then STATUS on each look and the watchdog ping at
+        // half of WatchdogSec, only while every part of the hub still runs.
+        let mut status = hub.status();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+        let watchdog = sd_notify::watchdog_enabled();
+        let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+        let signal = outpost_shared::logging::wait_for_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => break,
+                () = tokio::time::sleep(every) => {
+                    let now = hub.status();
+                    if now != status {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&now)]);
+                        status = now;
+                    }
+                    match hub.dead_part() {
+                        None if watchdog.is_some() => {
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                        }
+                        None => {}
+                        Some(part) => tracing::error!(part, "A part of the hub stopped; the watchdog is no longer pinged."),
+                    }
+                }
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!("Shutting down.");
         hub.stop(Duration::from_secs(10)).await;
         Ok(())

@@ -1,5 +1,6 @@
 //! The systemd units are valid for the binaries we build: each unit is
-//! checked by `systemd-analyze verify` with its commands pointed at them.
+//! checked by `systemd-analyze verify` with its commands pointed at them,
+//! and `systemd-analyze security` rates each no more exposed than its goal.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
@@ -27,5 +28,29 @@ fn systemd_units_verify() {
             .filter(|l| l.contains(unit) && !l.contains("Failed to connect to bus") && !l.contains("user"))
             .collect();
         assert!(out.status.success() && problems.is_empty(), "{unit}: {stderr}");
+    }
+}
+
+/// Exposure goals of issue 25: the hub at most 2.0, the agent (which reads
+/// backup paths, runs jobs and uses multicast) at most 4.5.
+#[test]
+fn systemd_units_are_no_more_exposed_than_their_goals() {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    assert!(analyze.exists(), "systemd-analyze is missing; the test command installs the systemd package");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    for (unit, goal) in [("outpost-hub.service", 2.0), ("outpost-agent.service", 4.5)] {
+        let out = Command::new(analyze).args(["security", "--offline=yes"]).arg(units.join(unit)).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let marker = format!("Overall exposure level for {unit}: ");
+        let level: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.split_once(&marker).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_owned())
+            })
+            .unwrap_or_else(|| panic!("no exposure level for {unit}: {text}"))
+            .parse()
+            .unwrap();
+        eprintln!("{unit}: exposure {level}");
+        assert!(level <= goal, "{unit}: exposure {level} is above its goal of {goal}:\n{text}");
     }
 }

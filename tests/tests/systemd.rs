@@ -1,6 +1,8 @@
-//! The agent speaks systemd's notify protocol: READY once its actors run,
-//! WATCHDOG while they are alive, STATUS with the link and outbox state,
-//! including the outbox-full alarm.
+//! Both daemons speak systemd's notify protocol. The agent: READY once its
+//! actors run, WATCHDOG while they are alive, STATUS with the link and
+//! outbox state, including the outbox-full alarm. The hub: READY once it
+//! listens, WATCHDOG while its parts run, STATUS with its sessions and its
+//! store's health, STOPPING on SIGTERM.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
@@ -52,4 +54,39 @@ fn ready_watchdog_and_status_reach_systemd() {
     })
     .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
     assert!(seen.iter().any(|m| m.contains("records waiting")), "{seen:?}");
+}
+
+#[test]
+fn the_hub_is_ready_when_it_listens_and_reports_sessions_and_its_store() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "seen", &timings).unwrap();
+    agent.start().unwrap();
+    hub.kill();
+    let path = scratch.path().join("hub-notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    hub.env = vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "2000000".into())];
+    hub.serve().unwrap();
+
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(10), "READY with a STATUS, then WATCHDOG", || {
+        drain(&socket, &mut seen);
+        let ready = seen.iter().any(|m| m.contains("READY=1") && m.contains("STATUS=") && m.contains(") ok"));
+        let watchdog = seen.iter().any(|m| m.contains("WATCHDOG=1"));
+        (ready && watchdog).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
+    // The HTTP address is written before READY: the API answers by then.
+    assert!(hub.devices().is_ok());
+    wait_for(Duration::from_secs(15), "the agent's session in STATUS", || {
+        drain(&socket, &mut seen);
+        seen.iter().any(|m| m.contains("STATUS=1 device session;")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
+
+    hub.proc.as_mut().unwrap().terminate(Duration::from_secs(20));
+    drain(&socket, &mut seen);
+    assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "no STOPPING on SIGTERM: {seen:?}");
 }
