@@ -25,6 +25,9 @@ pub struct AgentConfig {
     pub commands: CommandsConfig,
     /// Log filter. Default `info`.
     pub log: String,
+    /// On SIGTERM, how long running jobs may go on before their process
+    /// groups are killed and they are recorded interrupted. Default 10s.
+    pub stop_grace: Duration,
     /// Scheduled jobs (`[[job]]`); the hub's desired state may add more and
     /// replace these by name.
     pub jobs: Vec<JobSpec>,
@@ -273,6 +276,7 @@ impl ConfigFile for AgentConfig {
                 backup_timeout: Duration::from_secs(86_400),
             },
             log: root.get_or("log", "info".to_owned()),
+            stop_grace: root.get_or("stop_grace", Duration::from_secs(10)),
             jobs: read_jobs(root, "job"),
             backups: root.array("backup").iter().map(read_backup_set).collect(),
             backup_repo: BackupRepoConfig {
@@ -316,6 +320,7 @@ impl ConfigFile for AgentConfig {
         uplink.check("idle_timeout", u.idle_timeout > u.keepalive, "must be longer than keepalive");
         uplink.check("renew_at", (0.1..=0.9).contains(&u.renew_at), "must be between 0.1 and 0.9");
         uplink.check("max_frame", (256 << 10..=64 << 20).contains(&u.max_frame), "must be between 256 KiB and 64 MiB");
+        root.check("stop_grace", config.stop_grace <= Duration::from_secs(600), "must be at most 10m");
         if let Some(name) = &config.name {
             root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
         }

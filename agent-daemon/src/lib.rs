@@ -199,6 +199,7 @@ pub fn run_with(
             "Agent starting."
         );
         let jobs = Jobs::new(store.clone(), config.data_dir.clone(), tasks.clone(), stop.clone());
+        let (jobs_at_stop, stop_grace) = (jobs.clone(), config.stop_grace);
         let parts = Parts { tasks: tasks.clone(), stop: stop.clone() };
         // Each child is a function that makes a fresh actor: the supervisor
         // calls it again for each restart, so each keeps its own handles.
@@ -255,6 +256,10 @@ pub fn run_with(
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         stop.cancel();
         drop(supervisor);
+        // Runs in progress may finish within the grace (their results are
+        // stored, for the hub at the next start), then are killed and
+        // recorded interrupted.
+        jobs_at_stop.finish(stop_grace).await;
         actix::System::current().stop();
         tasks.close();
         if tokio::time::timeout(SHUTDOWN_LIMIT, tasks.wait()).await.is_err() {

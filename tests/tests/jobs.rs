@@ -408,3 +408,49 @@ fn wall_clock_steps_neither_burst_nor_silence_the_schedules() {
     }
     assert!(agent.log_text().contains("wall clock stepped back"), "the backward step went unnoticed");
 }
+
+/// SIGTERM while jobs run (issue 25): a run that ends within the stop grace
+/// finishes and is recorded as it ended; one that does not is killed with
+/// its process group when the grace runs out and recorded interrupted; the
+/// agent exits within the grace and a little; both records reach the hub
+/// after the next start.
+#[test]
+fn on_sigterm_runs_finish_within_the_grace_and_the_rest_are_killed_and_recorded_interrupted() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let never = "0 0 0 1 1 *";
+    let config =
+        [job("short", never, "sleep 2; echo finished", ""), job("long", never, "echo $$ > long.pid; sleep 300", "")]
+            .concat();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "stopping", &timings, &config).unwrap();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, format!("stop_grace = \"4s\"\n{text}")).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    assert!(agent.cli(&["run-job", "long", "--no-wait"]).unwrap().status.success());
+    let pidfile = agent.data_dir.join("long.pid");
+    let pid: u32 = wait_for(Duration::from_secs(10), "the long job to start", || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    })
+    .unwrap();
+    assert!(agent.cli(&["run-job", "short", "--no-wait"]).unwrap().status.success());
+
+    let asked = std::time::Instant::now();
+    let status = agent.proc.as_mut().unwrap().terminate(Duration::from_secs(20));
+    let took = asked.elapsed();
+    assert!(status.is_some_and(|s| s.success()), "the agent did not exit cleanly on SIGTERM: {status:?}");
+    assert!(took >= Duration::from_secs(3), "the agent did not wait for its runs: exited after {took:?}");
+    assert!(took < Duration::from_secs(10), "the agent took {took:?} to stop with a 4 s grace");
+    assert!(!process_alive(pid), "the long job outlived the agent");
+    let log = agent.log_text();
+    assert!(log.contains("Running jobs outlived the stop grace; killing them."), "{log}");
+
+    agent.start().unwrap();
+    let short = wait_runs(&hub, &agent, "short", "the short run's record", |r| !r.is_empty());
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(short[0].outcome == "succeeded" && short[0].output.contains("finished"), "{short:?}");
+    let long = wait_runs(&hub, &agent, "long", "the long run's record", |r| !r.is_empty());
+    assert_eq!(long.len(), 1, "{long:?}");
+    assert!(long[0].outcome.starts_with("interrupted"), "{long:?}");
+}

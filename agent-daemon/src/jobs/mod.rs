@@ -126,7 +126,12 @@ struct Shared {
     /// The running scheduler actor, set by it when it starts.
     scheduler: watch::Sender<Option<Addr<SchedulerActor>>>,
     tasks: TaskTracker,
+    /// Cancelled when the agent stops: no new run starts after.
     shutdown: CancellationToken,
+    /// Cancelled when running runs must end (the agent stops and its grace
+    /// ran out): their process groups are killed and they are recorded
+    /// interrupted.
+    kill_runs: CancellationToken,
     finished: broadcast::Sender<(JobRun, bool)>,
 }
 
@@ -154,8 +159,36 @@ impl Jobs {
             scheduler: watch::Sender::new(None),
             tasks,
             shutdown,
+            kill_runs: CancellationToken::new(),
             finished,
         }))
+    }
+
+    /// The agent stops: waits up to `grace` for the runs in progress to
+    /// end by themselves, then kills what still runs (recorded
+    /// interrupted) and waits for those records. Returns how many runs
+    /// were killed.
+    pub async fn finish(&self, grace: Duration) -> usize {
+        let done: Vec<CancellationToken> = self.live().values().map(|r| r.done.clone()).collect();
+        if done.is_empty() {
+            return 0;
+        }
+        tracing::info!(runs = done.len(), grace = ?grace, "Waiting for running jobs to end.");
+        let all = async {
+            for d in &done {
+                d.cancelled().await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_ok() {
+            return 0;
+        }
+        let left = done.iter().filter(|d| !d.is_cancelled()).count();
+        tracing::warn!(runs = left, "Running jobs outlived the stop grace; killing them.");
+        self.0.kill_runs.cancel();
+        for d in &done {
+            d.cancelled().await;
+        }
+        left
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveRun>> {

@@ -18,7 +18,8 @@ pub(super) struct Run {
     pub spec: JobSpec,
     pub run_id: u64,
     pub trigger: Trigger,
-    /// Cancelled by a replacing run, or (through its parent) at shutdown.
+    /// Cancelled by a replacing run, or (through its parent) when the
+    /// agent stops and its grace ran out.
     pub stop: CancellationToken,
     /// Runs this one replaces; it starts once they have ended.
     pub predecessors: Vec<CancellationToken>,
@@ -83,7 +84,7 @@ impl Run {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.stop.cancelled() => {
-                    let outcome = if self.jobs.0.shutdown.is_cancelled() { RunOutcome::Interrupted } else { RunOutcome::Replaced };
+                    let outcome = if self.jobs.0.kill_runs.is_cancelled() { RunOutcome::Interrupted } else { RunOutcome::Replaced };
                     let now = Timestamp::now();
                     let run = JobRun { attempt: attempt + 1, started: now, ended: now, outcome, output: "cancelled before the retry started".into(), output_bytes: 0, ..run };
                     if let Err(e) = self.jobs.record_end(&run, None).await {
@@ -99,7 +100,7 @@ impl Run {
     /// One attempt: (outcome, output tail, output bytes).
     async fn attempt(&self, attempt: u32, started: Timestamp) -> (RunOutcome, String, u64) {
         let stopped = || {
-            if self.jobs.0.shutdown.is_cancelled() { RunOutcome::Interrupted } else { RunOutcome::Replaced }
+            if self.jobs.0.kill_runs.is_cancelled() { RunOutcome::Interrupted } else { RunOutcome::Replaced }
         };
         match &self.spec.action {
             Action::Command { argv, env, working_dir } => {

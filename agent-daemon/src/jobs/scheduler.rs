@@ -293,6 +293,10 @@ impl SchedulerActor {
 
     /// Starts a run now, under the job's overlap policy.
     fn start(&mut self, name: &str, trigger: Trigger) -> Result<u64, JobsError> {
+        if self.jobs.0.shutdown.is_cancelled() {
+            // The agent stops: runs in progress may finish, none starts.
+            return Err(JobsError::NotRunning);
+        }
         let slot = self.slots.get_mut(name).ok_or_else(|| JobsError::Unknown(name.to_owned()))?;
         if !slot.spec.enabled {
             return Err(JobsError::Disabled(name.to_owned()));
@@ -318,7 +322,7 @@ impl SchedulerActor {
             _ => {}
         }
         let run_id = self.jobs.0.store.unique_id()?;
-        let stop = self.jobs.0.shutdown.child_token();
+        let stop = self.jobs.0.kill_runs.child_token();
         let done = CancellationToken::new();
         live.insert(
             run_id,
