@@ -60,9 +60,46 @@ impl Client {
     /// A client of the hub at `base` (`http://127.0.0.1:8080`; without a
     /// scheme, `hub.example:8080`, http is meant).
     pub fn new(base: &str, token: &str) -> Self {
+        // An https:// hub with a certificate from a public CA: the
+        // system's CAs (Debian's ca-certificates, or SSL_CERT_FILE), read
+        // only when they can be needed.
+        let roots = if base_url(base).starts_with("https://") {
+            let system = rustls_native_certs::load_native_certs().certs;
+            system.iter().map(|der| ureq::tls::Certificate::from_der(der).to_owned()).collect()
+        } else {
+            Vec::new()
+        };
+        Self::build(base, token, roots)
+    }
+
+    /// A client of a hub that serves HTTPS with a certificate from a
+    /// private CA: `ca_file` holds that CA (PEM). Without it, an `https://`
+    /// hub must have a certificate the public web trusts.
+    pub fn with_ca(base: &str, token: &str, ca_file: &std::path::Path) -> Result<Self, String> {
+        let pem = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        let mut roots = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => roots.push(cert),
+                Ok(_) => {}
+                Err(e) => return Err(format!("{}: {e}", ca_file.display())),
+            }
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no certificate in the file", ca_file.display()));
+        }
+        Ok(Self::build(base, token, roots))
+    }
+
+    fn build(base: &str, token: &str, roots: Vec<ureq::tls::Certificate<'static>>) -> Self {
+        let tls = ureq::tls::TlsConfig::builder()
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .root_certs(ureq::tls::RootCerts::from(roots))
+            .build();
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(10)))
             .http_status_as_error(false)
+            .tls_config(tls)
             .build();
         Client { base: base_url(base), token: token.to_owned(), agent: config.into() }
     }

@@ -91,6 +91,9 @@ pub struct HttpConfig {
     /// authentications one source address may make before it is answered
     /// 429 (default 20 per 1m).
     pub failed_auth: crate::service::throttle::AuthLimit,
+    /// `tls_cert` and `tls_key`: PEM files; with them the listener speaks
+    /// HTTPS only (reloaded on SIGHUP). Default: plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl HubConfig {
@@ -111,6 +114,7 @@ impl HubConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 workers: 1,
                 failed_auth: Default::default(),
+                tls: None,
             },
             mqtt: None,
             heartbeat_timeout: Duration::from_secs(15),
@@ -176,6 +180,18 @@ impl ConfigFile for HubConfig {
                     burst: http.get_or("failed_auth_burst", crate::service::throttle::AuthLimit::default().burst),
                     window: http.get_or("failed_auth_window", crate::service::throttle::AuthLimit::default().window),
                 },
+                tls: match (http.get::<PathBuf>("tls_cert"), http.get::<PathBuf>("tls_key")) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        http.error("tls_key", "needed with tls_cert");
+                        None
+                    }
+                    (None, Some(_)) => {
+                        http.error("tls_cert", "needed with tls_key");
+                        None
+                    }
+                },
             },
             mqtt: root.has("mqtt").then(|| MqttConfig {
                 broker: mqtt.require("broker").unwrap_or_else(|| BrokerUrl { tls: true, host: String::new(), port: 0 }),
@@ -228,6 +244,11 @@ impl ConfigFile for HubConfig {
             quic.error("advertise", e);
         }
         http.check("workers", (1..=64).contains(&config.http.workers), "must be between 1 and 64");
+        if let Some((cert, key)) = &config.http.tls
+            && let Err(e) = crate::web::tls::load(cert, key)
+        {
+            http.error("tls_cert", e);
+        }
         http.check("failed_auth_burst", (1..=100_000).contains(&config.http.failed_auth.burst), "must be 1 to 100000");
         http.check(
             "failed_auth_window",

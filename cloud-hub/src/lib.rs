@@ -164,6 +164,7 @@ pub struct RunningHub {
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
     fleet: Arc<Fleet>,
+    https: Option<Arc<web::tls::HttpsFiles>>,
 }
 
 /// Starts a hub. Must be called inside an actix System running on a tokio
@@ -259,8 +260,24 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     })
     .workers(config.http.workers)
     .disable_signals()
-    .shutdown_timeout(5)
-    .bind(config.http.listen)
+    .shutdown_timeout(5);
+    let https = match &config.http.tls {
+        Some((cert, key)) => Some(Arc::new(web::tls::HttpsFiles::open(cert, key).map_err(|e| HubError::Io {
+            what: "load [http] tls_cert and tls_key".into(),
+            source: std::io::Error::other(e),
+        })?)),
+        None => None,
+    };
+    let server = match &https {
+        Some(files) => {
+            let tls = files.server_config().map_err(|e| HubError::Io {
+                what: "make the HTTPS configuration".into(),
+                source: std::io::Error::other(e),
+            })?;
+            server.bind_rustls_0_23(config.http.listen, tls)
+        }
+        None => server.bind(config.http.listen),
+    }
     .map_err(io(format!("bind HTTP on {}", config.http.listen)))?;
     let http_addr = server
         .addrs()
@@ -287,6 +304,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         http_task,
         store,
         fleet,
+        https,
     })
 }
 
@@ -441,6 +459,17 @@ impl RunningHub {
             ("wake-ups", self.wakeup_task.is_finished()),
         ];
         parts.into_iter().find(|(_, ended)| *ended).map(|(name, _)| name)
+    }
+
+    /// SIGHUP: reads the HTTPS certificate and key again (when the hub
+    /// serves HTTPS); on an error the certificate in use stays.
+    pub fn reload_tls(&self) {
+        if let Some(files) = &self.https {
+            match files.reload() {
+                Ok(()) => tracing::info!("HTTPS certificate reloaded."),
+                Err(e) => tracing::error!(error = %e, "HTTPS certificate not reloaded; the one in use stays."),
+            }
+        }
     }
 
     /// The line for systemd's `STATUS=`: sessions, the store's health as

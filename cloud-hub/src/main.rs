@@ -266,9 +266,12 @@ fn serve(config: HubConfig) -> anyhow::Result<()> {
         let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
         let signal = outpost_shared::logging::wait_for_signal();
         tokio::pin!(signal);
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listen for SIGHUP")?;
         loop {
             tokio::select! {
                 () = &mut signal => break,
+                Some(()) = hangup.recv() => hub.reload_tls(),
                 () = tokio::time::sleep(every) => {
                     let now = hub.status();
                     if now != status {

@@ -684,6 +684,37 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A certificate authority made for a test, and server certificates from
+/// it (a broker's, an HTTPS hub's).
+pub struct TestCa {
+    /// Its certificate, PEM.
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new CA called `name`.
+    pub fn new(name: &str) -> Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::new())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(TestCa { pem, issuer: rcgen::Issuer::new(params, key) })
+    }
+
+    /// Writes a server certificate for `names` (host names or IP
+    /// addresses) to `cert` and its key to `key`, both PEM.
+    pub fn leaf(&self, names: &[&str], cert: &Path, key: &Path) -> Result<()> {
+        let pair = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("server"));
+        fs::write(cert, params.signed_by(&pair, &self.issuer)?.pem())?;
+        fs::write(key, pair.serialize_pem())?;
+        Ok(())
+    }
+}
+
 impl Broker {
     /// Writes a broker certificate (from its own CA) and config under `root`
     /// and starts Mosquitto. Client certificates are checked against the
@@ -691,20 +722,10 @@ impl Broker {
     pub fn start(root: &Path, hub: &Hub) -> Result<Self> {
         let dir = root.join("broker");
         fs::create_dir_all(&dir)?;
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::new())?;
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test broker CA");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, "broker");
-        let cert = params.signed_by(&key, &issuer)?;
+        let ca = TestCa::new("test broker CA")?;
         let ca_file = dir.join("broker-ca.crt");
-        fs::write(&ca_file, ca_cert.pem())?;
-        fs::write(dir.join("broker.crt"), cert.pem())?;
-        fs::write(dir.join("broker.key"), key.serialize_pem())?;
+        fs::write(&ca_file, &ca.pem)?;
+        ca.leaf(&["localhost", "127.0.0.1"], &dir.join("broker.crt"), &dir.join("broker.key"))?;
         let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
         let (tls_port, hub_port, plain_port) = (free_port()?, free_port()?, free_port()?);
         let passwd = dir.join("hubs.passwd");

@@ -26,9 +26,14 @@ Exit status: 0 done; 1 the hub refused or the command/job failed; 2 usage; \
 64 unusable input; 124 a --wait ran out before the outcome."
 )]
 struct Cli {
-    /// The hub's API address (`hub.example:8080` means http://).
+    /// The hub's API address (`hub.example:8080` means http://;
+    /// `https://hub.example:8443` for a hub with `[http] tls_cert`).
     #[arg(long, env = "OUTPOST_HUB", default_value = "http://127.0.0.1:8080", global = true)]
     hub: String,
+    /// The CA (PEM) that issued an HTTPS hub's certificate, when the public
+    /// web's CAs did not.
+    #[arg(long, env = "OUTPOST_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
     /// API bearer token (`outpostctl tokens create`, or `outpost-hub init`'s).
     #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -444,7 +449,16 @@ fn main() -> ExitCode {
         eprintln!("outpostctl: no token: pass --token or set OUTPOST_TOKEN (`outpostctl tokens create` makes one)");
         return ExitCode::from(2);
     };
-    let client = Client::new(&cli.hub, &token);
+    let client = match &cli.ca_file {
+        Some(ca) => match Client::with_ca(&cli.hub, &token, ca) {
+            Ok(client) => client,
+            Err(e) => {
+                eprintln!("outpostctl: --ca-file: {e}");
+                return ExitCode::from(64);
+            }
+        },
+        None => Client::new(&cli.hub, &token),
+    };
     match run(&cli, &client) {
         Ok(code) => code,
         Err(e) => fail(&e),
