@@ -158,7 +158,7 @@ impl ConfigFile for HubConfig {
         if let StoreConfig::Postgres { url, pool_size, .. } = &store_config {
             store.check("pool_size", (1..=1024).contains(pool_size), "must be between 1 and 1024");
             if !url.is_empty()
-                && let Err(e) = url.parse::<tokio_postgres::Config>()
+                && let Err(e) = crate::store::postgres::config(url)
             {
                 store.error("url", format!("not a PostgreSQL connection string: {e}"));
             }

@@ -201,8 +201,6 @@ impl Hub {
     /// Like [`Hub::start_on`], on PostgreSQL (a private cluster the hub
     /// owns) if `on_postgres`, else on sled, whatever the environment says.
     pub fn start_with(root: &Path, timings: Timings, listen: &str, on_postgres: bool) -> Result<Self> {
-        fs::create_dir_all(root)?;
-        let data_dir = root.join("hub");
         let (pg, store_config) = if on_postgres {
             let pg = postgres::Postgres::start(true)?;
             let url = pg.create_db("outpost")?;
@@ -210,6 +208,20 @@ impl Hub {
         } else {
             (None, String::new())
         };
+        Self::start_on_store(root, timings, listen, pg, store_config)
+    }
+
+    /// Like [`Hub::start_with`], with the `[store]` table given (and the
+    /// cluster it names, kept with the hub).
+    pub fn start_on_store(
+        root: &Path,
+        timings: Timings,
+        listen: &str,
+        pg: Option<postgres::Postgres>,
+        store_config: String,
+    ) -> Result<Self> {
+        fs::create_dir_all(root)?;
+        let data_dir = root.join("hub");
         let config = root.join("hub.toml");
         fs::write(&config, format!("data_dir = {:?}\n{store_config}", data_dir.display().to_string()))?;
         let out = match &pg {

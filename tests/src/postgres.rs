@@ -137,6 +137,39 @@ impl Postgres {
         Ok(())
     }
 
+    /// Serves TLS on 127.0.0.1 as well, with a certificate for
+    /// `localhost` and `127.0.0.1` from `ca`, and refuses plain TCP
+    /// (`hostnossl ... reject`); restarts the server.
+    pub fn serve_tls(&mut self, ca: &crate::TestCa) -> Result<()> {
+        let data = self.data();
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        ca.leaf(&["localhost", "127.0.0.1"], &cert, &key)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        if crate::is_root() {
+            let status = Command::new("chown").arg("postgres:postgres").arg(&cert).arg(&key).status()?;
+            if !status.success() {
+                bail!("chown postgres {}", key.display());
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str(
+            "listen_addresses = '127.0.0.1'\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        );
+        std::fs::write(&conf, text)?;
+        let hba = data.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(&hba, format!("hostnossl all all all reject\nhostssl all all 127.0.0.1/32 trust\n{rules}"))?;
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// A connection string for database `db` over TCP on 127.0.0.1 (see
+    /// [`Postgres::serve_tls`]).
+    pub fn tcp_url(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=outpost dbname={db}", self.port)
+    }
+
     /// A connection string for database `db`.
     pub fn url(&self, db: &str) -> String {
         format!("host={} port={} user=outpost dbname={db}", self.socket_dir().display(), self.port)

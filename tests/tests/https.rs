@@ -1,13 +1,18 @@
-//! The hub's API and console over HTTPS (issue 25): `[http] tls_cert` and
+//! TLS around the hub (issue 25). The API and console over HTTPS: `[http]
+//! tls_cert` and
 //! `tls_key` make the listener speak TLS only; outpostctl reaches it with
 //! the CA file and refuses it without; a plain HTTP request to the TLS port
 //! gets no answer and harms nothing; the console's session cookie is
 //! `Secure`; SIGHUP loads a new certificate without a restart, and a broken
-//! one on SIGHUP is refused while the old one stays.
+//! one on SIGHUP is refused while the old one stays. PostgreSQL over TLS:
+//! libpq's `sslmode=verify-full` and `sslrootcert` in `store.url`; a server
+//! that refuses plain TCP is reached only that way, and a certificate from
+//! another CA is refused.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use outpost_tests::{Hub, Scratch, TestCa, Timings, bin, run, wait_for};
+use outpost_tests::postgres::Postgres;
+use outpost_tests::{Agent, Hub, Scratch, TestCa, Timings, bin, run, wait_for, wait_online};
 use std::process::Command;
 use std::time::Duration;
 
@@ -93,4 +98,41 @@ fn the_hub_serves_https_with_its_certificate_and_reloads_it_on_sighup() {
     .unwrap();
     assert_eq!(hub.proc.as_mut().unwrap().pid(), pid, "the hub was restarted");
     hub.kill();
+}
+
+#[test]
+fn the_hub_reaches_postgresql_over_verified_tls() {
+    let scratch = Scratch::new().unwrap();
+    let ca = TestCa::new("test PostgreSQL CA").unwrap();
+    let ca_file = scratch.path().join("pg-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let mut pg = Postgres::start(true).unwrap();
+    pg.create_db("outpost").unwrap();
+    pg.serve_tls(&ca).unwrap();
+    let tcp = pg.tcp_url("outpost");
+    let store = |url: &str| format!("[store]\nbackend = \"postgres\"\nurl = {url:?}\npool_size = 4\n");
+    let verified = format!("{tcp} sslmode=verify-full sslrootcert={}", ca_file.display());
+    let timings = Timings::default();
+    let hub = Hub::start_on_store(scratch.path(), timings.clone(), "127.0.0.1:0", Some(pg), store(&verified)).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "over-tls", &timings).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(15)).unwrap();
+
+    // The same database without TLS (the server refuses plain TCP), and
+    // with TLS but without the CA that issued the server's certificate:
+    // `validate` says why and exits 69.
+    let other_ca = scratch.path().join("other-ca.pem");
+    std::fs::write(&other_ca, TestCa::new("another CA").unwrap().pem).unwrap();
+    for (url, why) in [
+        (tcp.clone(), "no encryption"),
+        (format!("{tcp} sslmode=verify-full sslrootcert={}", other_ca.display()), "certificate"),
+    ] {
+        let config = scratch.path().join("check.toml");
+        let text = format!("data_dir = {:?}\n{}", hub.data_dir.display().to_string(), store(&url));
+        std::fs::write(&config, text).unwrap();
+        let out = run(Command::new(bin("outpost-hub")).arg("validate").arg("--config").arg(&config)).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{url}: {err}");
+        assert!(err.contains("store.url") && err.to_lowercase().contains(why), "{url}: {err}");
+    }
 }

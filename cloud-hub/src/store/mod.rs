@@ -19,6 +19,7 @@
 
 pub mod digest;
 pub mod ingest;
+pub mod pgtls;
 pub mod postgres;
 pub mod sled;
 

@@ -25,6 +25,7 @@
 
 use super::digest::DeviceDigest;
 use super::ingest;
+use super::pgtls;
 use super::{
     Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
     DeviceRecord, EventRecord, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
@@ -221,7 +222,7 @@ impl std::fmt::Debug for PgStore {
 
 /// Where a connection string points, for error messages (no password).
 pub fn describe_target(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
+    match config(url).map(|(config, _)| config) {
         Ok(config) => {
             let hosts: Vec<String> = config
                 .get_hosts()
@@ -238,12 +239,31 @@ pub fn describe_target(url: &str) -> String {
     }
 }
 
+/// The tokio-postgres configuration of `url` and the TLS it asks for
+/// (libpq's `sslmode` and `sslrootcert`, see [`super::pgtls`]).
+pub fn config(url: &str) -> Result<(tokio_postgres::Config, pgtls::Tls), String> {
+    let (rest, tls) = pgtls::split(url)?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+    if tls != pgtls::Tls::Off {
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    Ok((config, tls))
+}
+
 /// Makes a pool of `size` connections to `url` (no connection yet).
 fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Setup(format!("store.url: {e}")))?;
+    let (mut config, tls) = config(url).map_err(|e| StoreError::Setup(format!("store.url: {e}")))?;
     config.application_name("outpost-hub");
     config.connect_timeout(Duration::from_secs(5));
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match tls {
+        pgtls::Tls::Off => Manager::from_config(config, NoTls, recycling),
+        pgtls::Tls::Verified(root) => {
+            let connector =
+                pgtls::connector(root.as_deref()).map_err(|e| StoreError::Setup(format!("store.url: {e}")))?;
+            Manager::from_config(config, connector, recycling)
+        }
+    };
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -1370,8 +1390,31 @@ impl PgStore {
 /// payload (a device id) to `tx` until the connection fails (`Err`) or the
 /// receiver goes (`Ok`).
 async fn listen_once(url: &str, channel: &str, tx: &tokio::sync::mpsc::Sender<DeviceId>) -> Result<(), String> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+    let (config, tls) = config(url)?;
+    match tls {
+        pgtls::Tls::Off => {
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+            listen_on(client, connection, channel, tx).await
+        }
+        pgtls::Tls::Verified(root) => {
+            let connector = pgtls::connector(root.as_deref())?;
+            let (client, connection) = config.connect(connector).await.map_err(|e| describe(&e))?;
+            listen_on(client, connection, channel, tx).await
+        }
+    }
+}
+
+/// [`listen_once`] on a connection made, plain or TLS.
+async fn listen_on<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    channel: &str,
+    tx: &tokio::sync::mpsc::Sender<DeviceId>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (notes_tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         loop {
