@@ -175,6 +175,42 @@ impl Postgres {
         format!("host={} port={} user=outpost dbname={db}", self.socket_dir().display(), self.port)
     }
 
+    /// `pg_dump -Fc` of database `db` into `file` (the operator's backup,
+    /// docs/OPERATIONS.md).
+    pub fn dump(&self, db: &str, file: &Path) -> Result<()> {
+        let (dir, port) = (self.socket_dir(), self.port.to_string());
+        let out = self.root().join("dump.tmp");
+        self.pg_cmd("pg_dump", |c| {
+            c.arg("-h").arg(&dir).args(["-p", &port, "-U", "outpost", "-Fc", "-f"]).arg(&out).arg(db)
+        })?;
+        std::fs::copy(&out, file)?;
+        Ok(())
+    }
+
+    /// Drops database `db` (its content lost, as on a lost machine).
+    pub fn drop_db(&self, db: &str) -> Result<()> {
+        let (dir, port) = (self.socket_dir(), self.port.to_string());
+        self.pg_cmd("dropdb", |c| c.arg("-h").arg(&dir).args(["-p", &port, "-U", "outpost", "--if-exists", db]))?;
+        Ok(())
+    }
+
+    /// Restores `file` (from [`Postgres::dump`]) as database `db`, made
+    /// anew: `createdb` then `pg_restore` (`--clean` into a database that
+    /// exists fails on partitioned tables).
+    pub fn restore(&self, db: &str, file: &Path) -> Result<()> {
+        let (dir, port) = (self.socket_dir(), self.port.to_string());
+        let local = self.root().join("restore.tmp");
+        std::fs::copy(file, &local)?;
+        if crate::is_root() {
+            Command::new("chown").arg("postgres:postgres").arg(&local).status()?;
+        }
+        self.create_db(db)?;
+        self.pg_cmd("pg_restore", |c| {
+            c.arg("-h").arg(&dir).args(["-p", &port, "-U", "outpost", "-d", db]).arg(&local)
+        })?;
+        Ok(())
+    }
+
     /// Creates database `name`; returns its connection string.
     pub fn create_db(&self, name: &str) -> Result<String> {
         let (dir, port) = (self.socket_dir(), self.port.to_string());
