@@ -140,7 +140,7 @@ pub async fn executor(
     store: AgentStore,
     config: CommandsConfig,
     jobs: Jobs,
-    defaults: Settings,
+    defaults: crate::settings::Defaults,
     settings: std::sync::Arc<watch::Sender<Settings>>,
     cancel: CancellationToken,
 ) {
@@ -153,7 +153,7 @@ async fn run_executor(
     store: &AgentStore,
     config: &CommandsConfig,
     jobs: &Jobs,
-    defaults: &Settings,
+    defaults: &crate::settings::Defaults,
     settings: &watch::Sender<Settings>,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
@@ -168,7 +168,8 @@ async fn run_executor(
         .await?;
     }
     loop {
-        apply_desired(store, defaults, config.allow_exec, settings).await?;
+        let now = crate::settings::defaults_now(defaults);
+        apply_desired(store, &now, config.allow_exec, settings).await?;
         for entry in store.inbox_in(&InboxState::Pending)? {
             if cancel.is_cancelled() {
                 return Ok(());
@@ -348,8 +349,10 @@ mod tests {
             backup_command: None,
             backup_timeout: Duration::from_secs(1),
         };
-        let defaults = Settings { telemetry_interval: Duration::from_secs(1), hub_jobs: Vec::new() };
+        let defaults =
+            Settings { telemetry_interval: Duration::from_secs(1), hub_jobs: Vec::new(), config_jobs: Vec::new() };
         let (tx, _rx) = watch::channel(defaults.clone());
+        let defaults = std::sync::Arc::new(std::sync::RwLock::new(defaults));
         let cancel = CancellationToken::new();
         let run = {
             let (store, cancel) = (store.clone(), cancel.clone());

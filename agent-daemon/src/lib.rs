@@ -123,6 +123,89 @@ pub fn status_line(link: &LinkState, outbox: &store::OutboxStats) -> String {
     line
 }
 
+/// The settings the config gives (no hub jobs yet).
+fn config_settings(config: &AgentConfig) -> Settings {
+    let mut config_jobs = config.jobs.clone();
+    config_jobs.extend(backup::scheduled_jobs(config));
+    Settings { telemetry_interval: config.telemetry.interval, hub_jobs: Vec::new(), config_jobs }
+}
+
+/// The parts of a config that a reload cannot change while the agent runs:
+/// the names of those that differ between `old` and `new`.
+fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
+    let differ = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut out = Vec::new();
+    for (name, changed) in [
+        ("data_dir", old.data_dir != new.data_dir),
+        ("name", old.name != new.name),
+        ("uplink", differ(&old.uplink, &new.uplink)),
+        ("store", differ(&old.store, &new.store)),
+        ("commands", differ(&old.commands, &new.commands)),
+        ("peers", differ(&old.peers, &new.peers)),
+        ("backups", differ(&old.backup_repo, &new.backup_repo)),
+        ("stop_grace", old.stop_grace != new.stop_grace),
+    ] {
+        if changed {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// On each SIGHUP, reads the config file again. A config with errors is
+/// refused (every error logged) and the one in force stays. Otherwise the
+/// log level, the jobs (`[[job]]` and the backup sets' schedules) and the
+/// telemetry interval take effect at once, without touching the uplink;
+/// the parts that need a restart are named in the log. Runs until the
+/// process ends; resolves only if SIGHUP cannot be listened for.
+async fn reload_on_hangup(
+    config: AgentConfig,
+    store: AgentStore,
+    defaults: settings::Defaults,
+    settings: Arc<watch::Sender<Settings>>,
+) {
+    use outpost_shared::config::ConfigFile;
+    let Some(path) = config.config_path.clone() else { return std::future::pending().await };
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for SIGHUP; the config is read at start only.");
+            return std::future::pending().await;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        let mut new = match AgentConfig::load_checked(&path) {
+            Ok(new) => new,
+            Err(errors) => {
+                for e in &errors.errors {
+                    tracing::error!(file = %path.display(), key = %e.path, error = %e.message, "Config not reloaded.");
+                }
+                tracing::error!(file = %path.display(), "The config has errors; the one in force stays.");
+                continue;
+            }
+        };
+        new.config_path = Some(path.clone());
+        if let Err(e) = outpost_shared::logging::set_filter(&new.log) {
+            tracing::error!(error = %e, "Log level not changed.");
+        }
+        let fresh = config_settings(&new);
+        *defaults.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        settings.send_replace(inbox::current_settings(&store, &fresh, config.commands.allow_exec));
+        // Compared with the config the agent started with: that is what the
+        // parts that wait for a restart still run on.
+        let restart = needs_restart(&config, &new);
+        if restart.is_empty() {
+            tracing::info!(file = %path.display(), log = %new.log, "Config reloaded.");
+        } else {
+            tracing::warn!(
+                file = %path.display(),
+                unchanged_until_restart = %restart.join(", "),
+                "Config reloaded; some changes take effect at the next restart."
+            );
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` resolves. Blocks the calling thread: it
 /// owns one actix System on a tokio runtime.
 pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + 'static) -> Result<(), AgentError> {
@@ -160,10 +243,11 @@ pub fn run_with(
     system.block_on(async move {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
-        let defaults = Settings { telemetry_interval: config.telemetry.interval, hub_jobs: Vec::new() };
+        let defaults = config_settings(&config);
         let (settings_tx, settings_rx) =
             watch::channel(inbox::current_settings(&store, &defaults, config.commands.allow_exec));
         let settings_tx = Arc::new(settings_tx);
+        let defaults: settings::Defaults = Arc::new(std::sync::RwLock::new(defaults));
         let (state_tx, state_rx) = watch::channel(LinkState::Starting);
         let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(16);
         let peer_table = PeerTable::default();
@@ -213,10 +297,8 @@ pub fn run_with(
             }
         };
         let scheduler = {
-            let mut local_jobs = config.jobs.clone();
-            local_jobs.extend(backup::scheduled_jobs(&config));
             let (jobs, settings) = (jobs.clone(), settings_rx.clone());
-            move || SchedulerActor::new(jobs.clone(), local_jobs.clone(), settings.clone())
+            move || SchedulerActor::new(jobs.clone(), settings.clone())
         };
         let control = {
             let (dir, jobs, peers) = (config.data_dir.clone(), jobs.clone(), peer_table.clone());
@@ -251,7 +333,12 @@ pub fn run_with(
         }
         let supervisor = actix::Actor::start(supervisor);
         extra(&store);
-        shutdown.await;
+        let reloads = reload_on_hangup(config.clone(), store.clone(), defaults.clone(), settings_tx.clone());
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = reloads => shutdown.await,
+        }
         tracing::info!("Agent stopping.");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         stop.cancel();

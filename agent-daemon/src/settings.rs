@@ -1,20 +1,33 @@
-//! What the hub's desired state may change while the agent runs, and how
-//! the actors that depend on it follow it. The inbox (which applies desired
-//! state) publishes [`Settings`] on a watch channel; the telemetry sampler
-//! and the job scheduler follow it ([`follow_settings`]).
+//! What may change while the agent runs, and how the actors that depend on
+//! it follow it: the hub's desired state (applied by the inbox) and the
+//! config (read again on SIGHUP) publish [`Settings`] on a watch channel;
+//! the telemetry sampler and the job scheduler follow it
+//! ([`follow_settings`]). The config's part is [`Defaults`], shared by both
+//! publishers.
 
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::job::JobSpec;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Settings the hub's desired state may change at run time.
+/// Settings the hub's desired state or a config reload may change at run
+/// time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Telemetry sampling interval.
     pub telemetry_interval: Duration,
     /// Jobs from the hub (they replace config jobs of the same name).
     pub hub_jobs: Vec<JobSpec>,
+    /// Jobs from the config (`[[job]]` and the backup sets' schedules).
+    pub config_jobs: Vec<JobSpec>,
+}
+
+/// The config's settings (no hub jobs), replaced by a config reload.
+pub type Defaults = std::sync::Arc<std::sync::RwLock<Settings>>;
+
+/// The config's settings now.
+pub fn defaults_now(defaults: &Defaults) -> Settings {
+    defaults.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl Settings {
@@ -25,6 +38,7 @@ impl Settings {
         Ok(Settings {
             telemetry_interval: doc.telemetry_interval.unwrap_or(defaults.telemetry_interval),
             hub_jobs: doc.jobs,
+            config_jobs: defaults.config_jobs.clone(),
         })
     }
 }

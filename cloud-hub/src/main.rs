@@ -141,8 +141,8 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Validate { config } => validate(&config),
-        Command::Serve { config } => match HubConfig::load_checked_or_exit(&config) {
-            Ok(config) => report(serve(config)),
+        Command::Serve { config: path } => match HubConfig::load_checked_or_exit(&path) {
+            Ok(config) => report(serve(config, &path)),
             Err(code) => code,
         },
     }
@@ -244,10 +244,30 @@ fn migrate(config: &HubConfig) -> anyhow::Result<()> {
     }
 }
 
+/// SIGHUP: the config file read again; its log level takes effect, and the
+/// HTTPS certificate and key are read again. A config with errors is
+/// refused and the one in force stays. Other changes wait for a restart.
+fn reload(hub: &outpost_hub::RunningHub, path: &std::path::Path) {
+    match HubConfig::load(path) {
+        Ok(new) => {
+            if let Err(e) = outpost_shared::logging::set_filter(&new.log) {
+                tracing::error!(error = %e, "Log level not changed.");
+            }
+            tracing::info!(file = %path.display(), log = %new.log, "Config reloaded (log level, HTTPS certificate).");
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                tracing::error!(file = %path.display(), key = %e.path, error = %e.message, "Config not reloaded.");
+            }
+        }
+    }
+    hub.reload_tls();
+}
+
 /// How often the STATUS line is looked at when systemd wants no watchdog.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
-fn serve(config: HubConfig) -> anyhow::Result<()> {
+fn serve(config: HubConfig, path: &std::path::Path) -> anyhow::Result<()> {
     outpost_shared::logging::init(&config.log);
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -271,7 +291,7 @@ fn serve(config: HubConfig) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 () = &mut signal => break,
-                Some(()) = hangup.recv() => hub.reload_tls(),
+                Some(()) = hangup.recv() => reload(&hub, path),
                 () = tokio::time::sleep(every) => {
                     let now = hub.status();
                     if now != status {

@@ -1,24 +1,41 @@
 //! Process-level plumbing both daemons share: log setup and waiting for a
 //! termination signal.
 
+/// The filter in force, replaceable while the process runs
+/// ([`set_filter`]).
+static FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
 /// Sets up `tracing` to standard error with `filter` (overridden by
 /// `RUST_LOG`). Under systemd, journald adds timestamps, so none are printed
 /// when `JOURNAL_STREAM` is set.
 pub fn init(filter: &str) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).try_init()
-    } else {
-        builder.try_init()
-    };
+        .with_ansi(!journal && std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = if journal { registry.with(fmt.without_time()).try_init() } else { registry.with(fmt).try_init() };
+    if installed.is_ok() {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Replaces the log filter of a process set up by [`init`]: a config
+/// reload, where the operator's edit wins over `RUST_LOG` from the start.
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    let new = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("log {filter:?}: {e}"))?;
+    let handle = FILTER.get().ok_or("logging was not set up")?;
+    handle.reload(new).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGINT or SIGTERM.

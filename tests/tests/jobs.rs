@@ -454,3 +454,54 @@ fn on_sigterm_runs_finish_within_the_grace_and_the_rest_are_killed_and_recorded_
     assert_eq!(long.len(), 1, "{long:?}");
     assert!(long[0].outcome.starts_with("interrupted"), "{long:?}");
 }
+
+/// SIGHUP (issue 25): a changed job list and log level take effect without
+/// a reconnect (the hub sees one session throughout); a broken config is
+/// refused, its errors logged, and the jobs in force keep running.
+#[test]
+fn sighup_reloads_jobs_and_the_log_level_without_a_reconnect_and_refuses_a_broken_config() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let first = job("first", "@every 1s", "echo x >> first.txt", "");
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "reloading", &timings, &first).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    let (first_file, second_file) = (agent.data_dir.join("first.txt"), agent.data_dir.join("second.txt"));
+    wait_for(Duration::from_secs(10), "the first job to run", || (lines(&first_file).len() >= 2).then_some(()))
+        .unwrap();
+    let sessions = || hub.log_text().matches("Session opened.").count();
+    assert_eq!(sessions(), 1);
+
+    // The new config: another job, and only warnings logged.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let second = job("second", "@every 1s", "echo x >> second.txt", "");
+    std::fs::write(&agent.config, format!("log = \"warn\"\n{}", text.replace(&first, &second))).unwrap();
+    agent.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "the second job to run", || (lines(&second_file).len() >= 2).then_some(()))
+        .unwrap();
+    let (first_runs, started_lines) = (lines(&first_file).len(), agent.log_text().matches("Job run starting.").count());
+    wait_for(Duration::from_secs(10), "more runs of the second job", || (lines(&second_file).len() >= 5).then_some(()))
+        .unwrap();
+    assert!(lines(&first_file).len() <= first_runs + 1, "the removed job still runs");
+    let log = agent.log_text();
+    assert_eq!(log.matches("Job run starting.").count(), started_lines, "info lines are still logged at warn");
+    assert_eq!(sessions(), 1, "the reload reconnected the agent");
+
+    // A broken config on SIGHUP: refused, the second job keeps running.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, format!("stop_grace = \"forever\"\n{text}")).unwrap();
+    agent.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "the broken config to be refused", || {
+        agent.log_text().contains("The config has errors; the one in force stays.").then_some(())
+    })
+    .unwrap();
+    assert!(agent.log_text().contains("stop_grace"), "the error does not name the key");
+    let runs = lines(&second_file).len();
+    wait_for(Duration::from_secs(10), "the second job to keep running", || {
+        (lines(&second_file).len() >= runs + 2).then_some(())
+    })
+    .unwrap();
+    assert!(agent.proc.as_mut().unwrap().running());
+    assert_eq!(sessions(), 1);
+}

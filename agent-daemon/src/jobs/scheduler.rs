@@ -23,7 +23,6 @@ use uuid::Uuid;
 /// runs in progress are not affected.
 pub struct SchedulerActor {
     jobs: Jobs,
-    local: Vec<JobSpec>,
     settings: watch::Receiver<Settings>,
     cron: Option<JobScheduler>,
     slots: BTreeMap<String, Slot>,
@@ -47,11 +46,10 @@ struct Slot {
 }
 
 impl SchedulerActor {
-    /// A scheduler for the config's jobs plus the hub's from `settings`.
-    pub fn new(jobs: Jobs, local: Vec<JobSpec>, settings: watch::Receiver<Settings>) -> Self {
+    /// A scheduler for the config's jobs and the hub's, from `settings`.
+    pub fn new(jobs: Jobs, settings: watch::Receiver<Settings>) -> Self {
         SchedulerActor {
             jobs,
-            local,
             settings,
             cron: None,
             slots: BTreeMap::new(),
@@ -63,7 +61,8 @@ impl SchedulerActor {
 
     /// The jobs in force now.
     fn effective(&self) -> Vec<(JobSpec, JobSource)> {
-        effective(&self.local, &self.settings.borrow().hub_jobs)
+        let settings = self.settings.borrow();
+        effective(&settings.config_jobs, &settings.hub_jobs)
     }
 
     /// Brings the schedules in line with the jobs in force.
