@@ -178,19 +178,29 @@ pub struct SpaceCap {
     pub free_at: u64,
 }
 
+/// What sled's files take on disk per byte they hold, at most, under an
+/// outbox's churn (4 to 7 measured, docs/BENCHMARKS.md): what files of a
+/// given size can hold without growing.
+pub const SLED_SPACE_FACTOR: u64 = 5;
+
 /// The outbox's size cap given the free space of its file system. When the
 /// free space falls under `floor`, the outbox is held to 90 % of what it
-/// holds, so it stops growing and thinning makes room. sled's files do not
+/// holds, or of what the store's files (`store_disk` bytes) can hold
+/// without growing if that is more (an outbox drained before the disk
+/// filled is not held to nothing), so it stops growing and thinning makes
+/// room. sled's files do not
 /// shrink when records leave, and churn at a fixed size still grows them
 /// (docs/BENCHMARKS.md, "Agent store on a small disk"), so while the free
 /// space keeps falling the cap is lowered by a tenth for each further
 /// sixteenth of the floor lost. It is kept while the free space stays
 /// under half as much again as the floor (so it does not flap) and lifted
 /// above. Pure: unit-tested below.
-pub fn space_cap(cap: Option<SpaceCap>, outbox_bytes: u64, free: u64, floor: u64) -> Option<SpaceCap> {
+pub fn space_cap(cap: Option<SpaceCap>, outbox_bytes: u64, store_disk: u64, free: u64, floor: u64) -> Option<SpaceCap> {
     match cap {
         _ if free >= floor.saturating_add(floor / 2) => None,
-        None if free < floor => Some(SpaceCap { bytes: outbox_bytes / 10 * 9, free_at: free }),
+        None if free < floor => {
+            Some(SpaceCap { bytes: outbox_bytes.max(store_disk / SLED_SPACE_FACTOR) / 10 * 9, free_at: free })
+        }
         Some(cap) if free.saturating_add(floor / 16) < cap.free_at => {
             Some(SpaceCap { bytes: cap.bytes.min(outbox_bytes) / 10 * 9, free_at: free })
         }
@@ -929,7 +939,10 @@ impl Shared {
             let mut stats = self.stats();
             if let Some((free, size)) = self.space() {
                 let floor = space_floor(self.keep_free.load(Ordering::Relaxed), size);
-                let cap = space_cap(stats.space_cap, stats.bytes, free, floor);
+                // What sled's files take, read only when a cap is set.
+                let store_disk =
+                    if stats.space_cap.is_none() && free < floor { t.db.size_on_disk().unwrap_or(0) } else { 0 };
+                let cap = space_cap(stats.space_cap, stats.bytes, store_disk, free, floor);
                 match (stats.space_cap, cap) {
                     (None, Some(cap)) => {
                         tracing::warn!(
@@ -1190,19 +1203,22 @@ mod tests {
         assert_eq!(space_floor(64 << 20, 1 << 40), 64 << 20);
         let cap = |bytes, free_at| Some(SpaceCap { bytes, free_at });
         // Plenty free: no cap.
-        assert_eq!(space_cap(None, 5000, 10_000, 1600), None);
+        assert_eq!(space_cap(None, 5000, 0, 10_000, 1600), None);
         // Under the floor: held to 90 % of what the outbox holds.
-        assert_eq!(space_cap(None, 5000, 1599, 1600), cap(4500, 1599));
+        assert_eq!(space_cap(None, 5000, 0, 1599, 1600), cap(4500, 1599));
+        // An outbox drained before the disk filled: held to what the
+        // store's files hold without growing, not to nothing.
+        assert_eq!(space_cap(None, 100, 50_000, 1599, 1600), cap(9000, 1599));
         // Still short by about as much, or back over the floor but not by
         // half as much again: the cap stays (it does not follow the outbox).
-        assert_eq!(space_cap(cap(4500, 1599), 200, 1599 - 100, 1600), cap(4500, 1599));
-        assert_eq!(space_cap(cap(4500, 1599), 4500, 2300, 1600), cap(4500, 1599));
+        assert_eq!(space_cap(cap(4500, 1599), 200, 0, 1599 - 100, 1600), cap(4500, 1599));
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 0, 2300, 1600), cap(4500, 1599));
         // A further sixteenth of the floor lost: a tenth lower, from what
         // the outbox holds if that is less.
-        assert_eq!(space_cap(cap(4500, 1599), 4500, 1498, 1600), cap(4050, 1498));
-        assert_eq!(space_cap(cap(4500, 1599), 1000, 1498, 1600), cap(900, 1498));
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 0, 1498, 1600), cap(4050, 1498));
+        assert_eq!(space_cap(cap(4500, 1599), 1000, 0, 1498, 1600), cap(900, 1498));
         // Half as much again free: lifted.
-        assert_eq!(space_cap(cap(4500, 1599), 4500, 2400, 1600), None);
+        assert_eq!(space_cap(cap(4500, 1599), 4500, 0, 2400, 1600), None);
         assert_eq!(budget_in_force(64 << 20, cap(4500, 0)), 4500);
         assert_eq!(budget_in_force(4000, cap(4500, 0)), 4000);
         assert_eq!(budget_in_force(4000, None), 4000);
