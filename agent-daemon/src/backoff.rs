@@ -36,6 +36,17 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
+
+    /// A connection that worked has ended after `stayed_up`: back to the
+    /// initial delay only if it stayed up at least as long as the cap, so a
+    /// connection that fails soon after it is made (a hub that accepts and
+    /// drops, a device whose store cannot write) backs off like one that
+    /// cannot connect, instead of reconnecting at the shortest delay.
+    pub fn connection_ended(&mut self, stayed_up: Duration) {
+        if stayed_up >= self.max {
+            self.reset();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -58,6 +69,12 @@ mod tests {
             b.next_delay();
         }
         assert_eq!(b.ceiling(), Duration::from_secs(1));
+        // A connection that ends soon after it was made keeps the backoff;
+        // one that stayed up as long as the cap resets it.
+        b.connection_ended(Duration::from_millis(300));
+        assert_eq!(b.ceiling(), Duration::from_secs(1));
+        b.connection_ended(Duration::from_secs(1));
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
         // Every line of the attempt and its session names the hub (or, over
         // MQTT, the hub the device enrolled with) and the transport.
         let span = tracing::info_span!("session", hub = %hub, transport = session.transport());
+        let began = std::time::Instant::now();
         let result = tokio::select! {
             () = cancel.cancelled() => None,
             result = tracing::Instrument::instrument(session.run(&attempt_params), span) => Some(result),
@@ -263,7 +264,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             },
         };
         if session.was_connected() {
-            backoff.reset();
+            backoff.connection_ended(began.elapsed());
             attempt = 0;
             // Stay with this hub: try it first next time.
             answered = Some(hub);
