@@ -194,6 +194,36 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
     assert!(kinds.contains(&"telemetry_thinned"), "no telemetry_thinned alarm in the API: {kinds:?}");
 }
 
+/// Starts the load generator producing results only (`bytes` of output
+/// each, 200 a second, up to `records` in all), fills `disk` from outside
+/// once it runs, and waits until the agent's store reports the full disk.
+fn fill_while_results_come(agent: &mut Agent, disk: &Tmpfs, records: &str, bytes: &str) {
+    let starts = agent.log_text().matches("Load generator resuming.").count();
+    agent
+        .start_loadgen(&[
+            "--records",
+            records,
+            "--batch",
+            "10",
+            "--appends-per-sec",
+            "20",
+            "--precious-every",
+            "1",
+            "--precious-bytes",
+            bytes,
+        ])
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the load generator to start", || {
+        (agent.log_text().matches("Load generator resuming.").count() > starts).then_some(())
+    })
+    .unwrap();
+    disk.fill("junk").unwrap();
+    wait_for(Duration::from_secs(60), "the store to report the full disk", || {
+        agent.log_text().contains("Agent store cannot make writes durable").then_some(())
+    })
+    .unwrap();
+}
+
 /// The agent's data dir on a 16 MiB tmpfs with the hub away and the
 /// default config, whose 64 MiB outbox budget is larger than the disk (issue
 /// 25). First the free-space floor holds the outbox: it stops growing,
@@ -231,17 +261,7 @@ fn a_device_short_of_disk_holds_its_outbox_and_recovers_by_itself_from_a_full_on
     // coming (2,000 of 500 bytes, never thinned): the store fails while the
     // disk is full, and opens itself again once the file system is grown.
     agent.proc.take().unwrap().kill();
-    let results = ["--records", "62000", "--batch", "10", "--appends-per-sec", "20", "--precious-every", "1"];
-    agent.start_loadgen(&[&results[..], &["--precious-bytes", "500"]].concat()).unwrap();
-    wait_for(Duration::from_secs(30), "the load generator to resume", || {
-        agent.log_text().contains("Load generator resuming. produced=60000").then_some(())
-    })
-    .unwrap();
-    disk.fill("junk").unwrap();
-    wait_for(Duration::from_secs(60), "the store to report the full disk", || {
-        agent.log_text().contains("Agent store cannot make writes durable").then_some(())
-    })
-    .unwrap();
+    fill_while_results_come(&mut agent, &disk, "62000", "500");
     let pid = agent.proc.as_ref().unwrap().pid();
     disk.resize("64m").unwrap();
     wait_for(Duration::from_secs(60), "the load generator to finish once space is back", || {
@@ -299,17 +319,7 @@ fn a_command_for_a_device_with_a_full_disk_runs_once_when_space_returns() {
     hub.kill();
     // Results keep coming while the disk is filled from outside: the store
     // fails at its next write that needs new space.
-    let results = ["--records", "1000000", "--batch", "10", "--appends-per-sec", "20", "--precious-every", "1"];
-    agent.start_loadgen(&[&results[..], &["--precious-bytes", "2000"]].concat()).unwrap();
-    wait_for(Duration::from_secs(30), "the load generator to start", || {
-        agent.log_text().contains("Load generator resuming.").then_some(())
-    })
-    .unwrap();
-    disk.fill("junk").unwrap();
-    wait_for(Duration::from_secs(60), "the store to report the full disk", || {
-        agent.log_text().contains("Agent store cannot make writes durable").then_some(())
-    })
-    .unwrap();
+    fill_while_results_come(&mut agent, &disk, "1000000", "2000");
 
     hub.serve().unwrap();
     // Each session ends at once (the store cannot resume it; the space
