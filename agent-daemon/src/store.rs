@@ -43,7 +43,7 @@
 
 use outpost_shared::commit::{CommitError, GroupCommit};
 use outpost_shared::protocol::{Alarm, AlarmKind, Command, Record, RecordBody};
-use outpost_shared::reopen::{Reopening, Unavailable};
+use outpost_shared::reopen::{OPEN_ROOM, Reopening, Unavailable, room_to_open};
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -222,6 +222,20 @@ pub struct Standing {
     pub full: bool,
 }
 
+/// Which alarms stand after a change of the outbox (`bytes` waiting,
+/// `precious` of them never dropped, `budget` in force; `thinned` if this
+/// change thinned telemetry). Raised over the budget, cleared only once the
+/// outbox is down to half of it: a space cap holds the outbox near what it
+/// holds, and without the margin each result would raise `OutboxFull` and
+/// each acknowledgement clear it again (seen: every 50 ms on a full disk).
+/// Pure.
+pub fn standing(before: Standing, thinned: bool, bytes: u64, precious: u64, budget: u64) -> Standing {
+    Standing {
+        thinning: thinned || (before.thinning && bytes > budget / 2),
+        full: precious > budget || (before.full && precious > budget / 2),
+    }
+}
+
 /// The alarm records to append when the standing alarms go from `before`
 /// to `after`: (kind, raised). Pure.
 pub fn alarm_changes(before: Standing, after: Standing) -> Vec<(AlarmKind, bool)> {
@@ -390,16 +404,17 @@ impl Trees {
 }
 
 /// A file of [`RESERVE`] bytes beside the store, on the same file system,
-/// given back when the store's own writes filled the disk: sled cannot open
-/// its files on a full disk, so without it a store that filled the disk by
-/// itself would never open again. Made again once space is back.
+/// given back when the store's own writes filled the disk: sled is not
+/// opened on a full disk ([`room_to_open`]), so without it a store that
+/// filled the disk by itself would never open again. Made again once space
+/// is back.
 struct Reserve {
     path: PathBuf,
     present: std::sync::atomic::AtomicBool,
 }
 
-/// Bytes of the space reserve (two of sled's segments).
-pub const RESERVE: u64 = 1 << 20;
+/// Bytes of the space reserve: the room sled needs to open.
+pub const RESERVE: u64 = OPEN_ROOM;
 
 impl Reserve {
     fn new(path: PathBuf) -> Self {
@@ -439,6 +454,34 @@ impl Reserve {
         }
         was
     }
+}
+
+/// Where a store that cannot be read is kept (one, the newest), for a
+/// person to look at.
+pub const UNREADABLE: &str = "store.unreadable";
+
+/// The store in `dir` cannot be read (`error`): it is moved aside to
+/// [`UNREADABLE`] beside it and a new one made, which says why when it
+/// meets the hub (its `StoreReset` alarm, see [`AgentStore::resume`]). A
+/// device whose store will never open again would otherwise deliver
+/// nothing until a person comes; this way it loses what was waiting in the
+/// old store (unreadable in any case) and keeps working.
+fn start_over(dir: &Path, cache: u64, error: &sled::Error) -> Result<Trees, StoreError> {
+    let aside = dir.with_file_name(UNREADABLE);
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(sled::Error::Io)?;
+    }
+    std::fs::rename(dir, &aside).map_err(sled::Error::Io)?;
+    tracing::error!(
+        %error,
+        moved_to = %aside.display(),
+        "Agent store cannot be read: moved aside, starting a new one under the same identity."
+    );
+    let trees = Trees::open(dir, cache)?;
+    let why = format!("the old one could not be read ({error}) and was moved to {}", aside.display());
+    trees.meta.insert(FRESH, why.as_bytes())?;
+    trees.db.flush()?;
+    Ok(trees)
 }
 
 /// True for errors after which sled's instance is of no more use (it keeps
@@ -519,9 +562,17 @@ impl AgentStore {
         let db = {
             let (dir, stats, reserve) = (dir.clone(), stats.clone(), reserve.clone());
             Reopening::open("Agent store", move || {
+                // sled is opened only with room for what it writes then
+                // (see `reopen`); the reserve makes that room when the
+                // store's own writes filled the disk.
+                if let Err(wait) = room_to_open(&dir) {
+                    if !reserve.release() {
+                        return Err(StoreError::Unavailable(wait));
+                    }
+                    room_to_open(&dir).map_err(StoreError::Unavailable)?;
+                }
                 let trees = match Trees::open(&dir, cache) {
-                    // The disk is full: its reserve lets sled open again.
-                    Err(e) if is_io(&e) && reserve.release() => Trees::open(&dir, cache)?,
+                    Err(StoreError::Sled(e @ sled::Error::Corruption { .. })) => start_over(&dir, cache, &e)?,
                     opened => opened?,
                 };
                 let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -845,6 +896,8 @@ impl Shared {
     /// alarm. A crash before the commit leaves the old numbers and the
     /// next session decides again; after it, the new ones.
     fn renumber(&self, t: &Trees, after: u64, new_store: bool) -> Result<(), StoreError> {
+        // Why a new store was made, when the agent knows (see `start_over`).
+        let why = t.meta.get(FRESH)?.filter(|v| v.len() > 1).map(|v| format!("; {}", String::from_utf8_lossy(&v)));
         let mut old_keys = Vec::new();
         let mut moved = Vec::new();
         for (entry, seq) in t.outbox.iter().zip(after.saturating_add(1)..) {
@@ -877,13 +930,14 @@ impl Shared {
             stats.fresh = false;
         }
         let message = format!(
-            "this device's store started over ({}): the hub already holds its records up to {after}; \
+            "this device's store started over ({}{}): the hub already holds its records up to {after}; \
              the {count} records waiting were renumbered from {} and none was dropped",
             if new_store {
                 "it was made anew under an existing identity"
             } else {
                 "it is older than the hub's records"
             },
+            why.unwrap_or_default(),
             after.saturating_add(1),
         );
         tracing::error!(
@@ -923,11 +977,7 @@ impl Shared {
         // The hub caught up: alarms whose condition ended are cleared.
         let after = {
             let stats = self.stats();
-            let budget = budget_in_force(self.budget, stats.space_cap);
-            Standing {
-                thinning: before.thinning && stats.bytes > budget / 2,
-                full: before.full && stats.precious_bytes > budget,
-            }
+            standing(before, false, stats.bytes, stats.precious_bytes, budget_in_force(self.budget, stats.space_cap))
         };
         self.alarms(t, before, after, "")
     }
@@ -1015,7 +1065,7 @@ impl Shared {
             let mut stats = self.stats();
             stats.thinned += thinned;
             let before = Standing { thinning: stats.thinning, full: stats.full };
-            (before, Standing { thinning: before.thinning || thinned > 0, full: stats.precious_bytes > budget })
+            (before, standing(before, thinned > 0, stats.bytes, stats.precious_bytes, budget))
         };
         let why = match cap {
             Some(cap) => format!(
@@ -1130,6 +1180,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_that_cannot_be_read_is_moved_aside_and_the_new_one_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        store.append(vec![sample(1), result(7)]).await.unwrap();
+        store.close().unwrap();
+        // What sled 0.34 left after an open on a full disk: a store no
+        // open reads ("Read corrupted data at file offset None").
+        std::fs::write(dir.path().join("store/conf"), "segment_size: many\n").unwrap();
+        let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let stats = store.stats();
+        assert_eq!((stats.records, stats.next_seq, stats.fresh), (0, 1, true));
+        assert!(dir.path().join(UNREADABLE).join("conf").exists(), "the old store was not kept");
+        // It meets the hub, which holds 40 of its records: the alarm says why.
+        store.resume(40).await.unwrap();
+        let records = store.peek(0, 100, usize::MAX).unwrap();
+        let [record] = &records[..] else { panic!("{records:?}") };
+        let RecordBody::Alarm(alarm) = &record.body else { panic!("{record:?}") };
+        assert_eq!((alarm.kind, record.seq), (AlarmKind::StoreReset, 41));
+        assert!(alarm.message.contains("could not be read (Read corrupted data"), "{}", alarm.message);
+        assert!(alarm.message.contains(UNREADABLE), "{}", alarm.message);
+    }
+
+    #[tokio::test]
     async fn a_store_that_started_over_renumbers_after_the_hub_and_raises_an_alarm() {
         let dir = tempfile::tempdir().unwrap();
         let store = AgentStore::open(dir.path(), 1 << 20, 1 << 20).unwrap();
@@ -1233,6 +1306,24 @@ mod tests {
         assert_eq!(alarm_changes(none, both), [(AlarmKind::TelemetryThinned, true), (AlarmKind::OutboxFull, true)]);
         assert_eq!(alarm_changes(both, thin), [(AlarmKind::OutboxFull, false)]);
         assert_eq!(alarm_changes(thin, none), [(AlarmKind::TelemetryThinned, false)]);
+    }
+
+    #[test]
+    fn an_alarm_is_cleared_only_once_the_outbox_is_down_to_half_its_budget() {
+        let none = Standing::default();
+        let full = Standing { thinning: false, full: true };
+        // A result over a cap of 4,000 bytes raises it; the acknowledgement
+        // that takes it below the cap, but not below half, leaves it.
+        assert_eq!(standing(none, false, 4100, 4100, 4000), full);
+        assert_eq!(standing(full, false, 3900, 3900, 4000), full);
+        assert_eq!(standing(full, false, 4100, 4100, 4000), full, "raised again while it stands");
+        assert_eq!(standing(full, false, 2000, 2000, 4000), none);
+        assert_eq!(standing(none, false, 3900, 3900, 4000), none, "not raised below the budget");
+        // Thinning: raised when something was thinned, cleared at half.
+        let thin = Standing { thinning: true, full: false };
+        assert_eq!(standing(none, true, 3600, 0, 4000), thin);
+        assert_eq!(standing(thin, false, 2100, 0, 4000), thin);
+        assert_eq!(standing(thin, false, 2000, 0, 4000), none);
     }
 
     fn alarm_records(store: &AgentStore) -> Vec<(AlarmKind, bool)> {

@@ -838,6 +838,8 @@ fn be_u64(bytes: &[u8]) -> u64 {
 
 impl Trees {
     fn open(path: &Path) -> Result<Self, StoreError> {
+        // Not on a full disk: sled could leave files it cannot read.
+        outpost_shared::reopen::room_to_open(path).map_err(StoreError::Unavailable)?;
         let db = sled::Config::new().path(path).cache_capacity(64 << 20).flush_every_ms(Some(500)).open().db()?;
         Ok(Trees {
             devices: db.open_tree("devices").db()?,
