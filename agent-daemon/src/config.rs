@@ -28,6 +28,8 @@ pub struct AgentConfig {
     /// On SIGTERM, how long running jobs may go on before their process
     /// groups are killed and they are recorded interrupted. Default 10s.
     pub stop_grace: Duration,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
     /// Scheduled jobs (`[[job]]`); the hub's desired state may add more and
     /// replace these by name.
     pub jobs: Vec<JobSpec>,
@@ -174,6 +176,14 @@ pub struct UplinkConfig {
     pub renew_at: f64,
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Where `/metrics` (Prometheus text format) is served: a loopback
+    /// address only (`127.0.0.1:9465`). Default: not served.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// `[telemetry]`
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
@@ -231,6 +241,7 @@ impl ConfigFile for AgentConfig {
         let commands = root.table("commands");
         let peers = root.table("peers");
         let backups_section = root.table("backups");
+        let metrics = root.table("metrics");
         let mqtt = uplink.table("mqtt");
         let transport = match uplink.get_or("transport", "quic".to_owned()).as_str() {
             "quic" => Transport::Quic,
@@ -277,6 +288,7 @@ impl ConfigFile for AgentConfig {
             },
             log: root.get_or("log", "info".to_owned()),
             stop_grace: root.get_or("stop_grace", Duration::from_secs(10)),
+            metrics: MetricsConfig { listen: metrics.get("listen") },
             jobs: read_jobs(root, "job"),
             backups: root.array("backup").iter().map(read_backup_set).collect(),
             backup_repo: BackupRepoConfig {
@@ -321,6 +333,13 @@ impl ConfigFile for AgentConfig {
         uplink.check("renew_at", (0.1..=0.9).contains(&u.renew_at), "must be between 0.1 and 0.9");
         uplink.check("max_frame", (256 << 10..=64 << 20).contains(&u.max_frame), "must be between 256 KiB and 64 MiB");
         root.check("stop_grace", config.stop_grace <= Duration::from_secs(600), "must be at most 10m");
+        if let Some(listen) = config.metrics.listen {
+            metrics.check(
+                "listen",
+                listen.ip().is_loopback(),
+                "must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the agent's metrics have no authentication",
+            );
+        }
         if let Some(name) = &config.name {
             root.check("name", !name.trim().is_empty() && name.len() <= 64, "must be 1 to 64 characters");
         }
@@ -352,7 +371,7 @@ impl ConfigFile for AgentConfig {
         if let Some(Err(e)) = config.uplink.hub.as_deref().map(outpost_shared::config::check_hub_addresses) {
             uplink.error("hub", e);
         }
-        for section in [uplink, telemetry, store, commands, peers, backups_section] {
+        for section in [uplink, telemetry, store, commands, peers, backups_section, metrics] {
             section.finish();
         }
         config
@@ -450,6 +469,21 @@ mod tests {
         let text = "data_dir = \"/x\"\n[uplink]\ntransport = \"carrier pigeon\"\n";
         let err = AgentConfig::parse(Path::new("agent.toml"), text).unwrap_err();
         assert_eq!(err.errors[0].path, "uplink.transport", "{err}");
+    }
+
+    #[test]
+    fn metrics_are_served_on_loopback_only() {
+        let parse = |listen: &str| {
+            AgentConfig::parse(Path::new("agent.toml"), &format!("data_dir = \"/x\"\n[metrics]\nlisten = {listen:?}\n"))
+        };
+        assert_eq!(AgentConfig::with_data_dir("/x".into()).metrics.listen, None, "off by default");
+        assert_eq!(parse("127.0.0.1:9465").unwrap().metrics.listen, Some(([127, 0, 0, 1], 9465).into()));
+        assert!(parse("[::1]:9465").is_ok());
+        for bad in ["0.0.0.0:9465", "192.168.1.10:9465", "localhost"] {
+            let err = parse(bad).unwrap_err();
+            let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths, ["metrics.listen"], "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod inbox;
 pub mod jobs;
 pub mod keyfile;
 pub mod link;
+pub mod metrics;
 pub mod peers;
 pub mod process;
 pub mod settings;
@@ -144,6 +145,7 @@ fn needs_restart(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
         ("peers", differ(&old.peers, &new.peers)),
         ("backups", differ(&old.backup_repo, &new.backup_repo)),
         ("stop_grace", old.stop_grace != new.stop_grace),
+        ("metrics", old.metrics != new.metrics),
     ] {
         if changed {
             out.push(name);
@@ -322,6 +324,19 @@ pub fn run_with(
         if config.peers.enabled {
             let peers = move |cancel| peers::run(peer_params.clone(), cancel);
             supervisor = supervisor.child("peers", parts.task("peers", peers));
+        }
+        if let Some(listen) = config.metrics.listen {
+            let sources = metrics::Sources {
+                store: store.clone(),
+                link: state_rx.clone(),
+                peers: peer_table.clone(),
+                transport: match config.uplink.transport {
+                    config::Transport::Quic => "quic",
+                    config::Transport::Mqtt(_) => "mqtt",
+                },
+            };
+            let serve = move |cancel| metrics::serve(listen, sources.clone(), cancel);
+            supervisor = supervisor.child("metrics", parts.task("metrics", serve));
         }
         if let Some(argv) = backup::upload_command(&config) {
             let flag = config.backup_repo.dir.join("upload-pending");

@@ -972,6 +972,7 @@ impl Shared {
             stats.records -= records.min(stats.records);
             stats.bytes -= bytes.min(stats.bytes);
             stats.precious_bytes -= precious.min(stats.precious_bytes);
+            crate::metrics::METRICS.records_acked.inc_by(records);
             Standing { thinning: stats.thinning, full: stats.full }
         };
         // The hub caught up: alarms whose condition ended are cleared.

@@ -116,8 +116,11 @@ impl TelemetryActor {
         let sampler = self.sampler.clone();
         let store = self.store.clone();
         let work = async move {
-            let sampled =
-                tokio::task::spawn_blocking(move || sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()).await;
+            let sampled = tokio::task::spawn_blocking(move || {
+                let _timer = crate::metrics::CollectorTimer::start("telemetry");
+                sampler.lock().unwrap_or_else(|p| p.into_inner()).sample()
+            })
+            .await;
             match sampled {
                 Ok(sample) => {
                     if let Err(e) = store.append(vec![RecordBody::Telemetry(sample)]).await {

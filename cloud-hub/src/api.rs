@@ -754,16 +754,7 @@ impl From<JobRun> for JobRunView {
                 RunOutcome::Signaled { signal } => Some(signal),
                 _ => None,
             },
-            outcome_kind: match run.outcome {
-                RunOutcome::Exited { .. } => "exited",
-                RunOutcome::Signaled { .. } => "signaled",
-                RunOutcome::TimedOut => "timed_out",
-                RunOutcome::FailedToStart { .. } => "failed_to_start",
-                RunOutcome::Replaced => "replaced",
-                RunOutcome::Interrupted => "interrupted",
-                RunOutcome::Failed { .. } => "failed",
-            }
-            .into(),
+            outcome_kind: run.outcome.kind().into(),
             ends_run: run.outcome.ends_run(),
             outcome: run.outcome.to_string(),
             output: run.output,

@@ -11,6 +11,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod human;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod transport;
@@ -252,8 +253,10 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     ));
 
     let routes_fleet = fleet.clone();
+    let metrics_access = http::MetricsAccess { open: config.http.listen.ip().is_loopback() };
     let server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
+            .app_data(actix_web::web::Data::new(metrics_access))
             .configure(http::routes(routes_fleet.clone()))
             .configure(console::routes)
             .wrap(actix_web::middleware::from_fn(http::request_span))

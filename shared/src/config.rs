@@ -405,7 +405,7 @@ macro_rules! via_serde {
         }
     )*};
 }
-via_serde!(String, bool, u8, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf, std::collections::BTreeMap<String, String>);
+via_serde!(String, bool, u8, u16, u32, u64, usize, i64, f64, Vec<String>, PathBuf, std::collections::BTreeMap<String, String>, std::net::SocketAddr);
 
 fn serde_value<T: DeserializeOwned>(value: &toml::Value) -> Result<T, String> {
     value.clone().try_into().map_err(|e: toml::de::Error| e.message().to_owned())

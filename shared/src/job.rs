@@ -381,6 +381,20 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
+    /// The variant's name in snake case (`exited`, `timed_out`...), as the
+    /// API's `outcome_kind` shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunOutcome::Exited { .. } => "exited",
+            RunOutcome::Signaled { .. } => "signaled",
+            RunOutcome::TimedOut => "timed_out",
+            RunOutcome::FailedToStart { .. } => "failed_to_start",
+            RunOutcome::Replaced => "replaced",
+            RunOutcome::Interrupted => "interrupted",
+            RunOutcome::Failed { .. } => "failed",
+        }
+    }
+
     /// True for a successful run.
     pub fn succeeded(&self) -> bool {
         matches!(self, RunOutcome::Exited { code: 0 })
@@ -431,6 +445,11 @@ pub struct JobRun {
     /// was capped).
     pub output_bytes: u64,
 }
+
+/// The names of the jobs that run a device's scheduled backups start with
+/// this (`backup-<set>`): the hub's digest finds overdue backups by it and
+/// the agent's metrics count backup runs by it.
+pub const BACKUP_JOB_PREFIX: &str = "backup-";
 
 /// Where a job's definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

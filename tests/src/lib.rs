@@ -170,6 +170,8 @@ pub struct Hub {
     pub quic_extra: String,
     /// Keys added to its `[http]` table at each (re)start.
     pub http_extra: String,
+    /// Its `[http] listen` (default `127.0.0.1:0`).
+    pub http_listen: String,
     /// Keys added to its `[fleet]` table at each (re)start.
     pub fleet_extra: String,
     /// The hub's database when the tests run on PostgreSQL
@@ -243,6 +245,7 @@ impl Hub {
             extra_config: String::new(),
             quic_extra: String::new(),
             http_extra: String::new(),
+            http_listen: "127.0.0.1:0".into(),
             fleet_extra: String::new(),
             postgres: pg,
             store_config,
@@ -280,6 +283,7 @@ impl Hub {
             extra_config: String::new(),
             quic_extra: String::new(),
             http_extra: String::new(),
+            http_listen: "127.0.0.1:0".into(),
             fleet_extra: String::new(),
             postgres: None,
             store_config: first.store_config.clone(),
@@ -295,10 +299,11 @@ impl Hub {
     /// (Re)starts `serve` on the same data dir and QUIC port.
     pub fn serve(&mut self) -> Result<()> {
         let text = format!(
-            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n{}[fleet]\nheartbeat_timeout = {:?}\n{}",
+            "data_dir = {:?}\n[quic]\nlisten = {:?}\n{}[http]\nlisten = {:?}\nworkers = 1\n{}[fleet]\nheartbeat_timeout = {:?}\n{}",
             self.data_dir.display().to_string(),
             self.quic_addr,
             self.quic_extra,
+            self.http_listen,
             self.http_extra,
             self.timings.heartbeat_timeout,
             self.fleet_extra,

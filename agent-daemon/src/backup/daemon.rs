@@ -101,7 +101,7 @@ pub fn scheduled_jobs(config: &crate::config::AgentConfig) -> Vec<outpost_shared
             let mut argv = prefix.clone();
             argv.extend(["run".to_owned(), set.name.clone()]);
             Some(JobSpec {
-                name: format!("backup-{}", set.name),
+                name: format!("{}{}", outpost_shared::job::BACKUP_JOB_PREFIX, set.name),
                 schedule,
                 action: Action::Command { argv, env: Default::default(), working_dir: None },
                 timeout: config.backup_repo.timeout,

@@ -254,6 +254,7 @@ impl Jobs {
         }
         let changes = Changes { records: vec![RecordBody::JobRun(run.clone())], kv, kv_remove, ..Changes::default() };
         self.0.store.commit(changes).await?;
+        crate::metrics::METRICS.job_ended(run);
         let _ = self.0.finished.send((run.clone(), final_attempt));
         Ok(())
     }

@@ -71,6 +71,24 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// The kind of failure, as the `reason` label of
+    /// `outpost_agent_reconnects_total`. Pure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Resolve { .. } => "resolve",
+            LinkError::Connect(_) => "connect",
+            LinkError::Connection(_) => "connection_lost",
+            LinkError::Stream(_) => "stream",
+            LinkError::Refused(..) => "refused",
+            LinkError::Protocol(_) => "protocol",
+            LinkError::Timeout(_) => "timeout",
+            LinkError::Tls(_) => "tls",
+            LinkError::Store(_) => "store",
+            LinkError::Mqtt(_) => "mqtt",
+            LinkError::SwitchIdentity => "renewed_certificate",
+        }
+    }
+
     /// What the hub's TLS stack said when it refused this device's
     /// certificate (an expired, revoked or foreign one); `None` for every
     /// other failure. QUIC carries the TLS alert as the connection's close
@@ -256,6 +274,8 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             continue;
         }
         let untrusted = result.as_ref().err().is_some_and(LinkError::hub_untrusted);
+        let kind = result.as_ref().err().map_or("closed_by_hub", LinkError::kind);
+        crate::metrics::METRICS.reconnects.get_or_create(&crate::metrics::Reason { reason: kind }).inc();
         let reason = match result {
             Ok(()) => "hub closed the session".to_owned(),
             Err(e) => match e.certificate_refused() {

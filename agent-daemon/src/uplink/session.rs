@@ -197,7 +197,9 @@ pub async fn serve(
             else {
                 break;
             };
+            let count = batch.len_hint();
             channel.send(Message::Batch(batch)).await?;
+            crate::metrics::METRICS.records_sent.inc_by(count);
             if in_flight.is_empty() {
                 ack_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
             }

@@ -26,8 +26,7 @@ pub const LATE_JOIN_MS: u64 = 600_000;
 /// A backup job is overdue once its last success is this many periods old.
 pub const OVERDUE_PERIODS: u64 = 2;
 
-/// Scheduled backups run as jobs with this name prefix (`backup-<set>`).
-pub const BACKUP_JOB_PREFIX: &str = "backup-";
+pub use outpost_shared::job::BACKUP_JOB_PREFIX;
 
 /// What the fleet views need to know about one device's history.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -533,13 +533,16 @@ pub struct Health {
     pub error: Option<String>,
 }
 
+/// Runs a store call on whichever backend, timed as `$op` in
+/// `outpost_hub_store_operation_duration_seconds`.
 macro_rules! each {
-    ($self:ident, $b:ident => $e:expr) => {
+    ($self:ident, $op:literal, $b:ident => $e:expr) => {{
+        let _timer = crate::metrics::StoreTimer::start($op);
         match $self {
             Store::Sled($b) => $e,
             Store::Postgres($b) => $e,
         }
-    };
+    }};
 }
 
 impl Store {
@@ -575,45 +578,46 @@ impl Store {
 
     /// Whether writes are durable now, as last seen (no I/O).
     pub fn health(&self) -> Health {
-        let error = each!(self, b => b.fault());
+        let error = each!(self, "fault", b => b.fault());
         Health { ok: error.is_none(), backend: self.backend().into(), error }
     }
 
     /// Checks now that the store can make a write durable (a small write
     /// and its sync, or a round trip to the database).
     pub async fn probe(&self) -> Health {
-        let error = each!(self, b => b.probe().await).err().map(|e| e.to_string());
+        let error = each!(self, "probe", b => b.probe().await).err().map(|e| e.to_string());
         Health { ok: error.is_none(), backend: self.backend().into(), error }
     }
 
     /// The ingest high-water mark of a device.
     pub async fn high_water(&self, id: &DeviceId) -> Result<u64, StoreError> {
-        each!(self, b => b.high_water(id).await)
+        each!(self, "high_water", b => b.high_water(id).await)
     }
 
     /// Stores a batch of a device's records, each exactly once, durably
     /// before it returns: records at or below the high-water mark are
     /// duplicates and skipped (see [`ingest::plan`]).
     pub async fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let ingested = each!(self, b => b.ingest(id, records).await)?;
+        let ingested = each!(self, "ingest", b => b.ingest(id, records).await)?;
         ingest::log_stored(id, records, ingested.before);
+        crate::metrics::METRICS.count_results(records.iter().filter(|r| r.seq > ingested.before));
         Ok(ingested)
     }
 
     /// Telemetry of a device in `range`, oldest first: `(seq, sample)`.
     pub async fn telemetry(&self, id: &DeviceId, range: &TelemetryRange) -> Result<Vec<(u64, Sample)>, StoreError> {
-        each!(self, b => b.telemetry(id, range).await)
+        each!(self, "telemetry", b => b.telemetry(id, range).await)
     }
 
     /// Deletes telemetry sampled before `before`; returns how many samples
     /// (PostgreSQL: rows of whole partitions dropped are not counted).
     pub async fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {
-        each!(self, b => b.prune_telemetry(before).await)
+        each!(self, "prune_telemetry", b => b.prune_telemetry(before).await)
     }
 
     /// The newest events of a device, newest first.
     pub async fn events(&self, id: &DeviceId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        each!(self, b => b.events(id, limit).await)
+        each!(self, "events", b => b.events(id, limit).await)
     }
 
     /// The newest alarms of a device (among its last 1000 events), newest
@@ -634,161 +638,168 @@ impl Store {
     /// Records the public key of the certificate a device uses (unchanged
     /// keys are not rewritten); a renewed key becomes the current one here.
     pub async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
-        each!(self, b => b.put_device_key(id, key).await)
+        each!(self, "put_device_key", b => b.put_device_key(id, key).await)
     }
 
     /// Records the key of the certificate the hub just signed for a device
     /// renewing its own: accepted beside the current key until the device
     /// is seen using it ([`Store::put_device_key`]).
     pub async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
-        each!(self, b => b.put_next_device_key(id, key).await)
+        each!(self, "put_next_device_key", b => b.put_next_device_key(id, key).await)
     }
 
     /// Records what the hub knows of a device's expired certificate (the
     /// default removes it).
     pub async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
-        each!(self, b => b.set_admission(id, admission).await)
+        each!(self, "set_admission", b => b.set_admission(id, admission).await)
     }
 
     /// Every device with an expired certificate met or a re-admission.
     pub async fn admissions(&self) -> Result<Vec<(DeviceId, Admission)>, StoreError> {
-        each!(self, b => b.admissions().await)
+        each!(self, "admissions", b => b.admissions().await)
     }
 
     /// The keys a device may sign with (stored at enrollment, by each QUIC
     /// session from its certificate, and at renewal).
     pub async fn device_keys(&self, id: &DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
-        each!(self, b => b.device_keys(id).await)
+        each!(self, "device_keys", b => b.device_keys(id).await)
     }
 
     /// Adds a snapshot to a device's backup catalog, durably.
     pub async fn put_catalog_entry(&self, id: &DeviceId, entry: &CatalogEntry) -> Result<(), StoreError> {
-        each!(self, b => b.put_catalog_entry(id, entry).await)
+        each!(self, "put_catalog_entry", b => b.put_catalog_entry(id, entry).await)
     }
 
     /// A device's backup catalog, oldest first (names start with the start
     /// time in milliseconds, all of the same width for centuries).
     pub async fn catalog(&self, id: &DeviceId) -> Result<Vec<CatalogEntry>, StoreError> {
-        each!(self, b => b.catalog(id).await)
+        each!(self, "catalog", b => b.catalog(id).await)
     }
 
     /// One snapshot of a device's catalog.
     pub async fn catalog_entry(&self, id: &DeviceId, name: &str) -> Result<Option<CatalogEntry>, StoreError> {
-        each!(self, b => b.catalog_entry(id, name).await)
+        each!(self, "catalog_entry", b => b.catalog_entry(id, name).await)
     }
 
     /// Removes a device's whole backup catalog; returns how many snapshots
     /// it listed.
     pub async fn delete_catalog(&self, id: &DeviceId) -> Result<usize, StoreError> {
-        each!(self, b => b.delete_catalog(id).await)
+        each!(self, "delete_catalog", b => b.delete_catalog(id).await)
     }
 
     /// Removes some snapshots from a device's catalog.
     pub async fn delete_catalog_entries(&self, id: &DeviceId, names: &[String]) -> Result<(), StoreError> {
-        each!(self, b => b.delete_catalog_entries(id, names).await)
+        each!(self, "delete_catalog_entries", b => b.delete_catalog_entries(id, names).await)
     }
 
     /// Lets `reader` fetch `owner`'s backups.
     pub async fn put_grant(&self, reader: &DeviceId, owner: &DeviceId, grant: &Grant) -> Result<(), StoreError> {
-        each!(self, b => b.put_grant(reader, owner, grant).await)
+        each!(self, "put_grant", b => b.put_grant(reader, owner, grant).await)
     }
 
     /// The grant letting `reader` fetch `owner`'s backups, if any.
     pub async fn grant(&self, reader: &DeviceId, owner: &DeviceId) -> Result<Option<Grant>, StoreError> {
-        each!(self, b => b.grant(reader, owner).await)
+        each!(self, "grant", b => b.grant(reader, owner).await)
     }
 
     /// The device's latest peer table.
     pub async fn peers(&self, id: &DeviceId) -> Result<Option<PeersRecord>, StoreError> {
-        each!(self, b => b.peers(id).await)
+        each!(self, "peers", b => b.peers(id).await)
     }
 
     /// The device's latest job list.
     pub async fn jobs(&self, id: &DeviceId) -> Result<Option<JobsRecord>, StoreError> {
-        each!(self, b => b.jobs(id).await)
+        each!(self, "jobs", b => b.jobs(id).await)
     }
 
     /// The newest attempts of a device's job, newest first.
     pub async fn job_runs(&self, id: &DeviceId, job: &str, limit: usize) -> Result<Vec<JobRun>, StoreError> {
-        each!(self, b => b.job_runs(id, job, limit).await)
+        each!(self, "job_runs", b => b.job_runs(id, job, limit).await)
     }
 
     /// What the device last reported about its desired state.
     pub async fn reported(&self, id: &DeviceId) -> Result<Option<ReportedState>, StoreError> {
-        each!(self, b => b.reported(id).await)
+        each!(self, "reported", b => b.reported(id).await)
     }
 
     /// The device's desired state.
     pub async fn desired(&self, id: &DeviceId) -> Result<Option<DesiredRecord>, StoreError> {
-        each!(self, b => b.desired(id).await)
+        each!(self, "desired", b => b.desired(id).await)
     }
 
     /// Replaces the desired state if it is still at `expected` (0 for none);
     /// the new version is `expected + 1`.
     pub async fn put_desired(&self, id: &DeviceId, expected: u64, doc: String) -> Result<DesiredRecord, StoreError> {
-        each!(self, b => b.put_desired(id, expected, doc).await)
+        each!(self, "put_desired", b => b.put_desired(id, expected, doc).await)
     }
 
     /// Queues a command.
     pub async fn create_command(&self, command: NewCommand) -> Result<CommandRecord, StoreError> {
-        each!(self, b => b.create_command(command).await)
+        let created = each!(self, "create_command", b => b.create_command(command).await)?;
+        crate::metrics::METRICS.commands.get_or_create(&crate::metrics::State { state: "queued" }).inc();
+        Ok(created)
     }
 
     /// One command.
     pub async fn command(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        each!(self, b => b.command(id).await)
+        each!(self, "command", b => b.command(id).await)
     }
 
     /// A device's commands, oldest first.
     pub async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        each!(self, b => b.device_commands(device).await)
+        each!(self, "device_commands", b => b.device_commands(device).await)
     }
 
     /// A device's queued, unexpired commands, oldest first, at most `limit`.
     pub async fn queued_commands(&self, device: &DeviceId, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
-        each!(self, b => b.queued_commands(device, limit, Timestamp::now()).await)
+        each!(self, "queued_commands", b => b.queued_commands(device, limit, Timestamp::now()).await)
     }
 
     /// Marks those of `ids` that are `device`'s and still queued as
     /// delivered at `at`; returns them.
     pub async fn mark_delivered(&self, device: &DeviceId, ids: &[u64], at: Timestamp) -> Result<Vec<u64>, StoreError> {
-        each!(self, b => b.mark_delivered(device, ids, at).await)
+        each!(self, "mark_delivered", b => b.mark_delivered(device, ids, at).await)
     }
 
     /// Marks queued commands whose expiry has passed as expired; returns
     /// them.
     pub async fn expire_commands(&self, now: Timestamp) -> Result<Vec<CommandRecord>, StoreError> {
-        each!(self, b => b.expire_commands(now).await)
+        let expired = each!(self, "expire_commands", b => b.expire_commands(now).await)?;
+        crate::metrics::METRICS
+            .commands
+            .get_or_create(&crate::metrics::State { state: "expired" })
+            .inc_by(expired.len() as u64);
+        Ok(expired)
     }
 
     /// Stores an API token under the SHA-256 of its secret.
     pub async fn put_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<(), StoreError> {
-        each!(self, b => b.put_api_token(hash, token).await)
+        each!(self, "put_api_token", b => b.put_api_token(hash, token).await)
     }
 
     /// Stores a new API token unless an unexpired token has its name
     /// (false): checked and written as one step, on every backend, so two
     /// creations of one name at once cannot both succeed.
     pub async fn insert_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
-        each!(self, b => b.insert_api_token(hash, token).await)
+        each!(self, "insert_api_token", b => b.insert_api_token(hash, token).await)
     }
 
     /// Looks up an API token by the SHA-256 of its secret.
     pub async fn api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
-        each!(self, b => b.api_token(hash).await)
+        each!(self, "api_token", b => b.api_token(hash).await)
     }
 
     /// Replaces a token's record if the token still exists (so a use
     /// recorded after a revocation does not bring it back). Returns false
     /// if it does not.
     pub async fn update_api_token(&self, hash: &[u8; 32], token: &ApiToken) -> Result<bool, StoreError> {
-        each!(self, b => b.update_api_token(hash, token).await)
+        each!(self, "update_api_token", b => b.update_api_token(hash, token).await)
     }
 
     /// Removes a token and returns it; of two callers removing the same
     /// token, one gets it (how a one-time sign-in link is spent).
     pub async fn take_api_token(&self, hash: &[u8; 32]) -> Result<Option<ApiToken>, StoreError> {
-        each!(self, b => b.take_api_token(hash).await)
+        each!(self, "take_api_token", b => b.take_api_token(hash).await)
     }
 
     /// Removes a token unless `refuse` (given every token, the hash and the
@@ -801,39 +812,39 @@ impl Store {
         hash: &[u8; 32],
         refuse: RefuseTake,
     ) -> Result<Result<Option<ApiToken>, ()>, StoreError> {
-        each!(self, b => b.take_api_token_unless(hash, refuse).await)
+        each!(self, "take_api_token_unless", b => b.take_api_token_unless(hash, refuse).await)
     }
 
     /// Every token with its hash.
     pub async fn api_tokens(&self) -> Result<Vec<([u8; 32], ApiToken)>, StoreError> {
-        each!(self, b => b.api_tokens().await)
+        each!(self, "api_tokens", b => b.api_tokens().await)
     }
 
     /// Sets a device's labels; false if there is no such device.
     pub async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
-        each!(self, b => b.set_labels(id, labels).await)
+        each!(self, "set_labels", b => b.set_labels(id, labels).await)
     }
 
     /// Every device (or those in `only`) with its labels, digest, mark and
     /// session, ordered by id: one read however many devices.
     pub async fn fleet_rows(&self, only: Option<&[DeviceId]>) -> Result<Vec<FleetRow>, StoreError> {
-        each!(self, b => b.fleet_rows(only).await)
+        each!(self, "fleet_rows", b => b.fleet_rows(only).await)
     }
 
     /// Removes audit entries made before `before` (the retention); returns
     /// how many.
     pub async fn prune_audit(&self, before: Timestamp) -> Result<usize, StoreError> {
-        each!(self, b => b.prune_audit(before).await)
+        each!(self, "prune_audit", b => b.prune_audit(before).await)
     }
 
     /// Appends an entry to the audit log, durably; returns its id.
     pub async fn append_audit(&self, entry: &AuditEntry) -> Result<u64, StoreError> {
-        each!(self, b => b.append_audit(entry).await)
+        each!(self, "append_audit", b => b.append_audit(entry).await)
     }
 
     /// A page of the audit log, newest first.
     pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
-        each!(self, b => b.audit(query).await)
+        each!(self, "audit", b => b.audit(query).await)
     }
 
     /// Enrolls a device with one redemption of token `token_id`, atomically
@@ -846,61 +857,61 @@ impl Store {
         record: &DeviceRecord,
         key: &[u8],
     ) -> Result<(), StoreError> {
-        each!(self, b => b.enroll(token_id, allowed, record, key).await)
+        each!(self, "enroll", b => b.enroll(token_id, allowed, record, key).await)
     }
 
     /// One device.
     pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        each!(self, b => b.device(id).await)
+        each!(self, "device", b => b.device(id).await)
     }
 
     /// Every device, ordered by id.
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        each!(self, b => b.devices().await)
+        each!(self, "devices", b => b.devices().await)
     }
 
     /// Records a device's hello (name, agent version, address, time).
     /// Returns false if the device is unknown.
     pub async fn record_hello(&self, hello: &HelloRecord) -> Result<bool, StoreError> {
-        each!(self, b => b.record_hello(hello).await)
+        each!(self, "record_hello", b => b.record_hello(hello).await)
     }
 
     /// Records that hub `hub` now holds `device`'s session over
     /// `transport`; returns the session's epoch. A later claim (on this hub
     /// or another) fences this one off: see [`Store::holds_session`].
     pub async fn claim_session(&self, device: &DeviceId, hub: &str, transport: &str) -> Result<u64, StoreError> {
-        each!(self, b => b.claim_session(device, hub, transport).await)
+        each!(self, "claim_session", b => b.claim_session(device, hub, transport).await)
     }
 
     /// True while `(hub, epoch)` is the device's newest session.
     pub async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
-        each!(self, b => b.holds_session(device, hub, epoch).await)
+        each!(self, "holds_session", b => b.holds_session(device, hub, epoch).await)
     }
 
     /// Where the device's newest session is, and when the hub holding it
     /// last heard from the device.
     pub async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
-        each!(self, b => b.session(device).await)
+        each!(self, "session", b => b.session(device).await)
     }
 
     /// Records when this hub last heard from each of `seen` (only sessions
     /// this hub still holds), in one write.
     pub async fn touch_sessions(&self, hub: &str, seen: &[(DeviceId, Timestamp)]) -> Result<(), StoreError> {
-        each!(self, b => b.touch_sessions(hub, seen).await)
+        each!(self, "touch_sessions", b => b.touch_sessions(hub, seen).await)
     }
 
     /// Wakes the hub that holds `device`'s session if it is not `from`
     /// (PostgreSQL: `NOTIFY` on that hub's channel, carrying the id only;
     /// sled: one hub, nothing to do).
     pub async fn notify(&self, device: &DeviceId, from: &str) -> Result<(), StoreError> {
-        each!(self, b => b.notify(device, from).await)
+        each!(self, "notify", b => b.notify(device, from).await)
     }
 
     /// Of `devices`, those that may have something to deliver: queued
     /// commands, or desired state changed at or after `since` (the polling
     /// fallback behind notifications).
     pub async fn pending_devices(&self, devices: &[DeviceId], since: Timestamp) -> Result<Vec<DeviceId>, StoreError> {
-        each!(self, b => b.pending_devices(devices, since).await)
+        each!(self, "pending_devices", b => b.pending_devices(devices, since).await)
     }
 
     /// True when several hubs may share this store (PostgreSQL): changes
@@ -929,23 +940,23 @@ impl Store {
     /// device's backups while another hub catalogues one of its snapshots).
     /// Returns whether `holder` has it now.
     pub async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
-        each!(self, b => b.take_lease(name, holder, ttl).await)
+        each!(self, "take_lease", b => b.take_lease(name, holder, ttl).await)
     }
 
     /// Gives a lease back before it expires.
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
-        each!(self, b => b.release_lease(name, holder).await)
+        each!(self, "release_lease", b => b.release_lease(name, holder).await)
     }
 
     /// Waits until everything written so far is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        each!(self, b => b.flush().await)
+        each!(self, "flush", b => b.flush().await)
     }
 
     /// Flushes and releases the database (sled's files can then be opened
     /// again in this process). Other clones must be dropped first.
     pub async fn close(self) -> Result<(), StoreError> {
-        each!(self, b => b.close().await)
+        each!(self, "close", b => b.close().await)
     }
 }
 

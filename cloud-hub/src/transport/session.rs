@@ -11,6 +11,7 @@
 //! - [`received`]: the device persisted some commands.
 //! - [`Outbound`]: what to deliver next (commands, desired state).
 
+use crate::metrics::{METRICS, Reason};
 use crate::service::ca::FleetCa;
 use crate::service::fleet::{Fleet, Link};
 use crate::store::{AuditEntry, DeviceKeys, HelloRecord, Ingested, Store, StoreError};
@@ -93,17 +94,35 @@ pub(crate) fn log_store_error(e: &StoreError, what: &'static str) {
 /// numbers must increase from 1. Returns the acknowledgement to send once
 /// the records are durable.
 pub async fn ingest(store: &Store, id: &DeviceId, keys: &mut DeviceKeys, batch: Batch) -> Result<Ack, SessionEnd> {
+    let refused = |reason: &'static str, message: String| {
+        METRICS.batches_refused.get_or_create(&Reason { reason }).inc();
+        SessionEnd::Protocol(message)
+    };
     if batch.origin != *id {
-        return Err(SessionEnd::Protocol(format!("batch of device {} on {id}'s session", batch.origin)));
+        return Err(refused("origin", format!("batch of device {} on {id}'s session", batch.origin)));
     }
-    if !check_signature(store, id, keys, |key| batch.verify(key)).await? {
-        return Err(SessionEnd::Protocol("batch signature does not verify with the device's certificate".into()));
+    match check_signature(store, id, keys, |key| batch.verify(key)).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(refused("signature", "batch signature does not verify with the device's certificate".into()));
+        }
+        Err(end) => {
+            METRICS.batches_refused.get_or_create(&Reason { reason: "store_unavailable" }).inc();
+            return Err(end);
+        }
     }
-    let records = batch.records().map_err(|e| SessionEnd::Protocol(format!("signed batch does not decode: {e}")))?;
+    let records = batch.records().map_err(|e| refused("malformed", format!("signed batch does not decode: {e}")))?;
     if !records.windows(2).all(|w| w[0].seq < w[1].seq) || records.first().is_some_and(|r| r.seq == 0) {
-        return Err(SessionEnd::Protocol("batch sequence numbers are not increasing from 1".into()));
+        return Err(refused("sequence", "batch sequence numbers are not increasing from 1".into()));
     }
-    let ingested = ingest_retrying(store, id, &records).await?;
+    let ingested = ingest_retrying(store, id, &records).await.inspect_err(|_| {
+        METRICS.batches_refused.get_or_create(&Reason { reason: "store_unavailable" }).inc();
+    })?;
+    METRICS.records.inc_by(ingested.stored as u64);
+    METRICS.duplicates.inc_by(ingested.duplicates as u64);
+    if ingested.stored > 0 {
+        METRICS.bytes.inc_by(batch.payload.len() as u64);
+    }
     for (from, to) in &ingested.gaps {
         info!(from, to, "Sequence gap (records the device thinned).");
     }
@@ -345,6 +364,8 @@ pub struct DeviceSession {
     /// The digest of the trust bundle the device holds, once it said
     /// (agents of protocol 12 and later; older ones are sent none).
     device_trust: Option<[u8; 32]>,
+    /// Counts the session in `outpost_hub_sessions_open` while it lives.
+    open: Option<crate::metrics::OpenSession>,
 }
 
 impl DeviceSession {
@@ -373,6 +394,7 @@ impl DeviceSession {
             pace: crate::service::pace::Pace::new(fleet_rate, std::time::Instant::now()),
             slowed: false,
             device_trust: None,
+            open: None,
         }
     }
 
@@ -428,6 +450,7 @@ impl DeviceSession {
                 };
                 info!(name = ?hello_msg.name, version = ?hello_msg.agent_version, addr = %transport.addr(), resume_after = welcome.acked_seq, "Session opened.");
                 self.attach(transport, true).await?;
+                self.open = Some(crate::metrics::OpenSession::new(transport.link().transport()));
                 new_session = true;
                 transport.send(Message::Welcome(welcome)).await?;
             }

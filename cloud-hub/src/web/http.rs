@@ -230,6 +230,12 @@ impl FromRequest for Caller {
     }
 }
 
+/// The secret of an `Authorization: Bearer` header, if any.
+fn bearer_secret(req: &HttpRequest) -> Option<String> {
+    let header = req.headers().get("authorization")?.to_str().ok()?;
+    Some(header.strip_prefix("Bearer ")?.trim().to_owned())
+}
+
 /// Authenticates a request under `/api/v1` before its path, query or body
 /// is read, so that a caller without a valid token learns nothing but 401
 /// (or 429); the handler takes the [`Caller`] it found.
@@ -240,12 +246,7 @@ pub async fn bearer(
     actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
     actix_web::Error,
 > {
-    let secret = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(|s| s.trim().to_owned());
+    let secret = bearer_secret(req.request());
     let fleet = req.app_data::<web::Data<Fleet>>().cloned();
     let checked = match (fleet, secret) {
         (Some(fleet), Some(secret)) => authenticate(&fleet, req.request(), &secret).await,
@@ -295,11 +296,27 @@ pub async fn request_span(
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("http", id = %id, method = %req.method(), path = %req.path());
+    let started = std::time::Instant::now();
     let mut res = next.call(req).instrument(span).await?;
+    count_request(res.request(), res.status().as_u16(), started.elapsed());
     if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
         res.headers_mut().insert(actix_web::http::header::HeaderName::from_static(REQUEST_ID), value);
     }
     Ok(res)
+}
+
+/// Counts an answered request in the hub's metrics, by its route's pattern
+/// (never the raw path) and method (others than the usual as `other`):
+/// callers cannot make new series.
+fn count_request(req: &HttpRequest, code: u16, took: std::time::Duration) {
+    use crate::metrics::{METRICS, Request, Route};
+    let route = req.match_pattern().unwrap_or_else(|| "other".to_owned());
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
+    METRICS.http_requests.get_or_create(&Request { route: route.clone(), method, code }).inc();
+    METRICS.http_seconds.get_or_create(&Route { route }).observe(took.as_secs_f64());
 }
 
 /// Writes an audit entry for every change (any method but GET and HEAD)
@@ -413,6 +430,39 @@ fn health_response(health: crate::store::Health) -> HttpResponse {
             .content_type("text/plain")
             .body(format!("store ({}) cannot make writes durable: {error}\n", health.backend)),
     }
+}
+
+/// Who may read `/metrics` without a token: anyone who reaches it when the
+/// HTTP listener is bound to loopback only (`[http] listen` on 127.0.0.1 or
+/// ::1), nobody otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetricsAccess {
+    /// `/metrics` answers without a token.
+    pub open: bool,
+}
+
+/// `/metrics`: the hub's Prometheus metrics (text format 0.0.4); the
+/// fleet's gauges are read from the store now. A viewer token, or none when
+/// the HTTP listener is bound to loopback only.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 503, body = ApiError)), security((), ("bearer" = [])))]
+async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
+    let secret = bearer_secret(&req);
+    let open = req.app_data::<web::Data<MetricsAccess>>().is_some_and(|a| a.open);
+    match secret {
+        Some(secret) => authenticate(&fleet, &req, &secret).await?.require(Role::Viewer)?,
+        None if open => {}
+        None => {
+            admit(&fleet, &req)?;
+            failed(&fleet, &req);
+            return Err(HttpError::Unauthorized);
+        }
+    }
+    let metrics = &crate::metrics::METRICS;
+    metrics.set_fleet(&overview(&fleet.views(None).await?, 0));
+    let text = metrics
+        .encode()
+        .map_err(|e| HttpError::Internal(crate::store::StoreError::Unavailable(format!("metrics not encoded: {e}"))))?;
+    Ok(HttpResponse::Ok().content_type(prometheus_client::encoding::prometheus_text::CONTENT_TYPE).body(text))
 }
 
 /// Query of `GET /api/v1/devices`.
@@ -1103,7 +1153,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`, checked before anything else of a request is read. Every error is JSON (`ApiError`); a method a path does not have is answered 405 with `Allow`, an unknown path 404. Failed authentication is limited per source address (`[http] failed_auth_burst` per `failed_auth_window`, default 20 per minute): past it, 429 with `Retry-After`. Bodies are at most 256 KiB."),
     paths(
-        healthz, readyz, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
+        healthz, readyz, prometheus_metrics, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
         list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
         get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
         patch_desired, list_commands, post_command, get_command
@@ -1233,6 +1283,7 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(web::Data::from(fleet))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .service(resource("/metrics", vec![(Method::GET, web::route().to(prometheus_metrics))]))
             .route("/api/v1/openapi.json", web::get().to(openapi))
             .service(
                 web::scope("/api/v1")

@@ -347,6 +347,8 @@ async fn stream(
 ) -> Result<HttpResponse, ConsoleError> {
     let ids: Vec<DeviceId> = query.ids.split(',').filter_map(|s| s.trim().parse().ok()).take(MAX_STREAM_ROWS).collect();
     let fleet = fleet.into_inner();
+    // Counted in `outpost_hub_console_live_streams` until the stream is dropped.
+    let live = crate::metrics::LiveStream::new();
     let state = (fleet, ids, std::collections::HashMap::<String, u64>::new(), tokio::time::Instant::now(), true);
     let events = futures_util::stream::unfold(state, |(fleet, ids, mut sent, mut last_write, first)| async move {
         loop {
@@ -385,6 +387,10 @@ async fn stream(
                 return Some((Ok(web::Bytes::from_static(b": open\n\n")), (fleet, ids, sent, last_write, false)));
             }
         }
+    });
+    let events = futures_util::StreamExt::map(events, move |chunk| {
+        let _counted = &live;
+        chunk
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")

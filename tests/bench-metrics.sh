@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Cost of a Prometheus scrape of the hub at N devices (default 10 000,
+# written through the store by outpost-fleetgen), release binaries, sled:
+# time and bytes of GET /metrics over R requests (median, p95), beside a
+# scrape of Debian's prometheus-node-exporter on the same machine in the
+# same run, and the hub's own overview call (the store read a scrape makes).
+#
+#   tests/bench-metrics.sh [N] [R]      (defaults 10000 30)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10000}; R=${2:-30}
+cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=$PWD/target/release
+top=$(mktemp -d /tmp/outpost-bench-XXXXXX)
+work=$top
+pids=()
+. tests/bench-common.sh
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$top"; }
+trap cleanup EXIT
+trap "exit 130" INT TERM
+
+echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%FT%TZ); $(git rev-parse --short HEAD)"
+
+# timed LABEL URL [TOKEN]: R requests, "| LABEL | median | p95 | bytes |".
+timed() {
+    local label=$1 url=$2 auth=()
+    [ -n "${3:-}" ] && auth=(-H "Authorization: Bearer $3")
+    for _ in $(seq 1 "$R"); do
+        curl -s -o /dev/null -w '%{time_total} %{size_download} %{http_code}\n' "${auth[@]}" "$url"
+    done | sort -n | awk -v label="$label" -v r="$R" '
+        { t[NR] = $1; size = $2; if ($3 != 200) bad = $3 }
+        END { if (bad) { print "| " label " | HTTP " bad " |"; exit 1 }
+              printf "| %s | %.1f ms | %.1f ms | %d |\n", label, t[int((r + 1) / 2)] * 1000, t[int(r * 0.95 + 0.999)] * 1000, size }'
+}
+
+init_hub
+"$bin/outpost-fleetgen" --data-dir "$work/hub" --devices "$N" 2>"$work/gen.log"
+"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
+until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
+api="http://$(cat "$work/hub/http.addr")"
+prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
+ne_port=""
+for _ in $(seq 100); do
+    ne_port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne.log" | head -1 | cut -d: -f2) && [ -n "$ne_port" ] && break
+    sleep 0.1
+done
+# Some traffic first, so the HTTP and store series exist.
+for _ in $(seq 1 20); do curl -s -o /dev/null -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=10"; done
+curl -s "$api/metrics" | promtool check metrics
+echo
+echo "## $N devices, sled; $(curl -s "$api/metrics" | grep -vc '^#') samples in the hub's /metrics"
+echo
+echo "| request ($R each) | median | p95 | bytes |"
+echo "|---|---|---|---|"
+timed "hub: GET /metrics (loopback, no token)" "$api/metrics"
+timed "hub: GET /api/v1/overview (the store read a scrape makes)" "$api/api/v1/overview" "$admin"
+timed "peer: prometheus-node-exporter $(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}'): GET /metrics" "http://127.0.0.1:$ne_port/metrics"
