@@ -980,3 +980,103 @@ impl From<&crate::store::CatalogEntry> for SnapshotView {
         }
     }
 }
+
+/// An alert as `GET /api/v1/alerts` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertView {
+    /// 16 hex digits, as in the webhook payload.
+    pub fingerprint: String,
+    /// The rule (`alertname`).
+    pub rule: String,
+    /// The device's id.
+    pub device: String,
+    /// The device's name.
+    pub device_name: String,
+    /// The rule's severity.
+    pub severity: String,
+    /// `pending`, `firing` or `resolved`.
+    pub state: String,
+    /// The summary.
+    pub summary: String,
+    /// Why it holds, in words.
+    pub description: String,
+    /// When its condition was first seen (RFC 3339).
+    pub since: String,
+    /// When it started firing.
+    pub fired_at: Option<String>,
+    /// When it resolved.
+    pub resolved_at: Option<String>,
+    /// Held back: its device is offline (its offline alert is told instead).
+    pub inhibited: bool,
+    /// Held back by a silence.
+    pub silenced: bool,
+}
+
+impl AlertView {
+    /// The view of `alert`.
+    pub fn new(alert: &crate::service::alerts::Alert, silenced: bool) -> Self {
+        AlertView {
+            fingerprint: alert.fingerprint(),
+            rule: alert.rule.clone(),
+            device: alert.device.clone(),
+            device_name: alert.name.clone(),
+            severity: alert.severity.clone(),
+            state: crate::service::alerts::state_name(alert.state).into(),
+            summary: alert.summary.clone(),
+            description: alert.description.clone(),
+            since: alert.since.rfc3339(),
+            fired_at: alert.fired_at.map(Timestamp::rfc3339),
+            resolved_at: alert.resolved_at.map(Timestamp::rfc3339),
+            inhibited: alert.inhibited,
+            silenced,
+        }
+    }
+}
+
+/// A silence as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SilenceView {
+    /// `sil-...`.
+    pub id: String,
+    /// Labels and the values they must have.
+    pub matchers: std::collections::BTreeMap<String, String>,
+    /// When it ends (RFC 3339).
+    pub ends_at: String,
+    /// Why.
+    pub comment: String,
+    /// The token that made it.
+    pub created_by: String,
+    /// When (RFC 3339).
+    pub created_at: String,
+    /// In force now.
+    pub active: bool,
+}
+
+impl SilenceView {
+    /// The view of `s` at `now`.
+    pub fn new(s: &crate::service::alerts::Silence, now: Timestamp) -> Self {
+        SilenceView {
+            id: s.id.clone(),
+            matchers: s.matchers.clone(),
+            ends_at: s.ends_at.rfc3339(),
+            comment: s.comment.clone(),
+            created_by: s.created_by.clone(),
+            created_at: s.created_at.rfc3339(),
+            active: now < s.ends_at,
+        }
+    }
+}
+
+/// Body of `POST /api/v1/silences`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SilenceRequest {
+    /// Labels and values an alert must have to be silenced (`alertname`,
+    /// `device`, `device_name`, `severity`).
+    pub matchers: std::collections::BTreeMap<String, String>,
+    /// How long: `2h`, `3d` (1 minute to 90 days).
+    pub duration: String,
+    /// Why.
+    #[serde(default)]
+    pub comment: String,
+}

@@ -165,6 +165,26 @@ impl Client {
         self.get("/api/v1/tokens")
     }
 
+    /// `GET /api/v1/alerts?limit=`
+    pub fn alerts(&self, limit: usize) -> Result<Vec<crate::api::AlertView>, ClientError> {
+        self.get(&format!("/api/v1/alerts?limit={limit}"))
+    }
+
+    /// `GET /api/v1/silences`
+    pub fn silences(&self) -> Result<Vec<crate::api::SilenceView>, ClientError> {
+        self.get("/api/v1/silences")
+    }
+
+    /// `POST /api/v1/silences`
+    pub fn silence(&self, request: &crate::api::SilenceRequest) -> Result<crate::api::SilenceView, ClientError> {
+        self.call("POST", "/api/v1/silences", Some(serde_json::to_value(request).unwrap_or_default()))
+    }
+
+    /// `DELETE /api/v1/silences/{id}`
+    pub fn end_silence(&self, id: &str) -> Result<crate::api::SilenceView, ClientError> {
+        self.call("DELETE", &format!("/api/v1/silences/{}", seg(id)), None)
+    }
+
     /// `POST /api/v1/tokens`: the answer holds the secret, once.
     pub fn create_token(&self, name: &str, role: &str, expires_in: &str) -> Result<crate::api::TokenView, ClientError> {
         let body = serde_json::json!({"name": name, "role": role, "expires_in": expires_in});

@@ -42,6 +42,8 @@ pub struct HubConfig {
     /// `[store]`: where the fleet's state lives. Default: sled under
     /// `data_dir/db`.
     pub store: StoreConfig,
+    /// `[alerts]`: rules, receivers and when they are told.
+    pub alerts: crate::service::alerts::AlertsConfig,
 }
 
 /// `[backups]`
@@ -125,6 +127,7 @@ impl HubConfig {
             log: "info".into(),
             backups: BackupsConfig { retention: Default::default(), prune_every: Duration::from_secs(3600) },
             store: StoreConfig::Sled,
+            alerts: Default::default(),
         }
     }
 }
@@ -143,6 +146,7 @@ impl ConfigFile for HubConfig {
         let mqtt = root.table("mqtt");
         let backups = root.table("backups");
         let store = root.table("store");
+        let alerts = root.table("alerts");
         let store_config = match store.get_or("backend", "sled".to_owned()).as_str() {
             "sled" => StoreConfig::Sled,
             "postgres" => StoreConfig::Postgres {
@@ -222,6 +226,7 @@ impl ConfigFile for HubConfig {
                 prune_every: backups.get_or("prune_every", Duration::from_secs(3600)),
             },
             store: store_config,
+            alerts: crate::service::alerts::AlertsConfig::read(&alerts),
         };
         backups.check("prune_every", config.backups.prune_every >= Duration::from_secs(60), "must be at least 1m");
         quic.check(
@@ -276,7 +281,7 @@ impl ConfigFile for HubConfig {
             mqtt.check("password", m.password.is_none() || m.username.is_some(), "needs username");
         }
         audit.check("retention", config.audit_retention >= Duration::from_secs(86400), "must be at least 1d");
-        for s in [quic, http, fleet, telemetry, audit, mqtt, backups, store] {
+        for s in [quic, http, fleet, telemetry, audit, mqtt, backups, store, alerts] {
             s.finish();
         }
         config
@@ -323,6 +328,39 @@ fn socket_addr(section: &Section<'_>, key: &str, default: &str) -> SocketAddr {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn alert_rules_and_receivers_are_read_and_every_problem_listed() {
+        let good = "data_dir = \"/x\"\n[alerts]\ngroup_wait = \"10s\"\n\
+                    [[alerts.receiver]]\nname = \"ops\"\nurl = \"https://chat.example/hook\"\nformat = \"slack\"\n\
+                    [[alerts.rule]]\nname = \"Offline\"\ncondition = \"offline\"\nthreshold = \"10m\"\n\
+                    selector = \"site=berlin\"\nfor = \"1m\"\n";
+        let a = HubConfig::parse(Path::new("hub.toml"), good).unwrap().alerts;
+        assert_eq!(a.timing.group_wait, Duration::from_secs(10));
+        assert_eq!(a.receivers[0].format, crate::service::alerts::Format::Slack);
+        let rule = &a.rules[0];
+        assert_eq!(rule.condition, crate::service::alerts::Condition::Offline(Duration::from_secs(600)));
+        assert_eq!((rule.hold, rule.severity.as_str()), (Duration::from_secs(60), "warning"));
+        assert!(HubConfig::parse(Path::new("hub.toml"), "data_dir = \"/x\"\n").unwrap().alerts.rules.is_empty());
+        let bad = "data_dir = \"/x\"\n[alerts]\nrepeat_interval = \"1s\"\n\
+                   [[alerts.receiver]]\nname = \"ops\"\nurl = \"ftp://x\"\nformat = \"email\"\n\
+                   [[alerts.rule]]\nname = \"a b\"\ncondition = \"offline\"\n\
+                   [[alerts.rule]]\nname = \"X\"\ncondition = \"gone\"\nselector = \"\"\nthreshhold = \"1\"\n";
+        let err = HubConfig::parse(Path::new("hub.toml"), bad).unwrap_err();
+        let paths: Vec<_> = err.errors.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "alerts.repeat_interval",
+            "alerts.rule[a b].name",
+            "alerts.rule[a b].condition",
+            "alerts.rule[X].condition",
+            "alerts.rule[X].selector",
+            "alerts.rule[X].threshhold",
+            "alerts.receiver[ops].format",
+            "alerts.receiver[ops].url",
+        ] {
+            assert!(paths.iter().any(|p| p.starts_with(want)), "{want} missing: {err}");
+        }
+    }
 
     #[test]
     fn mqtt_bridge_settings_are_read_and_checked() {

@@ -161,6 +161,7 @@ pub struct RunningHub {
     identity_task: tokio::task::JoinHandle<()>,
     admissions_task: tokio::task::JoinHandle<()>,
     wakeup_task: tokio::task::JoinHandle<()>,
+    alerts_task: tokio::task::JoinHandle<()>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
@@ -252,6 +253,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         shutdown.clone(),
     ));
 
+    let alerts_task = tokio::spawn(service::alerts::run(fleet.clone(), config.alerts.clone(), shutdown.clone()));
     let routes_fleet = fleet.clone();
     let metrics_access = http::MetricsAccess { open: config.http.listen.ip().is_loopback() };
     let server = actix_web::HttpServer::new(move || {
@@ -303,6 +305,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         identity_task,
         admissions_task,
         wakeup_task,
+        alerts_task,
         http,
         http_task,
         store,
@@ -452,7 +455,7 @@ impl RunningHub {
     /// The first of its parts that ended while the hub runs (a task that
     /// panicked or returned), if any: the watchdog is not pinged then.
     pub fn dead_part(&self) -> Option<&'static str> {
-        let parts: [(&'static str, bool); 7] = [
+        let parts: [(&'static str, bool); 8] = [
             ("HTTP server", self.http_task.is_finished()),
             ("QUIC listener", self.quic_task.is_finished()),
             ("MQTT bridge", self.mqtt_task.as_ref().is_some_and(|t| t.is_finished())),
@@ -460,6 +463,7 @@ impl RunningHub {
             ("hub certificate renewal", self.identity_task.is_finished()),
             ("admissions", self.admissions_task.is_finished()),
             ("wake-ups", self.wakeup_task.is_finished()),
+            ("alerts", self.alerts_task.is_finished()),
         ];
         parts.into_iter().find(|(_, ended)| *ended).map(|(name, _)| name)
     }
@@ -494,6 +498,7 @@ impl RunningHub {
             let _ = self.identity_task.await;
             let _ = self.admissions_task.await;
             let _ = self.wakeup_task.await;
+            let _ = self.alerts_task.await;
         };
         if tokio::time::timeout(limit, stop).await.is_err() {
             tracing::warn!("Hub shutdown exceeded its time limit.");

@@ -61,6 +61,16 @@ pub struct Route {
     pub route: String,
 }
 
+/// Labels of a notification: the receiver (from the config) and how its
+/// delivery ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Notification {
+    /// The receiver's name.
+    pub receiver: String,
+    /// `sent`, `retrying` or `failed`.
+    pub result: &'static str,
+}
+
 /// A label `operation` (a store method).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Operation {
@@ -94,6 +104,12 @@ pub struct HubMetrics {
     pub store_seconds: Family<Operation, Histogram>,
     /// Console live streams open.
     pub live_streams: Gauge,
+    /// Alerts by state (pending, firing), on the hub that evaluates them.
+    pub alerts: Family<State, Gauge>,
+    /// Alert notifications by receiver and result.
+    pub notifications: Family<Notification, Counter>,
+    /// Rounds of alert evaluation this hub made (it holds the lease).
+    pub evaluations: Counter,
     devices: Family<State, Gauge>,
     alarmed: Gauge,
     overdue_backups: Gauge,
@@ -120,6 +136,9 @@ impl HubMetrics {
             http_seconds: Family::new_with_constructor(seconds_histogram),
             store_seconds: Family::new_with_constructor(seconds_histogram),
             live_streams: Gauge::default(),
+            alerts: Family::default(),
+            notifications: Family::default(),
+            evaluations: Counter::default(),
             devices: Family::default(),
             alarmed: Gauge::default(),
             overdue_backups: Gauge::default(),
@@ -160,6 +179,13 @@ impl HubMetrics {
             m.store_seconds.clone(),
         );
         registry.register("console_live_streams", "Console live-update streams open", m.live_streams.clone());
+        registry.register("alerts", "Alerts by state, on the hub that evaluates them", m.alerts.clone());
+        registry.register("alert_evaluations", "Rounds of alert evaluation made by this hub", m.evaluations.clone());
+        registry.register(
+            "alert_notifications",
+            "Alert notifications by receiver and result (sent, retrying, failed)",
+            m.notifications.clone(),
+        );
         registry.register(
             "devices",
             "Enrolled devices by state (online, offline, never_connected), read at scrape",

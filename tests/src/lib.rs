@@ -62,7 +62,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Self> {
+    /// Starts `cmd` with its output to `log`; killed when dropped.
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Self> {
         let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
         let child = cmd
@@ -1034,5 +1035,89 @@ impl Drop for BulkHog {
     fn drop(&mut self) {
         let _guard = self._runtime.enter();
         self.held.take();
+    }
+}
+
+/// A webhook receiver on loopback, as an alert receiver would run: each
+/// POST's JSON body is kept with the status it was answered; the statuses
+/// in `script` are answered in turn, then 200.
+#[derive(Debug)]
+pub struct Webhook {
+    /// Its URL.
+    pub url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(u16, serde_json::Value)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    addr: std::net::SocketAddr,
+}
+
+impl Webhook {
+    /// Starts it.
+    pub fn start(script: Vec<u16>) -> Result<Self> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let received: std::sync::Arc<std::sync::Mutex<Vec<(u16, serde_json::Value)>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kept, stopping) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for stream in listener.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().expect("clone a socket"));
+                let (mut length, mut chunked, mut line) = (0usize, false, String::new());
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+                    line.clear();
+                }
+                let mut body = Vec::new();
+                if chunked {
+                    loop {
+                        let mut size = String::new();
+                        if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                        let mut chunk = vec![0u8; n + 2];
+                        if n == 0 || reader.read_exact(&mut chunk).is_err() {
+                            break;
+                        }
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                } else {
+                    body.resize(length, 0);
+                    let _ = reader.read_exact(&mut body);
+                }
+                let status = script.next().unwrap_or(200);
+                let value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                kept.lock().unwrap_or_else(|p| p.into_inner()).push((status, value));
+                let _ = write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        Ok(Webhook { url: format!("http://{addr}/hook"), received, stop, addr })
+    }
+
+    /// Every POST so far: the status answered and the body.
+    pub fn received(&self) -> Vec<(u16, serde_json::Value)> {
+        self.received.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The bodies answered with 200.
+    pub fn accepted(&self) -> Vec<serde_json::Value> {
+        self.received().into_iter().filter(|(s, _)| *s == 200).map(|(_, b)| b).collect()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
     }
 }

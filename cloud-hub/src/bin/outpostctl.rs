@@ -168,6 +168,11 @@ enum Command {
         #[command(subcommand)]
         command: TokensCmd,
     },
+    /// Alerts (firing, pending, recently resolved) and their silences.
+    Alerts {
+        #[command(subcommand)]
+        command: Option<AlertsCmd>,
+    },
     /// The audit log, newest first: changes, commands, sign-ins, refusals.
     Audit {
         /// Only this token name.
@@ -243,6 +248,36 @@ enum LabelsCmd {
 }
 
 #[derive(Subcommand)]
+enum AlertsCmd {
+    /// Alerts, firing first (the default).
+    List {
+        /// Most alerts.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Silences in force and those ended in the last day.
+    Silences,
+    /// Hold back the alerts whose labels match (LABEL=VALUE...: alertname,
+    /// device, device_name, severity) for a while.
+    Silence {
+        /// LABEL=VALUE, one or more.
+        #[arg(required = true)]
+        matchers: Vec<String>,
+        /// How long (e.g. 2h; 1m to 90d).
+        #[arg(long = "for")]
+        duration: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// End a silence now.
+    Unsilence {
+        /// Its id (sil-...).
+        id: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
 enum TokensCmd {
     /// Make a token; its secret is printed once.
     Create {
@@ -606,6 +641,27 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, ClientError> {
         Command::RunJob { device, job, wait, expires_in } => {
             return Ok(run_job(client, device, job, *wait, expires_in.clone()));
         }
+        Command::Alerts { command } => match command.as_ref().unwrap_or(&AlertsCmd::List { limit: 100 }) {
+            AlertsCmd::List { limit } => show(json, &client.alerts(*limit)?, |a| render_alerts(a)),
+            AlertsCmd::Silences => show(json, &client.silences()?, |s| render_silences(s)),
+            AlertsCmd::Silence { matchers, duration, comment } => {
+                let mut parsed = std::collections::BTreeMap::new();
+                for m in matchers {
+                    // Without '=', an empty value: the hub says what is wrong.
+                    let (k, v) = m.split_once('=').unwrap_or((m, ""));
+                    parsed.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+                let request = outpost_hub::api::SilenceRequest {
+                    matchers: parsed,
+                    duration: duration.clone(),
+                    comment: comment.clone(),
+                };
+                show(json, &client.silence(&request)?, |s| format!("silence {} until {}\n", s.id, s.ends_at));
+            }
+            AlertsCmd::Unsilence { id } => {
+                show(json, &client.end_silence(id)?, |s| format!("silence {} ended\n", s.id));
+            }
+        },
         Command::Tokens { command } => match command {
             TokensCmd::List => show(json, &client.tokens()?, |t| render_tokens(t)),
             TokensCmd::Create { name, role, expires } => {
@@ -901,6 +957,45 @@ fn render_events(events: &[outpost_hub::api::EventView]) -> String {
         })
         .collect();
     render(&["SEQ", "AT", "KIND", "WHAT"], &rows)
+}
+
+fn render_alerts(alerts: &[outpost_hub::api::AlertView]) -> String {
+    let rows: Vec<Vec<String>> = alerts
+        .iter()
+        .map(|a| {
+            let held = match (a.silenced, a.inhibited) {
+                (true, _) => " (silenced)",
+                (_, true) => " (inhibited)",
+                _ => "",
+            };
+            vec![
+                format!("{}{held}", a.state),
+                a.rule.clone(),
+                a.device_name.clone(),
+                a.severity.clone(),
+                a.fired_at.clone().unwrap_or_else(|| a.since.clone()),
+                a.description.clone(),
+            ]
+        })
+        .collect();
+    render(&["STATE", "RULE", "DEVICE", "SEVERITY", "SINCE", "WHY"], &rows)
+}
+
+fn render_silences(silences: &[outpost_hub::api::SilenceView]) -> String {
+    let rows: Vec<Vec<String>> = silences
+        .iter()
+        .map(|s| {
+            let matchers: Vec<String> = s.matchers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            vec![
+                s.id.clone(),
+                matchers.join(","),
+                if s.active { s.ends_at.clone() } else { format!("ended {}", s.ends_at) },
+                s.created_by.clone(),
+                s.comment.clone(),
+            ]
+        })
+        .collect();
+    render(&["ID", "MATCHERS", "ENDS", "BY", "COMMENT"], &rows)
 }
 
 fn render_tokens(tokens: &[outpost_hub::api::TokenView]) -> String {

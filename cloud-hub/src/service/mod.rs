@@ -5,6 +5,7 @@
 //! each front end maps them to its own form.
 
 pub mod admission;
+pub mod alerts;
 pub mod backups;
 pub mod ca;
 pub mod enroll;

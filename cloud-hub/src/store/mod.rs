@@ -943,6 +943,16 @@ impl Store {
         each!(self, "take_lease", b => b.take_lease(name, holder, ttl).await)
     }
 
+    /// A small document of the hub's own (the alerts' states), if written.
+    pub async fn hub_state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        each!(self, "hub_state", b => b.hub_state(name).await)
+    }
+
+    /// Writes a document of the hub's own, durably.
+    pub async fn put_hub_state(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        each!(self, "put_hub_state", b => b.put_hub_state(name, value).await)
+    }
+
     /// Gives a lease back before it expires.
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         each!(self, "release_lease", b => b.release_lease(name, holder).await)

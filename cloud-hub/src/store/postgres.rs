@@ -125,6 +125,8 @@ pub const MIGRATIONS: &[&str] = &[
     // revocation (ms).
     "ALTER TABLE devices ADD COLUMN next_key bytea, ADD COLUMN expired_seen bigint, ADD COLUMN readmit_until bigint,
         ADD COLUMN revoked_at bigint;",
+    // 6: small documents of the hub's own (the alerts' states).
+    "CREATE TABLE hub_state (name text PRIMARY KEY, value bytea NOT NULL);",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -1307,6 +1309,22 @@ impl PgStore {
 
     pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         self.write("DELETE FROM leases WHERE name = $1 AND holder = $2", &[&name, &holder]).await.map(drop)
+    }
+
+    pub(super) async fn hub_state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_opt("SELECT value FROM hub_state WHERE name = $1", &[&name]).await.map_err(pg)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn put_hub_state(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.write(
+            "INSERT INTO hub_state (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            &[&name, &value],
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn notify(&self, device: &DeviceId, from: &str) -> Result<(), StoreError> {

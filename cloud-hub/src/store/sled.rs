@@ -730,6 +730,20 @@ impl SledStore {
         Ok(())
     }
 
+    pub(super) async fn hub_state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("state/{name}");
+        self.read(move |t| Ok(t.meta.get(key.as_bytes()).db()?.map(|v| v.to_vec()))).await
+    }
+
+    pub(super) async fn put_hub_state(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let key = format!("state/{name}");
+        self.write(move |t| {
+            t.meta.insert(key.as_bytes(), value).db()?;
+            Ok(())
+        })
+        .await
+    }
+
     pub(super) async fn notify(&self, _device: &DeviceId, _from: &str) -> Result<(), StoreError> {
         Ok(())
     }

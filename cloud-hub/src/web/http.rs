@@ -465,6 +465,81 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
     Ok(HttpResponse::Ok().content_type(prometheus_client::encoding::prometheus_text::CONTENT_TYPE).body(text))
 }
 
+/// Query of `GET /api/v1/alerts`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AlertsQuery {
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+/// `GET /api/v1/alerts`: firing, then pending, then recently resolved
+/// alerts, newest first within each.
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts", params(AlertsQuery), responses((status = 200, body = [crate::api::AlertView]), (status = 422, body = ApiError)), security(("bearer" = [])))]
+async fn list_alerts(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    query: web::Query<AlertsQuery>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(HttpError::Unprocessable("limit: 1 to 1000".into()));
+    }
+    let alerts = crate::service::alerts::list(fleet.store(), limit).await?;
+    let views: Vec<crate::api::AlertView> = alerts.iter().map(|(a, s)| crate::api::AlertView::new(a, *s)).collect();
+    Ok(HttpResponse::Ok().json(views))
+}
+
+/// `GET /api/v1/silences`: silences in force and those ended in the last day.
+#[utoipa::path(get, path = "/api/v1/silences", tag = "alerts", responses((status = 200, body = [crate::api::SilenceView])), security(("bearer" = [])))]
+async fn list_silences(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Viewer)?;
+    let now = Timestamp::now();
+    let list = crate::service::alerts::silences(fleet.store()).await?;
+    let views: Vec<crate::api::SilenceView> = list.iter().map(|s| crate::api::SilenceView::new(s, now)).collect();
+    Ok(HttpResponse::Ok().json(views))
+}
+
+/// `POST /api/v1/silences`: alerts whose labels match are not notified
+/// until the silence ends.
+#[utoipa::path(post, path = "/api/v1/silences", tag = "alerts", request_body = crate::api::SilenceRequest, responses((status = 201, body = crate::api::SilenceView), (status = 403, body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
+async fn create_silence(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    body: web::Json<crate::api::SilenceRequest>,
+) -> Result<HttpResponse, HttpError> {
+    caller.require(Role::Operator)?;
+    let body = body.into_inner();
+    let target = body.matchers.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    note(&req, AuditNote { target: Some(format!("silence {target}")), ..AuditNote::default() });
+    let duration =
+        crate::service::alerts::check_silence(&body.matchers, &body.duration).map_err(HttpError::Unprocessable)?;
+    if body.comment.len() > 1024 {
+        return Err(HttpError::Unprocessable("comment: at most 1024 bytes".into()));
+    }
+    let silence =
+        crate::service::alerts::add_silence(&fleet, &caller.token.name, body.matchers, duration, body.comment).await?;
+    Ok(HttpResponse::Created().json(crate::api::SilenceView::new(&silence, Timestamp::now())))
+}
+
+/// `DELETE /api/v1/silences/{id}`: ends a silence now.
+#[utoipa::path(delete, path = "/api/v1/silences/{id}", tag = "alerts", params(("id" = String, Path, description = "silence id (sil-...)")), responses((status = 200, body = crate::api::SilenceView), (status = 403, body = ApiError), (status = 404, body = ApiError)), security(("bearer" = [])))]
+async fn end_silence(
+    caller: Caller,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, HttpError> {
+    note(&req, AuditNote { target: Some(format!("silence {path}")), ..AuditNote::default() });
+    caller.require(Role::Operator)?;
+    match crate::service::alerts::end_silence(&fleet, &path).await? {
+        Some(s) => Ok(HttpResponse::Ok().json(crate::api::SilenceView::new(&s, Timestamp::now()))),
+        None => Err(HttpError::NotFound(format!("silence {path:?}"))),
+    }
+}
+
 /// Query of `GET /api/v1/devices`.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -1153,7 +1228,7 @@ async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u6
 #[openapi(
     info(title = "Outpost hub API", description = "Fleet state and actions. Bearer token in `Authorization`, checked before anything else of a request is read. Every error is JSON (`ApiError`); a method a path does not have is answered 405 with `Allow`, an unknown path 404. Failed authentication is limited per source address (`[http] failed_auth_burst` per `failed_auth_window`, default 20 per minute): past it, 429 with `Retry-After`. Bodies are at most 256 KiB."),
     paths(
-        healthz, readyz, prometheus_metrics, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
+        healthz, readyz, prometheus_metrics, list_alerts, list_silences, create_silence, end_silence, list_devices, get_overview, put_labels, readmit_device, revoke_device, post_bulk_command, patch_bulk_desired,
         list_tokens, create_token, revoke_token, create_link, get_audit, get_device, get_metrics, get_events, get_jobs, get_job_runs, get_peers,
         get_backups, delete_backups, verify_backups, prune_backups, grant_backups, get_desired, put_desired,
         patch_desired, list_commands, post_command, get_command
@@ -1293,6 +1368,15 @@ pub fn routes(fleet: Arc<Fleet>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .wrap(actix_web::middleware::from_fn(bearer))
                     .wrap(actix_web::middleware::from_fn(audit))
                     .service(resource("/devices", vec![(Method::GET, web::route().to(list_devices))]))
+                    .service(resource("/alerts", vec![(Method::GET, web::route().to(list_alerts))]))
+                    .service(resource(
+                        "/silences",
+                        vec![
+                            (Method::GET, web::route().to(list_silences)),
+                            (Method::POST, web::route().to(create_silence)),
+                        ],
+                    ))
+                    .service(resource("/silences/{id}", vec![(Method::DELETE, web::route().to(end_silence))]))
                     .service(resource("/overview", vec![(Method::GET, web::route().to(get_overview))]))
                     .service(resource("/devices/{id}/labels", vec![(Method::PUT, web::route().to(put_labels))]))
                     .service(resource("/devices/{id}/readmit", vec![(Method::POST, web::route().to(readmit_device))]))
