@@ -37,6 +37,14 @@ token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 10m)
 # The example config, pointed at the scratch data dir.
 sed "s|^data_dir = .*|data_dir = \"$work/agent\"|" configs/agent.toml > "$work/agent.toml"
 "$bin/outpost-agent" run --config "$work/agent.toml" 2>"$work/agent.log" & agent=$!; pids+=($agent)
+# A second agent with [metrics] on, scraped every 10 s like the second
+# node_exporter.
+token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 10m)
+"$bin/outpost-agent" enroll --token "$token" --data-dir "$work/agent2" --name bench-metrics >/dev/null
+{ sed -e "s|^data_dir = .*|data_dir = \"$work/agent2\"|" -e "s|^# \[metrics\]|[metrics]|" \
+      -e "s|^# listen = \"127.0.0.1:9465\"|listen = \"127.0.0.1:0\"|" configs/agent.toml; } > "$work/agent2.toml"
+grep -q '^\[metrics\]' "$work/agent2.toml" || { echo "configs/agent.toml has no [metrics] block to turn on" >&2; exit 1; }
+"$bin/outpost-agent" run --config "$work/agent2.toml" 2>"$work/agent2.log" & agent2=$!; pids+=($agent2)
 # Two node_exporters: one left alone, one scraped every 10 s (what Prometheus
 # would do; the agent samples every 10 s with the example config).
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
@@ -46,6 +54,12 @@ for _ in $(seq 100); do
     port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne2.log" | head -1 | cut -d: -f2) && [ -n "$port" ] && break
     sleep 0.1
 done
+aport=""
+for _ in $(seq 100); do
+    aport=$(grep -o 'listen=127.0.0.1:[0-9]*' "$work/agent2.log" | head -1 | cut -d: -f2) && [ -n "$aport" ] && break
+    sleep 0.1
+done
+[ -n "$aport" ] || { echo "the second agent does not serve metrics" >&2; exit 1; }
 # cron in the foreground, with the system's crontabs (it wakes once a minute).
 /usr/sbin/cron -f 2>"$work/cron.log" & cron=$!; pids+=($cron)
 sleep 5
@@ -54,12 +68,13 @@ sleep 5
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s}'; }
 per_thread() { for t in /proc/"$1"/task/*; do echo "${t##*/} $(tr ' ' _ < "$t/comm") $(awk '/ctxt_switches/ {s += $2} END {print s}' "$t/status")"; done | sort; }
 declare -A before
-for p in $agent $ne $ne2 $cron; do before[$p]=$(switches "$p"); done
+for p in $agent $agent2 $ne $ne2 $cron; do before[$p]=$(switches "$p"); done
 per_thread "$agent" > "$work/threads.before"
 started=$SECONDS
 end=$((SECONDS + idle))
 while [ $SECONDS -lt "$end" ]; do
     curl -s "http://127.0.0.1:$port/metrics" >/dev/null || true
+    curl -s "http://127.0.0.1:$aport/metrics" >/dev/null || true
     sleep 10
 done
 took=$((SECONDS - started))
@@ -74,6 +89,7 @@ grep -q "Connected to the hub" "$work/agent.log" || { echo "agent never connecte
 echo "| process | RSS after ${idle}s idle | peak RSS (VmHWM) | threads | wake-ups/s over ${took}s |"
 echo "|---|---|---|---|---|"
 echo "| outpost-agent (configs/agent.toml, connected to a hub) | $(kib_to_mib "$(rss $agent)") MiB | $(kib_to_mib "$(hwm $agent)") MiB | $(threads $agent) | $(wakes $agent) |"
+echo "| outpost-agent, [metrics] on, scraped every 10 s | $(kib_to_mib "$(rss $agent2)") MiB | $(kib_to_mib "$(hwm $agent2)") MiB | $(threads $agent2) | $(wakes $agent2) |"
 version=$(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}')
 echo "| prometheus-node-exporter $version (defaults, not scraped) | $(kib_to_mib "$(rss $ne)") MiB | $(kib_to_mib "$(hwm $ne)") MiB | $(threads $ne) | $(wakes $ne) |"
 echo "| prometheus-node-exporter $version (defaults, scraped every 10 s) | $(kib_to_mib "$(rss $ne2)") MiB | $(kib_to_mib "$(hwm $ne2)") MiB | $(threads $ne2) | $(wakes $ne2) |"

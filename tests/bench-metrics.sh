@@ -4,6 +4,11 @@
 # time and bytes of GET /metrics over R requests (median, p95), beside a
 # scrape of Debian's prometheus-node-exporter on the same machine in the
 # same run, and the hub's own overview call (the store read a scrape makes).
+# Then the alert evaluation at that size: one offline rule (threshold 1m:
+# fleetgen's devices were last seen 0 to 10 minutes ago, so nearly all
+# fire), evaluated every second, told to a local receiver that answers 200;
+# the hub's own histogram of the rounds gives their count and mean, and the
+# first round (every alert new) is read from the log's timestamps.
 #
 #   tests/bench-metrics.sh [N] [R]      (defaults 10000 30)
 set -euo pipefail
@@ -34,6 +39,18 @@ timed() {
 }
 
 init_hub
+# A receiver that takes every POST (Python's http.server).
+python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()' >"$work/receiver.port" & pids+=($!)
+until [ -s "$work/receiver.port" ]; do sleep 0.05; done
 "$bin/outpost-fleetgen" --data-dir "$work/hub" --devices "$N" 2>"$work/gen.log"
 "$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
 until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
@@ -55,3 +72,40 @@ echo "|---|---|---|---|"
 timed "hub: GET /metrics (loopback, no token)" "$api/metrics"
 timed "hub: GET /api/v1/overview (the store read a scrape makes)" "$api/api/v1/overview" "$admin"
 timed "peer: prometheus-node-exporter $(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}'): GET /metrics" "http://127.0.0.1:$ne_port/metrics"
+
+# The same hub again, with the alert rule.
+kill "$hub"; wait "$hub" 2>/dev/null || true
+cat >>"$work/hub.toml" <<CFG
+[alerts]
+evaluate_every = "1s"
+group_wait = "0s"
+group_interval = "1s"
+[[alerts.receiver]]
+name = "bench"
+url = "http://127.0.0.1:$(head -1 "$work/receiver.port")/hook"
+[[alerts.rule]]
+name = "DeviceOffline"
+condition = "offline"
+threshold = "1m"
+CFG
+rm -f "$work/hub/http.addr"
+"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
+until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
+api="http://$(cat "$work/hub/http.addr")"
+echo
+# The alert rounds: wait for 30 of them.
+metric() { curl -s "$api/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+until [ "$(metric outpost_hub_alert_evaluation_duration_seconds_count | cut -d. -f1)" -ge 30 ] 2>/dev/null; do sleep 1; done
+count=$(metric outpost_hub_alert_evaluation_duration_seconds_count)
+sum=$(metric outpost_hub_alert_evaluation_duration_seconds_sum)
+firing=$(metric 'outpost_hub_alerts{state="firing"}')
+sent=$(metric 'outpost_hub_alert_notifications_total{receiver="bench",result="sent"}')
+echo "| alert evaluation, $N devices, one offline rule | rounds | mean round | alerts firing | notifications sent |"
+echo "|---|---|---|---|---|"
+awk -v c="$count" -v s="$sum" -v f="$firing" -v n="$sent" 'BEGIN { printf "| sled | %d | %.1f ms | %d | %d |\n", c, s / c * 1000, f, n }'
+echo
+echo "hub RSS after the rounds: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' /proc/$hub/status)"
+echo
+echo "| request ($R each) | median | p95 | bytes |"
+echo "|---|---|---|---|"
+timed "hub: GET /metrics with the alerts running" "$api/metrics"

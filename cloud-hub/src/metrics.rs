@@ -108,8 +108,10 @@ pub struct HubMetrics {
     pub alerts: Family<State, Gauge>,
     /// Alert notifications by receiver and result.
     pub notifications: Family<Notification, Counter>,
-    /// Rounds of alert evaluation this hub made (it holds the lease).
-    pub evaluations: Counter,
+    /// Time of the rounds of alert evaluation this hub made (it holds the
+    /// lease): the fleet read, the rules, the book written; not the
+    /// deliveries.
+    pub evaluation_seconds: Histogram,
     devices: Family<State, Gauge>,
     alarmed: Gauge,
     overdue_backups: Gauge,
@@ -138,7 +140,7 @@ impl HubMetrics {
             live_streams: Gauge::default(),
             alerts: Family::default(),
             notifications: Family::default(),
-            evaluations: Counter::default(),
+            evaluation_seconds: seconds_histogram(),
             devices: Family::default(),
             alarmed: Gauge::default(),
             overdue_backups: Gauge::default(),
@@ -180,7 +182,12 @@ impl HubMetrics {
         );
         registry.register("console_live_streams", "Console live-update streams open", m.live_streams.clone());
         registry.register("alerts", "Alerts by state, on the hub that evaluates them", m.alerts.clone());
-        registry.register("alert_evaluations", "Rounds of alert evaluation made by this hub", m.evaluations.clone());
+        registry.register_with_unit(
+            "alert_evaluation_duration",
+            "Time of the rounds of alert evaluation made by this hub (deliveries not included)",
+            Unit::Seconds,
+            m.evaluation_seconds.clone(),
+        );
         registry.register(
             "alert_notifications",
             "Alert notifications by receiver and result (sent, retrying, failed)",

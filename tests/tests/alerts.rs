@@ -37,7 +37,7 @@ fn firing(hub: &Hub) -> Option<f64> {
 /// Waits until `hub` has seen `n` firing alerts and then made two more
 /// rounds: whatever they had to send is sent by then.
 fn settled(hub: &Hub, n: f64) {
-    let rounds = || metric(hub, "outpost_hub_alert_evaluations_total").unwrap_or(0.0);
+    let rounds = || metric(hub, "outpost_hub_alert_evaluation_duration_seconds_count").unwrap_or(0.0);
     let start =
         wait_for(Duration::from_secs(20), "the hub to evaluate the alerts", || (firing(hub) == Some(n)).then(rounds))
             .unwrap();

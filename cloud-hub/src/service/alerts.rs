@@ -1020,6 +1020,7 @@ pub async fn run(
                 }
             },
         };
+        let started = std::time::Instant::now();
         let (views, silenced) = match (fleet.views(None).await, silences(store).await) {
             (Ok(v), Ok(s)) => (v, s),
             (Err(e), _) | (_, Err(e)) => {
@@ -1040,6 +1041,7 @@ pub async fn run(
             tracing::debug!(error = %e, "Alert states not written; evaluated again next time.");
             continue;
         }
+        METRICS.evaluation_seconds.observe(started.elapsed().as_secs_f64());
         for d in dues {
             let receiver = &config.receivers[d.receiver];
             let body = webhook_body(receiver, &d, &config.external_url, now);
@@ -1090,7 +1092,6 @@ pub async fn run(
             let n = current.alerts.values().filter(|a| a.state == state).count();
             METRICS.alerts.get_or_create(&crate::metrics::State { state: state_name(state) }).set(n as i64);
         }
-        METRICS.evaluations.inc();
         book = Some(current);
     }
 }
