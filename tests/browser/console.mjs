@@ -104,6 +104,27 @@ try {
     if (!(await admin.page.evaluate(() => window.__notReloaded === true))) throw new Error("the page was reloaded");
   });
 
+  // 3b. The stopped agent's offline alert fires: the overview lists it,
+  // and a silence is set from there.
+  await step("a firing alert shows on the overview and is silenced there", async () => {
+    const row = `#alerts tr.alert.firing[data-device="${env("STOP_ID")}"]`;
+    const deadline = Date.now() + 30000;
+    for (;;) {
+      await admin.page.goto(`${hub}/console/`);
+      if ((await admin.page.locator(row).count()) > 0) break;
+      if (Date.now() > deadline) throw new Error("no firing alert for the stopped device on the overview");
+      await admin.page.waitForTimeout(500);
+    }
+    const why = await text(admin.page, `${row} td:nth-child(6)`);
+    if (!why.startsWith("offline for")) throw new Error(`the alert says ${JSON.stringify(why)}`);
+    await Promise.all([admin.page.waitForURL(/done=silence/), admin.page.click(`${row} button.silence`)]);
+    const notice = await text(admin.page, ".notice");
+    if (!notice.includes("Silence set")) throw new Error(`notice ${JSON.stringify(notice)}`);
+    const held = await text(admin.page, `${row} .held`);
+    if (held !== "(silenced)") throw new Error(`the alert shows ${JSON.stringify(held)}`);
+    await admin.page.screenshot({ path: `${out}/overview-alert.png`, fullPage: true });
+  });
+
   // 4. A device page draws charts from the hub's telemetry.
   await step("a device page shows charts with data", async () => {
     await admin.page.goto(`${hub}/console/devices/${watched}?window=1h`);

@@ -38,7 +38,17 @@ fn the_console_in_a_real_browser() {
     let chromium = check_tools();
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    // An offline rule, told to a receiver run here: the agent stopped below
+    // fires it, and the overview shows it.
+    let hook = outpost_tests::Webhook::start(Vec::new()).unwrap();
+    hub.extra_config = format!(
+        "[alerts]\nevaluate_every = \"200ms\"\ngroup_wait = \"0s\"\n[[alerts.receiver]]\nname = \"pager\"\nurl = {:?}\n\
+         [[alerts.rule]]\nname = \"DeviceOffline\"\ncondition = \"offline\"\nthreshold = \"1s\"\n",
+        hook.url
+    );
+    hub.kill();
+    hub.serve().unwrap();
     let job = "report";
     let jobs = format!("[[job]]\nname = {job:?}\nschedule = \"0 0 0 1 1 *\"\ncommand = [\"echo\", \"report done\"]\n");
     let mut watched = Agent::enroll_with(scratch.path(), &hub, "gw-one", &timings, &jobs).unwrap();
@@ -92,7 +102,7 @@ fn the_console_in_a_real_browser() {
     drop(silent);
 
     // What the hub recorded of it.
-    for shot in ["overview.png", "device.png"] {
+    for shot in ["overview.png", "overview-alert.png", "device.png"] {
         let size = std::fs::metadata(out.join(shot)).map(|m| m.len()).unwrap_or(0);
         assert!(size > 10_000, "{shot} is {size} bytes");
     }
@@ -106,6 +116,12 @@ fn the_console_in_a_real_browser() {
             && e["target"] == watched.id.as_str()),
         "the forged POST is in the audit log: {refused:#}"
     );
+    // The silence set in the browser is the hub's, for that alert.
+    let silences = admin.silences().unwrap();
+    assert_eq!(silences.len(), 1, "{silences:?}");
+    assert_eq!(silences[0].matchers.get("device").map(String::as_str), Some(leaving.id.as_str()));
+    assert_eq!(silences[0].matchers.get("alertname").map(String::as_str), Some("DeviceOffline"));
+    assert!(silences[0].active);
     let (_, done) = admin.raw("GET", "/api/v1/audit?who=operator%20in%20a%20browser&outcome=ok", None).unwrap();
     assert!(
         done["entries"].as_array().unwrap().iter().any(|e| e["detail"] == "console: run_job"),

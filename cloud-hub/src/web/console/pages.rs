@@ -182,17 +182,80 @@ impl AuditLine {
     }
 }
 
+/// An alert as the console lists it.
+struct AlertLine {
+    rule: String,
+    device: String,
+    name: String,
+    severity: String,
+    state: &'static str,
+    since: String,
+    ago: String,
+    why: String,
+    held: &'static str,
+}
+
+impl AlertLine {
+    fn new(a: &crate::service::alerts::Alert, silenced: bool, now: Timestamp) -> Self {
+        let since = a.fired_at.unwrap_or(a.since);
+        AlertLine {
+            rule: a.rule.clone(),
+            device: a.device.clone(),
+            name: a.name.clone(),
+            severity: a.severity.clone(),
+            state: crate::service::alerts::state_name(a.state),
+            since: since.rfc3339(),
+            ago: ago(Some(since), now),
+            why: a.description.clone(),
+            held: match (silenced, a.inhibited) {
+                (true, _) => "silenced",
+                (_, true) => "held back: the device is offline",
+                _ => "",
+            },
+        }
+    }
+}
+
+/// The firing and pending alerts, firing first, at most `limit`; only
+/// `device`'s when given.
+async fn alert_lines(
+    fleet: &Fleet,
+    device: Option<&str>,
+    limit: usize,
+    now: Timestamp,
+) -> Result<Vec<AlertLine>, ConsoleError> {
+    let all = crate::service::alerts::list(fleet.store(), 1000).await?;
+    Ok(all
+        .iter()
+        .filter(|(a, _)| a.state != crate::service::alerts::State::Resolved)
+        .filter(|(a, _)| device.is_none_or(|d| a.device == d))
+        .take(limit)
+        .map(|(a, silenced)| AlertLine::new(a, *silenced, now))
+        .collect())
+}
+
 #[derive(Template)]
 #[template(path = "console/overview.html")]
 struct OverviewPage {
     nav: Option<Nav>,
     notice: Option<String>,
     o: crate::service::listing::Overview,
+    alerts: Vec<AlertLine>,
     alarms: Vec<Line>,
     changes: Vec<AuditLine>,
 }
 
-async fn overview_page(user: User, fleet: web::Data<Fleet>) -> Result<HttpResponse, ConsoleError> {
+#[derive(Deserialize)]
+struct OverviewQuery {
+    #[serde(default)]
+    done: Option<String>,
+}
+
+async fn overview_page(
+    user: User,
+    fleet: web::Data<Fleet>,
+    query: web::Query<OverviewQuery>,
+) -> Result<HttpResponse, ConsoleError> {
     let views = fleet.views(None).await?;
     let now = Timestamp::now();
     let mut alarms: Vec<(Timestamp, Line)> = views
@@ -223,13 +286,56 @@ async fn overview_page(user: User, fleet: web::Data<Fleet>) -> Result<HttpRespon
     } else {
         Vec::new()
     };
+    let notice = match query.done.as_deref() {
+        Some("silence") => Some("Silence set: the alert is not told until it ends.".to_owned()),
+        _ => None,
+    };
     html(&OverviewPage {
         nav: Some((&user).into()),
-        notice: None,
+        notice,
+        alerts: alert_lines(&fleet, None, 20, now).await?,
         o: overview(&views, 10),
         alarms: alarms.into_iter().map(|(_, l)| l).collect(),
         changes,
     })
+}
+
+#[derive(Deserialize)]
+struct SilenceForm {
+    csrf: String,
+    alertname: String,
+    device: String,
+    duration: String,
+    #[serde(default)]
+    comment: String,
+}
+
+/// `POST /console/alerts/silence`: silences one alert (its rule on its
+/// device) for the duration chosen; operators.
+async fn silence(
+    user: User,
+    fleet: web::Data<Fleet>,
+    req: HttpRequest,
+    form: web::Form<SilenceForm>,
+) -> Result<HttpResponse, ConsoleError> {
+    let form = form.into_inner();
+    note(
+        &req,
+        AuditNote {
+            target: Some(format!("silence alertname={},device={}", form.alertname, form.device)),
+            matched: None,
+            detail: "console: silence".into(),
+        },
+    );
+    user.may_act(Role::Operator, &form.csrf)?;
+    let matchers = std::collections::BTreeMap::from([
+        ("alertname".to_owned(), form.alertname),
+        ("device".to_owned(), form.device),
+    ]);
+    let duration = crate::service::alerts::check_silence(&matchers, &form.duration).map_err(ConsoleError::Invalid)?;
+    let comment = if form.comment.trim().is_empty() { "from the console".to_owned() } else { form.comment };
+    crate::service::alerts::add_silence(&fleet, user.name(), matchers, duration, comment).await?;
+    Ok(see_other("/console/?done=silence"))
 }
 
 /// The device list's filters as the form shows them.
@@ -542,6 +648,7 @@ struct DevicePage {
     snapshots: Vec<SnapshotView>,
     backup_sets: Vec<String>,
     peers: Vec<PeerView>,
+    alerts: Vec<AlertLine>,
     alarms: Vec<Line>,
     desired_version: u64,
     reported_version: u64,
@@ -636,6 +743,7 @@ async fn device_view(
         .collect();
     let (window, _) = window_of(query);
     Ok(DevicePage {
+        alerts: alert_lines(fleet, Some(view.id.as_str()), 50, now).await?,
         nav: Some(user.into()),
         notice: query.notice(),
         labels_text: view.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
@@ -1162,7 +1270,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/devices/{id}/act", web::post().to(act))
         .route("/bulk", web::get().to(bulk_page))
         .route("/bulk", web::post().to(bulk_act))
-        .route("/audit", web::get().to(audit_page));
+        .route("/audit", web::get().to(audit_page))
+        .route("/alerts/silence", web::post().to(silence));
 }
 
 #[cfg(test)]
