@@ -648,9 +648,11 @@ pub fn webhook_body(receiver: &Receiver, due: &Due, external_url: &str, now: Tim
             serde_json::Value::Array(alerts)
         }
         Format::Alertmanager => {
+            let truncated = due.alerts.len().saturating_sub(MAX_ALERTS_PER_NOTIFICATION);
             let alerts: Vec<serde_json::Value> = due
                 .alerts
                 .iter()
+                .take(MAX_ALERTS_PER_NOTIFICATION)
                 .map(|a| {
                     let resolved = a.state == State::Resolved;
                     serde_json::json!({
@@ -671,7 +673,7 @@ pub fn webhook_body(receiver: &Receiver, due: &Due, external_url: &str, now: Tim
             serde_json::json!({
                 "version": "4",
                 "groupKey": format!("{{}}:{{alertname=\"{}\"}}", due.rule),
-                "truncatedAlerts": 0,
+                "truncatedAlerts": truncated,
                 "status": if firing { "firing" } else { "resolved" },
                 "receiver": receiver.name,
                 "groupLabels": {"alertname": due.rule},
@@ -683,9 +685,13 @@ pub fn webhook_body(receiver: &Receiver, due: &Due, external_url: &str, now: Tim
         }
         Format::Slack => {
             let mut text = String::new();
-            for a in &due.alerts {
+            // A chat message is read, not parsed: the first 50.
+            for a in due.alerts.iter().take(50) {
                 let mark = if a.state == State::Resolved { "RESOLVED" } else { "FIRING" };
                 text.push_str(&format!("[{mark}] {} ({}): {}\n", a.summary, a.severity, a.description));
+            }
+            if due.alerts.len() > 50 {
+                text.push_str(&format!("… and {} more of {}\n", due.alerts.len() - 50, due.rule));
             }
             serde_json::json!({ "text": text.trim_end() })
         }
@@ -885,6 +891,18 @@ mod tests {
         assert!(a["startsAt"].as_str().unwrap().starts_with("1970-01-01T00:01:40"));
         let slack = webhook_body(&Receiver { format: Format::Slack, ..receiver() }, &sent[0], "", Timestamp(110_000));
         assert_eq!(slack["text"], "[FIRING] d1-name is offline (critical): offline for 100s");
+        // A group of 1,200 devices: 1,000 listed, the rest counted.
+        let many: Vec<DeviceView> = (0..1200).map(|i| view(&format!("d{i:04}"), false, Some(0))).collect();
+        let mut big = Book::default();
+        evaluate(&mut big, &rules, &many, Timestamp(100_000));
+        let sent_big = due(&mut big, &[receiver()], &T, Timestamp(110_000), &|_| false);
+        let body_big = webhook_body(&receiver(), &sent_big[0], "", Timestamp(110_000));
+        assert_eq!(
+            (body_big["alerts"].as_array().unwrap().len(), &body_big["truncatedAlerts"]),
+            (1000, &serde_json::json!(200))
+        );
+        let slack_big = webhook_body(&Receiver { format: Format::Slack, ..receiver() }, &sent_big[0], "", Timestamp(0));
+        assert!(slack_big["text"].as_str().unwrap().ends_with("… and 1150 more of DeviceOffline"));
         // Alertmanager's API: the alerts, ending four resend delays ahead.
         let api =
             webhook_body(&Receiver { format: Format::AlertmanagerApi, ..receiver() }, &sent[0], "", Timestamp(110_000));
@@ -1105,14 +1123,34 @@ pub fn state_name(state: State) -> &'static str {
     }
 }
 
+/// Alerts that change state in one round are logged one by one up to
+/// this many; the rest are counted in one line (a hub that lost its
+/// network sees every device go offline at once).
+pub const LOGGED_CHANGES: usize = 20;
+
 fn log_changes(before: &Book, after: &Book) {
+    let mut more = BTreeMap::<(&str, &str), usize>::new();
+    let mut logged = 0;
     for (fp, a) in &after.alerts {
         let was = before.alerts.get(fp).map(|b| b.state);
-        if was != Some(a.state) && a.state != State::Pending {
+        if was == Some(a.state) || a.state == State::Pending {
+            continue;
+        }
+        if logged < LOGGED_CHANGES {
+            logged += 1;
             tracing::warn!(rule = %a.rule, device = %a.device, state = state_name(a.state), description = %a.description, "Alert.");
+        } else {
+            *more.entry((a.rule.as_str(), state_name(a.state))).or_default() += 1;
         }
     }
+    for ((rule, state), n) in more {
+        tracing::warn!(rule, state, alerts = n, "More alerts changed state in this round.");
+    }
 }
+
+/// Most alerts one `alertmanager` or `slack` notification lists; the rest
+/// are counted (`truncatedAlerts`), as Alertmanager's `max_alerts` does.
+pub const MAX_ALERTS_PER_NOTIFICATION: usize = 1000;
 
 /// The alerts as last evaluated (firing, pending and recently resolved),
 /// firing first, then newest first, at most `limit`; each with whether a
