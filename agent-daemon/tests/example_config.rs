@@ -52,3 +52,14 @@ fn the_backup_example_in_configs_agent_toml_is_valid() {
     assert_eq!(config.backup_repo.key_file.as_deref(), Some(Path::new("/etc/outpost/backup.key")));
     assert_eq!(config.backup_repo.upload_rate, 256 << 10);
 }
+
+/// The reference file's commented-out `[metrics]` example, switched on.
+#[test]
+fn the_metrics_example_in_configs_agent_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/agent.toml");
+    let text = outpost_shared::config::uncomment_block(&std::fs::read_to_string(&path).unwrap(), "[metrics]");
+    let config = AgentConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.metrics.listen, Some(([127, 0, 0, 1], 9465).into()));
+    let plain = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plain.metrics.listen, None, "metrics are off unless switched on");
+}

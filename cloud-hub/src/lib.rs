@@ -162,6 +162,7 @@ pub struct RunningHub {
     admissions_task: tokio::task::JoinHandle<()>,
     wakeup_task: tokio::task::JoinHandle<()>,
     alerts_task: tokio::task::JoinHandle<()>,
+    alerts_config: tokio::sync::watch::Sender<service::alerts::AlertsConfig>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
@@ -253,7 +254,8 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         shutdown.clone(),
     ));
 
-    let alerts_task = tokio::spawn(service::alerts::run(fleet.clone(), config.alerts.clone(), shutdown.clone()));
+    let (alerts_config, alerts_rx) = tokio::sync::watch::channel(config.alerts.clone());
+    let alerts_task = tokio::spawn(service::alerts::run(fleet.clone(), alerts_rx, shutdown.clone()));
     let routes_fleet = fleet.clone();
     let metrics_access = http::MetricsAccess { open: config.http.listen.ip().is_loopback() };
     let server = actix_web::HttpServer::new(move || {
@@ -306,6 +308,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         admissions_task,
         wakeup_task,
         alerts_task,
+        alerts_config,
         http,
         http_task,
         store,
@@ -466,6 +469,12 @@ impl RunningHub {
             ("alerts", self.alerts_task.is_finished()),
         ];
         parts.into_iter().find(|(_, ended)| *ended).map(|(name, _)| name)
+    }
+
+    /// SIGHUP: the alert rules and receivers of a config read again take
+    /// effect at the next round.
+    pub fn reload_alerts(&self, config: service::alerts::AlertsConfig) {
+        self.alerts_config.send_replace(config);
     }
 
     /// SIGHUP: reads the HTTPS certificate and key again (when the hub

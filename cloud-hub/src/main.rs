@@ -244,16 +244,22 @@ fn migrate(config: &HubConfig) -> anyhow::Result<()> {
     }
 }
 
-/// SIGHUP: the config file read again; its log level takes effect, and the
-/// HTTPS certificate and key are read again. A config with errors is
-/// refused and the one in force stays. Other changes wait for a restart.
+/// SIGHUP: the config file read again; its log level and its alert rules
+/// and receivers take effect, and the HTTPS certificate and key are read
+/// again. A config with errors is refused and the one in force stays.
+/// Other changes wait for a restart.
 fn reload(hub: &outpost_hub::RunningHub, path: &std::path::Path) {
     match HubConfig::load(path) {
         Ok(new) => {
             if let Err(e) = outpost_shared::logging::set_filter(&new.log) {
                 tracing::error!(error = %e, "Log level not changed.");
             }
-            tracing::info!(file = %path.display(), log = %new.log, "Config reloaded (log level, HTTPS certificate).");
+            hub.reload_alerts(new.alerts);
+            tracing::info!(
+                file = %path.display(),
+                log = %new.log,
+                "Config reloaded (log level, alert rules, HTTPS certificate)."
+            );
         }
         Err(errors) => {
             for e in &errors.errors {

@@ -33,3 +33,16 @@ fn the_mqtt_example_in_configs_hub_toml_is_valid() {
     assert_eq!((mqtt.shared_group.as_str(), mqtt.keep_alive), ("outpost-hub", Duration::from_secs(30)));
     assert!(!mqtt.legacy_agents, "agents without freshness are refused unless the operator says otherwise");
 }
+
+/// The reference file's commented-out `[alerts]` example, switched on.
+#[test]
+fn the_alerts_example_in_configs_hub_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/hub.toml");
+    let text = outpost_shared::config::uncomment_block(&std::fs::read_to_string(&path).unwrap(), "[alerts]");
+    let config = HubConfig::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let alerts = config.alerts;
+    assert_eq!(alerts.timing, outpost_hub::service::alerts::Timing::default());
+    assert_eq!((alerts.rules.len(), alerts.receivers.len()), (1, 1));
+    assert_eq!(alerts.rules[0].condition, outpost_hub::service::alerts::Condition::Offline(Duration::from_secs(600)));
+    assert_eq!(alerts.receivers[0].format, outpost_hub::service::alerts::Format::Alertmanager);
+}

@@ -298,3 +298,35 @@ fn a_real_alertmanager_takes_the_alerts_and_its_webhook_has_the_hubs_shape() {
     .unwrap();
     assert_eq!(resolved["alerts"][0]["labels"]["device"], agent.id.as_str());
 }
+
+/// Rules added to the config of a running hub take effect on SIGHUP, and a
+/// config with an error in its rules is refused while the rules in force
+/// stay.
+#[test]
+fn alert_rules_are_reloaded_on_sighup() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hook = Webhook::start(Vec::new()).unwrap();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "watched", &timings).unwrap();
+    agent.start().unwrap();
+    wait_online(&hub, &[agent.id.as_str()], true, Duration::from_secs(20)).unwrap();
+    agent.proc.take().unwrap().kill();
+    wait_online(&hub, &[agent.id.as_str()], false, Duration::from_secs(20)).unwrap();
+    assert!(hook.received().is_empty());
+
+    // A broken rule first: refused, nothing runs.
+    let plain = std::fs::read_to_string(&hub.config).unwrap();
+    std::fs::write(&hub.config, format!("{plain}{}", alerts_config(&hook.url).replace("\"offline\"", "\"gone\"")))
+        .unwrap();
+    hub.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "the refusal", || hub.log_text().contains("Config not reloaded.").then_some(()))
+        .unwrap();
+    // Then a good one: the offline device is told.
+    std::fs::write(&hub.config, format!("{plain}{}", alerts_config(&hook.url))).unwrap();
+    hub.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    let told =
+        wait_for(Duration::from_secs(30), "the alert after the reload", || hook.accepted().first().cloned()).unwrap();
+    check_payload(&told, "firing", &agent.id);
+    assert!(hub.log_text().contains("Alert rules in force."));
+}

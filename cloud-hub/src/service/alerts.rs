@@ -978,18 +978,38 @@ pub async fn change_silences<T>(
 }
 
 /// Evaluates the rules every `evaluate_every` while this hub holds the
-/// lease `alerts`, and sends what is due, until `shutdown`.
+/// lease `alerts`, and sends what is due, until `shutdown`. A new config on
+/// `configs` (SIGHUP) takes effect at once; while it has no rule, nothing
+/// runs.
 pub async fn run(
     fleet: std::sync::Arc<crate::service::fleet::Fleet>,
-    config: AlertsConfig,
+    mut configs: tokio::sync::watch::Receiver<AlertsConfig>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use crate::metrics::METRICS;
-    if config.rules.is_empty() {
-        // Nothing to evaluate: no lease taken, no fleet read.
-        shutdown.cancelled().await;
-        return;
+    loop {
+        let config = configs.borrow_and_update().clone();
+        if !config.rules.is_empty() {
+            tracing::info!(rules = config.rules.len(), receivers = config.receivers.len(), "Alert rules in force.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = configs.changed() => if changed.is_err() {
+                shutdown.cancelled().await;
+                break;
+            },
+            () = rounds(&fleet, &config, &shutdown), if !config.rules.is_empty() => break,
+        }
     }
+    let _ = fleet.store().release_lease(BOOK, fleet.hub_id()).await;
+}
+
+/// The rounds under one config, until `shutdown`.
+async fn rounds(
+    fleet: &crate::service::fleet::Fleet,
+    config: &AlertsConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    use crate::metrics::METRICS;
     let timing = config.timing;
     let lease_ttl = (timing.evaluate_every * 4).max(Duration::from_secs(10));
     let mut tick = tokio::time::interval(timing.evaluate_every);
@@ -1008,10 +1028,7 @@ pub async fn run(
     let http: ureq::Agent = http.into();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => {
-                let _ = fleet.store().release_lease(BOOK, fleet.hub_id()).await;
-                return;
-            }
+            () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let store = fleet.store();
