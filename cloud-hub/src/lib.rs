@@ -163,6 +163,7 @@ pub struct RunningHub {
     wakeup_task: tokio::task::JoinHandle<()>,
     alerts_task: tokio::task::JoinHandle<()>,
     alerts_config: tokio::sync::watch::Sender<service::alerts::AlertsConfig>,
+    retentions: tokio::sync::watch::Sender<Retentions>,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: Store,
@@ -247,12 +248,8 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         move || admissions.trust_changed()
     }));
     let admissions_task = tokio::spawn(fleet.admissions().clone().run(store.clone(), shutdown.clone()));
-    let maintenance_task = tokio::spawn(maintenance(
-        fleet.clone(),
-        Retentions { telemetry: config.telemetry_retention, audit: config.audit_retention },
-        config.backups.prune_every,
-        shutdown.clone(),
-    ));
+    let (retentions, retentions_rx) = tokio::sync::watch::channel(Retentions::of(config));
+    let maintenance_task = tokio::spawn(maintenance(fleet.clone(), retentions_rx, shutdown.clone()));
 
     let (alerts_config, alerts_rx) = tokio::sync::watch::channel(config.alerts.clone());
     let alerts_task = tokio::spawn(service::alerts::run(fleet.clone(), alerts_rx, shutdown.clone()));
@@ -309,6 +306,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         wakeup_task,
         alerts_task,
         alerts_config,
+        retentions,
         http,
         http_task,
         store,
@@ -373,18 +371,34 @@ async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
     }
 }
 
-/// How long the hub keeps telemetry and audit entries.
-#[derive(Debug, Clone, Copy)]
+/// How long the hub keeps telemetry and audit entries, and how often it
+/// prunes backups (a watch: SIGHUP replaces them).
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Retentions {
     telemetry: Duration,
     audit: Duration,
+    prune_backups: Duration,
+}
+
+impl Retentions {
+    fn of(config: &HubConfig) -> Self {
+        Retentions {
+            telemetry: config.telemetry_retention,
+            audit: config.audit_retention,
+            prune_backups: config.backups.prune_every,
+        }
+    }
 }
 
 /// Expires undelivered commands and writes the counts of refused requests
 /// every second, prunes telemetry and audit
 /// entries past their `retention` and expired tokens every minute, and
 /// applies the backup retention every `prune_backups`, until `shutdown`.
-async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Duration, shutdown: CancellationToken) {
+async fn maintenance(
+    fleet: Arc<Fleet>,
+    retentions: tokio::sync::watch::Receiver<Retentions>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_prune: Option<tokio::time::Instant> = None;
     let mut last_backup_prune = tokio::time::Instant::now();
@@ -398,6 +412,7 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Du
         }
         http::write_tallies(&fleet, Some(std::time::Instant::now())).await;
         let now = Timestamp::now();
+        let retention = *retentions.borrow();
         match fleet.store().expire_commands(now).await {
             Ok(expired) => {
                 for cmd in expired {
@@ -425,7 +440,7 @@ async fn maintenance(fleet: Arc<Fleet>, retention: Retentions, prune_backups: Du
                 Err(e) => tracing::warn!(error = %e, "Audit pruning failed."),
             }
         }
-        if last_backup_prune.elapsed() >= prune_backups {
+        if last_backup_prune.elapsed() >= retention.prune_backups {
             last_backup_prune = tokio::time::Instant::now();
             let backups = fleet.backups().clone();
             let pruned = tokio::task::spawn_blocking(move || -> Result<(), backups::BackupStoreError> {
@@ -471,10 +486,14 @@ impl RunningHub {
         parts.into_iter().find(|(_, ended)| *ended).map(|(name, _)| name)
     }
 
-    /// SIGHUP: the alert rules and receivers of a config read again take
-    /// effect at the next round.
-    pub fn reload_alerts(&self, config: service::alerts::AlertsConfig) {
-        self.alerts_config.send_replace(config);
+    /// SIGHUP: the parts of a config read again that apply without a
+    /// restart: the alert rules and receivers (at the next round), the
+    /// retention of telemetry, audit entries and backups, and how often
+    /// backups are pruned (at the next prune).
+    pub fn reload(&self, config: &HubConfig) {
+        self.alerts_config.send_replace(config.alerts.clone());
+        self.retentions.send_replace(Retentions::of(config));
+        self.fleet.backups().set_retention(config.backups.retention);
     }
 
     /// SIGHUP: reads the HTTPS certificate and key again (when the hub

@@ -244,9 +244,9 @@ fn migrate(config: &HubConfig) -> anyhow::Result<()> {
     }
 }
 
-/// SIGHUP: the config file read again; its log level and its alert rules
-/// and receivers take effect, and the HTTPS certificate and key are read
-/// again. A config with errors is refused and the one in force stays.
+/// SIGHUP: the config file read again; its log level, alert rules and
+/// receivers and retention periods take effect, and the HTTPS certificate
+/// and key are read again. A config with errors is refused and the one in force stays.
 /// Other changes wait for a restart.
 fn reload(hub: &outpost_hub::RunningHub, path: &std::path::Path) {
     match HubConfig::load(path) {
@@ -254,11 +254,11 @@ fn reload(hub: &outpost_hub::RunningHub, path: &std::path::Path) {
             if let Err(e) = outpost_shared::logging::set_filter(&new.log) {
                 tracing::error!(error = %e, "Log level not changed.");
             }
-            hub.reload_alerts(new.alerts);
+            hub.reload(&new);
             tracing::info!(
                 file = %path.display(),
                 log = %new.log,
-                "Config reloaded (log level, alert rules, HTTPS certificate)."
+                "Config reloaded (log level, alert rules, retention, HTTPS certificate)."
             );
         }
         Err(errors) => {

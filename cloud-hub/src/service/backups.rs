@@ -181,7 +181,8 @@ pub struct Backups {
     /// Held by `put_snapshot` and `prune`: a snapshot is never catalogued
     /// while a prune deletes chunks.
     catalogue: std::sync::Arc<std::sync::Mutex<()>>,
-    retention: outpost_shared::retention::Retention,
+    /// Shared by every clone: a reload (SIGHUP) sets it for all.
+    retention: std::sync::Arc<std::sync::Mutex<outpost_shared::retention::Retention>>,
     /// The runtime the store's calls run on (these methods block).
     runtime: tokio::runtime::Handle,
     /// This process's name on the store's leases.
@@ -261,9 +262,19 @@ impl Backups {
 
     /// The hub's retention (`[backups.retention]`), applied by
     /// [`Backups::prune`].
-    pub fn with_retention(mut self, retention: outpost_shared::retention::Retention) -> Self {
-        self.retention = retention;
+    pub fn with_retention(self, retention: outpost_shared::retention::Retention) -> Self {
+        self.set_retention(retention);
         self
+    }
+
+    /// Replaces the hub's retention, for this value and its clones (a
+    /// config reloaded on SIGHUP); the next prune applies it.
+    pub fn set_retention(&self, retention: outpost_shared::retention::Retention) {
+        *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = retention;
+    }
+
+    fn retention(&self) -> outpost_shared::retention::Retention {
+        *self.retention.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_catalogue(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -422,7 +433,7 @@ impl Backups {
         let _catalogue = self.lock_catalogue();
         let _lease = self.lease(device, PRUNE_LEASE, std::time::Duration::ZERO)?;
         let catalog = self.wait(self.store.catalog(device))?;
-        let drop = prune_plan(&catalog, &self.retention);
+        let drop = prune_plan(&catalog, &self.retention());
         let mut report = PruneReport {
             snapshots_kept: catalog.len() - drop.len(),
             snapshots_removed: drop.clone(),
@@ -761,6 +772,27 @@ mod tests {
             usage.chunks,
             usage.bytes
         );
+    }
+
+    #[test]
+    fn a_retention_set_on_a_clone_applies_to_the_next_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _entered = runtime.enter();
+        let store = Store::open_sled(dir.path()).unwrap();
+        let backups = Backups::new(dir.path(), store);
+        let dev: DeviceId = "dev-a".parse().unwrap();
+        let base = 1_793_491_200_000u64;
+        for day in 0..5u64 {
+            let mut id = [0u8; 32];
+            id[0] = day as u8;
+            upload(&backups, &dev, &format!("{}-data-{day:02}", base + day * DAY), base + day * DAY, &[id]);
+        }
+        assert_eq!(backups.prune(&dev, true).unwrap().snapshots_removed.len(), 0, "keeps everything by default");
+        // As a reload does: set on another handle of the same backups.
+        backups.clone().set_retention(Retention { last: 2, ..Default::default() });
+        let report = backups.prune(&dev, false).unwrap();
+        assert_eq!((report.snapshots_removed.len(), report.snapshots_kept), (3, 2));
     }
 
     #[test]
