@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod crash;
 pub mod enroll;
+pub mod exporter;
 pub mod identity;
 pub mod inbox;
 pub mod jobs;
@@ -326,7 +327,7 @@ pub fn run_with(
             supervisor = supervisor.child("peers", parts.task("peers", peers));
         }
         if let Some(listen) = config.metrics.listen {
-            let sources = metrics::Sources {
+            let sources = exporter::Sources {
                 store: store.clone(),
                 link: state_rx.clone(),
                 peers: peer_table.clone(),
@@ -335,7 +336,7 @@ pub fn run_with(
                     config::Transport::Mqtt(_) => "mqtt",
                 },
             };
-            let serve = move |cancel| metrics::serve(listen, sources.clone(), cancel);
+            let serve = move |cancel| exporter::serve(listen, sources.clone(), cancel);
             supervisor = supervisor.child("metrics", parts.task("metrics", serve));
         }
         if let Some(argv) = backup::upload_command(&config) {

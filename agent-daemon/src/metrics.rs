@@ -1,18 +1,12 @@
-//! The agent's Prometheus metrics, served on a loopback address when
-//! `[metrics] listen` is set (off by default): `GET /metrics`, Prometheus
-//! text format 0.0.4.
+//! The agent's Prometheus metrics (served by [`crate::exporter`] when
+//! `[metrics] listen` is set).
 //!
 //! Counters move where things happen ([`METRICS`]: records sent and
 //! acknowledged, reconnects by reason, job and backup runs by outcome,
-//! collector durations); the outbox, uplink and peer gauges are read when
-//! scraped ([`Sources`]). The server is a listener task of its own: it
-//! accepts at most [`MAX_CLIENTS`] connections at once, reads one request
-//! head of at most [`MAX_HEAD`] bytes within [`READ_TIMEOUT`] (parsed by
-//! httparse), answers and closes. Nothing runs between scrapes.
+//! collector durations); the outbox, uplink and peer gauges are set when
+//! scraped ([`AgentMetrics::set_gauges`]). A leaf module: the store, the
+//! uplink and the jobs count here without this module knowing them.
 
-use crate::link::LinkState;
-use crate::peers::PeerTable;
-use crate::store::AgentStore;
 use outpost_shared::job::{JobRun, RunOutcome};
 use outpost_shared::peers::PeerState;
 use outpost_shared::time::Timestamp;
@@ -23,23 +17,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use std::time::Instant;
 
 /// The process's metrics.
 pub static METRICS: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::new);
-
-/// Most scrapes served at once; more connections are closed at once.
-pub const MAX_CLIENTS: usize = 4;
-/// Longest request head read.
-pub const MAX_HEAD: usize = 8192;
-/// A client must send its request within this.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A label `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -174,18 +157,14 @@ impl AgentMetrics {
     }
 
     /// Sets the gauges read at scrape time.
-    fn set_from(&self, s: &Sources) {
-        let connected = matches!(*s.link.borrow(), LinkState::Connected);
-        self.connected.get_or_create(&Transport { transport: s.transport }).set(i64::from(connected));
-        let stats = s.store.stats();
-        self.outbox_records.set(i64::try_from(stats.records).unwrap_or(i64::MAX));
-        self.outbox_bytes.set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
-        let oldest =
-            s.store.peek(stats.acked_seq.saturating_add(1), 1, usize::MAX).ok().and_then(|r| r.first().map(|r| r.at));
-        self.outbox_oldest.set(oldest_age(oldest, Timestamp::now()));
+    pub fn set_gauges(&self, g: &Gauges) {
+        self.connected.get_or_create(&Transport { transport: g.transport }).set(i64::from(g.connected));
+        self.outbox_records.set(i64::try_from(g.outbox_records).unwrap_or(i64::MAX));
+        self.outbox_bytes.set(i64::try_from(g.outbox_bytes).unwrap_or(i64::MAX));
+        self.outbox_oldest.set(oldest_age(g.oldest_record, Timestamp::now()));
         let mut counts = [0i64; 5];
-        for peer in s.peers.snapshot() {
-            counts[peer_state_index(&peer.state)] += 1;
+        for state in &g.peers {
+            counts[peer_state_index(state)] += 1;
         }
         for (state, n) in PEER_STATES.iter().zip(counts) {
             self.peers.get_or_create(&State { state }).set(n);
@@ -198,6 +177,23 @@ impl AgentMetrics {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+/// What the scrape-time gauges show.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// The configured transport, `quic` or `mqtt`.
+    pub transport: &'static str,
+    /// A session with the hub is open.
+    pub connected: bool,
+    /// Records waiting.
+    pub outbox_records: u64,
+    /// Their bytes.
+    pub outbox_bytes: u64,
+    /// When the oldest of them was made.
+    pub oldest_record: Option<Timestamp>,
+    /// The LAN peers' states.
+    pub peers: Vec<PeerState>,
 }
 
 const PEER_STATES: [&str; 5] = ["unverified", "trusted", "foreign", "untrusted", "gone"];
@@ -247,115 +243,10 @@ impl Drop for CollectorTimer {
     }
 }
 
-/// What the scrape-time gauges are read from.
-#[derive(Clone)]
-pub struct Sources {
-    /// The outbox.
-    pub store: AgentStore,
-    /// The uplink's state.
-    pub link: watch::Receiver<LinkState>,
-    /// The LAN peers.
-    pub peers: PeerTable,
-    /// The configured transport, `quic` or `mqtt`.
-    pub transport: &'static str,
-}
-
-/// What to answer a request head: status, reason, body. Pure.
-pub fn answer(head: &[u8]) -> (u16, &'static str, Option<&'static str>) {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
-        Ok(httparse::Status::Complete(_)) => match (request.method, request.path) {
-            (Some("GET" | "HEAD"), Some("/metrics")) => (200, "OK", None),
-            (Some(_), Some("/metrics")) => (405, "Method Not Allowed", Some("only GET\n")),
-            _ => (404, "Not Found", Some("only /metrics is served here\n")),
-        },
-        Ok(httparse::Status::Partial) | Err(_) => (400, "Bad Request", Some("not an HTTP/1.x request head\n")),
-    }
-}
-
-/// Serves `/metrics` on `listen` until `cancel`.
-pub async fn serve(listen: SocketAddr, sources: Sources, cancel: CancellationToken) {
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%listen, error = %e, "Cannot serve metrics.");
-            // Ending lets the supervisor retry later.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            return;
-        }
-    };
-    tracing::info!(listen = %listener.local_addr().unwrap_or(listen), "Serving metrics at /metrics.");
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    loop {
-        let (stream, _) = tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(error = %e, "Metrics connection not accepted.");
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-        let sources = sources.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = tokio::time::timeout(READ_TIMEOUT, respond(stream, &sources)).await.unwrap_or_else(|_| {
-                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within the time allowed"))
-            }) {
-                tracing::debug!(error = %e, "Metrics request not answered.");
-            }
-        });
-    }
-}
-
-async fn respond(mut stream: tokio::net::TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let (status, reason, fixed) = answer(&head);
-    let (kind, body) = match fixed {
-        Some(text) => ("text/plain; charset=utf-8", text.to_owned()),
-        None => {
-            METRICS.set_from(sources);
-            let text = METRICS.encode().map_err(std::io::Error::other)?;
-            (prometheus_client::encoding::prometheus_text::CONTENT_TYPE, text)
-        }
-    };
-    let head_only = head.starts_with(b"HEAD ");
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        out.push_str(&body);
-    }
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
     use super::*;
-
-    #[test]
-    fn only_get_of_metrics_is_answered_with_metrics() {
-        assert_eq!(answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").0, 200);
-        assert_eq!(answer(b"HEAD /metrics HTTP/1.0\r\n\r\n").0, 200);
-        assert_eq!(answer(b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
-        assert_eq!(answer(b"GET / HTTP/1.1\r\n\r\n").0, 404);
-        assert_eq!(answer(b"GET /metrics HTTP/1.1\r\n").0, 400, "an incomplete head");
-        assert_eq!(answer(b"\x16\x03\x01 binary").0, 400);
-    }
 
     #[test]
     fn outcomes_and_ages() {

@@ -1012,27 +1012,6 @@ pub struct AlertView {
     pub silenced: bool,
 }
 
-impl AlertView {
-    /// The view of `alert`.
-    pub fn new(alert: &crate::service::alerts::Alert, silenced: bool) -> Self {
-        AlertView {
-            fingerprint: alert.fingerprint(),
-            rule: alert.rule.clone(),
-            device: alert.device.clone(),
-            device_name: alert.name.clone(),
-            severity: alert.severity.clone(),
-            state: crate::service::alerts::state_name(alert.state).into(),
-            summary: alert.summary.clone(),
-            description: alert.description.clone(),
-            since: alert.since.rfc3339(),
-            fired_at: alert.fired_at.map(Timestamp::rfc3339),
-            resolved_at: alert.resolved_at.map(Timestamp::rfc3339),
-            inhibited: alert.inhibited,
-            silenced,
-        }
-    }
-}
-
 /// A silence as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SilenceView {
@@ -1050,21 +1029,6 @@ pub struct SilenceView {
     pub created_at: String,
     /// In force now.
     pub active: bool,
-}
-
-impl SilenceView {
-    /// The view of `s` at `now`.
-    pub fn new(s: &crate::service::alerts::Silence, now: Timestamp) -> Self {
-        SilenceView {
-            id: s.id.clone(),
-            matchers: s.matchers.clone(),
-            ends_at: s.ends_at.rfc3339(),
-            comment: s.comment.clone(),
-            created_by: s.created_by.clone(),
-            created_at: s.created_at.rfc3339(),
-            active: now < s.ends_at,
-        }
-    }
 }
 
 /// Body of `POST /api/v1/silences`.

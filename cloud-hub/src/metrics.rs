@@ -4,7 +4,8 @@
 //! One set per process ([`METRICS`]): counters move where things happen
 //! (ingest, sessions, commands, HTTP requests, store calls); the fleet's
 //! gauges (devices by state, alarmed, overdue backups) are read from the
-//! store at scrape time ([`HubMetrics::set_fleet`]). No label names a
+//! store at scrape time ([`HubMetrics::set_fleet`]). A leaf module: what
+//! counts here imports it, it imports nothing of the hub. No label names a
 //! device: 10,000 devices would be 10,000 series. With several hubs each
 //! counts its own traffic; the fleet gauges are the same on every hub.
 
@@ -76,6 +77,23 @@ pub struct Notification {
 pub struct Operation {
     /// The store method.
     pub operation: &'static str,
+}
+
+/// The fleet's figures the gauges show (from the overview).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FleetCounts {
+    /// Devices heard from within the heartbeat timeout.
+    pub online: usize,
+    /// Heard from before, silent now.
+    pub offline: usize,
+    /// Never connected.
+    pub never_connected: usize,
+    /// With an alarm raised.
+    pub alarmed: usize,
+    /// With a scheduled backup overdue.
+    pub overdue_backups: usize,
+    /// With a failed job attempt in the last 24 hours.
+    pub failing_jobs: usize,
 }
 
 /// The hub's metrics.
@@ -212,15 +230,15 @@ impl HubMetrics {
         HubMetrics { registry, ..m }
     }
 
-    /// Sets the fleet's gauges from the overview read at scrape time.
-    pub fn set_fleet(&self, o: &crate::service::listing::Overview) {
+    /// Sets the fleet's gauges, read at scrape time.
+    pub fn set_fleet(&self, f: &FleetCounts) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        for (state, n) in [("online", o.online), ("offline", o.offline), ("never_connected", o.never_connected)] {
+        for (state, n) in [("online", f.online), ("offline", f.offline), ("never_connected", f.never_connected)] {
             self.devices.get_or_create(&State { state }).set(gauge(n));
         }
-        self.alarmed.set(gauge(o.alarmed));
-        self.overdue_backups.set(gauge(o.overdue_backups));
-        self.failing_jobs.set(gauge(o.devices_with_failed_runs));
+        self.alarmed.set(gauge(f.alarmed));
+        self.overdue_backups.set(gauge(f.overdue_backups));
+        self.failing_jobs.set(gauge(f.failing_jobs));
     }
 
     /// Counts the command results among newly stored `records`.

@@ -728,6 +728,38 @@ fn common(sets: &[BTreeMap<String, String>]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The API's view of `alert`.
+pub fn alert_view(alert: &Alert, silenced: bool) -> crate::api::AlertView {
+    crate::api::AlertView {
+        fingerprint: alert.fingerprint(),
+        rule: alert.rule.clone(),
+        device: alert.device.clone(),
+        device_name: alert.name.clone(),
+        severity: alert.severity.clone(),
+        state: state_name(alert.state).into(),
+        summary: alert.summary.clone(),
+        description: alert.description.clone(),
+        since: alert.since.rfc3339(),
+        fired_at: alert.fired_at.map(Timestamp::rfc3339),
+        resolved_at: alert.resolved_at.map(Timestamp::rfc3339),
+        inhibited: alert.inhibited,
+        silenced,
+    }
+}
+
+/// The API's view of silence `s` at `now`.
+pub fn silence_view(s: &Silence, now: Timestamp) -> crate::api::SilenceView {
+    crate::api::SilenceView {
+        id: s.id.clone(),
+        matchers: s.matchers.clone(),
+        ends_at: s.ends_at.rfc3339(),
+        comment: s.comment.clone(),
+        created_by: s.created_by.clone(),
+        created_at: s.created_at.rfc3339(),
+        active: now < s.ends_at,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests fail loudly by design.

@@ -458,7 +458,15 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
         }
     }
     let metrics = &crate::metrics::METRICS;
-    metrics.set_fleet(&overview(&fleet.views(None).await?, 0));
+    let o = overview(&fleet.views(None).await?, 0);
+    metrics.set_fleet(&crate::metrics::FleetCounts {
+        online: o.online,
+        offline: o.offline,
+        never_connected: o.never_connected,
+        alarmed: o.alarmed,
+        overdue_backups: o.overdue_backups,
+        failing_jobs: o.devices_with_failed_runs,
+    });
     let text = metrics
         .encode()
         .map_err(|e| HttpError::Internal(crate::store::StoreError::Unavailable(format!("metrics not encoded: {e}"))))?;
@@ -487,7 +495,8 @@ async fn list_alerts(
         return Err(HttpError::Unprocessable("limit: 1 to 1000".into()));
     }
     let alerts = crate::service::alerts::list(fleet.store(), limit).await?;
-    let views: Vec<crate::api::AlertView> = alerts.iter().map(|(a, s)| crate::api::AlertView::new(a, *s)).collect();
+    let views: Vec<crate::api::AlertView> =
+        alerts.iter().map(|(a, s)| crate::service::alerts::alert_view(a, *s)).collect();
     Ok(HttpResponse::Ok().json(views))
 }
 
@@ -497,7 +506,8 @@ async fn list_silences(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpRe
     caller.require(Role::Viewer)?;
     let now = Timestamp::now();
     let list = crate::service::alerts::silences(fleet.store()).await?;
-    let views: Vec<crate::api::SilenceView> = list.iter().map(|s| crate::api::SilenceView::new(s, now)).collect();
+    let views: Vec<crate::api::SilenceView> =
+        list.iter().map(|s| crate::service::alerts::silence_view(s, now)).collect();
     Ok(HttpResponse::Ok().json(views))
 }
 
@@ -521,7 +531,7 @@ async fn create_silence(
     }
     let silence =
         crate::service::alerts::add_silence(&fleet, &caller.token.name, body.matchers, duration, body.comment).await?;
-    Ok(HttpResponse::Created().json(crate::api::SilenceView::new(&silence, Timestamp::now())))
+    Ok(HttpResponse::Created().json(crate::service::alerts::silence_view(&silence, Timestamp::now())))
 }
 
 /// `DELETE /api/v1/silences/{id}`: ends a silence now.
@@ -535,7 +545,7 @@ async fn end_silence(
     note(&req, AuditNote { target: Some(format!("silence {path}")), ..AuditNote::default() });
     caller.require(Role::Operator)?;
     match crate::service::alerts::end_silence(&fleet, &path).await? {
-        Some(s) => Ok(HttpResponse::Ok().json(crate::api::SilenceView::new(&s, Timestamp::now()))),
+        Some(s) => Ok(HttpResponse::Ok().json(crate::service::alerts::silence_view(&s, Timestamp::now()))),
         None => Err(HttpError::NotFound(format!("silence {path:?}"))),
     }
 }
