@@ -98,3 +98,29 @@ measure() {
     read -r secs kib <"$work/time.out"
     echo "| $label | $secs s | $((kib / 1024)) MiB |"
 }
+
+# port_in_log LOG KEY: the port a process logged as KEY=127.0.0.1:PORT
+# (node_exporter's "address=", the agent's "listen="), waiting up to 10 s.
+port_in_log() {
+    local port=""
+    for _ in $(seq 100); do
+        port=$(grep -o "$2=127.0.0.1:[0-9]*" "$1" | head -1 | cut -d: -f2) && [ -n "$port" ] && break
+        sleep 0.1
+    done
+    [ -n "$port" ] || { echo "no $2 in $1" >&2; return 1; }
+    echo "$port"
+}
+
+# timed LABEL URL [CURL_ARG...]: R requests of URL (curl given the extra
+# arguments: a token header, a cookie jar), a Markdown row
+# "| LABEL | median | p95 | bytes |"; fails on an answer other than 200.
+timed() {
+    local label=$1 url=$2
+    shift 2
+    for _ in $(seq 1 "$R"); do
+        curl -s -o /dev/null -w '%{time_total} %{size_download} %{http_code}\n' "$@" "$url"
+    done | sort -n | awk -v label="$label" -v r="$R" '
+        { t[NR] = $1; size = $2; if ($3 != 200) bad = $3 }
+        END { if (bad) { print "| " label " | HTTP " bad " |"; exit 1 }
+              printf "| %s | %.1f ms | %.1f ms | %d |\n", label, t[int((r + 1) / 2)] * 1000, t[int(r * 0.95 + 0.999)] * 1000, size }'
+}

@@ -27,18 +27,6 @@ trap "exit 130" INT TERM
 
 echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%FT%TZ); $(git rev-parse --short HEAD)"
 
-# timed LABEL URL [COOKIE]: R requests, "| LABEL | median | p95 | bytes |".
-timed() {
-    local label=$1 url=$2 auth=(-H "Authorization: Bearer $admin")
-    [ -n "${3:-}" ] && auth=(-b "$3")
-    for _ in $(seq 1 "$R"); do
-        curl -s -o /dev/null -w '%{time_total} %{size_download} %{http_code}\n' "${auth[@]}" "$url"
-    done | sort -n | awk -v label="$label" -v r="$R" '
-        { t[NR] = $1; size = $2; if ($3 != 200) bad = $3 }
-        END { if (bad) { print "| " label " | HTTP " bad " |"; exit 1 }
-              printf "| %s | %.1f ms | %.1f ms | %d |\n", label, t[int((r + 1) / 2)] * 1000, t[int(r * 0.95 + 0.999)] * 1000, size }'
-}
-
 for backend in ${BACKENDS:-sled postgres}; do
     work=$top/$backend; mkdir -p "$work"
     pg_url=
@@ -62,16 +50,16 @@ for backend in ${BACKENDS:-sled postgres}; do
     echo
     echo "| request ($R each) | median | p95 | bytes |"
     echo "|---|---|---|---|"
-    timed "API: GET /devices?limit=100 (first page)" "$api/api/v1/devices?limit=100"
-    timed "API: GET /devices?selector=env=dev,site=site-07&limit=100 (250 match)" "$api/api/v1/devices?selector=env%3Ddev,site%3Dsite-07&limit=100"
-    timed "API: GET /devices?status=alarmed&sort=last_seen" "$api/api/v1/devices?status=alarmed&sort=last_seen&limit=100"
-    timed "API: GET /overview" "$api/api/v1/overview"
-    timed "API: GET /devices/{id}" "$api/api/v1/devices/$one"
-    timed "console: overview" "$api/console/" "$work/jar"
-    timed "console: devices (50 rows)" "$api/console/devices" "$work/jar"
-    timed "console: devices?selector=env=prod" "$api/console/devices?selector=env%3Dprod" "$work/jar"
-    timed "console: device page" "$api/console/devices/$one" "$work/jar"
-    timed "console: device chart data (1h)" "$api/console/devices/$one/series?window=1h" "$work/jar"
+    timed "API: GET /devices?limit=100 (first page)" "$api/api/v1/devices?limit=100" -H "Authorization: Bearer $admin"
+    timed "API: GET /devices?selector=env=dev,site=site-07&limit=100 (250 match)" "$api/api/v1/devices?selector=env%3Ddev,site%3Dsite-07&limit=100" -H "Authorization: Bearer $admin"
+    timed "API: GET /devices?status=alarmed&sort=last_seen" "$api/api/v1/devices?status=alarmed&sort=last_seen&limit=100" -H "Authorization: Bearer $admin"
+    timed "API: GET /overview" "$api/api/v1/overview" -H "Authorization: Bearer $admin"
+    timed "API: GET /devices/{id}" "$api/api/v1/devices/$one" -H "Authorization: Bearer $admin"
+    timed "console: overview" "$api/console/" -b "$work/jar"
+    timed "console: devices (50 rows)" "$api/console/devices" -b "$work/jar"
+    timed "console: devices?selector=env=prod" "$api/console/devices?selector=env%3Dprod" -b "$work/jar"
+    timed "console: device page" "$api/console/devices/$one" -b "$work/jar"
+    timed "console: device chart data (1h)" "$api/console/devices/$one/series?window=1h" -b "$work/jar"
 
     if [ "$backend" = postgres ]; then
         # The peer: the database's own time for the one read every fleet

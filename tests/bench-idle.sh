@@ -19,6 +19,7 @@ bin=target/release
 
 work=$(mktemp -d /tmp/outpost-bench-XXXXXX)
 pids=()
+. tests/bench-common.sh
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
@@ -49,17 +50,8 @@ grep -q '^\[metrics\]' "$work/agent2.toml" || { echo "configs/agent.toml has no 
 # would do; the agent samples every 10 s with the example config).
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne2.log" & ne2=$!; pids+=($ne2)
-port=""
-for _ in $(seq 100); do
-    port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne2.log" | head -1 | cut -d: -f2) && [ -n "$port" ] && break
-    sleep 0.1
-done
-aport=""
-for _ in $(seq 100); do
-    aport=$(grep -o 'listen=127.0.0.1:[0-9]*' "$work/agent2.log" | head -1 | cut -d: -f2) && [ -n "$aport" ] && break
-    sleep 0.1
-done
-[ -n "$aport" ] || { echo "the second agent does not serve metrics" >&2; exit 1; }
+port=$(port_in_log "$work/ne2.log" address)
+aport=$(port_in_log "$work/agent2.log" listen)
 # cron in the foreground, with the system's crontabs (it wakes once a minute).
 /usr/sbin/cron -f 2>"$work/cron.log" & cron=$!; pids+=($cron)
 sleep 5

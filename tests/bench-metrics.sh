@@ -27,18 +27,6 @@ trap "exit 130" INT TERM
 
 echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%FT%TZ); $(git rev-parse --short HEAD)"
 
-# timed LABEL URL [TOKEN]: R requests, "| LABEL | median | p95 | bytes |".
-timed() {
-    local label=$1 url=$2 auth=()
-    [ -n "${3:-}" ] && auth=(-H "Authorization: Bearer $3")
-    for _ in $(seq 1 "$R"); do
-        curl -s -o /dev/null -w '%{time_total} %{size_download} %{http_code}\n' "${auth[@]}" "$url"
-    done | sort -n | awk -v label="$label" -v r="$R" '
-        { t[NR] = $1; size = $2; if ($3 != 200) bad = $3 }
-        END { if (bad) { print "| " label " | HTTP " bad " |"; exit 1 }
-              printf "| %s | %.1f ms | %.1f ms | %d |\n", label, t[int((r + 1) / 2)] * 1000, t[int(r * 0.95 + 0.999)] * 1000, size }'
-}
-
 init_hub
 # A receiver that takes every POST (Python's http.server).
 python3 -c '
@@ -57,11 +45,7 @@ until [ -s "$work/receiver.port" ]; do sleep 0.05; done
 until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
 api="http://$(cat "$work/hub/http.addr")"
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
-ne_port=""
-for _ in $(seq 100); do
-    ne_port=$(grep -o 'address=127.0.0.1:[0-9]*' "$work/ne.log" | head -1 | cut -d: -f2) && [ -n "$ne_port" ] && break
-    sleep 0.1
-done
+ne_port=$(port_in_log "$work/ne.log" address)
 # Some traffic first, so the HTTP and store series exist.
 for _ in $(seq 1 20); do curl -s -o /dev/null -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=10"; done
 curl -s "$api/metrics" | promtool check metrics
@@ -71,7 +55,7 @@ echo
 echo "| request ($R each) | median | p95 | bytes |"
 echo "|---|---|---|---|"
 timed "hub: GET /metrics (loopback, no token)" "$api/metrics"
-timed "hub: GET /api/v1/overview (the store read a scrape makes)" "$api/api/v1/overview" "$admin"
+timed "hub: GET /api/v1/overview (the store read a scrape makes)" "$api/api/v1/overview" -H "Authorization: Bearer $admin"
 timed "peer: prometheus-node-exporter $(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}'): GET /metrics" "http://127.0.0.1:$ne_port/metrics"
 
 # The same hub again, with the alert rule.

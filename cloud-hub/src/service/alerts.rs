@@ -431,17 +431,37 @@ pub fn evaluate(book: &mut Book, rules: &[Rule], views: &[DeviceView], now: Time
             });
             if alert.state == State::Resolved {
                 // It came back: a new alert of the same identity.
-                *alert =
-                    Alert { state: State::Pending, since: now, fired_at: None, resolved_at: None, ..alert.clone() };
+                *alert = Alert {
+                    state: State::Pending,
+                    since: now,
+                    fired_at: None,
+                    resolved_at: None,
+                    description: String::new(),
+                    ..alert.clone()
+                };
             }
-            alert.name.clone_from(&v.name);
-            alert.severity.clone_from(&rule.severity);
-            alert.summary = rule.summary.replace("{device}", &v.name);
-            alert.description = why;
-            if alert.state == State::Pending && Duration::from_millis(now.0.saturating_sub(alert.since.0)) >= rule.hold
-            {
+            let firing_now = alert.state == State::Pending
+                && Duration::from_millis(now.0.saturating_sub(alert.since.0)) >= rule.hold;
+            // Why, as of when it started and when it fired: not rewritten
+            // each round ("offline for 61s", "62s"...), so a firing alert
+            // leaves the book unchanged and it is not written again.
+            if alert.description.is_empty() || firing_now {
+                alert.description = why;
+            }
+            if firing_now {
                 alert.state = State::Firing;
                 alert.fired_at = Some(now);
+            }
+            // Written only when they change (a rename, a reloaded rule).
+            let summary = rule.summary.replace("{device}", &v.name);
+            if alert.summary != summary {
+                alert.summary = summary;
+            }
+            if alert.name != v.name {
+                alert.name.clone_from(&v.name);
+            }
+            if alert.severity != rule.severity {
+                alert.severity.clone_from(&rule.severity);
             }
         }
     }
@@ -816,6 +836,12 @@ mod tests {
         assert_eq!(book.alerts.values().next().unwrap().state, State::Pending);
         evaluate(&mut book, &rules, std::slice::from_ref(&silent), Timestamp(91_000));
         assert_eq!(book.alerts.values().next().unwrap().state, State::Firing);
+        // Firing on, round after round: the book does not change (nothing
+        // to write to the store).
+        let firing = book.clone();
+        evaluate(&mut book, &rules, std::slice::from_ref(&silent), Timestamp(150_000));
+        assert_eq!(book, firing, "a firing alert changed the book");
+        assert_eq!(book.alerts.values().next().unwrap().description, "offline for 91s", "why, as of when it fired");
         let back = view("d1", true, Some(92_000));
         evaluate(&mut book, &rules, &[back], Timestamp(92_000));
         let a = book.alerts.values().next().unwrap();
