@@ -484,6 +484,21 @@ fn start_over(dir: &Path, cache: u64, error: &sled::Error) -> Result<Trees, Stor
     Ok(trees)
 }
 
+/// Waits (at most `limit`) until no one holds the lock sled takes on
+/// `file` (an exclusive `flock`); returns at once if the file is missing.
+fn released(file: &Path, limit: std::time::Duration) {
+    let Ok(f) = std::fs::File::open(file) else { return };
+    let deadline = std::time::Instant::now() + limit;
+    while rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(file = %file.display(), "The store's files are still locked after it closed.");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = rustix::fs::flock(&f, rustix::fs::FlockOperation::Unlock);
+}
+
 /// True for errors after which sled's instance is of no more use (it keeps
 /// the first I/O error): the database is dropped and opened again.
 fn is_io(e: &StoreError) -> bool {
@@ -814,6 +829,10 @@ impl AgentStore {
         let flushed = self.flush();
         self.writer.close();
         self.shared.db.close();
+        // sled lets go of its file lock once its own threads have let go of
+        // the database, a moment after the last handle is dropped: wait for
+        // that, so that an open right after this one finds the files free.
+        released(&self.shared.dir.join("db"), std::time::Duration::from_secs(5));
         flushed
     }
 }
