@@ -101,6 +101,7 @@ async fn admin_token(store: &Store, name: String, expires_at: Option<Timestamp>)
         expires_at,
         last_used: None,
         kind: crate::store::TokenKind::Api,
+        made_by: None,
     };
     store.put_api_token(&service::token_hash(&token), &record).await?;
     Ok(token)

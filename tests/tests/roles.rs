@@ -310,9 +310,8 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     let entries = refused["entries"].as_array().unwrap();
     assert!(entries.len() >= 3, "{refused:#}");
     assert!(
-        entries
-            .iter()
-            .any(|e| e["who"].as_str().unwrap().starts_with("console ") && e["target"] == agents[0].id.as_str()),
+        entries.iter().any(|e| e["who"].as_str().unwrap().starts_with("initial admin (console ")
+            && e["target"] == agents[0].id.as_str()),
         "{refused:#}"
     );
 
@@ -356,6 +355,48 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     assert_eq!(status, 303);
     let again = web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap();
     assert_eq!(again.status().as_u16(), 303, "signed out: back to the sign-in page");
+
+    // Signing in with an API token opens a session of its own: the cookie
+    // is not the token, works only as a cookie, ends at sign-out and ends
+    // with the token. A crafted `next` signs in to the overview.
+    let ops = token(&admin, "ops-carol", "operator");
+    let crafted = "/console/\r\nSet-Cookie:x";
+    let (status, cookie) = post_form(&web, &sign_in, &origin, "", &[("token", &ops), ("next", crafted)]);
+    assert_eq!(status, 303, "{cookie}");
+    let session = cookie.trim_start_matches("outpost_session=").split(';').next().unwrap().to_owned();
+    assert!(session.starts_with("opt_") && session != ops, "the session is its own token: {cookie}");
+    let answer =
+        web.post(&sign_in).header("Origin", &origin).send_form([("token", ops.as_str()), ("next", crafted)]).unwrap();
+    assert_eq!(answer.headers().get("location").unwrap(), "/console/", "an unsafe next becomes the overview");
+    let bearer = |secret: &str| {
+        let overview = format!("{}/api/v1/overview", hub.api);
+        web.get(&overview).header("Authorization", &format!("Bearer {secret}")).call().unwrap().status().as_u16()
+    };
+    assert_eq!(bearer(&session), 401, "a console session is never a bearer token");
+    assert_eq!(bearer(&ops), 200);
+    let mut page =
+        web.get(&format!("{}/console/devices/{}", hub.api, agents[0].id)).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.body_mut().read_to_string().unwrap();
+    let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let form = [("csrf", csrf.as_str()), ("action", "labels"), ("labels", "site=lab"), ("confirm", "yes")];
+    let (status, _) = post_form(&web, &act, &origin, &cookie, &form);
+    assert_eq!(status, 303);
+    let done = audit(&admin, "action=%2Fconsole");
+    assert!(done.iter().any(|e| e["who"].as_str().unwrap().starts_with("ops-carol (console ")), "{done:#?}");
+    let (status, _) = post_form(&web, &format!("{}/console/sign-out", hub.api), &origin, &cookie, &[("csrf", &csrf)]);
+    assert_eq!(status, 303);
+    let again = web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(again.status().as_u16(), 303, "signed out: the session is gone");
+    assert_eq!(bearer(&ops), 200, "signing out leaves the API token alone");
+    let (_, cookie) = post_form(&web, &sign_in, &origin, "", &[("token", &ops)]);
+    assert_eq!(
+        web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap().status().as_u16(),
+        200
+    );
+    admin.revoke_token("ops-carol").unwrap();
+    let again = web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(again.status().as_u16(), 303, "a session ends with the token it was signed in with");
 }
 
 /// `outpostctl` as an operator's script uses it.

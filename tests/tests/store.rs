@@ -347,6 +347,7 @@ fn tokens_enrollment_keys_and_hellos() {
             expires_at: Some(Timestamp(9)),
             last_used: None,
             kind: outpost_hub::store::TokenKind::Api,
+            made_by: None,
         };
         store.put_api_token(&[1; 32], &token).await.unwrap();
         assert_eq!(store.api_token(&[1; 32]).await.unwrap(), Some(token.clone()));
@@ -358,6 +359,12 @@ fn tokens_enrollment_keys_and_hellos() {
         assert_eq!(store.take_api_token(&[1; 32]).await.unwrap(), None, "a token is taken once");
         assert!(!store.update_api_token(&[1; 32], &used).await.unwrap(), "a use does not bring a revoked token back");
         assert!(store.api_tokens().await.unwrap().is_empty());
+        // A console session keeps who made it.
+        let maker = outpost_hub::store::MadeBy { name: "ops".into(), token: Some([1; 32]) };
+        let kind = outpost_hub::store::TokenKind::ConsoleSession;
+        let session = ApiToken { name: "ops (console ab12)".into(), kind, made_by: Some(maker), ..token.clone() };
+        store.put_api_token(&[2; 32], &session).await.unwrap();
+        assert_eq!(store.take_api_token(&[2; 32]).await.unwrap(), Some(session));
 
         // Names are unique among live tokens, as one step: of twenty
         // creations of one name at once, one succeeds.

@@ -17,7 +17,7 @@ pub mod throttle;
 use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
 use crate::service::fleet::Fleet;
 use crate::service::listing::{Selector, check_labels};
-use crate::store::{ApiToken, Labels, NewCommand, Role, StoreError, TokenKind};
+use crate::store::{ApiToken, Labels, MadeBy, NewCommand, Role, StoreError, TokenKind};
 use outpost_shared::DeviceId;
 use outpost_shared::desired::DesiredDoc;
 use outpost_shared::protocol::CommandKind;
@@ -194,7 +194,8 @@ impl BulkPlan {
 
 /// Longest a token may live.
 pub const MAX_TOKEN_LIFE: Duration = Duration::from_secs(366 * 86400);
-/// Lifetime of a console session made from a sign-in link.
+/// Longest a console session lives (less when the token it was signed in
+/// with expires sooner).
 pub const CONSOLE_SESSION: Duration = Duration::from_secs(12 * 3600);
 /// Longest a sign-in link stays valid.
 pub const MAX_LINK_LIFE: Duration = Duration::from_secs(86400);
@@ -240,6 +241,7 @@ pub async fn create_token(
     role: Role,
     life: Duration,
     kind: TokenKind,
+    made_by: Option<MadeBy>,
 ) -> Result<(String, [u8; 32], ApiToken), ServiceError> {
     let now = Timestamp::now();
     let secret = new_secret();
@@ -251,6 +253,7 @@ pub async fn create_token(
         expires_at: Some(now.saturating_add(life)),
         last_used: None,
         kind,
+        made_by,
     };
     if !fleet.store().insert_api_token(&hash, &token).await? {
         return Err(ServiceError::Exists(format!("a token named {name:?}")));
@@ -307,6 +310,10 @@ pub async fn revoke_token(fleet: &Fleet, by: &str, which: &str) -> Result<([u8; 
             )));
         }
     };
+    // Its links and console sessions are refused from now on; they go too.
+    for (made, _) in tokens.iter().filter(|(_, t)| t.made_by.as_ref().is_some_and(|m| m.token == Some(*hash))) {
+        fleet.store().take_api_token(made).await?;
+    }
     tracing::info!(token = %token.name, by, "API token revoked.");
     Ok((*hash, token))
 }
@@ -320,35 +327,88 @@ pub fn last_admin(tokens: &[([u8; 32], ApiToken)], hash: &[u8; 32], chosen: &Api
 }
 
 /// Makes a one-time console sign-in link for a session of `role`, valid
-/// for `valid_for`; returns its path and expiry.
+/// for `valid_for`, on behalf of `by`; returns its path and expiry.
 pub async fn sign_in_link(
     fleet: &Fleet,
-    by: &str,
+    by: MadeBy,
     role: &str,
     valid_for: &str,
 ) -> Result<(String, Timestamp), ServiceError> {
     let name = format!("sign-in link {}", &new_secret()[4..12]);
     let (role, life) = check_token(&name, role, valid_for, MAX_LINK_LIFE).map_err(ServiceError::Invalid)?;
-    let (secret, _, token) = create_token(fleet, by, &name, role, life, TokenKind::SignInLink).await?;
+    let (secret, _, token) =
+        create_token(fleet, &by.name.clone(), &name, role, life, TokenKind::SignInLink, Some(by)).await?;
     Ok((format!("/console/sign-in?link={secret}"), token.expires_at.unwrap_or(token.created_at)))
+}
+
+/// False if `token` was made by an API token that is gone or expired at
+/// `now` (see [`ApiToken::maker_holds`]).
+pub async fn maker_holds(fleet: &Fleet, token: Option<&ApiToken>, now: Timestamp) -> Result<bool, StoreError> {
+    let Some(token) = token else { return Ok(true) };
+    let maker = match token.made_by.as_ref().and_then(|m| m.token) {
+        Some(maker) => fleet.store().api_token(&maker).await?.map(|m| (maker, m)),
+        None => None,
+    };
+    Ok(token.maker_holds(maker.as_ref(), now))
+}
+
+/// The name of a console session of `maker`: theirs, so that the audit log
+/// says who acted, and a short random part that tells sessions apart.
+/// Pure but for the random part.
+pub fn session_name(maker: &str) -> String {
+    let mut maker = maker.to_owned();
+    if maker.len() > 40 {
+        let mut end = 40;
+        while !maker.is_char_boundary(end) {
+            end -= 1;
+        }
+        maker.truncate(end);
+        maker.push('…');
+    }
+    format!("{maker} (console {})", &new_secret()[4..10])
+}
+
+/// How long a console session signed in with a token that expires at
+/// `parent_expires` may live from `now`: [`CONSOLE_SESSION`], or less, so
+/// that it never outlives the token. Pure.
+pub fn session_life(now: Timestamp, parent_expires: Option<Timestamp>) -> Duration {
+    let left = parent_expires.map_or(CONSOLE_SESSION, |at| Duration::from_millis(at.0.saturating_sub(now.0)));
+    left.min(CONSOLE_SESSION)
+}
+
+/// Signs in to the console with the API token `caller` (whose hash is
+/// `hash`): a console session of its role and its name is made, which ends
+/// at sign-out, at its own expiry, or when the token is revoked or expires.
+/// The token itself never goes into a cookie.
+pub async fn token_session(fleet: &Fleet, caller: &ApiToken, hash: [u8; 32]) -> Result<String, ServiceError> {
+    let life = session_life(Timestamp::now(), caller.expires_at);
+    let made_by = MadeBy { name: caller.name.clone(), token: Some(hash) };
+    let name = session_name(&caller.name);
+    let (secret, _, _) =
+        create_token(fleet, &caller.name, &name, caller.role, life, TokenKind::ConsoleSession, Some(made_by)).await?;
+    Ok(secret)
 }
 
 /// Spends a one-time sign-in link: it is removed (of two uses, one wins)
 /// and a console session token of its role is made, valid for
-/// [`CONSOLE_SESSION`]. Returns the session's secret and token.
+/// [`CONSOLE_SESSION`], in the name of whoever made the link. Returns the
+/// session's secret and token.
 pub async fn redeem_link(fleet: &Fleet, secret: &str) -> Result<(String, ApiToken), ServiceError> {
     let hash = token_hash(secret);
     let refused =
         || ServiceError::Invalid("this sign-in link is not valid: it was used, it expired, or it never existed".into());
     // Read first: a bearer token given as a link is refused untouched.
-    let known = fleet.store().api_token(&hash).await?;
-    if known.is_none_or(|t| t.kind != TokenKind::SignInLink || t.expired(Timestamp::now())) {
+    let now = Timestamp::now();
+    let known = fleet.store().api_token(&hash).await?.filter(|t| t.kind == TokenKind::SignInLink && !t.expired(now));
+    if known.is_none() || !maker_holds(fleet, known.as_ref(), now).await? {
         return Err(refused());
     }
     let link = fleet.store().take_api_token(&hash).await?.ok_or_else(refused)?;
-    let name = format!("console {}", &new_secret()[4..12]);
+    let maker = link.made_by.clone().unwrap_or(MadeBy { name: link.name.clone(), token: None });
+    let name = session_name(&maker.name);
     let (secret, _, token) =
-        create_token(fleet, &link.name, &name, link.role, CONSOLE_SESSION, TokenKind::ConsoleSession).await?;
+        create_token(fleet, &link.name, &name, link.role, CONSOLE_SESSION, TokenKind::ConsoleSession, Some(maker))
+            .await?;
     Ok((secret, token))
 }
 
@@ -584,6 +644,7 @@ mod tests {
             expires_at,
             last_used: None,
             kind,
+            made_by: None,
         };
         let admin = token(Role::Admin, TokenKind::Api, None);
         let tokens = |others: Vec<ApiToken>| {
@@ -665,6 +726,69 @@ mod tests {
     }
 
     #[test]
+    fn a_console_session_is_named_for_its_maker_and_never_outlives_its_token() {
+        let name = session_name("ops-alice");
+        assert!(name.starts_with("ops-alice (console ") && name.ends_with(')'), "{name}");
+        assert_ne!(session_name("x"), session_name("x"), "sessions are told apart");
+        let long = session_name(&"é".repeat(64));
+        assert!(long.len() <= 64 && long.contains('…'), "{long}");
+        let now = Timestamp(1_000_000);
+        assert_eq!(session_life(now, None), CONSOLE_SESSION);
+        assert_eq!(session_life(now, Some(Timestamp(1_060_000))), Duration::from_secs(60));
+        assert_eq!(session_life(now, Some(Timestamp(u64::MAX))), CONSOLE_SESSION);
+        assert_eq!(session_life(now, Some(Timestamp(5))), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_session_holds_while_the_token_that_made_it_does() {
+        let now = Timestamp(1_000);
+        let token = |kind, expires_at, made_by| ApiToken {
+            role: Role::Operator,
+            name: "t".into(),
+            created_at: Timestamp(0),
+            expires_at,
+            last_used: None,
+            kind,
+            made_by,
+        };
+        let maker = token(TokenKind::Api, None, None);
+        let by = |hash| Some(MadeBy { name: "t".into(), token: hash });
+        let session = token(TokenKind::ConsoleSession, None, by(Some([1; 32])));
+        assert!(session.maker_holds(Some(&([1; 32], maker.clone())), now));
+        assert!(!session.maker_holds(None, now), "its token was revoked");
+        assert!(!session.maker_holds(Some(&([2; 32], maker.clone())), now), "another token");
+        let expired = token(TokenKind::Api, Some(Timestamp(999)), None);
+        assert!(!session.maker_holds(Some(&([1; 32], expired)), now), "its token expired");
+        let other_session = token(TokenKind::ConsoleSession, None, None);
+        assert!(!session.maker_holds(Some(&([1; 32], other_session)), now), "only an API token makes sessions");
+        assert!(token(TokenKind::ConsoleSession, None, by(None)).maker_holds(None, now), "made on the hub machine");
+        assert!(maker.maker_holds(None, now), "an API token stands on its own");
+    }
+
+    #[test]
+    fn tokens_stored_before_sessions_knew_their_maker_still_read() {
+        let old = crate::store::TokenV2 {
+            role: Role::Viewer,
+            name: "console ab12cd34".into(),
+            created_at: Timestamp(1),
+            expires_at: Some(Timestamp(2)),
+            last_used: Some((Timestamp(2), "10.0.0.1".into())),
+            kind: TokenKind::ConsoleSession,
+        };
+        let read = ApiToken::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!(
+            (read.name.as_str(), read.kind, &read.made_by),
+            ("console ab12cd34", TokenKind::ConsoleSession, &None)
+        );
+        assert_eq!(
+            (read.expires_at, read.last_used.as_ref().map(|u| u.1.as_str())),
+            (Some(Timestamp(2)), Some("10.0.0.1"))
+        );
+        let now = ApiToken { made_by: Some(MadeBy { name: "ops".into(), token: None }), ..read };
+        assert_eq!(ApiToken::decode(&postcard::to_stdvec(&now).unwrap()).unwrap(), now);
+    }
+
+    #[test]
     fn links_and_sessions_go_at_expiry_api_tokens_a_month_later() {
         let t = |kind, expires: Option<u64>| ApiToken {
             role: Role::Viewer,
@@ -673,6 +797,7 @@ mod tests {
             expires_at: expires.map(Timestamp),
             last_used: None,
             kind,
+            made_by: None,
         };
         let day = 86_400_000;
         assert!(t(TokenKind::SignInLink, Some(10)).to_drop(Timestamp(10)));

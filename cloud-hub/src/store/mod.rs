@@ -276,6 +276,20 @@ pub struct ApiToken {
     pub last_used: Option<(Timestamp, String)>,
     /// What it is for.
     pub kind: TokenKind,
+    /// For a sign-in link or a console session: who made it.
+    pub made_by: Option<MadeBy>,
+}
+
+/// Whose sign-in link or console session a token is: the audit log names
+/// that person, and the session ends when their token does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeBy {
+    /// The name of the token that made the link, or signed in.
+    pub name: String,
+    /// That token's hash: the session is refused once it is gone or expired.
+    /// `None` when the maker was not an API token (`outpost-hub` on the hub
+    /// machine).
+    pub token: Option<[u8; 32]>,
 }
 
 /// What a token is for.
@@ -286,7 +300,8 @@ pub enum TokenKind {
     /// A one-time console sign-in link: exchanged for a console session at
     /// its first use, never a bearer token.
     SignInLink,
-    /// A console session made from a sign-in link (revoked at sign-out).
+    /// A console session, made at sign-in with a link or an API token:
+    /// only ever a cookie, never a bearer token (revoked at sign-out).
     ConsoleSession,
 }
 
@@ -325,10 +340,33 @@ struct TokenV1 {
     created_at: Timestamp,
 }
 
+/// The stored form of tokens made before sessions knew who made them.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub(crate) struct TokenV2 {
+    pub(crate) role: Role,
+    pub(crate) name: String,
+    pub(crate) created_at: Timestamp,
+    pub(crate) expires_at: Option<Timestamp>,
+    pub(crate) last_used: Option<(Timestamp, String)>,
+    pub(crate) kind: TokenKind,
+}
+
 impl ApiToken {
-    /// Decodes a stored token, in its current or its first form.
+    /// Decodes a stored token, in its current or an earlier form.
     pub fn decode(bytes: &[u8]) -> Result<ApiToken, StoreError> {
         postcard::from_bytes::<ApiToken>(bytes)
+            .or_else(|_| {
+                postcard::from_bytes::<TokenV2>(bytes).map(|t| ApiToken {
+                    role: t.role,
+                    name: t.name,
+                    created_at: t.created_at,
+                    expires_at: t.expires_at,
+                    last_used: t.last_used,
+                    kind: t.kind,
+                    made_by: None,
+                })
+            })
             .or_else(|_| {
                 postcard::from_bytes::<TokenV1>(bytes).map(|t| ApiToken {
                     role: t.role,
@@ -337,6 +375,7 @@ impl ApiToken {
                     expires_at: None,
                     last_used: None,
                     kind: TokenKind::Api,
+                    made_by: None,
                 })
             })
             .map_err(|e| StoreError::Corrupt { what: "api_tokens", message: e.to_string() })
@@ -345,6 +384,16 @@ impl ApiToken {
     /// True once past its expiry.
     pub fn expired(&self, now: Timestamp) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// True unless it was made by an API token that is gone or expired at
+    /// `now` (`maker`: the token its `made_by` names, as the store has it
+    /// now, with its hash). Pure.
+    pub fn maker_holds(&self, maker: Option<&([u8; 32], ApiToken)>, now: Timestamp) -> bool {
+        match self.made_by.as_ref().and_then(|m| m.token) {
+            None => true,
+            Some(hash) => maker.is_some_and(|(h, m)| *h == hash && m.kind == TokenKind::Api && !m.expired(now)),
+        }
     }
 
     /// Its public id: `tok-` and the first 6 bytes of its hash in hex.

@@ -197,16 +197,24 @@ pub fn failed(fleet: &Fleet, req: &HttpRequest) {
     fleet.throttle().failed(source(req), std::time::Instant::now());
 }
 
-/// Checks a token secret: known, not expired, not a sign-in link. Records
-/// who it is on the request and, at most once a minute, its use in the
-/// store. A source that failed too often is refused before the store is
-/// asked; each failure counts against it.
-pub async fn authenticate(fleet: &Fleet, req: &HttpRequest, secret: &str) -> Result<Caller, HttpError> {
+/// Checks a token secret presented as `kind`: an API token as a bearer
+/// token, a console session as the console's cookie (never the other way
+/// round, and a sign-in link as neither). A session made with a token ends
+/// with that token. Records who it is on the request and, at most once a
+/// minute, its use in the store. A source that failed too often is refused
+/// before the store is asked; each failure counts against it.
+pub async fn authenticate(
+    fleet: &Fleet,
+    req: &HttpRequest,
+    secret: &str,
+    kind: TokenKind,
+) -> Result<Caller, HttpError> {
     admit(fleet, req)?;
     let hash = crate::service::token_hash(secret);
     let now = Timestamp::now();
-    let token = fleet.store().api_token(&hash).await?;
-    let Some(mut token) = token.filter(|t| !t.expired(now) && t.kind != TokenKind::SignInLink) else {
+    let token = fleet.store().api_token(&hash).await?.filter(|t| !t.expired(now) && t.kind == kind);
+    let holds = service::maker_holds(fleet, token.as_ref(), now).await?;
+    let Some(mut token) = token.filter(|_| holds) else {
         failed(fleet, req);
         return Err(HttpError::Unauthorized);
     };
@@ -249,7 +257,7 @@ pub async fn bearer(
     let secret = bearer_secret(req.request());
     let fleet = req.app_data::<web::Data<Fleet>>().cloned();
     let checked = match (fleet, secret) {
-        (Some(fleet), Some(secret)) => authenticate(&fleet, req.request(), &secret).await,
+        (Some(fleet), Some(secret)) => authenticate(&fleet, req.request(), &secret, TokenKind::Api).await,
         (Some(fleet), None) => admit(&fleet, req.request()).and_then(|()| {
             failed(&fleet, req.request());
             Err(HttpError::Unauthorized)
@@ -449,7 +457,7 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
     let secret = bearer_secret(&req);
     let open = req.app_data::<web::Data<MetricsAccess>>().is_some_and(|a| a.open);
     match secret {
-        Some(secret) => authenticate(&fleet, &req, &secret).await?.require(Role::Viewer)?,
+        Some(secret) => authenticate(&fleet, &req, &secret, TokenKind::Api).await?.require(Role::Viewer)?,
         None if open => {}
         None => {
             admit(&fleet, &req)?;
@@ -821,7 +829,7 @@ async fn create_token(
     let (role, life) = service::check_token(&body.name, &body.role, &body.expires_in, service::MAX_TOKEN_LIFE)
         .map_err(HttpError::Unprocessable)?;
     let (secret, hash, token) =
-        service::create_token(&fleet, &caller.token.name, &body.name, role, life, TokenKind::Api).await?;
+        service::create_token(&fleet, &caller.token.name, &body.name, role, life, TokenKind::Api, None).await?;
     let mut view = TokenView::new(&hash, &token, Timestamp::now());
     view.secret = Some(secret);
     Ok(HttpResponse::Created().json(view))
@@ -847,9 +855,9 @@ async fn create_link(
     body: web::Json<LinkRequest>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Admin)?;
+    let maker = crate::store::MadeBy { name: caller.token.name.clone(), token: Some(caller.hash) };
     let (path, expires_at) =
-        service::sign_in_link(&fleet, &caller.token.name, &body.role, body.expires_in.as_deref().unwrap_or("15m"))
-            .await?;
+        service::sign_in_link(&fleet, maker, &body.role, body.expires_in.as_deref().unwrap_or("15m")).await?;
     Ok(HttpResponse::Created().json(LinkView { path, expires_at: expires_at.rfc3339() }))
 }
 

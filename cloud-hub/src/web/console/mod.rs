@@ -191,10 +191,12 @@ impl FromRequest for User {
             let Some(secret) = req.cookie(COOKIE).map(|c| c.value().to_owned()) else {
                 return Err(ConsoleError::SignIn(next));
             };
-            let caller = authenticate(&fleet, &req, &secret).await.map_err(|e| match e {
-                HttpError::Unauthorized => ConsoleError::SignIn(next),
-                other => other.into(),
-            })?;
+            let caller = authenticate(&fleet, &req, &secret, crate::store::TokenKind::ConsoleSession).await.map_err(
+                |e| match e {
+                    HttpError::Unauthorized => ConsoleError::SignIn(next),
+                    other => other.into(),
+                },
+            )?;
             Ok(User { caller, csrf: csrf_token(&secret) })
         })
     }

@@ -1164,9 +1164,11 @@ struct SignInQuery {
     link: Option<String>,
 }
 
-/// Where to go after signing in: a console path, never another site.
+/// Where to go after signing in: a console path, never another site, and
+/// only visible ASCII (what a `Location` header may carry unchanged).
 fn safe_next(next: &str) -> &str {
-    if next.starts_with("/console/") && !next.contains("//") && !next.contains('\\') { next } else { "/console/" }
+    let plain = next.bytes().all(|b| b.is_ascii_graphic() && b != b'\\');
+    if plain && next.starts_with("/console/") && !next.contains("//") { next } else { "/console/" }
 }
 
 async fn sign_in_page(query: web::Query<SignInQuery>) -> Result<HttpResponse, ConsoleError> {
@@ -1189,8 +1191,8 @@ struct SignInForm {
     next: String,
 }
 
-/// `POST /console/sign-in`: an API token, or a one-time link, becomes the
-/// session cookie.
+/// `POST /console/sign-in`: an API token, or a one-time link, opens a
+/// console session whose own secret becomes the cookie.
 async fn sign_in(
     req: HttpRequest,
     fleet: web::Data<Fleet>,
@@ -1213,8 +1215,8 @@ async fn sign_in(
         }
     } else {
         note(&req, AuditNote { target: Some("console".into()), matched: None, detail: "sign-in with a token".into() });
-        match crate::web::http::authenticate(&fleet, &req, form.token.trim()).await {
-            Ok(_) => Ok(form.token.trim().to_owned()),
+        match crate::web::http::authenticate(&fleet, &req, form.token.trim(), crate::store::TokenKind::Api).await {
+            Ok(caller) => Ok(service::token_session(&fleet, &caller.token, caller.hash).await?),
             Err(crate::web::http::HttpError::Unauthorized) => {
                 Err("that token is not valid (wrong, expired or revoked)".to_owned())
             }
@@ -1239,8 +1241,7 @@ struct SignOutForm {
     csrf: String,
 }
 
-/// `POST /console/sign-out`: drops the cookie; a session made from a
-/// sign-in link is revoked too.
+/// `POST /console/sign-out`: drops the cookie and revokes the session.
 async fn sign_out(
     user: User,
     req: HttpRequest,
@@ -1248,9 +1249,7 @@ async fn sign_out(
     form: web::Form<SignOutForm>,
 ) -> Result<HttpResponse, ConsoleError> {
     user.may_act(Role::Viewer, &form.csrf)?;
-    if user.caller.token.kind == crate::store::TokenKind::ConsoleSession {
-        fleet.store().take_api_token(&user.caller.hash).await?;
-    }
+    fleet.store().take_api_token(&user.caller.hash).await?;
     Ok(HttpResponse::SeeOther()
         .cookie(super::session_cookie(&req, None))
         .insert_header((header::LOCATION, "/console/sign-in"))
@@ -1289,7 +1288,11 @@ mod tests {
     #[test]
     fn next_never_leaves_the_console() {
         assert_eq!(safe_next("/console/devices?status=online"), "/console/devices?status=online");
-        for bad in ["https://evil.example/", "//evil.example/console/", "/console/..//evil", "/other", ""] {
+        let crafted = ["/console/\r\nSet-Cookie:x", "/console/ x", "/console/\u{e9}", "/console/\\evil", "/console/\t"];
+        for bad in ["https://evil.example/", "//evil.example/console/", "/console/..//evil", "/other", ""]
+            .into_iter()
+            .chain(crafted)
+        {
             assert_eq!(safe_next(bad), "/console/", "{bad}");
         }
     }
