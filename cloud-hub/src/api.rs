@@ -79,6 +79,70 @@ pub struct DeviceView {
     /// When an admin revoked it (RFC 3339): refused for good.
     #[serde(default)]
     pub revoked: Option<String>,
+    /// While it is not online: since when and why.
+    #[serde(default)]
+    pub offline: Option<OfflineView>,
+    /// Why it refused its latest desired state, until it applies one.
+    #[serde(default)]
+    pub desired_error: Option<String>,
+    /// Jobs whose latest runs failed.
+    #[serde(default)]
+    pub failing_jobs: Vec<FailingJobView>,
+}
+
+/// Why a device is offline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OfflineView {
+    /// Its last message (RFC 3339), or the refusal or revocation.
+    pub since: String,
+    /// The same, milliseconds since the epoch.
+    pub since_ms: u64,
+    /// In words: how its last session ended (`closed by the device (agent
+    /// stopping)`, `timed out: the device stopped answering`, `refused by
+    /// the hub: …`), or the refusal or revocation that keeps it out.
+    pub reason: String,
+}
+
+/// A job whose latest runs failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FailingJobView {
+    /// The job.
+    pub job: String,
+    /// Runs in a row that failed (its retries count once).
+    pub runs: u32,
+    /// When the first of them ended (RFC 3339).
+    pub since: String,
+}
+
+/// Why a device that is not online is out, and since when: a revocation,
+/// a certificate the hub refused since it was last seen (`expired`), how
+/// its last session ended, or silence. `None` while online or before it
+/// ever connected. Pure.
+pub fn offline_reason(
+    online: bool,
+    last_seen: Option<Timestamp>,
+    session: Option<&crate::store::SessionRecord>,
+    admission: &crate::store::Admission,
+    expired: Option<Timestamp>,
+) -> Option<(Timestamp, String)> {
+    if online {
+        return None;
+    }
+    if let Some(at) = admission.revoked_at {
+        return Some((at, "revoked: the hub refuses it on every path".into()));
+    }
+    if let Some(at) = expired {
+        return Some((at, "its certificate expired: the hub refused it".into()));
+    }
+    let seen = last_seen?;
+    let reason = match session {
+        Some(s) => match &s.ended {
+            Some((_, reason)) => reason.clone(),
+            None => "silent: no message within the heartbeat timeout".into(),
+        },
+        None => "no session since the hub started".into(),
+    };
+    Some((seen, reason))
 }
 
 /// Query of `GET /api/v1/devices/{id}/metrics`.
@@ -228,9 +292,10 @@ impl DeviceView {
         transport: Option<&str>,
         now: Timestamp,
     ) -> Self {
-        let crate::store::FleetRow { record, labels, digest, high_water, admission, .. } = row;
+        let crate::store::FleetRow { record, labels, digest, high_water, admission, session } = row;
         // Refused after it was last heard from: the refusal is the news.
         let expired = admission.expired_seen.filter(|&at| last_seen.is_none_or(|seen| seen < at));
+        let offline = offline_reason(online, last_seen, session.as_ref(), &admission, expired);
         let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
         DeviceView {
             id: record.id.to_string(),
@@ -256,6 +321,13 @@ impl DeviceView {
             certificate_expired: expired.map(rfc3339),
             readmitted_until: admission.readmit_until.filter(|&until| now < until).map(rfc3339),
             revoked: admission.revoked_at.map(rfc3339),
+            offline: offline.map(|(at, reason)| OfflineView { since: rfc3339(at), since_ms: at.0, reason }),
+            desired_error: digest.desired_error,
+            failing_jobs: digest
+                .failing
+                .into_iter()
+                .map(|f| FailingJobView { job: f.job, runs: f.runs, since: rfc3339(f.since) })
+                .collect(),
         }
     }
 }
@@ -1043,4 +1115,40 @@ pub struct SilenceRequest {
     /// Why.
     #[serde(default)]
     pub comment: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Admission, SessionRecord};
+
+    #[test]
+    fn an_offline_device_says_since_when_and_why() {
+        let none = Admission::default();
+        let seen = Some(Timestamp(1_000));
+        let session = |ended: Option<&str>| SessionRecord {
+            hub: "hub-1".into(),
+            epoch: 1,
+            transport: "quic".into(),
+            seen: Timestamp(1_000),
+            ended: ended.map(|r| (Timestamp(1_200), r.to_owned())),
+        };
+        let closed = session(Some("closed by the device (agent stopping)"));
+        assert_eq!(offline_reason(true, seen, Some(&closed), &none, None), None, "online");
+        assert_eq!(offline_reason(false, None, None, &none, None), None, "never connected");
+        assert_eq!(
+            offline_reason(false, seen, Some(&closed), &none, None),
+            Some((Timestamp(1_000), "closed by the device (agent stopping)".into())),
+            "since its last message, for the reason its session ended"
+        );
+        let (_, silent) = offline_reason(false, seen, Some(&session(None)), &none, None).unwrap();
+        assert!(silent.starts_with("silent"), "{silent}");
+        let (_, restarted) = offline_reason(false, seen, None, &none, None).unwrap();
+        assert!(restarted.contains("hub started"), "{restarted}");
+        let (at, expired) = offline_reason(false, seen, Some(&closed), &none, Some(Timestamp(5_000))).unwrap();
+        assert!(at == Timestamp(5_000) && expired.contains("certificate expired"), "{expired}");
+        let revoked = Admission { revoked_at: Some(Timestamp(7_000)), ..none };
+        let (at, why) = offline_reason(false, seen, Some(&closed), &revoked, Some(Timestamp(5_000))).unwrap();
+        assert!(at == Timestamp(7_000) && why.starts_with("revoked"), "the revocation is the news: {why}");
+    }
 }

@@ -493,6 +493,12 @@ pub fn render_table(devices: &[DeviceView]) -> String {
             if !d.overdue_backups.is_empty() {
                 problems.push("backup overdue".into());
             }
+            if d.desired_error.is_some() {
+                problems.push("desired state refused".into());
+            }
+            if let Some(worst) = d.failing_jobs.iter().max_by_key(|f| f.runs) {
+                problems.push(format!("{} failing ({} in a row)", worst.job, worst.runs));
+            }
             vec![
                 d.id.clone(),
                 d.name.clone(),
@@ -576,6 +582,9 @@ mod tests {
             certificate_expired: None,
             readmitted_until: None,
             revoked: None,
+            offline: None,
+            desired_error: None,
+            failing_jobs: Vec::new(),
         };
         let table = render_table(&[d]);
         let lines: Vec<_> = table.lines().collect();

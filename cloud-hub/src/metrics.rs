@@ -94,6 +94,8 @@ pub struct FleetCounts {
     pub overdue_backups: usize,
     /// With a failed job attempt in the last 24 hours.
     pub failing_jobs: usize,
+    /// That refused their latest desired state.
+    pub desired_refused: usize,
 }
 
 /// The hub's metrics.
@@ -134,6 +136,7 @@ pub struct HubMetrics {
     alarmed: Gauge,
     overdue_backups: Gauge,
     failing_jobs: Gauge,
+    desired_refused: Gauge,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -163,6 +166,7 @@ impl HubMetrics {
             alarmed: Gauge::default(),
             overdue_backups: Gauge::default(),
             failing_jobs: Gauge::default(),
+            desired_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("build", "The hub's version", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
@@ -227,6 +231,11 @@ impl HubMetrics {
             "Devices with a failed job attempt in the last 24 hours",
             m.failing_jobs.clone(),
         );
+        registry.register(
+            "devices_desired_refused",
+            "Devices that refused their latest desired state",
+            m.desired_refused.clone(),
+        );
         HubMetrics { registry, ..m }
     }
 
@@ -239,6 +248,7 @@ impl HubMetrics {
         self.alarmed.set(gauge(f.alarmed));
         self.overdue_backups.set(gauge(f.overdue_backups));
         self.failing_jobs.set(gauge(f.failing_jobs));
+        self.desired_refused.set(gauge(f.desired_refused));
     }
 
     /// Counts the command results among newly stored `records`.

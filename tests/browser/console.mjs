@@ -125,6 +125,28 @@ try {
     await admin.page.screenshot({ path: `${out}/overview-alert.png`, fullPage: true });
   });
 
+  // 3c. The stopped device says since when and why, without stale figures.
+  await step("an offline device says since when and why", async () => {
+    const deadline = Date.now() + 30000;
+    let why = "";
+    for (;;) {
+      await admin.page.goto(`${hub}/console/devices/${env("STOP_ID")}`);
+      why = (await admin.page.locator("#device-offline").count()) > 0 ? await text(admin.page, "#device-offline") : "";
+      if (why.includes("timed out")) break;
+      if (Date.now() > deadline) throw new Error(`the page says ${JSON.stringify(why)}`);
+      await admin.page.waitForTimeout(500);
+    }
+    if (!/^Offline since .+ ago: timed out/.test(why)) throw new Error(`the page says ${JSON.stringify(why)}`);
+    const at = await admin.page.getAttribute("#device-offline span[title]", "title");
+    if (!/^\d{4}-\d\d-\d\dT/.test(at ?? "")) throw new Error(`no time on hover: ${at}`);
+    await admin.page.goto(`${hub}/console/devices`);
+    const cells = await admin.page.locator(`#row-${env("STOP_ID")} td.num`).allTextContents();
+    if (cells[0].trim() !== "-" || cells[1].trim() !== "-") throw new Error(`stale figures in the list: ${cells}`);
+    const rowWhy = await text(admin.page, `#row-${env("STOP_ID")} .why`);
+    if (!rowWhy.startsWith("timed out")) throw new Error(`the list says ${JSON.stringify(rowWhy)}`);
+    await admin.page.screenshot({ path: `${out}/device-offline.png`, fullPage: true });
+  });
+
   // 4. A device page draws charts from the hub's telemetry.
   await step("a device page shows charts with data", async () => {
     await admin.page.goto(`${hub}/console/devices/${watched}?window=1h`);

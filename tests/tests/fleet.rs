@@ -62,6 +62,14 @@ fn killed_agent_goes_offline_after_the_heartbeat_timeout_and_returns_with_its_id
     assert!(offline_after >= Duration::from_millis(1500), "offline too early: {offline_after:?}");
     let devices = hub.devices().unwrap();
     assert!(devices.iter().any(|d| d.id == other && d.online), "the other agent went offline too");
+    // Why: silent first, then its QUIC connection times out (the agent's
+    // idle timeout, 5 s here), and the device says so, since its last word.
+    let gone = wait_for(Duration::from_secs(10), "the session to time out", || {
+        hub.device(victim).ok().filter(|d| d.offline.as_ref().is_some_and(|o| o.reason.starts_with("timed out")))
+    })
+    .unwrap();
+    let offline = gone.offline.unwrap();
+    assert_eq!(Some(offline.since_ms), gone.last_seen_ms, "offline since its last message");
 
     agents[0].start().unwrap();
     wait_online(&hub, &[victim], true, Duration::from_secs(10)).unwrap();
@@ -116,11 +124,15 @@ fn an_agent_stops_cleanly_on_sigterm_and_the_hub_notices() {
     let status = agents[0].proc.as_mut().unwrap().terminate(Duration::from_secs(5));
     assert!(status.is_some_and(|s| s.success()), "agent did not exit cleanly: {status:?}");
     eprintln!("agent stopped {:?} after SIGTERM", stopping.elapsed());
-    // The session is closed, not left to time out.
-    wait_for(Duration::from_secs(5), "the hub to see the session closed", || {
-        hub.devices().ok()?.iter().find(|d| d.id == id).filter(|d| !d.connected).map(|_| ())
+    // The session is closed, not left to time out: the device is offline
+    // at once, and says why.
+    let closed = wait_for(Duration::from_secs(5), "the hub to see the session closed", || {
+        hub.devices().ok()?.into_iter().find(|d| d.id == id).filter(|d| !d.connected)
     })
     .unwrap();
+    let left = closed.offline.as_ref().map(|o| o.reason.as_str());
+    assert!(!closed.online && left == Some("closed by the device (agent stopping)"), "{closed:?}");
+    eprintln!("offline {:?} after SIGTERM (heartbeat timeout 2 s)", stopping.elapsed());
 }
 
 #[test]

@@ -133,6 +133,16 @@ fn hub_jobs_run_programs_only_with_allow_exec_and_desired_state_can_be_patched()
     .unwrap();
     let reason = view.reported_error.unwrap();
     assert!(reason.contains("jobs[id].command") && reason.contains("commands.allow_exec = false"), "{reason}");
+    // The device list flags it, and the status filter finds it.
+    let flagged = wait_for(Duration::from_secs(15), "the refusal in the device list", || {
+        hub.device(&agent.id).ok().filter(|d| d.desired_error.is_some())
+    })
+    .unwrap();
+    assert_eq!(flagged.desired_error.as_deref(), Some(reason.as_str()));
+    let (status, refused) = client.raw("GET", "/api/v1/devices?status=refused", None).unwrap();
+    assert_eq!(status, 200, "{refused:#}");
+    assert_eq!(refused.as_array().map(Vec::len), Some(1), "{refused:#}");
+    assert_eq!(refused[0]["id"], agent.id.as_str(), "{refused:#}");
     // A built-in job from the hub is still accepted; a patch keeps the
     // interval and replaces the jobs.
     let builtin = serde_json::json!({"name": "check", "schedule": "@every 1s", "kind": "store-check"});
@@ -144,6 +154,10 @@ fn hub_jobs_run_programs_only_with_allow_exec_and_desired_state_can_be_patched()
     })
     .unwrap();
     assert!(applied.reported_error.is_none(), "{applied:?}");
+    wait_for(Duration::from_secs(15), "the refusal cleared in the device list", || {
+        hub.device(&agent.id).ok().filter(|d| d.desired_error.is_none())
+    })
+    .unwrap();
     wait_for(Duration::from_secs(15), "the hub's built-in job to run", || {
         client.job_runs(&agent.id, "check", 10).ok().filter(|r| !r.is_empty())
     })

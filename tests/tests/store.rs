@@ -519,15 +519,30 @@ fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
         assert_eq!(rows[0].digest.late.len(), 1, "an hour-old sample arrived late");
         assert!(rows[1].labels.is_empty() && rows[1].digest == Default::default());
         assert_eq!(rows[1].session.as_ref().map(|s| s.transport.as_str()), Some("mqtt"));
+        assert_eq!(rows[1].session.as_ref().unwrap().ended, None);
+        // Why a session ended is kept for that session only, until the next.
+        let epoch = rows[1].session.as_ref().unwrap().epoch;
+        store.end_session(&b, "hub-x", epoch + 1, Timestamp(7), "not this one").await.unwrap();
+        store.end_session(&b, "hub-y", epoch, Timestamp(7), "nor this").await.unwrap();
+        assert_eq!(store.session(&b).await.unwrap().unwrap().ended, None);
+        store.end_session(&b, "hub-x", epoch, Timestamp(8), "timed out").await.unwrap();
+        assert_eq!(store.session(&b).await.unwrap().unwrap().ended, Some((Timestamp(8), "timed out".into())));
         let only = store.fleet_rows(Some(std::slice::from_ref(&b))).await.unwrap();
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].record.id, b);
+        assert_eq!(only[0].session.as_ref().unwrap().ended, Some((Timestamp(8), "timed out".into())));
+        store.claim_session(&b, "hub-x", "quic").await.unwrap();
+        assert_eq!(store.session(&b).await.unwrap().unwrap().ended, None, "a new session has not ended");
 
         for i in 0..5u64 {
             let entry = outpost_hub::store::AuditEntry {
                 id: 0,
                 at: Timestamp(1000 + i),
-                who: if i % 2 == 0 { "ops".into() } else { "viewer".into() },
+                who: match i {
+                    1 => "ops (console Ab12Cd)".into(),
+                    3 => "opsy".into(),
+                    _ => "ops".into(),
+                },
                 action: "POST /api/v1/devices/{id}/commands".into(),
                 target: a.to_string(),
                 matched: None,
@@ -549,7 +564,9 @@ fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
         let page = store.audit(&q(None, None, Some(all[1].id), 2)).await.unwrap();
         assert_eq!(page.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1001]);
         let ops = store.audit(&q(Some("ops"), Some("ok"), None, 10)).await.unwrap();
-        assert_eq!(ops.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1000]);
+        assert_eq!(ops.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1002, 1001, 1000], "ops and its console sessions");
+        let session = store.audit(&q(Some("ops (console Ab12Cd)"), None, None, 10)).await.unwrap();
+        assert_eq!(session.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1001], "one session");
         let refused = store.audit(&q(None, Some("refused"), None, 10)).await.unwrap();
         assert_eq!(refused.len(), 1);
         // Retention: entries before the cut go, the others stay.

@@ -54,7 +54,8 @@ enum Command {
         /// Label selector (`env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`).
         #[arg(long, short)]
         selector: Option<String>,
-        /// online, offline, never, alarmed, expired (certificate expired) or revoked.
+        /// online, offline, never, alarmed, expired (certificate expired), revoked, refused (desired state)
+        /// or failing (a job).
         #[arg(long)]
         status: Option<String>,
         /// Only this agent version.
@@ -752,7 +753,7 @@ fn backups(client: &Client, command: &BackupsCmd, json: bool) -> Result<ExitCode
 
 fn render_overview(o: &outpost_hub::service::listing::Overview) -> String {
     let mut out = format!(
-        "{} devices: {} online, {} offline, {} never connected\n{} with alarms, {} failed job runs in 24 h on {} devices, {} with overdue backups\n",
+        "{} devices: {} online, {} offline, {} never connected\n{} with alarms, {} failed job runs in 24 h on {} devices, {} with overdue backups\n{} with a failing job, {} refused their desired state\n",
         o.devices,
         o.online,
         o.offline,
@@ -760,7 +761,9 @@ fn render_overview(o: &outpost_hub::service::listing::Overview) -> String {
         o.alarmed,
         o.failed_runs_24h,
         o.devices_with_failed_runs,
-        o.overdue_backups
+        o.overdue_backups,
+        o.failing,
+        o.desired_refused
     );
     if !o.furthest_behind.is_empty() {
         out.push_str("\nFurthest behind:\n");

@@ -31,8 +31,9 @@ pub enum Condition {
     /// Not heard from for longer than this (devices that never connected
     /// are not offline).
     Offline(Duration),
-    /// At least this many failed job attempts in the last 24 hours.
-    JobFailing(usize),
+    /// A job whose latest runs failed, at least this many in a row (the
+    /// retries of one run count once).
+    JobFailing(u32),
     /// A scheduled backup is overdue (two periods without a success).
     BackupOverdue,
     /// The newest record the hub holds is older than this.
@@ -55,7 +56,7 @@ impl Condition {
             "offline" => Ok(Condition::Offline(duration(need("a duration, e.g. \"10m\"")?)?)),
             "behind" => Ok(Condition::Behind(duration(need("a duration, e.g. \"1h\"")?)?)),
             "job_failing" => {
-                let n: usize = need("a count of failed runs")?.parse().map_err(|e| format!("threshold: {e}"))?;
+                let n: u32 = need("a count of failed runs")?.parse().map_err(|e| format!("threshold: {e}"))?;
                 if n == 0 {
                     return Err("threshold: at least 1 failed run".into());
                 }
@@ -88,14 +89,17 @@ impl Condition {
             Condition::Offline(after) => {
                 let seen = v.last_seen_ms?;
                 let silent = Duration::from_millis(now.0.saturating_sub(seen));
-                (!v.online && silent > *after).then(|| format!("offline for {}", human(silent)))
+                let why = v.offline.as_ref().map(|o| format!(" ({})", o.reason)).unwrap_or_default();
+                (!v.online && silent > *after).then(|| format!("offline for {}{why}", human(silent)))
             }
             Condition::Behind(more) => {
                 let behind = Duration::from_secs(v.behind_secs?);
                 (behind > *more).then(|| format!("{} behind", human(behind)))
             }
-            Condition::JobFailing(n) => (v.failed_runs_24h >= *n)
-                .then(|| format!("{} failed job attempts in the last 24 hours", v.failed_runs_24h)),
+            Condition::JobFailing(n) => {
+                let worst = v.failing_jobs.iter().max_by_key(|f| f.runs)?;
+                (worst.runs >= *n).then(|| format!("job {} failed {} runs in a row", worst.job, worst.runs))
+            }
             Condition::BackupOverdue => {
                 (!v.overdue_backups.is_empty()).then(|| format!("backup overdue: {}", v.overdue_backups.join(", ")))
             }
@@ -879,6 +883,27 @@ mod tests {
         // Unchanged: again only after repeat_interval.
         assert!(due(&mut book, &recv, &T, Timestamp(1_000_000), &none).is_empty());
         assert_eq!(due(&mut book, &recv, &T, Timestamp(3_770_000), &none).len(), 1);
+    }
+
+    #[test]
+    fn conditions_say_why_in_words() {
+        let now = Timestamp(1_000_000);
+        let mut v = view("d", false, Some(1_000));
+        v.offline = Some(crate::api::OfflineView {
+            since: String::new(),
+            since_ms: 1_000,
+            reason: "closed by the device (agent stopping)".into(),
+        });
+        let why = Condition::Offline(Duration::from_secs(60)).holds(&v, now).unwrap();
+        assert_eq!(why, "offline for 16m (closed by the device (agent stopping))");
+        let failing = |runs| crate::api::FailingJobView { job: "report".into(), runs, since: String::new() };
+        v.failing_jobs = vec![failing(2)];
+        assert_eq!(Condition::JobFailing(3).holds(&v, now), None, "two in a row are not three");
+        v.failing_jobs.push(failing(3));
+        assert_eq!(Condition::JobFailing(3).holds(&v, now).unwrap(), "job report failed 3 runs in a row");
+        v.failing_jobs.clear();
+        v.failed_runs_24h = 50;
+        assert_eq!(Condition::JobFailing(1).holds(&v, now), None, "failures followed by a success are over");
     }
 
     #[test]

@@ -56,6 +56,8 @@ impl Link {
 struct Presence {
     last_seen: Timestamp,
     link: Option<Link>,
+    /// The store's epoch of the session on `link`, once claimed.
+    epoch: Option<u64>,
     /// Wakes the device's current session when commands or desired state
     /// change; each session gets its own, so a replaced one is never woken.
     downlink: Arc<Notify>,
@@ -133,7 +135,26 @@ impl Fleet {
     /// epoch, which fences off any older session of the device, on this hub
     /// or another.
     pub async fn claim(&self, id: &DeviceId, link: &Link) -> Result<u64, StoreError> {
-        self.store.claim_session(id, &self.hub_id, link.transport()).await
+        let epoch = self.store.claim_session(id, &self.hub_id, link.transport()).await?;
+        if let Some(p) = self.presence().get_mut(id).filter(|p| p.link.as_ref().is_some_and(|l| l.same(link))) {
+            p.epoch = Some(epoch);
+        }
+        Ok(epoch)
+    }
+
+    /// The session on `link` ended for `reason` (in words): the
+    /// fleet forgets the link and, if it was the device's current session,
+    /// the store keeps when and why, for the device's page.
+    pub async fn ended(&self, id: &DeviceId, link: &Link, reason: &str) {
+        let epoch =
+            self.presence().get(id).filter(|p| p.link.as_ref().is_some_and(|l| l.same(link))).and_then(|p| p.epoch);
+        // Written first, so that whoever sees the link gone sees why.
+        if let Some(epoch) = epoch
+            && let Err(e) = self.store.end_session(id, &self.hub_id, epoch, Timestamp::now(), reason).await
+        {
+            tracing::debug!(device = %id, error = %e, "Why the session ended was not recorded.");
+        }
+        self.disconnected(id, link);
     }
 
     /// Commands or desired state of `id` changed: wake its session, here or
@@ -189,6 +210,7 @@ impl Fleet {
         let entry = presence.entry(id.clone()).or_insert_with(|| Presence {
             last_seen: Timestamp::now(),
             link: None,
+            epoch: None,
             downlink: Arc::default(),
         });
         if matches!((&link, &entry.link), (Link::Mqtt(_), Some(Link::Quic(_)))) {
@@ -198,6 +220,7 @@ impl Fleet {
         if let Some(Link::Quic(old)) = entry.link.replace(link) {
             old.close(CLOSE_REPLACED.into(), b"replaced by a newer session");
         }
+        entry.epoch = None;
         entry.downlink = Arc::default();
         Some(entry.downlink.clone())
     }
@@ -220,6 +243,7 @@ impl Fleet {
             && p.link.as_ref().is_some_and(|l| l.same(link))
         {
             p.link = None;
+            p.epoch = None;
         }
     }
 
@@ -244,11 +268,18 @@ impl Fleet {
                 let session = row.session.as_ref();
                 let seen =
                     [row.record.last_seen, local.map(|(s, _)| s), session.map(|s| s.seen)].into_iter().flatten().max();
-                let live = session.filter(|s| s.seen.until(now) < self.heartbeat_timeout && s.hub != self.hub_id);
+                let live = session.filter(|s| {
+                    s.seen.until(now) < self.heartbeat_timeout && s.hub != self.hub_id && s.ended.is_none()
+                });
                 (seen, live.map(|s| s.transport.clone()))
             }
         };
-        let online = last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
+        // A session that ended (the device closed it, it timed out, the hub
+        // refused it) is news at once, not after the heartbeat timeout,
+        // unless something arrived since (a batch relayed by a LAN peer).
+        let ended = transport.is_none()
+            && row.session.as_ref().and_then(|s| s.ended.as_ref()).is_some_and(|(at, _)| last_seen <= Some(*at));
+        let online = !ended && last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
         DeviceView::new(row, last_seen, online, transport.as_deref(), now)
     }
 

@@ -161,10 +161,15 @@ pub enum Status {
     Expired,
     /// Revoked by an admin.
     Revoked,
+    /// Refused its latest desired state.
+    Refused,
+    /// A job's latest run failed.
+    Failing,
 }
 
 impl Status {
-    /// Parses `online`, `offline`, `never`, `alarmed`, `expired` or `revoked`.
+    /// Parses `online`, `offline`, `never`, `alarmed`, `expired`, `revoked`,
+    /// `refused` (its desired state) or `failing` (a job).
     pub fn parse(text: &str) -> Result<Status, String> {
         match text {
             "online" => Ok(Status::Online),
@@ -173,7 +178,11 @@ impl Status {
             "alarmed" => Ok(Status::Alarmed),
             "expired" => Ok(Status::Expired),
             "revoked" => Ok(Status::Revoked),
-            other => Err(format!("status {other:?}: use online, offline, never, alarmed, expired or revoked")),
+            "refused" => Ok(Status::Refused),
+            "failing" => Ok(Status::Failing),
+            other => Err(format!(
+                "status {other:?}: use online, offline, never, alarmed, expired, revoked, refused or failing"
+            )),
         }
     }
 
@@ -185,6 +194,8 @@ impl Status {
             Status::Alarmed => v.alarmed,
             Status::Expired => v.state() == "expired",
             Status::Revoked => v.revoked.is_some(),
+            Status::Refused => v.desired_error.is_some(),
+            Status::Failing => !v.failing_jobs.is_empty(),
         }
     }
 }
@@ -353,8 +364,16 @@ pub struct Overview {
     pub devices_with_failed_runs: usize,
     /// Devices with a scheduled backup overdue.
     pub overdue_backups: usize,
-    /// The devices furthest behind (their newest record stored at the hub is
-    /// oldest), furthest first, with how far in seconds.
+    /// Devices that refused their latest desired state.
+    #[serde(default)]
+    pub desired_refused: usize,
+    /// Devices with a job whose latest run failed.
+    #[serde(default)]
+    pub failing: usize,
+    /// The online devices furthest behind (their newest record stored at
+    /// the hub is oldest: a backlog they are still sending), furthest
+    /// first, with how far in seconds. Offline devices are not behind but
+    /// out; they are counted in `offline`.
     pub furthest_behind: Vec<Behind>,
     /// Devices per agent version.
     pub versions: Vec<(String, usize)>,
@@ -387,10 +406,13 @@ pub fn overview(views: &[DeviceView], worst: usize) -> Overview {
         o.failed_runs_24h += v.failed_runs_24h;
         o.devices_with_failed_runs += usize::from(v.failed_runs_24h > 0);
         o.overdue_backups += usize::from(!v.overdue_backups.is_empty());
+        o.desired_refused += usize::from(v.desired_error.is_some());
+        o.failing += usize::from(!v.failing_jobs.is_empty());
         *versions.entry(v.agent_version.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
     }
     let mut behind: Vec<Behind> = views
         .iter()
+        .filter(|v| v.online)
         .filter_map(|v| {
             Some(Behind { id: v.id.clone(), name: v.name.clone(), online: v.online, behind_secs: v.behind_secs? })
         })
@@ -406,6 +428,7 @@ pub fn overview(views: &[DeviceView], worst: usize) -> Overview {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::FailingJobView;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
@@ -436,6 +459,9 @@ mod tests {
             certificate_expired: None,
             readmitted_until: None,
             revoked: None,
+            offline: None,
+            desired_error: None,
+            failing_jobs: Vec::new(),
         }
     }
 
@@ -552,10 +578,16 @@ mod tests {
         let mut b = view("b", "b", &[], false, Some(1));
         b.overdue_backups = vec!["backup-data".into()];
         b.behind_secs = Some(500);
+        b.desired_error = Some("jobs[0]: bad schedule".into());
         let c = view("c", "c", &[], false, None);
-        let o = overview(&[a, b, c], 10);
-        assert_eq!((o.devices, o.online, o.offline, o.never_connected), (3, 1, 1, 1));
+        let mut d = view("d", "d", &[], true, Some(1));
+        d.behind_secs = Some(50);
+        d.failing_jobs = vec![FailingJobView { job: "j".into(), runs: 2, since: String::new() }];
+        let o = overview(&[a, b, c, d], 10);
+        assert_eq!((o.devices, o.online, o.offline, o.never_connected), (4, 2, 1, 1));
         assert_eq!((o.alarmed, o.failed_runs_24h, o.devices_with_failed_runs, o.overdue_backups), (1, 3, 1, 1));
-        assert_eq!(o.furthest_behind.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!((o.desired_refused, o.failing), (1, 1));
+        let behind: Vec<&str> = o.furthest_behind.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(behind, ["d", "a"], "an offline device is out, not behind");
     }
 }

@@ -365,7 +365,7 @@ pub fn session_name(maker: &str) -> String {
         maker.truncate(end);
         maker.push('…');
     }
-    format!("{maker} (console {})", &new_secret()[4..10])
+    format!("{maker}{}{})", crate::store::SESSION_OF, &new_secret()[4..10])
 }
 
 /// How long a console session signed in with a token that expires at

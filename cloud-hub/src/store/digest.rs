@@ -46,6 +46,39 @@ pub struct DeviceDigest {
     /// Sample-time periods whose samples reached the hub late, oldest
     /// first, as (first, last) sample times.
     pub late: Vec<(Timestamp, Timestamp)>,
+    /// Why the device refused its latest desired state, until it applies
+    /// one.
+    pub desired_error: Option<String>,
+    /// Jobs whose latest runs failed, and how many runs in a row.
+    pub failing: Vec<FailingJob>,
+}
+
+/// A job whose latest runs failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailingJob {
+    /// The job's name.
+    pub job: String,
+    /// Runs in a row with a failed attempt and no successful one (the
+    /// attempts of one run count once).
+    pub runs: u32,
+    /// The run id of the latest of them.
+    pub last_run: u64,
+    /// When the first of them ended.
+    pub since: Timestamp,
+}
+
+/// The stored form of digests made before they held the desired-state
+/// refusal and the failing jobs.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct DigestV1 {
+    newest_at: Option<Timestamp>,
+    stored_at: Option<Timestamp>,
+    active_alarms: Vec<AlarmRecord>,
+    recent_alarms: Vec<AlarmRecord>,
+    failed_runs: Vec<Timestamp>,
+    backups: Vec<BackupDigest>,
+    late: Vec<(Timestamp, Timestamp)>,
 }
 
 /// One scheduled backup job.
@@ -63,6 +96,25 @@ pub struct BackupDigest {
 }
 
 impl DeviceDigest {
+    /// Decodes a stored digest, in its current or its first form.
+    pub fn decode(bytes: &[u8]) -> Result<DeviceDigest, super::StoreError> {
+        postcard::from_bytes::<DeviceDigest>(bytes)
+            .or_else(|_| {
+                postcard::from_bytes::<DigestV1>(bytes).map(|d| DeviceDigest {
+                    newest_at: d.newest_at,
+                    stored_at: d.stored_at,
+                    active_alarms: d.active_alarms,
+                    recent_alarms: d.recent_alarms,
+                    failed_runs: d.failed_runs,
+                    backups: d.backups,
+                    late: d.late,
+                    desired_error: None,
+                    failing: Vec::new(),
+                })
+            })
+            .map_err(|e| super::StoreError::Corrupt { what: "digests", message: e.to_string() })
+    }
+
     /// Folds a batch's plan in, at hub time `now`.
     pub fn fold(&mut self, plan: &Plan<'_>, records: &[outpost_shared::protocol::Record], now: Timestamp) {
         if let Some(jobs) = &plan.jobs {
@@ -94,8 +146,28 @@ impl DeviceDigest {
                     if let Some(b) = self.backups.iter_mut().find(|b| b.job == run.job) {
                         b.last_ok = b.last_ok.max(Some(run.ended));
                     }
+                    self.failing.retain(|f| f.job != run.job);
                 }
-                RecordBody::JobRun(run) => self.failed_runs.push(run.ended),
+                RecordBody::JobRun(run) => {
+                    self.failed_runs.push(run.ended);
+                    match self.failing.iter_mut().find(|f| f.job == run.job) {
+                        Some(f) if f.last_run == run.run_id => {}
+                        Some(f) => {
+                            f.runs = f.runs.saturating_add(1);
+                            f.last_run = run.run_id;
+                        }
+                        None => self.failing.push(FailingJob {
+                            job: run.job.clone(),
+                            runs: 1,
+                            last_run: run.run_id,
+                            since: run.ended,
+                        }),
+                    }
+                }
+                RecordBody::StateReport(report) => self.desired_error.clone_from(&report.error),
+                RecordBody::JobsReport(jobs) => {
+                    self.failing.retain(|f| jobs.jobs.iter().any(|(spec, _)| spec.name == f.job))
+                }
                 RecordBody::Alarm(alarm) => {
                     let entry = AlarmRecord { seq: record.seq, at: record.at, alarm: alarm.clone() };
                     self.active_alarms.retain(|a| a.alarm.kind != alarm.kind);
@@ -150,6 +222,11 @@ impl DeviceDigest {
         self.newest_at.map(|t| t.until(now))
     }
 
+    /// The most runs in a row any one job failed (0: none is failing).
+    pub fn failing_in_a_row(&self) -> u32 {
+        self.failing.iter().map(|f| f.runs).max().unwrap_or(0)
+    }
+
     /// True if the device has alarms raised and not cleared.
     pub fn alarmed(&self) -> bool {
         !self.active_alarms.is_empty()
@@ -182,7 +259,7 @@ mod tests {
     use crate::store::ingest::plan;
     use crate::store::ingest::tests::sample;
     use outpost_shared::job::{Action, JobRun, JobSource, JobsReport, Overlap, RunOutcome, Trigger};
-    use outpost_shared::protocol::{Alarm, Record};
+    use outpost_shared::protocol::{Alarm, Record, StateReport};
 
     fn run(job: &str, ended: u64, code: i32) -> RecordBody {
         RecordBody::JobRun(JobRun {
@@ -238,6 +315,74 @@ mod tests {
         assert_eq!(d.failed_runs, [Timestamp(10), Timestamp(20)], "a resent batch is not counted twice");
         assert_eq!(d.failed_runs_since(Timestamp(15)), 1);
         assert_eq!((d.newest_at, d.stored_at), (Some(Timestamp(20)), Some(Timestamp(30))));
+    }
+
+    #[test]
+    fn runs_failed_in_a_row_count_runs_not_attempts_and_a_success_ends_them() {
+        let attempt = |job: &str, run_id, attempt, ok: bool, at: u64| {
+            RecordBody::JobRun(JobRun {
+                run_id,
+                job: job.into(),
+                trigger: Trigger::Schedule,
+                attempt,
+                started: Timestamp(at),
+                ended: Timestamp(at),
+                outcome: RunOutcome::Exited { code: i32::from(!ok) },
+                output: String::new(),
+                output_bytes: 0,
+            })
+        };
+        let mut d = DeviceDigest::default();
+        let rs = records(vec![
+            (10, attempt("a", 1, 1, false, 10)),
+            (11, attempt("a", 1, 2, false, 11)),
+            (20, attempt("a", 2, 1, false, 20)),
+            (30, attempt("b", 3, 1, false, 30)),
+            (40, attempt("a", 4, 1, false, 40)),
+        ]);
+        fold(&mut d, 0, &rs, 50);
+        assert_eq!(d.failing_in_a_row(), 3, "three runs of a, one with a retry");
+        assert_eq!(
+            d.failing.iter().map(|f| (f.job.as_str(), f.runs, f.since)).collect::<Vec<_>>(),
+            [("a", 3, Timestamp(10)), ("b", 1, Timestamp(30))]
+        );
+        let rs2 = vec![Record { seq: 6, at: Timestamp(60), body: attempt("a", 5, 2, true, 60) }];
+        fold(&mut d, 5, &rs2, 60);
+        assert_eq!(d.failing_in_a_row(), 1, "a succeeded: only b fails");
+        let gone = RecordBody::JobsReport(JobsReport { jobs: Vec::new() });
+        fold(&mut d, 6, &[Record { seq: 7, at: Timestamp(70), body: gone }], 70);
+        assert!(d.failing.is_empty(), "a job taken away is not failing");
+    }
+
+    #[test]
+    fn a_refused_desired_state_stands_until_one_is_applied() {
+        let report = |error: Option<&str>| {
+            RecordBody::StateReport(StateReport { applied_version: 3, error: error.map(str::to_owned) })
+        };
+        let mut d = DeviceDigest::default();
+        fold(&mut d, 0, &records(vec![(10, report(Some("jobs[0].schedule: bad cron")))]), 10);
+        assert_eq!(d.desired_error.as_deref(), Some("jobs[0].schedule: bad cron"));
+        fold(&mut d, 1, &[Record { seq: 2, at: Timestamp(20), body: report(None) }], 20);
+        assert_eq!(d.desired_error, None);
+    }
+
+    #[test]
+    fn digests_stored_before_these_facts_still_read() {
+        let old = DigestV1 {
+            newest_at: Some(Timestamp(5)),
+            stored_at: Some(Timestamp(6)),
+            active_alarms: Vec::new(),
+            recent_alarms: Vec::new(),
+            failed_runs: vec![Timestamp(4)],
+            backups: Vec::new(),
+            late: vec![(Timestamp(1), Timestamp(2))],
+        };
+        let read = DeviceDigest::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!((read.newest_at, read.failed_runs.len(), read.late.len()), (Some(Timestamp(5)), 1, 1));
+        assert_eq!((read.desired_error, read.failing.len()), (None, 0));
+        let mut now = DeviceDigest { desired_error: Some("x".into()), ..DeviceDigest::default() };
+        now.failing.push(FailingJob { job: "j".into(), runs: 2, last_run: 9, since: Timestamp(3) });
+        assert_eq!(DeviceDigest::decode(&postcard::to_stdvec(&now).unwrap()).unwrap(), now);
     }
 
     #[test]

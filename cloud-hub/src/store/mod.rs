@@ -280,6 +280,10 @@ pub struct ApiToken {
     pub made_by: Option<MadeBy>,
 }
 
+/// A console session of `name` is named `name` + this + a short random
+/// part + `)`.
+pub const SESSION_OF: &str = " (console ";
+
 /// Whose sign-in link or console session a token is: the audit log names
 /// that person, and the session ends when their token does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -479,7 +483,8 @@ pub struct AuditQuery {
     pub before: Option<u64>,
     /// Most entries.
     pub limit: usize,
-    /// Only this token name.
+    /// Only this token name (and the console sessions of that name:
+    /// `name (console …)`).
     pub who: Option<String>,
     /// Only this target.
     pub target: Option<String>,
@@ -494,7 +499,7 @@ pub struct AuditQuery {
 impl AuditQuery {
     /// True if `entry` passes the filters (the paging bounds aside).
     pub fn matches(&self, entry: &AuditEntry) -> bool {
-        self.who.as_ref().is_none_or(|w| *w == entry.who)
+        self.who.as_ref().is_none_or(|w| *w == entry.who || entry.who.starts_with(&format!("{w}{SESSION_OF}")))
             && self.target.as_ref().is_none_or(|t| *t == entry.target)
             && self.action.as_ref().is_none_or(|a| entry.action.contains(a.as_str()))
             && self.outcome.as_ref().is_none_or(|o| o == entry.outcome())
@@ -937,6 +942,19 @@ impl Store {
         each!(self, "holds_session", b => b.holds_session(device, hub, epoch).await)
     }
 
+    /// Session `(hub, epoch)` of `device` ended at `at` for `reason`
+    /// (nothing happens if a newer session was claimed since).
+    pub async fn end_session(
+        &self,
+        device: &DeviceId,
+        hub: &str,
+        epoch: u64,
+        at: Timestamp,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        each!(self, "end_session", b => b.end_session(device, hub, epoch, at, reason).await)
+    }
+
     /// Where the device's newest session is, and when the hub holding it
     /// last heard from the device.
     pub async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
@@ -1068,6 +1086,8 @@ pub struct SessionRecord {
     /// When that hub last heard from the device (written every second or
     /// so, not on every message).
     pub seen: Timestamp,
+    /// When and why the session ended, once it has (until the next claim).
+    pub ended: Option<(Timestamp, String)>,
 }
 
 impl NewCommand {

@@ -127,6 +127,8 @@ pub const MIGRATIONS: &[&str] = &[
         ADD COLUMN revoked_at bigint;",
     // 6: small documents of the hub's own (the alerts' states).
     "CREATE TABLE hub_state (name text PRIMARY KEY, value bytea NOT NULL);",
+    // 7: when and why a device's session ended (ms, text), until its next one.
+    "ALTER TABLE sessions ADD COLUMN ended_at bigint, ADD COLUMN end_reason text;",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -486,7 +488,7 @@ impl PgStore {
         }
         let now = Timestamp::now();
         let mut digest: DeviceDigest = match row.as_ref().and_then(|r| r.get::<_, Option<&[u8]>>(1)) {
-            Some(bytes) => decode("devices.digest", bytes)?,
+            Some(bytes) => DeviceDigest::decode(bytes)?,
             None => DeviceDigest::default(),
         };
         digest.fold(&plan, records, now);
@@ -1060,7 +1062,7 @@ impl PgStore {
         let columns = Self::DEVICE_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
         let base = format!(
             "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen,
-                    d.expired_seen, d.readmit_until, d.revoked_at
+                    s.ended_at, s.end_reason, d.expired_seen, d.readmit_until, d.revoked_at
              FROM devices d LEFT JOIN sessions s ON s.device = d.id"
         );
         let rows = match only {
@@ -1074,7 +1076,7 @@ impl PgStore {
         rows.iter()
             .map(|row| {
                 let labels: &str = row.get(8);
-                let digest = row.get::<_, Option<&[u8]>>(9).map(|b| decode("devices.digest", b)).transpose()?;
+                let digest = row.get::<_, Option<&[u8]>>(9).map(DeviceDigest::decode).transpose()?;
                 let hub: Option<String> = row.get(11);
                 Ok(FleetRow {
                     record: Self::device_row(row)?,
@@ -1082,16 +1084,11 @@ impl PgStore {
                         .map_err(|e| StoreError::Corrupt { what: "devices.labels", message: e.to_string() })?,
                     digest: digest.unwrap_or_default(),
                     high_water: unbig(row.get(10)),
-                    session: hub.map(|hub| SessionRecord {
-                        hub,
-                        epoch: unbig(row.get(12)),
-                        transport: row.get(13),
-                        seen: Timestamp(unbig(row.get(14))),
-                    }),
+                    session: hub.map(|_| Self::session_row(row, 11)),
                     admission: Admission {
-                        expired_seen: row.get::<_, Option<i64>>(15).map(|v| Timestamp(unbig(v))),
-                        readmit_until: row.get::<_, Option<i64>>(16).map(|v| Timestamp(unbig(v))),
-                        revoked_at: row.get::<_, Option<i64>>(17).map(|v| Timestamp(unbig(v))),
+                        expired_seen: row.get::<_, Option<i64>>(17).map(|v| Timestamp(unbig(v))),
+                        readmit_until: row.get::<_, Option<i64>>(18).map(|v| Timestamp(unbig(v))),
+                        revoked_at: row.get::<_, Option<i64>>(19).map(|v| Timestamp(unbig(v))),
                     },
                 })
             })
@@ -1130,10 +1127,11 @@ impl PgStore {
         self.many(
             "audit",
             "SELECT entry FROM audit WHERE id < $1 AND at >= $2
-               AND ($3::text IS NULL OR who = $3) AND ($4::text IS NULL OR target = $4)
+               AND ($3::text IS NULL OR who = $3 OR starts_with(who, $3 || $8))
+               AND ($4::text IS NULL OR target = $4)
                AND ($5::text IS NULL OR strpos(action, $5) > 0) AND ($6::text IS NULL OR outcome = $6)
              ORDER BY id DESC LIMIT $7",
-            &[&before, &since, &query.who, &query.target, &query.action, &query.outcome, &limit],
+            &[&before, &since, &query.who, &query.target, &query.action, &query.outcome, &limit, &super::SESSION_OF],
         )
         .await
     }
@@ -1233,7 +1231,8 @@ impl PgStore {
                 .query_one(
                     "INSERT INTO sessions (device, hub, epoch, transport, since, seen) VALUES ($1, $2, 1, $3, $4, $4)
                      ON CONFLICT (device) DO UPDATE SET hub = excluded.hub, epoch = sessions.epoch + 1,
-                        transport = excluded.transport, since = excluded.since, seen = excluded.seen
+                        transport = excluded.transport, since = excluded.since, seen = excluded.seen,
+                        ended_at = NULL, end_reason = NULL
                      RETURNING epoch",
                     &[&device.as_str(), &hub, &transport, &now],
                 )
@@ -1257,18 +1256,46 @@ impl PgStore {
         Ok(row.is_some())
     }
 
+    pub(super) async fn end_session(
+        &self,
+        device: &DeviceId,
+        hub: &str,
+        epoch: u64,
+        at: Timestamp,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.write(
+            "UPDATE sessions SET ended_at = $4, end_reason = $5 WHERE device = $1 AND hub = $2 AND epoch = $3",
+            &[&device.as_str(), &hub, &big(epoch), &big(at.0), &reason],
+        )
+        .await
+        .map(drop)
+    }
+
     pub(super) async fn session(&self, device: &DeviceId) -> Result<Option<SessionRecord>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT hub, epoch, transport, seen FROM sessions WHERE device = $1", &[&device.as_str()])
+            .query_opt(
+                "SELECT hub, epoch, transport, seen, ended_at, end_reason FROM sessions WHERE device = $1",
+                &[&device.as_str()],
+            )
             .await
             .map_err(pg)?;
-        Ok(row.map(|r| SessionRecord {
-            hub: r.get(0),
-            epoch: unbig(r.get(1)),
-            transport: r.get(2),
-            seen: Timestamp(unbig(r.get(3))),
-        }))
+        Ok(row.map(|r| Self::session_row(&r, 0)))
+    }
+
+    /// The session record in the six columns of `row` from `at` on: hub,
+    /// epoch, transport, seen, ended_at, end_reason.
+    fn session_row(row: &tokio_postgres::Row, at: usize) -> SessionRecord {
+        let ended_at: Option<i64> = row.get(at + 4);
+        let reason: Option<String> = row.get(at + 5);
+        SessionRecord {
+            hub: row.get(at),
+            epoch: unbig(row.get(at + 1)),
+            transport: row.get(at + 2),
+            seen: Timestamp(unbig(row.get(at + 3))),
+            ended: ended_at.map(|t| (Timestamp(unbig(t)), reason.unwrap_or_default())),
+        }
     }
 
     pub(super) async fn touch_sessions(&self, hub: &str, seen: &[(DeviceId, Timestamp)]) -> Result<(), StoreError> {

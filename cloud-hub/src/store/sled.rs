@@ -570,7 +570,7 @@ impl SledStore {
                     .map(|record| {
                         let key = record.id.as_str();
                         let labels = t.labels.get(key).db()?.map(|v| decode("labels", &v)).transpose()?;
-                        let digest = t.digests.get(key).db()?.map(|v| decode("digests", &v)).transpose()?;
+                        let digest = t.digests.get(key).db()?.map(|v| DeviceDigest::decode(&v)).transpose()?;
                         let admission = t.admissions.get(key).db()?.map(|v| decode("admissions", &v)).transpose()?;
                         Ok(FleetRow {
                             admission: admission.unwrap_or_default(),
@@ -686,10 +686,29 @@ impl SledStore {
         let mut sessions = self.sessions();
         sessions.0 += 1;
         let epoch = sessions.0;
-        let record =
-            SessionRecord { hub: hub.to_owned(), epoch, transport: transport.to_owned(), seen: Timestamp::now() };
+        let record = SessionRecord {
+            hub: hub.to_owned(),
+            epoch,
+            transport: transport.to_owned(),
+            seen: Timestamp::now(),
+            ended: None,
+        };
         sessions.1.insert(device.clone(), record);
         Ok(epoch)
+    }
+
+    pub(super) async fn end_session(
+        &self,
+        device: &DeviceId,
+        hub: &str,
+        epoch: u64,
+        at: Timestamp,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(s) = self.sessions().1.get_mut(device).filter(|s| s.hub == hub && s.epoch == epoch) {
+            s.ended = Some((at, reason.to_owned()));
+        }
+        Ok(())
     }
 
     pub(super) async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
@@ -914,7 +933,7 @@ impl Trees {
                     return Ok(Ingested::from(&plan));
                 }
                 let mut digest: DeviceDigest = match digests.get(id.as_str())? {
-                    Some(bytes) => decode("digests", &bytes).map_err(abort)?,
+                    Some(bytes) => DeviceDigest::decode(&bytes).map_err(abort)?,
                     None => DeviceDigest::default(),
                 };
                 digest.fold(&plan, records, now);

@@ -492,7 +492,7 @@ impl DeviceTask {
             }
         }
         if session.attached() {
-            session.end();
+            session.end("timed out: no message within the heartbeat timeout").await;
             info!("MQTT session ended (no message within the heartbeat timeout).");
         }
         self.id

@@ -178,7 +178,7 @@ async fn until_revoked(
         () = ctx.fleet.admissions().revoked_wait(id) => {
             warn!("Device revoked: closing its connection.");
             connection.close(CLOSE_REFUSED.into(), b"certificate revoked");
-            ctx.fleet.disconnected(id, &Link::Quic(connection.clone()));
+            ctx.fleet.ended(id, &Link::Quic(connection.clone()), "revoked: the hub closed the connection").await;
         }
     }
 }
@@ -226,7 +226,8 @@ async fn enrollment(connection: quinn::Connection, ctx: &QuicContext) {
 /// deliveries until the connection ends.
 async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx: &QuicContext) {
     let end = run_session(&connection, &id, &key, ctx).await;
-    ctx.fleet.disconnected(&id, &Link::Quic(connection.clone()));
+    let reason = end_reason(&end, connection.close_reason().as_ref());
+    ctx.fleet.ended(&id, &Link::Quic(connection.clone()), &reason).await;
     match end {
         SessionEnd::Closed(reason) => info!(%reason, "Session ended."),
         SessionEnd::Refused(refusal) => {
@@ -239,6 +240,31 @@ async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx:
             bytes.truncate(200);
             connection.close(CLOSE_PROTOCOL.into(), &bytes);
         }
+    }
+}
+
+/// Why a device's QUIC session ended, in words for its page: how the
+/// session ended and, once the connection is closed, how it closed. Pure.
+pub fn end_reason(end: &SessionEnd, closed: Option<&quinn::ConnectionError>) -> String {
+    use quinn::ConnectionError as E;
+    let words = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes).chars().filter(|c| !c.is_control()).take(100).collect::<String>();
+        if text.is_empty() { String::new() } else { format!(" ({text})") }
+    };
+    match (end, closed) {
+        (SessionEnd::Refused(refusal), _) => format!("refused by the hub: {}", refusal.message),
+        (SessionEnd::Protocol(detail), _) => format!("closed by the hub: protocol error: {detail}"),
+        (SessionEnd::Closed(_), Some(E::TimedOut)) => "timed out: the device stopped answering".to_owned(),
+        (SessionEnd::Closed(_), Some(E::ApplicationClosed(close))) => {
+            format!("closed by the device{}", words(&close.reason))
+        }
+        (SessionEnd::Closed(_), Some(E::ConnectionClosed(close))) => {
+            format!("aborted by the device: {}{}", close.error_code, words(&close.reason))
+        }
+        (SessionEnd::Closed(_), Some(E::Reset)) => "reset by the device (it restarted?)".to_owned(),
+        (SessionEnd::Closed(detail), Some(E::LocallyClosed)) => format!("closed by the hub: {detail}"),
+        (SessionEnd::Closed(_), Some(other)) => format!("connection lost: {other}"),
+        (SessionEnd::Closed(detail), None) => format!("closed by the hub: {detail}"),
     }
 }
 
@@ -330,5 +356,33 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
             Ok(new_session) => check_downlink |= new_session,
             Err(end) => return end,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_end_is_told_in_words() {
+        let closed = |detail: &str| SessionEnd::Closed(detail.into());
+        let by_agent = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: 0u32.into(),
+            reason: b"agent stopping\n".to_vec().into(),
+        });
+        assert_eq!(end_reason(&closed("connection lost"), Some(&by_agent)), "closed by the device (agent stopping)");
+        let timed_out = quinn::ConnectionError::TimedOut;
+        assert_eq!(end_reason(&closed("x"), Some(&timed_out)), "timed out: the device stopped answering");
+        assert_eq!(
+            end_reason(&closed("x"), Some(&quinn::ConnectionError::Reset)),
+            "reset by the device (it restarted?)"
+        );
+        let local = quinn::ConnectionError::LocallyClosed;
+        assert_eq!(end_reason(&closed("store error"), Some(&local)), "closed by the hub: store error");
+        assert_eq!(end_reason(&closed("unknown device"), None), "closed by the hub: unknown device");
+        let refusal = Refusal { reason: RefusalReason::NotAuthorised, message: "device revoked".into() };
+        assert_eq!(end_reason(&SessionEnd::Refused(refusal), Some(&local)), "refused by the hub: device revoked");
+        let protocol = SessionEnd::Protocol("expected Hello, got Batch".into());
+        assert_eq!(end_reason(&protocol, Some(&local)), "closed by the hub: protocol error: expected Hello, got Batch");
     }
 }

@@ -631,10 +631,11 @@ impl DeviceSession {
         }
     }
 
-    /// The session is over: the fleet forgets its link.
-    pub fn end(&mut self) {
+    /// The session is over for `reason`: the fleet forgets its link and
+    /// the store keeps why.
+    pub async fn end(&mut self, reason: &str) {
         if let Some(link) = self.link.take() {
-            self.fleet.disconnected(&self.id, &link);
+            self.fleet.ended(&self.id, &link, reason).await;
         }
     }
 }

@@ -474,6 +474,7 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
         alarmed: o.alarmed,
         overdue_backups: o.overdue_backups,
         failing_jobs: o.devices_with_failed_runs,
+        desired_refused: o.desired_refused,
     });
     let text = metrics
         .encode()
@@ -564,7 +565,8 @@ async fn end_silence(
 pub struct DevicesQuery {
     /// Label selector: `env=prod,site=berlin`, `tier!=db`, `gpu`, `!retired`.
     pub selector: Option<String>,
-    /// `online`, `offline`, `never`, `alarmed`, `expired` (certificate expired) or `revoked`.
+    /// `online`, `offline`, `never`, `alarmed`, `expired` (certificate expired), `revoked`, `refused`
+    /// (desired state) or `failing` (a job).
     pub status: Option<String>,
     /// Only this agent version.
     pub version: Option<String>,

@@ -84,6 +84,27 @@ pub struct Row {
     transport: String,
     /// Why the device cannot connect, or its re-admission (empty: neither).
     certificate: String,
+    /// While offline: since when (ago, and the time for the title) and why.
+    offline: Option<(String, String, String)>,
+    /// The last figures known, for the title of a figure not shown because
+    /// the device is offline.
+    stale: String,
+    /// Why it refused its desired state.
+    desired_error: Option<String>,
+    /// Its worst failing job and how many runs in a row.
+    failing: Option<(String, u32)>,
+}
+
+/// The "behind" cell: how far the hub's copy lags while the device is
+/// online; unknown while it is offline (it may hold more than the hub
+/// has). Pure.
+pub fn behind_text(online: bool, behind_secs: Option<u64>) -> String {
+    match behind_secs {
+        _ if !online => "-".into(),
+        None => "-".into(),
+        Some(s) if s < UP_TO_DATE_SECS => "up to date".into(),
+        Some(s) => duration(s),
+    }
 }
 
 impl Row {
@@ -102,13 +123,26 @@ impl Row {
                 Some(t) if t.until(now) < Duration::from_secs(60) => "just now".into(),
                 other => ago(other, now),
             },
-            cpu: v.cpu_percent.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
-            mem: v.mem_percent.map_or_else(|| "-".into(), |m| format!("{m:.0}")),
-            behind: match v.behind_secs {
-                None => "-".into(),
-                Some(s) if s < UP_TO_DATE_SECS => "up to date".into(),
-                Some(s) => duration(s),
+            // An offline device's last figures are not its figures now.
+            cpu: match v.cpu_percent {
+                Some(c) if v.online => format!("{c:.0}"),
+                _ => "-".into(),
             },
+            mem: match v.mem_percent {
+                Some(m) if v.online => format!("{m:.0}"),
+                _ => "-".into(),
+            },
+            stale: match (v.online, v.cpu_percent, v.mem_percent) {
+                (false, Some(c), Some(m)) => format!("offline; last known CPU {c:.0} %, memory {m:.0} %"),
+                _ => String::new(),
+            },
+            behind: behind_text(v.online, v.behind_secs),
+            offline: v
+                .offline
+                .as_ref()
+                .map(|o| (ago(Some(Timestamp(o.since_ms)), now), o.since.clone(), o.reason.clone())),
+            desired_error: v.desired_error.clone(),
+            failing: v.failing_jobs.iter().max_by_key(|f| f.runs).map(|f| (f.job.clone(), f.runs)),
             alarmed: v.alarmed,
             failed_runs: v.failed_runs_24h,
             overdue: !v.overdue_backups.is_empty(),
@@ -361,7 +395,7 @@ struct DevicesPage {
     nav: Option<Nav>,
     notice: Option<String>,
     q: ListForm,
-    statuses: [(&'static str, &'static str); 7],
+    statuses: [(&'static str, &'static str); 9],
     sorts: [(&'static str, &'static str); 4],
     operator: bool,
     error: Option<String>,
@@ -414,6 +448,8 @@ async fn devices_page(
             ("alarmed", "with alarms"),
             ("expired", "certificate expired"),
             ("revoked", "revoked"),
+            ("failing", "with a failing job"),
+            ("refused", "refused desired state"),
         ],
         sorts: [
             ("name", "by name"),
@@ -1283,6 +1319,14 @@ mod tests {
         assert_eq!(q("command", Some(7)).notice().unwrap(), "Command 7 queued; its outcome appears in the event log.");
         assert_eq!(q("Your session expired, call 555", Some(1)).notice(), None);
         assert_eq!(q("command", None).notice(), None);
+    }
+
+    #[test]
+    fn behind_means_something_only_while_online() {
+        assert_eq!(behind_text(false, Some(5)), "-", "an offline device is out, not up to date");
+        assert_eq!(behind_text(true, Some(5)), "up to date");
+        assert_eq!(behind_text(true, None), "-");
+        assert_eq!(behind_text(true, Some(3 * 3600)), duration(3 * 3600));
     }
 
     #[test]
