@@ -180,6 +180,34 @@ try {
       await operator.page.reload();
     }
   });
+  // 5b. A bulk command: its result page lists each device's command and
+  // fills in by itself until all are done; the command shows on the
+  // device page with what it was.
+  await step("a bulk command's result page fills in live", async () => {
+    await operator.page.goto(`${hub}/console/bulk?selector=${encodeURIComponent("group=browser")}`);
+    await operator.page.selectOption("form:has(input[value=command]) select[name=kind]", "echo");
+    await operator.page.fill("form:has(input[value=command]) textarea[name=args]", "hello from\nthe browser");
+    await operator.page.click("form:has(input[value=command]) button[type=submit]");
+    await Promise.all([operator.page.waitForURL(/\/console\/commands\?from=/), operator.page.click("#confirm")]);
+    const first = await text(operator.page, "#commands-summary");
+    if (!first.startsWith("3 commands")) throw new Error(`the result page says ${JSON.stringify(first)}`);
+    // No reload from here: the page refreshes itself while any is not done.
+    await operator.page.waitForFunction(() => document.querySelector("#commands-summary")?.textContent.includes("2 succeeded"), null, { timeout: 20000 });
+    const summary = await text(operator.page, "#commands-summary");
+    if (!summary.includes("1 waiting (1 for offline devices)")) throw new Error(`the result page says ${JSON.stringify(summary)}`);
+    if ((await operator.page.locator("meta[http-equiv=refresh]").count()) !== 1) throw new Error("not refreshing while one waits");
+    const waiting = await text(operator.page, `#commands tr.command[data-state=queued]`);
+    if (!waiting.includes("leaving") || !waiting.includes("waits for the device (offline)")) throw new Error(`the waiting line says ${JSON.stringify(waiting)}`);
+    const args = await operator.page.locator("#commands tr.command td:first-child").first().textContent();
+    if (!args.includes("echo") || !args.includes("'hello from'")) throw new Error(`the command reads ${JSON.stringify(args)}`);
+    await operator.page.screenshot({ path: `${out}/bulk-result.png`, fullPage: true });
+    await operator.page.goto(`${hub}/console/commands`);
+    const pending = await operator.page.locator(`#commands tr.command a[href="/console/devices/${env("STOP_ID")}"]`).count();
+    if (pending !== 1) throw new Error(`the waiting list shows ${pending} commands for the stopped device`);
+    await operator.page.goto(`${hub}/console/devices/${watched}`);
+    const mine = await text(operator.page, "#device-commands #commands tr.command[data-state=done]");
+    if (!mine.includes("echo") || !mine.includes("succeeded")) throw new Error(`the device page says ${JSON.stringify(mine)}`);
+  });
   await operator.context.close();
 
   // 6. A viewer sees no action; a forged POST is refused.

@@ -2,13 +2,16 @@
 //! Playwright (`tests/browser/console.mjs`), against a real hub with real
 //! agents. The script signs in with a one-time link, checks the overview's
 //! counts, a device named with markup, a stopped agent turning offline on
-//! the open page, charts with data, an operator's job run and a viewer's
-//! forged POST; this side checks what the hub recorded. Screenshots of the
-//! overview and a device page are kept under
+//! the open page and saying since when and why, charts with data, an
+//! operator's job run, a bulk command's result page filling in (one device
+//! offline: its command waits and is listed as waiting), and a viewer's
+//! forged POST; this side checks what the hub recorded and that the waiting
+//! command runs once its device is back. Screenshots are kept under
 //! `target/tmp/console-artifacts/`.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+use outpost_hub::api::CommandStateView;
 use outpost_tests::{Agent, Hub, Scratch, Timings, wait_online};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -74,6 +77,10 @@ fn the_console_in_a_real_browser() {
         assert_eq!(status, 201, "{body:#}");
         body["secret"].as_str().unwrap().to_owned()
     };
+    // The bulk step acts on these three (the last is stopped by then).
+    for id in [&watched.id, &hostile.id, &leaving.id] {
+        admin.set_labels(id, &[("group".to_owned(), "browser".to_owned())].into()).unwrap();
+    }
     let operator = token("operator in a browser", "operator");
     let viewer = token("viewer in a browser", "viewer");
     let link = admin.sign_in_link("admin", "10m").unwrap();
@@ -106,6 +113,14 @@ fn the_console_in_a_real_browser() {
         let size = std::fs::metadata(out.join(shot)).map(|m| m.len()).unwrap_or(0);
         assert!(size > 10_000, "{shot} is {size} bytes");
     }
+    // The bulk command that waited for the stopped device runs once it is back.
+    leaving.start().unwrap();
+    let done = outpost_tests::wait_for(Duration::from_secs(20), "the waiting command to run", || {
+        let commands = admin.commands(&leaving.id).ok()?;
+        commands.into_iter().find(|c| c.kind == "echo" && c.state.is_final())
+    })
+    .unwrap();
+    assert!(matches!(done.state, CommandStateView::Completed { .. }), "{done:?}");
     let runs = admin.job_runs(&watched.id, job, 10).unwrap();
     assert!(runs.iter().any(|r| r.trigger == "command" && r.succeeded), "{runs:?}");
     let (_, refused) = admin.raw("GET", "/api/v1/audit?outcome=refused&who=viewer%20in%20a%20browser", None).unwrap();

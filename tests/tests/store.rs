@@ -251,6 +251,12 @@ fn commands_move_queued_delivered_completed_or_expired_once() {
         assert_eq!(marked, [a.id]);
         assert_eq!(store.mark_delivered(&id, &[a.id], Timestamp(6)).await.unwrap(), Vec::<u64>::new());
         assert_eq!(store.command(a.id).await.unwrap().unwrap().state, CommandState::Delivered { at: Timestamp(5) });
+        // Across devices, by id range, newest first; queued ones only.
+        let ids = |cmds: Vec<outpost_hub::store::CommandRecord>| cmds.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.commands_in(a.id..=theirs.id, false, 10).await.unwrap()), [theirs.id, c.id, b.id, a.id]);
+        assert_eq!(ids(store.commands_in(b.id..=c.id, false, 10).await.unwrap()), [c.id, b.id]);
+        assert_eq!(ids(store.commands_in(0..=u64::MAX, true, 10).await.unwrap()), [theirs.id, c.id, b.id]);
+        assert_eq!(ids(store.commands_in(0..=u64::MAX, true, 2).await.unwrap()), [theirs.id, c.id]);
         // Expiry takes the expired queued one, once.
         let expired: Vec<u64> =
             store.expire_commands(Timestamp::now()).await.unwrap().into_iter().map(|c| c.id).collect();

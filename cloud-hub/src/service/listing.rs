@@ -284,7 +284,7 @@ pub struct DeviceQuery {
 }
 
 /// One page of the device list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Page {
     /// Its rows.
     pub rows: Vec<DeviceView>,
@@ -292,6 +292,11 @@ pub struct Page {
     pub total: usize,
     /// The cursor of the next page, if there is one.
     pub next: Option<String>,
+    /// Matching devices before this page.
+    pub start: usize,
+    /// The cursor of the previous page (empty: the first page), if this
+    /// is not the first.
+    pub prev: Option<String>,
 }
 
 fn cursor(sort: Sort, v: &DeviceView) -> String {
@@ -338,11 +343,16 @@ pub fn select(views: Vec<DeviceView>, query: &DeviceQuery) -> Result<Page, Strin
         None => 0,
     };
     let limit = query.limit.clamp(1, MAX_PAGE);
+    let prev = match start {
+        0 => None,
+        s if s <= limit => Some(String::new()),
+        s => rows.get(s - limit - 1).map(|(_, v)| cursor(query.sort, v)),
+    };
     let page: Vec<DeviceView> = rows.into_iter().skip(start).take(limit + 1).map(|(_, v)| v).collect();
     let more = page.len() > limit;
     let rows: Vec<DeviceView> = page.into_iter().take(limit).collect();
     let next = if more { rows.last().map(|v| cursor(query.sort, v)) } else { None };
-    Ok(Page { rows, total, next })
+    Ok(Page { rows, total, next, start, prev })
 }
 
 /// The fleet at a glance.
@@ -522,10 +532,22 @@ mod tests {
         for sort in [Sort::Name, Sort::LastSeen, Sort::Version] {
             let mut seen = Vec::new();
             let mut after = None;
+            let mut starts = Vec::new();
             loop {
                 let q = DeviceQuery { sort, after: after.clone(), limit: 40, ..DeviceQuery::default() };
                 let page = select(views.clone(), &q).unwrap();
                 assert_eq!(page.total, 250);
+                assert_eq!(page.start, seen.len(), "the page says where it starts");
+                // Its previous page is the one before it.
+                if let Some(prev) = page.prev.clone() {
+                    let back = DeviceQuery { after: Some(prev).filter(|p| !p.is_empty()), ..q.clone() };
+                    let before = select(views.clone(), &back).unwrap();
+                    assert_eq!(before.start, starts.last().copied().unwrap(), "{sort:?}");
+                    assert_eq!(before.next, after, "{sort:?}");
+                } else {
+                    assert_eq!(page.start, 0);
+                }
+                starts.push(page.start);
                 seen.extend(page.rows.iter().map(|v| v.id.clone()));
                 match page.next {
                     Some(n) => after = Some(n),

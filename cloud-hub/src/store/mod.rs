@@ -804,6 +804,17 @@ impl Store {
         each!(self, "device_commands", b => b.device_commands(device).await)
     }
 
+    /// Commands with ids in `ids` (all devices), newest first, at most
+    /// `limit`; only queued ones if `queued`.
+    pub async fn commands_in(
+        &self,
+        ids: std::ops::RangeInclusive<u64>,
+        queued: bool,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        each!(self, "commands_in", b => b.commands_in(ids.clone(), queued, limit).await)
+    }
+
     /// A device's queued, unexpired commands, oldest first, at most `limit`.
     pub async fn queued_commands(&self, device: &DeviceId, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
         each!(self, "queued_commands", b => b.queued_commands(device, limit, Timestamp::now()).await)

@@ -874,6 +874,21 @@ impl PgStore {
         self.many("commands", "SELECT record FROM commands WHERE device = $1 ORDER BY id", &[&device.as_str()]).await
     }
 
+    pub(super) async fn commands_in(
+        &self,
+        ids: std::ops::RangeInclusive<u64>,
+        queued: bool,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.many(
+            "commands",
+            "SELECT record FROM commands WHERE id BETWEEN $1 AND $2 AND (NOT $3 OR state = 'queued')
+                 ORDER BY id DESC LIMIT $4",
+            &[&big(*ids.start()), &big(*ids.end()), &queued, &big(limit as u64)],
+        )
+        .await
+    }
+
     pub(super) async fn queued_commands(
         &self,
         device: &DeviceId,

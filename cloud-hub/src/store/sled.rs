@@ -428,6 +428,29 @@ impl SledStore {
         self.read(move |t| t.device_commands(&device)).await
     }
 
+    pub(super) async fn commands_in(
+        &self,
+        ids: std::ops::RangeInclusive<u64>,
+        queued: bool,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.read(move |t| {
+            let mut out = Vec::new();
+            let range = t.commands.range(ids.start().to_be_bytes()..=ids.end().to_be_bytes());
+            for value in range.values().rev() {
+                let cmd: CommandRecord = decode("commands", &value.db()?)?;
+                if !queued || cmd.state == CommandState::Queued {
+                    out.push(cmd);
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub(super) async fn queued_commands(
         &self,
         device: &DeviceId,

@@ -1,12 +1,14 @@
 //! The fleet console: server-rendered HTML (askama templates, escaped by
 //! default), one small script of ours and uPlot for charts, all embedded in
 //! the hub's binary. It goes through the same service layer, roles and
-//! audit log as the API; the session is an API token in an HttpOnly,
+//! audit log as the API; the session is a console session token (its own,
+//! made at sign-in) in an HttpOnly,
 //! SameSite=Strict cookie and every form carries a token derived from it
 //! (CSRF). Pages never hold the whole fleet: the device list is a cursor
 //! page, and only its visible rows get live updates (server-sent events
 //! carrying changed rows).
 
+mod commands;
 mod pages;
 pub mod series;
 
@@ -292,6 +294,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .wrap(actix_web::middleware::from_fn(security_headers))
             .app_data(web::FormConfig::default().limit(256 << 10))
             .route("/static/{name}", web::get().to(asset))
-            .configure(pages::routes),
+            .configure(pages::routes)
+            .configure(commands::routes),
     );
 }

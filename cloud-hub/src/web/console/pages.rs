@@ -22,10 +22,10 @@ use std::time::Duration;
 
 /// What the page header shows of the signed-in user.
 pub struct Nav {
-    name: String,
-    role: &'static str,
-    csrf: String,
-    operator: bool,
+    pub(super) name: String,
+    pub(super) role: &'static str,
+    pub(super) csrf: String,
+    pub(super) operator: bool,
 }
 
 impl From<&User> for Nav {
@@ -34,7 +34,7 @@ impl From<&User> for Nav {
     }
 }
 
-fn html(t: &impl Template) -> Result<HttpResponse, ConsoleError> {
+pub(super) fn html(t: &impl Template) -> Result<HttpResponse, ConsoleError> {
     let body = t.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
@@ -387,6 +387,12 @@ struct ListForm {
     sort: String,
     #[serde(default)]
     after: String,
+    /// A bulk change of desired state before the redirect, with how many
+    /// devices it changed.
+    #[serde(default)]
+    done: String,
+    #[serde(default)]
+    n: Option<u64>,
 }
 
 #[derive(Template)]
@@ -402,8 +408,17 @@ struct DevicesPage {
     rows: Vec<Row>,
     total: usize,
     next: Option<String>,
-    first: String,
-    first_page: bool,
+    prev: Option<String>,
+    /// "51–100 of 1,234" (empty: nothing to page).
+    position: String,
+    /// Why a selector matches nothing, if it names a label no device has.
+    hint: Option<String>,
+}
+
+/// Where a page of `shown` rows starting after `start` of `total` is:
+/// "51–100 of 1234" (empty when there is nothing). Pure.
+pub fn position(start: usize, shown: usize, total: usize) -> String {
+    if shown == 0 { String::new() } else { format!("{}–{} of {total}", start + 1, start + shown) }
 }
 
 /// Rows of one console page of devices.
@@ -426,19 +441,36 @@ async fn devices_page(
         after: Some(form.after.clone()),
     };
     let now = Timestamp::now();
-    let (rows, total, next, error) = match query.parse() {
-        Ok(parsed) => match select(fleet.views(None).await?, &parsed) {
-            Ok(page) => (page.rows, page.total, page.next, None),
-            Err(e) => (Vec::new(), 0, None, Some(e)),
-        },
-        Err(e) => (Vec::new(), 0, None, Some(e)),
+    let mut page = crate::service::listing::Page::default();
+    let mut hint = None;
+    let error = match query.parse() {
+        Ok(parsed) => {
+            let views = fleet.views(None).await?;
+            // A selector naming a label no device has is most likely a typo.
+            let unknown = parsed.selector.as_ref().map(|s| s.unknown_keys(views.iter().map(|v| &v.labels)));
+            if let Some(keys) = unknown.filter(|k| !k.is_empty()) {
+                hint = Some(format!("No device has the label {}: check the selector for a typo.", keys.join(", ")));
+            }
+            match select(views, &parsed) {
+                Ok(p) => {
+                    page = p;
+                    None
+                }
+                Err(e) => Some(e),
+            }
+        }
+        Err(e) => Some(e),
     };
-    let next = next.map(|n| url_with(req.path(), req.query_string(), "after", &n));
-    let first = url_with(req.path(), req.query_string(), "after", "");
+    let link = |after: &str| url_with(req.path(), req.query_string(), "after", after);
+    let notice = (form.done == "desired_bulk")
+        .then(|| format!("Desired state changed on {} devices.", form.n.unwrap_or_default()));
     html(&DevicesPage {
         nav: Some((&user).into()),
-        notice: None,
-        first_page: form.after.is_empty(),
+        notice,
+        position: position(page.start, page.rows.len(), page.total),
+        next: page.next.as_deref().map(link),
+        prev: page.prev.as_deref().map(link),
+        hint,
         q: form,
         statuses: [
             ("", "any state"),
@@ -459,10 +491,8 @@ async fn devices_page(
         ],
         operator: user.operator(),
         error,
-        rows: rows.iter().map(|v| Row::new(v, now)).collect(),
-        total,
-        next,
-        first,
+        rows: page.rows.iter().map(|v| Row::new(v, now)).collect(),
+        total: page.total,
     })
 }
 
@@ -557,7 +587,7 @@ struct WindowQuery {
 impl WindowQuery {
     fn notice(&self) -> Option<String> {
         match (self.done.as_deref(), self.n) {
-            (Some("command"), Some(id)) => Some(format!("Command {id} queued; its outcome appears in the event log.")),
+            (Some("command"), Some(id)) => Some(format!("Command {id} queued; it is listed under Commands below.")),
             (Some("desired"), Some(version)) => Some(format!("Desired state version {version} set.")),
             (Some("labels"), _) => Some("Labels set.".into()),
             (Some("revoke"), _) => Some("Device revoked.".into()),
@@ -642,13 +672,16 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn new(e: EventView, now: Timestamp) -> Self {
+    /// The row of `e`; `commands` says what each command of the device was
+    /// (`kind args`).
+    fn new(e: EventView, commands: &std::collections::HashMap<u64, String>, now: Timestamp) -> Self {
         let at = humantime::parse_rfc3339_weak(&e.at).map(Timestamp::from_system).ok();
         let (kind, text) = match e.event {
             EventKindView::CommandResult { command, outcome, exit_code, output } => (
                 "command",
                 format!(
-                    "command {command}: {}{}\n{output}",
+                    "command {command} ({}): {}{}\n{output}",
+                    commands.get(&command).map_or("?", String::as_str),
                     serde_json::to_value(outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
                     exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default()
                 ),
@@ -695,10 +728,40 @@ struct DevicePage {
     labels_text: String,
     kinds: Vec<&'static str>,
     events: Vec<EventRow>,
+    commands: Vec<super::commands::CommandLine>,
 }
 
-/// Runs shown per job on the device page.
+/// Runs shown per job on the device page: the newest, and besides them
+/// the runs made on purpose (a `run_job` command, `outpost-agent run-job`)
+/// of the last day, so a run someone asked for stays in sight however
+/// often the job runs on its schedule.
 const RUNS_SHOWN: usize = 5;
+/// Runs read per job to find those.
+const RUNS_READ: usize = 200;
+/// Commands shown on the device page, newest first.
+const COMMANDS_SHOWN: usize = 20;
+
+/// The runs the device page shows of `runs` (newest first) at `now`: the
+/// newest [`RUNS_SHOWN`], then those asked for in the last day, at most
+/// as many again. Pure.
+pub fn runs_shown(runs: Vec<outpost_shared::job::JobRun>, now: Timestamp) -> Vec<outpost_shared::job::JobRun> {
+    use outpost_shared::job::Trigger;
+    let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
+    let asked = |r: &outpost_shared::job::JobRun| matches!(r.trigger, Trigger::Manual | Trigger::Command { .. });
+    let mut shown = 0;
+    let mut extra = 0;
+    runs.into_iter()
+        .filter(|r| {
+            shown += 1;
+            if shown <= RUNS_SHOWN {
+                return true;
+            }
+            let keep = extra < RUNS_SHOWN && asked(r) && r.ended >= day_ago;
+            extra += usize::from(keep);
+            keep
+        })
+        .collect()
+}
 
 async fn device_page(
     user: User,
@@ -723,7 +786,7 @@ async fn device_view(
     let view = fleet.device(id).await?.ok_or_else(|| ConsoleError::NotFound(format!("device {id} not found")))?;
     let mut jobs = Vec::new();
     for (spec, source) in store.jobs(id).await?.map(|r| r.jobs).unwrap_or_default() {
-        let runs = store.job_runs(id, &spec.name, RUNS_SHOWN).await?;
+        let runs = runs_shown(store.job_runs(id, &spec.name, RUNS_READ).await?, now);
         let summary = crate::api::JobView::new(&spec, source, runs.first().cloned(), now);
         jobs.push(JobRow {
             name: summary.name,
@@ -762,7 +825,19 @@ async fn device_view(
         Some((text, error)) => (text, Some(error)),
         None => (serde_json::to_string_pretty(&desired.doc).unwrap_or_default(), None),
     };
-    let events = store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), now)).collect();
+    let mut commands = store.device_commands(id).await?;
+    let what: std::collections::HashMap<u64, String> = commands
+        .iter()
+        .map(|c| {
+            let args: Vec<String> = c.args.iter().map(|a| super::commands::shell_word(a)).collect();
+            (c.id, format!("{} {}", c.kind, args.join(" ")).trim_end().to_owned())
+        })
+        .collect();
+    let events =
+        store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), &what, now)).collect();
+    commands.reverse();
+    commands.truncate(COMMANDS_SHOWN);
+    let commands = super::commands::lines(fleet, commands).await?;
     let alarms = view
         .alarms
         .iter()
@@ -802,6 +877,7 @@ async fn device_view(
         desired_error,
         kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
         events,
+        commands,
     })
 }
 
@@ -1120,8 +1196,16 @@ async fn bulk_act(
             cancel,
         });
     }
-    plan.apply(&fleet, user.name(), &action).await?;
-    Ok(see_other(&cancel))
+    let done = plan.apply(&fleet, user.name(), &action).await?;
+    let ids = done.commands.iter().map(|c| c.id);
+    match (ids.clone().min(), ids.max()) {
+        // Where each command stands, live until all are done.
+        (Some(from), Some(to)) => {
+            let by = crate::api::encode_component(user.name());
+            Ok(see_other(&format!("/console/commands?from={from}&to={to}&by={by}")))
+        }
+        _ => Ok(see_other(&format!("{cancel}&done=desired_bulk&n={}", done.versions.len()))),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1316,9 +1400,43 @@ mod tests {
     #[test]
     fn notices_are_worded_by_the_page_not_the_link() {
         let q = |done: &str, n| WindowQuery { window: None, done: Some(done.into()), n };
-        assert_eq!(q("command", Some(7)).notice().unwrap(), "Command 7 queued; its outcome appears in the event log.");
+        assert_eq!(q("command", Some(7)).notice().unwrap(), "Command 7 queued; it is listed under Commands below.");
         assert_eq!(q("Your session expired, call 555", Some(1)).notice(), None);
         assert_eq!(q("command", None).notice(), None);
+    }
+
+    #[test]
+    fn a_run_someone_asked_for_stays_in_sight() {
+        use outpost_shared::job::{JobRun, RunOutcome, Trigger};
+        let run = |id: u64, trigger| JobRun {
+            run_id: id,
+            job: "j".into(),
+            trigger,
+            attempt: 1,
+            started: Timestamp(id * 1000),
+            ended: Timestamp(id * 1000),
+            outcome: RunOutcome::Exited { code: 0 },
+            output: String::new(),
+            output_bytes: 0,
+        };
+        // Newest first: 30 scheduled runs, a command's run among them, and
+        // a manual run two days old.
+        let now = Timestamp(3 * 86_400_000);
+        let mut runs: Vec<JobRun> = (0..30).rev().map(|i| run(now.0 / 1000 - i, Trigger::Schedule)).collect();
+        runs[12] = run(runs[12].run_id, Trigger::Command { id: 7 });
+        runs.push(run(1, Trigger::Manual));
+        let shown = runs_shown(runs, now);
+        assert_eq!(shown.len(), RUNS_SHOWN + 1, "the newest five and the command's run");
+        assert!(matches!(shown[RUNS_SHOWN].trigger, Trigger::Command { id: 7 }));
+        assert_eq!(runs_shown(Vec::new(), now).len(), 0);
+    }
+
+    #[test]
+    fn a_page_says_where_it_is() {
+        assert_eq!(position(0, 50, 1234), "1–50 of 1234");
+        assert_eq!(position(50, 50, 1234), "51–100 of 1234");
+        assert_eq!(position(1200, 34, 1234), "1201–1234 of 1234");
+        assert_eq!(position(0, 0, 0), "");
     }
 
     #[test]
