@@ -180,6 +180,20 @@ try {
       await operator.page.reload();
     }
   });
+  // 5a. A bad label: the form comes back with its input, the error at the
+  // top, in sight without scrolling.
+  await step("a bad label keeps its input and shows the error at the top", async () => {
+    await operator.page.goto(`${hub}/console/devices/${watched}`);
+    await operator.page.fill("#labels", "group=browser\nBad Key=x");
+    await operator.page.click("form:has(#labels) button[type=submit]");
+    await operator.page.waitForSelector("#form-error");
+    const box = await operator.page.locator("#form-error").boundingBox();
+    const height = operator.page.viewportSize().height;
+    if (!box || box.y + box.height > height) throw new Error(`the error is out of sight at ${box?.y} (viewport ${height})`);
+    const kept = await operator.page.inputValue("#labels");
+    if (kept !== "group=browser\nBad Key=x") throw new Error(`the input became ${JSON.stringify(kept)}`);
+  });
+
   // 5b. A bulk command: its result page lists each device's command and
   // fills in by itself until all are done; the command shows on the
   // device page with what it was.

@@ -383,7 +383,38 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     let (status, _) = post_form(&web, &act, &origin, &cookie, &form);
     assert_eq!(status, 303);
     let done = audit(&admin, "action=%2Fconsole");
-    assert!(done.iter().any(|e| e["who"].as_str().unwrap().starts_with("ops-carol (console ")), "{done:#?}");
+    let mine = done.iter().find(|e| e["who"].as_str().unwrap().starts_with("ops-carol (console ")).unwrap();
+    assert_eq!(mine["detail"], "labels: +site=lab", "the audit log says what changed: {mine:#}");
+    // A preview is an entry of its own, marked as such; the audit page
+    // names the device and finds it by its name.
+    let (status, _) =
+        post_form(&web, &act, &origin, &cookie, &[("csrf", &csrf), ("action", "labels"), ("labels", "site=berlin")]);
+    assert_eq!(status, 200, "a review page");
+    let previews = audit(&admin, "who=ops-carol");
+    assert_eq!(previews[0]["detail"], "preview: labels: site=lab→berlin", "{previews:#?}");
+    let name = admin.device(&agents[0].id).unwrap().name;
+    let mut page =
+        web.get(&format!("{}/console/audit?target={}", hub.api, name)).header("Cookie", &cookie).call().unwrap();
+    let html = page.body_mut().read_to_string().unwrap();
+    assert!(html.contains("labels: +site=lab") && html.contains(&format!(">{name}</a>")), "{html}");
+    assert!(html.contains("<td class=\"preview\">preview (200)</td>"), "{html}");
+    // A refused form comes back with its input and why, at the top.
+    let bad = [("csrf", csrf.as_str()), ("action", "labels"), ("labels", "site=lab\nBad Key=x")];
+    let (status, html) = post_form(&web, &act, &origin, &cookie, &bad);
+    assert_eq!(status, 422);
+    let error = html.find("id=\"form-error\"").expect("the error is shown");
+    assert!(error < html.find("<h2>Telemetry").unwrap(), "the error is at the top");
+    assert!(html.contains("site=lab\nBad Key=x</textarea>") && html.contains("class=\"top\""), "input or layout lost");
+    let bulk = format!("{}/console/bulk", hub.api);
+    let patch = [("csrf", csrf.as_str()), ("action", "desired"), ("selector", "site=lab"), ("patch", "{not json")];
+    let (status, html) = post_form(&web, &bulk, &origin, &cookie, &patch);
+    assert_eq!(status, 422);
+    assert!(html.contains("the patch is not JSON") && html.contains("{not json</textarea>"), "{html}");
+    // Any other console path: a page that says so.
+    let mut missing = web.get(&format!("{}/console/nope", hub.api)).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let html = missing.body_mut().read_to_string().unwrap();
+    assert!(html.contains("No page at /console/nope.") && html.contains("/console/static/console.css"), "{html}");
     let (status, _) = post_form(&web, &format!("{}/console/sign-out", hub.api), &origin, &cookie, &[("csrf", &csrf)]);
     assert_eq!(status, 303);
     let again = web.get(&format!("{}/console/", hub.api)).header("Cookie", &cookie).call().unwrap();

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod alerts;
 pub mod backups;
 pub mod ca;
+pub mod describe;
 pub mod enroll;
 pub mod fleet;
 pub mod listing;
@@ -96,13 +97,14 @@ pub async fn device(fleet: &Fleet, raw: &str) -> Result<DeviceId, ServiceError> 
 }
 
 /// Replaces `device`'s labels after checking them.
-pub async fn set_labels(fleet: &Fleet, by: &str, device: &DeviceId, labels: &Labels) -> Result<(), ServiceError> {
+pub async fn set_labels(fleet: &Fleet, by: &str, device: &DeviceId, labels: &Labels) -> Result<String, ServiceError> {
     check_labels(labels).map_err(ServiceError::Invalid)?;
+    let before = fleet.store().fleet_rows(Some(std::slice::from_ref(device))).await?.pop().map(|r| r.labels);
     if !fleet.store().set_labels(device, labels).await? {
         return Err(ServiceError::NotFound(format!("device {device}")));
     }
     tracing::info!(device = %device, ?labels, by, "Labels set.");
-    Ok(())
+    Ok(describe::labels(&before.unwrap_or_default(), labels))
 }
 
 /// The devices a bulk action by `selector` acts on (refusing an empty or
@@ -183,7 +185,7 @@ impl BulkPlan {
             match action {
                 BulkAction::Command(command) => view.commands.push(send_command(fleet, by, id, command.clone()).await?),
                 BulkAction::Desired(patch) => {
-                    let done = patch_desired(fleet, by, id, patch).await?;
+                    let (done, _) = patch_desired(fleet, by, id, patch).await?;
                     view.versions.push((id.to_string(), done.version));
                 }
             }
@@ -486,19 +488,24 @@ pub fn check_desired(doc: &serde_json::Value) -> Result<String, String> {
     Ok(text)
 }
 
-/// Replaces `device`'s desired state if it is still at `version`.
+/// Replaces `device`'s desired state if it is still at `version`; returns
+/// it and what changed, in words.
 pub async fn set_desired(
     fleet: &Fleet,
     by: &str,
     device: &DeviceId,
     version: u64,
     doc: &serde_json::Value,
-) -> Result<DesiredView, ServiceError> {
+) -> Result<(DesiredView, String), ServiceError> {
     let text = check_desired(doc).map_err(ServiceError::Invalid)?;
+    let before = fleet.store().desired(device).await?;
     let record = fleet.store().put_desired(device, version, text).await?;
     tracing::info!(device = %device, version = record.version, by, "Desired state changed.");
     fleet.changed(device).await;
-    Ok(DesiredView::new(Some(record), fleet.store().reported(device).await?))
+    // The document replaced is the one at `version` (else the store refused).
+    let old = before.filter(|b| b.version == version).and_then(|b| serde_json::from_str(&b.doc).ok());
+    let change = describe::desired(version, &old.unwrap_or(serde_json::Value::Null), record.version, doc);
+    Ok((DesiredView::new(Some(record), fleet.store().reported(device).await?), change))
 }
 
 /// Applies a JSON merge patch (RFC 7396) to `device`'s desired state,
@@ -511,7 +518,7 @@ pub async fn patch_desired(
     by: &str,
     device: &DeviceId,
     patch: &serde_json::Value,
-) -> Result<DesiredView, ServiceError> {
+) -> Result<(DesiredView, String), ServiceError> {
     if !patch.is_object() {
         return Err(ServiceError::Invalid("a merge patch of a desired state must be a JSON object".into()));
     }
@@ -529,13 +536,15 @@ pub async fn patch_desired(
         let text = check_desired(&doc).map_err(ServiceError::Invalid)?;
         if current.is_some() && doc == before {
             // Nothing changes: no new version, nothing to deliver.
-            return Ok(DesiredView::new(current, fleet.store().reported(device).await?));
+            let change = describe::desired(version, &before, version, &doc);
+            return Ok((DesiredView::new(current, fleet.store().reported(device).await?), change));
         }
         match fleet.store().put_desired(device, version, text).await {
             Ok(record) => {
                 tracing::info!(device = %device, version = record.version, by, "Desired state patched.");
                 fleet.changed(device).await;
-                return Ok(DesiredView::new(Some(record), fleet.store().reported(device).await?));
+                let change = describe::desired(version, &before, record.version, &doc);
+                return Ok((DesiredView::new(Some(record), fleet.store().reported(device).await?), change));
             }
             Err(StoreError::VersionConflict { .. }) if attempts < 5 => attempts += 1,
             Err(e) => return Err(e.into()),

@@ -643,12 +643,14 @@ async fn get_overview(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpRes
 async fn put_labels(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<crate::store::Labels>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
-    service::set_labels(&fleet, &caller.token.name, &id, &body).await?;
+    let detail = service::set_labels(&fleet, &caller.token.name, &id, &body).await?;
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail });
     let view = fleet.device(&id).await?.ok_or_else(|| HttpError::NotFound(format!("device {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
@@ -1184,13 +1186,16 @@ async fn get_desired(
 async fn put_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<DesiredPut>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
     let DesiredPut { version, doc } = body.into_inner();
-    Ok(HttpResponse::Ok().json(service::set_desired(&fleet, &caller.token.name, &id, version, &doc).await?))
+    let (view, detail) = service::set_desired(&fleet, &caller.token.name, &id, version, &doc).await?;
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail });
+    Ok(HttpResponse::Ok().json(view))
 }
 
 /// `PATCH /devices/{id}/desired`: a JSON merge patch (RFC 7396) on the
@@ -1201,24 +1206,30 @@ async fn put_desired(
 async fn patch_desired(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     path: web::Path<String>,
     MergePatch(patch): MergePatch,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
-    Ok(HttpResponse::Ok().json(service::patch_desired(&fleet, &caller.token.name, &id, &patch).await?))
+    let (view, detail) = service::patch_desired(&fleet, &caller.token.name, &id, &patch).await?;
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail });
+    Ok(HttpResponse::Ok().json(view))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), request_body = CommandRequest, responses((status = 201, body = CommandView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn post_command(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     path: web::Path<String>,
     body: web::Json<CommandRequest>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let id = known_device(&fleet, &path).await?;
     let view = service::send_command(&fleet, &caller.token.name, &id, body.into_inner()).await?;
+    let detail = service::describe::command(&view.kind, &view.args, Some(view.id));
+    note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail });
     Ok(HttpResponse::Created().json(view))
 }
 

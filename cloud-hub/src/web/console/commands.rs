@@ -71,15 +71,14 @@ impl CommandLine {
                 ("done", "expired before delivery".to_owned(), "bad", Some(*at), String::new())
             }
         };
-        let args: Vec<String> = c.args.iter().map(|a| shell_word(a)).collect();
         let tail = output.chars().count().saturating_sub(300);
         CommandLine {
             id: c.id,
             device: c.device.to_string(),
             device_name: device.map_or_else(|| c.device.to_string(), |d| d.name.clone()),
             device_state: device.map_or("unknown", DeviceView::state),
+            args: crate::service::describe::words(&c.args),
             kind: c.kind,
-            args: args.join(" "),
             created_at: c.created_at.rfc3339(),
             created_ago: ago(Some(c.created_at), now),
             by: c.created_by,
@@ -90,12 +89,6 @@ impl CommandLine {
             output: output.chars().skip(tail).collect(),
         }
     }
-}
-
-/// `arg` as one would type it in a shell: quoted when it has to be. Pure.
-pub fn shell_word(arg: &str) -> String {
-    let plain = !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c));
-    if plain { arg.to_owned() } else { format!("'{}'", arg.replace('\'', r"'\''")) }
 }
 
 /// "12 commands: 3 waiting (2 for offline devices), 1 delivered, 7
@@ -269,13 +262,5 @@ mod tests {
             "5 commands: 1 waiting (1 for offline devices), 2 succeeded, 1 delivered, 1 expired."
         );
         assert_eq!(summary(&[]), "No commands.");
-    }
-
-    #[test]
-    fn arguments_read_as_typed() {
-        assert_eq!(shell_word("/var/log"), "/var/log");
-        assert_eq!(shell_word("a b"), "'a b'");
-        assert_eq!(shell_word(""), "''");
-        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 }

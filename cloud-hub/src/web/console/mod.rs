@@ -295,6 +295,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .app_data(web::FormConfig::default().limit(256 << 10))
             .route("/static/{name}", web::get().to(asset))
             .configure(pages::routes)
-            .configure(commands::routes),
+            .configure(commands::routes)
+            .default_service(web::route().to(not_found)),
     );
+}
+
+/// Any other path under `/console`: a page that says so, inside the
+/// console's layout.
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    pages::error_page(actix_web::http::StatusCode::NOT_FOUND, &format!("No page at {}.", req.path()))
 }

@@ -189,6 +189,8 @@ struct Line {
 struct AuditLine {
     at: String,
     ago: String,
+    /// The name of the device it targets, if it targets one.
+    target_name: String,
     who: String,
     action: String,
     target: String,
@@ -200,11 +202,15 @@ struct AuditLine {
 }
 
 impl AuditLine {
-    fn new(e: crate::store::AuditEntry, now: Timestamp) -> Self {
+    /// The line of `e`; `names` names the devices it may target.
+    fn new(e: crate::store::AuditEntry, names: &std::collections::HashMap<String, String>, now: Timestamp) -> Self {
+        // A preview answers 200 but changes nothing: it says so.
+        let preview = e.detail.starts_with("preview: ");
         AuditLine {
             at: e.at.rfc3339(),
             ago: ago(Some(e.at), now),
-            outcome: e.outcome(),
+            outcome: if preview && e.outcome() == "ok" { "preview" } else { e.outcome() },
+            target_name: names.get(&e.target).cloned().unwrap_or_default(),
             who: e.who,
             action: e.action,
             target: e.target,
@@ -214,6 +220,19 @@ impl AuditLine {
             detail: e.detail,
         }
     }
+}
+
+/// The lines of `entries`, the devices they target named (one read).
+async fn audit_lines(
+    fleet: &Fleet,
+    entries: Vec<crate::store::AuditEntry>,
+    now: Timestamp,
+) -> Result<Vec<AuditLine>, ConsoleError> {
+    let mut ids: Vec<DeviceId> = entries.iter().filter_map(|e| e.target.parse().ok()).collect();
+    ids.sort();
+    ids.dedup();
+    let names = fleet.views(Some(&ids)).await?.into_iter().map(|v| (v.id, v.name)).collect();
+    Ok(entries.into_iter().map(|e| AuditLine::new(e, &names, now)).collect())
 }
 
 /// An alert as the console lists it.
@@ -316,7 +335,7 @@ async fn overview_page(
     alarms.truncate(10);
     let changes = if user.operator() {
         let q = AuditQuery { limit: 10, ..AuditQuery::default() };
-        fleet.store().audit(&q).await?.into_iter().map(|e| AuditLine::new(e, now)).collect()
+        audit_lines(&fleet, fleet.store().audit(&q).await?, now).await?
     } else {
         Vec::new()
     };
@@ -724,8 +743,12 @@ struct DevicePage {
     in_sync: bool,
     reported_error: Option<String>,
     desired_text: String,
-    desired_error: Option<String>,
+    /// Why the action just tried was refused, shown at the top.
+    form_error: Option<String>,
     labels_text: String,
+    /// The command form as it was sent, when it was refused.
+    command_kind: String,
+    command_args: String,
     kinds: Vec<&'static str>,
     events: Vec<EventRow>,
     commands: Vec<super::commands::CommandLine>,
@@ -774,13 +797,25 @@ async fn device_page(
     html(&page)
 }
 
+/// What an action form held when it was refused: shown again, with why,
+/// at the top of the page.
+#[derive(Debug, Default)]
+struct Draft {
+    error: String,
+    labels: Option<String>,
+    doc: Option<String>,
+    kind: String,
+    args: String,
+}
+
 async fn device_view(
     user: &User,
     fleet: &Fleet,
     id: &DeviceId,
     query: &WindowQuery,
-    desired_draft: Option<(String, String)>,
+    draft: Option<Draft>,
 ) -> Result<DevicePage, ConsoleError> {
+    let draft = draft.unwrap_or_default();
     let store = fleet.store();
     let now = Timestamp::now();
     let view = fleet.device(id).await?.ok_or_else(|| ConsoleError::NotFound(format!("device {id} not found")))?;
@@ -821,18 +856,10 @@ async fn device_view(
     let snapshots = store.catalog(id).await?.iter().rev().take(20).map(SnapshotView::from).collect();
     let peers = store.peers(id).await?.map(|r| r.peers).unwrap_or_default().into_iter().map(PeerView::from).collect();
     let desired = DesiredView::new(store.desired(id).await?, store.reported(id).await?);
-    let (desired_text, desired_error) = match desired_draft {
-        Some((text, error)) => (text, Some(error)),
-        None => (serde_json::to_string_pretty(&desired.doc).unwrap_or_default(), None),
-    };
+    let desired_text = draft.doc.unwrap_or_else(|| serde_json::to_string_pretty(&desired.doc).unwrap_or_default());
     let mut commands = store.device_commands(id).await?;
-    let what: std::collections::HashMap<u64, String> = commands
-        .iter()
-        .map(|c| {
-            let args: Vec<String> = c.args.iter().map(|a| super::commands::shell_word(a)).collect();
-            (c.id, format!("{} {}", c.kind, args.join(" ")).trim_end().to_owned())
-        })
-        .collect();
+    let what: std::collections::HashMap<u64, String> =
+        commands.iter().map(|c| (c.id, service::describe::typed(&c.kind, &c.args))).collect();
     let events =
         store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), &what, now)).collect();
     commands.reverse();
@@ -857,7 +884,7 @@ async fn device_view(
         alerts: alert_lines(fleet, Some(view.id.as_str()), 50, now).await?,
         nav: Some(user.into()),
         notice: query.notice(),
-        labels_text: view.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect(),
+        labels_text: draft.labels.unwrap_or_else(|| view.labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect()),
         d: Row::new(&view, now),
         windows: WINDOWS,
         window,
@@ -874,7 +901,9 @@ async fn device_view(
         in_sync: desired.in_sync,
         reported_error: desired.reported_error,
         desired_text,
-        desired_error,
+        form_error: Some(draft.error).filter(|e| !e.is_empty()),
+        command_kind: draft.kind,
+        command_args: draft.args,
         kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
         events,
         commands,
@@ -1020,24 +1049,48 @@ async fn act(
         }
         other => return Err(ConsoleError::Invalid(format!("unknown action {other:?}"))),
     };
-    if let Some(command) = form.command() {
-        service::check_command(&command).map_err(ConsoleError::Invalid)?;
-    }
-    if form.action == "labels" {
-        parse_labels(&form.labels).map_err(ConsoleError::Invalid)?;
-    }
-    if form.action == "desired" {
-        let checked = serde_json::from_str::<serde_json::Value>(&form.doc)
+    // A refused form comes back as it was sent, with why at the top.
+    let refused = match form.action.as_str() {
+        "labels" => parse_labels(&form.labels).err(),
+        "desired" => serde_json::from_str::<serde_json::Value>(&form.doc)
             .map_err(|e| format!("not valid JSON: {e}"))
-            .and_then(|doc| service::check_desired(&doc));
-        if let Err(error) = checked {
-            let q = WindowQuery { window: None, done: None, n: None };
-            let page = device_view(&user, &fleet, &id, &q, Some((form.doc.clone(), error))).await?;
-            let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
-            return Ok(HttpResponse::UnprocessableEntity().content_type("text/html; charset=utf-8").body(body));
-        }
+            .and_then(|doc| service::check_desired(&doc))
+            .err()
+            .map(|e| format!("desired state: {e}")),
+        _ => form.command().and_then(|c| service::check_command(&c).err()),
+    };
+    if let Some(error) = refused {
+        let draft = Draft {
+            error,
+            labels: (form.action == "labels").then(|| form.labels.clone()),
+            doc: (form.action == "desired").then(|| form.doc.clone()),
+            kind: if form.action == "command" { form.kind.clone() } else { String::new() },
+            args: if form.action == "command" { form.args.clone() } else { String::new() },
+        };
+        let q = WindowQuery { window: None, done: None, n: None };
+        let page = device_view(&user, &fleet, &id, &q, Some(draft)).await?;
+        let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+        return Ok(HttpResponse::UnprocessableEntity().content_type("text/html; charset=utf-8").body(body));
     }
     if form.confirm != "yes" {
+        // A preview changes nothing; the audit log says what it would do.
+        let would = match form.action.as_str() {
+            "labels" => {
+                let before = fleet.device(&id).await?.map(|v| v.labels).unwrap_or_default();
+                service::describe::labels(&before, &parse_labels(&form.labels).map_err(ConsoleError::Invalid)?)
+            }
+            "desired" => {
+                let current = fleet.store().desired(&id).await?;
+                let old = current.and_then(|c| serde_json::from_str(&c.doc).ok()).unwrap_or_default();
+                let new = serde_json::from_str(&form.doc).unwrap_or_default();
+                service::describe::desired(form.version, &old, form.version + 1, &new)
+            }
+            _ => match form.command() {
+                Some(c) => service::describe::command(&c.kind, &c.args, None),
+                None => form.action.clone(),
+            },
+        };
+        note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("preview: {would}") });
         return html(&ConfirmPage {
             nav: Some((&user).into()),
             notice: None,
@@ -1052,8 +1105,10 @@ async fn act(
         });
     }
     let by = user.name().to_owned();
+    let done_note = |detail| note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail });
     let done = if let Some(command) = form.command() {
         let view = service::send_command(&fleet, &by, &id, command).await?;
+        done_note(service::describe::command(&view.kind, &view.args, Some(view.id)));
         format!("done=command&n={}", view.id)
     } else if form.action == "revoke" {
         let at = service::revoke(&fleet, &id).await?;
@@ -1081,11 +1136,12 @@ async fn act(
     } else if form.action == "desired" {
         let doc: serde_json::Value =
             serde_json::from_str(&form.doc).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
-        let set = service::set_desired(&fleet, &by, &id, form.version, &doc).await?;
+        let (set, change) = service::set_desired(&fleet, &by, &id, form.version, &doc).await?;
+        done_note(change);
         format!("done=desired&n={}", set.version)
     } else {
         let labels = parse_labels(&form.labels).map_err(ConsoleError::Invalid)?;
-        service::set_labels(&fleet, &by, &id, &labels).await?;
+        done_note(service::set_labels(&fleet, &by, &id, &labels).await?);
         "done=labels".to_owned()
     };
     Ok(see_other(&format!("{back}?{done}")))
@@ -1107,6 +1163,33 @@ struct BulkPage {
     error: Option<String>,
     csrf: String,
     kinds: Vec<&'static str>,
+    /// The forms as they were sent, when refused.
+    kind: String,
+    args: String,
+    patch: String,
+}
+
+impl BulkPage {
+    /// The page for `selector`, with `draft`'s forms and error.
+    async fn new(user: &User, fleet: &Fleet, selector: &str, draft: Draft) -> Result<BulkPage, ConsoleError> {
+        let (matched, error) = match service::bulk_targets(fleet, selector).await {
+            Ok((_, ids)) => (ids.len(), None),
+            Err(service::ServiceError::Invalid(e)) => (0, Some(e)),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(BulkPage {
+            nav: Some(user.into()),
+            notice: None,
+            selector: selector.to_owned(),
+            matched,
+            error: Some(draft.error).filter(|e| !e.is_empty()).or(error),
+            csrf: user.csrf.clone(),
+            kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
+            kind: draft.kind,
+            args: draft.args,
+            patch: draft.doc.unwrap_or_default(),
+        })
+    }
 }
 
 /// `GET /console/bulk?selector=...`: how many devices match, and the forms.
@@ -1118,23 +1201,11 @@ async fn bulk_page(
     if !user.operator() {
         return Err(ConsoleError::Forbidden("acting on devices needs the operator role".into()));
     }
-    let (matched, error) = match service::bulk_targets(&fleet, &query.selector).await {
-        Ok((_, ids)) => (ids.len(), None),
-        Err(service::ServiceError::Invalid(e)) => (0, Some(e)),
-        Err(e) => return Err(e.into()),
-    };
-    html(&BulkPage {
-        nav: Some((&user).into()),
-        notice: None,
-        selector: query.selector.clone(),
-        matched,
-        error,
-        csrf: user.csrf.clone(),
-        kinds: CommandKind::ALL.iter().map(|k| k.as_str()).collect(),
-    })
+    html(&BulkPage::new(&user, &fleet, &query.selector, Draft::default()).await?)
 }
 
-/// `POST /console/bulk`: confirm with the match count, then act on each.
+/// `POST /console/bulk`: confirm with the match count, then act on each. A
+/// refused form comes back as it was sent, with why at the top.
 async fn bulk_act(
     user: User,
     fleet: web::Data<Fleet>,
@@ -1143,8 +1214,26 @@ async fn bulk_act(
 ) -> Result<HttpResponse, ConsoleError> {
     let form = form.into_inner();
     user.may_act(Role::Operator, &form.csrf)?;
+    match bulk_try(&user, &fleet, &req, &form).await {
+        Err(ConsoleError::Invalid(error)) => {
+            let draft = Draft {
+                error,
+                labels: None,
+                doc: (form.action == "desired").then(|| form.patch.clone()),
+                kind: form.kind.clone(),
+                args: form.args.clone(),
+            };
+            let page = BulkPage::new(&user, &fleet, &form.selector, draft).await?;
+            let body = page.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+            Ok(HttpResponse::UnprocessableEntity().content_type("text/html; charset=utf-8").body(body))
+        }
+        other => other,
+    }
+}
+
+async fn bulk_try(user: &User, fleet: &Fleet, req: &HttpRequest, form: &ActForm) -> Result<HttpResponse, ConsoleError> {
     note(
-        &req,
+        req,
         AuditNote {
             target: Some(format!("selector {}", form.selector)),
             matched: None,
@@ -1161,17 +1250,23 @@ async fn bulk_act(
         ),
         other => return Err(ConsoleError::Invalid(format!("unknown bulk action {other:?}"))),
     };
-    let plan = service::plan_bulk(&fleet, &form.selector, &action).await?;
+    let plan = service::plan_bulk(fleet, &form.selector, &action).await?;
     let (selector, ids) = (&plan.selector, &plan.ids);
     note(
-        &req,
+        req,
         AuditNote {
             target: Some(format!("selector {}", selector.text())),
             matched: Some(ids.len() as u64),
-            detail: format!("console: {}{}", form.action, if form.confirm == "yes" { "" } else { " (previewed)" }),
+            detail: {
+                let what = match &action {
+                    service::BulkAction::Command(c) => service::describe::command(&c.kind, &c.args, None),
+                    service::BulkAction::Desired(patch) => format!("desired state patch {patch}"),
+                };
+                if form.confirm == "yes" { what } else { format!("preview: {what}") }
+            },
         },
     );
-    plan.check(&fleet, &action).await?;
+    plan.check(fleet, &action).await?;
     let (summary, detail) = match &action {
         service::BulkAction::Command(_) => {
             (format!("Send a {} command to each of {} devices?", form.kind, ids.len()), form.args.clone())
@@ -1184,7 +1279,7 @@ async fn bulk_act(
     if form.confirm != "yes" {
         let views = fleet.views(Some(ids)).await?;
         return html(&ConfirmPage {
-            nav: Some((&user).into()),
+            nav: Some(user.into()),
             notice: None,
             summary,
             detail,
@@ -1196,7 +1291,7 @@ async fn bulk_act(
             cancel,
         });
     }
-    let done = plan.apply(&fleet, user.name(), &action).await?;
+    let done = plan.apply(fleet, user.name(), &action).await?;
     let ids = done.commands.iter().map(|c| c.id);
     match (ids.clone().min(), ids.max()) {
         // Where each command stands, live until all are done.
@@ -1242,11 +1337,16 @@ async fn audit_page(
         return Err(ConsoleError::Forbidden("the audit log needs the operator role".into()));
     }
     let form = form.into_inner();
+    // A device may be looked for by its name as well as its id.
+    let target = match form.target.trim() {
+        t if t.is_empty() || t.contains(' ') => t.to_owned(),
+        t => service::device(&fleet, t).await.map_or_else(|_| t.to_owned(), |id| id.to_string()),
+    };
     let params = crate::web::http::AuditParams {
         before: form.before,
         limit: Some(100),
         who: Some(form.who.clone()),
-        target: Some(form.target.clone()),
+        target: Some(target),
         action: Some(form.action.clone()),
         outcome: Some(form.outcome.clone()).filter(|o| !o.is_empty()),
         since: None,
@@ -1261,7 +1361,7 @@ async fn audit_page(
         nav: Some((&user).into()),
         notice: None,
         q: form,
-        entries: entries.into_iter().map(|e| AuditLine::new(e, now)).collect(),
+        entries: audit_lines(&fleet, entries, now).await?,
         next,
     })
 }
