@@ -65,8 +65,10 @@ function chart(el, title, data, series, late, width, scale) {
     scales: scale ? { y: scale } : {},
     // Points as well as lines: a bucket between two empty ones (a device
     // that just started, or a gap) still shows.
-    series: [{}].concat(series.map((s) => Object.assign({ points: { show: true, size: 3 } }, s))),
-    axes: [{}, { size: 70, values: series[0].fmt ? (u, vals) => vals.map(series[0].fmt) : undefined }],
+    series: [{ label: "Time (UTC)" }].concat(series.map((s) => Object.assign({ points: { show: true, size: 3 } }, s))),
+    // The console shows every time in UTC, and says so.
+    tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
+    axes: [{ label: "UTC", labelSize: 18 }, { size: 70, values: series[0].fmt ? (u, vals) => vals.map(series[0].fmt) : undefined }],
   };
   new uPlot(opts, [data.t].concat(series.map((s) => data[s.key])), box);
 }

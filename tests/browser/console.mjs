@@ -138,7 +138,7 @@ try {
     }
     if (!/^Offline since .+ ago: timed out/.test(why)) throw new Error(`the page says ${JSON.stringify(why)}`);
     const at = await admin.page.getAttribute("#device-offline span[title]", "title");
-    if (!/^\d{4}-\d\d-\d\dT/.test(at ?? "")) throw new Error(`no time on hover: ${at}`);
+    if (!/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/.test(at ?? "")) throw new Error(`no time on hover: ${at}`);
     await admin.page.goto(`${hub}/console/devices`);
     const cells = await admin.page.locator(`#row-${env("STOP_ID")} td.num`).allTextContents();
     if (cells[0].trim() !== "-" || cells[1].trim() !== "-") throw new Error(`stale figures in the list: ${cells}`);
@@ -155,6 +155,12 @@ try {
     if (!(samples > 0)) throw new Error(`the charts read ${samples} samples`);
     const canvases = await admin.page.locator("#charts canvas").count();
     if (canvases < 4) throw new Error(`${canvases} charts drawn, want 4`);
+    // Times are in one zone, and say which: the charts' time axis and the
+    // next run.
+    const zone = await admin.page.locator("#charts .u-legend .u-label").first().textContent();
+    if (zone !== "Time (UTC)") throw new Error(`the time is labelled ${JSON.stringify(zone)}`);
+    const next = await text(admin.page, "#jobs tbody tr td:nth-child(3)");
+    if (!/^in .+ \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)$/.test(next)) throw new Error(`next run reads ${JSON.stringify(next)}`);
     await admin.page.screenshot({ path: `${out}/device.png`, fullPage: true });
   });
   await admin.context.close();

@@ -79,7 +79,7 @@ impl CommandLine {
             device_state: device.map_or("unknown", DeviceView::state),
             args: crate::service::describe::words(&c.args),
             kind: c.kind,
-            created_at: c.created_at.rfc3339(),
+            created_at: crate::human::utc(c.created_at),
             created_ago: ago(Some(c.created_at), now),
             by: c.created_by,
             state,

@@ -5,7 +5,7 @@
 use super::{ConsoleError, User, series};
 use crate::api::SnapshotView;
 use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventView, PeerView};
-use crate::human::{ago, duration};
+use crate::human::{ago, ahead_text, duration, utc, utc_text};
 use crate::service;
 use crate::service::fleet::Fleet;
 use crate::service::listing::{overview, select};
@@ -116,7 +116,7 @@ impl Row {
             state,
             labels: v.labels.clone(),
             version: v.agent_version.clone().unwrap_or_else(|| "-".into()),
-            last_seen: v.last_seen.clone().unwrap_or_default(),
+            last_seen: v.last_seen.as_deref().map(utc_text).unwrap_or_default(),
             // Coarse under a minute, so a live row changes when its data
             // does, not every time it is looked at.
             seen_ago: match v.last_seen_ms.map(Timestamp) {
@@ -140,7 +140,7 @@ impl Row {
             offline: v
                 .offline
                 .as_ref()
-                .map(|o| (ago(Some(Timestamp(o.since_ms)), now), o.since.clone(), o.reason.clone())),
+                .map(|o| (ago(Some(Timestamp(o.since_ms)), now), utc(Timestamp(o.since_ms)), o.reason.clone())),
             desired_error: v.desired_error.clone(),
             failing: v.failing_jobs.iter().max_by_key(|f| f.runs).map(|f| (f.job.clone(), f.runs)),
             alarmed: v.alarmed,
@@ -151,13 +151,15 @@ impl Row {
             certificate: match (&v.certificate_expired, &v.readmitted_until) {
                 _ if v.revoked.is_some() => format!(
                     "Revoked at {}: refused on every path. It comes back only by enrolling anew.",
-                    v.revoked.as_deref().unwrap_or_default()
+                    utc_text(v.revoked.as_deref().unwrap_or_default())
                 ),
-                (_, Some(until)) => {
-                    format!("Re-admitted until {until}: it may connect with its expired certificate to renew it.")
-                }
+                (_, Some(until)) => format!(
+                    "Re-admitted until {}: it may connect with its expired certificate to renew it.",
+                    utc_text(until)
+                ),
                 (Some(at), None) => format!(
-                    "Its certificate expired: the hub refused it at {at}. An admin lets it renew with `outpostctl readmit {}`.",
+                    "Its certificate expired: the hub refused it at {}. An admin lets it renew with `outpostctl readmit {}`.",
+                    utc_text(at),
                     v.id
                 ),
                 (None, None) => String::new(),
@@ -207,7 +209,7 @@ impl AuditLine {
         // A preview answers 200 but changes nothing: it says so.
         let preview = e.detail.starts_with("preview: ");
         AuditLine {
-            at: e.at.rfc3339(),
+            at: utc(e.at),
             ago: ago(Some(e.at), now),
             outcome: if preview && e.outcome() == "ok" { "preview" } else { e.outcome() },
             target_name: names.get(&e.target).cloned().unwrap_or_default(),
@@ -257,7 +259,7 @@ impl AlertLine {
             name: a.name.clone(),
             severity: a.severity.clone(),
             state: crate::service::alerts::state_name(a.state),
-            since: since.rfc3339(),
+            since: utc(since),
             ago: ago(Some(since), now),
             why: a.description.clone(),
             held: match (silenced, a.inhibited) {
@@ -321,7 +323,7 @@ async fn overview_page(
                 (
                     at,
                     Line {
-                        at: a.at.clone(),
+                        at: utc_text(&a.at),
                         ago: ago(Some(at), now),
                         id: v.id.clone(),
                         name: v.name.clone(),
@@ -717,7 +719,7 @@ impl EventRow {
             }
             EventKindView::Other { record } => ("other", record),
         };
-        EventRow { seq: e.seq, at: e.at, ago: ago(at, now), kind, text }
+        EventRow { seq: e.seq, at: utc_text(&e.at), ago: ago(at, now), kind, text }
     }
 }
 
@@ -829,7 +831,7 @@ async fn device_view(
             source: summary.source,
             schedule: summary.schedule,
             enabled: summary.enabled,
-            next_run: summary.next_run.unwrap_or_else(|| "-".into()),
+            next_run: summary.next_run.map_or_else(|| "-".into(), |t| ahead_text(&t, now)),
             runs: runs
                 .into_iter()
                 .map(|r| {
@@ -840,7 +842,7 @@ async fn device_view(
                         attempt: r.attempt,
                         trigger: r.trigger,
                         ago: ago(started, now),
-                        started: r.started,
+                        started: utc_text(&r.started),
                         outcome: r.outcome,
                         ok: r.succeeded,
                         output: r.output,
@@ -853,7 +855,17 @@ async fn device_view(
         .iter()
         .filter_map(|j| j.name.strip_prefix(crate::store::digest::BACKUP_JOB_PREFIX).map(str::to_owned))
         .collect();
-    let snapshots = store.catalog(id).await?.iter().rev().take(20).map(SnapshotView::from).collect();
+    let snapshots = store
+        .catalog(id)
+        .await?
+        .iter()
+        .rev()
+        .take(20)
+        .map(|entry| {
+            let view = SnapshotView::from(entry);
+            SnapshotView { ended: utc_text(&view.ended), ..view }
+        })
+        .collect();
     let peers = store.peers(id).await?.map(|r| r.peers).unwrap_or_default().into_iter().map(PeerView::from).collect();
     let desired = DesiredView::new(store.desired(id).await?, store.reported(id).await?);
     let desired_text = draft.doc.unwrap_or_else(|| serde_json::to_string_pretty(&desired.doc).unwrap_or_default());
@@ -871,7 +883,7 @@ async fn device_view(
         .map(|a| {
             let at = humantime::parse_rfc3339_weak(&a.at).map(Timestamp::from_system).ok();
             Line {
-                at: a.at.clone(),
+                at: utc_text(&a.at),
                 ago: ago(at, now),
                 id: view.id.clone(),
                 name: view.name.clone(),
