@@ -60,6 +60,8 @@ for backend in ${BACKENDS:-sled postgres}; do
     timed "console: devices?selector=env=prod" "$api/console/devices?selector=env%3Dprod" -b "$work/jar"
     timed "console: device page" "$api/console/devices/$one" -b "$work/jar"
     timed "console: device chart data (1h)" "$api/console/devices/$one/series?window=1h" -b "$work/jar"
+    timed "console: commands waiting for their devices" "$api/console/commands" -b "$work/jar"
+    timed "console: audit log (100 entries)" "$api/console/audit" -b "$work/jar"
 
     if [ "$backend" = postgres ]; then
         # The peer: the database's own time for the one read every fleet

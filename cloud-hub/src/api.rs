@@ -79,6 +79,11 @@ pub struct DeviceView {
     /// When an admin revoked it (RFC 3339): refused for good.
     #[serde(default)]
     pub revoked: Option<String>,
+    /// When its certificate stops being valid (RFC 3339), as the hub last
+    /// learnt it (a handshake, enrollment or renewal); the agent renews it
+    /// before.
+    #[serde(default)]
+    pub certificate_expires: Option<String>,
     /// While it is not online: since when and why.
     #[serde(default)]
     pub offline: Option<OfflineView>,
@@ -292,7 +297,7 @@ impl DeviceView {
         transport: Option<&str>,
         now: Timestamp,
     ) -> Self {
-        let crate::store::FleetRow { record, labels, digest, high_water, admission, session } = row;
+        let crate::store::FleetRow { record, labels, digest, high_water, admission, session, cert_expires } = row;
         // Refused after it was last heard from: the refusal is the news.
         let expired = admission.expired_seen.filter(|&at| last_seen.is_none_or(|seen| seen < at));
         let offline = offline_reason(online, last_seen, session.as_ref(), &admission, expired);
@@ -321,6 +326,7 @@ impl DeviceView {
             certificate_expired: expired.map(rfc3339),
             readmitted_until: admission.readmit_until.filter(|&until| now < until).map(rfc3339),
             revoked: admission.revoked_at.map(rfc3339),
+            certificate_expires: cert_expires.map(rfc3339),
             offline: offline.map(|(at, reason)| OfflineView { since: rfc3339(at), since_ms: at.0, reason }),
             desired_error: digest.desired_error,
             failing_jobs: digest

@@ -582,6 +582,7 @@ mod tests {
             certificate_expired: None,
             readmitted_until: None,
             revoked: None,
+            certificate_expires: None,
             offline: None,
             desired_error: None,
             failing_jobs: Vec::new(),

@@ -228,6 +228,21 @@ try {
     const mine = await text(operator.page, "#device-commands #commands tr.command[data-state=done]");
     if (!mine.includes("echo") || !mine.includes("succeeded")) throw new Error(`the device page says ${JSON.stringify(mine)}`);
   });
+  // 5c. The audit log reads as what people did: the device by its name
+  // (found by it), what changed, who; the review before an action marked
+  // as a preview.
+  await step("the audit log names devices and says what changed", async () => {
+    await operator.page.goto(`${hub}/console/audit?target=gw-one`);
+    const rows = await operator.page.locator("#audit tr.entry").allTextContents();
+    const labels = rows.find((r) => r.includes("labels: +group=browser"));
+    if (!labels || !labels.includes("gw-one")) throw new Error(`no labelled entry naming gw-one: ${JSON.stringify(rows)}`);
+    const run = rows.find((r) => r.includes(`run_job ${job}`) && r.includes("operator in a browser (console"));
+    if (!run) throw new Error(`no run by the operator: ${JSON.stringify(rows)}`);
+    if (!rows.some((r) => r.includes("preview: command: run_job") && r.includes("preview (200)"))) {
+      throw new Error(`no marked preview: ${JSON.stringify(rows)}`);
+    }
+    await operator.page.screenshot({ path: `${out}/audit.png`, fullPage: true });
+  });
   await operator.context.close();
 
   // 6. A viewer sees no action; a forged POST is refused.

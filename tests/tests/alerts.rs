@@ -153,6 +153,32 @@ fn an_offline_device_is_told_once_through_failures_and_restarts_resolves_and_can
     check_payload(&accepted[2], "firing", &agent.id);
 }
 
+/// A device whose certificate runs out within the rule's threshold (here
+/// the hub signs 1 h certificates and the rule looks 2 h ahead) fires the
+/// expiring alert, saying when it expires.
+#[test]
+fn a_certificate_close_to_its_end_fires_its_alert() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let hook = Webhook::start(Vec::new()).unwrap();
+    hub.quic_extra = "device_cert_lifetime = \"1h\"\n".into();
+    hub.extra_config = format!(
+        "[alerts]\nevaluate_every = \"200ms\"\ngroup_wait = \"0s\"\n[[alerts.receiver]]\nname = \"pager\"\nurl = {:?}\n\
+         [[alerts.rule]]\nname = \"CertificateExpiring\"\ncondition = \"certificate_expiring\"\nthreshold = \"2h\"\n",
+        hook.url
+    );
+    hub.kill();
+    hub.serve().unwrap();
+    let agent = Agent::enroll(scratch.path(), &hub, "short-lived", &timings).unwrap();
+    let alert = wait_for(Duration::from_secs(20), "the expiring alert", || {
+        hub.client().alerts(10).ok()?.into_iter().find(|a| a.state == "firing" && a.device == agent.id)
+    })
+    .unwrap();
+    assert_eq!(alert.rule, "CertificateExpiring");
+    assert!(alert.description.starts_with("certificate expires in "), "{}", alert.description);
+}
+
 #[test]
 fn a_silence_needs_known_labels_and_a_sane_duration() {
     let scratch = Scratch::new().unwrap();

@@ -18,6 +18,14 @@ fn device_cert(agent: &Agent) -> String {
     std::fs::read_to_string(agent.data_dir.join("identity/device.crt")).unwrap()
 }
 
+/// When a PEM certificate stops being valid, as the API writes it.
+fn not_after(pem: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, until) = outpost_shared::identity::validity_of(&der).unwrap();
+    outpost_shared::time::Timestamp::from_system(until).rfc3339()
+}
+
 /// Device certificates of 30 s (renewed at two thirds: about every 20 s)
 /// while the load generator streams 20,000 records over about 40 s: the
 /// device renews twice within one session (new key each time, proven to
@@ -62,6 +70,12 @@ fn a_device_renews_its_certificate_within_its_session_while_streaming() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    // The hub knows when the certificate the device uses expires.
+    wait_for(Duration::from_secs(30), "the hub to know the certificate's expiry", || {
+        let known = hub.device(&agent.id).ok()?.certificate_expires?;
+        (known == not_after(&device_cert(&agent))).then_some(())
+    })
+    .unwrap();
 }
 
 /// Over MQTT the renewal request and answer travel as signed messages; the
@@ -76,6 +90,10 @@ fn a_device_renews_its_certificate_over_mqtt() {
     let mut agent = Agent::enroll(scratch.path(), &hub, "mqtt-renewer", &timings).unwrap();
     agent.use_transport(Some(&broker)).unwrap();
     let first = device_cert(&agent);
+    // The hub knows when the certificate it signed at enrollment expires,
+    // though over MQTT it never sees it in a handshake.
+    let known = hub.device(&agent.id).unwrap().certificate_expires;
+    assert_eq!(known.as_deref(), Some(not_after(&first).as_str()));
     agent.start().unwrap();
     wait_for(Duration::from_secs(60), "a renewal over MQTT", || {
         agent.log_text().contains("Switched to the renewed certificate.").then_some(())
@@ -92,6 +110,14 @@ fn a_device_renews_its_certificate_over_mqtt() {
     let hub_log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap();
     assert!(hub_log.contains("Device signs with its renewed certificate's key."), "{hub_log}");
     assert!(!hub_log.contains("Rejected MQTT message"), "{hub_log}");
+    // And the renewed one's, from the renewal.
+    let renewed = not_after(&device_cert(&agent));
+    assert_ne!(renewed, not_after(&first));
+    let known = wait_for(Duration::from_secs(10), "the renewed certificate's expiry", || {
+        hub.device(&agent.id).ok()?.certificate_expires.filter(|at| *at >= renewed)
+    })
+    .unwrap();
+    assert!(known >= renewed, "{known} < {renewed}");
 }
 
 /// Months ahead, by libfaketime: hub and agent 250 days after enrollment

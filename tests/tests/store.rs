@@ -526,6 +526,12 @@ fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
         assert!(rows[1].labels.is_empty() && rows[1].digest == Default::default());
         assert_eq!(rows[1].session.as_ref().map(|s| s.transport.as_str()), Some("mqtt"));
         assert_eq!(rows[1].session.as_ref().unwrap().ended, None);
+        // A certificate's expiry, once known, is read with the row.
+        assert_eq!(rows[1].cert_expires, None);
+        store.set_cert_expires(&b, Timestamp(9_000)).await.unwrap();
+        store.set_cert_expires(&b, Timestamp(9_000)).await.unwrap();
+        let again = store.fleet_rows(Some(std::slice::from_ref(&b))).await.unwrap();
+        assert_eq!(again[0].cert_expires, Some(Timestamp(9_000)));
         // Why a session ended is kept for that session only, until the next.
         let epoch = rows[1].session.as_ref().unwrap().epoch;
         store.end_session(&b, "hub-x", epoch + 1, Timestamp(7), "not this one").await.unwrap();

@@ -44,6 +44,9 @@ pub enum Condition {
     Alarm,
     /// The device's certificate expired.
     CertificateExpired,
+    /// The device's certificate expires within this (it was not renewed
+    /// in time: the agent renews at two thirds of its life).
+    CertificateExpiring(Duration),
 }
 
 impl Condition {
@@ -76,9 +79,10 @@ impl Condition {
             "backup_overdue" => Ok(Condition::BackupOverdue),
             "alarm" => Ok(Condition::Alarm),
             "certificate_expired" => Ok(Condition::CertificateExpired),
+            "certificate_expiring" => Ok(Condition::CertificateExpiring(duration(need("a duration, e.g. \"14d\"")?)?)),
             other => Err(format!(
-                "unknown condition {other:?}: offline, behind, job_failing, disk_above, backup_overdue, alarm or \
-                 certificate_expired"
+                "unknown condition {other:?}: offline, behind, job_failing, disk_above, backup_overdue, alarm, \
+                 certificate_expired or certificate_expiring"
             )),
         }
     }
@@ -119,6 +123,15 @@ impl Condition {
             }),
             Condition::CertificateExpired => {
                 v.certificate_expired.as_ref().map(|at| format!("certificate expired at {at}"))
+            }
+            Condition::CertificateExpiring(within) => {
+                let at = v.certificate_expires.as_deref()?;
+                let expires = Timestamp::from_system(humantime::parse_rfc3339_weak(at).ok()?);
+                let left = Duration::from_millis(expires.0.saturating_sub(now.0));
+                (v.revoked.is_none() && left < *within).then(|| match left {
+                    Duration::ZERO => format!("certificate expired at {at}"),
+                    left => format!("certificate expires in {} (at {at})", human(left)),
+                })
             }
         }
     }
@@ -904,6 +917,22 @@ mod tests {
         v.failing_jobs.clear();
         v.failed_runs_24h = 50;
         assert_eq!(Condition::JobFailing(1).holds(&v, now), None, "failures followed by a success are over");
+        // 1_000_000 ms is 1970-01-01T00:16:40Z.
+        let expiring = Condition::CertificateExpiring(Duration::from_secs(3600));
+        assert_eq!(expiring.holds(&v, now), None, "no expiry known");
+        v.certificate_expires = Some("1970-01-01T00:46:40Z".into());
+        assert_eq!(expiring.holds(&v, now).unwrap(), "certificate expires in 30m (at 1970-01-01T00:46:40Z)");
+        v.certificate_expires = Some("1970-01-01T02:00:00Z".into());
+        assert_eq!(expiring.holds(&v, now), None, "more than an hour left");
+        v.certificate_expires = Some("1970-01-01T00:00:01Z".into());
+        assert!(expiring.holds(&v, now).unwrap().contains("expired"));
+        v.revoked = Some("1970-01-01T00:00:00Z".into());
+        assert_eq!(expiring.holds(&v, now), None, "a revoked device's certificate does not matter");
+        assert!(Condition::parse("certificate_expiring", None).unwrap_err().contains("needs a threshold"));
+        assert_eq!(
+            Condition::parse("certificate_expiring", Some("14d")).unwrap(),
+            Condition::CertificateExpiring(Duration::from_secs(14 * 86400))
+        );
     }
 
     #[test]

@@ -138,7 +138,15 @@ pub async fn redeem(ca: &FleetCa, key: &[u8], store: &Store, request: &EnrollReq
     let public_key = public_key_of(&cert)
         .ok_or_else(|| refuse(RefusalReason::BadCsr, "the signed certificate has no public key"))?;
     match store.enroll(&claims.id, claims.uses, &record, &public_key).await {
-        Ok(()) => Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca_der.to_vec() }),
+        Ok(()) => {
+            if let Some((_, not_after)) = outpost_shared::identity::validity_of(&cert)
+                && let Err(e) = store.set_cert_expires(&id, Timestamp::from_system(not_after)).await
+            {
+                // Learnt again at the device's first session.
+                tracing::debug!(error = %e, "Certificate expiry not stored.");
+            }
+            Ok(Enrolled { device_id: id, cert_der: cert.to_vec(), ca_der: ca_der.to_vec() })
+        }
         Err(StoreError::UsedUp { used, allowed }) => {
             Err(refuse(RefusalReason::UsedUpToken, format!("enrollment token is used up ({used} of {allowed} uses)")))
         }

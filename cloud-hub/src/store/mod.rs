@@ -425,6 +425,8 @@ pub struct FleetRow {
     pub session: Option<SessionRecord>,
     /// Its certificate's expiry as the hub met it, and a re-admission.
     pub admission: Admission,
+    /// When the certificate it uses (or was last given) stops being valid.
+    pub cert_expires: Option<Timestamp>,
 }
 
 /// What the hub knows of a device's certificate beyond its validity: when
@@ -951,6 +953,13 @@ impl Store {
     /// True while `(hub, epoch)` is the device's newest session.
     pub async fn holds_session(&self, device: &DeviceId, hub: &str, epoch: u64) -> Result<bool, StoreError> {
         each!(self, "holds_session", b => b.holds_session(device, hub, epoch).await)
+    }
+
+    /// Records when `device`'s certificate stops being valid (met in a
+    /// handshake, or signed at enrollment or renewal); nothing is written
+    /// when the store already has it.
+    pub async fn set_cert_expires(&self, device: &DeviceId, not_after: Timestamp) -> Result<(), StoreError> {
+        each!(self, "set_cert_expires", b => b.set_cert_expires(device, not_after).await)
     }
 
     /// Session `(hub, epoch)` of `device` ended at `at` for `reason`

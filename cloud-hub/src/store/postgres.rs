@@ -129,6 +129,8 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE TABLE hub_state (name text PRIMARY KEY, value bytea NOT NULL);",
     // 7: when and why a device's session ended (ms, text), until its next one.
     "ALTER TABLE sessions ADD COLUMN ended_at bigint, ADD COLUMN end_reason text;",
+    // 8: when a device's certificate stops being valid (ms).
+    "ALTER TABLE devices ADD COLUMN cert_expires bigint;",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -1077,7 +1079,7 @@ impl PgStore {
         let columns = Self::DEVICE_COLUMNS.split(", ").map(|c| format!("d.{c}")).collect::<Vec<_>>().join(", ");
         let base = format!(
             "SELECT {columns}, d.labels, d.digest, d.high_water, s.hub, s.epoch, s.transport, s.seen,
-                    s.ended_at, s.end_reason, d.expired_seen, d.readmit_until, d.revoked_at
+                    s.ended_at, s.end_reason, d.expired_seen, d.readmit_until, d.revoked_at, d.cert_expires
              FROM devices d LEFT JOIN sessions s ON s.device = d.id"
         );
         let rows = match only {
@@ -1105,6 +1107,7 @@ impl PgStore {
                         readmit_until: row.get::<_, Option<i64>>(18).map(|v| Timestamp(unbig(v))),
                         revoked_at: row.get::<_, Option<i64>>(19).map(|v| Timestamp(unbig(v))),
                     },
+                    cert_expires: row.get::<_, Option<i64>>(20).map(|v| Timestamp(unbig(v))),
                 })
             })
             .collect()
@@ -1269,6 +1272,15 @@ impl PgStore {
             .await
             .map_err(pg)?;
         Ok(row.is_some())
+    }
+
+    pub(super) async fn set_cert_expires(&self, device: &DeviceId, not_after: Timestamp) -> Result<(), StoreError> {
+        self.write(
+            "UPDATE devices SET cert_expires = $2 WHERE id = $1 AND cert_expires IS DISTINCT FROM $2",
+            &[&device.as_str(), &Some(big(not_after.0))],
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn end_session(

@@ -108,6 +108,7 @@ struct Trees {
     restore_grants: sled::Tree,
     labels: sled::Tree,
     admissions: sled::Tree,
+    cert_expires: sled::Tree,
     digests: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
@@ -595,8 +596,10 @@ impl SledStore {
                         let labels = t.labels.get(key).db()?.map(|v| decode("labels", &v)).transpose()?;
                         let digest = t.digests.get(key).db()?.map(|v| DeviceDigest::decode(&v)).transpose()?;
                         let admission = t.admissions.get(key).db()?.map(|v| decode("admissions", &v)).transpose()?;
+                        let cert_expires = t.cert_expires.get(key).db()?.map(|v| Timestamp(be_u64(&v)));
                         Ok(FleetRow {
                             admission: admission.unwrap_or_default(),
+                            cert_expires,
                             high_water: t.high_water(&record.id)?,
                             labels: labels.unwrap_or_default(),
                             digest: digest.unwrap_or_default(),
@@ -718,6 +721,25 @@ impl SledStore {
         };
         sessions.1.insert(device.clone(), record);
         Ok(epoch)
+    }
+
+    pub(super) async fn set_cert_expires(&self, device: &DeviceId, not_after: Timestamp) -> Result<(), StoreError> {
+        let key = device.as_str().to_owned();
+        if self
+            .read({
+                let key = key.clone();
+                move |t| Ok(t.cert_expires.get(&key).db()?.map(|v| be_u64(&v)))
+            })
+            .await?
+            == Some(not_after.0)
+        {
+            return Ok(());
+        }
+        self.write(move |t| {
+            t.cert_expires.insert(key.as_str(), &not_after.0.to_be_bytes()[..]).db()?;
+            Ok(())
+        })
+        .await
     }
 
     pub(super) async fn end_session(
@@ -916,6 +938,7 @@ impl Trees {
             restore_grants: db.open_tree("restore_grants").db()?,
             labels: db.open_tree("labels").db()?,
             admissions: db.open_tree("admissions").db()?,
+            cert_expires: db.open_tree("cert_expires").db()?,
             digests: db.open_tree("digests").db()?,
             audit: db.open_tree("audit").db()?,
             meta: db.open_tree("meta").db()?,

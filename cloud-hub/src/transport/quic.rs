@@ -154,7 +154,9 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
             }
             (Some(id), Some(key)) => {
                 let span = info_span!("session", device = %id);
-                let serve = session(connection.clone(), id.clone(), key, &ctx);
+                let expires = outpost_shared::identity::validity_of(&cert)
+                    .map(|(_, not_after)| outpost_shared::time::Timestamp::from_system(not_after));
+                let serve = session(connection.clone(), id.clone(), key, expires, &ctx);
                 until_revoked(serve, &connection, &id, &ctx).instrument(span).await
             }
             _ => {
@@ -224,8 +226,14 @@ async fn enrollment(connection: quinn::Connection, ctx: &QuicContext) {
 
 /// An authenticated session: hello, then batches, heartbeats and
 /// deliveries until the connection ends.
-async fn session(connection: quinn::Connection, id: DeviceId, key: Vec<u8>, ctx: &QuicContext) {
-    let end = run_session(&connection, &id, &key, ctx).await;
+async fn session(
+    connection: quinn::Connection,
+    id: DeviceId,
+    key: Vec<u8>,
+    expires: Option<outpost_shared::time::Timestamp>,
+    ctx: &QuicContext,
+) {
+    let end = run_session(&connection, &id, &key, expires, ctx).await;
     let reason = end_reason(&end, connection.close_reason().as_ref());
     ctx.fleet.ended(&id, &Link::Quic(connection.clone()), &reason).await;
     match end {
@@ -289,7 +297,13 @@ impl Transport for QuicTransport {
     }
 }
 
-async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], ctx: &QuicContext) -> SessionEnd {
+async fn run_session(
+    connection: &quinn::Connection,
+    id: &DeviceId,
+    key: &[u8],
+    expires: Option<outpost_shared::time::Timestamp>,
+    ctx: &QuicContext,
+) -> SessionEnd {
     let (send, recv) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(e) => return SessionEnd::Closed(e.to_string()),
@@ -320,6 +334,12 @@ async fn run_session(connection: &quinn::Connection, id: &DeviceId, key: &[u8], 
     if let Err(e) = ctx.fleet.store().put_device_key(id, key).await {
         session::log_store_error(&e, "Device key could not be stored.");
         return SessionEnd::Closed("store error".into());
+    }
+    // The certificate of this connection: when it stops being valid.
+    if let Some(expires) = expires
+        && let Err(e) = ctx.fleet.store().set_cert_expires(id, expires).await
+    {
+        session::log_store_error(&e, "Certificate expiry not stored.");
     }
     // Look for work to deliver at session start and when the API pokes the
     // session, not on every incoming message.

@@ -532,6 +532,11 @@ impl DeviceSession {
         })?;
         self.keys.next = Some(key.clone());
         self.renewed = Some(tokio::time::Instant::now());
+        // The device uses the new certificate from its next session (over
+        // MQTT the hub never sees it: this is how it learns its expiry).
+        if let Err(e) = store.set_cert_expires(&self.id, Timestamp::from_system(not_after)).await {
+            log_store_error(&e, "Certificate expiry not stored.");
+        }
         // A re-admission is for one renewal.
         if let Err(e) = self.fleet.admissions().renewed(store, &self.id).await {
             log_store_error(&e, "Re-admission could not be cleared.");

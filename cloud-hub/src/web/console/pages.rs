@@ -84,6 +84,8 @@ pub struct Row {
     transport: String,
     /// Why the device cannot connect, or its re-admission (empty: neither).
     certificate: String,
+    /// Until when its certificate is valid ("-" unknown).
+    cert_until: String,
     /// While offline: since when (ago, and the time for the title) and why.
     offline: Option<(String, String, String)>,
     /// The last figures known, for the title of a figure not shown because
@@ -148,6 +150,7 @@ impl Row {
             overdue: !v.overdue_backups.is_empty(),
             address: v.address.clone().unwrap_or_else(|| "-".into()),
             transport: v.transport.clone().unwrap_or_default(),
+            cert_until: v.certificate_expires.as_deref().map_or_else(|| "-".into(), utc_text),
             certificate: match (&v.certificate_expired, &v.readmitted_until) {
                 _ if v.revoked.is_some() => format!(
                     "Revoked at {}: refused on every path. It comes back only by enrolling anew.",
