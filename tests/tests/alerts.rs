@@ -171,12 +171,50 @@ fn a_certificate_close_to_its_end_fires_its_alert() {
     hub.kill();
     hub.serve().unwrap();
     let agent = Agent::enroll(scratch.path(), &hub, "short-lived", &timings).unwrap();
-    let alert = wait_for(Duration::from_secs(20), "the expiring alert", || {
-        hub.client().alerts(10).ok()?.into_iter().find(|a| a.state == "firing" && a.device == agent.id)
+    let others: Vec<Agent> =
+        (0..2).map(|i| Agent::enroll(scratch.path(), &hub, &format!("other-{i}"), &timings).unwrap()).collect();
+    let alert = wait_for(Duration::from_secs(20), "the expiring alerts", || {
+        let alerts = hub.client().alerts(10).ok()?;
+        (alerts.iter().filter(|a| a.state == "firing").count() == 3)
+            .then(|| alerts.into_iter().find(|a| a.device == agent.id))
+            .flatten()
     })
     .unwrap();
     assert_eq!(alert.rule, "CertificateExpiring");
     assert!(alert.description.starts_with("certificate expires in "), "{}", alert.description);
+
+    // The list pages: two, then the third, named by the Link header.
+    let get = |path: &str| {
+        let mut answer = ureq::get(format!("{}{path}", hub.api))
+            .header("Authorization", &format!("Bearer {}", hub.admin_token))
+            .call()
+            .unwrap();
+        let link = answer.headers().get("link").map(|v| v.to_str().unwrap().to_owned());
+        let total = answer.headers().get("x-total-count").unwrap().to_str().unwrap().to_owned();
+        let body: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        (body, link, total)
+    };
+    let (first, link, total) = get("/api/v1/alerts?limit=2&state=firing");
+    assert_eq!((first.as_array().unwrap().len(), total.as_str()), (2, "3"));
+    let next = link.unwrap();
+    let next = next.trim_start_matches('<').split(">;").next().unwrap().to_owned();
+    let (second, link, _) = get(&next);
+    assert_eq!((second.as_array().unwrap().len(), link), (1, None));
+    let mut devices: Vec<&str> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second.as_array().unwrap())
+        .map(|a| a["device"].as_str().unwrap())
+        .collect();
+    devices.sort_unstable();
+    let mut want = vec![agent.id.as_str(), others[0].id.as_str(), others[1].id.as_str()];
+    want.sort_unstable();
+    assert_eq!(devices, want, "each alert once");
+    let (one, _, total) = get("/api/v1/alerts?device=other-1");
+    assert_eq!((one[0]["device"].as_str(), total.as_str()), (Some(others[1].id.as_str()), "1"));
+    let (none, _, _) = get("/api/v1/alerts?state=resolved");
+    assert!(none.as_array().unwrap().is_empty());
 }
 
 #[test]

@@ -899,6 +899,55 @@ mod tests {
     }
 
     #[test]
+    fn alert_pages_neither_skip_nor_repeat_while_alerts_come_and_go() {
+        let alert = |rule: &str, device: &str, state, since| Alert {
+            rule: rule.into(),
+            device: device.into(),
+            name: device.into(),
+            severity: "warning".into(),
+            summary: String::new(),
+            description: String::new(),
+            state,
+            since: Timestamp(since),
+            fired_at: None,
+            resolved_at: None,
+            inhibited: false,
+        };
+        let mut all: Vec<Alert> = (0..25u64)
+            .map(|i| {
+                let state = [State::Firing, State::Pending, State::Resolved][(i % 3) as usize];
+                alert("R", &format!("d{i:02}"), state, 1_000 + i / 2)
+            })
+            .collect();
+        let q = |after: Option<String>, state| AlertQuery { state, device: None, after, limit: 4 };
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let (shown, total, next) = page(all.clone(), &q(after.clone(), None)).unwrap();
+            assert_eq!(total, all.len());
+            seen.extend(shown.iter().map(|a| (order(a).0, a.device.clone())));
+            // Between pages one alert resolves and a new one fires: neither
+            // shifts what is still to come.
+            if seen.len() == 8 {
+                all.push(alert("R", "new", State::Firing, 5_000));
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 25, "{seen:?}");
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 25, "no repeats");
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "firing, then pending, then resolved: {seen:?}");
+        let (firing, total, _) = page(all.clone(), &q(None, Some(State::Firing))).unwrap();
+        assert_eq!((firing.len(), total), (4, 10));
+        assert_eq!(firing[0].device, "new", "newest first");
+        assert!(page(all, &q(Some("nope".into()), None)).is_err());
+    }
+
+    #[test]
     fn conditions_say_why_in_words() {
         let now = Timestamp(1_000_000);
         let mut v = view("d", false, Some(1_000));
@@ -1285,24 +1334,99 @@ pub const MAX_ALERTS_PER_NOTIFICATION: usize = 1000;
 /// firing first, then newest first, at most `limit`; each with whether a
 /// silence holds it back now.
 pub async fn list(store: &crate::store::Store, limit: usize) -> Result<Vec<(Alert, bool)>, crate::store::StoreError> {
+    let query = AlertQuery { limit, ..AlertQuery::default() };
+    Ok(list_page(store, &query).await?.map_or_else(|_| Vec::new(), |p| p.alerts))
+}
+
+/// Which alerts to list.
+#[derive(Debug, Clone, Default)]
+pub struct AlertQuery {
+    /// Only those in this state.
+    pub state: Option<State>,
+    /// Only this device's.
+    pub device: Option<String>,
+    /// Those after this cursor (a page's `next`).
+    pub after: Option<String>,
+    /// Most in the page.
+    pub limit: usize,
+}
+
+/// One page of alerts, each with whether a silence holds it.
+#[derive(Debug, Clone)]
+pub struct AlertPage {
+    /// The page.
+    pub alerts: Vec<(Alert, bool)>,
+    /// Alerts matching the filters in all.
+    pub total: usize,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+/// The alerts `query` asks for: `Err` names a bad cursor.
+pub async fn list_page(
+    store: &crate::store::Store,
+    query: &AlertQuery,
+) -> Result<Result<AlertPage, String>, crate::store::StoreError> {
     let book: Book = store.hub_state(BOOK).await?.and_then(|r| serde_json::from_slice(&r).ok()).unwrap_or_default();
     let silences = silences(store).await?;
     let now = Timestamp::now();
-    let mut alerts: Vec<Alert> = book.alerts.into_values().collect();
-    let rank = |s: State| match s {
+    Ok(page(book.alerts.into_values().collect(), query).map(|(alerts, total, next)| AlertPage {
+        alerts: alerts
+            .into_iter()
+            .map(|a| {
+                let silenced = silences.iter().any(|s| s.silences(&a, now));
+                (a, silenced)
+            })
+            .collect(),
+        total,
+        next,
+    }))
+}
+
+/// Where an alert stands in the list: firing, then pending, then resolved,
+/// newest first within each, then by fingerprint.
+fn order(a: &Alert) -> (u8, u64, String) {
+    let rank = match a.state {
         State::Firing => 0,
         State::Pending => 1,
         State::Resolved => 2,
     };
-    alerts.sort_by(|a, b| rank(a.state).cmp(&rank(b.state)).then(b.since.cmp(&a.since)));
-    alerts.truncate(limit);
-    Ok(alerts
+    (rank, u64::MAX - a.since.0, a.fingerprint())
+}
+
+/// Orders `alerts` (see [`order`]), keeps those `query` filters for, and
+/// pages them: the page, how many match in all, and the next page's cursor
+/// (the last one's place, so pages neither skip nor repeat while alerts
+/// come and go). Pure.
+pub fn page(alerts: Vec<Alert>, query: &AlertQuery) -> Result<(Vec<Alert>, usize, Option<String>), String> {
+    let after = match &query.after {
+        Some(cursor) => {
+            let bad = || format!("after: {cursor:?} is not a cursor of this list (use a page's next)");
+            let mut parts = cursor.splitn(3, '-');
+            let (Some(rank), Some(since), Some(fp)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(bad());
+            };
+            Some((rank.parse::<u8>().map_err(|_| bad())?, since.parse::<u64>().map_err(|_| bad())?, fp.to_owned()))
+        }
+        None => None,
+    };
+    let mut keyed: Vec<((u8, u64, String), Alert)> = alerts
         .into_iter()
-        .map(|a| {
-            let silenced = silences.iter().any(|s| s.silences(&a, now));
-            (a, silenced)
-        })
-        .collect())
+        .filter(|a| query.state.is_none_or(|s| a.state == s))
+        .filter(|a| query.device.as_ref().is_none_or(|d| a.device == *d))
+        .map(|a| (order(&a), a))
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let total = keyed.len();
+    let start = after.map_or(0, |cursor| keyed.partition_point(|(k, _)| *k <= cursor));
+    let limit = query.limit.max(1);
+    let mut rest = keyed.into_iter().skip(start);
+    let shown: Vec<((u8, u64, String), Alert)> = rest.by_ref().take(limit).collect();
+    let next = match (shown.last(), rest.next()) {
+        (Some(((rank, since, fp), _)), Some(_)) => Some(format!("{rank}-{since}-{fp}")),
+        _ => None,
+    };
+    Ok((shown.into_iter().map(|(_, a)| a).collect(), total, next))
 }
 
 /// Longest silence.

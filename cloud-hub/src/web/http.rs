@@ -488,25 +488,60 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
 pub struct AlertsQuery {
     /// At most this many (default 100, at most 1000).
     pub limit: Option<usize>,
+    /// Only `firing`, `pending` or `resolved` alerts.
+    pub state: Option<String>,
+    /// Only this device's (id or name).
+    pub device: Option<String>,
+    /// The cursor from the previous page's `Link: <...>; rel="next"`.
+    pub after: Option<String>,
 }
 
 /// `GET /api/v1/alerts`: firing, then pending, then recently resolved
-/// alerts, newest first within each.
-#[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts", params(AlertsQuery), responses((status = 200, body = [crate::api::AlertView]), (status = 422, body = ApiError)), security(("bearer" = [])))]
+/// alerts, newest first within each; a page, with the next one in the
+/// `Link` header and the count in all in `X-Total-Count`.
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts", params(AlertsQuery), responses((status = 200, description = "a page of alerts; the next page is in the Link header", body = [crate::api::AlertView]), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn list_alerts(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     query: web::Query<AlertsQuery>,
 ) -> Result<HttpResponse, HttpError> {
+    use crate::service::alerts::{AlertQuery, State};
     caller.require(Role::Viewer)?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(HttpError::Unprocessable("limit: 1 to 1000".into()));
     }
-    let alerts = crate::service::alerts::list(fleet.store(), limit).await?;
+    let state = match query.state.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some("firing") => Some(State::Firing),
+        Some("pending") => Some(State::Pending),
+        Some("resolved") => Some(State::Resolved),
+        Some(other) => return Err(HttpError::Unprocessable(format!("state {other:?}: firing, pending or resolved"))),
+    };
+    let device = match query.device.as_deref().filter(|d| !d.is_empty()) {
+        Some(d) => Some(known_device(&fleet, d).await?.to_string()),
+        None => None,
+    };
+    let after = query.after.clone().filter(|a| !a.is_empty());
+    let q = AlertQuery { state, device, after, limit };
+    let page = crate::service::alerts::list_page(fleet.store(), &q).await?.map_err(HttpError::Unprocessable)?;
     let views: Vec<crate::api::AlertView> =
-        alerts.iter().map(|(a, s)| crate::service::alerts::alert_view(a, *s)).collect();
-    Ok(HttpResponse::Ok().json(views))
+        page.alerts.iter().map(|(a, s)| crate::service::alerts::alert_view(a, *s)).collect();
+    Ok(paged(&req, page.total, page.next.as_deref()).json(views))
+}
+
+/// An answer of one page: `X-Total-Count` says how many match in all, and
+/// `Link: <...>; rel="next"` names the next page (this request with `after`
+/// set to `next`), if there is one.
+fn paged(req: &HttpRequest, total: usize, next: Option<&str>) -> actix_web::HttpResponseBuilder {
+    let mut response = HttpResponse::Ok();
+    response.insert_header(("X-Total-Count", total.to_string()));
+    if let Some(next) = next {
+        let url = url_with(req.path(), req.query_string(), "after", next);
+        response.insert_header(("Link", format!("<{url}>; rel=\"next\"")));
+    }
+    response
 }
 
 /// `GET /api/v1/silences`: silences in force and those ended in the last day.
@@ -607,14 +642,7 @@ async fn list_devices(
     caller.require(Role::Viewer)?;
     let parsed = query.parse().map_err(HttpError::Unprocessable)?;
     let page = select(fleet.views(None).await?, &parsed).map_err(HttpError::Unprocessable)?;
-    let mut response = HttpResponse::Ok();
-    response.insert_header(("X-Total-Count", page.total.to_string()));
-    if let Some(next) = &page.next {
-        let mut url = url_with(req.path(), req.query_string(), "after", next);
-        url = format!("<{url}>; rel=\"next\"");
-        response.insert_header(("Link", url));
-    }
-    Ok(response.json(page.rows))
+    Ok(paged(&req, page.total, page.next.as_deref()).json(page.rows))
 }
 
 /// `path?query` with `key` set to `value` (replacing it if present).
