@@ -7,8 +7,17 @@
 //! panic, so the supervisor hears of every end without polling.
 //!
 //! It also speaks to systemd: `WATCHDOG=1` only while every child is alive
-//! (every `WatchdogSec`/2), and `STATUS=` when it changes: at once when the
-//! caller's signal (the uplink's state) changes, else at most every 30 s.
+//! and none is wedged (every `WatchdogSec`/2), and `STATUS=` when it
+//! changes: at once when the caller's signal (the uplink's state) changes,
+//! else at most every 30 s. Under a watchdog each child's context beats
+//! every `WatchdogSec`/4 (an interval in the actor's own context, which a
+//! wedged actor — blocked in a handler, or held by a future it waits on —
+//! does not run); a child silent for `WatchdogSec`/2 is wedged: the pings
+//! stop, so systemd restarts the agent, and STATUS names the child. Without
+//! a watchdog nothing beats (an idle agent sleeps).
+//!
+//! `OUTPOST_TEST_WEDGE=<child>` wedges that child's context a second after
+//! it starts: a test-only switch, to prove the above.
 
 use crate::backoff::Backoff;
 use actix::prelude::*;
@@ -21,11 +30,41 @@ const STATUS_EVERY: Duration = Duration::from_secs(30);
 /// A child that ran this long is considered healthy again.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
-type Factory = Box<dyn Fn(Addr<SupervisorActor>, usize, u64)>;
+type Factory = Box<dyn Fn(Addr<SupervisorActor>, usize, u64, Option<Beat>)>;
+
+/// A child's sign of life: when its context last ran its beat, and how
+/// often it beats.
+#[derive(Clone)]
+struct Beat {
+    last: std::sync::Arc<std::sync::Mutex<Instant>>,
+    every: Duration,
+}
+
+impl Beat {
+    fn new(every: Duration) -> Self {
+        Beat { last: std::sync::Arc::new(std::sync::Mutex::new(Instant::now())), every }
+    }
+
+    fn now(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// The children silent for longer than `limit`, by name, with how long.
+/// Pure.
+pub fn wedged<'a>(silences: impl Iterator<Item = (&'a str, Duration)>, limit: Duration) -> Vec<(&'a str, Duration)> {
+    silences.filter(|(_, silent)| *silent > limit).collect()
+}
 
 struct ChildSlot {
     name: &'static str,
     start: Factory,
+    /// Its sign of life, under a watchdog.
+    beat: Option<Beat>,
     /// When the running instance started; `None` while waiting to restart.
     running: Option<Instant>,
     /// Counts starts, so the end of an instance already replaced is ignored.
@@ -103,15 +142,24 @@ impl SupervisorActor {
         }
     }
 
+    /// Watches its children as under a systemd watchdog of `every` (what
+    /// `WATCHDOG_USEC` says, when set); before any child is added.
+    pub fn watchdog(mut self, every: Option<Duration>) -> Self {
+        self.watchdog = every;
+        self
+    }
+
     /// Adds a child: `make` builds a fresh actor for each (re)start.
     pub fn child<A, F>(mut self, name: &'static str, make: F) -> Self
     where
         A: Actor<Context = Context<A>>,
         F: Fn() -> A + 'static,
     {
+        let wedge = std::env::var("OUTPOST_TEST_WEDGE").is_ok_and(|w| w == name);
+        let beat = self.watchdog.map(|w| Beat::new(w / 4));
         self.children.push(ChildSlot {
             name,
-            start: Box::new(move |supervisor, index, generation| {
+            start: Box::new(move |supervisor, index, generation, beat| {
                 let actor = make();
                 A::create(move |ctx| {
                     let guard = EndGuard { supervisor, index, generation };
@@ -121,9 +169,21 @@ impl SupervisorActor {
                         let _guard = guard;
                         std::future::pending::<()>().await;
                     }));
+                    if let Some(beat) = beat {
+                        beat.now();
+                        let every = beat.every;
+                        ctx.run_interval(every, move |_, _| beat.now());
+                    }
+                    if wedge {
+                        ctx.run_later(Duration::from_secs(1), |_, ctx| {
+                            tracing::warn!("Wedging this actor (OUTPOST_TEST_WEDGE).");
+                            ctx.wait(actix::fut::wrap_future(std::future::pending::<()>()));
+                        });
+                    }
                     actor
                 });
             }),
+            beat,
             running: None,
             generation: 0,
             backoff: Backoff::new(self.policy.initial, self.policy.max),
@@ -154,7 +214,10 @@ impl SupervisorActor {
         let slot = &mut self.children[index];
         slot.generation += 1;
         slot.running = Some(Instant::now());
-        (slot.start)(ctx.address(), index, slot.generation);
+        if let Some(beat) = &slot.beat {
+            beat.now();
+        }
+        (slot.start)(ctx.address(), index, slot.generation, slot.beat.clone());
         tracing::debug!(actor = slot.name, "Actor started.");
     }
 
@@ -180,10 +243,29 @@ impl SupervisorActor {
         self.children.iter().all(|c| c.running.is_some())
     }
 
+    /// The running children that have not beaten for half the watchdog.
+    fn wedged(&self) -> Vec<(&'static str, Duration)> {
+        let Some(watchdog) = self.watchdog else { return Vec::new() };
+        let silences = self
+            .children
+            .iter()
+            .filter(|c| c.running.is_some())
+            .filter_map(|c| Some((c.name, c.beat.as_ref()?.silent_for())));
+        wedged(silences, watchdog / 2)
+    }
+
     /// The periodic look: the watchdog ping (only while every child is
-    /// alive) and the status line.
+    /// alive and none is wedged) and the status line.
     fn tick(&mut self) {
-        if self.watchdog.is_some() && self.all_alive() {
+        let wedged = self.wedged();
+        for (name, silent) in &wedged {
+            tracing::error!(
+                actor = name,
+                silent_ms = outpost_shared::time::millis(*silent),
+                "Actor wedged; watchdog pings stop."
+            );
+        }
+        if self.watchdog.is_some() && self.all_alive() && wedged.is_empty() {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         }
         self.report_status();
@@ -191,7 +273,10 @@ impl SupervisorActor {
 
     fn report_status(&mut self) {
         if let Some(status) = &self.status {
-            let text = status();
+            let mut text = status();
+            for (name, silent) in self.wedged() {
+                text.push_str(&format!("; WEDGED actor {name}: no sign of life for {} s", silent.as_secs()));
+            }
             if text != self.last_status {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&text)]);
                 self.last_status = text;
@@ -319,6 +404,51 @@ mod tests {
 
         let status = sup.send(ChildStatus).await.unwrap();
         assert_eq!(status, vec![("fragile", true, 2)]);
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct Wedge;
+
+    impl Handler<Wedge> for Fragile {
+        type Result = ();
+        fn handle(&mut self, _: Wedge, ctx: &mut Self::Context) {
+            ctx.wait(actix::fut::wrap_future(std::future::pending::<()>()));
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "Vec<&'static str>")]
+    struct WhoIsWedged;
+
+    impl Handler<WhoIsWedged> for SupervisorActor {
+        type Result = MessageResult<WhoIsWedged>;
+        fn handle(&mut self, _: WhoIsWedged, _: &mut Self::Context) -> Self::Result {
+            MessageResult(self.wedged().into_iter().map(|(name, _)| name).collect())
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_wedged_actor_is_named_and_a_live_one_is_not() {
+        let starts = Arc::new(AtomicU32::new(0));
+        let current: Arc<std::sync::Mutex<Option<Addr<Fragile>>>> = Arc::default();
+        let (s, c) = (starts.clone(), current.clone());
+        let sup = SupervisorActor::new(RestartPolicy::default())
+            .watchdog(Some(Duration::from_millis(400)))
+            .child("fragile", move || Fragile { starts: s.clone(), current: c.clone() })
+            .start();
+        wait_for("the start", || starts.load(Ordering::SeqCst) == 1).await;
+        // Alive and beating: not wedged, however long one waits.
+        actix_rt::time::sleep(Duration::from_millis(500)).await;
+        assert!(sup.send(WhoIsWedged).await.unwrap().is_empty());
+        current.lock().unwrap().as_ref().unwrap().do_send(Wedge);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sup.send(WhoIsWedged).await.unwrap() != ["fragile"] {
+            assert!(Instant::now() < deadline, "the wedged actor was not named");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        let silences = [("a", Duration::from_secs(1)), ("b", Duration::from_secs(3))];
+        assert_eq!(wedged(silences.into_iter(), Duration::from_secs(2)), [("b", Duration::from_secs(3))]);
     }
 
     #[actix_rt::test]

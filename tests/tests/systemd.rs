@@ -56,6 +56,46 @@ fn ready_watchdog_and_status_reach_systemd() {
     assert!(seen.iter().any(|m| m.contains("records waiting")), "{seen:?}");
 }
 
+/// A wedged actor (its context held by a future that never ends: the
+/// test-only switch `OUTPOST_TEST_WEDGE`) stops the watchdog pings, so
+/// systemd would restart the agent, and STATUS says which actor.
+#[test]
+fn a_wedged_actor_stops_the_watchdog_and_status_names_it() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let mut agent = Agent::enroll(scratch.path(), &hub, "wedged", &timings).unwrap();
+    let path = scratch.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    agent.env = vec![
+        ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "2000000".into()),
+        ("OUTPOST_TEST_WEDGE".into(), "scheduler".into()),
+    ];
+    agent.start().unwrap();
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(15), "STATUS naming the wedged actor", || {
+        drain(&socket, &mut seen);
+        seen.iter().any(|m| m.contains("WEDGED actor scheduler")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    let wedged_at = seen.iter().position(|m| m.contains("WEDGED actor scheduler")).unwrap();
+    assert!(seen[..wedged_at].iter().any(|m| m.contains("WATCHDOG=1")), "pings before the wedge: {seen:?}");
+    // From then on no ping, for longer than WatchdogSec (2 s): systemd
+    // would have restarted it. Counted over three seconds of notifications.
+    seen.clear();
+    let quiet = std::time::Instant::now();
+    wait_for(Duration::from_secs(10), "three quiet seconds", || {
+        drain(&socket, &mut seen);
+        (quiet.elapsed() > Duration::from_secs(3)).then_some(())
+    })
+    .unwrap();
+    assert!(!seen.iter().any(|m| m.contains("WATCHDOG=1")), "a ping while wedged: {seen:?}");
+    assert!(agent.log_text().contains("Actor wedged; watchdog pings stop."));
+}
+
 #[test]
 fn the_hub_is_ready_when_it_listens_and_reports_sessions_and_its_store() {
     let scratch = Scratch::new().unwrap();
