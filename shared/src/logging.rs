@@ -7,9 +7,17 @@ static FILTER: std::sync::OnceLock<
     tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
 > = std::sync::OnceLock::new();
 
-/// Sets up `tracing` to standard error with `filter` (overridden by
-/// `RUST_LOG`). Under systemd, journald adds timestamps, so none are printed
-/// when `JOURNAL_STREAM` is set.
+/// Prefix of the structured fields the daemons give journald:
+/// `OUTPOST_DEVICE`, `OUTPOST_JOB`, `OUTPOST_PEER`, `OUTPOST_REQUEST_ID`…
+/// (`journalctl OUTPOST_DEVICE=dev-…`).
+pub const JOURNAL_FIELD_PREFIX: &str = "OUTPOST";
+
+/// Sets up `tracing` with `filter` (overridden by `RUST_LOG`). Under
+/// systemd (`JOURNAL_STREAM` set) events go to journald in its native
+/// protocol, each with its spans' and its own fields as journal fields
+/// (prefixed [`JOURNAL_FIELD_PREFIX`]) and its level as `PRIORITY`; if the
+/// journal's socket cannot be reached they go to standard error without
+/// timestamps (journald adds its own). Otherwise to standard error.
 pub fn init(filter: &str) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt;
@@ -24,7 +32,12 @@ pub fn init(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(!journal && std::io::stderr().is_terminal());
     let registry = tracing_subscriber::registry().with(filter);
-    let installed = if journal { registry.with(fmt.without_time()).try_init() } else { registry.with(fmt).try_init() };
+    let native = journal.then(tracing_journald::layer).and_then(Result::ok);
+    let installed = match native {
+        Some(layer) => registry.with(layer.with_field_prefix(Some(JOURNAL_FIELD_PREFIX.into()))).try_init(),
+        None if journal => registry.with(fmt.without_time()).try_init(),
+        None => registry.with(fmt).try_init(),
+    };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
     }

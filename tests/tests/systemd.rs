@@ -6,8 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use outpost_tests::{Agent, Hub, Scratch, Timings, wait_for};
+use outpost_tests::{Agent, Hub, Proc, Scratch, Timings, bin, wait_for};
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
+use std::process::Command;
 use std::time::Duration;
 
 /// Every notify message received so far, as text.
@@ -54,6 +56,75 @@ fn ready_watchdog_and_status_reach_systemd() {
     })
     .unwrap_or_else(|e| panic!("{e}: got {seen:?}"));
     assert!(seen.iter().any(|m| m.contains("records waiting")), "{seen:?}");
+}
+
+/// One entry of journald's native protocol: `NAME=value\n`, or
+/// `NAME\n` + a 64-bit little-endian length + the value + `\n`.
+fn journal_entry(mut data: &[u8]) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    while let Some(end) = data.iter().position(|&b| b == b'\n' || b == b'=') {
+        let name = String::from_utf8_lossy(&data[..end]).into_owned();
+        if data[end] == b'=' {
+            let rest = &data[end + 1..];
+            let stop = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            fields.insert(name, String::from_utf8_lossy(&rest[..stop]).into_owned());
+            data = rest.get(stop + 1..).unwrap_or_default();
+        } else {
+            let len = u64::from_le_bytes(data[end + 1..end + 9].try_into().unwrap()) as usize;
+            let value = &data[end + 9..end + 9 + len];
+            fields.insert(name, String::from_utf8_lossy(value).into_owned());
+            data = data.get(end + 10 + len..).unwrap_or_default();
+        }
+    }
+    fields
+}
+
+/// Under systemd (`JOURNAL_STREAM` set) the agent logs to journald in its
+/// native protocol, with its spans' fields as journal fields. The journal's
+/// socket is at a fixed path: the agent runs in a private mount namespace
+/// (`unshare`, as root) where a directory of this test is mounted on
+/// /run/systemd/journal, with this test's socket in it.
+#[test]
+fn under_systemd_the_agent_logs_to_journald_with_structured_fields() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let jobs = "[[job]]\nname = \"tick\"\nschedule = \"@every 1s\"\ncommand = [\"true\"]\n";
+    let agent = Agent::enroll_with(scratch.path(), &hub, "journaled", &timings, jobs).unwrap();
+    let dir = scratch.path().join("journal");
+    std::fs::create_dir(&dir).unwrap();
+    let socket = UnixDatagram::bind(dir.join("socket")).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+                  mount --bind \"$0\" /run/systemd/journal && exec \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(&dir)
+        .arg(bin("outpost-agent"))
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .env("JOURNAL_STREAM", "0:0");
+    let log = scratch.path().join("journaled-stderr.log");
+    let mut proc = Proc::spawn(&mut cmd, log.clone()).unwrap();
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let found = wait_for(Duration::from_secs(20), "a job run's entry with its fields", || {
+        while let Ok(n) = socket.recv(&mut buf) {
+            entries.push(journal_entry(&buf[..n]));
+        }
+        entries.iter().find(|e| e.get("OUTPOST_JOB").is_some_and(|j| j == "tick")).cloned()
+    });
+    proc.terminate(Duration::from_secs(5));
+    let job = found
+        .unwrap_or_else(|e| panic!("{e}: {entries:?}\nstderr: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    assert!(job.contains_key("MESSAGE") && job.contains_key("PRIORITY"), "{job:?}");
+    assert_eq!(job.get("SYSLOG_IDENTIFIER").map(String::as_str), Some("outpost-agent"), "{job:?}");
+    let connected = entries.iter().find(|e| e.get("MESSAGE").is_some_and(|m| m == "Connected to the hub.")).unwrap();
+    assert_eq!(connected.get("OUTPOST_DEVICE"), Some(&agent.id), "{connected:?}");
+    assert_eq!(connected.get("PRIORITY").map(String::as_str), Some("5"), "info is notice: {connected:?}");
+    // Nothing went to standard error: the journal has it all.
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!stderr.contains("Connected to the hub."), "{stderr}");
 }
 
 /// A wedged actor (its context held by a future that never ends: the

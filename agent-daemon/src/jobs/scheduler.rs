@@ -332,7 +332,7 @@ impl SchedulerActor {
         let work = run::Run { jobs: self.jobs.clone(), spec: slot.spec.clone(), run_id, trigger, stop, predecessors };
         let jobs = self.jobs.clone();
         // Every line of the run (its output, its end) names the job and run.
-        let span = tracing::info_span!("job", name = %name, run = run_id);
+        let span = tracing::info_span!("job", job = %name, run = run_id);
         self.jobs.0.tasks.spawn(tracing::Instrument::instrument(
             async move {
                 work.execute().await;
