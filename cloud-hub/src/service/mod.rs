@@ -414,6 +414,54 @@ pub async fn redeem_link(fleet: &Fleet, secret: &str) -> Result<(String, ApiToke
     Ok((secret, token))
 }
 
+/// Which commands to list: a range of ids (a bulk action's), or all.
+#[derive(Debug, Clone)]
+pub enum CommandsWanted {
+    /// Those with ids in the range made by `by` (any one when empty),
+    /// oldest first.
+    Bulk { ids: std::ops::RangeInclusive<u64>, by: String },
+    /// The newest, all devices.
+    Recent,
+    /// The newest still waiting for their devices.
+    Waiting,
+}
+
+/// The commands `wanted` names, at most `limit`.
+pub async fn commands(
+    fleet: &Fleet,
+    wanted: &CommandsWanted,
+    limit: usize,
+) -> Result<Vec<crate::store::CommandRecord>, ServiceError> {
+    let store = fleet.store();
+    Ok(match wanted {
+        CommandsWanted::Bulk { ids, by } => {
+            let mut commands = store.commands_in(ids.clone(), false, limit).await?;
+            commands.retain(|c| by.is_empty() || c.created_by == *by);
+            commands.reverse();
+            commands
+        }
+        CommandsWanted::Recent => store.commands_in(0..=u64::MAX, false, limit).await?,
+        CommandsWanted::Waiting => store.commands_in(0..=u64::MAX, true, limit).await?,
+    })
+}
+
+/// A device's desired state as stored, if one was set.
+pub async fn desired_record(fleet: &Fleet, id: &DeviceId) -> Result<Option<crate::store::DesiredRecord>, ServiceError> {
+    Ok(fleet.store().desired(id).await?)
+}
+
+/// A device's newest commands, newest first, at most `limit`.
+pub async fn device_commands(
+    fleet: &Fleet,
+    id: &DeviceId,
+    limit: usize,
+) -> Result<Vec<crate::store::CommandRecord>, ServiceError> {
+    let mut commands = fleet.store().device_commands(id).await?;
+    commands.reverse();
+    commands.truncate(limit);
+    Ok(commands)
+}
+
 /// Checks that a merge patch leaves every device's desired state valid,
 /// before any is changed.
 pub async fn check_bulk_patch(fleet: &Fleet, ids: &[DeviceId], patch: &serde_json::Value) -> Result<(), ServiceError> {

@@ -2,8 +2,7 @@
 //! until all are done; the commands waiting for their devices; and the
 //! lines of a device's command panel.
 
-use super::pages::{Nav, html};
-use super::{ConsoleError, User};
+use super::{ConsoleError, Nav, User, html};
 use crate::api::DeviceView;
 use crate::human::ago;
 use crate::service::fleet::Fleet;
@@ -175,24 +174,16 @@ async fn commands_page(
     fleet: web::Data<Fleet>,
     query: web::Query<CommandsQuery>,
 ) -> Result<HttpResponse, ConsoleError> {
+    use crate::service::CommandsWanted;
     let q = query.into_inner();
-    let (title, bulk, queued, commands) = match (q.from, q.to) {
-        (Some(from), Some(to)) => {
-            let mut commands = fleet.store().commands_in(from..=to, false, SHOWN).await?;
-            commands.retain(|c| q.by.is_empty() || c.created_by == q.by);
-            commands.reverse();
-            ("Bulk action".to_owned(), true, false, commands)
-        }
-        _ if q.state == "all" => {
-            let commands = fleet.store().commands_in(0..=u64::MAX, false, SHOWN).await?;
-            ("Recent commands".to_owned(), false, false, commands)
-        }
-        _ => {
-            let commands = fleet.store().commands_in(0..=u64::MAX, true, SHOWN).await?;
-            ("Commands waiting for their devices".to_owned(), false, true, commands)
-        }
+    let (title, wanted) = match (q.from, q.to) {
+        (Some(from), Some(to)) => ("Bulk action", CommandsWanted::Bulk { ids: from..=to, by: q.by.clone() }),
+        _ if q.state == "all" => ("Recent commands", CommandsWanted::Recent),
+        _ => ("Commands waiting for their devices", CommandsWanted::Waiting),
     };
-    let lines = lines(&fleet, commands).await?;
+    let (bulk, queued) = (matches!(wanted, CommandsWanted::Bulk { .. }), matches!(wanted, CommandsWanted::Waiting));
+    let lines = lines(&fleet, crate::service::commands(&fleet, &wanted, SHOWN).await?).await?;
+    let title = title.to_owned();
     html(&CommandsPage {
         nav: Some((&user).into()),
         notice: None,

@@ -20,6 +20,29 @@ use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, web};
 
+/// What the page header shows of the signed-in user.
+pub struct Nav {
+    name: String,
+    role: &'static str,
+    csrf: String,
+    operator: bool,
+}
+
+impl From<&User> for Nav {
+    fn from(u: &User) -> Self {
+        Nav { name: u.name().to_owned(), role: u.role(), csrf: u.csrf.clone(), operator: u.operator() }
+    }
+}
+
+/// A page's answer: its HTML, never cached.
+fn html(t: &impl askama::Template) -> Result<HttpResponse, ConsoleError> {
+    let body = t.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body))
+}
+
 /// Name of the session cookie.
 pub const COOKIE: &str = "outpost_session";
 

@@ -2,7 +2,7 @@
 //! and the store like the API; each action goes through [`crate::service`]
 //! after a confirmation page, and the audit middleware records it.
 
-use super::{ConsoleError, User, series};
+use super::{ConsoleError, Nav, User, html, series};
 use crate::api::SnapshotView;
 use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventView, PeerView};
 use crate::human::{ago, ahead_text, duration, utc, utc_text};
@@ -19,28 +19,6 @@ use outpost_shared::protocol::CommandKind;
 use outpost_shared::time::Timestamp;
 use serde::Deserialize;
 use std::time::Duration;
-
-/// What the page header shows of the signed-in user.
-pub struct Nav {
-    pub(super) name: String,
-    pub(super) role: &'static str,
-    pub(super) csrf: String,
-    pub(super) operator: bool,
-}
-
-impl From<&User> for Nav {
-    fn from(u: &User) -> Self {
-        Nav { name: u.name().to_owned(), role: u.role(), csrf: u.csrf.clone(), operator: u.operator() }
-    }
-}
-
-pub(super) fn html(t: &impl Template) -> Result<HttpResponse, ConsoleError> {
-    let body = t.render().map_err(|e| ConsoleError::Internal(e.to_string()))?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .body(body))
-}
 
 fn see_other(to: &str) -> HttpResponse {
     HttpResponse::SeeOther().insert_header((header::LOCATION, to.to_owned())).finish()
@@ -872,14 +850,12 @@ async fn device_view(
     let peers = store.peers(id).await?.map(|r| r.peers).unwrap_or_default().into_iter().map(PeerView::from).collect();
     let desired = DesiredView::new(store.desired(id).await?, store.reported(id).await?);
     let desired_text = draft.doc.unwrap_or_else(|| serde_json::to_string_pretty(&desired.doc).unwrap_or_default());
-    let mut commands = store.device_commands(id).await?;
+    let commands = service::device_commands(fleet, id, usize::MAX).await?;
     let what: std::collections::HashMap<u64, String> =
         commands.iter().map(|c| (c.id, service::describe::typed(&c.kind, &c.args))).collect();
     let events =
         store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), &what, now)).collect();
-    commands.reverse();
-    commands.truncate(COMMANDS_SHOWN);
-    let commands = super::commands::lines(fleet, commands).await?;
+    let commands = super::commands::lines(fleet, commands.into_iter().take(COMMANDS_SHOWN).collect()).await?;
     let alarms = view
         .alarms
         .iter()
@@ -1095,7 +1071,7 @@ async fn act(
                 service::describe::labels(&before, &parse_labels(&form.labels).map_err(ConsoleError::Invalid)?)
             }
             "desired" => {
-                let current = fleet.store().desired(&id).await?;
+                let current = service::desired_record(&fleet, &id).await?;
                 let old = current.and_then(|c| serde_json::from_str(&c.doc).ok()).unwrap_or_default();
                 let new = serde_json::from_str(&form.doc).unwrap_or_default();
                 service::describe::desired(form.version, &old, form.version + 1, &new)
