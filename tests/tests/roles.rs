@@ -410,6 +410,11 @@ fn console_sign_in_links_work_once_and_forms_need_the_session_and_the_origin() {
     let (status, html) = post_form(&web, &bulk, &origin, &cookie, &patch);
     assert_eq!(status, 422);
     assert!(html.contains("the patch is not JSON") && html.contains("{not json</textarea>"), "{html}");
+    // A hostile range of a bulk result page: nothing, not an error.
+    let mut page =
+        web.get(&format!("{}/console/commands?from=9&to=1&by=x", hub.api)).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.body_mut().read_to_string().unwrap().contains("No commands."));
     // Any other console path: a page that says so.
     let mut missing = web.get(&format!("{}/console/nope", hub.api)).header("Cookie", &cookie).call().unwrap();
     assert_eq!(missing.status().as_u16(), 404);

@@ -722,10 +722,13 @@ pub fn webhook_body(receiver: &Receiver, due: &Due, external_url: &str, now: Tim
         }
         Format::Slack => {
             let mut text = String::new();
-            // A chat message is read, not parsed: the first 50.
+            // A chat message is read, not parsed: the first 50. What a
+            // device chose (its name, how it closed its connection) is text,
+            // never a mention or a link (`<!channel>`, `<@U123>`, `<url|x>`).
             for a in due.alerts.iter().take(50) {
                 let mark = if a.state == State::Resolved { "RESOLVED" } else { "FIRING" };
-                text.push_str(&format!("[{mark}] {} ({}): {}\n", a.summary, a.severity, a.description));
+                let line = format!("{} ({}): {}", a.summary, a.severity, a.description);
+                text.push_str(&format!("[{mark}] {}\n", slack_text(&line)));
             }
             if due.alerts.len() > 50 {
                 text.push_str(&format!("… and {} more of {}\n", due.alerts.len() - 50, due.rule));
@@ -733,6 +736,13 @@ pub fn webhook_body(receiver: &Receiver, due: &Due, external_url: &str, now: Tim
             serde_json::json!({ "text": text.trim_end() })
         }
     }
+}
+
+/// `text` as plain text in a Slack (or Mattermost) message: `&`, `<` and
+/// `>` escaped as Slack asks, so nothing in it becomes a mention, a channel
+/// ping or a link. Pure.
+pub fn slack_text(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// A payload in the `alertmanager` format for one firing alert, as the
@@ -945,6 +955,19 @@ mod tests {
         assert_eq!((firing.len(), total), (4, 10));
         assert_eq!(firing[0].device, "new", "newest first");
         assert!(page(all, &q(Some("nope".into()), None)).is_err());
+    }
+
+    #[test]
+    fn a_device_cannot_ping_a_chat_channel_through_its_name() {
+        assert_eq!(slack_text("<!channel> & <@U1|x>"), "&lt;!channel&gt; &amp; &lt;@U1|x&gt;");
+        let mut hostile = view("d", false, Some(0));
+        hostile.name = "<!channel>".into();
+        let mut book = Book::default();
+        evaluate(&mut book, &[offline_rule(0)], &[hostile], Timestamp(100_000));
+        let sent = due(&mut book, &[receiver()], &T, Timestamp(110_000), &|_| false);
+        let body = webhook_body(&Receiver { format: Format::Slack, ..receiver() }, &sent[0], "", Timestamp(110_000));
+        let text = body["text"].as_str().unwrap();
+        assert!(text.contains("&lt;!channel&gt; is offline") && !text.contains("<!"), "{text}");
     }
 
     #[test]

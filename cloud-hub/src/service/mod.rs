@@ -434,6 +434,7 @@ pub async fn commands(
 ) -> Result<Vec<crate::store::CommandRecord>, ServiceError> {
     let store = fleet.store();
     Ok(match wanted {
+        CommandsWanted::Bulk { ids, .. } if ids.is_empty() => Vec::new(),
         CommandsWanted::Bulk { ids, by } => {
             let mut commands = store.commands_in(ids.clone(), false, limit).await?;
             commands.retain(|c| by.is_empty() || c.created_by == *by);
