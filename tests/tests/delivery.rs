@@ -197,7 +197,7 @@ fn a_full_outbox_thins_telemetry_keeps_every_result_and_raises_an_alarm() {
 /// Starts the load generator producing results only (`bytes` of output
 /// each, 200 a second, up to `records` in all), fills `disk` from outside
 /// once it runs, and waits until the agent's store reports the full disk.
-fn fill_while_results_come(agent: &mut Agent, disk: &Tmpfs, records: &str, bytes: &str) {
+fn fill_while_results_come(agent: &mut Agent, disk: &Tmpfs, records: &str, bytes: &str, per_sec: &str) {
     let starts = agent.log_text().matches("Load generator resuming.").count();
     agent
         .start_loadgen(&[
@@ -206,7 +206,7 @@ fn fill_while_results_come(agent: &mut Agent, disk: &Tmpfs, records: &str, bytes
             "--batch",
             "10",
             "--appends-per-sec",
-            "20",
+            per_sec,
             "--precious-every",
             "1",
             "--precious-bytes",
@@ -258,10 +258,13 @@ fn a_device_short_of_disk_holds_its_outbox_and_recovers_by_itself_from_a_full_on
     eprintln!("least free space while the outbox grew: {least_free} bytes of 16 MiB");
 
     // Something else fills the disk while the agent runs and results keep
-    // coming (2,000 of 500 bytes, never thinned): the store fails while the
-    // disk is full, and opens itself again once the file system is grown.
+    // coming (16,000 of 1,000 bytes, never thinned: more than the whole
+    // disk, so more than the room sled's files already hold, which took
+    // 2,000 of 500 bytes without a failed write in one CI run): the store
+    // fails while the disk is full, and opens itself again once the file
+    // system is grown.
     agent.proc.take().unwrap().kill();
-    fill_while_results_come(&mut agent, &disk, "62000", "500");
+    fill_while_results_come(&mut agent, &disk, "76000", "1000", "100");
     let pid = agent.proc.as_ref().unwrap().pid();
     disk.resize("64m").unwrap();
     wait_for(Duration::from_secs(60), "the load generator to finish once space is back", || {
@@ -274,13 +277,13 @@ fn a_device_short_of_disk_holds_its_outbox_and_recovers_by_itself_from_a_full_on
 
     hub.serve().unwrap();
     let expected: Vec<u64> =
-        (0..60_000).filter(|i| i % 50 == 49).chain(60_000..62_000).map(|i| 1_000_000 + i).collect();
+        (0..60_000).filter(|i| i % 50 == 49).chain(60_000..76_000).map(|i| 1_000_000 + i).collect();
     assert_eq!(results_at_hub(&hub, &agent.id, expected.len(), Duration::from_secs(120)), expected);
     let samples = synthetic(&hub, &agent.id, 60_000);
     let kept: Vec<u64> = samples.iter().map(|s| s.sample.uptime_secs).collect();
     eprintln!("telemetry kept: {} of 58800", kept.len());
     // How much telemetry survives depends on where the cap stood when the
-    // 2,000 results came: results displace telemetry, all of it if need be
+    // results came: results displace telemetry, all of it if need be
     // (which samples are kept is the store's unit tests' business). What
     // arrives arrives once and in order.
     assert!(kept.windows(2).all(|w| w[0] < w[1]), "telemetry doubled or out of order");
@@ -315,7 +318,7 @@ fn a_command_for_a_device_with_a_full_disk_runs_once_when_space_returns() {
     hub.kill();
     // Results keep coming while the disk is filled from outside: the store
     // fails at its next write that needs new space.
-    fill_while_results_come(&mut agent, &disk, "1000000", "2000");
+    fill_while_results_come(&mut agent, &disk, "1000000", "2000", "20");
     // The store gives back its space reserve, which would let it open and
     // go on in that room; the other program takes that too.
     wait_for(Duration::from_secs(30), "the space reserve to be released", || {
