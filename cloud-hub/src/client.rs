@@ -167,7 +167,25 @@ impl Client {
 
     /// `GET /api/v1/alerts?limit=`
     pub fn alerts(&self, limit: usize) -> Result<Vec<crate::api::AlertView>, ClientError> {
-        self.get(&format!("/api/v1/alerts?limit={limit}"))
+        self.alerts_where(limit, None, None)
+    }
+
+    /// `GET /api/v1/alerts?limit=&state=&device=`: only alerts in `state`
+    /// (`firing`, `pending`, `resolved`) and of `device` (id or name).
+    pub fn alerts_where(
+        &self,
+        limit: usize,
+        state: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Vec<crate::api::AlertView>, ClientError> {
+        let mut path = format!("/api/v1/alerts?limit={limit}");
+        if let Some(state) = state {
+            path.push_str(&format!("&state={}", seg(state)));
+        }
+        if let Some(device) = device {
+            path.push_str(&format!("&device={}", seg(device)));
+        }
+        self.get(&path)
     }
 
     /// `GET /api/v1/silences`

@@ -215,6 +215,13 @@ fn a_certificate_close_to_its_end_fires_its_alert() {
     assert_eq!((one[0]["device"].as_str(), total.as_str()), (Some(others[1].id.as_str()), "1"));
     let (none, _, _) = get("/api/v1/alerts?state=resolved");
     assert!(none.as_array().unwrap().is_empty());
+    // The same filters through outpostctl.
+    let out = outpostctl(&hub, &["alerts", "list", "--state", "firing", "--device", "other-0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("other-0") && !text.contains("short-lived"), "{text}");
+    let out = outpostctl(&hub, &["alerts", "list", "--state", "burning"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("firing, pending or resolved"));
 }
 
 #[test]

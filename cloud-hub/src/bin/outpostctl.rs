@@ -255,6 +255,12 @@ enum AlertsCmd {
         /// Most alerts.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only those in this state: firing, pending or resolved.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this device's (id or name).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Silences in force and those ended in the last day.
     Silences,
@@ -642,27 +648,31 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, ClientError> {
         Command::RunJob { device, job, wait, expires_in } => {
             return Ok(run_job(client, device, job, *wait, expires_in.clone()));
         }
-        Command::Alerts { command } => match command.as_ref().unwrap_or(&AlertsCmd::List { limit: 100 }) {
-            AlertsCmd::List { limit } => show(json, &client.alerts(*limit)?, |a| render_alerts(a)),
-            AlertsCmd::Silences => show(json, &client.silences()?, |s| render_silences(s)),
-            AlertsCmd::Silence { matchers, duration, comment } => {
-                let mut parsed = std::collections::BTreeMap::new();
-                for m in matchers {
-                    // Without '=', an empty value: the hub says what is wrong.
-                    let (k, v) = m.split_once('=').unwrap_or((m, ""));
-                    parsed.insert(k.trim().to_owned(), v.trim().to_owned());
+        Command::Alerts { command } => {
+            match command.as_ref().unwrap_or(&AlertsCmd::List { limit: 100, state: None, device: None }) {
+                AlertsCmd::List { limit, state, device } => {
+                    show(json, &client.alerts_where(*limit, state.as_deref(), device.as_deref())?, |a| render_alerts(a))
                 }
-                let request = outpost_hub::api::SilenceRequest {
-                    matchers: parsed,
-                    duration: duration.clone(),
-                    comment: comment.clone(),
-                };
-                show(json, &client.silence(&request)?, |s| format!("silence {} until {}\n", s.id, s.ends_at));
+                AlertsCmd::Silences => show(json, &client.silences()?, |s| render_silences(s)),
+                AlertsCmd::Silence { matchers, duration, comment } => {
+                    let mut parsed = std::collections::BTreeMap::new();
+                    for m in matchers {
+                        // Without '=', an empty value: the hub says what is wrong.
+                        let (k, v) = m.split_once('=').unwrap_or((m, ""));
+                        parsed.insert(k.trim().to_owned(), v.trim().to_owned());
+                    }
+                    let request = outpost_hub::api::SilenceRequest {
+                        matchers: parsed,
+                        duration: duration.clone(),
+                        comment: comment.clone(),
+                    };
+                    show(json, &client.silence(&request)?, |s| format!("silence {} until {}\n", s.id, s.ends_at));
+                }
+                AlertsCmd::Unsilence { id } => {
+                    show(json, &client.end_silence(id)?, |s| format!("silence {} ended\n", s.id));
+                }
             }
-            AlertsCmd::Unsilence { id } => {
-                show(json, &client.end_silence(id)?, |s| format!("silence {} ended\n", s.id));
-            }
-        },
+        }
         Command::Tokens { command } => match command {
             TokensCmd::List => show(json, &client.tokens()?, |t| render_tokens(t)),
             TokensCmd::Create { name, role, expires } => {
