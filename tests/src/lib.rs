@@ -745,7 +745,6 @@ impl Broker {
         fs::write(&ca_file, &ca.pem)?;
         ca.leaf(&["localhost", "127.0.0.1"], &dir.join("broker.crt"), &dir.join("broker.key"))?;
         let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        let (tls_port, hub_port, plain_port) = (free_port()?, free_port()?, free_port()?);
         let passwd = dir.join("hubs.passwd");
         let made = run(Command::new(mosquitto_tool("mosquitto_passwd")?)
             .arg("-c")
@@ -760,6 +759,35 @@ impl Broker {
         // user, which may not read the test's files. Then a permissive
         // listener, for playing an attacker on a careless broker.
         let shipped = fs::read_to_string(configs.join("mosquitto.conf"))?;
+        // Mosquitto cannot listen on port 0 and say which port it got: the
+        // ports are picked free here, and another process may take one
+        // before Mosquitto binds it; then it starts again on new ones.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut broker = Self::configure(&dir, hub, &configs, &shipped, &passwd, &ca_file, root)?;
+            match broker.restart() {
+                Ok(()) => return Ok(broker),
+                Err(e) if attempt < 5 && broker.log_text().contains("Address already in use") => {
+                    eprintln!("Mosquitto found a port taken ({e}); again on other ports.");
+                    fs::remove_file(&broker.log).ok();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes the broker's config on free loopback ports.
+    fn configure(
+        dir: &Path,
+        hub: &Hub,
+        configs: &Path,
+        shipped: &str,
+        passwd: &Path,
+        ca_file: &Path,
+        root: &Path,
+    ) -> Result<Self> {
+        let (tls_port, hub_port, plain_port) = (free_port()?, free_port()?, free_port()?);
         let replaced = [
             ("listener 8883", format!("listener {tls_port} 127.0.0.1")),
             ("listener 8884", format!("listener {hub_port} 127.0.0.1")),
@@ -770,7 +798,7 @@ impl Broker {
             ("/etc/mosquitto/outpost-hubs.passwd", passwd.display().to_string()),
         ];
         let mut text = String::from("user root\npersistence false\nlog_dest stdout\nlog_type all\n");
-        let mut config = shipped.clone();
+        let mut config = shipped.to_owned();
         for (from, to) in &replaced {
             if !shipped.contains(from) {
                 bail!("configs/mosquitto.conf no longer says {from:?}");
@@ -781,10 +809,8 @@ impl Broker {
         text.push_str(&format!("listener {plain_port} 127.0.0.1\nallow_anonymous true\n"));
         let conf = dir.join("mosquitto.conf");
         fs::write(&conf, text)?;
-        let mut broker =
-            Broker { tls_port, hub_port, plain_port, ca_file, conf, log: root.join("mosquitto.log"), proc: None };
-        broker.restart()?;
-        Ok(broker)
+        let (ca_file, log) = (ca_file.to_owned(), root.join("mosquitto.log"));
+        Ok(Broker { tls_port, hub_port, plain_port, ca_file, conf, log, proc: None })
     }
 
     /// (Re)starts Mosquitto on the same ports and waits until both listeners
