@@ -19,6 +19,11 @@ impl Backoff {
         Backoff { initial, max: max.max(initial), failures: 0 }
     }
 
+    /// The cap of the delays.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// The ceiling of the next delay.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);

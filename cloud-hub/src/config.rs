@@ -80,6 +80,10 @@ pub struct QuicConfig {
     /// default). Default 365d; at least 30s (short ones are for tests), at
     /// most 825d.
     pub device_cert_lifetime: Duration,
+    /// `accept_rate`, `accept_burst`, `max_handshakes`, `max_retry_after`:
+    /// how fast new connections are admitted (see
+    /// [`crate::transport::door`]).
+    pub door: crate::transport::door::DoorLimits,
 }
 
 /// `[http]`
@@ -111,6 +115,7 @@ impl HubConfig {
                 idle_timeout: Duration::from_secs(30),
                 cert_lifetime: crate::service::ca::HUB_CERT_LIFETIME,
                 device_cert_lifetime: crate::service::ca::DEVICE_CERT_LIFETIME,
+                door: crate::transport::door::DoorLimits::default(),
             },
             http: HttpConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -176,6 +181,15 @@ impl ConfigFile for HubConfig {
                 idle_timeout: quic.get_or("idle_timeout", Duration::from_secs(30)),
                 cert_lifetime: quic.get_or("cert_lifetime", crate::service::ca::HUB_CERT_LIFETIME),
                 device_cert_lifetime: quic.get_or("device_cert_lifetime", crate::service::ca::DEVICE_CERT_LIFETIME),
+                door: {
+                    let default = crate::transport::door::DoorLimits::default();
+                    crate::transport::door::DoorLimits {
+                        rate: quic.get_or("accept_rate", default.rate),
+                        burst: quic.get_or("accept_burst", default.burst),
+                        handshakes: quic.get_or("max_handshakes", default.handshakes),
+                        max_retry_after: quic.get_or("max_retry_after", default.max_retry_after),
+                    }
+                },
             },
             http: HttpConfig {
                 listen: socket_addr(&http, "listen", "127.0.0.1:8080"),
@@ -244,6 +258,15 @@ impl ConfigFile for HubConfig {
             "device_cert_lifetime",
             (Duration::from_secs(30)..=Duration::from_secs(825 * 86400)).contains(&config.quic.device_cert_lifetime),
             "must be between 30s and 825d",
+        );
+        let door = config.quic.door;
+        quic.check("accept_rate", (1..=1_000_000).contains(&door.rate), "must be between 1 and 1000000");
+        quic.check("accept_burst", (1..=1_000_000).contains(&door.burst), "must be between 1 and 1000000");
+        quic.check("max_handshakes", (1..=100_000).contains(&door.handshakes), "must be between 1 and 100000");
+        quic.check(
+            "max_retry_after",
+            (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&door.max_retry_after),
+            "must be between 1s and 1h",
         );
         if let Some(Err(e)) = config.quic.advertise.as_deref().map(outpost_shared::config::check_hub_addresses) {
             quic.error("advertise", e);

@@ -225,7 +225,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
         bulk: bulk::Limits::new(config.device_bulk),
     });
     let shutdown = CancellationToken::new();
-    let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, shutdown.clone()));
+    let quic_task = tokio::spawn(quic::accept_loop(endpoint, ctx, config.quic.door, shutdown.clone()));
     let mqtt_task = match &config.mqtt {
         Some(mqtt) => {
             let ctx = Arc::new(mqtt::BridgeContext::new(

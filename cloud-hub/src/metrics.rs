@@ -113,6 +113,10 @@ pub struct HubMetrics {
     pub sessions: Family<Transport, Counter>,
     /// Sessions open now, by transport.
     pub sessions_open: Family<Transport, Gauge>,
+    /// New QUIC connections turned away at the door (`busy`: past the
+    /// accept rate, told when to come back; `handshakes`: past the cap on
+    /// handshakes in flight, refused before the handshake).
+    pub turned_away: Family<Reason, Counter>,
     /// Commands by what happened to them: `queued`, then `succeeded`,
     /// `failed`, `interrupted`, `rejected` or `expired`.
     pub commands: Family<State, Counter>,
@@ -154,6 +158,7 @@ impl HubMetrics {
             batches_refused: Family::default(),
             sessions: Family::default(),
             sessions_open: Family::default(),
+            turned_away: Family::default(),
             commands: Family::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(seconds_histogram),
@@ -180,6 +185,12 @@ impl HubMetrics {
         registry.register("batches_refused", "Device batches refused, by reason", m.batches_refused.clone());
         registry.register("sessions", "Device sessions opened, by transport", m.sessions.clone());
         registry.register("sessions_open", "Device sessions open now, by transport", m.sessions_open.clone());
+        registry.register(
+            "connections_turned_away",
+            "New QUIC connections turned away at the door: busy (past [quic] accept_rate, told when to come back) \
+             or handshakes (past [quic] max_handshakes, refused before the handshake)",
+            m.turned_away.clone(),
+        );
         registry.register(
             "commands",
             "Commands by what happened to them (queued, then succeeded, failed, interrupted, rejected or expired)",

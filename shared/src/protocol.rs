@@ -290,6 +290,34 @@ pub struct ChunkRef {
 /// its encryption overhead and the envelope, with room to spare.
 pub const MAX_BULK_FRAME: usize = 8 << 20;
 
+/// QUIC application close code: the connection ended normally.
+pub const CLOSE_OK: u32 = 0;
+/// QUIC application close code: the peer broke the protocol.
+pub const CLOSE_PROTOCOL: u32 = 1;
+/// QUIC application close code: the request was refused.
+pub const CLOSE_REFUSED: u32 = 2;
+/// QUIC application close code: replaced by a newer connection of the same
+/// device.
+pub const CLOSE_REPLACED: u32 = 3;
+/// QUIC application close code: the hub admits new connections at a
+/// configured rate and this one came past it; the reason ([`busy_reason`])
+/// says when to come back.
+pub const CLOSE_BUSY: u32 = 4;
+
+/// The reason text of a [`CLOSE_BUSY`] close: `busy; retry-after-ms=N`.
+pub fn busy_reason(retry_after: std::time::Duration) -> String {
+    format!("busy; retry-after-ms={}", retry_after.as_millis())
+}
+
+/// The delay a [`CLOSE_BUSY`] close's reason asks for (at most a day);
+/// `None` if the reason does not say.
+pub fn retry_after_of(reason: &[u8]) -> Option<std::time::Duration> {
+    let text = std::str::from_utf8(reason).ok()?;
+    let ms = text.split(';').find_map(|part| part.trim().strip_prefix("retry-after-ms="))?;
+    let ms: u64 = ms.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms.min(86_400_000)))
+}
+
 /// Answer to a relayed batch, for its origin. A refused relay does not end
 /// the carrier's session: the carrier only passes the refusal on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -823,6 +851,19 @@ mod tests {
     use crate::telemetry::{DiskSample, NetSample};
     use std::collections::BTreeMap;
     use std::time::Duration;
+
+    #[test]
+    fn a_busy_close_says_when_to_come_back() {
+        let reason = busy_reason(Duration::from_millis(12_345));
+        assert_eq!(reason, "busy; retry-after-ms=12345");
+        assert_eq!(retry_after_of(reason.as_bytes()), Some(Duration::from_millis(12_345)));
+        assert_eq!(retry_after_of(b"retry-after-ms=7"), Some(Duration::from_millis(7)));
+        assert_eq!(retry_after_of(b"busy; retry-after-ms=99999999999"), Some(Duration::from_secs(86_400)));
+        for garbage in [&b"busy"[..], b"", b"retry-after-ms=", b"retry-after-ms=-1", b"\xff\xfe", b"retry-after-ms=1e3"]
+        {
+            assert_eq!(retry_after_of(garbage), None, "{garbage:?}");
+        }
+    }
 
     fn hexs(bytes: &[u8]) -> String {
         crate::identity::hex(bytes)

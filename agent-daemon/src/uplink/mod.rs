@@ -99,6 +99,60 @@ impl LinkError {
     }
 }
 
+/// The hub turned this connection away before serving it (see the hub's
+/// `transport::door`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TurnedAway {
+    /// Past the hub's accept rate: come back after this long (close code
+    /// `CLOSE_BUSY`).
+    Busy(Duration),
+    /// Refused before the handshake (QUIC `CONNECTION_REFUSED`: too many
+    /// handshakes in flight): come back after the longest backoff.
+    AtTheDoor,
+}
+
+impl LinkError {
+    /// How the hub turned this connection away, if it did.
+    pub fn turned_away(&self) -> Option<TurnedAway> {
+        match self {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == outpost_shared::protocol::CLOSE_BUSY.into() =>
+            {
+                // A busy close that does not say when: as long as the door.
+                Some(
+                    outpost_shared::protocol::retry_after_of(&close.reason)
+                        .map_or(TurnedAway::AtTheDoor, TurnedAway::Busy),
+                )
+            }
+            LinkError::Connection(quinn::ConnectionError::ConnectionClosed(close))
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                Some(TurnedAway::AtTheDoor)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How long to wait before the next attempt: the hub's time to come back
+/// when it gave one (plus up to a tenth more, at most a second, so devices
+/// told the same time do not meet again), the second half of the longest
+/// backoff when it refused at the door, else the backoff's next delay
+/// (full jitter). `jitter` is uniform in `[0, 1)`. Pure but for the
+/// backoff's count, which every failed attempt advances.
+pub fn wait_before_retry(turned: Option<TurnedAway>, backoff: &mut Backoff, jitter: f64) -> Duration {
+    let delay = backoff.next_delay();
+    let jitter = jitter.clamp(0.0, 1.0);
+    match turned {
+        None => delay,
+        Some(TurnedAway::Busy(after)) => {
+            let after = after.max(Duration::from_millis(100));
+            after + (after / 10).min(Duration::from_secs(1)).mul_f64(jitter)
+        }
+        Some(TurnedAway::AtTheDoor) => backoff.max().mul_f64(0.5 + 0.5 * jitter),
+    }
+}
+
 impl LinkError {
     /// True if this device refused the hub's certificate as from a CA it
     /// does not trust (TLS alert 48 sent by this side): the fleet's CA was
@@ -274,6 +328,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             continue;
         }
         let untrusted = result.as_ref().err().is_some_and(LinkError::hub_untrusted);
+        let turned = result.as_ref().err().and_then(LinkError::turned_away);
         let kind = result.as_ref().err().map_or("closed_by_hub", LinkError::kind);
         crate::metrics::METRICS.reconnects.get_or_create(&crate::metrics::Reason { reason: kind }).inc();
         let reason = match result {
@@ -294,6 +349,13 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             // Another hub of the fleet may answer: try it now.
             tracing::info!(%reason, %hub, "Hub did not answer; trying the next one.");
             continue;
+        } else if let Some(turned) = turned {
+            match turned {
+                TurnedAway::Busy(after) => {
+                    tracing::info!(retry_after = ?after, "The hub is busy admitting other devices; coming back when it said.");
+                }
+                TurnedAway::AtTheDoor => tracing::info!("The hub refused the connection at the door; backing off."),
+            }
         } else if reason != last_error
             && let Some(alert) = refused
         {
@@ -322,7 +384,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
             tracing::debug!(%reason, attempt, "Cannot reach the hub.");
         }
         last_error = reason.clone();
-        let delay = backoff.next_delay();
+        let delay = wait_before_retry(turned, &mut backoff, rand::random());
         params.state.send_replace(LinkState::Waiting { reason, retry_in: delay });
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -344,5 +406,50 @@ mod tests {
         assert_eq!(certificate_alert(0x100 + 40), None);
         assert_eq!(certificate_alert(45), None);
         assert_eq!(certificate_alert(0), None);
+    }
+
+    #[test]
+    fn a_hub_that_turns_the_device_away_is_obeyed() {
+        let busy = |code: u32, reason: &[u8]| {
+            LinkError::Connection(quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code.into(),
+                reason: reason.to_vec().into(),
+            }))
+        };
+        let told = busy(4, b"busy; retry-after-ms=2500");
+        assert_eq!(told.turned_away(), Some(TurnedAway::Busy(Duration::from_millis(2500))));
+        assert_eq!(busy(4, b"busy").turned_away(), Some(TurnedAway::AtTheDoor));
+        assert_eq!(busy(2, b"retry-after-ms=5").turned_away(), None, "only the busy code carries a time");
+        let refused = LinkError::Connection(quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+            frame_type: None,
+            reason: Vec::new().into(),
+        }));
+        assert_eq!(refused.turned_away(), Some(TurnedAway::AtTheDoor));
+        assert_eq!(LinkError::Timeout(Duration::from_secs(1)).turned_away(), None);
+
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        // The hub's time, and up to a tenth more (at most a second), whatever
+        // the backoff has grown to.
+        for _ in 0..10 {
+            backoff.next_delay();
+        }
+        let after = Some(TurnedAway::Busy(Duration::from_millis(2500)));
+        assert_eq!(wait_before_retry(after, &mut backoff, 0.0), Duration::from_millis(2500));
+        assert_eq!(wait_before_retry(after, &mut backoff, 1.0), Duration::from_millis(2750));
+        let long = Some(TurnedAway::Busy(Duration::from_secs(120)));
+        assert_eq!(wait_before_retry(long, &mut backoff, 1.0), Duration::from_secs(121));
+        let zero = Some(TurnedAway::Busy(Duration::ZERO));
+        assert_eq!(wait_before_retry(zero, &mut backoff, 0.0), Duration::from_millis(100), "never at once");
+        // At the door: the second half of the longest backoff, even on a first failure.
+        let mut fresh = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(wait_before_retry(Some(TurnedAway::AtTheDoor), &mut fresh, 0.0), Duration::from_secs(15));
+        assert_eq!(wait_before_retry(Some(TurnedAway::AtTheDoor), &mut fresh, 1.0), Duration::from_secs(30));
+        // Otherwise the backoff, which every attempt advances.
+        let mut fresh = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        for _ in 0..3 {
+            assert!(wait_before_retry(None, &mut fresh, 0.5) <= Duration::from_secs(2));
+        }
+        assert_eq!(fresh.ceiling(), Duration::from_secs(4));
     }
 }

@@ -16,14 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// QUIC close code: the connection ended normally.
-pub const CLOSE_OK: u32 = 0;
-/// QUIC close code: the peer broke the protocol.
-pub const CLOSE_PROTOCOL: u32 = 1;
-/// QUIC close code: the request was refused.
-pub const CLOSE_REFUSED: u32 = 2;
-/// QUIC close code: replaced by a newer connection of the same device.
-pub const CLOSE_REPLACED: u32 = 3;
+pub use outpost_shared::protocol::{CLOSE_OK, CLOSE_PROTOCOL, CLOSE_REFUSED, CLOSE_REPLACED};
 
 /// What carries a device's live session.
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@
 //! service layer ([`crate::service`]).
 
 pub mod bulk;
+pub mod door;
 pub mod mqtt;
 pub mod quic;
 pub mod session;

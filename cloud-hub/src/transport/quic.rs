@@ -21,6 +21,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -96,18 +97,36 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Accepts connections until `shutdown`, then closes the endpoint and waits
-/// (at most 5 s) for connection tasks to finish.
-pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<QuicContext>, shutdown: CancellationToken) {
+/// Accepts connections until `shutdown`, at the rate `door` admits (see
+/// [`crate::transport::door`]), then closes the endpoint and waits (at most
+/// 5 s) for connection tasks to finish.
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<QuicContext>,
+    door: crate::transport::door::DoorLimits,
+    shutdown: CancellationToken,
+) {
+    use crate::transport::door::{Door, Entry};
     let mut tasks = JoinSet::new();
+    let mut door = Door::new(door, std::time::Instant::now());
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let metrics = &crate::metrics::METRICS;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let ctx = ctx.clone();
                 let remote = incoming.remote_address();
-                tasks.spawn(handle(incoming, ctx).instrument(info_span!("conn", %remote)));
+                let entry = door.arrive(std::time::Instant::now(), handshaking.load(Ordering::Relaxed), rand::random());
+                if entry == Entry::Refuse {
+                    metrics.turned_away.get_or_create(&crate::metrics::Reason { reason: "handshakes" }).inc();
+                    debug!(%remote, "Too many handshakes in flight: connection refused before its handshake.");
+                    incoming.refuse();
+                    continue;
+                }
+                let ctx = ctx.clone();
+                let handshake = Handshake::start(&handshaking);
+                tasks.spawn(handle(incoming, ctx, entry, handshake).instrument(info_span!("conn", %remote)));
             }
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done
@@ -126,7 +145,28 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, ctx: Arc<QuicContext>, shutd
     endpoint.wait_idle().await;
 }
 
-async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
+/// One handshake in flight, counted until dropped.
+struct Handshake(Arc<AtomicUsize>);
+
+impl Handshake {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Handshake(count.clone())
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(
+    incoming: quinn::Incoming,
+    ctx: Arc<QuicContext>,
+    entry: crate::transport::door::Entry,
+    handshake: Handshake,
+) {
     let connection = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -134,6 +174,14 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<QuicContext>) {
             return;
         }
     };
+    drop(handshake);
+    if let crate::transport::door::Entry::Busy(retry_after) = entry {
+        crate::metrics::METRICS.turned_away.get_or_create(&crate::metrics::Reason { reason: "busy" }).inc();
+        debug!(?retry_after, "Past the accept rate: told to come back later.");
+        let reason = outpost_shared::protocol::busy_reason(retry_after);
+        connection.close(outpost_shared::protocol::CLOSE_BUSY.into(), reason.as_bytes());
+        return;
+    }
     let identity = connection
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
