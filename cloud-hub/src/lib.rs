@@ -207,9 +207,15 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let cid_tag = ring::hmac::sign(&hmac, b"outpost connection id key");
     let cid_key = u64::from_be_bytes(cid_tag.as_ref()[..8].try_into().unwrap_or([0; 8]));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    // quinn sends at most one stateless reset per 20 ms by default: after a
+    // restart, 10,000 devices would learn their connection is gone over
+    // 200 s. A reset is always smaller than the packet that drew it (no
+    // amplification) and costs one HMAC, so up to 10,000 a second.
+    endpoint_config.min_reset_interval(Duration::from_micros(100));
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let socket =
         std::net::UdpSocket::bind(config.quic.listen).map_err(io(format!("bind QUIC on {}", config.quic.listen)))?;
+    udp_buffers(&socket);
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, Arc::new(quinn::TokioRuntime))
         .map_err(io(format!("start QUIC on {}", config.quic.listen)))?;
     let quic_addr = endpoint.local_addr().map_err(io("read QUIC address"))?;
@@ -535,6 +541,41 @@ impl RunningHub {
         if let Err(e) = self.store.close().await {
             tracing::error!(error = %e, "Final store flush failed.");
         }
+    }
+}
+
+/// What the hub asks of its QUIC socket's receive and send buffers: a fleet
+/// reconnecting at once sends thousands of Initial packets in a moment, and
+/// with the kernel's default (208 KiB) most are dropped and retried only
+/// after QUIC's loss timers (1 s, then 2, 4, 8...).
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Grows the socket's buffers to [`UDP_BUFFER`]; warns when the kernel
+/// grants less (`net.core.rmem_max` / `wmem_max` cap it).
+pub fn udp_buffers(socket: &std::net::UdpSocket) {
+    let state = match quinn::udp::UdpSocketState::new(socket.into()) {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the QUIC socket's state; its buffers stay as they are.");
+            return;
+        }
+    };
+    let _ = state.set_recv_buffer_size(socket.into(), UDP_BUFFER);
+    let _ = state.set_send_buffer_size(socket.into(), UDP_BUFFER);
+    let recv = state.recv_buffer_size(socket.into()).unwrap_or(0);
+    let send = state.send_buffer_size(socket.into()).unwrap_or(0);
+    // Linux reports twice what it was set to (room for its own accounting).
+    if recv < UDP_BUFFER || send < UDP_BUFFER {
+        tracing::warn!(
+            recv_bytes = recv,
+            send_bytes = send,
+            wanted = UDP_BUFFER,
+            "The kernel granted the QUIC socket smaller buffers than asked: a fleet reconnecting at once may see \
+             its handshakes dropped and retried. Raise net.core.rmem_max and net.core.wmem_max (sysctl) to at least \
+             4194304."
+        );
+    } else {
+        tracing::debug!(recv_bytes = recv, send_bytes = send, "QUIC socket buffers set.");
     }
 }
 

@@ -24,28 +24,31 @@ pub enum StreamError {
 pub struct FrameReader<R> {
     inner: R,
     decoder: FrameDecoder,
-    buf: Box<[u8]>,
 }
+
+/// Room made for each read: what an idle stream holds (a heartbeat is
+/// tens of bytes; larger frames grow the buffer geometrically).
+const READ_ROOM: usize = 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads from `inner`, refusing frames over `max_frame` bytes.
     pub fn new(inner: R, max_frame: usize) -> Self {
-        FrameReader { inner, decoder: FrameDecoder::new(max_frame), buf: vec![0; 16 * 1024].into() }
+        FrameReader { inner, decoder: FrameDecoder::new(max_frame) }
     }
 
     /// The next envelope, or `None` when the peer finished the stream
-    /// cleanly between frames.
+    /// cleanly between frames. Cancel-safe: bytes read before a cancel stay
+    /// buffered for the next call.
     pub async fn next(&mut self) -> Result<Option<Envelope>, StreamError> {
         loop {
             if let Some(payload) = self.decoder.next_frame()? {
                 return Ok(Some(Envelope::decode(&payload)?));
             }
-            let n = self.inner.read(&mut self.buf).await?;
+            let n = self.inner.read_buf(self.decoder.read_target(READ_ROOM)).await?;
             if n == 0 {
                 self.decoder.finish()?;
                 return Ok(None);
             }
-            self.decoder.extend(&self.buf[..n]);
         }
     }
 }

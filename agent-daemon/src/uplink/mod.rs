@@ -107,7 +107,8 @@ pub enum TurnedAway {
     /// `CLOSE_BUSY`).
     Busy(Duration),
     /// Refused before the handshake (QUIC `CONNECTION_REFUSED`: too many
-    /// handshakes in flight): come back after the longest backoff.
+    /// handshakes in flight), which costs the hub nothing: come back after
+    /// the backoff, as after any failure.
     AtTheDoor,
 }
 
@@ -136,20 +137,18 @@ impl LinkError {
 
 /// How long to wait before the next attempt: the hub's time to come back
 /// when it gave one (plus up to a tenth more, at most a second, so devices
-/// told the same time do not meet again), the second half of the longest
-/// backoff when it refused at the door, else the backoff's next delay
-/// (full jitter). `jitter` is uniform in `[0, 1)`. Pure but for the
+/// told the same time do not meet again), else the backoff's next delay
+/// (full jitter; a refusal at the door too: it cost the hub nothing, and
+/// the backoff doubles). `jitter` is uniform in `[0, 1)`. Pure but for the
 /// backoff's count, which every failed attempt advances.
 pub fn wait_before_retry(turned: Option<TurnedAway>, backoff: &mut Backoff, jitter: f64) -> Duration {
     let delay = backoff.next_delay();
-    let jitter = jitter.clamp(0.0, 1.0);
     match turned {
-        None => delay,
+        None | Some(TurnedAway::AtTheDoor) => delay,
         Some(TurnedAway::Busy(after)) => {
             let after = after.max(Duration::from_millis(100));
-            after + (after / 10).min(Duration::from_secs(1)).mul_f64(jitter)
+            after + (after / 10).min(Duration::from_secs(1)).mul_f64(jitter.clamp(0.0, 1.0))
         }
-        Some(TurnedAway::AtTheDoor) => backoff.max().mul_f64(0.5 + 0.5 * jitter),
     }
 }
 
@@ -354,7 +353,7 @@ pub async fn link_loop(params: LinkParams, cancel: CancellationToken) {
                 TurnedAway::Busy(after) => {
                     tracing::info!(retry_after = ?after, "The hub is busy admitting other devices; coming back when it said.");
                 }
-                TurnedAway::AtTheDoor => tracing::info!("The hub refused the connection at the door; backing off."),
+                TurnedAway::AtTheDoor => tracing::info!("The hub refused the connection at its door; backing off."),
             }
         } else if reason != last_error
             && let Some(alert) = refused
@@ -441,15 +440,12 @@ mod tests {
         assert_eq!(wait_before_retry(long, &mut backoff, 1.0), Duration::from_secs(121));
         let zero = Some(TurnedAway::Busy(Duration::ZERO));
         assert_eq!(wait_before_retry(zero, &mut backoff, 0.0), Duration::from_millis(100), "never at once");
-        // At the door: the second half of the longest backoff, even on a first failure.
+        // Otherwise the backoff, which every attempt advances, a refusal at
+        // the door too.
         let mut fresh = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        assert_eq!(wait_before_retry(Some(TurnedAway::AtTheDoor), &mut fresh, 0.0), Duration::from_secs(15));
-        assert_eq!(wait_before_retry(Some(TurnedAway::AtTheDoor), &mut fresh, 1.0), Duration::from_secs(30));
-        // Otherwise the backoff, which every attempt advances.
-        let mut fresh = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-        for _ in 0..3 {
-            assert!(wait_before_retry(None, &mut fresh, 0.5) <= Duration::from_secs(2));
-        }
+        assert!(wait_before_retry(None, &mut fresh, 0.5) <= Duration::from_millis(500));
+        assert!(wait_before_retry(Some(TurnedAway::AtTheDoor), &mut fresh, 0.5) <= Duration::from_secs(1));
+        assert!(wait_before_retry(None, &mut fresh, 0.5) <= Duration::from_secs(2));
         assert_eq!(fresh.ceiling(), Duration::from_secs(4));
     }
 }

@@ -10,7 +10,7 @@
 //! spread at the rate it serves rather than all at once. Past
 //! [`DoorLimits::handshakes`] handshakes in flight a connection is refused
 //! before its handshake (a QUIC `CONNECTION_REFUSED`, which costs the hub
-//! no cryptography); agents then wait their longest backoff.
+//! no cryptography); agents then wait their backoff.
 //!
 //! [`Door::arrive`] is the decision, pure: it is given the time, the
 //! handshakes in flight and a random fraction.
