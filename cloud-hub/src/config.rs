@@ -56,6 +56,8 @@ pub struct BackupsConfig {
     pub retention: outpost_shared::retention::Retention,
     /// How often the retention is applied to every device. Default 1h.
     pub prune_every: Duration,
+    /// `device_quota` and `min_free`: what backups may take of the disk.
+    pub room: crate::service::backups::Room,
 }
 
 /// `[quic]`
@@ -130,7 +132,11 @@ impl HubConfig {
             telemetry_retention: Duration::from_secs(30 * 86400),
             audit_retention: AUDIT_RETENTION,
             log: "info".into(),
-            backups: BackupsConfig { retention: Default::default(), prune_every: Duration::from_secs(3600) },
+            backups: BackupsConfig {
+                retention: Default::default(),
+                prune_every: Duration::from_secs(3600),
+                room: Default::default(),
+            },
             store: StoreConfig::Sled,
             alerts: Default::default(),
         }
@@ -238,6 +244,10 @@ impl ConfigFile for HubConfig {
             backups: BackupsConfig {
                 retention: outpost_shared::retention::Retention::read(&backups.table("retention")),
                 prune_every: backups.get_or("prune_every", Duration::from_secs(3600)),
+                room: crate::service::backups::Room {
+                    device_quota: backups.get::<ByteSize>("device_quota").map(|b| b.0).filter(|&b| b > 0),
+                    min_free: backups.get_or("min_free", ByteSize(crate::service::backups::Room::default().min_free)).0,
+                },
             },
             store: store_config,
             alerts: crate::service::alerts::AlertsConfig::read(&alerts),

@@ -180,6 +180,7 @@ pub async fn start(config: &HubConfig) -> Result<RunningHub, HubError> {
     let token_key = enroll::load_key(data_dir)?;
     let store = Store::open(&config.store, data_dir).await?;
     let backups = backups::Backups::new(data_dir, store.clone()).with_retention(config.backups.retention);
+    backups.set_room(config.backups.room);
     let fleet = Arc::new(Fleet::new(
         store.clone(),
         backups,
@@ -495,12 +496,14 @@ impl RunningHub {
 
     /// SIGHUP: the parts of a config read again that apply without a
     /// restart: the alert rules and receivers (at the next round), the
-    /// retention of telemetry, audit entries and backups, and how often
-    /// backups are pruned (at the next prune).
+    /// retention of telemetry, audit entries and backups, how often
+    /// backups are pruned (at the next prune), and what backups may take of
+    /// the disk (at the next chunk).
     pub fn reload(&self, config: &HubConfig) {
         self.alerts_config.send_replace(config.alerts.clone());
         self.retentions.send_replace(Retentions::of(config));
         self.fleet.backups().set_retention(config.backups.retention);
+        self.fleet.backups().set_room(config.backups.room);
     }
 
     /// SIGHUP: reads the HTTPS certificate and key again (when the hub

@@ -258,7 +258,7 @@ fn reload(hub: &outpost_hub::RunningHub, path: &std::path::Path) {
             tracing::info!(
                 file = %path.display(),
                 log = %new.log,
-                "Config reloaded (log level, alert rules, retention, HTTPS certificate)."
+                "Config reloaded (log level, alert rules, retention, backup quota and reserve, HTTPS certificate)."
             );
         }
         Err(errors) => {

@@ -57,6 +57,14 @@ pub fn is_temporary(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// Bytes an unprivileged writer may still use on the file system of `path`
+/// (or of its nearest existing ancestor); `None` if it cannot be read.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let fs = path.ancestors().find(|d| d.is_dir())?;
+    let vfs = rustix::fs::statvfs(fs).ok()?;
+    Some(vfs.f_bavail.saturating_mul(vfs.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,11 +44,9 @@ pub fn open_needs(size_on_disk: u64) -> u64 {
 /// file system of the nearest directory that exists.
 pub fn room_to_open(dir: &Path) -> Result<(), String> {
     let size = size_on_disk(dir);
-    let fs = dir.ancestors().find(|d| d.is_dir()).unwrap_or(Path::new("."));
-    let Ok(vfs) = rustix::fs::statvfs(fs) else {
+    let Some(free) = crate::fsutil::free_bytes(dir) else {
         return Ok(()); // Unknown: sled will say what is wrong.
     };
-    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     let needs = open_needs(size);
     if free >= needs {
         Ok(())

@@ -378,3 +378,51 @@ fn a_device_holding_its_bulk_turns_does_not_stall_another_devices_upload() {
     assert!(took < Duration::from_secs(30), "the honest upload waited {took:?} for the greedy device's turns");
     drop(hog);
 }
+
+/// A device's backups at the hub stop at `[backups] device_quota` (issue
+/// 23: a stolen device uploading junk can neither take the others' room
+/// nor fill the hub's disk): its upload is refused with the reason, the hub
+/// holds no more than the quota for it, another device's upload goes on,
+/// and once the quota is raised (SIGHUP) the refused upload completes.
+#[test]
+fn a_device_past_its_backup_quota_is_refused_and_others_are_not() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let mut hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    hub.extra_config = "[backups]\ndevice_quota = \"1 MiB\"\n".into();
+    hub.kill();
+    hub.serve().unwrap();
+    let big = scratch.path().join("big");
+    fs::create_dir_all(&big).unwrap();
+    fs::write(big.join("junk.bin"), noise(3 << 20, 7)).unwrap();
+    let greedy = Agent::enroll_with(scratch.path(), &hub, "greedy", &timings, &backup_config(&scratch, &big)).unwrap();
+    let out = backup(&greedy, &["run", "field"]);
+    let report = text(&out);
+    assert!(report.contains("quota"), "the refusal does not say why: {report}");
+    let held: u64 = hub_chunks(&hub, &greedy.id).iter().map(|f| fs::metadata(f).unwrap().len()).sum();
+    assert!(held <= (1 << 20), "the hub holds {held} bytes for a device with a 1 MiB quota");
+    let client = hub.client();
+    assert!(client.backups(&greedy.id).unwrap().snapshots.is_empty(), "a snapshot past the quota was catalogued");
+
+    // Another device is not held back by the first one's quota.
+    let small = scratch.path().join("small");
+    fs::create_dir_all(&small).unwrap();
+    fs::write(small.join("config.bin"), noise(200 << 10, 8)).unwrap();
+    let modest =
+        Agent::enroll_with(scratch.path(), &hub, "modest", &timings, &backup_config(&scratch, &small)).unwrap();
+    let out = backup(&modest, &["run", "field"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(client.backups(&modest.id).unwrap().snapshots.len(), 1);
+
+    // The quota raised on a running hub: the refused upload completes.
+    let config = fs::read_to_string(&hub.config).unwrap();
+    fs::write(&hub.config, config.replace("device_quota = \"1 MiB\"", "device_quota = \"64 MiB\"")).unwrap();
+    hub.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(10), "the reload", || hub.log_text().contains("Config reloaded").then_some(()))
+        .unwrap();
+    let out = backup(&greedy, &["upload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(client.backups(&greedy.id).unwrap().snapshots.len(), 1);
+    let out = backup(&greedy, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -51,6 +51,48 @@ pub const UPLOAD_ABANDONED: std::time::Duration = std::time::Duration::from_secs
 /// and tag, with room for a future format.
 pub const MAX_BLOB: usize = (4 << 20) + 4096;
 
+/// `[backups] device_quota` and `min_free`: what devices' backups may take
+/// of the hub's disk, so that one device (a stolen one uploading chunks it
+/// never catalogues, or snapshots of junk) can neither take the others'
+/// room nor fill the disk the hub's store needs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Room {
+    /// Bytes of chunks one device may hold at the hub (`None`: no quota).
+    pub device_quota: Option<u64>,
+    /// Free bytes a chunk must leave on the backups' file system.
+    pub min_free: u64,
+}
+
+impl Default for Room {
+    fn default() -> Self {
+        Room { device_quota: None, min_free: 512 << 20 }
+    }
+}
+
+/// Whether a chunk file of `bytes` may be stored for a device holding
+/// `held` bytes of chunks, with `free` bytes free on the disk (`None`:
+/// unknown, not refused). Pure; `Err` says why not, for the device's log.
+pub fn may_store(room: Room, bytes: u64, held: u64, free: Option<u64>) -> Result<(), String> {
+    if let Some(quota) = room.device_quota
+        && held.saturating_add(bytes) > quota
+    {
+        return Err(format!(
+            "this device's backups at the hub have reached its quota ([backups] device_quota = {quota} bytes; \
+             {held} held): the upload waits until the hub's retention frees room or the quota is raised"
+        ));
+    }
+    if let Some(free) = free
+        && free.saturating_sub(bytes) < room.min_free
+    {
+        return Err(format!(
+            "the hub's disk for backups is nearly full ({free} bytes free, [backups] min_free = {} kept): \
+             the upload is retried later",
+            room.min_free
+        ));
+    }
+    Ok(())
+}
+
 /// Why a backup request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupStoreError {
@@ -187,6 +229,12 @@ pub struct Backups {
     runtime: tokio::runtime::Handle,
     /// This process's name on the store's leases.
     holder: String,
+    /// What backups may take of the disk (shared by clones: a reload sets
+    /// it for all).
+    room: std::sync::Arc<std::sync::Mutex<Room>>,
+    /// Bytes of chunks each device holds, counted from its files the first
+    /// time a quota asks, then kept up to date (forgotten after a prune).
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<DeviceId, u64>>>,
 }
 
 /// How long a prune may hold a device's backups.
@@ -224,6 +272,8 @@ impl Backups {
             catalogue: Default::default(),
             retention: Default::default(),
             runtime: tokio::runtime::Handle::current(),
+            room: Default::default(),
+            held: Default::default(),
             holder: {
                 let mut random = [0u8; 6];
                 rand::fill(&mut random[..]);
@@ -271,6 +321,24 @@ impl Backups {
     /// config reloaded on SIGHUP); the next prune applies it.
     pub fn set_retention(&self, retention: outpost_shared::retention::Retention) {
         *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = retention;
+    }
+
+    /// What backups may take of the disk, for this value and its clones
+    /// (a config reloaded on SIGHUP applies to the next chunk).
+    pub fn set_room(&self, room: Room) {
+        *self.room.lock().unwrap_or_else(|p| p.into_inner()) = room;
+    }
+
+    /// Bytes of chunks `device` holds at the hub.
+    fn held(&self, device: &DeviceId) -> u64 {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        *held.entry(device.clone()).or_insert_with(|| {
+            use std::os::unix::fs::MetadataExt;
+            let chunks = self.dir.join(device.as_str()).join("chunks");
+            let files = std::fs::read_dir(chunks).into_iter().flatten().flatten();
+            let dirs = files.filter_map(|d| std::fs::read_dir(d.path()).ok());
+            dirs.flatten().flatten().filter_map(|f| f.metadata().ok()).map(|m| m.size()).sum()
+        })
     }
 
     fn retention(&self) -> outpost_shared::retention::Retention {
@@ -357,6 +425,10 @@ impl Backups {
         if path.exists() {
             return Ok(false);
         }
+        let room = *self.room.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = 32 + chunk.blob.len() as u64;
+        let held = if room.device_quota.is_some() { self.held(device) } else { 0 };
+        may_store(room, bytes, held, outpost_shared::fsutil::free_bytes(&self.dir)).map_err(BackupStoreError::Busy)?;
         let mut file = Vec::with_capacity(32 + chunk.blob.len());
         file.extend_from_slice(blake3::hash(&chunk.blob).as_bytes());
         file.extend_from_slice(&chunk.blob);
@@ -364,6 +436,9 @@ impl Backups {
             std::fs::create_dir_all(parent).map_err(io(parent.display()))?;
         }
         write_atomic(&path, &file, 0o600).map_err(io(path.display()))?;
+        if let Some(held) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(device) {
+            *held += bytes;
+        }
         Ok(true)
     }
 
@@ -493,6 +568,8 @@ impl Backups {
                 }
             }
         }
+        // Counted again from the files when a quota next asks.
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(device);
         for path in abandoned.iter().chain(&unneeded) {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -648,6 +725,20 @@ fn check(file: &[u8]) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_is_stored_only_within_the_devices_quota_and_the_disks_reserve() {
+        let room = Room { device_quota: Some(1000), min_free: 100 };
+        assert_eq!(may_store(room, 400, 600, Some(10_000)), Ok(()));
+        let over = may_store(room, 401, 600, Some(10_000)).unwrap_err();
+        assert!(over.contains("quota") && over.contains("600 held"), "{over}");
+        let full = may_store(room, 400, 0, Some(499)).unwrap_err();
+        assert!(full.contains("nearly full") && full.contains("499 bytes free"), "{full}");
+        assert_eq!(may_store(room, 400, 0, Some(500)), Ok(()), "exactly the reserve left");
+        assert_eq!(may_store(room, 400, 0, None), Ok(()), "free space unknown: not refused");
+        let open = Room { device_quota: None, min_free: 0 };
+        assert_eq!(may_store(open, u64::MAX, u64::MAX, Some(0)), Ok(()));
+    }
     use outpost_shared::protocol::SnapshotSummary;
 
     use outpost_shared::retention::Retention;
