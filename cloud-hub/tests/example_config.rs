@@ -18,6 +18,9 @@ fn configs_hub_toml_is_valid() {
     assert_eq!(config.http.failed_auth, outpost_hub::service::throttle::AuthLimit::default());
     assert_eq!(config.quic.max_frame, 1 << 20);
     assert_eq!((config.backups.retention.daily, config.backups.retention.weekly), (7, 4));
+    // What the file says is what a hub without it does.
+    assert_eq!(config.quic.door, outpost_hub::transport::door::DoorLimits::default());
+    assert_eq!(config.backups.room, outpost_hub::service::backups::Room::default());
 }
 
 /// The reference file's commented-out `[mqtt]` example, switched on.
