@@ -13,6 +13,7 @@ pub mod enroll;
 pub mod fleet;
 pub mod listing;
 pub mod pace;
+pub mod reads;
 pub mod throttle;
 
 use crate::api::{CommandRequest, CommandView, DesiredView, GrantView};
@@ -461,6 +462,37 @@ pub async fn device_commands(
     commands.reverse();
     commands.truncate(limit);
     Ok(commands)
+}
+
+/// The token with hash `hash` if it may be used now as `kind`: not
+/// expired, of that kind, and (a console session) its maker still holds.
+pub async fn live_token(
+    fleet: &Fleet,
+    hash: &[u8; 32],
+    kind: crate::store::TokenKind,
+    now: Timestamp,
+) -> Result<Option<ApiToken>, ServiceError> {
+    let token = fleet.store().api_token(hash).await?.filter(|t| !t.expired(now) && t.kind == kind);
+    let holds = maker_holds(fleet, token.as_ref(), now).await?;
+    Ok(token.filter(|_| holds))
+}
+
+/// Records a token's use (its `last_used`).
+pub async fn token_used(fleet: &Fleet, hash: &[u8; 32], token: &ApiToken) -> Result<(), ServiceError> {
+    fleet.store().update_api_token(hash, token).await?;
+    Ok(())
+}
+
+/// Appends an entry to the audit log.
+pub async fn record_audit(fleet: &Fleet, entry: &crate::store::AuditEntry) -> Result<(), ServiceError> {
+    fleet.store().append_audit(entry).await?;
+    Ok(())
+}
+
+/// Ends a console session: its token is taken from the store.
+pub async fn sign_out(fleet: &Fleet, session: &[u8; 32]) -> Result<(), ServiceError> {
+    fleet.store().take_api_token(session).await?;
+    Ok(())
 }
 
 /// Checks that a merge patch leaves every device's desired state valid,

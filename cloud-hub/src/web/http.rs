@@ -212,16 +212,14 @@ pub async fn authenticate(
     admit(fleet, req)?;
     let hash = crate::service::token_hash(secret);
     let now = Timestamp::now();
-    let token = fleet.store().api_token(&hash).await?.filter(|t| !t.expired(now) && t.kind == kind);
-    let holds = service::maker_holds(fleet, token.as_ref(), now).await?;
-    let Some(mut token) = token.filter(|_| holds) else {
+    let Some(mut token) = service::live_token(fleet, &hash, kind, now).await? else {
         failed(fleet, req);
         return Err(HttpError::Unauthorized);
     };
     req.extensions_mut().insert(AuditWho(token.name.clone()));
     if fleet.token_use_due(&hash, now) {
         token.last_used = Some((now, peer(req)));
-        if let Err(e) = fleet.store().update_api_token(&hash, &token).await {
+        if let Err(e) = service::token_used(fleet, &hash, &token).await {
             tracing::debug!(error = %e, "Token use not recorded.");
         }
     }
@@ -379,7 +377,7 @@ pub async fn audit(
     // The journal's line of the same entry: inside the request's span, so it
     // carries the request id the caller was answered with.
     tracing::info!(who = %entry.who, action = %entry.action, target = %entry.target, status, "Audited.");
-    if let Err(e) = fleet.store().append_audit(&entry).await {
+    if let Err(e) = service::record_audit(&fleet, &entry).await {
         tracing::error!(error = %e, action = %entry.action, who = %entry.who, status, "Audit entry not stored.");
     }
     Ok(res)
@@ -410,7 +408,7 @@ pub async fn write_tallies(fleet: &Fleet, now: Option<std::time::Instant>) {
                 row.over.as_secs()
             ),
         };
-        if let Err(e) = fleet.store().append_audit(&entry).await {
+        if let Err(e) = service::record_audit(fleet, &entry).await {
             tracing::error!(error = %e, from = %entry.from, count = row.more, "Audit count of refusals not stored.");
         }
     }
@@ -421,14 +419,14 @@ pub async fn write_tallies(fleet: &Fleet, now: Option<std::time::Instant>) {
 /// so monitoring and systemd see a hub that cannot store.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "200 ok, or 503 naming the store's fault", body = String, content_type = "text/plain"), (status = 503, body = String, content_type = "text/plain")))]
 async fn healthz(fleet: web::Data<Fleet>) -> HttpResponse {
-    health_response(fleet.store().health())
+    health_response(service::reads::health(&fleet))
 }
 
 /// `/readyz`: whether the hub can make a write durable now (a small write
 /// and its sync, or a database round trip); 503 while it cannot.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, description = "200 when a write can be made durable now, else 503", body = String, content_type = "text/plain"), (status = 503, body = String, content_type = "text/plain")))]
 async fn readyz(fleet: web::Data<Fleet>) -> HttpResponse {
-    health_response(fleet.store().probe().await)
+    health_response(service::reads::probe(&fleet).await)
 }
 
 fn health_response(health: crate::store::Health) -> HttpResponse {
@@ -837,14 +835,8 @@ async fn patch_bulk_desired(
 async fn list_tokens(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
-    let mut tokens: Vec<TokenView> = fleet
-        .store()
-        .api_tokens()
-        .await?
-        .iter()
-        .filter(|(_, t)| t.kind != TokenKind::SignInLink)
-        .map(|(h, t)| TokenView::new(h, t, now))
-        .collect();
+    let mut tokens: Vec<TokenView> =
+        service::reads::tokens(&fleet).await?.iter().map(|(h, t)| TokenView::new(h, t, now)).collect();
     tokens.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(HttpResponse::Ok().json(tokens))
 }
@@ -942,7 +934,7 @@ async fn get_audit(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Operator)?;
     let q = query.parse().map_err(HttpError::Unprocessable)?;
-    let entries = fleet.store().audit(&q).await?;
+    let entries = service::reads::audit(&fleet, &q).await?;
     let next = (entries.len() == q.limit).then(|| entries.last().map(|e| e.id)).flatten();
     Ok(HttpResponse::Ok().json(AuditPage { entries: entries.into_iter().map(Into::into).collect(), next }))
 }
@@ -1007,9 +999,7 @@ async fn get_metrics(
         None => None,
     };
     let range = TelemetryRange { since, until, after: after.map(|(at, seq)| (Timestamp(at), seq)), limit };
-    let samples: Vec<SampleView> = fleet
-        .store()
-        .telemetry(&id, &range)
+    let samples: Vec<SampleView> = service::reads::telemetry(&fleet, &id, &range)
         .await?
         .into_iter()
         .map(|(seq, sample)| SampleView::new(seq, sample))
@@ -1028,7 +1018,8 @@ async fn get_events(
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
     let limit = query.limit.unwrap_or(1000).min(1_000_000);
-    let events: Vec<EventView> = fleet.store().events(&id, limit).await?.into_iter().map(EventView::from).collect();
+    let events: Vec<EventView> =
+        service::reads::events(&fleet, &id, limit).await?.into_iter().map(EventView::from).collect();
     Ok(HttpResponse::Ok().json(events))
 }
 
@@ -1036,15 +1027,11 @@ async fn get_events(
 async fn get_jobs(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<String>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
-    let store = fleet.store();
-    let record = store.jobs(&id).await?;
+    let reported = service::reads::jobs(&fleet, &id, 1).await?;
     let now = Timestamp::now();
-    let mut jobs = Vec::new();
-    for (spec, source) in record.as_ref().map(|r| r.jobs.as_slice()).unwrap_or_default() {
-        let last = store.job_runs(&id, &spec.name, 1).await?.pop();
-        jobs.push(JobView::new(spec, *source, last, now));
-    }
-    Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at: record.map(|r| r.at.rfc3339()), jobs }))
+    let jobs = reported.jobs.into_iter().map(|(spec, source, mut runs)| JobView::new(&spec, source, runs.pop(), now));
+    let reported_at = reported.reported_at.map(|at| at.rfc3339());
+    Ok(HttpResponse::Ok().json(JobsView { device: id.to_string(), reported_at, jobs: jobs.collect() }))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/peers", tag = "devices", params(("id" = String, Path, description = "device id")), responses((status = 200, body = PeersView), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
@@ -1055,7 +1042,7 @@ async fn get_peers(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
-    let record = fleet.store().peers(&id).await?;
+    let record = service::reads::peers(&fleet, &id).await?;
     let (reported_at, peers) = record.map_or((None, Vec::new()), |r| (Some(r.at.rfc3339()), r.peers));
     let peers = peers.into_iter().map(crate::api::PeerView::from).collect();
     Ok(HttpResponse::Ok().json(PeersView { device: id.to_string(), reported_at, peers }))
@@ -1194,7 +1181,7 @@ async fn get_job_runs(
     let id = known_device(&fleet, &raw).await?;
     let limit = query.limit.unwrap_or(100).min(crate::store::MAX_RUNS_PER_JOB);
     let runs: Vec<JobRunView> =
-        fleet.store().job_runs(&id, &job, limit).await?.into_iter().map(JobRunView::from).collect();
+        service::reads::job_runs(&fleet, &id, &job, limit).await?.into_iter().map(JobRunView::from).collect();
     Ok(HttpResponse::Ok().json(runs))
 }
 
@@ -1206,8 +1193,8 @@ async fn get_desired(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
-    let store = fleet.store();
-    Ok(HttpResponse::Ok().json(DesiredView::new(store.desired(&id).await?, store.reported(&id).await?)))
+    let (desired, reported) = service::reads::desired(&fleet, &id).await?;
+    Ok(HttpResponse::Ok().json(DesiredView::new(desired, reported)))
 }
 
 #[utoipa::path(put, path = "/api/v1/devices/{id}/desired", tag = "desired", params(("id" = String, Path, description = "device id")), request_body = DesiredPut, responses((status = 200, body = DesiredView), (status = 403, body = ApiError), (status = 404, description = "no such device", body = ApiError), (status = 409, description = "changed since the version given", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
@@ -1270,7 +1257,7 @@ async fn list_commands(
     caller.require(Role::Viewer)?;
     let id = known_device(&fleet, &path).await?;
     let commands: Vec<CommandView> =
-        fleet.store().device_commands(&id).await?.into_iter().map(CommandView::from).collect();
+        service::reads::all_commands(&fleet, &id).await?.into_iter().map(CommandView::from).collect();
     Ok(HttpResponse::Ok().json(commands))
 }
 
@@ -1278,7 +1265,8 @@ async fn list_commands(
 async fn get_command(caller: Caller, fleet: web::Data<Fleet>, path: web::Path<u64>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let id = path.into_inner();
-    let record = fleet.store().command(id).await?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
+    let record =
+        service::reads::command(&fleet, id).await?.ok_or_else(|| HttpError::NotFound(format!("command {id}")))?;
     Ok(HttpResponse::Ok().json(CommandView::from(record)))
 }
 

@@ -318,7 +318,7 @@ async fn overview_page(
     alarms.truncate(10);
     let changes = if user.operator() {
         let q = AuditQuery { limit: 10, ..AuditQuery::default() };
-        audit_lines(&fleet, fleet.store().audit(&q).await?, now).await?
+        audit_lines(&fleet, service::reads::audit(&fleet, &q).await?, now).await?
     } else {
         Vec::new()
     };
@@ -624,7 +624,7 @@ async fn device_series(
     let mut samples = Vec::new();
     let mut range = TelemetryRange::between(since, until, 10_000);
     loop {
-        let page = fleet.store().telemetry(&id, &range).await?;
+        let page = service::reads::telemetry(&fleet, &id, &range).await?;
         let full = page.len() == range.limit;
         range.after = page.last().map(|(seq, s)| (s.at, *seq));
         samples.extend(page.into_iter().map(|(_, s)| s));
@@ -632,13 +632,7 @@ async fn device_series(
             break;
         }
     }
-    let late = fleet
-        .store()
-        .fleet_rows(Some(std::slice::from_ref(&id)))
-        .await?
-        .pop()
-        .map(|r| r.digest.late)
-        .unwrap_or_default();
+    let late = service::reads::late(&fleet, &id).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(series::build(&samples, since, until, &late)))
@@ -799,12 +793,11 @@ async fn device_view(
     draft: Option<Draft>,
 ) -> Result<DevicePage, ConsoleError> {
     let draft = draft.unwrap_or_default();
-    let store = fleet.store();
     let now = Timestamp::now();
     let view = fleet.device(id).await?.ok_or_else(|| ConsoleError::NotFound(format!("device {id} not found")))?;
     let mut jobs = Vec::new();
-    for (spec, source) in store.jobs(id).await?.map(|r| r.jobs).unwrap_or_default() {
-        let runs = runs_shown(store.job_runs(id, &spec.name, RUNS_READ).await?, now);
+    for (spec, source, runs) in service::reads::jobs(fleet, id, RUNS_READ).await?.jobs {
+        let runs = runs_shown(runs, now);
         let summary = crate::api::JobView::new(&spec, source, runs.first().cloned(), now);
         jobs.push(JobRow {
             name: summary.name,
@@ -836,8 +829,7 @@ async fn device_view(
         .iter()
         .filter_map(|j| j.name.strip_prefix(crate::store::digest::BACKUP_JOB_PREFIX).map(str::to_owned))
         .collect();
-    let snapshots = store
-        .catalog(id)
+    let snapshots = service::reads::catalog(fleet, id)
         .await?
         .iter()
         .rev()
@@ -847,14 +839,19 @@ async fn device_view(
             SnapshotView { ended: utc_text(&view.ended), ..view }
         })
         .collect();
-    let peers = store.peers(id).await?.map(|r| r.peers).unwrap_or_default().into_iter().map(PeerView::from).collect();
-    let desired = DesiredView::new(store.desired(id).await?, store.reported(id).await?);
+    let peers = service::reads::peers(fleet, id).await?.map(|r| r.peers).unwrap_or_default();
+    let peers = peers.into_iter().map(PeerView::from).collect();
+    let (desired, reported) = service::reads::desired(fleet, id).await?;
+    let desired = DesiredView::new(desired, reported);
     let desired_text = draft.doc.unwrap_or_else(|| serde_json::to_string_pretty(&desired.doc).unwrap_or_default());
     let commands = service::device_commands(fleet, id, usize::MAX).await?;
     let what: std::collections::HashMap<u64, String> =
         commands.iter().map(|c| (c.id, service::describe::typed(&c.kind, &c.args))).collect();
-    let events =
-        store.events(id, 50).await?.into_iter().map(|e| EventRow::new(EventView::from(e), &what, now)).collect();
+    let events = service::reads::events(fleet, id, 50)
+        .await?
+        .into_iter()
+        .map(|e| EventRow::new(EventView::from(e), &what, now))
+        .collect();
     let commands = super::commands::lines(fleet, commands.into_iter().take(COMMANDS_SHOWN).collect()).await?;
     let alarms = view
         .alarms
@@ -1015,7 +1012,7 @@ async fn act(
     user.may_act(needs, &form.csrf)?;
     let id = service::device(&fleet, &path).await?;
     let back = format!("/console/devices/{}", crate::api::encode_component(id.as_str()));
-    let name = fleet.store().device(&id).await?.map(|d| d.name).unwrap_or_default();
+    let name = service::reads::name(&fleet, &id).await?;
     note(&req, AuditNote { target: Some(id.to_string()), matched: None, detail: format!("console: {}", form.action) });
     let (summary, detail) = match form.action.as_str() {
         "run_job" => (format!("Run job {} on {name} now?", form.job), String::new()),
@@ -1343,7 +1340,7 @@ async fn audit_page(
         since: None,
     };
     let q = params.parse().map_err(ConsoleError::Invalid)?;
-    let entries = fleet.store().audit(&q).await?;
+    let entries = service::reads::audit(&fleet, &q).await?;
     let next = (entries.len() == q.limit)
         .then(|| entries.last().map(|e| url_with(req.path(), req.query_string(), "before", &e.id.to_string())))
         .flatten();
@@ -1460,7 +1457,7 @@ async fn sign_out(
     form: web::Form<SignOutForm>,
 ) -> Result<HttpResponse, ConsoleError> {
     user.may_act(Role::Viewer, &form.csrf)?;
-    fleet.store().take_api_token(&user.caller.hash).await?;
+    service::sign_out(&fleet, &user.caller.hash).await?;
     Ok(HttpResponse::SeeOther()
         .cookie(super::session_cookie(&req, None))
         .insert_header((header::LOCATION, "/console/sign-in"))
