@@ -280,6 +280,11 @@ fn commands_move_queued_delivered_completed_or_expired_once() {
         assert_eq!(store.command(theirs.id).await.unwrap().unwrap().state, CommandState::Queued);
         let all: Vec<u64> = store.device_commands(&id).await.unwrap().into_iter().map(|c| c.id).collect();
         assert_eq!(all, [a.id, b.id, c.id]);
+        // The newest of one device's, newest first, bounded.
+        assert_eq!(ids(store.newest_device_commands(&id, 2).await.unwrap()), [c.id, b.id]);
+        assert_eq!(ids(store.newest_device_commands(&id, 10).await.unwrap()), [c.id, b.id, a.id]);
+        assert_eq!(ids(store.newest_device_commands(&other, 10).await.unwrap()), [theirs.id]);
+        assert!(store.newest_device_commands(&id, 0).await.unwrap().is_empty());
         assert!(store.command(999_999).await.unwrap().is_none());
     });
 }

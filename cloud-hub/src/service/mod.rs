@@ -458,10 +458,7 @@ pub async fn device_commands(
     id: &DeviceId,
     limit: usize,
 ) -> Result<Vec<crate::store::CommandRecord>, ServiceError> {
-    let mut commands = fleet.store().device_commands(id).await?;
-    commands.reverse();
-    commands.truncate(limit);
-    Ok(commands)
+    Ok(fleet.store().newest_device_commands(id, limit).await?)
 }
 
 /// The token with hash `hash` if it may be used now as `kind`: not

@@ -806,6 +806,16 @@ impl Store {
         each!(self, "device_commands", b => b.device_commands(device).await)
     }
 
+    /// A device's newest `limit` commands, newest first: read from the
+    /// device's index, whatever its history.
+    pub async fn newest_device_commands(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        each!(self, "newest_device_commands", b => b.newest_device_commands(device, limit).await)
+    }
+
     /// Commands with ids in `ids` (all devices), newest first, at most
     /// `limit`; only queued ones if `queued`.
     pub async fn commands_in(

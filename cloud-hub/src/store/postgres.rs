@@ -876,6 +876,19 @@ impl PgStore {
         self.many("commands", "SELECT record FROM commands WHERE device = $1 ORDER BY id", &[&device.as_str()]).await
     }
 
+    pub(super) async fn newest_device_commands(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.many(
+            "commands",
+            "SELECT record FROM commands WHERE device = $1 ORDER BY id DESC LIMIT $2",
+            &[&device.as_str(), &big(limit as u64)],
+        )
+        .await
+    }
+
     pub(super) async fn commands_in(
         &self,
         ids: std::ops::RangeInclusive<u64>,

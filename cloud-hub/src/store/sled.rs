@@ -429,6 +429,28 @@ impl SledStore {
         self.read(move |t| t.device_commands(&device)).await
     }
 
+    pub(super) async fn newest_device_commands(
+        &self,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let device = device.clone();
+        self.read(move |t| {
+            let mut out = Vec::new();
+            for key in t.device_commands.scan_prefix(device_prefix(&device)).keys().rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let key = key.db()?;
+                if let Some(cmd) = t.command(key.get(key.len() - 8..).map_or(0, be_u64))? {
+                    out.push(cmd);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub(super) async fn commands_in(
         &self,
         ids: std::ops::RangeInclusive<u64>,

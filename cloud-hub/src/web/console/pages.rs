@@ -844,15 +844,22 @@ async fn device_view(
     let (desired, reported) = service::reads::desired(fleet, id).await?;
     let desired = DesiredView::new(desired, reported);
     let desired_text = draft.doc.unwrap_or_else(|| serde_json::to_string_pretty(&desired.doc).unwrap_or_default());
-    let commands = service::device_commands(fleet, id, usize::MAX).await?;
-    let what: std::collections::HashMap<u64, String> =
+    // The newest commands, and those the newest events name: a device's
+    // page reads a bounded number of commands, whatever its history.
+    let commands = service::device_commands(fleet, id, COMMANDS_SHOWN).await?;
+    let events = service::reads::events(fleet, id, 50).await?;
+    let mut what: std::collections::HashMap<u64, String> =
         commands.iter().map(|c| (c.id, service::describe::typed(&c.kind, &c.args))).collect();
-    let events = service::reads::events(fleet, id, 50)
-        .await?
-        .into_iter()
-        .map(|e| EventRow::new(EventView::from(e), &what, now))
-        .collect();
-    let commands = super::commands::lines(fleet, commands.into_iter().take(COMMANDS_SHOWN).collect()).await?;
+    for event in &events {
+        if let outpost_shared::protocol::RecordBody::CommandResult(result) = &event.body
+            && !what.contains_key(&result.id)
+            && let Some(c) = service::reads::command(fleet, result.id).await?.filter(|c| &c.device == id)
+        {
+            what.insert(c.id, service::describe::typed(&c.kind, &c.args));
+        }
+    }
+    let events = events.into_iter().map(|e| EventRow::new(EventView::from(e), &what, now)).collect();
+    let commands = super::commands::lines(fleet, commands).await?;
     let alarms = view
         .alarms
         .iter()
