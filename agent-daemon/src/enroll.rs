@@ -65,6 +65,29 @@ pub enum EnrollError {
     /// CA other than the pinned one.
     #[error("the hub's answer is unusable: {0}")]
     BadReply(String),
+    /// The hub is admitting connections at its rate and asked to come back
+    /// later (close code 4).
+    #[error("the hub at {addr} is busy admitting other devices and asked to come back in {retry_after:?}")]
+    Busy {
+        /// The address.
+        addr: String,
+        /// When to come back.
+        retry_after: Duration,
+    },
+}
+
+/// Times a busy hub is asked again before enrollment gives up.
+const BUSY_TRIES: u32 = 20;
+
+/// How long to wait before asking a busy hub again, after `tries` busy
+/// answers: what it asked (at most a minute) and up to a tenth more;
+/// `None` once [`BUSY_TRIES`] answers were busy. Pure.
+fn busy_wait(retry_after: Duration, tries: u32, jitter: f64) -> Option<Duration> {
+    if tries >= BUSY_TRIES {
+        return None;
+    }
+    let wait = retry_after.clamp(Duration::from_millis(100), Duration::from_secs(60));
+    Some(wait + (wait / 10).mul_f64(jitter.clamp(0.0, 1.0)))
 }
 
 /// Enrolls this device with `token_text`, storing the identity in `data_dir`.
@@ -85,7 +108,16 @@ pub async fn enroll(token_text: &str, data_dir: &Path, name: &str) -> Result<Ide
     // order until one answers (a refusal is an answer).
     let mut reply = None;
     for addr in outpost_shared::config::hub_order(&outpost_shared::config::hub_addresses(&hub), None, rand::random()) {
-        match exchange_at(&addr, pin, request.clone()).await {
+        let mut answer = exchange_at(&addr, pin, request.clone()).await;
+        let mut tries = 0;
+        while let Err(EnrollError::Busy { retry_after, .. }) = &answer {
+            tries += 1;
+            let Some(wait) = busy_wait(*retry_after, tries, rand::random()) else { break };
+            tracing::info!(hub = %addr, ?wait, "The hub is busy admitting other devices; asking again when it said.");
+            tokio::time::sleep(wait).await;
+            answer = exchange_at(&addr, pin, request.clone()).await;
+        }
+        match answer {
             Ok(message) => {
                 reply = Some(Ok(message));
                 break;
@@ -139,17 +171,35 @@ async fn exchange_at(addr: &str, pin: Fingerprint, request: EnrollRequest) -> Re
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-        let (mut send, recv) = connection.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+        // A hub past its accept rate closes the connection with a time to
+        // come back: that, rather than the broken stream, is the answer.
+        let busy = |connection: &quinn::Connection| match connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == outpost_shared::protocol::CLOSE_BUSY.into() =>
+            {
+                let retry_after =
+                    outpost_shared::protocol::retry_after_of(&close.reason).unwrap_or(Duration::from_secs(1));
+                Some(EnrollError::Busy { addr: hub.clone(), retry_after })
+            }
+            _ => None,
+        };
+        let (mut send, recv) =
+            connection.open_bi().await.map_err(|e| busy(&connection).unwrap_or_else(|| connect_err(e.to_string())))?;
         let max = outpost_shared::frame::DEFAULT_MAX_FRAME;
-        write_message(&mut send, Message::Enroll(request), max).await.map_err(|e| connect_err(e.to_string()))?;
+        write_message(&mut send, Message::Enroll(request), max)
+            .await
+            .map_err(|e| busy(&connection).unwrap_or_else(|| connect_err(e.to_string())))?;
         let _ = send.finish();
         let reply = FrameReader::new(recv, max).next().await;
+        // Read before our own close, which replaces the reason.
+        let turned_away = busy(&connection);
         connection.close(0u32.into(), b"");
-        match reply {
-            Ok(Some(envelope)) => Ok(envelope.message),
-            Ok(None) => Err(EnrollError::BadReply("the hub closed the stream without answering".into())),
-            Err(StreamError::Io(e)) => Err(connect_err(e.to_string())),
-            Err(e) => Err(EnrollError::BadReply(e.to_string())),
+        match (reply, turned_away) {
+            (Ok(Some(envelope)), _) => Ok(envelope.message),
+            (_, Some(busy)) => Err(busy),
+            (Ok(None), None) => Err(EnrollError::BadReply("the hub closed the stream without answering".into())),
+            (Err(StreamError::Io(e)), None) => Err(connect_err(e.to_string())),
+            (Err(e), None) => Err(EnrollError::BadReply(e.to_string())),
         }
     };
     let reply = tokio::time::timeout(Duration::from_secs(30), exchange)
@@ -159,4 +209,20 @@ async fn exchange_at(addr: &str, pin: Fingerprint, request: EnrollRequest) -> Re
         .map_err(|e| if pin_outcome.mismatched() { EnrollError::PinMismatch { addr: hub.clone(), pin } } else { e })?;
     endpoint.wait_idle().await;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_hub_is_asked_again_when_it_said_a_bounded_number_of_times() {
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(busy_wait(ms(2500), 1, 0.0), Some(ms(2500)));
+        assert_eq!(busy_wait(ms(2500), 1, 1.0), Some(ms(2750)));
+        assert_eq!(busy_wait(Duration::ZERO, 1, 0.0), Some(ms(100)), "never at once");
+        assert_eq!(busy_wait(Duration::from_secs(3600), 1, 0.0), Some(Duration::from_secs(60)), "at most a minute");
+        assert_eq!(busy_wait(ms(2500), BUSY_TRIES - 1, 0.0), Some(ms(2500)));
+        assert_eq!(busy_wait(ms(2500), BUSY_TRIES, 0.0), None);
+    }
 }

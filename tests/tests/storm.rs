@@ -62,3 +62,44 @@ fn a_fleet_reconnecting_at_once_is_admitted_at_the_hubs_rate_and_obeys_its_retry
     let obeyed = agents.iter().filter(|a| a.log_text().contains("coming back when it said")).count();
     assert!(obeyed as f64 >= busy / 2.0, "{obeyed} agents logged that they obey the hub's retry-after");
 }
+
+/// Devices enrolled all at once past the door's rate are told to come back
+/// and enroll when they do: `outpost-agent enroll` obeys the busy answer
+/// instead of failing.
+#[test]
+fn enrollments_past_the_hubs_rate_wait_their_turn_and_succeed() {
+    const DEVICES: usize = 5;
+    let scratch = Scratch::new().unwrap();
+    let mut hub = Hub::start(scratch.path(), Timings::default()).unwrap();
+    hub.kill();
+    hub.quic_extra = "accept_rate = 2\naccept_burst = 1\n".into();
+    hub.serve().unwrap();
+    let tokens: Vec<String> = (0..DEVICES).map(|_| hub.token("10m", 1).unwrap()).collect();
+    let enrolls: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let dir = scratch.path().join(format!("late-{i}"));
+            std::thread::spawn(move || {
+                outpost_tests::run(
+                    std::process::Command::new(outpost_tests::bin("outpost-agent"))
+                        .args(["enroll", "--name", &format!("late-{i}"), "--token", &token, "--data-dir"])
+                        .arg(&dir),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    for (i, enroll) in enrolls.into_iter().enumerate() {
+        let out = enroll.join().unwrap();
+        assert!(
+            out.status.success(),
+            "enrollment {i} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let busy = metric(&hub, "outpost_hub_connections_turned_away_total{reason=\"busy\"}");
+    assert!(busy >= 1.0, "no enrollment came past the door's rate ({busy} busy answers)");
+    assert_eq!(hub.devices().unwrap().len(), DEVICES);
+}
