@@ -80,14 +80,10 @@ pub enum EnrollError {
 const BUSY_TRIES: u32 = 20;
 
 /// How long to wait before asking a busy hub again, after `tries` busy
-/// answers: what it asked (at most a minute) and up to a tenth more;
-/// `None` once [`BUSY_TRIES`] answers were busy. Pure.
+/// answers: as a session would ([`crate::uplink::come_back_after`]), at
+/// most a minute; `None` once [`BUSY_TRIES`] answers were busy. Pure.
 fn busy_wait(retry_after: Duration, tries: u32, jitter: f64) -> Option<Duration> {
-    if tries >= BUSY_TRIES {
-        return None;
-    }
-    let wait = retry_after.clamp(Duration::from_millis(100), Duration::from_secs(60));
-    Some(wait + (wait / 10).mul_f64(jitter.clamp(0.0, 1.0)))
+    (tries < BUSY_TRIES).then(|| crate::uplink::come_back_after(retry_after.min(Duration::from_secs(60)), jitter))
 }
 
 /// Enrolls this device with `token_text`, storing the identity in `data_dir`.
@@ -173,15 +169,15 @@ async fn exchange_at(addr: &str, pin: Fingerprint, request: EnrollRequest) -> Re
             .map_err(|e| connect_err(e.to_string()))?;
         // A hub past its accept rate closes the connection with a time to
         // come back: that, rather than the broken stream, is the answer.
-        let busy = |connection: &quinn::Connection| match connection.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(close))
-                if close.error_code == outpost_shared::protocol::CLOSE_BUSY.into() =>
-            {
-                let retry_after =
-                    outpost_shared::protocol::retry_after_of(&close.reason).unwrap_or(Duration::from_secs(1));
-                Some(EnrollError::Busy { addr: hub.clone(), retry_after })
+        let busy = |connection: &quinn::Connection| {
+            let turned = connection.close_reason().map(crate::uplink::LinkError::Connection)?.turned_away();
+            match turned? {
+                crate::uplink::TurnedAway::Busy(retry_after) => {
+                    Some(EnrollError::Busy { addr: hub.clone(), retry_after })
+                }
+                // Refused before the handshake: the connect itself failed.
+                crate::uplink::TurnedAway::AtTheDoor => None,
             }
-            _ => None,
         };
         let (mut send, recv) =
             connection.open_bi().await.map_err(|e| busy(&connection).unwrap_or_else(|| connect_err(e.to_string())))?;
@@ -222,6 +218,7 @@ mod tests {
         assert_eq!(busy_wait(ms(2500), 1, 1.0), Some(ms(2750)));
         assert_eq!(busy_wait(Duration::ZERO, 1, 0.0), Some(ms(100)), "never at once");
         assert_eq!(busy_wait(Duration::from_secs(3600), 1, 0.0), Some(Duration::from_secs(60)), "at most a minute");
+        assert_eq!(busy_wait(Duration::from_secs(3600), 1, 1.0), Some(Duration::from_secs(61)));
         assert_eq!(busy_wait(ms(2500), BUSY_TRIES - 1, 0.0), Some(ms(2500)));
         assert_eq!(busy_wait(ms(2500), BUSY_TRIES, 0.0), None);
     }

@@ -145,11 +145,16 @@ pub fn wait_before_retry(turned: Option<TurnedAway>, backoff: &mut Backoff, jitt
     let delay = backoff.next_delay();
     match turned {
         None | Some(TurnedAway::AtTheDoor) => delay,
-        Some(TurnedAway::Busy(after)) => {
-            let after = after.max(Duration::from_millis(100));
-            after + (after / 10).min(Duration::from_secs(1)).mul_f64(jitter.clamp(0.0, 1.0))
-        }
+        Some(TurnedAway::Busy(after)) => come_back_after(after, jitter),
     }
+}
+
+/// When to come back to a hub that said "after `after`": then (at least
+/// 100 ms), plus up to a tenth more, at most a second (`jitter` in
+/// `[0, 1)`), so devices told the same time do not meet again. Pure.
+pub fn come_back_after(after: Duration, jitter: f64) -> Duration {
+    let after = after.max(Duration::from_millis(100));
+    after + (after / 10).min(Duration::from_secs(1)).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 impl LinkError {

@@ -331,14 +331,17 @@ impl Backups {
 
     /// Bytes of chunks `device` holds at the hub.
     fn held(&self, device: &DeviceId) -> u64 {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        *held.entry(device.clone()).or_insert_with(|| {
-            use std::os::unix::fs::MetadataExt;
-            let chunks = self.dir.join(device.as_str()).join("chunks");
-            let files = std::fs::read_dir(chunks).into_iter().flatten().flatten();
-            let dirs = files.filter_map(|d| std::fs::read_dir(d.path()).ok());
-            dirs.flatten().flatten().filter_map(|f| f.metadata().ok()).map(|m| m.size()).sum()
-        })
+        if let Some(held) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get(device) {
+            return *held;
+        }
+        // Counted without the lock: other devices' chunks do not wait on
+        // this walk.
+        use std::os::unix::fs::MetadataExt;
+        let chunks = self.dir.join(device.as_str()).join("chunks");
+        let files = std::fs::read_dir(chunks).into_iter().flatten().flatten();
+        let dirs = files.filter_map(|d| std::fs::read_dir(d.path()).ok());
+        let counted = dirs.flatten().flatten().filter_map(|f| f.metadata().ok()).map(|m| m.size()).sum();
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()).entry(device.clone()).or_insert(counted)
     }
 
     fn retention(&self) -> outpost_shared::retention::Retention {
