@@ -280,13 +280,7 @@ impl DeviceView {
     /// refused its expired certificate since it was last seen), `offline`,
     /// or `never` (never connected).
     pub fn state(&self) -> &'static str {
-        match (self.online, self.certificate_expired.is_some(), self.last_seen.is_some()) {
-            _ if self.revoked.is_some() => "revoked",
-            (true, _, _) => "online",
-            (false, true, _) => "expired",
-            (false, false, true) => "offline",
-            (false, false, false) => "never",
-        }
+        state_word(self.revoked.is_some(), self.online, self.certificate_expired.is_some(), self.last_seen.is_some())
     }
 
     /// Builds the view of a fleet row with its live presence, at `now`.
@@ -298,8 +292,7 @@ impl DeviceView {
         now: Timestamp,
     ) -> Self {
         let crate::store::FleetRow { record, labels, digest, high_water, admission, session, cert_expires } = row;
-        // Refused after it was last heard from: the refusal is the news.
-        let expired = admission.expired_seen.filter(|&at| last_seen.is_none_or(|seen| seen < at));
+        let expired = expired_since(&admission, last_seen);
         let offline = offline_reason(online, last_seen, session.as_ref(), &admission, expired);
         let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
         DeviceView {
@@ -336,6 +329,25 @@ impl DeviceView {
                 .collect(),
         }
     }
+}
+
+/// One word for a device's state: `revoked`, `online`, `expired` (the hub
+/// refused its expired certificate since it was last seen), `offline`, or
+/// `never` (never connected). Pure.
+pub fn state_word(revoked: bool, online: bool, expired: bool, seen: bool) -> &'static str {
+    match (online, expired, seen) {
+        _ if revoked => "revoked",
+        (true, _, _) => "online",
+        (false, true, _) => "expired",
+        (false, false, true) => "offline",
+        (false, false, false) => "never",
+    }
+}
+
+/// When the hub refused the device's expired certificate, if it did so
+/// after the device was last heard from (the refusal is then the news).
+pub fn expired_since(admission: &crate::store::Admission, last_seen: Option<Timestamp>) -> Option<Timestamp> {
+    admission.expired_seen.filter(|&at| last_seen.is_none_or(|seen| seen < at))
 }
 
 /// Error body of every failed API call.

@@ -423,10 +423,11 @@ impl Client {
         self.call("POST", &format!("/api/v1/devices/{id}/commands"), Some(body))
     }
 
-    /// `GET /api/v1/devices/{id}/commands`
+    /// `GET /api/v1/devices/{id}/commands`: every command of the device,
+    /// oldest first, following the pages' `Link` headers.
     pub fn commands(&self, id: &str) -> Result<Vec<CommandView>, ClientError> {
         let id = &seg(id);
-        self.get(&format!("/api/v1/devices/{id}/commands"))
+        self.every_page(format!("/api/v1/devices/{id}/commands?limit={}", crate::service::listing::MAX_PAGE))
     }
 
     /// `GET /api/v1/commands/{id}`
@@ -438,11 +439,16 @@ impl Client {
     /// Every device matching `query` (`selector=...&status=...`, may be
     /// empty), following the pages' `Link` headers.
     pub fn devices_where(&self, query: &str) -> Result<Vec<DeviceView>, ClientError> {
-        let mut path = if query.contains("limit=") {
+        self.every_page(if query.contains("limit=") {
             format!("/api/v1/devices?{query}")
         } else {
             format!("/api/v1/devices?limit={}&{query}", crate::service::listing::MAX_PAGE)
-        };
+        })
+    }
+
+    /// Every item of a paged list from `path` on, following the pages'
+    /// `Link: <...>; rel="next"` headers.
+    fn every_page<T: serde::de::DeserializeOwned>(&self, mut path: String) -> Result<Vec<T>, ClientError> {
         let mut all = Vec::new();
         loop {
             let url = format!("{}{path}", self.base);
@@ -466,7 +472,7 @@ impl Client {
                 let message = serde_json::from_str::<ApiError>(&text).map(|e| e.error).unwrap_or(text);
                 return Err(ClientError::Status { url, status, message });
             }
-            let page: Vec<DeviceView> = serde_json::from_str(&text)
+            let page: Vec<T> = serde_json::from_str(&text)
                 .map_err(|e| ClientError::Decode { url: url.clone(), message: e.to_string() })?;
             all.extend(page);
             match next {

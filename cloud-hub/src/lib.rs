@@ -351,6 +351,10 @@ async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
     let several_hubs = fleet.store().shared();
     let mut tick = tokio::time::interval(PRESENCE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // This hub says it is alive to the others (their fleet indexes then
+    // read what it writes: see `service::index`).
+    let lease = format!("{}{}", service::index::HUB_LEASE, fleet.hub_id());
+    let mut lease_taken: Option<std::time::Instant> = None;
     loop {
         let woken = async {
             match notes.as_mut() {
@@ -359,12 +363,23 @@ async fn wakeups(fleet: Arc<Fleet>, shutdown: CancellationToken) {
             }
         };
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                if lease_taken.is_some() && let Err(e) = fleet.store().release_lease(&lease, fleet.hub_id()).await {
+                    tracing::debug!(error = %e, "This hub's lease was not given back; it expires by itself.");
+                }
+                return;
+            }
             Some(device) = woken => fleet.poke(&device),
             _ = tick.tick() => {
                 let local = fleet.local_sessions();
                 if let Err(e) = fleet.store().touch_sessions(fleet.hub_id(), &local).await {
                     tracing::debug!(error = %e, "Session presence not written.");
+                }
+                if several_hubs && lease_taken.is_none_or(|t| t.elapsed() >= service::index::RESYNC) {
+                    match fleet.store().take_lease(&lease, fleet.hub_id(), service::index::HUB_LEASE_TTL).await {
+                        Ok(_) => lease_taken = Some(std::time::Instant::now()),
+                        Err(e) => tracing::debug!(error = %e, "This hub's lease was not renewed."),
+                    }
                 }
                 if several_hubs {
                     let ids: Vec<_> = local.into_iter().map(|(id, _)| id).collect();

@@ -171,6 +171,32 @@ fn a_long_queue_of_commands_is_delivered_in_several_deliveries_each_run_once() {
             other => panic!("command {i}: {other:?}"),
         }
     }
+    // The device's command list pages: 100, 100, 50, oldest first, each
+    // page naming the next in its Link header, the count in all beside.
+    let mut path = format!("/api/v1/devices/{}/commands?limit=100", agent.id);
+    let mut paged: Vec<u64> = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        let mut answer = ureq::get(format!("{}{path}", hub.api))
+            .header("Authorization", &format!("Bearer {}", hub.admin_token))
+            .call()
+            .unwrap();
+        assert_eq!(answer.headers().get("x-total-count").unwrap().to_str().unwrap(), "250");
+        let link = answer.headers().get("link").map(|v| v.to_str().unwrap().to_owned());
+        let page: Vec<outpost_hub::api::CommandView> =
+            serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        sizes.push(page.len());
+        paged.extend(page.iter().map(|c| c.id));
+        match link {
+            Some(link) => path = link.trim_start_matches('<').split(">;").next().unwrap().to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!((sizes, paged), (vec![100, 100, 50], ids.clone()));
+    let bad = ureq::get(format!("{}/api/v1/devices/{}/commands?after=nope", hub.api, agent.id))
+        .header("Authorization", &format!("Bearer {}", hub.admin_token))
+        .call();
+    assert!(matches!(bad, Err(ureq::Error::StatusCode(422))), "{bad:?}");
     let results = client
         .events(&agent.id, 10_000)
         .unwrap()

@@ -278,8 +278,20 @@ fn commands_move_queued_delivered_completed_or_expired_once() {
             other => panic!("not completed: {other:?}"),
         }
         assert_eq!(store.command(theirs.id).await.unwrap().unwrap().state, CommandState::Queued);
-        let all: Vec<u64> = store.device_commands(&id).await.unwrap().into_iter().map(|c| c.id).collect();
-        assert_eq!(all, [a.id, b.id, c.id]);
+        let page = |after, limit| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let (page, total) = store.device_commands(&id, after, limit).await.unwrap();
+                (page.into_iter().map(|c| c.id).collect::<Vec<u64>>(), total)
+            }
+        };
+        assert_eq!(page(0, 10).await, (vec![a.id, b.id, c.id], 3));
+        // Pages from a cursor (the last id of the page before), oldest first.
+        assert_eq!(page(0, 2).await, (vec![a.id, b.id], 3));
+        assert_eq!(page(b.id, 2).await, (vec![c.id], 3));
+        assert_eq!(page(c.id, 2).await, (vec![], 3));
+        assert_eq!(page(u64::MAX, 2).await, (vec![], 3));
         // The newest of one device's, newest first, bounded.
         assert_eq!(ids(store.newest_device_commands(&id, 2).await.unwrap()), [c.id, b.id]);
         assert_eq!(ids(store.newest_device_commands(&id, 10).await.unwrap()), [c.id, b.id, a.id]);
@@ -591,5 +603,77 @@ fn fleet_rows_carry_labels_digests_and_sessions_and_the_audit_log_pages() {
         let kept = store.audit(&q(None, None, None, 10)).await.unwrap();
         assert_eq!(kept.iter().map(|e| e.at.0).collect::<Vec<_>>(), [1004, 1003]);
         assert_eq!(store.prune_audit(Timestamp(1003)).await.unwrap(), 0);
+    });
+}
+
+/// The fleet index of a hub answers from memory and stays current: a write
+/// through this process is seen by the next read (the store names the
+/// devices whose rows it changed, and only those), and on PostgreSQL a
+/// write by another hub within the index's resync period.
+#[test]
+fn the_fleet_index_sees_this_hubs_writes_at_once_and_another_hubs_soon() {
+    use outpost_hub::service::fleet::Fleet;
+    use outpost_hub::service::listing::{DeviceQuery, Selector};
+    on_both(|store| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = |store: Store| {
+            let backups = outpost_hub::service::backups::Backups::new(dir.path(), store.clone());
+            Fleet::new(store, backups, std::time::Duration::from_secs(15), Default::default(), Default::default())
+        };
+        let here = fleet(store.clone());
+        let a = enrolled(&store, "dev-a").await;
+        assert_eq!(here.overview(0).await.unwrap().devices, 1);
+        let b = enrolled(&store, "dev-b").await;
+        let prod = |text: &str| DeviceQuery {
+            selector: Some(Selector::parse(text).unwrap()),
+            limit: 10,
+            ..Default::default()
+        };
+        let ids = |page: outpost_hub::service::listing::Page| page.rows.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(here.list(&DeviceQuery { limit: 10, ..Default::default() }).await.unwrap().unwrap()),
+            ["dev-a", "dev-b"]
+        );
+        assert!(store.take_changed().is_empty(), "the index took what changed");
+
+        // Reads change nothing; a write names its device and no other.
+        store.fleet_rows(None).await.unwrap();
+        store.touch_sessions("hub-x", &[(a.clone(), Timestamp::now())]).await.unwrap();
+        assert!(store.take_changed().is_empty());
+        let labels = [("env".to_owned(), "prod".to_owned())].into_iter().collect();
+        store.set_labels(&b, &labels).await.unwrap();
+        assert_eq!(store.take_changed(), std::slice::from_ref(&b));
+        store.put_back_changed(vec![b.clone()]);
+        assert_eq!(ids(here.list(&prod("env=prod")).await.unwrap().unwrap()), ["dev-b"]);
+        store.ingest(&a, &[telemetry(1, now_ms())]).await.unwrap();
+        assert_eq!(store.take_changed(), std::slice::from_ref(&a));
+        store.put_back_changed(vec![a.clone()]);
+        assert_eq!(here.device(&a).await.unwrap().unwrap().last_seq, 1);
+
+        if store.shared() {
+            // Another hub on the same database sets a label (a write this
+            // process's record of changes does not hold). While no other
+            // hub is alive the index never reads every row again; once one
+            // holds its lease, the index finds the change within its resync
+            // period, answering from what it holds meanwhile.
+            use outpost_hub::service::index::{HUB_LEASE, HUB_LEASE_TTL, RESYNC};
+            store.set_labels(&a, &labels).await.unwrap();
+            drop(store.take_changed());
+            let alone_until = std::time::Instant::now() + RESYNC * 2;
+            while std::time::Instant::now() < alone_until {
+                assert_eq!(ids(here.list(&prod("env=prod")).await.unwrap().unwrap()), ["dev-b"], "read again alone");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            assert!(store.take_lease(&format!("{HUB_LEASE}hub-other"), "hub-other", HUB_LEASE_TTL).await.unwrap());
+            let deadline = std::time::Instant::now() + RESYNC * 4;
+            loop {
+                let found = ids(here.list(&prod("env=prod")).await.unwrap().unwrap());
+                if found == ["dev-a", "dev-b"] {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "another hub's label not seen: {found:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
     });
 }

@@ -8,6 +8,8 @@
 //! that timeout, not after QUIC's idle timeout.
 
 use crate::api::DeviceView;
+use crate::service::index::{FleetIndex, Listing};
+use crate::service::listing::{Brief, DeviceQuery, Overview, Page, Selector, overview, select};
 use crate::store::{FleetRow, Store, StoreError};
 use outpost_shared::DeviceId;
 use outpost_shared::time::Timestamp;
@@ -56,6 +58,10 @@ struct Presence {
     downlink: Arc<Notify>,
 }
 
+/// A device's presence on this hub: when it was last heard from, and the
+/// transport of its live session here, if it has one.
+type Local = (Timestamp, Option<&'static str>);
+
 /// Fleet state shared by the QUIC endpoint and the HTTP API.
 #[derive(Debug)]
 pub struct Fleet {
@@ -74,6 +80,8 @@ pub struct Fleet {
     throttle: Mutex<crate::service::throttle::Throttle>,
     /// Records and bytes per second a device's batches may bring.
     device_rate: crate::service::pace::DeviceRate,
+    /// Every device's fleet row, in memory.
+    index: Arc<FleetIndex>,
 }
 
 /// A token's last use is written at most this often.
@@ -101,6 +109,7 @@ impl Fleet {
             admissions: std::sync::Arc::default(),
             throttle: Mutex::new(crate::service::throttle::Throttle::new(failed_auth)),
             device_rate,
+            index: Arc::default(),
         }
     }
 
@@ -247,14 +256,17 @@ impl Fleet {
         }
     }
 
-    /// The API's view of one fleet row, with this hub's presence: no store
-    /// call.
-    pub fn view(&self, row: FleetRow, now: Timestamp) -> DeviceView {
-        let local = self.presence().get(&row.record.id).map(|p| (p.last_seen, p.link.as_ref().map(Link::transport)));
+    /// When the device of `row` was last heard from, whether it is online,
+    /// and what carries its session now (if one is live): from this hub's
+    /// presence, else from the hub that holds its session.
+    fn facts<'a>(
+        &self,
+        local: Option<Local>,
+        row: &'a FleetRow,
+        now: Timestamp,
+    ) -> (Option<Timestamp>, bool, Option<&'a str>) {
         let (last_seen, transport) = match local {
-            Some((seen, Some(transport))) => {
-                (Some(seen.max(row.record.last_seen.unwrap_or(seen))), Some(transport.to_owned()))
-            }
+            Some((seen, Some(transport))) => (Some(seen.max(row.record.last_seen.unwrap_or(seen))), Some(transport)),
             // Not here: the hub that holds its session says when it last
             // heard from it (every hub answers the same).
             _ => {
@@ -264,7 +276,7 @@ impl Fleet {
                 let live = session.filter(|s| {
                     s.seen.until(now) < self.heartbeat_timeout && s.hub != self.hub_id && s.ended.is_none()
                 });
-                (seen, live.map(|s| s.transport.clone()))
+                (seen, live.map(|s| s.transport.as_str()))
             }
         };
         // A session that ended (the device closed it, it timed out, the hub
@@ -273,19 +285,100 @@ impl Fleet {
         let ended = transport.is_none()
             && row.session.as_ref().and_then(|s| s.ended.as_ref()).is_some_and(|(at, _)| last_seen <= Some(*at));
         let online = !ended && last_seen.is_some_and(|t| t.until(now) < self.heartbeat_timeout);
+        (last_seen, online, transport)
+    }
+
+    /// This hub's presence of `id`: when it was last heard from, and what
+    /// carries its session here, if one does.
+    fn local(&self, id: &DeviceId) -> Option<Local> {
+        self.presence().get(id).map(|p| (p.last_seen, p.link.as_ref().map(Link::transport)))
+    }
+
+    /// The API's view of one fleet row, with this hub's presence: no store
+    /// call.
+    pub fn view(&self, row: FleetRow, now: Timestamp) -> DeviceView {
+        let (last_seen, online, transport) = {
+            let (seen, online, transport) = self.facts(self.local(&row.record.id), &row, now);
+            (seen, online, transport.map(str::to_owned))
+        };
         DeviceView::new(row, last_seen, online, transport.as_deref(), now)
     }
 
     /// Every device (or those in `only`), as the API shows them, ordered by
-    /// id: one store read.
+    /// id, from the fleet index.
     pub async fn views(&self, only: Option<&[DeviceId]>) -> Result<Vec<DeviceView>, StoreError> {
-        let rows = self.store.fleet_rows(only).await?;
+        self.index.refresh(&self.store, &self.hub_id).await?;
+        let rows: Vec<Arc<FleetRow>> = {
+            let held = self.index.rows();
+            match only {
+                Some(ids) => {
+                    let mut ids = ids.to_vec();
+                    ids.sort();
+                    ids.dedup();
+                    ids.iter().filter_map(|id| held.get(id).cloned()).collect()
+                }
+                None => held.values().cloned().collect(),
+            }
+        };
         let now = Timestamp::now();
-        Ok(rows.into_iter().map(|row| self.view(row, now)).collect())
+        Ok(rows.into_iter().map(|row| self.view(FleetRow::clone(&row), now)).collect())
     }
 
     /// One device, as the API shows it.
     pub async fn device(&self, id: &DeviceId) -> Result<Option<DeviceView>, StoreError> {
         Ok(self.views(Some(std::slice::from_ref(id))).await?.pop())
+    }
+
+    /// Runs `f` over every device's brief (id order), from the fleet index
+    /// brought up to date: what the list, the overview and bulk actions
+    /// decide by, without building a view per device. The index and this
+    /// hub's presence are read-locked meanwhile: `f` computes, no more.
+    pub async fn with_briefs<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = Listing<'_>>) -> R,
+    ) -> Result<R, StoreError> {
+        self.index.refresh(&self.store, &self.hub_id).await?;
+        let now = Timestamp::now();
+        // A copy, so that sessions do not wait for the presence lock while
+        // `f` runs.
+        let presence: HashMap<DeviceId, Local> = self
+            .presence()
+            .iter()
+            .map(|(id, p)| (id.clone(), (p.last_seen, p.link.as_ref().map(Link::transport))))
+            .collect();
+        let rows = self.index.rows();
+        let mut items = rows.values().map(|row| {
+            let (seen, online, _) = self.facts(presence.get(&row.record.id).copied(), row, now);
+            Listing { brief: Brief::of_row(row, seen, online, now), row }
+        });
+        Ok(f(&mut items))
+    }
+
+    /// One page of the device list (`Err` with the reason for a bad
+    /// cursor): views are built for its rows only.
+    pub async fn list(&self, query: &DeviceQuery) -> Result<Result<Page, String>, StoreError> {
+        let page = self.with_briefs(|items| select(items, query).map(|p| p.map(|l| l.row.clone()))).await?;
+        let now = Timestamp::now();
+        Ok(page.map(|p| p.map(|row| self.view(FleetRow::clone(&row), now))))
+    }
+
+    /// The fleet at a glance, `worst` devices in the behind list.
+    pub async fn overview(&self, worst: usize) -> Result<Overview, StoreError> {
+        self.with_briefs(|items| overview(items, worst)).await
+    }
+
+    /// Keys `selector` names that no device carries (most likely a typo).
+    pub async fn unknown_keys(&self, selector: &Selector) -> Result<Vec<String>, StoreError> {
+        self.index.refresh(&self.store, &self.hub_id).await?;
+        let rows = self.index.rows();
+        Ok(selector.unknown_keys(rows.values().map(|r| &r.labels)).into_iter().map(str::to_owned).collect())
+    }
+
+    /// Views of the devices whose brief passes `keep`, ordered by id.
+    pub async fn views_where(&self, keep: impl Fn(&Brief<'_>) -> bool) -> Result<Vec<DeviceView>, StoreError> {
+        let rows: Vec<Arc<FleetRow>> =
+            self.with_briefs(|items| items.filter(|l| keep(&l.brief)).map(|l| l.row.clone()).collect()).await?;
+        let now = Timestamp::now();
+        Ok(rows.into_iter().map(|row| self.view(FleetRow::clone(&row), now)).collect())
     }
 }

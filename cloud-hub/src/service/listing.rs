@@ -6,7 +6,9 @@
 use crate::api::DeviceView;
 use crate::store::Labels;
 use base64::Engine as _;
+use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Most labels on one device.
 pub const MAX_LABELS: usize = 32;
@@ -133,16 +135,110 @@ impl Selector {
 
 /// Picks the devices a bulk action acts on: refuses a selector naming a
 /// label no device has, and one that matches nothing.
-pub fn bulk_targets<'a>(selector: &Selector, views: &'a [DeviceView]) -> Result<Vec<&'a DeviceView>, String> {
-    let unknown = selector.unknown_keys(views.iter().map(|v| &v.labels));
+pub fn bulk_targets<'a, 'b, T: Listed<'a>>(selector: &Selector, items: &'b [T]) -> Result<Vec<&'b T>, String> {
+    let unknown = selector.unknown_keys(items.iter().map(|v| v.brief().labels));
     if !unknown.is_empty() {
         return Err(format!("selector {:?}: no device has the label {}", selector.text(), unknown.join(", ")));
     }
-    let matched: Vec<&DeviceView> = views.iter().filter(|v| selector.matches(&v.labels)).collect();
+    let matched: Vec<&T> = items.iter().filter(|v| selector.matches(v.brief().labels)).collect();
     if matched.is_empty() {
         return Err(format!("selector {:?} matches no device", selector.text()));
     }
     Ok(matched)
+}
+
+/// What the device list's filters and sorts and the overview look at, in
+/// one device: borrowed from its view, or from its fleet row and presence
+/// (so that a list of 100,000 devices builds views for its page only).
+#[derive(Debug, Clone, Copy)]
+pub struct Brief<'a> {
+    /// Device id.
+    pub id: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its labels.
+    pub labels: &'a Labels,
+    /// Agent version.
+    pub version: Option<&'a str>,
+    /// Where it last connected from.
+    pub address: Option<&'a str>,
+    /// Heard from within the heartbeat timeout.
+    pub online: bool,
+    /// When it was last heard from (ms since the epoch).
+    pub last_seen_ms: Option<u64>,
+    /// How far its newest stored record lags behind now.
+    pub behind_secs: Option<u64>,
+    /// Alarms raised and not cleared.
+    pub alarmed: bool,
+    /// One word for its state ([`crate::api::state_word`]).
+    pub state: &'static str,
+    /// It refused its latest desired state.
+    pub refused: bool,
+    /// A job's latest runs failed.
+    pub failing: bool,
+    /// Failed job attempts in the last 24 hours.
+    pub failed_runs_24h: usize,
+    /// A scheduled backup is overdue.
+    pub overdue: bool,
+}
+
+impl<'a> Brief<'a> {
+    /// The brief of a fleet row, with its presence (when it was last heard
+    /// from, whether it is online) at `now`: what [`DeviceView::new`] would
+    /// show, without building the view.
+    pub fn of_row(row: &'a crate::store::FleetRow, last_seen: Option<Timestamp>, online: bool, now: Timestamp) -> Self {
+        let digest = &row.digest;
+        let expired = crate::api::expired_since(&row.admission, last_seen);
+        Brief {
+            id: row.record.id.as_str(),
+            name: &row.record.name,
+            labels: &row.labels,
+            version: row.record.agent_version.as_deref(),
+            address: row.record.last_addr.as_deref(),
+            online,
+            last_seen_ms: last_seen.map(|t| t.0),
+            behind_secs: digest.behind(now).map(|d| d.as_secs()),
+            alarmed: digest.alarmed(),
+            state: crate::api::state_word(
+                row.admission.revoked_at.is_some(),
+                online,
+                expired.is_some(),
+                last_seen.is_some(),
+            ),
+            refused: digest.desired_error.is_some(),
+            failing: !digest.failing.is_empty(),
+            failed_runs_24h: digest.failed_runs_since(Timestamp(now.0.saturating_sub(86_400_000))),
+            overdue: !digest.overdue_backups(now).is_empty(),
+        }
+    }
+}
+
+/// Something the device list can filter, sort and count, with a brief
+/// borrowed for `'a`.
+pub trait Listed<'a> {
+    /// What the list looks at.
+    fn brief(&self) -> Brief<'a>;
+}
+
+impl<'a> Listed<'a> for &'a DeviceView {
+    fn brief(&self) -> Brief<'a> {
+        Brief {
+            id: &self.id,
+            name: &self.name,
+            labels: &self.labels,
+            version: self.agent_version.as_deref(),
+            address: self.address.as_deref(),
+            online: self.online,
+            last_seen_ms: self.last_seen_ms,
+            behind_secs: self.behind_secs,
+            alarmed: self.alarmed,
+            state: self.state(),
+            refused: self.desired_error.is_some(),
+            failing: !self.failing_jobs.is_empty(),
+            failed_runs_24h: self.failed_runs_24h,
+            overdue: !self.overdue_backups.is_empty(),
+        }
+    }
 }
 
 /// A device's state for the status filter.
@@ -186,16 +282,16 @@ impl Status {
         }
     }
 
-    fn holds(self, v: &DeviceView) -> bool {
+    fn holds(self, v: &Brief<'_>) -> bool {
         match self {
             Status::Online => v.online,
-            Status::Offline => !v.online && v.last_seen.is_some(),
-            Status::Never => v.last_seen.is_none(),
+            Status::Offline => !v.online && v.last_seen_ms.is_some(),
+            Status::Never => v.last_seen_ms.is_none(),
             Status::Alarmed => v.alarmed,
-            Status::Expired => v.state() == "expired",
-            Status::Revoked => v.revoked.is_some(),
-            Status::Refused => v.desired_error.is_some(),
-            Status::Failing => !v.failing_jobs.is_empty(),
+            Status::Expired => v.state == "expired",
+            Status::Revoked => v.state == "revoked",
+            Status::Refused => v.refused,
+            Status::Failing => v.failing,
         }
     }
 }
@@ -237,14 +333,38 @@ impl Sort {
     }
 
     /// The key rows are ordered by (ascending), ties broken by id.
-    fn key(self, v: &DeviceView) -> String {
+    fn key<'a>(self, v: &Brief<'a>) -> Key<'a> {
         match self {
-            Sort::Name => v.name.to_lowercase(),
-            Sort::LastSeen => format!("{:020}", u64::MAX - v.last_seen_ms.unwrap_or(0)),
-            Sort::Version => invert(&version_key(v.agent_version.as_deref().unwrap_or(""))),
-            Sort::Behind => format!("{:020}", u64::MAX - v.behind_secs.unwrap_or(0)),
+            Sort::Name if v.name.chars().any(char::is_uppercase) => Key::Text(Cow::Owned(v.name.to_lowercase())),
+            Sort::Name => Key::Text(Cow::Borrowed(v.name)),
+            Sort::LastSeen => Key::Number(u64::MAX - v.last_seen_ms.unwrap_or(0)),
+            Sort::Version => Key::Text(Cow::Owned(invert(&version_key(v.version.unwrap_or(""))))),
+            Sort::Behind => Key::Number(u64::MAX - v.behind_secs.unwrap_or(0)),
         }
     }
+
+    /// A key as a cursor carries it (numbers as 20 digits, so that the
+    /// text orders as the number), and back.
+    fn key_text(key: &Key<'_>) -> String {
+        match key {
+            Key::Number(n) => format!("{n:020}"),
+            Key::Text(t) => t.to_string(),
+        }
+    }
+
+    fn parse_key(self, text: &str) -> Option<Key<'static>> {
+        match self {
+            Sort::Name | Sort::Version => Some(Key::Text(Cow::Owned(text.to_owned()))),
+            Sort::LastSeen | Sort::Behind => text.parse().ok().map(Key::Number),
+        }
+    }
+}
+
+/// What one sort orders by: a number, or text (borrowed where it can be).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Number(u64),
+    Text(Cow<'a, str>),
 }
 
 /// Orders version strings by their numbers (`0.10.0` after `0.9.1`).
@@ -284,10 +404,10 @@ pub struct DeviceQuery {
 }
 
 /// One page of the device list.
-#[derive(Debug, Clone, Default)]
-pub struct Page {
+#[derive(Debug, Clone)]
+pub struct Page<T = DeviceView> {
     /// Its rows.
-    pub rows: Vec<DeviceView>,
+    pub rows: Vec<T>,
     /// Devices matching the filters in all.
     pub total: usize,
     /// The cursor of the next page, if there is one.
@@ -299,12 +419,26 @@ pub struct Page {
     pub prev: Option<String>,
 }
 
-fn cursor(sort: Sort, v: &DeviceView) -> String {
-    let text = format!("{}\u{0}{}\u{0}{}", sort.name(), sort.key(v), v.id);
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Page { rows: Vec::new(), total: 0, next: None, start: 0, prev: None }
+    }
+}
+
+impl<T> Page<T> {
+    /// The same page with each row made into something else.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        let Page { rows, total, next, start, prev } = self;
+        Page { rows: rows.into_iter().map(f).collect(), total, next, start, prev }
+    }
+}
+
+fn cursor(sort: Sort, key: &Key<'_>, id: &str) -> String {
+    let text = format!("{}\u{0}{}\u{0}{}", sort.name(), Sort::key_text(key), id);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
 
-fn parse_cursor(sort: Sort, text: &str) -> Result<(String, String), String> {
+fn parse_cursor(sort: Sort, text: &str) -> Result<(Key<'static>, String), String> {
     let bad = || format!("after: {text:?} is not a cursor of this list (use a page's next)");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
@@ -313,46 +447,64 @@ fn parse_cursor(sort: Sort, text: &str) -> Result<(String, String), String> {
     if name != sort.name() {
         return Err(format!("after: the cursor belongs to a list sorted by {name}"));
     }
-    Ok((key.to_owned(), id.to_owned()))
+    Ok((sort.parse_key(key).ok_or_else(bad)?, id.to_owned()))
 }
 
-/// Filters, sorts and pages `views` by `query`.
-pub fn select(views: Vec<DeviceView>, query: &DeviceQuery) -> Result<Page, String> {
-    let text = query.text.as_ref().map(|t| t.to_lowercase());
-    let mut rows: Vec<(String, DeviceView)> = views
-        .into_iter()
-        .filter(|v| query.selector.as_ref().is_none_or(|s| s.matches(&v.labels)))
-        .filter(|v| query.status.is_none_or(|s| s.holds(v)))
-        .filter(|v| query.version.as_ref().is_none_or(|want| v.agent_version.as_ref() == Some(want)))
-        .filter(|v| {
-            text.as_ref().is_none_or(|t| {
-                v.name.to_lowercase().contains(t)
-                    || v.id.contains(t.as_str())
-                    || v.address.as_ref().is_some_and(|a| a.contains(t.as_str()))
+impl DeviceQuery {
+    /// True if the device passes every filter; `text` is the lower-cased
+    /// search text.
+    fn admits(&self, v: &Brief<'_>, text: Option<&str>) -> bool {
+        self.selector.as_ref().is_none_or(|s| s.matches(v.labels))
+            && self.status.is_none_or(|s| s.holds(v))
+            && self.version.as_deref().is_none_or(|want| v.version == Some(want))
+            && text.is_none_or(|t| {
+                v.name.to_lowercase().contains(t) || v.id.contains(t) || v.address.is_some_and(|a| a.contains(t))
             })
-        })
-        .map(|v| (query.sort.key(&v), v))
-        .collect();
-    rows.sort_by(|(ka, a), (kb, b)| ka.cmp(kb).then_with(|| a.id.cmp(&b.id)));
-    let total = rows.len();
-    let start = match &query.after {
-        Some(after) => {
-            let (key, id) = parse_cursor(query.sort, after)?;
-            rows.partition_point(|(k, v)| (k.as_str(), v.id.as_str()) <= (key.as_str(), id.as_str()))
-        }
-        None => 0,
-    };
+    }
+}
+
+/// Filters, sorts and pages `items` by `query`, in time linear in their
+/// number: only the page (and the row that starts the previous one) is
+/// put in order, not every matching device.
+pub fn select<'a, T: Listed<'a>>(items: impl IntoIterator<Item = T>, query: &DeviceQuery) -> Result<Page<T>, String> {
+    let after = query.after.as_deref().map(|a| parse_cursor(query.sort, a)).transpose()?;
+    let text = query.text.as_ref().map(|t| t.to_lowercase());
     let limit = query.limit.clamp(1, MAX_PAGE);
+    type Row<'a, T> = (Key<'a>, &'a str, T);
+    let order = |a: &Row<'a, T>, b: &Row<'a, T>| (&a.0, a.1).cmp(&(&b.0, b.1));
+    let rows: Vec<Row<'a, T>> = items
+        .into_iter()
+        .filter_map(|v| {
+            let b = v.brief();
+            query.admits(&b, text.as_deref()).then(|| (query.sort.key(&b), b.id, v))
+        })
+        .collect();
+    let total = rows.len();
+    // Rows up to the cursor (earlier pages) and after it.
+    let (mut before, mut rest): (Vec<_>, Vec<_>) = match &after {
+        Some((key, id)) => rows.into_iter().partition(|(k, i, _)| (k, *i) <= (key, id.as_str())),
+        None => (Vec::new(), rows),
+    };
+    let start = before.len();
     let prev = match start {
         0 => None,
         s if s <= limit => Some(String::new()),
-        s => rows.get(s - limit - 1).map(|(_, v)| cursor(query.sort, v)),
+        s => {
+            // The row just before the previous page: the (limit + 1)th
+            // from the end of the earlier rows.
+            let (_, (key, id, _), _) = before.select_nth_unstable_by(s - limit - 1, order);
+            Some(cursor(query.sort, key, id))
+        }
     };
-    let page: Vec<DeviceView> = rows.into_iter().skip(start).take(limit + 1).map(|(_, v)| v).collect();
-    let more = page.len() > limit;
-    let rows: Vec<DeviceView> = page.into_iter().take(limit).collect();
-    let next = if more { rows.last().map(|v| cursor(query.sort, v)) } else { None };
-    Ok(Page { rows, total, next, start, prev })
+    if rest.len() > limit + 1 {
+        rest.select_nth_unstable_by(limit + 1, order);
+        rest.truncate(limit + 1);
+    }
+    rest.sort_unstable_by(order);
+    let more = rest.len() > limit;
+    rest.truncate(limit);
+    let next = if more { rest.last().map(|(key, id, _)| cursor(query.sort, key, id)) } else { None };
+    Ok(Page { rows: rest.into_iter().map(|(_, _, v)| v).collect(), total, next, start, prev })
 }
 
 /// The fleet at a glance.
@@ -402,12 +554,14 @@ pub struct Behind {
     pub behind_secs: u64,
 }
 
-/// Counts the overview of `views`; `worst` devices in the behind list.
-pub fn overview(views: &[DeviceView], worst: usize) -> Overview {
-    let mut o = Overview { devices: views.len(), ..Overview::default() };
-    let mut versions: std::collections::BTreeMap<String, usize> = Default::default();
-    for v in views {
-        match (v.online, v.last_seen.is_some()) {
+/// Counts the overview of `items`; `worst` devices in the behind list.
+pub fn overview<'a, T: Listed<'a>>(items: impl IntoIterator<Item = T>, worst: usize) -> Overview {
+    let mut o = Overview::default();
+    let mut versions: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut behind: Vec<Brief<'_>> = Vec::new();
+    for v in items.into_iter().map(|v| v.brief()) {
+        o.devices += 1;
+        match (v.online, v.last_seen_ms.is_some()) {
             (true, _) => o.online += 1,
             (false, true) => o.offline += 1,
             (false, false) => o.never_connected += 1,
@@ -415,22 +569,30 @@ pub fn overview(views: &[DeviceView], worst: usize) -> Overview {
         o.alarmed += usize::from(v.alarmed);
         o.failed_runs_24h += v.failed_runs_24h;
         o.devices_with_failed_runs += usize::from(v.failed_runs_24h > 0);
-        o.overdue_backups += usize::from(!v.overdue_backups.is_empty());
-        o.desired_refused += usize::from(v.desired_error.is_some());
-        o.failing += usize::from(!v.failing_jobs.is_empty());
-        *versions.entry(v.agent_version.clone().unwrap_or_else(|| "-".into())).or_default() += 1;
+        o.overdue_backups += usize::from(v.overdue);
+        o.desired_refused += usize::from(v.refused);
+        o.failing += usize::from(v.failing);
+        *versions.entry(v.version.unwrap_or("-")).or_default() += 1;
+        if v.online && v.behind_secs.is_some() {
+            behind.push(v);
+        }
     }
-    let mut behind: Vec<Behind> = views
-        .iter()
-        .filter(|v| v.online)
-        .filter_map(|v| {
-            Some(Behind { id: v.id.clone(), name: v.name.clone(), online: v.online, behind_secs: v.behind_secs? })
+    let by_lag = |a: &Brief<'_>, b: &Brief<'_>| b.behind_secs.cmp(&a.behind_secs).then_with(|| a.id.cmp(b.id));
+    if behind.len() > worst && worst > 0 {
+        behind.select_nth_unstable_by(worst - 1, by_lag);
+    }
+    behind.truncate(worst);
+    behind.sort_unstable_by(by_lag);
+    o.furthest_behind = behind
+        .into_iter()
+        .map(|v| Behind {
+            id: v.id.to_owned(),
+            name: v.name.to_owned(),
+            online: v.online,
+            behind_secs: v.behind_secs.unwrap_or(0),
         })
         .collect();
-    behind.sort_by(|a, b| b.behind_secs.cmp(&a.behind_secs).then_with(|| a.id.cmp(&b.id)));
-    behind.truncate(worst);
-    o.furthest_behind = behind;
-    o.versions = versions.into_iter().collect();
+    o.versions = versions.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
     o.versions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     o
 }
@@ -492,7 +654,7 @@ mod tests {
         revoked.revoked = Some("2027-12-07T00:00:00Z".into());
         assert_eq!(revoked.state(), "revoked", "revoked wins over online");
         let q = DeviceQuery { status: Some(Status::parse("expired").unwrap()), limit: 10, ..Default::default() };
-        let ids: Vec<String> = select(views, &q).unwrap().rows.into_iter().map(|v| v.id).collect();
+        let ids: Vec<String> = select(&views, &q).unwrap().rows.into_iter().map(|v| v.id.clone()).collect();
         assert_eq!(ids, ["e"]);
     }
 
@@ -512,11 +674,13 @@ mod tests {
     fn bulk_targets_refuse_unknown_keys_and_empty_matches() {
         let fleet = [view("a", "a", &[("env", "prod")], true, None), view("b", "b", &[("env", "dev")], true, None)];
         let typo = Selector::parse("evn!=dev").unwrap();
-        assert!(bulk_targets(&typo, &fleet).unwrap_err().contains("no device has the label evn"));
+        assert!(
+            bulk_targets(&typo, &fleet.iter().collect::<Vec<_>>()).unwrap_err().contains("no device has the label evn")
+        );
         let none = Selector::parse("env=staging").unwrap();
-        assert!(bulk_targets(&none, &fleet).unwrap_err().contains("matches no device"));
+        assert!(bulk_targets(&none, &fleet.iter().collect::<Vec<_>>()).unwrap_err().contains("matches no device"));
         let prod = Selector::parse("env=prod").unwrap();
-        assert_eq!(bulk_targets(&prod, &fleet).unwrap().len(), 1);
+        assert_eq!(bulk_targets(&prod, &fleet.iter().collect::<Vec<_>>()).unwrap().len(), 1);
     }
 
     #[test]
@@ -536,13 +700,13 @@ mod tests {
             let mut starts = Vec::new();
             loop {
                 let q = DeviceQuery { sort, after: after.clone(), limit: 40, ..DeviceQuery::default() };
-                let page = select(views.clone(), &q).unwrap();
+                let page = select(&views, &q).unwrap();
                 assert_eq!(page.total, 250);
                 assert_eq!(page.start, seen.len(), "the page says where it starts");
                 // Its previous page is the one before it.
                 if let Some(prev) = page.prev.clone() {
                     let back = DeviceQuery { after: Some(prev).filter(|p| !p.is_empty()), ..q.clone() };
-                    let before = select(views.clone(), &back).unwrap();
+                    let before = select(&views, &back).unwrap();
                     assert_eq!(before.start, starts.last().copied().unwrap(), "{sort:?}");
                     assert_eq!(before.next, after, "{sort:?}");
                 } else {
@@ -560,10 +724,72 @@ mod tests {
             unique.dedup();
             assert_eq!((seen.len(), unique.len()), (250, 250), "{sort:?}");
         }
-        let newest = select(views.clone(), &DeviceQuery { sort: Sort::LastSeen, limit: 1, ..Default::default() });
+        let newest = select(&views, &DeviceQuery { sort: Sort::LastSeen, limit: 1, ..Default::default() });
         assert_eq!(newest.unwrap().rows[0].id, "d249");
         let bad = DeviceQuery { after: Some("nope".into()), limit: 1, ..Default::default() };
-        assert!(select(views, &bad).is_err());
+        assert!(select(&views, &bad).is_err());
+    }
+
+    /// Keyset pages through 100,000 devices (the 10,000 of them a selector
+    /// matches) while devices are enrolled into the filter and others leave
+    /// it between pages: every device there from first page to last is
+    /// listed exactly once, and none twice.
+    #[test]
+    fn pages_over_100000_devices_neither_skip_nor_repeat_while_the_fleet_changes() {
+        let make = |i: usize| {
+            let env = if i.is_multiple_of(10) { "prod" } else { "dev" };
+            // Names in no relation to ids, with repeats (ties broken by id).
+            view(
+                &format!("d{i:06}"),
+                &format!("Box-{:05}", (i * 7919) % 50_000),
+                &[("env", env)],
+                i.is_multiple_of(3),
+                Some(i as u64),
+            )
+        };
+        for sort in [Sort::Name, Sort::LastSeen] {
+            let mut fleet: Vec<DeviceView> = (0..100_000).map(make).collect();
+            let selector = Some(Selector::parse("env=prod").unwrap());
+            let mut left = std::collections::BTreeSet::new();
+            let mut seen = Vec::new();
+            let (mut after, mut next_id, mut round) = (None, 100_000usize, 0usize);
+            loop {
+                let q = DeviceQuery {
+                    selector: selector.clone(),
+                    sort,
+                    after: after.clone(),
+                    limit: 1000,
+                    ..Default::default()
+                };
+                let page = select(&fleet, &q).unwrap();
+                seen.extend(page.rows.iter().map(|v| v.id.clone()));
+                let Some(n) = page.next else { break };
+                after = Some(n);
+                // Between pages: 30 devices enrolled into the filter
+                // (anywhere in the order), 30 leave it.
+                for _ in 0..30 {
+                    let mut v = make(next_id * 10);
+                    v.last_seen_ms = Some((next_id as u64 * 7_777) % 100_000);
+                    fleet.push(v);
+                    next_id += 1;
+                }
+                for k in 0..30 {
+                    let i = ((round * 30 + k) * 3_337 % 10_000) * 10;
+                    fleet[i].labels.insert("env".into(), "dev".into());
+                    left.insert(fleet[i].id.clone());
+                }
+                round += 1;
+            }
+            let unique: std::collections::BTreeSet<&String> = seen.iter().collect();
+            assert_eq!(unique.len(), seen.len(), "{sort:?}: a device listed twice");
+            let missed: Vec<String> = (0..100_000)
+                .step_by(10)
+                .map(|i| format!("d{i:06}"))
+                .filter(|id| !left.contains(id) && !unique.contains(id))
+                .collect();
+            assert!(missed.is_empty(), "{sort:?}: {} devices skipped, as {:?}", missed.len(), missed.first());
+            assert!(round >= 9 && !left.is_empty(), "{sort:?}: {round} pages");
+        }
     }
 
     #[test]
@@ -580,7 +806,7 @@ mod tests {
             limit: 10,
             ..Default::default()
         };
-        let ids = |q| select(views.clone(), &q).unwrap().rows.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        let ids = |q| select(&views, &q).unwrap().rows.into_iter().map(|v| v.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(q(None, None)), ["a", "c"]);
         assert_eq!(ids(q(Some(Status::Never), None)), ["c"]);
         assert_eq!(ids(q(None, Some("GATEWAY"))), ["a"]);

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod describe;
 pub mod enroll;
 pub mod fleet;
+pub mod index;
 pub mod listing;
 pub mod pace;
 pub mod reads;
@@ -112,12 +113,14 @@ pub async fn set_labels(fleet: &Fleet, by: &str, device: &DeviceId, labels: &Lab
 /// unknown selector and one that matches nothing).
 pub async fn bulk_targets(fleet: &Fleet, selector: &str) -> Result<(Selector, Vec<DeviceId>), ServiceError> {
     let selector = Selector::parse(selector).map_err(ServiceError::Invalid)?;
-    let views = fleet.views(None).await?;
-    let ids = crate::service::listing::bulk_targets(&selector, &views)
-        .map_err(ServiceError::Invalid)?
-        .into_iter()
-        .filter_map(|v| v.id.parse().ok())
-        .collect();
+    let ids = fleet
+        .with_briefs(|items| {
+            let items: Vec<_> = items.collect();
+            crate::service::listing::bulk_targets(&selector, &items)
+                .map(|matched| matched.into_iter().map(|l| l.row.record.id.clone()).collect())
+        })
+        .await?
+        .map_err(ServiceError::Invalid)?;
     Ok((selector, ids))
 }
 

@@ -68,9 +68,15 @@ pub async fn desired(
     Ok((store.desired(id).await?, store.reported(id).await?))
 }
 
-/// Every command of a device, oldest first.
-pub async fn all_commands(fleet: &Fleet, id: &DeviceId) -> Result<Vec<CommandRecord>, ServiceError> {
-    Ok(fleet.store().device_commands(id).await?)
+/// A page of a device's commands (ids after `after`, oldest first, at
+/// most `limit`) and how many it has in all.
+pub async fn commands_page(
+    fleet: &Fleet,
+    id: &DeviceId,
+    after: u64,
+    limit: usize,
+) -> Result<(Vec<CommandRecord>, usize), ServiceError> {
+    Ok(fleet.store().device_commands(id, after, limit).await?)
 }
 
 /// One command.

@@ -30,6 +30,7 @@ use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The public keys a device may sign with (uncompressed P-256 points).
@@ -569,13 +570,33 @@ pub enum StoreConfig {
     },
 }
 
-/// The hub's store. Cheap to clone; clones share one database.
+/// The hub's store. Cheap to clone; clones share one database and one
+/// record of the devices whose fleet rows this process changed.
 #[derive(Debug, Clone)]
-pub enum Store {
+pub struct Store {
+    backend: Backend,
+    changed: Arc<Changed>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
     /// Embedded sled.
     Sled(sled::SledStore),
     /// PostgreSQL.
     Postgres(postgres::PgStore),
+}
+
+/// Devices whose fleet rows (record, labels, digest, mark, session,
+/// admission, certificate expiry) a write through this process changed
+/// since the fleet index last took them: the index reads those rows again,
+/// and only those.
+#[derive(Debug, Default)]
+struct Changed(std::sync::Mutex<std::collections::HashSet<DeviceId>>);
+
+impl Changed {
+    fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<DeviceId>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Whether the store can make writes durable now.
@@ -594,9 +615,9 @@ pub struct Health {
 macro_rules! each {
     ($self:ident, $op:literal, $b:ident => $e:expr) => {{
         let _timer = crate::metrics::StoreTimer::start($op);
-        match $self {
-            Store::Sled($b) => $e,
-            Store::Postgres($b) => $e,
+        match &$self.backend {
+            Backend::Sled($b) => $e,
+            Backend::Postgres($b) => $e,
         }
     }};
 }
@@ -611,24 +632,47 @@ impl Store {
                 let store = tokio::task::spawn_blocking(move || sled::SledStore::open(&dir))
                     .await
                     .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-                Ok(Store::Sled(store))
+                Ok(Store::new(Backend::Sled(store)))
             }
             StoreConfig::Postgres { url, pool_size, listen } => {
-                Ok(Store::Postgres(postgres::PgStore::open(url, *pool_size, *listen).await?))
+                Ok(Store::new(Backend::Postgres(postgres::PgStore::open(url, *pool_size, *listen).await?)))
             }
         }
     }
 
     /// Opens sled under `data_dir/db`, from a thread outside any runtime.
     pub fn open_sled(data_dir: &std::path::Path) -> Result<Self, StoreError> {
-        Ok(Store::Sled(sled::SledStore::open(data_dir)?))
+        Ok(Store::new(Backend::Sled(sled::SledStore::open(data_dir)?)))
+    }
+
+    fn new(backend: Backend) -> Self {
+        Store { backend, changed: Arc::default() }
+    }
+
+    /// Notes that `ids`' fleet rows changed (after the write is done, so
+    /// whoever takes them reads the change).
+    fn mark<'a>(&self, ids: impl IntoIterator<Item = &'a DeviceId>) {
+        self.changed.ids().extend(ids.into_iter().cloned());
+    }
+
+    /// Takes the devices whose fleet rows a write through this process
+    /// changed since the last call (writes made by other hubs sharing the
+    /// store are not among them: see [`Store::shared`]).
+    pub fn take_changed(&self) -> Vec<DeviceId> {
+        self.changed.ids().drain().collect()
+    }
+
+    /// Puts back devices taken by [`Store::take_changed`] whose rows could
+    /// not be read.
+    pub fn put_back_changed(&self, ids: Vec<DeviceId>) {
+        self.mark(&ids);
     }
 
     /// `sled` or `postgres`.
     pub fn backend(&self) -> &'static str {
-        match self {
-            Store::Sled(_) => "sled",
-            Store::Postgres(_) => "postgres",
+        match self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
         }
     }
 
@@ -654,7 +698,9 @@ impl Store {
     /// before it returns: records at or below the high-water mark are
     /// duplicates and skipped (see [`ingest::plan`]).
     pub async fn ingest(&self, id: &DeviceId, records: &[Record]) -> Result<Ingested, StoreError> {
-        let ingested = each!(self, "ingest", b => b.ingest(id, records).await)?;
+        let ingested = each!(self, "ingest", b => b.ingest(id, records).await);
+        self.mark([id]);
+        let ingested = ingested?;
         ingest::log_stored(id, records, ingested.before);
         crate::metrics::METRICS.count_results(records.iter().filter(|r| r.seq > ingested.before));
         Ok(ingested)
@@ -694,20 +740,26 @@ impl Store {
     /// Records the public key of the certificate a device uses (unchanged
     /// keys are not rewritten); a renewed key becomes the current one here.
     pub async fn put_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
-        each!(self, "put_device_key", b => b.put_device_key(id, key).await)
+        let done = each!(self, "put_device_key", b => b.put_device_key(id, key).await);
+        self.mark([id]);
+        done
     }
 
     /// Records the key of the certificate the hub just signed for a device
     /// renewing its own: accepted beside the current key until the device
     /// is seen using it ([`Store::put_device_key`]).
     pub async fn put_next_device_key(&self, id: &DeviceId, key: &[u8]) -> Result<(), StoreError> {
-        each!(self, "put_next_device_key", b => b.put_next_device_key(id, key).await)
+        let done = each!(self, "put_next_device_key", b => b.put_next_device_key(id, key).await);
+        self.mark([id]);
+        done
     }
 
     /// Records what the hub knows of a device's expired certificate (the
     /// default removes it).
     pub async fn set_admission(&self, id: &DeviceId, admission: &Admission) -> Result<(), StoreError> {
-        each!(self, "set_admission", b => b.set_admission(id, admission).await)
+        let done = each!(self, "set_admission", b => b.set_admission(id, admission).await);
+        self.mark([id]);
+        done
     }
 
     /// Every device with an expired certificate met or a re-admission.
@@ -801,9 +853,15 @@ impl Store {
         each!(self, "command", b => b.command(id).await)
     }
 
-    /// A device's commands, oldest first.
-    pub async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        each!(self, "device_commands", b => b.device_commands(device).await)
+    /// A page of a device's commands: those with ids after `after`, oldest
+    /// first, at most `limit`; and how many the device has in all.
+    pub async fn device_commands(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<CommandRecord>, usize), StoreError> {
+        each!(self, "device_commands", b => b.device_commands(device, after, limit).await)
     }
 
     /// A device's newest `limit` commands, newest first: read from the
@@ -899,7 +957,9 @@ impl Store {
 
     /// Sets a device's labels; false if there is no such device.
     pub async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<bool, StoreError> {
-        each!(self, "set_labels", b => b.set_labels(id, labels).await)
+        let done = each!(self, "set_labels", b => b.set_labels(id, labels).await);
+        self.mark([id]);
+        done
     }
 
     /// Every device (or those in `only`) with its labels, digest, mark and
@@ -934,7 +994,9 @@ impl Store {
         record: &DeviceRecord,
         key: &[u8],
     ) -> Result<(), StoreError> {
-        each!(self, "enroll", b => b.enroll(token_id, allowed, record, key).await)
+        let done = each!(self, "enroll", b => b.enroll(token_id, allowed, record, key).await);
+        self.mark([&record.id]);
+        done
     }
 
     /// One device.
@@ -950,14 +1012,18 @@ impl Store {
     /// Records a device's hello (name, agent version, address, time).
     /// Returns false if the device is unknown.
     pub async fn record_hello(&self, hello: &HelloRecord) -> Result<bool, StoreError> {
-        each!(self, "record_hello", b => b.record_hello(hello).await)
+        let done = each!(self, "record_hello", b => b.record_hello(hello).await);
+        self.mark([&hello.id]);
+        done
     }
 
     /// Records that hub `hub` now holds `device`'s session over
     /// `transport`; returns the session's epoch. A later claim (on this hub
     /// or another) fences this one off: see [`Store::holds_session`].
     pub async fn claim_session(&self, device: &DeviceId, hub: &str, transport: &str) -> Result<u64, StoreError> {
-        each!(self, "claim_session", b => b.claim_session(device, hub, transport).await)
+        let done = each!(self, "claim_session", b => b.claim_session(device, hub, transport).await);
+        self.mark([device]);
+        done
     }
 
     /// True while `(hub, epoch)` is the device's newest session.
@@ -969,7 +1035,9 @@ impl Store {
     /// handshake, or signed at enrollment or renewal); nothing is written
     /// when the store already has it.
     pub async fn set_cert_expires(&self, device: &DeviceId, not_after: Timestamp) -> Result<(), StoreError> {
-        each!(self, "set_cert_expires", b => b.set_cert_expires(device, not_after).await)
+        let done = each!(self, "set_cert_expires", b => b.set_cert_expires(device, not_after).await);
+        self.mark([device]);
+        done
     }
 
     /// Session `(hub, epoch)` of `device` ended at `at` for `reason`
@@ -982,7 +1050,9 @@ impl Store {
         at: Timestamp,
         reason: &str,
     ) -> Result<(), StoreError> {
-        each!(self, "end_session", b => b.end_session(device, hub, epoch, at, reason).await)
+        let done = each!(self, "end_session", b => b.end_session(device, hub, epoch, at, reason).await);
+        self.mark([device]);
+        done
     }
 
     /// Where the device's newest session is, and when the hub holding it
@@ -1014,7 +1084,7 @@ impl Store {
     /// True when several hubs may share this store (PostgreSQL): changes
     /// made on another hub must be looked for.
     pub fn shared(&self) -> bool {
-        matches!(self, Store::Postgres(_))
+        matches!(self.backend, Backend::Postgres(_))
     }
 
     /// Wake-ups other hubs address to `hub`, as device ids, until
@@ -1026,9 +1096,9 @@ impl Store {
         hub: &str,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Option<tokio::sync::mpsc::Receiver<DeviceId>> {
-        match self {
-            Store::Sled(_) => None,
-            Store::Postgres(b) => b.listen(hub, shutdown),
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(b) => b.listen(hub, shutdown),
         }
     }
 
@@ -1050,6 +1120,12 @@ impl Store {
         each!(self, "put_hub_state", b => b.put_hub_state(name, value).await)
     }
 
+    /// How many holders other than `holder` hold an unexpired lease whose
+    /// name starts with `prefix` (the other hubs alive: `hub/`).
+    pub async fn other_holders(&self, prefix: &str, holder: &str) -> Result<usize, StoreError> {
+        each!(self, "other_holders", b => b.other_holders(prefix, holder).await)
+    }
+
     /// Gives a lease back before it expires.
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         each!(self, "release_lease", b => b.release_lease(name, holder).await)
@@ -1063,7 +1139,11 @@ impl Store {
     /// Flushes and releases the database (sled's files can then be opened
     /// again in this process). Other clones must be dropped first.
     pub async fn close(self) -> Result<(), StoreError> {
-        each!(self, "close", b => b.close().await)
+        let _timer = crate::metrics::StoreTimer::start("close");
+        match self.backend {
+            Backend::Sled(b) => b.close().await,
+            Backend::Postgres(b) => b.close().await,
+        }
     }
 }
 

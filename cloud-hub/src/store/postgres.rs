@@ -872,8 +872,26 @@ impl PgStore {
         self.one("commands", "SELECT record FROM commands WHERE id = $1", &[&big(id)]).await
     }
 
-    pub(super) async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        self.many("commands", "SELECT record FROM commands WHERE device = $1 ORDER BY id", &[&device.as_str()]).await
+    pub(super) async fn device_commands(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<CommandRecord>, usize), StoreError> {
+        let page = self
+            .many(
+                "commands",
+                "SELECT record FROM commands WHERE device = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&device.as_str(), &big(after), &big(limit as u64)],
+            )
+            .await?;
+        let client = self.client().await?;
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM commands WHERE device = $1", &[&device.as_str()])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok((page, usize::try_from(total).unwrap_or(0)))
     }
 
     pub(super) async fn newest_device_commands(
@@ -1372,6 +1390,20 @@ impl PgStore {
         }
         .await;
         self.track(result)
+    }
+
+    pub(super) async fn other_holders(&self, prefix: &str, holder: &str) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM leases WHERE name LIKE $1 AND holder <> $2 AND until > $3",
+                &[&pattern, &holder, &big(Timestamp::now().0)],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {

@@ -424,9 +424,19 @@ impl SledStore {
         self.read(move |t| t.command(id)).await
     }
 
-    pub(super) async fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+    pub(super) async fn device_commands(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<CommandRecord>, usize), StoreError> {
         let device = device.clone();
-        self.read(move |t| t.device_commands(&device)).await
+        self.read(move |t| {
+            let page = t.device_commands(&device, after, limit, |_| true)?;
+            let total = t.device_commands.scan_prefix(device_prefix(&device)).keys().count();
+            Ok((page, total))
+        })
+        .await
     }
 
     pub(super) async fn newest_device_commands(
@@ -482,10 +492,7 @@ impl SledStore {
     ) -> Result<Vec<CommandRecord>, StoreError> {
         let device = device.clone();
         self.read(move |t| {
-            let mut out = t.device_commands(&device)?;
-            out.retain(|c| c.state == CommandState::Queued && c.expires_at > now);
-            out.truncate(limit);
-            Ok(out)
+            t.device_commands(&device, 0, limit, |c| c.state == CommandState::Queued && c.expires_at > now)
         })
         .await
     }
@@ -806,6 +813,12 @@ impl SledStore {
                 Ok(true)
             }
         }
+    }
+
+    pub(super) async fn other_holders(&self, prefix: &str, holder: &str) -> Result<usize, StoreError> {
+        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        Ok(leases.iter().filter(|(name, (h, until))| name.starts_with(prefix) && h != holder && *until > now).count())
     }
 
     pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
@@ -1160,12 +1173,28 @@ impl Trees {
         self.commands.get(id.to_be_bytes()).db()?.map(|v| decode("commands", &v)).transpose()
     }
 
-    fn device_commands(&self, device: &DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+    /// A device's commands with ids after `after`, oldest first, those
+    /// `keep` takes, at most `limit`: read from the device's index from
+    /// `after` on, and no further than needed.
+    fn device_commands(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&CommandRecord) -> bool,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        let prefix = device_prefix(device);
+        let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let mut from = prefix.clone();
+        from.extend_from_slice(&first.to_be_bytes());
         let mut out = Vec::new();
-        for key in self.device_commands.scan_prefix(device_prefix(device)).keys() {
+        for key in self.device_commands.range(from..).keys() {
             let key = key.db()?;
+            if out.len() >= limit || !key.starts_with(&prefix) {
+                break;
+            }
             let id = key.get(key.len() - 8..).map_or(0, be_u64);
-            if let Some(cmd) = self.command(id)? {
+            if let Some(cmd) = self.command(id)?.filter(&keep) {
                 out.push(cmd);
             }
         }

@@ -22,9 +22,7 @@ use crate::api::{
 use crate::service;
 use crate::service::backups::BackupStoreError;
 use crate::service::fleet::Fleet;
-use crate::service::listing::{
-    DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status, overview, select,
-};
+use crate::service::listing::{DEFAULT_PAGE, DeviceQuery, MAX_PAGE, Overview, Selector, Sort, Status};
 use crate::store::AuditQuery;
 use crate::store::{ApiToken, AuditEntry, Role, StoreError, TelemetryRange, TokenKind};
 use actix_web::HttpMessage;
@@ -464,7 +462,7 @@ async fn prometheus_metrics(req: HttpRequest, fleet: web::Data<Fleet>) -> Result
         }
     }
     let metrics = &crate::metrics::METRICS;
-    let o = overview(&fleet.views(None).await?, 0);
+    let o = fleet.overview(0).await?;
     metrics.set_fleet(&crate::metrics::FleetCounts {
         online: o.online,
         offline: o.offline,
@@ -639,7 +637,7 @@ async fn list_devices(
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
     let parsed = query.parse().map_err(HttpError::Unprocessable)?;
-    let page = select(fleet.views(None).await?, &parsed).map_err(HttpError::Unprocessable)?;
+    let page = fleet.list(&parsed).await?.map_err(HttpError::Unprocessable)?;
     Ok(paged(&req, page.total, page.next.as_deref()).json(page.rows))
 }
 
@@ -661,7 +659,7 @@ pub fn url_with(path: &str, query: &str, key: &str, value: &str) -> String {
 #[utoipa::path(get, path = "/api/v1/overview", tag = "devices", responses((status = 200, body = Overview)), security(("bearer" = [])))]
 async fn get_overview(caller: Caller, fleet: web::Data<Fleet>) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
-    Ok(HttpResponse::Ok().json(overview(&fleet.views(None).await?, 10)))
+    Ok(HttpResponse::Ok().json(fleet.overview(10).await?))
 }
 
 /// `PUT /api/v1/devices/{id}/labels`: replaces the device's labels.
@@ -1248,17 +1246,47 @@ async fn post_command(
     Ok(HttpResponse::Created().json(view))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id")), responses((status = 200, description = "oldest first", body = [CommandView]), (status = 404, description = "no such device", body = ApiError)), security(("bearer" = [])))]
+/// Query of `GET /api/v1/devices/{id}/commands`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CommandsQuery {
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// The cursor from the previous page's `Link: <...>; rel="next"` (the
+    /// id of the last command it held).
+    pub after: Option<String>,
+}
+
+/// `GET /api/v1/devices/{id}/commands`: a page of the device's commands,
+/// oldest first; the next page is in the `Link` header and the count in
+/// all in `X-Total-Count`.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "device id"), CommandsQuery), responses((status = 200, description = "a page of the device's commands, oldest first; the next page is in the Link header", body = [CommandView]), (status = 404, description = "no such device", body = ApiError), (status = 422, body = ApiError)), security(("bearer" = [])))]
 async fn list_commands(
     caller: Caller,
     fleet: web::Data<Fleet>,
+    req: HttpRequest,
     path: web::Path<String>,
+    query: web::Query<CommandsQuery>,
 ) -> Result<HttpResponse, HttpError> {
     caller.require(Role::Viewer)?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(HttpError::Unprocessable(format!("limit: 1 to {MAX_PAGE}")));
+    }
+    let after = match query.after.as_deref().filter(|a| !a.is_empty()) {
+        None => 0,
+        Some(a) => a.parse::<u64>().map_err(|_| {
+            HttpError::Unprocessable(format!("after: {a:?} is not a cursor of this list (use a page's next)"))
+        })?,
+    };
     let id = known_device(&fleet, &path).await?;
-    let commands: Vec<CommandView> =
-        service::reads::all_commands(&fleet, &id).await?.into_iter().map(CommandView::from).collect();
-    Ok(HttpResponse::Ok().json(commands))
+    let (mut page, total) = service::reads::commands_page(&fleet, &id, after, limit + 1).await?;
+    let next = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|c| c.id.to_string())
+    });
+    let commands: Vec<CommandView> = page.into_iter().map(CommandView::from).collect();
+    Ok(paged(&req, total, next.flatten().as_deref()).json(commands))
 }
 
 #[utoipa::path(get, path = "/api/v1/commands/{id}", tag = "commands", params(("id" = u64, Path, description = "command id")), responses((status = 200, body = CommandView), (status = 404, body = ApiError)), security(("bearer" = [])))]

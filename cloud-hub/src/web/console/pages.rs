@@ -8,7 +8,6 @@ use crate::api::{CommandRequest, DesiredView, DeviceView, EventKindView, EventVi
 use crate::human::{ago, ahead_text, duration, utc, utc_text};
 use crate::service;
 use crate::service::fleet::Fleet;
-use crate::service::listing::{overview, select};
 use crate::store::{AuditQuery, Labels, Role, TelemetryRange};
 use crate::web::http::{AuditNote, DevicesQuery, note, url_with};
 use actix_web::http::{StatusCode, header};
@@ -292,11 +291,10 @@ async fn overview_page(
     fleet: web::Data<Fleet>,
     query: web::Query<OverviewQuery>,
 ) -> Result<HttpResponse, ConsoleError> {
-    let views = fleet.views(None).await?;
+    let alarmed = fleet.views_where(|b| b.alarmed).await?;
     let now = Timestamp::now();
-    let mut alarms: Vec<(Timestamp, Line)> = views
+    let mut alarms: Vec<(Timestamp, Line)> = alarmed
         .iter()
-        .filter(|v| v.alarmed)
         .flat_map(|v| {
             v.alarms.iter().take(3).map(|a| {
                 let at = humantime::parse_rfc3339_weak(&a.at).map(Timestamp::from_system).unwrap_or(now);
@@ -330,7 +328,7 @@ async fn overview_page(
         nav: Some((&user).into()),
         notice,
         alerts: alert_lines(&fleet, None, 20, now).await?,
-        o: overview(&views, 10),
+        o: fleet.overview(10).await?,
         alarms: alarms.into_iter().map(|(_, l)| l).collect(),
         changes,
     })
@@ -447,13 +445,14 @@ async fn devices_page(
     let mut hint = None;
     let error = match query.parse() {
         Ok(parsed) => {
-            let views = fleet.views(None).await?;
             // A selector naming a label no device has is most likely a typo.
-            let unknown = parsed.selector.as_ref().map(|s| s.unknown_keys(views.iter().map(|v| &v.labels)));
-            if let Some(keys) = unknown.filter(|k| !k.is_empty()) {
-                hint = Some(format!("No device has the label {}: check the selector for a typo.", keys.join(", ")));
+            if let Some(selector) = &parsed.selector {
+                let keys = fleet.unknown_keys(selector).await?;
+                if !keys.is_empty() {
+                    hint = Some(format!("No device has the label {}: check the selector for a typo.", keys.join(", ")));
+                }
             }
-            match select(views, &parsed) {
+            match fleet.list(&parsed).await? {
                 Ok(p) => {
                     page = p;
                     None
