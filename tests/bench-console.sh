@@ -46,7 +46,12 @@ for backend in ${BACKENDS:-sled postgres}; do
     link=$(curl -s -H "Authorization: Bearer $admin" -H 'Content-Type: application/json' \
         -d '{"role":"admin","expires_in":"1h"}' "$api/api/v1/console/links" | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"].split("link=")[1])')
     curl -s -o /dev/null -c "$work/jar" -d "link=$link" "$api/console/sign-in"
+    # The first fleet read loads the hub's fleet index (every device's row
+    # in memory): its time and what it adds to the hub's memory.
+    rss() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$hub/status"; }
+    before=$(rss); t0=$(date +%s%3N)
     one=$(curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+    echo "fleet index loaded by the first read: $(( $(date +%s%3N) - t0 )) ms; hub RSS $before -> $(rss) MiB"
     echo
     echo "| request ($R each) | median | p95 | bytes |"
     echo "|---|---|---|---|"

@@ -271,7 +271,8 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     .unwrap();
 
     // A replayed (validly signed) hello cannot take a device's deliveries
-    // away from its open QUIC session.
+    // away from its open QUIC session: it is answered, and taken no further
+    // (no fresh message of its session follows).
     let mut victim = victim;
     victim.use_transport(None).unwrap();
     victim.start().unwrap();
@@ -282,12 +283,16 @@ fn messages_for_another_device_or_with_forged_signatures_are_rejected_and_logged
     let victim_identity = Identity::load(&victim.data_dir).unwrap();
     let victim_signer = victim_identity.signer().unwrap();
     let replayed = fresh(&victim_id, 99, 1, hello, |input| victim_signer.sign(input));
+    let recorder = Recorder::start(&broker);
     publish_anonymously(&broker, &hello_topic, replayed);
-    wait_for(Duration::from_secs(10), "the hub to take the replayed hello", || {
-        let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
-        log.lines().any(|l| l.contains("Session opened") && l.contains("mqtt") && l.contains(&victim.id)).then_some(())
+    wait_for(Duration::from_secs(10), "the hub to answer the replayed hello", || {
+        let answered = recorder.find("/down", "Welcome");
+        answered.iter().any(|(topic, _)| topic.contains(victim.id.as_str())).then_some(())
     })
     .unwrap();
+    let log = std::fs::read_to_string(scratch.path().join("hub.log")).unwrap_or_default();
+    let taken = log.lines().any(|l| l.contains("Session opened") && l.contains("mqtt") && l.contains(&victim.id));
+    assert!(!taken, "the replayed hello opened an MQTT session");
     assert_eq!(hub.device(&victim.id).unwrap().transport.as_deref(), Some("quic"));
     let request = CommandRequest { kind: "echo".into(), args: vec!["still quic".into()], expires_in: None };
     let cmd = hub.client().send_command(&victim.id, &request).unwrap();
@@ -363,7 +368,7 @@ impl Drop for Recorder {
 fn replayed_welcome_deliver_heartbeat_and_batch_are_refused_and_change_nothing() {
     let scratch = Scratch::new().unwrap();
     let timings = Timings::default();
-    let (hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
+    let (mut hub, broker) = hub_with_broker(scratch.path(), &timings, "").unwrap();
     let recorder = Recorder::start(&broker);
     let mut agent = mqtt_agent(&scratch, &hub, &broker, "replayed", "");
     agent.start().unwrap();
@@ -423,7 +428,31 @@ fn replayed_welcome_deliver_heartbeat_and_batch_are_refused_and_change_nothing()
     // the refusal can change the device.
     let now = hub.device(&agent.id).unwrap();
     assert!(!now.online, "a replayed heartbeat brought a dead device online");
-    assert_eq!((now.last_seq, now.last_seen), (before.last_seq, before.last_seen));
+    assert_eq!((now.last_seq, now.last_seen), (before.last_seq, before.last_seen.clone()));
+
+    // A hub that forgot the device's sessions (restarted) gets an old
+    // hello replayed: it answers (the device would ignore the answer) but
+    // takes nothing from it: no session, still offline, the record as it was.
+    let hello = recorder.find("/hello", "Hello").remove(0);
+    hub.kill();
+    hub.serve().unwrap();
+    wait_for(Duration::from_secs(15), "the restarted hub at the broker", || {
+        (hub.log_text().matches("Connected to the MQTT broker").count() >= 2).then_some(())
+    })
+    .unwrap();
+    let welcomes = recorder.find("/down", "Welcome").len();
+    let opened = hub.log_text().matches("Session opened").count();
+    for _ in 0..3 {
+        publish_anonymously(&broker, &hello.0, hello.1.clone());
+    }
+    wait_for(Duration::from_secs(10), "the restarted hub to answer the replayed hello", || {
+        (recorder.find("/down", "Welcome").len() > welcomes).then_some(())
+    })
+    .unwrap();
+    let now = hub.device(&agent.id).unwrap();
+    assert!(!now.online, "a replayed hello brought a dead device online");
+    assert_eq!((now.last_seen, now.connected), (before.last_seen, false));
+    assert_eq!(hub.log_text().matches("Session opened").count(), opened, "a replayed hello opened a session");
 }
 
 #[test]

@@ -417,6 +417,12 @@ impl Transport for MqttTransport {
     fn addr(&self) -> String {
         "mqtt".into()
     }
+
+    fn hello_needs_proof(&self) -> bool {
+        // A fresh hello carries no ticket: it may be an old one replayed
+        // to a hub that forgot its session.
+        self.ctx.freshness().get(&self.id).is_some_and(|f| f.fresh)
+    }
 }
 
 impl DeviceTask {
@@ -445,6 +451,9 @@ impl DeviceTask {
             WhenFenced::Detach,
         );
         let mut check_downlink = false;
+        // The session of the hello answered last, until a fresh message
+        // shows whether it was the device's.
+        let mut hello_session: Option<u64> = None;
         let mut trust = self.ctx.fleet.admissions().trust_changes();
         loop {
             if check_downlink {
@@ -475,13 +484,25 @@ impl DeviceTask {
                 debug!("Dropped a message of a revoked device.");
                 continue;
             }
-            let handled = match self.open_message(kind, &publish.payload, &mut session).await {
-                Ok(message) => match session.handle(message, &mut transport).await {
-                    Ok(new_session) => self.refresh_ticket(&mut transport).await.map(|()| new_session),
-                    Err(end) => Err(end),
-                },
-                Err(end) => Err(end),
-            };
+            let handled = async {
+                let (message, fresh) = self.open_message(kind, &publish.payload, &mut session).await?;
+                let mut new_session = false;
+                match (&message, fresh) {
+                    (Message::Hello(_), Some(number)) => hello_session = Some(number),
+                    (_, Some(number)) if hello_session.is_some() => {
+                        if hello_session.take() == Some(number) {
+                            new_session = session.proven(&mut transport).await?;
+                        } else {
+                            session.unproven();
+                        }
+                    }
+                    _ => {}
+                }
+                new_session |= session.handle(message, &mut transport).await?;
+                self.refresh_ticket(&mut transport).await?;
+                Ok(new_session)
+            }
+            .await;
             match handled {
                 Ok(new_session) => check_downlink |= new_session,
                 Err(SessionEnd::Protocol(reason)) => {
@@ -499,7 +520,8 @@ impl DeviceTask {
     }
 
     /// The message a publish carries, once its size, envelope, topic and
-    /// signature check out.
+    /// signature check out, with the session it is fresh in (`None` for an
+    /// agent before protocol 11).
     /// Sends the device a new ticket (an empty `Deliver`) if this hub gave
     /// its session none for half of [`TICKET_LIFETIME`].
     async fn refresh_ticket(&self, transport: &mut MqttTransport) -> Result<(), SessionEnd> {
@@ -518,17 +540,20 @@ impl DeviceTask {
         kind: UpKind,
         payload: &[u8],
         session: &mut DeviceSession,
-    ) -> Result<Message, SessionEnd> {
+    ) -> Result<(Message, Option<u64>), SessionEnd> {
         if payload.len() > self.ctx.max_frame {
             return Err(SessionEnd::Protocol(format!("{} bytes exceed the frame limit", payload.len())));
         }
         let message = Envelope::decode(payload).map_err(|e| SessionEnd::Protocol(e.to_string()))?.message;
-        let message = match (kind, message) {
-            (UpKind::Batch, Message::Batch(batch)) => self.legacy(Message::Batch(batch))?,
-            (UpKind::Relay, Message::Relay(batch)) => self.legacy(Message::Relay(batch))?,
+        let (message, fresh) = match (kind, message) {
+            (UpKind::Batch, Message::Batch(batch)) => (self.legacy(Message::Batch(batch))?, None),
+            (UpKind::Relay, Message::Relay(batch)) => (self.legacy(Message::Relay(batch))?, None),
             (_, Message::Signed(signed)) => match self.open(&signed, session).await? {
-                Message::Fresh(fresh) => self.admit(fresh)?,
-                plain => self.legacy(plain)?,
+                Message::Fresh(fresh) => {
+                    let number = fresh.session;
+                    (self.admit(fresh)?, Some(number))
+                }
+                plain => (self.legacy(plain)?, None),
             },
             (_, other) => {
                 return Err(SessionEnd::Protocol(format!("expected a Signed message, got {}", other.kind())));
@@ -537,7 +562,7 @@ impl DeviceTask {
         if UpKind::of(&message) != Some(kind) {
             return Err(SessionEnd::Protocol(format!("a {} on the {} topic", message.kind(), kind.as_str())));
         }
-        Ok(message)
+        Ok((message, fresh))
     }
 
     /// The message inside `signed`, if the device signed it.

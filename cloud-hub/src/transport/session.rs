@@ -45,9 +45,9 @@ impl From<outpost_shared::io::StreamError> for SessionEnd {
     }
 }
 
-/// Records a device's hello (name, version, address) and makes its
-/// `Welcome`. Refuses devices the store does not know.
-pub async fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<Welcome, SessionEnd> {
+/// Records a device's hello (name, version, address). Refuses devices the
+/// store does not know.
+async fn record_hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> Result<(), SessionEnd> {
     let record = HelloRecord {
         id: id.clone(),
         name: hello.name.clone(),
@@ -68,6 +68,11 @@ pub async fn hello(store: &Store, id: &DeviceId, hello: &Hello, addr: &str) -> R
             return Err(SessionEnd::Closed("store error".into()));
         }
     }
+    Ok(())
+}
+
+/// The `Welcome` that answers a device's hello: where its records resume.
+async fn welcome(store: &Store, id: &DeviceId) -> Result<Welcome, SessionEnd> {
     let acked_seq = store.high_water(id).await.map_err(|e| {
         log_store_error(&e, "High-water mark could not be read.");
         SessionEnd::Closed("store error".into())
@@ -329,6 +334,13 @@ pub trait Transport {
 
     /// Where the device is, for the device record.
     fn addr(&self) -> String;
+
+    /// True when a hello that came this way may be a replay (it carries no
+    /// proof of freshness: MQTT): it is answered but changes nothing until
+    /// a fresh message of its session follows ([`DeviceSession::proven`]).
+    fn hello_needs_proof(&self) -> bool {
+        false
+    }
 }
 
 /// What a session does when a newer session of its device (on this hub or
@@ -366,6 +378,9 @@ pub struct DeviceSession {
     device_trust: Option<[u8; 32]>,
     /// Counts the session in `outpost_hub_sessions_open` while it lives.
     open: Option<crate::metrics::OpenSession>,
+    /// A hello answered and not yet taken (see
+    /// [`Transport::hello_needs_proof`]), with the address it came from.
+    pending_hello: Option<(Hello, String)>,
 }
 
 impl DeviceSession {
@@ -395,6 +410,7 @@ impl DeviceSession {
             slowed: false,
             device_trust: None,
             open: None,
+            pending_hello: None,
         }
     }
 
@@ -439,20 +455,22 @@ impl DeviceSession {
             }));
         }
         match message {
-            Message::Hello(hello_msg) => {
-                let welcome = match hello(&store, &self.id, &hello_msg, &transport.addr()).await {
-                    Ok(welcome) => welcome,
-                    Err(SessionEnd::Refused(refusal)) => {
-                        transport.send(Message::Refused(refusal.clone())).await?;
-                        return Err(SessionEnd::Refused(refusal));
-                    }
-                    Err(end) => return Err(end),
-                };
-                info!(name = ?hello_msg.name, version = ?hello_msg.agent_version, addr = %transport.addr(), resume_after = welcome.acked_seq, "Session opened.");
-                self.attach(transport, true).await?;
-                self.open = Some(crate::metrics::OpenSession::new(transport.link().transport()));
-                new_session = true;
+            Message::Hello(hello_msg) if transport.hello_needs_proof() => {
+                // Perhaps a replay: answered (a replayed one's answer is
+                // ignored by the device), taken only once a fresh message of
+                // its session shows the device is there; the agent sends one
+                // at once after the Welcome.
+                let welcome = welcome(&store, &self.id).await?;
+                debug!(resume_after = welcome.acked_seq, "Hello answered; taken at the session's first fresh message.");
+                self.pending_hello = Some((hello_msg, transport.addr()));
                 transport.send(Message::Welcome(welcome)).await?;
+                return Ok(false);
+            }
+            Message::Hello(hello_msg) => {
+                let addr = transport.addr();
+                self.take_hello(&hello_msg, &addr, transport).await?;
+                new_session = true;
+                transport.send(Message::Welcome(welcome(&store, &self.id).await?)).await?;
             }
             Message::Batch(batch) => {
                 self.pace(&batch).await;
@@ -494,6 +512,45 @@ impl DeviceSession {
         }
         self.fleet.seen(&self.id);
         Ok(new_session)
+    }
+
+    /// Makes a hello the device's session: its record, its place in the
+    /// fleet. A device the store does not know is refused.
+    async fn take_hello(
+        &mut self,
+        hello: &Hello,
+        addr: &str,
+        transport: &mut impl Transport,
+    ) -> Result<(), SessionEnd> {
+        match record_hello(self.fleet.store(), &self.id, hello, addr).await {
+            Ok(()) => {}
+            Err(SessionEnd::Refused(refusal)) => {
+                transport.send(Message::Refused(refusal.clone())).await?;
+                return Err(SessionEnd::Refused(refusal));
+            }
+            Err(end) => return Err(end),
+        }
+        info!(name = ?hello.name, version = ?hello.agent_version, %addr, "Session opened.");
+        self.attach(transport, true).await?;
+        self.open = Some(crate::metrics::OpenSession::new(transport.link().transport()));
+        Ok(())
+    }
+
+    /// A fresh message of the session of the hello answered last arrived:
+    /// the hello is taken now. Returns true if there was one (a new
+    /// session: everything pending is offered).
+    pub async fn proven(&mut self, transport: &mut impl Transport) -> Result<bool, SessionEnd> {
+        let Some((hello, addr)) = self.pending_hello.take() else { return Ok(false) };
+        self.take_hello(&hello, &addr, transport).await?;
+        Ok(true)
+    }
+
+    /// A fresh message of another session arrived: the hello answered last
+    /// was not the device's (a replay), and is dropped unseen.
+    pub fn unproven(&mut self) {
+        if self.pending_hello.take().is_some() {
+            debug!("A hello no fresh message of its session followed was dropped (a replay?).");
+        }
     }
 
     /// True if `verify` accepts one of the device's keys (see
