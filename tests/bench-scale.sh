@@ -10,6 +10,8 @@
 #   BACKENDS="sled postgres" (default: sled)
 #   HUB_QUIC="accept_rate = 1000" (extra [quic] lines for the hub)
 #   SWARM_ARGS="--watch" (more outpost-swarm options)
+#   HUB=/path/to/outpost-hub (another hub binary, e.g. an older build, to
+#   compare with in the same conditions; default: this tree's)
 #
 # The hub's CPU and resident memory are read from /proc. The swarm runs on the
 # same 2 cores as the hub, so its own CPU is printed beside. The peer, in the
@@ -25,6 +27,7 @@ ulimit -n "$(ulimit -Hn)"
 N=${1:-10000}; SECS=${2:-60}; CPS=${3:-20}
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=$PWD/target/release
+hub_bin=${HUB:-$bin/outpost-hub}
 top=$(mktemp -d /tmp/outpost-bench-XXXXXX)
 work=$top
 . tests/bench-common.sh
@@ -43,13 +46,17 @@ for backend in ${BACKENDS:-sled}; do
     # The scale figures, not the per-device allowance; the idle timeout a
     # field fleet would use with 10 s heartbeats.
     sed -i "s/^\[quic\]$/[quic]\nidle_timeout = \"45s\"\n${HUB_QUIC:-}/" "$work/hub.toml"
-    serve() { "$bin/outpost-hub" serve --config "$work/hub.toml" >>"$work/hub.log" 2>&1 & echo $! >"$work/hub.pid"; }
+    # A fixed HTTP port, so that the API can be asked while the restarted
+    # hub takes its fleet back.
+    hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    sed -i "s/^listen = \"127.0.0.1:0\"$/listen = \"127.0.0.1:$hport\"/" "$work/hub.toml"
+    serve() { "$hub_bin" serve --config "$work/hub.toml" >>"$work/hub.log" 2>&1 & echo $! >"$work/hub.pid"; }
     serve
     for _ in $(seq 100); do [ -s "$work/hub/http.addr" ] && break; sleep 0.1; done
     token=$("$bin/outpost-hub" token create --data-dir "$work/hub" --ttl 2h --uses "$N" --hub-addr "127.0.0.1:$port")
     cat >"$work/restart.sh" <<RESTART
 kill -9 \$(cat "$work/hub.pid"); while kill -0 \$(cat "$work/hub.pid") 2>/dev/null; do sleep 0.01; done
-"$bin/outpost-hub" serve --config "$work/hub.toml" >>"$work/hub.log" 2>&1 &
+"$hub_bin" serve --config "$work/hub.toml" >>"$work/hub.log" 2>&1 &
 echo \$! >"$work/hub.pid"; echo \$!
 RESTART
     # The peer broker: its own server certificate, clients from the fleet CA.

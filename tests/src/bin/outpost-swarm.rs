@@ -399,6 +399,7 @@ async fn restart_storm(command: &str, cli: &Cli, shared: &Shared) -> Result<(), 
         .ok_or_else(|| format!("the restart command printed no process id: {text:?}"))?;
     let back = Instant::now();
     let start = sample_process(pid);
+    let probe = ApiProbe::start(&cli.api, &cli.admin);
     // The old sessions end as the new hub's stateless resets reach them:
     // first every agent must have lost its session, then all come back.
     let new_sessions = || shared.sessions.load(Ordering::Relaxed) - sessions;
@@ -413,6 +414,7 @@ async fn restart_storm(command: &str, cli: &Cli, shared: &Shared) -> Result<(), 
     }
     let took = back.elapsed().as_secs_f64();
     let end = sample_process(pid);
+    println!("{}", probe.finish(back));
     println!(
         "hub restart: {} agents back in {took:.1} s ({} sessions); on the way {} told to come back, {} refused at the door, {} failed attempts; hub CPU {:.0} % of one core meanwhile, resident {:.1} MiB at most",
         cli.agents,
@@ -424,6 +426,56 @@ async fn restart_storm(command: &str, cli: &Cli, shared: &Shared) -> Result<(), 
         mib(rss_max.max(end.rss))
     );
     Ok(())
+}
+
+/// The API asked for the overview every 100 ms while the fleet comes back
+/// (one request at a time, with the client's timeouts), from a thread of
+/// its own.
+struct ApiProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Result<Duration, String>)>>,
+}
+
+impl ApiProbe {
+    fn start(api: &str, token: &str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, until) = (outpost_hub::client::Client::new(api, token), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !until.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let answer = client.overview();
+                seen.push((at, answer.map(|_| at.elapsed()).map_err(|e| e.to_string())));
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+            }
+            seen
+        });
+        ApiProbe { stop, thread }
+    }
+
+    /// What the API did from `since` on: when it first answered, then its
+    /// latency and the requests that failed.
+    fn finish(self, since: Instant) -> String {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.thread.join().unwrap_or_default();
+        let Some(first) = seen.iter().position(|(_, r)| r.is_ok()) else {
+            return format!("API during the storm: no answer to {} requests", seen.len());
+        };
+        let after = &seen[first..];
+        let mut times: Vec<Duration> = after.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
+        times.sort();
+        let failed = after.len() - times.len();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "API during the storm (GET /overview every 100 ms): first answer {:.1} s after the restart began; \
+             then {} requests: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {failed} failed",
+            seen[first].0.saturating_duration_since(since).as_secs_f64(),
+            after.len(),
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99)),
+            ms(times.last().copied().unwrap_or_default()),
+        )
+    }
 }
 
 /// The agents' identities: loaded from `--dir`, enrolled with `--token`
