@@ -61,6 +61,10 @@ fn a_fleet_reconnecting_at_once_is_admitted_at_the_hubs_rate_and_obeys_its_retry
     assert!(took >= Duration::from_secs(3), "the whole fleet was back in {took:?}: the door let it all in");
     let obeyed = agents.iter().filter(|a| a.log_text().contains("coming back when it said")).count();
     assert!(obeyed as f64 >= busy / 2.0, "{obeyed} agents logged that they obey the hub's retry-after");
+    // The hub says so in its log, in a line per 10 s, not one per device.
+    let lines = hub.log_text().matches("Connections turned away at the door").count();
+    let bound = 1 + back.elapsed().as_secs() / 10;
+    assert!(lines >= 1 && lines as u64 <= bound, "{lines} lines about turned-away connections (at most {bound})");
 }
 
 /// Devices enrolled all at once past the door's rate are told to come back

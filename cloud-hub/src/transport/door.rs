@@ -101,6 +101,43 @@ impl Door {
     }
 }
 
+/// How often at most the door says in the log how many it turned away.
+pub const TALLY_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts the connections the door turns away and says so in the log at
+/// most once per `every`, however many arrive: a storm costs a few lines,
+/// not one per device. Pure.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    every: Duration,
+    last: Instant,
+    busy: u64,
+    refused: u64,
+}
+
+impl Tally {
+    /// A tally whose first line comes at the first connection turned away.
+    pub fn new(every: Duration, now: Instant) -> Self {
+        Tally { every, last: now.checked_sub(every).unwrap_or(now), busy: 0, refused: 0 }
+    }
+
+    /// Notes what became of one arrival at `now`; returns the connections
+    /// told to come back later and refused before their handshake since
+    /// the last line, when a line is due.
+    pub fn note(&mut self, entry: Entry, now: Instant) -> Option<(u64, u64)> {
+        match entry {
+            Entry::Admit => {}
+            Entry::Busy(_) => self.busy += 1,
+            Entry::Refuse => self.refused += 1,
+        }
+        if self.busy + self.refused == 0 || now.saturating_duration_since(self.last) < self.every {
+            return None;
+        }
+        self.last = now;
+        Some((std::mem::take(&mut self.busy), std::mem::take(&mut self.refused)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +211,31 @@ mod tests {
         let mut door = Door::new(limits(1, 1), start);
         assert_eq!(door.arrive(start, 100, 0.0), Entry::Refuse);
         assert_eq!(door.arrive(start, 0, 0.0), Entry::Admit);
+    }
+
+    /// A storm of arrivals turned away is told in a line per period, and
+    /// every one of them is counted in some line.
+    #[test]
+    fn turned_away_connections_are_logged_at_a_bounded_rate() {
+        let t0 = Instant::now();
+        let mut tally = Tally::new(Duration::from_secs(10), t0);
+        let (mut lines, mut counted) = (0, 0);
+        for i in 0..30_000u64 {
+            let entry = match i % 3 {
+                0 => Entry::Admit,
+                1 => Entry::Busy(Duration::from_secs(1)),
+                _ => Entry::Refuse,
+            };
+            if let Some((busy, refused)) = tally.note(entry, t0 + Duration::from_millis(i)) {
+                lines += 1;
+                counted += busy + refused;
+            }
+        }
+        // 30 s of arrivals: a line at the first one turned away, at 10 s
+        // and at 20 s.
+        assert_eq!(lines, 3);
+        assert!((13_000..=20_000).contains(&counted), "{counted}");
+        assert_eq!(tally.note(Entry::Admit, t0 + Duration::from_secs(31)).map(|(b, r)| b + r), Some(20_000 - counted));
+        assert_eq!(tally.note(Entry::Admit, t0 + Duration::from_secs(45)), None, "nothing turned away: no line");
     }
 }

@@ -114,6 +114,7 @@ pub async fn accept_loop(
     use crate::transport::door::{Door, Entry};
     let mut tasks = JoinSet::new();
     let mut door = Door::new(door, std::time::Instant::now());
+    let mut tally = crate::transport::door::Tally::new(crate::transport::door::TALLY_EVERY, std::time::Instant::now());
     let handshaking = Arc::new(AtomicUsize::new(0));
     let metrics = &crate::metrics::METRICS;
     loop {
@@ -122,7 +123,15 @@ pub async fn accept_loop(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let remote = incoming.remote_address();
-                let entry = door.arrive(std::time::Instant::now(), handshaking.load(Ordering::Relaxed), rand::random());
+                let now = std::time::Instant::now();
+                let entry = door.arrive(now, handshaking.load(Ordering::Relaxed), rand::random());
+                if let Some((busy, refused)) = tally.note(entry, now) {
+                    info!(
+                        told_to_come_back = busy,
+                        refused_before_handshake = refused,
+                        "Connections turned away at the door since the last such line (past [quic] accept_rate or max_handshakes)."
+                    );
+                }
                 if entry == Entry::Refuse {
                     metrics.turned_away.get_or_create(&crate::metrics::Reason { reason: "handshakes" }).inc();
                     debug!(%remote, "Too many handshakes in flight: connection refused before its handshake.");
