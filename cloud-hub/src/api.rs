@@ -294,7 +294,6 @@ impl DeviceView {
         let crate::store::FleetRow { record, labels, digest, high_water, admission, session, cert_expires } = row;
         let expired = expired_since(&admission, last_seen);
         let offline = offline_reason(online, last_seen, session.as_ref(), &admission, expired);
-        let day_ago = Timestamp(now.0.saturating_sub(86_400_000));
         DeviceView {
             id: record.id.to_string(),
             name: record.name,
@@ -310,7 +309,7 @@ impl DeviceView {
             mem_percent: record.last_sample.as_ref().map(Sample::mem_percent),
             telemetry: record.last_sample,
             alarmed: digest.alarmed(),
-            failed_runs_24h: digest.failed_runs_since(day_ago),
+            failed_runs_24h: digest.failed_runs_in_a_day(now),
             overdue_backups: digest.overdue_backups(now).into_iter().map(|b| b.job.clone()).collect(),
             behind_secs: digest.behind(now).map(|d| d.as_secs()),
             alarms: digest.recent_alarms.into_iter().map(AlarmView::from).collect(),

@@ -320,8 +320,13 @@ impl Fleet {
                 None => held.values().cloned().collect(),
             }
         };
+        Ok(self.views_of(rows))
+    }
+
+    /// The views of rows taken from the index, at one `now`.
+    fn views_of(&self, rows: Vec<Arc<FleetRow>>) -> Vec<DeviceView> {
         let now = Timestamp::now();
-        Ok(rows.into_iter().map(|row| self.view(FleetRow::clone(&row), now)).collect())
+        rows.into_iter().map(|row| self.view(FleetRow::clone(&row), now)).collect()
     }
 
     /// One device, as the API shows it.
@@ -358,8 +363,10 @@ impl Fleet {
     /// cursor): views are built for its rows only.
     pub async fn list(&self, query: &DeviceQuery) -> Result<Result<Page, String>, StoreError> {
         let page = self.with_briefs(|items| select(items, query).map(|p| p.map(|l| l.row.clone()))).await?;
-        let now = Timestamp::now();
-        Ok(page.map(|p| p.map(|row| self.view(FleetRow::clone(&row), now))))
+        Ok(page.map(|p| {
+            let Page { rows, total, next, start, prev } = p;
+            Page { rows: self.views_of(rows), total, next, start, prev }
+        }))
     }
 
     /// The fleet at a glance, `worst` devices in the behind list.
@@ -378,7 +385,6 @@ impl Fleet {
     pub async fn views_where(&self, keep: impl Fn(&Brief<'_>) -> bool) -> Result<Vec<DeviceView>, StoreError> {
         let rows: Vec<Arc<FleetRow>> =
             self.with_briefs(|items| items.filter(|l| keep(&l.brief)).map(|l| l.row.clone()).collect()).await?;
-        let now = Timestamp::now();
-        Ok(rows.into_iter().map(|row| self.view(FleetRow::clone(&row), now)).collect())
+        Ok(self.views_of(rows))
     }
 }

@@ -150,7 +150,7 @@ pub fn bulk_targets<'a, 'b, T: Listed<'a>>(selector: &Selector, items: &'b [T]) 
 /// What the device list's filters and sorts and the overview look at, in
 /// one device: borrowed from its view, or from its fleet row and presence
 /// (so that a list of 100,000 devices builds views for its page only).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Brief<'a> {
     /// Device id.
     pub id: &'a str,
@@ -207,7 +207,7 @@ impl<'a> Brief<'a> {
             ),
             refused: digest.desired_error.is_some(),
             failing: !digest.failing.is_empty(),
-            failed_runs_24h: digest.failed_runs_since(Timestamp(now.0.saturating_sub(86_400_000))),
+            failed_runs_24h: digest.failed_runs_in_a_day(now),
             overdue: !digest.overdue_backups(now).is_empty(),
         }
     }
@@ -656,6 +656,64 @@ mod tests {
         let q = DeviceQuery { status: Some(Status::parse("expired").unwrap()), limit: 10, ..Default::default() };
         let ids: Vec<String> = select(&views, &q).unwrap().rows.into_iter().map(|v| v.id.clone()).collect();
         assert_eq!(ids, ["e"]);
+    }
+
+    /// A row's brief says what the view made of the same row would say, in
+    /// every state the filters and the overview look at: the list decides
+    /// by the one and shows the other.
+    #[test]
+    fn a_rows_brief_agrees_with_its_view() {
+        use crate::store::{Admission, DeviceRecord, FleetRow};
+        use outpost_shared::Fingerprint;
+        let now = Timestamp(10 * 86_400_000);
+        let ago = |secs: u64| Timestamp(now.0 - secs * 1000);
+        let record = DeviceRecord {
+            id: "dev-a".parse().unwrap(),
+            name: "Gate-1".into(),
+            enrolled_at: ago(100_000),
+            cert_fingerprint: Fingerprint([1; 32]),
+            agent_version: Some("0.9.1".into()),
+            last_seen: Some(ago(50)),
+            last_addr: Some("10.0.0.7:4433".into()),
+            last_sample: None,
+        };
+        let plain = FleetRow {
+            record,
+            labels: labels(&[("env", "prod")]),
+            digest: Default::default(),
+            high_water: 7,
+            session: None,
+            admission: Admission::default(),
+            cert_expires: None,
+        };
+        let mut troubled = plain.clone();
+        troubled.digest.newest_at = Some(ago(300));
+        troubled.digest.failed_runs = vec![ago(90_000), ago(600), ago(60)];
+        troubled.digest.desired_error = Some("jobs[0]: bad schedule".into());
+        troubled.digest.failing =
+            vec![crate::store::digest::FailingJob { job: "j".into(), runs: 3, last_run: 9, since: ago(600) }];
+        troubled.digest.active_alarms = vec![crate::store::AlarmRecord {
+            seq: 3,
+            at: ago(70),
+            alarm: outpost_shared::protocol::Alarm {
+                kind: outpost_shared::protocol::AlarmKind::OutboxFull,
+                raised: true,
+                message: "full".into(),
+            },
+        }];
+        let mut expired = plain.clone();
+        expired.admission.expired_seen = Some(ago(10));
+        let mut revoked = plain.clone();
+        revoked.admission.revoked_at = Some(ago(5));
+        let mut never = plain.clone();
+        never.record.last_seen = None;
+        for row in [plain, troubled, expired, revoked, never] {
+            for online in [true, false] {
+                let seen = row.record.last_seen;
+                let view = DeviceView::new(row.clone(), seen, online, None, now);
+                assert_eq!(Brief::of_row(&row, seen, online, now), (&view).brief(), "{row:?} online={online}");
+            }
+        }
     }
 
     #[test]

@@ -199,9 +199,15 @@ impl DeviceDigest {
         }
     }
 
-    /// Failed job attempts that ended within `window_ms` before `now`.
+    /// Failed job attempts that ended at or after `since`.
     pub fn failed_runs_since(&self, since: Timestamp) -> usize {
         self.failed_runs.iter().filter(|t| **t >= since).count()
+    }
+
+    /// Failed job attempts in the 24 hours before `now` (what the device
+    /// list, the overview and the views count).
+    pub fn failed_runs_in_a_day(&self, now: Timestamp) -> usize {
+        self.failed_runs_since(Timestamp(now.0.saturating_sub(86_400_000)))
     }
 
     /// Backup jobs whose last success (or first sight, if none) is more than
