@@ -34,6 +34,8 @@ command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # The alerts tests post to a real Alertmanager.
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+# The package test (tests/package.sh) makes a Debian root with debootstrap.
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -43,6 +45,12 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "tests/run.sh: cargo is missing; install Rust 1.95 or later (rustup.rs) first" >&2
     exit 1
+fi
+
+# The Debian packages are built with cargo-deb.
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "tests/run.sh: installing cargo-deb for the package test"
+    cargo install --locked --quiet cargo-deb --version 3.8.0
 fi
 
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
@@ -60,3 +68,8 @@ cargo test --locked --workspace "$@"
 OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
     --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet \
     --test roles --test identity "$@"
+# The packages, installed and run in a throw-away Debian root (root only;
+# with a NAME filter, only when NAME is "package").
+if [ $# -eq 0 ] || [ "${*: -1}" = package ]; then
+    tests/package.sh
+fi

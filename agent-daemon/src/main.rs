@@ -1,12 +1,13 @@
 //! `outpost-agent`: enroll, validate a config, or run the daemon.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use outpost_agent::backup::{BackupError, HubLink, Repository, RestoreTo, SnapshotInfo};
 use outpost_agent::config::AgentConfig;
 use outpost_agent::control::{self, Reply, Request};
 use outpost_agent::jobs::JobView;
 use outpost_agent::keyfile::{KeyFileError, read_key};
 use outpost_shared::DeviceId;
+use outpost_shared::cli::{self, Doc, Shell};
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -135,6 +136,13 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// The manual page (roff), printed (e.g. `outpost-agent man | man -l -`).
+    Man,
+    /// Shell completions, printed (e.g. `outpost-agent completions bash`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +160,8 @@ fn main() -> ExitCode {
         outpost_agent::process::default_sigpipe();
     }
     match cli.command {
+        Command::Man => cli::print(Doc::Man, Cli::command()),
+        Command::Completions { shell } => cli::print(Doc::Completions(shell), Cli::command()),
         Command::Enroll { token, data_dir, name } => enroll(&token, data_dir, name),
         Command::Validate { config } => AgentConfig::validate_command(&config),
         Command::Jobs { config, json } => match AgentConfig::load_or_exit(&config) {

@@ -1,9 +1,10 @@
 //! `outpost-hub`: initialise a data dir, make enrollment tokens, serve.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use outpost_hub::config::HubConfig;
 use outpost_hub::store::StoreConfig;
+use outpost_shared::cli::{self, Doc, Shell};
 use outpost_shared::config::ConfigFile;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The manual page (roff), printed (e.g. `outpost-hub man | man -l -`).
+    Man,
+    /// Shell completions, printed (e.g. `outpost-hub completions bash`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +122,8 @@ enum TokenCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Man => cli::print(Doc::Man, Cli::command()),
+        Command::Completions { shell } => cli::print(Doc::Completions(shell), Cli::command()),
         Command::Init { data_dir: Some(data_dir), .. } => report(init(&data_dir, None)),
         Command::Init { config: Some(path), .. } => match HubConfig::load_or_exit(&path) {
             Ok(config) => report(init(&config.data_dir.clone(), Some(config))),

@@ -7,6 +7,8 @@
 //! `io` feature adds two small helpers that read and write frames on any tokio
 //! `AsyncRead`/`AsyncWrite`, so both sides share one framing loop.
 
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(feature = "io")]
 pub mod commit;
 pub mod config;

@@ -20,7 +20,9 @@ fn systemd_units_verify() {
         let local = text.replace(&format!("/usr/bin/{binary}"), &built.display().to_string());
         let path = scratch.path().join(unit);
         std::fs::write(&path, local).unwrap();
-        let out = Command::new(analyze).arg("verify").arg(&path).output().unwrap();
+        // The manual pages the units name are installed by the packages
+        // (tests/package.sh checks them there), not on the build host.
+        let out = Command::new(analyze).args(["verify", "--man=no"]).arg(&path).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         // Complaints about the build host (missing users, no running systemd) are not the unit's.
         let problems: Vec<&str> = stderr

@@ -6,6 +6,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use outpost_hub::api::{CommandRequest, CommandStateView, CommandView, OutcomeView};
 use outpost_hub::client::{Client, ClientError, render_jobs, render_table, seg};
 use outpost_hub::human::ago_text;
+use outpost_shared::cli::{self, Doc, Shell};
 use outpost_shared::table::render;
 use outpost_shared::time::Timestamp;
 use std::process::ExitCode;
@@ -210,7 +211,7 @@ enum Command {
     /// Shell completions, printed (e.g. `outpostctl completions bash > /etc/bash_completion.d/outpostctl`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
-        shell: clap_complete::Shell,
+        shell: Shell,
     },
     /// The manual page (roff), printed (e.g. `outpostctl man | man -l -`).
     Man,
@@ -469,22 +470,8 @@ fn render_backups(view: &outpost_hub::api::BackupsView) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Completions { shell } => {
-            // Into memory first: a closed pipe (`| head`) is an error to
-            // report, not a panic.
-            let mut script = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "outpostctl", &mut script);
-            return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            };
-        }
-        Command::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e),
-            };
-        }
+        Command::Completions { shell } => return cli::print(Doc::Completions(*shell), Cli::command()),
+        Command::Man => return cli::print(Doc::Man, Cli::command()),
         _ => {}
     }
     let Some(token) = cli.token.clone().filter(|t| !t.is_empty()) else {

@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The Debian packages as an operator meets them (issue 25).
+#
+# Builds outpost-hub and outpost-agent with cargo-deb (tests/build-debs.sh,
+# the test build's binaries), installs them with dpkg into a throw-away
+# Debian root made by debootstrap (minbase, the machine's own release and
+# mirror; made once and kept under $OUTPOST_TEST_CACHE), and checks what the
+# packages install and what they leave alone. Then follows README's
+# "Running it for real" steps in that root: configure, `outpost-hub init`
+# and `outpost-agent enroll` as the units' users, each unit's own
+# ExecStartPre and ExecStart lines run as its User=, a token, the device
+# online. Last, the agent package is upgraded while the agent runs and its
+# hub is down; the agent is restarted as the package's try-restart does
+# (SIGTERM, then start), and every sample it took meanwhile reaches the hub.
+#
+# A chroot and not systemd-nspawn or a container: this machine's PID 1 is
+# not systemd, its sandbox cannot boot one in a container, and it has no
+# container engine. So systemd itself does not start the units here; their
+# command lines and users are read from the installed unit files and run as
+# systemd would run them (systemd-analyze checks the units themselves in
+# tests/tests/packaging.rs). Everything runs in a network namespace of its
+# own, so the example configs' fixed ports are free. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "package.sh: needs root (debootstrap, chroot, ip netns)" >&2
+    exit 1
+fi
+
+passed=0
+pass() { passed=$((passed + 1)); echo "ok: $*"; }
+fail() {
+    echo "FAILED: $*" >&2
+    exit 1
+}
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND until it succeeds.
+wait_for() {
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || fail "$what (gave up after the deadline)"
+        sleep 0.2
+    done
+}
+
+# A Debian root of this machine's release from this machine's mirror.
+codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | grep -v security | awk '{print $2; exit}' || true)
+[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+[ -n "$mirror" ] || fail "no Debian mirror in /etc/apt/sources.list*"
+cache=${OUTPOST_TEST_CACHE:-/var/cache/outpost-tests}
+base=$cache/$codename-minbase
+if [ ! -x "$base/usr/bin/dpkg" ]; then
+    mkdir -p "$cache"
+    rm -rf "$base.new"
+    echo "package.sh: making a $codename root with debootstrap (once)"
+    debootstrap --variant=minbase --include=adduser "$codename" "$base.new" "$mirror" >"$cache/debootstrap.log" 2>&1 \
+        || { tail -20 "$cache/debootstrap.log"; fail "debootstrap"; }
+    mv "$base.new" "$base"
+fi
+
+work=$(mktemp -d /tmp/outpost-package.XXXXXX)
+root=$work/root
+ns=outpost-pkg-$$
+cleanup() {
+    local status=$?
+    # Every process whose root is the throw-away root, whatever started it.
+    for proc in /proc/[0-9]*; do
+        if [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ]; then kill -9 "${proc#/proc/}" 2>/dev/null || true; fi
+    done
+    umount -l "$root/proc" "$root/dev" 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+    if [ "$status" -ne 0 ]; then
+        for log in "$work"/*.log; do
+            [ -e "$log" ] && { echo "--- $log"; tail -40 "$log"; }
+        done
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The packages, of the test build's binaries (CI builds nothing twice), and
+# the same agent package with a later version, for the upgrade.
+profile=${OUTPOST_DEB_PROFILE:-dev}
+mkdir -p "$work/debs"
+# `cargo test --workspace` (tests/run.sh) built them; a `cargo build` here
+# would build the graph again with other features.
+build=--no-build
+[ -x target/debug/outpost-agent ] && [ -x target/debug/outpost-hub ] && [ -x target/debug/outpostctl ] || build=
+[ "$profile" = dev ] || build=
+tests/build-debs.sh --profile "$profile" $build >"$work/build.log" 2>&1 || fail "tests/build-debs.sh"
+cp target/debian/outpost-hub_*.deb target/debian/outpost-agent_*.deb "$work/debs/"
+hub_deb=$(ls "$work"/debs/outpost-hub_*.deb)
+agent_deb=$(ls "$work"/debs/outpost-agent_*.deb)
+version=$(dpkg-deb -f "$agent_deb" Version)
+later="${version%-*}-$((${version##*-} + 1))"
+cargo deb --no-build --profile "$profile" -p outpost-agent --deb-version "$later" -o "$work/debs/upgrade" \
+    >>"$work/build.log" 2>&1 || fail "cargo deb (the upgrade)"
+agent_upgrade=$(ls "$work"/debs/upgrade/outpost-agent_*.deb)
+
+cp -a "$base" "$root"
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+ip netns add "$ns"
+ip netns exec "$ns" ip link set lo up
+cp "$hub_deb" "$agent_deb" "$agent_upgrade" "$root/tmp/"
+
+in_root() { ip netns exec "$ns" chroot "$root" "$@"; }
+unit=/usr/lib/systemd/system
+unit_key() { sed -n "s/^$2=//p" "$root$unit/$1.service" | head -1; }
+# start UNIT: runs the unit's ExecStartPre, then its ExecStart in the
+# background, as its User= (setpriv, as systemd's User= does: no PAM
+# session, so the daemon is the process started here).
+start() {
+    local user pre cmd
+    user=$(unit_key "$1" User)
+    pre=$(unit_key "$1" ExecStartPre)
+    cmd=$(unit_key "$1" ExecStart)
+    # shellcheck disable=SC2086 # the unit's command line, split as systemd does for these
+    in_root setpriv --reuid="$user" --regid="$user" --init-groups $pre >>"$work/$1.log" 2>&1 || fail "$1: ExecStartPre ($pre)"
+    # Not through in_root: a function run in the background is a subshell,
+    # and $! must be the daemon (ip, chroot and setpriv each exec the next).
+    # shellcheck disable=SC2086
+    ip netns exec "$ns" chroot "$root" setpriv --reuid="$user" --regid="$user" --init-groups $cmd >>"$work/$1.log" 2>&1 &
+    eval "${1//-/_}_pid=$!"
+}
+# stop PID: SIGTERM, as systemctl stop does; the daemon must exit 0.
+stop() {
+    kill -TERM "$1"
+    wait "$1" || fail "exit status $? after SIGTERM"
+}
+
+# --- Install: what the packages put where, and what they leave alone.
+in_root dpkg -i "/tmp/$(basename "$hub_deb")" "/tmp/$(basename "$agent_deb")" >"$work/dpkg.log" 2>&1 || fail "dpkg -i"
+pass "dpkg -i installs both packages into a fresh $codename root"
+for user in outpost outpost-hub; do
+    entry=$(in_root getent passwd "$user") || fail "no $user user"
+    [ "${entry##*:}" = /usr/sbin/nologin ] || fail "$user's shell is ${entry##*:}"
+done
+pass "the system users outpost and outpost-hub exist, with no login shell"
+for bin in outpost-agent outpost-hub outpostctl; do
+    [ -x "$root/usr/bin/$bin" ] || fail "/usr/bin/$bin"
+    zcat "$root/usr/share/man/man1/$bin.1.gz" | grep -q "^\.TH $bin 1" || fail "man page of $bin"
+    bash -n "$root/usr/share/bash-completion/completions/$bin" || fail "bash completion of $bin"
+    [ -s "$root/usr/share/zsh/vendor-completions/_$bin" ] || fail "zsh completion of $bin"
+    [ -s "$root/usr/share/fish/vendor_completions.d/$bin.fish" ] || fail "fish completion of $bin"
+done
+zcat "$root/usr/share/man/man1/outpost-agent.1.gz" | grep -q "enroll" || fail "the agent's man page lacks its subcommands"
+pass "binaries in /usr/bin, man pages and bash/zsh/fish completions for all three"
+for pair in outpost-agent:agent:outpost outpost-hub:hub:outpost-hub; do
+    IFS=: read -r package conf group <<<"$pair"
+    in_root dpkg-query -W -f='${Conffiles}\n' "$package" | grep -q "/etc/outpost/$conf.toml" || fail "$conf.toml is not a conffile"
+    [ "$(in_root stat -c '%U:%G %a' "/etc/outpost/$conf.toml")" = "root:$group 640" ] || fail "$conf.toml: $(in_root stat -c '%U:%G %a' "/etc/outpost/$conf.toml")"
+    [ -f "$root$unit/$package.service" ] || fail "$package.service"
+    grep -q '^Type=notify' "$root$unit/$package.service" || fail "$package.service is not the shipped unit"
+    # Installed, not enabled, not started: the operator enrolls or initialises first.
+    ! ls "$root"/etc/systemd/system/*.wants/"$package.service" >/dev/null 2>&1 || fail "$package.service enabled at install"
+done
+for proc in /proc/[0-9]*; do
+    [ "$(readlink "$proc/root" 2>/dev/null)" != "$root" ] || fail "a process runs in the root after install: $(cat "$proc/cmdline" | tr '\0' ' ')"
+done
+pass "configs are conffiles readable by their daemon's group only; units installed, none enabled or running"
+
+# --- README, "Running it for real": the hub.
+sed -i 's/^# advertise = "hub.example.com:7443"$/advertise = "127.0.0.1:7443"/' "$root/etc/outpost/hub.toml"
+grep -q '^advertise = "127.0.0.1:7443"' "$root/etc/outpost/hub.toml" || fail "hub.toml has no advertise example to set"
+in_root runuser -u outpost-hub -- outpost-hub init --config /etc/outpost/hub.toml >"$work/init.log" 2>&1 || fail "outpost-hub init"
+admin=$(grep '^opt_' "$work/init.log") || fail "init printed no admin token"
+start outpost-hub
+ctl() { in_root outpostctl --hub 127.0.0.1:8080 --token "$admin" "$@"; }
+wait_for 30 "the hub answers its API" ctl overview
+pass "outpost-hub init as its user, then the unit's validate and serve: the API answers"
+token=$(in_root runuser -u outpost-hub -- outpost-hub token create --data-dir /var/lib/outpost-hub --ttl 1h --uses 10) \
+    || fail "outpost-hub token create"
+
+# --- The device: an operator's edit of the config, enroll, start.
+sed -i 's/^interval = "10s"$/interval = "1s"/; s/^# \[metrics\]$/[metrics]/; s/^# listen = "127.0.0.1:9465"$/listen = "127.0.0.1:9465"/' \
+    "$root/etc/outpost/agent.toml"
+grep -q '^interval = "1s"' "$root/etc/outpost/agent.toml" || fail "agent.toml has no telemetry interval to set"
+grep -q '^listen = "127.0.0.1:9465"' "$root/etc/outpost/agent.toml" || fail "agent.toml has no [metrics] example to set"
+# outbox N: the agent's outbox holds at least (or, with -0, exactly no) N records.
+outbox() {
+    local n
+    n=$(ip netns exec "$ns" python3 -c '
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9465/metrics", timeout=2).read().decode()
+print(next(int(float(l.split()[-1])) for l in text.splitlines() if l.startswith("outpost_agent_outbox_records ")))
+') || return 1
+    if [ "$1" = -0 ]; then [ "$n" -eq 0 ]; else [ "$n" -ge "$1" ]; fi
+}
+in_root runuser -u outpost -- outpost-agent enroll --token "$token" --data-dir /var/lib/outpost --name pkg-device \
+    >"$work/enroll.log" 2>&1 || fail "outpost-agent enroll"
+start outpost-agent
+field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
+online() { [ "$(ctl --json device pkg-device | field online)" = True ]; }
+wait_for 60 "the device online" online
+device=$(ctl --json device pkg-device | field id)
+[ -n "$device" ] || fail "no device id"
+pass "outpost-agent enroll as its user, then the unit's validate and run: $device online"
+
+# --- Upgrade the agent's package while the agent runs and its hub is down.
+stop "$outpost_hub_pid"
+down_from=$(date +%s%3N)
+wait_for 30 "five samples waiting for the hub" outbox 5
+in_root dpkg -i "/tmp/$(basename "$agent_upgrade")" >>"$work/dpkg.log" 2>&1 || fail "dpkg -i (upgrade)"
+[ "$(in_root dpkg-query -W -f='${Version}' outpost-agent)" != "$version" ] || fail "the upgrade did not install"
+grep -q '^interval = "1s"' "$root/etc/outpost/agent.toml" || fail "the upgrade replaced the operator's agent.toml"
+[ "$(in_root stat -c '%U:%G %a' /etc/outpost/agent.toml)" = "root:outpost 640" ] || fail "agent.toml's owner after the upgrade"
+# What the package's postinst does under systemd: try-restart.
+stop "$outpost_agent_pid"
+start outpost-agent
+wait_for 30 "seven samples waiting for the hub after the restart" outbox 7
+start outpost-hub
+up_at=$(date +%s%3N)
+wait_for 30 "the hub answers again" ctl overview
+wait_for 60 "the device online after the upgrade" online
+wait_for 60 "the agent's outbox delivered" outbox -0
+pass "dpkg -i of a newer agent package with the agent running: the operator's config kept, the restarted agent back online"
+# Every sample taken while the hub was down reaches it: no gap longer than
+# the restart between the hub's stop and its start.
+samples=$(ctl --json metrics pkg-device --since "$((down_from - 3000))")
+echo "$samples" >"$work/samples.log"
+gaps=$(python3 -c '
+import json, sys
+down, up = int(sys.argv[1]), int(sys.argv[2])
+times = sorted(s["at_ms"] for s in json.load(sys.stdin)["samples"])
+inside = [t for t in times if down - 3000 <= t <= up]
+print(len(inside), max((b - a for a, b in zip(inside, inside[1:])), default=0))
+' "$down_from" "$up_at" <"$work/samples.log") || fail "reading the samples"
+read -r count gap <<<"$gaps"
+[ "$count" -ge 7 ] || fail "only $count samples from the hub's downtime reached it"
+[ "$gap" -le 5000 ] || fail "a gap of $gap ms in the samples across the upgrade"
+pass "all $count samples the agent took while its hub was down reached it after the upgrade (largest gap $gap ms)"
+
+echo "package: $passed passed, 0 failed"
