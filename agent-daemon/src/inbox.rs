@@ -290,7 +290,7 @@ async fn run_one(
 /// (the tail is kept); on timeout the whole group is killed.
 async fn exec(args: &[String], timeout: Duration, max_output: usize, cancel: &CancellationToken) -> (Outcome, String) {
     let env = std::collections::BTreeMap::new();
-    let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None }) {
+    let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None, cgroup: None }) {
         Ok(s) => s,
         Err(e) => return (Outcome::Failed { code: 127 }, e),
     };
@@ -356,7 +356,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let run = {
             let (store, cancel) = (store.clone(), cancel.clone());
-            let jobs = Jobs::new(store.clone(), dir.path().into(), Default::default(), cancel.clone());
+            let jobs = Jobs::new(store.clone(), dir.path().into(), Default::default(), cancel.clone(), None);
             tokio::spawn(async move { executor(store, config, jobs, defaults, std::sync::Arc::new(tx), cancel).await })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

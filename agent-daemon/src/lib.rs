@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod backup;
 pub mod bulk;
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod crash;
@@ -285,7 +286,17 @@ pub fn run_with(
             next_seq = stats.next_seq,
             "Agent starting."
         );
-        let jobs = Jobs::new(store.clone(), config.data_dir.clone(), tasks.clone(), stop.clone());
+        let cgroups = match cgroup::Subtree::delegated() {
+            Ok(subtree) => {
+                tracing::info!(cgroup = %subtree.path().display(), "Each job run gets a cgroup of its own.");
+                Some(subtree)
+            }
+            Err(why) => {
+                tracing::info!(%why, "Job runs are tracked by process group and marker (no delegated cgroup).");
+                None
+            }
+        };
+        let jobs = Jobs::new(store.clone(), config.data_dir.clone(), tasks.clone(), stop.clone(), cgroups);
         let (jobs_at_stop, stop_grace) = (jobs.clone(), config.stop_grace);
         let parts = Parts { tasks: tasks.clone(), stop: stop.clone() };
         // Each child is a function that makes a fresh actor: the supervisor

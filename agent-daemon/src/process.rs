@@ -9,6 +9,7 @@
 //! left of its process group is killed (as systemd does when a oneshot
 //! service ends), so no child outlives its run.
 
+use crate::cgroup::RunGroup;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -106,7 +107,7 @@ pub fn groups_with_env(entry: &str) -> Vec<i32> {
 }
 
 /// What to run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct ProcessSpec<'a> {
     /// Program and arguments.
     pub argv: &'a [String],
@@ -114,6 +115,9 @@ pub struct ProcessSpec<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Working directory.
     pub working_dir: Option<&'a Path>,
+    /// The run's cgroup, which the program is started in (`cgroup`) and
+    /// which is emptied and removed when it ends.
+    pub cgroup: Option<RunGroup>,
 }
 
 /// How a run ended.
@@ -138,6 +142,9 @@ pub struct ProcessResult {
     pub output: String,
     /// All bytes it wrote.
     pub output_bytes: u64,
+    /// Processes still in its cgroup after its process group was killed
+    /// (what left the group), killed with the cgroup.
+    pub strays: usize,
 }
 
 /// A started program.
@@ -145,9 +152,12 @@ pub struct ProcessResult {
 pub struct Spawned {
     child: tokio::process::Child,
     pid: u32,
+    cgroup: Option<RunGroup>,
 }
 
-/// Starts `spec` in a new process group with stdin from /dev/null.
+/// Starts `spec` in a new process group (and its cgroup, if it has one)
+/// with stdin from /dev/null.
+#[allow(unsafe_code)]
 pub fn spawn(spec: ProcessSpec<'_>) -> Result<Spawned, String> {
     let Some((program, args)) = spec.argv.split_first() else {
         return Err("no program given".into());
@@ -164,9 +174,26 @@ pub fn spawn(spec: ProcessSpec<'_>) -> Result<Spawned, String> {
     if let Some(dir) = spec.working_dir {
         command.current_dir(dir);
     }
-    let child = command.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
+    if let Some(group) = &spec.cgroup {
+        let procs = group.procs().map_err(|e| format!("cannot open {}: {e}", group.path().display()))?;
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls write(2) on a descriptor opened before the fork.
+        unsafe {
+            command.pre_exec(move || crate::cgroup::enter(&procs));
+        }
+    }
+    let started = command.spawn().map_err(|e| format!("cannot start {program:?}: {e}"));
+    let child = match started {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(group) = spec.cgroup {
+                group.close();
+            }
+            return Err(e);
+        }
+    };
     let pid = child.id().ok_or_else(|| format!("{program:?} exited before it could be watched"))?;
-    Ok(Spawned { child, pid })
+    Ok(Spawned { child, pid, cgroup: spec.cgroup })
 }
 
 impl Spawned {
@@ -177,7 +204,7 @@ impl Spawned {
 
     /// Waits for the end (at most `timeout`, or until `stop`), keeping the
     /// last `max_output` bytes of output; then kills what is left of the
-    /// group.
+    /// group, and of its cgroup if it has one.
     pub async fn wait(mut self, timeout: Duration, max_output: usize, stop: &CancellationToken) -> ProcessResult {
         let tail = Arc::new(Mutex::new(Tail::new(max_output)));
         let readers = [
@@ -199,6 +226,12 @@ impl Spawned {
         };
         kill_group(pgid);
         let _ = self.child.wait().await;
+        // What left the group but not the cgroup goes now, before the
+        // pipes it may hold are waited for.
+        let strays = match self.cgroup.take() {
+            Some(group) => tokio::task::spawn_blocking(move || group.close()).await.unwrap_or(0),
+            None => 0,
+        };
         for reader in readers.into_iter().flatten() {
             let abort = reader.abort_handle();
             if tokio::time::timeout(PIPE_GRACE, reader).await.is_err() {
@@ -206,7 +239,7 @@ impl Spawned {
             }
         }
         let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-        ProcessResult { end, output: tail.text(), output_bytes: tail.total }
+        ProcessResult { end, output: tail.text(), output_bytes: tail.total, strays }
     }
 }
 
@@ -258,8 +291,64 @@ mod tests {
     async fn run(script: &str, timeout: Duration, cap: usize) -> ProcessResult {
         let argv = argv(script);
         let env = BTreeMap::new();
-        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None }).unwrap();
+        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None, cgroup: None }).unwrap();
         spawned.wait(timeout, cap, &CancellationToken::new()).await
+    }
+
+    fn alive(pid: u32) -> bool {
+        // A zombie waits for a reaper that may be slow; it runs no more.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    }
+
+    /// Where this machine has cgroup v2 and root: a program started in a
+    /// run's cgroup, whose child leaves its process group and scrubs its
+    /// environment (so the marker cannot find it), is still in the cgroup,
+    /// and closing the cgroup kills it and removes the cgroup.
+    #[tokio::test]
+    async fn a_child_that_escaped_its_group_and_marker_dies_with_the_runs_cgroup() {
+        let Some(mount) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| {
+            m.lines()
+                .find(|l| l.contains(" - cgroup2 "))
+                .and_then(|l| l.split_whitespace().nth(4).map(std::path::PathBuf::from))
+        }) else {
+            eprintln!("skipped: no cgroup v2 here");
+            return;
+        };
+        let parent = mount.join(format!("outpost-unit-{}", std::process::id()));
+        if std::fs::create_dir(&parent).is_err() {
+            eprintln!("skipped: cannot make a cgroup here (not root?)");
+            return;
+        }
+        let subtree = crate::cgroup::Subtree::at(parent.clone());
+        let group = subtree.run(7).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let pid_file = scratch.path().join("escaped.pid");
+        // The child writes its pid once it has left the group; the run waits
+        // for that, or it could end (and kill its group) first.
+        let pid_path = pid_file.display();
+        let argv = argv(&format!(
+            "setsid env -i sh -c 'echo $$ > {pid_path}; exec sleep 303' & until [ -s {pid_path} ]; do sleep 0.05; done"
+        ));
+        let env = BTreeMap::new();
+        let path = group.path().to_owned();
+        let spec = ProcessSpec { argv: &argv, env: &env, working_dir: None, cgroup: Some(group) };
+        let result = spawn(spec).unwrap().wait(Duration::from_secs(10), 1024, &CancellationToken::new()).await;
+        assert_eq!(result.end, ProcessEnd::Exited(0), "{result:?}");
+        assert_eq!(result.strays, 1, "the setsid child was in the run's cgroup");
+        let escaped: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(escaped) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(escaped), "the escaped child outlived its run's cgroup");
+        assert!(!path.exists(), "the run's cgroup was not removed");
+        // A run cgroup an agent that died left behind is found and cleared.
+        drop(subtree.run(8).unwrap());
+        assert!(subtree.left(9).is_none());
+        assert_eq!(subtree.left(8).unwrap().close(), 0);
+        assert!(!parent.join("run-8").exists());
+        std::fs::remove_dir(&parent).unwrap();
     }
 
     #[tokio::test]
@@ -269,7 +358,7 @@ mod tests {
         let env: BTreeMap<String, String> = [(name.to_owned(), value.to_owned())].into_iter().collect();
         // A child of the job too (it inherits the marker and the group).
         let argv = argv("sleep 300 & sleep 300");
-        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None }).unwrap();
+        let spawned = spawn(ProcessSpec { argv: &argv, env: &env, working_dir: None, cgroup: None }).unwrap();
         let pgid = i32::try_from(spawned.pid()).unwrap();
         let found = (0..100)
             .find_map(|_| {

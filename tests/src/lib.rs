@@ -518,6 +518,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Starts the daemon inside `cgroup`, as systemd starts a unit with
+    /// `Delegate=yes` (the shell moves itself in, then becomes the agent).
+    pub fn start_in(&mut self, cgroup: &DelegatedCgroup) -> Result<()> {
+        if self.netns.is_some() {
+            bail!("start_in: not in a network namespace");
+        }
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(&cgroup.path)
+            .arg(bin("outpost-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.clone());
+        self.proc = Some(Proc::spawn(&mut command, self.log.clone())?);
+        Ok(())
+    }
+
     /// Starts the daemon.
     pub fn start(&mut self) -> Result<()> {
         let proc = Proc::spawn(
@@ -578,6 +597,68 @@ pub fn is_root() -> bool {
 #[derive(Debug)]
 pub struct Tmpfs {
     path: PathBuf,
+}
+
+/// A cgroup (v2) marked delegated the way systemd marks a unit's with
+/// `Delegate=yes` (`trusted.delegate`), for an agent to run in
+/// (`Agent::start_in`); on drop, everything in it and under it is killed
+/// and it is removed. Needs root and the unified hierarchy.
+#[derive(Debug)]
+pub struct DelegatedCgroup {
+    /// Its directory.
+    pub path: PathBuf,
+}
+
+impl DelegatedCgroup {
+    /// Makes one under the cgroup v2 mount.
+    pub fn new() -> Result<Self> {
+        if !is_root() {
+            bail!("this test makes a cgroup: run tests/run.sh as root");
+        }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = mountinfo
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .ok_or_else(|| anyhow::anyhow!("no cgroup v2 hierarchy is mounted"))?;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = Path::new(mount).join(format!("outpost-test-{}-{n}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        let status = Command::new("setfattr").args(["-n", "trusted.delegate", "-v", "1"]).arg(&path).status()?;
+        if !status.success() {
+            let _ = fs::remove_dir(&path);
+            bail!("setfattr trusted.delegate on {}", path.display());
+        }
+        Ok(DelegatedCgroup { path })
+    }
+
+    /// The cgroups made under it now.
+    pub fn children(&self) -> Vec<String> {
+        fs::read_dir(&self.path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for DelegatedCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            for child in self.children() {
+                let _ = fs::remove_dir(self.path.join(child));
+            }
+            if fs::remove_dir(&self.path).is_ok() || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Tmpfs {

@@ -505,3 +505,58 @@ fn sighup_reloads_jobs_and_the_log_level_without_a_reconnect_and_refuses_a_broke
     assert!(agent.proc.as_mut().unwrap().running());
     assert_eq!(sessions(), 1);
 }
+
+/// With a delegated cgroup (systemd's `Delegate=yes`, which the shipped
+/// unit sets) every run gets a cgroup of its own, and what it started ends
+/// with it however it ended: here a child that left the run's process
+/// group and emptied its environment (so the run's marker cannot find it),
+/// from a run that exited by itself, and one from a run killed at its
+/// timeout. Nothing is left under the agent's cgroup after.
+#[test]
+fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let hub = Hub::start(scratch.path(), timings.clone()).unwrap();
+    let config = [
+        // The child writes its pid once it has left the run's group, and the
+        // run waits for that (else it could end, and kill its group, first).
+        job(
+            "daemonize",
+            "0 0 0 1 1 *",
+            "setsid env -i sh -c 'echo $$ > daemon.pid; exec sleep 304' & until [ -s daemon.pid ]; do sleep 0.05; done",
+            "",
+        ),
+        job(
+            "hang",
+            "0 0 0 1 1 *",
+            "setsid env -i sh -c 'echo $$ > hang.pid; exec sleep 305' & sleep 300",
+            "timeout = \"1s\"",
+        ),
+    ]
+    .concat();
+    let cgroup = outpost_tests::DelegatedCgroup::new().unwrap();
+    let mut agent = Agent::enroll_with(scratch.path(), &hub, "scoped", &timings, &config).unwrap();
+    agent.start_in(&cgroup).unwrap();
+    wait_online(&hub, &[&agent.id], true, Duration::from_secs(10)).unwrap();
+    assert!(agent.log_text().contains("Each job run gets a cgroup of its own."), "{}", agent.log_text());
+
+    let out = agent.cli(&["run-job", "daemonize"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pid: u32 = std::fs::read_to_string(agent.data_dir.join("daemon.pid")).unwrap().trim().parse().unwrap();
+    wait_for(Duration::from_secs(5), "the daemonized child to die", || (!process_alive(pid)).then_some(())).unwrap();
+    let runs = wait_runs(&hub, &agent, "daemonize", "the run's record", |r| !r.is_empty());
+    assert_eq!(runs[0].exit_code, Some(0), "{runs:?}");
+    assert!(runs[0].output.contains("killed 1 process(es) the run left in its cgroup"), "{runs:?}");
+
+    let out = agent.cli(&["run-job", "hang"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"), "{out:?}");
+    let pid: u32 = std::fs::read_to_string(agent.data_dir.join("hang.pid")).unwrap().trim().parse().unwrap();
+    wait_for(Duration::from_secs(5), "the hung run's escaped child and its sleep to die", || {
+        (!process_alive(pid)).then_some(())
+    })
+    .unwrap();
+    let runs = wait_runs(&hub, &agent, "hang", "the run's record", |r| !r.is_empty());
+    assert!(runs[0].output.contains("killed 1 process(es) the run left in its cgroup"), "{runs:?}");
+    // The agent itself stays in its cgroup; no run's cgroup is left.
+    assert!(cgroup.children().is_empty(), "{:?}", cgroup.children());
+}

@@ -45,6 +45,7 @@ pub use scheduler::SchedulerActor;
 use records::{fire_key, last_key, run_key};
 use scheduler::{List, RunNow};
 
+use crate::cgroup::Subtree;
 use crate::store::{AgentStore, Changes, StoreError};
 use actix::prelude::*;
 use outpost_shared::job::{JobRun, JobSource, JobSpec, Trigger};
@@ -133,6 +134,10 @@ struct Shared {
     /// interrupted.
     kill_runs: CancellationToken,
     finished: broadcast::Sender<(JobRun, bool)>,
+    /// The agent's delegated cgroup: each run gets one of its own under
+    /// it, and everything in it ends with the run. None: process groups
+    /// and the run's marker only.
+    cgroups: Option<Subtree>,
 }
 
 /// The handle to the jobs: asks the scheduler, holds the live runs. Cheap
@@ -147,8 +152,15 @@ impl std::fmt::Debug for Jobs {
 }
 
 impl Jobs {
-    /// Jobs whose runs are tracked by `tasks` and stopped on `shutdown`.
-    pub fn new(store: AgentStore, data_dir: PathBuf, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
+    /// Jobs whose runs are tracked by `tasks` and stopped on `shutdown`,
+    /// each run in a cgroup of its own under `cgroups` if there is one.
+    pub fn new(
+        store: AgentStore,
+        data_dir: PathBuf,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+        cgroups: Option<Subtree>,
+    ) -> Self {
         // Attempts carry up to 1 MiB of output each: a short queue; a slow
         // listener sees `Lagged` rather than holding memory.
         let (finished, _) = broadcast::channel(16);
@@ -161,6 +173,7 @@ impl Jobs {
             shutdown,
             kill_runs: CancellationToken::new(),
             finished,
+            cgroups,
         }))
     }
 

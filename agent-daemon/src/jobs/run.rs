@@ -110,7 +110,18 @@ impl Run {
                 let mut env = env.clone();
                 let (name, value) = run_marker(&self.jobs.0.data_dir, self.run_id);
                 env.insert(name.to_owned(), value.clone());
-                let spawned = match process::spawn(ProcessSpec { argv, env: &env, working_dir: Some(dir) }) {
+                // A cgroup of its own, if the agent was given a subtree:
+                // everything the run starts stays in it, whatever it does.
+                let group = match self.jobs.0.cgroups.as_ref().map(|c| c.run(self.run_id)).transpose() {
+                    Ok(group) => group,
+                    Err(e) => {
+                        let error = format!("cannot make the run's cgroup: {e}");
+                        return (RunOutcome::FailedToStart { error }, String::new(), 0);
+                    }
+                };
+                let scoped = group.is_some();
+                let spec = ProcessSpec { argv, env: &env, working_dir: Some(dir), cgroup: group };
+                let spawned = match process::spawn(spec) {
                     Ok(s) => s,
                     Err(error) => return (RunOutcome::FailedToStart { error }, String::new(), 0),
                 };
@@ -131,7 +142,17 @@ impl Run {
                     ProcessEnd::Stopped => stopped(),
                 };
                 let mut output = result.output;
-                if matches!(result.end, ProcessEnd::TimedOut | ProcessEnd::Stopped) {
+                if scoped {
+                    // The run's group is gone, and what left it (setsid, a
+                    // double fork, a scrubbed environment) with the run's
+                    // cgroup, however the run ended.
+                    let strays = result.strays;
+                    if strays > 0 {
+                        tracing::warn!(job = %self.spec.name, run = self.run_id, processes = strays, "Killed processes the run left in its cgroup.");
+                        output
+                            .push_str(&format!("\n[outpost: killed {strays} process(es) the run left in its cgroup]"));
+                    }
+                } else if matches!(result.end, ProcessEnd::TimedOut | ProcessEnd::Stopped) {
                     // The run's group is gone; what left it (setsid, a
                     // double fork) still carries the run's marker: a run
                     // that is killed leaves nothing behind.
