@@ -59,9 +59,14 @@ fn delegated(path: &str, marked: bool, owner: u32, euid: u32) -> bool {
     path != "/" && !path.is_empty() && (marked || (euid != 0 && owner == euid))
 }
 
-/// The name of run `run_id`'s cgroup.
+/// The name of job run `run_id`'s cgroup.
 fn run_name(run_id: u64) -> String {
     format!("run-{run_id}")
+}
+
+/// The name of command `id`'s cgroup.
+fn command_name(id: u64) -> String {
+    format!("cmd-{id}")
 }
 
 impl Subtree {
@@ -106,10 +111,19 @@ impl Subtree {
         &self.dir
     }
 
-    /// Makes run `run_id`'s cgroup (emptying and replacing one left by an
-    /// agent that died).
+    /// Makes job run `run_id`'s cgroup (emptying and replacing one left by
+    /// an agent that died).
     pub fn run(&self, run_id: u64) -> std::io::Result<RunGroup> {
-        let dir = self.dir.join(run_name(run_id));
+        self.make(&run_name(run_id))
+    }
+
+    /// Makes command `id`'s cgroup (an `exec` command's program).
+    pub fn command(&self, id: u64) -> std::io::Result<RunGroup> {
+        self.make(&command_name(id))
+    }
+
+    fn make(&self, name: &str) -> std::io::Result<RunGroup> {
+        let dir = self.dir.join(name);
         if dir.exists() {
             RunGroup { dir: dir.clone() }.close();
         }
@@ -227,7 +241,8 @@ mod tests {
     }
 
     #[test]
-    fn a_run_is_named_by_its_id() {
+    fn runs_and_commands_are_named_by_their_ids_apart() {
         assert_eq!(run_name(42), "run-42");
+        assert_eq!(command_name(42), "cmd-42");
     }
 }

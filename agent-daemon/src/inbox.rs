@@ -13,6 +13,7 @@
 //! has passed is reported `Expired` and not started. Desired state is applied
 //! (today: the telemetry interval) and the applied version reported.
 
+use crate::cgroup::Subtree;
 use crate::config::CommandsConfig;
 use crate::jobs::Jobs;
 use crate::link::HubClock;
@@ -262,11 +263,15 @@ async fn run_one(
     let (outcome, output) = match CommandKind::parse(&command.kind) {
         Some(CommandKind::Echo) => (Outcome::Succeeded, command.args.join(" ")),
         Some(CommandKind::Exec) if config.allow_exec => {
-            exec(&command.args, config.timeout, config.max_output, cancel).await
+            exec(&command.args, config.timeout, config.max_output, jobs.cgroups().map(|c| (c, command.id)), cancel)
+                .await
         }
         Some(CommandKind::Backup) => match &config.backup_command {
             Some(prefix) => match crate::backup::hub_command(prefix, &command.args) {
-                Ok(argv) => exec(&argv, config.backup_timeout, config.max_output, cancel).await,
+                Ok(argv) => {
+                    let cgroup = jobs.cgroups().map(|c| (c, command.id));
+                    exec(&argv, config.backup_timeout, config.max_output, cgroup, cancel).await
+                }
                 Err(e) => (Outcome::Rejected, e),
             },
             None => (Outcome::Rejected, "this agent runs without a config file; backups are unavailable".into()),
@@ -286,15 +291,28 @@ async fn run_one(
     finish(store, entry, outcome, output).await
 }
 
-/// Runs a program in its own process group with a timeout and an output cap
-/// (the tail is kept); on timeout the whole group is killed.
-async fn exec(args: &[String], timeout: Duration, max_output: usize, cancel: &CancellationToken) -> (Outcome, String) {
+/// Runs a program in its own process group (and a cgroup of its own under
+/// `cgroup`'s subtree, named by the command's id, when the agent has one)
+/// with a timeout and an output cap (the tail is kept); when it ends or
+/// times out, the whole group (and cgroup) is killed.
+async fn exec(
+    args: &[String],
+    timeout: Duration,
+    max_output: usize,
+    cgroup: Option<(&Subtree, u64)>,
+    cancel: &CancellationToken,
+) -> (Outcome, String) {
     let env = std::collections::BTreeMap::new();
-    let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None, cgroup: None }) {
+    let cgroup = match cgroup.map(|(subtree, id)| subtree.command(id)).transpose() {
+        Ok(group) => group,
+        Err(e) => return (Outcome::Failed { code: 127 }, format!("cannot make the command's cgroup: {e}")),
+    };
+    let spawned = match process::spawn(ProcessSpec { argv: args, env: &env, working_dir: None, cgroup }) {
         Ok(s) => s,
         Err(e) => return (Outcome::Failed { code: 127 }, e),
     };
-    // On shutdown the command is left to finish on its own; at the next start
+    // On shutdown the command is left to finish on its own (under systemd,
+    // stopping the unit ends it with the agent's cgroup); at the next start
     // it is reported interrupted, not run again.
     let detached = CancellationToken::new();
     let run = spawned.wait(timeout, max_output, &detached);
@@ -304,12 +322,16 @@ async fn exec(args: &[String], timeout: Duration, max_output: usize, cancel: &Ca
             return (Outcome::Interrupted, "the agent stopped while this command ran".into());
         }
     };
+    let mut output = result.output;
+    if result.strays > 0 {
+        output.push_str(&format!("\n[outpost: killed {} process(es) the command left in its cgroup]", result.strays));
+    }
     match result.end {
-        ProcessEnd::Exited(0) => (Outcome::Succeeded, result.output),
-        ProcessEnd::Exited(code) => (Outcome::Failed { code }, result.output),
-        ProcessEnd::Signaled(_) | ProcessEnd::Stopped => (Outcome::Failed { code: -1 }, result.output),
+        ProcessEnd::Exited(0) => (Outcome::Succeeded, output),
+        ProcessEnd::Exited(code) => (Outcome::Failed { code }, output),
+        ProcessEnd::Signaled(_) | ProcessEnd::Stopped => (Outcome::Failed { code: -1 }, output),
         ProcessEnd::TimedOut => {
-            (Outcome::Failed { code: -1 }, format!("{}\nkilled after the timeout of {timeout:?}", result.output))
+            (Outcome::Failed { code: -1 }, format!("{output}\nkilled after the timeout of {timeout:?}"))
         }
     }
 }

@@ -511,7 +511,8 @@ fn sighup_reloads_jobs_and_the_log_level_without_a_reconnect_and_refuses_a_broke
 /// with it however it ended: here a child that left the run's process
 /// group and emptied its environment (so the run's marker cannot find it),
 /// from a run that exited by itself, and one from a run killed at its
-/// timeout. Nothing is left under the agent's cgroup after.
+/// timeout, and from an `exec` command. Nothing is left under the agent's
+/// cgroup after.
 #[test]
 fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
     let scratch = Scratch::new().unwrap();
@@ -532,6 +533,7 @@ fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
             "setsid env -i sh -c 'echo $$ > hang.pid; exec sleep 305' & sleep 300",
             "timeout = \"1s\"",
         ),
+        "[commands]\nallow_exec = true\n".into(),
     ]
     .concat();
     let cgroup = outpost_tests::DelegatedCgroup::new().unwrap();
@@ -557,6 +559,24 @@ fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
     .unwrap();
     let runs = wait_runs(&hub, &agent, "hang", "the run's record", |r| !r.is_empty());
     assert!(runs[0].output.contains("killed 1 process(es) the run left in its cgroup"), "{runs:?}");
-    // The agent itself stays in its cgroup; no run's cgroup is left.
+
+    // An exec command is scoped the same way.
+    let pid_file = agent.data_dir.join("cmd.pid");
+    let script = format!(
+        "setsid env -i sh -c 'echo $$ > {0}; exec sleep 306' & until [ -s {0} ]; do sleep 0.05; done",
+        pid_file.display()
+    );
+    let out = outpost_tests::outpostctl(
+        &hub,
+        &["command", "send", &agent.id, "exec", "--wait", "20s", "--", "sh", "-c", &script],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("killed 1 process(es) the command left in its cgroup"), "{text}");
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    wait_for(Duration::from_secs(5), "the command's escaped child to die", || (!process_alive(pid)).then_some(()))
+        .unwrap();
+
+    // The agent itself stays in its cgroup; no run's or command's cgroup is left.
     assert!(cgroup.children().is_empty(), "{:?}", cgroup.children());
 }

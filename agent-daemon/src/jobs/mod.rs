@@ -177,6 +177,12 @@ impl Jobs {
         }))
     }
 
+    /// The delegated cgroup runs (and `exec` commands) are started under,
+    /// if the agent has one.
+    pub fn cgroups(&self) -> Option<&Subtree> {
+        self.0.cgroups.as_ref()
+    }
+
     /// The agent stops: waits up to `grace` for the runs in progress to
     /// end by themselves, then kills what still runs (recorded
     /// interrupted) and waits for those records. Returns how many runs
