@@ -19,7 +19,8 @@
 //! sent twice, never lost).
 
 use crate::api::DeviceView;
-use crate::service::listing::Selector;
+use crate::service::listing::{Brief, Selector};
+use crate::store::FleetRow;
 use outpost_shared::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -108,13 +109,7 @@ impl Condition {
                 (!v.overdue_backups.is_empty()).then(|| format!("backup overdue: {}", v.overdue_backups.join(", ")))
             }
             Condition::DiskAbove(p) => {
-                let sample = v.telemetry.as_ref()?;
-                let fullest = sample
-                    .disks
-                    .iter()
-                    .filter(|d| d.total_bytes > 0)
-                    .map(|d| (d.used_bytes as f64 * 100.0 / d.total_bytes as f64, &d.mount))
-                    .max_by(|a, b| a.0.total_cmp(&b.0))?;
+                let fullest = fullest_disk(v.telemetry.as_ref()?)?;
                 (fullest.0 > *p).then(|| format!("{} is {:.0} % full", fullest.1, fullest.0))
             }
             Condition::Alarm => v.alarmed.then(|| {
@@ -133,6 +128,33 @@ impl Condition {
                     left => format!("certificate expires in {} (at {at})", human(left)),
                 })
             }
+        }
+    }
+
+    /// Whether the condition can hold for a device, read from its fleet row
+    /// and brief without building its view: a round of evaluation builds
+    /// views only for the devices some rule may alert on. Never false where
+    /// [`Condition::holds`] is true for the same row (unit test).
+    pub fn may_hold(&self, row: &FleetRow, brief: &Brief<'_>, now: Timestamp) -> bool {
+        match self {
+            Condition::Offline(after) => {
+                !brief.online
+                    && brief.last_seen_ms.is_some_and(|seen| Duration::from_millis(now.0.saturating_sub(seen)) > *after)
+            }
+            Condition::Behind(more) => brief.behind_secs.is_some_and(|b| Duration::from_secs(b) > *more),
+            Condition::JobFailing(_) => brief.failing,
+            Condition::BackupOverdue => brief.overdue,
+            Condition::DiskAbove(p) => {
+                row.record.last_sample.as_ref().and_then(fullest_disk).is_some_and(|(share, _)| share > *p)
+            }
+            Condition::Alarm => brief.alarmed,
+            Condition::CertificateExpired => {
+                crate::api::expired_since(&row.admission, brief.last_seen_ms.map(Timestamp)).is_some()
+            }
+            // The view says when to the second: a second's slack.
+            Condition::CertificateExpiring(within) => row.cert_expires.is_some_and(|at| {
+                Duration::from_millis(at.0.saturating_sub(now.0)) < within.saturating_add(Duration::from_secs(1))
+            }),
         }
     }
 }
@@ -418,6 +440,24 @@ pub struct Book {
 /// Resolved alerts are kept this long for `GET /api/v1/alerts` once every
 /// receiver was told.
 pub const KEEP_RESOLVED: Duration = Duration::from_secs(3600);
+
+/// The fullest disk of a sample: its share in percent and its mount.
+fn fullest_disk(sample: &outpost_shared::telemetry::Sample) -> Option<(f64, &str)> {
+    sample
+        .disks
+        .iter()
+        .filter(|d| d.total_bytes > 0)
+        .map(|d| (d.used_bytes as f64 * 100.0 / d.total_bytes as f64, d.mount.as_str()))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// Whether some rule may alert on a device ([`Condition::may_hold`] and the
+/// rule's selector): the devices whose views a round builds.
+pub fn may_alert(rules: &[Rule], row: &FleetRow, brief: &Brief<'_>, now: Timestamp) -> bool {
+    rules
+        .iter()
+        .any(|r| r.selector.as_ref().is_none_or(|s| s.matches(brief.labels)) && r.condition.may_hold(row, brief, now))
+}
 
 /// Evaluates `rules` over `views` at `now`: new alerts pending, pending
 /// ones firing once they held for the rule's `for`, ones whose condition
@@ -821,6 +861,94 @@ mod tests {
         .unwrap();
         v.last_seen_ms = last_seen;
         v
+    }
+
+    /// The pre-filter never drops a device a rule would alert on: for rows
+    /// in every state (with a disk sample, a certificate expiring or
+    /// expired, long silent...), online and not, each condition that holds
+    /// for the row's view may hold for its row and brief; and a plain,
+    /// online, healthy device is left out by every condition.
+    #[test]
+    fn a_condition_that_holds_for_a_view_may_hold_for_its_row() {
+        use crate::service::listing::Listed;
+        let now = Timestamp(10 * 86_400_000);
+        let ago = |secs: u64| Timestamp(now.0 - secs * 1000);
+        let later = |secs: u64| Timestamp(now.0 + secs * 1000);
+        let disks = |used: u64| outpost_shared::telemetry::Sample {
+            at: ago(5),
+            cpu_percent: 1.0,
+            mem_used_bytes: 1,
+            mem_total_bytes: 2,
+            swap_used_bytes: 0,
+            load: [0.0; 3],
+            uptime_secs: 1,
+            disks: vec![
+                outpost_shared::telemetry::DiskSample { mount: "/".into(), used_bytes: 10, total_bytes: 100 },
+                outpost_shared::telemetry::DiskSample { mount: "/data".into(), used_bytes: used, total_bytes: 100 },
+            ],
+            net: vec![],
+            temperatures: vec![],
+        };
+        let mut rows = Vec::new();
+        for base in crate::service::listing::tests::sample_rows(now) {
+            rows.push(base.clone());
+            for used in [40, 89, 91, 99] {
+                let mut r = base.clone();
+                r.record.last_sample = Some(disks(used));
+                rows.push(r);
+            }
+            for expires in [later(60), later(2 * 3600), later(40 * 86_400), ago(60)] {
+                let mut r = base.clone();
+                r.cert_expires = Some(expires);
+                rows.push(r);
+            }
+            for silent in [20, 70, 4000, 90_000] {
+                let mut r = base.clone();
+                r.record.last_seen = Some(ago(silent));
+                r.digest.newest_at = Some(ago(silent));
+                rows.push(r);
+            }
+        }
+        let conditions = [
+            Condition::Offline(Duration::from_secs(60)),
+            Condition::Offline(Duration::from_secs(3600)),
+            Condition::Behind(Duration::from_secs(60)),
+            Condition::Behind(Duration::from_secs(86_400)),
+            Condition::JobFailing(1),
+            Condition::JobFailing(3),
+            Condition::JobFailing(4),
+            Condition::BackupOverdue,
+            Condition::DiskAbove(90.0),
+            Condition::DiskAbove(50.0),
+            Condition::Alarm,
+            Condition::CertificateExpired,
+            Condition::CertificateExpiring(Duration::from_secs(86_400)),
+            Condition::CertificateExpiring(Duration::from_secs(30 * 86_400)),
+        ];
+        let mut held = 0;
+        for row in &rows {
+            for online in [true, false] {
+                let seen = row.record.last_seen;
+                let view = DeviceView::new(row.clone(), seen, online, None, now);
+                let brief = crate::service::listing::Brief::of_row(row, seen, online, now);
+                assert_eq!(brief, (&view).brief());
+                for c in &conditions {
+                    if let Some(why) = c.holds(&view, now) {
+                        held += 1;
+                        assert!(
+                            c.may_hold(row, &brief, now),
+                            "{c:?} holds ({why}) but the pre-filter drops {row:?} online={online}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(held > 50, "the rows should make most conditions hold somewhere ({held})");
+        let plain = &crate::service::listing::tests::sample_rows(now)[0];
+        let brief = crate::service::listing::Brief::of_row(plain, plain.record.last_seen, true, now);
+        for c in &conditions {
+            assert!(!c.may_hold(plain, &brief, now), "{c:?} should leave a healthy online device out");
+        }
     }
 
     fn offline_rule(hold: u64) -> Rule {
@@ -1240,7 +1368,12 @@ async fn rounds(
             },
         };
         let started = std::time::Instant::now();
-        let (views, silenced) = match (fleet.views(None).await, silences(store).await) {
+        // Views only of the devices some rule may alert on (the rest
+        // cannot: `may_alert`), from the fleet index.
+        let now = Timestamp::now();
+        let rules = &config.rules;
+        let candidates = fleet.views_where(|l| may_alert(rules, l.row, &l.brief, now)).await;
+        let (views, silenced) = match (candidates, silences(store).await) {
             (Ok(v), Ok(s)) => (v, s),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!(error = %e, "Alerts not evaluated this time.");
@@ -1248,7 +1381,6 @@ async fn rounds(
                 continue;
             }
         };
-        let now = Timestamp::now();
         let before = current.clone();
         evaluate(&mut current, &config.rules, &views, now);
         log_changes(&before, &current);

@@ -381,10 +381,11 @@ impl Fleet {
         Ok(selector.unknown_keys(rows.values().map(|r| &r.labels)).into_iter().map(str::to_owned).collect())
     }
 
-    /// Views of the devices whose brief passes `keep`, ordered by id.
-    pub async fn views_where(&self, keep: impl Fn(&Brief<'_>) -> bool) -> Result<Vec<DeviceView>, StoreError> {
+    /// Views of the devices whose listing (brief and row) passes `keep`,
+    /// ordered by id.
+    pub async fn views_where(&self, keep: impl Fn(&Listing<'_>) -> bool) -> Result<Vec<DeviceView>, StoreError> {
         let rows: Vec<Arc<FleetRow>> =
-            self.with_briefs(|items| items.filter(|l| keep(&l.brief)).map(|l| l.row.clone()).collect()).await?;
+            self.with_briefs(|items| items.filter(|l| keep(l)).map(|l| l.row.clone()).collect()).await?;
         Ok(self.views_of(rows))
     }
 }

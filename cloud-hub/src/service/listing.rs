@@ -598,7 +598,7 @@ pub fn overview<'a, T: Listed<'a>>(items: impl IntoIterator<Item = T>, worst: us
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::FailingJobView;
 
@@ -661,11 +661,12 @@ mod tests {
     /// A row's brief says what the view made of the same row would say, in
     /// every state the filters and the overview look at: the list decides
     /// by the one and shows the other.
-    #[test]
-    fn a_rows_brief_agrees_with_its_view() {
+    /// Rows in the states the filters, the overview and the alert rules
+    /// look at: plain; alarmed, failing, refused, behind, with failed runs;
+    /// an expired certificate; revoked; never seen.
+    pub(crate) fn sample_rows(now: Timestamp) -> Vec<crate::store::FleetRow> {
         use crate::store::{Admission, DeviceRecord, FleetRow};
         use outpost_shared::Fingerprint;
-        let now = Timestamp(10 * 86_400_000);
         let ago = |secs: u64| Timestamp(now.0 - secs * 1000);
         let record = DeviceRecord {
             id: "dev-a".parse().unwrap(),
@@ -707,7 +708,13 @@ mod tests {
         revoked.admission.revoked_at = Some(ago(5));
         let mut never = plain.clone();
         never.record.last_seen = None;
-        for row in [plain, troubled, expired, revoked, never] {
+        vec![plain, troubled, expired, revoked, never]
+    }
+
+    #[test]
+    fn a_rows_brief_agrees_with_its_view() {
+        let now = Timestamp(10 * 86_400_000);
+        for row in sample_rows(now) {
             for online in [true, false] {
                 let seen = row.record.last_seen;
                 let view = DeviceView::new(row.clone(), seen, online, None, now);

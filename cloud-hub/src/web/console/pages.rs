@@ -291,7 +291,7 @@ async fn overview_page(
     fleet: web::Data<Fleet>,
     query: web::Query<OverviewQuery>,
 ) -> Result<HttpResponse, ConsoleError> {
-    let alarmed = fleet.views_where(|b| b.alarmed).await?;
+    let alarmed = fleet.views_where(|l| l.brief.alarmed).await?;
     let now = Timestamp::now();
     let mut alarms: Vec<(Timestamp, Line)> = alarmed
         .iter()
