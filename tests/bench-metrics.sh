@@ -9,14 +9,18 @@
 # alerts, the worst case), evaluated every second, told to a local receiver
 # that answers 200;
 # the hub's own histogram of the rounds gives their count and mean, and the
-# first round (every alert new) is read from the log's timestamps.
+# first round (every alert new) is read from the log's timestamps. Last, a
+# quiet fleet (measured first): six rules of six kinds that hold for none
+# of the devices (the usual case), whose rounds build no view at all.
 #
 #   tests/bench-metrics.sh [N] [R]      (defaults 10000 30)
+#   HUB=/path/to/outpost-hub tests/bench-metrics.sh ...   (another hub build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}; R=${2:-30}
 cargo build --locked --release --workspace --bins >/dev/null 2>&1
 bin=$PWD/target/release
+hub_bin=${HUB:-$bin/outpost-hub}
 top=$(mktemp -d /tmp/outpost-bench-XXXXXX)
 work=$top
 pids=()
@@ -25,6 +29,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 trap "exit 130" INT TERM
 
+echo "# hub: $hub_bin"
 echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%FT%TZ); $(git rev-parse --short HEAD)"
 
 init_hub
@@ -41,7 +46,7 @@ print(s.server_address[1], flush=True)
 s.serve_forever()' >"$work/receiver.port" & pids+=($!)
 until [ -s "$work/receiver.port" ]; do sleep 0.05; done
 "$bin/outpost-fleetgen" --data-dir "$work/hub" --devices "$N" 2>"$work/gen.log"
-"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
+"$hub_bin" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
 until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
 api="http://$(cat "$work/hub/http.addr")"
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
@@ -58,9 +63,9 @@ timed "hub: GET /metrics (loopback, no token)" "$api/metrics"
 timed "hub: GET /api/v1/overview (the store read a scrape makes)" "$api/api/v1/overview" -H "Authorization: Bearer $admin"
 timed "peer: prometheus-node-exporter $(prometheus-node-exporter --version 2>&1 | awk 'NR==1 {print $3}'): GET /metrics" "http://127.0.0.1:$ne_port/metrics"
 
-# The same hub again, with the alert rule.
-kill "$hub"; wait "$hub" 2>/dev/null || true
-cat >>"$work/hub.toml" <<CFG
+# Rounds every second, told to the local receiver.
+alerts_config() {
+    cat <<CFG
 [alerts]
 evaluate_every = "1s"
 group_wait = "0s"
@@ -68,29 +73,56 @@ group_interval = "1s"
 [[alerts.receiver]]
 name = "bench"
 url = "http://127.0.0.1:$(head -1 "$work/receiver.port")/hook"
+CFG
+}
+metric() { curl -s "$api/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+# rounds WHAT: waits for 30 alert rounds, prints their count and mean.
+rounds() {
+    until [ "$(metric outpost_hub_alert_evaluation_duration_seconds_count | cut -d. -f1)" -ge 30 ] 2>/dev/null; do sleep 1; done
+    count=$(metric outpost_hub_alert_evaluation_duration_seconds_count)
+    sum=$(metric outpost_hub_alert_evaluation_duration_seconds_sum)
+    firing=$(metric 'outpost_hub_alerts{state="firing"}')
+    sent=$(metric 'outpost_hub_alert_notifications_total{receiver="bench",result="sent"}')
+    echo "| alert evaluation, $N devices, $1 | rounds | mean round | alerts firing | notifications sent |"
+    echo "|---|---|---|---|---|"
+    awk -v c="$count" -v s="$sum" -v f="${firing:-0}" -v n="${sent:-0}" 'BEGIN { printf "| sled | %d | %.1f ms | %d | %d |\n", c, s / c * 1000, f, n }'
+}
+# A quiet fleet: rules of six kinds, none of which holds for any device.
+kill "$hub"; wait "$hub" 2>/dev/null || true
+cp "$work/hub.toml" "$work/quiet.toml"
+alerts_config >>"$work/quiet.toml"
+for rule in "offline 30d" "behind 30d" "disk_above 95" "job_failing 3" "backup_overdue" "certificate_expired"; do
+    set -- $rule
+    printf '[[alerts.rule]]\nname = "quiet-%s"\ncondition = "%s"\n%s\n' "$1" "$1" "${2:+threshold = \"$2\"}" >>"$work/quiet.toml"
+done
+rm -rf "$work/hub/http.addr"
+"$hub_bin" serve --config "$work/quiet.toml" 2>"$work/hub-quiet.log" & hub=$!; pids+=($hub)
+until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
+api="http://$(cat "$work/hub/http.addr")"
+echo
+rounds "six quiet rules (offline 30d, behind 30d, disk above 95 %, a job failing 3 runs, a backup overdue, an expired certificate)"
+echo
+echo "hub RSS after the rounds: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' /proc/$hub/status)"
+
+# The same hub again, with the alert rule that fires for every device.
+kill "$hub"; wait "$hub" 2>/dev/null || true
+alerts_config >>"$work/hub.toml"
+cat >>"$work/hub.toml" <<CFG
 [[alerts.rule]]
 name = "DeviceOffline"
 condition = "offline"
 threshold = "1s"
 CFG
 rm -f "$work/hub/http.addr"
-"$bin/outpost-hub" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
+"$hub_bin" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
 until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
 api="http://$(cat "$work/hub/http.addr")"
 echo
-# The alert rounds: wait for 30 of them.
-metric() { curl -s "$api/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
-until [ "$(metric outpost_hub_alert_evaluation_duration_seconds_count | cut -d. -f1)" -ge 30 ] 2>/dev/null; do sleep 1; done
-count=$(metric outpost_hub_alert_evaluation_duration_seconds_count)
-sum=$(metric outpost_hub_alert_evaluation_duration_seconds_sum)
-firing=$(metric 'outpost_hub_alerts{state="firing"}')
-sent=$(metric 'outpost_hub_alert_notifications_total{receiver="bench",result="sent"}')
-echo "| alert evaluation, $N devices, one offline rule | rounds | mean round | alerts firing | notifications sent |"
-echo "|---|---|---|---|---|"
-awk -v c="$count" -v s="$sum" -v f="$firing" -v n="$sent" 'BEGIN { printf "| sled | %d | %.1f ms | %d | %d |\n", c, s / c * 1000, f, n }'
+rounds "one offline rule"
 echo
 echo "hub RSS after the rounds: $(awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' /proc/$hub/status)"
 echo
 echo "| request ($R each) | median | p95 | bytes |"
 echo "|---|---|---|---|"
 timed "hub: GET /metrics with the alerts running" "$api/metrics"
+
