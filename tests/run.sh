@@ -34,8 +34,10 @@ command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # The alerts tests post to a real Alertmanager.
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
-# The package test (tests/package.sh) makes a Debian root with debootstrap.
+# The package test (tests/package.sh) makes a Debian root with debootstrap
+# and reads JSON with python3.
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
