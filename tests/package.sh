@@ -12,6 +12,7 @@
 # online. Last, the agent package is upgraded while the agent runs and its
 # hub is down; the agent is restarted as the package's try-restart does
 # (SIGTERM, then start), and every sample it took meanwhile reaches the hub.
+# Then remove keeps the device's identity and config, and purge removes them.
 #
 # A chroot and not systemd-nspawn or a container: this machine's PID 1 is
 # not systemd, its sandbox cannot boot one in a container, and it has no
@@ -161,12 +162,17 @@ for proc in /proc/[0-9]*; do
     [ "$(readlink "$proc/root" 2>/dev/null)" != "$root" ] || fail "a process runs in the root after install: $(cat "$proc/cmdline" | tr '\0' ' ')"
 done
 pass "configs are conffiles readable by their daemon's group only; units installed, none enabled or running"
+# started_by UNIT: the file whose existence the unit's ConditionPathExists=
+# asks for (what init or enrollment writes) exists.
+started_by() { [ -e "$root$(unit_key "$1" ConditionPathExists)" ]; }
+! started_by outpost-hub && ! started_by outpost-agent || fail "a unit's start condition holds before init or enrollment"
 
 # --- README, "Running it for real": the hub.
 sed -i 's/^# advertise = "hub.example.com:7443"$/advertise = "127.0.0.1:7443"/' "$root/etc/outpost/hub.toml"
 grep -q '^advertise = "127.0.0.1:7443"' "$root/etc/outpost/hub.toml" || fail "hub.toml has no advertise example to set"
 in_root runuser -u outpost-hub -- outpost-hub init --config /etc/outpost/hub.toml >"$work/init.log" 2>&1 || fail "outpost-hub init"
 admin=$(grep '^opt_' "$work/init.log") || fail "init printed no admin token"
+started_by outpost-hub || fail "outpost-hub init did not write what the unit's ConditionPathExists= names"
 start outpost-hub
 ctl() { in_root outpostctl --hub 127.0.0.1:8080 --token "$admin" "$@"; }
 wait_for 30 "the hub answers its API" ctl overview
@@ -191,6 +197,7 @@ print(next(int(float(l.split()[-1])) for l in text.splitlines() if l.startswith(
 }
 in_root runuser -u outpost -- outpost-agent enroll --token "$token" --data-dir /var/lib/outpost --name pkg-device \
     >"$work/enroll.log" 2>&1 || fail "outpost-agent enroll"
+started_by outpost-agent || fail "outpost-agent enroll did not write what the unit's ConditionPathExists= names"
 start outpost-agent
 field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
 online() { [ "$(ctl --json device pkg-device | field online)" = True ]; }
@@ -232,5 +239,15 @@ read -r count gap <<<"$gaps"
 [ "$count" -ge 7 ] || fail "only $count samples from the hub's downtime reached it"
 [ "$gap" -le 5000 ] || fail "a gap of $gap ms in the samples across the upgrade"
 pass "all $count samples the agent took while its hub was down reached it after the upgrade (largest gap $gap ms)"
+
+# --- Remove keeps the device's identity and config; purge removes them.
+stop "$outpost_agent_pid"
+in_root dpkg -r outpost-agent >>"$work/dpkg.log" 2>&1 || fail "dpkg -r"
+[ ! -e "$root/usr/bin/outpost-agent" ] || fail "dpkg -r left the binary"
+[ -f "$root/var/lib/outpost/identity/device.key" ] && [ -f "$root/etc/outpost/agent.toml" ] || fail "dpkg -r removed the identity or the config"
+in_root dpkg --purge outpost-agent >>"$work/dpkg.log" 2>&1 || fail "dpkg --purge"
+[ ! -e "$root/var/lib/outpost" ] && [ ! -e "$root/etc/outpost/agent.toml" ] || fail "dpkg --purge left the state or the config"
+[ -f "$root/etc/outpost/hub.toml" ] || fail "purging the agent touched the hub's config"
+pass "dpkg -r keeps the device's identity and config; dpkg --purge removes both"
 
 echo "package: $passed passed, 0 failed"
