@@ -70,6 +70,7 @@ cleanup() {
     for proc in /proc/[0-9]*; do
         if [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ]; then kill -9 "${proc#/proc/}" 2>/dev/null || true; fi
     done
+    wait 2>/dev/null || true
     umount -l "$root/proc" "$root/dev" 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
     if [ "$status" -ne 0 ]; then
@@ -249,5 +250,6 @@ in_root dpkg --purge outpost-agent >>"$work/dpkg.log" 2>&1 || fail "dpkg --purge
 [ ! -e "$root/var/lib/outpost" ] && [ ! -e "$root/etc/outpost/agent.toml" ] || fail "dpkg --purge left the state or the config"
 [ -f "$root/etc/outpost/hub.toml" ] || fail "purging the agent touched the hub's config"
 pass "dpkg -r keeps the device's identity and config; dpkg --purge removes both"
+stop "$outpost_hub_pid"
 
 echo "package: $passed passed, 0 failed"
