@@ -184,11 +184,6 @@ impl PackWriter {
         Ok(self.size >= PACK_TARGET)
     }
 
-    /// True if nothing was added.
-    pub(super) fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
-
     /// Puts the pack in place (not synced: the run syncs the file system
     /// once) and returns its chunks' locations.
     pub(super) fn finish(self) -> Result<Vec<Record>, BackupError> {

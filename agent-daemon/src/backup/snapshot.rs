@@ -65,9 +65,10 @@ impl Repository {
                                 stored.lock().unwrap_or_else(|p| p.into_inner()).extend(full.finish()?);
                             }
                         }
-                        if !pack.is_empty() {
-                            stored.lock().unwrap_or_else(|p| p.into_inner()).extend(pack.finish()?);
-                        }
+                        // Also when it got nothing: finishing an empty pack
+                        // removes its temporary file (a writer the others
+                        // left without a chunk used to leave one behind).
+                        stored.lock().unwrap_or_else(|p| p.into_inner()).extend(pack.finish()?);
                         Ok::<_, BackupError>((new_chunks, bytes))
                     })
                 })
