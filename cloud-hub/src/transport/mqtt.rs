@@ -30,7 +30,7 @@
 
 use crate::service::ca::FleetCa;
 use crate::service::fleet::{Fleet, Link};
-use crate::transport::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
+use crate::transport::session::{self, DeviceSession, Inbound, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::mqtt::{BrokerUrl, UpKind, UpWindow, down_topic, parse_up_topic, up_filter};
 use outpost_shared::protocol::{Deliver, Direction, Envelope, Fresh, Message, Signed};
@@ -353,9 +353,9 @@ fn spawn_device(
     client: &AsyncClient,
 ) -> mpsc::Sender<(UpKind, Publish)> {
     let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-    let device = DeviceTask { id: id.clone(), ctx: ctx.clone(), client: client.clone() };
+    let device = DeviceTask { id: id.clone(), ctx: ctx.clone(), client: client.clone(), rx, hello_session: None };
     let span = info_span!("mqtt", device = %id);
-    tasks.spawn(device.run(rx).instrument(span));
+    tasks.spawn(device.run().instrument(span));
     tx
 }
 
@@ -367,6 +367,11 @@ struct DeviceTask {
     id: DeviceId,
     ctx: Arc<BridgeContext>,
     client: AsyncClient,
+    /// The device's messages, as the event loop routes them.
+    rx: mpsc::Receiver<(UpKind, Publish)>,
+    /// The session of the hello answered last, until a fresh message shows
+    /// whether it was the device's.
+    hello_session: Option<u64>,
 }
 
 /// A device's down topic, as a [`Transport`]: messages are signed with the
@@ -426,7 +431,7 @@ impl Transport for MqttTransport {
 }
 
 impl DeviceTask {
-    async fn run(self, mut rx: mpsc::Receiver<(UpKind, Publish)>) -> DeviceId {
+    async fn run(mut self) -> DeviceId {
         let store = self.ctx.fleet.store().clone();
         let keys = match store.device_keys(&self.id).await {
             Ok(Some(keys)) => keys,
@@ -450,73 +455,46 @@ impl DeviceTask {
             self.ctx.max_frame,
             WhenFenced::Detach,
         );
-        let mut check_downlink = false;
-        // The session of the hello answered last, until a fresh message
-        // shows whether it was the device's.
-        let mut hello_session: Option<u64> = None;
-        let mut trust = self.ctx.fleet.admissions().trust_changes();
-        loop {
-            if check_downlink {
-                // Delivery problems were logged; MQTT sessions do not end on them.
-                check_downlink = session.deliver(&mut transport).await.unwrap_or(false);
-                if check_downlink {
-                    continue;
-                }
-            }
-            let downlink = session.downlink();
-            let next = tokio::select! {
-                () = downlink.notified() => {
-                    check_downlink = true;
-                    continue;
-                }
-                Ok(()) = trust.changed() => {
-                    check_downlink = true;
-                    continue;
-                }
-                next = tokio::time::timeout(self.ctx.heartbeat_timeout, rx.recv()) => next,
-            };
-            let Ok(Some((kind, publish))) = next else {
-                break;
-            };
-            if self.ctx.fleet.admissions().revoked(&self.id) {
-                // Logged once, at the revocation; a stolen device's traffic
-                // costs no more than this lookup.
-                debug!("Dropped a message of a revoked device.");
-                continue;
-            }
-            let handled = async {
-                let (message, fresh) = self.open_message(kind, &publish.payload, &mut session).await?;
-                let mut new_session = false;
-                match (&message, fresh) {
-                    (Message::Hello(_), Some(number)) => hello_session = Some(number),
-                    (_, Some(number)) if hello_session.is_some() => {
-                        if hello_session.take() == Some(number) {
-                            new_session = session.proven(&mut transport).await?;
-                        } else {
-                            session.unproven();
-                        }
-                    }
-                    _ => {}
-                }
-                new_session |= session.handle(message, &mut transport).await?;
-                self.refresh_ticket(&mut transport).await?;
-                Ok(new_session)
-            }
-            .await;
-            match handled {
-                Ok(new_session) => check_downlink |= new_session,
-                Err(SessionEnd::Protocol(reason)) => {
-                    warn!(topic = %String::from_utf8_lossy(&publish.topic), %reason, "Rejected MQTT message.");
-                }
-                Err(SessionEnd::Refused(refusal)) => warn!(message = %refusal.message, "Session refused."),
-                Err(SessionEnd::Closed(reason)) => debug!(%reason, "MQTT message not processed; the agent resends."),
-            }
-        }
+        // Nothing is delivered before the device's first message opens a
+        // session. Delivery never ends an MQTT session: publishing errors
+        // are logged and a fenced session detaches.
+        let end = session.serve(&mut transport, &mut self, false).await;
         if session.attached() {
-            session.end("timed out: no message within the heartbeat timeout").await;
-            info!("MQTT session ended (no message within the heartbeat timeout).");
+            let reason = match &end {
+                SessionEnd::Closed(reason) | SessionEnd::Protocol(reason) => reason.clone(),
+                SessionEnd::Refused(refusal) => refusal.message.clone(),
+            };
+            session.end(&reason).await;
+            info!(%reason, "MQTT session ended.");
         }
         self.id
+    }
+
+    /// Handles one publish: opened ([`Self::open_message`]), a hello's
+    /// session proven or not, handed to the session, the ticket refreshed.
+    async fn take(
+        &mut self,
+        kind: UpKind,
+        publish: &Publish,
+        session: &mut DeviceSession,
+        transport: &mut MqttTransport,
+    ) -> Result<bool, SessionEnd> {
+        let (message, fresh) = self.open_message(kind, &publish.payload, session).await?;
+        let mut new_session = false;
+        match (&message, fresh) {
+            (Message::Hello(_), Some(number)) => self.hello_session = Some(number),
+            (_, Some(number)) if self.hello_session.is_some() => {
+                if self.hello_session.take() == Some(number) {
+                    new_session = session.proven(transport).await?;
+                } else {
+                    session.unproven();
+                }
+            }
+            _ => {}
+        }
+        new_session |= session.handle(message, transport).await?;
+        self.refresh_ticket(transport).await?;
+        Ok(new_session)
     }
 
     /// The message a publish carries, once its size, envelope, topic and
@@ -606,6 +584,43 @@ impl DeviceTask {
         }
         self.ctx.freshness().entry(self.id.clone()).or_default().fresh = false;
         Ok(message)
+    }
+}
+
+/// A device's up topics, as the session's inbound side: a message that
+/// does not check out is logged and dropped, and the session goes on.
+impl Inbound<MqttTransport> for DeviceTask {
+    type Item = (UpKind, Publish);
+
+    async fn next(&mut self) -> Result<(UpKind, Publish), SessionEnd> {
+        match tokio::time::timeout(self.ctx.heartbeat_timeout, self.rx.recv()).await {
+            Ok(Some(item)) => Ok(item),
+            Ok(None) => Err(SessionEnd::Closed("the hub's MQTT bridge stopped".into())),
+            Err(_) => Err(SessionEnd::Closed("timed out: no message within the heartbeat timeout".into())),
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        (kind, publish): (UpKind, Publish),
+        session: &mut DeviceSession,
+        transport: &mut MqttTransport,
+    ) -> Result<bool, SessionEnd> {
+        if self.ctx.fleet.admissions().revoked(&self.id) {
+            // Logged once, at the revocation; a stolen device's traffic
+            // costs no more than this lookup.
+            debug!("Dropped a message of a revoked device.");
+            return Ok(false);
+        }
+        match self.take(kind, &publish, session, transport).await {
+            Ok(new_session) => return Ok(new_session),
+            Err(SessionEnd::Protocol(reason)) => {
+                warn!(topic = %String::from_utf8_lossy(&publish.topic), %reason, "Rejected MQTT message.");
+            }
+            Err(SessionEnd::Refused(refusal)) => warn!(message = %refusal.message, "Session refused."),
+            Err(SessionEnd::Closed(reason)) => debug!(%reason, "MQTT message not processed; the agent resends."),
+        }
+        Ok(false)
     }
 }
 

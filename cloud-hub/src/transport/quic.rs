@@ -12,7 +12,7 @@
 use crate::service::ca::{FleetCa, device_id_of, public_key_of};
 use crate::service::enroll;
 use crate::service::fleet::{Fleet, Link};
-use crate::transport::session::{self, DeviceSession, SessionEnd, Transport, WhenFenced};
+use crate::transport::session::{self, DeviceSession, Inbound, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
 use outpost_shared::identity::{ALPN, ALPN_BULK};
 use outpost_shared::io::{FrameReader, write_message};
@@ -403,41 +403,31 @@ async fn run_session(
     {
         session::log_store_error(&e, "Certificate expiry not stored.");
     }
-    // Look for work to deliver at session start and when the API pokes the
-    // session, not on every incoming message.
-    let mut check_downlink = true;
-    let mut trust = ctx.fleet.admissions().trust_changes();
-    loop {
-        if check_downlink {
-            match session.deliver(&mut transport).await {
-                // A full delivery may have left more behind: look again.
-                Ok(more) => check_downlink = more,
-                Err(end) => return end,
-            }
-            if check_downlink {
-                continue;
-            }
+    // Work waiting for the device goes out at once.
+    session.serve(&mut transport, &mut ControlStream(reader), true).await
+}
+
+/// The device's side of a QUIC session: the frames of its control stream.
+struct ControlStream(FrameReader<quinn::RecvStream>);
+
+impl Inbound<QuicTransport> for ControlStream {
+    type Item = Message;
+
+    async fn next(&mut self) -> Result<Message, SessionEnd> {
+        match self.0.next().await {
+            Ok(Some(envelope)) => Ok(envelope.message),
+            Ok(None) => Err(SessionEnd::Closed("agent finished the control stream".into())),
+            Err(e) => Err(e.into()),
         }
-        let downlink = session.downlink();
-        let envelope = tokio::select! {
-            () = downlink.notified() => {
-                check_downlink = true;
-                continue;
-            }
-            Ok(()) = trust.changed() => {
-                check_downlink = true;
-                continue;
-            }
-            next = reader.next() => match next {
-                Ok(Some(env)) => env,
-                Ok(None) => return SessionEnd::Closed("agent finished the control stream".into()),
-                Err(e) => return e.into(),
-            },
-        };
-        match session.handle(envelope.message, &mut transport).await {
-            Ok(new_session) => check_downlink |= new_session,
-            Err(end) => return end,
-        }
+    }
+
+    async fn handle(
+        &mut self,
+        message: Message,
+        session: &mut DeviceSession,
+        transport: &mut QuicTransport,
+    ) -> Result<bool, SessionEnd> {
+        session.handle(message, transport).await
     }
 }
 

@@ -343,6 +343,28 @@ pub trait Transport {
     }
 }
 
+/// The device's side of a session: where its messages come from and what
+/// the transport does with each before and after [`DeviceSession::handle`].
+pub trait Inbound<T: Transport> {
+    /// One message as the transport receives it.
+    type Item: Send;
+
+    /// The device's next message; `Err` ends the session (the connection
+    /// closed, or nothing came within the transport's timeout). Must be
+    /// cancel-safe: the loop drops it when there is something to deliver.
+    fn next(&mut self) -> impl std::future::Future<Output = Result<Self::Item, SessionEnd>> + Send;
+
+    /// Handles one message. `Ok(true)` when a session began, so the
+    /// downlink is looked at; `Err` ends the session (a transport whose
+    /// session outlives a bad message logs it and answers `Ok(false)`).
+    fn handle(
+        &mut self,
+        item: Self::Item,
+        session: &mut DeviceSession,
+        transport: &mut T,
+    ) -> impl std::future::Future<Output = Result<bool, SessionEnd>> + Send;
+}
+
 /// What a session does when a newer session of its device (on this hub or
 /// another) holds the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -690,6 +712,51 @@ impl DeviceSession {
                     Ok(false)
                 }
             },
+        }
+    }
+
+    /// The delivery loop of every session, whatever carries it: delivers
+    /// what waits (first if `deliver_first`; again when the API pokes the
+    /// session, when the fleet's trust changes, after a message that began
+    /// a session, and while a full delivery may have left more), otherwise
+    /// waits for the device's next message and handles it. Returns why the
+    /// session ended; the caller tells the fleet.
+    pub async fn serve<T, I>(&mut self, transport: &mut T, inbound: &mut I, deliver_first: bool) -> SessionEnd
+    where
+        T: Transport + Send,
+        I: Inbound<T> + Send,
+    {
+        let mut check_downlink = deliver_first;
+        let mut trust = self.fleet.admissions().trust_changes();
+        loop {
+            if check_downlink {
+                match self.deliver(transport).await {
+                    Ok(more) => check_downlink = more,
+                    Err(end) => return end,
+                }
+                if check_downlink {
+                    continue;
+                }
+            }
+            let downlink = self.downlink();
+            let item = tokio::select! {
+                () = downlink.notified() => {
+                    check_downlink = true;
+                    continue;
+                }
+                Ok(()) = trust.changed() => {
+                    check_downlink = true;
+                    continue;
+                }
+                next = inbound.next() => match next {
+                    Ok(item) => item,
+                    Err(end) => return end,
+                },
+            };
+            match inbound.handle(item, self, transport).await {
+                Ok(new_session) => check_downlink |= new_session,
+                Err(end) => return end,
+            }
         }
     }
 
