@@ -14,13 +14,12 @@
 # (SIGTERM, then start), and every sample it took meanwhile reaches the hub.
 # Then remove keeps the device's identity and config, and purge removes them.
 #
-# A chroot and not systemd-nspawn or a container: this machine's PID 1 is
-# not systemd, its sandbox cannot boot one in a container, and it has no
-# container engine. So systemd itself does not start the units here; their
-# command lines and users are read from the installed unit files and run as
-# systemd would run them (systemd-analyze checks the units themselves in
-# tests/tests/packaging.rs). Everything runs in a network namespace of its
-# own, so the example configs' fixed ports are free. Needs root.
+# A chroot: this test is about what dpkg does, so systemd does not start
+# the units here; their command lines and users are read from the installed
+# unit files and run as systemd would run them. The units themselves run
+# under a real systemd, booted in a container, in tests/units.sh.
+# Everything runs in a network namespace of its own, so the example
+# configs' fixed ports are free. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,72 +28,27 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-passed=0
-pass() { passed=$((passed + 1)); echo "ok: $*"; }
-fail() {
-    echo "FAILED: $*" >&2
-    exit 1
-}
-# wait_for SECONDS WHAT COMMAND...: polls COMMAND until it succeeds.
-wait_for() {
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        [ "$SECONDS" -lt "$deadline" ] || fail "$what (gave up after the deadline)"
-        sleep 0.2
-    done
-}
-
-# A Debian root of this machine's release from this machine's mirror.
+. tests/debian-common.sh
+base=$(debian_root minbase)
 codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | grep -v security | awk '{print $2; exit}' || true)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-[ -n "$mirror" ] || fail "no Debian mirror in /etc/apt/sources.list*"
-cache=${OUTPOST_TEST_CACHE:-/var/cache/outpost-tests}
-base=$cache/$codename-minbase
-if [ ! -x "$base/usr/bin/dpkg" ]; then
-    mkdir -p "$cache"
-    rm -rf "$base.new"
-    echo "package.sh: making a $codename root with debootstrap (once)"
-    debootstrap --variant=minbase --include=adduser "$codename" "$base.new" "$mirror" >"$cache/debootstrap.log" 2>&1 \
-        || { tail -20 "$cache/debootstrap.log"; fail "debootstrap"; }
-    mv "$base.new" "$base"
-fi
 
 work=$(mktemp -d /tmp/outpost-package.XXXXXX)
 root=$work/root
 ns=outpost-pkg-$$
 cleanup() {
     local status=$?
-    # Every process whose root is the throw-away root, whatever started it.
-    for proc in /proc/[0-9]*; do
-        if [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ]; then kill -9 "${proc#/proc/}" 2>/dev/null || true; fi
-    done
+    kill_in "$root"
     wait 2>/dev/null || true
     umount -l "$root/proc" "$root/dev" 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
-    if [ "$status" -ne 0 ]; then
-        for log in "$work"/*.log; do
-            [ -e "$log" ] && { echo "--- $log"; tail -40 "$log"; }
-        done
-    fi
+    [ "$status" -eq 0 ] || show_logs "$work"
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-# The packages, of the test build's binaries (CI builds nothing twice), and
-# the same agent package with a later version, for the upgrade.
-profile=${OUTPOST_DEB_PROFILE:-dev}
-mkdir -p "$work/debs"
-# `cargo test --workspace` (tests/run.sh) built them; a `cargo build` here
-# would build the graph again with other features.
-build=--no-build
-[ -x target/debug/outpost-agent ] && [ -x target/debug/outpost-hub ] && [ -x target/debug/outpostctl ] || build=
-[ "$profile" = dev ] || build=
-tests/build-debs.sh --profile "$profile" $build >"$work/build.log" 2>&1 || fail "tests/build-debs.sh"
-cp target/debian/outpost-hub_*.deb target/debian/outpost-agent_*.deb "$work/debs/"
-hub_deb=$(ls "$work"/debs/outpost-hub_*.deb)
-agent_deb=$(ls "$work"/debs/outpost-agent_*.deb)
+# The packages, and the same agent package with a later version, for the
+# upgrade.
+build_debs "$work/debs"
 version=$(dpkg-deb -f "$agent_deb" Version)
 later="${version%-*}-$((${version##*-} + 1))"
 cargo deb --no-build --profile "$profile" -p outpost-agent --deb-version "$later" -o "$work/debs/upgrade" \
@@ -134,8 +88,11 @@ stop() {
 }
 
 # --- Install: what the packages put where, and what they leave alone.
-in_root dpkg -i "/tmp/$(basename "$hub_deb")" "/tmp/$(basename "$agent_deb")" >"$work/dpkg.log" 2>&1 || fail "dpkg -i"
-pass "dpkg -i installs both packages into a fresh $codename root"
+# As README says: apt-get, which brings what the packages depend on (from
+# the mirror: outside the network namespace).
+chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "/tmp/$(basename "$hub_deb")" \
+    "/tmp/$(basename "$agent_deb")" >"$work/dpkg.log" 2>&1 || fail "apt-get install"
+pass "apt-get install of both packages into a fresh $codename root"
 for user in outpost outpost-hub; do
     entry=$(in_root getent passwd "$user") || fail "no $user user"
     [ "${entry##*:}" = /usr/sbin/nologin ] || fail "$user's shell is ${entry##*:}"

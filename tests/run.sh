@@ -38,6 +38,8 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-aler
 # and reads JSON with python3.
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# The units test (tests/units.sh) boots systemd in a container.
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -70,8 +72,12 @@ cargo test --locked --workspace "$@"
 OUTPOST_TEST_STORE=postgres cargo test --locked -p outpost-tests \
     --test delivery --test control --test jobs --test backup_hub --test mqtt --test resilience --test fleet \
     --test roles --test identity "$@"
-# The packages, installed and run in a throw-away Debian root (root only;
-# with a NAME filter, only when NAME is "package").
+# The packages, installed and run in a throw-away Debian root, and the
+# units under a real systemd booted in a container (root only; with a NAME
+# filter, only when NAME is "package" or "units").
 if [ $# -eq 0 ] || [ "${*: -1}" = package ]; then
     tests/package.sh
+fi
+if [ $# -eq 0 ] || [ "${*: -1}" = units ]; then
+    tests/units.sh
 fi
