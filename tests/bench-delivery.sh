@@ -8,6 +8,9 @@
 #
 #   tests/bench-delivery.sh [N] [A] [R]     (defaults 1000000 100 10000)
 #   BACKENDS="sled postgres" (default: both, in this order, in one run)
+#   BIN=DIR: use the binaries in DIR instead of building target/release
+#   PERF=DIR: profile the hub in each phase with `perf record -g` into
+#             DIR/<backend>-<phase>.data (perf attaches after the hub serves)
 #
 # The backlogs are made by outpost-loadgen (the real agent with a synthetic
 # producer of real-sized samples) while no hub runs. For PostgreSQL, a private
@@ -18,8 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}; A=${2:-100}; R=${3:-10000}
-cargo build --locked --release --workspace --bins >/dev/null 2>&1
-bin=$PWD/target/release
+# BIN=DIR: binaries built elsewhere (a build with symbols, for PERF).
+[ -n "${BIN:-}" ] || cargo build --locked --release --workspace --bins >/dev/null 2>&1
+bin=${BIN:-$PWD/target/release}
 top=$(mktemp -d /tmp/outpost-bench-XXXXXX)
 work=$top
 pids=()
@@ -71,7 +75,12 @@ serve() {
     "$bin/outpost-hub" serve --config "$work/hub.toml" 2>>"$work/hub.log" & hub=$!; pids+=($hub)
     until [ -s "$work/hub/http.addr" ]; do sleep 0.01; done
     api="http://$(cat "$work/hub/http.addr")"
+    if [ -n "${PERF:-}" ]; then
+        mkdir -p "$PERF"
+        perf record -q -F 999 -g -p "$hub" -o "$PERF/$backend-$1.data" 2>/dev/null & perf_pid=$!; pids+=($perf_pid)
+    fi
 }
+unprofile() { if [ -n "${PERF:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi; }
 last_seqs() { curl -s -H "Authorization: Bearer $admin" "$api/api/v1/devices?limit=1000" | python3 -c '
 import json, sys
 for d in json.load(sys.stdin): print(d["name"], d["last_seq"])'; }
@@ -79,13 +88,14 @@ for d in json.load(sys.stdin): print(d["name"], d["last_seq"])'; }
 echo "## drain: $N records of one agent"
 t=$(now_ms); produce drain "$N"; wait_produced drain
 echo "produced offline in $(( $(now_ms) - t )) ms; outbox on disk: $(du -sh "$work/drain/store" | cut -f1)"
-serve; t0=$(now_ms)
+serve drain; t0=$(now_ms)
 while :; do
     seq=$(last_seqs | awk '$1 == "drain" {print $2}')
     [ "${seq:-0}" -ge "$N" ] && break
     sleep 0.2
 done
 t1=$(now_ms)
+unprofile
 echo "| drain $N records after reconnect | $(( t1 - t0 )) ms | $(( N * 1000 / (t1 - t0) )) records/s | hub peak RSS $(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$hub/status) |"
 kill "$hub"; wait "$hub" 2>/dev/null || true
 
@@ -94,13 +104,14 @@ t=$(now_ms)
 for i in $(seq 1 "$A"); do produce "a$i" "$R"; done
 for i in $(seq 1 "$A"); do wait_produced "a$i"; done
 echo "produced offline in $(( $(now_ms) - t )) ms"
-serve; t0=$(now_ms)
+serve ingest; t0=$(now_ms)
 while :; do
     done_agents=$(last_seqs | awk -v r="$R" '$1 ~ /^a[0-9]+$/ && $2 >= r' | wc -l)
     [ "$done_agents" -ge "$A" ] && break
     sleep 0.2
 done
 t1=$(now_ms)
+unprofile
 total=$(( A * R ))
 echo "| $A agents pushing $R records each at once | $(( t1 - t0 )) ms | $(( total * 1000 / (t1 - t0) )) records/s stored durably | hub peak RSS $(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$hub/status) |"
 kill "$hub"; wait "$hub" 2>/dev/null || true
