@@ -11,29 +11,9 @@
 
 use std::time::Duration;
 
-fn status(key: &str) -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// Context switches of every thread of this process so far.
-fn switches() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
-}
+#[path = "common/proc.rs"]
+mod proc_counters;
+use proc_counters::{status, switches};
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "agent".into());
