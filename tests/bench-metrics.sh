@@ -48,9 +48,15 @@ print(s.server_address[1], flush=True)
 s.serve_forever()' >"$work/receiver.port" & pids+=($!)
 until [ -s "$work/receiver.port" ]; do sleep 0.05; done
 "$bin/outpost-fleetgen" --data-dir "$work/hub" --devices "$N" 2>"$work/gen.log"
-"$hub_bin" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
-until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
-api="http://$(cat "$work/hub/http.addr")"
+# serve_hub CONFIG LOG: starts the hub and waits (at most 30 s) for its API.
+serve_hub() {
+    rm -f "$work/hub/http.addr"
+    "$hub_bin" serve --config "$1" 2>"$2" & hub=$!; pids+=($hub)
+    for _ in $(seq 600); do [ -s "$work/hub/http.addr" ] && break; sleep 0.05; done
+    [ -s "$work/hub/http.addr" ] || { echo "the hub did not start: $(tail -5 "$2")" >&2; exit 1; }
+    api="http://$(cat "$work/hub/http.addr")"
+}
+serve_hub "$work/hub.toml" "$work/hub.log"
 prometheus-node-exporter --web.listen-address=127.0.0.1:0 2>"$work/ne.log" & ne=$!; pids+=($ne)
 ne_port=$(port_in_log "$work/ne.log" address)
 # Some traffic first, so the HTTP and store series exist.
@@ -97,10 +103,7 @@ for rule in "offline 30d" "behind 30d" "disk_above 95" "job_failing 3" "backup_o
     set -- $rule
     printf '[[alerts.rule]]\nname = "quiet-%s"\ncondition = "%s"\n%s\n' "$1" "$1" "${2:+threshold = \"$2\"}" >>"$work/quiet.toml"
 done
-rm -rf "$work/hub/http.addr"
-"$hub_bin" serve --config "$work/quiet.toml" 2>"$work/hub-quiet.log" & hub=$!; pids+=($hub)
-until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
-api="http://$(cat "$work/hub/http.addr")"
+serve_hub "$work/quiet.toml" "$work/hub-quiet.log"
 echo
 rounds "six quiet rules (offline 30d, behind 30d, disk above 95 %, a job failing 3 runs, a backup overdue, an expired certificate)"
 echo
@@ -116,10 +119,7 @@ name = "DeviceOffline"
 condition = "offline"
 threshold = "1s"
 CFG
-rm -f "$work/hub/http.addr"
-"$hub_bin" serve --config "$work/hub.toml" 2>"$work/hub.log" & hub=$!; pids+=($hub)
-until [ -s "$work/hub/http.addr" ]; do sleep 0.05; done
-api="http://$(cat "$work/hub/http.addr")"
+serve_hub "$work/hub.toml" "$work/hub.log"
 echo
 rounds "one offline rule"
 echo

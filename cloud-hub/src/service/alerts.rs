@@ -875,19 +875,11 @@ mod tests {
         let ago = |secs: u64| Timestamp(now.0 - secs * 1000);
         let later = |secs: u64| Timestamp(now.0 + secs * 1000);
         let disks = |used: u64| outpost_shared::telemetry::Sample {
-            at: ago(5),
-            cpu_percent: 1.0,
-            mem_used_bytes: 1,
-            mem_total_bytes: 2,
-            swap_used_bytes: 0,
-            load: [0.0; 3],
-            uptime_secs: 1,
             disks: vec![
                 outpost_shared::telemetry::DiskSample { mount: "/".into(), used_bytes: 10, total_bytes: 100 },
                 outpost_shared::telemetry::DiskSample { mount: "/data".into(), used_bytes: used, total_bytes: 100 },
             ],
-            net: vec![],
-            temperatures: vec![],
+            ..crate::store::ingest::tests::quiet_sample(ago(5).0)
         };
         let mut rows = Vec::new();
         for base in crate::service::listing::tests::sample_rows(now) {

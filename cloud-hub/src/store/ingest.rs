@@ -140,15 +140,16 @@ pub fn log_stored(id: &DeviceId, records: &[Record], before: u64) {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use outpost_shared::protocol::{Alarm, AlarmKind, Outcome};
     use outpost_shared::telemetry::Sample;
     use outpost_shared::time::Timestamp;
 
-    /// A telemetry record body of time `at` (shared with the digest's tests).
-    pub(in crate::store) fn sample(at: u64) -> RecordBody {
-        RecordBody::Telemetry(Sample {
+    /// A quiet telemetry sample of time `at`, no disks (shared with the
+    /// digest's and the alert conditions' tests).
+    pub(crate) fn quiet_sample(at: u64) -> Sample {
+        Sample {
             at: Timestamp(at),
             cpu_percent: 1.0,
             mem_used_bytes: 1,
@@ -159,7 +160,12 @@ pub(super) mod tests {
             disks: Vec::new(),
             net: Vec::new(),
             temperatures: Vec::new(),
-        })
+        }
+    }
+
+    /// A telemetry record body of time `at` (shared with the digest's tests).
+    pub(in crate::store) fn sample(at: u64) -> RecordBody {
+        RecordBody::Telemetry(quiet_sample(at))
     }
 
     fn rec(seq: u64, body: RecordBody) -> Record {
