@@ -462,6 +462,10 @@ async fn maintenance(
                 Ok(n) => tracing::info!(entries = n, "Audit entries past their retention pruned."),
                 Err(e) => tracing::warn!(error = %e, "Audit pruning failed."),
             }
+            let quiet = now.saturating_sub(transport::mqtt::NUMBERS_KEPT);
+            if let Err(e) = fleet.store().prune_up_numbers(quiet).await {
+                tracing::warn!(error = %e, "The numbers of quiet MQTT sessions were not pruned.");
+            }
         }
         if last_backup_prune.elapsed() >= retention.prune_backups {
             last_backup_prune = tokio::time::Instant::now();

@@ -19,8 +19,9 @@
 //! Since protocol version 11 every message is a
 //! [`crate::protocol::Fresh`] inside a `Signed` (batches too), so that a
 //! message captured at the broker and published again is refused:
-//! [`DownWindow`] is the agent's rule, [`UpWindow`] the hub's (with the
-//! hub's tickets, which bound how old a replay can be).
+//! [`DownWindow`] is the agent's rule, [`UpNumbers`] the hubs' (kept in the
+//! fleet's store, with the hubs' tickets, which bound how old a replay can
+//! be).
 
 use crate::identity::DeviceId;
 use crate::protocol::Message;
@@ -128,6 +129,12 @@ pub enum Stale {
         /// The highest number taken from that sender in that session.
         last: u64,
     },
+    /// Its number was taken already in its session.
+    #[error("message {seq} of its session was taken already: a replay")]
+    Again {
+        /// Its number.
+        seq: u64,
+    },
 }
 
 /// The highest number taken from each of at most `N` keys (senders or
@@ -189,24 +196,43 @@ impl DownWindow {
     }
 }
 
-/// Sessions of one device a hub remembers the numbers of; more evict the
-/// least recently heard.
-pub const UP_SESSIONS: usize = 8;
+/// How far below the highest number taken in a session a message is still
+/// taken (once): a device's messages reach the hubs of a shared
+/// subscription in parallel, so they may be taken out of order.
+pub const UP_REORDER: u64 = 64;
 
-/// A hub's rule for one device's up messages: in each session the numbers
-/// grow. A session it does not know starts with a `Hello`, or with any
-/// message whose ticket the hub made recently for that session (a session
-/// another hub of a shared subscription welcomed, or one from before a
-/// restart); the caller checks the ticket.
-#[derive(Debug, Clone, Default)]
-pub struct UpWindow {
-    sessions: Numbers<UP_SESSIONS>,
+/// The fleet's rule for one session's up messages: each number is taken
+/// once, and none more than [`UP_REORDER`] below the highest taken (a
+/// sliding window, as DTLS and IPsec keep against replays). The state is
+/// two numbers, so the hubs of a fleet keep it in their shared store and
+/// change it by compare-and-swap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpNumbers {
+    /// The highest number taken (0: none yet).
+    pub last: u64,
+    /// Bit `i` set: number `last - 1 - i` was taken.
+    pub below: u64,
 }
 
-impl UpWindow {
-    /// Takes message `seq` of `session`, or says why not.
-    pub fn admit(&mut self, session: u64, seq: u64) -> Result<(), Stale> {
-        self.sessions.take(session, seq)
+impl UpNumbers {
+    /// The state after taking message `seq`, or why it is refused.
+    pub fn admit(self, seq: u64) -> Result<UpNumbers, Stale> {
+        if seq > self.last {
+            let shift = seq - self.last;
+            // The old highest becomes bit `shift - 1`, unless it slid out.
+            let moved = u32::try_from(shift).ok().and_then(|s| self.below.checked_shl(s)).unwrap_or(0);
+            let old_last = if self.last > 0 && shift <= UP_REORDER { 1 << (shift - 1) } else { 0 };
+            return Ok(UpNumbers { last: seq, below: moved | old_last });
+        }
+        let back = self.last - seq;
+        if seq == 0 || back > UP_REORDER {
+            return Err(Stale::Replayed { seq, last: self.last });
+        }
+        let bit = if back == 0 { 0 } else { 1 << (back - 1) };
+        if back == 0 || self.below & bit != 0 {
+            return Err(Stale::Again { seq });
+        }
+        Ok(UpNumbers { last: self.last, below: self.below | bit })
     }
 }
 
@@ -357,24 +383,57 @@ mod tests {
     }
 
     #[test]
-    fn up_messages_grow_per_session_and_an_unknown_session_does_not_end_the_current() {
-        let mut w = UpWindow::default();
-        assert_eq!(w.admit(100, 1), Ok(()));
-        assert_eq!(w.admit(100, 2), Ok(()));
-        assert_eq!(w.admit(100, 2), Err(Stale::Replayed { seq: 2, last: 2 }), "a replayed heartbeat");
-        assert_eq!(w.admit(100, 1), Err(Stale::Replayed { seq: 1, last: 2 }), "a replayed hello of this session");
-        // A replayed hello of an old session the hub forgot is taken (its
-        // Welcome names a session the device does not have), and the
-        // current session goes on.
-        assert_eq!(w.admit(50, 1), Ok(()));
-        assert_eq!(w.admit(100, 3), Ok(()));
-        for old in 0..UP_SESSIONS as u64 {
-            w.admit(old, 1).unwrap();
+    fn up_numbers_are_taken_once_in_any_order_within_the_window() {
+        let take = |n: UpNumbers, seq| n.admit(seq);
+        let n = UpNumbers::default();
+        assert_eq!(take(n, 0), Err(Stale::Replayed { seq: 0, last: 0 }), "numbers start at 1");
+        let n = take(n, 1).unwrap();
+        assert_eq!(n, UpNumbers { last: 1, below: 0 });
+        assert_eq!(take(n, 1), Err(Stale::Again { seq: 1 }), "a replayed hello");
+        // 3 before 2 (two hubs took them at once): both taken, each once.
+        let n = take(n, 3).unwrap();
+        assert_eq!(n, UpNumbers { last: 3, below: 0b10 }, "1 taken, 2 not yet");
+        let n = take(n, 2).unwrap();
+        assert_eq!(n, UpNumbers { last: 3, below: 0b11 });
+        for seq in 1..=3 {
+            assert_eq!(take(n, seq), Err(Stale::Again { seq }));
         }
-        // The current session was pushed out by a flood of old hellos: its
-        // next message starts it again (the hub checked its ticket).
-        assert_eq!(w.admit(100, 4), Ok(()));
-        assert_eq!(w.admit(100, 4), Err(Stale::Replayed { seq: 4, last: 4 }));
+        // The window's far edge: 64 below the highest is taken, 65 is not.
+        let n = take(n, 3 + UP_REORDER).unwrap();
+        assert_eq!(n.below, 1 << (UP_REORDER - 1), "3 at the edge; 1 and 2 slid out");
+        assert_eq!(take(n, 3), Err(Stale::Again { seq: 3 }));
+        assert_eq!(take(n, 2), Err(Stale::Replayed { seq: 2, last: 3 + UP_REORDER }));
+        assert_eq!(take(n, 4).map(|n| n.below), Ok(1 << (UP_REORDER - 1) | 1 << (UP_REORDER - 2)), "4 is open");
+        // A jump past the window forgets everything below it.
+        let far = take(n, n.last + 1000).unwrap();
+        assert_eq!(far, UpNumbers { last: n.last + 1000, below: 0 });
+        assert!(take(far, far.last - 1).is_ok(), "the numbers just below a jump are still open");
+    }
+
+    #[test]
+    fn every_number_is_taken_once_whatever_the_order_and_repeats() {
+        // Every order of a shuffled, repeated stream within the window:
+        // each number is taken exactly once.
+        let mut seqs: Vec<u64> = (1..=200).flat_map(|s| [s, s]).collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for i in (1..seqs.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Shuffle within a small distance only, as a broker reorders.
+            let j = i.saturating_sub(usize::try_from(state % 8).unwrap_or(0));
+            seqs.swap(i, j);
+        }
+        let mut n = UpNumbers::default();
+        let mut taken = Vec::new();
+        for seq in seqs {
+            if let Ok(next) = n.admit(seq) {
+                n = next;
+                taken.push(seq);
+            }
+        }
+        taken.sort_unstable();
+        assert_eq!(taken, (1..=200).collect::<Vec<_>>());
     }
 
     #[test]

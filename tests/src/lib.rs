@@ -584,6 +584,28 @@ pub fn hub_with_broker(root: &Path, timings: &Timings, quic_extra: &str) -> Resu
     Ok((hub, broker))
 }
 
+/// Two hubs of one fleet on one PostgreSQL database (under `root/a` and
+/// `root/b`), both clients of one broker in the same shared subscription,
+/// so the broker hands each device's messages to either; returned once
+/// both are subscribed.
+pub fn two_hubs_with_broker(root: &Path, timings: &Timings) -> Result<(Hub, Hub, Broker)> {
+    let mut a = Hub::start_with(&root.join("a"), timings.clone(), "127.0.0.1:0", true)?;
+    let broker = Broker::start(root, &a)?;
+    a.extra_config = broker.hub_config();
+    a.kill();
+    a.serve()?;
+    let mut b = Hub::join(&root.join("b"), &a)?;
+    b.extra_config = broker.hub_config();
+    b.kill();
+    b.serve()?;
+    for hub in [&a, &b] {
+        wait_for(Duration::from_secs(15), "both hubs on the broker", || {
+            hub.log_text().contains("Connected to the MQTT broker.").then_some(())
+        })?;
+    }
+    Ok((a, b, broker))
+}
+
 /// True when the tests run as root.
 pub fn is_root() -> bool {
     #[allow(unsafe_code)]

@@ -15,8 +15,8 @@ use outpost_shared::protocol::{
 };
 use outpost_shared::time::Timestamp;
 use outpost_tests::{
-    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, hub_with_broker, wait_all, wait_for,
-    wait_online, wait_progress,
+    Agent, Broker, Hub, Scratch, Timings, assert_exactly_once_in_order, hub_with_broker, two_hubs_with_broker,
+    wait_all, wait_for, wait_online, wait_progress,
 };
 use std::time::Duration;
 
@@ -430,9 +430,9 @@ fn replayed_welcome_deliver_heartbeat_and_batch_are_refused_and_change_nothing()
     assert!(!now.online, "a replayed heartbeat brought a dead device online");
     assert_eq!((now.last_seq, now.last_seen), (before.last_seq, before.last_seen.clone()));
 
-    // A hub that forgot the device's sessions (restarted) gets an old
-    // hello replayed: it answers (the device would ignore the answer) but
-    // takes nothing from it: no session, still offline, the record as it was.
+    // A restarted hub remembers the numbers taken (they are in its
+    // store): the old hello and heartbeats, replayed again, are refused
+    // and not answered.
     let hello = recorder.find("/hello", "Hello").remove(0);
     hub.kill();
     hub.serve().unwrap();
@@ -442,17 +442,70 @@ fn replayed_welcome_deliver_heartbeat_and_batch_are_refused_and_change_nothing()
     .unwrap();
     let welcomes = recorder.find("/down", "Welcome").len();
     let opened = hub.log_text().matches("Session opened").count();
-    for _ in 0..3 {
-        publish_anonymously(&broker, &hello.0, hello.1.clone());
+    let stale_before = hub.log_text().matches("stale message").count();
+    let replays: Vec<_> = std::iter::repeat_n(&hello, 3).chain(beats.iter().rev().take(3)).collect();
+    for (topic, payload) in &replays {
+        publish_anonymously(&broker, topic, payload.clone());
     }
-    wait_for(Duration::from_secs(10), "the restarted hub to answer the replayed hello", || {
-        (recorder.find("/down", "Welcome").len() > welcomes).then_some(())
+    wait_for(Duration::from_secs(10), "the restarted hub to refuse every replay", || {
+        (hub.log_text().matches("stale message").count() >= stale_before + replays.len()).then_some(())
     })
     .unwrap();
+    assert_eq!(recorder.find("/down", "Welcome").len(), welcomes, "the restarted hub answered a replayed hello");
     let now = hub.device(&agent.id).unwrap();
-    assert!(!now.online, "a replayed hello brought a dead device online");
+    assert!(!now.online, "a replay brought a dead device online after a restart");
     assert_eq!((now.last_seen, now.connected), (before.last_seen, false));
     assert_eq!(hub.log_text().matches("Session opened").count(), opened, "a replayed hello opened a session");
+}
+
+/// Two hubs of one fleet in one shared subscription: the broker hands a
+/// device's messages to either, so a message one hub took may be replayed
+/// to the other. Both refuse it: the numbers taken are the fleet's (kept
+/// in the shared store), not each hub's.
+#[test]
+fn replays_are_refused_by_every_hub_of_a_shared_subscription() {
+    let scratch = Scratch::new().unwrap();
+    let timings = Timings::default();
+    let (a, b, broker) = two_hubs_with_broker(scratch.path(), &timings).unwrap();
+    let recorder = Recorder::start(&broker);
+    let mut agent = mqtt_agent(&scratch, &a, &broker, "replayed", "");
+    agent.start().unwrap();
+    wait_online(&a, &[&agent.id], true, Duration::from_secs(15)).unwrap();
+    // Enough heartbeats and batches that both hubs took some of them.
+    wait_progress(&a, &agent.id, 6, Duration::from_secs(15));
+    wait_for(Duration::from_secs(15), "heartbeats taken by both hubs", || {
+        (recorder.find("/heartbeat", "Heartbeat").len() >= 8).then_some(())
+    })
+    .unwrap();
+    agent.proc.as_mut().unwrap().kill();
+    wait_online(&a, &[&agent.id], false, Duration::from_secs(20)).unwrap();
+    let before = a.device(&agent.id).unwrap();
+    let stale = || a.log_text().matches("stale message").count() + b.log_text().matches("stale message").count();
+    let stale_before = stale();
+    // The newest messages: a hub that took a later message of the session
+    // refuses an older one by its own count, but the newest heartbeats and
+    // batch each came to one hub only. Each is replayed four times, and the
+    // broker hands the copies to the two hubs in turn.
+    let beats = recorder.find("/heartbeat", "Heartbeat");
+    let batches = recorder.find("/batch", "Batch");
+    let newest = beats[beats.len() - 3..].iter().chain(batches.last());
+    let replays: Vec<_> = newest.flat_map(|m| std::iter::repeat_n(m.clone(), 4)).collect();
+    for (topic, payload) in &replays {
+        publish_anonymously(&broker, topic, payload.clone());
+    }
+    wait_for(Duration::from_secs(20), "the hubs to refuse every replay", || {
+        (stale() >= stale_before + replays.len()).then_some(())
+    })
+    .map_err(|e| {
+        let taken = stale_before + replays.len() - stale();
+        anyhow::anyhow!("{e}: {taken} of {} replays were taken by a hub", replays.len())
+    })
+    .unwrap();
+    for hub in [&a, &b] {
+        let now = hub.device(&agent.id).unwrap();
+        assert!(!now.online, "a replayed heartbeat brought a dead device online");
+        assert_eq!((now.last_seq, now.last_seen), (before.last_seq, before.last_seen.clone()));
+    }
 }
 
 #[test]

@@ -6,9 +6,10 @@
 
 use outpost_hub::store::{
     Admission, ApiToken, CatalogEntry, CommandState, DeviceKeys, DeviceRecord, Grant, NewCommand, Role, Store,
-    StoreConfig, StoreError, TelemetryRange,
+    StoreConfig, StoreError, TelemetryRange, UP_SESSIONS,
 };
 use outpost_shared::job::{JobRun, RunOutcome, Trigger};
+use outpost_shared::mqtt::Stale;
 use outpost_shared::protocol::{
     Alarm, AlarmKind, CommandResult, Outcome, Record, RecordBody, SnapshotSummary, StateReport,
 };
@@ -494,6 +495,61 @@ fn tokens_enrollment_keys_and_hellos() {
         );
         assert!(store.probe().await.ok, "{:?}", store.probe().await);
         assert!(store.health().ok);
+    });
+}
+
+/// The numbers of a device's MQTT sessions, as the hubs of a shared
+/// subscription take them: each once, whoever asks, in any order within
+/// the window; a bounded number of sessions per device; pruned by age.
+#[test]
+fn mqtt_numbers_are_taken_once_by_whoever_asks_first() {
+    on_both(|store| async move {
+        let id: DeviceId = "dev-mqtt".parse().unwrap();
+        let session = u64::MAX - 6; // all 64 bits, as agents draw them
+        let t0 = now_ms();
+        let take = |store: Store, id: DeviceId, session: u64, seq: u64, at: u64| async move {
+            store.take_up_number(&id, session, seq, Timestamp(at)).await.unwrap()
+        };
+        assert_eq!(take(store.clone(), id.clone(), session, 1, t0).await, Ok(()));
+        assert_eq!(take(store.clone(), id.clone(), session, 1, t0).await, Err(Stale::Again { seq: 1 }));
+        let other: DeviceId = "dev-other".parse().unwrap();
+        assert_eq!(take(store.clone(), other, session, 1, t0).await, Ok(()), "numbers are per device");
+        // Many takers at once (the hubs' tasks; on PostgreSQL separate
+        // connections racing on one row): every number once, none lost.
+        let mut tasks = tokio::task::JoinSet::new();
+        for taker in 0..8u64 {
+            let (store, id) = (store.clone(), id.clone());
+            tasks.spawn(async move {
+                let mut taken = Vec::new();
+                for i in 0..40u64 {
+                    // Each taker walks the numbers in its own order.
+                    let seq = 2 + (i * 7 + taker * 5) % 40;
+                    if take(store.clone(), id.clone(), session, seq, t0).await.is_ok() {
+                        taken.push(seq);
+                    }
+                }
+                taken
+            });
+        }
+        let mut taken: Vec<u64> = tasks.join_all().await.into_iter().flatten().collect();
+        taken.sort_unstable();
+        assert_eq!(taken, (2..42).collect::<Vec<_>>(), "each number taken exactly once");
+        // More sessions than the bound, each heard later than the last: the
+        // least recently heard is forgotten, the others kept.
+        let sessions = UP_SESSIONS as u64;
+        for new in 0..sessions {
+            assert_eq!(take(store.clone(), id.clone(), new, 1, t0 + 1 + new).await, Ok(()));
+        }
+        for new in 0..sessions {
+            let again = take(store.clone(), id.clone(), new, 1, t0 + 100).await;
+            assert_eq!(again, Err(Stale::Again { seq: 1 }), "session {new} was forgotten");
+        }
+        assert_eq!(take(store.clone(), id.clone(), session, 50, t0 + 100).await, Ok(()), "the oldest is forgotten");
+        // Pruning by age forgets every session heard before the cut.
+        assert_eq!(store.prune_up_numbers(Timestamp(t0)).await.unwrap(), 0);
+        let pruned = store.prune_up_numbers(Timestamp(t0 + 1000)).await.unwrap();
+        assert_eq!(pruned, UP_SESSIONS + 1, "the device's sessions and the other device's");
+        assert_eq!(take(store.clone(), id.clone(), 0, 1, t0 + 1000).await, Ok(()), "forgotten: its ticket decides now");
     });
 }
 

@@ -26,6 +26,7 @@ pub mod sled;
 use outpost_shared::DeviceId;
 use outpost_shared::Fingerprint;
 use outpost_shared::job::{JobRun, JobSource, JobSpec};
+use outpost_shared::mqtt::Stale;
 use outpost_shared::protocol::{Alarm, Outcome, Record, RecordBody};
 use outpost_shared::telemetry::Sample;
 use outpost_shared::time::Timestamp;
@@ -129,6 +130,11 @@ pub struct Grant {
 
 /// Attempts kept per job and device.
 pub const MAX_RUNS_PER_JOB: usize = 1000;
+
+/// MQTT sessions per device whose numbers the fleet keeps
+/// ([`Store::take_up_number`]); a new one past this forgets the least
+/// recently heard. An agent draws a session per connection to the broker.
+pub const UP_SESSIONS: usize = 64;
 
 /// An alarm a device raised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1015,6 +1021,30 @@ impl Store {
         let done = each!(self, "record_hello", b => b.record_hello(hello).await);
         self.mark([&hello.id]);
         done
+    }
+
+    /// Takes number `seq` of `device`'s MQTT session `session`, heard at
+    /// `now`, for the whole fleet: `Ok(Err(_))` if any hub of the fleet took it already or
+    /// it is too far below the highest taken ([`outpost_shared::mqtt::UpNumbers`]). The numbers
+    /// of a device's [`UP_SESSIONS`] most recently heard sessions are kept,
+    /// each until [`Store::prune_up_numbers`] (sled: in this process, which
+    /// is the fleet's only hub; PostgreSQL: in the database the hubs share,
+    /// changed by compare-and-swap).
+    pub async fn take_up_number(
+        &self,
+        device: &DeviceId,
+        session: u64,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<Result<(), Stale>, StoreError> {
+        each!(self, "take_up_number", b => b.take_up_number(device, session, seq, now).await)
+    }
+
+    /// Forgets the numbers of sessions last heard before `before` (their
+    /// messages are refused by their tickets' age by then); returns how
+    /// many sessions.
+    pub async fn prune_up_numbers(&self, before: Timestamp) -> Result<usize, StoreError> {
+        each!(self, "prune_up_numbers", b => b.prune_up_numbers(before).await)
     }
 
     /// Records that hub `hub` now holds `device`'s session over

@@ -29,10 +29,11 @@ use super::pgtls;
 use super::{
     Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
     DeviceRecord, EventRecord, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
-    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
+    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange, UP_SESSIONS,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use outpost_shared::job::JobRun;
+use outpost_shared::mqtt::{Stale, UpNumbers};
 use outpost_shared::protocol::Record;
 use outpost_shared::reopen::FaultLog;
 use outpost_shared::telemetry::Sample;
@@ -131,6 +132,18 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sessions ADD COLUMN ended_at bigint, ADD COLUMN end_reason text;",
     // 8: when a device's certificate stops being valid (ms).
     "ALTER TABLE devices ADD COLUMN cert_expires bigint;",
+    // 9: the numbers taken in each device's MQTT sessions, shared by the
+    // hubs of a shared subscription (`last`, `below` and `session` are
+    // u64 bit patterns; `at`: last heard, ms).
+    "CREATE TABLE up_numbers (
+        device text NOT NULL,
+        session bigint NOT NULL,
+        last bigint NOT NULL,
+        below bigint NOT NULL,
+        at bigint NOT NULL,
+        PRIMARY KEY (device, session)
+    );
+    CREATE INDEX up_numbers_at ON up_numbers (at);",
 ];
 
 /// Key of the advisory lock migrations hold.
@@ -182,6 +195,20 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Res
 fn big(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+/// A u64 as PostgreSQL's bigint, bit for bit (random ids, bit sets).
+fn bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// The u64 [`bits`] stored.
+fn unbits(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// Compare-and-swap attempts on one session's numbers before giving up
+/// (each loss means another hub took a number of the session meanwhile).
+const UP_NUMBER_TRIES: usize = 16;
 
 fn unbig(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -1404,6 +1431,83 @@ impl PgStore {
             .map_err(pg)?
             .get(0);
         Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    pub(super) async fn take_up_number(
+        &self,
+        device: &DeviceId,
+        session: u64,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<Result<(), Stale>, StoreError> {
+        let result = async {
+            let client = self.client().await?;
+            let (device, session, at) = (device.as_str(), bits(session), big(now.0));
+            // Compare-and-swap: the state only grows, so an unchanged row
+            // means no hub took a number in between. Lost races are retried.
+            for _ in 0..UP_NUMBER_TRIES {
+                let row = client
+                    .query_opt(
+                        "SELECT last, below FROM up_numbers WHERE device = $1 AND session = $2",
+                        &[&device, &session],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let old = row.map(|r| UpNumbers { last: unbits(r.get(0)), below: unbits(r.get(1)) });
+                let next = match old.unwrap_or_default().admit(seq) {
+                    Ok(next) => next,
+                    Err(stale) => return Ok(Err(stale)),
+                };
+                let (last, below) = (bits(next.last), bits(next.below));
+                let changed = match old {
+                    Some(old) => client
+                        .execute(
+                            "UPDATE up_numbers SET last = $3, below = $4, at = $5
+                             WHERE device = $1 AND session = $2 AND last = $6 AND below = $7",
+                            &[&device, &session, &last, &below, &at, &bits(old.last), &bits(old.below)],
+                        )
+                        .await
+                        .map_err(pg)?,
+                    None => {
+                        let inserted = client
+                            .execute(
+                                "INSERT INTO up_numbers (device, session, last, below, at) VALUES ($1, $2, $3, $4, $5)
+                                 ON CONFLICT (device, session) DO NOTHING",
+                                &[&device, &session, &last, &below, &at],
+                            )
+                            .await
+                            .map_err(pg)?;
+                        if inserted == 1 {
+                            // A new session: it and the device's most
+                            // recently heard others are kept.
+                            client
+                                .execute(
+                                    "DELETE FROM up_numbers WHERE device = $1 AND session IN (
+                                         SELECT session FROM up_numbers WHERE device = $1 AND session <> $2
+                                         ORDER BY at DESC, session OFFSET $3)",
+                                    &[&device, &session, &big(UP_SESSIONS as u64 - 1)],
+                                )
+                                .await
+                                .map_err(pg)?;
+                        }
+                        inserted
+                    }
+                };
+                if changed == 1 {
+                    return Ok(Ok(()));
+                }
+            }
+            Err(StoreError::Unavailable(format!(
+                "the numbers of an MQTT session changed under {UP_NUMBER_TRIES} tries in a row"
+            )))
+        }
+        .await;
+        self.track(result)
+    }
+
+    pub(super) async fn prune_up_numbers(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let deleted = self.write("DELETE FROM up_numbers WHERE at < $1", &[&big(before.0)]).await?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 
     pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {

@@ -32,6 +32,9 @@
 //!   re-admissions), only for devices that have one
 //! - `digests`: device id → [`DeviceDigest`], written with each batch
 //! - `audit`: entry id (u64 BE) → [`AuditEntry`]
+//! - `up_numbers`: device id, 0, MQTT session (u64 BE) → the numbers taken
+//!   in that session and when it was last heard (see
+//!   [`super::Store::take_up_number`]); written without waiting for a sync
 //!
 //! Every write runs on the group-commit writer thread and is answered after
 //! the sync of its group; every read runs on tokio's blocking pool. No sled
@@ -52,11 +55,12 @@ use super::ingest::{self, Plan};
 use super::{
     Admission, ApiToken, AuditEntry, AuditQuery, CatalogEntry, CommandRecord, CommandState, DesiredRecord, DeviceKeys,
     DeviceRecord, EventRecord, FleetRow, Grant, HelloRecord, Ingested, JobsRecord, Labels, MAX_RUNS_PER_JOB,
-    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange,
+    NewCommand, PeersRecord, ReportedState, SessionRecord, StoreError, TelemetryRange, UP_SESSIONS,
 };
 use outpost_shared::DeviceId;
 use outpost_shared::commit::GroupCommit;
 use outpost_shared::job::JobRun;
+use outpost_shared::mqtt::{Stale, UpNumbers};
 use outpost_shared::protocol::Record;
 use outpost_shared::reopen::{Reopening, Unavailable};
 use outpost_shared::telemetry::Sample;
@@ -111,6 +115,7 @@ struct Trees {
     cert_expires: sled::Tree,
     digests: sled::Tree,
     audit: sled::Tree,
+    up_numbers: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -165,6 +170,9 @@ pub struct SledStore {
     sessions: Arc<Mutex<(u64, std::collections::HashMap<DeviceId, SessionRecord>)>>,
     /// Leases too.
     leases: Arc<Mutex<std::collections::HashMap<String, (String, Instant)>>>,
+    /// Held while a number of an MQTT session is taken (read, compared,
+    /// written).
+    up_numbers: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -180,7 +188,7 @@ impl SledStore {
         let slot = Arc::new(Slot(Reopening::open("Hub store", move || Trees::open(&path))?));
         let writer = GroupCommit::start("hub-store", slot.clone(), |s: &Arc<Slot>| s.sync())
             .map_err(|e| StoreError::Unavailable(format!("start the store writer: {e}")))?;
-        Ok(SledStore { slot, writer, sessions: Arc::default(), leases: Arc::default() })
+        Ok(SledStore { slot, writer, sessions: Arc::default(), leases: Arc::default(), up_numbers: Arc::default() })
     }
 
     /// Runs `job` on the writer and answers once it is durable; a failed
@@ -821,6 +829,32 @@ impl SledStore {
         Ok(leases.iter().filter(|(name, (h, until))| name.starts_with(prefix) && h != holder && *until > now).count())
     }
 
+    /// Written without waiting for a sync (sled writes its log out every
+    /// 500 ms): a crash forgets at most the numbers taken in that time.
+    pub(super) async fn take_up_number(
+        &self,
+        device: &DeviceId,
+        session: u64,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<Result<(), Stale>, StoreError> {
+        let (id, lock) = (device.clone(), self.up_numbers.clone());
+        self.read(move |t| {
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+            t.take_up_number(&id, session, seq, now)
+        })
+        .await
+    }
+
+    pub(super) async fn prune_up_numbers(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let lock = self.up_numbers.clone();
+        self.read(move |t| {
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+            t.prune_up_numbers(before)
+        })
+        .await
+    }
+
     pub(super) async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if leases.get(name).is_some_and(|(h, _)| h == holder) {
@@ -936,6 +970,21 @@ fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreEr
     })
 }
 
+/// A value of `up_numbers`: a session's [`UpNumbers`] and when it was last
+/// heard (ms).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct UpEntry {
+    last: u64,
+    below: u64,
+    heard: u64,
+}
+
+impl UpEntry {
+    fn numbers(self) -> UpNumbers {
+        UpNumbers { last: self.last, below: self.below }
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain data; serialization into a Vec cannot fail.
     postcard::to_stdvec(value).unwrap_or_default()
@@ -976,6 +1025,7 @@ impl Trees {
             cert_expires: db.open_tree("cert_expires").db()?,
             digests: db.open_tree("digests").db()?,
             audit: db.open_tree("audit").db()?,
+            up_numbers: db.open_tree("up_numbers").db()?,
             meta: db.open_tree("meta").db()?,
             db,
         })
@@ -1097,6 +1147,54 @@ impl Trees {
             out.push((seq, decode("telemetry", &value)?));
         }
         Ok(out)
+    }
+
+    fn take_up_number(
+        &self,
+        id: &DeviceId,
+        session: u64,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<Result<(), Stale>, StoreError> {
+        let key = seq_key(id, session);
+        let old: Option<UpEntry> = self.up_numbers.get(&key).db()?.map(|v| decode("MQTT numbers", &v)).transpose()?;
+        let next = match old.map(|e| e.numbers()).unwrap_or_default().admit(seq) {
+            Ok(next) => next,
+            Err(stale) => return Ok(Err(stale)),
+        };
+        if old.is_none() {
+            // A new session: it and the device's most recently heard others
+            // are kept.
+            let mut sessions = Vec::new();
+            for entry in self.up_numbers.scan_prefix(device_prefix(id)) {
+                let (key, value) = entry.db()?;
+                sessions.push((decode::<UpEntry>("MQTT numbers", &value)?.heard, key));
+            }
+            if sessions.len() >= UP_SESSIONS {
+                sessions.sort();
+                let mut batch = sled::Batch::default();
+                for (_, key) in &sessions[..=sessions.len() - UP_SESSIONS] {
+                    batch.remove(key);
+                }
+                self.up_numbers.apply_batch(batch).db()?;
+            }
+        }
+        self.up_numbers.insert(key, encode(&UpEntry { last: next.last, below: next.below, heard: now.0 })).db()?;
+        Ok(Ok(()))
+    }
+
+    fn prune_up_numbers(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for entry in self.up_numbers.iter() {
+            let (key, value) = entry.db()?;
+            if decode::<UpEntry>("MQTT numbers", &value)?.heard < before.0 {
+                batch.remove(key);
+                removed += 1;
+            }
+        }
+        self.up_numbers.apply_batch(batch).db()?;
+        Ok(removed)
     }
 
     fn prune_telemetry(&self, before: Timestamp) -> Result<usize, StoreError> {

@@ -17,8 +17,9 @@
 //! write, so an agent resends what the broker lost and the hub stores it once.
 //!
 //! Freshness (protocol 11): every message either way is a `Fresh` inside a
-//! `Signed`. Up, the hub takes a message only if its number grows within
-//! its session ([`UpWindow`]) and, but for a `Hello`, it carries a ticket
+//! `Signed`. Up, the hub takes a message only if no hub of the fleet took
+//! its number in its session (kept in the store: [`outpost_shared::mqtt::UpNumbers`],
+//! [`crate::store::Store::take_up_number`]) and, but for a `Hello`, it carries a ticket
 //! this fleet's hubs made for that session within [`TICKET_LIFETIME`]
 //! ([`Tickets`]); down, every message names the session it answers, counts
 //! in it, and carries a new ticket. A device that has heard nothing from
@@ -32,7 +33,7 @@ use crate::service::ca::FleetCa;
 use crate::service::fleet::{Fleet, Link};
 use crate::transport::session::{self, DeviceSession, Inbound, SessionEnd, Transport, WhenFenced};
 use outpost_shared::DeviceId;
-use outpost_shared::mqtt::{BrokerUrl, UpKind, UpWindow, down_topic, parse_up_topic, up_filter};
+use outpost_shared::mqtt::{BrokerUrl, UpKind, down_topic, parse_up_topic, up_filter};
 use outpost_shared::protocol::{Deliver, Direction, Envelope, Fresh, Message, Signed};
 use outpost_shared::time::Timestamp;
 use rumqttc::v5::mqttbytes::QoS;
@@ -78,6 +79,12 @@ pub const TICKET_LIFETIME: Duration = Duration::from_secs(600);
 
 /// How far ahead of this hub's clock another hub's ticket may be.
 const TICKET_SKEW: Duration = Duration::from_secs(30);
+
+/// How long the fleet keeps the numbers of a session it no longer hears
+/// ([`crate::store::Store::prune_up_numbers`]): a replayed message of it is
+/// older than the last one taken, so by then its ticket refuses it (a
+/// minute's margin beyond the lifetime and the hubs' skew).
+pub const NUMBERS_KEPT: Duration = TICKET_LIFETIME.saturating_add(TICKET_SKEW).saturating_add(Duration::from_secs(60));
 
 /// Tickets: the hub's clock when it answered a session, MAC'd with a key
 /// every hub of the fleet derives from the shared `quic-reset.key`, so any
@@ -134,7 +141,6 @@ impl Tickets {
 /// outlives the device's task.
 #[derive(Debug, Default)]
 struct Freshness {
-    up: UpWindow,
     /// The session the device last spoke in: down messages answer it.
     session: Option<u64>,
     /// This hub's count of messages sent to that session.
@@ -529,7 +535,7 @@ impl DeviceTask {
             (_, Message::Signed(signed)) => match self.open(&signed, session).await? {
                 Message::Fresh(fresh) => {
                     let number = fresh.session;
-                    (self.admit(fresh)?, Some(number))
+                    (self.admit(fresh).await?, Some(number))
                 }
                 plain => (self.legacy(plain)?, None),
             },
@@ -555,15 +561,22 @@ impl DeviceTask {
     }
 
     /// The message of a `Fresh`, if it is fresh: its ticket (but for a
-    /// `Hello`) and its number in its session.
-    fn admit(&self, fresh: Fresh) -> Result<Message, SessionEnd> {
+    /// `Hello`) and its number in its session, taken once for the whole
+    /// fleet ([`crate::store::Store::take_up_number`]). When the store
+    /// cannot say, the message is not processed (the agent resends).
+    async fn admit(&self, fresh: Fresh) -> Result<Message, SessionEnd> {
         let stale = |why: String| SessionEnd::Protocol(format!("stale message ({}): {why}", fresh.message.kind()));
+        let now = Timestamp::now();
         if !matches!(*fresh.message, Message::Hello(_)) {
-            self.ctx.tickets.check(&self.id, fresh.session, &fresh.ticket, Timestamp::now()).map_err(stale)?;
+            self.ctx.tickets.check(&self.id, fresh.session, &fresh.ticket, now).map_err(stale)?;
+        }
+        match self.ctx.fleet.store().take_up_number(&self.id, fresh.session, fresh.seq, now).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => return Err(stale(refused.to_string())),
+            Err(e) => return Err(SessionEnd::Closed(format!("its number could not be taken: {e}"))),
         }
         let mut all = self.ctx.freshness();
         let f = all.entry(self.id.clone()).or_default();
-        f.up.admit(fresh.session, fresh.seq).map_err(|e| stale(e.to_string()))?;
         if f.session != Some(fresh.session) {
             f.session = Some(fresh.session);
             f.ticketed = None;
