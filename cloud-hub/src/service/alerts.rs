@@ -522,7 +522,10 @@ pub fn evaluate(book: &mut Book, rules: &[Rule], views: &[DeviceView], now: Time
             }
         }
     }
-    let groups = &book.groups;
+    // Every fingerprint some receiver was told fires (a set: the book may
+    // hold an alert for each device of the fleet).
+    let told: std::collections::HashSet<&str> =
+        book.groups.values().flat_map(|g| g.told_firing.iter().map(String::as_str)).collect();
     book.alerts.retain(|fp, alert| {
         if seen.contains(fp) {
             return true;
@@ -538,7 +541,7 @@ pub fn evaluate(book: &mut Book, rules: &[Rule], views: &[DeviceView], now: Time
             // Kept while a receiver is still to be told, and for a while
             // after, for the API.
             State::Resolved => {
-                let told = !groups.values().any(|g| g.told_firing.contains(fp));
+                let told = !told.contains(fp.as_str());
                 let old =
                     alert.resolved_at.is_some_and(|t| Duration::from_millis(now.0.saturating_sub(t.0)) > KEEP_RESOLVED);
                 !(told && old)
@@ -592,25 +595,29 @@ pub fn due(
     for (index, receiver) in receivers.iter().enumerate() {
         for rule in &rules {
             let key = format!("{}/{rule}", receiver.name);
-            let firing: Vec<&Alert> = book
+            // The book is keyed by fingerprint, in order: `fps` is sorted.
+            let (fps, firing): (Vec<&String>, Vec<&Alert>) = book
                 .alerts
-                .values()
-                .filter(|a| &a.rule == rule && a.state == State::Firing && !a.inhibited && !silenced(a))
-                .collect();
+                .iter()
+                .filter(|(_, a)| &a.rule == rule && a.state == State::Firing && !a.inhibited && !silenced(a))
+                .unzip();
             let group = book.groups.entry(key.clone()).or_default();
-            let mut fps: Vec<String> = firing.iter().map(|a| a.fingerprint()).collect();
-            fps.sort();
+            // Sets, not lists: one lookup per alert, whatever the fleet's size.
+            let firing_now: std::collections::HashSet<&str> = fps.iter().map(|f| f.as_str()).collect();
+            let told: std::collections::HashSet<&str> = group.told_firing.iter().map(String::as_str).collect();
             let resolved: Vec<&Alert> = book
                 .alerts
-                .values()
-                .filter(|a| {
+                .iter()
+                .filter(|(fp, a)| {
                     &a.rule == rule
-                        && group.told_firing.contains(&a.fingerprint())
-                        && !fps.contains(&a.fingerprint())
+                        && told.contains(fp.as_str())
+                        && !firing_now.contains(fp.as_str())
                         && (a.state == State::Resolved || silenced(a) || a.inhibited)
                 })
+                .map(|(_, a)| a)
                 .collect();
-            if firing.is_empty() && resolved.is_empty() && group.told_firing.iter().all(|f| fps.contains(f)) {
+            let fps: Vec<String> = fps.into_iter().cloned().collect();
+            if firing.is_empty() && resolved.is_empty() && told.iter().all(|f| firing_now.contains(f)) {
                 if firing.is_empty() {
                     group.started = None;
                 }
