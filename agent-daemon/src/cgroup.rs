@@ -135,7 +135,18 @@ impl Subtree {
     /// one (under systemd the restart killed what it held; without, its
     /// processes may still run).
     pub fn left(&self, run_id: u64) -> Option<RunGroup> {
-        let dir = self.dir.join(run_name(run_id));
+        self.left_named(&run_name(run_id))
+    }
+
+    /// The cgroup an agent that stopped left for command `id`, if there is
+    /// one (an `exec` command is left to finish when the agent stops, and
+    /// reported interrupted at the next start).
+    pub fn left_command(&self, id: u64) -> Option<RunGroup> {
+        self.left_named(&command_name(id))
+    }
+
+    fn left_named(&self, name: &str) -> Option<RunGroup> {
+        let dir = self.dir.join(name);
         dir.is_dir().then_some(RunGroup { dir })
     }
 }
@@ -183,6 +194,20 @@ impl RunGroup {
     }
 }
 
+impl RunGroup {
+    /// [`RunGroup::close`] on tokio's blocking pool (it may wait up to 2 s
+    /// for the cgroup to empty).
+    pub async fn close_off_thread(self) -> usize {
+        tokio::task::spawn_blocking(move || self.close()).await.unwrap_or(0)
+    }
+}
+
+/// What a report says of the processes [`RunGroup::close`] found left in a
+/// cgroup of a run or command cut off by a restart.
+pub fn killed_note(left: usize) -> String {
+    if left == 0 { String::new() } else { format!("; {left} process(es) left in its cgroup have been killed") }
+}
+
 /// In the child, between fork and exec: moves the calling process into the
 /// cgroup whose `cgroup.procs` is `procs` (writing "0" names the writer).
 /// Only write(2), which is async-signal-safe.
@@ -193,6 +218,22 @@ pub fn enter(mut procs: &File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn what_a_stopped_agent_left_is_found_by_run_or_command_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let subtree = Subtree::at(dir.path().to_owned());
+        for name in ["run-3", "cmd-3"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        assert!(subtree.left(4).is_none() && subtree.left_command(4).is_none());
+        let command = subtree.left_command(3).unwrap();
+        assert_eq!(command.path(), dir.path().join("cmd-3"));
+        assert_eq!(command.close_off_thread().await, 0, "nothing ran in it");
+        assert!(!dir.path().join("cmd-3").exists() && dir.path().join("run-3").exists(), "only the command's");
+        assert_eq!(killed_note(0), "");
+        assert_eq!(killed_note(2), "; 2 process(es) left in its cgroup have been killed");
+    }
 
     #[test]
     fn the_unified_line_of_proc_self_cgroup_names_the_agents_cgroup() {

@@ -9,7 +9,9 @@
 //! [`executor`] runs as a task: it marks a command `Running` (durably) before
 //! starting it, and writes its result to the outbox and `Done` to the inbox in
 //! one transaction. A command found `Running` at start was cut off by a crash:
-//! it is reported `Interrupted`, never started twice. A command whose expiry
+//! it is reported `Interrupted`, never started twice, and what is left in its
+//! cgroup (an `exec` left to finish when the agent stopped) is killed. A
+//! command whose expiry
 //! has passed is reported `Expired` and not started. Desired state is applied
 //! (today: the telemetry interval) and the applied version reported.
 
@@ -160,13 +162,12 @@ async fn run_executor(
 ) -> Result<(), StoreError> {
     for entry in store.inbox_in(&InboxState::Running)? {
         tracing::warn!(command = entry.command.id, "Command was cut off by a restart; reporting it interrupted.");
-        finish(
-            store,
-            entry,
-            Outcome::Interrupted,
-            "the agent stopped while this command ran; it is not run again".into(),
-        )
-        .await?;
+        let mut note = "the agent stopped while this command ran; it is not run again".to_owned();
+        // What still runs of it in its cgroup goes now.
+        if let Some(group) = jobs.cgroups().and_then(|c| c.left_command(entry.command.id)) {
+            note.push_str(&crate::cgroup::killed_note(group.close_off_thread().await));
+        }
+        finish(store, entry, Outcome::Interrupted, note).await?;
     }
     loop {
         let now = crate::settings::defaults_now(defaults);

@@ -229,7 +229,7 @@ impl Spawned {
         // What left the group but not the cgroup goes now, before the
         // pipes it may hold are waited for.
         let strays = match self.cgroup.take() {
-            Some(group) => tokio::task::spawn_blocking(move || group.close()).await.unwrap_or(0),
+            Some(group) => group.close_off_thread().await,
             None => 0,
         };
         for reader in readers.into_iter().flatten() {

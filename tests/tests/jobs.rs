@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use outpost_hub::api::{JobRunView, JobsView};
+use outpost_hub::api::{CommandRequest, CommandStateView, JobRunView, JobsView, OutcomeView};
 use outpost_tests::{Agent, Hub, Scratch, Timings, bin, run, wait_for, wait_online};
 use std::path::Path;
 use std::process::Command;
@@ -511,8 +511,8 @@ fn sighup_reloads_jobs_and_the_log_level_without_a_reconnect_and_refuses_a_broke
 /// with it however it ended: here a child that left the run's process
 /// group and emptied its environment (so the run's marker cannot find it),
 /// from a run that exited by itself, and one from a run killed at its
-/// timeout, and from an `exec` command. Nothing is left under the agent's
-/// cgroup after.
+/// timeout, and from an `exec` command, also one the agent's death cut
+/// off. Nothing is left under the agent's cgroup after.
 #[test]
 fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
     let scratch = Scratch::new().unwrap();
@@ -575,6 +575,32 @@ fn with_a_delegated_cgroup_everything_a_run_started_ends_with_it() {
     assert!(text.contains("killed 1 process(es) the command left in its cgroup"), "{text}");
     let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     wait_for(Duration::from_secs(5), "the command's escaped child to die", || (!process_alive(pid)).then_some(()))
+        .unwrap();
+
+    // An exec command still running when the agent dies (SIGKILL; no
+    // systemd here to end the cgroup with it) is reported interrupted at
+    // the next start, and what is left in its cgroup is killed then.
+    let pid_file = agent.data_dir.join("long.pid");
+    let script = format!("echo $$ > {}; exec sleep 307", pid_file.display());
+    let request =
+        CommandRequest { kind: "exec".into(), args: vec!["sh".into(), "-c".into(), script], expires_in: None };
+    let long = hub.client().send_command(&agent.id, &request).unwrap().id;
+    let pid: u32 = wait_for(Duration::from_secs(10), "the long command to start", || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .unwrap();
+    agent.proc.as_mut().unwrap().kill();
+    assert!(process_alive(pid), "the command died with the agent");
+    agent.start_in(&cgroup).unwrap();
+    let done =
+        hub.wait_command(long, "the cut-off command's report", |s| matches!(s, CommandStateView::Completed { .. }));
+    match done.state {
+        CommandStateView::Completed { outcome: OutcomeView::Interrupted, output, .. } => {
+            assert!(output.contains("1 process(es) left in its cgroup have been killed"), "{output}");
+        }
+        other => panic!("the cut-off command: {other:?}"),
+    }
+    wait_for(Duration::from_secs(5), "the cut-off command's process to die", || (!process_alive(pid)).then_some(()))
         .unwrap();
 
     // The agent itself stays in its cgroup; no run's or command's cgroup is left.

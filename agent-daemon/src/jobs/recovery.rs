@@ -39,10 +39,7 @@ impl Jobs {
             }
             // And what is left in its cgroup, if runs have them.
             if let Some(group) = self.0.cgroups.as_ref().and_then(|c| c.left(record.run_id)) {
-                let left = tokio::task::spawn_blocking(move || group.close()).await.unwrap_or(0);
-                if left > 0 {
-                    note.push_str(&format!("; {left} process(es) left in its cgroup have been killed"));
-                }
+                note.push_str(&crate::cgroup::killed_note(group.close_off_thread().await));
             }
             if !groups.is_empty() {
                 let list: Vec<String> = groups.iter().map(i32::to_string).collect();
