@@ -169,16 +169,37 @@ impl RunGroup {
         &self.dir
     }
 
+    /// The processes in it.
+    fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
     /// How many processes are in it.
     fn count(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("cgroup.procs")).map_or(0, |text| text.lines().count())
+        self.pids().len()
     }
 
     /// Kills everything still in the cgroup, waits (briefly) for it to
     /// empty and removes it; returns how many processes it still held.
     pub fn close(self) -> usize {
-        let left = self.count();
-        if left > 0 {
+        self.close_except(None)
+    }
+
+    /// Like [`RunGroup::close`], but the processes of process group
+    /// `group` are not counted: they were killed with their group already
+    /// and may not have exited yet, so they are not strays.
+    pub fn close_except(self, group: Option<i32>) -> usize {
+        let left = match group {
+            None => self.count(),
+            // One that is gone by now is no stray either.
+            Some(group) => {
+                self.pids().into_iter().filter(|pid| crate::process::group_of(*pid).is_some_and(|g| g != group)).count()
+            }
+        };
+        let still = self.count();
+        if still > 0 {
             if let Err(e) = std::fs::write(self.dir.join("cgroup.kill"), "1") {
                 tracing::warn!(cgroup = %self.dir.display(), error = %e, "Cannot kill a run's cgroup.");
             }
@@ -195,10 +216,10 @@ impl RunGroup {
 }
 
 impl RunGroup {
-    /// [`RunGroup::close`] on tokio's blocking pool (it may wait up to 2 s
-    /// for the cgroup to empty).
-    pub async fn close_off_thread(self) -> usize {
-        tokio::task::spawn_blocking(move || self.close()).await.unwrap_or(0)
+    /// [`RunGroup::close_except`] on tokio's blocking pool (it may wait up
+    /// to 2 s for the cgroup to empty).
+    pub async fn close_off_thread(self, group: Option<i32>) -> usize {
+        tokio::task::spawn_blocking(move || self.close_except(group)).await.unwrap_or(0)
     }
 }
 
@@ -229,7 +250,7 @@ mod tests {
         assert!(subtree.left(4).is_none() && subtree.left_command(4).is_none());
         let command = subtree.left_command(3).unwrap();
         assert_eq!(command.path(), dir.path().join("cmd-3"));
-        assert_eq!(command.close_off_thread().await, 0, "nothing ran in it");
+        assert_eq!(command.close_off_thread(None).await, 0, "nothing ran in it");
         assert!(!dir.path().join("cmd-3").exists() && dir.path().join("run-3").exists(), "only the command's");
         assert_eq!(killed_note(0), "");
         assert_eq!(killed_note(2), "; 2 process(es) left in its cgroup have been killed");
