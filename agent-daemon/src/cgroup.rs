@@ -194,9 +194,7 @@ impl RunGroup {
         let left = match group {
             None => self.count(),
             // One that is gone by now is no stray either.
-            Some(group) => {
-                self.pids().into_iter().filter(|pid| crate::process::group_of(*pid).is_some_and(|g| g != group)).count()
-            }
+            Some(group) => self.pids().into_iter().filter(|pid| group_of(*pid).is_some_and(|g| g != group)).count(),
         };
         let still = self.count();
         if still > 0 {
@@ -229,6 +227,18 @@ pub fn killed_note(left: usize) -> String {
     if left == 0 { String::new() } else { format!("; {left} process(es) left in its cgroup have been killed") }
 }
 
+/// The process group of process `pid` (field 5 of `/proc/<pid>/stat`,
+/// read after the command name, which may hold spaces and parentheses).
+fn group_of(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_group(&stat)
+}
+
+fn stat_group(stat: &str) -> Option<i32> {
+    let (_, after) = stat.rsplit_once(')')?;
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// In the child, between fork and exec: moves the calling process into the
 /// cgroup whose `cgroup.procs` is `procs` (writing "0" names the writer).
 /// Only write(2), which is async-signal-safe.
@@ -239,6 +249,23 @@ pub fn enter(mut procs: &File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_group_is_read_after_the_command_name() {
+        let stat = "4242 (a (b) c) S 1 777 777 0 -1 4194560 100 0 0 0";
+        assert_eq!(stat_group(stat), Some(777));
+        assert_eq!(stat_group("4242 (x"), None);
+        // A child that leads a group of its own.
+        let mut child =
+            std::os::unix::process::CommandExt::process_group(std::process::Command::new("sleep").arg("30"), 0)
+                .spawn()
+                .unwrap();
+        let pid = child.id();
+        assert_eq!(group_of(pid), i32::try_from(pid).ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(group_of(pid), None, "reaped: no such process");
+    }
 
     #[tokio::test]
     async fn what_a_stopped_agent_left_is_found_by_run_or_command_and_removed() {

@@ -35,18 +35,6 @@ pub fn kill_group(pgid: i32) {
     }
 }
 
-/// The process group of process `pid` (field 5 of `/proc/<pid>/stat`,
-/// read after the command name, which may hold spaces and parentheses).
-pub fn group_of(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_group(&stat)
-}
-
-fn stat_group(stat: &str) -> Option<i32> {
-    let (_, after) = stat.rsplit_once(')')?;
-    after.split_whitespace().nth(2)?.parse().ok()
-}
-
 /// Makes glibc hand freed heap back to the OS instead of keeping it for
 /// reuse. An agent idles for weeks after a burst of start-up allocations
 /// (config parsing, the first job list); kept, that heap is resident memory
@@ -295,23 +283,6 @@ async fn drain(mut stream: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_process_group_is_read_after_the_command_name() {
-        let stat = "4242 (a (b) c) S 1 777 777 0 -1 4194560 100 0 0 0";
-        assert_eq!(stat_group(stat), Some(777));
-        assert_eq!(stat_group("4242 (x"), None);
-        // A child that leads a group of its own.
-        let mut child =
-            std::os::unix::process::CommandExt::process_group(std::process::Command::new("sleep").arg("30"), 0)
-                .spawn()
-                .unwrap();
-        let pid = child.id();
-        assert_eq!(group_of(pid), i32::try_from(pid).ok());
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(group_of(pid), None, "reaped: no such process");
-    }
 
     fn argv(script: &str) -> Vec<String> {
         vec!["sh".into(), "-c".into(), script.into()]
