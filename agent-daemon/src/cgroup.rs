@@ -184,20 +184,16 @@ impl RunGroup {
     /// Kills everything still in the cgroup, waits (briefly) for it to
     /// empty and removes it; returns how many processes it still held.
     pub fn close(self) -> usize {
-        self.close_except(None)
+        self.close_counting(|_| true)
     }
 
-    /// Like [`RunGroup::close`], but the processes of process group
-    /// `group` are not counted: they were killed with their group already
-    /// and may not have exited yet, so they are not strays.
-    pub fn close_except(self, group: Option<i32>) -> usize {
-        let left = match group {
-            None => self.count(),
-            // One that is gone by now is no stray either.
-            Some(group) => self.pids().into_iter().filter(|pid| group_of(*pid).is_some_and(|g| g != group)).count(),
-        };
-        let still = self.count();
-        if still > 0 {
+    /// Like [`RunGroup::close`], counting only the processes `stray` names
+    /// (a run's own process group, killed with it just before and perhaps
+    /// still exiting, is no stray).
+    pub fn close_counting(self, stray: impl Fn(u32) -> bool) -> usize {
+        let pids = self.pids();
+        let left = pids.iter().filter(|pid| stray(**pid)).count();
+        if !pids.is_empty() {
             if let Err(e) = std::fs::write(self.dir.join("cgroup.kill"), "1") {
                 tracing::warn!(cgroup = %self.dir.display(), error = %e, "Cannot kill a run's cgroup.");
             }
@@ -211,13 +207,11 @@ impl RunGroup {
         }
         left
     }
-}
 
-impl RunGroup {
-    /// [`RunGroup::close_except`] on tokio's blocking pool (it may wait up
-    /// to 2 s for the cgroup to empty).
-    pub async fn close_off_thread(self, group: Option<i32>) -> usize {
-        tokio::task::spawn_blocking(move || self.close_except(group)).await.unwrap_or(0)
+    /// [`RunGroup::close_counting`] on tokio's blocking pool (it may wait
+    /// up to 2 s for the cgroup to empty).
+    pub async fn close_off_thread(self, stray: impl Fn(u32) -> bool + Send + 'static) -> usize {
+        tokio::task::spawn_blocking(move || self.close_counting(stray)).await.unwrap_or(0)
     }
 }
 
@@ -225,18 +219,6 @@ impl RunGroup {
 /// cgroup of a run or command cut off by a restart.
 pub fn killed_note(left: usize) -> String {
     if left == 0 { String::new() } else { format!("; {left} process(es) left in its cgroup have been killed") }
-}
-
-/// The process group of process `pid` (field 5 of `/proc/<pid>/stat`,
-/// read after the command name, which may hold spaces and parentheses).
-fn group_of(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_group(&stat)
-}
-
-fn stat_group(stat: &str) -> Option<i32> {
-    let (_, after) = stat.rsplit_once(')')?;
-    after.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// In the child, between fork and exec: moves the calling process into the
@@ -250,23 +232,6 @@ pub fn enter(mut procs: &File) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_process_group_is_read_after_the_command_name() {
-        let stat = "4242 (a (b) c) S 1 777 777 0 -1 4194560 100 0 0 0";
-        assert_eq!(stat_group(stat), Some(777));
-        assert_eq!(stat_group("4242 (x"), None);
-        // A child that leads a group of its own.
-        let mut child =
-            std::os::unix::process::CommandExt::process_group(std::process::Command::new("sleep").arg("30"), 0)
-                .spawn()
-                .unwrap();
-        let pid = child.id();
-        assert_eq!(group_of(pid), i32::try_from(pid).ok());
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(group_of(pid), None, "reaped: no such process");
-    }
-
     #[tokio::test]
     async fn what_a_stopped_agent_left_is_found_by_run_or_command_and_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -277,7 +242,7 @@ mod tests {
         assert!(subtree.left(4).is_none() && subtree.left_command(4).is_none());
         let command = subtree.left_command(3).unwrap();
         assert_eq!(command.path(), dir.path().join("cmd-3"));
-        assert_eq!(command.close_off_thread(None).await, 0, "nothing ran in it");
+        assert_eq!(command.close_off_thread(|_| true).await, 0, "nothing ran in it");
         assert!(!dir.path().join("cmd-3").exists() && dir.path().join("run-3").exists(), "only the command's");
         assert_eq!(killed_note(0), "");
         assert_eq!(killed_note(2), "; 2 process(es) left in its cgroup have been killed");

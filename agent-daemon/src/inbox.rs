@@ -165,7 +165,7 @@ async fn run_executor(
         let mut note = "the agent stopped while this command ran; it is not run again".to_owned();
         // What still runs of it in its cgroup goes now.
         if let Some(group) = jobs.cgroups().and_then(|c| c.left_command(entry.command.id)) {
-            note.push_str(&crate::cgroup::killed_note(group.close_off_thread(None).await));
+            note.push_str(&crate::cgroup::killed_note(group.close_off_thread(|_| true).await));
         }
         finish(store, entry, Outcome::Interrupted, note).await?;
     }

@@ -71,17 +71,19 @@ pub fn default_sigpipe() {
 /// `/proc/<pid>/stat`): with the pid it names one process even after the
 /// pid is reused.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    stat_field(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, 22)
 }
 
-/// The process group of `pid`, from `/proc/<pid>/stat`.
+/// The process group of `pid` (field 5 of `/proc/<pid>/stat`).
 fn process_group(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(2)?.parse().ok()
+    stat_field(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, 5)
+}
+
+/// Field `n` (from 1) of a `/proc/<pid>/stat` line, for `n` past the
+/// command name (field 2, in parentheses, which may hold spaces and
+/// parentheses).
+fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// The process groups of every process this user may read whose
@@ -229,7 +231,9 @@ impl Spawned {
         // What left the group but not the cgroup goes now, before the
         // pipes it may hold are waited for.
         let strays = match self.cgroup.take() {
-            Some(group) => group.close_off_thread(Some(pgid)).await,
+            // What left the group: the group's own processes were killed
+            // just before and may still be exiting.
+            Some(group) => group.close_off_thread(move |pid| process_group(pid).is_some_and(|g| g != pgid)).await,
             None => 0,
         };
         for reader in readers.into_iter().flatten() {
@@ -421,6 +425,24 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the background child survived the timeout");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        let stat = "4242 (a (b) c) S 1 777 777 0 -1 4194560 100 0 0 0";
+        assert_eq!(stat_field::<i32>(stat, 5), Some(777));
+        assert_eq!(stat_field::<u64>(stat, 3), None, "the state is a letter");
+        assert_eq!(stat_field::<i32>("4242 (x", 5), None);
+        // A child that leads a group of its own.
+        let mut child =
+            std::os::unix::process::CommandExt::process_group(std::process::Command::new("sleep").arg("30"), 0)
+                .spawn()
+                .unwrap();
+        let pid = child.id();
+        assert_eq!(process_group(pid), i32::try_from(pid).ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(process_group(pid), None, "reaped: no such process");
     }
 
     #[test]

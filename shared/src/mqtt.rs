@@ -206,7 +206,7 @@ pub const UP_REORDER: u64 = 64;
 /// sliding window, as DTLS and IPsec keep against replays). The state is
 /// two numbers, so the hubs of a fleet keep it in their shared store and
 /// change it by compare-and-swap.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UpNumbers {
     /// The highest number taken (0: none yet).
     pub last: u64,

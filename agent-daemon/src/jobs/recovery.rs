@@ -39,7 +39,7 @@ impl Jobs {
             }
             // And what is left in its cgroup, if runs have them.
             if let Some(group) = self.0.cgroups.as_ref().and_then(|c| c.left(record.run_id)) {
-                note.push_str(&crate::cgroup::killed_note(group.close_off_thread(None).await));
+                note.push_str(&crate::cgroup::killed_note(group.close_off_thread(|_| true).await));
             }
             if !groups.is_empty() {
                 let list: Vec<String> = groups.iter().map(i32::to_string).collect();

@@ -616,7 +616,6 @@ pub fn due(
                 })
                 .map(|(_, a)| a)
                 .collect();
-            let fps: Vec<String> = fps.into_iter().cloned().collect();
             if firing.is_empty() && resolved.is_empty() && told.iter().all(|f| firing_now.contains(f)) {
                 if firing.is_empty() {
                     group.started = None;
@@ -629,7 +628,7 @@ pub fn due(
             if group.retry_at.is_some_and(|t| now < t) {
                 continue;
             }
-            let changed = fps != group.told_firing;
+            let changed = !fps.iter().copied().eq(group.told_firing.iter());
             let repeat = match receiver.format {
                 Format::AlertmanagerApi => timing.repeat_interval.min(API_RESEND),
                 _ => timing.repeat_interval,

@@ -974,15 +974,8 @@ fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreEr
 /// heard (ms).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct UpEntry {
-    last: u64,
-    below: u64,
+    numbers: UpNumbers,
     heard: u64,
-}
-
-impl UpEntry {
-    fn numbers(self) -> UpNumbers {
-        UpNumbers { last: self.last, below: self.below }
-    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -1158,7 +1151,7 @@ impl Trees {
     ) -> Result<Result<(), Stale>, StoreError> {
         let key = seq_key(id, session);
         let old: Option<UpEntry> = self.up_numbers.get(&key).db()?.map(|v| decode("MQTT numbers", &v)).transpose()?;
-        let next = match old.map(|e| e.numbers()).unwrap_or_default().admit(seq) {
+        let next = match old.map(|e| e.numbers).unwrap_or_default().admit(seq) {
             Ok(next) => next,
             Err(stale) => return Ok(Err(stale)),
         };
@@ -1179,7 +1172,7 @@ impl Trees {
                 self.up_numbers.apply_batch(batch).db()?;
             }
         }
-        self.up_numbers.insert(key, encode(&UpEntry { last: next.last, below: next.below, heard: now.0 })).db()?;
+        self.up_numbers.insert(key, encode(&UpEntry { numbers: next, heard: now.0 })).db()?;
         Ok(Ok(()))
     }
 
